@@ -1,0 +1,78 @@
+"""PostgreSQL schema and migrations, applied in order and recorded.
+
+Migrations only ever append: an applied one is never edited, a change is a new
+entry. `migrate` is idempotent and safe to run from several processes at once
+(an advisory lock serialises them).
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "api keys and request log",
+        """
+        CREATE TABLE api_keys (
+            id          text PRIMARY KEY,
+            name        text NOT NULL,
+            key_hash    bytea NOT NULL UNIQUE,      -- sha256 of the full key; the key itself is never stored
+            key_prefix  text NOT NULL,              -- first characters, to recognise a key in listings
+            groups      text[] NOT NULL DEFAULT '{}',
+            rpm         integer CHECK (rpm IS NULL OR rpm > 0),
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            revoked_at  timestamptz
+        );
+        CREATE TABLE request_log (
+            id                          bigserial PRIMARY KEY,
+            ts                          timestamptz NOT NULL,
+            request_id                  text NOT NULL,
+            key_id                      text,
+            principal                   text,
+            model                       text,
+            method                      text NOT NULL,
+            path                        text NOT NULL,
+            status                      integer NOT NULL,
+            input_tokens                bigint NOT NULL DEFAULT 0,
+            output_tokens               bigint NOT NULL DEFAULT 0,
+            cache_creation_input_tokens bigint NOT NULL DEFAULT 0,
+            cache_read_input_tokens     bigint NOT NULL DEFAULT 0,
+            latency_ms                  double precision,
+            upstream_cluster            text,
+            response_flags              text,
+            bytes_received              bigint,
+            bytes_sent                  bigint
+        );
+        CREATE INDEX request_log_ts ON request_log (ts);
+        CREATE INDEX request_log_key ON request_log (key_id, ts);
+        CREATE UNIQUE INDEX request_log_request_id ON request_log (request_id);
+        """,
+    ),
+]
+
+_LOCK_ID = 0x636372  # "ccr"
+
+
+def migrate(dsn: str) -> int:
+    """Apply pending migrations; returns the schema version now in place."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            for version, name, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+                    )
+            return max(v for v, _, _ in MIGRATIONS)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))

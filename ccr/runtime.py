@@ -1,0 +1,52 @@
+"""What a running gateway resolved at start: addresses, DSNs, file paths.
+
+`ccr up` (and the test harness, through the same code) writes this as JSON and
+hands it to every service with `--runtime`; the gateway config stays as the user
+wrote it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from ccr.config import GatewayConfig, load_config
+
+
+class UpstreamOverride(BaseModel):
+    """Replaces a provider's endpoint and credential variable (the built-in emulator)."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str
+    api_key_env: str
+
+
+class Runtime(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config_path: str
+    run_dir: str
+    postgres_dsn: str
+    redis_url: str
+    # host:port of each gRPC service, filled in as they report ready.
+    extauth: str | None = None
+    ratelimit: str | None = None
+    adapter: str | None = None
+    accesslog: str | None = None
+    xds: str | None = None
+    # Compiled policy bundle (opa build -t wasm).
+    policy_bundle: str | None = None
+    upstream_overrides: dict[str, UpstreamOverride] = {}
+
+    def config(self) -> GatewayConfig:
+        return load_config(self.config_path)
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Runtime:
+        return cls.model_validate_json(Path(path).read_text())
