@@ -1,0 +1,131 @@
+"""Child processes that are tracked by PID and stopped exactly, never by name.
+
+Every child gets PR_SET_PDEATHSIG so that it is told to stop even if its
+supervisor dies without cleaning up (no orphans after a crash or SIGKILL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago, for servers that cannot bind port 0 and report it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class StartError(RuntimeError):
+    """A child did not become ready; the message carries the tail of its log."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(self.stop_signal)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        return self.proc.returncode
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    user: str | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            user=user,
+            preexec_fn=_die_with_parent,
+            # Own process group: a terminal's Ctrl-C reaches the supervisor only,
+            # which then stops children in order.
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    return Child(name, proc, log_path, stop_signal)
+
+
+def wait_until(
+    child: Child, ready: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if not child.alive():
+            raise StartError(
+                f"{child.name} exited with code {child.proc.returncode} before {what}.\n"
+                f"--- last lines of {child.log_path} ---\n{child.log_tail()}"
+            )
+        time.sleep(interval)
+    raise StartError(
+        f"{child.name} not {what} after {timeout:.0f}s.\n"
+        f"--- last lines of {child.log_path} ---\n{child.log_tail()}"
+    )
+
+
+def wait_ready_file(child: Child, path: Path, timeout: float = 30.0) -> dict[str, object]:
+    def present() -> bool:
+        return path.exists()
+
+    wait_until(child, present, timeout, "ready")
+    data: dict[str, object] = json.loads(path.read_text())
+    child.info.update(data)
+    return data

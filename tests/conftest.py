@@ -1,0 +1,56 @@
+"""Shared fixtures: one real PostgreSQL and one real Redis per test session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ccr import db
+from ccr.localservers import start_postgres, start_redis
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(servers_dir: Path) -> Iterator[dict[str, object]]:
+    child = start_postgres(servers_dir / "pgdata", servers_dir / "logs")
+    try:
+        yield child.info
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_server: dict[str, object]) -> str:
+    """A fresh database on the session's server with the ccr schema applied."""
+    admin = str(postgres_server["admin_dsn"])
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    db.migrate(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers_dir: Path) -> Iterator[str]:
+    child = start_redis(servers_dir / "redis", servers_dir / "logs")
+    try:
+        yield str(child.info["url"])
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_request_bytes() -> bytes:
+    return (FIXTURES / "agent_request_90k.json").read_bytes()
