@@ -35,6 +35,8 @@ class Runtime(BaseModel):
     adapter: str | None = None
     accesslog: str | None = None
     xds: str | None = None
+    # The gateway listener's port (chosen at start when the config says 0).
+    listen_port: int | None = None
     # Compiled policy bundle (opa build -t wasm).
     policy_bundle: str | None = None
     upstream_overrides: dict[str, UpstreamOverride] = {}
