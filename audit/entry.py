@@ -1,0 +1,140 @@
+"""One Envoy HTTPAccessLogEntry -> one `request_log` row (column order = COLUMNS)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC
+
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import duration_pb2, struct_pb2
+
+AUTHZ_NS = "envoy.filters.http.ext_authz"
+USAGE_NS = "ccr.usage"
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+COLUMNS: tuple[str, ...] = (
+    "ts", "request_id", "key_id", "principal", "model", "method", "path", "status",
+    *TOKEN_FIELDS,
+    "latency_ms", "upstream_cluster", "response_flags", "bytes_received", "bytes_sent",
+)
+Row = tuple[object, ...]
+
+_BIGINT_MAX = 2**63 - 1
+_LogType = accesslog_pb2.AccessLogType
+# Only the final entry of a request makes its row; earlier (periodic/start) or
+# upstream entries with the same request_id would otherwise win ON CONFLICT.
+_FINAL_TYPES = frozenset({_LogType.NotSet, _LogType.DownstreamEnd})
+
+# ResponseFlags field -> Envoy's %RESPONSE_FLAGS% short code, in Envoy's order.
+_FLAGS: tuple[tuple[str, str], ...] = (
+    ("failed_local_healthcheck", "LH"), ("no_healthy_upstream", "UH"),
+    ("upstream_request_timeout", "UT"), ("local_reset", "LR"), ("upstream_remote_reset", "UR"),
+    ("upstream_connection_failure", "UF"), ("upstream_connection_termination", "UC"),
+    ("upstream_overflow", "UO"), ("no_route_found", "NR"), ("delay_injected", "DI"),
+    ("fault_injected", "FI"), ("rate_limited", "RL"), ("unauthorized_details", "UAEX"),
+    ("rate_limit_service_error", "RLSE"), ("downstream_connection_termination", "DC"),
+    ("upstream_retry_limit_exceeded", "URX"), ("stream_idle_timeout", "SI"),
+    ("invalid_envoy_request_headers", "IH"), ("downstream_protocol_error", "DPE"),
+    ("upstream_max_stream_duration_reached", "UMSDR"), ("response_from_cache_filter", "RFCF"),
+    ("no_filter_config_found", "NFCF"), ("duration_timeout", "DT"), ("upstream_protocol_error", "UPE"),
+    ("no_cluster_found", "NC"), ("overload_manager", "OM"), ("dns_resolution_failure", "DF"),
+    ("downstream_remote_reset", "DR"),
+)
+
+
+class MalformedEntry(ValueError):
+    """An entry that cannot become a row; it is logged and skipped, the stream goes on."""
+
+
+def _clean(s: str) -> str:
+    # PostgreSQL text cannot hold NUL; one stray byte must not cost the whole batch.
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+
+
+def _namespace(md: base_pb2.Metadata, ns: str) -> dict[str, struct_pb2.Value]:
+    # Indexing a protobuf message map inserts the key; test membership first.
+    return dict(md.filter_metadata[ns].fields) if ns in md.filter_metadata else {}
+
+
+def _text(fields: dict[str, struct_pb2.Value], name: str) -> str | None:
+    v = fields.get(name)
+    kind = v.WhichOneof("kind") if v is not None else None
+    if kind is None or kind == "null_value":
+        return None
+    if kind == "string_value":
+        return _clean(v.string_value) if v.string_value else None
+    raise MalformedEntry(f"metadata field {name!r} is a {kind}, expected a string")
+
+
+def _count(fields: dict[str, struct_pb2.Value], name: str) -> int:
+    v = fields.get(name)
+    kind = v.WhichOneof("kind") if v is not None else None
+    if kind is None or kind == "null_value":
+        return 0
+    if kind == "number_value":
+        n = v.number_value
+        if math.isfinite(n) and n == int(n) and 0 <= n <= _BIGINT_MAX:
+            return int(n)
+    elif kind == "string_value" and v.string_value.isdigit() and int(v.string_value) <= _BIGINT_MAX:
+        return int(v.string_value)
+    raise MalformedEntry(f"usage field {name!r} is not a non-negative integer: {str(v).strip()}")
+
+
+def _ms(d: duration_pb2.Duration) -> float:
+    return d.seconds * 1000.0 + d.nanos / 1e6
+
+
+def _method(value: int) -> str:
+    if value == base_pb2.METHOD_UNSPECIFIED:
+        return "-"
+    try:
+        return base_pb2.RequestMethod.Name(value)
+    except ValueError:  # an enum value newer than our protos
+        return str(value)
+
+
+def response_flags(flags: accesslog_pb2.ResponseFlags) -> str | None:
+    """Set flags as Envoy prints them ("UH,UF"); None when no flag is set."""
+    set_ = [code for name, code in _FLAGS
+            if (flags.HasField(name) if name == "unauthorized_details" else getattr(flags, name))]
+    return ",".join(set_) or None
+
+
+def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
+    """The row for a final entry, None for an intermediate one; MalformedEntry if unusable."""
+    common = e.common_properties
+    if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
+        return None
+    if not e.request.request_id:
+        raise MalformedEntry("no request_id (x-request-id); the row could not be deduplicated")
+    if not common.HasField("start_time"):
+        raise MalformedEntry("no start_time")
+    try:
+        ts = common.start_time.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as err:
+        raise MalformedEntry(f"start_time out of range: {err}") from None
+    authz = _namespace(common.metadata, AUTHZ_NS)
+    usage = _namespace(common.metadata, USAGE_NS)
+    if common.HasField("time_to_last_downstream_tx_byte"):
+        latency: float | None = _ms(common.time_to_last_downstream_tx_byte)
+    elif common.HasField("duration"):
+        latency = _ms(common.duration)
+    else:
+        latency = None
+    return (
+        ts,
+        _clean(e.request.request_id),
+        _text(authz, "key_id"),
+        _text(authz, "principal"),
+        _text(authz, "model"),
+        _method(e.request.request_method),
+        _clean(e.request.path),
+        e.response.response_code.value,  # 0 when no response was sent (e.g. client reset)
+        *(_count(usage, f) for f in TOKEN_FIELDS),
+        latency,
+        _clean(common.upstream_cluster) or None,
+        response_flags(common.response_flags),
+        min(e.request.request_body_bytes, _BIGINT_MAX),
+        min(e.response.response_body_bytes, _BIGINT_MAX),
+    )

@@ -1,0 +1,7 @@
+"""`python -m extauth --runtime RUN/runtime.json --ready-file F`: the ext_authz gRPC service."""
+
+from ccr.service import run
+from extauth.server import setup
+
+if __name__ == "__main__":
+    run("extauth", setup)

@@ -1,0 +1,83 @@
+"""Rego (compiled to WASM) decisions with a cache keyed by the facts they depend on.
+
+One evaluation costs ~150-300 us of wasmtime FFI, so decisions are cached by
+(bundle digest, key id, groups, method, path, model): exactly the input facts
+(the key name is 1:1 with its id), and the digest changes with every new bundle.
+The key id is part of the cache key because a policy may name keys (and the
+reason quotes the key's name); per key the hit rate is still ~100%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from opapywasm import OpaWasmPolicy, PolicyConfig
+
+from extauth.bundle import Bundle, BundleError, read_bundle
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    reason: str
+
+
+class PolicyError(Exception):
+    """The policy could not produce a usable decision (fail closed)."""
+
+
+class PolicyEngine:
+    def __init__(self, bundle: Bundle, entrypoint: str, cache_size: int = 50_000) -> None:
+        self.bundle = bundle
+        self.entrypoint = entrypoint
+        self._policy = OpaWasmPolicy.from_wasm_bytes(bundle.wasm, PolicyConfig(pool_size=2))
+        if entrypoint not in self._policy.entrypoints:
+            known = sorted(self._policy.entrypoints)
+            self._policy.close()
+            raise BundleError(
+                f"{bundle.path}: entrypoint {entrypoint!r} not in bundle (has {known}); "
+                f"rebuild with `opa build -t wasm -e {entrypoint}`"
+            )
+        self._policy.set_data(bundle.data)
+        self._cache: dict[tuple, Decision] = {}
+        self._cache_size = cache_size
+
+    @classmethod
+    def load(cls, path: str | Path, entrypoint: str) -> PolicyEngine:
+        return cls(read_bundle(path), entrypoint)
+
+    @property
+    def host_builtins(self) -> dict[str, int]:
+        """Builtins the policy calls back into Python for (ideally none)."""
+        return self._policy.builtins
+
+    def decide(
+        self, key_id: str, name: str, groups: tuple[str, ...], method: str, path: str, model: str | None
+    ) -> Decision:
+        ck = (self.bundle.digest, key_id, groups, method, path, model)
+        hit = self._cache.get(ck)
+        if hit is not None:
+            return hit
+        facts = {
+            "principal": {"key_id": key_id, "name": name, "groups": list(groups)},
+            "request": {"method": method, "path": path, "model": model},
+        }
+        try:
+            result = self._policy.evaluate(facts, self.entrypoint)
+        except Exception as e:
+            raise PolicyError(f"policy evaluation failed: {e}") from e
+        if (
+            not isinstance(result, dict)
+            or not isinstance(result.get("allow"), bool)
+            or not isinstance(result.get("reason", ""), str)
+        ):
+            raise PolicyError(f"policy {self.entrypoint} returned {result!r}, not {{allow: bool, reason}}")
+        decision = Decision(result["allow"], result.get("reason") or "")
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[ck] = decision
+        return decision
+
+    def close(self) -> None:
+        self._policy.close()

@@ -1,0 +1,51 @@
+# Model access control for ccr API keys.
+#
+# Entry point: data.ccr.authz.decision -> {"allow": bool, "reason": string}
+# Input (facts only, never the request body):
+#   {"principal": {"key_id", "name", "groups"}, "request": {"method", "path", "model"}}
+# Data: data.model_access maps a group to model patterns: an exact model id, or a
+# prefix followed by "*". Only builtins OPA compiles natively to WASM are used
+# (startswith/endswith/trim_suffix/concat), so evaluation never calls the host.
+package ccr.authz
+
+default decision := {"allow": false, "reason": "no policy rule allowed this request"}
+
+decision := {"allow": true, "reason": "no model requested"} if {
+	not has_model
+} else := {"allow": true, "reason": concat("", ["model ", input.request.model, " allowed"])} if {
+	model_allowed
+} else := {"allow": false, "reason": denial_reason}
+
+has_model if {
+	is_string(input.request.model)
+	input.request.model != ""
+}
+
+model_allowed if {
+	some group in input.principal.groups
+	some pattern in data.model_access[group]
+	pattern_matches(pattern, input.request.model)
+}
+
+pattern_matches(pattern, model) if pattern == model
+
+pattern_matches(pattern, model) if {
+	endswith(pattern, "*")
+	startswith(model, trim_suffix(pattern, "*"))
+}
+
+# Patterns the caller's groups grant, sorted and de-duplicated, for the message.
+allowed_patterns contains pattern if {
+	some group in input.principal.groups
+	some pattern in data.model_access[group]
+}
+
+allowed_text := concat(", ", sort(allowed_patterns)) if count(allowed_patterns) > 0
+
+else := "none"
+
+denial_reason := concat("", [
+	"API key '", input.principal.name, "' (groups: ", concat(", ", input.principal.groups),
+	") may not use model '", input.request.model, "'; allowed models: ", allowed_text,
+	". Use an allowed model or ask your gateway administrator for access.",
+])

@@ -1,0 +1,92 @@
+package ccr.authz_test
+
+import data.ccr.authz
+
+access := {
+	"default": ["claude-*"],
+	"haiku-only": ["claude-haiku-*", "claude-3-5-haiku-latest"],
+	"exact": ["claude-opus-4-1"],
+}
+
+req(groups, model) := {
+	"principal": {"key_id": "key_0123456789ab", "name": "ci-bot", "groups": groups},
+	"request": {"method": "POST", "path": "/v1/messages", "model": model},
+}
+
+test_default_group_allows_any_claude_model if {
+	d := authz.decision with input as req(["default"], "claude-sonnet-4-5") with data.model_access as access
+	d.allow
+}
+
+test_default_group_denies_other_vendor if {
+	d := authz.decision with input as req(["default"], "gpt-4o") with data.model_access as access
+	not d.allow
+	contains(d.reason, "gpt-4o")
+}
+
+test_haiku_only_allows_haiku if {
+	d := authz.decision with input as req(["haiku-only"], "claude-haiku-4-5") with data.model_access as access
+	d.allow
+}
+
+test_haiku_only_allows_exact_alias if {
+	d := authz.decision with input as req(["haiku-only"], "claude-3-5-haiku-latest") with data.model_access as access
+	d.allow
+}
+
+test_haiku_only_denies_sonnet_with_reason if {
+	d := authz.decision with input as req(["haiku-only"], "claude-sonnet-4-5") with data.model_access as access
+	not d.allow
+	contains(d.reason, "ci-bot")
+	contains(d.reason, "claude-sonnet-4-5")
+	contains(d.reason, "claude-haiku-*")
+}
+
+test_exact_pattern_is_not_a_prefix if {
+	d := authz.decision with input as req(["exact"], "claude-opus-4-1-extra") with data.model_access as access
+	not d.allow
+}
+
+test_exact_pattern_matches_itself if {
+	d := authz.decision with input as req(["exact"], "claude-opus-4-1") with data.model_access as access
+	d.allow
+}
+
+test_any_group_suffices if {
+	d := authz.decision with input as req(["exact", "default"], "claude-sonnet-4-5") with data.model_access as access
+	d.allow
+}
+
+test_unknown_group_denied if {
+	d := authz.decision with input as req(["nobody"], "claude-haiku-4-5") with data.model_access as access
+	not d.allow
+	contains(d.reason, "allowed models: none")
+}
+
+test_no_groups_denied if {
+	d := authz.decision with input as req([], "claude-haiku-4-5") with data.model_access as access
+	not d.allow
+}
+
+test_request_without_model_allowed_for_any_key if {
+	i := {
+		"principal": {"key_id": "key_0123456789ab", "name": "ci-bot", "groups": []},
+		"request": {"method": "GET", "path": "/v1/models"},
+	}
+	d := authz.decision with input as i with data.model_access as access
+	d.allow
+}
+
+test_null_model_counts_as_no_model if {
+	d := authz.decision with input as req([], null) with data.model_access as access
+	d.allow
+}
+
+test_shipped_data_default_group if {
+	d := authz.decision with input as req(["default"], "claude-opus-4-1")
+	d.allow
+}
+
+test_shipped_data_haiku_only if {
+	not authz.decision.allow with input as req(["haiku-only"], "claude-opus-4-1")
+}

@@ -1,0 +1,295 @@
+"""Provider adapter: Envoy's upstream ext_proc filter, one stream per upstream attempt.
+
+Envoy runs it in each provider cluster's `http_filters`, so a retry that fails over
+to another provider is handled for that provider. The gRPC initial metadata
+`x-ccr-provider` names the provider of the cluster. Per attempt it:
+
+* swaps the client's credential headers for the provider's (request_headers);
+* decides from the response headers whether the body can carry usage, and if not
+  asks Envoy (mode_override) to stop streaming the body through us;
+* reads usage from the streamed body without changing a byte, and returns it as
+  dynamic metadata in namespace `ccr.usage`.
+
+Provider-specific behaviour sits behind `ProviderHandler` so that Bedrock/Vertex
+translation can slot in; only the Anthropic API is implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from ccr.config import GatewayConfig, ProviderKind
+from ccr.runtime import Runtime
+from router.usage import MeterResult, Usage, UsageMeter, decodable, make_meter, meterable
+
+log = logging.getLogger("ccr.adapter")
+
+PROVIDER_METADATA_KEY = "x-ccr-provider"
+USAGE_NAMESPACE = "ccr.usage"
+
+_Mode = processing_mode_pb2.ProcessingMode
+# Full mode rather than only the changed field: Envoy before 1.34 applied unset
+# (DEFAULT) header/trailer modes from an override too.
+_NO_RESPONSE_BODY = _Mode(
+    request_header_mode=_Mode.SEND,
+    response_header_mode=_Mode.SEND,
+    request_body_mode=_Mode.NONE,
+    response_body_mode=_Mode.NONE,
+    request_trailer_mode=_Mode.SKIP,
+    response_trailer_mode=_Mode.SKIP,
+)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
+    """Lower-cased name -> value. Envoy sends values in `raw_value` (bytes); older ones in `value`."""
+    out: dict[str, str] = {}
+    for h in headers.headers:
+        v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        k = h.key.lower()
+        out[k] = f"{out[k]},{v}" if k in out else v
+    return out
+
+
+def set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # Envoy reads mutation values from raw_value.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def error_response(status: int, err_type: str, message: str, details: str) -> pb.ProcessingResponse:
+    """A local reply in the Anthropic error shape."""
+    body = orjson.dumps({"type": "error", "error": {"type": err_type, "message": message}})
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=[set_header("content-type", "application/json")]),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def usage_struct(usage: Usage) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update({USAGE_NAMESPACE: usage.as_dict()})
+    return s
+
+
+class ProviderHandler(ABC):
+    """What one provider kind does to an upstream attempt."""
+
+    name: str
+
+    @abstractmethod
+    def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
+        """The reply to request_headers: header mutations, or an immediate response."""
+
+    def meter(self, status: int, headers: Mapping[str, str]) -> UsageMeter | None:
+        """A usage meter for this response, or None when its body carries no usage."""
+        if status >= 400 or not meterable(headers.get("content-type", "")):
+            return None
+        return make_meter(headers.get("content-type", ""), headers.get("content-encoding", ""))
+
+
+class AnthropicHandler(ProviderHandler):
+    """Anthropic API: inspect-without-modify; only the credential headers change."""
+
+    def __init__(self, name: str, api_key: str) -> None:
+        self.name = name
+        self._api_key = api_key
+
+    def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
+        # The client's gateway key must never reach the provider. Envoy applies
+        # removals before sets, so every client x-api-key value goes and exactly
+        # the provider's is added (also over a value left by an earlier attempt).
+        remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith("x-ccr-")]
+        mutation = pb.HeaderMutation(
+            set_headers=[set_header("x-api-key", self._api_key)], remove_headers=remove
+        )
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+        )
+
+
+class UnavailableHandler(ProviderHandler):
+    """A provider that must not be called (no credential, unknown): every attempt gets a 500."""
+
+    def __init__(self, name: str, message: str, details: str) -> None:
+        self.name = name
+        self._message = message
+        self._details = details
+
+    def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
+        return error_response(500, "api_error", self._message, self._details)
+
+
+def build_handlers(
+    config: GatewayConfig, runtime: Runtime, environ: Mapping[str, str] | None = None
+) -> dict[str, ProviderHandler]:
+    """One handler per configured provider; credentials are resolved once, here."""
+    env = os.environ if environ is None else environ
+    handlers: dict[str, ProviderHandler] = {}
+    for p in config.providers:
+        override = runtime.upstream_overrides.get(p.name)
+        var = override.api_key_env if override else p.api_key_env
+        key = env.get(var) if var else None
+        if not key:
+            where = f"environment variable {var} is empty or unset" if var else "api_key_env is not set"
+            msg = (
+                f"provider {p.name} has no credential configured ({where}); "
+                "the gateway operator must set it and restart the gateway"
+            )
+            log.error("%s; requests routed to it will fail with 500", msg)
+            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_no_provider_credential")
+            continue
+        if p.kind == ProviderKind.anthropic:
+            handlers[p.name] = AnthropicHandler(p.name, key)
+        else:  # pragma: no cover - new kinds must add a handler here
+            msg = f"provider {p.name} has kind {p.kind}, which this gateway version cannot call"
+            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_unsupported_provider")
+    return handlers
+
+
+@dataclass
+class _Attempt:
+    """State of one upstream attempt (one gRPC stream)."""
+
+    handler: ProviderHandler
+    meter: UsageMeter | None = None
+    status: int = 0
+    result: MeterResult | None = None
+
+
+class Adapter(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, handlers: dict[str, ProviderHandler]) -> None:
+        self._handlers = handlers
+
+    def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
+        name = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == PROVIDER_METADATA_KEY:
+                name = value.decode() if isinstance(value, bytes) else value
+                break
+        h = self._handlers.get(name)
+        if h is not None:
+            return h
+        msg = (
+            f"provider {name!r} is not configured in this gateway's adapter; "
+            "the gateway operator must fix the provider configuration"
+            if name
+            else f"the adapter was called without {PROVIDER_METADATA_KEY} metadata; "
+            "the gateway operator must fix the Envoy cluster configuration"
+        )
+        log.error("%s (known: %s)", msg, sorted(self._handlers))
+        return UnavailableHandler(name, msg, "ccr_adapter_unknown_provider")
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        attempt = _Attempt(self._handler(context))
+        async for req in request_iterator:
+            kind = req.WhichOneof("request")
+            if kind == "response_body":
+                yield self._on_body(attempt, req.response_body)
+            elif kind == "response_headers":
+                yield self._on_response_headers(attempt, req.response_headers)
+            elif kind == "request_headers":
+                resp = attempt.handler.on_request_headers(header_map(req.request_headers.headers))
+                yield resp
+                if resp.HasField("immediate_response"):
+                    return  # Envoy sends nothing more on this stream
+            elif kind == "request_body":
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+            elif kind == "request_trailers":
+                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            elif kind == "response_trailers":
+                # Trailers end a body that had no end_of_stream chunk.
+                resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                self._finish(attempt, resp)
+                yield resp
+
+    def _on_response_headers(self, attempt: _Attempt, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        headers = header_map(msg.headers)
+        try:
+            attempt.status = int(headers.get(":status", "0"))
+        except ValueError:
+            attempt.status = 0
+        resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        attempt.meter = None if msg.end_of_stream else attempt.handler.meter(attempt.status, headers)
+        if attempt.meter is None:
+            # Nothing to meter: errors, other content types, bodiless replies.
+            # Stop streaming the body through us; it passes unmodified either way.
+            if not msg.end_of_stream:
+                resp.mode_override.CopyFrom(_NO_RESPONSE_BODY)
+            if attempt.status < 400 and meterable(headers.get("content-type", "")) and not decodable(
+                headers.get("content-encoding", "")
+            ):
+                # A billable reply we cannot read: leave usage unknown rather than claim zero.
+                log.warning(
+                    "provider %s replied with content-encoding %r; usage not metered",
+                    attempt.handler.name,
+                    headers.get("content-encoding"),
+                )
+            else:
+                attempt.result = MeterResult(complete=True)
+                resp.dynamic_metadata.CopyFrom(usage_struct(attempt.result.usage))
+        return resp
+
+    def _on_body(self, attempt: _Attempt, body: pb.HttpBody) -> pb.ProcessingResponse:
+        # Never a body mutation: the client gets the provider's bytes as sent.
+        resp = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        meter = attempt.meter
+        if meter is None:
+            return resp
+        try:
+            changed = meter.feed(body.body)
+        except Exception:  # metering must never break the stream
+            log.exception("usage meter failed on provider %s; metering stops", attempt.handler.name)
+            attempt.meter = None
+            return resp
+        if body.end_of_stream or body.end_of_stream_without_message:
+            self._finish(attempt, resp)
+        elif changed:
+            # Publish as soon as usage moves, so an aborted stream is still charged
+            # for what was generated.
+            resp.dynamic_metadata.CopyFrom(usage_struct(meter.result.usage))
+        return resp
+
+    def _finish(self, attempt: _Attempt, resp: pb.ProcessingResponse) -> None:
+        meter, attempt.meter = attempt.meter, None
+        if meter is None:
+            return
+        try:
+            result = meter.finish()
+        except Exception:
+            log.exception("usage meter failed at end of reply from provider %s", attempt.handler.name)
+            result = meter.result
+        attempt.result = result
+        if not result.complete:
+            log.warning(
+                "reply from provider %s ended before usage was complete (status %d); recording what was read",
+                attempt.handler.name,
+                attempt.status,
+            )
+        resp.dynamic_metadata.CopyFrom(usage_struct(result.usage))
+
+
+async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime) -> None:
+    """`ccr.service.run` hook: register the ExternalProcessor service."""
+    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime)), server)
+    return None

@@ -1,0 +1,292 @@
+"""Token usage read from provider responses (Anthropic Messages API, JSON or SSE).
+
+Pure and incremental: a meter is fed the response body chunk by chunk exactly as
+Envoy streams it, never changes a byte, and never raises on malformed input; it
+records what it could read and says whether the response was complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+# A JSON reply or one SSE line larger than this is not a Messages API reply we
+# can meter; stop buffering instead of holding unbounded memory per stream.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in USAGE_FIELDS}
+
+    def update(self, usage: object, fields: tuple[str, ...] = USAGE_FIELDS) -> bool:
+        """Take the integer counters present in an Anthropic `usage` object; True if any changed."""
+        if not isinstance(usage, dict):
+            return False
+        changed = False
+        for f in fields:
+            v = usage.get(f)
+            # bool is an int subclass; a null or missing counter keeps the known value.
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and getattr(self, f) != v:
+                setattr(self, f, v)
+                changed = True
+        return changed
+
+
+@dataclass
+class MeterResult:
+    usage: Usage = field(default_factory=Usage)
+    # The response carried billable usage (a Message); count_tokens replies and
+    # unparseable bodies do not.
+    billable: bool = False
+    # The whole reply was seen (JSON parsed, or SSE message_stop).
+    complete: bool = False
+    # Error type from an SSE `error` event or an error JSON body, if any.
+    error: str | None = None
+
+
+class UsageMeter(Protocol):
+    result: MeterResult
+
+    def feed(self, chunk: bytes) -> bool:
+        """Consume one body chunk; True if the known usage changed."""
+        ...
+
+    def finish(self) -> MeterResult:
+        """The body ended; return what was read."""
+        ...
+
+
+class JsonUsageMeter:
+    """A non-streaming reply: buffer, parse once at the end."""
+
+    def __init__(self) -> None:
+        self.result = MeterResult()
+        self._buf = bytearray()
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> bool:
+        if not self._overflow:
+            if len(self._buf) + len(chunk) > MAX_JSON_BYTES:
+                self._overflow = True
+                self._buf = bytearray()
+                log.warning("JSON reply larger than %d bytes; usage not metered", MAX_JSON_BYTES)
+            else:
+                self._buf += chunk
+        return False
+
+    def finish(self) -> MeterResult:
+        if self._overflow or self.result.complete:
+            return self.result
+        try:
+            doc = orjson.loads(self._buf)
+        except orjson.JSONDecodeError as e:
+            log.warning("reply body is not valid JSON (%s); usage not metered", e)
+            return self.result
+        finally:
+            self._buf = bytearray()
+        self.result.complete = True
+        if not isinstance(doc, dict):
+            return self.result
+        # Only a Message bills tokens; {"input_tokens": N} from count_tokens does not.
+        if doc.get("type") == "message":
+            self.result.usage.update(doc.get("usage"))
+            self.result.billable = isinstance(doc.get("usage"), dict)
+        elif doc.get("type") == "error" and isinstance(doc.get("error"), dict):
+            self.result.error = str(doc["error"].get("type") or "error")
+        return self.result
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+# Events that can carry usage or end the stream; the many content_block_delta
+# events are never JSON-decoded.
+_USEFUL_EVENTS = frozenset({b"message_start", b"message_delta", b"message_stop", b"error"})
+
+
+class SseUsageMeter:
+    """A streaming reply: an incremental SSE parser, robust to any chunking and to CRLF/CR/LF."""
+
+    def __init__(self) -> None:
+        self.result = MeterResult()
+        self._buf = bytearray()
+        self._event = b""
+        self._data: list[bytes] = []
+        self._skip_line = False
+
+    def feed(self, chunk: bytes) -> bool:
+        self._buf += chunk
+        return self._drain(final=False)
+
+    def finish(self) -> MeterResult:
+        self._drain(final=True)
+        if self._buf and not self._skip_line:
+            self._line(bytes(self._buf))
+        self._buf = bytearray()
+        # A stream cut off without its blank line still dispatches what it had.
+        self._dispatch()
+        return self.result
+
+    def _drain(self, final: bool) -> bool:
+        changed = False
+        pos = 0
+        buf = self._buf
+        while True:
+            m = _EOL.search(buf, pos)
+            if m is None:
+                break
+            # A CR at the very end may be the first half of a CRLF split across chunks.
+            if m.group() == b"\r" and m.end() == len(buf) and not final:
+                break
+            if self._skip_line:
+                self._skip_line = False
+            else:
+                changed |= self._line(bytes(buf[pos:m.start()]))
+            pos = m.end()
+        if pos:
+            del buf[:pos]
+        if len(buf) > MAX_SSE_LINE_BYTES and not self._skip_line:
+            log.warning("SSE line longer than %d bytes; skipping it", MAX_SSE_LINE_BYTES)
+            self._skip_line = True
+        if self._skip_line:
+            buf.clear()
+        return changed
+
+    def _line(self, line: bytes) -> bool:
+        if not line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return False  # comment / keep-alive
+        name, sep, value = line.partition(b":")
+        if sep and value.startswith(b" "):
+            value = value[1:]
+        if name == b"event":
+            self._event = value
+        elif name == b"data":
+            self._data.append(value)
+        return False
+
+    def _dispatch(self) -> bool:
+        event, data = self._event, self._data
+        self._event, self._data = b"", []
+        if not data:
+            return False
+        if event and event not in _USEFUL_EVENTS:
+            return False
+        payload = b"\n".join(data)
+        if not event and b'"message_' not in payload and b'"error"' not in payload:
+            return False
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("SSE %s event data is not valid JSON; skipped", event.decode(errors="replace"))
+            return False
+        if not isinstance(doc, dict):
+            return False
+        kind = doc.get("type") or event.decode(errors="replace")
+        usage = self.result.usage
+        if kind == "message_start":
+            msg = doc.get("message")
+            u = msg.get("usage") if isinstance(msg, dict) else None
+            if isinstance(u, dict):
+                self.result.billable = True
+            return usage.update(u)
+        if kind == "message_delta":
+            u = doc.get("usage")
+            if isinstance(u, dict):
+                self.result.billable = True
+            # output_tokens is cumulative; input/cache counts, when present, are final.
+            return usage.update(u)
+        if kind == "message_stop":
+            self.result.complete = True
+        elif kind == "error":
+            err = doc.get("error")
+            self.result.error = str(err.get("type") or "error") if isinstance(err, dict) else "error"
+            log.info("provider stream ended with an error event: %s", self.result.error)
+        return False
+
+
+class DecodingMeter:
+    """Undo a gzip/deflate content-encoding for the meter only; the client still gets the bytes as sent."""
+
+    def __init__(self, inner: UsageMeter) -> None:
+        self._inner = inner
+        self.result = inner.result
+        # 32 + MAX_WBITS: accept both gzip and zlib headers.
+        self._z: zlib._Decompress | None = zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+    def feed(self, chunk: bytes) -> bool:
+        if self._z is None:
+            return False
+        try:
+            out = self._z.decompress(chunk)
+        except zlib.error as e:
+            log.warning("compressed reply cannot be decoded (%s); metering stops", e)
+            self._z = None
+            return False
+        return self._inner.feed(out) if out else False
+
+    def finish(self) -> MeterResult:
+        if self._z is not None:
+            try:
+                tail = self._z.flush()
+                if tail:
+                    self._inner.feed(tail)
+            except zlib.error as e:
+                log.warning("compressed reply truncated (%s)", e)
+        return self._inner.finish()
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def content_codings(content_encoding: str) -> list[str]:
+    return [c.strip().lower() for c in content_encoding.split(",") if c.strip() and c.strip() != "identity"]
+
+
+def meterable(content_type: str) -> bool:
+    return media_type(content_type) in ("application/json", "text/event-stream")
+
+
+def decodable(content_encoding: str) -> bool:
+    codings = content_codings(content_encoding)
+    return not codings or (len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"))
+
+
+def make_meter(content_type: str, content_encoding: str = "") -> UsageMeter | None:
+    """A meter for a reply of this type and coding, or None when it cannot carry or be read for usage."""
+    mt = media_type(content_type)
+    if mt == "text/event-stream":
+        meter: UsageMeter = SseUsageMeter()
+    elif mt == "application/json":
+        meter = JsonUsageMeter()
+    else:
+        return None
+    if not decodable(content_encoding):
+        return None
+    return DecodingMeter(meter) if content_codings(content_encoding) else meter
+
+
+def meter_bytes(content_type: str, body: bytes, content_encoding: str = "") -> MeterResult:
+    """Meter a whole body at once (tests, offline re-metering)."""
+    meter = make_meter(content_type, content_encoding)
+    if meter is None:
+        return MeterResult()
+    meter.feed(body)
+    return meter.finish()

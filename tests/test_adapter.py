@@ -1,0 +1,307 @@
+"""The provider adapter over real gRPC, driven message by message the way Envoy's ext_proc filter does."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import json_format
+
+from ccr.runtime import Runtime, UpstreamOverride
+from tests.test_usage import EXPECTED, STREAM
+
+REPO = Path(__file__).resolve().parent.parent
+CFG_KEY = "sk-ant-provider-from-config-0001"
+OVERRIDE_KEY = "sk-ant-provider-from-override-0002"
+CLIENT_KEY = "ccr_live_client_key_must_not_leak"
+
+CONFIG = """
+version: 1
+providers:
+  - name: anthropic
+    api_key_env: CCR_TEST_ANTHROPIC_KEY
+  - name: emulated
+    api_key_env: CCR_TEST_UNUSED_BECAUSE_OVERRIDDEN
+  - name: nokey
+    api_key_env: CCR_TEST_KEY_THAT_IS_NOT_SET
+models:
+  - match: "claude-*"
+    provider: anthropic
+"""
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("adapter")
+    (d / "gateway.yaml").write_text(CONFIG)
+    Runtime(
+        config_path=str(d / "gateway.yaml"),
+        run_dir=str(d),
+        postgres_dsn="postgresql://unused-by-the-adapter",
+        redis_url="redis://unused-by-the-adapter",
+        upstream_overrides={
+            "emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")
+        },
+    ).save(d / "runtime.json")
+    ready = d / "ready.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCR_TEST_")}
+    env |= {"CCR_TEST_ANTHROPIC_KEY": CFG_KEY, "CCR_TEST_OVERRIDE_KEY": OVERRIDE_KEY,
+            "CCR_TEST_UNUSED_BECAUSE_OVERRIDDEN": "sk-wrong-key"}
+    log = (d / "adapter.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.adapter",
+         "--runtime", str(d / "runtime.json"), "--ready-file", str(ready)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"adapter did not start:\n{(d / 'adapter.log').read_text()}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == proc.pid
+        yield info["address"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    # Secrets never reach the log.
+    text = (d / "adapter.log").read_text()
+    assert CFG_KEY not in text and OVERRIDE_KEY not in text and CLIENT_KEY not in text
+
+
+class Stream:
+    """One ext_proc stream: send a message, wait for its reply, like Envoy does."""
+
+    def __init__(self, address: str, provider: str | None) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._q: queue.Queue[pb.ProcessingRequest | None] = queue.Queue()
+        md = [("x-ccr-provider", provider)] if provider is not None else []
+        stub = pb_grpc.ExternalProcessorStub(self._channel)
+        self._replies = stub.Process(iter(self._q.get, None), metadata=md, timeout=20)
+
+    def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        self._q.put(req)
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._q.put(None)
+        for _ in self._replies:  # the server has nothing more to say
+            raise AssertionError("unexpected extra reply")
+        self._channel.close()
+
+
+def headers(pairs: list[tuple[str, str]], raw: bool = True) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) if raw else base_pb2.HeaderValue(key=k, value=v)
+        for k, v in pairs
+    ])
+
+
+CLIENT_REQUEST = [
+    (":method", "POST"), (":path", "/v1/messages?beta=true"), (":authority", "gateway.local"),
+    (":scheme", "https"), ("content-type", "application/json"), ("x-api-key", CLIENT_KEY),
+    ("authorization", f"Bearer {CLIENT_KEY}"), ("anthropic-version", "2023-06-01"),
+    ("anthropic-beta", "interleaved-thinking-2025-05-14,some-future-beta-2031-01-01"),
+    ("x-ccr-principal", "alice@example.com"), ("x-ccr-key-id", "k_123"),
+    ("x-ccr-cluster", "provider_anthropic"),
+    ("x-stainless-lang", "python"), ("user-agent", "claude-cli/2.0"),
+]
+
+
+def request_headers(pairs: list[tuple[str, str]] = CLIENT_REQUEST, raw: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=headers(pairs, raw)))
+
+
+def response_headers(status: int, content_type: str | None, **extra: str) -> pb.ProcessingRequest:
+    pairs = [(":status", str(status))] + ([("content-type", content_type)] if content_type else [])
+    pairs += [(k.replace("_", "-"), v) for k, v in extra.items()]
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers(pairs)))
+
+
+def body(chunk: bytes, end: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=end))
+
+
+def usage_of(resp: pb.ProcessingResponse) -> dict[str, int] | None:
+    if not resp.HasField("dynamic_metadata"):
+        return None
+    md = json_format.MessageToDict(resp.dynamic_metadata)
+    assert set(md) == {"ccr.usage"}
+    return {k: int(v) for k, v in md["ccr.usage"].items()}
+
+
+def assert_passthrough(resp: pb.ProcessingResponse, kind: str) -> None:
+    assert resp.WhichOneof("response") == kind
+    common = getattr(resp, kind).response
+    assert not common.HasField("body_mutation") and not common.HasField("header_mutation")
+    assert common.status == pb.CommonResponse.CONTINUE
+
+
+def check_credential_swap(resp: pb.ProcessingResponse, provider_key: str) -> None:
+    assert resp.WhichOneof("response") == "request_headers"
+    mut = resp.request_headers.response.header_mutation
+    # Envoy applies removals, then sets: every client credential goes, the provider's is added.
+    assert set(mut.remove_headers) == {"authorization", "x-api-key", "x-ccr-principal", "x-ccr-key-id",
+                                       "x-ccr-cluster"}
+    assert len(mut.set_headers) == 1
+    opt = mut.set_headers[0]
+    assert opt.header.key == "x-api-key" and opt.header.raw_value == provider_key.encode()
+    assert not opt.header.value
+    assert opt.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    # Everything else (anthropic-*, content-type, user agent, path) is untouched.
+    touched = set(mut.remove_headers) | {o.header.key for o in mut.set_headers}
+    for k, _ in CLIENT_REQUEST:
+        if k.startswith("anthropic-") or k in ("content-type", "user-agent", "x-stainless-lang", ":path"):
+            assert k not in touched
+    assert not resp.request_headers.response.HasField("body_mutation")
+    assert not resp.HasField("mode_override")
+
+
+def test_streaming_reply_is_metered_and_passed_through(adapter: str) -> None:
+    s = Stream(adapter, "anthropic")
+    check_credential_swap(s.send(request_headers()), CFG_KEY)
+
+    r = s.send(response_headers(200, "text/event-stream; charset=utf-8", request_id="req_1"))
+    assert_passthrough(r, "response_headers")
+    assert not r.HasField("mode_override")  # keep streaming the body through us
+
+    # Chunk boundaries that cut events, lines and a multi-byte character.
+    cuts = [0, 17, 18, 300, 301, 302, len(STREAM) // 2 + 3, len(STREAM) - 40, len(STREAM)]
+    chunks = [STREAM[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    published: list[dict[str, int]] = []
+    for c in chunks:
+        r = s.send(body(c))
+        assert_passthrough(r, "response_body")
+        if (u := usage_of(r)) is not None:
+            published.append(u)
+    r = s.send(body(b"", end=True))
+    assert_passthrough(r, "response_body")
+    assert usage_of(r) == EXPECTED
+    # Usage is also published as it becomes known, so an aborted stream is still charged.
+    assert published and published[0]["input_tokens"] == EXPECTED["input_tokens"]
+    assert published[-1] == EXPECTED
+    s.close()
+
+
+def test_json_reply_with_override_credential_and_value_encoded_headers(adapter: str) -> None:
+    s = Stream(adapter, "emulated")
+    # Older Envoys send `value` instead of `raw_value`; both are read.
+    check_credential_swap(s.send(request_headers(raw=False)), OVERRIDE_KEY)
+    reply = json.dumps({
+        "id": "msg_2", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "ok"}],
+        "usage": {"input_tokens": 1200, "output_tokens": 45, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 1024},
+    }).encode()
+    assert not s.send(response_headers(200, "application/json")).HasField("mode_override")
+    r1 = s.send(body(reply[:50]))
+    assert_passthrough(r1, "response_body")
+    assert usage_of(r1) is None
+    r2 = s.send(body(reply[50:], end=True))
+    assert_passthrough(r2, "response_body")
+    assert usage_of(r2) == {"input_tokens": 1200, "output_tokens": 45, "cache_creation_input_tokens": 0,
+                            "cache_read_input_tokens": 1024}
+    s.close()
+
+
+def test_count_tokens_reply_records_zero_usage(adapter: str) -> None:
+    s = Stream(adapter, "anthropic")
+    s.send(request_headers())
+    s.send(response_headers(200, "application/json"))
+    r = s.send(body(b'{"input_tokens": 31337}', end=True))
+    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    s.close()
+
+
+@pytest.mark.parametrize(("status", "ctype"), [(429, "application/json"), (529, "application/json"),
+                                                (200, "application/octet-stream")])
+def test_unmeterable_reply_stops_body_streaming(adapter: str, status: int, ctype: str) -> None:
+    s = Stream(adapter, "anthropic")
+    s.send(request_headers())
+    r = s.send(response_headers(status, ctype))
+    assert_passthrough(r, "response_headers")  # error bodies come back unmodified
+    mo = r.mode_override
+    assert r.HasField("mode_override")
+    assert mo.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
+    assert mo.response_header_mode == processing_mode_pb2.ProcessingMode.SEND
+    assert mo.response_trailer_mode == processing_mode_pb2.ProcessingMode.SKIP
+    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    s.close()
+
+
+def test_unreadable_encoding_is_not_claimed_as_zero(adapter: str) -> None:
+    s = Stream(adapter, "anthropic")
+    s.send(request_headers())
+    r = s.send(response_headers(200, "text/event-stream", content_encoding="br"))
+    assert r.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
+    assert usage_of(r) is None
+    s.close()
+
+
+def test_malformed_body_never_breaks_the_stream(adapter: str) -> None:
+    s = Stream(adapter, "anthropic")
+    s.send(request_headers())
+    s.send(response_headers(200, "text/event-stream"))
+    for junk in (b"\xff\xfe\x00garbage\r", b"\ndata: {\"type\":\"message_start\",\"message\":", b"\n\n\n",
+                 b"event: message_delta\ndata: [1,2]\n\n"):
+        assert_passthrough(s.send(body(junk)), "response_body")
+    r = s.send(body(b"", end=True))
+    assert_passthrough(r, "response_body")
+    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    s.close()
+
+
+def _assert_immediate_500(resp: pb.ProcessingResponse, *needles: str) -> None:
+    assert resp.WhichOneof("response") == "immediate_response"
+    ir = resp.immediate_response
+    assert ir.status.code == 500
+    assert {(h.header.key, h.header.raw_value) for h in ir.headers.set_headers} == {
+        ("content-type", b"application/json")}
+    err = json.loads(ir.body)
+    assert err["type"] == "error" and err["error"]["type"] == "api_error"
+    for n in needles:
+        assert n in err["error"]["message"]
+    assert CLIENT_KEY not in ir.body.decode()
+
+
+def test_missing_credential_is_an_immediate_500(adapter: str) -> None:
+    s = Stream(adapter, "nokey")
+    _assert_immediate_500(s.send(request_headers()), "provider nokey has no credential configured",
+                          "CCR_TEST_KEY_THAT_IS_NOT_SET")
+    s.close()  # the adapter ends the stream: nothing is forwarded
+
+
+@pytest.mark.parametrize("provider", ["does-not-exist", None])
+def test_unknown_or_missing_provider_is_an_immediate_500(adapter: str, provider: str | None) -> None:
+    s = Stream(adapter, provider)
+    _assert_immediate_500(s.send(request_headers()), "x-ccr-provider" if provider is None else provider)
+    s.close()
+
+
+def test_concurrent_streams_are_independent(adapter: str) -> None:
+    a, b = Stream(adapter, "anthropic"), Stream(adapter, "emulated")
+    a.send(request_headers())
+    b.send(request_headers())
+    a.send(response_headers(200, "text/event-stream"))
+    b.send(response_headers(500, "application/json"))
+    a.send(body(STREAM[:100]))
+    assert usage_of(a.send(body(STREAM[100:], end=True))) == EXPECTED
+    a.close()
+    b.close()

@@ -1,0 +1,275 @@
+"""The access log receiver as Envoy streams to it: a real process, real PostgreSQL, gRPC ALS."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from ccr.procs import Child, spawn, wait_ready_file
+from ccr.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2025, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+
+CONFIG = """
+version: 1
+providers: [{name: anthropic}]
+models: [{match: "claude-*", provider: anthropic}]
+"""
+
+
+@dataclass
+class Audit:
+    stub: als_pb2_grpc.AccessLogServiceStub
+    child: Child
+    dsn: str
+
+
+@pytest.fixture
+def audit(tmp_path: Path, postgres_dsn: str) -> Iterator[Audit]:
+    (tmp_path / "gateway.yaml").write_text(CONFIG)
+    Runtime(
+        config_path=str(tmp_path / "gateway.yaml"), run_dir=str(tmp_path),
+        postgres_dsn=postgres_dsn, redis_url="redis://127.0.0.1:1/0",
+    ).save(tmp_path / "runtime.json")
+    ready = tmp_path / "audit.ready"
+    child = spawn(
+        "audit",
+        [sys.executable, "-m", "audit", "--runtime", str(tmp_path / "runtime.json"),
+         "--ready-file", str(ready)],
+        tmp_path / "logs", cwd=REPO,
+    )
+    try:
+        wait_ready_file(child, ready)
+        with grpc.insecure_channel(str(child.info["address"])) as channel:
+            yield Audit(als_pb2_grpc.AccessLogServiceStub(channel), child, postgres_dsn)
+    finally:
+        child.stop()
+
+
+def entry(
+    rid: str, *, key_id: str | None = "key_01", principal: str = "alice@example.com",
+    model: str = "claude-sonnet-4-5", usage: dict[str, object] | None = None, status: int | None = 200,
+    method: int = base_pb2.POST, path: str = "/v1/messages?beta=true", flags: dict[str, bool] | None = None,
+    start: datetime = T0, latency: timedelta | None = timedelta(seconds=1, microseconds=234567),
+    cluster: str = "provider_anthropic", body_in: int = 84213, body_out: int = 1532,
+    log_type: int = accesslog_pb2.DownstreamEnd,
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry shaped like Envoy's HTTP gRPC access logger sends for a Messages API call."""
+    e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
+    c = e.common_properties
+    c.access_log_type = log_type
+    c.start_time.FromDatetime(start)
+    c.time_to_last_rx_byte.FromTimedelta(timedelta(milliseconds=3))
+    if latency is not None:
+        c.time_to_last_downstream_tx_byte.FromTimedelta(latency)
+    c.downstream_remote_address.socket_address.address = "10.1.2.3"
+    c.downstream_remote_address.socket_address.port_value = 53122
+    c.upstream_remote_address.socket_address.address = "160.79.104.10"
+    c.upstream_remote_address.socket_address.port_value = 443
+    c.upstream_cluster = cluster
+    c.route_name = "messages"
+    for name, on in (flags or {}).items():
+        setattr(c.response_flags, name, on)
+    authz: dict[str, object] = {"principal": principal, "model": model, "provider": "anthropic",
+                                "cluster": cluster, "rpm": {"requests_per_unit": 600, "unit": "MINUTE"}}
+    if key_id is not None:
+        authz["key_id"] = key_id
+    c.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(authz)
+    if usage is not None:
+        c.metadata.filter_metadata["ccr.usage"].update(usage)
+    r = e.request
+    r.request_method = method
+    r.scheme = "https"
+    r.authority = "gateway.internal"
+    r.path = path
+    r.user_agent = "Anthropic/Python 0.70.0"
+    r.request_id = rid
+    r.request_headers_bytes = 812
+    r.request_body_bytes = body_in
+    r.request_headers["anthropic-version"] = "2023-06-01"
+    if status is not None:
+        e.response.response_code.value = status
+    e.response.response_headers_bytes = 410
+    e.response.response_body_bytes = body_out
+    return e
+
+
+def messages(
+    entries: list[accesslog_pb2.HTTPAccessLogEntry], per_msg: int
+) -> Iterator[als_pb2.StreamAccessLogsMessage]:
+    for i in range(0, len(entries), per_msg):
+        m = als_pb2.StreamAccessLogsMessage()
+        if i == 0:  # Envoy identifies itself on a stream's first message only
+            m.identifier.node.id = "ccr-envoy-0"
+            m.identifier.node.cluster = "ccr"
+            m.identifier.log_name = "ccr"
+        m.http_logs.log_entry.extend(entries[i:i + per_msg])
+        yield m
+
+
+def send(a: Audit, entries: list[accesslog_pb2.HTTPAccessLogEntry], per_msg: int = 3) -> None:
+    # The service answers when the stream's rows are committed.
+    resp = a.stub.StreamAccessLogs(messages(entries, per_msg), timeout=60)
+    assert isinstance(resp, als_pb2.StreamAccessLogsResponse)
+
+
+def rows(dsn: str, prefix: str) -> dict[str, dict[str, object]]:
+    with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute("SELECT * FROM request_log WHERE request_id LIKE %s", (prefix + "%",))
+        return {r["request_id"]: r for r in cur.fetchall()}
+
+
+def _prefix() -> str:
+    return f"req-{uuid.uuid4().hex[:8]}-"
+
+
+def test_rows_carry_the_mapped_fields(audit: Audit) -> None:
+    p = _prefix()
+    usage = {"input_tokens": 21034, "output_tokens": 812, "cache_creation_input_tokens": 1200,
+             "cache_read_input_tokens": 19000}
+    send(audit, [
+        entry(p + "full", usage=usage),
+        entry(p + "nousage", key_id=None, usage=None, method=base_pb2.GET, path="/v1/models",
+              latency=None, body_in=0, body_out=220),
+        entry(p + "failed", status=503, usage={"input_tokens": 0}, cluster="provider_bedrock",
+              flags={"no_healthy_upstream": True, "upstream_connection_failure": True}),
+        entry(p + "reset", status=None, flags={"downstream_remote_reset": True}, usage=None),
+    ])
+    got = rows(audit.dsn, p)
+    assert set(got) == {p + "full", p + "nousage", p + "failed", p + "reset"}
+
+    full = got[p + "full"]
+    assert full["ts"] == T0
+    assert (full["key_id"], full["principal"], full["model"]) == ("key_01", "alice@example.com",
+                                                                  "claude-sonnet-4-5")
+    assert (full["method"], full["path"], full["status"]) == ("POST", "/v1/messages?beta=true", 200)
+    assert [full[k] for k in usage] == list(usage.values())
+    assert full["latency_ms"] == pytest.approx(1234.567)
+    assert full["upstream_cluster"] == "provider_anthropic"
+    assert full["response_flags"] is None
+    assert (full["bytes_received"], full["bytes_sent"]) == (84213, 1532)
+
+    nousage = got[p + "nousage"]
+    assert nousage["key_id"] is None and nousage["principal"] == "alice@example.com"
+    assert (nousage["method"], nousage["path"]) == ("GET", "/v1/models")
+    assert [nousage[k] for k in usage] == [0, 0, 0, 0]
+    assert nousage["latency_ms"] is None
+    assert (nousage["bytes_received"], nousage["bytes_sent"]) == (0, 220)
+
+    failed = got[p + "failed"]
+    assert failed["status"] == 503 and failed["response_flags"] == "UH,UF"
+    assert failed["upstream_cluster"] == "provider_bedrock"
+    assert got[p + "reset"]["status"] == 0 and got[p + "reset"]["response_flags"] == "DR"
+
+
+def test_duplicate_request_id_is_one_row(audit: Audit) -> None:
+    p = _prefix()
+    first = entry(p + "dup", usage={"output_tokens": 5})
+    send(audit, [first, entry(p + "dup", usage={"output_tokens": 999}), entry(p + "other")])
+    send(audit, [entry(p + "dup", status=500)])  # a later stream, e.g. after an Envoy reconnect
+    got = rows(audit.dsn, p)
+    assert set(got) == {p + "dup", p + "other"}
+    assert got[p + "dup"]["output_tokens"] == 5 and got[p + "dup"]["status"] == 200
+    with psycopg.connect(audit.dsn) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM request_log WHERE request_id = %s", (p + "dup",)).fetchone()
+    assert n == 1
+
+
+def test_intermediate_entries_do_not_take_the_row(audit: Audit) -> None:
+    p = _prefix()
+    send(audit, [
+        entry(p + "long", status=200, usage=None, log_type=accesslog_pb2.DownstreamPeriodic),
+        entry(p + "long", usage={"output_tokens": 4000}),
+    ])
+    got = rows(audit.dsn, p)
+    assert got[p + "long"]["output_tokens"] == 4000
+
+
+def test_malformed_entries_are_skipped_and_the_rest_written(audit: Audit) -> None:
+    p = _prefix()
+    no_start = entry(p + "nostart")
+    no_start.common_properties.ClearField("start_time")
+    send(audit, [
+        entry(p + "good1", usage={"input_tokens": 10}),
+        entry(""),  # no request id
+        entry(p + "badusage", usage={"input_tokens": "lots"}),
+        entry(p + "negusage", usage={"output_tokens": -3}),
+        no_start,
+        entry(p + "nul\x00path", path="/v1/messages\x00x"),
+        entry(p + "good2", usage={"output_tokens": 7}),
+    ], per_msg=2)
+    # A value PostgreSQL rejects (status beyond integer) costs only its own row.
+    send(audit, [entry(p + "good3"), entry(p + "hugestatus", status=3_000_000_000), entry(p + "good4")],
+         per_msg=3)
+    got = rows(audit.dsn, p)
+    assert set(got) == {p + "good1", p + "good2", p + "good3", p + "good4", p + "nul\ufffdpath"}
+    assert got[p + "good1"]["input_tokens"] == 10 and got[p + "good2"]["output_tokens"] == 7
+    assert got[p + "nul\ufffdpath"]["path"] == "/v1/messages\ufffdx"
+    log = audit.child.log_path.read_text()
+    assert log.count("skipping access log entry") == 4
+    assert f"skipping request_log row request_id='{p}hugestatus'" in log
+    assert audit.child.alive()
+
+
+def test_large_stream_is_batched_completely(audit: Audit) -> None:
+    p = _prefix()
+    send(audit, [entry(f"{p}{i:05d}", usage={"input_tokens": i}) for i in range(3000)], per_msg=100)
+    got = rows(audit.dsn, p)
+    assert len(got) == 3000
+    assert sum(r["input_tokens"] for r in got.values()) == sum(range(3000))
+
+
+def _wait_for_log(child: Child, text: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in child.log_path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged; log:\n{child.log_tail()}")
+
+
+def test_database_outage_is_retried_and_keeps_the_batch(audit: Audit) -> None:
+    p = _prefix()
+    send(audit, [entry(p + "before")])  # the writer holds a live connection now
+    with psycopg.connect(audit.dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE request_log RENAME TO request_log_away")
+        try:
+            result: list[BaseException | None] = []
+            t = threading.Thread(target=lambda: result.append(_send_catching(audit, p)))
+            t.start()
+            _wait_for_log(audit.child, "request_log write failed (attempt 2")
+            assert t.is_alive()  # the stream waits for its rows instead of dropping them
+        finally:
+            admin.execute("ALTER TABLE request_log_away RENAME TO request_log")
+        t.join(30)
+        assert result == [None]
+        assert set(rows(audit.dsn, p)) == {p + "before", *(f"{p}during{i}" for i in range(20))}
+
+        # A dropped connection: the writer reconnects and the next stream lands.
+        n = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                          " WHERE application_name = 'ccr-audit' AND datname = current_database()").fetchone()
+        assert n is not None and n[0] >= 1
+    send(audit, [entry(p + "after")])
+    assert p + "after" in rows(audit.dsn, p)
+
+
+def _send_catching(a: Audit, p: str) -> BaseException | None:
+    try:
+        send(a, [entry(f"{p}during{i}") for i in range(20)], per_msg=7)
+    except BaseException as e:  # noqa: BLE001 - reported back to the test thread
+        return e
+    return None

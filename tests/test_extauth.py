@@ -1,0 +1,411 @@
+"""extauth: API key lifecycle in PostgreSQL and the ext_authz Check service over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import orjson
+import psycopg
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2 as ac
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from google.protobuf import json_format
+from google.rpc import code_pb2
+
+from ccr.config import parse_config
+from ccr.runtime import Runtime
+from ccr.service import GRPC_OPTIONS
+from extauth.bundle import build_bundle
+from extauth.keys import KeyStore, create_key, hash_key, list_keys, revoke_key
+from extauth.policy import PolicyEngine
+from extauth.server import Authorizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+GATEWAY_YAML = """
+version: 1
+providers:
+  - name: backup
+  - name: anthropic
+models:
+  - match: claude-opus-4-1
+    provider: backup
+  - match: claude-*
+    provider: anthropic
+limits:
+  requests_per_minute: 77
+"""
+
+
+# -- key lifecycle -------------------------------------------------------------
+
+
+def test_create_list_revoke(postgres_dsn: str) -> None:
+    rec, key = create_key(postgres_dsn, "lifecycle", groups=["haiku-only", "default"], rpm=30)
+    assert key.startswith("ccr_") and len(key) == 4 + 43
+    assert rec.id.startswith("key_") and len(rec.id) == 16
+    assert rec.groups == ("haiku-only", "default") and rec.rpm == 30 and rec.active
+    assert key.startswith(rec.key_prefix) and len(rec.key_prefix) == 12
+
+    rec2, key2 = create_key(postgres_dsn, "defaults")
+    assert rec2.groups == ("default",) and rec2.rpm is None and key2 != key
+
+    ids = [r.id for r in list_keys(postgres_dsn)]
+    assert rec.id in ids and rec2.id in ids
+
+    assert revoke_key(postgres_dsn, rec.id) is True
+    assert revoke_key(postgres_dsn, rec.id) is False  # already revoked
+    assert revoke_key(postgres_dsn, "key_doesnotexist") is False
+    assert rec.id not in [r.id for r in list_keys(postgres_dsn)]
+    revoked = [r for r in list_keys(postgres_dsn, include_revoked=True) if r.id == rec.id]
+    assert len(revoked) == 1 and revoked[0].revoked_at is not None and not revoked[0].active
+
+
+def test_only_the_hash_is_stored(postgres_dsn: str) -> None:
+    rec, key = create_key(postgres_dsn, "hash-only")
+    secret_part = key[len(rec.key_prefix):]
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute("SELECT * FROM api_keys").fetchall()
+        stored_hash = conn.execute("SELECT key_hash FROM api_keys WHERE id = %s", (rec.id,)).fetchone()[0]
+    assert bytes(stored_hash) == hash_key(key)
+    dump = repr(rows)
+    assert key not in dump and secret_part not in dump
+    for row in rows:  # also not as raw bytes in any column
+        for col in row:
+            if isinstance(col, (bytes, memoryview)):
+                assert key.encode() not in bytes(col)
+
+
+def test_create_key_rejects_bad_input(postgres_dsn: str) -> None:
+    with pytest.raises(ValueError, match="rpm"):
+        create_key(postgres_dsn, "x", rpm=0)
+    with pytest.raises(ValueError, match="name"):
+        create_key(postgres_dsn, "  ")
+
+
+# -- the service over gRPC -----------------------------------------------------
+
+
+def http_check(
+    headers: dict[str, str], method: str = "POST", path: str = "/v1/messages", body: bytes = b""
+) -> pb.CheckRequest:
+    return pb.CheckRequest(
+        attributes=ac.AttributeContext(
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method=method, path=path, host="gw.local", headers=headers, raw_body=body
+                )
+            )
+        )
+    )
+
+
+def msg_body(model: object = "claude-sonnet-4-5") -> bytes:
+    return orjson.dumps({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def ok_headers(resp: pb.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in resp.ok_response.headers}
+
+
+def denied_error(resp: pb.CheckResponse) -> tuple[int, dict]:
+    d = resp.denied_response
+    assert {h.header.key: h.header.value for h in d.headers}["content-type"] == "application/json"
+    body = json.loads(d.body)
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    return d.status.code, body["error"]
+
+
+@pytest.fixture(scope="module")
+def service(postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    run = tmp_path_factory.mktemp("extauth")
+    (run / "gateway.yaml").write_text(GATEWAY_YAML)
+    bundle = build_bundle(REPO / "policies", run / "policy.tar.gz", "ccr/authz/decision")
+    Runtime(config_path=str(run / "gateway.yaml"), run_dir=str(run), postgres_dsn=postgres_dsn,
+            redis_url="redis://127.0.0.1:1", policy_bundle=str(bundle)).save(run / "runtime.json")
+    ready = run / "ready.json"
+    log = (run / "extauth.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extauth", "--runtime", str(run / "runtime.json"), "--ready-file", str(ready)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"extauth did not start:\n{(run / 'extauth.log').read_text()}")
+            time.sleep(0.05)
+        yield json.loads(ready.read_text())["address"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.close()
+        print((run / "extauth.log").read_text())
+        assert code == 0, "extauth did not shut down cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def stub(service: str) -> Iterator[pb_grpc.AuthorizationStub]:
+    with grpc.insecure_channel(service, options=GRPC_OPTIONS) as ch:
+        yield pb_grpc.AuthorizationStub(ch)
+
+
+@pytest.fixture(scope="module")
+def key(postgres_dsn: str) -> tuple[str, str]:
+    rec, k = create_key(postgres_dsn, "svc-default", rpm=42)
+    return rec.id, k
+
+
+def test_valid_key_via_x_api_key(stub, key) -> None:
+    kid, k = key
+    resp = stub.Check(http_check({"x-api-key": k, "content-type": "application/json"}, body=msg_body()))
+    assert resp.status.code == code_pb2.OK and resp.HasField("ok_response")
+    assert ok_headers(resp) == {
+        "x-ccr-key-id": kid, "x-ccr-principal": "svc-default", "x-ccr-model": "claude-sonnet-4-5",
+        "x-ccr-provider": "anthropic", "x-ccr-cluster": "provider_anthropic",
+    }
+    # Overwrite, not append, so a client value can never survive next to ours.
+    assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
+    assert json_format.MessageToDict(resp.dynamic_metadata) == {
+        "key_id": kid, "principal": "svc-default", "model": "claude-sonnet-4-5",
+        "provider": "anthropic", "cluster": "provider_anthropic",
+        "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
+    }
+
+
+def test_valid_key_via_bearer_and_default_rpm(stub, postgres_dsn) -> None:
+    rec, k = create_key(postgres_dsn, "bearer-user")
+    resp = stub.Check(http_check({"authorization": f"Bearer {k}"}, body=msg_body("claude-opus-4-1")))
+    assert resp.status.code == code_pb2.OK
+    h = ok_headers(resp)
+    assert h["x-ccr-key-id"] == rec.id and h["x-ccr-principal"] == "bearer-user"
+    assert h["x-ccr-provider"] == "backup" and h["x-ccr-cluster"] == "provider_backup"
+    meta = json_format.MessageToDict(resp.dynamic_metadata)
+    assert meta["rpm"] == {"requests_per_unit": 77.0, "unit": "MINUTE"}
+
+
+def test_spoofed_ccr_headers_are_removed(stub, key) -> None:
+    _, k = key
+    resp = stub.Check(http_check(
+        {"x-api-key": k, "x-ccr-principal": "admin", "x-ccr-budget": "unlimited"}, body=msg_body()))
+    assert resp.status.code == code_pb2.OK
+    assert ok_headers(resp)["x-ccr-principal"] == "svc-default"  # overwritten
+    assert list(resp.ok_response.headers_to_remove) == ["x-ccr-budget"]
+
+
+def test_beta_query_and_count_tokens(stub, key) -> None:
+    _, k = key
+    paths = ("/v1/messages?beta=true", "/v1/messages/count_tokens?beta=true", "/v1/messages/count_tokens")
+    for path in paths:
+        resp = stub.Check(http_check({"x-api-key": k}, path=path, body=msg_body("claude-haiku-4-5")))
+        assert resp.status.code == code_pb2.OK, path
+        assert ok_headers(resp)["x-ccr-model"] == "claude-haiku-4-5"
+
+
+def test_model_less_path_routes_to_first_provider(stub, key) -> None:
+    kid, k = key
+    resp = stub.Check(http_check({"x-api-key": k, "x-ccr-model": "spoof"}, method="GET", path="/v1/models"))
+    assert resp.status.code == code_pb2.OK
+    h = ok_headers(resp)
+    assert "x-ccr-model" not in h
+    assert h["x-ccr-provider"] == "backup" and h["x-ccr-cluster"] == "provider_backup"
+    assert list(resp.ok_response.headers_to_remove) == ["x-ccr-model"]
+    assert "model" not in json_format.MessageToDict(resp.dynamic_metadata)
+
+
+def test_missing_key_401(stub) -> None:
+    for headers in ({}, {"authorization": "Basic dXNlcjpwdw=="}, {"x-api-key": ""}):
+        resp = stub.Check(http_check(headers, body=msg_body()))
+        assert resp.status.code == code_pb2.UNAUTHENTICATED
+        status, err = denied_error(resp)
+        assert status == 401 and err["type"] == "authentication_error"
+        assert "x-api-key" in err["message"] and "Bearer" in err["message"]
+
+
+def test_bad_key_401(stub) -> None:
+    for bad in ("ccr_" + "A" * 43, "sk-ant-notours"):
+        resp = stub.Check(http_check({"x-api-key": bad}, body=msg_body()))
+        assert resp.status.code == code_pb2.UNAUTHENTICATED
+        status, err = denied_error(resp)
+        assert status == 401 and err["type"] == "authentication_error"
+        assert err["message"].startswith("invalid API key")
+
+
+def test_revoked_key_401_within_a_second(stub, postgres_dsn) -> None:
+    rec, k = create_key(postgres_dsn, "to-revoke")
+    req = http_check({"x-api-key": k}, body=msg_body())
+    assert stub.Check(req).status.code == code_pb2.OK  # now cached in extauth
+    assert stub.Check(req).status.code == code_pb2.OK
+    assert revoke_key(postgres_dsn, rec.id)
+    t0 = time.monotonic()
+    while True:
+        resp = stub.Check(req)
+        if resp.status.code != code_pb2.OK:
+            break
+        assert time.monotonic() - t0 < 1.0, "revoked key still accepted after 1 s"
+        time.sleep(0.02)
+    status, err = denied_error(resp)
+    assert status == 401 and err["type"] == "authentication_error"
+
+
+def test_key_created_after_a_failed_attempt_works(stub, postgres_dsn) -> None:
+    # A negative cache entry must not outlive the key's creation (NOTIFY on create).
+    resp = stub.Check(http_check({"x-api-key": "ccr_" + "B" * 43}, body=msg_body()))
+    assert resp.status.code == code_pb2.UNAUTHENTICATED
+    rec, k = create_key(postgres_dsn, "fresh")
+    t0 = time.monotonic()
+    while stub.Check(http_check({"x-api-key": k}, body=msg_body())).status.code != code_pb2.OK:
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b'{"model": "claude-sonnet-4-5", ', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"max_tokens": 5}', "model: Field required"),
+        (b'{"model": 42}', "model: Input should be"),
+    ],
+)
+def test_bad_body_400(stub, key, body: bytes, needle: str) -> None:
+    _, k = key
+    resp = stub.Check(http_check({"x-api-key": k}, body=body))
+    assert resp.status.code == code_pb2.INVALID_ARGUMENT
+    status, err = denied_error(resp)
+    assert status == 400 and err["type"] == "invalid_request_error" and needle in err["message"]
+
+
+def test_unknown_model_404(stub, key) -> None:
+    _, k = key
+    resp = stub.Check(http_check({"x-api-key": k}, body=msg_body("gpt-4o")))
+    status, err = denied_error(resp)
+    assert status == 404 and err == {"type": "not_found_error", "message": "model: gpt-4o"}
+
+
+def test_policy_denied_model_403(stub, postgres_dsn) -> None:
+    rec, k = create_key(postgres_dsn, "haiku-bot", groups=["haiku-only"])
+    allowed = stub.Check(http_check({"x-api-key": k}, body=msg_body("claude-haiku-4-5")))
+    assert allowed.status.code == code_pb2.OK
+    resp = stub.Check(http_check({"x-api-key": k}, body=msg_body("claude-sonnet-4-5")))
+    assert resp.status.code == code_pb2.PERMISSION_DENIED
+    status, err = denied_error(resp)
+    assert status == 403 and err["type"] == "permission_error"
+    assert "haiku-bot" in err["message"] and "claude-sonnet-4-5" in err["message"]
+    assert "claude-haiku-*" in err["message"]
+
+
+def test_20mb_body(stub, key) -> None:
+    _, k = key
+    big = orjson.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "x" * (20 * 1024 * 1024)}]})
+    resp = stub.Check(http_check({"x-api-key": k}, body=big), timeout=30)
+    assert resp.status.code == code_pb2.OK
+    assert ok_headers(resp)["x-ccr-model"] == "claude-sonnet-4-5"
+
+
+def test_agent_request_fixture(stub, key, agent_request_bytes: bytes) -> None:
+    _, k = key
+    model = orjson.loads(agent_request_bytes)["model"]
+    resp = stub.Check(http_check({"authorization": f"Bearer {k}", "anthropic-beta": "x"},
+                                 path="/v1/messages?beta=true", body=agent_request_bytes))
+    assert resp.status.code == code_pb2.OK
+    assert ok_headers(resp)["x-ccr-model"] == model
+
+
+# -- fail closed ---------------------------------------------------------------
+
+
+def test_database_failure_denies_503(postgres_dsn: str, tmp_path: Path) -> None:
+    config = parse_config(__import__("yaml").safe_load(GATEWAY_YAML))
+    policy = PolicyEngine.load(build_bundle(REPO / "policies", tmp_path / "b.tar.gz", "ccr/authz/decision"),
+                               "ccr/authz/decision")
+    _, k = create_key(postgres_dsn, "db-down")
+
+    async def scenario() -> pb.CheckResponse:
+        keys = KeyStore(postgres_dsn)
+        await keys.start()
+        await keys.close()  # the database is now unreachable for this store
+        return await Authorizer(config, keys, policy).check(http_check({"x-api-key": k}, body=msg_body()))
+
+    try:
+        resp = asyncio.run(scenario())
+    finally:
+        policy.close()
+    assert resp.status.code == code_pb2.UNAVAILABLE and not resp.HasField("ok_response")
+    status, err = denied_error(resp)
+    assert status == 503 and err["type"] == "api_error"
+
+
+def test_cached_key_needs_no_database(postgres_dsn: str) -> None:
+    rec, k = create_key(postgres_dsn, "cached")
+
+    async def scenario() -> None:
+        keys = KeyStore(postgres_dsn)
+        await keys.start()
+        try:
+            first = await asyncio.gather(*(keys.lookup(k) for _ in range(20)))  # one shared query
+            assert {r.id for r in first} == {rec.id}
+        finally:
+            await keys.close()
+        # The pool is closed: only the cache can answer now.
+        assert (await keys.lookup(k)) == first[0]
+        assert (await keys.lookup("not-a-ccr-key")) is None  # rejected without a query
+        with pytest.raises(Exception, match="closed"):
+            await keys.lookup("ccr_" + "C" * 43)
+
+    asyncio.run(scenario())
+
+
+def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
+    from extauth.server import watch_bundle
+
+    config = parse_config(__import__("yaml").safe_load(GATEWAY_YAML))
+    src = tmp_path / "policies"
+    src.mkdir()
+    (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
+    (src / "data.json").write_text('{"model_access": {"default": ["claude-*"]}}')
+    bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    _, k = create_key(postgres_dsn, "reload")
+    req = http_check({"x-api-key": k}, body=msg_body("claude-sonnet-4-5"))
+
+    async def scenario() -> None:
+        keys = KeyStore(postgres_dsn)
+        await keys.start()
+        auth = Authorizer(config, keys, PolicyEngine.load(bundle, "ccr/authz/decision"))
+        watcher = asyncio.create_task(watch_bundle(auth, bundle, interval_s=0.05))
+        try:
+            assert (await auth.check(req)).status.code == code_pb2.OK
+            # A broken bundle is rejected and the current policy stays.
+            bundle.write_bytes(b"garbage")
+            await asyncio.sleep(0.3)
+            assert (await auth.check(req)).status.code == code_pb2.OK
+            # A new bundle takes effect without a restart; cached decisions do not linger.
+            (src / "data.json").write_text('{"model_access": {"default": ["claude-haiku-*"]}}')
+            build_bundle(src, bundle, "ccr/authz/decision")
+            deadline = time.monotonic() + 5
+            while (resp := await auth.check(req)).status.code == code_pb2.OK:
+                assert time.monotonic() < deadline, "new bundle not picked up"
+                await asyncio.sleep(0.05)
+            assert denied_error(resp)[0] == 403
+        finally:
+            watcher.cancel()
+            await keys.close()
+            auth.policy.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,193 @@
+"""The rate limit service as Envoy calls it: a real process, real Redis, gRPC over loopback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from ccr.procs import Child, free_port, spawn, wait_ready_file
+from ccr.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+RPM = 5  # the gateway default in the test config
+OK = rls_pb2.RateLimitResponse.OK
+OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+MINUTE = rls_pb2.RateLimitResponse.RateLimit.MINUTE
+HOUR = rls_pb2.RateLimitResponse.RateLimit.HOUR
+
+CONFIG = f"""
+version: 1
+providers: [{{name: anthropic}}]
+models: [{{match: "claude-*", provider: anthropic}}]
+limits: {{requests_per_minute: {RPM}}}
+"""
+
+
+def _start(tmp: Path, redis_url: str) -> Child:
+    (tmp / "gateway.yaml").write_text(CONFIG)
+    Runtime(
+        config_path=str(tmp / "gateway.yaml"), run_dir=str(tmp),
+        postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url=redis_url,
+    ).save(tmp / "runtime.json")
+    ready = tmp / "ratelimit.ready"
+    child = spawn(
+        "ratelimit",
+        [sys.executable, "-m", "ratelimit", "--runtime", str(tmp / "runtime.json"),
+         "--ready-file", str(ready)],
+        tmp / "logs", cwd=REPO,
+    )
+    try:
+        wait_ready_file(child, ready)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+@pytest.fixture
+def rls(tmp_path: Path, redis_url: str) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
+    child = _start(tmp_path, redis_url)
+    channel = grpc.insecure_channel(str(child.info["address"]))
+    try:
+        yield rls_pb2_grpc.RateLimitServiceStub(channel)
+    finally:
+        channel.close()
+        child.stop()
+
+
+def _req(key_id: str, *, rpu: int | None = None, unit: int = MINUTE, hits: int = 0,
+         extra: list[ratelimit_pb2.RateLimitDescriptor] | None = None) -> rls_pb2.RateLimitRequest:
+    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "key_id", "value": key_id}])
+    if rpu is not None:
+        d.limit.requests_per_unit = rpu
+        d.limit.unit = unit
+    return rls_pb2.RateLimitRequest(domain="ccr", descriptors=[d, *(extra or [])], hits_addend=hits)
+
+
+def _key() -> str:
+    return f"k_{uuid.uuid4().hex[:12]}"
+
+
+def _fresh_minute(need: float = 8.0) -> None:
+    """Fixed windows: start a minute-window test only with enough of the minute left."""
+    left = 60 - time.time() % 60
+    if left < need:
+        time.sleep(left + 0.05)
+
+
+def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    _fresh_minute()
+    key = _key()
+    for i in range(RPM):
+        r = rls.ShouldRateLimit(_req(key), timeout=5)
+        assert r.overall_code == OK
+        (st,) = r.statuses
+        assert st.code == OK
+        assert st.current_limit.requests_per_unit == RPM and st.current_limit.unit == MINUTE
+        assert st.limit_remaining == RPM - 1 - i
+        assert 1 <= st.duration_until_reset.seconds <= 60
+        assert not r.raw_body and not r.response_headers_to_add
+
+    r = rls.ShouldRateLimit(_req(key), timeout=5)
+    assert r.overall_code == OVER and r.statuses[0].code == OVER
+    assert r.statuses[0].limit_remaining == 0
+    body = json.loads(r.raw_body)
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    headers = {h.key: h.value for h in r.response_headers_to_add}
+    retry_after = int(headers["retry-after"])
+    assert 1 <= retry_after <= 60
+    assert body["error"]["message"] == (
+        f"Rate limit of {RPM} requests per minute exceeded for this API key; "
+        f"retry after {retry_after} seconds."
+    )
+    assert headers["content-type"] == "application/json"
+    assert headers["anthropic-ratelimit-requests-limit"] == str(RPM)
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    reset = datetime.strptime(headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    reset_in = reset.replace(tzinfo=UTC).timestamp() - time.time()
+    assert -1 <= reset_in <= 60 and reset.second == 0  # the end of the current minute window
+
+
+def test_override_from_descriptor_and_separate_keys(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    a, b = _key(), _key()
+    # The key's own limit (override) wins over the gateway default of RPM per minute.
+    for i in range(8):
+        r = rls.ShouldRateLimit(_req(a, rpu=8, unit=HOUR), timeout=5)
+        assert r.overall_code == OK, i
+        assert r.statuses[0].current_limit.requests_per_unit == 8
+        assert r.statuses[0].current_limit.unit == HOUR
+        assert r.statuses[0].limit_remaining == 7 - i
+    r = rls.ShouldRateLimit(_req(a, rpu=8, unit=HOUR), timeout=5)
+    assert r.overall_code == OVER
+    assert "Rate limit of 8 requests per hour" in json.loads(r.raw_body)["error"]["message"]
+    assert 1 <= int({h.key: h.value for h in r.response_headers_to_add}["retry-after"]) <= 3600
+    # Another key has its own counter.
+    r = rls.ShouldRateLimit(_req(b, rpu=8, unit=HOUR), timeout=5)
+    assert r.overall_code == OK and r.statuses[0].limit_remaining == 7
+
+
+def test_hits_addend_counts(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: str) -> None:
+    key = _key()
+    r = rls.ShouldRateLimit(_req(key, rpu=10, unit=HOUR, hits=4), timeout=5)
+    assert r.overall_code == OK and r.statuses[0].limit_remaining == 6
+    # The counter: one fixed-window key per descriptor and hour, expiring with its window.
+    window = int(time.time()) // 3600 * 3600
+    with redis.Redis.from_url(redis_url) as rc:
+        counter = f"ccr:rl:ccr:key_id={key}:hour:{window}"
+        assert rc.get(counter) == b"4"
+        assert 0 < rc.ttl(counter) <= 3600
+    r = rls.ShouldRateLimit(_req(key, rpu=10, unit=HOUR, hits=6), timeout=5)
+    assert r.overall_code == OK and r.statuses[0].limit_remaining == 0
+    r = rls.ShouldRateLimit(_req(key, rpu=10, unit=HOUR), timeout=5)  # 0 means 1
+    assert r.overall_code == OVER
+
+
+def test_unknown_descriptors_are_unlimited(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    other = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "remote_address", "value": "10.0.0.1"}])
+    for _ in range(3):
+        r = rls.ShouldRateLimit(
+            rls_pb2.RateLimitRequest(domain="ccr", descriptors=[other]), timeout=5
+        )
+        assert r.overall_code == OK
+        assert not r.statuses[0].HasField("current_limit")
+        assert r.statuses[0].limit_remaining == 2**32 - 1
+    # Mixed: statuses keep the request's order; only the key descriptor is counted.
+    key = _key()
+    r = rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR, extra=[other]), timeout=5)
+    assert [s.code for s in r.statuses] == [OK, OK]
+    assert r.statuses[0].limit_remaining == 2
+    assert not r.statuses[1].HasField("current_limit")
+
+
+def test_concurrent_calls_allow_exactly_the_limit(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    key = _key()
+    futures = [rls.ShouldRateLimit.future(_req(key, rpu=20, unit=HOUR), timeout=10) for _ in range(50)]
+    codes = [f.result().overall_code for f in futures]
+    assert codes.count(OK) == 20
+    assert codes.count(OVER) == 30
+
+
+def test_redis_down_is_unavailable_not_allow(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    child = _start(tmp_path, dead)
+    try:
+        with grpc.insecure_channel(str(child.info["address"])) as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.ShouldRateLimit(_req(_key()), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert child.alive()
+    finally:
+        child.stop()
+    assert "redis unavailable" in child.log_path.read_text()

@@ -1,0 +1,261 @@
+"""Usage metering of Anthropic Messages replies (router/usage.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from router.usage import JsonUsageMeter, SseUsageMeter, make_meter, meter_bytes
+
+
+def sse(*events: tuple[str, dict]) -> bytes:
+    out = b""
+    for name, data in events:
+        out += f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return out
+
+
+def message_start(inp: int, cw: int, cr: int, out: int) -> tuple[str, dict]:
+    return (
+        "message_start",
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_01TEST",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-5",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": inp,
+                    "cache_creation_input_tokens": cw,
+                    "cache_read_input_tokens": cr,
+                    "output_tokens": out,
+                    "service_tier": "standard",
+                },
+            },
+        },
+    )
+
+
+def text_deltas(*texts: str) -> list[tuple[str, dict]]:
+    return [
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": t}})
+        for t in texts
+    ]
+
+
+# A stream shaped like a real one: ping, a text block with multi-byte text, a
+# final message_delta whose output count is cumulative.
+STREAM = sse(
+    message_start(2095, 1536, 20480, 1),
+    ("content_block_start", {"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}}),
+    ("ping", {"type": "ping"}),
+    *text_deltas("Hello", " wörld — ", "données ✓", "\n\nmore: {\"usage\": 5}"),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": 87}}),
+    ("message_stop", {"type": "message_stop"}),
+)
+EXPECTED = {"input_tokens": 2095, "output_tokens": 87, "cache_creation_input_tokens": 1536,
+            "cache_read_input_tokens": 20480}
+
+
+def run_sse(chunks: list[bytes]) -> tuple[dict[str, int], bool]:
+    m = SseUsageMeter()
+    for c in chunks:
+        m.feed(c)
+    r = m.finish()
+    return r.usage.as_dict(), r.complete
+
+
+def test_json_message_reply() -> None:
+    body = json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 12, "output_tokens": 34, "cache_creation_input_tokens": 5,
+                  "cache_read_input_tokens": 6, "server_tool_use": {"web_search_requests": 0}},
+    }).encode()
+    m = JsonUsageMeter()
+    # Split mid-token: JSON is only parsed at the end.
+    for i in range(0, len(body), 7):
+        assert m.feed(body[i:i + 7]) is False
+    r = m.finish()
+    assert r.complete and r.billable
+    assert r.usage.as_dict() == {"input_tokens": 12, "output_tokens": 34, "cache_creation_input_tokens": 5,
+                                 "cache_read_input_tokens": 6}
+
+
+def test_json_null_cache_fields_count_as_zero() -> None:
+    body = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":4,' \
+           b'"cache_creation_input_tokens":null,"cache_read_input_tokens":null}}'
+    r = meter_bytes("application/json; charset=utf-8", body)
+    assert r.billable
+    assert r.usage.as_dict() == {"input_tokens": 3, "output_tokens": 4,
+                                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def test_count_tokens_reply_is_not_billable() -> None:
+    r = meter_bytes("application/json", b'{"input_tokens": 4242}')
+    assert r.complete and not r.billable
+    assert r.usage.as_dict() == dict.fromkeys(EXPECTED, 0)
+
+
+def test_json_error_body_and_garbage() -> None:
+    r = meter_bytes("application/json", b'{"type":"error","error":{"type":"overloaded_error","message":"x"}}')
+    assert r.error == "overloaded_error" and not r.billable
+    r = meter_bytes("application/json", b'{"type":"message","usage":{"input_tokens":')
+    assert not r.complete and not r.billable and r.usage.input_tokens == 0
+    r = meter_bytes("application/json", b"[1,2,3]")
+    assert r.complete and not r.billable
+
+
+def test_sse_in_one_chunk() -> None:
+    usage, complete = run_sse([STREAM])
+    assert usage == EXPECTED and complete
+
+
+def test_sse_split_at_every_byte_boundary() -> None:
+    for i in range(len(STREAM) + 1):
+        usage, complete = run_sse([STREAM[:i], STREAM[i:]])
+        assert usage == EXPECTED and complete, f"split at byte {i}"
+
+
+def test_sse_byte_by_byte() -> None:
+    usage, complete = run_sse([STREAM[i:i + 1] for i in range(len(STREAM))])
+    assert usage == EXPECTED and complete
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r"])
+def test_sse_other_line_endings_at_every_split(eol: bytes) -> None:
+    stream = STREAM.replace(b"\n", eol)
+    for i in range(len(stream) + 1):
+        usage, complete = run_sse([stream[:i], stream[i:]])
+        assert usage == EXPECTED and complete, f"split at byte {i}"
+
+
+def test_sse_feed_reports_changes() -> None:
+    m = SseUsageMeter()
+    start = sse(message_start(10, 0, 0, 1))
+    assert m.feed(start[:-1]) is False  # event not complete until the blank line
+    assert m.feed(start[-1:]) is True
+    assert m.feed(sse(*text_deltas("a", "b"))) is False
+    delta = {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}}
+    assert m.feed(sse(("message_delta", delta))) is True
+    assert m.result.usage.output_tokens == 9
+
+
+def test_sse_message_delta_overrides_input_and_cache() -> None:
+    stream = sse(
+        message_start(0, 0, 0, 1),
+        *text_deltas("x"),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"input_tokens": 50, "cache_creation_input_tokens": 7,
+                                     "cache_read_input_tokens": None, "output_tokens": 21}}),
+        ("message_stop", {"type": "message_stop"}),
+    )
+    usage, complete = run_sse([stream])
+    assert usage == {"input_tokens": 50, "output_tokens": 21, "cache_creation_input_tokens": 7,
+                     "cache_read_input_tokens": 0}
+    assert complete
+
+
+def test_sse_error_event_keeps_what_was_known() -> None:
+    stream = sse(
+        message_start(300, 0, 100, 1),
+        *text_deltas("partial"),
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    )
+    m = SseUsageMeter()
+    m.feed(stream)
+    r = m.finish()
+    assert r.error == "overloaded_error" and not r.complete and r.billable
+    assert r.usage.as_dict() == {"input_tokens": 300, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                                 "cache_read_input_tokens": 100}
+
+
+def test_sse_missing_usage() -> None:
+    stream = sse(
+        ("message_start", {"type": "message_start",
+                           "message": {"id": "m", "type": "message", "content": []}}),
+        *text_deltas("x"),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        ("message_stop", {"type": "message_stop"}),
+    )
+    m = SseUsageMeter()
+    m.feed(stream)
+    r = m.finish()
+    assert r.complete and not r.billable
+    assert r.usage.as_dict() == dict.fromkeys(EXPECTED, 0)
+
+
+def test_sse_malformed_data_and_comments_do_not_break_metering() -> None:
+    stream = (
+        b": keep-alive comment\n\n"
+        b"event: message_start\ndata: {not json\n\n"
+        b"data\n\n"  # a field line with no colon
+        + sse(*text_deltas("x"))
+        # No space after the colon is valid SSE.
+        + b'event: message_delta\ndata:{"type":"message_delta","usage":{"output_tokens":4}}\n\n'
+        + sse(("message_stop", {"type": "message_stop"}))
+    )
+    usage, complete = run_sse([stream])
+    assert usage["output_tokens"] == 4 and complete
+
+
+def test_sse_without_event_lines_and_unterminated_tail() -> None:
+    # Some proxies drop `event:` lines; the type inside data still counts. The
+    # last event has no blank line (connection closed) and is still read.
+    stream = (
+        b'data: {"type":"message_start","message":{"usage":{"input_tokens":8,"output_tokens":1}}}\n\n'
+        b'data: {"type":"message_delta","usage":{"output_tokens":3}}'
+    )
+    usage, complete = run_sse([stream])
+    assert usage["input_tokens"] == 8 and usage["output_tokens"] == 3 and not complete
+
+
+def test_gzip_encoded_reply_is_metered_from_any_chunking() -> None:
+    z = gzip.compress(STREAM)
+    for step in (1, 5, 64, len(z)):
+        m = make_meter("text/event-stream", "gzip")
+        assert m is not None
+        for i in range(0, len(z), step):
+            m.feed(z[i:i + step])
+        r = m.finish()
+        assert r.usage.as_dict() == EXPECTED and r.complete
+
+
+def test_corrupt_gzip_fails_soft() -> None:
+    m = make_meter("application/json", "gzip")
+    assert m is not None
+    m.feed(b"this is not gzip")
+    r = m.finish()
+    assert not r.complete and r.usage.as_dict() == dict.fromkeys(EXPECTED, 0)
+
+
+def test_make_meter_selection() -> None:
+    assert isinstance(make_meter("text/event-stream; charset=utf-8"), SseUsageMeter)
+    assert isinstance(make_meter("Application/JSON"), JsonUsageMeter)
+    assert make_meter("text/plain") is None
+    assert make_meter("application/octet-stream") is None
+    assert make_meter("application/json", "br") is None
+    assert make_meter("application/json", "identity") is not None
+
+
+def test_sse_crlf_split_never_detaches_event_name_from_its_data() -> None:
+    # Data without a "type" field: only the `event:` line says what it is, so a
+    # CRLF split across chunks must not be read as a blank line (event end).
+    stream = (
+        b'event: message_start\r\ndata: {"message":{"usage":{"input_tokens":11,"output_tokens":1}}}\r\n\r\n'
+        b'event: message_delta\r\ndata: {"usage":{"output_tokens":6}}\r\n\r\n'
+        b"event: message_stop\r\ndata: {}\r\n\r\n"
+    )
+    for i in range(len(stream) + 1):
+        usage, complete = run_sse([stream[:i], stream[i:]])
+        assert (usage["input_tokens"], usage["output_tokens"], complete) == (11, 6, True), f"split at {i}"
