@@ -7,6 +7,7 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,7 +48,7 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _error_body(kind: str, message: str) -> str:
     # Envoy's local-reply formatter fills %...% operators; keep the text free of them.
-    return '{"type":"error","error":{"type":"%s","message":"%s"}}' % (kind, message)
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}, separators=(",", ":"))
 
 
 def _grpc_cluster(name: str, address: str, buffer_bytes: int) -> Json:
