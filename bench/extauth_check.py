@@ -34,6 +34,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc  # noqa: E40
 
 from ccr import db  # noqa: E402
 from ccr.config import load_config  # noqa: E402
+from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
 from ccr.runtime import Runtime  # noqa: E402
 from ccr.service import GRPC_OPTIONS  # noqa: E402
 from extauth.bundle import build_bundle  # noqa: E402
@@ -41,7 +42,7 @@ from extauth.keys import KeyStore, create_key  # noqa: E402
 from extauth.policy import PolicyEngine  # noqa: E402
 from extauth.server import Authorizer  # noqa: E402
 
-FIXTURE = REPO.parent / "shared" / "fixtures" / "agent_request_90k.json"
+FIXTURE = fixture_path(AGENT_REQUEST)
 GATEWAY_YAML = (
     "version: 1\nproviders: [{name: anthropic}]\nmodels: [{match: 'claude-*', provider: anthropic}]\n"
 )

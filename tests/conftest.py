@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from ccr import db
+from ccr.fixtures import AGENT_REQUEST, fixture_path
 from ccr.localservers import start_postgres, start_redis
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -53,4 +53,4 @@ def redis_url(servers_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def agent_request_bytes() -> bytes:
-    return (FIXTURES / "agent_request_90k.json").read_bytes()
+    return fixture_path(AGENT_REQUEST).read_bytes()
