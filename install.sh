@@ -19,5 +19,5 @@ if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; 
   echo "installing opa ${OPA_VERSION} with go install..."
   GOBIN="$PWD/.venv/bin" go install "github.com/open-policy-agent/opa@${OPA_VERSION}"
 fi
-echo "ccr installed: $(.venv/bin/opa version | head -1), envoy $(.venv/bin/python -c 'from ccr.supervisor import envoy_binary; import subprocess; print(subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.split("/")[2])')"
+echo "ccr installed: $(.venv/bin/opa version | head -1), envoy $(.venv/bin/python -c 'from ccr.supervisor import envoy_binary; import subprocess; print(subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.split("version: ")[1].split("/")[1])')"
 echo "next: .venv/bin/ccr up"

@@ -36,7 +36,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         gw.start()
         key = gw.issue_local_key()
-    except (StartError, ConfigError) as e:
+    except ConfigError:
+        gw.stop()
+        raise
+    except StartError as e:
         print(f"ccr: failed to start:\n{e}", file=sys.stderr)
         gw.stop()
         return 1

@@ -75,6 +75,7 @@ class Gateway:
     admin_url: str = ""
     api_key: str = ""
     emulator_url: str | None = None
+    emulator_key: str | None = None  # what the emulator accepts (benchmarks call it directly)
 
     @property
     def config(self) -> GatewayConfig:
@@ -177,6 +178,7 @@ class Gateway:
             return {}
         key = "sk-ant-emulator-" + secrets.token_urlsafe(24)
         env = {EMULATOR_KEY_ENV: key}
+        self.emulator_key = key
         child = self._track(spawn(
             "emulator",
             [sys.executable, "-m", "emulators.anthropic", "--host", config.services.bind_host, "--port", "0",

@@ -1,0 +1,116 @@
+"""`ccr up` as a user runs it: readiness lines, the URL and key it prints, a real SDK call,
+`ccr keys` against the running gateway, and a clean stop on SIGTERM with no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anthropic
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CCR = [sys.executable, "-m", "ccr.cli"]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    cfg["storage"]["data_dir"] = str(tmp_path / "data")
+    cfg["policy"]["dir"] = str(REPO / "policies")
+    path = tmp_path / "ccr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
+    config = _config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    proc = subprocess.Popen([*CCR, "-c", str(config), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path, env=env)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "ccr up exited early:\n" + "".join(lines)
+            lines.append(line)
+            assert time.monotonic() < deadline, "ccr up not ready in time:\n" + "".join(lines)
+        out = "".join(lines)
+        for part in ("postgres", "redis", "policy", "emulator", "extauth", "ratelimit", "adapter", "accesslog",
+                     "router", "envoy"):
+            assert re.search(rf"\u2713 {part}\s", out), f"no readiness line for {part}:\n{out}"
+        url = re.search(r"gateway URL : (\S+)", out)
+        key = re.search(r"API key     : (ccr_\S+)", out)
+        assert url and key, out
+        assert url.group(1).startswith("http://127.0.0.1:")
+
+        c = anthropic.Anthropic(base_url=url.group(1), api_key=key.group(1), max_retries=0)
+        msg = c.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+        assert msg.content[0].type == "text"
+
+        keys = subprocess.run([*CCR, "-c", str(config), "keys", "list"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert keys.returncode == 0, keys.stderr
+        assert "ccr-up-local" in keys.stdout and key.group(1) not in keys.stdout
+
+        family = _descendants(proc.pid)
+        # postgres, its workers, redis, emulator, 4 services, router, envoy
+        assert len(family) >= 9, family
+    finally:
+        proc.send_signal(stop_signal)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, rest
+    assert "ccr: stopped." in rest
+    time.sleep(0.2)
+    assert not [p for p in family if _alive(p)], "processes left running after ccr up stopped"
+
+
+def test_ccr_up_fails_clearly_on_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "ccr.yaml"
+    bad.write_text("providers:\n  - name: anthropic\n    endpoint: 5\nmodels: []\n")
+    r = subprocess.run([*CCR, "-c", str(bad), "up"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{bad}: providers.0.endpoint: Input should be a valid string" in r.stderr
+    assert f"{bad}: models: List should have at least 1 item" in r.stderr
