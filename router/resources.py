@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
+
 from ccr.config import GatewayConfig, Provider
 from ccr.runtime import Runtime
 
@@ -100,8 +102,11 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes,
         "load_assignment": {
             "cluster_name": provider.cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": host, "port_value": port}}}}]}],
+            # The route rewrites Host to this name: the provider must see its own host,
+            # not the gateway's.
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "hostname": url.netloc.rsplit("@", 1)[-1],
+                "address": {"socket_address": {"address": host, "port_value": port}}}}]}],
         },
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
@@ -135,7 +140,14 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": host,
-            "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"]},
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                # Verify the provider's certificate and name; never send credentials to an impostor.
+                "validation_context": {
+                    "trusted_ca": {"filename": certifi.where()},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                },
+            },
         }}
     return cluster
 
@@ -156,6 +168,7 @@ def route_config(config: GatewayConfig) -> Json:
     timeout = _secs(config.gateway.request_timeout_s)
     api_route: Json = {
         "cluster_header": "x-ccr-cluster",
+        "auto_host_rewrite": True,
         "timeout": timeout,
         "idle_timeout": timeout,
         "rate_limits": [{
@@ -253,7 +266,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                                        "grpc_service": _grpc_service(RATELIMIT, 2.0)},
             }},
             {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": T + "envoy.extensions.filters.http.router.v3.Router"}},
+                "@type": T + "envoy.extensions.filters.http.router.v3.Router",
+                # Envoy's internal x-envoy-* request headers are not for the provider.
+                "suppress_envoy_headers": True}},
         ],
         "access_log": [{"name": "envoy.access_loggers.http_grpc", "typed_config": {
             "@type": T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",

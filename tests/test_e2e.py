@@ -152,6 +152,9 @@ def test_agent_fixture_passes_byte_for_byte_with_beta(gw: Gateway, agent_request
     assert up["body_length"] == len(agent_request_bytes)
     assert up["headers"]["anthropic-beta"] == headers["anthropic-beta"]
     assert up["headers"]["anthropic-custom-future-header"] == "kept as is"
+    # The provider sees its own host name and none of Envoy's internal headers.
+    assert up["headers"]["host"] == str(gw.emulator_url).removeprefix("http://")
+    assert not [h for h in up["headers"] if h.startswith("x-envoy-")]
 
 
 def test_agent_fixture_through_the_sdk(gw: Gateway, agent_request_bytes: bytes) -> None:

@@ -1,0 +1,393 @@
+"""What the gateway adds: the 84 KB agent request straight to the emulator, through bare Envoy, and
+through the full gateway, closed loop at a few concurrency levels.
+
+    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 3] [--requests 2000] [--no-stream]
+    .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
+
+By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
+temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
+end. Every request is the same bytes; streamed replies are read to the end. The load generator is
+this process (aiohttp, one keep-alive connection per worker); the servers are separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
+from ccr.procs import Child, spawn, wait_until  # noqa: E402
+from ccr.supervisor import Gateway, envoy_binary  # noqa: E402
+
+API_VERSION = "2023-06-01"
+MAX_BODY = 64 * 1024 * 1024  # as the gateway's default max_request_bytes
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The bench's gateway must use the emulator even when real credentials are in the environment.
+NO_CREDENTIAL_ENV = "CCR_BENCH_NO_PROVIDER_CREDENTIAL"
+T = "type.googleapis.com/"
+
+
+@dataclass
+class Target:
+    layer: str
+    url: str
+    key: str
+    pids: dict[str, int] = field(default_factory=dict)  # servers on the path, for CPU accounting
+
+
+@dataclass
+class Result:
+    layer: str
+    concurrency: int
+    ok: list[float]
+    errors: int
+    wall: float
+    client_cpu: float  # fraction of one core
+    server_cpu: dict[str, float]  # process name -> CPU seconds during the level
+    first_error: str | None
+
+    @property
+    def requests(self) -> int:
+        return len(self.ok) + self.errors
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.ok) * 1000 if self.ok else float("nan")
+
+    @property
+    def p99(self) -> float:
+        if not self.ok:
+            return float("nan")
+        s = sorted(self.ok)
+        return s[min(len(s) - 1, int(len(s) * 0.99))] * 1000  # nearest rank
+
+    @property
+    def rps(self) -> float:
+        return len(self.ok) / self.wall if self.wall > 0 else 0.0
+
+
+# -- CPU accounting from /proc: a server's whole process tree (PostgreSQL forks a backend per connection)
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, user+system CPU seconds) for every readable process."""
+    out: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    snap: dict[str, float] = {}
+    for name, root in pids.items():
+        total, todo = 0.0, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                total += table[pid][1]
+                todo.extend(children.get(pid, []))
+        snap[name] = total
+    return snap
+
+
+# -- load generation
+
+
+def reply_complete(status: int, data: bytes, stream: bool) -> bool:
+    if status != 200:
+        return False
+    return b"event: message_stop" in data[-256:] if stream else b'"stop_reason"' in data
+
+
+async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    try:
+        async with session.post(url, data=body, headers=headers) as r:
+            return r.status, await r.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return 0, f"{type(e).__name__}: {e}".encode()
+
+
+async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_requests: int,
+                    duration: float) -> Result:
+    url = target.url.rstrip("/") + "/v1/messages"
+    headers = {"x-api-key": target.key, "anthropic-version": API_VERSION, "content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=conc, limit_per_host=conc, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
+                                     auto_decompress=False) as session:
+        # Warm-up, not counted: one request per worker opens the pool's connections.
+        await asyncio.gather(*(one(session, url, body, headers) for _ in range(conc)))
+        ok: list[float] = []
+        errors = 0
+        first_error: str | None = None
+        issued = 0
+        cpu0 = cpu_snapshot(target.pids)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        deadline = t0 + duration
+
+        async def worker() -> None:
+            nonlocal issued, errors, first_error
+            while issued < max_requests and time.perf_counter() < deadline:
+                issued += 1
+                s = time.perf_counter()
+                status, data = await one(session, url, body, headers)
+                elapsed = time.perf_counter() - s
+                if reply_complete(status, data, stream):
+                    ok.append(elapsed)
+                else:
+                    errors += 1
+                    if first_error is None:
+                        first_error = f"HTTP {status}: {data[:600].decode(errors='replace')}"
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall = time.perf_counter() - t0
+        client = (time.process_time() - c0) / wall
+        cpu1 = cpu_snapshot(target.pids)
+    server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
+    return Result(target.layer, conc, ok, errors, wall, client, server, first_error)
+
+
+# -- the servers
+
+
+def gateway_config(tmp: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    cfg["storage"] = {"data_dir": str(tmp / "data")}
+    cfg["policy"]["dir"] = str(REPO / "policies")
+    for p in cfg["providers"]:
+        p["api_key_env"] = NO_CREDENTIAL_ENV
+    path = tmp / "ccr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def bare_envoy_config(upstream: str) -> dict[str, object]:
+    host, _, port = upstream.removeprefix("http://").rpartition(":")
+    hcm = {
+        "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bare",
+        "codec_type": "AUTO",
+        "request_timeout": "0s",
+        "stream_idle_timeout": "600s",
+        "route_config": {"name": "bare", "virtual_hosts": [{
+            "name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "600s"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "node": {"id": "ccr-bench-bare", "cluster": "ccr-bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "bare",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "per_connection_buffer_limit_bytes": MAX_BODY,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [{
+                "name": "upstream",
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "per_connection_buffer_limit_bytes": MAX_BODY,
+                "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}]},
+            }],
+        },
+    }
+
+
+def _bound_port(admin_url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(admin_url + "/listeners?format=json", timeout=1) as r:
+            statuses = json.loads(r.read()).get("listener_statuses", [])
+    except (OSError, ValueError):
+        return None
+    for s in statuses:
+        port = s.get("local_address", {}).get("socket_address", {}).get("port_value")
+        if port:
+            return int(port)
+    return None
+
+
+@contextmanager
+def bare_envoy(upstream: str, tmp: Path) -> Iterator[tuple[str, Child]]:
+    """Envoy with a static router-only config in front of `upstream`; its listener binds port 0."""
+    config = tmp / "bare-envoy.json"
+    config.write_text(json.dumps(bare_envoy_config(upstream)))
+    admin_path = tmp / "bare-envoy-admin"
+    child = spawn("bare-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+                                 "--admin-address-path", str(admin_path), "-l", "warning",
+                                 "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], tmp / "logs")
+    try:
+        wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
+        admin_url = "http://" + admin_path.read_text().strip()
+        wait_until(child, lambda: _bound_port(admin_url) is not None, 30, "listening")
+        yield f"http://127.0.0.1:{_bound_port(admin_url)}", child
+    finally:
+        child.stop()
+
+
+# -- output
+
+
+def print_table(results: list[Result], client_note: float) -> None:
+    print(f"\n{'layer':<11}{'conc':>5}{'requests':>10}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+          f"{'client cpu':>12}{'server cpu':>12}")
+    for r in results:
+        flag = "*" if r.client_cpu >= client_note else " "
+        server = f"{sum(r.server_cpu.values()) / r.wall:>10.0%}" if r.server_cpu else f"{'-':>10}"
+        print(f"{r.layer:<11}{r.concurrency:>5}{r.requests:>10}{r.errors:>8}{r.p50:>9.1f}{r.p99:>9.1f}{r.rps:>9.1f}"
+              f"{r.client_cpu:>11.0%}{flag}{server:>12}")
+    if any(r.client_cpu >= client_note for r in results):
+        print(f"* the client (this process, one core) was at >= {client_note:.0%} of a core: at that level the "
+              "load generator, not the server, may set the ceiling.")
+    print(f"(cpu columns: share of one core; this machine has {os.cpu_count()} cores shared by client and servers)")
+    for r in results:
+        if r.first_error:
+            print(f"first error, {r.layer} c={r.concurrency}: {r.first_error}")
+
+
+def print_summary(results: list[Result]) -> None:
+    by = {(r.layer, r.concurrency): r for r in results}
+    layers = list(dict.fromkeys(r.layer for r in results))
+    concs = list(dict.fromkeys(r.concurrency for r in results))
+    pairs = [(a, b) for a, b in (("bare-envoy", "emulator"), ("gateway", "bare-envoy"), ("gateway", "emulator"))
+             if a in layers and b in layers]
+    if pairs:
+        print("\nadded cost (p50 / p99 difference, ms):")
+        for a, b in pairs:
+            cells = [f"c={c}: {by[a, c].p50 - by[b, c].p50:+.1f} / {by[a, c].p99 - by[b, c].p99:+.1f}"
+                     for c in concs if (a, c) in by and (b, c) in by]
+            print(f"  {a} vs {b}:".ljust(30) + "   ".join(cells))
+    print("\nmax throughput:")
+    base: float | None = None
+    for layer in layers:
+        best = max((r for r in results if r.layer == layer), key=lambda r: r.rps)
+        rel = f" ({best.rps / base - 1:+.0%} vs emulator)" if base and layer != "emulator" else ""
+        print(f"  {layer:<11}{best.rps:8.1f} req/s at c={best.concurrency}{rel}")
+        if layer == "emulator":
+            base = best.rps
+    print("\nserver CPU per successful request (ms), at the highest concurrency:")
+    top = max(concs)
+    for layer in layers:
+        r = by.get((layer, top))
+        if r is None or not r.server_cpu or not r.ok:
+            continue
+        parts = sorted(r.server_cpu.items(), key=lambda kv: -kv[1])
+        total = sum(r.server_cpu.values()) * 1000 / len(r.ok)
+        detail = ", ".join(f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in parts if v > 0)
+        print(f"  {layer:<11}{total:7.2f} total: {detail}")
+
+
+# -- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop worker counts")
+    ap.add_argument("--requests", type=int, default=2000, help="at most this many requests per level")
+    ap.add_argument("--duration", type=float, default=3.0, help="at most this many seconds per level")
+    ap.add_argument("--no-stream", action="store_true", help="send the fixture with \"stream\": false")
+    ap.add_argument("--url", help="a running gateway: measure only it (layer 3), with --key")
+    ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
+                    help="ccr API key for --url (default: $ANTHROPIC_API_KEY)")
+    ap.add_argument("--client-note", type=float, default=0.85,
+                    help="flag levels where the client used at least this share of its core")
+    args = ap.parse_args(argv)
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--concurrency takes integers, e.g. 1,8,32")
+    if not args.levels or min(args.levels) < 1:
+        ap.error("--concurrency needs at least one level >= 1")
+    if args.url and not args.key:
+        ap.error("--url needs --key (or $ANTHROPIC_API_KEY): a ccr key with a high enough rpm")
+    return args
+
+
+async def measure(targets: list[Target], body: bytes, args: argparse.Namespace) -> list[Result]:
+    results = []
+    for target in targets:
+        for c in args.levels:
+            r = await run_level(target, body, not args.no_stream, c, args.requests, args.duration)
+            print(f"  {r.layer:<11} c={c:<3} {len(r.ok):>5} ok {r.errors:>4} errors  p50 {r.p50:7.1f} ms  "
+                  f"{r.rps:7.1f} req/s", file=sys.stderr)
+            results.append(r)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    request = orjson.loads(fixture_path(AGENT_REQUEST).read_bytes())
+    stream = not args.no_stream
+    request["stream"] = stream
+    body = orjson.dumps(request) if args.no_stream else fixture_path(AGENT_REQUEST).read_bytes()
+    print(f"request: {AGENT_REQUEST}, {len(body)} bytes, model {request['model']}, stream={stream}; "
+          f"levels {args.levels}, each <= {args.requests} requests and <= {args.duration:g}s", file=sys.stderr)
+
+    if args.url:
+        results = asyncio.run(measure([Target("gateway", args.url, args.key)], body, args))
+    else:
+        os.environ.pop(NO_CREDENTIAL_ENV, None)
+        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
+            tmp = Path(d)
+            t = time.monotonic()
+            print("starting the gateway ...", file=sys.stderr)
+            gw = Gateway(gateway_config(tmp))
+            try:
+                gw.start()
+                assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
+                from extauth.keys import create_key
+
+                # A key of its own with a huge rpm, so the rate limit never answers 429 here.
+                _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+                print(f"gateway up in {time.monotonic() - t:.1f}s at {gw.url}", file=sys.stderr)
+                pids = {c.name: c.pid for c in gw.children}
+                with bare_envoy(gw.emulator_url, tmp) as (bare_url, bare):
+                    targets = [
+                        Target("emulator", gw.emulator_url, gw.emulator_key, {"emulator": pids["emulator"]}),
+                        Target("bare-envoy", bare_url, gw.emulator_key,
+                               {"envoy": bare.pid, "emulator": pids["emulator"]}),
+                        Target("gateway", gw.url, key, pids),
+                    ]
+                    results = asyncio.run(measure(targets, body, args))
+            finally:
+                gw.stop()
+    print_table(results, args.client_note)
+    print_summary(results)
+
+
+if __name__ == "__main__":
+    main()
