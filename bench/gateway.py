@@ -1,7 +1,7 @@
 """What the gateway adds: the 84 KB agent request straight to the emulator, through bare Envoy, and
 through the full gateway, closed loop at a few concurrency levels.
 
-    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 3] [--requests 2000] [--no-stream]
+    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 3] [--requests 20000] [--no-stream]
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
@@ -43,6 +43,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The bench's gateway must use the emulator even when real credentials are in the environment.
 NO_CREDENTIAL_ENV = "CCR_BENCH_NO_PROVIDER_CREDENTIAL"
 T = "type.googleapis.com/"
+BUSY = 0.8  # share of all cores above which a level is flagged as CPU-bound machine-wide
 
 
 @dataclass
@@ -133,7 +134,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
     try:
         async with session.post(url, data=body, headers=headers) as r:
             return r.status, await r.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         return 0, f"{type(e).__name__}: {e}".encode()
 
 
@@ -144,8 +145,9 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
     connector = aiohttp.TCPConnector(limit=conc, limit_per_host=conc, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
                                      auto_decompress=False) as session:
-        # Warm-up, not counted: one request per worker opens the pool's connections.
-        await asyncio.gather(*(one(session, url, body, headers) for _ in range(conc)))
+        # Warm-up, not counted: opens the pool's connections and fills the servers' caches.
+        for _ in range(max(1, 20 // conc)):
+            await asyncio.gather(*(one(session, url, body, headers) for _ in range(conc)))
         ok: list[float] = []
         errors = 0
         first_error: str | None = None
@@ -263,17 +265,27 @@ def bare_envoy(upstream: str, tmp: Path) -> Iterator[tuple[str, Child]]:
 
 
 def print_table(results: list[Result], client_note: float) -> None:
+    cores = os.cpu_count() or 1
     print(f"\n{'layer':<11}{'conc':>5}{'requests':>10}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
           f"{'client cpu':>12}{'server cpu':>12}")
+    client_bound = busy = False
     for r in results:
-        flag = "*" if r.client_cpu >= client_note else " "
-        server = f"{sum(r.server_cpu.values()) / r.wall:>10.0%}" if r.server_cpu else f"{'-':>10}"
+        server_share = sum(r.server_cpu.values()) / r.wall if r.server_cpu else None
+        flags = "*" if r.client_cpu >= client_note else ""
+        if server_share is not None and r.client_cpu + server_share >= BUSY * cores:
+            flags += "#"
+        client_bound |= "*" in flags
+        busy |= "#" in flags
+        server = f"{server_share:.0%}" if server_share is not None else "-"
         print(f"{r.layer:<11}{r.concurrency:>5}{r.requests:>10}{r.errors:>8}{r.p50:>9.1f}{r.p99:>9.1f}{r.rps:>9.1f}"
-              f"{r.client_cpu:>11.0%}{flag}{server:>12}")
-    if any(r.client_cpu >= client_note for r in results):
+              f"{r.client_cpu:>12.0%}{server:>12} {flags}")
+    if client_bound:
         print(f"* the client (this process, one core) was at >= {client_note:.0%} of a core: at that level the "
               "load generator, not the server, may set the ceiling.")
-    print(f"(cpu columns: share of one core; this machine has {os.cpu_count()} cores shared by client and servers)")
+    if busy:
+        print(f"# client + servers used >= {BUSY:.0%} of the machine's {cores} cores: the processes queue for CPU, "
+              "so latency there includes waiting for a core.")
+    print(f"(cpu columns: share of one core; this machine has {cores} cores shared by client and servers)")
     for r in results:
         if r.first_error:
             print(f"first error, {r.layer} c={r.concurrency}: {r.first_error}")
@@ -317,7 +329,7 @@ def print_summary(results: list[Result]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop worker counts")
-    ap.add_argument("--requests", type=int, default=2000, help="at most this many requests per level")
+    ap.add_argument("--requests", type=int, default=20000, help="at most this many requests per level")
     ap.add_argument("--duration", type=float, default=3.0, help="at most this many seconds per level")
     ap.add_argument("--no-stream", action="store_true", help="send the fixture with \"stream\": false")
     ap.add_argument("--url", help="a running gateway: measure only it (layer 3), with --key")

@@ -129,6 +129,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
                     },
                     "allow_mode_override": True,
                     "message_timeout": "5s",
+                    # 502 marks "adapter unreachable" for the local-reply mapper.
+                    "status_on_error": {"code": 502},
                     "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
                 }},
                 {"name": "envoy.filters.http.upstream_codec", "typed_config": {
@@ -223,6 +225,8 @@ def _local_reply_mappers() -> list[Json]:
                "The gateway's authorization service is unavailable; retry shortly."),
         mapper(flags("RLSE"), 503, "api_error",
                "The gateway's rate limit service is unavailable; retry shortly."),
+        mapper(status(502), None, "api_error",
+               "The gateway's provider adapter is unavailable; retry shortly."),
         mapper(flags("UT"), 504, "api_error", "The upstream provider timed out."),
         mapper(flags("UH", "UF", "URX", "UO", "NC", "UC", "UR", "DC"), None, "api_error",
                "The upstream provider is unreachable or reset the connection; retry shortly."),

@@ -1,0 +1,64 @@
+"""Fail closed: when a decision service is down, the client gets a clear Anthropic-shaped
+error and the request never reaches the provider (no silent allow).
+
+A gateway of its own, since these tests stop its parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from ccr.supervisor import Gateway
+
+REPO = Path(__file__).resolve().parent.parent
+BODY = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[Gateway]:
+    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    cfg["storage"]["data_dir"] = str(tmp_path / "data")
+    cfg["policy"]["dir"] = str(REPO / "policies")
+    (tmp_path / "ccr.yaml").write_text(yaml.safe_dump(cfg))
+    g = Gateway(tmp_path / "ccr.yaml").start()
+    g.issue_local_key()
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def _post(gw: Gateway) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/messages", json=BODY, timeout=30,
+                      headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"})
+
+
+def _upstream_count(gw: Gateway) -> int:
+    return len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json())
+
+
+def _stop(gw: Gateway, name: str) -> None:
+    child = next(c for c in gw.children if c.name == name)
+    child.stop()
+
+
+@pytest.mark.parametrize("service,status,kind", [
+    ("extauth", 503, "api_error"),
+    ("ratelimit", 503, "api_error"),
+    ("adapter", 502, "api_error"),
+])
+def test_service_down_fails_closed(gw: Gateway, service: str, status: int, kind: str) -> None:
+    assert _post(gw).status_code == 200
+    seen = _upstream_count(gw)
+    _stop(gw, service)
+    r = _post(gw)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind, body
+    assert body["error"]["message"]
+    assert _upstream_count(gw) == seen, "a request reached the provider without a decision"
