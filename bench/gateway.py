@@ -1,7 +1,7 @@
 """What the gateway adds: the 84 KB agent request straight to the emulator, through bare Envoy, and
 through the full gateway, closed loop at a few concurrency levels.
 
-    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 3] [--requests 20000] [--no-stream]
+    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 4] [--requests 20000] [--no-stream]
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
@@ -289,6 +289,9 @@ def print_table(results: list[Result], client_note: float) -> None:
     for r in results:
         if r.first_error:
             print(f"first error, {r.layer} c={r.concurrency}: {r.first_error}")
+            if r.first_error.startswith("HTTP 429"):
+                print("  (the key's requests-per-minute limit: bench with a key of its own, "
+                      "`ccr keys create bench --rpm 10000000`)")
 
 
 def print_summary(results: list[Result]) -> None:
@@ -311,8 +314,8 @@ def print_summary(results: list[Result]) -> None:
         print(f"  {layer:<11}{best.rps:8.1f} req/s at c={best.concurrency}{rel}")
         if layer == "emulator":
             base = best.rps
-    print("\nserver CPU per successful request (ms), at the highest concurrency:")
     top = max(concs)
+    lines = []
     for layer in layers:
         r = by.get((layer, top))
         if r is None or not r.server_cpu or not r.ok:
@@ -320,7 +323,10 @@ def print_summary(results: list[Result]) -> None:
         parts = sorted(r.server_cpu.items(), key=lambda kv: -kv[1])
         total = sum(r.server_cpu.values()) * 1000 / len(r.ok)
         detail = ", ".join(f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in parts if v > 0)
-        print(f"  {layer:<11}{total:7.2f} total: {detail}")
+        lines.append(f"  {layer:<11}{total:7.2f} total: {detail}")
+    if lines:
+        print(f"\nserver CPU per successful request (ms), at c={top}:")
+        print("\n".join(lines))
 
 
 # -- main
@@ -330,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop worker counts")
     ap.add_argument("--requests", type=int, default=20000, help="at most this many requests per level")
-    ap.add_argument("--duration", type=float, default=3.0, help="at most this many seconds per level")
+    ap.add_argument("--duration", type=float, default=4.0, help="at most this many seconds per level")
     ap.add_argument("--no-stream", action="store_true", help="send the fixture with \"stream\": false")
     ap.add_argument("--url", help="a running gateway: measure only it (layer 3), with --key")
     ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
