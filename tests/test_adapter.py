@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +15,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 
-from ccr.runtime import Runtime, UpstreamOverride
+from ccr.runtime import UpstreamOverride
+from tests.harness import running_service
 from tests.test_usage import EXPECTED, STREAM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,45 +42,14 @@ models:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("adapter")
-    (d / "gateway.yaml").write_text(CONFIG)
-    Runtime(
-        config_path=str(d / "gateway.yaml"),
-        run_dir=str(d),
-        postgres_dsn="postgresql://unused-by-the-adapter",
-        redis_url="redis://unused-by-the-adapter",
-        upstream_overrides={
-            "emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")
-        },
-    ).save(d / "runtime.json")
-    ready = d / "ready.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCR_TEST_")}
-    env |= {"CCR_TEST_ANTHROPIC_KEY": CFG_KEY, "CCR_TEST_OVERRIDE_KEY": OVERRIDE_KEY,
-            "CCR_TEST_UNUSED_BECAUSE_OVERRIDDEN": "sk-wrong-key"}
-    log = (d / "adapter.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.adapter",
-         "--runtime", str(d / "runtime.json"), "--ready-file", str(ready)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"adapter did not start:\n{(d / 'adapter.log').read_text()}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        assert info["pid"] == proc.pid
-        yield info["address"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    env = {"CCR_TEST_ANTHROPIC_KEY": CFG_KEY, "CCR_TEST_OVERRIDE_KEY": OVERRIDE_KEY,
+           "CCR_TEST_UNUSED_BECAUSE_OVERRIDDEN": "sk-wrong-key"}
+    overrides = {"emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")}
+    with running_service("router.adapter", d, CONFIG, env=env, upstream_overrides=overrides) as child:
+        assert child.info["pid"] == child.pid
+        yield str(child.info["address"])
     # Secrets never reach the log.
-    text = (d / "adapter.log").read_text()
+    text = child.log_path.read_text()
     assert CFG_KEY not in text and OVERRIDE_KEY not in text and CLIENT_KEY not in text
 
 

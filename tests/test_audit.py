@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import uuid
@@ -18,8 +17,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from ccr.procs import Child, spawn, wait_ready_file
-from ccr.runtime import Runtime
+from ccr.procs import Child
+from tests.harness import running_service
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
@@ -40,24 +39,9 @@ class Audit:
 
 @pytest.fixture
 def audit(tmp_path: Path, postgres_dsn: str) -> Iterator[Audit]:
-    (tmp_path / "gateway.yaml").write_text(CONFIG)
-    Runtime(
-        config_path=str(tmp_path / "gateway.yaml"), run_dir=str(tmp_path),
-        postgres_dsn=postgres_dsn, redis_url="redis://127.0.0.1:1/0",
-    ).save(tmp_path / "runtime.json")
-    ready = tmp_path / "audit.ready"
-    child = spawn(
-        "audit",
-        [sys.executable, "-m", "audit", "--runtime", str(tmp_path / "runtime.json"),
-         "--ready-file", str(ready)],
-        tmp_path / "logs", cwd=REPO,
-    )
-    try:
-        wait_ready_file(child, ready)
-        with grpc.insecure_channel(str(child.info["address"])) as channel:
-            yield Audit(als_pb2_grpc.AccessLogServiceStub(channel), child, postgres_dsn)
-    finally:
-        child.stop()
+    with running_service("audit", tmp_path, CONFIG, postgres_dsn=postgres_dsn) as child, \
+            grpc.insecure_channel(str(child.info["address"])) as channel:
+        yield Audit(als_pb2_grpc.AccessLogServiceStub(channel), child, postgres_dsn)
 
 
 def entry(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import anthropic
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.harness import gateway_config
+
 CCR = [sys.executable, "-m", "ccr.cli"]
 
 
@@ -49,18 +49,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _config(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
-    cfg["storage"]["data_dir"] = str(tmp_path / "data")
-    cfg["policy"]["dir"] = str(REPO / "policies")
-    path = tmp_path / "ccr.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
-    config = _config(tmp_path)
+    config = gateway_config(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     proc = subprocess.Popen([*CCR, "-c", str(config), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, env=env)

@@ -9,37 +9,25 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import psycopg
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key, revoke_key
+from tests.harness import running_gateway
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    d = tmp_path_factory.mktemp("gw")
-    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
-    cfg["storage"]["data_dir"] = str(d / "data")
-    cfg["policy"]["dir"] = str(REPO / "policies")
-    (d / "ccr.yaml").write_text(yaml.safe_dump(cfg))
-    g = Gateway(d / "ccr.yaml").start()
-    g.issue_local_key()
-    try:
+    with running_gateway(tmp_path_factory.mktemp("gw")) as g:
         yield g
-    finally:
-        g.stop()
-    assert all(not c.alive() for c in g.children)
 
 
 @pytest.fixture(scope="module")

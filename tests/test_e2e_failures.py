@@ -11,26 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
+from tests.harness import running_gateway
 
-REPO = Path(__file__).resolve().parent.parent
 BODY = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[Gateway]:
-    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
-    cfg["storage"]["data_dir"] = str(tmp_path / "data")
-    cfg["policy"]["dir"] = str(REPO / "policies")
-    (tmp_path / "ccr.yaml").write_text(yaml.safe_dump(cfg))
-    g = Gateway(tmp_path / "ccr.yaml").start()
-    g.issue_local_key()
-    try:
+    with running_gateway(tmp_path) as g:
         yield g
-    finally:
-        g.stop()
 
 
 def _post(gw: Gateway) -> httpx.Response:

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +19,12 @@ from google.protobuf import json_format
 from google.rpc import code_pb2
 
 from ccr.config import parse_config
-from ccr.runtime import Runtime
 from ccr.service import GRPC_OPTIONS
 from extauth.bundle import build_bundle
 from extauth.keys import KeyStore, create_key, hash_key, list_keys, revoke_key
 from extauth.policy import PolicyEngine
 from extauth.server import Authorizer
+from tests.harness import running_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,33 +125,10 @@ def denied_error(resp: pb.CheckResponse) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def service(postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     run = tmp_path_factory.mktemp("extauth")
-    (run / "gateway.yaml").write_text(GATEWAY_YAML)
     bundle = build_bundle(REPO / "policies", run / "policy.tar.gz", "ccr/authz/decision")
-    Runtime(config_path=str(run / "gateway.yaml"), run_dir=str(run), postgres_dsn=postgres_dsn,
-            redis_url="redis://127.0.0.1:1", policy_bundle=str(bundle)).save(run / "runtime.json")
-    ready = run / "ready.json"
-    log = (run / "extauth.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "extauth", "--runtime", str(run / "runtime.json"), "--ready-file", str(ready)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"extauth did not start:\n{(run / 'extauth.log').read_text()}")
-            time.sleep(0.05)
-        yield json.loads(ready.read_text())["address"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        log.close()
-        print((run / "extauth.log").read_text())
-        assert code == 0, "extauth did not shut down cleanly on SIGTERM"
+    with running_service("extauth", run, GATEWAY_YAML, postgres_dsn=postgres_dsn,
+                         policy_bundle=str(bundle)) as child:
+        yield str(child.info["address"])
 
 
 @pytest.fixture(scope="module")

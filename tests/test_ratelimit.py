@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,8 +15,8 @@ import redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from ccr.procs import Child, free_port, spawn, wait_ready_file
-from ccr.runtime import Runtime
+from ccr.procs import free_port
+from tests.harness import running_service
 
 REPO = Path(__file__).resolve().parent.parent
 RPM = 5  # the gateway default in the test config
@@ -34,36 +33,11 @@ limits: {{requests_per_minute: {RPM}}}
 """
 
 
-def _start(tmp: Path, redis_url: str) -> Child:
-    (tmp / "gateway.yaml").write_text(CONFIG)
-    Runtime(
-        config_path=str(tmp / "gateway.yaml"), run_dir=str(tmp),
-        postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url=redis_url,
-    ).save(tmp / "runtime.json")
-    ready = tmp / "ratelimit.ready"
-    child = spawn(
-        "ratelimit",
-        [sys.executable, "-m", "ratelimit", "--runtime", str(tmp / "runtime.json"),
-         "--ready-file", str(ready)],
-        tmp / "logs", cwd=REPO,
-    )
-    try:
-        wait_ready_file(child, ready)
-    except BaseException:
-        child.stop()
-        raise
-    return child
-
-
 @pytest.fixture
 def rls(tmp_path: Path, redis_url: str) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
-    child = _start(tmp_path, redis_url)
-    channel = grpc.insecure_channel(str(child.info["address"]))
-    try:
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=redis_url) as child, \
+            grpc.insecure_channel(str(child.info["address"])) as channel:
         yield rls_pb2_grpc.RateLimitServiceStub(channel)
-    finally:
-        channel.close()
-        child.stop()
 
 
 def _req(key_id: str, *, rpu: int | None = None, unit: int = MINUTE, hits: int = 0,
@@ -180,14 +154,11 @@ def test_concurrent_calls_allow_exactly_the_limit(rls: rls_pb2_grpc.RateLimitSer
 
 def test_redis_down_is_unavailable_not_allow(tmp_path: Path) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    child = _start(tmp_path, dead)
-    try:
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=dead) as child:
         with grpc.insecure_channel(str(child.info["address"])) as channel:
             stub = rls_pb2_grpc.RateLimitServiceStub(channel)
             with pytest.raises(grpc.RpcError) as exc:
                 stub.ShouldRateLimit(_req(_key()), timeout=5)
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         assert child.alive()
-    finally:
-        child.stop()
     assert "redis unavailable" in child.log_path.read_text()
