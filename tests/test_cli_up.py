@@ -49,7 +49,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["sigterm", "ctrl-c", "killed"])
 def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
     config = gateway_config(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
@@ -92,9 +93,15 @@ def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert proc.returncode == 0, rest
-    assert "ccr: stopped." in rest
-    time.sleep(0.2)
+    if stop_signal == signal.SIGKILL:
+        # No chance to clean up: the children are told by the kernel (PR_SET_PDEATHSIG).
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0, rest
+        assert "ccr: stopped." in rest
+    deadline = time.monotonic() + 15
+    while [p for p in family if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not [p for p in family if _alive(p)], "processes left running after ccr up stopped"
 
 
