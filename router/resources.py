@@ -241,6 +241,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "stat_prefix": "ccr",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Clients get the id their access-log row is keyed on, for support and audit.
+        "always_set_request_id_in_response": True,
         "request_timeout": "0s",
         "stream_idle_timeout": _secs(g.request_timeout_s),
         "max_request_headers_kb": 96,

@@ -196,7 +196,7 @@ def test_upstream_errors_come_back_unmodified(gw: Gateway, fault: str, exc: type
             model=MODEL, max_tokens=8, messages=HELLO)
 
 
-def test_bad_and_missing_key_get_401(gw: Gateway) -> None:
+def test_bad_and_missing_key_get_401(gw: Gateway, dsn: str) -> None:
     with pytest.raises(anthropic.AuthenticationError) as e:
         client(gw, key="ccr_not-a-real-key").messages.create(model=MODEL, max_tokens=8, messages=HELLO)
     assert e.value.status_code == 401
@@ -205,6 +205,10 @@ def test_bad_and_missing_key_get_401(gw: Gateway) -> None:
     r = httpx.post(f"{gw.url}/v1/messages", json={"model": MODEL})
     assert r.status_code == 401 and r.json()["type"] == "error"
     assert "x-api-key" in r.json()["error"]["message"]
+    # Refused requests are on the record too, with no principal and no tokens.
+    row = log_row(dsn, r.headers["x-request-id"])
+    assert row["status"] == 401 and row["key_id"] is None and row["input_tokens"] == 0
+    assert row["upstream_cluster"] is None
 
 
 def test_policy_denied_model_gets_403(gw: Gateway, dsn: str) -> None:
@@ -235,6 +239,8 @@ def test_rate_limit_gets_429_with_retry_after(gw: Gateway, dsn: str) -> None:
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
     assert e.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
     assert "2 requests per minute" in e.value.body["error"]["message"]  # type: ignore[index]
+    row = log_row(dsn, e.value.response.headers["x-request-id"])
+    assert row["status"] == 429 and row["principal"] == "slow-user" and row["response_flags"] == "RL"
     # Another key is not affected.
     assert client(gw).messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
 
