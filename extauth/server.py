@@ -23,6 +23,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from ccr.config import GatewayConfig
+from ccr.errors import error_body
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError, build_bundle, read_bundle
 from extauth.keys import KeyRecord, KeyStore
@@ -59,10 +60,6 @@ class Deny(Exception):
         self.status = status
         self.err_type = err_type
         self.message = message
-
-
-def error_body(err_type: str, message: str) -> bytes:
-    return orjson.dumps({"type": "error", "error": {"type": err_type, "message": message}})
 
 
 def denied(status: int, err_type: str, message: str) -> pb.CheckResponse:

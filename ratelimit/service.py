@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
-import orjson
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -28,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ccr.config import GatewayConfig
+from ccr.errors import error_body
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.ratelimit")
@@ -144,9 +144,7 @@ def _fill_over_limit(resp: rls_pb2.RateLimitResponse, c: _Counter, now: float, r
         f"Rate limit of {c.limit} requests per {UNIT_WORD[c.unit]} exceeded for this API key; "
         f"retry after {retry_after} seconds."
     )
-    resp.raw_body = orjson.dumps(
-        {"type": "error", "error": {"type": "rate_limit_error", "message": message}}
-    )
+    resp.raw_body = error_body("rate_limit_error", message)
     for k, v in (
         ("retry-after", str(retry_after)),
         ("content-type", "application/json"),

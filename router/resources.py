@@ -7,7 +7,6 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 import certifi
 
 from ccr.config import GatewayConfig, Provider
+from ccr.errors import error_body
 from ccr.runtime import Runtime
 
 LISTENER = "ccr_http"
@@ -48,9 +48,9 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _error_body(kind: str, message: str) -> str:
+def _error_text(kind: str, message: str) -> str:
     # Envoy's local-reply formatter fills %...% operators; keep the text free of them.
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}, separators=(",", ":"))
+    return error_body(kind, message).decode()
 
 
 def _grpc_cluster(name: str, address: str, buffer_bytes: int) -> Json:
@@ -192,7 +192,7 @@ def route_config(config: GatewayConfig) -> Json:
                      "x-ccr-key-id", "x-ccr-principal", "x-ccr-model", "x-ccr-provider", "x-ccr-cluster"]},
                 {"match": {"prefix": "/"}, "direct_response": {
                     "status": 404,
-                    "body": {"inline_string": _error_body(
+                    "body": {"inline_string": _error_text(
                         "not_found_error", "Not found: this gateway serves the Anthropic API under /v1/.")},
                 }},
             ],
@@ -205,7 +205,7 @@ def _local_reply_mappers() -> list[Json]:
 
     def mapper(filter_: Json, status: int | None, kind: str, message: str) -> Json:
         m: Json = {"filter": filter_, "body_format_override": {
-            "text_format_source": {"inline_string": _error_body(kind, message)},
+            "text_format_source": {"inline_string": _error_text(kind, message)},
             "content_type": "application/json"}}
         if status is not None:
             m["status_code"] = status

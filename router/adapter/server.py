@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -32,6 +31,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig, ProviderKind
+from ccr.errors import error_body
 from ccr.runtime import Runtime
 from router.usage import MeterResult, Usage, UsageMeter, decodable, make_meter, meterable
 
@@ -73,7 +73,7 @@ def set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def error_response(status: int, err_type: str, message: str, details: str) -> pb.ProcessingResponse:
     """A local reply in the Anthropic error shape."""
-    body = orjson.dumps({"type": "error", "error": {"type": err_type, "message": message}})
+    body = error_body(err_type, message)
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
