@@ -624,15 +624,24 @@ class Emulator:
 
     # -- endpoints
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def _checked_body(
+        self, request: web.Request, validate: Callable[[Any], None]
+    ) -> dict[str, Any] | web.StreamResponse:
+        """Auth, version, faults and latency, then the parsed and validated body (or the error reply)."""
         denied = await self._gate(request)
         if denied is not None:
             return denied
         try:
             body = await self._json(request)
-            validate_messages(body)
+            validate(body)
         except BadRequest as e:
             return error_response(400, "invalid_request_error", str(e))
+        return body  # type: ignore[no-any-return]
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._checked_body(request, validate_messages)
+        if isinstance(body, web.StreamResponse):
+            return body
         usage = self.cache.apply(scan_prompt(body))
         target = int(_float_header(request, "x-emulator-output-tokens", self.config.output_tokens))
         reply = generate(body, target)
@@ -706,15 +715,10 @@ class Emulator:
         await resp.write_eof()
         return resp
 
-    async def count_tokens(self, request: web.Request) -> web.Response:
-        denied = await self._gate(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await self._json(request)
-            validate_count(body)
-        except BadRequest as e:
-            return error_response(400, "invalid_request_error", str(e))
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await self._checked_body(request, validate_count)
+        if isinstance(body, web.StreamResponse):
+            return body
         return web.Response(body=orjson.dumps({"input_tokens": scan_prompt(body).total}),
                             content_type="application/json")
 

@@ -44,7 +44,7 @@ def emulator_records(gw: Gateway) -> list[dict[str, Any]]:
     return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
 
 
-def last_upstream(gw: Gateway, request_id_header: str | None = None) -> dict[str, Any]:
+def last_upstream(gw: Gateway) -> dict[str, Any]:
     recs = emulator_records(gw)
     assert recs, "the emulator saw no request"
     return recs[-1]
