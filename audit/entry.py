@@ -9,8 +9,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-AUTHZ_NS = "envoy.filters.http.ext_authz"
-USAGE_NS = "ccr.usage"
+from ccr.contract import AUTHZ_NS, USAGE_NS
+
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 COLUMNS: tuple[str, ...] = (

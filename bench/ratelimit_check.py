@@ -31,7 +31,7 @@ from ccr.runtime import Runtime  # noqa: E402
 
 
 def _request(key: str) -> rls_pb2.RateLimitRequest:
-    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "key_id", "value": key}])
+    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "principal", "value": key}])
     d.limit.requests_per_unit = 1_000_000_000
     d.limit.unit = rls_pb2.RateLimitResponse.RateLimit.HOUR
     return rls_pb2.RateLimitRequest(domain="ccr", descriptors=[d])

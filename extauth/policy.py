@@ -1,10 +1,10 @@
 """Rego (compiled to WASM) decisions with a cache keyed by the facts they depend on.
 
 One evaluation costs ~150-300 us of wasmtime FFI, so decisions are cached by
-(bundle digest, key id, groups, method, path, model): exactly the input facts
-(the key name is 1:1 with its id), and the digest changes with every new bundle.
-The key id is part of the cache key because a policy may name keys (and the
-reason quotes the key's name); per key the hit rate is still ~100%.
+(bundle digest, principal, method, path, model): exactly the input facts, and the
+digest changes with every new bundle. The whole principal is part of the cache key
+because a policy may name principals (and the reason quotes the name); per
+principal the hit rate is still ~100%.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from opapywasm import OpaWasmPolicy, PolicyConfig
 
 from extauth.bundle import Bundle, BundleError, read_bundle
+from extauth.principal import Principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +53,13 @@ class PolicyEngine:
         """Builtins the policy calls back into Python for (ideally none)."""
         return self._policy.builtins
 
-    def decide(
-        self, key_id: str, name: str, groups: tuple[str, ...], method: str, path: str, model: str | None
-    ) -> Decision:
-        ck = (self.bundle.digest, key_id, groups, method, path, model)
+    def decide(self, principal: Principal, method: str, path: str, model: str | None) -> Decision:
+        ck = (self.bundle.digest, principal, method, path, model)
         hit = self._cache.get(ck)
         if hit is not None:
             return hit
         facts = {
-            "principal": {"key_id": key_id, "name": name, "groups": list(groups)},
+            "principal": principal.policy_input(),
             "request": {"method": method, "path": path, "model": model},
         }
         try:

@@ -18,64 +18,32 @@ import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from ccr.config import GatewayConfig
-from ccr.errors import error_body
+from ccr.contract import (
+    CCR_HEADER_PREFIX,
+    H_CLUSTER,
+    H_KEY_ID,
+    H_MODEL,
+    H_PRINCIPAL,
+    H_PRINCIPAL_ID,
+    H_PROVIDER,
+    SET_HEADERS,
+)
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError, build_bundle, read_bundle
-from extauth.keys import KeyRecord, KeyStore
+from extauth.deny import Deny, denied
+from extauth.identity import Identity
+from extauth.keys import KeyStore
 from extauth.policy import PolicyEngine
+from extauth.principal import Principal
 
 log = logging.getLogger(__name__)
 
 MODEL_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-CCR_PREFIX = "x-ccr-"
-SET_HEADERS = ("x-ccr-key-id", "x-ccr-principal", "x-ccr-model", "x-ccr-provider", "x-ccr-cluster")
-_SET_WITHOUT_MODEL = tuple(h for h in SET_HEADERS if h != "x-ccr-model")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_GRPC_CODE = {
-    400: code_pb2.INVALID_ARGUMENT,
-    401: code_pb2.UNAUTHENTICATED,
-    403: code_pb2.PERMISSION_DENIED,
-    404: code_pb2.NOT_FOUND,
-    503: code_pb2.UNAVAILABLE,
-}
-
-MISSING_KEY = (
-    "missing API key: send your gateway key in the x-api-key header "
-    "or as 'Authorization: Bearer <key>'"
-)
-INVALID_KEY = (
-    "invalid API key: the key is unknown or has been revoked; "
-    "check it or ask your gateway administrator for a new one (`ccr keys create`)"
-)
-
-
-class Deny(Exception):
-    def __init__(self, status: int, err_type: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.err_type = err_type
-        self.message = message
-
-
-def denied(status: int, err_type: str, message: str) -> pb.CheckResponse:
-    return pb.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE.get(status, code_pb2.PERMISSION_DENIED), message=message),
-        denied_response=pb.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
-                    append_action=_OVERWRITE,
-                )
-            ],
-            body=error_body(err_type, message).decode(),
-        ),
-    )
 
 
 def _headers(http) -> dict[str, str]:
@@ -87,17 +55,6 @@ def _headers(http) -> dict[str, str]:
     for hv in http.header_map.headers:
         out[hv.key.lower()] = hv.value or hv.raw_value.decode("utf-8", "replace")
     return out
-
-
-def api_key_from(headers) -> str | None:
-    key = headers.get("x-api-key", "").strip()
-    if key:
-        return key
-    auth = headers.get("authorization", "")
-    scheme, _, token = auth.strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
 
 
 def model_from_body(body: bytes) -> str:
@@ -117,10 +74,15 @@ def model_from_body(body: bytes) -> str:
     return model
 
 
+def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
+    """The x-ccr-* headers a successful check sets."""
+    return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
+
+
 class Authorizer:
-    def __init__(self, config: GatewayConfig, keys: KeyStore, policy: PolicyEngine) -> None:
+    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
         self.config = config
-        self.keys = keys
+        self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
@@ -156,12 +118,8 @@ class Authorizer:
     async def _check(self, req: pb.CheckRequest) -> pb.CheckResponse:
         http = req.attributes.request.http
         headers = _headers(http)
-        key = api_key_from(headers)
-        if key is None:
-            raise Deny(401, "authentication_error", MISSING_KEY)
-        rec = await self.keys.lookup(key)
-        if rec is None:
-            raise Deny(401, "authentication_error", INVALID_KEY)
+        peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
+        principal = await self.identity.authenticate(headers, peer)
 
         method = http.method
         path = http.path.partition("?")[0]
@@ -176,37 +134,46 @@ class Authorizer:
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
 
-        decision = self.policy.decide(rec.id, rec.name, rec.groups, method, path, model)
+        decision = self.policy.decide(principal, method, path, model)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
-        keep = SET_HEADERS if model is not None else _SET_WITHOUT_MODEL
-        spoofed = tuple(h for h in headers if h.startswith(CCR_PREFIX) and h not in keep)
-        ck = (rec, model, provider, spoofed, self.policy.bundle.digest)
+        keep = _set_headers(principal.key_id is not None, model is not None)
+        spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
+        ck = (principal, model, provider, spoofed, self.policy.bundle.digest)
         resp = self._ok_cache.get(ck)
         if resp is None:
-            resp = self._ok(rec, model, provider, cluster, spoofed)
+            resp = self._ok(principal, model, provider, cluster, spoofed)
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
         return resp
 
     def _ok(
-        self, rec: KeyRecord, model: str | None, provider: str, cluster: str, remove: tuple[str, ...]
+        self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...]
     ) -> pb.CheckResponse:
-        values = [("x-ccr-key-id", rec.id), ("x-ccr-principal", rec.name)]
+        values = [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
+        if p.key_id is not None:
+            values.append((H_KEY_ID, p.key_id))
         if model is not None:
-            values.append(("x-ccr-model", model))
-        values += [("x-ccr-provider", provider), ("x-ccr-cluster", cluster)]
-        facts: dict = {"key_id": rec.id, "principal": rec.name}
+            values.append((H_MODEL, model))
+        values += [(H_PROVIDER, provider), (H_CLUSTER, cluster)]
+        facts: dict = {"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
+                       "groups": list(p.groups)}
+        if p.key_id is not None:
+            facts["key_id"] = p.key_id
+        if p.tenant is not None:
+            facts["tenant"] = p.tenant
+        if p.spiffe_id is not None:
+            facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
             facts["model"] = model
         facts.update({
             "provider": provider,
             "cluster": cluster,
             "rpm": {
-                "requests_per_unit": rec.rpm or self.config.limits.requests_per_minute,
+                "requests_per_unit": p.rpm or self.config.limits.requests_per_minute,
                 "unit": "MINUTE",
             },
         })
@@ -288,7 +255,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    authorizer = Authorizer(config, keys, policy)
+    authorizer = Authorizer(config, Identity(keys), policy)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],

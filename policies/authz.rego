@@ -1,8 +1,9 @@
-# Model access control for ccr API keys.
+# Model access control for ccr principals (API keys, OIDC users, SPIFFE workloads).
 #
 # Entry point: data.ccr.authz.decision -> {"allow": bool, "reason": string}
 # Input (facts only, never the request body):
-#   {"principal": {"key_id", "name", "groups"}, "request": {"method", "path", "model"}}
+#   {"principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
+#    "request": {"method", "path", "model"}}
 # Data: data.model_access maps a group to model patterns: an exact model id, or a
 # prefix followed by "*". Only builtins OPA compiles natively to WASM are used
 # (startswith/endswith/trim_suffix/concat), so evaluation never calls the host.
@@ -44,8 +45,14 @@ allowed_text := concat(", ", sort(allowed_patterns)) if count(allowed_patterns) 
 
 else := "none"
 
+kind_labels := {"key": "API key", "user": "user", "workload": "workload"}
+
+default kind_label := "principal"
+
+kind_label := kind_labels[input.principal.kind]
+
 denial_reason := concat("", [
-	"API key '", input.principal.name, "' (groups: ", concat(", ", input.principal.groups),
+	kind_label, " '", input.principal.name, "' (groups: ", concat(", ", input.principal.groups),
 	") may not use model '", input.request.model, "'; allowed models: ", allowed_text,
 	". Use an allowed model or ask your gateway administrator for access.",
 ])

@@ -27,14 +27,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ccr.config import GatewayConfig
+from ccr.contract import RL_DOMAIN as DOMAIN
+from ccr.contract import RL_PRINCIPAL_KEY
 from ccr.errors import error_body
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.ratelimit")
 
-DOMAIN = "ccr"
 KEY_PREFIX = "ccr:rl"
-LIMITED_KEY = "key_id"
+LIMITED_KEY = RL_PRINCIPAL_KEY
 UNLIMITED_REMAINING = 2**32 - 1  # what envoyproxy/ratelimit reports for unlimited descriptors
 
 Unit = rls_pb2.RateLimitResponse.RateLimit

@@ -14,15 +14,22 @@ from urllib.parse import urlsplit
 import certifi
 
 from ccr.config import GatewayConfig, Provider
+from ccr.contract import (
+    ADAPTER_PROVIDER_MD,
+    AUTHZ_NS,
+    H_CLUSTER,
+    H_PRINCIPAL_ID,
+    RL_DOMAIN,
+    RL_PRINCIPAL_KEY,
+    SET_HEADERS,
+    USAGE_NS,
+)
 from ccr.errors import error_body
 from ccr.runtime import Runtime
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
 EXTAUTH, RATELIMIT, ADAPTER, ACCESSLOG = "ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog"
-RL_DOMAIN = "ccr"
-AUTHZ_NS = "envoy.filters.http.ext_authz"
-USAGE_NS = "ccr.usage"
 
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -117,7 +124,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "http_filters": [
                 {"name": "envoy.filters.http.ext_proc", "typed_config": {
                     "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": _grpc_service(ADAPTER, 5.0, {"x-ccr-provider": provider.name}),
+                    "grpc_service": _grpc_service(ADAPTER, 5.0, {ADAPTER_PROVIDER_MD: provider.name}),
                     "failure_mode_allow": False,
                     "processing_mode": {
                         "request_header_mode": "SEND",
@@ -169,14 +176,14 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
 def route_config(config: GatewayConfig) -> Json:
     timeout = _secs(config.gateway.request_timeout_s)
     api_route: Json = {
-        "cluster_header": "x-ccr-cluster",
+        "cluster_header": H_CLUSTER,
         "auto_host_rewrite": True,
         "timeout": timeout,
         "idle_timeout": timeout,
         "rate_limits": [{
             "stage": 0,
-            "actions": [{"request_headers": {"header_name": "x-ccr-key-id", "descriptor_key": "key_id"}}],
-            # The key's own requests-per-minute, decided by extauth.
+            "actions": [{"request_headers": {"header_name": H_PRINCIPAL_ID, "descriptor_key": RL_PRINCIPAL_KEY}}],
+            # The principal's own requests-per-minute, decided by extauth.
             "limit": {"dynamic_metadata": {"metadata_key": {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}}},
         }],
     }
@@ -188,8 +195,7 @@ def route_config(config: GatewayConfig) -> Json:
             "routes": [
                 {"match": {"prefix": "/v1/"}, "route": api_route,
                  # Decided facts stay inside the gateway; the upstream never sees them.
-                 "request_headers_to_remove": [
-                     "x-ccr-key-id", "x-ccr-principal", "x-ccr-model", "x-ccr-provider", "x-ccr-cluster"]},
+                 "request_headers_to_remove": list(SET_HEADERS)},
                 {"match": {"prefix": "/"}, "direct_response": {
                     "status": 404,
                     "body": {"inline_string": _error_text(

@@ -148,13 +148,15 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     resp = stub.Check(http_check({"x-api-key": k, "content-type": "application/json"}, body=msg_body()))
     assert resp.status.code == code_pb2.OK and resp.HasField("ok_response")
     assert ok_headers(resp) == {
-        "x-ccr-key-id": kid, "x-ccr-principal": "svc-default", "x-ccr-model": "claude-sonnet-4-5",
+        "x-ccr-principal-id": kid, "x-ccr-key-id": kid, "x-ccr-principal": "svc-default",
+        "x-ccr-model": "claude-sonnet-4-5",
         "x-ccr-provider": "anthropic", "x-ccr-cluster": "provider_anthropic",
     }
     # Overwrite, not append, so a client value can never survive next to ours.
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
     assert json_format.MessageToDict(resp.dynamic_metadata) == {
-        "key_id": kid, "principal": "svc-default", "model": "claude-sonnet-4-5",
+        "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
+        "groups": ["default"], "model": "claude-sonnet-4-5",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
     }

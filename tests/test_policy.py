@@ -11,10 +11,15 @@ import pytest
 
 from extauth.bundle import BundleError, build_bundle, find_opa, read_bundle
 from extauth.policy import PolicyEngine
+from extauth.principal import Principal, PrincipalKind
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
 ENTRYPOINT = "ccr/authz/decision"
+
+
+def P(key_id: str, name: str, groups: tuple[str, ...]) -> Principal:  # noqa: N802
+    return Principal(PrincipalKind.KEY, key_id, name, groups, key_id=key_id)
 
 
 def test_opa_test_passes() -> None:
@@ -47,23 +52,23 @@ def test_bundle_contents(engine: PolicyEngine) -> None:
 
 
 def test_bundle_decisions(engine: PolicyEngine) -> None:
-    allow = engine.decide("key_a", "alice", ("default",), "POST", "/v1/messages", "claude-sonnet-4-5")
+    allow = engine.decide(P("key_a", "alice", ("default",)), "POST", "/v1/messages", "claude-sonnet-4-5")
     assert allow.allow
-    haiku = engine.decide("key_b", "bob", ("haiku-only",), "POST", "/v1/messages", "claude-haiku-4-5")
+    haiku = engine.decide(P("key_b", "bob", ("haiku-only",)), "POST", "/v1/messages", "claude-haiku-4-5")
     assert haiku.allow
-    deny = engine.decide("key_b", "bob", ("haiku-only",), "POST", "/v1/messages", "claude-opus-4-1")
+    deny = engine.decide(P("key_b", "bob", ("haiku-only",)), "POST", "/v1/messages", "claude-opus-4-1")
     assert not deny.allow
     assert "claude-opus-4-1" in deny.reason and "claude-haiku-*" in deny.reason and "bob" in deny.reason
-    other = engine.decide("key_a", "alice", ("default",), "POST", "/v1/messages", "gpt-4o")
+    other = engine.decide(P("key_a", "alice", ("default",)), "POST", "/v1/messages", "gpt-4o")
     assert not other.allow
-    nomodel = engine.decide("key_c", "carol", (), "GET", "/v1/models", None)
+    nomodel = engine.decide(P("key_c", "carol", ()), "GET", "/v1/models", None)
     assert nomodel.allow
 
 
 def test_decision_cache_is_per_fact_set(engine: PolicyEngine) -> None:
-    a = engine.decide("key_x", "x", ("default",), "POST", "/v1/messages", "claude-haiku-4-5")
-    assert engine.decide("key_x", "x", ("default",), "POST", "/v1/messages", "claude-haiku-4-5") is a
-    b = engine.decide("key_x", "x", ("haiku-only",), "POST", "/v1/messages", "claude-sonnet-4-5")
+    a = engine.decide(P("key_x", "x", ("default",)), "POST", "/v1/messages", "claude-haiku-4-5")
+    assert engine.decide(P("key_x", "x", ("default",)), "POST", "/v1/messages", "claude-haiku-4-5") is a
+    b = engine.decide(P("key_x", "x", ("haiku-only",)), "POST", "/v1/messages", "claude-sonnet-4-5")
     assert not b.allow and a.allow
 
 

@@ -42,7 +42,7 @@ def rls(tmp_path: Path, redis_url: str) -> Iterator[rls_pb2_grpc.RateLimitServic
 
 def _req(key_id: str, *, rpu: int | None = None, unit: int = MINUTE, hits: int = 0,
          extra: list[ratelimit_pb2.RateLimitDescriptor] | None = None) -> rls_pb2.RateLimitRequest:
-    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "key_id", "value": key_id}])
+    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "principal", "value": key_id}])
     if rpu is not None:
         d.limit.requests_per_unit = rpu
         d.limit.unit = unit
@@ -118,7 +118,7 @@ def test_hits_addend_counts(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: s
     # The counter: one fixed-window key per descriptor and hour, expiring with its window.
     window = int(time.time()) // 3600 * 3600
     with redis.Redis.from_url(redis_url) as rc:
-        counter = f"ccr:rl:ccr:key_id={key}:hour:{window}"
+        counter = f"ccr:rl:ccr:principal={key}:hour:{window}"
         assert rc.get(counter) == b"4"
         assert 0 < rc.ttl(counter) <= 3600
     r = rls.ShouldRateLimit(_req(key, rpu=10, unit=HOUR, hits=6), timeout=5)

@@ -31,14 +31,15 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig, ProviderKind
+from ccr.contract import ADAPTER_PROVIDER_MD, CCR_HEADER_PREFIX, USAGE_NS
 from ccr.errors import error_body
 from ccr.runtime import Runtime
 from router.usage import MeterResult, Usage, UsageMeter, decodable, make_meter, meterable
 
 log = logging.getLogger("ccr.adapter")
 
-PROVIDER_METADATA_KEY = "x-ccr-provider"
-USAGE_NAMESPACE = "ccr.usage"
+PROVIDER_METADATA_KEY = ADAPTER_PROVIDER_MD
+USAGE_NAMESPACE = USAGE_NS
 
 _Mode = processing_mode_pb2.ProcessingMode
 # Full mode rather than only the changed field: Envoy before 1.34 applied unset
@@ -117,7 +118,7 @@ class AnthropicHandler(ProviderHandler):
         # The client's gateway key must never reach the provider. Envoy applies
         # removals before sets, so every client x-api-key value goes and exactly
         # the provider's is added (also over a value left by an earlier attempt).
-        remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith("x-ccr-")]
+        remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(CCR_HEADER_PREFIX)]
         mutation = pb.HeaderMutation(
             set_headers=[set_header("x-api-key", self._api_key)], remove_headers=remove
         )
