@@ -98,6 +98,40 @@ class PolicySettings(Strict):
     entrypoint: str = "ccr/authz/decision"
 
 
+class SigninSettings(Strict):
+    """The gateway as an OIDC relying party: people sign in at the IdP and get short-lived
+    gateway session tokens (`ccr login`), so no long-lived secret sits on a laptop."""
+
+    # The IdP's issuer URL (discovery at <issuer>/.well-known/openid-configuration).
+    issuer: Annotated[str, Field(min_length=1)]
+    client_id: Annotated[str, Field(min_length=1)]
+    # Name of the environment variable holding the client secret (confidential client);
+    # None for a public client. The secret itself never sits in the config file.
+    client_secret_env: str | None = None
+    scopes: list[str] = ["openid", "profile", "email", "offline_access"]
+    # Claims of the ID token that name the user, list their groups and their tenant.
+    username_claim: str = "email"
+    groups_claim: str = "groups"
+    tenant_claim: str | None = None
+    # Lifetime of one session token; `ccr login --print-token` refreshes before it ends.
+    session_ttl_s: Annotated[int, Field(ge=60, le=86400)] = 3600
+    # A session is never refreshed past this age, whatever the IdP says: sign in again.
+    session_max_age_s: Annotated[int, Field(ge=300)] = 30 * 86400
+    # Tolerated clock difference when checking session tokens' exp/iat.
+    leeway_s: Annotated[int, Field(ge=0, le=300)] = 30
+    # `iss` of the gateway's session tokens.
+    token_issuer: Annotated[str, Field(min_length=1)] = "urn:ccr:gateway"
+    # How browsers reach the gateway (the IdP redirects back to <public_url>/ccr/auth/callback);
+    # default: the listener's own address.
+    public_url: str | None = None
+    # Signing key and refresh-token encryption key (mode 0600); default <data_dir>/signin.
+    key_dir: str | None = None
+
+
+class IdentitySettings(Strict):
+    signin: SigninSettings | None = None
+
+
 class GatewayConfig(Strict):
     version: Literal[1] = 1
     gateway: GatewaySettings = GatewaySettings()
@@ -107,6 +141,7 @@ class GatewayConfig(Strict):
     models: Annotated[list[Model], Field(min_length=1)]
     limits: Limits = Limits()
     policy: PolicySettings = PolicySettings()
+    identity: IdentitySettings = IdentitySettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

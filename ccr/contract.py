@@ -30,3 +30,9 @@ SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLU
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+
+# Sign-in (the gateway as an OIDC relying party). Envoy routes this prefix to the sign-in
+# service with ext_authz off; nothing under it reaches a provider.
+SIGNIN_PREFIX = "/ccr/auth/"
+# PostgreSQL NOTIFY channel: payload = a session id that was revoked; extauth forgets it.
+SESSIONS_CHANNEL = "ccr_signin_sessions"

@@ -49,6 +49,39 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE UNIQUE INDEX request_log_request_id ON request_log (request_id);
         """,
     ),
+    (
+        5,
+        "sign-in sessions",
+        """
+        CREATE TABLE signin_sessions (
+            id                  text PRIMARY KEY,        -- the session tokens' sid
+            idp_issuer          text NOT NULL,
+            subject             text NOT NULL,           -- the IdP's sub
+            name                text NOT NULL,
+            groups              text[] NOT NULL DEFAULT '{}',
+            tenant              text,
+            flow                text NOT NULL CHECK (flow IN ('device', 'browser', 'cli-browser')),
+            -- sha256 of the gateway refresh token now valid, and of the one it replaced
+            -- (presenting a replaced one again revokes the session: it was copied).
+            refresh_hash        bytea UNIQUE,
+            prev_refresh_hash   bytea,
+            -- The IdP's refresh token, AES-256-GCM sealed with the sign-in service's key.
+            idp_refresh_sealed  bytea,
+            -- One-time code handed to `ccr login --browser` on its loopback redirect,
+            -- redeemable once, before it expires, with the PKCE verifier of its challenge.
+            handoff_hash        bytea UNIQUE,
+            handoff_challenge   text,
+            handoff_expires_at  timestamptz,
+            created_at          timestamptz NOT NULL DEFAULT now(),
+            refreshed_at        timestamptz NOT NULL DEFAULT now(),
+            expires_at          timestamptz NOT NULL,    -- no refresh after this, whatever the IdP says
+            revoked_at          timestamptz,
+            revoked_reason      text
+        );
+        CREATE INDEX signin_sessions_subject ON signin_sessions (idp_issuer, subject);
+        CREATE INDEX signin_sessions_prev_refresh ON signin_sessions (prev_refresh_hash);
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"
