@@ -35,6 +35,9 @@ class Runtime(BaseModel):
     adapter: str | None = None
     accesslog: str | None = None
     xds: str | None = None
+    # The sign-in HTTP service (host:port) and its key directory, when identity.signin is set.
+    signin: str | None = None
+    signin_key_dir: str | None = None
     # The gateway listener's port (chosen at start when the config says 0).
     listen_port: int | None = None
     # Compiled policy bundle (opa build -t wasm).

@@ -1,0 +1,92 @@
+"""`python -m signin --runtime RUN/runtime.json --ready-file F`: the sign-in HTTP service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from ccr.config import GatewayConfig
+from ccr.runtime import Runtime
+from ccr.service import parse_args, write_ready
+from signin.idp import ClaimMap, IdpClient
+from signin.keys import Sealer, ensure_keys, load_public_keys, load_signing_key
+from signin.service import SigninService
+from signin.store import SessionStore
+
+log = logging.getLogger("ccr.signin")
+
+
+def gateway_url(config: GatewayConfig, runtime_path: str) -> str:
+    """Where browsers reach the gateway: `identity.signin.public_url`, else the listener."""
+    s = config.identity.signin
+    if s is not None and s.public_url:
+        return s.public_url.rstrip("/")
+    host = config.gateway.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    port = config.gateway.listen.port or Runtime.load(runtime_path).listen_port
+    if not port:
+        raise RuntimeError("the gateway's listen port is not known yet")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def claim_map(config: GatewayConfig) -> ClaimMap:
+    return ClaimMap()
+
+
+async def serve() -> None:
+    args = parse_args("signin")
+    logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s signin %(levelname)s %(message)s")
+    runtime = Runtime.load(args.runtime)
+    config = runtime.config()
+    settings = config.identity.signin
+    if settings is None:
+        raise SystemExit("signin: identity.signin is not configured")
+    if not runtime.signin_key_dir:
+        raise SystemExit("signin: the runtime names no signin_key_dir")
+    secret = None
+    if settings.client_secret_env:
+        secret = os.environ.get(settings.client_secret_env)
+        if not secret:
+            raise SystemExit(f"signin: identity.signin.client_secret_env names {settings.client_secret_env}, "
+                             f"which is not set")
+    key_dir = ensure_keys(runtime.signin_key_dir)
+    sealer = Sealer.load(key_dir)
+    url_cache: list[str] = []
+
+    def public_url() -> str:
+        if not url_cache:
+            url_cache.append(gateway_url(config, args.runtime))
+        return url_cache[0]
+
+    async with aiohttp.ClientSession() as http:
+        idp = IdpClient(settings.issuer, settings.client_id, secret, settings.scopes, http,
+                        leeway_s=settings.leeway_s)
+        store = SessionStore(runtime.postgres_dsn, sealer)
+        await store.start()
+        service = SigninService(settings, claim_map(config), idp, store, load_signing_key(key_dir),
+                                load_public_keys(key_dir), sealer, public_url)
+        runner = web.AppRunner(service.app(), access_log=None)
+        await runner.setup()
+        host = config.services.bind_host
+        await web.TCPSite(runner, host, args.port).start()
+        address = f"{host}:{runner.addresses[0][1]}"
+        write_ready(args.ready_file, address)
+        log.info("serving on %s (IdP %s, client %s)", address, settings.issuer, settings.client_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        await store.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
