@@ -132,6 +132,61 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_url(args: argparse.Namespace) -> str:
+    """--gateway, else $CCR_GATEWAY_URL, else the gateway `ccr up` runs from this config."""
+    if args.gateway:
+        return str(args.gateway).rstrip("/")
+    if os.environ.get("CCR_GATEWAY_URL"):
+        return os.environ["CCR_GATEWAY_URL"].rstrip("/")
+    from ccr.runtime import Runtime
+    from ccr.supervisor import Gateway
+
+    gw = Gateway(Path(args.config))
+    runtime_file = gw.data_dir() / "run" / "runtime.json"
+    if runtime_file.exists():
+        port = Runtime.load(runtime_file).listen_port
+        host = gw.config.gateway.listen.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        if port:
+            return f"http://{host}:{port}"
+    raise ConfigError("no gateway to sign in to: pass --gateway URL or set CCR_GATEWAY_URL "
+                      "(or start one here with `ccr up`)")
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from ccr import login
+
+    path = Path(args.session_file).expanduser() if args.session_file else login.default_session_file()
+    try:
+        if args.print_token:
+            print(login.current_token(path))
+            return 0
+        gateway = _gateway_url(args)
+        if args.browser:
+            doc = login.browser_login(gateway, sys.stdout, open_browser=not args.no_open)
+        else:
+            doc = login.device_login(gateway, sys.stdout)
+        login.save_session(path, doc)
+    except login.LoginError as e:
+        print(f"ccr login: {e}", file=sys.stderr)
+        return 1
+    print(login.usage_text(doc, path), flush=True)
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from ccr import login
+
+    path = Path(args.session_file).expanduser() if args.session_file else login.default_session_file()
+    try:
+        login.logout(path)
+    except login.LoginError as e:
+        print(f"ccr logout: {e}", file=sys.stderr)
+        return 1
+    print(f"signed out; removed {path}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.config_cmd == "schema":
         print(json_schema())
@@ -159,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     r = ks.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
+
+    lg = sub.add_parser("login", help="sign in through the gateway's identity provider (short-lived session)")
+    lg.set_defaults(func=cmd_login)
+    lg.add_argument("--gateway", help="gateway URL (default: $CCR_GATEWAY_URL, else the local `ccr up`)")
+    lg.add_argument("--session-file", help="where the session is kept (default: ~/.config/ccr/session.json)")
+    lg.add_argument("--browser", action="store_true",
+                    help="sign in in a browser (authorization code + PKCE, loopback redirect) instead of with a code")
+    lg.add_argument("--no-open", action="store_true", help="with --browser: print the URL, do not open a browser")
+    lg.add_argument("--print-token", action="store_true",
+                    help="print only a valid session token, refreshing it if needed (for Claude Code's apiKeyHelper)")
+    lo = sub.add_parser("logout", help="end the session `ccr login` started")
+    lo.set_defaults(func=cmd_logout)
+    lo.add_argument("--session-file", help="default: ~/.config/ccr/session.json")
 
     cfg = sub.add_parser("config", help="gateway config tools")
     cfg.set_defaults(func=cmd_config)

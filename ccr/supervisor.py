@@ -40,6 +40,14 @@ SERVICES = {
 Status = Callable[[str, str], None]
 
 
+def services_for(config: GatewayConfig) -> dict[str, str]:
+    """The decision services this config needs: the sign-in service only when configured."""
+    out = dict(SERVICES)
+    if config.identity.signin is not None:
+        out["signin"] = "signin"
+    return out
+
+
 def _quiet(_name: str, _detail: str) -> None:
     pass
 
@@ -142,6 +150,7 @@ class Gateway:
         self.status("policy", f"compiled {policy_dir} to WASM in {time.monotonic() - t:.1f}s")
 
         env = self._start_emulator_if_needed(config, runtime, run_dir, logs)
+        self._prepare_signin(config, runtime)
         runtime_file = run_dir / "runtime.json"
         runtime.save(runtime_file)
 
@@ -150,7 +159,7 @@ class Gateway:
             name: self._track(spawn(name, [sys.executable, "-m", module, "--runtime", str(runtime_file),
                                            "--ready-file", str(run_dir / f"{name}.ready")],
                                     logs, env=env, cwd=REPO))
-            for name, module in SERVICES.items()
+            for name, module in services_for(config).items()
         }
         for name, child in started.items():
             info = wait_ready_file(child, run_dir / f"{name}.ready", timeout=60)
@@ -168,6 +177,18 @@ class Gateway:
 
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
+
+    def _prepare_signin(self, config: GatewayConfig, runtime: Runtime) -> None:
+        """Create the sign-in keys before extauth (which needs the public half) starts."""
+        s = config.identity.signin
+        if s is None:
+            return
+        from signin.keys import ensure_keys
+
+        key_dir = Path(s.key_dir) if s.key_dir else self.data_dir() / "signin"
+        if not key_dir.is_absolute():
+            key_dir = self._base_dir() / key_dir
+        runtime.signin_key_dir = str(ensure_keys(key_dir.resolve()))
 
     def _start_emulator_if_needed(
         self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path

@@ -39,6 +39,7 @@ from extauth.identity import Identity
 from extauth.keys import KeyStore
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
+from extauth.sessions import session_verifier
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,9 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    authorizer = Authorizer(config, Identity(keys), policy)
+    sessions = await session_verifier(config, runtime)
+    # Session tokens first: they are recognised by their `typ` alone, before any IdP verifier.
+    authorizer = Authorizer(config, Identity(keys, [sessions] if sessions else []), policy)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
@@ -266,6 +269,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await keys.close()
+        if sessions is not None:
+            await sessions.status.close()
         authorizer.policy.close()
 
     return cleanup

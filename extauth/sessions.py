@@ -20,10 +20,13 @@ import psycopg
 from joserfc.jwk import KeySet
 from psycopg_pool import AsyncConnectionPool
 
+from ccr.config import GatewayConfig
 from ccr.contract import SESSIONS_CHANNEL
+from ccr.runtime import Runtime
 from extauth.deny import Deny
 from extauth.principal import Principal, PrincipalKind
 from signin import tokens
+from signin.keys import KeyFileError, load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +143,19 @@ class SessionTokenVerifier:
             raise Deny(401, "authentication_error", SESSION_ENDED)
         return Principal(kind=PrincipalKind.USER, id=c.principal_id, name=c.name, groups=c.groups,
                          tenant=c.tenant, issuer=self.issuer)
+
+
+async def session_verifier(config: GatewayConfig, runtime: Runtime) -> SessionTokenVerifier | None:
+    """The started verifier when sign-in is configured (stop it with `await v.status.close()`)."""
+    s = config.identity.signin
+    if s is None:
+        return None
+    if not runtime.signin_key_dir:
+        raise SystemExit("extauth: identity.signin is set but the runtime names no signin_key_dir")
+    try:
+        keys = load_public_keys(runtime.signin_key_dir)
+    except KeyFileError as e:
+        raise SystemExit(f"extauth: {e}") from None
+    status = SessionStatus(runtime.postgres_dsn)
+    await status.start()
+    return SessionTokenVerifier(keys, s.token_issuer, status, s.leeway_s)

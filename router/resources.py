@@ -22,6 +22,7 @@ from ccr.contract import (
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
     SET_HEADERS,
+    SIGNIN_PREFIX,
     USAGE_NS,
 )
 from ccr.errors import error_body
@@ -30,6 +31,7 @@ from ccr.runtime import Runtime
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
 EXTAUTH, RATELIMIT, ADAPTER, ACCESSLOG = "ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog"
+SIGNIN = "ccr_signin"
 
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -170,7 +172,40 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         raise ValueError(f"runtime lacks addresses for {missing}")
     out = [_grpc_cluster(name, str(addr), buf) for name, addr in services.items()]
     out += [_provider_cluster(p, runtime, config) for p in config.providers]
+    out += _signin_clusters(config, runtime)
     return out
+
+
+def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
+    """The sign-in HTTP service (plain HTTP/1.1 on the services' host), when configured."""
+    if config.identity.signin is None:
+        return []
+    if not runtime.signin:
+        raise ValueError("runtime lacks the address of the signin service")
+    host, port = _host_port(runtime.signin)
+    return [{
+        "name": SIGNIN,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "per_connection_buffer_limit_bytes": 64 * 1024,
+        "load_assignment": {"cluster_name": SIGNIN, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": host, "port_value": port}}}}]}]},
+    }]
+
+
+def _signin_routes(config: GatewayConfig) -> list[Json]:
+    """SIGNIN_PREFIX goes to the sign-in service, and only there. Signing in is what a caller
+    without credentials does, so ext_authz is off for this route alone; nothing under the
+    prefix can reach a provider (this route has no provider cluster and no cluster_header)."""
+    if config.identity.signin is None:
+        return []
+    return [{
+        "match": {"prefix": SIGNIN_PREFIX},
+        "route": {"cluster": SIGNIN, "timeout": "30s"},
+        "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+            "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}},
+        "request_headers_to_remove": list(SET_HEADERS),
+    }]
 
 
 def route_config(config: GatewayConfig) -> Json:
@@ -193,6 +228,7 @@ def route_config(config: GatewayConfig) -> Json:
             "name": "anthropic_api",
             "domains": ["*"],
             "routes": [
+                *_signin_routes(config),
                 {"match": {"prefix": "/v1/"}, "route": api_route,
                  # Decided facts stay inside the gateway; the upstream never sees them.
                  "request_headers_to_remove": list(SET_HEADERS)},
