@@ -153,8 +153,8 @@ class SigninService:
         q = request.query
         flow: dict[str, Any] = {}
         if "cli_redirect" in q:
-            redirect, challenge, cli_state = q["cli_redirect"], q.get("cli_challenge", ""), q.get("cli_state", "")
-            if not _loopback_redirect(redirect):
+            cli_redirect, challenge, cli_state = q["cli_redirect"], q.get("cli_challenge", ""), q.get("cli_state", "")
+            if not _loopback_redirect(cli_redirect):
                 return refusal(400, "invalid_request_error",
                                "cli_redirect must be an http:// loopback URL (127.0.0.1, [::1] or localhost)")
             if not _CHALLENGE.match(challenge):
@@ -162,7 +162,7 @@ class SigninService:
                                "cli_challenge must be the S256 PKCE challenge of the CLI's verifier")
             if len(cli_state) > 512:
                 return refusal(400, "invalid_request_error", "cli_state is too long")
-            flow.update(cr=redirect, cc=challenge, cs=cli_state)
+            flow.update(cr=cli_redirect, cc=challenge, cs=cli_state)
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         verifier, challenge = pkce_pair()
         redirect_uri = self.callback_url()

@@ -1,0 +1,438 @@
+"""Sign-in without long-lived secrets: the gateway as an OIDC relying party (tests/idp.py as a
+real HTTP IdP), its session tokens through the real gateway (Envoy, extauth, policy) with the
+anthropic SDK, and `ccr login` as a user runs it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import anthropic
+import httpx
+import pytest
+import yaml
+from joserfc import jwt
+from joserfc.jwk import OctKey, OKPKey
+
+from ccr.contract import SIGNIN_PREFIX
+from ccr.supervisor import Gateway
+from signin import tokens
+from signin.keys import load_signing_key
+from tests.harness import gateway_config
+from tests.idp import TestIdP, running_idp
+
+CCR = [sys.executable, "-m", "ccr.cli"]
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+SONNET, HAIKU = "claude-sonnet-4-6", "claude-haiku-4-5"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[TestIdP]:
+    with running_idp() as p:
+        p.device_interval = 1  # the CLI waits this long between polls
+        p.add_user("dana", email="dana@example.com", groups=("default",), tenant="acme")
+        p.add_user("erin", email="erin@example.com", groups=("haiku-only",), tenant="acme")
+        p.add_user("frank", email="frank@example.com", groups=("default",))
+        p.add_user("gina", email="gina@example.com", groups=("default",))
+        p.login_as("dana")
+        yield p
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, idp: TestIdP) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("signin")
+    path = gateway_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["identity"] = {"signin": {"issuer": idp.issuer, "client_id": "ccr"}}
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway(path).start()
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def auth(gw: Gateway, path: str) -> str:
+    return gw.url + SIGNIN_PREFIX + path
+
+
+def sdk(gw: Gateway, token: str) -> anthropic.Anthropic:
+    # auth_token: sent as `Authorization: Bearer`, as Claude Code does with ANTHROPIC_AUTH_TOKEN.
+    return anthropic.Anthropic(base_url=gw.url, auth_token=token, api_key=None, max_retries=0)
+
+
+def device_sign_in(gw: Gateway, idp: TestIdP, sub: str) -> dict[str, Any]:
+    start = httpx.post(auth(gw, "device"))
+    assert start.status_code == 200, start.text
+    s = start.json()
+    pending = httpx.post(auth(gw, "token"), data={"grant_type": DEVICE_GRANT, "device_code": s["device_code"]})
+    assert pending.status_code == 400 and pending.json()["error"] == "authorization_pending"
+    idp.approve_device(s["user_code"], sub=sub)
+    r = httpx.post(auth(gw, "token"), data={"grant_type": DEVICE_GRANT, "device_code": s["device_code"]})
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    return r.json()  # type: ignore[no-any-return]
+
+
+def refresh(gw: Gateway, refresh_token: str) -> httpx.Response:
+    return httpx.post(auth(gw, "token"), data={"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+
+def assert_refused_within_a_second(gw: Gateway, token: str, what: str) -> None:
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            sdk(gw, token).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
+        except anthropic.AuthenticationError as e:
+            assert "session has ended" in e.message, e.message
+            return
+        assert time.monotonic() < deadline, f"{what}: session token still accepted after 1 s"
+
+
+# -- device flow ------------------------------------------------------------------------
+
+
+def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: TestIdP, tmp_path: Path) -> None:
+    session_file = tmp_path / "cfg" / "session.json"
+    proc = subprocess.Popen([*CCR, "login", "--gateway", gw.url, "--session-file", str(session_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline() + proc.stdout.readline()
+        m = re.search(r"confirm the code: (\S+)", first)
+        assert m, first
+        assert idp.url("/device?user_code=") in first  # the IdP's verification page, as the IdP named it
+        idp.approve_device(m.group(1), sub="dana")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "ANTHROPIC_AUTH_TOKEN" in out and "apiKeyHelper" in out and f"ANTHROPIC_BASE_URL={gw.url}" in out
+    assert f"--session-file {session_file}" in out
+    assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
+    doc = json.loads(session_file.read_text())
+    assert doc["gateway"] == gw.url and doc["refresh_token"].startswith("ccrr_")
+    assert "dana" in out
+
+    # What apiKeyHelper runs: the token only, on one line.
+    printed = subprocess.run([*CCR, "login", "--print-token", "--session-file", str(session_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == doc["access_token"] + "\n"
+    msg = sdk(gw, printed.stdout.strip()).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
+    assert msg.content[0].type == "text"
+
+    # Close to expiry (as the CLI's clock sees it), --print-token refreshes through the gateway.
+    doc["expires_at"] = int(time.time()) + 10
+    session_file.write_text(json.dumps(doc))
+    again = subprocess.run([*CCR, "login", "--print-token", "--session-file", str(session_file)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    new = json.loads(session_file.read_text())
+    assert again.stdout.strip() == new["access_token"] != doc["access_token"]
+    assert new["refresh_token"] != doc["refresh_token"]
+    assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
+    assert sdk(gw, new["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+
+    # ccr logout ends the session: its tokens stop working within a second.
+    out = subprocess.run([*CCR, "logout", "--session-file", str(session_file)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not session_file.exists()
+    assert_refused_within_a_second(gw, new["access_token"], "after ccr logout")
+
+
+def test_device_flow_refusals_pass_through(gw: Gateway, idp: TestIdP) -> None:
+    s = httpx.post(auth(gw, "device")).json()
+    idp.deny_device(s["user_code"])
+    r = httpx.post(auth(gw, "token"), data={"grant_type": DEVICE_GRANT, "device_code": s["device_code"]})
+    assert r.status_code == 400 and r.json()["error"] == "access_denied"
+    # A device_code the gateway did not issue (the IdP's raw code shape, or garbage) is refused.
+    for bad in ("", "x" * 43, s["device_code"][:-2] + "AA"):
+        r = httpx.post(auth(gw, "token"), data={"grant_type": DEVICE_GRANT, "device_code": bad})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_grant", bad
+    r = httpx.post(auth(gw, "token"), data={"grant_type": "password", "username": "a", "password": "b"})
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
+
+
+def test_groups_and_tenant_come_from_the_idp(gw: Gateway, idp: TestIdP) -> None:
+    tok = device_sign_in(gw, idp, "erin")
+    claims = jwt.decode(tok["access_token"], load_signing_key(gw.runtime.signin_key_dir), algorithms=["Ed25519"]).claims  # type: ignore[union-attr]
+    assert claims["groups"] == ["haiku-only"] and claims["tenant"] == "acme" and claims["name"] == "erin@example.com"
+    assert claims["sub"] == "erin" and claims["idp"] == idp.issuer and claims["exp"] - claims["iat"] == 3600
+    c = sdk(gw, tok["access_token"])
+    assert c.messages.create(model=HAIKU, max_tokens=8, messages=HELLO).content
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        c.messages.create(model=SONNET, max_tokens=8, messages=HELLO)
+    assert "user 'erin@example.com'" in e.value.message
+
+
+# -- browser flow ---------------------------------------------------------------------------
+
+
+def _follow_to_callback(gw: Gateway, client: httpx.Client, login_url: str) -> httpx.URL:
+    """login -> IdP authorize -> the gateway's callback URL (not followed)."""
+    r = client.get(login_url)
+    assert r.status_code == 302, r.text
+    to_idp = httpx.URL(r.headers["location"])
+    q = parse_qs(to_idp.query.decode())
+    assert q["code_challenge_method"] == ["S256"] and len(q["code_challenge"][0]) == 43
+    assert q["state"][0] and q["nonce"][0] and q["redirect_uri"] == [auth(gw, "callback")]
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and f"Path={SIGNIN_PREFIX}" in cookie
+    # Nothing of the flow is readable in the cookie: state, nonce and verifier are sealed.
+    assert q["state"][0] not in cookie and q["nonce"][0] not in cookie
+    r = client.get(to_idp)
+    assert r.status_code == 302, r.text
+    back = httpx.URL(r.headers["location"])
+    assert str(back).startswith(auth(gw, "callback"))
+    return back
+
+
+def test_browser_flow_with_pkce(gw: Gateway, idp: TestIdP) -> None:
+    with httpx.Client() as client:
+        back = _follow_to_callback(gw, client, auth(gw, "login"))
+        page = client.get(back)
+    assert page.status_code == 200, page.text
+    token = re.search(r"<pre id=token>([^<]+)</pre>", page.text)
+    assert token, page.text
+    assert "ANTHROPIC_AUTH_TOKEN" in page.text and "Signed in as dana@example.com" in page.text
+    msg = sdk(gw, token.group(1)).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
+    assert msg.content[0].type == "text"
+    # The callback can be used once: the flow cookie is gone, so a replay is refused.
+    with httpx.Client() as client:
+        assert client.get(back).status_code == 400
+
+
+def test_ccr_login_browser(gw: Gateway, idp: TestIdP, tmp_path: Path) -> None:
+    session_file = tmp_path / "s.json"
+    proc = subprocess.Popen([*CCR, "login", "--browser", "--no-open", "--gateway", gw.url,
+                             "--session-file", str(session_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = proc.stdout.readline() + proc.stdout.readline()
+        url = lines.split()[-1]
+        assert url.startswith(auth(gw, "login?")), lines
+        with httpx.Client(follow_redirects=True) as client:
+            # login -> IdP -> gateway callback -> the CLI's loopback listener
+            final = client.get(url)
+        assert final.status_code == 200 and "Signed in" in final.text
+        assert final.url.host == "127.0.0.1" and final.url.path == "/callback"
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    doc = json.loads(session_file.read_text())
+    assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
+    assert sdk(gw, doc["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+    assert refresh(gw, doc["refresh_token"]).status_code == 200
+
+
+def test_callback_refuses_state_mismatch_and_crossed_flows(gw: Gateway, idp: TestIdP) -> None:
+    with httpx.Client() as a, httpx.Client() as b:
+        back_a = _follow_to_callback(gw, a, auth(gw, "login"))
+        back_b = _follow_to_callback(gw, b, auth(gw, "login"))
+        # Login CSRF: the attacker's code and state in the victim's browser (b's cookie).
+        r = b.get(back_a)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert "state does not match" in r.json()["error"]["message"]
+        # The flow cookie is one-shot: after a failed callback, even the right state is refused.
+        assert b.get(back_b).status_code == 400
+        # A forged state on a's own flow is refused too.
+        q = parse_qs(back_a.query.decode())
+        r = a.get(back_a.copy_with(params={"code": q["code"][0], "state": q["state"][0][:-1] + "x"}))
+        assert r.status_code == 400 and "state does not match" in r.json()["error"]["message"]
+    # No flow cookie at all (another browser, or cookie stripped).
+    r = httpx.get(back_a)
+    assert r.status_code == 400 and "no sign-in is in progress" in r.json()["error"]["message"]
+    # A tampered cookie does not open.
+    with httpx.Client() as c:
+        back = _follow_to_callback(gw, c, auth(gw, "login"))
+        sealed = c.cookies["ccr_signin_flow"]
+        c.cookies.set("ccr_signin_flow", sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB"),
+                      path=SIGNIN_PREFIX)
+        r = c.get(back)
+        assert r.status_code == 400 and "no sign-in is in progress" in r.json()["error"]["message"]
+
+
+def test_cli_handoff_code_needs_the_cli_verifier_once(gw: Gateway, idp: TestIdP) -> None:
+    verifier = "v" * 43 + "-cli-verifier"
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+    params = {"cli_redirect": "http://127.0.0.1:9/callback", "cli_challenge": challenge.decode(), "cli_state": "st"}
+    login = auth(gw, "login") + "?" + str(httpx.QueryParams(params))
+    with httpx.Client() as client:
+        back = _follow_to_callback(gw, client, login)
+        r = client.get(back)
+    assert r.status_code == 302
+    to_cli = urlsplit(r.headers["location"])
+    assert f"{to_cli.scheme}://{to_cli.netloc}{to_cli.path}" == "http://127.0.0.1:9/callback"
+    q = parse_qs(to_cli.query)
+    assert q["state"] == ["st"]
+    code = q["code"][0]
+
+    def redeem(v: str) -> httpx.Response:
+        return httpx.post(auth(gw, "token"), data={"grant_type": "authorization_code", "code": code,
+                                                   "code_verifier": v})
+
+    wrong = redeem("w" * 43)
+    assert wrong.status_code == 400 and wrong.json()["error"] == "invalid_grant"
+    ok = redeem(verifier)
+    assert ok.status_code == 200 and ok.json()["access_token"]
+    again = redeem(verifier)
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+    # Only loopback redirects: a sign-in cannot be handed to another host.
+    for bad in ("https://evil.example/cb", "http://10.0.0.1/cb", "http://127.0.0.1.evil.example/cb"):
+        r = httpx.get(auth(gw, "login"), params={"cli_redirect": bad, "cli_challenge": challenge.decode()})
+        assert r.status_code == 400 and "loopback" in r.json()["error"]["message"], bad
+
+
+# -- session token lifecycle ------------------------------------------------------------------
+
+
+def test_expired_session_token_refused(gw: Gateway, idp: TestIdP) -> None:
+    tok = device_sign_in(gw, idp, "dana")
+    claims = tokens.verify(tok["access_token"], _public(gw), "urn:ccr:gateway", time.time(), 0)
+    key = load_signing_key(gw.runtime.signin_key_dir)  # type: ignore[union-attr]
+    # Same key, same live session, but its hour is over (minted two hours ago).
+    old, _ = tokens.mint(key, "urn:ccr:gateway", claims.sid, claims.sub, claims.idp, claims.name, claims.groups,
+                         claims.tenant, 3600, time.time() - 7200)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        sdk(gw, old).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
+    assert "session token has expired" in e.value.message
+    assert sdk(gw, tok["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+
+
+def test_revoked_session_refused_within_a_second(gw: Gateway, idp: TestIdP) -> None:
+    tok = device_sign_in(gw, idp, "dana")
+    c = sdk(gw, tok["access_token"])
+    assert c.messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+    r = httpx.post(auth(gw, "revoke"), headers={"Authorization": f"Bearer {tok['access_token']}"})
+    assert r.status_code == 200 and r.json() == {"revoked": True}
+    assert_refused_within_a_second(gw, tok["access_token"], "after revoke")
+    assert refresh(gw, tok["refresh_token"]).json()["error"] == "invalid_grant"
+
+
+def test_refresh_fails_once_the_idp_disables_the_user(gw: Gateway, idp: TestIdP) -> None:
+    tok = device_sign_in(gw, idp, "frank")
+    r = refresh(gw, tok["refresh_token"])
+    assert r.status_code == 200, r.text
+    tok = r.json()
+    assert sdk(gw, tok["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+    idp.disable_user("frank")
+    try:
+        r = refresh(gw, tok["refresh_token"])
+    finally:
+        idp.enable_user("frank")
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    assert "no longer accepts" in r.json()["error_description"]
+    # The session is over: its still-unexpired token stops working too, and it cannot be revived.
+    assert_refused_within_a_second(gw, tok["access_token"], "after the IdP refused the refresh")
+    assert refresh(gw, tok["refresh_token"]).status_code == 400
+
+
+def test_replayed_refresh_token_ends_the_session(gw: Gateway, idp: TestIdP) -> None:
+    first = device_sign_in(gw, idp, "gina")
+    second = refresh(gw, first["refresh_token"]).json()
+    # The replaced refresh token shows up again: someone copied it. The session ends for both.
+    r = refresh(gw, first["refresh_token"])
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    assert refresh(gw, second["refresh_token"]).status_code == 400
+    assert_refused_within_a_second(gw, second["access_token"], "after refresh token replay")
+
+
+# -- forged tokens ------------------------------------------------------------------------------
+
+
+def _public(gw: Gateway) -> Any:
+    from signin.keys import load_public_keys
+
+    return load_public_keys(gw.runtime.signin_key_dir)  # type: ignore[union-attr]
+
+
+def _b64(doc: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+@pytest.fixture(scope="module")
+def live(gw: Gateway, idp: TestIdP) -> dict[str, Any]:
+    tok = device_sign_in(gw, idp, "dana")
+    claims = jwt.decode(tok["access_token"], _public(gw), algorithms=["Ed25519"]).claims
+    return {"token": tok["access_token"], "claims": claims, "key": load_signing_key(gw.runtime.signin_key_dir)}  # type: ignore[union-attr]
+
+
+def _forge(live: dict[str, Any], how: str) -> str:
+    key: OKPKey = live["key"]
+    claims = dict(live["claims"])
+    head = {"alg": "Ed25519", "kid": key.kid, "typ": tokens.TYP}
+    if how == "wrong-key":
+        other = OKPKey.generate_key("Ed25519", parameters={"kid": key.kid})
+        return jwt.encode(head, claims, other, algorithms=["Ed25519"])
+    if how == "alg-none":
+        return f"{_b64({**head, 'alg': 'none'})}.{_b64({**claims, 'groups': ['admin']})}."
+    if how == "wrong-iss":
+        return jwt.encode(head, {**claims, "iss": "https://evil.example"}, key, algorithms=["Ed25519"])
+    if how == "wrong-aud":
+        return jwt.encode(head, {**claims, "aud": "someone-else"}, key, algorithms=["Ed25519"])
+    if how == "tampered-payload":
+        h, _, sig = live["token"].split(".")
+        return f"{h}.{_b64({**claims, 'groups': ['admin'], 'sub': 'root'})}.{sig}"
+    if how == "hs256-with-public-key":
+        secret = OctKey.import_key(key.as_dict(private=False)["x"].encode())
+        return jwt.encode({**head, "alg": "HS256"}, claims, secret, algorithms=["HS256"])
+    if how == "unknown-kid":
+        return jwt.encode({**head, "kid": "nope"}, claims, key, algorithms=["Ed25519"])
+    if how == "unknown-session":
+        return jwt.encode(head, {**claims, "sid": "ses_doesnotexist"}, key, algorithms=["Ed25519"])
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["wrong-key", "alg-none", "wrong-iss", "wrong-aud", "tampered-payload",
+                                 "hs256-with-public-key", "unknown-kid", "unknown-session"])
+def test_forged_session_tokens_refused(gw: Gateway, live: dict[str, Any], how: str) -> None:
+    forged = _forge(live, how)
+    for headers in ({"authorization": f"Bearer {forged}"}, {"x-api-key": forged}):
+        r = httpx.post(f"{gw.url}/v1/messages", headers={**headers, "anthropic-version": "2023-06-01"},
+                       json={"model": SONNET, "max_tokens": 8, "messages": HELLO})
+        assert r.status_code == 401, (how, r.text)
+        body = r.json()
+        assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+    # The genuine token still works: the refusal is about the forgery, not the session.
+    assert sdk(gw, live["token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+
+
+# -- the route ---------------------------------------------------------------------------------------
+
+
+def test_signin_prefix_never_reaches_a_provider(gw: Gateway) -> None:
+    seen = len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json())
+    for method, path in (("POST", "v1/messages"), ("GET", "../v1/models"), ("POST", "token/../../v1/messages")):
+        r = httpx.request(method, gw.url + SIGNIN_PREFIX + path,
+                          headers={"x-ccr-cluster": "provider_anthropic", "x-api-key": "ccr_x"},
+                          json={"model": SONNET, "max_tokens": 8, "messages": HELLO})
+        assert r.status_code in (400, 401, 404, 405), (path, r.status_code, r.text)
+    assert len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json()) == seen
+
+
+def test_signin_service_started_by_ccr_up_with_private_keys(gw: Gateway) -> None:
+    assert gw.runtime is not None and gw.runtime.signin
+    d = Path(gw.runtime.signin_key_dir or "")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "session-signing.jwk").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "sealing.key").stat().st_mode) == 0o600
+    jwks = httpx.get(auth(gw, "jwks")).json()
+    assert [k["kid"] for k in jwks["keys"]] == [load_signing_key(d).kid]
+    assert all("d" not in k for k in jwks["keys"])  # public halves only
+    assert os.path.exists(d / "session-signing.pub.jwks")
