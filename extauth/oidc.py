@@ -193,7 +193,9 @@ class OidcVerifier:
 
     async def _refresh_loop(self, interval_s: float) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            # An issuer with no keys yet (IdP down at start) is retried sooner, still at a gentle pace.
+            keyless = any(not k.keys for k in self.issuers.values())
+            await asyncio.sleep(min(interval_s, 5.0) if keyless else interval_s)
             for k in self.issuers.values():
                 try:
                     await k.fetch()
