@@ -188,7 +188,13 @@ class OidcVerifier:
 
     async def start(self, refresh_interval_s: float = REFRESH_INTERVAL_S) -> None:
         """Fetch every issuer's keys once (failures are logged, not fatal) and keep them fresh."""
-        await asyncio.gather(*(k.refetch("start") for k in self.issuers.values()))
+        async def first(k: IssuerKeys) -> None:
+            try:  # not an on-demand fetch: a rotation right after start may still refetch at once
+                await k.fetch()
+            except Exception as e:
+                log.warning("issuer %s: first JWKS fetch failed (retrying in the background): %s", k.cfg.issuer, e)
+
+        await asyncio.gather(*(first(k) for k in self.issuers.values()))
         self._refresher = asyncio.create_task(self._refresh_loop(refresh_interval_s), name="oidc-jwks-refresh")
 
     async def _refresh_loop(self, interval_s: float) -> None:
