@@ -11,6 +11,7 @@ import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -98,21 +99,56 @@ class PolicySettings(Strict):
     entrypoint: str = "ccr/authz/decision"
 
 
+# Asymmetric signature algorithms only: never "none", never HMAC (a public key must not be a secret).
+OIDC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+
+
+class OidcIssuer(Strict):
+    """One trusted OpenID provider whose JWTs (access or ID tokens) identify people."""
+
+    issuer: Annotated[str, Field(min_length=8)]  # exactly the tokens' `iss`
+    audiences: Annotated[list[str], Field(min_length=1)]  # a token's `aud` must contain one of these
+    discovery_url: str | None = None  # default: <issuer>/.well-known/openid-configuration
+    jwks_url: str | None = None  # set to skip discovery
+    algorithms: Annotated[list[str], Field(min_length=1)] = ["RS256", "ES256", "EdDSA"]
+    leeway_s: Annotated[int, Field(ge=0, le=300)] = 60  # clock skew allowed on exp/nbf/iat
+    user_claim: str = "sub"  # Principal.id is "oidc:<issuer>#<value>"
+    name_claims: list[str] = ["email", "preferred_username"]  # first present one names the user
+    groups_claim: str = "groups"
+    tenant_claim: str | None = "tenant"
+    extra_claims: list[str] = []  # passed to policy as input.principal.claims
+    # IdP group -> gateway groups. When set, only mapped groups count (closed by default).
+    group_map: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _safe(self) -> OidcIssuer:
+        bad = sorted(set(self.algorithms) - OIDC_ALGORITHMS)
+        if bad:
+            raise ValueError(f"algorithms {bad} are not allowed; use asymmetric ones from {sorted(OIDC_ALGORITHMS)}")
+        for name in ("issuer", "discovery_url", "jwks_url"):
+            url = getattr(self, name)
+            if url is not None and not _https_or_loopback(url):
+                raise ValueError(f"{name} must be an https:// URL (http:// only on loopback), got {url!r}")
+        return self
+
+
+def _https_or_loopback(url: str) -> bool:
+    u = urlsplit(url)
+    return u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
 class SigninSettings(Strict):
     """The gateway as an OIDC relying party: people sign in at the IdP and get short-lived
     gateway session tokens (`ccr login`), so no long-lived secret sits on a laptop."""
 
-    # The IdP's issuer URL (discovery at <issuer>/.well-known/openid-configuration).
+    # One of identity.oidc[].issuer: its discovery, keys, algorithms and claim mapping apply.
     issuer: Annotated[str, Field(min_length=1)]
     client_id: Annotated[str, Field(min_length=1)]
     # Name of the environment variable holding the client secret (confidential client);
     # None for a public client. The secret itself never sits in the config file.
     client_secret_env: str | None = None
     scopes: list[str] = ["openid", "profile", "email", "offline_access"]
-    # Claims of the ID token that name the user, list their groups and their tenant.
-    username_claim: str = "email"
-    groups_claim: str = "groups"
-    tenant_claim: str | None = None
     # Lifetime of one session token; `ccr login --print-token` refreshes before it ends.
     session_ttl_s: Annotated[int, Field(ge=60, le=86400)] = 3600
     # A session is never refreshed past this age, whatever the IdP says: sign in again.
@@ -127,9 +163,29 @@ class SigninSettings(Strict):
     # Signing key and refresh-token encryption key (mode 0600); default <data_dir>/signin.
     key_dir: str | None = None
 
+    @model_validator(mode="after")
+    def _safe_public_url(self) -> SigninSettings:
+        # Codes and session tokens travel to this URL: never in clear over a network.
+        if self.public_url is not None and not _https_or_loopback(self.public_url):
+            raise ValueError(f"public_url must be https:// (http:// only on loopback), got {self.public_url!r}")
+        if "openid" not in self.scopes:
+            raise ValueError("scopes must include 'openid' (the sign-in needs an ID token)")
+        return self
+
 
 class IdentitySettings(Strict):
+    oidc: list[OidcIssuer] = []
     signin: SigninSettings | None = None
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> IdentitySettings:
+        seen = [i.issuer for i in self.oidc]
+        dupes = {i for i in seen if seen.count(i) > 1}
+        if dupes:
+            raise ValueError(f"oidc issuers must be unique; repeated: {sorted(dupes)}")
+        if self.signin is not None and self.signin.issuer not in seen:
+            raise ValueError(f"signin.issuer {self.signin.issuer!r} must be one of the identity.oidc issuers {seen}")
+        return self
 
 
 class GatewayConfig(Strict):

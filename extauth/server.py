@@ -37,6 +37,7 @@ from extauth.bundle import BundleError, build_bundle, read_bundle
 from extauth.deny import Deny, denied
 from extauth.identity import Identity
 from extauth.keys import KeyStore
+from extauth.oidc import OidcVerifier
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
@@ -256,9 +257,14 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    sessions = await session_verifier(config, runtime)
     # Session tokens first: they are recognised by their `typ` alone, before any IdP verifier.
-    authorizer = Authorizer(config, Identity(keys, [sessions] if sessions else []), policy)
+    sessions = await session_verifier(config, runtime)
+    verifiers: list = [sessions] if sessions is not None else []
+    oidc = OidcVerifier(config.identity.oidc) if config.identity.oidc else None
+    if oidc is not None:
+        await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
+        verifiers.append(oidc)
+    authorizer = Authorizer(config, Identity(keys, verifiers), policy)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
@@ -271,6 +277,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await keys.close()
         if sessions is not None:
             await sessions.status.close()
+        if oidc is not None:
+            await oidc.close()
         authorizer.policy.close()
 
     return cleanup

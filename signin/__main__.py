@@ -13,7 +13,7 @@ from aiohttp import web
 from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 from ccr.service import parse_args, write_ready
-from signin.idp import ClaimMap, IdpClient
+from signin.idp import IdpClient
 from signin.keys import Sealer, ensure_keys, load_public_keys, load_signing_key
 from signin.service import SigninService
 from signin.store import SessionStore
@@ -33,10 +33,6 @@ def gateway_url(config: GatewayConfig, runtime_path: str) -> str:
     if not port:
         raise RuntimeError("the gateway's listen port is not known yet")
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def claim_map(config: GatewayConfig) -> ClaimMap:
-    return ClaimMap()
 
 
 async def serve() -> None:
@@ -66,11 +62,11 @@ async def serve() -> None:
         return url_cache[0]
 
     async with aiohttp.ClientSession() as http:
-        idp = IdpClient(settings.issuer, settings.client_id, secret, settings.scopes, http,
-                        leeway_s=settings.leeway_s)
+        issuer = next(i for i in config.identity.oidc if i.issuer == settings.issuer)  # checked by the config
+        idp = IdpClient(issuer, settings.client_id, secret, settings.scopes, http)
         store = SessionStore(runtime.postgres_dsn, sealer)
         await store.start()
-        service = SigninService(settings, claim_map(config), idp, store, load_signing_key(key_dir),
+        service = SigninService(settings, idp, store, load_signing_key(key_dir),
                                 load_public_keys(key_dir), sealer, public_url)
         runner = web.AppRunner(service.app(), access_log=None)
         await runner.setup()

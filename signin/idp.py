@@ -21,15 +21,13 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
+
+from ccr.config import OidcIssuer
+from extauth.oidc import IssuerKeys, OidcVerifier
 
 log = logging.getLogger(__name__)
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-# Asymmetric only: never "none", never HMAC (which an IdP's public key could be abused as).
-ID_TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA", "Ed25519")
-# An unknown kid refetches the JWKS, but at most this often (a flood of made-up kids is not a flood of fetches).
-JWKS_REFETCH_S = 30.0
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -77,55 +75,38 @@ class Metadata:
 
 
 @dataclass(frozen=True)
-class ClaimMap:
-    """Which ID token claims name the user, list their groups and their tenant."""
+class Who:
+    """The person an ID token names, in the gateway's terms (the issuer's claim mapping)."""
 
-    user_claim: str = "sub"
-    name_claims: tuple[str, ...] = ("email", "preferred_username")
-    groups_claim: str = "groups"
-    tenant_claim: str | None = "tenant"
+    subject: str  # the value of the issuer's user_claim: Principal.id is "oidc:<issuer>#<subject>"
+    name: str
+    groups: tuple[str, ...]
+    tenant: str | None
 
-    def user(self, claims: dict[str, Any]) -> str:
-        v = claims.get(self.user_claim)
-        if not isinstance(v, str) or not v:
-            raise IdTokenInvalid(f"ID token lacks the '{self.user_claim}' claim that identifies the user")
-        return v
 
-    def name(self, claims: dict[str, Any]) -> str:
-        for c in self.name_claims:
-            v = claims.get(c)
-            if isinstance(v, str) and v:
-                return v
-        return self.user(claims)
-
-    def groups(self, claims: dict[str, Any]) -> tuple[str, ...]:
-        v = claims.get(self.groups_claim)
-        if isinstance(v, str):
-            return (v,)
-        if isinstance(v, list):
-            return tuple(g for g in v if isinstance(g, str))
-        return ()
-
-    def tenant(self, claims: dict[str, Any]) -> str | None:
-        v = claims.get(self.tenant_claim) if self.tenant_claim else None
-        return v if isinstance(v, str) and v else None
+def who_from_claims(cfg: OidcIssuer, claims: dict[str, Any]) -> Who:
+    """The same mapping (user claim, name claims, groups with group_map, tenant) that extauth
+    applies to this issuer's tokens, so a person is one principal whichever way they come in."""
+    try:
+        p = OidcVerifier._principal(cfg, claims)
+    except Exception as e:  # extauth.oidc's refusal type: a claim is missing or malformed
+        raise IdTokenInvalid(str(e)) from None
+    return Who(str(claims[cfg.user_claim]), p.name, p.groups, p.tenant)
 
 
 class IdpClient:
-    def __init__(self, issuer: str, client_id: str, client_secret: str | None, scopes: list[str],
-                 http: aiohttp.ClientSession, leeway_s: int = 60, clock: Callable[[], float] = time.time) -> None:
-        if not https_or_loopback(issuer):
-            raise ValueError(f"IdP issuer must be https:// (http:// only on loopback): {issuer!r}")
-        self.issuer = issuer  # exactly the ID tokens' `iss`
+    def __init__(self, cfg: OidcIssuer, client_id: str, client_secret: str | None, scopes: list[str],
+                 http: aiohttp.ClientSession, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.issuer = cfg.issuer  # exactly the ID tokens' `iss`
         self.client_id = client_id
         self._secret = client_secret
         self.scopes = scopes
         self._http = http
-        self.leeway_s = leeway_s
         self.clock = clock
         self._meta: Metadata | None = None
-        self._jwks: KeySet | None = None
-        self._jwks_at = 0.0
+        # The issuer's keys as extauth keeps them: cached, refetched on an unknown kid (rate limited).
+        self._keys = IssuerKeys(cfg, clock, lambda: http)
         self._lock = asyncio.Lock()
 
     # -- discovery and keys ------------------------------------------------------
@@ -158,22 +139,6 @@ class IdpClient:
                                       doc.get("revocation_endpoint"))
         return self._meta
 
-    async def _keys(self, kid: str | None) -> KeySet:
-        known = self._jwks is not None and (kid is None or any(k.kid == kid for k in self._jwks.keys))
-        if known or (self._jwks is not None and time.monotonic() - self._jwks_at < JWKS_REFETCH_S):
-            assert self._jwks is not None
-            return self._jwks
-        async with self._lock:
-            if self._jwks is None or time.monotonic() - self._jwks_at >= JWKS_REFETCH_S:
-                meta = await self.metadata()
-                doc = await self._get_json(meta.jwks_uri)
-                try:
-                    self._jwks = KeySet.import_key_set(doc)  # type: ignore[arg-type]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise IdpUnavailable(f"JWKS at {meta.jwks_uri} is not usable: {e}") from None
-                self._jwks_at = time.monotonic()
-        return self._jwks
-
     async def validate_id_token(self, id_token: str, nonce: str | None) -> dict[str, Any]:
         """The ID token's claims after checking signature, alg, iss, aud/azp, exp, iat and nonce
         (OpenID Connect Core 3.1.3.7)."""
@@ -182,11 +147,15 @@ class IdpClient:
         header = header_of(id_token)
         if header is None:
             raise IdTokenInvalid("ID token is malformed")
-        if header.get("alg") not in ID_TOKEN_ALGORITHMS:
-            raise IdTokenInvalid(f"ID token algorithm {header.get('alg')!r} is not accepted")
-        keys = await self._keys(header.get("kid") if isinstance(header.get("kid"), str) else None)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.cfg.algorithms:
+            raise IdTokenInvalid(f"ID token algorithm {str(alg)[:20]!r} is not accepted")
+        kid = header.get("kid")
+        key = await self._keys.key_for(kid if isinstance(kid, str) else None)
+        if key is None:
+            raise IdTokenInvalid("ID token is signed with a key the identity provider does not publish")
         try:
-            claims = jwt.decode(id_token, keys, algorithms=list(ID_TOKEN_ALGORITHMS)).claims
+            claims = jwt.decode(id_token, key, algorithms=[alg]).claims
         except JoseError as e:
             raise IdTokenInvalid(f"ID token signature is invalid ({e.error})") from None
         except ValueError:
@@ -201,9 +170,9 @@ class IdpClient:
             raise IdTokenInvalid("ID token has several audiences and azp is not this gateway's client_id")
         now = self.clock()
         exp, iat = claims.get("exp"), claims.get("iat")
-        if not isinstance(exp, int | float) or isinstance(exp, bool) or now >= exp + self.leeway_s:
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or now >= exp + self.cfg.leeway_s:
             raise IdTokenInvalid("ID token has expired")
-        if not isinstance(iat, int | float) or isinstance(iat, bool) or iat > now + self.leeway_s:
+        if not isinstance(iat, int | float) or isinstance(iat, bool) or iat > now + self.cfg.leeway_s:
             raise IdTokenInvalid("ID token was issued in the future")
         if nonce is not None and not (isinstance(claims.get("nonce"), str)
                                       and secrets.compare_digest(claims["nonce"], nonce)):

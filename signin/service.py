@@ -33,7 +33,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -47,13 +46,14 @@ from signin import tokens
 from signin.idp import (
     DEVICE_GRANT,
     LOOPBACK,
-    ClaimMap,
     IdpClient,
     IdpError,
     IdpUnavailable,
     IdTokenInvalid,
+    Who,
     pkce_pair,
     s256,
+    who_from_claims,
 )
 from signin.keys import Sealer
 from signin.store import REFRESH_PREFIX, Session, SessionStore
@@ -83,27 +83,16 @@ def refusal(status: int, kind: str, message: str) -> web.Response:
                         headers=_NO_STORE)
 
 
-@dataclass(frozen=True)
-class Who:
-    """The person an ID token names, in the gateway's terms."""
-
-    subject: str
-    name: str
-    groups: tuple[str, ...]
-    tenant: str | None
-
-
 def _loopback_redirect(uri: str) -> bool:
     u = urlsplit(uri)
     return u.scheme == "http" and u.hostname in LOOPBACK and not u.username and not u.fragment
 
 
 class SigninService:
-    def __init__(self, settings: SigninSettings, claim_map: ClaimMap, idp: IdpClient, store: SessionStore,
+    def __init__(self, settings: SigninSettings, idp: IdpClient, store: SessionStore,
                  signing_key: OKPKey, public_keys: KeySet, sealer: Sealer, public_url: Callable[[], str],
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.claim_map = claim_map
         self.idp = idp
         self.store = store
         self.signing_key = signing_key
@@ -127,8 +116,7 @@ class SigninService:
         return self.public_url().rstrip("/") + SIGNIN_PREFIX + "callback"
 
     def _who(self, claims: dict[str, Any]) -> Who:
-        m = self.claim_map
-        return Who(m.user(claims), m.name(claims), m.groups(claims), m.tenant(claims))
+        return who_from_claims(self.idp.cfg, claims)
 
     def _mint(self, sid: str, who: Who) -> tuple[str, int]:
         return tokens.mint(self.signing_key, self.settings.token_issuer, sid, who.subject, self.idp.issuer,

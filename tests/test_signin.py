@@ -55,7 +55,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, idp: TestIdP) -> Iterator[Gatew
     tmp = tmp_path_factory.mktemp("signin")
     path = gateway_config(tmp)
     cfg = yaml.safe_load(path.read_text())
-    cfg["identity"] = {"signin": {"issuer": idp.issuer, "client_id": "ccr"}}
+    cfg["identity"] = {"oidc": [{"issuer": idp.issuer, "audiences": ["ccr"]}],
+                       "signin": {"issuer": idp.issuer, "client_id": "ccr"}}
     path.write_text(yaml.safe_dump(cfg))
     g = Gateway(path).start()
     try:
