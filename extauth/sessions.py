@@ -117,6 +117,7 @@ class SessionTokenVerifier:
         self.clock = clock
         self._max = max_cached
         self._verified: dict[str, tokens.SessionClaims] = {}
+        self.signature_checks = 0
 
     def accepts(self, token: str) -> bool:
         return tokens.looks_like_session_token(token)
@@ -128,6 +129,7 @@ class SessionTokenVerifier:
             if now < claims.exp + self.leeway_s:
                 return claims
             del self._verified[token]
+        self.signature_checks += 1
         try:
             claims = tokens.verify(token, self.keys, self.issuer, now, self.leeway_s)
         except tokens.TokenRejected as e:

@@ -1,0 +1,160 @@
+"""Sign-in pieces on their own: key files, session tokens with an injected clock, the extauth
+session verifier (cache, revocation by NOTIFY), config checks and the generated Envoy route."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from ccr.config import ConfigError, load_config, parse_config
+from ccr.contract import SIGNIN_PREFIX
+from extauth.deny import Deny
+from extauth.sessions import SessionStatus, SessionTokenVerifier
+from router import resources
+from signin import tokens
+from signin.keys import KeyFileError, Sealer, ensure_keys, load_public_keys, load_signing_key
+from signin.store import SessionStore
+from tests.test_router import _runtime, _validate
+
+REPO = Path(__file__).resolve().parent.parent
+ISS = "urn:ccr:gateway"
+
+
+def test_keys_are_private_and_stable(tmp_path: Path) -> None:
+    d = ensure_keys(tmp_path / "k")
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    assert oct((d / "session-signing.jwk").stat().st_mode & 0o777) == "0o600"
+    assert oct((d / "sealing.key").stat().st_mode & 0o777) == "0o600"
+    kid = load_signing_key(d).kid
+    ensure_keys(d)  # a second start keeps the key
+    assert load_signing_key(d).kid == kid
+    assert [k.kid for k in load_public_keys(d).keys] == [kid]
+    assert "\"d\"" not in (d / "session-signing.pub.jwks").read_text()
+    os.chmod(d / "session-signing.jwk", 0o644)
+    with pytest.raises(KeyFileError, match="readable by group or others"):
+        load_signing_key(d)
+
+
+def test_sealed_values_are_bound_to_their_purpose(tmp_path: Path) -> None:
+    s = Sealer.load(ensure_keys(tmp_path))
+    sealed = s.seal_json({"dc": "x"}, "device")
+    assert s.open_json(sealed, "device") == {"dc": "x"}
+    assert s.open_json(sealed, "browser-flow") is None
+    assert s.open_json(sealed[:-2] + ("AA" if sealed[-2:] != "AA" else "BB"), "device") is None
+    assert s.open_json("not base64 !", "device") is None
+    other = Sealer.load(ensure_keys(tmp_path / "other"))
+    assert other.open_json(sealed, "device") is None
+
+
+class _Status:
+    """SessionStatus stand-in for clock tests: every session is live."""
+
+    async def live(self, sid: str) -> bool:
+        return True
+
+
+def test_session_token_expiry_follows_the_clock(tmp_path: Path) -> None:
+    d = ensure_keys(tmp_path)
+    now = [1_800_000_000.0]
+    v = SessionTokenVerifier(load_public_keys(d), ISS, _Status(), leeway_s=30,  # type: ignore[arg-type]
+                             clock=lambda: now[0])
+    tok, exp = tokens.mint(load_signing_key(d), ISS, "ses_1", "u", "https://idp", "u@x", ("default",), "acme",
+                           3600, now[0])
+    assert v.accepts(tok) and not v.accepts("eyJhbGciOiJSUzI1NiJ9.e30.sig") and not v.accepts("ccr_abc")
+    p = asyncio.run(v.verify(tok))
+    assert (p.id, p.name, p.groups, p.tenant, p.issuer) == ("oidc:https://idp#u", "u@x", ("default",), "acme", ISS)
+    # Cached: the second check does no signature work.
+    asyncio.run(v.verify(tok))
+    assert v.signature_checks == 1
+    now[0] = exp + 29  # inside the leeway
+    asyncio.run(v.verify(tok))
+    now[0] = exp + 30
+    with pytest.raises(Deny) as e:
+        asyncio.run(v.verify(tok))
+    assert e.value.status == 401 and "expired" in e.value.message
+    # Not yet valid (minted in the future beyond the leeway) is refused too.
+    future, _ = tokens.mint(load_signing_key(d), ISS, "ses_1", "u", "https://idp", "u@x", (), None, 3600,
+                            now[0] + 120)
+    with pytest.raises(Deny, match="not valid yet"):
+        asyncio.run(v.verify(future))
+
+
+def test_revocation_reaches_the_verifier_by_notify(postgres_dsn: str, tmp_path: Path) -> None:
+    d = ensure_keys(tmp_path)
+
+    async def run() -> None:
+        store = SessionStore(postgres_dsn, Sealer.load(d))
+        await store.start()
+        status = SessionStatus(postgres_dsn, ttl_s=3600)  # only the notification can end it
+        await status.start()
+        try:
+            sid, refresh = await store.create(idp_issuer="https://idp", subject="u", name="u", groups=(),
+                                              tenant=None, flow="device", idp_refresh="idp-rt", max_age_s=600)
+            assert refresh.startswith("ccrr_")
+            s = await store.by_refresh_token(refresh)
+            assert s is not None and store.idp_refresh_token(s) == "idp-rt"
+            with psycopg.connect(postgres_dsn) as conn:  # sealed at rest, not the token itself
+                raw = conn.execute("SELECT idp_refresh_sealed FROM signin_sessions WHERE id = %s", (sid,)).fetchone()
+            assert raw is not None and b"idp-rt" not in bytes(raw[0])
+            assert await status.live(sid)
+            assert await store.revoke(sid, "test") is not None
+            deadline = time.monotonic() + 1.0
+            while await status.live(sid):
+                assert time.monotonic() < deadline, "revocation not heard within a second"
+                await asyncio.sleep(0.01)
+            assert not await status.live("ses_unknown")
+        finally:
+            await status.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _signin_config(tmp_path: Path, **signin: object) -> dict:
+    cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    cfg["identity"] = {"oidc": [{"issuer": "https://idp.example", "audiences": ["ccr"]}],
+                       "signin": {"issuer": "https://idp.example", "client_id": "ccr", **signin}}
+    return cfg
+
+
+def test_signin_config_is_checked(tmp_path: Path) -> None:
+    assert parse_config(_signin_config(tmp_path)).identity.signin is not None
+    cfg = _signin_config(tmp_path)
+    cfg["identity"]["signin"]["issuer"] = "https://other.example"
+    with pytest.raises(ConfigError, match="must be one of the identity.oidc issuers"):
+        parse_config(cfg)
+    with pytest.raises(ConfigError, match="public_url must be https"):
+        parse_config(_signin_config(tmp_path, public_url="http://gateway.example"))
+    with pytest.raises(ConfigError, match="session_ttl_s"):
+        parse_config(_signin_config(tmp_path, session_ttl_s=10))
+    with pytest.raises(ConfigError, match="openid"):
+        parse_config(_signin_config(tmp_path, scopes=["email"]))
+
+
+def test_signin_route_passes_envoy_validate_and_is_first(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(_signin_config(tmp_path)))
+    cfg = load_config(f)
+    rt = _runtime(signin="127.0.0.1:7005")
+    routes = resources.route_config(cfg)["virtual_hosts"][0]["routes"]
+    assert routes[0]["match"] == {"prefix": SIGNIN_PREFIX}
+    assert routes[0]["route"] == {"cluster": resources.SIGNIN, "timeout": "30s"}
+    assert routes[0]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    # ext_authz stays on for everything else.
+    assert all("typed_per_filter_config" not in r for r in routes[1:])
+    r = _validate(tmp_path, json.dumps(resources.static_bootstrap(cfg, rt, 18080)))
+    assert r.returncode == 0, r.stderr[-4000:]
+    with pytest.raises(ValueError, match="signin"):
+        resources.clusters(cfg, _runtime())
+    # Without identity.signin there is no such route or cluster.
+    plain = load_config(REPO / "ccr.example.yaml")
+    assert all(r["match"].get("prefix") != SIGNIN_PREFIX for r in resources.route_config(plain)["virtual_hosts"][0]
+               ["routes"])
+    assert resources.SIGNIN not in [c["name"] for c in resources.clusters(plain, _runtime())]
