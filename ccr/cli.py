@@ -55,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  ANTHROPIC_BASE_URL={gw.url} ANTHROPIC_API_KEY={key} python -c \"import anthropic; "
         f"print(anthropic.Anthropic().messages.create(model='claude-sonnet-4-5', max_tokens=64, "
         f"messages=[{{'role':'user','content':'hello'}}]).content[0].text)\"\n\n"
+        f"{_signin_hint(gw)}"
         f"Ctrl-C stops everything.",
         flush=True,
     )
@@ -71,6 +72,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     gw.stop()
     print("ccr: stopped.", flush=True)
     return code
+
+
+def _signin_hint(gw: object) -> str:
+    from ccr.supervisor import Gateway
+
+    assert isinstance(gw, Gateway)
+    if gw.config.identity.signin is None:
+        return ""
+    return (f"People sign in (no key needed): ccr login --gateway {gw.url}\n"
+            f"  (device code; --browser for a browser sign-in)\n\n")
 
 
 @contextlib.contextmanager

@@ -134,6 +134,11 @@ def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: Tes
     assert printed.stdout == doc["access_token"] + "\n"
     msg = sdk(gw, printed.stdout.strip()).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
     assert msg.content[0].type == "text"
+    # Claude Code sends an apiKeyHelper's output as both x-api-key and Authorization: Bearer.
+    r = httpx.post(f"{gw.url}/v1/messages", json={"model": SONNET, "max_tokens": 8, "messages": HELLO},
+                   headers={"x-api-key": doc["access_token"], "authorization": f"Bearer {doc['access_token']}",
+                            "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
 
     # Close to expiry (as the CLI's clock sees it), --print-token refreshes through the gateway.
     doc["expires_at"] = int(time.time()) + 10
