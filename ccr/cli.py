@@ -10,9 +10,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ccr.config import ConfigError, json_schema, load_config
 from ccr.procs import StartError
+
+if TYPE_CHECKING:
+    from ccr.supervisor import Gateway
 
 DEFAULT_CONFIG = "ccr.yaml" if Path("ccr.yaml").exists() else "ccr.example.yaml"
 
@@ -74,10 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def _signin_hint(gw: object) -> str:
-    from ccr.supervisor import Gateway
-
-    assert isinstance(gw, Gateway)
+def _signin_hint(gw: Gateway) -> str:
     if gw.config.identity.signin is None:
         return ""
     return (f"People sign in (no key needed): ccr login --gateway {gw.url}\n"
