@@ -83,6 +83,11 @@ def refusal(status: int, kind: str, message: str) -> web.Response:
                         headers=_NO_STORE)
 
 
+def _seconds(value: object, default: int) -> int:
+    """A positive whole number of seconds from the IdP, or the RFC 8628 default."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 86400 else default
+
+
 def _loopback_redirect(uri: str) -> bool:
     u = urlsplit(uri)
     return u.scheme == "http" and u.hostname in LOOPBACK and not u.username and not u.fragment
@@ -223,8 +228,8 @@ class SigninService:
         except IdpUnavailable as e:
             log.warning("IdP unavailable at device start: %s", e)
             return oauth_error("temporarily_unavailable", "the identity provider is unreachable", 503)
-        expires_in = int(doc.get("expires_in") or 600)
-        interval = int(doc.get("interval") or 5)
+        expires_in = _seconds(doc.get("expires_in"), 600)
+        interval = _seconds(doc.get("interval"), 5)
         handle = self.sealer.seal_json({"dc": doc["device_code"], "exp": int(self.clock()) + expires_in}, "device")
         out = {"device_code": handle, "user_code": doc["user_code"], "verification_uri": doc["verification_uri"],
                "expires_in": expires_in, "interval": interval}

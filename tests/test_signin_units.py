@@ -4,6 +4,7 @@ session verifier (cache, revocation by NOTIFY), config checks and the generated 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccr.config import ConfigError, load_config, parse_config
 from ccr.contract import SIGNIN_PREFIX
@@ -158,3 +161,72 @@ def test_signin_route_passes_envoy_validate_and_is_first(tmp_path: Path) -> None
     assert all(r["match"].get("prefix") != SIGNIN_PREFIX for r in resources.route_config(plain)["virtual_hosts"][0]
                ["routes"])
     assert resources.SIGNIN not in [c["name"] for c in resources.clusters(plain, _runtime())]
+
+
+# -- properties: no text gets in as a session token -------------------------------------------
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+PROPS = settings(max_examples=200, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def session_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[SessionTokenVerifier, str, str]:
+    d = ensure_keys(tmp_path_factory.mktemp("props"))
+    v = SessionTokenVerifier(load_public_keys(d), ISS, _Status(), clock=lambda: 1_800_000_000.0)  # type: ignore[arg-type]
+    tok, _ = tokens.mint(load_signing_key(d), ISS, "ses_p", "u", "https://idp", "u", ("default",), None, 3600,
+                         1_800_000_000.0)
+    return v, tok, asyncio.run(v.verify(tok)).id
+
+
+def _verdict(v: SessionTokenVerifier, token: str) -> str | None:
+    """The principal id, or None when refused with a 401; anything else (a crash) fails the test."""
+    try:
+        return asyncio.run(v.verify(token)).id
+    except Deny as e:
+        assert e.status == 401 and e.err_type == "authentication_error"
+        return None
+
+
+@PROPS
+@given(st.text(max_size=300) | st.lists(st.text(alphabet=B64URL, max_size=80), min_size=1, max_size=5)
+       .map(".".join))
+def test_random_text_is_refused(session_env: tuple, text: str) -> None:
+    v = session_env[0]
+    tokens.header_of(text)  # never raises
+    assert _verdict(v, text) is None
+
+
+@PROPS
+@given(st.data())
+def test_mutated_tokens_are_refused_or_identical(session_env: tuple, data: st.DataObject) -> None:
+    v, tok, pid = session_env
+    i = data.draw(st.integers(0, len(tok) - 1))
+    c = data.draw(st.sampled_from(B64URL + "."))
+    mutated = tok[:i] + c + tok[i + 1:]
+    got = _verdict(v, mutated)
+    # base64url's spare trailing bits can decode a different string to the same bytes: then it
+    # is the same signed token, and only then may it pass.
+    assert got is None or (got == pid and _same_bytes(tok, mutated))
+
+
+@PROPS
+@given(header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "jku", "x5u"]),
+                              st.sampled_from(["none", "HS256", "Ed25519", "RS256", tokens.TYP, "", "x"])),
+       payload=st.dictionaries(st.sampled_from(["iss", "aud", "sub", "sid", "idp", "exp", "iat", "name", "groups"]),
+                               st.one_of(st.text(max_size=10), st.integers(), st.just(ISS), st.just(["x"]))))
+def test_forged_headers_and_payloads_are_refused(session_env: tuple, header: dict, payload: dict) -> None:
+    v, tok, _ = session_env
+    def b64(d: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+    sig = tok.rsplit(".", 1)[1]
+    for forged in (f"{b64(header)}.{b64(payload)}.", f"{b64(header)}.{b64(payload)}.{sig}"):
+        assert _verdict(v, forged) is None
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    def dec(t: str) -> list[bytes]:
+        return [base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)) for p in t.split(".")]
+    try:
+        return dec(a) == dec(b)
+    except ValueError:
+        return False
