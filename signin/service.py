@@ -83,6 +83,22 @@ def refusal(status: int, kind: str, message: str) -> web.Response:
                         headers=_NO_STORE)
 
 
+@web.middleware
+async def _anthropic_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown path, wrong method, body too large) and crashes, in our error shape."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = {404: "not_found_error", 413: "request_too_large"}.get(e.status, "invalid_request_error")
+        return refusal(e.status, kind, f"{e.reason}: {request.method} {request.path} (sign-in endpoints: "
+                                       f"GET login, GET callback, POST device, POST token, POST revoke, GET jwks)")
+    except Exception:
+        log.exception("sign-in request failed: %s %s", request.method, request.path)
+        return refusal(500, "api_error", "the sign-in service failed on this request; try again shortly")
+
+
 def _seconds(value: object, default: int) -> int:
     """A positive whole number of seconds from the IdP, or the RFC 8628 default."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 86400 else default
@@ -107,7 +123,7 @@ class SigninService:
         self.clock = clock
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[_anthropic_errors])
         p = SIGNIN_PREFIX
         app.router.add_get(p + "login", self.login)
         app.router.add_get(p + "callback", self.callback)

@@ -430,6 +430,10 @@ def test_signin_prefix_never_reaches_a_provider(gw: Gateway) -> None:
                           json={"model": SONNET, "max_tokens": 8, "messages": HELLO})
         assert r.status_code in (400, 401, 404, 405), (path, r.status_code, r.text)
     assert len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json()) == seen
+    r = httpx.get(auth(gw, "nothing-here"))
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(auth(gw, "token"))
+    assert r.status_code == 405 and r.json()["type"] == "error"
 
 
 def test_signin_service_started_by_ccr_up_with_private_keys(gw: Gateway) -> None:
