@@ -144,6 +144,29 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from signin import admin
+
+    with _dsn(args.config) as dsn:
+        if args.sessions_cmd == "list":
+            rows = admin.list_sessions(dsn, include_ended=args.all, subject=args.user)
+            print(f"{'id':<22} {'user':<28} {'flow':<12} {'groups':<20} created / refreshed / ends")
+            for s in rows:
+                ended = f"  revoked {s.revoked_at:%Y-%m-%d %H:%M} ({s.revoked_reason})" if s.revoked_at else ""
+                print(f"{s.id:<22} {s.name[:28]:<28} {s.flow:<12} {','.join(s.groups)[:20]:<20} "
+                      f"{s.created_at:%Y-%m-%d %H:%M} / {s.refreshed_at:%H:%M} / {s.expires_at:%Y-%m-%d}{ended}")
+            return 0
+        if (args.session_id is None) == (args.user is None):
+            print("name a session id or --user SUBJECT (not both)", file=sys.stderr)
+            return 2
+        ended = admin.revoke_sessions(dsn, session_id=args.session_id, subject=args.user)
+        if not ended:
+            print("no live session matched", file=sys.stderr)
+            return 1
+        print(f"revoked {len(ended)} session(s): {' '.join(ended)}")
+    return 0
+
+
 def _gateway_url(args: argparse.Namespace) -> str:
     """--gateway, else $CCR_GATEWAY_URL, else the gateway `ccr up` runs from this config."""
     if args.gateway:
@@ -226,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--all", action="store_true", help="include revoked keys")
     r = ks.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
+
+    ss = sub.add_parser("sessions", help="sign-in sessions (`ccr login`): list, revoke")
+    ss.set_defaults(func=cmd_sessions)
+    sss = ss.add_subparsers(dest="sessions_cmd", required=True)
+    sl = sss.add_parser("list", help="live sessions (--all: ended ones too)")
+    sl.add_argument("--all", action="store_true")
+    sl.add_argument("--user", help="only this subject (the IdP's user id)")
+    sr = sss.add_parser("revoke", help="end a session, or every session of --user; effective within a second")
+    sr.add_argument("session_id", nargs="?")
+    sr.add_argument("--user", help="revoke every live session of this subject (offboarding)")
 
     lg = sub.add_parser("login", help="sign in through the gateway's identity provider (short-lived session)")
     lg.set_defaults(func=cmd_login)

@@ -446,3 +446,25 @@ def test_signin_service_started_by_ccr_up_with_private_keys(gw: Gateway) -> None
     assert [k["kid"] for k in jwks["keys"]] == [load_signing_key(d).kid]
     assert all("d" not in k for k in jwks["keys"])  # public halves only
     assert os.path.exists(d / "session-signing.pub.jwks")
+
+
+def test_admin_revokes_every_session_of_a_user(gw: Gateway, idp: TestIdP) -> None:
+    idp.add_user("hank", email="hank@example.com", groups=("default",))
+    a, b = device_sign_in(gw, idp, "hank"), device_sign_in(gw, idp, "hank")
+    other = device_sign_in(gw, idp, "dana")
+    cfg = ["-c", str(gw.config_path)]
+    listed = subprocess.run([*CCR, *cfg, "sessions", "list", "--user", "hank"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert a["session_id"] in listed.stdout and b["session_id"] in listed.stdout
+    assert other["session_id"] not in listed.stdout
+    out = subprocess.run([*CCR, *cfg, "sessions", "revoke", "--user", "hank"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "revoked 2 session(s)" in out.stdout, out.stdout + out.stderr
+    for tok in (a, b):
+        assert_refused_within_a_second(gw, tok["access_token"], "after ccr sessions revoke --user")
+        assert refresh(gw, tok["refresh_token"]).status_code == 400
+    assert sdk(gw, other["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+    again = subprocess.run([*CCR, *cfg, "sessions", "revoke", "--user", "hank"], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 1 and "no live session" in again.stderr
