@@ -162,6 +162,9 @@ class SigninSettings(Strict):
     public_url: str | None = None
     # Signing key and refresh-token encryption key (mode 0600); default <data_dir>/signin.
     key_dir: str | None = None
+    # Sign-ins anyone may start (browser logins + device codes, all callers together) per minute:
+    # each costs the IdP work, and the endpoints are open to the unauthenticated.
+    starts_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 600
 
     @model_validator(mode="after")
     def _safe_public_url(self) -> SigninSettings:

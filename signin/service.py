@@ -99,6 +99,34 @@ async def _anthropic_errors(request: web.Request, handler: Callable) -> web.Stre
         return refusal(500, "api_error", "the sign-in service failed on this request; try again shortly")
 
 
+class StartBudget:
+    """A token bucket over all callers: how many sign-ins may start, so open endpoints
+    cannot be used to flood the IdP through the gateway."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(max(1, per_minute // 6))
+        self.clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+
+    def take(self) -> float:
+        """0 when a start is allowed now, else the seconds until one will be."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+def _too_many(wait_s: float) -> web.Response:
+    resp = refusal(429, "rate_limit_error", "too many sign-ins are starting right now; retry shortly")
+    resp.headers["Retry-After"] = str(max(1, int(wait_s + 0.999)))
+    return resp
+
+
 def _seconds(value: object, default: int) -> int:
     """A positive whole number of seconds from the IdP, or the RFC 8628 default."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 86400 else default
@@ -121,6 +149,7 @@ class SigninService:
         self.sealer = sealer
         self.public_url = public_url
         self.clock = clock
+        self.starts = StartBudget(settings.starts_per_minute)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024, middlewares=[_anthropic_errors])
@@ -159,6 +188,8 @@ class SigninService:
     # -- browser: authorization code + PKCE ----------------------------------------
 
     async def login(self, request: web.Request) -> web.Response:
+        if wait := self.starts.take():
+            return _too_many(wait)
         q = request.query
         flow: dict[str, Any] = {}
         if "cli_redirect" in q:
@@ -237,6 +268,8 @@ class SigninService:
     # -- device authorization grant -----------------------------------------------
 
     async def device(self, request: web.Request) -> web.Response:
+        if wait := self.starts.take():
+            return _too_many(wait)
         try:
             doc = await self.idp.device_authorization()
         except IdpError as e:

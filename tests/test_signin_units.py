@@ -230,3 +230,48 @@ def _same_bytes(a: str, b: str) -> bool:
         return dec(a) == dec(b)
     except ValueError:
         return False
+
+
+class _StubIdp:
+    issuer = "https://idp.example"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def device_authorization(self) -> dict:
+        self.calls += 1
+        return {"device_code": "dc", "user_code": "ABCD-EFGH", "verification_uri": "https://idp.example/device"}
+
+    async def authorization_url(self, redirect_uri: str, state: str, nonce: str, challenge: str) -> str:
+        self.calls += 1
+        return "https://idp.example/authorize"
+
+
+def test_sign_in_starts_are_budgeted(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ccr.config import SigninSettings
+    from signin.service import SigninService, StartBudget
+
+    d = ensure_keys(tmp_path)
+    idp = _StubIdp()
+    svc = SigninService(SigninSettings(issuer=idp.issuer, client_id="ccr", starts_per_minute=60),
+                        idp, None, load_signing_key(d), load_public_keys(d), Sealer.load(d),  # type: ignore[arg-type]
+                        lambda: "http://127.0.0.1:1")
+    now = [100.0]
+    svc.starts = StartBudget(60, clock=lambda: now[0])  # 1 per second, bursts of 10
+
+    async def run() -> None:
+        async with TestClient(TestServer(svc.app())) as c:
+            for _ in range(10):
+                assert (await c.post(SIGNIN_PREFIX + "device")).status == 200
+            r = await c.post(SIGNIN_PREFIX + "device")
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"]["type"] == "rate_limit_error"
+            assert (await c.get(SIGNIN_PREFIX + "login", allow_redirects=False)).status == 429
+            now[0] += 1.0
+            r = await c.get(SIGNIN_PREFIX + "login", allow_redirects=False)
+            assert r.status == 302 and r.headers["Location"] == "https://idp.example/authorize"
+
+    asyncio.run(run())
+    assert idp.calls == 11  # refused starts never reached the IdP
