@@ -204,7 +204,7 @@ def browser_login(gateway: str, out: TextIO, open_browser: bool = True, timeout_
         server.shutdown()
         server.server_close()
     got = handler.result or {}
-    if not secrets.compare_digest(got.get("state", ""), state):
+    if not secrets.compare_digest(got.get("state", "").encode(), state.encode()):
         raise LoginError("the browser came back with a different state; not accepting it (run `ccr login` again)")
     status, tok = _post(gateway, "token", {"grant_type": "authorization_code", "code": got.get("code", ""),
                                            "code_verifier": verifier})

@@ -175,7 +175,7 @@ class IdpClient:
         if not isinstance(iat, int | float) or isinstance(iat, bool) or iat > now + self.cfg.leeway_s:
             raise IdTokenInvalid("ID token was issued in the future")
         if nonce is not None and not (isinstance(claims.get("nonce"), str)
-                                      and secrets.compare_digest(claims["nonce"], nonce)):
+                                      and secrets.compare_digest(claims["nonce"].encode(), nonce.encode())):
             raise IdTokenInvalid("ID token nonce does not match this sign-in")
         return claims
 

@@ -68,6 +68,9 @@ _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 # Errors from the IdP's device grant that the CLI must see as they are (RFC 8628 3.5).
 _DEVICE_ERRORS = frozenset({"authorization_pending", "slow_down", "access_denied", "expired_token"})
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# The page that shows a session token runs no script, loads nothing, and cannot be framed.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+                 "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
 
 
 def oauth_error(error: str, description: str, status: int = 400) -> web.Response:
@@ -231,13 +234,13 @@ class SigninService:
         if self.clock() > flow["exp"]:
             return refusal(400, "invalid_request_error",
                            f"this sign-in took too long; start again at {SIGNIN_PREFIX}login")
-        if not secrets.compare_digest(q.get("state", ""), flow["s"]):
+        if not secrets.compare_digest(q.get("state", "").encode(), flow["s"].encode()):
             return refusal(400, "invalid_request_error",
                            "state does not match the sign-in this browser started; start again")
         if "error" in q:
             return refusal(403, "permission_error",
-                           f"the identity provider refused the sign-in: {q['error']} {q.get('error_description', '')}"
-                           .strip())
+                           f"the identity provider refused the sign-in: {q['error'][:64]} "
+                           f"{q.get('error_description', '')[:200]}".strip())
         code = q.get("code", "")
         if not code:
             return refusal(400, "invalid_request_error", "the identity provider returned no code")
@@ -262,7 +265,7 @@ class SigninService:
         sid, _ = await self._new_session(who, "browser", None)
         access, exp = self._mint(sid, who)
         log.info("browser sign-in: session %s", sid)
-        return web.Response(content_type="text/html", headers=_NO_STORE, text=_signed_in_page(
+        return web.Response(content_type="text/html", headers={**_NO_STORE, **_PAGE_HEADERS}, text=_signed_in_page(
             who.name, access, exp - int(self.clock()), self.public_url()))
 
     # -- device authorization grant -----------------------------------------------

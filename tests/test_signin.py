@@ -212,6 +212,8 @@ def test_browser_flow_with_pkce(gw: Gateway, idp: TestIdP) -> None:
         back = _follow_to_callback(gw, client, auth(gw, "login"))
         page = client.get(back)
     assert page.status_code == 200, page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
     token = re.search(r"<pre id=token>([^<]+)</pre>", page.text)
     assert token, page.text
     assert "ANTHROPIC_AUTH_TOKEN" in page.text and "Signed in as dana@example.com" in page.text
@@ -250,6 +252,7 @@ def test_ccr_login_browser(gw: Gateway, idp: TestIdP, tmp_path: Path) -> None:
 def test_callback_refuses_state_mismatch_and_crossed_flows(gw: Gateway, idp: TestIdP) -> None:
     with httpx.Client() as a, httpx.Client() as b:
         back_a = _follow_to_callback(gw, a, auth(gw, "login"))
+        cookie_a = a.cookies["ccr_signin_flow"]
         back_b = _follow_to_callback(gw, b, auth(gw, "login"))
         # Login CSRF: the attacker's code and state in the victim's browser (b's cookie).
         r = b.get(back_a)
@@ -259,8 +262,10 @@ def test_callback_refuses_state_mismatch_and_crossed_flows(gw: Gateway, idp: Tes
         assert b.get(back_b).status_code == 400
         # A forged state on a's own flow is refused too.
         q = parse_qs(back_a.query.decode())
-        r = a.get(back_a.copy_with(params={"code": q["code"][0], "state": q["state"][0][:-1] + "x"}))
-        assert r.status_code == 400 and "state does not match" in r.json()["error"]["message"]
+        for forged in (q["state"][0][:-1] + "x", "é" * 10, ""):
+            r = a.get(back_a.copy_with(params={"code": q["code"][0], "state": forged}))
+            assert r.status_code == 400 and "state does not match" in r.json()["error"]["message"], forged
+            a.cookies.set("ccr_signin_flow", cookie_a, path=SIGNIN_PREFIX)  # each refusal spends the cookie
     # No flow cookie at all (another browser, or cookie stripped).
     r = httpx.get(back_a)
     assert r.status_code == 400 and "no sign-in is in progress" in r.json()["error"]["message"]
