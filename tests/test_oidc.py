@@ -386,3 +386,16 @@ def test_config_refuses_plain_http_and_duplicates() -> None:
 def test_payload_helpers_roundtrip() -> None:
     # The test's own helper must agree with the real encoding, or the tamper test proves nothing.
     assert segments(f"{b64({'a': 1})}.{b64(orjson.dumps({'b': 2}))}.x")[:2] == ({"a": 1}, {"b": 2})
+
+
+def test_example_config_identity_block_parses() -> None:
+    """The commented identity.oidc example in ccr.example.yaml is a valid config once uncommented."""
+    import yaml
+
+    text = (REPO / "ccr.example.yaml").read_text()
+    head, _, block = text.partition("# identity:")
+    lines = ["identity:"] + [ln[2:] for ln in block.splitlines()[1:] if ln.startswith("# ") and
+                              not ln[2:].lstrip().startswith("#")]
+    cfg = parse_config(yaml.safe_load(head + "\n".join(lines)))
+    iss = cfg.identity.oidc[0]
+    assert iss.issuer == "https://login.example.com/realms/acme" and iss.group_map == {"engineering": ["default"]}
