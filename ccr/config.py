@@ -128,12 +128,13 @@ class OidcIssuer(Strict):
             raise ValueError(f"algorithms {bad} are not allowed; use asymmetric ones from {sorted(OIDC_ALGORITHMS)}")
         for name in ("issuer", "discovery_url", "jwks_url"):
             url = getattr(self, name)
-            if url is not None and not _https_or_loopback(url):
+            if url is not None and not https_or_loopback(url):
                 raise ValueError(f"{name} must be an https:// URL (http:// only on loopback), got {url!r}")
         return self
 
 
-def _https_or_loopback(url: str) -> bool:
+def https_or_loopback(url: str) -> bool:
+    """An https URL, or http to this host only (tests, a local IdP)."""
     u = urlsplit(url)
     return u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))
 

@@ -399,3 +399,24 @@ def test_example_config_identity_block_parses() -> None:
     cfg = parse_config(yaml.safe_load(head + "\n".join(lines)))
     iss = cfg.identity.oidc[0]
     assert iss.issuer == "https://login.example.com/realms/acme" and iss.group_map == {"engineering": ["default"]}
+
+
+def test_jwks_symmetric_and_private_keys_are_never_used(rig_factory) -> None:
+    async def scenario(r: Rig) -> None:
+        kid = r.a.active_kid()
+        pem = r.a.private_key(kid).as_pem(private=False)
+        r.a.extra_jwks = [
+            {"kty": "oct", "kid": "hmac", "k": b64(pem)},
+            {**r.a.private_key(kid).as_dict(private=True), "kid": "leaked"},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            {"kty": "XYZ", "kid": "odd"},
+            "not a key",
+        ]
+        await r.allowed(r.a.mint("alice"))  # the real keys still work beside the junk
+        keys = r.verifier.issuers[r.a.issuer].keys
+        assert kid in keys and not {"hmac", "leaked", "enc", "odd"} & set(keys)
+        claims = segments(r.a.mint("alice"))[1]
+        await r.refused(hs256({"alg": "HS256", "kid": "hmac"}, claims, pem))
+        assert "unknown kid" in await r.refused(r.a.mint("alice", kid=kid, header={"kid": "leaked"}))
+
+    rig_factory(scenario)
