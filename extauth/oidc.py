@@ -148,7 +148,7 @@ class IssuerKeys:
             self._last_fetch = now
             try:
                 await self.fetch()
-            except (TimeoutError, OSError, aiohttp.ClientError, ValueError) as e:
+            except Exception as e:  # an IdP problem must refuse the token (401), never fail the check (503)
                 log.warning("issuer %s: JWKS fetch (%s) failed: %s", self.cfg.issuer, reason, e)
                 return False
             return True

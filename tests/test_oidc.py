@@ -23,6 +23,7 @@ from google.rpc import code_pb2
 
 from ccr.config import ConfigError, parse_config
 from extauth.bundle import build_bundle
+from extauth.deny import Deny
 from extauth.identity import Identity
 from extauth.keys import KeyStore
 from extauth.oidc import MAX_TOKEN_BYTES, REFETCH_MIN_INTERVAL_S, OidcVerifier
@@ -353,7 +354,7 @@ def test_discovery_naming_another_issuer_is_not_trusted(bundle: Path) -> None:
         async def main() -> None:
             v = OidcVerifier(config.identity.oidc, clock=clock)
             try:
-                with pytest.raises(Exception, match="unknown kid"):
+                with pytest.raises(Deny, match="unknown kid"):
                     await v.verify(idp.mint("alice", iss=other))
                 assert idp.jwks_fetches == 0
             finally:
