@@ -165,6 +165,8 @@ class Authorizer:
             facts["key_id"] = p.key_id
         if p.tenant is not None:
             facts["tenant"] = p.tenant
+        if p.owner is not None:
+            facts["owner"] = p.owner
         if p.spiffe_id is not None:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
@@ -255,7 +257,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    authorizer = Authorizer(config, Identity(keys), policy)
+    authorizer = Authorizer(config, Identity(keys, spiffe=config.identity.spiffe), policy)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
