@@ -224,8 +224,8 @@ class Gateway:
         dsn = self.runtime.postgres_dsn
         for k in list_keys(dsn):
             if k.name == LOCAL_KEY_NAME:
-                revoke_key(dsn, k.id)
-        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"])
+                revoke_key(dsn, k.id, actor="ccr up")
+        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"], actor="ccr up")
         return self.api_key
 
     def stop(self) -> None:
