@@ -9,11 +9,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
+from google.protobuf import json_format
 
 from ccr import db
+from ccr.config import parse_config
+from extauth.bundle import build_bundle
 from extauth.identity import Identity
 from extauth.keys import (
     KeyChangeError,
@@ -24,7 +28,10 @@ from extauth.keys import (
     rotate_key,
     utcnow,
 )
+from extauth.policy import PolicyEngine
 from extauth.principal import PrincipalKind
+from extauth.server import Authorizer
+from tests.test_extauth import REPO, http_check, msg_body
 
 
 class Clock:
@@ -311,3 +318,29 @@ def test_a_failed_admin_row_leaves_no_change(fresh_dsn: str) -> None:
     assert names == ["guarded"]  # neither the created key nor a rotation successor exists
     assert _key(fresh_dsn, rec.id) == (None, None, None)
     assert [r[1] for r in _admin_rows(fresh_dsn)] == ["key.create"]
+
+
+def test_check_metadata_carries_owner_tenant_and_peer_spiffe_id(postgres_dsn: str, tmp_path: Path) -> None:
+    config = parse_config({
+        "providers": [{"name": "anthropic"}], "models": [{"match": "claude-*", "provider": "anthropic"}],
+        "gateway": {"tls": {"cert_file": "c", "key_file": "k", "client_ca_file": "ca"}},
+        "identity": {"spiffe": {"enabled": True, "trust_domains": ["example.org"]}},
+    })
+    policy = PolicyEngine.load(build_bundle(REPO / "policies", tmp_path / "b.tar.gz", "ccr/authz/decision"),
+                               "ccr/authz/decision")
+    rec, key = create_key(postgres_dsn, "meta", owner="data-team", tenant="acme")
+    peer = "spiffe://example.org/ns/batch/sa/job"
+
+    async def scenario(store: KeyStore) -> None:
+        auth = Authorizer(config, Identity(store, spiffe=config.identity.spiffe), policy)
+        req = http_check({"x-api-key": key}, body=msg_body("claude-sonnet-4-5"))
+        req.attributes.source.principal = peer
+        resp = await auth.check(req)
+        meta = json_format.MessageToDict(resp.dynamic_metadata)
+        assert meta["principal_kind"] == "key" and meta["key_id"] == rec.id
+        assert (meta["owner"], meta["tenant"], meta["spiffe_id"]) == ("data-team", "acme", peer)
+
+    try:
+        with_store(postgres_dsn, scenario)
+    finally:
+        policy.close()
