@@ -17,7 +17,7 @@ from ccr.config import SpiffeSettings
 from extauth.deny import Deny
 from extauth.keys import KEY_PREFIX, KeyRecord, KeyStore
 from extauth.principal import Principal, PrincipalKind
-from extauth.spiffe import SpiffeIdError, parse_spiffe_id
+from extauth.spiffe import SpiffeIdError, parse_spiffe_id, svid_spiffe_id
 
 MISSING_CREDENTIAL = (
     "missing credentials: send your gateway key in the x-api-key header "
@@ -66,8 +66,9 @@ class Identity:
         self.verifiers = list(verifiers)
         self.spiffe = spiffe or SpiffeSettings()
 
-    async def authenticate(self, headers: Mapping[str, str], peer_spiffe_id: str | None = None) -> Principal:
-        workload = self.workload(peer_spiffe_id)
+    async def authenticate(self, headers: Mapping[str, str], peer_spiffe_id: str | None = None,
+                           peer_certificate: str | None = None) -> Principal:
+        workload = self.workload(peer_spiffe_id, peer_certificate)
         cred = credential_from(headers)
         if cred is None:
             if workload is not None and self.spiffe.allow_without_key:
@@ -89,14 +90,26 @@ class Identity:
                 return p if spiffe_id is None else dataclasses.replace(p, spiffe_id=spiffe_id)
         raise Deny(401, "authentication_error", INVALID_KEY if "x-api-key" in headers else UNKNOWN_TOKEN)
 
-    def workload(self, peer: str | None) -> Principal | None:
+    def workload(self, peer: str | None, certificate: str | None = None) -> Principal | None:
         """The workload principal of the verified peer certificate, when SPIFFE is on.
 
-        A peer identity that is not a SPIFFE ID, or is from a trust domain the gateway
-        does not trust, is refused even next to a valid key: it is not understood.
+        `peer` is what Envoy reports (the first URI SAN); `certificate`, when Envoy sends
+        it (PEM), must be an X.509-SVID with exactly that one URI SAN. A peer identity that
+        is not a SPIFFE ID, or is from a trust domain the gateway does not trust, is
+        refused even next to a valid key: it is not understood.
         """
-        if not peer or not self.spiffe.enabled:
+        if not self.spiffe.enabled or not (peer or certificate):
             return None
+        if certificate:
+            try:
+                uri = svid_spiffe_id(certificate)
+            except SpiffeIdError as e:
+                raise Deny(401, "authentication_error",
+                           f"client certificate is not an X.509-SVID: it {e}") from None
+            if peer and uri != peer:  # Envoy and the certificate disagree: trust neither
+                raise Deny(401, "authentication_error", "client certificate identity is ambiguous")
+            peer = uri
+        assert peer is not None
         shown = peer if len(peer) <= 200 else peer[:200] + "..."
         try:
             sid = parse_spiffe_id(peer)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -79,6 +80,12 @@ def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
     return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
 
 
+def _peer_certificate(req: pb.CheckRequest) -> str | None:
+    """The verified client certificate (PEM) Envoy sends URL-encoded with include_peer_certificate."""
+    cert = req.attributes.source.certificate
+    return urllib.parse.unquote(cert) if cert else None
+
+
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
         self.config = config
@@ -119,7 +126,7 @@ class Authorizer:
         http = req.attributes.request.http
         headers = _headers(http)
         peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
-        principal = await self.identity.authenticate(headers, peer)
+        principal = await self.identity.authenticate(headers, peer, _peer_certificate(req))
 
         method = http.method
         path = http.path.partition("?")[0]

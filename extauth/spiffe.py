@@ -58,3 +58,50 @@ def parse_spiffe_id(text: str) -> SpiffeId:
         if not _SEGMENT.fullmatch(seg):
             raise SpiffeIdError("path may hold only letters, digits, '.', '-' and '_' (no query or fragment)")
     return SpiffeId(domain, "/" + path)
+
+
+_SVID_CACHE_MAX = 10_000
+_svid_cache: dict[str, str | SpiffeIdError] = {}
+
+
+def svid_spiffe_id(cert_pem: str) -> str:
+    """The SPIFFE ID of a verified peer certificate (PEM), which must be an X.509-SVID:
+    a leaf with exactly one URI SAN. Envoy reports only the first URI SAN as the peer's
+    principal; a certificate naming several identities is ambiguous and refused.
+    Results are cached by certificate (peers reconnect with the same SVID)."""
+    hit = _svid_cache.get(cert_pem)
+    if hit is None:
+        try:
+            hit = _svid_uri(cert_pem)
+        except SpiffeIdError as e:
+            hit = e
+        if len(_svid_cache) >= _SVID_CACHE_MAX:
+            _svid_cache.clear()
+        _svid_cache[cert_pem] = hit
+    if isinstance(hit, SpiffeIdError):
+        raise hit
+    return hit
+
+
+def _svid_uri(cert_pem: str) -> str:
+    from cryptography import x509  # only workloads need it; keep extauth's import light
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    except ValueError:
+        raise SpiffeIdError("could not be parsed as a PEM X.509 certificate") from None
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is not None and bc.ca:
+        raise SpiffeIdError("is a CA certificate, not a workload's X.509-SVID")
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        uris: list[str] = []
+    else:
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise SpiffeIdError(f"has {len(uris)} URI SANs; an X.509-SVID has exactly one (its SPIFFE ID)")
+    return uris[0]

@@ -270,6 +270,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                                       "allow_partial_message": False, "pack_as_bytes": True},
                 # extauth sets x-ccr-cluster, which selects the route's cluster.
                 "clear_route_cache": True,
+                # The verified client certificate, so extauth can insist on an X.509-SVID.
+                "include_peer_certificate": True,
             }},
             {"name": "envoy.filters.http.ratelimit", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",

@@ -41,6 +41,7 @@ class Certs:
         self.web = pki.issue(example, out, "web", uris=(WEB,))
         self.foreign = pki.issue(other, out, "foreign", uris=("spiffe://other.org/ns/batch/sa/job",))
         self.dns_only = pki.issue(example, out, "dns-only", dns=("job.example.org",))
+        self.two_ids = pki.issue(example, out, "two-ids", uris=(BATCH, "spiffe://example.org/ns/admin/sa/root"))
         self.rogue = pki.issue(self.rogue_ca, out, "rogue", uris=(BATCH,))
 
 
@@ -141,7 +142,16 @@ def test_certificate_without_spiffe_id_is_refused(gw: Gateway, certs: Certs) -> 
         r = post(gw, c, "claude-haiku-4-5")
     assert r.status_code == 401
     err = r.json()["error"]
-    assert err["type"] == "authentication_error" and "'job.example.org' is not a valid SPIFFE ID" in err["message"]
+    assert err == {"type": "authentication_error", "message": (
+        "client certificate is not an X.509-SVID: it has 0 URI SANs; an X.509-SVID has exactly one (its SPIFFE ID)")}
+
+
+def test_certificate_with_two_spiffe_ids_is_refused(gw: Gateway, certs: Certs) -> None:
+    # Envoy would report only the first URI SAN; the certificate as a whole is ambiguous.
+    with tls_client(certs, certs.two_ids) as c:
+        r = post(gw, c, "claude-haiku-4-5")
+    assert r.status_code == 401
+    assert "it has 2 URI SANs" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("who", ["none", "rogue"])

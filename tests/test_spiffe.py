@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given
@@ -14,7 +15,8 @@ from extauth.deny import Deny
 from extauth.identity import Identity
 from extauth.keys import KeyStore
 from extauth.principal import PrincipalKind
-from extauth.spiffe import MAX_ID_BYTES, SpiffeIdError, parse_spiffe_id
+from extauth.spiffe import MAX_ID_BYTES, SpiffeIdError, parse_spiffe_id, svid_spiffe_id
+from tests import pki
 
 # The grammar, written independently of the parser as one regular expression.
 REFERENCE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")
@@ -139,3 +141,39 @@ def test_untrusted_peer_is_refused_even_with_a_credential() -> None:
     with pytest.raises(Deny) as e:
         authenticate(ON, {"x-api-key": "ccr_" + "A" * 43}, "spiffe://other.org/ns/x")
     assert e.value.status == 403
+
+
+# -- the peer certificate must be an X.509-SVID ------------------------------------
+
+
+def pem(issued: pki.Issued) -> str:
+    return issued.cert_file.read_text()
+
+
+def test_svid_spiffe_id(tmp_path: Path) -> None:
+    ca = pki.make_ca(tmp_path, "ca")
+    assert svid_spiffe_id(pem(pki.issue(ca, tmp_path, "svid", uris=(BATCH,)))) == BATCH
+    cases = {
+        "has 2 URI SANs": pki.issue(ca, tmp_path, "two", uris=(BATCH, "spiffe://example.org/ns/admin")),
+        "has 0 URI SANs": pki.issue(ca, tmp_path, "dns", dns=("job.example.org",)),
+        "is a CA certificate": ca,
+    }
+    for needle, cert in cases.items():
+        with pytest.raises(SpiffeIdError, match=re.escape(needle)):
+            svid_spiffe_id(pem(cert))
+    with pytest.raises(SpiffeIdError, match="could not be parsed"):
+        svid_spiffe_id("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+
+
+def test_the_certificate_decides_over_the_reported_peer(tmp_path: Path) -> None:
+    ca = pki.make_ca(tmp_path, "ca")
+    web = pem(pki.issue(ca, tmp_path, "web", uris=("spiffe://example.org/ns/web/sa/api",)))
+    ident = Identity(KeyStore("postgresql://unused@127.0.0.1:1/unused"), spiffe=ON)
+    p = asyncio.run(ident.authenticate({}, None, web))
+    assert p.id == "spiffe://example.org/ns/web/sa/api"
+    with pytest.raises(Deny, match="ambiguous"):
+        asyncio.run(ident.authenticate({}, BATCH, web))
+    two = pem(pki.issue(ca, tmp_path, "two", uris=(BATCH, "spiffe://example.org/ns/admin")))
+    with pytest.raises(Deny, match="not an X.509-SVID: it has 2 URI SANs") as e:
+        asyncio.run(ident.authenticate({}, BATCH, two))
+    assert e.value.status == 401
