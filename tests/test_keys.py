@@ -11,12 +11,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.protobuf import json_format
+from google.rpc import code_pb2
 
 from ccr import db
 from ccr.config import parse_config
+from ccr.service import GRPC_OPTIONS
 from extauth.bundle import build_bundle
 from extauth.identity import Identity
 from extauth.keys import (
@@ -31,7 +35,8 @@ from extauth.keys import (
 from extauth.policy import PolicyEngine
 from extauth.principal import PrincipalKind
 from extauth.server import Authorizer
-from tests.test_extauth import REPO, http_check, msg_body
+from tests.harness import running_service
+from tests.test_extauth import GATEWAY_YAML, REPO, http_check, msg_body
 
 
 class Clock:
@@ -344,3 +349,29 @@ def test_check_metadata_carries_owner_tenant_and_peer_spiffe_id(postgres_dsn: st
         with_store(postgres_dsn, scenario)
     finally:
         policy.close()
+
+
+def test_revocation_reaches_two_extauth_processes_within_a_second(
+    postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    rec, key = create_key(postgres_dsn, "two-replicas")
+    req = http_check({"x-api-key": key}, body=msg_body())
+    bundle = build_bundle(REPO / "policies", tmp_path_factory.mktemp("b") / "policy.tar.gz", "ccr/authz/decision")
+    runs = [tmp_path_factory.mktemp("extauth-a"), tmp_path_factory.mktemp("extauth-b")]
+    with running_service("extauth", runs[0], GATEWAY_YAML, postgres_dsn=postgres_dsn, policy_bundle=str(bundle)) as a, \
+            running_service("extauth", runs[1], GATEWAY_YAML, postgres_dsn=postgres_dsn,
+                            policy_bundle=str(bundle)) as b:
+        channels = [grpc.insecure_channel(str(c.info["address"]), options=GRPC_OPTIONS) for c in (a, b)]
+        try:
+            stubs = [pb_grpc.AuthorizationStub(ch) for ch in channels]
+            assert [s.Check(req).status.code for s in stubs] == [code_pb2.OK, code_pb2.OK]  # cached in both
+            t0 = time.monotonic()
+            assert revoke_key(postgres_dsn, rec.id, actor="sec-team")
+            pending = list(stubs)
+            while pending:  # the condition itself: each replica refuses the key
+                pending = [s for s in pending if s.Check(req).status.code == code_pb2.OK]
+                assert time.monotonic() - t0 < 1.0, f"{len(pending)} replica(s) still accept a revoked key after 1 s"
+            assert [s.Check(req).status.code for s in stubs] == [code_pb2.UNAUTHENTICATED] * 2
+        finally:
+            for ch in channels:
+                ch.close()
