@@ -29,8 +29,27 @@ class Address(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 0
 
 
+class ListenerTLS(Strict):
+    """TLS on the gateway listener; with a client CA, mTLS (SPIFFE workloads present SVIDs)."""
+
+    cert_file: str
+    key_file: str
+    # PEM bundle of CAs that sign client certificates (e.g. the SPIFFE trust bundle).
+    client_ca_file: str | None = None
+    # Refuse the handshake without a verified client certificate (needs client_ca_file).
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_required_certs(self) -> ListenerTLS:
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file (the CA that signs client certificates)")
+        return self
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
+    # None: plain HTTP on the listener (loopback development).
+    tls: ListenerTLS | None = None
     admin: Address = Address()
     # Raised together on the whole path: Envoy buffers, ext_authz body, gRPC messages.
     max_request_bytes: Annotated[int, Field(ge=64 * 1024, le=512 * MIB)] = 64 * MIB
@@ -99,6 +118,20 @@ class PolicySettings(Strict):
     entrypoint: str = "ccr/authz/decision"
 
 
+# A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').
+TRUST_DOMAIN_PATTERN = r"^[a-z0-9._-]{1,255}$"
+
+
+class SpiffeSettings(Strict):
+    """Workloads identified by the SPIFFE ID (URI SAN) of their verified client certificate."""
+
+    enabled: bool = False
+    # Only SVIDs from these trust domains are principals; empty refuses every workload.
+    trust_domains: list[Annotated[str, Field(pattern=TRUST_DOMAIN_PATTERN)]] = []
+    # A verified workload may call with no API key or token at all.
+    allow_without_key: bool = False
+
+
 # Asymmetric signature algorithms only: never "none", never HMAC (a public key must not be a secret).
 OIDC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                              "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
@@ -141,6 +174,7 @@ def https_or_loopback(url: str) -> bool:
 
 class IdentitySettings(Strict):
     oidc: list[OidcIssuer] = []
+    spiffe: SpiffeSettings = SpiffeSettings()
 
     @model_validator(mode="after")
     def _unique_issuers(self) -> IdentitySettings:
@@ -173,6 +207,13 @@ class GatewayConfig(Strict):
                 raise ValueError(
                     f"models.{i}.provider: unknown provider {m.provider!r}; known: {names}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _spiffe_needs_mtls(self) -> GatewayConfig:
+        if self.identity.spiffe.enabled and not (self.gateway.tls and self.gateway.tls.client_ca_file):
+            raise ValueError("identity.spiffe.enabled needs gateway.tls.client_ca_file: workloads are known "
+                             "only by client certificates the listener verifies")
         return self
 
     def provider(self, name: str) -> Provider:

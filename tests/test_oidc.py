@@ -394,10 +394,10 @@ def test_example_config_identity_block_parses() -> None:
     import yaml
 
     text = (REPO / "ccr.example.yaml").read_text()
-    head, _, block = text.partition("# identity:")
-    lines = ["identity:"] + [ln[2:] for ln in block.splitlines()[1:] if ln.startswith("# ") and
-                              not ln[2:].lstrip().startswith("#")]
-    cfg = parse_config(yaml.safe_load(head + "\n".join(lines)))
+    head, _, block = text.partition("\n  # oidc:")
+    lines = ["  oidc:"] + ["  " + ln[4:] for ln in block.splitlines()[1:] if ln.startswith("  # ") and
+                                not ln[4:].lstrip().startswith("#")]
+    cfg = parse_config(yaml.safe_load(head + "\n" + "\n".join(lines)))
     iss = cfg.identity.oidc[0]
     assert iss.issuer == "https://login.example.com/realms/acme" and iss.group_map == {"engineering": ["default"]}
 
