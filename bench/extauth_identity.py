@@ -37,7 +37,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc  # noqa: E402
 
 from ccr import db  # noqa: E402
-from ccr.config import GatewayConfig, load_config  # noqa: E402
+from ccr.config import GatewayConfig, SpiffeSettings, load_config  # noqa: E402
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
 from ccr.procs import spawn, wait_ready_file  # noqa: E402
 from ccr.runtime import Runtime  # noqa: E402
@@ -80,7 +80,8 @@ def check_request(body: bytes, headers: dict[str, str], spiffe: str | None = Non
 
 def make_authorizer(config: GatewayConfig, keys: KeyStore, policy: PolicyEngine) -> tuple[Authorizer, OidcVerifier]:
     oidc = OidcVerifier(config.identity.oidc)
-    return Authorizer(config, Identity(keys, [oidc], spiffe_principals=True), policy), oidc
+    return Authorizer(config, Identity(keys, [oidc], spiffe=SpiffeSettings(enabled=True, trust_domains=["example.org"],
+                                                                allow_without_key=True)), policy), oidc
 
 
 # -- the server side (a separate process) ------------------------------------------

@@ -29,8 +29,27 @@ class Address(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 0
 
 
+class ListenerTLS(Strict):
+    """TLS on the gateway listener; with a client CA, mTLS (SPIFFE workloads present SVIDs)."""
+
+    cert_file: str
+    key_file: str
+    # PEM bundle of CAs that sign client certificates (e.g. the SPIFFE trust bundle).
+    client_ca_file: str | None = None
+    # Refuse the handshake without a verified client certificate (needs client_ca_file).
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_required_certs(self) -> ListenerTLS:
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file (the CA that signs client certificates)")
+        return self
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
+    # None: plain HTTP on the listener (loopback development).
+    tls: ListenerTLS | None = None
     admin: Address = Address()
     # Raised together on the whole path: Envoy buffers, ext_authz body, gRPC messages.
     max_request_bytes: Annotated[int, Field(ge=64 * 1024, le=512 * MIB)] = 64 * MIB
@@ -99,6 +118,20 @@ class PolicySettings(Strict):
     entrypoint: str = "ccr/authz/decision"
 
 
+# A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').
+TRUST_DOMAIN_PATTERN = r"^[a-z0-9._-]{1,255}$"
+
+
+class SpiffeSettings(Strict):
+    """Workloads identified by the SPIFFE ID (URI SAN) of their verified client certificate."""
+
+    enabled: bool = False
+    # Only SVIDs from these trust domains are principals; empty refuses every workload.
+    trust_domains: list[Annotated[str, Field(pattern=TRUST_DOMAIN_PATTERN)]] = []
+    # A verified workload may call with no API key or token at all.
+    allow_without_key: bool = False
+
+
 # Asymmetric signature algorithms only: never "none", never HMAC (a public key must not be a secret).
 OIDC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                              "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
@@ -128,12 +161,13 @@ class OidcIssuer(Strict):
             raise ValueError(f"algorithms {bad} are not allowed; use asymmetric ones from {sorted(OIDC_ALGORITHMS)}")
         for name in ("issuer", "discovery_url", "jwks_url"):
             url = getattr(self, name)
-            if url is not None and not _https_or_loopback(url):
+            if url is not None and not https_or_loopback(url):
                 raise ValueError(f"{name} must be an https:// URL (http:// only on loopback), got {url!r}")
         return self
 
 
-def _https_or_loopback(url: str) -> bool:
+def https_or_loopback(url: str) -> bool:
+    """An https URL, or http to this host only (tests, a local IdP)."""
     u = urlsplit(url)
     return u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))
 
@@ -169,7 +203,7 @@ class SigninSettings(Strict):
     @model_validator(mode="after")
     def _safe_public_url(self) -> SigninSettings:
         # Codes and session tokens travel to this URL: never in clear over a network.
-        if self.public_url is not None and not _https_or_loopback(self.public_url):
+        if self.public_url is not None and not https_or_loopback(self.public_url):
             raise ValueError(f"public_url must be https:// (http:// only on loopback), got {self.public_url!r}")
         if "openid" not in self.scopes:
             raise ValueError("scopes must include 'openid' (the sign-in needs an ID token)")
@@ -178,6 +212,7 @@ class SigninSettings(Strict):
 
 class IdentitySettings(Strict):
     oidc: list[OidcIssuer] = []
+    spiffe: SpiffeSettings = SpiffeSettings()
     signin: SigninSettings | None = None
 
     @model_validator(mode="after")
@@ -213,6 +248,13 @@ class GatewayConfig(Strict):
                 raise ValueError(
                     f"models.{i}.provider: unknown provider {m.provider!r}; known: {names}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _spiffe_needs_mtls(self) -> GatewayConfig:
+        if self.identity.spiffe.enabled and not (self.gateway.tls and self.gateway.tls.client_ca_file):
+            raise ValueError("identity.spiffe.enabled needs gateway.tls.client_ca_file: workloads are known "
+                             "only by client certificates the listener verifies")
         return self
 
     def provider(self, name: str) -> Provider:

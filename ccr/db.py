@@ -50,6 +50,29 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        3,
+        "keys for machines (owner, tenant, expiry, last use, rotation) and the admin log",
+        """
+        ALTER TABLE api_keys
+            ADD COLUMN owner        text,
+            ADD COLUMN tenant       text,
+            ADD COLUMN expires_at   timestamptz,            -- refused from this instant on
+            ADD COLUMN last_used_at timestamptz,            -- batched by extauth, at most every few seconds
+            ADD COLUMN replaced_by  text REFERENCES api_keys (id);  -- set by rotation
+        -- One row per admin change, written in the same transaction as the change itself.
+        CREATE TABLE admin_log (
+            id      bigserial PRIMARY KEY,
+            ts      timestamptz NOT NULL DEFAULT now(),
+            actor   text NOT NULL,
+            action  text NOT NULL,
+            target  text NOT NULL,
+            before  jsonb,
+            after   jsonb
+        );
+        CREATE INDEX admin_log_target ON admin_log (target, ts);
+        """,
+    ),
+    (
         5,
         "sign-in sessions",
         """

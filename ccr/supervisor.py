@@ -232,7 +232,7 @@ class Gateway:
         self.admin_url = "http://" + admin_path.read_text().strip()
         # /ready turns 200 once the first LDS/RDS/CDS round from the router is in place.
         wait_until(envoy, lambda: _http_ok(self.admin_url + "/ready"), 60, "LIVE with config from the router")
-        self.url = f"http://{g.listen.host}:{runtime.listen_port}"
+        self.url = f"{'https' if g.tls else 'http'}://{g.listen.host}:{runtime.listen_port}"
         wait_until(envoy, lambda: _listener_bound(self.admin_url), 30, "listening")
 
     # -- keys and stop ---------------------------------------------------------
@@ -245,8 +245,8 @@ class Gateway:
         dsn = self.runtime.postgres_dsn
         for k in list_keys(dsn):
             if k.name == LOCAL_KEY_NAME:
-                revoke_key(dsn, k.id)
-        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"])
+                revoke_key(dsn, k.id, actor="ccr up")
+        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"], actor="ccr up")
         return self.api_key
 
     def stop(self) -> None:

@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import hashlib
 import logging
+import ssl
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import certifi
 import orjson
 from joserfc import jwt
 from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError, SecurityWarning
 from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
 from joserfc.jwt import JWTClaimsRegistry
 
-from ccr.config import OidcIssuer
+from ccr.config import OidcIssuer, https_or_loopback
 from extauth.deny import Deny
 from extauth.principal import Principal, PrincipalKind
 
@@ -116,8 +118,8 @@ class IssuerKeys:
             if named != self.cfg.issuer:  # OIDC discovery: the document must name the same issuer
                 raise OSError(f"discovery at {url} names issuer {named!r}, not {self.cfg.issuer!r}")
             jwks_uri = doc.get("jwks_uri")
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-                raise OSError(f"discovery at {url} has no usable jwks_uri")
+            if not isinstance(jwks_uri, str) or not https_or_loopback(jwks_uri):
+                raise OSError(f"discovery at {url}: jwks_uri must be an https URL, got {str(jwks_uri)[:200]!r}")
             self._jwks_url = jwks_uri
         jwks = await self._get_json(self._jwks_url)
         if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
@@ -146,7 +148,7 @@ class IssuerKeys:
             self._last_fetch = now
             try:
                 await self.fetch()
-            except (TimeoutError, OSError, aiohttp.ClientError, ValueError) as e:
+            except Exception as e:  # an IdP problem must refuse the token (401), never fail the check (503)
                 log.warning("issuer %s: JWKS fetch (%s) failed: %s", self.cfg.issuer, reason, e)
                 return False
             return True
@@ -181,7 +183,10 @@ class OidcVerifier:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S))
+            # The same CA bundle the router trusts for providers; no proxy from the environment.
+            tls = ssl.create_default_context(cafile=certifi.where())
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S),
+                                                  connector=aiohttp.TCPConnector(ssl=tls))
         return self._session
 
     # -- lifecycle --------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -81,6 +82,12 @@ def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
     return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
 
 
+def _peer_certificate(req: pb.CheckRequest) -> str | None:
+    """The verified client certificate (PEM) Envoy sends URL-encoded with include_peer_certificate."""
+    cert = req.attributes.source.certificate
+    return urllib.parse.unquote(cert) if cert else None
+
+
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
         self.config = config
@@ -121,7 +128,7 @@ class Authorizer:
         http = req.attributes.request.http
         headers = _headers(http)
         peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
-        principal = await self.identity.authenticate(headers, peer)
+        principal = await self.identity.authenticate(headers, peer, _peer_certificate(req))
 
         method = http.method
         path = http.path.partition("?")[0]
@@ -167,6 +174,8 @@ class Authorizer:
             facts["key_id"] = p.key_id
         if p.tenant is not None:
             facts["tenant"] = p.tenant
+        if p.owner is not None:
+            facts["owner"] = p.owner
         if p.spiffe_id is not None:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
@@ -264,7 +273,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     if oidc is not None:
         await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
         verifiers.append(oidc)
-    authorizer = Authorizer(config, Identity(keys, verifiers), policy)
+    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],

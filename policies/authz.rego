@@ -5,7 +5,8 @@
 #   {"principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
 #    "request": {"method", "path", "model"}}
 # Data: data.model_access maps a group to model patterns: an exact model id, or a
-# prefix followed by "*". Only builtins OPA compiles natively to WASM are used
+# prefix followed by "*". data.workload_access maps a SPIFFE ID, and
+# data.trust_domain_access a trust domain, to patterns for workloads. Only builtins OPA compiles natively to WASM are used
 # (startswith/endswith/trim_suffix/concat), so evaluation never calls the host.
 package ccr.authz
 
@@ -28,6 +29,23 @@ model_allowed if {
 	pattern_matches(pattern, input.request.model)
 }
 
+# Workloads (SPIFFE): an entry for the exact SPIFFE ID in data.workload_access wins;
+# otherwise the workload's trust domain entry in data.trust_domain_access applies.
+model_allowed if {
+	some pattern in workload_patterns
+	pattern_matches(pattern, input.request.model)
+}
+
+workload_trust_domain := split(trim_prefix(input.principal.spiffe_id, "spiffe://"), "/")[0] if {
+	input.principal.kind == "workload"
+}
+
+workload_patterns := data.workload_access[input.principal.spiffe_id] if {
+	input.principal.kind == "workload"
+} else := data.trust_domain_access[workload_trust_domain] if {
+	input.principal.kind == "workload"
+}
+
 pattern_matches(pattern, model) if pattern == model
 
 pattern_matches(pattern, model) if {
@@ -39,6 +57,10 @@ pattern_matches(pattern, model) if {
 allowed_patterns contains pattern if {
 	some group in input.principal.groups
 	some pattern in data.model_access[group]
+}
+
+allowed_patterns contains pattern if {
+	some pattern in workload_patterns
 }
 
 allowed_text := concat(", ", sort(allowed_patterns)) if count(allowed_patterns) > 0

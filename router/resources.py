@@ -8,12 +8,13 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
 
-from ccr.config import GatewayConfig, Provider
+from ccr.config import GatewayConfig, ListenerTLS, Provider
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     AUTHZ_NS,
@@ -282,6 +283,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "@type": HCM,
         "stat_prefix": "ccr",
         "codec_type": "AUTO",
+        # A client's own x-forwarded-client-cert is dropped: only Envoy says who the peer is.
+        "forward_client_cert_details": "SANITIZE",
         "generate_request_id": True,
         # Clients get the id their access-log row is keyed on, for support and audit.
         "always_set_request_id_in_response": True,
@@ -303,6 +306,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                                       "allow_partial_message": False, "pack_as_bytes": True},
                 # extauth sets x-ccr-cluster, which selects the route's cluster.
                 "clear_route_cache": True,
+                # The verified client certificate, so extauth can insist on an X.509-SVID.
+                "include_peer_certificate": True,
             }},
             {"name": "envoy.filters.http.ratelimit", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
@@ -342,9 +347,44 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
     }
 
 
+def _tls_file(base: Path, name: str, what: str) -> str:
+    path = Path(name) if Path(name).is_absolute() else base / name
+    if not path.is_file():
+        raise ValueError(f"gateway.tls.{what}: {path} is not a readable file")
+    return str(path)
+
+
+def downstream_tls(tls: ListenerTLS, base: Path) -> Json:
+    """The listener's TLS transport socket; with a client CA, client certificates are
+    verified against it (and required when the config says so). Relative file names
+    are relative to the config file."""
+    common: Json = {
+        "alpn_protocols": ["h2", "http/1.1"],
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificates": [{"certificate_chain": {"filename": _tls_file(base, tls.cert_file, "cert_file")},
+                              "private_key": {"filename": _tls_file(base, tls.key_file, "key_file")}}],
+    }
+    if tls.client_ca_file:
+        common["validation_context"] = {"trusted_ca": {"filename": _tls_file(base, tls.client_ca_file,
+                                                                             "client_ca_file")}}
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "require_client_certificate": tls.require_client_cert,
+        "common_tls_context": common,
+    }}
+
+
+def _with_listener_tls(lst: Json, config: GatewayConfig, runtime: Runtime) -> Json:
+    if config.gateway.tls is not None:
+        base = Path(runtime.config_path).resolve().parent
+        for chain in lst["filter_chains"]:
+            chain["transport_socket"] = downstream_tls(config.gateway.tls, base)
+    return lst
+
+
 def build(config: GatewayConfig, runtime: Runtime, listen_port: int, inline_routes: bool = False) -> Resources:
     return Resources(
-        listeners=[listener(config, listen_port, inline_routes)],
+        listeners=[_with_listener_tls(listener(config, listen_port, inline_routes), config, runtime)],
         routes=[] if inline_routes else [route_config(config)],
         clusters=clusters(config, runtime),
     )

@@ -38,6 +38,7 @@ TestIdP(audience="ccr", path="", clock=time.time, host="127.0.0.1")
         absolute if given (default iat=clock(), no nbf). `header` adds/overrides JOSE header
         fields (but the signature is made with the chosen key and alg). aud=None omits aud.
     .public_jwks() -> dict             the JWKS document as served
+    .extra_jwks: list[dict]            raw JWK dicts appended to the served JWKS (for hostile-IdP tests)
 
   Users and clients
     .add_user(sub, email=None, groups=(), tenant=None, name=None) -> TestUser
@@ -231,6 +232,7 @@ class TestIdP:
         self.token_lifetime = 300
         self.last_user_code: str | None = None
         self.outage = False
+        self.extra_jwks: list[dict[str, Any]] = []
         self.jwks_fetches = 0
         self.discovery_fetches = 0
         self.token_requests = 0
@@ -271,7 +273,7 @@ class TestIdP:
 
     def public_jwks(self) -> dict[str, Any]:
         with self._lock:
-            return {"keys": [self._keys[k].as_dict(private=False) for k in self._published]}
+            return {"keys": [self._keys[k].as_dict(private=False) for k in self._published] + self.extra_jwks}
 
     def private_key(self, kid: str) -> Key:
         return self._keys[kid]

@@ -23,6 +23,7 @@ from google.rpc import code_pb2
 
 from ccr.config import ConfigError, parse_config
 from extauth.bundle import build_bundle
+from extauth.deny import Deny
 from extauth.identity import Identity
 from extauth.keys import KeyStore
 from extauth.oidc import MAX_TOKEN_BYTES, REFETCH_MIN_INTERVAL_S, OidcVerifier
@@ -353,7 +354,7 @@ def test_discovery_naming_another_issuer_is_not_trusted(bundle: Path) -> None:
         async def main() -> None:
             v = OidcVerifier(config.identity.oidc, clock=clock)
             try:
-                with pytest.raises(Exception, match="unknown kid"):
+                with pytest.raises(Deny, match="unknown kid"):
                     await v.verify(idp.mint("alice", iss=other))
                 assert idp.jwks_fetches == 0
             finally:
@@ -386,3 +387,37 @@ def test_config_refuses_plain_http_and_duplicates() -> None:
 def test_payload_helpers_roundtrip() -> None:
     # The test's own helper must agree with the real encoding, or the tamper test proves nothing.
     assert segments(f"{b64({'a': 1})}.{b64(orjson.dumps({'b': 2}))}.x")[:2] == ({"a": 1}, {"b": 2})
+
+
+def test_example_config_identity_block_parses() -> None:
+    """The commented identity.oidc example in ccr.example.yaml is a valid config once uncommented."""
+    import yaml
+
+    text = (REPO / "ccr.example.yaml").read_text()
+    head, _, block = text.partition("\n  # oidc:")
+    lines = ["  oidc:"] + ["  " + ln[4:] for ln in block.splitlines()[1:] if ln.startswith("  # ") and
+                                not ln[4:].lstrip().startswith("#")]
+    cfg = parse_config(yaml.safe_load(head + "\n" + "\n".join(lines)))
+    iss = cfg.identity.oidc[0]
+    assert iss.issuer == "https://login.example.com/realms/acme" and iss.group_map == {"engineering": ["default"]}
+
+
+def test_jwks_symmetric_and_private_keys_are_never_used(rig_factory) -> None:
+    async def scenario(r: Rig) -> None:
+        kid = r.a.active_kid()
+        pem = r.a.private_key(kid).as_pem(private=False)
+        r.a.extra_jwks = [
+            {"kty": "oct", "kid": "hmac", "k": b64(pem)},
+            {**r.a.private_key(kid).as_dict(private=True), "kid": "leaked"},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            {"kty": "XYZ", "kid": "odd"},
+            "not a key",
+        ]
+        await r.allowed(r.a.mint("alice"))  # the real keys still work beside the junk
+        keys = r.verifier.issuers[r.a.issuer].keys
+        assert kid in keys and not {"hmac", "leaked", "enc", "odd"} & set(keys)
+        claims = segments(r.a.mint("alice"))[1]
+        await r.refused(hs256({"alg": "HS256", "kid": "hmac"}, claims, pem))
+        assert "unknown kid" in await r.refused(r.a.mint("alice", kid=kid, header={"kid": "leaked"}))
+
+    rig_factory(scenario)
