@@ -142,11 +142,13 @@ def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
         os.chown(data_dir, uid.pw_uid, uid.pw_gid)
     data_dir.chmod(0o700)
     if not (data_dir / "PG_VERSION").exists():
-        subprocess.run(
+        r = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data_dir), "--auth=reject", "--encoding=UTF8",
              "--username=postgres", "--no-sync"],
-            check=True, capture_output=True, user=user, env=minimal_env(),
+            capture_output=True, text=True, user=user, env=minimal_env(),
         )
+        if r.returncode != 0:
+            raise StartError(f"initdb failed for {data_dir} (exit {r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}")
         stale = data_dir / "postmaster.pid"
         if stale.exists():
             stale.unlink()
@@ -169,7 +171,9 @@ def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
             "postgres",
             [str(bin_dir / "postgres"), "-D", str(data_dir), "-h", host, "-p", str(port), "-k", "",
              "-c", "fsync=off" if os.environ.get("CCR_PG_FAST") else "fsync=on",
-             "-c", "max_connections=200", "-c", "password_encryption=scram-sha-256"],
+             "-c", "max_connections=200", "-c", "password_encryption=scram-sha-256",
+             # Keeps the postmaster's environment readable in /proc (audits of who holds which secret).
+             "-c", "update_process_title=off"],
             log_dir, user=user,
             # SIGINT is PostgreSQL's "fast" shutdown: abort sessions, stop cleanly.
             stop_signal=signal.SIGINT,
@@ -225,7 +229,7 @@ def start_redis(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
         conf.unlink(missing_ok=True)
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"bind {host}\nport {port}\nprotected-mode yes\nrequirepass {password}\n"
+            f.write(f"bind {host}\nport {port}\nprotected-mode yes\nset-proc-title no\nrequirepass {password}\n"
                     f'save ""\nappendonly no\ndir {data_dir}\n')
         child = spawn("redis", [_redis_bin(), str(conf)], log_dir)
         url = f"redis://:{password}@{host}:{port}/0"
