@@ -230,7 +230,7 @@ def start_redis(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"bind {host}\nport {port}\nprotected-mode yes\nset-proc-title no\nrequirepass {password}\n"
-                    f'save ""\nappendonly no\ndir {data_dir}\n')
+                    f'save ""\nappendonly no\ndir "{data_dir}"\n')
         child = spawn("redis", [_redis_bin(), str(conf)], log_dir)
         url = f"redis://:{password}@{host}:{port}/0"
 

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import string
 import sys
 import time
@@ -281,6 +282,9 @@ class Gateway:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        if self.runtime is not None and self.runtime.mtls is not None:
+            # The run's private keys end with the run (the next start issues new ones).
+            shutil.rmtree(Path(self.runtime.mtls.ca).parent, ignore_errors=True)
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
