@@ -21,6 +21,9 @@ from ccr.supervisor import Gateway, provider_credentials
 from tests.harness import gateway_config
 
 CCR = [sys.executable, "-m", "ccr.cli"]
+REPO = Path(__file__).resolve().parent.parent
+# `python -m ccr.cli` from another directory must import this checkout, not whatever is installed.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def _descendants(pid: int) -> set[int]:
@@ -56,7 +59,7 @@ def _alive(pid: int) -> bool:
                          ids=["sigterm", "ctrl-c", "killed"])
 def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
     config = gateway_config(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    env = {k: v for k, v in CHECKOUT_ENV.items() if k != "ANTHROPIC_API_KEY"}
     proc = subprocess.Popen([*CCR, "-c", str(config), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, env=env)
     lines: list[str] = []
@@ -82,7 +85,7 @@ def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> No
         assert msg.content[0].type == "text"
 
         keys = subprocess.run([*CCR, "-c", str(config), "keys", "list"], capture_output=True, text=True,
-                              timeout=60, cwd=tmp_path)
+                              timeout=60, cwd=tmp_path, env=CHECKOUT_ENV)
         assert keys.returncode == 0, keys.stderr
         assert "ccr-up-local" in keys.stdout and key.group(1) not in keys.stdout
 
@@ -131,7 +134,7 @@ def test_ccr_up_refuses_a_provider_without_its_credential(tmp_path: Path, value:
     """No silent emulator: a missing credential stops `ccr up` before anything starts."""
     var = "CCR_TEST_TYPO_ANTHROPIC_KEY"
     config = _real_provider_config(tmp_path, var)
-    env = {k: v for k, v in os.environ.items() if k != var}
+    env = {k: v for k, v in CHECKOUT_ENV.items() if k != var}
     if value is not None:
         env[var] = value
     r = subprocess.run([*CCR, "-c", str(config), "up"], capture_output=True, text=True, timeout=60, env=env)
