@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -77,10 +78,14 @@ def peer_spiffe_id(context: grpc.aio.ServicerContext) -> str | None:
     if auth.get("transport_security_type") != [b"ssl"]:
         return None
     pems = auth.get("x509_pem_cert") or []
-    if len(pems) != 1:
-        return None
-    uris = uri_sans(pems[0])
-    # An X.509-SVID has exactly one URI SAN; anything else is not an identity we understand.
+    return _svid_id(pems[0]) if len(pems) == 1 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _svid_id(pem: bytes) -> str | None:
+    # Parsed once per certificate, not per stream. An X.509-SVID has exactly one URI SAN;
+    # anything else is not an identity we understand.
+    uris = uri_sans(pem)
     return uris[0] if len(uris) == 1 else None
 
 
