@@ -30,3 +30,9 @@ SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLU
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+
+# mTLS between the gateway's own processes (ccr/pki.py): the run's trust domain and the
+# names whose SPIFFE IDs (spiffe://<domain>/<name>) each side checks.
+RUN_TRUST_DOMAIN = "ccr.local"
+ID_ENVOY = "envoy"  # Envoy, as a client of our gRPC services
+ID_ADAPTER = "adapter"  # the provider adapter (holds provider credentials)

@@ -20,17 +20,22 @@ from ccr.contract import (
     AUTHZ_NS,
     H_CLUSTER,
     H_PRINCIPAL_ID,
+    ID_ADAPTER,
+    ID_ENVOY,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
     SET_HEADERS,
     USAGE_NS,
 )
 from ccr.errors import error_body
+from ccr.pki import RunPki
 from ccr.runtime import Runtime
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
 EXTAUTH, RATELIMIT, ADAPTER, ACCESSLOG = "ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog"
+# Cluster -> the run identity (ccr/pki.py) of the service behind it.
+SERVICE_IDENTITY = {EXTAUTH: "extauth", RATELIMIT: "ratelimit", ADAPTER: ID_ADAPTER, ACCESSLOG: "accesslog"}
 
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -61,9 +66,33 @@ def _error_text(kind: str, message: str) -> str:
     return error_body(kind, message).decode()
 
 
-def _grpc_cluster(name: str, address: str, buffer_bytes: int) -> Json:
+def _mtls_socket(pki: RunPki | None, server: str) -> Json | None:
+    """Envoy as the run's `envoy` identity, accepting only the server's own identity.
+
+    None when the run issued no identity for `server` (it serves plaintext).
+    """
+    if pki is None or server not in pki.identities:
+        return None
+    me = pki.identity(ID_ENVOY)
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificates": [{"certificate_chain": {"filename": me.cert},
+                                  "private_key": {"filename": me.key}}],
+            "validation_context": {
+                "trusted_ca": {"filename": pki.ca},
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
+                    "exact": pki.identity(server).spiffe_id}}],
+            },
+        },
+    }}
+
+
+def _grpc_cluster(name: str, address: str, buffer_bytes: int, transport_socket: Json | None = None) -> Json:
     host, port = _host_port(address)
-    return {
+    cluster: Json = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
@@ -82,6 +111,9 @@ def _grpc_cluster(name: str, address: str, buffer_bytes: int) -> Json:
             }},
         }},
     }
+    if transport_socket is not None:
+        cluster["transport_socket"] = transport_socket
+    return cluster
 
 
 def _grpc_service(cluster: str, timeout_s: float, metadata: dict[str, str] | None = None) -> Json:
@@ -169,7 +201,8 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     missing = [name for name, addr in services.items() if not addr]
     if missing:
         raise ValueError(f"runtime lacks addresses for {missing}")
-    out = [_grpc_cluster(name, str(addr), buf) for name, addr in services.items()]
+    out = [_grpc_cluster(name, str(addr), buf, _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]))
+           for name, addr in services.items()]
     out += [_provider_cluster(p, runtime, config) for p in config.providers]
     return out
 

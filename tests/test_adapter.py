@@ -15,7 +15,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 
-from ccr.runtime import UpstreamOverride
+from ccr.contract import ID_ENVOY
+from ccr.runtime import Runtime, UpstreamOverride
+from ccr.service import client_credentials
 from tests.harness import running_service
 from tests.test_usage import EXPECTED, STREAM
 
@@ -39,6 +41,10 @@ models:
 """
 
 
+# address -> what Envoy presents to that adapter.
+ENVOY_CREDENTIALS: dict[str, grpc.ChannelCredentials] = {}
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("adapter")
@@ -47,6 +53,10 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     overrides = {"emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")}
     with running_service("router.adapter", d, CONFIG, env=env, upstream_overrides=overrides) as child:
         assert child.info["pid"] == child.pid
+        pki = Runtime.load(d / "runtime.json").mtls
+        assert pki is not None
+        # The adapter answers only mutual TLS from Envoy's run identity (tests/test_seal.py).
+        ENVOY_CREDENTIALS[str(child.info["address"])] = client_credentials(pki, ID_ENVOY)
         yield str(child.info["address"])
     # Secrets never reach the log.
     text = child.log_path.read_text()
@@ -57,7 +67,7 @@ class Stream:
     """One ext_proc stream: send a message, wait for its reply, like Envoy does."""
 
     def __init__(self, address: str, provider: str | None) -> None:
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.secure_channel(address, ENVOY_CREDENTIALS[address])
         self._q: queue.Queue[pb.ProcessingRequest | None] = queue.Queue()
         md = [("x-ccr-provider", provider)] if provider is not None else []
         stub = pb_grpc.ExternalProcessorStub(self._channel)
