@@ -17,8 +17,10 @@ from ccr.config import GatewayConfig, Provider
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     AUTHZ_NS,
+    H_CLIENT_REQUEST_ID,
     H_CLUSTER,
     H_PRINCIPAL_ID,
+    H_REQUEST_ID,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
     SET_HEADERS,
@@ -240,6 +242,44 @@ def _local_reply_mappers() -> list[Json]:
     ]
 
 
+def _gateway_request_id() -> list[Json]:
+    """HCM early header mutations: the request id is always the gateway's.
+
+    They run before Envoy's request-id handling, which keeps a client's x-request-id
+    whenever the peer is not an "edge" client; here the client's value is moved to
+    x-client-request-id (logged, never a key) and x-request-id removed, so Envoy always
+    generates a fresh UUID: the audit row's unique key and the id in the response.
+    A client-sent x-client-request-id is dropped first, so that header only ever holds
+    what the client sent as x-request-id.
+    """
+    return [{"name": "envoy.http.early_header_mutation.header_mutation", "typed_config": {
+        "@type": T + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+        "mutations": [
+            {"remove": H_CLIENT_REQUEST_ID},
+            # An absent x-request-id formats as empty, and an empty value is not added.
+            {"append": {"header": {"key": H_CLIENT_REQUEST_ID, "value": f"%REQ({H_REQUEST_ID})%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            {"remove": H_REQUEST_ID},
+        ],
+    }}]
+
+
+def _compressor_filter() -> Json:
+    """Compress replies for clients that ask (the adapter asks providers for identity).
+
+    JSON only. Event streams are left uncompressed: each SSE event must reach the client
+    at once, so every event would end its own deflate block (little gain), and the
+    time-to-first-token of a stream must not depend on a compressor's buffering.
+    """
+    return {"name": "envoy.filters.http.compressor", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.compressor.v3.Compressor",
+        "response_direction_config": {"common_config": {
+            "min_content_length": 256, "content_type": ["application/json"]}},
+        "compressor_library": {"name": "gzip", "typed_config": {
+            "@type": T + "envoy.extensions.compression.gzip.compressor.v3.Gzip"}},
+    }}
+
+
 def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = False) -> Json:
     g = config.gateway
     hcm: Json = {
@@ -247,6 +287,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "stat_prefix": "ccr",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        "early_header_mutation_extensions": _gateway_request_id(),
         # Clients get the id their access-log row is keyed on, for support and audit.
         "always_set_request_id_in_response": True,
         "request_timeout": "0s",
@@ -277,6 +318,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "rate_limit_service": {"transport_api_version": "V3",
                                        "grpc_service": _grpc_service(RATELIMIT, 2.0)},
             }},
+            _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.router.v3.Router",
                 # Envoy's internal x-envoy-* request headers are not for the provider.
@@ -290,6 +332,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "grpc_service": _grpc_service(ACCESSLOG, 5.0),
                 "buffer_flush_interval": "0.2s",
             },
+            # The client's own request id (moved aside by _gateway_request_id).
+            "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID],
         }}],
     }
     if inline_routes:
