@@ -190,7 +190,7 @@ class JsonUsageMeter:
         return False
 
     def finish(self) -> MeterResult:
-        if self._overflow or self.result.complete:
+        if self._overflow or self.result.complete or self.result.problem:
             return self.result
         try:
             doc = orjson.loads(self._buf)

@@ -330,11 +330,12 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         if a.status != UsageStatus.COMPLETE and a.status != UsageStatus.NOT_BILLABLE:
             log.warning("provider %s (status %d): usage %s: %s", attempt.handler.name, attempt.status,
                         a.status.value, a.note)
-        self._publish(attempt, resp, a)
+        self._publish(attempt, resp, a, always=True)
 
     @staticmethod
-    def _publish(attempt: _Attempt, resp: pb.ProcessingResponse, a: Assessment) -> None:
-        if a != attempt.last:
+    def _publish(attempt: _Attempt, resp: pb.ProcessingResponse, a: Assessment, always: bool = False) -> None:
+        # Mid-stream, only what changed; the end of a reply always says where it ended up.
+        if always or a != attempt.last:
             attempt.last = a
             resp.dynamic_metadata.CopyFrom(usage_struct(a))
 
