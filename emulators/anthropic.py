@@ -6,6 +6,10 @@ its benchmarks exercise the same paths they would against api.anthropic.com. Fau
 latency can be switched on per process (CLI) or per request (`x-emulator-*` headers), and
 every request is recorded (headers, body length and sha256) for tests at /_emulator/requests.
 
+Mid-stream faults strike after half of the first content block; with `x-emulator-hold: NAME`
+they wait there until `POST /_emulator/release/NAME`, so a test can see output before the fault.
+Replies are compressed (br, gzip) when the request's Accept-Encoding asks, as a real API does.
+
 Run: python -m emulators.anthropic --port 0 --api-key KEY --ready-file F
 """
 
@@ -574,6 +578,8 @@ class Emulator:
         self.records: deque[dict[str, Any]] = deque(maxlen=config.record_limit)
         self.cache = PromptCache()
         self._rng = random.Random(config.seed)
+        # x-emulator-hold: name -> released by POST /_emulator/release/{name} (tests order faults).
+        self._holds: dict[str, asyncio.Event] = {}
 
     # -- app
 
@@ -589,6 +595,7 @@ class Emulator:
         r.add_get("/_emulator/requests", self.get_records)
         r.add_delete("/_emulator/requests", self.clear_records)
         r.add_get("/_emulator/health", self.health)
+        r.add_post("/_emulator/release/{name}", self.release)
         return app
 
     @staticmethod
@@ -780,7 +787,11 @@ class Emulator:
                                 {"type": "content_block_delta", "index": idx, "delta": d}))
                 if n == cut_after:
                     await flush()
+                    hold = request.headers.get("x-emulator-hold")
+                    if hold:  # the fault strikes only once the test has seen the output so far
+                        await self.hold(hold)
                     if fault == "midstream-reset":
+                        await _drained(request)  # what was written reaches the peer, then the reset
                         _abort(request)
                     out.append(_sse("error", {"type": "error", "error": {"type": "overloaded_error",
                                                                          "message": "Overloaded"}}))
@@ -854,6 +865,19 @@ class Emulator:
         self.records.clear()
         return web.Response(body=b'{"cleared":true}', content_type="application/json")
 
+    def _hold(self, name: str) -> asyncio.Event:
+        return self._holds.setdefault(name, asyncio.Event())
+
+    async def hold(self, name: str, limit_s: float = 30.0) -> None:
+        """Wait until a test releases `name` (bounded, so a forgotten hold cannot hang a stream)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hold(name).wait(), limit_s)
+        self._holds.pop(name, None)
+
+    async def release(self, request: web.Request) -> web.Response:
+        self._hold(request.match_info["name"]).set()
+        return web.Response(body=b'{"released":true}', content_type="application/json")
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
@@ -877,6 +901,14 @@ def _encoded(request: web.Request, resp: web.StreamResponse) -> web.StreamRespon
     resp.headers["content-encoding"] = coding
     resp.headers["vary"] = "accept-encoding"
     return resp
+
+
+async def _drained(request: web.Request, limit_s: float = 2.0) -> None:
+    """Wait (bounded) until the transport has handed every written byte to the kernel."""
+    deadline = time.monotonic() + limit_s
+    t = request.transport
+    while t is not None and t.get_write_buffer_size() > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
 
 
 def _abort(request: web.Request) -> None:
