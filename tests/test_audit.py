@@ -312,3 +312,33 @@ def _send_catching(a: Audit, p: str) -> BaseException | None:
     except BaseException as e:  # noqa: BLE001 - reported back to the test thread
         return e
     return None
+
+
+def test_migration_2_upgrades_a_version_1_log(postgres_server: dict[str, object]) -> None:
+    """Old rows keep their counts (status NULL: written before statuses existed); unknown can now be NULL."""
+    from ccr import db
+
+    admin = str(postgres_server["admin_dsn"])
+    name = f"m_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    v1 = next(m for m in db.MIGRATIONS if m[0] == 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(v1[2])
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, %s)", (v1[1],))
+        conn.execute("INSERT INTO request_log (ts, request_id, method, path, status, output_tokens)"
+                     " VALUES (now(), 'old', 'POST', '/v1/messages', 200, 12)")
+    assert db.migrate(dsn) >= 2
+    with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        old = cur.execute("SELECT * FROM request_log WHERE request_id = 'old'").fetchone()
+        assert old is not None and (old["output_tokens"], old["input_tokens"]) == (12, 0)
+        assert old["usage_status"] is None and old["client_request_id"] is None
+        cur.execute("INSERT INTO request_log (ts, request_id, method, path, status, usage_status)"
+                    " VALUES (now(), 'new', 'POST', '/v1/messages', 200, 'unknown') RETURNING input_tokens")
+        assert cur.fetchone() == {"input_tokens": None}  # no default 0 any more
+        with pytest.raises(psycopg.errors.CheckViolation):
+            cur.execute("INSERT INTO request_log (ts, request_id, method, path, status, usage_status)"
+                        " VALUES (now(), 'bad', 'POST', '/', 200, 'free text')")
