@@ -122,8 +122,12 @@ _REFUSALS = (("UAEX", "refused by the gateway's authorization"), ("RL", "rate li
 
 
 def _forwarded(common: accesslog_pb2.AccessLogCommon) -> bool:
-    """Whether any byte of the request went to a provider."""
-    return common.HasField("time_to_first_upstream_tx_byte") or common.HasField("upstream_remote_address")
+    """Whether any byte of the request went to a provider.
+
+    Not upstream_remote_address: Envoy sets it once a host is picked, also when the
+    adapter (upstream ext_proc) or the connection failed before anything was sent.
+    """
+    return common.HasField("time_to_first_upstream_tx_byte")
 
 
 def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,

@@ -62,9 +62,10 @@ def entry(
         c.time_to_last_downstream_tx_byte.FromTimedelta(latency)
     c.downstream_remote_address.socket_address.address = "10.1.2.3"
     c.downstream_remote_address.socket_address.port_value = 53122
+    # Envoy names the host it picked even when nothing was sent to it (adapter or connection failure).
+    c.upstream_remote_address.socket_address.address = "160.79.104.10"
+    c.upstream_remote_address.socket_address.port_value = 443
     if upstream:  # the request went to a provider
-        c.upstream_remote_address.socket_address.address = "160.79.104.10"
-        c.upstream_remote_address.socket_address.port_value = 443
         c.time_to_first_upstream_tx_byte.FromTimedelta(timedelta(milliseconds=4))
     c.upstream_cluster = cluster
     c.route_name = "messages"

@@ -119,8 +119,6 @@ def usage_struct(a: Assessment) -> struct_pb2.Struct:
     return s
 
 
-
-
 class ProviderHandler(ABC):
     """What one provider kind does to an upstream attempt."""
 
