@@ -6,6 +6,8 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccr.contract import UsageStatus
 from router.usage import (
@@ -371,3 +373,20 @@ def test_json_replies_complete_or_not_billable() -> None:
     assert a.status == UsageStatus.COMPLETE and a.usage is not None and a.usage["output_tokens"] == 4
     a = assess(meter_bytes("application/json", b'{"input_tokens": 4242}'), streaming=False, ended=True)
     assert a.status == UsageStatus.NOT_BILLABLE and a.usage == dict.fromkeys(EXPECTED, 0) and a.note
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(max_size=40), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 10_000)),
+       eol=st.sampled_from(["\n", "\r\n", "\r"]))
+def test_estimate_is_the_same_for_any_chunking(texts: list[str], cuts: list[int], eol: str) -> None:
+    stream = sse(message_start(7, 0, 0, 1), *text_deltas(*texts)).replace(b"\n", eol.encode())
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    m = SseUsageMeter()
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        m.feed(stream[a:b])
+    got = assess(m.finish(), streaming=True, ended=True)
+    nonempty = [t for t in texts if t]
+    nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in nonempty)
+    assert got.status == UsageStatus.ESTIMATED and got.usage is not None
+    assert got.usage["input_tokens"] == 7
+    assert got.usage["output_tokens"] == max(1, -(-nbytes // BYTES_PER_TOKEN), len(nonempty))
