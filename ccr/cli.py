@@ -49,13 +49,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         gw.stop()
         return 1
     assert gw.runtime is not None
+    from ccr.localservers import redact_url
+
     print(
         f"\nccr is up.\n"
         f"  gateway URL : {gw.url}\n"
         f"  API key     : {key}   (new for this run; `ccr keys create` makes lasting ones)\n"
         f"  admin       : {gw.admin_url}\n"
         f"  logs        : {gw.runtime.run_dir}/logs\n"
-        f"  postgres    : {gw.runtime.postgres_dsn}\n\n"
+        f"  postgres    : {redact_url(gw.runtime.postgres_dsn)}   (password in runtime.json)\n\n"
         f"Try it:\n"
         f"  ANTHROPIC_BASE_URL={gw.url} ANTHROPIC_API_KEY={key} python -c \"import anthropic; "
         f"print(anthropic.Anthropic().messages.create(model='claude-sonnet-4-5', max_tokens=64, "

@@ -58,11 +58,29 @@ class GatewaySettings(Strict):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 1
 
 
+FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"
+
+
 class ServiceSettings(Strict):
     # Where the decision services bind; loopback unless configured otherwise.
+    # (Embedded PostgreSQL and Redis always bind loopback, whatever this says.)
     bind_host: str = "127.0.0.1"
     # Fail closed: an unreachable extauth or ratelimit service denies the request.
     failure_mode_allow: bool = False
+    # Fail-open is a bypass of authentication and policy; it must be asked for in words.
+    i_understand_unauthenticated_traffic_reaches_providers: bool = False
+
+    @model_validator(mode="after")
+    def _fail_open_is_acknowledged(self) -> ServiceSettings:
+        if self.failure_mode_allow and not self.i_understand_unauthenticated_traffic_reaches_providers:
+            raise ValueError(
+                "failure_mode_allow: true lets every request through to the providers, with the "
+                "organisation's credentials and no identity, policy or rate limit, whenever the "
+                "authorization or rate limit service is down or slow; anyone who can reach the gateway "
+                "(or make extauth fail) gets unauthenticated model access. If that is really intended, "
+                f"also set services.{FAIL_OPEN_ACK}: true"
+            )
+        return self
 
 
 class StorageSettings(Strict):
@@ -81,8 +99,12 @@ class Provider(Strict):
     kind: ProviderKind = ProviderKind.anthropic
     endpoint: str = "https://api.anthropic.com"
     # Name of the environment variable that holds the credential; the secret itself
-    # never sits in the config file.
+    # never sits in the config file. `ccr up` refuses to start when it is unset or empty.
     api_key_env: str | None = None
+    # Serve this provider from the built-in Anthropic API emulator (local trials and tests):
+    # `ccr up` starts it with a generated credential and ignores endpoint and api_key_env.
+    # Only ever used when named here; a missing credential never falls back to it.
+    emulator: bool = False
     region: str | None = None
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
 

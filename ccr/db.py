@@ -50,6 +50,31 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        2,
+        "request log: unknown usage is NULL with a status and reason; the client's request id kept aside",
+        """
+        -- A count that was not read is NULL, never a default 0; usage_status says how the
+        -- counts were obtained (ccr.contract.UsageStatus) and usage_note why, when not complete.
+        ALTER TABLE request_log
+            ALTER COLUMN input_tokens DROP NOT NULL,
+            ALTER COLUMN input_tokens DROP DEFAULT,
+            ALTER COLUMN output_tokens DROP NOT NULL,
+            ALTER COLUMN output_tokens DROP DEFAULT,
+            ALTER COLUMN cache_creation_input_tokens DROP NOT NULL,
+            ALTER COLUMN cache_creation_input_tokens DROP DEFAULT,
+            ALTER COLUMN cache_read_input_tokens DROP NOT NULL,
+            ALTER COLUMN cache_read_input_tokens DROP DEFAULT,
+            -- NULL only on rows written before this migration.
+            ADD COLUMN usage_status text CHECK (usage_status IN
+                ('complete', 'partial', 'estimated', 'not_billable', 'unknown', 'not_forwarded')),
+            ADD COLUMN usage_note text,
+            -- request_id is the gateway's own (unique); what the client sent is informational.
+            ADD COLUMN client_request_id text;
+        CREATE INDEX request_log_client_request_id ON request_log (client_request_id)
+            WHERE client_request_id IS NOT NULL;
+        """,
+    ),
+    (
         3,
         "keys for machines (owner, tenant, expiry, last use, rotation) and the admin log",
         """
@@ -121,7 +146,7 @@ def migrate(dsn: str) -> int:
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-            for version, name, sql in MIGRATIONS:
+            for version, name, sql in sorted(MIGRATIONS):  # list order may differ from version order
                 if version in done:
                     continue
                 with conn.transaction():

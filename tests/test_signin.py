@@ -33,6 +33,9 @@ from tests.harness import gateway_config
 from tests.idp import TestIdP, running_idp
 
 CCR = [sys.executable, "-m", "ccr.cli"]
+REPO = Path(__file__).resolve().parent.parent
+# Run this checkout's ccr, whatever the current directory (the venv may point at another one).
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SONNET, HAIKU = "claude-sonnet-4-6", "claude-haiku-4-5"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -108,7 +111,7 @@ def assert_refused_within_a_second(gw: Gateway, token: str, what: str) -> None:
 def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: TestIdP, tmp_path: Path) -> None:
     session_file = tmp_path / "cfg" / "session.json"
     proc = subprocess.Popen([*CCR, "login", "--gateway", gw.url, "--session-file", str(session_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHECKOUT_ENV)
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline() + proc.stdout.readline()
@@ -129,7 +132,7 @@ def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: Tes
 
     # What apiKeyHelper runs: the token only, on one line.
     printed = subprocess.run([*CCR, "login", "--print-token", "--session-file", str(session_file)],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, env=CHECKOUT_ENV)
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout == doc["access_token"] + "\n"
     msg = sdk(gw, printed.stdout.strip()).messages.create(model=SONNET, max_tokens=8, messages=HELLO)
@@ -144,7 +147,7 @@ def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: Tes
     doc["expires_at"] = int(time.time()) + 10
     session_file.write_text(json.dumps(doc))
     again = subprocess.run([*CCR, "login", "--print-token", "--session-file", str(session_file)],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=CHECKOUT_ENV)
     assert again.returncode == 0, again.stderr
     new = json.loads(session_file.read_text())
     assert again.stdout.strip() == new["access_token"] != doc["access_token"]
@@ -154,7 +157,7 @@ def test_ccr_login_device_flow_then_claude_code_style_call(gw: Gateway, idp: Tes
 
     # ccr logout ends the session: its tokens stop working within a second.
     out = subprocess.run([*CCR, "logout", "--session-file", str(session_file)], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=CHECKOUT_ENV)
     assert out.returncode == 0, out.stderr
     assert not session_file.exists()
     assert_refused_within_a_second(gw, new["access_token"], "after ccr logout")
@@ -228,7 +231,7 @@ def test_ccr_login_browser(gw: Gateway, idp: TestIdP, tmp_path: Path) -> None:
     session_file = tmp_path / "s.json"
     proc = subprocess.Popen([*CCR, "login", "--browser", "--no-open", "--gateway", gw.url,
                              "--session-file", str(session_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=CHECKOUT_ENV)
     try:
         assert proc.stdout is not None
         lines = proc.stdout.readline() + proc.stdout.readline()
@@ -459,17 +462,17 @@ def test_admin_revokes_every_session_of_a_user(gw: Gateway, idp: TestIdP) -> Non
     other = device_sign_in(gw, idp, "dana")
     cfg = ["-c", str(gw.config_path)]
     listed = subprocess.run([*CCR, *cfg, "sessions", "list", "--user", "hank"], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, env=CHECKOUT_ENV)
     assert listed.returncode == 0, listed.stderr
     assert a["session_id"] in listed.stdout and b["session_id"] in listed.stdout
     assert other["session_id"] not in listed.stdout
     out = subprocess.run([*CCR, *cfg, "sessions", "revoke", "--user", "hank"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=CHECKOUT_ENV)
     assert out.returncode == 0 and "revoked 2 session(s)" in out.stdout, out.stdout + out.stderr
     for tok in (a, b):
         assert_refused_within_a_second(gw, tok["access_token"], "after ccr sessions revoke --user")
         assert refresh(gw, tok["refresh_token"]).status_code == 400
     assert sdk(gw, other["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
     again = subprocess.run([*CCR, *cfg, "sessions", "revoke", "--user", "hank"], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, env=CHECKOUT_ENV)
     assert again.returncode == 1 and "no live session" in again.stderr
