@@ -242,7 +242,7 @@ def _gateway_url(args: argparse.Namespace) -> str:
         host = gw.config.gateway.listen.host
         host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         if port:
-            return f"http://{host}:{port}"
+            return f"{'https' if gw.config.gateway.tls else 'http'}://{host}:{port}"
     raise ConfigError("no gateway to sign in to: pass --gateway URL or set CCR_GATEWAY_URL "
                       "(or start one here with `ccr up`)")
 

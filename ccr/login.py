@@ -63,9 +63,9 @@ def _post(gateway: str, path: str, form: dict[str, str], timeout: float = 30) ->
         doc = json.loads(body)
     except ValueError:
         doc = None
-    if not isinstance(doc, dict):
-        raise LoginError(f"the gateway at {gateway} answered HTTP {status} without JSON; "
-                         f"is sign-in (identity.signin) configured there?")
+    if not isinstance(doc, dict) or status == 404:
+        raise LoginError(f"the gateway at {gateway} does not offer sign-in (HTTP {status}); "
+                         f"its config needs identity.signin")
     return status, doc
 
 

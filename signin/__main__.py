@@ -32,7 +32,8 @@ def gateway_url(config: GatewayConfig, runtime_path: str) -> str:
     port = config.gateway.listen.port or Runtime.load(runtime_path).listen_port
     if not port:
         raise RuntimeError("the gateway's listen port is not known yet")
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if config.gateway.tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve() -> None:
