@@ -288,3 +288,38 @@ def test_client_secret_goes_only_to_the_signin_service(tmp_path: Path, monkeypat
         assert Gateway._service_env(other, cfg, {}) is None
     assert Gateway._service_env("adapter", cfg, {"K": "v"}) == {"K": "v"}
     assert "signin" not in services_for(load_config(REPO / "ccr.example.yaml"))
+
+
+def test_ccr_login_explains_a_gateway_without_sign_in_and_a_missing_session(tmp_path: Path) -> None:
+    import http.server
+    import io
+    import threading
+
+    from ccr import login
+    from ccr.errors import error_body
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = error_body("not_found_error", "Not found")
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(login.LoginError, match="does not offer sign-in .*identity.signin"):
+            login.device_login(f"http://127.0.0.1:{server.server_address[1]}", io.StringIO())
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(login.LoginError, match="no session at .*ccr login"):
+        login.current_token(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(login.LoginError, match="not a ccr session file"):
+        login.current_token(tmp_path / "bad.json")
