@@ -206,6 +206,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_sessions(args: argparse.Namespace) -> int:
     from signin import admin
 
+    if args.sessions_cmd == "rotate-key":
+        from ccr.supervisor import Gateway
+        from signin.keys import KeyFileError, rotate_signing_key
+
+        key_dir = Gateway(Path(args.config)).signin_key_dir(load_config(args.config))
+        try:
+            old, new = rotate_signing_key(key_dir)
+        except KeyFileError as e:
+            print(f"ccr sessions rotate-key: {e}", file=sys.stderr)
+            return 1
+        print(f"session tokens are now signed with key {new}; key {old} stays valid for tokens it signed "
+              f"until they expire (the running gateway picks this up within a second)")
+        return 0
     with _dsn(args.config) as dsn:
         if args.sessions_cmd == "list":
             rows = admin.list_sessions(dsn, include_ended=args.all, subject=args.user)
@@ -330,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sss.add_parser("revoke", help="end a session, or every session of --user; effective within a second")
     sr.add_argument("session_id", nargs="?")
     sr.add_argument("--user", help="revoke every live session of this subject (offboarding)")
+    sss.add_parser("rotate-key", help="sign session tokens with a new key (the previous one keeps verifying)")
 
     lg = sub.add_parser("login", help="sign in through the gateway's identity provider (short-lived session)")
     lg.set_defaults(func=cmd_login)

@@ -236,10 +236,12 @@ class Gateway:
             return
         from signin.keys import ensure_keys
 
-        key_dir = Path(s.key_dir) if s.key_dir else self.data_dir() / "signin"
-        if not key_dir.is_absolute():
-            key_dir = self._base_dir() / key_dir
-        runtime.signin_key_dir = str(ensure_keys(key_dir.resolve()))
+        runtime.signin_key_dir = str(ensure_keys(self.signin_key_dir(config)))
+
+    def signin_key_dir(self, config: GatewayConfig) -> Path:
+        s = config.identity.signin
+        key_dir = Path(s.key_dir) if s is not None and s.key_dir else self.data_dir() / "signin"
+        return (key_dir if key_dir.is_absolute() else self._base_dir() / key_dir).resolve()
 
     @staticmethod
     def _service_env(name: str, config: GatewayConfig, credentials: dict[str, str]) -> dict[str, str] | None:

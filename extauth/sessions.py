@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 from joserfc.jwk import KeySet
@@ -26,7 +27,7 @@ from ccr.runtime import Runtime
 from extauth.deny import Deny
 from extauth.principal import Principal, PrincipalKind
 from signin import tokens
-from signin.keys import KeyFileError, load_public_keys
+from signin.keys import PUBLIC_KEYS, KeyFile, KeyFileError, load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,11 @@ class SessionStatus:
 class SessionTokenVerifier:
     """extauth's TokenVerifier for the gateway's own session tokens."""
 
-    def __init__(self, keys: KeySet, issuer: str, status: SessionStatus, leeway_s: int = 30,
+    def __init__(self, keys: KeySet | KeyFile[KeySet], issuer: str, status: SessionStatus, leeway_s: int = 30,
                  clock: Callable[[], float] = time.time, max_cached: int = 50_000) -> None:
-        self.keys = keys
+        # A KeyFile follows key rotation on disk (checked at most once a second).
+        self._keyfile = keys if isinstance(keys, KeyFile) else None
+        self.keys: KeySet = keys.value if isinstance(keys, KeyFile) else keys
         self.issuer = issuer
         self.status = status
         self.leeway_s = leeway_s
@@ -123,6 +126,10 @@ class SessionTokenVerifier:
         return tokens.looks_like_session_token(token)
 
     def _claims(self, token: str) -> tokens.SessionClaims:
+        if self._keyfile is not None and self._keyfile.refresh():
+            # New key set: a removed key must stop working now, so forget what it verified.
+            self.keys = self._keyfile.value
+            self._verified.clear()
         now = self.clock()
         claims = self._verified.get(token)
         if claims is not None:
@@ -155,8 +162,8 @@ async def session_verifier(config: GatewayConfig, runtime: Runtime) -> SessionTo
     if not runtime.signin_key_dir:
         raise SystemExit("extauth: identity.signin is set but the runtime names no signin_key_dir")
     try:
-        keys = load_public_keys(runtime.signin_key_dir)
-    except KeyFileError as e:
+        keys = KeyFile(Path(runtime.signin_key_dir) / PUBLIC_KEYS, load_public_keys)
+    except (OSError, KeyFileError) as e:
         raise SystemExit(f"extauth: {e}") from None
     status = SessionStatus(runtime.postgres_dsn)
     await status.start()

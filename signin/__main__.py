@@ -14,7 +14,15 @@ from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 from ccr.service import parse_args, write_ready
 from signin.idp import IdpClient
-from signin.keys import Sealer, ensure_keys, load_public_keys, load_signing_key
+from signin.keys import (
+    PUBLIC_KEYS,
+    SIGNING_KEY,
+    KeyFile,
+    Sealer,
+    ensure_keys,
+    load_public_keys,
+    load_signing_key,
+)
 from signin.service import SigninService
 from signin.store import SessionStore
 
@@ -67,8 +75,8 @@ async def serve() -> None:
         idp = IdpClient(issuer, settings.client_id, secret, settings.scopes, http)
         store = SessionStore(runtime.postgres_dsn, sealer)
         await store.start()
-        service = SigninService(settings, idp, store, load_signing_key(key_dir),
-                                load_public_keys(key_dir), sealer, public_url)
+        service = SigninService(settings, idp, store, KeyFile(key_dir / SIGNING_KEY, load_signing_key),
+                                KeyFile(key_dir / PUBLIC_KEYS, load_public_keys), sealer, public_url)
         runner = web.AppRunner(service.app(), access_log=None)
         await runner.setup()
         host = config.services.bind_host

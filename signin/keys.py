@@ -9,21 +9,31 @@
   the browser flow's state cookie and the device flow's handle. Sign-in service only.
 
 The files are created once (O_EXCL, so concurrent starters agree on one key) and
-refused when group or others can read a secret one.
+refused when group or others can read a secret one. `rotate_signing_key` makes a new
+signing key: its public half is published first, beside the previous one (tokens it
+signed stay valid until they expire), then the private key is swapped; the sign-in
+service and extauth pick both files up without a restart.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc.jwk import KeySet, OKPKey
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SIGNING_KEY = "session-signing.jwk"
 PUBLIC_KEYS = "session-signing.pub.jwks"
@@ -54,13 +64,41 @@ def _write_new(path: Path, data: bytes, mode: int) -> bool:
         tmp.unlink()
 
 
+def _new_signing_key() -> OKPKey:
+    return OKPKey.generate_key("Ed25519", parameters={"kid": secrets.token_urlsafe(9), "alg": ALG, "use": "sig"})
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+
+
+def rotate_signing_key(key_dir: str | Path) -> tuple[str, str]:
+    """A new signing key; returns (old kid, new kid). The JWKS keeps the new and the
+    previous public key only: rotate no more often than the session token lifetime, or
+    tokens signed two keys ago stop verifying early (they then refresh or sign in again)."""
+    d = Path(key_dir)
+    old = load_signing_key(d)
+    new = _new_signing_key()
+    _replace(d / PUBLIC_KEYS, json.dumps({"keys": [new.as_dict(private=False), old.as_dict(private=False)]})
+             .encode(), 0o644)
+    _replace(d / SIGNING_KEY, json.dumps(new.as_dict(private=True)).encode(), 0o600)
+    return str(old.kid), str(new.kid)
+
+
 def ensure_keys(key_dir: str | Path) -> Path:
     """Create the key directory and any missing key; returns the directory."""
     d = Path(key_dir)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     if not (d / SIGNING_KEY).exists():
-        key = OKPKey.generate_key("Ed25519", parameters={"kid": secrets.token_urlsafe(9), "alg": ALG, "use": "sig"})
+        key = _new_signing_key()
         _write_new(d / SIGNING_KEY, json.dumps(key.as_dict(private=True)).encode(), 0o600)
     if not (d / PUBLIC_KEYS).exists():
         key = load_signing_key(d)
@@ -154,3 +192,39 @@ class Sealer:
             return None
         doc = json.loads(plain)
         return doc if isinstance(doc, dict) else None
+
+
+class KeyFile(Generic[T]):
+    """A key file re-read when it changes on disk (checked at most every `min_interval_s`)."""
+
+    def __init__(self, path: Path, load: Callable[[Path], T], min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._load = load
+        self._min = min_interval_s
+        self._clock = clock
+        self._stamp = self._stat()
+        self.value: T = load(path.parent)
+        self._checked = clock()
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def refresh(self) -> bool:
+        """Reload if the file changed; True when it did. A broken new file keeps the old value."""
+        now = self._clock()
+        if now - self._checked < self._min:
+            return False
+        self._checked = now
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return False
+            value = self._load(self.path.parent)
+        except (OSError, KeyFileError) as e:
+            log.error("%s: not reloaded, keeping the current keys: %s", self.path, e)
+            return False
+        self._stamp, self.value = stamp, value
+        log.info("%s reloaded", self.path)
+        return True

@@ -55,7 +55,7 @@ from signin.idp import (
     s256,
     who_from_claims,
 )
-from signin.keys import Sealer
+from signin.keys import KeyFile, Sealer
 from signin.store import REFRESH_PREFIX, Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -142,13 +142,14 @@ def _loopback_redirect(uri: str) -> bool:
 
 class SigninService:
     def __init__(self, settings: SigninSettings, idp: IdpClient, store: SessionStore,
-                 signing_key: OKPKey, public_keys: KeySet, sealer: Sealer, public_url: Callable[[], str],
-                 clock: Callable[[], float] = time.time) -> None:
+                 signing_key: KeyFile[OKPKey], public_keys: KeyFile[KeySet], sealer: Sealer,
+                 public_url: Callable[[], str], clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.idp = idp
         self.store = store
-        self.signing_key = signing_key
-        self.public_keys = public_keys
+        # Both follow `ccr sessions rotate-key` on disk.
+        self._signing_key = signing_key
+        self._public_keys = public_keys
         self.sealer = sealer
         self.public_url = public_url
         self.clock = clock
@@ -170,6 +171,16 @@ class SigninService:
 
     def _who(self, claims: dict[str, Any]) -> Who:
         return who_from_claims(self.idp.cfg, claims)
+
+    @property
+    def signing_key(self) -> OKPKey:
+        self._signing_key.refresh()
+        return self._signing_key.value
+
+    @property
+    def public_keys(self) -> KeySet:
+        self._public_keys.refresh()
+        return self._public_keys.value
 
     def _mint(self, sid: str, who: Who) -> tuple[str, int]:
         return tokens.mint(self.signing_key, self.settings.token_issuer, sid, who.subject, self.idp.issuer,

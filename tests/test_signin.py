@@ -451,7 +451,7 @@ def test_signin_service_started_by_ccr_up_with_private_keys(gw: Gateway) -> None
     assert stat.S_IMODE((d / "session-signing.jwk").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / "sealing.key").stat().st_mode) == 0o600
     jwks = httpx.get(auth(gw, "jwks")).json()
-    assert [k["kid"] for k in jwks["keys"]] == [load_signing_key(d).kid]
+    assert jwks["keys"][0]["kid"] == load_signing_key(d).kid  # the current key first (rotation keeps one more)
     assert all("d" not in k for k in jwks["keys"])  # public halves only
     assert os.path.exists(d / "session-signing.pub.jwks")
 
@@ -476,3 +476,29 @@ def test_admin_revokes_every_session_of_a_user(gw: Gateway, idp: TestIdP) -> Non
     again = subprocess.run([*CCR, *cfg, "sessions", "revoke", "--user", "hank"], capture_output=True, text=True,
                            timeout=60, env=CHECKOUT_ENV)
     assert again.returncode == 1 and "no live session" in again.stderr
+
+
+def test_signing_key_rotation_on_a_running_gateway(gw: Gateway, idp: TestIdP) -> None:
+    before = device_sign_in(gw, idp, "dana")
+    out = subprocess.run([*CCR, "-c", str(gw.config_path), "sessions", "rotate-key"], capture_output=True,
+                         text=True, timeout=60, env=CHECKOUT_ENV)
+    assert out.returncode == 0, out.stderr
+    new_kid = re.search(r"signed with key (\S+);", out.stdout)
+    assert new_kid, out.stdout
+    # The sign-in service and extauth re-read the key files at most once a second.
+    deadline = time.monotonic() + 3.0
+    while True:
+        after = device_sign_in(gw, idp, "dana")
+        if tokens.header_of(after["access_token"])["kid"] == new_kid.group(1):  # type: ignore[index]
+            break
+        assert time.monotonic() < deadline, "the sign-in service still signs with the old key"
+    while True:
+        try:
+            assert sdk(gw, after["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+            break
+        except anthropic.AuthenticationError:
+            assert time.monotonic() < deadline, "extauth did not pick up the new public key"
+    # Tokens signed before the rotation stay valid until they expire.
+    assert sdk(gw, before["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
+    jwks = httpx.get(auth(gw, "jwks")).json()
+    assert [k["kid"] for k in jwks["keys"]][0] == new_kid.group(1) and len(jwks["keys"]) == 2

@@ -22,7 +22,17 @@ from extauth.deny import Deny
 from extauth.sessions import SessionStatus, SessionTokenVerifier
 from router import resources
 from signin import tokens
-from signin.keys import KeyFileError, Sealer, ensure_keys, load_public_keys, load_signing_key
+from signin.keys import (
+    PUBLIC_KEYS,
+    SIGNING_KEY,
+    KeyFile,
+    KeyFileError,
+    Sealer,
+    ensure_keys,
+    load_public_keys,
+    load_signing_key,
+    rotate_signing_key,
+)
 from signin.store import SessionStore
 from tests.test_router import _runtime, _validate
 
@@ -256,7 +266,8 @@ def test_sign_in_starts_are_budgeted(tmp_path: Path) -> None:
     d = ensure_keys(tmp_path)
     idp = _StubIdp()
     svc = SigninService(SigninSettings(issuer=idp.issuer, client_id="ccr", starts_per_minute=60),
-                        idp, None, load_signing_key(d), load_public_keys(d), Sealer.load(d),  # type: ignore[arg-type]
+                        idp, None, KeyFile(d / SIGNING_KEY, load_signing_key),  # type: ignore[arg-type]
+                        KeyFile(d / PUBLIC_KEYS, load_public_keys), Sealer.load(d),
                         lambda: "http://127.0.0.1:1")
     now = [100.0]
     svc.starts = StartBudget(60, clock=lambda: now[0])  # 1 per second, bursts of 10
@@ -323,3 +334,30 @@ def test_ccr_login_explains_a_gateway_without_sign_in_and_a_missing_session(tmp_
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(login.LoginError, match="not a ccr session file"):
         login.current_token(tmp_path / "bad.json")
+
+
+def test_signing_key_rotation_is_followed_without_a_restart(tmp_path: Path) -> None:
+    d = ensure_keys(tmp_path)
+    t = [0.0]
+    signing = KeyFile(d / SIGNING_KEY, load_signing_key, clock=lambda: t[0])
+    v = SessionTokenVerifier(KeyFile(d / PUBLIC_KEYS, load_public_keys, clock=lambda: t[0]), ISS,
+                             _Status(), clock=lambda: 1_800_000_000.0)  # type: ignore[arg-type]
+
+    def mint() -> str:
+        signing.refresh()
+        return tokens.mint(signing.value, ISS, "ses_r", "u", "https://idp", "u", (), None, 3600, 1_800_000_000.0)[0]
+
+    first = mint()
+    asyncio.run(v.verify(first))
+    k1, k2 = rotate_signing_key(d)
+    assert oct((d / SIGNING_KEY).stat().st_mode & 0o777) == "0o600"
+    t[0] += 1.0  # files are re-checked at most once a second
+    second = mint()
+    assert tokens.header_of(second)["kid"] == k2 != k1  # type: ignore[index]
+    asyncio.run(v.verify(second))  # the verifier picked up the new public key
+    asyncio.run(v.verify(first))  # tokens of the previous key stay valid until they expire
+    rotate_signing_key(d)
+    t[0] += 1.0
+    with pytest.raises(Deny, match="key this gateway does not know"):
+        asyncio.run(v.verify(first))  # two keys ago: gone, even though it was verified (cached) before
+    asyncio.run(v.verify(second))
