@@ -20,9 +20,11 @@ MAX_PATH_BYTES = 512
 
 # Object ids (batches, files) and model ids: ASCII letters, digits, '_' and '-', starting
 # with a letter or digit, so an id can never be a dot segment, carry a slash or an escape.
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
+# No length bound inside the regex (Envoy's RE2 program-size limit); match() checks MAX_ID_LEN.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # Model ids may contain dots (e.g. "claude-3.5-..."-style aliases), never as the first char.
-MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MAX_ID_LEN = 128
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 _PARAM_PATTERNS = {"model_id": MODEL_ID_PATTERN, "batch_id": ID_PATTERN, "file_id": ID_PATTERN}
@@ -161,7 +163,7 @@ def match(method: str, path: str) -> EndpointMatch | None:
         if e.method != method:
             continue
         m = rx.fullmatch(path)
-        if m is not None:
+        if m is not None and all(len(v) <= MAX_ID_LEN for v in m.groups()):
             return EndpointMatch(e, tuple(sorted(zip(e.params, m.groups(), strict=True))))
     return None
 
