@@ -43,6 +43,8 @@ class ServiceSettings(Strict):
     bind_host: str = "127.0.0.1"
     # Fail closed: an unreachable extauth or ratelimit service denies the request.
     failure_mode_allow: bool = False
+    # Saying it in words: fail-open authorization lets requests through with no decision.
+    i_understand_unauthenticated_traffic_reaches_providers: bool = False
 
 
 class StorageSettings(Strict):
@@ -92,6 +94,12 @@ class Limits(Strict):
     requests_per_minute: Annotated[int, Field(ge=1)] = 600
 
 
+class FilesSettings(Strict):
+    # The Files API stores data at the provider under the organisation's credential; it is
+    # refused (403) unless enabled here.
+    enabled: bool = False
+
+
 class PolicySettings(Strict):
     # Directory of Rego sources and data.json, compiled with `opa build -t wasm`.
     dir: str = "policies"
@@ -107,6 +115,7 @@ class GatewayConfig(Strict):
     models: Annotated[list[Model], Field(min_length=1)]
     limits: Limits = Limits()
     policy: PolicySettings = PolicySettings()
+    files: FilesSettings = FilesSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

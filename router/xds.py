@@ -29,6 +29,9 @@ from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2 a
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as _hcm,
 )
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (  # noqa: F401
+    header_mutation_pb2 as _early,
+)
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _opts  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
