@@ -11,6 +11,10 @@ from __future__ import annotations
 AUTHZ_NS = "envoy.filters.http.ext_authz"  # written by extauth's CheckResponse
 USAGE_NS = "ccr.usage"  # written by the adapter at the end of each upstream attempt
 
+# Key in AUTHZ_NS: how many requests a Message Batch create carries (a decimal string);
+# the batch-create route's rate limit charges that many hits.
+AUTHZ_BATCH_REQUESTS = "batch_requests"
+
 # Rate limit domain of the route's descriptors.
 RL_DOMAIN = "ccr"
 # Descriptor entry every request carries: the principal id (from H_PRINCIPAL_ID).

@@ -23,6 +23,7 @@ from google.rpc import code_pb2, status_pb2
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
+    AUTHZ_BATCH_REQUESTS,
     CCR_HEADER_PREFIX,
     H_CLUSTER,
     H_KEY_ID,
@@ -32,11 +33,15 @@ from ccr.contract import (
     H_PROVIDER,
     SET_HEADERS,
 )
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError, build_bundle, read_bundle
 from extauth.deny import Deny, denied
+from extauth.endpoints import Kind
+from extauth.endpoints import match as match_endpoint
 from extauth.identity import Identity
 from extauth.keys import KeyStore
+from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
 
@@ -80,10 +85,13 @@ def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
 
 
 class Authorizer:
-    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
+    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
+                 objects: ObjectStore | None = None) -> None:
         self.config = config
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
+        # Batches and Files: ownership and per-request checks (None: those endpoints are refused).
+        self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
@@ -137,10 +145,15 @@ class Authorizer:
         decision = self.policy.decide(principal, method, path, model)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
+        facts = await self._objects(principal, method, path, model, provider, http)
+        if facts is not None:
+            provider, cluster = facts.provider, facts.cluster
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
         keep = _set_headers(principal.key_id is not None, model is not None)
         spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
+        if facts is not None:  # per-object answers are not cached
+            return self._ok(principal, model, provider, cluster, spoofed, facts)
         ck = (principal, model, provider, spoofed, self.policy.bundle.digest)
         resp = self._ok_cache.get(ck)
         if resp is None:
@@ -150,8 +163,29 @@ class Authorizer:
             self._ok_cache[ck] = resp
         return resp
 
+    async def _objects(self, principal: Principal, method: str, path: str, model: str | None, provider: str,
+                       http) -> ObjectFacts | None:
+        """Batches and Files checks (extauth/objects.py); file references in a Messages body."""
+        if model is not None:
+            body = http.raw_body or http.body.encode()
+            if not mentions_file(body):
+                return None
+            doc = orjson.loads(body)
+            if self.objects is not None:
+                await self.objects.check_file_refs(principal, provider, doc, "")
+            elif any(True for _ in file_ids(doc)):
+                raise Deny(403, "permission_error", "file references are not available on this gateway")
+            return None
+        m = match_endpoint(method, path)
+        if m is None or m.endpoint.kind not in (Kind.BATCHES, Kind.FILES):
+            return None
+        if self.objects is None:
+            raise Deny(403, "permission_error", "Message Batches and Files are not available on this gateway")
+        return await self.objects.check(principal, m, http.raw_body or http.body.encode(), self.policy.decide)
+
     def _ok(
-        self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...]
+        self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
+        obj: ObjectFacts | None = None,
     ) -> pb.CheckResponse:
         values = [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
         if p.key_id is not None:
@@ -177,6 +211,9 @@ class Authorizer:
                 "unit": "MINUTE",
             },
         })
+        if obj is not None:
+            # A batch costs one rate-limit hit per request (the batch-create route's hits_addend).
+            facts[AUTHZ_BATCH_REQUESTS] = str(obj.hits)
         meta = struct_pb2.Struct()
         meta.update(facts)
         return pb.CheckResponse(
@@ -255,7 +292,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    authorizer = Authorizer(config, Identity(keys), policy)
+    objects = ObjectStore(runtime.postgres_dsn)
+    authorizer = Authorizer(config, Identity(keys), policy, objects)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
@@ -266,6 +304,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await keys.close()
+        await objects.close()
         authorizer.policy.close()
 
     return cleanup

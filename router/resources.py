@@ -22,12 +22,12 @@ from ccr.contract import (
     H_PRINCIPAL_ID,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
-    SET_HEADERS,
     USAGE_NS,
 )
 from ccr.errors import error_body
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router.object_routes import endpoint_route, headers_to_remove
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -206,9 +206,10 @@ def _endpoint_routes(config: GatewayConfig) -> list[Json]:
     return [{
         "name": e.name,
         "match": _endpoint_match(e),
-        "route": api_route,
-        # Decided facts stay inside the gateway; the upstream never sees them.
-        "request_headers_to_remove": list(SET_HEADERS),
+        "route": endpoint_route(api_route, e),
+        # Decided facts stay inside the gateway; the upstream never sees them (the adapter
+        # removes the principal id that Batches and Files routes keep for it).
+        "request_headers_to_remove": headers_to_remove(e),
     } for e in ENDPOINTS]
 
 

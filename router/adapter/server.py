@@ -33,7 +33,9 @@ from google.protobuf import struct_pb2
 from ccr.config import GatewayConfig, ProviderKind
 from ccr.contract import ADAPTER_PROVIDER_MD, CCR_HEADER_PREFIX, USAGE_NS
 from ccr.errors import error_body
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
+from router.adapter.objects import ObjectAttempt
 from router.usage import MeterResult, Usage, UsageMeter, decodable, make_meter, meterable
 
 log = logging.getLogger("ccr.adapter")
@@ -174,11 +176,14 @@ class _Attempt:
     meter: UsageMeter | None = None
     status: int = 0
     result: MeterResult | None = None
+    # Set for Batches and Files requests only (router/adapter/objects.py).
+    objects: ObjectAttempt | None = None
 
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, handlers: dict[str, ProviderHandler]) -> None:
+    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None) -> None:
         self._handlers = handlers
+        self._objects = objects
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -206,11 +211,31 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         async for req in request_iterator:
             kind = req.WhichOneof("request")
             if kind == "response_body":
-                yield self._on_body(attempt, req.response_body)
+                if attempt.objects is not None and attempt.objects.wants_body():
+                    resp = await attempt.objects.on_body(
+                        req.response_body, pb.ProcessingResponse(response_body=pb.BodyResponse()),
+                        lambda u: self._publish(attempt, u))
+                    yield resp
+                    if resp.HasField("immediate_response"):
+                        return
+                else:
+                    yield self._on_body(attempt, req.response_body)
             elif kind == "response_headers":
-                yield self._on_response_headers(attempt, req.response_headers)
+                resp = self._on_response_headers(attempt, req.response_headers)
+                if attempt.objects is not None:
+                    await attempt.objects.on_response_headers(
+                        attempt.status, req.response_headers.end_of_stream, resp, lambda u: self._publish(attempt, u))
+                yield resp
             elif kind == "request_headers":
-                resp = attempt.handler.on_request_headers(header_map(req.request_headers.headers))
+                headers = header_map(req.request_headers.headers)
+                attempt.objects = ObjectAttempt.start(self._objects, attempt.handler.name, headers)
+                why = attempt.objects.refuse_early() if attempt.objects is not None else None
+                resp = (error_response(500, "api_error", why, "ccr_adapter_no_principal") if why
+                        else attempt.handler.on_request_headers(headers))
+                if attempt.objects is not None and resp.HasField("request_headers"):
+                    # The adapter reads these replies: ask the provider for plain bytes.
+                    resp.request_headers.response.header_mutation.set_headers.append(
+                        set_header("accept-encoding", "identity"))
                 yield resp
                 if resp.HasField("immediate_response"):
                     return  # Envoy sends nothing more on this stream
@@ -221,8 +246,17 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_trailers":
                 # Trailers end a body that had no end_of_stream chunk.
                 resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                if attempt.objects is not None:
+                    await attempt.objects.on_trailers(resp, lambda u: self._publish(attempt, u))
                 self._finish(attempt, resp)
                 yield resp
+
+    @staticmethod
+    def _publish(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:
+        """Usage decided by an object attempt (batch results), instead of the usage meter's."""
+        attempt.meter = None
+        attempt.result = MeterResult(usage=usage, complete=True)
+        return usage_struct(usage)
 
     def _on_response_headers(self, attempt: _Attempt, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = header_map(msg.headers)
@@ -292,5 +326,7 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
 
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime) -> None:
     """`ccr.service.run` hook: register the ExternalProcessor service."""
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime)), server)
-    return None
+    # Batches and Files only: the pool opens on the first such request, never for Messages.
+    objects = ObjectStore(runtime.postgres_dsn)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime), objects), server)
+    return objects.close
