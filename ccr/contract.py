@@ -11,7 +11,7 @@ from __future__ import annotations
 AUTHZ_NS = "envoy.filters.http.ext_authz"  # written by extauth's CheckResponse
 USAGE_NS = "ccr.usage"  # written by the adapter at the end of each upstream attempt
 
-# Key in AUTHZ_NS: how many requests a Message Batch create carries (a decimal string);
+# Key in AUTHZ_NS: how many requests a Message Batch create carries (a number);
 # the batch-create route's rate limit charges that many hits.
 AUTHZ_BATCH_REQUESTS = "batch_requests"
 

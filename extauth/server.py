@@ -213,7 +213,7 @@ class Authorizer:
         })
         if obj is not None:
             # A batch costs one rate-limit hit per request (the batch-create route's hits_addend).
-            facts[AUTHZ_BATCH_REQUESTS] = str(obj.hits)
+            facts[AUTHZ_BATCH_REQUESTS] = obj.hits
         meta = struct_pb2.Struct()
         meta.update(facts)
         return pb.CheckResponse(
