@@ -11,8 +11,7 @@ from __future__ import annotations
 AUTHZ_NS = "envoy.filters.http.ext_authz"  # written by extauth's CheckResponse
 USAGE_NS = "ccr.usage"  # written by the adapter at the end of each upstream attempt
 
-# Key in AUTHZ_NS: how many requests a Message Batch create carries (a number);
-# the batch-create route's rate limit charges that many hits.
+# Key in AUTHZ_NS: how many requests a Message Batch create carries (a number).
 AUTHZ_BATCH_REQUESTS = "batch_requests"
 
 # Rate limit domain of the route's descriptors.
@@ -30,6 +29,9 @@ H_PRINCIPAL = "x-ccr-principal"
 H_MODEL = "x-ccr-model"
 H_PROVIDER = "x-ccr-provider"
 H_CLUSTER = "x-ccr-cluster"
+# Batch creates only: the number of requests in the batch; the batch-create route's rate
+# limit charges that many hits (hits_addend). Removed by the route before upstream.
+H_BATCH_REQUESTS = "x-ccr-batch-requests"
 SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLUSTER)
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.

@@ -25,6 +25,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     CCR_HEADER_PREFIX,
+    H_BATCH_REQUESTS,
     H_CLUSTER,
     H_KEY_ID,
     H_MODEL,
@@ -193,6 +194,8 @@ class Authorizer:
         if model is not None:
             values.append((H_MODEL, model))
         values += [(H_PROVIDER, provider), (H_CLUSTER, cluster)]
+        if obj is not None and obj.hits != 1:
+            values.append((H_BATCH_REQUESTS, str(obj.hits)))
         facts: dict = {"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
                        "groups": list(p.groups)}
         if p.key_id is not None:

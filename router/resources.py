@@ -27,7 +27,7 @@ from ccr.contract import (
 from ccr.errors import error_body
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
-from router.object_routes import endpoint_route, headers_to_remove
+from router.object_routes import headers_to_remove, per_filter_config
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -206,7 +206,8 @@ def _endpoint_routes(config: GatewayConfig) -> list[Json]:
     return [{
         "name": e.name,
         "match": _endpoint_match(e),
-        "route": endpoint_route(api_route, e),
+        "route": api_route,
+        **({"typed_per_filter_config": tpfc} if (tpfc := per_filter_config(api_route, e)) else {}),
         # Decided facts stay inside the gateway; the upstream never sees them (the adapter
         # removes the principal id that Batches and Files routes keep for it).
         "request_headers_to_remove": headers_to_remove(e),

@@ -5,6 +5,7 @@ nor use; a batch is checked request by request; batch results are metered once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,10 @@ def test_files_are_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, st
             call()
         assert f.id in e.value.body["error"]["message"]  # type: ignore[index]
     # A JSON escape does not hide the reference.
-    escaped = ('{"model":"%s","max_tokens":16,"messages":[{"role":"user","content":[{"type":"document",'
-               '"source":{"type":"file","file\\u005fid":"%s"}}]}]}') % (HAIKU, f.id)
+    doc_json = json.dumps({"model": HAIKU, "max_tokens": 16, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": f.id}}]}]})
+    escaped = doc_json.replace('"file_id"', '"file\\u005fid"')
+    assert "file_id" not in escaped
     r = httpx.post(f"{gw.url}/v1/messages", content=escaped,
                    headers={"x-api-key": keys["bob"], "anthropic-version": "2023-06-01",
                             "anthropic-beta": BETA[0], "content-type": "application/json"})
