@@ -156,7 +156,7 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
     assert json_format.MessageToDict(resp.dynamic_metadata) == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
-        "groups": ["default"], "model": "claude-sonnet-4-5",
+        "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
     }
@@ -354,7 +354,8 @@ def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
     src = tmp_path / "policies"
     src.mkdir()
     (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
-    (src / "data.json").write_text('{"model_access": {"default": ["claude-*"]}}')
+    grant = {"*": ["messages.*"]}
+    (src / "data.json").write_text(json.dumps({"endpoint_access": grant, "model_access": {"default": ["claude-*"]}}))
     bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
     _, k = create_key(postgres_dsn, "reload")
     req = http_check({"x-api-key": k}, body=msg_body("claude-sonnet-4-5"))
@@ -371,7 +372,8 @@ def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             assert (await auth.check(req)).status.code == code_pb2.OK
             # A new bundle takes effect without a restart; cached decisions do not linger.
-            (src / "data.json").write_text('{"model_access": {"default": ["claude-haiku-*"]}}')
+            (src / "data.json").write_text(json.dumps({"endpoint_access": grant,
+                                                       "model_access": {"default": ["claude-haiku-*"]}}))
             build_bundle(src, bundle, "ccr/authz/decision")
             deadline = time.monotonic() + 5
             while (resp := await auth.check(req)).status.code == code_pb2.OK:
