@@ -144,7 +144,7 @@ def non_canonical(path: str) -> str | None:
         return "trailing slash"
     if any(seg in (".", "..") for seg in path.split("/")):
         return "dot segment in path"
-    if not _CANONICAL.fullmatch(path):
+    if path != "/" and not _CANONICAL.fullmatch(path):
         return "character outside [A-Za-z0-9._-] in path"
     return None
 

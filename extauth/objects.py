@@ -27,14 +27,15 @@ import orjson
 from ccr.config import GatewayConfig
 from ccr.provider_objects import ObjectKind, ObjectStore, Owned
 from extauth.deny import Deny
-from extauth.endpoints import EndpointMatch, Kind
+from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.policy import Decision
 from extauth.principal import Principal
 
-MESSAGES_PATH = "/v1/messages"
+# Each request in a batch is decided as the single Messages call it stands for.
+MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.
 RouteFn = Callable[[str], "tuple[str, str] | None"]
-DecideFn = Callable[[Principal, str, str, "str | None"], Decision]
+DecideFn = Callable[[Principal, str, str, "str | None", EndpointMatch], Decision]
 
 _ID_PARAM = {"batches": ("batch_id", ObjectKind.BATCH), "files": ("file_id", ObjectKind.FILE)}
 
@@ -96,8 +97,8 @@ class ObjectGuard:
     def _files_enabled(self) -> None:
         if not self.config.files.enabled:
             raise Deny(403, "permission_error",
-                       "the Files API is disabled on this gateway; ask your gateway administrator "
-                       "to enable it (files.enabled)")
+                       "the Files API is disabled on this gateway; an administrator can enable it "
+                       "with `files: {enabled: true}` in the gateway config")
 
     async def _own(self, principal: Principal, kind: ObjectKind, object_id: str, what: str) -> Owned:
         owned = await self.owner(kind, object_id)
@@ -161,7 +162,8 @@ class ObjectGuard:
             if route is None:
                 raise Deny(404, "not_found_error",
                            f"{label}: model: {model} is not served by this gateway; the whole batch was refused")
-            d = decide(principal, "POST", MESSAGES_PATH, model)
+            d = decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template, model,
+                       MESSAGES_CREATE)
             if not d.allow:
                 raise Deny(403, "permission_error",
                            f"{label} uses model '{model}', which is not allowed: {d.reason}; "

@@ -191,9 +191,9 @@ def test_files_api_off_unless_enabled(tmp_path: Path) -> None:
     g = _start(tmp_path, files_enabled=False)
     try:
         c = client(g, g.api_key)
-        with pytest.raises(anthropic.PermissionDeniedError, match="files.enabled"):
+        with pytest.raises(anthropic.PermissionDeniedError, match="Files API is disabled"):
             c.beta.files.upload(file=("x.txt", b"x", "text/plain"), betas=BETA)
-        with pytest.raises(anthropic.PermissionDeniedError, match="files.enabled"):
+        with pytest.raises(anthropic.PermissionDeniedError, match="Files API is disabled"):
             c.beta.files.list(betas=BETA)
         doc = {"type": "document", "source": {"type": "file", "file_id": "file_011Cabc"}}
         with pytest.raises(anthropic.PermissionDeniedError):
