@@ -202,3 +202,22 @@ def test_files_api_off_unless_enabled(tmp_path: Path) -> None:
         assert [r["path"] for r in emulator_records(g)] == []
     finally:
         g.stop()
+
+
+def test_listing_pages_through_own_objects_only(gw: Gateway, dsn: str) -> None:
+    _, ka = create_key(dsn, "lister-a", ["default"])
+    _, kb = create_key(dsn, "lister-b", ["default"])
+    a, b = client(gw, ka), client(gw, kb)
+    b_ids = []
+    for i in range(2):  # B's batches interleaved with A's, so each provider page mixes owners
+        a.messages.batches.create(requests=[req(f"a{i}")])  # type: ignore[list-item]
+        b_ids.append(b.messages.batches.create(requests=[req(f"b{i}")]).id)  # type: ignore[list-item]
+        a.messages.batches.create(requests=[req(f"c{i}")])  # type: ignore[list-item]
+    first = b.messages.batches.list(limit=1)
+    assert [x.id for x in first.data] == [b_ids[1]] and first.has_more and first.last_id == b_ids[1]
+    # The provider was asked for its largest page; the caller's limit applies to what is kept.
+    assert "limit=1000" in emulator_records(gw)[-1]["query_string"]
+    assert [x.id for x in b.messages.batches.list(limit=1)] == b_ids[::-1]  # auto-pagination, own only
+    f = b.beta.files.upload(file=("b.txt", b"b", "text/plain"), betas=BETA)
+    a.beta.files.upload(file=("a.txt", b"a", "text/plain"), betas=BETA)
+    assert [x.id for x in b.beta.files.list(limit=1, betas=BETA)] == [f.id]

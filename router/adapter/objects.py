@@ -8,9 +8,12 @@ reaches this module or the database.
   next request on that id is authorised. If it cannot be recorded the client gets a 500
   rather than an object nobody can reach.
 * Lists are filtered here, from the provider's own reply (the only source of current
-  object state), to the caller's objects; `first_id`/`last_id`/`next_page` are recomputed
-  from what is kept, so no cursor names another principal's object. A page in which the
-  caller owns nothing has no cursor, so auto-pagination stops there (known limitation).
+  object state), to the caller's objects. The provider is asked for its largest page
+  (limit=1000) and the caller's `limit` is applied to what is kept, so one page of the
+  caller's objects needs one upstream page unless others own most objects;
+  `first_id`/`last_id`/`next_page` are recomputed from what is returned, so no cursor names
+  another principal's object. Known limitation: if a whole provider page (1000 objects)
+  holds none of the caller's, the reply has no cursor and auto-pagination stops there.
 * `results_url` in batch objects points at the provider; it becomes the path alone, so
   clients fetch results through the gateway (the SDK resolves it against its base URL).
 * Batch results (JSON Lines) are metered: the usage of succeeded results is summed and
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -47,6 +50,9 @@ _BUFFER_RESPONSE = _Mode(
 _REWRITTEN = frozenset({"batches.create", "batches.get", "batches.cancel", "batches.list",
                         "files.upload", "files.list"})
 _PREFIXES = ("/v1/messages/batches", "/v1/files")
+_LISTS = frozenset({"batches.list", "files.list"})
+PROVIDER_MAX_LIMIT = 1000
+DEFAULT_LIMIT = 20
 MAX_RESULT_LINE = 16 * 1024 * 1024
 
 
@@ -127,6 +133,9 @@ class ObjectAttempt:
         self.principal_id = principal_id
         self.status = 0
         self._meter: _ResultsMeter | None = None
+        # Lists: the caller's page size and direction (the provider is asked for its largest page).
+        self.limit = DEFAULT_LIMIT
+        self.backwards = False
 
     @classmethod
     def start(cls, store: ObjectStore | None, provider: str, headers: Mapping[str, str]) -> ObjectAttempt | None:
@@ -134,6 +143,22 @@ class ObjectAttempt:
         if m is None or store is None:
             return None
         return cls(store, provider, m, headers.get(H_PRINCIPAL_ID, ""))
+
+    def upstream_path(self, path: str) -> str | None:
+        """For lists: the same request with the provider's largest page size, or None to leave it."""
+        if self.m.name not in _LISTS:
+            return None
+        base, _, query = path.partition("?")
+        params = parse_qsl(query, keep_blank_values=True)
+        limits = [v for k, v in params if k == "limit"]
+        if limits:
+            if len(limits) > 1 or not limits[0].isdigit() or not 1 <= int(limits[0]) <= PROVIDER_MAX_LIMIT:
+                return None  # the provider answers a bad limit with its own error
+            self.limit = int(limits[0])
+        keys = {k for k, _ in params}
+        self.backwards = "before_id" in keys and "after_id" not in keys
+        params = [(k, v) for k, v in params if k != "limit"] + [("limit", str(PROVIDER_MAX_LIMIT))]
+        return f"{base}?{urlencode(params)}"
 
     def refuse_early(self) -> str | None:
         """Why this attempt must not be sent (no decided principal to scope it to), or None."""
@@ -216,9 +241,13 @@ class ObjectAttempt:
             data = [o for o in doc.get("data") or () if isinstance(o, dict)]
             mine = await self.store.owned_among(kind, [str(o.get("id")) for o in data], self.principal_id)
             kept = [o for o in data if o.get("id") in mine]
+            more = len(kept) > self.limit
+            # Newest first; going backwards (before_id) the page is the part nearest the cursor.
+            kept = kept[-self.limit:] if self.backwards else kept[:self.limit]
             for o in kept:
                 _fix_batch(o)
             doc["data"] = kept
+            doc["has_more"] = bool(more or doc.get("has_more"))
             doc["first_id"] = kept[0]["id"] if kept else None
             doc["last_id"] = kept[-1]["id"] if kept else None
             if "next_page" in doc:

@@ -233,9 +233,12 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
                 resp = (error_response(500, "api_error", why, "ccr_adapter_no_principal") if why
                         else attempt.handler.on_request_headers(headers))
                 if attempt.objects is not None and resp.HasField("request_headers"):
+                    sets = resp.request_headers.response.header_mutation.set_headers
                     # The adapter reads these replies: ask the provider for plain bytes.
-                    resp.request_headers.response.header_mutation.set_headers.append(
-                        set_header("accept-encoding", "identity"))
+                    sets.append(set_header("accept-encoding", "identity"))
+                    path = attempt.objects.upstream_path(headers.get(":path", ""))
+                    if path is not None:
+                        sets.append(set_header(":path", path))
                 yield resp
                 if resp.HasField("immediate_response"):
                     return  # Envoy sends nothing more on this stream
