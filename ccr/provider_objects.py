@@ -38,7 +38,8 @@ class ObjectStore:
         if not self._opened:
             await self._pool.open(wait=False)
             self._opened = True
-        return self._pool.connection(timeout=5)
+        # Under the ext_proc message timeout (5s), so a database outage gets our own error.
+        return self._pool.connection(timeout=3)
 
     async def close(self) -> None:
         if self._opened:
