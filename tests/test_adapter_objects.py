@@ -12,23 +12,24 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 
 from tests.harness import running_service
-from tests.test_adapter import CFG_KEY, CONFIG, Stream, body, request_headers, response_headers, usage_of
+from tests.test_adapter import CFG_KEY, CONFIG, Stream, as_envoy, body, request_headers, response_headers, usage_of
 
 ENV = {"CCR_TEST_ANTHROPIC_KEY": CFG_KEY}
 
 
 @pytest.fixture(scope="module")
 def adapter_db(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: str) -> Iterator[str]:
-    with running_service("router.adapter", tmp_path_factory.mktemp("adapter-db"), CONFIG, env=ENV,
-                         postgres_dsn=postgres_dsn) as child:
-        yield str(child.info["address"])
+    d = tmp_path_factory.mktemp("adapter-db")
+    with running_service("router.adapter", d, CONFIG, env=ENV, postgres_dsn=postgres_dsn) as child:
+        yield as_envoy(d, str(child.info["address"]))
 
 
 @pytest.fixture(scope="module")
 def adapter_nodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # The harness default DSN points at a closed port: every store call fails.
-    with running_service("router.adapter", tmp_path_factory.mktemp("adapter-nodb"), CONFIG, env=ENV) as child:
-        yield str(child.info["address"])
+    d = tmp_path_factory.mktemp("adapter-nodb")
+    with running_service("router.adapter", d, CONFIG, env=ENV) as child:
+        yield as_envoy(d, str(child.info["address"]))
 
 
 def _req(method: str, path: str, principal: str | None) -> list[tuple[str, str]]:
