@@ -134,6 +134,12 @@ class Limits(Strict):
     requests_per_minute: Annotated[int, Field(ge=1)] = 600
 
 
+class FilesSettings(Strict):
+    # The Files API stores data at the provider under the organisation's credential; it is
+    # refused (403) unless enabled here.
+    enabled: bool = False
+
+
 class PolicySettings(Strict):
     # Directory of Rego sources and data.json, compiled with `opa build -t wasm`.
     dir: str = "policies"
@@ -258,6 +264,7 @@ class GatewayConfig(Strict):
     limits: Limits = Limits()
     policy: PolicySettings = PolicySettings()
     identity: IdentitySettings = IdentitySettings()
+    files: FilesSettings = FilesSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -29,6 +29,9 @@ class UsageStatus(StrEnum):
     UNKNOWN = "unknown"  # a provider was called but its usage could not be read: counts NULL
     NOT_FORWARDED = "not_forwarded"  # refused or failed before reaching a provider: counts NULL
 
+# Key in AUTHZ_NS: how many requests a Message Batch create carries (a number).
+AUTHZ_BATCH_REQUESTS = "batch_requests"
+
 
 # Rate limit domain of the route's descriptors.
 RL_DOMAIN = "ccr"
@@ -45,6 +48,9 @@ H_PRINCIPAL = "x-ccr-principal"
 H_MODEL = "x-ccr-model"
 H_PROVIDER = "x-ccr-provider"
 H_CLUSTER = "x-ccr-cluster"
+# Batch creates only: the number of requests in the batch; the batch-create route's rate
+# limit charges that many hits (hits_addend). Removed by the route before upstream.
+H_BATCH_REQUESTS = "x-ccr-batch-requests"
 SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLUSTER)
 
 # The client's own x-request-id, moved aside by the listener before Envoy generates the

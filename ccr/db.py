@@ -98,6 +98,26 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        4,
+        "provider objects (batches, files) owned by principals",
+        """
+        -- Objects that live at a provider behind the shared credential; each belongs to the
+        -- principal that created it (recorded by the adapter when the create reply comes back).
+        CREATE TABLE provider_objects (
+            kind                text NOT NULL CHECK (kind IN ('batch', 'file')),
+            object_id           text NOT NULL,
+            provider            text NOT NULL,
+            owner_principal_id  text NOT NULL,
+            created_at          timestamptz NOT NULL DEFAULT now(),
+            request_count       integer,        -- batches: requests in the batch
+            metered_at          timestamptz,    -- batches: results fetched and metered (first fetch only)
+            deleted_at          timestamptz,
+            PRIMARY KEY (kind, object_id)
+        );
+        CREATE INDEX provider_objects_owner ON provider_objects (owner_principal_id, kind, created_at);
+        """,
+    ),
+    (
         5,
         "sign-in sessions",
         """

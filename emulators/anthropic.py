@@ -9,6 +9,7 @@ every request is recorded (headers, body length and sha256) for tests at /_emula
 Mid-stream faults strike after half of the first content block; with `x-emulator-hold: NAME`
 they wait there until `POST /_emulator/release/NAME`, so a test can see output before the fault.
 Replies are compressed (br, gzip) when the request's Accept-Encoding asks, as a real API does.
+Message Batches and Files live in emulators/anthropic_objects.py.
 
 Run: python -m emulators.anthropic --port 0 --api-key KEY --ready-file F
 """
@@ -557,6 +558,9 @@ class EmulatorConfig:
     seed: int | None = None
     record_limit: int = 200
     max_body_bytes: int = DEFAULT_MAX_BODY
+    # "immediate": a Message Batch ends at create; "manual": it stays in_progress until a test
+    # ends it (POST /_emulator/batches/{id}/end). Never timing-dependent.
+    batch_mode: str = "immediate"
 
 
 def error_response(status: int, etype: str, message: str,
@@ -580,6 +584,9 @@ class Emulator:
         self._rng = random.Random(config.seed)
         # x-emulator-hold: name -> released by POST /_emulator/release/{name} (tests order faults).
         self._holds: dict[str, asyncio.Event] = {}
+        from emulators.anthropic_objects import ObjectEndpoints  # imports this module's helpers
+
+        self.objects = ObjectEndpoints(self)
 
     # -- app
 
@@ -592,6 +599,7 @@ class Emulator:
         r.add_post("/v1/messages/count_tokens", self.count_tokens)
         r.add_get("/v1/models", self.list_models)
         r.add_get("/v1/models/{model_id}", self.get_model)
+        self.objects.register(r)
         r.add_get("/_emulator/requests", self.get_records)
         r.add_delete("/_emulator/requests", self.clear_records)
         r.add_get("/_emulator/health", self.health)
@@ -714,6 +722,9 @@ class Emulator:
         body = await self._checked_body(request, validate_messages)
         if isinstance(body, web.StreamResponse):
             return body
+        missing_file = self.objects.check_message_files(request, body)
+        if missing_file is not None:
+            return missing_file
         usage = self.cache.apply(scan_prompt(body))
         target = int(_float_header(request, "x-emulator-output-tokens", self.config.output_tokens))
         reply = generate(body, target)
@@ -998,6 +1009,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"e.g. '429=0.05,reset=0.01' (faults: {', '.join(FAULTS)})")
     ap.add_argument("--seed", type=int, default=None, help="seed for random faults")
     ap.add_argument("--record-limit", type=int, default=200, help="requests kept for /_emulator/requests")
+    ap.add_argument("--batch-mode", choices=("immediate", "manual"), default="immediate",
+                    help="Message Batches end at create, or when POST /_emulator/batches/{id}/end is called")
     args = ap.parse_args(argv)
     if not args.api_key:
         ap.error(f"--api-key or ${API_KEY_ENV} is required")
@@ -1012,7 +1025,8 @@ async def serve(args: argparse.Namespace) -> None:
     runner, port = await start(
         args.host, args.port, args.api_key, latency_ms=args.latency_ms,
         tokens_per_second=args.tokens_per_second, fault_rates=args.fault_rates,
-        output_tokens=args.output_tokens, seed=args.seed, record_limit=args.record_limit)
+        output_tokens=args.output_tokens, seed=args.seed, record_limit=args.record_limit,
+        batch_mode=args.batch_mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

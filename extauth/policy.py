@@ -1,8 +1,8 @@
 """Rego (compiled to WASM) decisions with a cache keyed by the facts they depend on.
 
 One evaluation costs ~150-300 us of wasmtime FFI, so decisions are cached by
-(bundle digest, principal, method, path, model): exactly the input facts, and the
-digest changes with every new bundle. The whole principal is part of the cache key
+(bundle digest, principal, method, path, model, endpoint, path params): exactly the
+input facts, and the digest changes with every new bundle. The whole principal is part of the cache key
 because a policy may name principals (and the reason quotes the name); per
 principal the hit rate is still ~100%.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from opapywasm import OpaWasmPolicy, PolicyConfig
 
 from extauth.bundle import Bundle, BundleError, read_bundle
+from extauth.endpoints import EndpointMatch, match
 from extauth.principal import Principal
 
 
@@ -53,15 +54,24 @@ class PolicyEngine:
         """Builtins the policy calls back into Python for (ideally none)."""
         return self._policy.builtins
 
-    def decide(self, principal: Principal, method: str, path: str, model: str | None) -> Decision:
-        ck = (self.bundle.digest, principal, method, path, model)
+    def decide(
+        self, principal: Principal, method: str, path: str, model: str | None,
+        endpoint: EndpointMatch | None = None,
+    ) -> Decision:
+        """`endpoint` defaults to the registry's match for (method, path); pass it to decide
+        a request as another endpoint (e.g. a request inside a batch as messages.create)."""
+        if endpoint is None:
+            endpoint = match(method, path)
+        ep_key = (endpoint.name, endpoint.params) if endpoint is not None else None
+        ck = (self.bundle.digest, principal, method, path, model, ep_key)
         hit = self._cache.get(ck)
         if hit is not None:
             return hit
-        facts = {
-            "principal": principal.policy_input(),
-            "request": {"method": method, "path": path, "model": model},
-        }
+        request: dict = {"method": method, "path": path, "model": model,
+                         "endpoint": None, "kind": None, "params": {}}
+        if endpoint is not None:
+            request.update(endpoint.policy_input())
+        facts = {"principal": principal.policy_input(), "request": request}
         try:
             result = self._policy.evaluate(facts, self.entrypoint)
         except Exception as e:

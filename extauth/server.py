@@ -1,7 +1,8 @@
 """The ext_authz Check handler: API key -> model -> Rego decision -> headers + metadata.
 
-Order matches the real API: authenticate first (401), then validate the body
-(400), then resolve the model (404), then authorize (403). Any unexpected error
+Order: the path must name a known endpoint, spelled canonically (404/400, before
+anything else, like Envoy's route table), then as the real API: authenticate (401),
+validate the body (400), resolve the model (404), then authorize (403). Any unexpected error
 denies with 503 (fail closed); nothing here can turn an exception into an allow.
 """
 
@@ -24,7 +25,9 @@ from google.rpc import code_pb2, status_pb2
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
+    AUTHZ_BATCH_REQUESTS,
     CCR_HEADER_PREFIX,
+    H_BATCH_REQUESTS,
     H_CLUSTER,
     H_KEY_ID,
     H_MODEL,
@@ -33,11 +36,14 @@ from ccr.contract import (
     H_PROVIDER,
     SET_HEADERS,
 )
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError, build_bundle, read_bundle
 from extauth.deny import Deny, denied
+from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
 from extauth.keys import KeyStore
+from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
@@ -45,7 +51,6 @@ from extauth.sessions import session_verifier
 
 log = logging.getLogger(__name__)
 
-MODEL_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -77,6 +82,25 @@ def model_from_body(body: bytes) -> str:
     return model
 
 
+def endpoint_or_deny(method: str, target: str) -> EndpointMatch:
+    """The endpoint a request names; anything else is refused, never guessed at.
+
+    Envoy has already normalised the path and routed only known endpoints here; a
+    non-canonical spelling reaching this point means a config or normalisation gap.
+    """
+    path, _ = split_target(target)
+    why = non_canonical(path)
+    if why is not None:
+        raise Deny(400, "invalid_request_error",
+                   f"path is not in canonical form ({why}); send the endpoint's exact path, e.g. /v1/messages")
+    found = match(method, path)
+    if found is None:
+        if path_known(path):
+            raise Deny(404, "not_found_error", f"{method} is not supported on {path}")
+        raise Deny(404, "not_found_error", f"Not found: {method} {path} is not an endpoint this gateway serves")
+    return found
+
+
 def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
     """The x-ccr-* headers a successful check sets."""
     return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
@@ -89,10 +113,14 @@ def _peer_certificate(req: pb.CheckRequest) -> str | None:
 
 
 class Authorizer:
-    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
+    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
+                 objects: ObjectStore | None = None) -> None:
         self.config = config
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
+        # Batches and Files: ownership and per-request checks. None only for decision-only
+        # Authorizers in tests; the service's setup() always passes the store.
+        self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
@@ -126,14 +154,16 @@ class Authorizer:
 
     async def _check(self, req: pb.CheckRequest) -> pb.CheckResponse:
         http = req.attributes.request.http
+        method = http.method
+        endpoint = endpoint_or_deny(method, http.path)
         headers = _headers(http)
         peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
         principal = await self.identity.authenticate(headers, peer, _peer_certificate(req))
+        self._check_enabled(endpoint)
 
-        method = http.method
-        path = http.path.partition("?")[0]
+        path = split_target(http.path)[0]
         model: str | None = None
-        if method == "POST" and path in MODEL_PATHS:
+        if endpoint.endpoint.model_in_body:
             body = http.raw_body or http.body.encode()
             model = model_from_body(body)
             route = self._route(model)
@@ -143,24 +173,56 @@ class Authorizer:
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
 
-        decision = self.policy.decide(principal, method, path, model)
+        decision = self.policy.decide(principal, method, path, model, endpoint)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
+        facts = await self._objects(principal, endpoint, model, provider, http)
+        if facts is not None:
+            provider, cluster = facts.provider, facts.cluster
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
         keep = _set_headers(principal.key_id is not None, model is not None)
         spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
-        ck = (principal, model, provider, spoofed, self.policy.bundle.digest)
+        if facts is not None:  # per-object answers are not cached
+            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts)
+        ck = (principal, model, provider, spoofed, endpoint.name, self.policy.bundle.digest)
         resp = self._ok_cache.get(ck)
         if resp is None:
-            resp = self._ok(principal, model, provider, cluster, spoofed)
+            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name)
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
         return resp
 
+    async def _objects(self, principal: Principal, m: EndpointMatch, model: str | None, provider: str,
+                       http) -> ObjectFacts | None:
+        """Batches and Files checks (extauth/objects.py); file references in a Messages body."""
+        if model is not None:
+            body = http.raw_body or http.body.encode()
+            if not mentions_file(body):
+                return None
+            doc = orjson.loads(body)
+            if self.objects is not None:
+                await self.objects.check_file_refs(principal, provider, doc, "")
+            elif any(True for _ in file_ids(doc)):
+                raise Deny(403, "permission_error", "file references need the gateway's object store")
+            return None
+        if m.endpoint.kind not in (Kind.BATCHES, Kind.FILES):
+            return None
+        if self.objects is None:
+            return None  # decision-only Authorizer (tests): setup() always passes the store
+        return await self.objects.check(principal, m, http.raw_body or http.body.encode(), self.policy.decide)
+
+    def _check_enabled(self, endpoint: EndpointMatch) -> None:
+        """Endpoint families the config keeps off are refused for everyone."""
+        if endpoint.endpoint.kind is Kind.FILES and not self.config.files.enabled:
+            raise Deny(403, "permission_error",
+                       "the Files API is disabled on this gateway; an administrator can enable it "
+                       "with `files: {enabled: true}` in the gateway config")
+
     def _ok(
-        self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...]
+        self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
+        endpoint: str | None = None, obj: ObjectFacts | None = None,
     ) -> pb.CheckResponse:
         values = [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
         if p.key_id is not None:
@@ -168,6 +230,8 @@ class Authorizer:
         if model is not None:
             values.append((H_MODEL, model))
         values += [(H_PROVIDER, provider), (H_CLUSTER, cluster)]
+        if obj is not None and obj.hits != 1:
+            values.append((H_BATCH_REQUESTS, str(obj.hits)))
         facts: dict = {"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
                        "groups": list(p.groups)}
         if p.key_id is not None:
@@ -180,6 +244,8 @@ class Authorizer:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
             facts["model"] = model
+        if endpoint is not None:
+            facts["endpoint"] = endpoint
         facts.update({
             "provider": provider,
             "cluster": cluster,
@@ -188,6 +254,9 @@ class Authorizer:
                 "unit": "MINUTE",
             },
         })
+        if obj is not None:
+            # A batch costs one rate-limit hit per request (the batch-create route's hits_addend).
+            facts[AUTHZ_BATCH_REQUESTS] = obj.hits
         meta = struct_pb2.Struct()
         meta.update(facts)
         return pb.CheckResponse(
@@ -266,6 +335,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
+    objects = ObjectStore(runtime.postgres_dsn)
     # Session tokens first: they are recognised by their `typ` alone, before any IdP verifier.
     sessions = await session_verifier(config, runtime)
     verifiers: list = [sessions] if sessions is not None else []
@@ -273,7 +343,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     if oidc is not None:
         await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
         verifiers.append(oidc)
-    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy)
+    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
@@ -288,6 +358,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
             await sessions.status.close()
         if oidc is not None:
             await oidc.close()
+        await objects.close()
         authorizer.policy.close()
 
     return cleanup

@@ -1,22 +1,67 @@
-# Model access control for ccr principals (API keys, OIDC users, SPIFFE workloads).
+# Endpoint and model access control for ccr principals (API keys, OIDC users, SPIFFE workloads).
 #
 # Entry point: data.ccr.authz.decision -> {"allow": bool, "reason": string}
 # Input (facts only, never the request body):
 #   {"principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
-#    "request": {"method", "path", "model"}}
-# Data: data.model_access maps a group to model patterns: an exact model id, or a
-# prefix followed by "*". data.workload_access maps a SPIFFE ID, and
-# data.trust_domain_access a trust domain, to patterns for workloads. Only builtins OPA compiles natively to WASM are used
-# (startswith/endswith/trim_suffix/concat), so evaluation never calls the host.
+#    "request": {"method", "path", "model", "endpoint", "kind", "params"}}
+# `endpoint` is the registry name extauth matched (extauth/endpoints.py: "messages.create",
+# "batches.get", ...), `kind` its family (messages|models|batches|files), `params` its path
+# parameters ({"batch_id": ...}). A request without a known endpoint is denied.
+#
+# Data:
+#   data.endpoint_access maps a group to endpoint patterns (an exact name or a prefix followed
+#   by "*"); the group "*" applies to every principal.
+#   data.model_access maps a group to model patterns, the same way.
+#   data.workload_access maps a SPIFFE ID, and data.trust_domain_access a trust domain, to
+#   model patterns for workloads.
+# Only builtins OPA compiles natively to WASM are used (startswith/endswith/trim_suffix/concat),
+# so evaluation never calls the host.
 package ccr.authz
 
 default decision := {"allow": false, "reason": "no policy rule allowed this request"}
 
-decision := {"allow": true, "reason": "no model requested"} if {
+decision := {"allow": false, "reason": endpoint_denial} if {
+	not endpoint_allowed
+} else := {"allow": false, "reason": "this endpoint needs a model and the request names none"} if {
+	needs_model
+	not has_model
+} else := {"allow": true, "reason": concat("", ["endpoint ", input.request.endpoint, " allowed"])} if {
 	not has_model
 } else := {"allow": true, "reason": concat("", ["model ", input.request.model, " allowed"])} if {
 	model_allowed
 } else := {"allow": false, "reason": denial_reason}
+
+# -- endpoints ------------------------------------------------------------------
+
+known_endpoint if {
+	is_string(input.request.endpoint)
+	input.request.endpoint != ""
+}
+
+endpoint_allowed if {
+	known_endpoint
+	some pattern in data.endpoint_access["*"]
+	pattern_matches(pattern, input.request.endpoint)
+}
+
+endpoint_allowed if {
+	known_endpoint
+	some group in input.principal.groups
+	some pattern in data.endpoint_access[group]
+	pattern_matches(pattern, input.request.endpoint)
+}
+
+endpoint_denial := "this request names no endpoint the gateway knows; it is not forwarded" if {
+	not known_endpoint
+} else := concat("", [
+	kind_label, " '", input.principal.name, "' may not call ", input.request.method, " ",
+	input.request.path, " (", input.request.endpoint, "). Ask your gateway administrator for access.",
+])
+
+# Messages calls carry the model in the body; extauth always passes it for them.
+needs_model if input.request.kind == "messages"
+
+# -- models ---------------------------------------------------------------------
 
 has_model if {
 	is_string(input.request.model)
@@ -46,11 +91,11 @@ workload_patterns := data.workload_access[input.principal.spiffe_id] if {
 	input.principal.kind == "workload"
 }
 
-pattern_matches(pattern, model) if pattern == model
+pattern_matches(pattern, value) if pattern == value
 
-pattern_matches(pattern, model) if {
+pattern_matches(pattern, value) if {
 	endswith(pattern, "*")
-	startswith(model, trim_suffix(pattern, "*"))
+	startswith(value, trim_suffix(pattern, "*"))
 }
 
 # Patterns the caller's groups grant, sorted and de-duplicated, for the message.

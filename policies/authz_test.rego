@@ -8,9 +8,22 @@ access := {
 	"exact": ["claude-opus-4-1"],
 }
 
+endpoints := {"*": ["messages.*", "models.*"], "batch-users": ["batches.*"], "auditors": ["batches.get"]}
+
 req(groups, model) := {
-	"principal": {"key_id": "key_0123456789ab", "name": "ci-bot", "groups": groups},
-	"request": {"method": "POST", "path": "/v1/messages", "model": model},
+	"principal": {"kind": "key", "key_id": "key_0123456789ab", "name": "ci-bot", "groups": groups},
+	"request": {
+		"method": "POST", "path": "/v1/messages", "model": model,
+		"endpoint": "messages.create", "kind": "messages", "params": {},
+	},
+}
+
+call(groups, method, path, endpoint, kind, params) := {
+	"principal": {"kind": "key", "key_id": "key_0123456789ab", "name": "ci-bot", "groups": groups},
+	"request": {
+		"method": method, "path": path, "model": null,
+		"endpoint": endpoint, "kind": kind, "params": params,
+	},
 }
 
 test_default_group_allows_any_claude_model if {
@@ -68,18 +81,73 @@ test_no_groups_denied if {
 	not d.allow
 }
 
-test_request_without_model_allowed_for_any_key if {
-	i := {
-		"principal": {"key_id": "key_0123456789ab", "name": "ci-bot", "groups": []},
-		"request": {"method": "GET", "path": "/v1/models"},
-	}
-	d := authz.decision with input as i with data.model_access as access
+test_model_catalogue_allowed_for_any_key if {
+	i := call([], "GET", "/v1/models", "models.list", "models", {})
+	d := authz.decision with input as i with data.model_access as access with data.endpoint_access as endpoints
 	d.allow
 }
 
-test_null_model_counts_as_no_model if {
-	d := authz.decision with input as req([], null) with data.model_access as access
-	d.allow
+test_messages_without_model_denied if {
+	d := authz.decision with input as req(["default"], null) with data.model_access as access
+	not d.allow
+	contains(d.reason, "needs a model")
+}
+
+test_count_tokens_gets_the_model_check if {
+	i := json.patch(req(["haiku-only"], "claude-sonnet-4-5"), [
+		{"op": "replace", "path": "/request/endpoint", "value": "messages.count_tokens"},
+		{"op": "replace", "path": "/request/path", "value": "/v1/messages/count_tokens"},
+	])
+	d := authz.decision with input as i with data.model_access as access
+	not d.allow
+	contains(d.reason, "claude-sonnet-4-5")
+}
+
+test_no_endpoint_denied if {
+	i := call(["default"], "GET", "/v1/anything", null, null, {})
+	d := authz.decision with input as i with data.model_access as access
+	not d.allow
+	contains(d.reason, "no endpoint the gateway knows")
+}
+
+test_empty_endpoint_denied if {
+	i := call(["default"], "GET", "/v1/anything", "", "", {})
+	not authz.decision.allow with input as i
+}
+
+test_endpoint_not_granted_denied_with_reason if {
+	i := call(["default"], "GET", "/v1/messages/batches/msgbatch_01", "batches.get", "batches", {"batch_id": "msgbatch_01"})
+	d := authz.decision with input as i with data.endpoint_access as endpoints
+	not d.allow
+	contains(d.reason, "ci-bot")
+	contains(d.reason, "batches.get")
+}
+
+test_endpoint_granted_by_group_prefix if {
+	i := call(["batch-users"], "POST", "/v1/messages/batches/msgbatch_01/cancel", "batches.cancel", "batches", {"batch_id": "msgbatch_01"})
+	authz.decision.allow with input as i with data.endpoint_access as endpoints
+}
+
+test_endpoint_granted_by_exact_name_only if {
+	get := call(["auditors"], "GET", "/v1/messages/batches/b1", "batches.get", "batches", {"batch_id": "b1"})
+	authz.decision.allow with input as get with data.endpoint_access as endpoints
+	cancel := call(["auditors"], "POST", "/v1/messages/batches/b1/cancel", "batches.cancel", "batches", {"batch_id": "b1"})
+	not authz.decision.allow with input as cancel with data.endpoint_access as endpoints
+}
+
+test_no_endpoint_access_data_denies_everything if {
+	not authz.decision.allow with input as req(["default"], "claude-haiku-4-5") with data.endpoint_access as {}
+}
+
+test_endpoint_grant_does_not_skip_the_model_check if {
+	d := authz.decision with input as req(["haiku-only"], "claude-opus-4-1") with data.endpoint_access as endpoints
+	not d.allow
+}
+
+test_shipped_data_allows_every_known_endpoint_family if {
+	every e in ["models.list", "models.get", "batches.create", "batches.results", "files.upload", "files.delete"] {
+		authz.decision.allow with input as call([], "GET", "/v1/x", e, "x", {})
+	}
 }
 
 test_shipped_data_default_group if {

@@ -18,6 +18,7 @@ from ccr.config import GatewayConfig, ListenerTLS, Provider
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     AUTHZ_NS,
+    CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
     H_PRINCIPAL_ID,
@@ -26,13 +27,14 @@ from ccr.contract import (
     ID_ENVOY,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
-    SET_HEADERS,
     SIGNIN_PREFIX,
     USAGE_NS,
 )
 from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
+from extauth.endpoints import ENDPOINTS, Endpoint
+from router.object_routes import headers_to_remove, per_filter_config
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -45,6 +47,8 @@ T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 HTTP_OPTS = T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_OPTS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+EXT_AUTHZ_PER_ROUTE = T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 
 Json = dict[str, Any]
 
@@ -240,13 +244,14 @@ def _signin_routes(config: GatewayConfig) -> list[Json]:
         "route": {"cluster": SIGNIN, "timeout": "30s"},
         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
             "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}},
-        "request_headers_to_remove": list(SET_HEADERS),
     }]
 
 
-def route_config(config: GatewayConfig) -> Json:
+def _api_route(config: GatewayConfig) -> Json:
     timeout = _secs(config.gateway.request_timeout_s)
-    api_route: Json = {
+    return {
+        # Only what extauth set: client-sent x-ccr-* never get this far (early header mutation),
+        # so with no decision there is no cluster and nothing is forwarded.
         "cluster_header": H_CLUSTER,
         "auto_host_rewrite": True,
         "timeout": timeout,
@@ -258,22 +263,48 @@ def route_config(config: GatewayConfig) -> Json:
             "limit": {"dynamic_metadata": {"metadata_key": {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}}},
         }],
     }
+
+
+def _endpoint_match(e: Endpoint) -> Json:
+    """Exactly this method and path (Envoy strips the query string before matching)."""
+    path: Json = {"path": e.template} if e.is_exact else {"safe_regex": {"regex": e.regex}}
+    return {**path, "headers": [{"name": ":method", "string_match": {"exact": e.method}}]}
+
+
+def _endpoint_routes(config: GatewayConfig) -> list[Json]:
+    api_route = _api_route(config)
+    return [{
+        "name": e.name,
+        "match": _endpoint_match(e),
+        "route": api_route,
+        **({"typed_per_filter_config": tpfc} if (tpfc := per_filter_config(api_route, e)) else {}),
+        # Decided facts stay inside the gateway; the upstream never sees them (the adapter
+        # removes the principal id that Batches and Files routes keep for it).
+        "request_headers_to_remove": headers_to_remove(e),
+    } for e in ENDPOINTS]
+
+
+def _not_found_route() -> Json:
+    """Everything that is not a known endpoint: 404 here, with no authorization call
+    (no body is buffered for it) and nothing forwarded."""
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": _error_text(
+            "not_found_error", "Not found: this gateway serves only the Anthropic API endpoints it knows "
+            "(e.g. POST /v1/messages); check the method and the path's spelling.")}},
+        "typed_per_filter_config": {EXT_AUTHZ_FILTER: {"@type": EXT_AUTHZ_PER_ROUTE, "disabled": True}},
+    }
+
+
+def route_config(config: GatewayConfig) -> Json:
+    """Deny by default: one route per known endpoint, a direct 404 for every other path."""
     return {
         "name": ROUTES,
         "virtual_hosts": [{
             "name": "anthropic_api",
             "domains": ["*"],
-            "routes": [
-                *_signin_routes(config),
-                {"match": {"prefix": "/v1/"}, "route": api_route,
-                 # Decided facts stay inside the gateway; the upstream never sees them.
-                 "request_headers_to_remove": list(SET_HEADERS)},
-                {"match": {"prefix": "/"}, "direct_response": {
-                    "status": 404,
-                    "body": {"inline_string": _error_text(
-                        "not_found_error", "Not found: this gateway serves the Anthropic API under /v1/.")},
-                }},
-            ],
+            "routes": [*_signin_routes(config), *_endpoint_routes(config), _not_found_route()],
         }],
     }
 
@@ -306,7 +337,10 @@ def _local_reply_mappers() -> list[Json]:
         mapper(status(502), None, "api_error",
                "The gateway's provider adapter is unavailable; retry shortly."),
         mapper(flags("UT"), 504, "api_error", "The upstream provider timed out."),
-        mapper(flags("UH", "UF", "URX", "UO", "NC", "UC", "UR", "DC"), None, "api_error",
+        # No cluster: nobody decided where this request goes (fail-open with extauth down).
+        mapper(flags("NC"), 503, "api_error",
+               "The gateway has no authorization decision for this request; retry shortly."),
+        mapper(flags("UH", "UF", "URX", "UO", "UC", "UR", "DC"), None, "api_error",
                "The upstream provider is unreachable or reset the connection; retry shortly."),
         mapper(flags("NR"), 404, "not_found_error", "No route for this path."),
     ]
@@ -354,6 +388,26 @@ def _compressor_filter() -> Json:
     }}
 
 
+def _path_handling() -> Json:
+    """One spelling per path before any filter or route sees it: dot segments resolved,
+    %-encoded unreserved characters decoded, '//' merged, and an encoded '/' or '\\'
+    (which a provider might decode into a different path) refused with 400."""
+    return {
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+    }
+
+
+def _strip_client_ccr_headers() -> list[Json]:
+    """Client-sent x-ccr-* are removed before ext_authz runs, so that with fail-open
+    authorization (extauth down) nothing the client chose can pick a cluster or a principal."""
+    return [{"name": "envoy.http.early_header_mutation.header_mutation", "typed_config": {
+        "@type": T + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+        "mutations": [{"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}}],
+    }}]
+
+
 def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = False) -> Json:
     g = config.gateway
     hcm: Json = {
@@ -363,7 +417,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         # A client's own x-forwarded-client-cert is dropped: only Envoy says who the peer is.
         "forward_client_cert_details": "SANITIZE",
         "generate_request_id": True,
-        "early_header_mutation_extensions": _gateway_request_id(),
+        "early_header_mutation_extensions": _strip_client_ccr_headers() + _gateway_request_id(),
         # Clients get the id their access-log row is keyed on, for support and audit.
         "always_set_request_id_in_response": True,
         "request_timeout": "0s",
@@ -372,8 +426,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "http2_protocol_options": {"initial_stream_window_size": 16 * 1024 * 1024,
                                    "initial_connection_window_size": 64 * 1024 * 1024},
         "local_reply_config": {"mappers": _local_reply_mappers()},
+        **_path_handling(),
         "http_filters": [
-            {"name": "envoy.filters.http.ext_authz", "typed_config": {
+            {"name": EXT_AUTHZ_FILTER, "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
                 "grpc_service": _grpc_service(EXTAUTH, 30.0),

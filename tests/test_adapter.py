@@ -54,14 +54,19 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     overrides = {"emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")}
     with running_service("router.adapter", d, CONFIG, env=env, upstream_overrides=overrides) as child:
         assert child.info["pid"] == child.pid
-        pki = Runtime.load(d / "runtime.json").mtls
-        assert pki is not None
-        # The adapter answers only mutual TLS from Envoy's run identity (tests/test_seal.py).
-        ENVOY_CREDENTIALS[str(child.info["address"])] = client_credentials(pki, ID_ENVOY)
-        yield str(child.info["address"])
+        yield as_envoy(d, str(child.info["address"]))
     # Secrets never reach the log.
     text = child.log_path.read_text()
     assert CFG_KEY not in text and OVERRIDE_KEY not in text and CLIENT_KEY not in text
+
+
+def as_envoy(run_dir: Path, address: str) -> str:
+    """Streams to `address` present Envoy's run identity: the adapter answers only mutual TLS
+    from it (tests/test_seal.py)."""
+    pki = Runtime.load(run_dir / "runtime.json").mtls
+    assert pki is not None
+    ENVOY_CREDENTIALS[address] = client_credentials(pki, ID_ENVOY)
+    return address
 
 
 class Stream:

@@ -21,6 +21,7 @@ from google.rpc import code_pb2
 from ccr.config import parse_config
 from ccr.service import GRPC_OPTIONS
 from extauth.bundle import build_bundle
+from extauth.endpoints import ENDPOINTS, Endpoint, Kind
 from extauth.keys import KeyStore, create_key, hash_key, list_keys, revoke_key
 from extauth.policy import PolicyEngine
 from extauth.server import Authorizer
@@ -156,7 +157,7 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
     assert json_format.MessageToDict(resp.dynamic_metadata) == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
-        "groups": ["default"], "model": "claude-sonnet-4-5",
+        "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
     }
@@ -285,6 +286,115 @@ def test_policy_denied_model_403(stub, postgres_dsn) -> None:
     assert "claude-haiku-*" in err["message"]
 
 
+# -- endpoints: every path is governed ------------------------------------------
+
+
+def _concrete(e: Endpoint) -> str:
+    return (e.template.replace("{model_id}", "claude-haiku-4-5").replace("{batch_id}", "msgbatch_01abc")
+            .replace("{file_id}", "file_01abc"))
+
+
+# Batches need a batch body and owned ids: tests/test_extauth_objects.py decides those.
+@pytest.mark.parametrize("e", [e for e in ENDPOINTS if e.kind not in (Kind.FILES, Kind.BATCHES)],
+                         ids=lambda e: e.name)
+def test_every_endpoint_gets_a_decision(stub, postgres_dsn, e: Endpoint) -> None:
+    _, k = create_key(postgres_dsn, f"haiku-{e.name}", groups=["haiku-only"])
+    body = msg_body("claude-haiku-4-5") if e.method == "POST" else b""
+    resp = stub.Check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e) + "?beta=true", body=body))
+    assert resp.status.code == code_pb2.OK, denied_error(resp)
+    assert json_format.MessageToDict(resp.dynamic_metadata)["endpoint"] == e.name
+    if e.model_in_body:  # the model check still applies
+        denied = stub.Check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e),
+                                       body=msg_body("claude-sonnet-4-5")))
+        assert denied_error(denied)[0] == 403
+
+
+@pytest.mark.parametrize("path,why", [
+    ("/v1/messages/", "trailing slash"), ("//v1/messages", "'//'"), ("/v1/./messages", "dot segment"),
+    ("/v1/x/../messages", "dot segment"), ("/v1/%6Dessages", "percent-encoding"), ("/v1/messages%2F", "percent"),
+    ("/v1/messages\x00", "control character"), ("/v1/messages;a", "character outside"),
+    ("/v1/" + "m" * 600, "longer than"),
+])
+def test_non_canonical_path_is_refused_before_anything(stub, key, path: str, why: str) -> None:
+    """Even with a valid key and an allowed model: the path is refused, not interpreted."""
+    _, k = key
+    resp = stub.Check(http_check({"x-api-key": k}, path=path, body=msg_body("claude-haiku-4-5")))
+    status, err = denied_error(resp)
+    assert status == 400 and err["type"] == "invalid_request_error" and why in err["message"], err
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/V1/messages"), ("POST", "/v1/Messages"), ("GET", "/v1/messages"), ("POST", "/v1/complete"),
+    ("POST", "/v1/messages/batches/b1/results"), ("PUT", "/v1/messages"), ("GET", "/v1/organizations/me"),
+    ("GET", "/"),
+])
+def test_unknown_endpoint_is_404_with_or_without_key(stub, key, method: str, path: str) -> None:
+    _, k = key
+    for headers in ({"x-api-key": k}, {}):
+        resp = stub.Check(http_check(headers, method=method, path=path, body=msg_body("claude-haiku-4-5")))
+        status, err = denied_error(resp)
+        assert status == 404 and err["type"] == "not_found_error", (method, path, err)
+
+
+def test_files_api_is_403_unless_enabled(stub, key, postgres_dsn, tmp_path: Path) -> None:
+    _, k = key
+    files = [e for e in ENDPOINTS if e.kind is Kind.FILES]
+    for e in files:
+        resp = stub.Check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e)))
+        status, err = denied_error(resp)
+        assert status == 403 and "files" in err["message"] and "disabled" in err["message"], e.name
+    enabled = parse_config({**__import__("yaml").safe_load(GATEWAY_YAML), "files": {"enabled": True}})
+    bundle = build_bundle(REPO / "policies", tmp_path / "b.tar.gz", "ccr/authz/decision")
+
+    async def scenario() -> list[pb.CheckResponse]:
+        keys = KeyStore(postgres_dsn)
+        await keys.start()
+        auth = Authorizer(enabled, keys, PolicyEngine.load(bundle, "ccr/authz/decision"))
+        try:
+            return [await auth.check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e)))
+                    for e in files]
+        finally:
+            await keys.close()
+            auth.policy.close()
+
+    assert [r.status.code for r in asyncio.run(scenario())] == [code_pb2.OK] * len(files)
+
+
+def test_policy_decides_per_endpoint(postgres_dsn: str, tmp_path: Path) -> None:
+    src = tmp_path / "policies"
+    src.mkdir()
+    (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
+    (src / "data.json").write_text(json.dumps({
+        "endpoint_access": {"*": ["messages.*", "models.list"], "batchers": ["batches.*"]},
+        "model_access": {"default": ["claude-*"], "batchers": ["claude-*"]}}))
+    bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    config = parse_config(__import__("yaml").safe_load(GATEWAY_YAML))
+    _, plain = create_key(postgres_dsn, "plain", groups=["default"])
+    _, batcher = create_key(postgres_dsn, "batcher", groups=["batchers"])
+
+    async def scenario() -> dict[tuple[str, str], pb.CheckResponse]:
+        keys = KeyStore(postgres_dsn)
+        await keys.start()
+        auth = Authorizer(config, keys, PolicyEngine.load(bundle, "ccr/authz/decision"))
+        out = {}
+        try:
+            for who, k in (("plain", plain), ("batcher", batcher)):
+                for method, path in (("GET", "/v1/messages/batches"), ("GET", "/v1/models"),
+                                     ("GET", "/v1/models/claude-haiku-4-5")):
+                    out[(who, path)] = await auth.check(http_check({"x-api-key": k}, method=method, path=path))
+        finally:
+            await keys.close()
+            auth.policy.close()
+        return out
+
+    got = asyncio.run(scenario())
+    assert got[("batcher", "/v1/messages/batches")].status.code == code_pb2.OK
+    status, err = denied_error(got[("plain", "/v1/messages/batches")])
+    assert status == 403 and "batches.list" in err["message"] and "plain" in err["message"]
+    assert got[("plain", "/v1/models")].status.code == got[("batcher", "/v1/models")].status.code == code_pb2.OK
+    assert denied_error(got[("plain", "/v1/models/claude-haiku-4-5")])[0] == 403  # only models.list granted
+
+
 def test_20mb_body(stub, key) -> None:
     _, k = key
     big = orjson.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1,
@@ -354,7 +464,8 @@ def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
     src = tmp_path / "policies"
     src.mkdir()
     (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
-    (src / "data.json").write_text('{"model_access": {"default": ["claude-*"]}}')
+    grant = {"*": ["messages.*"]}
+    (src / "data.json").write_text(json.dumps({"endpoint_access": grant, "model_access": {"default": ["claude-*"]}}))
     bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
     _, k = create_key(postgres_dsn, "reload")
     req = http_check({"x-api-key": k}, body=msg_body("claude-sonnet-4-5"))
@@ -371,7 +482,8 @@ def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             assert (await auth.check(req)).status.code == code_pb2.OK
             # A new bundle takes effect without a restart; cached decisions do not linger.
-            (src / "data.json").write_text('{"model_access": {"default": ["claude-haiku-*"]}}')
+            (src / "data.json").write_text(json.dumps({"endpoint_access": grant,
+                                                       "model_access": {"default": ["claude-haiku-*"]}}))
             build_bundle(src, bundle, "ccr/authz/decision")
             deadline = time.monotonic() + 5
             while (resp := await auth.check(req)).status.code == code_pb2.OK:

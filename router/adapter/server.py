@@ -46,9 +46,12 @@ from ccr.contract import (
     UsageStatus,
 )
 from ccr.errors import error_body
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
+from router.adapter.objects import ObjectAttempt
 from router.usage import (
     Assessment,
+    Usage,
     UsageMeter,
     assess,
     content_codings,
@@ -221,11 +224,14 @@ class _Attempt:
     status: int = 0
     streaming: bool = False
     last: Assessment | None = None  # the last one published
+    # Set for Batches and Files requests only (router/adapter/objects.py).
+    objects: ObjectAttempt | None = None
 
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, handlers: dict[str, ProviderHandler]) -> None:
+    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None) -> None:
         self._handlers = handlers
+        self._objects = objects
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -253,11 +259,33 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         async for req in request_iterator:
             kind = req.WhichOneof("request")
             if kind == "response_body":
-                yield self._on_body(attempt, req.response_body)
+                if attempt.objects is not None and attempt.objects.wants_body():
+                    resp = await attempt.objects.on_body(
+                        req.response_body, pb.ProcessingResponse(response_body=pb.BodyResponse()),
+                        lambda u: self._object_usage(attempt, u))
+                    yield resp
+                    if resp.HasField("immediate_response"):
+                        return
+                else:
+                    yield self._on_body(attempt, req.response_body)
             elif kind == "response_headers":
-                yield self._on_response_headers(attempt, req.response_headers)
+                resp = self._on_response_headers(attempt, req.response_headers)
+                if attempt.objects is not None:
+                    await attempt.objects.on_response_headers(
+                        attempt.status, req.response_headers.end_of_stream, resp,
+                        lambda u: self._object_usage(attempt, u))
+                yield resp
             elif kind == "request_headers":
-                resp = attempt.handler.on_request_headers(header_map(req.request_headers.headers))
+                headers = header_map(req.request_headers.headers)
+                attempt.objects = ObjectAttempt.start(self._objects, attempt.handler.name, headers)
+                why = attempt.objects.refuse_early() if attempt.objects is not None else None
+                resp = (error_response(500, "api_error", why, "ccr_adapter_no_principal") if why
+                        else attempt.handler.on_request_headers(headers))
+                if attempt.objects is not None and resp.HasField("request_headers"):
+                    sets = resp.request_headers.response.header_mutation.set_headers
+                    path = attempt.objects.upstream_path(headers.get(":path", ""))
+                    if path is not None:
+                        sets.append(set_header(":path", path))
                 yield resp
                 if resp.HasField("immediate_response"):
                     return  # Envoy sends nothing more on this stream
@@ -268,8 +296,21 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_trailers":
                 # Trailers end a body that had no end_of_stream chunk.
                 resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                if attempt.objects is not None:
+                    await attempt.objects.on_trailers(resp, lambda u: self._object_usage(attempt, u))
                 self._finish(attempt, resp)
                 yield resp
+
+    @staticmethod
+    def _object_usage(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:
+        """Usage decided by an object attempt (batch results), instead of the usage meter's."""
+        attempt.meter = None
+        if any(usage.as_dict().values()):
+            a = Assessment(UsageStatus.COMPLETE, usage.as_dict())
+        else:
+            a = not_billable("batch results carry no usage to charge (none succeeded, or metered on an earlier fetch)")
+        attempt.last = a
+        return usage_struct(a)
 
     def _on_response_headers(self, attempt: _Attempt, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = header_map(msg.headers)
@@ -340,5 +381,7 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
 
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime) -> None:
     """`ccr.service.run` hook: register the ExternalProcessor service."""
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime)), server)
-    return None
+    # Batches and Files only: the pool opens on the first such request, never for Messages.
+    objects = ObjectStore(runtime.postgres_dsn)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime), objects), server)
+    return objects.close
