@@ -242,8 +242,7 @@ def _signin_routes(config: GatewayConfig) -> list[Json]:
     return [{
         "match": {"prefix": SIGNIN_PREFIX},
         "route": {"cluster": SIGNIN, "timeout": "30s"},
-        "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
-            "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}},
+        "typed_per_filter_config": {EXT_AUTHZ_FILTER: {"@type": EXT_AUTHZ_PER_ROUTE, "disabled": True}},
     }]
 
 

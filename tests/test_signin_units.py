@@ -160,8 +160,10 @@ def test_signin_route_passes_envoy_validate_and_is_first(tmp_path: Path) -> None
     assert routes[0]["match"] == {"prefix": SIGNIN_PREFIX}
     assert routes[0]["route"] == {"cluster": resources.SIGNIN, "timeout": "30s"}
     assert routes[0]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
-    # ext_authz stays on for everything else.
-    assert all("typed_per_filter_config" not in r for r in routes[1:])
+    # ext_authz stays on for every route that can reach a provider.
+    for r in routes[1:]:
+        authz = r.get("typed_per_filter_config", {}).get(resources.EXT_AUTHZ_FILTER, {})
+        assert not authz.get("disabled") or "direct_response" in r, r
     r = _validate(tmp_path, json.dumps(resources.static_bootstrap(cfg, rt, 18080)))
     assert r.returncode == 0, r.stderr[-4000:]
     with pytest.raises(ValueError, match="signin"):
