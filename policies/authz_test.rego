@@ -163,7 +163,10 @@ test_shipped_data_haiku_only if {
 
 wl(spiffe_id, model) := {
 	"principal": {"kind": "workload", "id": spiffe_id, "name": spiffe_id, "groups": [], "spiffe_id": spiffe_id},
-	"request": {"method": "POST", "path": "/v1/messages", "model": model},
+	"request": {
+		"method": "POST", "path": "/v1/messages", "model": model,
+		"endpoint": "messages.create", "kind": "messages", "params": {},
+	},
 }
 
 test_batch_job_allowed_its_one_model if {
