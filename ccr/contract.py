@@ -30,3 +30,8 @@ SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLU
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+
+# gRPC initial metadata on extauth's Check from the headers-only ext_authz filter that runs
+# before the body is buffered (router/downstream.py): check identity only, no body, no model.
+AUTHZ_PHASE_MD = "x-ccr-authz-phase"
+AUTHZ_PHASE_IDENTITY = "identity"

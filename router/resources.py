@@ -26,6 +26,7 @@ from ccr.contract import (
 )
 from ccr.errors import error_body
 from ccr.runtime import Runtime
+from router.downstream import connection_limits, identity_first_filter
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -106,7 +107,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
-        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes,
+        "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
             "cluster_name": provider.cluster,
             # The route rewrites Host to this name: the provider must see its own host,
@@ -252,10 +253,10 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "request_timeout": "0s",
         "stream_idle_timeout": _secs(g.request_timeout_s),
         "max_request_headers_kb": 96,
-        "http2_protocol_options": {"initial_stream_window_size": 16 * 1024 * 1024,
-                                   "initial_connection_window_size": 64 * 1024 * 1024},
+        **connection_limits(g.downstream),
         "local_reply_config": {"mappers": _local_reply_mappers()},
         "http_filters": [
+            identity_first_filter(config, EXTAUTH, 30.0),
             {"name": "envoy.filters.http.ext_authz", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
@@ -300,7 +301,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
     return {
         "name": LISTENER,
         "address": {"socket_address": {"address": g.listen.host, "port_value": listen_port}},
-        "per_connection_buffer_limit_bytes": g.max_request_bytes,
+        # Bodies stream through this with flow control; only ext_authz buffers one whole,
+        # raising its own stream's limit to max_request_bytes (after identity_first for large ones).
+        "per_connection_buffer_limit_bytes": g.downstream.per_connection_buffer_bytes,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
