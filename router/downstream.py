@@ -20,6 +20,7 @@ from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 
 from ccr.config import DownstreamSettings, GatewayConfig
 from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
+from ccr.errors import error_body
 
 T = "type.googleapis.com/"
 Json = dict[str, Any]
@@ -107,3 +108,23 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
         "extension_config": {"name": "envoy.filters.http.ext_authz", "typed_config": authz},
         "xds_matcher": {"matcher_list": {"matchers": [{"predicate": small_body, "on_match": skip}]}},
     }}
+
+
+def _reply(filter_: Json, status: int, kind: str, message: str) -> Json:
+    # Envoy's local-reply formatter fills %...% operators; the messages have none.
+    return {"filter": filter_, "status_code": status, "body_format_override": {
+        "text_format_source": {"inline_string": error_body(kind, message).decode()},
+        "content_type": "application/json"}}
+
+
+def local_reply_mappers() -> list[Json]:
+    """Anthropic-shaped bodies for the refusals these limits cause inside Envoy."""
+    return [
+        # Overload manager (stop_accepting_requests, reset_high_memory_stream): 529 is what the
+        # Anthropic API and SDKs use for "overloaded, retry later".
+        _reply({"response_flag_filter": {"flags": ["OM"]}}, 529, "overloaded_error",
+               "The gateway is overloaded; retry shortly."),
+        _reply({"status_code_filter": {"comparison": {"op": "EQ", "value": {
+            "default_value": 408, "runtime_key": "ccr.local_reply.408"}}}}, 408, "invalid_request_error",
+            "Request headers were not received in time (gateway.downstream.request_headers_timeout_s)."),
+    ]

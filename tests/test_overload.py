@@ -1,0 +1,281 @@
+"""No body buffering for strangers: overload manager, connection limits, identity before body.
+
+The flood test runs the real gateway (Envoy, extauth, the emulator) and floods it, on
+loopback, with concurrent unauthenticated large uploads while an authenticated client
+keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import httpx
+import pytest
+import yaml
+
+from ccr.config import MIB, ConfigError, OverloadSettings, parse_config
+from ccr.supervisor import Gateway, envoy_binary, render_bootstrap
+from router.downstream import below_regex
+from tests.harness import gateway_config
+
+MODEL = "claude-sonnet-4-6"
+HEAP_LIMIT = 384 * MIB
+HEADERS_TIMEOUT_S = 1.0
+STRANGERS = 24
+STRANGER_BODY = 48 * MIB  # 24 x 48 MiB = 1.1 GiB: far over the heap limit if it were buffered
+CHUNK = b"x" * (64 * 1024)
+
+
+# -- unit checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 10, 11, 99, 100, 101, 1000, 65536, 999_999, MIB, 10 * MIB + 7])
+def test_below_regex_matches_exactly_the_smaller_lengths(n: int) -> None:
+    rx = re.compile(below_regex(n))
+    probes = set(range(0, min(n + 50, 3000))) | {n - 1, n, n + 1, n * 10, n // 10, 10 ** len(str(n)),
+                                                  10 ** (len(str(n)) - 1)} | set(range(max(0, n - 2000), n + 2000))
+    for v in sorted(p for p in probes if p >= 0):
+        assert bool(rx.fullmatch(str(v))) == (v < n), (n, v)
+    # Odd spellings count as large: the identity check runs for them.
+    for odd in ("00", "01", "+1", "-1", " 1", "1 ", "1,1", "0x10", ""):
+        assert not rx.fullmatch(odd), (n, odd)
+
+
+def test_rendered_bootstrap_with_overload_manager_passes_envoy_validate(tmp_path: Path) -> None:
+    settings = OverloadSettings(max_heap_bytes=300 * MIB, max_downstream_connections=77,
+                                reset_streams_above_bytes=4 * MIB)
+    text = render_bootstrap("ccr-test", "127.0.0.1", 0, "127.0.0.1:7005", settings)
+    om = yaml.safe_load(text)["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in om["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 300 * MIB
+    assert monitors["envoy.resource_monitors.global_downstream_max_connections"][
+        "max_active_downstream_connections"] == 77
+    assert {a["name"].rpartition(".")[2] for a in om["actions"]} >= {
+        "shrink_heap", "reset_high_memory_stream", "stop_accepting_requests", "stop_accepting_connections"}
+    assert om["buffer_factory_config"]["minimum_account_to_track_power_of_two"] == 22
+    f = tmp_path / "bootstrap.yaml"
+    f.write_text(text)
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
+    # The same check refuses an overload manager Envoy does not understand.
+    f.write_text(text.replace("overload_actions.shrink_heap", "overload_actions.shrink_heap_x"))
+    bad = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "shrink_heap_x" in bad.stderr
+
+
+def test_identity_first_threshold_cannot_exceed_the_connection_buffer() -> None:
+    base = yaml.safe_load((Path(__file__).resolve().parent.parent / "ccr.example.yaml").read_text())
+    base["gateway"]["downstream"] = {"per_connection_buffer_bytes": MIB, "identity_first_body_bytes": 2 * MIB}
+    with pytest.raises(ConfigError, match="identity_first_body_bytes"):
+        parse_config(base)
+
+
+# -- the real gateway ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("overload")
+    path = gateway_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["gateway"]["overload"] = {"max_heap_bytes": HEAP_LIMIT}
+    cfg["gateway"]["downstream"] = {"request_headers_timeout_s": HEADERS_TIMEOUT_S}
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway(path).start()
+    g.issue_local_key()
+    try:
+        yield g
+    finally:
+        g.stop()
+    assert all(not c.alive() for c in g.children)
+
+
+def stats(gw: Gateway) -> dict[str, int]:
+    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": r"^(server\.memory|http\.ccr\.)"}).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+def memory_allocated(gw: Gateway) -> int:
+    """Bytes Envoy has allocated now (tcmalloc, read live; the server.memory_* stats lag)."""
+    return int(httpx.get(f"{gw.admin_url}/memory").json()["allocated"])
+
+
+def _host_port(gw: Gateway) -> tuple[str, int]:
+    host, _, port = gw.url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+@dataclass
+class Outcome:
+    status: int | None  # None: the connection was reset or closed before a response
+    body: bytes
+    sent: int  # body bytes the stranger got into the socket before it was refused
+
+
+def _read_response(s: socket.socket) -> Outcome:
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            m = re.search(rb"content-length:\s*(\d+)", head, re.I)
+            if sep and m and len(body) >= int(m.group(1)):
+                break
+    except (ConnectionResetError, TimeoutError):
+        pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+    return Outcome(status, body, 0)
+
+
+def stranger_upload(host: str, port: int, i: int) -> Outcome:
+    """A client without a valid key uploading STRANGER_BODY bytes as fast as Envoy reads them.
+
+    It sends while the socket is writable and reads as soon as it is readable, the way an
+    attacker who does not care about the answer still sees one.
+    """
+    chunked = i % 4 == 3  # no Content-Length at all: chunked transfer
+    lines = ["POST /v1/messages HTTP/1.1", f"host: {host}", "content-type: application/json",
+             "anthropic-version: 2023-06-01"]
+    lines.append("transfer-encoding: chunked" if chunked else f"content-length: {STRANGER_BODY}")
+    if i % 2:
+        lines.append(f"x-api-key: ccr_not-a-key-{i}")
+    frame = f"{len(CHUNK):x}\r\n".encode() + CHUNK + b"\r\n" if chunked else CHUNK
+    sent = 0
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        deadline = time.monotonic() + 30
+        while sent < STRANGER_BODY and time.monotonic() < deadline:
+            readable, writable, _ = select.select([s], [s], [], 5)
+            if readable:
+                break
+            if writable:
+                try:
+                    s.sendall(frame)
+                except (BrokenPipeError, ConnectionResetError):
+                    return Outcome(None, b"", sent)
+                sent += len(CHUNK)
+        out = _read_response(s)
+    out.sent = sent
+    return out
+
+
+def test_flood_of_unauthenticated_large_bodies_leaves_authenticated_users_served(gw: Gateway) -> None:
+    host, port = _host_port(gw)
+    before = stats(gw)
+    authed_done = threading.Event()
+    flood_done = threading.Event()
+    peak = [0]
+
+    def watch_memory() -> None:
+        while not flood_done.is_set():
+            peak[0] = max(peak[0], memory_allocated(gw))
+            flood_done.wait(0.02)  # sampling pace, not synchronisation
+
+    def stranger(i: int) -> list[Outcome]:
+        # Bounded: at most 6 uploads each, and none once the authenticated client is done.
+        outcomes = []
+        for _ in range(6):
+            outcomes.append(stranger_upload(host, port, i))
+            if authed_done.is_set():
+                break
+        return outcomes
+
+    def authenticated() -> list[int]:
+        c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0, timeout=30)
+        codes = []
+        try:
+            for n in range(25):
+                r = c.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=16, messages=[{"role": "user", "content": f"hello {n}"}])
+                codes.append(r.status_code)
+                assert r.parse().usage.output_tokens > 0
+        finally:
+            authed_done.set()
+        return codes
+
+    watcher = threading.Thread(target=watch_memory)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(STRANGERS + 1) as pool:
+            floods = [pool.submit(stranger, i) for i in range(STRANGERS)]
+            authed = pool.submit(authenticated)
+            codes = authed.result(timeout=120)
+            outcomes = [o for f in floods for o in f.result(timeout=120)]
+    finally:
+        flood_done.set()
+        watcher.join()
+    after = stats(gw)
+
+    # Every authenticated request succeeded, while the flood ran.
+    assert codes == [200] * 25
+    # The flood got Anthropic-shaped 401s (or resets), each refused long before its body was in.
+    assert len(outcomes) >= STRANGERS
+    refused = [o for o in outcomes if o.status is not None]
+    assert len(refused) >= len(outcomes) // 2, [o.status for o in outcomes]
+    for o in refused:
+        assert o.status == 401, (o.status, o.body[:300])
+        err = json.loads(o.body)
+        assert err["type"] == "error" and err["error"]["type"] == "authentication_error"
+    assert max(o.sent for o in outcomes) < STRANGER_BODY // 4, sorted(o.sent for o in outcomes)[-5:]
+    # Each stranger was refused by the headers-only check; none reached the body-buffering one,
+    # and the small authenticated requests did not pay for a second check.
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta["http.ccr.ext_authz.identity.denied"] == len(outcomes)
+    assert delta.get("http.ccr.ext_authz.identity.ok", 0) == 0
+    assert delta.get("http.ccr.ext_authz.denied", 0) == 0
+    assert delta["http.ccr.ext_authz.ok"] == 25
+    # Envoy's memory stayed well under its configured ceiling: the bodies were never buffered.
+    assert 0 < peak[0] < HEAP_LIMIT // 2, peak[0]
+
+
+def test_large_authenticated_body_is_checked_twice_and_served(gw: Gateway) -> None:
+    """Above identity_first_body_bytes an authenticated request pays one extra (headers-only) check."""
+    before = stats(gw)
+    text = "y" * (3 * MIB)
+    r = httpx.post(f"{gw.url}/v1/messages", timeout=60,
+                   json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": text}]},
+                   headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text[:300]
+    after = stats(gw)
+    assert after["http.ccr.ext_authz.identity.ok"] - before.get("http.ccr.ext_authz.identity.ok", 0) == 1
+    assert after["http.ccr.ext_authz.ok"] - before["http.ccr.ext_authz.ok"] == 1
+
+
+def test_slow_loris_is_cut_off_by_the_request_headers_timeout(gw: Gateway) -> None:
+    host, port = _host_port(gw)
+    before = stats(gw).get("http.ccr.downstream_rq_header_timeout", 0)
+    with socket.create_connection((host, port), timeout=HEADERS_TIMEOUT_S + 20) as s:
+        # Headers that are never finished.
+        s.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: {host}\r\nx-api-key: ccr_slow".encode())
+        started = time.monotonic()
+        out = _read_response(s)  # returns once Envoy answers and closes the connection
+        waited = time.monotonic() - started
+        # The connection is closed: a further read sees end of stream (or a reset).
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(1) == b""
+    assert waited < HEADERS_TIMEOUT_S + 15
+    assert out.status == 408, out
+    err = json.loads(out.body)
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    assert "request_headers_timeout_s" in err["error"]["message"]
+    assert stats(gw)["http.ccr.downstream_rq_header_timeout"] == before + 1
