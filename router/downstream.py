@@ -117,14 +117,24 @@ def _reply(filter_: Json, status: int, kind: str, message: str) -> Json:
         "content_type": "application/json"}}
 
 
+def _status(code: int) -> Json:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+        "default_value": code, "runtime_key": f"ccr.local_reply.{code}"}}}}
+
+
+OVERLOADED = "The gateway is overloaded (memory); retry shortly."
+
+
 def local_reply_mappers() -> list[Json]:
     """Anthropic-shaped bodies for the refusals these limits cause inside Envoy."""
     return [
         # Overload manager (stop_accepting_requests, reset_high_memory_stream): 529 is what the
         # Anthropic API and SDKs use for "overloaded, retry later".
-        _reply({"response_flag_filter": {"flags": ["OM"]}}, 529, "overloaded_error",
-               "The gateway is overloaded; retry shortly."),
-        _reply({"status_code_filter": {"comparison": {"op": "EQ", "value": {
-            "default_value": 408, "runtime_key": "ccr.local_reply.408"}}}}, 408, "invalid_request_error",
+        _reply({"response_flag_filter": {"flags": ["OM"]}}, 529, "overloaded_error", OVERLOADED),
+        # An HTTP/1.1 upload cut by the http1_server_abort_dispatch load-shed point: the codec's
+        # 500 carries no flag yet when it is mapped, and Envoy makes no other 500 of its own here.
+        _reply(_status(500), 500, "api_error", "The gateway is overloaded (memory) or failed internally; "
+               "retry shortly."),
+        _reply(_status(408), 408, "invalid_request_error",
             "Request headers were not received in time (gateway.downstream.request_headers_timeout_s)."),
     ]
