@@ -279,3 +279,81 @@ def test_slow_loris_is_cut_off_by_the_request_headers_timeout(gw: Gateway) -> No
     assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
     assert "request_headers_timeout_s" in err["error"]["message"]
     assert stats(gw)["http.ccr.downstream_rq_header_timeout"] == before + 1
+
+
+# -- a gateway whose heap ceiling authenticated uploads exceed ----------------------------
+
+SMALL_HEAP = 128 * MIB
+
+
+@pytest.fixture(scope="module")
+def small_heap_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("small-heap")
+    path = gateway_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["gateway"]["overload"] = {"max_heap_bytes": SMALL_HEAP}
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway(path).start()
+    g.issue_local_key()
+    try:
+        yield g
+    finally:
+        g.stop()
+    assert all(not c.alive() for c in g.children)
+
+
+def overload_stats(gw: Gateway) -> dict[str, int]:
+    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": r"^overload\."}).text
+    return {n: int(v) for n, _, v in (line.partition(": ") for line in text.splitlines()) if v.strip().isdigit()}
+
+
+def test_authenticated_uploads_past_the_heap_ceiling_are_shed_and_the_gateway_recovers(
+        small_heap_gw: Gateway) -> None:
+    """Keys do not buy unlimited memory: uploads that push Envoy past its heap ceiling are cut
+    with an Anthropic-shaped error, Envoy stays up, and serves again once memory is back."""
+    gw = small_heap_gw
+    body = json.dumps({"model": MODEL, "max_tokens": 8,
+                       "messages": [{"role": "user", "content": "z" * (40 * MIB)}]}).encode()
+    headers = {"x-api-key": gw.api_key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    done = threading.Event()
+    peak = [0]
+
+    def watch_memory() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], memory_allocated(gw))
+            done.wait(0.02)  # sampling pace, not synchronisation
+
+    def upload(_: int) -> tuple[int | None, bytes]:
+        try:
+            r = httpx.post(f"{gw.url}/v1/messages", content=body, headers=headers, timeout=60)
+            return r.status_code, r.content
+        except httpx.TransportError:
+            return None, b""  # cut before a response could be written
+
+    watcher = threading.Thread(target=watch_memory)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(upload, range(8)))
+    finally:
+        done.set()
+        watcher.join()
+
+    shed = [r for r in results if r[0] != 200]
+    assert shed, "8 concurrent 40 MiB uploads against a 128 MiB heap were all buffered"
+    assert overload_stats(gw)["overload.envoy.load_shed_points.http1_server_abort_dispatch.shed_load_count"] > 0
+    for status, content in shed:
+        if status is not None:
+            assert status == 500, (status, content[:300])
+            assert json.loads(content)["error"]["type"] == "api_error"
+    # Without the overload manager these uploads take Envoy past 1 GiB (three copies of each
+    # body while it is checked); with it, Envoy stops reading within a sampling interval.
+    assert peak[0] < 3 * SMALL_HEAP, peak[0] // MIB
+    assert all(c.alive() for c in gw.children)
+
+    # Recovery: once the heap pressure is back below the thresholds, requests are served.
+    deadline = time.monotonic() + 30
+    while overload_stats(gw)["overload.envoy.resource_monitors.fixed_heap.pressure"] >= 85:
+        assert time.monotonic() < deadline, "heap pressure never came down"
+    c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
+    assert c.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}]).content
