@@ -21,14 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
+import grpc
 import httpx
 import pytest
 import yaml
+from envoy.service.auth.v3 import attribute_context_pb2 as ac
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from google.rpc import code_pb2
 
 from ccr.config import MIB, ConfigError, OverloadSettings, parse_config
+from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
 from ccr.supervisor import Gateway, envoy_binary, render_bootstrap
+from extauth.bundle import build_bundle
+from extauth.keys import create_key
 from router.downstream import below_regex
-from tests.harness import gateway_config
+from tests.harness import gateway_config, running_service
+
+REPO = Path(__file__).resolve().parent.parent
 
 MODEL = "claude-sonnet-4-6"
 HEAP_LIMIT = 384 * MIB
@@ -78,10 +88,48 @@ def test_rendered_bootstrap_with_overload_manager_passes_envoy_validate(tmp_path
 
 
 def test_identity_first_threshold_cannot_exceed_the_connection_buffer() -> None:
-    base = yaml.safe_load((Path(__file__).resolve().parent.parent / "ccr.example.yaml").read_text())
+    base = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     base["gateway"]["downstream"] = {"per_connection_buffer_bytes": MIB, "identity_first_body_bytes": 2 * MIB}
     with pytest.raises(ConfigError, match="identity_first_body_bytes"):
         parse_config(base)
+
+
+# -- extauth's headers-only check ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extauth_stub(postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.AuthorizationStub]:
+    run = tmp_path_factory.mktemp("extauth-identity")
+    bundle = build_bundle(REPO / "policies", run / "policy.tar.gz", "ccr/authz/decision")
+    config = (REPO / "ccr.example.yaml").read_text()
+    with running_service("extauth", run, config, postgres_dsn=postgres_dsn, policy_bundle=str(bundle)) as child, \
+            grpc.insecure_channel(str(child.info["address"])) as ch:
+        yield pb_grpc.AuthorizationStub(ch)
+
+
+def _check(headers: dict[str, str], body: bytes = b"") -> pb.CheckRequest:
+    http = ac.AttributeContext.HttpRequest(method="POST", path="/v1/messages", headers=headers, raw_body=body)
+    return pb.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http)))
+
+
+def test_identity_phase_checks_the_key_only(extauth_stub: pb_grpc.AuthorizationStub, postgres_dsn: str) -> None:
+    _, key = create_key(postgres_dsn, "identity-phase")
+    phase = ((AUTHZ_PHASE_MD, AUTHZ_PHASE_IDENTITY),)
+    # Headers only, no body yet: a known key passes and nothing is decided or set...
+    ok = extauth_stub.Check(_check({"x-api-key": key}), metadata=phase)
+    assert ok.status.code == code_pb2.OK
+    assert not ok.ok_response.headers and not ok.dynamic_metadata.fields
+    # ...a stranger is refused in the Anthropic shape...
+    for headers in ({}, {"x-api-key": "ccr_" + "B" * 43}, {"authorization": "Bearer nope"}):
+        no = extauth_stub.Check(_check(headers), metadata=phase)
+        assert no.status.code == code_pb2.UNAUTHENTICATED and no.denied_response.status.code == 401
+        assert json.loads(no.denied_response.body)["error"]["type"] == "authentication_error"
+    # ...and without the phase the same body-less request gets the full check, which needs the body.
+    full = extauth_stub.Check(_check({"x-api-key": key}))
+    assert full.denied_response.status.code == 400
+    # The full check still decides with the body.
+    body = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert extauth_stub.Check(_check({"x-api-key": key}, body)).status.code == code_pb2.OK
 
 
 # -- the real gateway ---------------------------------------------------------------
