@@ -131,10 +131,16 @@ def local_reply_mappers() -> list[Json]:
         # Overload manager (stop_accepting_requests, reset_high_memory_stream): 529 is what the
         # Anthropic API and SDKs use for "overloaded, retry later".
         _reply({"response_flag_filter": {"flags": ["OM"]}}, 529, "overloaded_error", OVERLOADED),
-        # An HTTP/1.1 upload cut by the http1_server_abort_dispatch load-shed point: the codec's
-        # 500 carries no flag yet when it is mapped, and Envoy makes no other 500 of its own here.
-        _reply(_status(500), 500, "api_error", "The gateway is overloaded (memory) or failed internally; "
-               "retry shortly."),
         _reply(_status(408), 408, "invalid_request_error",
             "Request headers were not received in time (gateway.downstream.request_headers_timeout_s)."),
+    ]
+
+
+def fallback_reply_mappers() -> list[Json]:
+    """Last in the mapper list: replies no more specific mapper claimed."""
+    return [
+        # An HTTP/1.1 upload cut by the http1_server_abort_dispatch load-shed point: the codec's
+        # 500 carries no response flag yet when it is mapped.
+        _reply(_status(500), 500, "api_error", "The gateway is overloaded (memory) or failed internally; "
+               "retry shortly."),
     ]

@@ -26,7 +26,12 @@ from ccr.contract import (
 )
 from ccr.errors import error_body
 from ccr.runtime import Runtime
-from router.downstream import connection_limits, identity_first_filter, local_reply_mappers
+from router.downstream import (
+    connection_limits,
+    fallback_reply_mappers,
+    identity_first_filter,
+    local_reply_mappers,
+)
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -254,7 +259,8 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "stream_idle_timeout": _secs(g.request_timeout_s),
         "max_request_headers_kb": 96,
         **connection_limits(g.downstream),
-        "local_reply_config": {"mappers": local_reply_mappers() + _local_reply_mappers()},
+        "local_reply_config": {"mappers": [*local_reply_mappers(), *_local_reply_mappers(),
+                                           *fallback_reply_mappers()]},
         "http_filters": [
             identity_first_filter(config, EXTAUTH, 30.0),
             {"name": "envoy.filters.http.ext_authz", "typed_config": {
