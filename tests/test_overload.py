@@ -32,9 +32,11 @@ from google.rpc import code_pb2
 
 from ccr.config import MIB, ConfigError, OverloadSettings, parse_config
 from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
+from ccr.runtime import Runtime
 from ccr.supervisor import Gateway, envoy_binary, render_bootstrap
 from extauth.bundle import build_bundle
 from extauth.keys import create_key
+from router import resources
 from router.downstream import below_regex
 from tests.harness import gateway_config, running_service
 
@@ -85,6 +87,37 @@ def test_rendered_bootstrap_with_overload_manager_passes_envoy_validate(tmp_path
     bad = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "shrink_heap_x" in bad.stderr
+
+
+def test_downstream_settings_reach_the_listener_and_pass_envoy_validate(tmp_path: Path) -> None:
+    base = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    base["gateway"]["downstream"] = {"request_headers_timeout_s": 3, "idle_timeout_s": 42,
+                                     "max_requests_per_connection": 5, "max_headers_count": 33,
+                                     "max_concurrent_streams": 7, "per_connection_buffer_bytes": 256 * 1024,
+                                     "identity_first_body_bytes": 100_000}
+    cfg = parse_config(base)
+    rt = Runtime(config_path=str(REPO / "ccr.example.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://x",
+                 redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
+                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080)
+    doc = resources.static_bootstrap(cfg, rt, 18080)
+    lis = doc["static_resources"]["listeners"][0]
+    hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]
+    assert lis["per_connection_buffer_limit_bytes"] == 256 * 1024
+    assert hcm["request_headers_timeout"] == "3.000s"
+    assert hcm["common_http_protocol_options"] == {"idle_timeout": "42.000s", "max_requests_per_connection": 5,
+                                                   "max_headers_count": 33}
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 7
+    assert hcm["http2_protocol_options"]["initial_connection_window_size"] == 256 * 1024
+    names = [f["name"] for f in hcm["http_filters"]]
+    # Identity first, then the body-buffering check, then everything else.
+    assert names[:2] == ["ccr.identity_first", "envoy.filters.http.ext_authz"]
+    matcher = hcm["http_filters"][0]["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
+    assert matcher["predicate"]["single_predicate"]["value_match"]["safe_regex"]["regex"] == below_regex(100_000)
+    f = tmp_path / "envoy.json"
+    f.write_text(json.dumps(doc))
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_identity_first_threshold_cannot_exceed_the_connection_buffer() -> None:
