@@ -52,7 +52,8 @@ class DownstreamSettings(Strict):
     idle_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_requests_per_connection: Annotated[int, Field(ge=1)] = 10_000
     max_headers_count: Annotated[int, Field(ge=16, le=1000)] = 100
-    max_concurrent_streams: Annotated[int, Field(ge=1, le=2**31 - 1)] = 128
+    # Each stream of a stranger may hold up to per_connection_buffer_bytes while it is checked.
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2**31 - 1)] = 100
     # Read/write buffer per connection (and HTTP/2 stream window): large bodies stream through
     # it with flow control. Only an authenticated request's body is buffered whole (for policy).
     per_connection_buffer_bytes: Annotated[int, Field(ge=32 * 1024, le=64 * MIB)] = MIB

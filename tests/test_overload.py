@@ -365,6 +365,7 @@ def test_slow_loris_is_cut_off_by_the_request_headers_timeout(gw: Gateway) -> No
 # -- a gateway whose heap ceiling authenticated uploads exceed ----------------------------
 
 SMALL_HEAP = 128 * MIB
+MAX_CONNECTIONS = 16
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +373,7 @@ def small_heap_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]
     tmp = tmp_path_factory.mktemp("small-heap")
     path = gateway_config(tmp)
     cfg = yaml.safe_load(path.read_text())
-    cfg["gateway"]["overload"] = {"max_heap_bytes": SMALL_HEAP}
+    cfg["gateway"]["overload"] = {"max_heap_bytes": SMALL_HEAP, "max_downstream_connections": MAX_CONNECTIONS}
     path.write_text(yaml.safe_dump(cfg))
     g = Gateway(path).start()
     g.issue_local_key()
@@ -436,5 +437,49 @@ def test_authenticated_uploads_past_the_heap_ceiling_are_shed_and_the_gateway_re
     deadline = time.monotonic() + 30
     while overload_stats(gw)["overload.envoy.resource_monitors.fixed_heap.pressure"] >= 85:
         assert time.monotonic() < deadline, "heap pressure never came down"
-    c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
-    assert c.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}]).content
+    with anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0) as c:
+        assert c.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}]).content
+
+
+def _global_overflow(gw: Gateway) -> int:
+    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": r"downstream_global_cx_overflow"}).text
+    return sum(int(v) for _, _, v in (line.partition(": ") for line in text.splitlines()) if v.strip().isdigit())
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_beyond_the_global_limit_are_refused(small_heap_gw: Gateway) -> None:
+    gw = small_heap_gw
+    host, port = _host_port(gw)
+    before = _global_overflow(gw)
+    deadline = time.monotonic() + 30
+    while stats(gw).get("http.ccr.downstream_cx_active", 0):  # earlier clients have hung up
+        assert time.monotonic() < deadline, "client connections from earlier tests are still open"
+    held = [socket.create_connection((host, port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        # Envoy counts a connection once it has accepted it: a request answered on each proves it.
+        for s in held:
+            s.sendall(f"GET /not-api HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 ")
+        with socket.create_connection((host, port), timeout=10) as extra:
+            assert _closed_by_peer(extra)
+        assert _global_overflow(gw) == before + 1
+        # The admin port is not counted: the operator can still look in.
+        assert httpx.get(f"{gw.admin_url}/ready").status_code == 200
+    finally:
+        for s in held:
+            s.close()
+    # Once clients let go, new ones are served again (wait on the condition, bounded).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{gw.url}/not-api", timeout=5)
+            break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "connections were never released"
