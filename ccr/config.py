@@ -46,6 +46,48 @@ class ListenerTLS(Strict):
         return self
 
 
+class OverloadSettings(Strict):
+    """Envoy's overload manager: how much memory and how many client connections it may hold.
+
+    Defaults suit a 2-core / 24 GiB host running the whole gateway; raise them on bigger boxes.
+    """
+
+    # Heap Envoy may use; as it nears this Envoy shrinks its heap, then resets the streams holding
+    # the most buffered body bytes, then stops accepting requests and connections.
+    max_heap_bytes: Annotated[int, Field(ge=64 * MIB)] = 4096 * MIB
+    # Client connections open at once across all listeners (the admin port is not counted).
+    max_downstream_connections: Annotated[int, Field(ge=1)] = 8192
+    # Streams buffering at least this many bytes are candidates for reset under memory pressure.
+    reset_streams_above_bytes: Annotated[int, Field(ge=64 * 1024, le=512 * MIB)] = MIB
+
+
+class DownstreamSettings(Strict):
+    """How long and how much a client connection may hold before it is authenticated or cut."""
+
+    # A client must finish sending its request headers within this time (slow-loris defence).
+    request_headers_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # A connection with no active request is closed after this long.
+    idle_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    max_requests_per_connection: Annotated[int, Field(ge=1)] = 10_000
+    max_headers_count: Annotated[int, Field(ge=16, le=1000)] = 100
+    # Each stream of a stranger may hold up to per_connection_buffer_bytes while it is checked.
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2**31 - 1)] = 100
+    # Read/write buffer per connection (and HTTP/2 stream window): large bodies stream through
+    # it with flow control. Only an authenticated request's body is buffered whole (for policy).
+    per_connection_buffer_bytes: Annotated[int, Field(ge=32 * 1024, le=64 * MIB)] = MIB
+    # Requests whose Content-Length is at least this (or absent: chunked, HTTP/2) are
+    # authenticated on their headers before their body is buffered; smaller ones cost one
+    # check. At most per_connection_buffer_bytes, so a stranger never holds more than that.
+    identity_first_body_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
+
+    @model_validator(mode="after")
+    def _strangers_stay_within_the_buffer(self) -> DownstreamSettings:
+        if self.identity_first_body_bytes > self.per_connection_buffer_bytes:
+            raise ValueError("identity_first_body_bytes must not exceed per_connection_buffer_bytes: a larger "
+                             "unauthenticated body would be buffered whole before its key is checked")
+        return self
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
     # None: plain HTTP on the listener (loopback development).
@@ -56,6 +98,8 @@ class GatewaySettings(Strict):
     # Streams of long generations can run for many minutes.
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    overload: OverloadSettings = OverloadSettings()
+    downstream: DownstreamSettings = DownstreamSettings()
 
 
 FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"

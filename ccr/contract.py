@@ -73,3 +73,8 @@ ID_ADAPTER = "adapter"  # the provider adapter (holds provider credentials)
 SIGNIN_PREFIX = "/ccr/auth/"
 # PostgreSQL NOTIFY channel: payload = a session id that was revoked; extauth forgets it.
 SESSIONS_CHANNEL = "ccr_signin_sessions"
+
+# gRPC initial metadata on extauth's Check from the headers-only ext_authz filter that runs
+# before the body is buffered (router/downstream.py): check identity only, no body, no model.
+AUTHZ_PHASE_MD = "x-ccr-authz-phase"
+AUTHZ_PHASE_IDENTITY = "identity"

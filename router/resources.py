@@ -34,6 +34,13 @@ from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router.downstream import (
+    IDENTITY_FIRST,
+    connection_limits,
+    fallback_reply_mappers,
+    identity_first_filter,
+    local_reply_mappers,
+)
 from router.object_routes import headers_to_remove, per_filter_config
 
 LISTENER = "ccr_http"
@@ -147,7 +154,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
-        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes,
+        "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
             "cluster_name": provider.cluster,
             # The route rewrites Host to this name: the provider must see its own host,
@@ -233,6 +240,12 @@ def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     }]
 
 
+def _no_authorization() -> Json:
+    """Per-route: neither ext_authz filter (the identity-first one nor the full one) runs."""
+    return {EXT_AUTHZ_FILTER: {"@type": EXT_AUTHZ_PER_ROUTE, "disabled": True},
+            IDENTITY_FIRST: {"@type": T + "envoy.config.route.v3.FilterConfig", "disabled": True}}
+
+
 def _signin_routes(config: GatewayConfig) -> list[Json]:
     """SIGNIN_PREFIX goes to the sign-in service, and only there. Signing in is what a caller
     without credentials does, so ext_authz is off for this route alone; nothing under the
@@ -242,7 +255,7 @@ def _signin_routes(config: GatewayConfig) -> list[Json]:
     return [{
         "match": {"prefix": SIGNIN_PREFIX},
         "route": {"cluster": SIGNIN, "timeout": "30s"},
-        "typed_per_filter_config": {EXT_AUTHZ_FILTER: {"@type": EXT_AUTHZ_PER_ROUTE, "disabled": True}},
+        "typed_per_filter_config": _no_authorization(),
     }]
 
 
@@ -292,7 +305,7 @@ def _not_found_route() -> Json:
         "direct_response": {"status": 404, "body": {"inline_string": _error_text(
             "not_found_error", "Not found: this gateway serves only the Anthropic API endpoints it knows "
             "(e.g. POST /v1/messages); check the method and the path's spelling.")}},
-        "typed_per_filter_config": {EXT_AUTHZ_FILTER: {"@type": EXT_AUTHZ_PER_ROUTE, "disabled": True}},
+        "typed_per_filter_config": _no_authorization(),
     }
 
 
@@ -422,11 +435,12 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "request_timeout": "0s",
         "stream_idle_timeout": _secs(g.request_timeout_s),
         "max_request_headers_kb": 96,
-        "http2_protocol_options": {"initial_stream_window_size": 16 * 1024 * 1024,
-                                   "initial_connection_window_size": 64 * 1024 * 1024},
-        "local_reply_config": {"mappers": _local_reply_mappers()},
+        **connection_limits(g.downstream),
+        "local_reply_config": {"mappers": [*local_reply_mappers(), *_local_reply_mappers(),
+                                           *fallback_reply_mappers()]},
         **_path_handling(),
         "http_filters": [
+            identity_first_filter(config, EXTAUTH, 30.0),
             {"name": EXT_AUTHZ_FILTER, "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
@@ -476,7 +490,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
     return {
         "name": LISTENER,
         "address": {"socket_address": {"address": g.listen.host, "port_value": listen_port}},
-        "per_connection_buffer_limit_bytes": g.max_request_bytes,
+        # Bodies stream through this with flow control; only ext_authz buffers one whole,
+        # raising its own stream's limit to max_request_bytes (after identity_first for large ones).
+        "per_connection_buffer_limit_bytes": g.downstream.per_connection_buffer_bytes,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }

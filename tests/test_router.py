@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
@@ -58,19 +59,26 @@ def test_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-4000:]
-    # Only identity, admin and the ADS cluster live in the bootstrap.
-    assert "listeners" not in text and text.count("- name:") == 1
+    # Only identity, admin, the ADS cluster and the overload manager live in the bootstrap.
+    doc = yaml.safe_load(text)
+    assert set(doc) == {"node", "admin", "dynamic_resources", "static_resources", "overload_manager"}
+    assert set(doc["static_resources"]) == {"clusters"} and len(doc["static_resources"]["clusters"]) == 1
 
 
 def test_body_limits_are_raised_together() -> None:
+    """Whole bodies up to max_request_bytes reach extauth; client and provider connections
+    stream through the (much smaller) per-connection buffer."""
     cfg = load_config(REPO / "ccr.example.yaml")
     res = resources.build(cfg, _runtime(), 18080)
-    limit = cfg.gateway.max_request_bytes
-    assert res.listeners[0]["per_connection_buffer_limit_bytes"] == limit
+    limit, buf = cfg.gateway.max_request_bytes, cfg.gateway.downstream.per_connection_buffer_bytes
+    assert buf < limit
+    assert res.listeners[0]["per_connection_buffer_limit_bytes"] == buf
     hcm = res.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
-    authz = hcm["http_filters"][0]["typed_config"]
-    assert authz["with_request_body"]["max_request_bytes"] == limit
-    assert all(c["per_connection_buffer_limit_bytes"] == limit for c in res.clusters)
+    body_authz = next(f["typed_config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
+    assert body_authz["with_request_body"]["max_request_bytes"] == limit
+    by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
+    assert by_name.pop("provider_anthropic") == buf
+    assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
 
 
 async def _ads_exchange() -> None:

@@ -1,0 +1,146 @@
+"""What one client connection may hold before it is authenticated or cut off.
+
+Two parts of the listener, kept out of router/resources.py so they read on their own:
+
+- connection limits: header timeout, idle timeout, header count, HTTP/2 streams and
+  windows, the per-connection buffer;
+- identity first: a headers-only ext_authz check that runs before the body-buffering one
+  on requests whose body may be large, so a stranger's 60 MB upload is refused after its
+  headers instead of being buffered whole first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Message types named by the dicts below, registered for router/xds.py's JSON -> proto conversion.
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2 as _matcher  # noqa: F401
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2 as _skip  # noqa: F401
+from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
+
+from ccr.config import DownstreamSettings, GatewayConfig
+from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
+from ccr.errors import error_body
+
+T = "type.googleapis.com/"
+Json = dict[str, Any]
+
+IDENTITY_FIRST = "ccr.identity_first"
+# Stats of the headers-only check: http.<hcm prefix>.ext_authz.identity.{ok,denied,error}.
+IDENTITY_STAT_PREFIX = "identity"
+
+
+def _secs(s: float) -> str:
+    return f"{s:.3f}s"
+
+
+def connection_limits(d: DownstreamSettings) -> Json:
+    """HttpConnectionManager fields bounding a client connection's time and memory."""
+    return {
+        # Slow loris: headers must be complete in this time, or the connection is closed.
+        "request_headers_timeout": _secs(d.request_headers_timeout_s),
+        "common_http_protocol_options": {
+            "idle_timeout": _secs(d.idle_timeout_s),
+            "max_requests_per_connection": d.max_requests_per_connection,
+            "max_headers_count": d.max_headers_count,
+        },
+        # A window is data the peer may send before Envoy reads it: keep it to the buffer size
+        # so HTTP/2 cannot push more unread bytes than HTTP/1.1 can.
+        "http2_protocol_options": {
+            "max_concurrent_streams": d.max_concurrent_streams,
+            "initial_stream_window_size": max(65535, d.per_connection_buffer_bytes),
+            "initial_connection_window_size": max(65535, d.per_connection_buffer_bytes),
+        },
+    }
+
+
+def below_regex(n: int) -> str:
+    """A regex (RE2 and Python `re` alike) matching exactly the decimal integers 0..n-1.
+
+    Written without leading zeros: "007" does not match, so an odd spelling of a length
+    counts as large (checked first), never as small.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    s = str(n)
+    k = len(s)
+    alternatives = ["0"]
+    if k >= 2:
+        alternatives.append(f"[1-9][0-9]{{0,{k - 2}}}")  # fewer digits than n
+    for i, c in enumerate(s):  # as many digits: same prefix, then a smaller digit, then anything
+        low = 1 if i == 0 else 0
+        if int(c) > low:
+            alternatives.append(f"{s[:i]}[{low}-{int(c) - 1}][0-9]{{{k - i - 1}}}")
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout_s: float) -> Json:
+    """A headers-only ext_authz check, skipped when Content-Length says the body is small.
+
+    It runs when Content-Length is at least `identity_first_body_bytes`, or absent (chunked
+    uploads, HTTP/2, and GETs, which then cost two checks). Until it answers, Envoy reads at
+    most the per-connection buffer of the body. extauth knows the phase from the gRPC
+    metadata this filter sends (only Envoy talks to extauth) and checks identity only; the
+    body-buffering check after it still decides everything (policy, model, routing).
+    """
+    authz: Json = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": ext_authz_cluster},
+            "timeout": _secs(timeout_s),
+            "initial_metadata": [{"key": AUTHZ_PHASE_MD, "value": AUTHZ_PHASE_IDENTITY}],
+        },
+        "failure_mode_allow": config.services.failure_mode_allow,
+        "status_on_error": {"code": 503},
+        "stat_prefix": IDENTITY_STAT_PREFIX,
+    }
+    small_body = {"single_predicate": {
+        "input": {"name": "content-length", "typed_config": {
+            "@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": "content-length"}},
+        "value_match": {"safe_regex": {"google_re2": {},
+                                        "regex": below_regex(config.gateway.downstream.identity_first_body_bytes)}},
+    }}
+    skip = {"action": {"name": "skip", "typed_config": {
+        "@type": T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
+    return {"name": IDENTITY_FIRST, "typed_config": {
+        "@type": T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "extension_config": {"name": "envoy.filters.http.ext_authz", "typed_config": authz},
+        "xds_matcher": {"matcher_list": {"matchers": [{"predicate": small_body, "on_match": skip}]}},
+    }}
+
+
+def _reply(filter_: Json, status: int, kind: str, message: str) -> Json:
+    # Envoy's local-reply formatter fills %...% operators; the messages have none.
+    return {"filter": filter_, "status_code": status, "body_format_override": {
+        "text_format_source": {"inline_string": error_body(kind, message).decode()},
+        "content_type": "application/json"}}
+
+
+def _status(code: int) -> Json:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+        "default_value": code, "runtime_key": f"ccr.local_reply.{code}"}}}}
+
+
+OVERLOADED = "The gateway is overloaded (memory); retry shortly."
+
+
+def local_reply_mappers() -> list[Json]:
+    """Anthropic-shaped bodies for the refusals these limits cause inside Envoy."""
+    return [
+        # Overload manager (stop_accepting_requests, reset_high_memory_stream): 529 is what the
+        # Anthropic API and SDKs use for "overloaded, retry later".
+        _reply({"response_flag_filter": {"flags": ["OM"]}}, 529, "overloaded_error", OVERLOADED),
+        _reply(_status(408), 408, "invalid_request_error",
+            "Request headers were not received in time (gateway.downstream.request_headers_timeout_s)."),
+    ]
+
+
+def fallback_reply_mappers() -> list[Json]:
+    """Last in the mapper list: replies no more specific mapper claimed."""
+    return [
+        # An HTTP/1.1 upload cut by the http1_server_abort_dispatch load-shed point: the codec's
+        # 500 carries no response flag yet when it is mapped.
+        _reply(_status(500), 500, "api_error", "The gateway is overloaded (memory) or failed internally; "
+               "retry shortly."),
+    ]
