@@ -52,18 +52,45 @@ def variants(path: str) -> list[str]:
 
 
 def raw_request(gw: Gateway, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP/1.1 request with the target sent byte for byte; (status, body)."""
+    """One HTTP/1.1 request with the target sent byte for byte; (status, body).
+
+    Reads exactly the response (content-length or chunked) instead of waiting for the close,
+    which Envoy delays after an early reply."""
     url = urlsplit(gw.url)
     head = [f"{method} {target} HTTP/1.1", "Host: gateway", f"Content-Length: {len(body)}", "Connection: close"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    data = b"".join(chunks)
-    status_line, _, rest = data.partition(b"\r\n")
-    return int(status_line.split(b" ")[1]), rest.partition(b"\r\n\r\n")[2]
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += _recv(s)
+        top, _, rest = data.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if "content-length" in fields:
+            while len(rest) < int(fields["content-length"]):
+                rest += _recv(s)
+            return int(lines[0].split(" ")[1]), rest
+        while not rest.endswith(b"0\r\n\r\n"):  # chunked: read to the last chunk
+            rest += _recv(s)
+        return int(lines[0].split(" ")[1]), _unchunk(rest)
+
+
+def _recv(s: socket.socket) -> bytes:
+    chunk = s.recv(65536)
+    if not chunk:
+        raise ConnectionError("connection closed before the response was complete")
+    return chunk
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, data = out + data[:size], data[size + 2:]
 
 
 def records(gw: Gateway) -> list[dict[str, Any]]:
