@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 import yaml
@@ -93,6 +96,38 @@ def _unchunk(data: bytes) -> bytes:
         out, data = out + data[:size], data[size + 2:]
 
 
+def h2_request(gw: Gateway, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    """The same over HTTP/2 (h2c, prior knowledge), `:path` byte for byte; status 0 = stream reset."""
+    url = urlsplit(gw.url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=False))
+    conn.initiate_connection()
+    hdrs = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", b"gateway"),
+            (b":path", target.encode("utf-8")), *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+    conn.send_headers(1, hdrs, end_stream=not body)
+    if body:
+        conn.send_data(1, body, end_stream=True)
+    status, out = 0, b""
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(conn.data_to_send())
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return status, out
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    out += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    return status, out
+                elif isinstance(ev, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return 0, out
+            s.sendall(conn.data_to_send())
+
+
 def records(gw: Gateway) -> list[dict[str, Any]]:
     return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
 
@@ -134,36 +169,40 @@ def test_the_canonical_spellings_work(gw: Gateway, haiku_key: str) -> None:
     assert [(r["method"], r["path"], r["query_string"]) for r in new] == [("POST", "/v1/messages", "beta=true")]
 
 
+@pytest.mark.parametrize("send", [raw_request, h2_request], ids=["http1", "h2"])
 @pytest.mark.parametrize("e", ENDPOINTS, ids=lambda e: e.name)
-def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haiku_key: str, e: Endpoint) -> None:
+def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haiku_key: str, e: Endpoint,
+                                                               send: Any) -> None:
     """A Haiku-only key asks for Sonnet through every other spelling of the endpoint.
 
-    Each is refused by the gateway (400/403/404, nothing forwarded) or was turned into the
-    endpoint's canonical spelling and decided like it: a model-bearing or Files endpoint is
-    then still refused, and anything forwarded is exactly the canonical request.
+    Each is refused by the gateway (400/403/404, nothing forwarded; over HTTP/2 also a stream
+    reset) or was turned into the endpoint's canonical spelling and decided like it: a
+    model-bearing or Files endpoint is then still refused, and anything forwarded is exactly
+    the canonical request.
     """
     canonical = concrete(e)
     body = body_for(e, SONNET)
+    refused = {0, 400, 403, 404} if send is h2_request else {400, 403, 404}
     outcomes = {}
     for target in variants(canonical):
         seen = len(records(gw))
-        status, reply = raw_request(gw, e.method, target, _headers(haiku_key), body)
+        status, reply = send(gw, e.method, target, _headers(haiku_key), body)
         new = records(gw)[seen:]
         outcomes[target] = status
         if not new:
-            assert status in (400, 403, 404), (target, status, reply)
-            err = json.loads(reply)  # the Anthropic error shape, also for Envoy's own refusals
-            assert err["type"] == "error" and err["error"]["message"], (target, reply)
+            assert status in refused, (target, status, reply)
+            if status:
+                err = json.loads(reply)  # the Anthropic error shape, also for Envoy's own refusals
+                assert err["type"] == "error" and err["error"]["message"], (target, reply)
             continue
         # Forwarded: only a canonical request the policy allows for this key.
         assert e.kind in (Kind.MODELS, Kind.BATCHES) and not e.model_in_body, (target, new)
         assert [(r["method"], r["path"]) for r in new] == [(e.method, canonical)], (target, new)
     # The model-bearing endpoints and Files never reach the provider in any spelling.
     if e.model_in_body or e.kind is Kind.FILES:
-        assert set(outcomes.values()) <= {400, 403, 404}, outcomes
-    # The spellings Envoy normalises to the canonical path got the endpoint's decision (403 for
-    # Sonnet on a Haiku-only key, 403 for Files while disabled), not a 404.
-    if e.model_in_body or e.kind is Kind.FILES:
+        assert set(outcomes.values()) <= refused, outcomes
+        # The spellings Envoy normalises to the canonical path got the endpoint's decision (403
+        # for Sonnet on a Haiku-only key, 403 for Files while disabled), not a 404.
         for target in ("/" + canonical, canonical.replace("/v1/", "/v1//"), "/v1/./" + canonical[4:],
                        "/v1/x/../" + canonical[4:]):
             assert outcomes[target] == 403, (target, outcomes[target])
