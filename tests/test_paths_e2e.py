@@ -70,6 +70,8 @@ def raw_request(gw: Gateway, method: str, target: str, headers: dict[str, str], 
         top, _, rest = data.partition(b"\r\n\r\n")
         lines = top.decode("latin-1").split("\r\n")
         fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if method == "HEAD":
+            return int(lines[0].split(" ")[1]), b""
         if "content-length" in fields:
             while len(rest) < int(fields["content-length"]):
                 rest += _recv(s)
@@ -217,14 +219,28 @@ def test_a_normalised_spelling_is_forwarded_canonically(gw: Gateway, haiku_key: 
     assert [(r["path"], r["query_string"]) for r in records(gw)[seen:]] == [("/v1/messages", "beta=true")]
 
 
+def test_a_detour_through_another_endpoint_is_decided_as_the_destination(gw: Gateway, haiku_key: str) -> None:
+    seen = len(records(gw))
+    for target in ("/v1/messages/batches/%2e%2e/%2e%2e/messages", "/v1/messages/batches/x/../../../messages",
+                   "/v1/models/../messages", "/v1/files/%2E%2E/messages"):
+        status, reply = raw_request(gw, "POST", target, _headers(haiku_key), body_for(ENDPOINTS[0], SONNET))
+        assert status == 403 and json.loads(reply)["error"]["type"] == "permission_error", (target, reply)
+    # A trailing '..' leaves a trailing slash ("/v1/messages/"): no endpoint.
+    status, _ = raw_request(gw, "POST", "/v1/messages/batches/%2e%2e", _headers(haiku_key),
+                            body_for(ENDPOINTS[0], SONNET))
+    assert status == 404
+    assert records(gw)[seen:] == []
+
+
 def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
     seen = len(records(gw))
     for method, target in (("GET", "/v1/organizations/me"), ("POST", "/v1/complete"), ("GET", "/v1/messages"),
                            ("PUT", "/v1/messages"), ("GET", "/admin"), ("POST", "/v1/messages/"),
-                           ("GET", "/v1/messages/batches/a%2Fb")):
+                           ("GET", "/v1/messages/batches/a%2Fb"), ("post", "/v1/messages"), ("Post", "/v1/messages"),
+                           ("HEAD", "/v1/models"), ("OPTIONS", "/v1/messages")):
         status, reply = raw_request(gw, method, target, {})
         assert status in (400, 404), (method, target, status)
-        if status == 404:
+        if status == 404 and method != "HEAD":
             assert json.loads(reply)["error"]["type"] == "not_found_error"
     assert records(gw)[seen:] == []
 
