@@ -9,15 +9,27 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-from ccr.contract import AUTHZ_NS, USAGE_NS
+from ccr.contract import (
+    AUTHZ_NS,
+    H_CLIENT_REQUEST_ID,
+    USAGE_NOTE,
+    USAGE_NS,
+    USAGE_STATUS,
+    USAGE_TOKEN_FIELDS,
+    UsageStatus,
+)
 
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+TOKEN_FIELDS = USAGE_TOKEN_FIELDS
 
 COLUMNS: tuple[str, ...] = (
     "ts", "request_id", "key_id", "principal", "model", "method", "path", "status",
     *TOKEN_FIELDS,
     "latency_ms", "upstream_cluster", "response_flags", "bytes_received", "bytes_sent",
+    "usage_status", "usage_note", "client_request_id",
 )
+# Client-chosen text is kept for correlation only; bound what one row can hold.
+MAX_CLIENT_REQUEST_ID = 256
+MAX_NOTE = 1000
 Row = tuple[object, ...]
 
 _BIGINT_MAX = 2**63 - 1
@@ -67,11 +79,11 @@ def _text(fields: dict[str, struct_pb2.Value], name: str) -> str | None:
     raise MalformedEntry(f"metadata field {name!r} is a {kind}, expected a string")
 
 
-def _count(fields: dict[str, struct_pb2.Value], name: str) -> int:
+def _count(fields: dict[str, struct_pb2.Value], name: str) -> int | None:
     v = fields.get(name)
     kind = v.WhichOneof("kind") if v is not None else None
     if kind is None or kind == "null_value":
-        return 0
+        return None  # unknown stays unknown
     if kind == "number_value":
         n = v.number_value
         if math.isfinite(n) and n == int(n) and 0 <= n <= _BIGINT_MAX:
@@ -101,6 +113,52 @@ def response_flags(flags: accesslog_pb2.ResponseFlags) -> str | None:
     return ",".join(set_) or None
 
 
+_STATUSES = frozenset(s.value for s in UsageStatus)
+# Flags that say the gateway itself answered, and why (first match wins).
+_REFUSALS = (("UAEX", "refused by the gateway's authorization"), ("RL", "rate limited by the gateway"),
+             ("RLSE", "rate limit service unavailable"), ("NR", "no route for this path"),
+             ("UH", "no healthy upstream"), ("UF", "upstream connection failed"),
+             ("OM", "refused by the overload manager"), ("DPE", "downstream protocol error"))
+
+
+def _forwarded(common: accesslog_pb2.AccessLogCommon) -> bool:
+    """Whether any byte of the request went to a provider.
+
+    Not upstream_remote_address: Envoy sets it once a host is picked, also when the
+    adapter (upstream ext_proc) or the connection failed before anything was sent.
+    """
+    return common.HasField("time_to_first_upstream_tx_byte")
+
+
+def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,
+                  flags: str | None) -> tuple[int | None, int | None, int | None, int | None, str, str | None]:
+    """Token counts, usage_status and usage_note: from the adapter's metadata, else from what happened."""
+    usage = _namespace(common.metadata, USAGE_NS)
+    if usage:
+        counts = [_count(usage, f) for f in TOKEN_FIELDS]
+        raw = _text(usage, USAGE_STATUS)
+        note = _text(usage, USAGE_NOTE)
+        if raw in _STATUSES:
+            ustatus = str(raw)
+        elif raw is None and any(c is not None for c in counts):
+            ustatus, note = UsageStatus.COMPLETE.value, "adapter sent counts without a usage_status"
+        else:
+            counts = [None] * len(TOKEN_FIELDS)
+            ustatus, note = UsageStatus.UNKNOWN.value, f"adapter sent an unrecognised usage_status {raw!r}"
+        if ustatus in (UsageStatus.UNKNOWN, UsageStatus.NOT_FORWARDED):
+            counts = [None] * len(TOKEN_FIELDS)  # a status that says "unknown" never carries numbers
+        return (*counts, ustatus, note[:MAX_NOTE] if note else None)  # type: ignore[return-value]
+    set_flags = set((flags or "").split(","))
+    why = next((text for code, text in _REFUSALS if code in set_flags), None)
+    if not _forwarded(common):
+        note = why or (f"the gateway replied {status} before contacting a provider" if status
+                       else "the request ended before reaching a provider")
+        return None, None, None, None, UsageStatus.NOT_FORWARDED.value, note
+    return None, None, None, None, UsageStatus.UNKNOWN.value, (
+        f"a provider was contacted but no usage was reported by the adapter (status {status}, "
+        f"flags {flags or 'none'})")
+
+
 def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
     """The row for a final entry, None for an intermediate one; MalformedEntry if unusable."""
     common = e.common_properties
@@ -115,7 +173,10 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
     except (ValueError, OverflowError) as err:
         raise MalformedEntry(f"start_time out of range: {err}") from None
     authz = _namespace(common.metadata, AUTHZ_NS)
-    usage = _namespace(common.metadata, USAGE_NS)
+    status = e.response.response_code.value  # 0 when no response was sent (e.g. client reset)
+    flags = response_flags(common.response_flags)
+    *counts, usage_status, usage_note = usage_columns(common, status, flags)
+    client_rid = e.request.request_headers.get(H_CLIENT_REQUEST_ID)
     if common.HasField("time_to_last_downstream_tx_byte"):
         latency: float | None = _ms(common.time_to_last_downstream_tx_byte)
     elif common.HasField("duration"):
@@ -130,11 +191,14 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
         _text(authz, "model"),
         _method(e.request.request_method),
         _clean(e.request.path),
-        e.response.response_code.value,  # 0 when no response was sent (e.g. client reset)
-        *(_count(usage, f) for f in TOKEN_FIELDS),
+        status,
+        *counts,
         latency,
         _clean(common.upstream_cluster) or None,
-        response_flags(common.response_flags),
+        flags,
         min(e.request.request_body_bytes, _BIGINT_MAX),
         min(e.response.response_body_bytes, _BIGINT_MAX),
+        usage_status,
+        usage_note,
+        _clean(client_rid[:MAX_CLIENT_REQUEST_ID]) if client_rid else None,
     )

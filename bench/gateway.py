@@ -40,8 +40,6 @@ from ccr.supervisor import Gateway, envoy_binary  # noqa: E402
 API_VERSION = "2023-06-01"
 MAX_BODY = 64 * 1024 * 1024  # as the gateway's default max_request_bytes
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# The bench's gateway must use the emulator even when real credentials are in the environment.
-NO_CREDENTIAL_ENV = "CCR_BENCH_NO_PROVIDER_CREDENTIAL"
 T = "type.googleapis.com/"
 BUSY = 0.8  # share of all cores above which a level is flagged as CPU-bound machine-wide
 
@@ -186,8 +184,9 @@ def gateway_config(tmp: Path) -> Path:
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     cfg["storage"] = {"data_dir": str(tmp / "data")}
     cfg["policy"]["dir"] = str(REPO / "policies")
+    # The bench's gateway always serves from the emulator, whatever credentials are around.
     for p in cfg["providers"]:
-        p["api_key_env"] = NO_CREDENTIAL_ENV
+        p["emulator"] = True
     path = tmp / "ccr.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -378,7 +377,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         results = asyncio.run(measure([Target("gateway", args.url, args.key)], body, args))
     else:
-        os.environ.pop(NO_CREDENTIAL_ENV, None)
         with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
             tmp = Path(d)
             t = time.monotonic()

@@ -11,6 +11,7 @@ import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,8 +29,27 @@ class Address(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 0
 
 
+class ListenerTLS(Strict):
+    """TLS on the gateway listener; with a client CA, mTLS (SPIFFE workloads present SVIDs)."""
+
+    cert_file: str
+    key_file: str
+    # PEM bundle of CAs that sign client certificates (e.g. the SPIFFE trust bundle).
+    client_ca_file: str | None = None
+    # Refuse the handshake without a verified client certificate (needs client_ca_file).
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_required_certs(self) -> ListenerTLS:
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file (the CA that signs client certificates)")
+        return self
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
+    # None: plain HTTP on the listener (loopback development).
+    tls: ListenerTLS | None = None
     admin: Address = Address()
     # Raised together on the whole path: Envoy buffers, ext_authz body, gRPC messages.
     max_request_bytes: Annotated[int, Field(ge=64 * 1024, le=512 * MIB)] = 64 * MIB
@@ -38,13 +58,29 @@ class GatewaySettings(Strict):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 1
 
 
+FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"
+
+
 class ServiceSettings(Strict):
     # Where the decision services bind; loopback unless configured otherwise.
+    # (Embedded PostgreSQL and Redis always bind loopback, whatever this says.)
     bind_host: str = "127.0.0.1"
     # Fail closed: an unreachable extauth or ratelimit service denies the request.
     failure_mode_allow: bool = False
-    # Saying it in words: fail-open authorization lets requests through with no decision.
+    # Fail-open is a bypass of authentication and policy; it must be asked for in words.
     i_understand_unauthenticated_traffic_reaches_providers: bool = False
+
+    @model_validator(mode="after")
+    def _fail_open_is_acknowledged(self) -> ServiceSettings:
+        if self.failure_mode_allow and not self.i_understand_unauthenticated_traffic_reaches_providers:
+            raise ValueError(
+                "failure_mode_allow: true lets every request through to the providers, with the "
+                "organisation's credentials and no identity, policy or rate limit, whenever the "
+                "authorization or rate limit service is down or slow; anyone who can reach the gateway "
+                "(or make extauth fail) gets unauthenticated model access. If that is really intended, "
+                f"also set services.{FAIL_OPEN_ACK}: true"
+            )
+        return self
 
 
 class StorageSettings(Strict):
@@ -63,8 +99,12 @@ class Provider(Strict):
     kind: ProviderKind = ProviderKind.anthropic
     endpoint: str = "https://api.anthropic.com"
     # Name of the environment variable that holds the credential; the secret itself
-    # never sits in the config file.
+    # never sits in the config file. `ccr up` refuses to start when it is unset or empty.
     api_key_env: str | None = None
+    # Serve this provider from the built-in Anthropic API emulator (local trials and tests):
+    # `ccr up` starts it with a generated credential and ignores endpoint and api_key_env.
+    # Only ever used when named here; a missing credential never falls back to it.
+    emulator: bool = False
     region: str | None = None
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
 
@@ -106,6 +146,73 @@ class PolicySettings(Strict):
     entrypoint: str = "ccr/authz/decision"
 
 
+# A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').
+TRUST_DOMAIN_PATTERN = r"^[a-z0-9._-]{1,255}$"
+
+
+class SpiffeSettings(Strict):
+    """Workloads identified by the SPIFFE ID (URI SAN) of their verified client certificate."""
+
+    enabled: bool = False
+    # Only SVIDs from these trust domains are principals; empty refuses every workload.
+    trust_domains: list[Annotated[str, Field(pattern=TRUST_DOMAIN_PATTERN)]] = []
+    # A verified workload may call with no API key or token at all.
+    allow_without_key: bool = False
+
+
+# Asymmetric signature algorithms only: never "none", never HMAC (a public key must not be a secret).
+OIDC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+
+
+class OidcIssuer(Strict):
+    """One trusted OpenID provider whose JWTs (access or ID tokens) identify people."""
+
+    issuer: Annotated[str, Field(min_length=8)]  # exactly the tokens' `iss`
+    audiences: Annotated[list[str], Field(min_length=1)]  # a token's `aud` must contain one of these
+    discovery_url: str | None = None  # default: <issuer>/.well-known/openid-configuration
+    jwks_url: str | None = None  # set to skip discovery
+    algorithms: Annotated[list[str], Field(min_length=1)] = ["RS256", "ES256", "EdDSA"]
+    leeway_s: Annotated[int, Field(ge=0, le=300)] = 60  # clock skew allowed on exp/nbf/iat
+    user_claim: str = "sub"  # Principal.id is "oidc:<issuer>#<value>"
+    name_claims: list[str] = ["email", "preferred_username"]  # first present one names the user
+    groups_claim: str = "groups"
+    tenant_claim: str | None = "tenant"
+    extra_claims: list[str] = []  # passed to policy as input.principal.claims
+    # IdP group -> gateway groups. When set, only mapped groups count (closed by default).
+    group_map: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _safe(self) -> OidcIssuer:
+        bad = sorted(set(self.algorithms) - OIDC_ALGORITHMS)
+        if bad:
+            raise ValueError(f"algorithms {bad} are not allowed; use asymmetric ones from {sorted(OIDC_ALGORITHMS)}")
+        for name in ("issuer", "discovery_url", "jwks_url"):
+            url = getattr(self, name)
+            if url is not None and not https_or_loopback(url):
+                raise ValueError(f"{name} must be an https:// URL (http:// only on loopback), got {url!r}")
+        return self
+
+
+def https_or_loopback(url: str) -> bool:
+    """An https URL, or http to this host only (tests, a local IdP)."""
+    u = urlsplit(url)
+    return u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
+class IdentitySettings(Strict):
+    oidc: list[OidcIssuer] = []
+    spiffe: SpiffeSettings = SpiffeSettings()
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> IdentitySettings:
+        seen = [i.issuer for i in self.oidc]
+        dupes = {i for i in seen if seen.count(i) > 1}
+        if dupes:
+            raise ValueError(f"oidc issuers must be unique; repeated: {sorted(dupes)}")
+        return self
+
+
 class GatewayConfig(Strict):
     version: Literal[1] = 1
     gateway: GatewaySettings = GatewaySettings()
@@ -115,6 +222,7 @@ class GatewayConfig(Strict):
     models: Annotated[list[Model], Field(min_length=1)]
     limits: Limits = Limits()
     policy: PolicySettings = PolicySettings()
+    identity: IdentitySettings = IdentitySettings()
     files: FilesSettings = FilesSettings()
 
     @model_validator(mode="after")
@@ -128,6 +236,13 @@ class GatewayConfig(Strict):
                 raise ValueError(
                     f"models.{i}.provider: unknown provider {m.provider!r}; known: {names}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _spiffe_needs_mtls(self) -> GatewayConfig:
+        if self.identity.spiffe.enabled and not (self.gateway.tls and self.gateway.tls.client_ca_file):
+            raise ValueError("identity.spiffe.enabled needs gateway.tls.client_ca_file: workloads are known "
+                             "only by client certificates the listener verifies")
         return self
 
     def provider(self, name: str) -> Provider:

@@ -7,9 +7,31 @@ every side changes with it.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 # Dynamic metadata namespaces.
 AUTHZ_NS = "envoy.filters.http.ext_authz"  # written by extauth's CheckResponse
 USAGE_NS = "ccr.usage"  # written by the adapter at the end of each upstream attempt
+
+# Fields of USAGE_NS. Token counts are numbers, or null when unknown (never a made-up 0).
+USAGE_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+USAGE_STATUS = "usage_status"  # a UsageStatus value: how the counts were obtained
+USAGE_NOTE = "usage_note"  # human-readable reason when the status is not `complete`
+
+
+class UsageStatus(StrEnum):
+    """How a request_log row's token counts were obtained (column usage_status)."""
+
+    COMPLETE = "complete"  # the provider's final usage was read
+    PARTIAL = "partial"  # the provider's cumulative count was seen, but the reply was cut off
+    ESTIMATED = "estimated"  # final usage never arrived; output counted from the streamed deltas
+    NOT_BILLABLE = "not_billable"  # the reply was read and carries no usage (errors, count_tokens, models): 0
+    UNKNOWN = "unknown"  # a provider was called but its usage could not be read: counts NULL
+    NOT_FORWARDED = "not_forwarded"  # refused or failed before reaching a provider: counts NULL
+
+# Key in AUTHZ_NS: how many requests a Message Batch create carries (a number).
+AUTHZ_BATCH_REQUESTS = "batch_requests"
+
 
 # Rate limit domain of the route's descriptors.
 RL_DOMAIN = "ccr"
@@ -26,7 +48,22 @@ H_PRINCIPAL = "x-ccr-principal"
 H_MODEL = "x-ccr-model"
 H_PROVIDER = "x-ccr-provider"
 H_CLUSTER = "x-ccr-cluster"
+# Batch creates only: the number of requests in the batch; the batch-create route's rate
+# limit charges that many hits (hits_addend). Removed by the route before upstream.
+H_BATCH_REQUESTS = "x-ccr-batch-requests"
 SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLUSTER)
+
+# The client's own x-request-id, moved aside by the listener before Envoy generates the
+# gateway's id (the audit key). Not x-ccr-*: those are stripped from clients before ext_authz.
+# Logged as request_log.client_request_id (non-unique, informational only).
+H_CLIENT_REQUEST_ID = "x-client-request-id"
+H_REQUEST_ID = "x-request-id"
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+
+# mTLS between the gateway's own processes (ccr/pki.py): the run's trust domain and the
+# names whose SPIFFE IDs (spiffe://<domain>/<name>) each side checks.
+RUN_TRUST_DOMAIN = "ccr.local"
+ID_ENVOY = "envoy"  # Envoy, as a client of our gRPC services
+ID_ADAPTER = "adapter"  # the provider adapter (holds provider credentials)

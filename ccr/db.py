@@ -49,6 +49,74 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE UNIQUE INDEX request_log_request_id ON request_log (request_id);
         """,
     ),
+    (
+        2,
+        "request log: unknown usage is NULL with a status and reason; the client's request id kept aside",
+        """
+        -- A count that was not read is NULL, never a default 0; usage_status says how the
+        -- counts were obtained (ccr.contract.UsageStatus) and usage_note why, when not complete.
+        ALTER TABLE request_log
+            ALTER COLUMN input_tokens DROP NOT NULL,
+            ALTER COLUMN input_tokens DROP DEFAULT,
+            ALTER COLUMN output_tokens DROP NOT NULL,
+            ALTER COLUMN output_tokens DROP DEFAULT,
+            ALTER COLUMN cache_creation_input_tokens DROP NOT NULL,
+            ALTER COLUMN cache_creation_input_tokens DROP DEFAULT,
+            ALTER COLUMN cache_read_input_tokens DROP NOT NULL,
+            ALTER COLUMN cache_read_input_tokens DROP DEFAULT,
+            -- NULL only on rows written before this migration.
+            ADD COLUMN usage_status text CHECK (usage_status IN
+                ('complete', 'partial', 'estimated', 'not_billable', 'unknown', 'not_forwarded')),
+            ADD COLUMN usage_note text,
+            -- request_id is the gateway's own (unique); what the client sent is informational.
+            ADD COLUMN client_request_id text;
+        CREATE INDEX request_log_client_request_id ON request_log (client_request_id)
+            WHERE client_request_id IS NOT NULL;
+        """,
+    ),
+    (
+        3,
+        "keys for machines (owner, tenant, expiry, last use, rotation) and the admin log",
+        """
+        ALTER TABLE api_keys
+            ADD COLUMN owner        text,
+            ADD COLUMN tenant       text,
+            ADD COLUMN expires_at   timestamptz,            -- refused from this instant on
+            ADD COLUMN last_used_at timestamptz,            -- batched by extauth, at most every few seconds
+            ADD COLUMN replaced_by  text REFERENCES api_keys (id);  -- set by rotation
+        -- One row per admin change, written in the same transaction as the change itself.
+        CREATE TABLE admin_log (
+            id      bigserial PRIMARY KEY,
+            ts      timestamptz NOT NULL DEFAULT now(),
+            actor   text NOT NULL,
+            action  text NOT NULL,
+            target  text NOT NULL,
+            before  jsonb,
+            after   jsonb
+        );
+        CREATE INDEX admin_log_target ON admin_log (target, ts);
+        """,
+    ),
+    (
+        4,
+        "provider objects (batches, files) owned by principals",
+        """
+        -- Objects that live at a provider behind the shared credential; each belongs to the
+        -- principal that created it (recorded by the adapter when the create reply comes back).
+        CREATE TABLE provider_objects (
+            kind                text NOT NULL CHECK (kind IN ('batch', 'file')),
+            object_id           text NOT NULL,
+            provider            text NOT NULL,
+            owner_principal_id  text NOT NULL,
+            created_at          timestamptz NOT NULL DEFAULT now(),
+            request_count       integer,        -- batches: requests in the batch
+            metered_at          timestamptz,    -- batches: results fetched and metered (first fetch only)
+            deleted_at          timestamptz,
+            PRIMARY KEY (kind, object_id)
+        );
+        CREATE INDEX provider_objects_owner ON provider_objects (owner_principal_id, kind, created_at);
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"
@@ -65,7 +133,7 @@ def migrate(dsn: str) -> int:
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-            for version, name, sql in MIGRATIONS:
+            for version, name, sql in sorted(MIGRATIONS):  # list order may differ from version order
                 if version in done:
                     continue
                 with conn.transaction():

@@ -2,6 +2,10 @@
 
 Every child gets PR_SET_PDEATHSIG so that it is told to stop even if its
 supervisor dies without cleaning up (no orphans after a crash or SIGKILL).
+
+Children never inherit the supervisor's environment: each gets `minimal_env()` plus
+what its caller passes explicitly, so a secret in the operator's shell (a provider
+credential) reaches only the one process it is handed to.
 """
 
 from __future__ import annotations
@@ -13,11 +17,23 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+# What any child may need from the supervisor's environment: finding programs, locale and
+# time zone (PostgreSQL's initdb/server, Python's text I/O), a home and temp dir, our log
+# level, and how this Python was set up to import (PYTHONPATH for a source checkout).
+INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "HOME", "TMPDIR", "CCR_LOG_LEVEL", "PYTHONPATH",
+                 "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")
+INHERITED_ENV_PREFIXES = ("LC_",)
+
+
+def minimal_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    src = os.environ if environ is None else environ
+    return {k: v for k, v in src.items() if k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)}
 
 
 def _die_with_parent() -> None:
@@ -89,7 +105,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**minimal_env(), **(env or {})},
             cwd=cwd,
             user=user,
             preexec_fn=_die_with_parent,

@@ -7,11 +7,13 @@ wrote it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from ccr.config import GatewayConfig, load_config
+from ccr.pki import RunPki
 
 
 class UpstreamOverride(BaseModel):
@@ -40,13 +42,20 @@ class Runtime(BaseModel):
     # Compiled policy bundle (opa build -t wasm).
     policy_bundle: str | None = None
     upstream_overrides: dict[str, UpstreamOverride] = {}
+    # The run's mTLS identities (paths only). A service whose identity is issued here serves
+    # mutual TLS, and Envoy's cluster for it presents the `envoy` identity.
+    mtls: RunPki | None = None
 
     def config(self) -> GatewayConfig:
         return load_config(self.config_path)
 
     def save(self, path: str | Path) -> None:
+        # 0600: the DSNs carry the embedded stores' passwords.
         tmp = Path(f"{path}.tmp")
-        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=2))
         tmp.replace(path)
 
     @classmethod

@@ -3,23 +3,32 @@
 Each service binds port 0 on the configured host (no assumed free port), then
 writes its real address to `--ready-file`, which is how the supervisor learns
 that it is serving and where.
+
+A service that names `mtls_peers` serves only mutual TLS with the run's identities
+(ccr/pki.py) and answers only callers whose certificate carries one of those SPIFFE IDs;
+without a run PKI it refuses to start rather than serve in plaintext.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from ccr.config import GatewayConfig
+from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
+
+log = logging.getLogger("ccr.service")
 
 # Bodies of 20 MB and more cross extauth; grpcio's 4 MB default would reject them.
 GRPC_MAX_MESSAGE = 512 * 1024 * 1024
@@ -46,23 +55,123 @@ def write_ready(path: str | None, address: str, **extra: object) -> None:
     tmp.replace(path)
 
 
+def server_credentials(pki: RunPki, name: str) -> grpc.ServerCredentials:
+    """TLS with this service's run identity; callers must present a certificate from the run CA."""
+    ident = pki.identity(name)
+    return grpc.ssl_server_credentials(
+        [(Path(ident.key).read_bytes(), Path(ident.cert).read_bytes())],
+        root_certificates=Path(pki.ca).read_bytes(),
+        require_client_auth=True,
+    )
+
+
+def client_credentials(pki: RunPki, name: str) -> grpc.ChannelCredentials:
+    """The other side: a gRPC client that presents this run identity and trusts only the run CA."""
+    ident = pki.identity(name)
+    return grpc.ssl_channel_credentials(Path(pki.ca).read_bytes(), Path(ident.key).read_bytes(),
+                                        Path(ident.cert).read_bytes())
+
+
+def peer_spiffe_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's SPIFFE ID: the single URI SAN of its verified certificate, else None."""
+    auth = context.auth_context() or {}
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    pems = auth.get("x509_pem_cert") or []
+    return _svid_id(pems[0]) if len(pems) == 1 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _svid_id(pem: bytes) -> str | None:
+    # Parsed once per certificate, not per stream. An X.509-SVID has exactly one URI SAN;
+    # anything else is not an identity we understand.
+    uris = uri_sans(pem)
+    return uris[0] if len(uris) == 1 else None
+
+
+class PeerIdentityCheck(grpc.aio.ServerInterceptor):
+    """Refuses every RPC whose verified peer is not one of `allowed` (SPIFFE IDs).
+
+    TLS with require_client_auth proves the caller holds a run certificate; this proves it
+    is the *right* process of the run (a run CA issues identities to several processes).
+    """
+
+    def __init__(self, allowed: Collection[str]) -> None:
+        self._allowed = frozenset(allowed)
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        peer = peer_spiffe_id(context)
+        if peer not in self._allowed:
+            log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
+                        sorted(self._allowed))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"peer identity {peer} may not call this service")
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        check = self._check
+
+        async def drain(result: Any) -> AsyncIterator[Any]:
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write() and returns None
+                await result
+
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                return await handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(uu, **kw)
+        if handler.stream_unary:
+            async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                return await handler.stream_unary(requests, context)
+            return grpc.stream_unary_rpc_method_handler(su, **kw)
+        if handler.unary_stream:
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await check(context)
+                async for item in drain(handler.unary_stream(request, context)):
+                    yield item
+            return grpc.unary_stream_rpc_method_handler(us, **kw)
+
+        async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(context)
+            async for item in drain(handler.stream_stream(requests, context)):
+                yield item
+        return grpc.stream_stream_rpc_method_handler(ss, **kw)
+
+
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
-async def serve_grpc(name: str, setup: Setup) -> None:
+async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
     """Run one gRPC service until SIGTERM/SIGINT.
 
     `setup` registers servicers on the server and may return an async cleanup.
+    `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them.
     """
     args = parse_args(name)
     logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    creds: grpc.ServerCredentials | None = None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if mtls_peers:
+        if runtime.mtls is None:
+            raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
+        creds = server_credentials(runtime.mtls, name)
+        interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     cleanup = await setup(server, config, runtime)
     host = config.services.bind_host
-    port = server.add_insecure_port(f"{host}:{args.port}")
+    bind = f"{host}:{args.port}"
+    port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
     if port == 0:
         raise SystemExit(f"{name}: cannot bind {host}:{args.port}")
     await server.start()
@@ -80,5 +189,5 @@ async def serve_grpc(name: str, setup: Setup) -> None:
         await cleanup()
 
 
-def run(name: str, setup: Setup) -> None:
-    asyncio.run(serve_grpc(name, setup))
+def run(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
+    asyncio.run(serve_grpc(name, setup, mtls_peers))

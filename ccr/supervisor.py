@@ -3,24 +3,32 @@
 Used by `ccr up` and, through the same code, by the end-to-end tests. Start order
 follows the dependencies: storage, the emulator, the decision services, the ADS
 server, then Envoy. Stop order is the reverse.
+
+Before anything starts, every provider must be usable: an emulator the config names,
+or a credential variable that is set. Provider credentials go to the adapter's
+environment only; the adapter serves only Envoy, over mutual TLS with run identities.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
+import shutil
 import string
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccr import db
-from ccr.config import GatewayConfig, ProviderKind, load_config
+from ccr.config import ConfigError, GatewayConfig, ProviderKind, load_config
+from ccr.contract import ID_ADAPTER, ID_ENVOY
 from ccr.localservers import start_postgres, start_redis
+from ccr.pki import issue_run_pki
 from ccr.procs import Child, StartError, free_port, spawn, wait_ready_file, wait_until
 from ccr.runtime import Runtime, UpstreamOverride
 
@@ -55,6 +63,43 @@ def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str) -
     return string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
         NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port, XDS_HOST=host, XDS_PORT=port
     )
+
+
+def provider_credentials(config: GatewayConfig, source: str,
+                         environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The credential variables the adapter needs, read from `environ`; refuses a missing one.
+
+    Raises ConfigError (exit code 2) naming the provider and the variable, so a typo or a
+    forgotten `export` stops `ccr up` instead of quietly serving fake completions.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for i, p in enumerate(config.providers):
+        if p.emulator:
+            continue
+        where = f"{source}: providers.{i} ({p.name})"
+        if not p.api_key_env:
+            problems.append(f"{where}: no api_key_env: name the environment variable that holds its credential, "
+                            "or set `emulator: true` to serve it from the built-in emulator")
+        elif not env.get(p.api_key_env):
+            problems.append(f"{where}: credential variable {p.api_key_env} is "
+                            f"{'empty' if p.api_key_env in env else 'not set'}; export {p.api_key_env} before "
+                            "`ccr up`, or set `emulator: true` on this provider to use the built-in emulator")
+        else:
+            out[p.api_key_env] = env[p.api_key_env]
+    if problems:
+        raise ConfigError("\n".join(["cannot start: a configured provider has no credential", *problems]))
+    return out
+
+
+def _san_ips(host: str) -> list[str]:
+    """The bind address as an IP SAN for the run identities, when it is a specific address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    return [] if ip.is_unspecified else [str(ip)]
 
 
 def _http_ok(url: str) -> bool:
@@ -104,10 +149,13 @@ class Gateway:
     def _start(self) -> None:
         self.config_path = self.config_path.resolve()
         config = load_config(self.config_path)
+        # Checked before anything starts.
+        credentials = provider_credentials(config, str(self.config_path))
         data = self.data_dir()
         run_dir = data / "run"
         logs = run_dir / "logs"
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.chmod(0o700)  # runtime.json (DSNs with passwords), the run's private keys, logs
         for stale in run_dir.glob("*.ready"):
             stale.unlink()
         host = config.services.bind_host
@@ -117,7 +165,8 @@ class Gateway:
             dsn = config.storage.postgres_dsn
             where = "external"
         else:
-            pg = self._track(start_postgres(data / "pgdata", logs, host))
+            # Embedded stores bind loopback whatever services.bind_host says.
+            pg = self._track(start_postgres(data / "pgdata", logs))
             dsn, where = str(pg.info["dsn"]), f"embedded, pid {pg.pid}"
         version = db.migrate(dsn)
         self.status("postgres", f"ready ({where}, schema v{version}) in {time.monotonic() - t:.1f}s")
@@ -126,7 +175,7 @@ class Gateway:
         if config.storage.redis_url:
             redis_url, where = config.storage.redis_url, "external"
         else:
-            rd = self._track(start_redis(data / "redis", logs, host))
+            rd = self._track(start_redis(data / "redis", logs))
             redis_url, where = str(rd.info["url"]), f"embedded, pid {rd.pid}"
         self.status("redis", f"ready ({where}) in {time.monotonic() - t:.1f}s")
 
@@ -141,7 +190,9 @@ class Gateway:
         runtime.policy_bundle = str(build_bundle(policy_dir, run_dir / "policy.tar.gz", config.policy.entrypoint))
         self.status("policy", f"compiled {policy_dir} to WASM in {time.monotonic() - t:.1f}s")
 
-        env = self._start_emulator_if_needed(config, runtime, run_dir, logs)
+        # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
+        runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
+        credentials |= self._start_emulators(config, runtime, run_dir, logs)
         runtime_file = run_dir / "runtime.json"
         runtime.save(runtime_file)
 
@@ -149,7 +200,7 @@ class Gateway:
         started = {
             name: self._track(spawn(name, [sys.executable, "-m", module, "--runtime", str(runtime_file),
                                            "--ready-file", str(run_dir / f"{name}.ready")],
-                                    logs, env=env, cwd=REPO))
+                                    logs, env=credentials if name == "adapter" else None, cwd=REPO))
             for name, module in SERVICES.items()
         }
         for name, child in started.items():
@@ -161,7 +212,7 @@ class Gateway:
         runtime.save(runtime_file)
         router = self._track(spawn("router", [sys.executable, "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
-                                   logs, env=env, cwd=REPO))
+                                   logs, cwd=REPO))
         runtime.xds = str(wait_ready_file(router, run_dir / "router.ready")["address"])
         runtime.save(runtime_file)
         self.status("router", f"ADS on {runtime.xds} (pid {router.pid})")
@@ -169,11 +220,10 @@ class Gateway:
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
 
-    def _start_emulator_if_needed(
-        self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path
-    ) -> dict[str, str]:
-        needs = [p for p in config.providers if p.kind == ProviderKind.anthropic
-                 and not (p.api_key_env and os.environ.get(p.api_key_env))]
+    def _start_emulators(self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path
+                         ) -> dict[str, str]:
+        """The built-in emulator for the providers that name it; returns the adapter's credential for it."""
+        needs = [p for p in config.providers if p.emulator and p.kind == ProviderKind.anthropic]
         if not needs:
             return {}
         key = "sk-ant-emulator-" + secrets.token_urlsafe(24)
@@ -190,7 +240,7 @@ class Gateway:
             runtime.upstream_overrides[p.name] = UpstreamOverride(endpoint=self.emulator_url,
                                                                   api_key_env=EMULATOR_KEY_ENV)
         self.status("emulator", f"Anthropic API emulator on {self.emulator_url} for "
-                    f"{', '.join(p.name for p in needs)} (no provider credentials set)")
+                    f"{', '.join(p.name for p in needs)} (emulator: true in the config; fake completions)")
         return env
 
     def _start_envoy(self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path) -> None:
@@ -211,7 +261,7 @@ class Gateway:
         self.admin_url = "http://" + admin_path.read_text().strip()
         # /ready turns 200 once the first LDS/RDS/CDS round from the router is in place.
         wait_until(envoy, lambda: _http_ok(self.admin_url + "/ready"), 60, "LIVE with config from the router")
-        self.url = f"http://{g.listen.host}:{runtime.listen_port}"
+        self.url = f"{'https' if g.tls else 'http'}://{g.listen.host}:{runtime.listen_port}"
         wait_until(envoy, lambda: _listener_bound(self.admin_url), 30, "listening")
 
     # -- keys and stop ---------------------------------------------------------
@@ -224,14 +274,17 @@ class Gateway:
         dsn = self.runtime.postgres_dsn
         for k in list_keys(dsn):
             if k.name == LOCAL_KEY_NAME:
-                revoke_key(dsn, k.id)
-        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"])
+                revoke_key(dsn, k.id, actor="ccr up")
+        _, self.api_key = create_key(dsn, LOCAL_KEY_NAME, ["default"], actor="ccr up")
         return self.api_key
 
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        if self.runtime is not None and self.runtime.mtls is not None:
+            # The run's private keys end with the run (the next start issues new ones).
+            shutil.rmtree(Path(self.runtime.mtls.ca).parent, ignore_errors=True)
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]

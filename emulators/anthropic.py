@@ -6,6 +6,11 @@ its benchmarks exercise the same paths they would against api.anthropic.com. Fau
 latency can be switched on per process (CLI) or per request (`x-emulator-*` headers), and
 every request is recorded (headers, body length and sha256) for tests at /_emulator/requests.
 
+Mid-stream faults strike after half of the first content block; with `x-emulator-hold: NAME`
+they wait there until `POST /_emulator/release/NAME`, so a test can see output before the fault.
+Replies are compressed (br, gzip) when the request's Accept-Encoding asks, as a real API does.
+Message Batches and Files live in emulators/anthropic_objects.py.
+
 Run: python -m emulators.anthropic --port 0 --api-key KEY --ready-file F
 """
 
@@ -25,6 +30,7 @@ import secrets
 import signal
 import string
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +39,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+try:  # br is what a real API (behind a CDN) prefers when a client offers it
+    import brotli
+except ImportError:  # pragma: no cover - gzip still works
+    brotli = None
 
 log = logging.getLogger("ccr.emulator")
 
@@ -474,6 +485,65 @@ def _chunk(items: list[str], n: int) -> Iterator[str]:
         yield "".join(items[i : i + n])
 
 
+# ---------------------------------------------------------------------------- content-encoding
+
+
+def supported_encodings() -> tuple[str, ...]:
+    """Response codings the emulator can produce, most preferred first."""
+    return ("br", "gzip") if brotli is not None else ("gzip",)
+
+
+def pick_encoding(accept_encoding: str | None) -> str | None:
+    """The coding to reply in for this Accept-Encoding (RFC 9110 q-values), or None for identity."""
+    if not accept_encoding:
+        return None
+    q: dict[str, float] = {}
+    for part in accept_encoding.split(","):
+        name, _, params = part.strip().partition(";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        weight = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    weight = float(v)
+                except ValueError:
+                    weight = 0.0
+        q[name] = weight
+    best: tuple[float, str] | None = None
+    for coding in supported_encodings():
+        w = q.get(coding, q.get("*", 0.0))
+        if w > 0 and (best is None or w > best[0]):
+            best = (w, coding)
+    return best[1] if best else None
+
+
+class StreamEncoder:
+    """Encodes a response body piece by piece; each piece is flushed so a stream stays live."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        if coding == "br":
+            self._br = brotli.Compressor()
+        else:
+            self._z = zlib.compressobj(wbits=31)  # gzip framing
+
+    def chunk(self, data: bytes) -> bytes:
+        if self.coding == "br":
+            return bytes(self._br.process(data)) + bytes(self._br.flush())
+        return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        return bytes(self._br.finish()) if self.coding == "br" else self._z.flush(zlib.Z_FINISH)
+
+
+def encode_body(coding: str, body: bytes) -> bytes:
+    e = StreamEncoder(coding)
+    return e.chunk(body) + e.end()
+
+
 # ---------------------------------------------------------------------------- server
 
 
@@ -488,6 +558,9 @@ class EmulatorConfig:
     seed: int | None = None
     record_limit: int = 200
     max_body_bytes: int = DEFAULT_MAX_BODY
+    # "immediate": a Message Batch ends at create; "manual": it stays in_progress until a test
+    # ends it (POST /_emulator/batches/{id}/end). Never timing-dependent.
+    batch_mode: str = "immediate"
 
 
 def error_response(status: int, etype: str, message: str,
@@ -509,6 +582,11 @@ class Emulator:
         self.records: deque[dict[str, Any]] = deque(maxlen=config.record_limit)
         self.cache = PromptCache()
         self._rng = random.Random(config.seed)
+        # x-emulator-hold: name -> released by POST /_emulator/release/{name} (tests order faults).
+        self._holds: dict[str, asyncio.Event] = {}
+        from emulators.anthropic_objects import ObjectEndpoints  # imports this module's helpers
+
+        self.objects = ObjectEndpoints(self)
 
     # -- app
 
@@ -521,9 +599,11 @@ class Emulator:
         r.add_post("/v1/messages/count_tokens", self.count_tokens)
         r.add_get("/v1/models", self.list_models)
         r.add_get("/v1/models/{model_id}", self.get_model)
+        self.objects.register(r)
         r.add_get("/_emulator/requests", self.get_records)
         r.add_delete("/_emulator/requests", self.clear_records)
         r.add_get("/_emulator/health", self.health)
+        r.add_post("/_emulator/release/{name}", self.release)
         return app
 
     @staticmethod
@@ -564,7 +644,7 @@ class Emulator:
             return web.Response(status=500)
         if rec["status"] is None:
             rec["status"] = resp.status
-        return resp
+        return _encoded(request, resp)
 
     # -- common gate: auth, version, latency, faults
 
@@ -642,6 +722,9 @@ class Emulator:
         body = await self._checked_body(request, validate_messages)
         if isinstance(body, web.StreamResponse):
             return body
+        missing_file = self.objects.check_message_files(request, body)
+        if missing_file is not None:
+            return missing_file
         usage = self.cache.apply(scan_prompt(body))
         target = int(_float_header(request, "x-emulator-output-tokens", self.config.output_tokens))
         reply = generate(body, target)
@@ -660,24 +743,38 @@ class Emulator:
 
     async def _stream(self, request: web.Request, body: dict[str, Any], msg_id: str, usage: dict[str, Any],
                       reply: Reply, tps: float) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
-                                           "cache-control": "no-cache"})
+        coding = pick_encoding(request.headers.get("accept-encoding"))
+        headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        if coding:
+            headers.update({"content-encoding": coding, "vary": "accept-encoding"})
+        encoder = StreamEncoder(coding) if coding else None
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
+        out: list[bytes] = []
+
+        async def flush() -> None:
+            data = b"".join(out)
+            out.clear()
+            if data:
+                await resp.write(encoder.chunk(data) if encoder else data)
+
+        async def end() -> web.StreamResponse:
+            await flush()
+            if encoder:
+                await resp.write(encoder.end())
+            await resp.write_eof()
+            return resp
+
         start = {
             "id": msg_id, "type": "message", "role": "assistant", "model": body["model"], "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {**usage, "output_tokens": 1, "service_tier": "standard"},
         }
-        out = [_sse("message_start", {"type": "message_start", "message": start})]
+        out.append(_sse("message_start", {"type": "message_start", "message": start}))
         fault = request.get(FAULT_KEY)
-        if fault in ("midstream-reset", "midstream-error"):
-            await resp.write(out[0])
-            if fault == "midstream-reset":
-                _abort(request)
-            await resp.write(_sse("error", {"type": "error", "error": {"type": "overloaded_error",
-                                                                         "message": "Overloaded"}}))
-            await resp.write_eof()
-            return resp
+        # Mid-stream faults strike after half of the first block's deltas (at least one),
+        # as a real stream cut off while the model is generating.
+        cut_after = -1
         for idx, (block, frags) in enumerate(zip(reply.blocks, reply.fragments, strict=True)):
             kind = block["type"]
             if kind == "thinking":
@@ -690,17 +787,29 @@ class Emulator:
             else:
                 empty = {"type": "text", "text": ""}
                 deltas = [{"type": "text_delta", "text": t} for t in _chunk(frags, TOKENS_PER_DELTA)]
+            if idx == 0 and fault in ("midstream-reset", "midstream-error"):
+                cut_after = max(1, len(deltas) // 2)
             out.append(_sse("content_block_start", {"type": "content_block_start", "index": idx,
                                                     "content_block": empty}))
             if idx == 0:
                 out.append(_sse("ping", {"type": "ping"}))
-            for d in deltas:
+            for n, d in enumerate(deltas, 1):
                 out.append(_sse("content_block_delta",
                                 {"type": "content_block_delta", "index": idx, "delta": d}))
+                if n == cut_after:
+                    await flush()
+                    hold = request.headers.get("x-emulator-hold")
+                    if hold:  # the fault strikes only once the test has seen the output so far
+                        await self.hold(hold)
+                    if fault == "midstream-reset":
+                        await _drained(request)  # what was written reaches the peer, then the reset
+                        _abort(request)
+                    out.append(_sse("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                         "message": "Overloaded"}}))
+                    return await end()
                 if tps > 0:
                     # Flush what we have, then wait as long as the model would take for it.
-                    await resp.write(b"".join(out))
-                    out.clear()
+                    await flush()
                     await asyncio.sleep(TOKENS_PER_DELTA / tps)
             out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": idx}))
         final_usage = {k: usage[k] for k in ("input_tokens", "cache_creation_input_tokens",
@@ -711,9 +820,7 @@ class Emulator:
                                                     "stop_sequence": reply.stop_sequence},
                                           "usage": final_usage}))
         out.append(_sse("message_stop", {"type": "message_stop"}))
-        await resp.write(b"".join(out))
-        await resp.write_eof()
-        return resp
+        return await end()
 
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await self._checked_body(request, validate_count)
@@ -769,6 +876,21 @@ class Emulator:
         self.records.clear()
         return web.Response(body=b'{"cleared":true}', content_type="application/json")
 
+    def _hold(self, name: str) -> asyncio.Event:
+        return self._holds.setdefault(name, asyncio.Event())
+
+    async def hold(self, name: str, limit_s: float = 30.0) -> None:
+        """Wait until a test releases `name` (bounded, so a forgotten hold cannot hang a stream)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hold(name).wait(), limit_s)
+        self._holds.pop(name, None)
+
+    async def release(self, request: web.Request) -> web.Response:
+        if len(self._holds) >= 1000:  # releases nobody waits for must not pile up
+            self._holds = {k: v for k, v in self._holds.items() if not v.is_set()}
+        self._hold(request.match_info["name"]).set()
+        return web.Response(body=b'{"released":true}', content_type="application/json")
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
@@ -778,6 +900,28 @@ EMULATOR_KEY = web.AppKey("emulator", Emulator)
 
 class _ConnectionAborted(Exception):
     """Raised after the socket was aborted on purpose: nothing more may be written."""
+
+
+def _encoded(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """A whole-body reply in the coding the client asked for (streams encode themselves)."""
+    if not isinstance(resp, web.Response) or resp.prepared or "content-encoding" in resp.headers:
+        return resp
+    body = resp.body
+    coding = pick_encoding(request.headers.get("accept-encoding"))
+    if coding is None or not isinstance(body, bytes) or not body:
+        return resp
+    resp.body = encode_body(coding, body)
+    resp.headers["content-encoding"] = coding
+    resp.headers["vary"] = "accept-encoding"
+    return resp
+
+
+async def _drained(request: web.Request, limit_s: float = 2.0) -> None:
+    """Wait (bounded) until the transport has handed every written byte to the kernel."""
+    deadline = time.monotonic() + limit_s
+    t = request.transport
+    while t is not None and t.get_write_buffer_size() > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
 
 
 def _abort(request: web.Request) -> None:
@@ -865,6 +1009,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"e.g. '429=0.05,reset=0.01' (faults: {', '.join(FAULTS)})")
     ap.add_argument("--seed", type=int, default=None, help="seed for random faults")
     ap.add_argument("--record-limit", type=int, default=200, help="requests kept for /_emulator/requests")
+    ap.add_argument("--batch-mode", choices=("immediate", "manual"), default="immediate",
+                    help="Message Batches end at create, or when POST /_emulator/batches/{id}/end is called")
     args = ap.parse_args(argv)
     if not args.api_key:
         ap.error(f"--api-key or ${API_KEY_ENV} is required")
@@ -879,7 +1025,8 @@ async def serve(args: argparse.Namespace) -> None:
     runner, port = await start(
         args.host, args.port, args.api_key, latency_ms=args.latency_ms,
         tokens_per_second=args.tokens_per_second, fault_rates=args.fault_rates,
-        output_tokens=args.output_tokens, seed=args.seed, record_limit=args.record_limit)
+        output_tokens=args.output_tokens, seed=args.seed, record_limit=args.record_limit,
+        batch_mode=args.batch_mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

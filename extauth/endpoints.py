@@ -18,8 +18,9 @@ from enum import StrEnum
 # Longest path (without the query string) we look at; the real API's are < 100 bytes.
 MAX_PATH_BYTES = 512
 
-# Object ids (batches, files) and model ids (the API's have no dots: "claude-sonnet-4-5-20250929"): ASCII letters, digits, '_' and '-', starting
-# with a letter or digit, so an id can never be a dot segment, carry a slash or an escape.
+# Object ids (batches, files) and model ids (the API's have no dots: "claude-sonnet-4-5-20250929"):
+# ASCII letters, digits, '_' and '-', starting with a letter or digit, so an id can never be a
+# dot segment, carry a slash or an escape.
 # No length bound inside the regex (Envoy's RE2 program-size limit); match() checks MAX_ID_LEN.
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 MAX_ID_LEN = 128

@@ -29,6 +29,7 @@ class Principal:
     name: str
     groups: tuple[str, ...] = ()
     tenant: str | None = None
+    owner: str | None = None  # who answers for a gateway API key (a person or team)
     key_id: str | None = None  # set when the credential was a gateway API key
     spiffe_id: str | None = None  # the verified peer certificate's SPIFFE ID, when there is one
     issuer: str | None = None  # OIDC issuer (or the gateway, for its own sessions)
@@ -44,6 +45,7 @@ class Principal:
             "name": self.name,
             "groups": list(self.groups),
             "tenant": self.tenant,
+            "owner": self.owner,
             "key_id": self.key_id,
             "spiffe_id": self.spiffe_id,
             "issuer": self.issuer,

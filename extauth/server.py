@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,9 @@ from google.rpc import code_pb2, status_pb2
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
+    AUTHZ_BATCH_REQUESTS,
     CCR_HEADER_PREFIX,
+    H_BATCH_REQUESTS,
     H_CLUSTER,
     H_KEY_ID,
     H_MODEL,
@@ -33,12 +36,15 @@ from ccr.contract import (
     H_PROVIDER,
     SET_HEADERS,
 )
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError, build_bundle, read_bundle
 from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
 from extauth.keys import KeyStore
+from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
+from extauth.oidc import OidcVerifier
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
 
@@ -99,11 +105,21 @@ def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
     return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
 
 
+def _peer_certificate(req: pb.CheckRequest) -> str | None:
+    """The verified client certificate (PEM) Envoy sends URL-encoded with include_peer_certificate."""
+    cert = req.attributes.source.certificate
+    return urllib.parse.unquote(cert) if cert else None
+
+
 class Authorizer:
-    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine) -> None:
+    def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
+                 objects: ObjectStore | None = None) -> None:
         self.config = config
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
+        # Batches and Files: ownership and per-request checks. None only for decision-only
+        # Authorizers in tests; the service's setup() always passes the store.
+        self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
@@ -141,7 +157,7 @@ class Authorizer:
         endpoint = endpoint_or_deny(method, http.path)
         headers = _headers(http)
         peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
-        principal = await self.identity.authenticate(headers, peer)
+        principal = await self.identity.authenticate(headers, peer, _peer_certificate(req))
         self._check_enabled(endpoint)
 
         path = split_target(http.path)[0]
@@ -159,10 +175,15 @@ class Authorizer:
         decision = self.policy.decide(principal, method, path, model, endpoint)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
+        facts = await self._objects(principal, endpoint, model, provider, http)
+        if facts is not None:
+            provider, cluster = facts.provider, facts.cluster
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
         keep = _set_headers(principal.key_id is not None, model is not None)
         spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
+        if facts is not None:  # per-object answers are not cached
+            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts)
         ck = (principal, model, provider, spoofed, endpoint.name, self.policy.bundle.digest)
         resp = self._ok_cache.get(ck)
         if resp is None:
@@ -171,6 +192,25 @@ class Authorizer:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
         return resp
+
+    async def _objects(self, principal: Principal, m: EndpointMatch, model: str | None, provider: str,
+                       http) -> ObjectFacts | None:
+        """Batches and Files checks (extauth/objects.py); file references in a Messages body."""
+        if model is not None:
+            body = http.raw_body or http.body.encode()
+            if not mentions_file(body):
+                return None
+            doc = orjson.loads(body)
+            if self.objects is not None:
+                await self.objects.check_file_refs(principal, provider, doc, "")
+            elif any(True for _ in file_ids(doc)):
+                raise Deny(403, "permission_error", "file references need the gateway's object store")
+            return None
+        if m.endpoint.kind not in (Kind.BATCHES, Kind.FILES):
+            return None
+        if self.objects is None:
+            return None  # decision-only Authorizer (tests): setup() always passes the store
+        return await self.objects.check(principal, m, http.raw_body or http.body.encode(), self.policy.decide)
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
@@ -181,7 +221,7 @@ class Authorizer:
 
     def _ok(
         self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
-        endpoint: str | None = None,
+        endpoint: str | None = None, obj: ObjectFacts | None = None,
     ) -> pb.CheckResponse:
         values = [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
         if p.key_id is not None:
@@ -189,12 +229,16 @@ class Authorizer:
         if model is not None:
             values.append((H_MODEL, model))
         values += [(H_PROVIDER, provider), (H_CLUSTER, cluster)]
+        if obj is not None and obj.hits != 1:
+            values.append((H_BATCH_REQUESTS, str(obj.hits)))
         facts: dict = {"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
                        "groups": list(p.groups)}
         if p.key_id is not None:
             facts["key_id"] = p.key_id
         if p.tenant is not None:
             facts["tenant"] = p.tenant
+        if p.owner is not None:
+            facts["owner"] = p.owner
         if p.spiffe_id is not None:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
@@ -209,6 +253,9 @@ class Authorizer:
                 "unit": "MINUTE",
             },
         })
+        if obj is not None:
+            # A batch costs one rate-limit hit per request (the batch-create route's hits_addend).
+            facts[AUTHZ_BATCH_REQUESTS] = obj.hits
         meta = struct_pb2.Struct()
         meta.update(facts)
         return pb.CheckResponse(
@@ -287,7 +334,13 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
                     sorted(policy.host_builtins))
     keys = KeyStore(runtime.postgres_dsn)
     await keys.start()
-    authorizer = Authorizer(config, Identity(keys), policy)
+    objects = ObjectStore(runtime.postgres_dsn)
+    verifiers = []
+    oidc = OidcVerifier(config.identity.oidc) if config.identity.oidc else None
+    if oidc is not None:
+        await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
+        verifiers.append(oidc)
+    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects)
     pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
@@ -298,6 +351,9 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await keys.close()
+        if oidc is not None:
+            await oidc.close()
+        await objects.close()
         authorizer.policy.close()
 
     return cleanup

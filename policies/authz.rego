@@ -12,6 +12,8 @@
 #   data.endpoint_access maps a group to endpoint patterns (an exact name or a prefix followed
 #   by "*"); the group "*" applies to every principal.
 #   data.model_access maps a group to model patterns, the same way.
+#   data.workload_access maps a SPIFFE ID, and data.trust_domain_access a trust domain, to
+#   model patterns for workloads.
 # Only builtins OPA compiles natively to WASM are used (startswith/endswith/trim_suffix/concat),
 # so evaluation never calls the host.
 package ccr.authz
@@ -72,6 +74,23 @@ model_allowed if {
 	pattern_matches(pattern, input.request.model)
 }
 
+# Workloads (SPIFFE): an entry for the exact SPIFFE ID in data.workload_access wins;
+# otherwise the workload's trust domain entry in data.trust_domain_access applies.
+model_allowed if {
+	some pattern in workload_patterns
+	pattern_matches(pattern, input.request.model)
+}
+
+workload_trust_domain := split(trim_prefix(input.principal.spiffe_id, "spiffe://"), "/")[0] if {
+	input.principal.kind == "workload"
+}
+
+workload_patterns := data.workload_access[input.principal.spiffe_id] if {
+	input.principal.kind == "workload"
+} else := data.trust_domain_access[workload_trust_domain] if {
+	input.principal.kind == "workload"
+}
+
 pattern_matches(pattern, value) if pattern == value
 
 pattern_matches(pattern, value) if {
@@ -83,6 +102,10 @@ pattern_matches(pattern, value) if {
 allowed_patterns contains pattern if {
 	some group in input.principal.groups
 	some pattern in data.model_access[group]
+}
+
+allowed_patterns contains pattern if {
+	some pattern in workload_patterns
 }
 
 allowed_text := concat(", ", sort(allowed_patterns)) if count(allowed_patterns) > 0

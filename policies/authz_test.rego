@@ -158,3 +158,49 @@ test_shipped_data_default_group if {
 test_shipped_data_haiku_only if {
 	not authz.decision.allow with input as req(["haiku-only"], "claude-opus-4-1")
 }
+
+# -- workloads (SPIFFE) --------------------------------------------------------
+
+wl(spiffe_id, model) := {
+	"principal": {"kind": "workload", "id": spiffe_id, "name": spiffe_id, "groups": [], "spiffe_id": spiffe_id},
+	"request": {
+		"method": "POST", "path": "/v1/messages", "model": model,
+		"endpoint": "messages.create", "kind": "messages", "params": {},
+	},
+}
+
+test_batch_job_allowed_its_one_model if {
+	authz.decision.allow with input as wl("spiffe://example.org/ns/batch/sa/job", "claude-haiku-4-5")
+}
+
+test_batch_job_denied_other_models_despite_its_trust_domain if {
+	d := authz.decision with input as wl("spiffe://example.org/ns/batch/sa/job", "claude-sonnet-4-5")
+	not d.allow
+	contains(d.reason, "workload 'spiffe://example.org/ns/batch/sa/job'")
+	contains(d.reason, "allowed models: claude-haiku-4-5")
+}
+
+test_other_workload_of_trust_domain_gets_domain_access if {
+	authz.decision.allow with input as wl("spiffe://example.org/ns/web/sa/api", "claude-sonnet-4-5")
+}
+
+test_workload_of_unlisted_trust_domain_denied if {
+	d := authz.decision with input as wl("spiffe://other.org/ns/web/sa/api", "claude-haiku-4-5")
+	not d.allow
+	contains(d.reason, "allowed models: none")
+}
+
+test_trust_domain_is_not_a_prefix_match if {
+	not authz.decision.allow with input as wl("spiffe://example.org.evil.com/ns/x", "claude-haiku-4-5")
+}
+
+test_key_principal_does_not_get_workload_access if {
+	i := {
+		"principal": {
+			"kind": "key", "id": "key_1", "name": "k", "groups": [],
+			"spiffe_id": "spiffe://example.org/ns/batch/sa/job",
+		},
+		"request": {"method": "POST", "path": "/v1/messages", "model": "claude-haiku-4-5"},
+	}
+	not authz.decision.allow with input as i
+}

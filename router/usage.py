@@ -3,6 +3,12 @@
 Pure and incremental: a meter is fed the response body chunk by chunk exactly as
 Envoy streams it, never changes a byte, and never raises on malformed input; it
 records what it could read and says whether the response was complete.
+
+`assess` turns what was read into what the audit row says (ccr.contract.UsageStatus):
+the provider's own counts when they arrived; when a stream ends before its final
+usage (client abort, upstream reset, error event), the output produced so far is
+estimated from the streamed deltas (see OutputEstimate); what cannot be read is
+unknown (no counts), never 0.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Protocol
 
 import orjson
 
+from ccr.contract import USAGE_TOKEN_FIELDS, UsageStatus
+
 log = logging.getLogger(__name__)
 
 # A JSON reply or one SSE line larger than this is not a Messages API reply we
@@ -22,7 +30,14 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
 
-USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+USAGE_FIELDS = USAGE_TOKEN_FIELDS
+
+# Output estimate for a stream whose final usage never arrived: about four bytes of
+# UTF-8 per token (Anthropic's rule of thumb of ~4 characters per English token;
+# for CJK text, 3 bytes per character gives ~0.75 tokens per character, near the real
+# rate). A non-empty delta always carries at least one token, so the estimate is never
+# below the number of such deltas.
+BYTES_PER_TOKEN = 4
 
 
 @dataclass
@@ -50,6 +65,24 @@ class Usage:
 
 
 @dataclass
+class OutputEstimate:
+    """Output produced by a stream so far, counted from its content deltas."""
+
+    utf8_bytes: int = 0
+    deltas: int = 0  # non-empty text / thinking / tool-input deltas
+
+    def add(self, text: str) -> bool:
+        if not text:
+            return False
+        self.utf8_bytes += len(text.encode("utf-8", "surrogatepass"))
+        self.deltas += 1
+        return True
+
+    def tokens(self) -> int:
+        return max(-(-self.utf8_bytes // BYTES_PER_TOKEN), self.deltas)
+
+
+@dataclass
 class MeterResult:
     usage: Usage = field(default_factory=Usage)
     # The response carried billable usage (a Message); count_tokens replies and
@@ -59,6 +92,70 @@ class MeterResult:
     complete: bool = False
     # Error type from an SSE `error` event or an error JSON body, if any.
     error: str | None = None
+    # Streams: message_start carried usage (input and cache counts are the provider's).
+    started: bool = False
+    # Streams: a message_delta carried the provider's cumulative output count.
+    final: bool = False
+    # Streams: output counted from the deltas, for when `final` never comes.
+    estimate: OutputEstimate = field(default_factory=OutputEstimate)
+    # Why the body could not be read, when it could not.
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the audit row says about one reply's usage."""
+
+    status: UsageStatus
+    usage: dict[str, int] | None  # None: the counts are unknown (NULL)
+    note: str = ""
+
+
+def not_billable(note: str) -> Assessment:
+    return Assessment(UsageStatus.NOT_BILLABLE, Usage().as_dict(), note)
+
+
+def unknown(note: str) -> Assessment:
+    return Assessment(UsageStatus.UNKNOWN, None, note)
+
+
+def assess(r: MeterResult, streaming: bool, ended: bool) -> Assessment:
+    """The status and counts for a reply; `ended` False means "if nothing more arrives".
+
+    Mid-stream assessments are published too: when a client aborts, Envoy ends the
+    attempt without telling the adapter, and the last one published is what is logged.
+    """
+    cut = "the reply ended" if ended else "the reply did not finish"
+    if r.problem:
+        return unknown(r.problem)
+    if not streaming:
+        if not r.complete:
+            return unknown(f"{cut} before its JSON body was complete; usage unreadable")
+        if r.billable:
+            return Assessment(UsageStatus.COMPLETE, r.usage.as_dict())
+        if r.error:
+            return not_billable(f"provider error body ({r.error}) carries no usage")
+        return not_billable("reply is not a Message and bills no tokens (e.g. count_tokens)")
+    if r.final:
+        if r.complete:
+            return Assessment(UsageStatus.COMPLETE, r.usage.as_dict())
+        why = f"provider error event {r.error}" if r.error else "no message_stop"
+        return Assessment(UsageStatus.PARTIAL, r.usage.as_dict(),
+                          f"{cut} before it was complete ({why}); the provider's last cumulative count is used")
+    if r.started:
+        counts = r.usage.as_dict()
+        est = r.estimate
+        counts["output_tokens"] = max(r.usage.output_tokens, est.tokens())
+        why = f"provider error event {r.error}" if r.error else "cut off"
+        return Assessment(UsageStatus.ESTIMATED, counts, (
+            f"{cut} before its final usage ({why}); input and cache counts are the provider's, output "
+            f"estimated from {est.deltas} streamed deltas ({est.utf8_bytes} UTF-8 bytes, "
+            f"{BYTES_PER_TOKEN} bytes per token)"))
+    if r.complete:
+        return unknown("stream carried no usage")
+    if r.error:
+        return unknown(f"stream ended with provider error event {r.error} before message_start")
+    return unknown(f"{cut} before message_start; no usage read")
 
 
 class UsageMeter(Protocol):
@@ -86,18 +183,20 @@ class JsonUsageMeter:
             if len(self._buf) + len(chunk) > MAX_JSON_BYTES:
                 self._overflow = True
                 self._buf = bytearray()
-                log.warning("JSON reply larger than %d bytes; usage not metered", MAX_JSON_BYTES)
+                self.result.problem = f"JSON reply larger than {MAX_JSON_BYTES} bytes; usage not metered"
+                log.warning("%s", self.result.problem)
             else:
                 self._buf += chunk
         return False
 
     def finish(self) -> MeterResult:
-        if self._overflow or self.result.complete:
+        if self._overflow or self.result.complete or self.result.problem:
             return self.result
         try:
             doc = orjson.loads(self._buf)
         except orjson.JSONDecodeError as e:
             log.warning("reply body is not valid JSON (%s); usage not metered", e)
+            self.result.problem = "reply body is not valid JSON; usage unreadable"
             return self.result
         finally:
             self._buf = bytearray()
@@ -114,9 +213,12 @@ class JsonUsageMeter:
 
 
 _EOL = re.compile(rb"\r\n|\r|\n")
-# Events that can carry usage or end the stream; the many content_block_delta
-# events are never JSON-decoded.
-_USEFUL_EVENTS = frozenset({b"message_start", b"message_delta", b"message_stop", b"error"})
+# Events that can carry usage, output to estimate, or end the stream; ping and
+# block start/stop events are never JSON-decoded.
+_USEFUL_EVENTS = frozenset({b"message_start", b"message_delta", b"message_stop", b"error",
+                            b"content_block_delta"})
+# The streamed output of each delta type (signatures and citations bill no output of their own).
+_DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
 class SseUsageMeter:
@@ -189,7 +291,8 @@ class SseUsageMeter:
         if event and event not in _USEFUL_EVENTS:
             return False
         payload = b"\n".join(data)
-        if not event and b'"message_' not in payload and b'"error"' not in payload:
+        if not event and b'"message_' not in payload and b'"error"' not in payload \
+                and b'"content_block_delta"' not in payload:
             return False
         try:
             doc = orjson.loads(payload)
@@ -200,18 +303,30 @@ class SseUsageMeter:
             return False
         kind = doc.get("type") or event.decode(errors="replace")
         usage = self.result.usage
+        if kind == "content_block_delta":
+            delta = doc.get("delta")
+            if not isinstance(delta, dict):
+                return False
+            text = delta.get(_DELTA_TEXT.get(str(delta.get("type")), ""))
+            return self.result.estimate.add(text) if isinstance(text, str) else False
         if kind == "message_start":
             msg = doc.get("message")
             u = msg.get("usage") if isinstance(msg, dict) else None
             if isinstance(u, dict):
                 self.result.billable = True
-            return usage.update(u)
+                changed = not self.result.started
+                self.result.started = True
+                return usage.update(u) or changed
+            return False
         if kind == "message_delta":
             u = doc.get("usage")
             if isinstance(u, dict):
                 self.result.billable = True
-            # output_tokens is cumulative; input/cache counts, when present, are final.
-            return usage.update(u)
+                changed = not self.result.final
+                # output_tokens is cumulative; input/cache counts, when present, are final.
+                self.result.final = isinstance(u.get("output_tokens"), int)
+                return usage.update(u) or changed
+            return False
         if kind == "message_stop":
             self.result.complete = True
         elif kind == "error":
@@ -237,6 +352,7 @@ class DecodingMeter:
             out = self._z.decompress(chunk)
         except zlib.error as e:
             log.warning("compressed reply cannot be decoded (%s); metering stops", e)
+            self.result.problem = "compressed reply could not be decoded; usage unreadable"
             self._z = None
             return False
         return self._inner.feed(out) if out else False

@@ -22,6 +22,8 @@ from envoy.config.route.v3 import route_pb2
 # Typed configs referenced by "@type" inside the resources must be in the pool to parse.
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
+from envoy.extensions.compression.gzip.compressor.v3 import gzip_pb2 as _gzip  # noqa: F401
+from envoy.extensions.filters.http.compressor.v3 import compressor_pb2 as _compressor  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _authz  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2 as _proc  # noqa: F401
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _rl  # noqa: F401
@@ -31,7 +33,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
     http_connection_manager_pb2 as _hcm,
 )
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (  # noqa: F401
-    header_mutation_pb2 as _early,
+    header_mutation_pb2 as _early_mutation,
 )
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _opts  # noqa: F401

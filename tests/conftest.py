@@ -12,6 +12,7 @@ import pytest
 from ccr import db
 from ccr.fixtures import AGENT_REQUEST, fixture_path
 from ccr.localservers import start_postgres, start_redis
+from tests.idp import TestIdP, running_idp
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,10 @@ def redis_url(servers_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def agent_request_bytes() -> bytes:
     return fixture_path(AGENT_REQUEST).read_bytes()
+
+
+@pytest.fixture
+def idp() -> Iterator[TestIdP]:
+    """A fresh test OpenID provider (tests/idp.py) on a free loopback port."""
+    with running_idp() as p:
+        yield p

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from ccr.contract import ID_ADAPTER, ID_ENVOY
+from ccr.pki import issue_run_pki
 from ccr.procs import Child, spawn, wait_ready_file
 from ccr.runtime import Runtime
 from ccr.supervisor import Gateway
@@ -22,11 +24,16 @@ def running_service(module: str, run_dir: Path, config_yaml: str, *, env: dict[s
                     **runtime: Any) -> Iterator[Child]:
     """`python -m <module>` with a runtime file; yields once it has written its ready file.
 
-    Stops it with SIGTERM afterwards and checks that it shut down cleanly.
+    The runtime carries a run PKI (as `ccr up` issues it; pass `mtls=` to replace it) with
+    identities for Envoy, the adapter and extauth; `Runtime.load(run_dir / "runtime.json")`
+    gives a test their paths. Stops the service with SIGTERM afterwards and checks that it
+    shut down cleanly.
     """
     (run_dir / "gateway.yaml").write_text(config_yaml)
     fields: dict[str, Any] = {"postgres_dsn": "postgresql://unused@127.0.0.1:1/unused",
                               "redis_url": "redis://127.0.0.1:1/0", **runtime}
+    if "mtls" not in fields:
+        fields["mtls"] = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER, "extauth"])
     Runtime(config_path=str(run_dir / "gateway.yaml"), run_dir=str(run_dir), **fields).save(run_dir / "runtime.json")
     name = module.replace(".", "-")
     ready = run_dir / f"{name}.ready"

@@ -15,11 +15,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 
-from ccr.runtime import UpstreamOverride
+from ccr.contract import ID_ENVOY
+from ccr.runtime import Runtime, UpstreamOverride
+from ccr.service import client_credentials
 from tests.harness import running_service
 from tests.test_usage import EXPECTED, STREAM
 
 REPO = Path(__file__).resolve().parent.parent
+TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 CFG_KEY = "sk-ant-provider-from-config-0001"
 OVERRIDE_KEY = "sk-ant-provider-from-override-0002"
 CLIENT_KEY = "ccr_live_client_key_must_not_leak"
@@ -39,6 +42,10 @@ models:
 """
 
 
+# address -> what Envoy presents to that adapter.
+ENVOY_CREDENTIALS: dict[str, grpc.ChannelCredentials] = {}
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("adapter")
@@ -47,17 +54,26 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     overrides = {"emulated": UpstreamOverride(endpoint="http://127.0.0.1:9", api_key_env="CCR_TEST_OVERRIDE_KEY")}
     with running_service("router.adapter", d, CONFIG, env=env, upstream_overrides=overrides) as child:
         assert child.info["pid"] == child.pid
-        yield str(child.info["address"])
+        yield as_envoy(d, str(child.info["address"]))
     # Secrets never reach the log.
     text = child.log_path.read_text()
     assert CFG_KEY not in text and OVERRIDE_KEY not in text and CLIENT_KEY not in text
+
+
+def as_envoy(run_dir: Path, address: str) -> str:
+    """Streams to `address` present Envoy's run identity: the adapter answers only mutual TLS
+    from it (tests/test_seal.py)."""
+    pki = Runtime.load(run_dir / "runtime.json").mtls
+    assert pki is not None
+    ENVOY_CREDENTIALS[address] = client_credentials(pki, ID_ENVOY)
+    return address
 
 
 class Stream:
     """One ext_proc stream: send a message, wait for its reply, like Envoy does."""
 
     def __init__(self, address: str, provider: str | None) -> None:
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.secure_channel(address, ENVOY_CREDENTIALS[address])
         self._q: queue.Queue[pb.ProcessingRequest | None] = queue.Queue()
         md = [("x-ccr-provider", provider)] if provider is not None else []
         stub = pb_grpc.ExternalProcessorStub(self._channel)
@@ -89,6 +105,7 @@ CLIENT_REQUEST = [
     ("x-ccr-principal", "alice@example.com"), ("x-ccr-key-id", "k_123"),
     ("x-ccr-cluster", "provider_anthropic"),
     ("x-stainless-lang", "python"), ("user-agent", "claude-cli/2.0"),
+    ("accept-encoding", "br, zstd, gzip"),
 ]
 
 
@@ -106,12 +123,26 @@ def body(chunk: bytes, end: bool = False) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=end))
 
 
-def usage_of(resp: pb.ProcessingResponse) -> dict[str, int] | None:
+def published(resp: pb.ProcessingResponse) -> dict[str, object] | None:
+    """The whole ccr.usage publication: every field, every time (Envoy merges them)."""
     if not resp.HasField("dynamic_metadata"):
         return None
     md = json_format.MessageToDict(resp.dynamic_metadata)
     assert set(md) == {"ccr.usage"}
-    return {k: int(v) for k, v in md["ccr.usage"].items()}
+    assert set(md["ccr.usage"]) == {*TOKENS, "usage_status", "usage_note"}
+    return md["ccr.usage"]  # type: ignore[no-any-return]
+
+
+def usage_of(resp: pb.ProcessingResponse) -> dict[str, int | None] | None:
+    md = published(resp)
+    if md is None:
+        return None
+    return {k: None if md[k] is None else int(md[k]) for k in TOKENS}  # type: ignore[call-overload]
+
+
+def status_of(resp: pb.ProcessingResponse) -> str | None:
+    md = published(resp)
+    return None if md is None else str(md["usage_status"])
 
 
 def assert_passthrough(resp: pb.ProcessingResponse, kind: str) -> None:
@@ -127,11 +158,12 @@ def check_credential_swap(resp: pb.ProcessingResponse, provider_key: str) -> Non
     # Envoy applies removals, then sets: every client credential goes, the provider's is added.
     assert set(mut.remove_headers) == {"authorization", "x-api-key", "x-ccr-principal", "x-ccr-key-id",
                                        "x-ccr-cluster"}
-    assert len(mut.set_headers) == 1
-    opt = mut.set_headers[0]
-    assert opt.header.key == "x-api-key" and opt.header.raw_value == provider_key.encode()
-    assert not opt.header.value
-    assert opt.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    # The provider's key, and an unencoded reply whatever the client accepts (the meter must read it).
+    assert {(o.header.key, o.header.raw_value) for o in mut.set_headers} == {
+        ("x-api-key", provider_key.encode()), ("accept-encoding", b"identity")}
+    for opt in mut.set_headers:
+        assert not opt.header.value
+        assert opt.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
     # Everything else (anthropic-*, content-type, user agent, path) is untouched.
     touched = set(mut.remove_headers) | {o.header.key for o in mut.set_headers}
     for k, _ in CLIENT_REQUEST:
@@ -152,18 +184,18 @@ def test_streaming_reply_is_metered_and_passed_through(adapter: str) -> None:
     # Chunk boundaries that cut events, lines and a multi-byte character.
     cuts = [0, 17, 18, 300, 301, 302, len(STREAM) // 2 + 3, len(STREAM) - 40, len(STREAM)]
     chunks = [STREAM[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
-    published: list[dict[str, int]] = []
+    seen: list[dict[str, int | None]] = []
     for c in chunks:
         r = s.send(body(c))
         assert_passthrough(r, "response_body")
         if (u := usage_of(r)) is not None:
-            published.append(u)
+            seen.append(u)
     r = s.send(body(b"", end=True))
     assert_passthrough(r, "response_body")
-    assert usage_of(r) == EXPECTED
+    assert usage_of(r) == EXPECTED and status_of(r) == "complete"
     # Usage is also published as it becomes known, so an aborted stream is still charged.
-    assert published and published[0]["input_tokens"] == EXPECTED["input_tokens"]
-    assert published[-1] == EXPECTED
+    assert seen and seen[0]["input_tokens"] == EXPECTED["input_tokens"]
+    assert seen[-1] == EXPECTED
     s.close()
 
 
@@ -192,7 +224,7 @@ def test_count_tokens_reply_records_zero_usage(adapter: str) -> None:
     s.send(request_headers())
     s.send(response_headers(200, "application/json"))
     r = s.send(body(b'{"input_tokens": 31337}', end=True))
-    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    assert usage_of(r) == dict.fromkeys(EXPECTED, 0) and status_of(r) == "not_billable"
     s.close()
 
 
@@ -208,7 +240,8 @@ def test_unmeterable_reply_stops_body_streaming(adapter: str, status: int, ctype
     assert mo.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
     assert mo.response_header_mode == processing_mode_pb2.ProcessingMode.SEND
     assert mo.response_trailer_mode == processing_mode_pb2.ProcessingMode.SKIP
-    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    assert usage_of(r) == dict.fromkeys(EXPECTED, 0) and status_of(r) == "not_billable"
+    assert published(r)["usage_note"]  # type: ignore[index]
     s.close()
 
 
@@ -217,7 +250,8 @@ def test_unreadable_encoding_is_not_claimed_as_zero(adapter: str) -> None:
     s.send(request_headers())
     r = s.send(response_headers(200, "text/event-stream", content_encoding="br"))
     assert r.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
-    assert usage_of(r) is None
+    assert usage_of(r) == dict.fromkeys(EXPECTED, None) and status_of(r) == "unknown"
+    assert "content-encoding 'br'" in str(published(r)["usage_note"])  # type: ignore[index]
     s.close()
 
 
@@ -230,7 +264,25 @@ def test_malformed_body_never_breaks_the_stream(adapter: str) -> None:
         assert_passthrough(s.send(body(junk)), "response_body")
     r = s.send(body(b"", end=True))
     assert_passthrough(r, "response_body")
-    assert usage_of(r) == dict.fromkeys(EXPECTED, 0)
+    # Nothing readable: unknown (NULL counts with a reason), not a made-up zero.
+    assert usage_of(r) == dict.fromkeys(EXPECTED, None) and status_of(r) == "unknown"
+    s.close()
+
+
+def test_aborted_stream_leaves_an_estimate_published(adapter: str) -> None:
+    """A client abort ends the attempt without an end-of-stream: the last publication must stand."""
+    s = Stream(adapter, "anthropic")
+    s.send(request_headers())
+    r = s.send(response_headers(200, "text/event-stream"))
+    assert status_of(r) == "unknown"  # if the stream died right here
+    cut = STREAM.index(b"event: content_block_stop")
+    last = None
+    for i in range(0, cut, 64):
+        r = s.send(body(STREAM[i:min(i + 64, cut)]))
+        last = published(r) or last
+    assert last is not None and last["usage_status"] == "estimated"
+    assert int(last["output_tokens"]) > 1  # type: ignore[call-overload]
+    assert int(last["input_tokens"]) == EXPECTED["input_tokens"]  # type: ignore[call-overload]
     s.close()
 
 
@@ -249,8 +301,9 @@ def _assert_immediate_500(resp: pb.ProcessingResponse, *needles: str) -> None:
 
 def test_missing_credential_is_an_immediate_500(adapter: str) -> None:
     s = Stream(adapter, "nokey")
-    _assert_immediate_500(s.send(request_headers()), "provider nokey has no credential configured",
-                          "CCR_TEST_KEY_THAT_IS_NOT_SET")
+    r = s.send(request_headers())
+    _assert_immediate_500(r, "provider nokey has no credential configured", "CCR_TEST_KEY_THAT_IS_NOT_SET")
+    assert status_of(r) == "not_forwarded" and usage_of(r) == dict.fromkeys(EXPECTED, None)
     s.close()  # the adapter ends the stream: nothing is forwarded
 
 

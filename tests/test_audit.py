@@ -50,7 +50,7 @@ def entry(
     method: int = base_pb2.POST, path: str = "/v1/messages?beta=true", flags: dict[str, bool] | None = None,
     start: datetime = T0, latency: timedelta | None = timedelta(seconds=1, microseconds=234567),
     cluster: str = "provider_anthropic", body_in: int = 84213, body_out: int = 1532,
-    log_type: int = accesslog_pb2.DownstreamEnd,
+    log_type: int = accesslog_pb2.DownstreamEnd, upstream: bool = True, client_rid: str | None = None,
 ) -> accesslog_pb2.HTTPAccessLogEntry:
     """An entry shaped like Envoy's HTTP gRPC access logger sends for a Messages API call."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
@@ -62,8 +62,11 @@ def entry(
         c.time_to_last_downstream_tx_byte.FromTimedelta(latency)
     c.downstream_remote_address.socket_address.address = "10.1.2.3"
     c.downstream_remote_address.socket_address.port_value = 53122
+    # Envoy names the host it picked even when nothing was sent to it (adapter or connection failure).
     c.upstream_remote_address.socket_address.address = "160.79.104.10"
     c.upstream_remote_address.socket_address.port_value = 443
+    if upstream:  # the request went to a provider
+        c.time_to_first_upstream_tx_byte.FromTimedelta(timedelta(milliseconds=4))
     c.upstream_cluster = cluster
     c.route_name = "messages"
     for name, on in (flags or {}).items():
@@ -85,6 +88,8 @@ def entry(
     r.request_headers_bytes = 812
     r.request_body_bytes = body_in
     r.request_headers["anthropic-version"] = "2023-06-01"
+    if client_rid is not None:
+        r.request_headers["x-client-request-id"] = client_rid
     if status is not None:
         e.response.response_code.value = status
     e.response.response_headers_bytes = 410
@@ -126,10 +131,10 @@ def test_rows_carry_the_mapped_fields(audit: Audit) -> None:
     usage = {"input_tokens": 21034, "output_tokens": 812, "cache_creation_input_tokens": 1200,
              "cache_read_input_tokens": 19000}
     send(audit, [
-        entry(p + "full", usage=usage),
+        entry(p + "full", usage={**usage, "usage_status": "complete", "usage_note": ""}, client_rid="my-id-1"),
         entry(p + "nousage", key_id=None, usage=None, method=base_pb2.GET, path="/v1/models",
               latency=None, body_in=0, body_out=220),
-        entry(p + "failed", status=503, usage={"input_tokens": 0}, cluster="provider_bedrock",
+        entry(p + "failed", status=503, usage=None, cluster="provider_bedrock", upstream=False,
               flags={"no_healthy_upstream": True, "upstream_connection_failure": True}),
         entry(p + "reset", status=None, flags={"downstream_remote_reset": True}, usage=None),
     ])
@@ -142,22 +147,73 @@ def test_rows_carry_the_mapped_fields(audit: Audit) -> None:
                                                                   "claude-sonnet-4-5")
     assert (full["method"], full["path"], full["status"]) == ("POST", "/v1/messages?beta=true", 200)
     assert [full[k] for k in usage] == list(usage.values())
+    assert (full["usage_status"], full["usage_note"]) == ("complete", None)
+    assert full["client_request_id"] == "my-id-1"
     assert full["latency_ms"] == pytest.approx(1234.567)
     assert full["upstream_cluster"] == "provider_anthropic"
     assert full["response_flags"] is None
     assert (full["bytes_received"], full["bytes_sent"]) == (84213, 1532)
 
+    # A provider was called but nothing said what it used: unknown, never 0.
     nousage = got[p + "nousage"]
     assert nousage["key_id"] is None and nousage["principal"] == "alice@example.com"
     assert (nousage["method"], nousage["path"]) == ("GET", "/v1/models")
-    assert [nousage[k] for k in usage] == [0, 0, 0, 0]
+    assert [nousage[k] for k in usage] == [None] * 4
+    assert nousage["usage_status"] == "unknown" and "no usage was reported" in nousage["usage_note"]
+    assert nousage["client_request_id"] is None
     assert nousage["latency_ms"] is None
     assert (nousage["bytes_received"], nousage["bytes_sent"]) == (0, 220)
 
     failed = got[p + "failed"]
     assert failed["status"] == 503 and failed["response_flags"] == "UH,UF"
     assert failed["upstream_cluster"] == "provider_bedrock"
-    assert got[p + "reset"]["status"] == 0 and got[p + "reset"]["response_flags"] == "DR"
+    assert failed["usage_status"] == "not_forwarded" and failed["usage_note"] == "no healthy upstream"
+    assert [failed[k] for k in usage] == [None] * 4
+    reset = got[p + "reset"]
+    assert reset["status"] == 0 and reset["response_flags"] == "DR"
+    assert reset["usage_status"] == "unknown" and "flags DR" in reset["usage_note"]
+
+
+def test_usage_status_and_refusals(audit: Audit) -> None:
+    p = _prefix()
+    est = {"input_tokens": 300, "output_tokens": 41, "cache_creation_input_tokens": 0,
+           "cache_read_input_tokens": 0, "usage_status": "estimated", "usage_note": "cut off; output estimated"}
+    authz = entry(p + "authz", status=401, key_id=None, usage=None, upstream=False, cluster="")
+    authz.common_properties.response_flags.unauthorized_details.reason = (
+        accesslog_pb2.ResponseFlags.Unauthorized.EXTERNAL_SERVICE)
+    nulls = dict.fromkeys(("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                           "cache_read_input_tokens"))
+    send(audit, [
+        entry(p + "est", usage=est, status=200, flags={"downstream_remote_reset": True}),
+        entry(p + "unk", usage={**nulls, "usage_status": "unknown", "usage_note": "content-encoding 'br'"}),
+        # A status the receiver does not know never passes its numbers off as known.
+        entry(p + "odd", usage={"input_tokens": 5, "usage_status": "made-up"}),
+        authz,
+        entry(p + "rl", status=429, usage=None, upstream=False, flags={"rate_limited": True}),
+        entry(p + "404", status=404, usage=None, upstream=False, cluster=""),
+    ])
+    got = rows(audit.dsn, p)
+    assert (got[p + "est"]["usage_status"], got[p + "est"]["output_tokens"]) == ("estimated", 41)
+    assert got[p + "est"]["usage_note"] == "cut off; output estimated"
+    assert got[p + "unk"]["usage_status"] == "unknown" and got[p + "unk"]["input_tokens"] is None
+    assert got[p + "unk"]["usage_note"] == "content-encoding 'br'"
+    assert got[p + "odd"]["usage_status"] == "unknown" and got[p + "odd"]["input_tokens"] is None
+    assert "made-up" in got[p + "odd"]["usage_note"]
+    for name, note in (("authz", "refused by the gateway's authorization"), ("rl", "rate limited by the gateway"),
+                       ("404", "the gateway replied 404 before contacting a provider")):
+        row = got[p + name]
+        assert (row["usage_status"], row["usage_note"], row["input_tokens"], row["output_tokens"]) == (
+            "not_forwarded", note, None, None), name
+
+
+def test_client_request_id_is_kept_but_bounded(audit: Audit) -> None:
+    p = _prefix()
+    send(audit, [entry(p + "a", client_rid="same"), entry(p + "b", client_rid="same"),
+                 entry(p + "long", client_rid="x" * 5000)])
+    got = rows(audit.dsn, p)
+    # The same client id on two requests: two rows, told apart by the gateway's id.
+    assert got[p + "a"]["client_request_id"] == got[p + "b"]["client_request_id"] == "same"
+    assert got[p + "long"]["client_request_id"] == "x" * 256
 
 
 def test_duplicate_request_id_is_one_row(audit: Audit) -> None:
@@ -257,3 +313,33 @@ def _send_catching(a: Audit, p: str) -> BaseException | None:
     except BaseException as e:  # noqa: BLE001 - reported back to the test thread
         return e
     return None
+
+
+def test_migration_2_upgrades_a_version_1_log(postgres_server: dict[str, object]) -> None:
+    """Old rows keep their counts (status NULL: written before statuses existed); unknown can now be NULL."""
+    from ccr import db
+
+    admin = str(postgres_server["admin_dsn"])
+    name = f"m_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    v1 = next(m for m in db.MIGRATIONS if m[0] == 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(v1[2])
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, %s)", (v1[1],))
+        conn.execute("INSERT INTO request_log (ts, request_id, method, path, status, output_tokens)"
+                     " VALUES (now(), 'old', 'POST', '/v1/messages', 200, 12)")
+    assert db.migrate(dsn) >= 2
+    with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        old = cur.execute("SELECT * FROM request_log WHERE request_id = 'old'").fetchone()
+        assert old is not None and (old["output_tokens"], old["input_tokens"]) == (12, 0)
+        assert old["usage_status"] is None and old["client_request_id"] is None
+        cur.execute("INSERT INTO request_log (ts, request_id, method, path, status, usage_status)"
+                    " VALUES (now(), 'new', 'POST', '/v1/messages', 200, 'unknown') RETURNING input_tokens")
+        assert cur.fetchone() == {"input_tokens": None}  # no default 0 any more
+        with pytest.raises(psycopg.errors.CheckViolation):
+            cur.execute("INSERT INTO request_log (ts, request_id, method, path, status, usage_status)"
+                        " VALUES (now(), 'bad', 'POST', '/', 200, 'free text')")

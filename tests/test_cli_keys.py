@@ -39,7 +39,7 @@ def _lifecycle(config: str, capsys: pytest.CaptureFixture[str]) -> tuple[str, st
     assert main(["-c", config, "keys", "list"]) == 0
     assert key_id.group(1) not in capsys.readouterr().out
     assert main(["-c", config, "keys", "list", "--all"]) == 0
-    assert re.search(rf"{key_id.group(1)} .* revoked ", capsys.readouterr().out)
+    assert re.search(rf"^{key_id.group(1)} .* revoked$", capsys.readouterr().out, re.M)
     assert main(["-c", config, "keys", "revoke", key_id.group(1)]) == 1
     return key_id.group(1), secret.group(1)
 
@@ -55,3 +55,62 @@ def test_keys_with_embedded_postgres(tmp_path: Path, capsys: pytest.CaptureFixtu
     _lifecycle(_config(tmp_path, None), capsys)
     # The embedded server was started for the command and stopped after it.
     assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()
+
+
+def test_owner_tenant_expiry_rotation_and_admin_log(
+    tmp_path: Path, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, postgres_dsn)
+    assert main(["-c", config, "keys", "create", "etl", "--owner", "data-team", "--tenant", "acme",
+                 "--expires-in", "30d", "--actor", "alice"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"created (key_[0-9a-f]+) \(etl\) .* owner=data-team tenant=acme expires=(\S+ \S+)", out)
+    assert m, out
+    old_id = m.group(1)
+    with psycopg.connect(postgres_dsn) as conn:
+        owner, tenant, days = conn.execute(
+            "SELECT owner, tenant, extract(epoch FROM expires_at - created_at) / 86400 FROM api_keys WHERE id = %s",
+            (old_id,)).fetchone()
+    assert (owner, tenant) == ("data-team", "acme") and abs(float(days) - 30) < 0.01
+
+    assert main(["-c", config, "keys", "rotate", old_id, "--grace", "1h", "--actor", "bob"]) == 0
+    out = capsys.readouterr().out
+    new = re.search(r"created (key_[0-9a-f]+) \(etl\) .* owner=data-team tenant=acme", out)
+    assert new and f"rotated {old_id}: it stays valid until" in out, out
+    assert main(["-c", config, "keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(rf"^{old_id} .* rotated to {new.group(1)}$", listing, re.M), listing
+    assert re.search(rf"^{new.group(1)} .* active$", listing, re.M), listing
+    # A key is rotated once; the successor is what rotates next.
+    assert main(["-c", config, "keys", "rotate", old_id]) == 1
+    assert f"already rotated to {new.group(1)}" in capsys.readouterr().err
+
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute("SELECT actor, action, after->'new'->>'id' FROM admin_log WHERE target = %s ORDER BY id",
+                            (old_id,)).fetchall()
+    assert rows == [("alice", "key.create", None), ("bob", "key.rotate", new.group(1))]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["create", "x", "--expires-in", "soon"], "invalid duration 'soon'"),
+        (["create", "x", "--expires-at", "2027-01-01T00:00:00"], "has no UTC offset"),
+        (["create", "x", "--expires-at", "2001-01-01T00:00:00Z"], "must be a future time"),
+        (["rotate", "key_000000000000", "--grace=-1h"], "invalid duration '-1h'"),
+    ],
+)
+def test_bad_expiry_and_grace_are_refused(tmp_path: Path, postgres_dsn: str, capsys: pytest.CaptureFixture[str],
+                                          argv: list[str], needle: str) -> None:
+    config = _config(tmp_path, postgres_dsn)
+    with psycopg.connect(postgres_dsn) as conn:
+        before = conn.execute("SELECT count(*) FROM api_keys").fetchone()
+    assert main(["-c", config, "keys", *argv]) == 2
+    assert needle in capsys.readouterr().err
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM api_keys").fetchone() == before
+
+
+def test_rotate_unknown_key(tmp_path: Path, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", _config(tmp_path, postgres_dsn), "keys", "rotate", "key_000000000000"]) == 1
+    assert "no key with id key_000000000000" in capsys.readouterr().err

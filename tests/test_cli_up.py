@@ -14,10 +14,16 @@ from pathlib import Path
 
 import anthropic
 import pytest
+import yaml
 
+from ccr.config import ConfigError
+from ccr.supervisor import Gateway, provider_credentials
 from tests.harness import gateway_config
 
 CCR = [sys.executable, "-m", "ccr.cli"]
+REPO = Path(__file__).resolve().parent.parent
+# `python -m ccr.cli` from another directory must import this checkout, not whatever is installed.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def _descendants(pid: int) -> set[int]:
@@ -53,7 +59,7 @@ def _alive(pid: int) -> bool:
                          ids=["sigterm", "ctrl-c", "killed"])
 def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> None:
     config = gateway_config(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    env = {k: v for k, v in CHECKOUT_ENV.items() if k != "ANTHROPIC_API_KEY"}
     proc = subprocess.Popen([*CCR, "-c", str(config), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, env=env)
     lines: list[str] = []
@@ -79,7 +85,7 @@ def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> No
         assert msg.content[0].type == "text"
 
         keys = subprocess.run([*CCR, "-c", str(config), "keys", "list"], capture_output=True, text=True,
-                              timeout=60, cwd=tmp_path)
+                              timeout=60, cwd=tmp_path, env=CHECKOUT_ENV)
         assert keys.returncode == 0, keys.stderr
         assert "ccr-up-local" in keys.stdout and key.group(1) not in keys.stdout
 
@@ -112,3 +118,41 @@ def test_ccr_up_fails_clearly_on_a_bad_config(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert f"{bad}: providers.0.endpoint: Input should be a valid string" in r.stderr
     assert f"{bad}: models: List should have at least 1 item" in r.stderr
+
+
+def _real_provider_config(tmp_path: Path, var: str) -> Path:
+    config = gateway_config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["providers"][0]["emulator"]
+    cfg["providers"][0]["api_key_env"] = var
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_ccr_up_refuses_a_provider_without_its_credential(tmp_path: Path, value: str | None) -> None:
+    """No silent emulator: a missing credential stops `ccr up` before anything starts."""
+    var = "CCR_TEST_TYPO_ANTHROPIC_KEY"
+    config = _real_provider_config(tmp_path, var)
+    env = {k: v for k, v in CHECKOUT_ENV.items() if k != var}
+    if value is not None:
+        env[var] = value
+    r = subprocess.run([*CCR, "-c", str(config), "up"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{config}: providers.0 (anthropic): credential variable {var} is " \
+           f"{'not set' if value is None else 'empty'}" in r.stderr
+    assert "emulator: true" in r.stderr  # says how to ask for the emulator instead
+    assert "emulator" not in r.stdout and "\u2713" not in r.stdout  # nothing became ready
+    assert not (tmp_path / "data").exists(), "something started before the credential check"
+
+
+def test_gateway_refuses_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    var = "CCR_TEST_TYPO_ANTHROPIC_KEY"
+    monkeypatch.delenv(var, raising=False)
+    gw = Gateway(_real_provider_config(tmp_path, var))
+    with pytest.raises(ConfigError, match=var):
+        gw.start()
+    assert gw.children == [] and gw.emulator_url is None
+    # With the credential set, the check passes and hands it over for the adapter alone.
+    monkeypatch.setenv(var, "sk-ant-real-key")
+    assert provider_credentials(gw.config, "x") == {var: "sk-ant-real-key"}

@@ -57,3 +57,35 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bad.write_text("providers: []\nmodels: []\n")
     assert main(["config", "check", str(bad)]) == 2
     assert "providers: List should have at least 1 item" in capsys.readouterr().err
+
+
+def _fail_open(tmp_path: Path, services: str) -> Path:
+    f = tmp_path / "ccr.yaml"
+    f.write_text(f"services:\n{services}providers:\n  - name: anthropic\n"
+                 "models:\n  - match: 'claude-*'\n    provider: anthropic\n")
+    return f
+
+
+def test_fail_open_is_refused_without_the_acknowledgement(tmp_path: Path) -> None:
+    f = _fail_open(tmp_path, "  failure_mode_allow: true\n")
+    msg = str(pytest.raises(ConfigError, load_config, f).value)
+    assert f"{f}: services: " in msg
+    assert "unauthenticated" in msg and "credentials" in msg
+    assert "services.i_understand_unauthenticated_traffic_reaches_providers: true" in msg
+    # A false acknowledgement is no acknowledgement.
+    f = _fail_open(tmp_path, "  failure_mode_allow: true\n"
+                             "  i_understand_unauthenticated_traffic_reaches_providers: false\n")
+    pytest.raises(ConfigError, load_config, f)
+
+
+def test_fail_open_with_the_acknowledgement_and_fail_closed_default(tmp_path: Path) -> None:
+    cfg = load_config(_fail_open(tmp_path, "  failure_mode_allow: true\n"
+                                           "  i_understand_unauthenticated_traffic_reaches_providers: true\n"))
+    assert cfg.services.failure_mode_allow
+    assert not load_config(REPO / "ccr.example.yaml").services.failure_mode_allow
+
+
+def test_example_config_names_its_emulator() -> None:
+    cfg = load_config(REPO / "ccr.example.yaml")
+    assert [p.emulator for p in cfg.providers] == [True]
+    assert cfg.providers[0].api_key_env == "ANTHROPIC_API_KEY"

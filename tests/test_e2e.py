@@ -77,6 +77,7 @@ def test_normal_reply_and_access_log(gw: Gateway, dsn: str) -> None:
     assert row["status"] == 200 and row["model"] == MODEL and row["principal"] == "ccr-up-local"
     assert row["input_tokens"] == msg.usage.input_tokens > 0
     assert row["output_tokens"] == msg.usage.output_tokens > 0
+    assert (row["usage_status"], row["usage_note"]) == ("complete", None)
     assert row["upstream_cluster"] == "provider_anthropic"
     assert row["method"] == "POST" and row["path"] == "/v1/messages"
     assert row["latency_ms"] is not None and row["latency_ms"] > 0
@@ -205,9 +206,11 @@ def test_bad_and_missing_key_get_401(gw: Gateway, dsn: str) -> None:
     r = httpx.post(f"{gw.url}/v1/messages", json={"model": MODEL})
     assert r.status_code == 401 and r.json()["type"] == "error"
     assert "x-api-key" in r.json()["error"]["message"]
-    # Refused requests are on the record too, with no principal and no tokens.
+    # Refused requests are on the record too, with no principal and no usage (NULL, with the reason).
     row = log_row(dsn, r.headers["x-request-id"])
-    assert row["status"] == 401 and row["key_id"] is None and row["input_tokens"] == 0
+    assert row["status"] == 401 and row["key_id"] is None
+    assert row["input_tokens"] is None and row["output_tokens"] is None
+    assert row["usage_status"] == "not_forwarded" and row["usage_note"] == "refused by the gateway's authorization"
     assert row["upstream_cluster"] is None
 
 
@@ -241,6 +244,7 @@ def test_rate_limit_gets_429_with_retry_after(gw: Gateway, dsn: str) -> None:
     assert "2 requests per minute" in e.value.body["error"]["message"]  # type: ignore[index]
     row = log_row(dsn, e.value.response.headers["x-request-id"])
     assert row["status"] == 429 and row["principal"] == "slow-user" and row["response_flags"] == "RL"
+    assert (row["usage_status"], row["input_tokens"]) == ("not_forwarded", None)
     # Another key is not affected.
     assert client(gw).messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
 

@@ -6,10 +6,12 @@ A gateway of its own, since these tests stop its parts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from ccr.supervisor import Gateway
@@ -53,3 +55,18 @@ def test_service_down_fails_closed(gw: Gateway, service: str, status: int, kind:
     assert body["type"] == "error" and body["error"]["type"] == kind, body
     assert body["error"]["message"]
     assert _upstream_count(gw) == seen, "a request reached the provider without a decision"
+    # Its audit row says so: not forwarded, no usage (NULL, not 0).
+    row = _row(gw, r.headers["x-request-id"])
+    assert (row["usage_status"], row["input_tokens"], row["output_tokens"]) == ("not_forwarded", None, None)
+
+
+def _row(gw: Gateway, request_id: str, timeout: float = 15.0) -> dict[str, object]:
+    assert gw.runtime is not None
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(gw.runtime.postgres_dsn, autocommit=True) as conn, \
+            conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        while (row := cur.execute("SELECT * FROM request_log WHERE request_id = %s", (request_id,)).fetchone()) \
+                is None:
+            assert time.monotonic() < deadline, f"no request_log row for {request_id}"
+            time.sleep(0.05)
+    return row

@@ -488,3 +488,43 @@ def test_in_process_start() -> None:
             await runner.cleanup()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(("accept", "coding"), [
+    ("br, zstd, gzip", "br"), ("gzip", "gzip"), ("gzip;q=1, br;q=0.5", "gzip"), ("identity", None),
+    ("zstd", None), ("*", "br"), ("br;q=0, gzip;q=0", None),
+])
+def test_replies_are_encoded_as_the_client_accepts(base_url: str, accept: str, coding: str | None) -> None:
+    body = orjson.dumps({"model": "m", "max_tokens": 20, "messages": _user("x")})
+    raw = httpx.post(f"{base_url}/v1/messages", content=body,
+                     headers={**HEADERS, "accept-encoding": accept}).raise_for_status()
+    assert raw.headers.get("content-encoding") == coding
+    assert raw.json()["type"] == "message"  # decoded by httpx: the encoding is real
+    if coding:
+        assert raw.headers["vary"] == "accept-encoding"
+    # Errors too, as a real API does.
+    err = httpx.post(f"{base_url}/v1/messages", content=b"{", headers={**HEADERS, "accept-encoding": accept})
+    assert err.status_code == 400 and err.headers.get("content-encoding") == coding
+    assert err.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_streams_are_encoded_and_decodable_event_by_event(base_url: str, coding: str) -> None:
+    import zlib
+
+    import brotli
+
+    body = orjson.dumps({"model": "m", "max_tokens": 60, "stream": True, "messages": _user("x")})
+    with httpx.stream("POST", f"{base_url}/v1/messages", content=body,
+                      headers={**HEADERS, "accept-encoding": coding,
+                               "x-emulator-tokens-per-second": "2000"}) as r:
+        assert r.headers["content-encoding"] == coding
+        pieces = list(r.iter_raw())
+    # Every piece is flushed by itself: decoding what arrived so far always yields whole events.
+    dec = brotli.Decompressor() if coding == "br" else zlib.decompressobj(wbits=31)
+    out = b""
+    for p in pieces:
+        out += dec.process(p) if coding == "br" else dec.decompress(p)
+        assert out.endswith(b"\n\n"), "a flushed piece must not leave an event half-encoded"
+    events = _parse_sse(out)
+    assert events[0][0] == "message_start" and events[-1][0] == "message_stop"

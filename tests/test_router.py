@@ -93,7 +93,8 @@ def test_route_table_is_deny_by_default() -> None:
     hcm = res.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["normalize_path"] and hcm["merge_slashes"]
     assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
-    (early,) = hcm["early_header_mutation_extensions"]
+    # The first early mutation, before anything else may add an x-ccr-* of the gateway's own.
+    early = hcm["early_header_mutation_extensions"][0]
     assert early["typed_config"]["mutations"] == [{"remove_on_match": {"key_matcher": {"prefix": "x-ccr-"}}}]
 
 
@@ -167,3 +168,24 @@ async def _ads_exchange() -> None:
 
 def test_ads_serves_acks_nacks_and_pushes_updates() -> None:
     asyncio.run(_ads_exchange())
+
+
+def test_adapter_cluster_speaks_mtls_to_the_adapter_identity_only(tmp_path: Path) -> None:
+    """Envoy presents its run identity and accepts only the adapter's; Envoy itself validates it."""
+    from ccr.contract import ID_ADAPTER, ID_ENVOY
+    from ccr.pki import issue_run_pki
+
+    pki = issue_run_pki(tmp_path / "pki", [ID_ENVOY, ID_ADAPTER])
+    cfg = load_config(REPO / "ccr.example.yaml")
+    doc = resources.static_bootstrap(cfg, _runtime(mtls=pki), 18080)
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    tls = clusters[resources.ADAPTER]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://ccr.local/adapter"}}]
+    assert tls["validation_context"]["trusted_ca"] == {"filename": pki.ca}
+    assert tls["tls_certificates"] == [{"certificate_chain": {"filename": pki.identity(ID_ENVOY).cert},
+                                        "private_key": {"filename": pki.identity(ID_ENVOY).key}}]
+    # Services without a run identity stay as they are (until issue 10 moves every hop).
+    assert "transport_socket" not in clusters[resources.EXTAUTH]
+    r = _validate(tmp_path, doc)
+    assert r.returncode == 0, r.stderr[-4000:]

@@ -6,8 +6,19 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router.usage import JsonUsageMeter, SseUsageMeter, make_meter, meter_bytes
+from ccr.contract import UsageStatus
+from router.usage import (
+    BYTES_PER_TOKEN,
+    Assessment,
+    JsonUsageMeter,
+    SseUsageMeter,
+    assess,
+    make_meter,
+    meter_bytes,
+)
 
 
 def sse(*events: tuple[str, dict]) -> bytes:
@@ -145,7 +156,8 @@ def test_sse_feed_reports_changes() -> None:
     start = sse(message_start(10, 0, 0, 1))
     assert m.feed(start[:-1]) is False  # event not complete until the blank line
     assert m.feed(start[-1:]) is True
-    assert m.feed(sse(*text_deltas("a", "b"))) is False
+    assert m.feed(sse(*text_deltas("a", "b"))) is True  # the output estimate moved
+    assert m.feed(sse(("ping", {"type": "ping"}))) is False
     delta = {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}}
     assert m.feed(sse(("message_delta", delta))) is True
     assert m.result.usage.output_tokens == 9
@@ -259,3 +271,122 @@ def test_sse_crlf_split_never_detaches_event_name_from_its_data() -> None:
     for i in range(len(stream) + 1):
         usage, complete = run_sse([stream[:i], stream[i:]])
         assert (usage["input_tokens"], usage["output_tokens"], complete) == (11, 6, True), f"split at {i}"
+
+
+# ---------------------------------------------------------------------------- assess: status and reason
+
+
+def _assess_sse(stream: bytes, ended: bool = True) -> Assessment:
+    m = SseUsageMeter()
+    m.feed(stream)
+    return assess(m.finish() if ended else m.result, streaming=True, ended=ended)
+
+
+def test_complete_stream_is_complete() -> None:
+    a = _assess_sse(STREAM)
+    assert a.status == UsageStatus.COMPLETE and a.usage == EXPECTED and a.note == ""
+
+
+def test_cut_off_stream_estimates_output_from_the_deltas() -> None:
+    # message_start, then text deltas, then nothing: a client abort or an upstream reset.
+    texts = ("Hello", " wörld — ", "données ✓", " and so on")
+    cut = sse(message_start(2095, 1536, 20480, 1), *text_deltas(*texts))
+    a = _assess_sse(cut)
+    assert a.status == UsageStatus.ESTIMATED
+    assert a.usage is not None
+    nbytes = sum(len(t.encode()) for t in texts)
+    assert a.usage["output_tokens"] == max(-(-nbytes // BYTES_PER_TOKEN), len(texts)) > 1
+    # Input and cache counts are the provider's own, from message_start.
+    assert (a.usage["input_tokens"], a.usage["cache_creation_input_tokens"],
+            a.usage["cache_read_input_tokens"]) == (2095, 1536, 20480)
+    assert "estimated" in a.note and f"{nbytes} UTF-8 bytes" in a.note
+
+
+def test_estimate_counts_thinking_and_tool_input_but_not_signatures() -> None:
+    def delta(i: int, d: dict) -> tuple[str, dict]:
+        return ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d})
+
+    stream = sse(
+        message_start(10, 0, 0, 1),
+        delta(0, {"type": "thinking_delta", "thinking": "a" * 40}),
+        delta(0, {"type": "signature_delta", "signature": "s" * 400}),
+        delta(1, {"type": "input_json_delta", "partial_json": ""}),  # empty: no token
+        delta(1, {"type": "input_json_delta", "partial_json": '{"path": "/tmp/x"}'}),
+    )
+    a = _assess_sse(stream)
+    assert a.status == UsageStatus.ESTIMATED and a.usage is not None
+    assert a.usage["output_tokens"] == -(-(40 + len('{"path": "/tmp/x"}')) // BYTES_PER_TOKEN)
+
+
+def test_estimate_is_at_least_one_token_per_delta() -> None:
+    a = _assess_sse(sse(message_start(10, 0, 0, 1), *text_deltas(*"abcdefgh")))
+    assert a.usage is not None and a.usage["output_tokens"] == 8
+
+
+def test_error_event_after_output_is_estimated_with_the_reason() -> None:
+    stream = sse(message_start(300, 0, 0, 1), *text_deltas("partial output here"),
+                 ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    a = _assess_sse(stream)
+    assert a.status == UsageStatus.ESTIMATED and "overloaded_error" in a.note
+    assert a.usage is not None and a.usage["output_tokens"] == 5 and a.usage["input_tokens"] == 300
+
+
+def test_provider_count_without_message_stop_is_partial() -> None:
+    stream = sse(message_start(40, 0, 0, 1), *text_deltas("x" * 400),
+                 ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 77}}))
+    a = _assess_sse(stream)
+    # The provider's own cumulative count beats the estimate (400 bytes would say 100).
+    assert a.status == UsageStatus.PARTIAL and a.usage is not None and a.usage["output_tokens"] == 77
+
+
+def test_mid_stream_assessment_is_what_an_abort_leaves() -> None:
+    m = SseUsageMeter()
+    assert assess(m.result, streaming=True, ended=False).status == UsageStatus.UNKNOWN
+    assert m.feed(sse(message_start(12, 0, 0, 1))) is True
+    assert m.feed(sse(*text_deltas("some output"))) is True  # the estimate moved
+    a = assess(m.result, streaming=True, ended=False)
+    assert a.status == UsageStatus.ESTIMATED and a.usage is not None and a.usage["output_tokens"] == 3
+    assert "did not finish" in a.note
+
+
+def test_unreadable_replies_are_unknown_never_zero() -> None:
+    cases = {
+        "no message_start": sse(*text_deltas("x")),
+        "garbage": b"\xff\xfe not an event stream",
+        "empty": b"",
+    }
+    for name, body in cases.items():
+        a = _assess_sse(body)
+        assert a.status == UsageStatus.UNKNOWN and a.usage is None and a.note, name
+    m = make_meter("application/json", "gzip")
+    assert m is not None
+    m.feed(b"not gzip")
+    a = assess(m.finish(), streaming=False, ended=True)
+    assert a.status == UsageStatus.UNKNOWN and a.usage is None and "decoded" in a.note
+    a = assess(meter_bytes("application/json", b'{"type":"message","usage":{"input_'), streaming=False, ended=True)
+    assert a.status == UsageStatus.UNKNOWN and a.usage is None
+
+
+def test_json_replies_complete_or_not_billable() -> None:
+    body = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":4}}'
+    a = assess(meter_bytes("application/json", body), streaming=False, ended=True)
+    assert a.status == UsageStatus.COMPLETE and a.usage is not None and a.usage["output_tokens"] == 4
+    a = assess(meter_bytes("application/json", b'{"input_tokens": 4242}'), streaming=False, ended=True)
+    assert a.status == UsageStatus.NOT_BILLABLE and a.usage == dict.fromkeys(EXPECTED, 0) and a.note
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(max_size=40), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 10_000)),
+       eol=st.sampled_from(["\n", "\r\n", "\r"]))
+def test_estimate_is_the_same_for_any_chunking(texts: list[str], cuts: list[int], eol: str) -> None:
+    stream = sse(message_start(7, 0, 0, 1), *text_deltas(*texts)).replace(b"\n", eol.encode())
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    m = SseUsageMeter()
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        m.feed(stream[a:b])
+    got = assess(m.finish(), streaming=True, ended=True)
+    nonempty = [t for t in texts if t]
+    nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in nonempty)
+    assert got.status == UsageStatus.ESTIMATED and got.usage is not None
+    assert got.usage["input_tokens"] == 7
+    assert got.usage["output_tokens"] == max(1, -(-nbytes // BYTES_PER_TOKEN), len(nonempty))

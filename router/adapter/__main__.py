@@ -1,7 +1,9 @@
 """`python -m router.adapter --runtime RUN/runtime.json --ready-file F`."""
 
+from ccr.contract import ID_ENVOY
 from ccr.service import run
 from router.adapter.server import setup
 
 if __name__ == "__main__":
-    run("adapter", setup)
+    # The adapter injects provider credentials: only Envoy, over mutual TLS, may call it.
+    run("adapter", setup, mtls_peers=(ID_ENVOY,))

@@ -7,8 +7,13 @@ to another provider is handled for that provider. The gRPC initial metadata
 * swaps the client's credential headers for the provider's (request_headers);
 * decides from the response headers whether the body can carry usage, and if not
   asks Envoy (mode_override) to stop streaming the body through us;
+* asks the provider for an unencoded reply (`accept-encoding: identity`), so no
+  client's Accept-Encoding can make usage unreadable (the listener compresses for
+  clients that ask);
 * reads usage from the streamed body without changing a byte, and returns it as
-  dynamic metadata in namespace `ccr.usage`.
+  dynamic metadata in namespace `ccr.usage`: the counts plus `usage_status` and
+  `usage_note` (router.usage.assess), published as soon as they move so that an
+  aborted stream is logged with what it produced.
 
 Provider-specific behaviour sits behind `ProviderHandler` so that Bedrock/Vertex
 translation can slot in; only the Anthropic API is implemented.
@@ -31,10 +36,31 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig, ProviderKind
-from ccr.contract import ADAPTER_PROVIDER_MD, CCR_HEADER_PREFIX, USAGE_NS
+from ccr.contract import (
+    ADAPTER_PROVIDER_MD,
+    CCR_HEADER_PREFIX,
+    USAGE_NOTE,
+    USAGE_NS,
+    USAGE_STATUS,
+    USAGE_TOKEN_FIELDS,
+    UsageStatus,
+)
 from ccr.errors import error_body
+from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
-from router.usage import MeterResult, Usage, UsageMeter, decodable, make_meter, meterable
+from router.adapter.objects import ObjectAttempt
+from router.usage import (
+    Assessment,
+    Usage,
+    UsageMeter,
+    assess,
+    content_codings,
+    media_type,
+    meterable,
+    not_billable,
+    unknown,
+)
+from router.usage import make_meter as make_usage_meter
 
 log = logging.getLogger("ccr.adapter")
 
@@ -85,9 +111,14 @@ def error_response(status: int, err_type: str, message: str, details: str) -> pb
     )
 
 
-def usage_struct(usage: Usage) -> struct_pb2.Struct:
+def usage_struct(a: Assessment) -> struct_pb2.Struct:
+    # Every field every time: Envoy merges each publication into the namespace, so a
+    # field left out would keep an earlier value. Unknown counts are null.
+    fields: dict[str, object] = {f: (a.usage[f] if a.usage is not None else None) for f in USAGE_TOKEN_FIELDS}
+    fields[USAGE_STATUS] = a.status.value
+    fields[USAGE_NOTE] = a.note
     s = struct_pb2.Struct()
-    s.update({USAGE_NAMESPACE: usage.as_dict()})
+    s.update({USAGE_NAMESPACE: fields})
     return s
 
 
@@ -100,11 +131,20 @@ class ProviderHandler(ABC):
     def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
         """The reply to request_headers: header mutations, or an immediate response."""
 
-    def meter(self, status: int, headers: Mapping[str, str]) -> UsageMeter | None:
-        """A usage meter for this response, or None when its body carries no usage."""
-        if status >= 400 or not meterable(headers.get("content-type", "")):
-            return None
-        return make_meter(headers.get("content-type", ""), headers.get("content-encoding", ""))
+    def meter(self, status: int, headers: Mapping[str, str], has_body: bool) -> UsageMeter | Assessment:
+        """A usage meter for this response, or the assessment when its body need not (or cannot) be read."""
+        ctype = headers.get("content-type", "")
+        if status >= 400:
+            return not_billable(f"provider replied {status}; error replies bill no tokens")
+        if not has_body:
+            return not_billable(f"provider replied {status} with no body")
+        if not meterable(ctype):
+            return not_billable(f"reply of type {media_type(ctype) or 'none'} carries no usage")
+        meter = make_usage_meter(ctype, headers.get("content-encoding", ""))
+        if meter is None:
+            codings = ",".join(content_codings(headers.get("content-encoding", "")))
+            return unknown(f"provider replied with content-encoding {codings!r}, which the meter cannot read")
+        return meter
 
 
 class AnthropicHandler(ProviderHandler):
@@ -120,7 +160,13 @@ class AnthropicHandler(ProviderHandler):
         # the provider's is added (also over a value left by an earlier attempt).
         remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(CCR_HEADER_PREFIX)]
         mutation = pb.HeaderMutation(
-            set_headers=[set_header("x-api-key", self._api_key)], remove_headers=remove
+            set_headers=[
+                set_header("x-api-key", self._api_key),
+                # The meter reads identity (and gzip/deflate); a client's `br, zstd` must not
+                # make usage unreadable. The listener compresses for the client instead.
+                set_header("accept-encoding", "identity"),
+            ],
+            remove_headers=remove,
         )
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
@@ -136,7 +182,10 @@ class UnavailableHandler(ProviderHandler):
         self._details = details
 
     def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
-        return error_response(500, "api_error", self._message, self._details)
+        resp = error_response(500, "api_error", self._message, self._details)
+        resp.dynamic_metadata.CopyFrom(usage_struct(Assessment(
+            UsageStatus.NOT_FORWARDED, None, f"provider {self.name or '?'} unavailable: {self._details}")))
+        return resp
 
 
 def build_handlers(
@@ -173,12 +222,16 @@ class _Attempt:
     handler: ProviderHandler
     meter: UsageMeter | None = None
     status: int = 0
-    result: MeterResult | None = None
+    streaming: bool = False
+    last: Assessment | None = None  # the last one published
+    # Set for Batches and Files requests only (router/adapter/objects.py).
+    objects: ObjectAttempt | None = None
 
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, handlers: dict[str, ProviderHandler]) -> None:
+    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None) -> None:
         self._handlers = handlers
+        self._objects = objects
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -206,11 +259,33 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         async for req in request_iterator:
             kind = req.WhichOneof("request")
             if kind == "response_body":
-                yield self._on_body(attempt, req.response_body)
+                if attempt.objects is not None and attempt.objects.wants_body():
+                    resp = await attempt.objects.on_body(
+                        req.response_body, pb.ProcessingResponse(response_body=pb.BodyResponse()),
+                        lambda u: self._object_usage(attempt, u))
+                    yield resp
+                    if resp.HasField("immediate_response"):
+                        return
+                else:
+                    yield self._on_body(attempt, req.response_body)
             elif kind == "response_headers":
-                yield self._on_response_headers(attempt, req.response_headers)
+                resp = self._on_response_headers(attempt, req.response_headers)
+                if attempt.objects is not None:
+                    await attempt.objects.on_response_headers(
+                        attempt.status, req.response_headers.end_of_stream, resp,
+                        lambda u: self._object_usage(attempt, u))
+                yield resp
             elif kind == "request_headers":
-                resp = attempt.handler.on_request_headers(header_map(req.request_headers.headers))
+                headers = header_map(req.request_headers.headers)
+                attempt.objects = ObjectAttempt.start(self._objects, attempt.handler.name, headers)
+                why = attempt.objects.refuse_early() if attempt.objects is not None else None
+                resp = (error_response(500, "api_error", why, "ccr_adapter_no_principal") if why
+                        else attempt.handler.on_request_headers(headers))
+                if attempt.objects is not None and resp.HasField("request_headers"):
+                    sets = resp.request_headers.response.header_mutation.set_headers
+                    path = attempt.objects.upstream_path(headers.get(":path", ""))
+                    if path is not None:
+                        sets.append(set_header(":path", path))
                 yield resp
                 if resp.HasField("immediate_response"):
                     return  # Envoy sends nothing more on this stream
@@ -221,8 +296,21 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_trailers":
                 # Trailers end a body that had no end_of_stream chunk.
                 resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                if attempt.objects is not None:
+                    await attempt.objects.on_trailers(resp, lambda u: self._object_usage(attempt, u))
                 self._finish(attempt, resp)
                 yield resp
+
+    @staticmethod
+    def _object_usage(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:
+        """Usage decided by an object attempt (batch results), instead of the usage meter's."""
+        attempt.meter = None
+        if any(usage.as_dict().values()):
+            a = Assessment(UsageStatus.COMPLETE, usage.as_dict())
+        else:
+            a = not_billable("batch results carry no usage to charge (none succeeded, or metered on an earlier fetch)")
+        attempt.last = a
+        return usage_struct(a)
 
     def _on_response_headers(self, attempt: _Attempt, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = header_map(msg.headers)
@@ -231,24 +319,20 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         except ValueError:
             attempt.status = 0
         resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        attempt.meter = None if msg.end_of_stream else attempt.handler.meter(attempt.status, headers)
-        if attempt.meter is None:
-            # Nothing to meter: errors, other content types, bodiless replies.
+        attempt.streaming = media_type(headers.get("content-type", "")) == "text/event-stream"
+        got = attempt.handler.meter(attempt.status, headers, has_body=not msg.end_of_stream)
+        if isinstance(got, Assessment):
+            # Nothing to meter: errors, other content types, bodiless or unreadable replies.
             # Stop streaming the body through us; it passes unmodified either way.
             if not msg.end_of_stream:
                 resp.mode_override.CopyFrom(_NO_RESPONSE_BODY)
-            if attempt.status < 400 and meterable(headers.get("content-type", "")) and not decodable(
-                headers.get("content-encoding", "")
-            ):
-                # A billable reply we cannot read: leave usage unknown rather than claim zero.
-                log.warning(
-                    "provider %s replied with content-encoding %r; usage not metered",
-                    attempt.handler.name,
-                    headers.get("content-encoding"),
-                )
-            else:
-                attempt.result = MeterResult(complete=True)
-                resp.dynamic_metadata.CopyFrom(usage_struct(attempt.result.usage))
+            if got.status == UsageStatus.UNKNOWN:
+                log.warning("provider %s: %s", attempt.handler.name, got.note)
+            self._publish(attempt, resp, got)
+            return resp
+        attempt.meter = got
+        # What the row says if the reply stops before any usage is read.
+        self._publish(attempt, resp, assess(got.result, attempt.streaming, ended=False))
         return resp
 
     def _on_body(self, attempt: _Attempt, body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -262,13 +346,14 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         except Exception:  # metering must never break the stream
             log.exception("usage meter failed on provider %s; metering stops", attempt.handler.name)
             attempt.meter = None
+            self._publish(attempt, resp, unknown("the usage meter failed on this reply (see adapter log)"))
             return resp
         if body.end_of_stream or body.end_of_stream_without_message:
             self._finish(attempt, resp)
         elif changed:
-            # Publish as soon as usage moves, so an aborted stream is still charged
-            # for what was generated.
-            resp.dynamic_metadata.CopyFrom(usage_struct(meter.result.usage))
+            # Publish as soon as usage or the output estimate moves, so an aborted
+            # stream is still charged for what was generated.
+            self._publish(attempt, resp, assess(meter.result, attempt.streaming, ended=False))
         return resp
 
     def _finish(self, attempt: _Attempt, resp: pb.ProcessingResponse) -> None:
@@ -280,17 +365,23 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         except Exception:
             log.exception("usage meter failed at end of reply from provider %s", attempt.handler.name)
             result = meter.result
-        attempt.result = result
-        if not result.complete:
-            log.warning(
-                "reply from provider %s ended before usage was complete (status %d); recording what was read",
-                attempt.handler.name,
-                attempt.status,
-            )
-        resp.dynamic_metadata.CopyFrom(usage_struct(result.usage))
+        a = assess(result, attempt.streaming, ended=True)
+        if a.status != UsageStatus.COMPLETE and a.status != UsageStatus.NOT_BILLABLE:
+            log.warning("provider %s (status %d): usage %s: %s", attempt.handler.name, attempt.status,
+                        a.status.value, a.note)
+        self._publish(attempt, resp, a, always=True)
+
+    @staticmethod
+    def _publish(attempt: _Attempt, resp: pb.ProcessingResponse, a: Assessment, always: bool = False) -> None:
+        # Mid-stream, only what changed; the end of a reply always says where it ended up.
+        if always or a != attempt.last:
+            attempt.last = a
+            resp.dynamic_metadata.CopyFrom(usage_struct(a))
 
 
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime) -> None:
     """`ccr.service.run` hook: register the ExternalProcessor service."""
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime)), server)
-    return None
+    # Batches and Files only: the pool opens on the first such request, never for Messages.
+    objects = ObjectStore(runtime.postgres_dsn)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime), objects), server)
+    return objects.close

@@ -1,0 +1,149 @@
+"""extauth's Batches and Files checks (extauth/objects.py) with a real PostgreSQL store, plus the
+pure helpers: file reference discovery and the adapter's results meter."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import json_format
+from google.rpc import code_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ccr.config import parse_config
+from ccr.provider_objects import ObjectKind, ObjectStore
+from extauth.bundle import build_bundle
+from extauth.keys import KeyStore, create_key
+from extauth.objects import file_ids, mentions_file
+from extauth.policy import PolicyEngine
+from extauth.server import Authorizer
+from router.adapter.objects import _ResultsMeter
+from tests.test_extauth import GATEWAY_YAML, REPO, denied_error, http_check, ok_headers
+
+
+def _req(cid: str, model: str, **extra: object) -> dict:
+    return {"custom_id": cid, "params": {"model": model, "max_tokens": 8,
+                                         "messages": [{"role": "user", "content": "hi"}], **extra}}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bundle(REPO / "policies", tmp_path_factory.mktemp("b") / "b.tar.gz", "ccr/authz/decision")
+
+
+def run(postgres_dsn: str, bundle: Path, calls: list[tuple[str, str, str, bytes]],
+        setup: list[tuple[ObjectKind, str, str, str]] = ()) -> list[pb.CheckResponse]:  # type: ignore[assignment]
+    """Each call is (key, method, path, body); `setup` pre-records (kind, id, provider, owner)."""
+    config = parse_config({**yaml.safe_load(GATEWAY_YAML), "files": {"enabled": True}})
+
+    async def scenario() -> list[pb.CheckResponse]:
+        keys, store = KeyStore(postgres_dsn), ObjectStore(postgres_dsn)
+        await keys.start()
+        for kind, oid, provider, owner in setup:
+            await store.record(kind, oid, provider, owner)
+        auth = Authorizer(config, keys, PolicyEngine.load(bundle, "ccr/authz/decision"), store)
+        try:
+            return [await auth.check(http_check({"x-api-key": k}, method=m, path=p, body=b)) for k, m, p, b in calls]
+        finally:
+            await keys.close()
+            await store.close()
+            auth.policy.close()
+
+    return asyncio.run(scenario())
+
+
+def test_batch_create_decided_per_request(postgres_dsn: str, bundle: Path) -> None:
+    _, hal = create_key(postgres_dsn, "hal-x", groups=["haiku-only"])
+    body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
+    ok, denied, unknown, mixed, bad = run(postgres_dsn, bundle, [
+        (hal, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"), _req("b", "claude-haiku-4-5"))),
+        (hal, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"), _req("evil", "claude-sonnet-4-5"))),
+        (hal, "POST", "/v1/messages/batches", body(_req("odd", "gpt-4o"))),
+        (hal, "POST", "/v1/messages/batches", body(_req("x", "claude-opus-4-1"), _req("y", "claude-haiku-4-5"))),
+        (hal, "POST", "/v1/messages/batches", b'{"requests": []}'),
+    ])
+    assert ok.status.code == code_pb2.OK
+    assert ok_headers(ok)["x-ccr-batch-requests"] == "2"
+    assert json_format.MessageToDict(ok.dynamic_metadata)["batch_requests"] == 2
+    status, err = denied_error(denied)
+    assert status == 403 and "'evil'" in err["message"] and "claude-sonnet-4-5" in err["message"]
+    status, err = denied_error(unknown)
+    assert status == 404 and "'odd'" in err["message"] and "gpt-4o" in err["message"]
+    # claude-opus-4-1 is served by provider "backup", haiku by "anthropic": one batch can't do both.
+    status, err = denied_error(mixed)
+    assert status == 403 and "'x'" in err["message"]  # haiku-only may not use opus at all
+    _, dflt = create_key(postgres_dsn, "mixer", groups=["default"])
+    (mixed2,) = run(postgres_dsn, bundle, [(dflt, "POST", "/v1/messages/batches",
+                                           body(_req("x", "claude-opus-4-1"), _req("y", "claude-haiku-4-5")))])
+    status, err = denied_error(mixed2)
+    assert status == 400 and "mixes providers" in err["message"] and "'x'" in err["message"]
+    assert denied_error(bad)[0] == 400
+
+
+def test_object_ids_are_scoped_to_their_owner(postgres_dsn: str, bundle: Path) -> None:
+    a_rec, a = create_key(postgres_dsn, "owner-a")
+    _, b = create_key(postgres_dsn, "other-b")
+    paths = [("GET", "/v1/messages/batches/msgbatch_01own"), ("GET", "/v1/messages/batches/msgbatch_01own/results"),
+             ("POST", "/v1/messages/batches/msgbatch_01own/cancel"), ("DELETE", "/v1/messages/batches/msgbatch_01own"),
+             ("GET", "/v1/files/file_01own"), ("GET", "/v1/files/file_01own/content"),
+             ("DELETE", "/v1/files/file_01own")]
+    setup = [(ObjectKind.BATCH, "msgbatch_01own", "backup", a_rec.id),
+             (ObjectKind.FILE, "file_01own", "backup", a_rec.id)]
+    ref = orjson.dumps({"model": "claude-opus-4-1", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": "file_01own"}}]}]})
+    calls = [(k, m, p, b"") for k in (a, b) for m, p in paths] + [(a, "POST", "/v1/messages", ref),
+                                                                 (b, "POST", "/v1/messages", ref)]
+    out = run(postgres_dsn, bundle, calls, setup)
+    mine, theirs = out[:len(paths)], out[len(paths):2 * len(paths)]
+    for r in mine:
+        assert r.status.code == code_pb2.OK
+        # Routed to the provider that holds the object, not the default one.
+        assert ok_headers(r)["x-ccr-cluster"] == "provider_backup"
+    for r in theirs:
+        status, err = denied_error(r)
+        assert status == 404 and err["type"] == "not_found_error" and "own" in err["message"]
+    assert out[-2].status.code == code_pb2.OK
+    assert denied_error(out[-1])[0] == 404
+
+
+def test_file_ids_found_anywhere() -> None:
+    doc = {"messages": [{"content": [{"type": "tool_result", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "file_a"}}]}]}],
+        "system": [{"type": "document", "source": {"file_id": "file_b"}}], "x": {"file_id": 7}}
+    assert sorted(map(str, file_ids(doc))) == ["7", "file_a", "file_b"]
+    assert mentions_file(b'{"file\\u005fid": "x"}') and mentions_file(b'{"file_id": 1}')
+    assert not mentions_file(b'{"model": "m", "messages": []}')
+
+
+_KEYS = st.sampled_from(["file_id", "source", "type", "content"]) | st.text(max_size=8)
+
+
+@given(st.recursive(st.none() | st.integers(-(2**53), 2**53) | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(_KEYS, c, max_size=3)))
+def test_every_file_reference_needs_the_precheck(doc: object) -> None:
+    """Whatever the JSON, if it holds a file_id the byte pre-check says 'parse' (escapes included)."""
+    for raw in (orjson.dumps(doc), orjson.dumps(doc).replace(b"file_id", b"file\\u005fid")):
+        if list(file_ids(orjson.loads(raw))):
+            assert mentions_file(raw)
+
+
+def test_results_meter_sums_succeeded_in_any_chunking() -> None:
+    lines = [
+        {"custom_id": "a", "result": {"type": "succeeded", "message": {"usage": {
+            "input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 2}}}},
+        {"custom_id": "b", "result": {"type": "errored", "error": {"type": "error"}}},
+        {"custom_id": "c", "result": {"type": "succeeded", "message": {"usage": {
+            "input_tokens": 5, "output_tokens": 4}}}},
+    ]
+    body = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+    for size in (1, 7, len(body)):
+        m = _ResultsMeter()
+        for i in range(0, len(body), size):
+            m.feed(body[i:i + size])
+        u = m.finish()
+        assert (u.input_tokens, u.output_tokens, u.cache_read_input_tokens) == (15, 7, 2) and m.complete
