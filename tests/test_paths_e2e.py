@@ -51,6 +51,7 @@ def variants(path: str) -> list[str]:
         path.replace("/", "\\"), "/V1/" + rest, "/v1/" + first.capitalize() + path[len("/v1/" + first):],
         path.upper(), path + ";x", path + "%00", path + "%20", path + "%09", path + "#frag", path + "\t",
         path[1:], path + "/" + "a" * 2000, path.replace("/v1/", "/v2/"), path + ".json",
+        "http://gateway" + path + "/", "http://gateway/" + path + "/", "http://gateway" + path.upper(),
     ]
 
 
