@@ -286,8 +286,9 @@ def test_fail_open_with_extauth_down_forwards_nothing(fail_open_gw: Gateway) -> 
     for method, target, b in (("POST", "/v1/messages", body), ("POST", "/v1/messages/count_tokens", body),
                               ("GET", "/v1/models", b""), ("POST", "/v1/messages/batches", body)):
         for headers in ({**_headers("ccr_nobody"), **SPOOF}, {"content-type": "application/json", **SPOOF}):
-            status, reply = raw_request(gw, method, target, headers, b)
-            assert status == 503, (target, status, reply)
-            err = json.loads(reply)["error"]
-            assert err["type"] == "api_error" and "no authorization decision" in err["message"]
+            for send in (raw_request, h2_request):
+                status, reply = send(gw, method, target, headers, b)
+                assert status == 503, (send.__name__, target, status, reply)
+                err = json.loads(reply)["error"]
+                assert err["type"] == "api_error" and "no authorization decision" in err["message"]
     assert records(gw)[seen:] == [], "a request reached the provider without a decision"
