@@ -18,16 +18,15 @@ from enum import StrEnum
 # Longest path (without the query string) we look at; the real API's are < 100 bytes.
 MAX_PATH_BYTES = 512
 
-# Object ids (batches, files) and model ids: ASCII letters, digits, '_' and '-', starting
-# with a letter or digit, so an id can never be a dot segment, carry a slash or an escape.
+# Object ids (batches, files) and model ids (the API's have no dots: "claude-sonnet-4-5-20250929"):
+# ASCII letters, digits, '_' and '-', starting with a letter or digit, so an id can never be a
+# dot segment, carry a slash or an escape.
 # No length bound inside the regex (Envoy's RE2 program-size limit); match() checks MAX_ID_LEN.
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
-# Model ids may contain dots (e.g. "claude-3.5-..."-style aliases), never as the first char.
-MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 MAX_ID_LEN = 128
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
-_PARAM_PATTERNS = {"model_id": MODEL_ID_PATTERN, "batch_id": ID_PATTERN, "file_id": ID_PATTERN}
+_PARAM_PATTERNS = {"model_id": ID_PATTERN, "batch_id": ID_PATTERN, "file_id": ID_PATTERN}
 # A canonical path: one or more "/segment" of unreserved characters (RFC 3986, minus '~'),
 # nothing else. No '%', no '//', no trailing '/', no controls, no spaces, no non-ASCII.
 _CANONICAL = re.compile(r"(?:/[A-Za-z0-9._-]+)+")

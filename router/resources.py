@@ -335,6 +335,16 @@ def _local_reply_mappers() -> list[Json]:
     def flags(*names: str) -> Json:
         return {"response_flag_filter": {"flags": list(names)}}
 
+    def cel(expression: str) -> Json:
+        return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": expression}}}
+
+    def code_details(details: str) -> Json:
+        # Envoy's own reason for a local reply; the only handle on replies sent before any filter
+        # ran (response flags such as DPE are set only after the reply is formatted).
+        return cel(f"response.code_details == '{details}'")
+
     def status(code: int) -> Json:
         return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
             "default_value": code, "runtime_key": f"ccr.local_reply.{code}"}}}}
@@ -355,6 +365,12 @@ def _local_reply_mappers() -> list[Json]:
         mapper(flags("UH", "UF", "URX", "UO", "UC", "UR", "DC"), None, "api_error",
                "The upstream provider is unreachable or reset the connection; retry shortly."),
         mapper(flags("NR"), 404, "not_found_error", "No route for this path."),
+        # Refused before any filter ran (HCM path normalisation, the HTTP/1 codec).
+        mapper(code_details("path_normalization_failed"), 400, "invalid_request_error",
+               "Invalid request path: an encoded '/' or '\\', a NUL or a fragment is not allowed; "
+               "send the endpoint's exact path, e.g. /v1/messages."),
+        mapper(cel("response.code == 400 && response.code_details.startsWith('http1.')"), 400,
+               "invalid_request_error", "Malformed HTTP request (request line, path or headers)."),
     ]
 
 

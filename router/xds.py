@@ -20,6 +20,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
 # Typed configs referenced by "@type" inside the resources must be in the pool to parse.
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
 from envoy.extensions.compression.gzip.compressor.v3 import gzip_pb2 as _gzip  # noqa: F401
 from envoy.extensions.filters.http.compressor.v3 import compressor_pb2 as _compressor  # noqa: F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from extauth.bundle import BundleError, build_bundle, find_opa, read_bundle
+from extauth.endpoints import match
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal, PrincipalKind
 
@@ -70,6 +72,30 @@ def test_decision_cache_is_per_fact_set(engine: PolicyEngine) -> None:
     assert engine.decide(P("key_x", "x", ("default",)), "POST", "/v1/messages", "claude-haiku-4-5") is a
     b = engine.decide(P("key_x", "x", ("haiku-only",)), "POST", "/v1/messages", "claude-sonnet-4-5")
     assert not b.allow and a.allow
+
+
+def test_decision_cache_keys_on_the_endpoint(tmp_path: Path) -> None:
+    """Same principal, method, path and model, another endpoint or id: another decision."""
+    src = tmp_path / "policies"
+    src.mkdir()
+    (src / "authz.rego").write_text((POLICIES / "authz.rego").read_text())
+    (src / "data.json").write_text(json.dumps({"endpoint_access": {"*": ["messages.create", "batches.get"]},
+                                               "model_access": {"default": ["claude-*"]}}))
+    eng = PolicyEngine.load(build_bundle(src, tmp_path / "b.tar.gz", ENTRYPOINT), ENTRYPOINT)
+    try:
+        p = P("key_e", "eve", ("default",))
+        path = "/v1/messages/batches"
+        # A request inside a batch is decided as messages.create; the batch call itself is not granted.
+        inner = eng.decide(p, "POST", path, "claude-haiku-4-5", match("POST", "/v1/messages"))
+        outer = eng.decide(p, "POST", path, "claude-haiku-4-5")
+        assert inner.allow and not outer.allow and "batches.create" in outer.reason
+        assert eng.decide(p, "POST", path, "claude-haiku-4-5", match("POST", "/v1/messages")) is inner
+        # Path parameters reach the policy: an unknown endpoint shape is denied, a known one allowed.
+        assert eng.decide(p, "GET", "/v1/messages/batches/b1", None).allow
+        assert not eng.decide(p, "GET", "/v1/messages/batches/b1/results", None).allow
+        assert not eng.decide(p, "GET", "/v1/messages/batches/b%31", None).allow  # no endpoint
+    finally:
+        eng.close()
 
 
 def test_build_failure_shows_opa_error(tmp_path: Path) -> None:

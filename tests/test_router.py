@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from google.rpc import status_pb2
 from ccr.config import load_config
 from ccr.runtime import Runtime, UpstreamOverride
 from ccr.supervisor import envoy_binary, render_bootstrap
+from extauth.endpoints import ENDPOINTS, Endpoint
 from router import resources
 from router.xds import CDS, LDS, RDS, AdsServer, Snapshot
 
@@ -79,6 +81,33 @@ def test_body_limits_are_raised_together() -> None:
     by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
     assert by_name.pop("provider_anthropic") == buf
     assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
+
+
+def test_route_table_is_deny_by_default() -> None:
+    """One route per registry endpoint (method + path), then a 404 for everything else that
+    skips authorization; paths are normalised and client x-ccr-* stripped before any filter."""
+    cfg = load_config(REPO / "ccr.example.yaml")
+    res = resources.build(cfg, _runtime(), 18080)
+    routes = res.routes[0]["virtual_hosts"][0]["routes"]
+    assert [r["name"] for r in routes] == [e.name for e in ENDPOINTS] + ["not_found"]
+    for r, e in zip(routes, ENDPOINTS, strict=False):
+        m = r["match"]
+        assert m["headers"] == [{"name": ":method", "string_match": {"exact": e.method}}]
+        assert m.get("path") == e.template or re.fullmatch(m["safe_regex"]["regex"], concrete_path(e))
+        assert "prefix" not in m and r["route"]["cluster_header"] == "x-ccr-cluster"
+    last = routes[-1]
+    assert last["match"] == {"prefix": "/"} and last["direct_response"]["status"] == 404
+    assert last["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    hcm = res.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["normalize_path"] and hcm["merge_slashes"]
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    # The first early mutation, before anything else may add an x-ccr-* of the gateway's own.
+    early = hcm["early_header_mutation_extensions"][0]
+    assert early["typed_config"]["mutations"] == [{"remove_on_match": {"key_matcher": {"prefix": "x-ccr-"}}}]
+
+
+def concrete_path(e: Endpoint) -> str:
+    return re.sub(r"\{[a-z_]+\}", "id_01", e.template)
 
 
 async def _ads_exchange() -> None:
