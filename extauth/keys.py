@@ -29,6 +29,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from ccr.listen import listen_forever
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ccr_"
@@ -403,23 +405,9 @@ class KeyStore:
                 log.warning("could not record key last use (%s); retrying later", e)
 
     async def _listen(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {KEYS_CHANNEL}")
-                    # Notifications may have been missed while disconnected.
-                    self.invalidate()
-                    self.listening.set()
-                    delay = 0.2
-                    async for note in conn.notifies():
-                        log.info("api key change (%s): cache cleared", note.payload)
-                        self.invalidate()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # reconnect; the TTL covers the gap
-                log.warning("key change listener lost (%s); reconnecting in %.1fs", e, delay)
-            self.listening.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        await listen_forever(self._dsn, KEYS_CHANNEL, on_connected=self.invalidate, on_notify=self._key_changed,
+                             listening=self.listening, what="key change")
+
+    def _key_changed(self, payload: str) -> None:
+        log.info("api key change (%s): cache cleared", payload)
+        self.invalidate()

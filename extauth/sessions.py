@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 from joserfc.jwk import KeySet
 from psycopg_pool import AsyncConnectionPool
 
 from ccr.config import GatewayConfig
 from ccr.contract import SESSIONS_CHANNEL
+from ccr.listen import listen_forever
 from ccr.runtime import Runtime
 from extauth.deny import Deny
 from extauth.principal import Principal, PrincipalKind
@@ -85,26 +85,10 @@ class SessionStatus:
         return ok
 
     async def _listen(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {SESSIONS_CHANNEL}")
-                    self.forget()  # anything may have been missed while disconnected
-                    self.listening.set()
-                    delay = 0.2
-                    async for note in conn.notifies():
-                        self.forget(note.payload or None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("session revocation listener lost (%s); reconnecting in %.1fs", e, delay)
-            self.listening.clear()
-            self.forget()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
+        # Also forget on loss: while deaf to revocations, ask the database every time.
+        await listen_forever(self._dsn, SESSIONS_CHANNEL, on_connected=self.forget,
+                             on_notify=lambda payload: self.forget(payload or None), on_lost=self.forget,
+                             listening=self.listening, what="session revocation")
 
 class SessionTokenVerifier:
     """extauth's TokenVerifier for the gateway's own session tokens."""
