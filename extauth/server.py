@@ -14,6 +14,7 @@ import logging
 import os
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -67,7 +68,8 @@ def _headers(http) -> dict[str, str]:
     return out
 
 
-def model_from_body(body: bytes) -> str:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object (it names the model)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -75,6 +77,10 @@ def model_from_body(body: bytes) -> str:
                    f"request body is not valid JSON ({e}); send a JSON object with a 'model' field") from None
     if not isinstance(doc, dict):
         raise Deny(400, "invalid_request_error", "request body must be a JSON object with a 'model' field")
+    return doc
+
+
+def model_in(doc: dict[str, Any]) -> str:
     model = doc.get("model")
     if model is None:
         raise Deny(400, "invalid_request_error",
@@ -165,9 +171,11 @@ class Authorizer:
 
         path = split_target(http.path)[0]
         model: str | None = None
+        doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
         if endpoint.endpoint.model_in_body:
             body = http.raw_body or http.body.encode()
-            model = model_from_body(body)
+            doc = json_object(body)
+            model = model_in(doc)
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error", f"model: {model}")
@@ -178,7 +186,7 @@ class Authorizer:
         decision = self.policy.decide(principal, method, path, model, endpoint)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
-        facts = await self._objects(principal, endpoint, model, provider, http)
+        facts = await self._objects(principal, endpoint, doc, provider, http)
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
 
@@ -196,14 +204,13 @@ class Authorizer:
             self._ok_cache[ck] = resp
         return resp
 
-    async def _objects(self, principal: Principal, m: EndpointMatch, model: str | None, provider: str,
+    async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, provider: str,
                        http) -> ObjectFacts | None:
-        """Batches and Files checks (extauth/objects.py); file references in a Messages body."""
-        if model is not None:
-            body = http.raw_body or http.body.encode()
-            if not mentions_file(body):
+        """Batches and Files checks (extauth/objects.py); file references in a Messages body
+        (`doc`, already parsed by the caller)."""
+        if doc is not None:
+            if not mentions_file(http.raw_body or http.body.encode()):
                 return None
-            doc = orjson.loads(body)
             if self.objects is not None:
                 await self.objects.check_file_refs(principal, provider, doc, "")
             elif any(True for _ in file_ids(doc)):
