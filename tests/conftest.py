@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from ccr import db
 from ccr.fixtures import AGENT_REQUEST, fixture_path
 from ccr.localservers import start_postgres, start_redis
+from ccr.supervisor import Gateway
+from tests.harness import create_database, running_gateway
 from tests.idp import TestIdP, running_idp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,11 +34,7 @@ def postgres_server(servers_dir: Path) -> Iterator[dict[str, object]]:
 @pytest.fixture(scope="session")
 def postgres_dsn(postgres_server: dict[str, object]) -> str:
     """A fresh database on the session's server with the ccr schema applied."""
-    admin = str(postgres_server["admin_dsn"])
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    dsn = create_database(str(postgres_server["admin_dsn"]))
     db.migrate(dsn)
     return dsn
 
@@ -55,6 +51,21 @@ def redis_url(servers_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def agent_request_bytes() -> bytes:
     return fixture_path(AGENT_REQUEST).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A whole gateway on the example config, one per test module; a module that needs another
+    configuration defines its own `gw`."""
+    with running_gateway(tmp_path_factory.mktemp("gw")) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def dsn(gw: Gateway) -> str:
+    """The PostgreSQL database of the module's gateway."""
+    assert gw.runtime is not None
+    return gw.runtime.postgres_dsn
 
 
 @pytest.fixture

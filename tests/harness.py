@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import yaml
 
 from ccr.contract import ID_ADAPTER, ID_ENVOY
@@ -47,20 +51,58 @@ def running_service(module: str, run_dir: Path, config_yaml: str, *, env: dict[s
     assert code == 0, f"{module} did not shut down cleanly on SIGTERM (exit {code}):\n{child.log_tail()}"
 
 
-def gateway_config(tmp: Path) -> Path:
-    """The example config with its data under `tmp` and the repo's policies."""
+def create_database(admin_dsn: str, prefix: str = "t") -> str:
+    """A new empty database on the server of `admin_dsn`; returns its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+def gateway_config(tmp: Path, edit: Callable[[dict[str, Any]], object] | None = None) -> Path:
+    """The example config with its data under `tmp` and the repo's policies, then `edit`ed in place."""
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     cfg["storage"]["data_dir"] = str(tmp / "data")
     cfg["policy"]["dir"] = str(REPO / "policies")
+    if edit is not None:
+        edit(cfg)
     path = tmp / "ccr.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+def log_rows(dsn: str, column: str, value: str, n: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """At least n request_log rows with column = value; Envoy flushes the gRPC access log in batches."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        while True:
+            cur.execute(f"SELECT * FROM request_log WHERE {column} = %s ORDER BY id", (value,))  # noqa: S608
+            got = cur.fetchall()
+            if len(got) >= n:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(got)} request_log rows with {column}={value!r} after {timeout}s")
+            time.sleep(0.05)
+
+
+def log_row(dsn: str, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The access-log row for a request."""
+    return log_rows(dsn, "request_id", request_id, timeout=timeout)[0]
+
+
+def emulator_records(gw: Gateway) -> list[dict[str, Any]]:
+    """What the emulator (the upstream provider) has received, oldest first."""
+    return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
+
+
 @contextmanager
-def running_gateway(tmp: Path) -> Iterator[Gateway]:
-    g = Gateway(gateway_config(tmp)).start()
-    g.issue_local_key()
+def running_gateway(tmp: Path, edit: Callable[[dict[str, Any]], object] | None = None, *,
+                    local_key: bool = True) -> Iterator[Gateway]:
+    """A whole gateway on `gateway_config(tmp, edit)`, with a local API key unless `local_key` is False;
+    stopped afterwards, with a check that every child is gone."""
+    g = Gateway(gateway_config(tmp, edit)).start()
+    if local_key:
+        g.issue_local_key()
     try:
         yield g
     finally:

@@ -18,7 +18,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from ccr.procs import Child
-from tests.harness import running_service
+from tests.harness import create_database, running_service
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
@@ -319,11 +319,7 @@ def test_migration_2_upgrades_a_version_1_log(postgres_server: dict[str, object]
     """Old rows keep their counts (status NULL: written before statuses existed); unknown can now be NULL."""
     from ccr import db
 
-    admin = str(postgres_server["admin_dsn"])
-    name = f"m_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    dsn = create_database(str(postgres_server["admin_dsn"]), prefix="m")
     v1 = next(m for m in db.MIGRATIONS if m[0] == 1)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(v1[2])

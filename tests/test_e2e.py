@@ -8,61 +8,28 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import httpx
-import psycopg
 import pytest
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key, revoke_key
-from tests.harness import running_gateway
+from tests.harness import emulator_records, log_row
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with running_gateway(tmp_path_factory.mktemp("gw")) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def dsn(gw: Gateway) -> str:
-    assert gw.runtime is not None
-    return gw.runtime.postgres_dsn
 
 
 def client(gw: Gateway, key: str | None = None, **kw: Any) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gw.url, api_key=key or gw.api_key, max_retries=0, **kw)
 
 
-def emulator_records(gw: Gateway) -> list[dict[str, Any]]:
-    return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
-
-
 def last_upstream(gw: Gateway) -> dict[str, Any]:
     recs = emulator_records(gw)
     assert recs, "the emulator saw no request"
     return recs[-1]
-
-
-def log_row(dsn: str, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The access-log row for a request; Envoy flushes the gRPC access log in batches."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(dsn) as conn:
-        while True:
-            cur = conn.execute("SELECT * FROM request_log WHERE request_id = %s", (request_id,))
-            row = cur.fetchone()
-            if row is not None:
-                assert cur.description is not None
-                return dict(zip([c.name for c in cur.description], row, strict=True))
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no request_log row for {request_id} after {timeout}s")
-            time.sleep(0.1)
 
 
 def envoy_request_id(gw: Gateway) -> str:

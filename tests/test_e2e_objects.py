@@ -14,12 +14,10 @@ import anthropic
 import httpx
 import psycopg
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import gateway_config
-from tests.test_e2e import emulator_records, log_row
+from tests.harness import emulator_records, gateway_config, log_row
 
 BETA = ["files-api-2025-04-14"]
 HAIKU = "claude-haiku-4-5"
@@ -27,11 +25,7 @@ SONNET = "claude-sonnet-4-6"
 
 
 def _start(tmp: Path, files_enabled: bool) -> Gateway:
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["files"] = {"enabled": files_enabled}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
+    g = Gateway(gateway_config(tmp, lambda cfg: cfg.update(files={"enabled": files_enabled}))).start()
     g.issue_local_key()
     return g
 
@@ -44,12 +38,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     finally:
         g.stop()
     assert all(not c.alive() for c in g.children)
-
-
-@pytest.fixture(scope="module")
-def dsn(gw: Gateway) -> str:
-    assert gw.runtime is not None
-    return gw.runtime.postgres_dsn
 
 
 @pytest.fixture(scope="module")

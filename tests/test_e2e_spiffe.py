@@ -14,13 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests import pki
-from tests.harness import gateway_config
-from tests.test_e2e import emulator_records, log_row
+from tests.harness import emulator_records, log_row, running_gateway
 
 BATCH = "spiffe://example.org/ns/batch/sa/job"
 WEB = "spiffe://example.org/ns/web/sa/api"
@@ -52,19 +50,13 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("gw-mtls")
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["gateway"]["tls"] = {"cert_file": str(certs.server.cert_file), "key_file": str(certs.server.key_file),
-                             "client_ca_file": str(certs.bundle), "require_client_cert": True}
-    cfg["identity"] = {"spiffe": {"enabled": True, "trust_domains": ["example.org"], "allow_without_key": True}}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    try:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["gateway"]["tls"] = {"cert_file": str(certs.server.cert_file), "key_file": str(certs.server.key_file),
+                                 "client_ca_file": str(certs.bundle), "require_client_cert": True}
+        cfg["identity"] = {"spiffe": {"enabled": True, "trust_domains": ["example.org"], "allow_without_key": True}}
+
+    with running_gateway(tmp_path_factory.mktemp("gw-mtls"), edit, local_key=False) as g:
         yield g
-    finally:
-        g.stop()
-    assert all(not c.alive() for c in g.children)
 
 
 def tls_client(certs: Certs, cert: pki.Issued | None, **kw: Any) -> httpx.Client:

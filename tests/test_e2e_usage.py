@@ -7,51 +7,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import httpx
-import psycopg
 import pytest
 
 from ccr.supervisor import Gateway
-from tests.harness import running_gateway
+from tests.harness import log_row, log_rows
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
 # What a modern client offers; the meter reads neither br nor zstd.
 GREEDY = "br, zstd, gzip"
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with running_gateway(tmp_path_factory.mktemp("gw")) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def dsn(gw: Gateway) -> str:
-    assert gw.runtime is not None
-    return gw.runtime.postgres_dsn
-
-
-def rows_where(dsn: str, column: str, value: str, n: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
-    """At least n request_log rows with column = value; Envoy flushes the access log in batches."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        while True:
-            cur.execute(f"SELECT * FROM request_log WHERE {column} = %s ORDER BY id", (value,))  # noqa: S608
-            got = cur.fetchall()
-            if len(got) >= n:
-                return got
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(got)} request_log rows with {column}={value!r} after {timeout}s")
-            time.sleep(0.05)
-
-
-def row_for(dsn: str, request_id: str) -> dict[str, Any]:
-    return rows_where(dsn, "request_id", request_id)[0]
 
 
 def headers(gw: Gateway, **extra: str) -> dict[str, str]:
@@ -96,7 +64,7 @@ def test_greedy_accept_encoding_json_httpx(gw: Gateway, dsn: str) -> None:
     msg = r.json()  # httpx decoded it: the body is intact
     assert msg["type"] == "message" and msg["content"][0]["text"]
     assert last_upstream(gw)["headers"]["accept-encoding"] == "identity"
-    row = row_for(dsn, r.headers["x-request-id"])
+    row = log_row(dsn, r.headers["x-request-id"])
     assert row["usage_status"] == "complete" and row["usage_note"] is None
     assert row["input_tokens"] == msg["usage"]["input_tokens"] > 0
     assert row["output_tokens"] == msg["usage"]["output_tokens"] > 0
@@ -112,7 +80,7 @@ def test_greedy_accept_encoding_sse_httpx(gw: Gateway, dsn: str) -> None:
     assert data[0]["type"] == "message_start" and data[-1]["type"] == "message_stop"
     final = next(d for d in data if d["type"] == "message_delta")["usage"]
     assert last_upstream(gw)["headers"]["accept-encoding"] == "identity"
-    row = row_for(dsn, r.headers["x-request-id"])
+    row = log_row(dsn, r.headers["x-request-id"])
     assert row["usage_status"] == "complete"
     assert row["input_tokens"] == final["input_tokens"] > 0 and row["output_tokens"] == final["output_tokens"] > 0
 
@@ -134,7 +102,7 @@ def test_a_compressed_stream_is_not_held_back(gw: Gateway, dsn: str) -> None:
                 if kinds.count("content_block_delta") == 1:
                     httpx.post(f"{gw.emulator_url}/_emulator/release/{hold}")
     assert kinds[0] == "message_start" and kinds[-1] == "error"
-    row = row_for(dsn, r.headers["x-request-id"])
+    row = log_row(dsn, r.headers["x-request-id"])
     assert row["usage_status"] == "estimated" and row["output_tokens"] > 0
 
 
@@ -143,7 +111,7 @@ def test_greedy_accept_encoding_through_the_sdk(gw: Gateway, dsn: str) -> None:
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=64, messages=HELLO)
     msg = raw.parse()
     assert raw.headers["content-encoding"] == "gzip" and msg.content[0].text  # type: ignore[union-attr]
-    row = row_for(dsn, raw.headers["x-request-id"])
+    row = log_row(dsn, raw.headers["x-request-id"])
     assert (row["usage_status"], row["input_tokens"], row["output_tokens"]) == (
         "complete", msg.usage.input_tokens, msg.usage.output_tokens)
 
@@ -152,7 +120,7 @@ def test_greedy_accept_encoding_through_the_sdk(gw: Gateway, dsn: str) -> None:
         final = stream.get_final_message()
         rid = stream.response.headers["x-request-id"]
     assert text and final.usage.output_tokens > 0
-    row = row_for(dsn, rid)
+    row = log_row(dsn, rid)
     assert (row["usage_status"], row["input_tokens"], row["output_tokens"]) == (
         "complete", final.usage.input_tokens, final.usage.output_tokens)
 
@@ -177,7 +145,7 @@ def test_client_abort_mid_stream_records_the_output_so_far(gw: Gateway, dsn: str
                 deltas += d["type"] == "content_block_delta"
                 if deltas == 4:
                     break  # closing the response resets the stream mid-way
-    row = row_for(dsn, rid)
+    row = log_row(dsn, rid)
     assert row["usage_status"] == "estimated", row
     assert row["output_tokens"] >= 4  # at least one token per delta seen
     assert row["output_tokens"] < 3000  # not the full reply that was never produced
@@ -201,7 +169,7 @@ def test_upstream_reset_mid_stream_records_the_output_so_far(gw: Gateway, dsn: s
                 if deltas == 1:  # output reached the client: now the provider resets the connection
                     httpx.post(f"{gw.emulator_url}/_emulator/release/{hold}")
     assert deltas >= 1
-    row = row_for(dsn, rid)
+    row = log_row(dsn, rid)
     assert row["usage_status"] == "estimated" and row["output_tokens"] >= deltas, row
     assert row["input_tokens"] > 0 and "cut off" in row["usage_note"]
 
@@ -213,7 +181,7 @@ def test_provider_error_event_mid_stream_is_estimated_with_the_reason(gw: Gatewa
         rid = stream.response.headers["x-request-id"]
         for _ in stream:
             pass
-    row = row_for(dsn, rid)
+    row = log_row(dsn, rid)
     assert row["usage_status"] == "estimated" and row["output_tokens"] > 0
     assert "overloaded_error" in row["usage_note"]
 
@@ -232,7 +200,7 @@ def test_request_id_is_the_gateways_and_the_clients_is_kept_aside(gw: Gateway, d
         assert last_upstream(gw)["headers"]["x-request-id"] == rid
         ids.append(rid)
     assert mine not in ids and ids[0] != ids[1]
-    rows = rows_where(dsn, "client_request_id", mine, n=2)
+    rows = log_rows(dsn, "client_request_id", mine, n=2)
     # Reusing an id erases nothing: both requests have their own row and usage.
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     assert all(r["usage_status"] == "complete" and r["output_tokens"] > 0 for r in rows)
@@ -244,12 +212,12 @@ def test_a_refused_request_is_not_forwarded_and_keeps_the_client_id(gw: Gateway,
                    headers={"x-api-key": "ccr_wrong", "anthropic-version": "2023-06-01", "x-request-id": mine,
                             "x-client-request-id": "spoofed"})
     assert r.status_code == 401 and r.headers["x-request-id"] != mine
-    row = row_for(dsn, r.headers["x-request-id"])
+    row = log_row(dsn, r.headers["x-request-id"])
     assert row["client_request_id"] == mine  # what the client sent as x-request-id, not the spoof
     assert row["usage_status"] == "not_forwarded" and row["input_tokens"] is None
     assert row["usage_note"] == "refused by the gateway's authorization"
     # With no x-request-id, a client-set x-client-request-id does not reach the log.
     r = httpx.get(f"{gw.url}/nowhere", headers={"x-client-request-id": "spoofed"})
     assert r.status_code in (401, 404)  # refused by authorization or by the route table, never forwarded
-    row = row_for(dsn, r.headers["x-request-id"])
+    row = log_row(dsn, r.headers["x-request-id"])
     assert row["client_request_id"] is None and row["usage_status"] == "not_forwarded"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +34,7 @@ from extauth.keys import (
 from extauth.policy import PolicyEngine
 from extauth.principal import PrincipalKind
 from extauth.server import Authorizer
-from tests.harness import running_service
+from tests.harness import create_database, running_service
 from tests.test_extauth import GATEWAY_YAML, REPO, http_check, msg_body
 
 
@@ -245,12 +244,10 @@ def test_revocation_reaches_every_replica_within_a_second(postgres_dsn: str) -> 
 def fresh_dsn(postgres_server: dict[str, object]) -> Iterator[str]:
     """A database of its own: these tests install failure triggers."""
     admin = str(postgres_server["admin_dsn"])
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    dsn = create_database(admin)
     db.migrate(dsn)
     yield dsn
+    name = dsn.rsplit("/", 1)[1]
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 

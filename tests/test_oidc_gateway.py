@@ -16,12 +16,11 @@ from pathlib import Path
 
 import anthropic
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
-from tests.harness import gateway_config
+from tests.harness import emulator_records, gateway_config, log_row, running_gateway
 from tests.idp import TestIdP, running_idp
-from tests.test_e2e import emulator_records, envoy_request_id, log_row
+from tests.test_e2e import envoy_request_id
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -36,20 +35,11 @@ def idps() -> Iterator[tuple[TestIdP, TestIdP]]:
 @pytest.fixture(scope="module")
 def gw(idps: tuple[TestIdP, TestIdP], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     a, b = idps
-    tmp = tmp_path_factory.mktemp("oidc-gw")
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["identity"] = {"oidc": [
+    with running_gateway(tmp_path_factory.mktemp("oidc-gw"), lambda cfg: cfg.update(identity={"oidc": [
         {"issuer": a.issuer, "audiences": ["ccr"], "group_map": {"eng": ["default"], "sales": ["haiku-only"]}},
         {"issuer": b.issuer, "audiences": ["ccr-b"]},
-    ]}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    g.issue_local_key()
-    try:
+    ]})) as g:
         yield g
-    finally:
-        g.stop()
 
 
 def sdk(gw: Gateway, token: str) -> anthropic.Anthropic:

@@ -38,7 +38,7 @@ from extauth.bundle import build_bundle
 from extauth.keys import create_key
 from router import resources
 from router.downstream import below_regex
-from tests.harness import gateway_config, running_service
+from tests.harness import running_gateway, running_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,19 +170,10 @@ def test_identity_phase_checks_the_key_only(extauth_stub: pb_grpc.AuthorizationS
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("overload")
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["gateway"]["overload"] = {"max_heap_bytes": HEAP_LIMIT}
-    cfg["gateway"]["downstream"] = {"request_headers_timeout_s": HEADERS_TIMEOUT_S}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    g.issue_local_key()
-    try:
+    with running_gateway(tmp_path_factory.mktemp("overload"), lambda cfg: cfg["gateway"].update(
+            overload={"max_heap_bytes": HEAP_LIMIT},
+            downstream={"request_headers_timeout_s": HEADERS_TIMEOUT_S})) as g:
         yield g
-    finally:
-        g.stop()
-    assert all(not c.alive() for c in g.children)
 
 
 def stats(gw: Gateway) -> dict[str, int]:
@@ -370,18 +361,9 @@ MAX_CONNECTIONS = 16
 
 @pytest.fixture(scope="module")
 def small_heap_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("small-heap")
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["gateway"]["overload"] = {"max_heap_bytes": SMALL_HEAP, "max_downstream_connections": MAX_CONNECTIONS}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    g.issue_local_key()
-    try:
+    with running_gateway(tmp_path_factory.mktemp("small-heap"), lambda cfg: cfg["gateway"].update(
+            overload={"max_heap_bytes": SMALL_HEAP, "max_downstream_connections": MAX_CONNECTIONS})) as g:
         yield g
-    finally:
-        g.stop()
-    assert all(not c.alive() for c in g.children)
 
 
 def overload_stats(gw: Gateway) -> dict[str, int]:

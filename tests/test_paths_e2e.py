@@ -21,12 +21,11 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-import yaml
 
 from ccr.supervisor import Gateway
 from extauth.endpoints import ENDPOINTS, Endpoint, Kind
 from extauth.keys import create_key
-from tests.harness import gateway_config, running_gateway
+from tests.harness import running_gateway
 
 SONNET, HAIKU = "claude-sonnet-4-5", "claude-haiku-4-5"
 IDS = {"model_id": SONNET, "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
@@ -145,12 +144,6 @@ def body_for(e: Endpoint, model: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with running_gateway(tmp_path_factory.mktemp("paths")) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
 def haiku_key(gw: Gateway) -> str:
     assert gw.runtime is not None
     return create_key(gw.runtime.postgres_dsn, "haiku-paths", ["haiku-only"])[1]
@@ -256,16 +249,9 @@ def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
 
 @pytest.fixture
 def fail_open_gw(tmp_path: Path) -> Iterator[Gateway]:
-    path = gateway_config(tmp_path)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["services"] = {"failure_mode_allow": True, "i_understand_unauthenticated_traffic_reaches_providers": True}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    g.issue_local_key()
-    try:
+    with running_gateway(tmp_path, lambda cfg: cfg.update(services={
+            "failure_mode_allow": True, "i_understand_unauthenticated_traffic_reaches_providers": True})) as g:
         yield g
-    finally:
-        g.stop()
 
 
 SPOOF = {"x-ccr-cluster": "provider_anthropic", "X-CCR-Provider": "anthropic", "x-ccr-principal-id": "key_admin",

@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 import anthropic
 import httpx
 import pytest
-import yaml
 from joserfc import jwt
 from joserfc.jwk import OctKey, OKPKey
 
@@ -29,7 +28,7 @@ from ccr.contract import SIGNIN_PREFIX
 from ccr.supervisor import Gateway
 from signin import tokens
 from signin.keys import load_signing_key
-from tests.harness import gateway_config
+from tests.harness import running_gateway
 from tests.idp import TestIdP, running_idp
 
 CCR = [sys.executable, "-m", "ccr.cli"]
@@ -55,17 +54,10 @@ def idp() -> Iterator[TestIdP]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, idp: TestIdP) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("signin")
-    path = gateway_config(tmp)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["identity"] = {"oidc": [{"issuer": idp.issuer, "audiences": ["ccr"]}],
-                       "signin": {"issuer": idp.issuer, "client_id": "ccr"}}
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway(path).start()
-    try:
+    with running_gateway(tmp_path_factory.mktemp("signin"), lambda cfg: cfg.update(identity={
+            "oidc": [{"issuer": idp.issuer, "audiences": ["ccr"]}],
+            "signin": {"issuer": idp.issuer, "client_id": "ccr"}}), local_key=False) as g:
         yield g
-    finally:
-        g.stop()
 
 
 def auth(gw: Gateway, path: str) -> str:
