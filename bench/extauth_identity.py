@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -32,11 +31,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from envoy.service.auth.v3 import attribute_context_pb2 as ac  # noqa: E402
+from _common import check_request, closed_loop, database, summary  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2 as pb  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc  # noqa: E402
 
-from ccr import db  # noqa: E402
 from ccr.config import GatewayConfig, SpiffeSettings, load_config  # noqa: E402
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
 from ccr.procs import spawn, wait_ready_file  # noqa: E402
@@ -58,24 +56,6 @@ model_allowed if {
 	startswith(input.request.model, "claude-")
 }
 """
-
-
-def summary(label: str, lat_s: list[float], wall_s: float) -> str:
-    lat = sorted(x * 1e6 for x in lat_s)
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    return (f"{label:<34} n={len(lat):>6}  p50={statistics.median(lat):8.1f} us  "
-            f"p99={p99:8.1f} us  {len(lat) / wall_s:8.0f} req/s")
-
-
-def check_request(body: bytes, headers: dict[str, str], spiffe: str | None = None) -> pb.CheckRequest:
-    http = ac.AttributeContext.HttpRequest(
-        method="POST", path="/v1/messages?beta=true", host="gw",
-        headers={"content-type": "application/json", "anthropic-version": "2023-06-01", **headers},
-        raw_body=body)
-    attrs = ac.AttributeContext(request=ac.AttributeContext.Request(http=http))
-    if spiffe:
-        attrs.source.principal = spiffe
-    return pb.CheckRequest(attributes=attrs)
 
 
 def make_authorizer(config: GatewayConfig, keys: KeyStore, policy: PolicyEngine) -> tuple[Authorizer, OidcVerifier]:
@@ -157,20 +137,8 @@ async def bench_paced(address: str, label: str, req: pb.CheckRequest, n: int, ra
 
 
 async def bench_max(address: str, label: str, req: pb.CheckRequest, n: int, conc: int) -> None:
-    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as ch:
-        stub = pb_grpc.AuthorizationStub(ch)
-        lat: list[float] = []
-        per_worker = max(1, n // conc)
-
-        async def worker() -> None:
-            for _ in range(per_worker):
-                s = time.perf_counter()
-                await stub.Check(req)
-                lat.append(time.perf_counter() - s)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        print(summary(f"max c={conc}  {label}", lat, time.perf_counter() - t0))
+    lat, wall = await closed_loop(address, req, n, conc)
+    print(summary(f"max c={conc}  {label}", lat, wall))
 
 
 def main() -> None:
@@ -191,18 +159,11 @@ def main() -> None:
 
     from tests.idp import running_idp
 
-    with tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, running_idp() as idp:
+    with (tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, running_idp() as idp,
+          database(Path(tmp), args.dsn) as dsn):
         run = Path(tmp)
-        pg = None
-        dsn = args.dsn
-        if dsn is None:
-            from ccr.localservers import start_postgres
-
-            pg = start_postgres(run / "pg", run / "logs")
-            dsn = str(pg.info["dsn"])
         server = None
         try:
-            db.migrate(dsn)
             _, key = create_key(dsn, "bench")
             cfg = {"version": 1, "providers": [{"name": "anthropic"}],
                    "models": [{"match": "claude-*", "provider": "anthropic"}],
@@ -246,8 +207,6 @@ def main() -> None:
                 code = server.stop()
                 if code != 0:
                     print(f"extauth bench server exited {code}:\n{server.log_tail()}", file=sys.stderr)
-            if pg is not None:
-                pg.stop()
 
 
 if __name__ == "__main__":
