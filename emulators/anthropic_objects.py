@@ -248,11 +248,13 @@ class ObjectEndpoints:
             return error_response(404, "not_found_error", f"message_batch: {bid} not found")
         return b
 
-    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+    async def _gated_batch(self, request: web.Request) -> Batch | web.Response:
+        """The batch a request names, once the request has passed the emulator's gate."""
         denied = await self.emu._gate(request)
-        if denied is not None:
-            return denied
-        b = self._batch(request)
+        return denied if denied is not None else self._batch(request)
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        b = await self._gated_batch(request)
         return b if isinstance(b, web.Response) else _json(b.obj(self._base(request)))
 
     async def list_batches(self, request: web.Request) -> web.StreamResponse:
@@ -270,10 +272,7 @@ class ObjectEndpoints:
                       "last_id": chosen[-1] if chosen else None})
 
     async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
-        denied = await self.emu._gate(request)
-        if denied is not None:
-            return denied
-        b = self._batch(request)
+        b = await self._gated_batch(request)
         if isinstance(b, web.Response):
             return b
         if b.ended_at is not None:
@@ -287,10 +286,7 @@ class ObjectEndpoints:
         return _json(reply)
 
     async def delete_batch(self, request: web.Request) -> web.StreamResponse:
-        denied = await self.emu._gate(request)
-        if denied is not None:
-            return denied
-        b = self._batch(request)
+        b = await self._gated_batch(request)
         if isinstance(b, web.Response):
             return b
         if b.ended_at is None:
@@ -300,10 +296,7 @@ class ObjectEndpoints:
         return _json({"id": b.id, "type": "message_batch_deleted"})
 
     async def batch_results(self, request: web.Request) -> web.StreamResponse:
-        denied = await self.emu._gate(request)
-        if denied is not None:
-            return denied
-        b = self._batch(request)
+        b = await self._gated_batch(request)
         if isinstance(b, web.Response):
             return b
         if b.ended_at is None:
@@ -339,6 +332,11 @@ class ObjectEndpoints:
             return error_response(404, "not_found_error", f"File not found: {fid}")
         return f
 
+    async def _gated_file(self, request: web.Request) -> StoredFile | web.Response:
+        """The file a request names, once the request has passed the Files gate."""
+        denied = await self._files_gate(request)
+        return denied if denied is not None else self._file(request)
+
     async def upload_file(self, request: web.Request) -> web.StreamResponse:
         denied = await self._files_gate(request)
         if denied is not None:
@@ -372,27 +370,18 @@ class ObjectEndpoints:
                       "next_page": last if has_more else None})
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
-        denied = await self._files_gate(request)
-        if denied is not None:
-            return denied
-        f = self._file(request)
+        f = await self._gated_file(request)
         return f if isinstance(f, web.Response) else _json(f.obj())
 
     async def file_content(self, request: web.Request) -> web.StreamResponse:
-        denied = await self._files_gate(request)
-        if denied is not None:
-            return denied
-        f = self._file(request)
+        f = await self._gated_file(request)
         if isinstance(f, web.Response):
             return f
         return web.Response(body=f.content, content_type=f.mime_type,
                             headers={"content-disposition": f'attachment; filename="{f.filename}"'})
 
     async def delete_file(self, request: web.Request) -> web.StreamResponse:
-        denied = await self._files_gate(request)
-        if denied is not None:
-            return denied
-        f = self._file(request)
+        f = await self._gated_file(request)
         if isinstance(f, web.Response):
             return f
         del self.files[f.id]
