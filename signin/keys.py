@@ -46,8 +46,8 @@ class KeyFileError(Exception):
     """A key file that is missing, malformed or readable by others."""
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> bool:
-    """Create `path` with `data` unless it exists; True when this call created it."""
+def _temp_beside(path: Path, data: bytes, mode: int) -> Path:
+    """A new file next to `path` holding `data` on disk, with `mode` from the start."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -55,6 +55,12 @@ def _write_new(path: Path, data: bytes, mode: int) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return tmp
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> bool:
+    """Create `path` with `data` unless it exists; True when this call created it."""
+    tmp = _temp_beside(path, data, mode)
     try:
         os.link(tmp, path)  # fails if another starter won the race: keep theirs
         return True
@@ -69,14 +75,7 @@ def _new_signing_key() -> OKPKey:
 
 
 def _replace(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    _temp_beside(path, data, mode).replace(path)
 
 
 def rotate_signing_key(key_dir: str | Path) -> tuple[str, str]:
