@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from ccr.procs import Child, StartError, free_port, minimal_env, spawn, wait_until
+from ccr.procs import Child, StartError, free_port, minimal_env, run_as, spawn, wait_until
 
 PG_SYSTEM_USER = "ccr-postgres"
 PG_DATABASE = "ccr"
@@ -108,10 +108,11 @@ def _pg_user() -> str | None:
 
 def _set_pg_password(bin_dir: Path, data_dir: Path, user: str | None, password: str) -> None:
     """Set the superuser's password in single-user mode: no server listens while it happens."""
-    r = subprocess.run(
+    r = run_as(
+        user,
         [str(bin_dir / "postgres"), "--single", "-D", str(data_dir), "-c", "password_encryption=scram-sha-256",
          "postgres"],
-        input=f"ALTER ROLE postgres PASSWORD '{password}';\n", capture_output=True, text=True, user=user,
+        input=f"ALTER ROLE postgres PASSWORD '{password}';\n", capture_output=True, text=True,
         env=minimal_env(),
     )
     if r.returncode != 0 or "ERROR" in r.stdout + r.stderr:
@@ -142,10 +143,11 @@ def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
         os.chown(data_dir, uid.pw_uid, uid.pw_gid)
     data_dir.chmod(0o700)
     if not (data_dir / "PG_VERSION").exists():
-        r = subprocess.run(
+        r = run_as(
+            user,
             [str(bin_dir / "initdb"), "-D", str(data_dir), "--auth=reject", "--encoding=UTF8",
              "--username=postgres", "--no-sync"],
-            capture_output=True, text=True, user=user, env=minimal_env(),
+            capture_output=True, text=True, env=minimal_env(),
         )
         if r.returncode != 0:
             raise StartError(f"initdb failed for {data_dir} (exit {r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}")

@@ -2,6 +2,13 @@
 
 Every child gets PR_SET_PDEATHSIG so that it is told to stop even if its
 supervisor dies without cleaning up (no orphans after a crash or SIGKILL).
+That and a change of user are done by util-linux's `setpriv` in front of the
+program rather than by a Python `preexec_fn`: with no Python code between fork
+and exec, CPython starts children with vfork, so no pthread_atfork handler runs
+in the child. gRPC registers such handlers; run in a forked child of a process
+with live gRPC channels (the test process, a supervisor), they restart a poller
+thread that races exec and aborts the child (SIGABRT, "epoll_wait error: Bad
+file descriptor") about one start in eight under load.
 
 Children never inherit the supervisor's environment: each gets `minimal_env()` plus
 what its caller passes explicitly, so a secret in the operator's shell (a provider
@@ -11,8 +18,10 @@ credential) reaches only the one process it is handed to.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +43,34 @@ INHERITED_ENV_PREFIXES = ("LC_",)
 def minimal_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     src = os.environ if environ is None else environ
     return {k: v for k, v in src.items() if k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)}
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def launcher(user: str | None = None, *, die_with_parent: bool = True) -> list[str]:
+    """The argv prefix that sets the parent-death signal and switches to `user`; empty when
+    `setpriv` is missing (then `spawn` and `run_as` fall back to preexec_fn and Popen's user=)."""
+    tool = _setpriv()
+    if tool is None:
+        return []
+    out = [tool]
+    if user is not None:
+        # Before the death signal: the kernel clears it when the effective uid changes.
+        out += ["--reuid", user, "--regid", user, "--init-groups"]
+    if die_with_parent:
+        out += ["--pdeathsig", "TERM"]
+    return out + ["--"]
+
+
+def run_as(user: str | None, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess:
+    """subprocess.run as `user` (None: as ourselves), without Python code in the child."""
+    prefix = launcher(user, die_with_parent=False) if user is not None else []
+    if user is not None and not prefix:
+        kw["user"] = user
+    return subprocess.run([*prefix, *argv], **kw)  # type: ignore[call-overload]
 
 
 def _die_with_parent() -> None:
@@ -99,16 +136,17 @@ def spawn(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    prefix = launcher(user)
     try:
         proc = subprocess.Popen(
-            list(argv),
+            [*prefix, *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**minimal_env(), **(env or {})},
             cwd=cwd,
-            user=user,
-            preexec_fn=_die_with_parent,
+            user=None if prefix else user,
+            preexec_fn=None if prefix else _die_with_parent,
             # Own process group: a terminal's Ctrl-C reaches the supervisor only,
             # which then stops children in order.
             start_new_session=True,
