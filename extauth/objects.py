@@ -50,9 +50,12 @@ class ObjectFacts:
 
 
 def mentions_file(body: bytes) -> bool:
-    """Cheap pre-check before parsing a Messages body for file references. A JSON escape
-    (`"file\\u005fid"`) could hide the key from a byte search, so any escape means 'parse'."""
-    return b"file_id" in body or b"\\u" in body
+    """Cheap pre-check before walking a Messages body for file references. A JSON escape
+    (`"file\\u005fid"`) could hide the key from a byte search, so any \\u escape means 'walk'.
+    The single-byte test for a backslash is a memchr (about 1 us for the 84 KB agent request);
+    the multi-byte searches cost 40-70 us each, so the escape search runs only when a backslash
+    is there at all."""
+    return b"file_id" in body or (b"\\" in body and b"\\u" in body)
 
 
 def file_ids(doc: Any) -> Iterator[Any]:

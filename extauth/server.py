@@ -172,6 +172,7 @@ class Authorizer:
         path = split_target(http.path)[0]
         model: str | None = None
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
+        body = b""
         if endpoint.endpoint.model_in_body:
             body = http.raw_body or http.body.encode()
             doc = json_object(body)
@@ -186,7 +187,7 @@ class Authorizer:
         decision = self.policy.decide(principal, method, path, model, endpoint)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
-        facts = await self._objects(principal, endpoint, doc, provider, http)
+        facts = await self._objects(principal, endpoint, doc, body, provider, http)
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
 
@@ -204,12 +205,12 @@ class Authorizer:
             self._ok_cache[ck] = resp
         return resp
 
-    async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, provider: str,
-                       http) -> ObjectFacts | None:
+    async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: bytes,
+                       provider: str, http) -> ObjectFacts | None:
         """Batches and Files checks (extauth/objects.py); file references in a Messages body
-        (`doc`, already parsed by the caller)."""
+        (`doc`, already parsed by the caller from `body`)."""
         if doc is not None:
-            if not mentions_file(http.raw_body or http.body.encode()):
+            if not mentions_file(body):
                 return None
             if self.objects is not None:
                 await self.objects.check_file_refs(principal, provider, doc, "")
