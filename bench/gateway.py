@@ -139,7 +139,10 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
 async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_requests: int,
                     duration: float) -> Result:
     url = target.url.rstrip("/") + "/v1/messages"
-    headers = {"x-api-key": target.key, "anthropic-version": API_VERSION, "content-type": "application/json"}
+    # Uncompressed replies on every layer (the emulator and the gateway compress when asked), so the
+    # layers compare like for like and the completeness check can read the bytes.
+    headers = {"x-api-key": target.key, "anthropic-version": API_VERSION, "content-type": "application/json",
+               "accept-encoding": "identity"}
     connector = aiohttp.TCPConnector(limit=conc, limit_per_host=conc, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
                                      auto_decompress=False) as session:
