@@ -8,6 +8,9 @@ cd "$(dirname "$0")"
 OPA_VERSION="v1.22.3"
 PYTHON="${PYTHON:-python3}"
 
+# ccr starts its children through util-linux's setpriv (parent-death signal, user switch).
+command -v setpriv >/dev/null || { echo "install.sh: setpriv (util-linux) is required" >&2; exit 1; }
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
