@@ -1,13 +1,16 @@
 """What the gateway adds: the 84 KB agent request straight to the emulator, through bare Envoy, and
-through the full gateway, closed loop at a few concurrency levels.
+through the full gateway, closed loop at a few concurrency levels, streamed and with "stream": false.
 
-    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 4] [--requests 20000] [--no-stream]
+    .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 4] [--requests 20000]
+                                      [--no-stream | --stream-only]
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
 end. Every request is the same bytes; streamed replies are read to the end. The load generator is
 this process (aiohttp, one keep-alive connection per worker); the servers are separate processes.
+Both modes by default: for each it prints the layers' table, the CPU per process and issue 6's ratios
+of the gateway to bare Envoy (bench/ratios.py); bench/check_targets.py exits 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.ratios import Check, LayerFigures, compare, format_checks  # noqa: E402
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
 from ccr.procs import Child, spawn, wait_until  # noqa: E402
 from ccr.supervisor import Gateway, envoy_binary  # noqa: E402
@@ -42,6 +46,8 @@ MAX_BODY = 64 * 1024 * 1024  # as the gateway's default max_request_bytes
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = "type.googleapis.com/"
 BUSY = 0.8  # share of all cores above which a level is flagged as CPU-bound machine-wide
+UPSTREAM = "emulator"  # the process whose CPU the ratios leave out: the provider, not the gateway's cost
+MODES = ("stream", "no-stream")
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Result:
     layer: str
     concurrency: int
     ok: list[float]
+    ttfb: list[float]  # per successful request: seconds from sending to the first body byte
     errors: int
     wall: float
     client_cpu: float  # fraction of one core
@@ -77,6 +84,10 @@ class Result:
             return float("nan")
         s = sorted(self.ok)
         return s[min(len(s) - 1, int(len(s) * 0.99))] * 1000  # nearest rank
+
+    @property
+    def ttfb_p50(self) -> float:
+        return statistics.median(self.ttfb) * 1000 if self.ttfb else float("nan")
 
     @property
     def rps(self) -> float:
@@ -128,12 +139,21 @@ def reply_complete(status: int, data: bytes, stream: bool) -> bool:
     return b"event: message_stop" in data[-256:] if stream else b'"stop_reason"' in data
 
 
-async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+async def one(session: aiohttp.ClientSession, url: str, body: bytes,
+              headers: dict[str, str]) -> tuple[int, bytes, float, float]:
+    """(status, body, seconds to the last byte, seconds to the first body byte), both from sending."""
+    s = time.perf_counter()
+    first = float("nan")
     try:
         async with session.post(url, data=body, headers=headers) as r:
-            return r.status, await r.read()
+            data = bytearray()
+            async for chunk in r.content.iter_any():
+                if not data:
+                    first = time.perf_counter() - s
+                data += chunk
+            return r.status, bytes(data), time.perf_counter() - s, first
     except (TimeoutError, aiohttp.ClientError) as e:
-        return 0, f"{type(e).__name__}: {e}".encode()
+        return 0, f"{type(e).__name__}: {e}".encode(), time.perf_counter() - s, first
 
 
 async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_requests: int,
@@ -150,6 +170,7 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
         for _ in range(max(1, 20 // conc)):
             await asyncio.gather(*(one(session, url, body, headers) for _ in range(conc)))
         ok: list[float] = []
+        ttfb: list[float] = []
         errors = 0
         first_error: str | None = None
         issued = 0
@@ -162,11 +183,10 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
             nonlocal issued, errors, first_error
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
-                s = time.perf_counter()
-                status, data = await one(session, url, body, headers)
-                elapsed = time.perf_counter() - s
+                status, data, elapsed, first = await one(session, url, body, headers)
                 if reply_complete(status, data, stream):
                     ok.append(elapsed)
+                    ttfb.append(first)
                 else:
                     errors += 1
                     if first_error is None:
@@ -177,7 +197,7 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
         client = (time.process_time() - c0) / wall
         cpu1 = cpu_snapshot(target.pids)
     server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
-    return Result(target.layer, conc, ok, errors, wall, client, server, first_error)
+    return Result(target.layer, conc, ok, ttfb, errors, wall, client, server, first_error)
 
 
 # -- the servers
@@ -324,22 +344,77 @@ def print_summary(results: list[Result]) -> None:
             continue
         parts = sorted(r.server_cpu.items(), key=lambda kv: -kv[1])
         total = sum(r.server_cpu.values()) * 1000 / len(r.ok)
+        own = cpu_per_request(r)
         detail = ", ".join(f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in parts if v > 0)
-        lines.append(f"  {layer:<11}{total:7.2f} total: {detail}")
+        lines.append(f"  {layer:<11}{total:7.2f} total, {own:6.2f} without the {UPSTREAM}: {detail}")
     if lines:
         print(f"\nserver CPU per successful request (ms), at c={top}:")
         print("\n".join(lines))
 
 
+# -- issue 6's ratios (the comparison itself is bench/ratios.py)
+
+
+def cpu_per_request(r: Result) -> float:
+    """Server CPU ms per successful request, the upstream left out: what the layer itself costs."""
+    if not r.ok or not r.server_cpu:
+        return float("nan")
+    return sum(v for name, v in r.server_cpu.items() if name != UPSTREAM) * 1000 / len(r.ok)
+
+
+def layer_figures(results: list[Result], layer: str) -> LayerFigures:
+    """Latency and TTFB at c=1, best req/s over the levels, CPU per request at the highest level (as the CPU
+    table, where the per-request share of idle work is smallest). NaN for what this run did not measure."""
+    nan = float("nan")
+    mine = [r for r in results if r.layer == layer]
+    if not mine:
+        return LayerFigures(nan, nan, nan, nan, nan)
+    c1 = next((r for r in mine if r.concurrency == 1), None)
+    top = max(mine, key=lambda r: r.concurrency)
+    return LayerFigures(
+        max_rps=max(r.rps for r in mine),
+        p50_c1_ms=c1.p50 if c1 else nan,
+        p99_c1_ms=c1.p99 if c1 else nan,
+        ttfb_p50_c1_ms=c1.ttfb_p50 if c1 else nan,
+        cpu_ms_per_request=cpu_per_request(top),
+    )
+
+
+def ratio_checks(by_mode: dict[str, list[Result]]) -> list[Check]:
+    checks: list[Check] = []
+    for mode, results in by_mode.items():
+        checks += compare(mode, layer_figures(results, "bare-envoy"), layer_figures(results, "gateway"))
+    return checks
+
+
+def report(by_mode: dict[str, list[Result]], client_note: float) -> list[Check]:
+    """Print each mode's tables, then the ratios of both; return the ratios' checks."""
+    for mode, results in by_mode.items():
+        print(f"\n=== {'streamed' if mode == 'stream' else 'unstreamed'} ({mode}) ===")
+        print_table(results, client_note)
+        print_summary(results)
+    layers = {r.layer for results in by_mode.values() for r in results}
+    if not {"bare-envoy", "gateway"} <= layers:
+        print("\n(no ratios: they need bare-envoy and gateway measured in the same run)")
+        return []
+    checks = ratio_checks(by_mode)
+    print("\nissue 6 targets, gateway vs bare Envoy (TTFB: time from sending to the first body byte):")
+    print(format_checks(checks))
+    return checks
+
+
 # -- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    ap = ap or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop worker counts")
     ap.add_argument("--requests", type=int, default=20000, help="at most this many requests per level")
     ap.add_argument("--duration", type=float, default=4.0, help="at most this many seconds per level")
-    ap.add_argument("--no-stream", action="store_true", help="send the fixture with \"stream\": false")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--no-stream", action="store_true", help="only the fixture with \"stream\": false")
+    only.add_argument("--stream-only", action="store_true", help="only the streamed fixture")
+    only.add_argument("--both", action="store_true", help="streamed, then unstreamed (the default)")
     ap.add_argument("--url", help="a running gateway: measure only it (layer 3), with --key")
     ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
                     help="ccr API key for --url (default: $ANTHROPIC_API_KEY)")
@@ -354,58 +429,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--concurrency needs at least one level >= 1")
     if args.url and not args.key:
         ap.error("--url needs --key (or $ANTHROPIC_API_KEY): a ccr key with a high enough rpm")
+    args.modes = ["no-stream"] if args.no_stream else ["stream"] if args.stream_only else list(MODES)
     return args
 
 
-async def measure(targets: list[Target], body: bytes, args: argparse.Namespace) -> list[Result]:
-    results = []
-    for target in targets:
-        for c in args.levels:
-            r = await run_level(target, body, not args.no_stream, c, args.requests, args.duration)
-            print(f"  {r.layer:<11} c={c:<3} {len(r.ok):>5} ok {r.errors:>4} errors  p50 {r.p50:7.1f} ms  "
-                  f"{r.rps:7.1f} req/s", file=sys.stderr)
-            results.append(r)
-    return results
+def request_body(stream: bool) -> bytes:
+    if stream:
+        return fixture_path(AGENT_REQUEST).read_bytes()  # the fixture's own bytes
+    request = orjson.loads(fixture_path(AGENT_REQUEST).read_bytes())
+    request["stream"] = False
+    return orjson.dumps(request)
+
+
+async def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, list[Result]]:
+    """Every mode, every layer, every level; the layers of one mode run back to back so they compare."""
+    by_mode: dict[str, list[Result]] = {}
+    for mode in args.modes:
+        stream = mode == "stream"
+        body = request_body(stream)
+        print(f"{mode}: {AGENT_REQUEST}, {len(body)} bytes, stream={stream}; levels {args.levels}, "
+              f"each <= {args.requests} requests and <= {args.duration:g}s", file=sys.stderr)
+        results = by_mode[mode] = []
+        for target in targets:
+            for c in args.levels:
+                r = await run_level(target, body, stream, c, args.requests, args.duration)
+                print(f"  {r.layer:<11} c={c:<3} {len(r.ok):>5} ok {r.errors:>4} errors  p50 {r.p50:7.1f} ms  "
+                      f"ttfb {r.ttfb_p50:7.1f} ms  {r.rps:7.1f} req/s", file=sys.stderr)
+                results.append(r)
+    return by_mode
+
+
+def run(args: argparse.Namespace) -> dict[str, list[Result]]:
+    """The measurement: starts the servers (unless --url), measures, stops them. Results per mode."""
+    if args.url:
+        return asyncio.run(measure([Target("gateway", args.url, args.key)], args))
+    with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
+        tmp = Path(d)
+        t = time.monotonic()
+        print("starting the gateway ...", file=sys.stderr)
+        gw = Gateway(gateway_config(tmp))
+        try:
+            gw.start()
+            assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
+            from extauth.keys import create_key
+
+            # A key of its own with a huge rpm, so the rate limit never answers 429 here.
+            _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+            print(f"gateway up in {time.monotonic() - t:.1f}s at {gw.url}", file=sys.stderr)
+            pids = {c.name: c.pid for c in gw.children}
+            with bare_envoy(gw.emulator_url, tmp) as (bare_url, bare):
+                targets = [
+                    Target("emulator", gw.emulator_url, gw.emulator_key, {UPSTREAM: pids[UPSTREAM]}),
+                    Target("bare-envoy", bare_url, gw.emulator_key, {"envoy": bare.pid, UPSTREAM: pids[UPSTREAM]}),
+                    Target("gateway", gw.url, key, pids),
+                ]
+                return asyncio.run(measure(targets, args))
+        finally:
+            gw.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    request = orjson.loads(fixture_path(AGENT_REQUEST).read_bytes())
-    stream = not args.no_stream
-    request["stream"] = stream
-    body = orjson.dumps(request) if args.no_stream else fixture_path(AGENT_REQUEST).read_bytes()
-    print(f"request: {AGENT_REQUEST}, {len(body)} bytes, model {request['model']}, stream={stream}; "
-          f"levels {args.levels}, each <= {args.requests} requests and <= {args.duration:g}s", file=sys.stderr)
-
-    if args.url:
-        results = asyncio.run(measure([Target("gateway", args.url, args.key)], body, args))
-    else:
-        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
-            tmp = Path(d)
-            t = time.monotonic()
-            print("starting the gateway ...", file=sys.stderr)
-            gw = Gateway(gateway_config(tmp))
-            try:
-                gw.start()
-                assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
-                from extauth.keys import create_key
-
-                # A key of its own with a huge rpm, so the rate limit never answers 429 here.
-                _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
-                print(f"gateway up in {time.monotonic() - t:.1f}s at {gw.url}", file=sys.stderr)
-                pids = {c.name: c.pid for c in gw.children}
-                with bare_envoy(gw.emulator_url, tmp) as (bare_url, bare):
-                    targets = [
-                        Target("emulator", gw.emulator_url, gw.emulator_key, {"emulator": pids["emulator"]}),
-                        Target("bare-envoy", bare_url, gw.emulator_key,
-                               {"envoy": bare.pid, "emulator": pids["emulator"]}),
-                        Target("gateway", gw.url, key, pids),
-                    ]
-                    results = asyncio.run(measure(targets, body, args))
-            finally:
-                gw.stop()
-    print_table(results, args.client_note)
-    print_summary(results)
+    report(run(args), args.client_note)
 
 
 if __name__ == "__main__":
