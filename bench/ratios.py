@@ -88,8 +88,8 @@ def all_pass(checks: list[Check]) -> bool:
 
 
 def format_checks(checks: list[Check]) -> str:
-    lines = [f"{'mode':<10}{'figure':<26}{'bare':>9}{'gateway':>9}{'value':>8}  {'target':<10}verdict"]
+    lines = [f"{'mode':<10}{'figure':<26}{'bare':>9}{'gateway':>9}{'value':>8}  {'target':<11}verdict"]
     for c in checks:
-        lines.append(f"{c.mode:<10}{c.name:<26}{c.bare:>9.2f}{c.gateway:>9.2f}{c.value:>8.2f}  {c.target:<10}"
+        lines.append(f"{c.mode:<10}{c.name:<26}{c.bare:>9.2f}{c.gateway:>9.2f}{c.value:>8.2f}  {c.target:<11}"
                      f"{c.verdict}")
     return "\n".join(lines)
