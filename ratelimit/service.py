@@ -15,6 +15,7 @@ window, so the decision cannot change until the window ends).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -23,7 +24,6 @@ from datetime import UTC, datetime
 
 import grpc
 import redis.asyncio as aioredis
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from redis.asyncio.retry import Retry
@@ -199,19 +199,28 @@ class RateLimiter:
 def _fill_over_limit(resp: rls_pb2.RateLimitResponse, limit: int, unit: int, now: float, reset: float) -> None:
     """The 429 Envoy sends as a local reply: Anthropic error body plus retry headers."""
     retry_after = max(math.ceil(reset), 1)
+    body, headers = _over_limit_reply(limit, unit, retry_after, round(now + reset))
+    resp.raw_body = body
+    add = resp.response_headers_to_add.add
+    for k, v in headers:
+        add(key=k, value=v)
+
+
+@functools.lru_cache(maxsize=1024)
+def _over_limit_reply(limit: int, unit: int, retry_after: int,
+                      reset_at: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    # Memoised: a client hammering past its limit gets the same reply for a whole second.
     message = (
         f"Rate limit of {limit} requests per {UNIT_WORD[unit]} exceeded for this API key; "
         f"retry after {retry_after} seconds."
     )
-    resp.raw_body = error_body("rate_limit_error", message)
-    for k, v in (
+    return error_body("rate_limit_error", message), (
         ("retry-after", str(retry_after)),
         ("content-type", "application/json"),
         ("anthropic-ratelimit-requests-limit", str(limit)),
         ("anthropic-ratelimit-requests-remaining", "0"),
-        ("anthropic-ratelimit-requests-reset", _rfc3339(now + reset)),
-    ):
-        resp.response_headers_to_add.append(base_pb2.HeaderValue(key=k, value=v))
+        ("anthropic-ratelimit-requests-reset", _rfc3339(reset_at)),
+    )
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
