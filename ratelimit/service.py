@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
@@ -65,8 +66,8 @@ _KEY_HEAD = f"{KEY_PREFIX}:{DOMAIN}:"
 
 # KEYS: the counters; ARGV: hits and expiry seconds per counter, interleaved.
 # Returns the counts after the increment. The expiry is set only on a counter
-# without one (EXPIRE NX, which this Redis 6.2 baseline lacks), so a counter
-# lives at most one unit past its creation and its window.
+# without one (EXPIRE NX, which the Redis 6.2 baseline lacks): one unit from its
+# creation, so never before its window ends.
 INCR_SCRIPT = """
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -81,6 +82,16 @@ return out
 # The over-limit cache is swept of ended windows when it reaches this size, and
 # dropped whole if it is still that big (it only saves Redis calls; losing it is safe).
 CACHE_SWEEP_AT = 50_000
+
+
+@dataclass(slots=True)
+class _Counter:
+    status: rls_pb2.RateLimitResponse.DescriptorStatus  # this descriptor's, in the response
+    key: str
+    limit: int
+    unit: int
+    end: int  # epoch second the window ends
+    after: int | None  # the count after this request; None until Redis answers
 
 
 def _rfc3339(epoch: float) -> str:
@@ -138,8 +149,7 @@ class RateLimiter:
         request_hits = req.hits_addend or 1  # Envoy: 0 means 1
         resp = rls_pb2.RateLimitResponse(overall_code=OK)
         statuses = resp.statuses
-        # (status, key, limit, unit, window end, count after increment or None until Redis answers)
-        counted: list[list] = []
+        counted: list[_Counter] = []
         keys: list[str] = []
         args: list[int] = []
         limited_domain = req.domain == DOMAIN
@@ -158,11 +168,11 @@ class RateLimiter:
             key = f"{_KEY_HEAD}{parts}:{UNIT_WORD[unit]}:{window}"
             cached = cache.get(key)
             if cached is not None and cached[0] > now and cached[1] > limit:
-                counted.append([st, key, limit, unit, end, cached[1]])
+                counted.append(_Counter(st, key, limit, unit, end, cached[1]))
                 continue
             # A per-descriptor hits_addend may be 0 (check without counting).
             hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
-            counted.append([st, key, limit, unit, end, None])
+            counted.append(_Counter(st, key, limit, unit, end, None))
             keys.append(key)
             args.append(hits)
             args.append(div)
@@ -172,27 +182,28 @@ class RateLimiter:
         if keys:
             results = iter(await self._increment(keys, args))
             for c in counted:
-                if c[5] is None:
-                    c[5] = int(next(results))
+                if c.after is None:
+                    c.after = int(next(results))
 
-        worst: list | None = None  # the over-limit counter that resets last
+        worst: _Counter | None = None  # the over-limit counter that resets last
         for c in counted:
-            st, key, limit, unit, end, after = c
-            reset = end - now
-            st.current_limit.requests_per_unit = limit
-            st.current_limit.unit = unit
-            st.limit_remaining = max(limit - after, 0)
-            st.duration_until_reset.seconds = max(math.ceil(reset), 1)
-            if after > limit:
+            after = c.after
+            assert after is not None
+            st = c.status
+            st.current_limit.requests_per_unit = c.limit
+            st.current_limit.unit = c.unit
+            st.limit_remaining = max(c.limit - after, 0)
+            st.duration_until_reset.seconds = max(math.ceil(c.end - now), 1)
+            if after > c.limit:
                 st.code = OVER_LIMIT
-                if worst is None or end > worst[4]:
+                if worst is None or c.end > worst.end:
                     worst = c
-                seen = cache.get(key)
+                seen = cache.get(c.key)
                 if seen is None or seen[1] < after:
-                    self._remember_over(key, end, after)
+                    self._remember_over(c.key, c.end, after)
         if worst is not None:
             resp.overall_code = OVER_LIMIT
-            _fill_over_limit(resp, worst[2], worst[3], now, worst[4] - now)
+            _fill_over_limit(resp, worst.limit, worst.unit, now, worst.end - now)
         return resp
 
 
