@@ -1,15 +1,21 @@
 """Envoy rate limit service (RateLimitService/ShouldRateLimit) on Redis fixed windows.
 
 Counting follows envoyproxy/ratelimit: one counter per descriptor and window,
-`INCRBY hits` + `EXPIRE` for every limited descriptor of a request in one
-MULTI/EXEC round trip, OVER_LIMIT when the count after the increment exceeds
-the limit. A descriptor carrying `key_id` is limited by the override Envoy sends
-(the key's own limit from extauth metadata) or by the gateway default per
-minute; any other descriptor is unlimited.
+incremented by the request's hits, OVER_LIMIT when the count after the increment
+exceeds the limit. A descriptor carrying `principal` (ccr.contract.RL_PRINCIPAL_KEY)
+is limited by the override Envoy sends (the principal's own limit from extauth
+metadata) or by the gateway default per minute; any other descriptor is unlimited.
+
+Cost per decision: one Redis round trip (EVALSHA of a small Lua script that
+increments every limited counter of the request and sets the expiry of new
+ones), and none at all for a counter this process has already seen over its
+limit in the current window (the over-limit cache: counts only grow within a
+window, so the decision cannot change until the window ends).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -19,12 +25,11 @@ from datetime import UTC, datetime
 
 import grpc
 import redis.asyncio as aioredis
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ccr.config import GatewayConfig
 from ccr.contract import RL_DOMAIN as DOMAIN
@@ -57,15 +62,36 @@ UNIT_WORD: dict[int, str] = {
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+_KEY_HEAD = f"{KEY_PREFIX}:{DOMAIN}:"
+
+# KEYS: the counters; ARGV: hits and expiry seconds per counter, interleaved.
+# Returns the counts after the increment. The expiry is set only on a counter
+# without one (EXPIRE NX, which the Redis 6.2 baseline lacks): one unit from its
+# creation, so never before its window ends.
+INCR_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('INCRBY', key, ARGV[2 * i - 1])
+  if redis.call('TTL', key) == -1 then
+    redis.call('EXPIRE', key, ARGV[2 * i])
+  end
+end
+return out
+"""
+
+# The over-limit cache is swept of ended windows when it reaches this size, and
+# dropped whole if it is still that big (it only saves Redis calls; losing it is safe).
+CACHE_SWEEP_AT = 50_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Counter:
-    index: int  # position in the request's descriptor list
+    status: rls_pb2.RateLimitResponse.DescriptorStatus  # this descriptor's, in the response
     key: str
     limit: int
     unit: int
-    hits: int
+    end: int  # epoch second the window ends
+    after: int | None  # the count after this request; None until Redis answers
 
 
 def _rfc3339(epoch: float) -> str:
@@ -73,9 +99,16 @@ def _rfc3339(epoch: float) -> str:
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, default_rpm: int) -> None:
+    def __init__(self, redis: aioredis.Redis, default_rpm: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
         self.default_rpm = default_rpm
+        self.clock = clock
+        self._script = INCR_SCRIPT.encode()
+        self._sha: str | None = None
+        # counter key -> (window end, a count it has reached): counts only grow within
+        # a window, so while that count exceeds the limit the answer is OVER_LIMIT.
+        self.over_limit: dict[str, tuple[int, int]] = {}
 
     def _limit_of(self, d: ratelimit_pb2.RateLimitDescriptor) -> tuple[int, int]:
         """(requests_per_unit, unit) for a limited descriptor."""
@@ -87,73 +120,118 @@ class RateLimiter:
             log.warning("ignoring unusable limit override %s/%s", rpu, unit)
         return self.default_rpm, Unit.MINUTE
 
+    async def _increment(self, keys: list[str], args: list[int]) -> list[int]:
+        """One EVALSHA; on NOSCRIPT (Redis restarted or SCRIPT FLUSH) load it and retry.
+
+        The retry cannot count twice: a NOSCRIPT reply means nothing ran.
+        """
+        if self._sha is not None:
+            try:
+                return await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+            except NoScriptError:
+                log.info("rate limit script not in Redis; loading it again")
+        self._sha = await self.redis.script_load(self._script)
+        return await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+
+    def _remember_over(self, key: str, window_end: int, count: int) -> None:
+        cache = self.over_limit
+        if len(cache) >= CACHE_SWEEP_AT:
+            now = self.clock()
+            for k in [k for k, (end, _) in cache.items() if end <= now]:
+                del cache[k]
+            if len(cache) >= CACHE_SWEEP_AT:
+                cache.clear()
+        cache[key] = (window_end, count)
+
     async def should_rate_limit(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
-        now = time.time()
+        now = self.clock()
+        inow = int(now)
         request_hits = req.hits_addend or 1  # Envoy: 0 means 1
-        statuses = [
-            rls_pb2.RateLimitResponse.DescriptorStatus(code=OK, limit_remaining=UNLIMITED_REMAINING)
-            for _ in req.descriptors
-        ]
-        counters: list[_Counter] = []
-        if req.domain == DOMAIN:
-            for i, d in enumerate(req.descriptors):
-                if not any(e.key == LIMITED_KEY for e in d.entries):
-                    continue
-                limit, unit = self._limit_of(d)
-                div = UNIT_SECONDS[unit]
-                window = int(now) // div * div
-                parts = ",".join(f"{e.key}={e.value}" for e in d.entries)
-                # A per-descriptor hits_addend may be 0 (check without counting).
-                hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
-                key = f"{KEY_PREFIX}:{req.domain}:{parts}:{UNIT_WORD[unit]}:{window}"
-                counters.append(_Counter(i, key, limit, unit, hits))
-        if not counters:
-            return rls_pb2.RateLimitResponse(overall_code=OK, statuses=statuses)
+        resp = rls_pb2.RateLimitResponse(overall_code=OK)
+        statuses = resp.statuses
+        counted: list[_Counter] = []
+        keys: list[str] = []
+        args: list[int] = []
+        limited_domain = req.domain == DOMAIN
+        cache = self.over_limit
+        for d in req.descriptors:
+            st = statuses.add(code=OK, limit_remaining=UNLIMITED_REMAINING)
+            if not limited_domain or not any(e.key == LIMITED_KEY for e in d.entries):
+                continue
+            limit, unit = self._limit_of(d)
+            div = UNIT_SECONDS[unit]
+            window = inow // div * div
+            end = window + div
+            entries = d.entries
+            parts = (f"{entries[0].key}={entries[0].value}" if len(entries) == 1
+                     else ",".join(f"{e.key}={e.value}" for e in entries))
+            key = f"{_KEY_HEAD}{parts}:{UNIT_WORD[unit]}:{window}"
+            cached = cache.get(key)
+            if cached is not None and cached[0] > now and cached[1] > limit:
+                counted.append(_Counter(st, key, limit, unit, end, cached[1]))
+                continue
+            # A per-descriptor hits_addend may be 0 (check without counting).
+            hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
+            counted.append(_Counter(st, key, limit, unit, end, None))
+            keys.append(key)
+            args.append(hits)
+            args.append(div)
+        if not counted:
+            return resp
 
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for c in counters:
-                pipe.incrby(c.key, c.hits)
-                pipe.expire(c.key, UNIT_SECONDS[c.unit])
-            results = await pipe.execute()
+        if keys:
+            results = iter(await self._increment(keys, args))
+            for c in counted:
+                if c.after is None:
+                    c.after = int(next(results))
 
-        overall = OK
-        worst: tuple[float, _Counter] | None = None  # the over-limit counter that resets last
-        for n, c in enumerate(counters):
-            after = int(results[2 * n])
-            div = UNIT_SECONDS[c.unit]
-            reset = (int(now) // div * div + div) - now
-            st = statuses[c.index]
+        worst: _Counter | None = None  # the over-limit counter that resets last
+        for c in counted:
+            after = c.after
+            assert after is not None
+            st = c.status
             st.current_limit.requests_per_unit = c.limit
             st.current_limit.unit = c.unit
             st.limit_remaining = max(c.limit - after, 0)
-            st.duration_until_reset.seconds = max(math.ceil(reset), 1)
+            st.duration_until_reset.seconds = max(math.ceil(c.end - now), 1)
             if after > c.limit:
                 st.code = OVER_LIMIT
-                overall = OVER_LIMIT
-                if worst is None or reset > worst[0]:
-                    worst = (reset, c)
-        resp = rls_pb2.RateLimitResponse(overall_code=overall, statuses=statuses)
+                if worst is None or c.end > worst.end:
+                    worst = c
+                seen = cache.get(c.key)
+                if seen is None or seen[1] < after:
+                    self._remember_over(c.key, c.end, after)
         if worst is not None:
-            _fill_over_limit(resp, worst[1], now, worst[0])
+            resp.overall_code = OVER_LIMIT
+            _fill_over_limit(resp, worst.limit, worst.unit, now, worst.end - now)
         return resp
 
 
-def _fill_over_limit(resp: rls_pb2.RateLimitResponse, c: _Counter, now: float, reset: float) -> None:
+def _fill_over_limit(resp: rls_pb2.RateLimitResponse, limit: int, unit: int, now: float, reset: float) -> None:
     """The 429 Envoy sends as a local reply: Anthropic error body plus retry headers."""
     retry_after = max(math.ceil(reset), 1)
+    body, headers = _over_limit_reply(limit, unit, retry_after, round(now + reset))
+    resp.raw_body = body
+    add = resp.response_headers_to_add.add
+    for k, v in headers:
+        add(key=k, value=v)
+
+
+@functools.lru_cache(maxsize=1024)
+def _over_limit_reply(limit: int, unit: int, retry_after: int,
+                      reset_at: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    # Memoised: a client hammering past its limit gets the same reply for a whole second.
     message = (
-        f"Rate limit of {c.limit} requests per {UNIT_WORD[c.unit]} exceeded for this API key; "
+        f"Rate limit of {limit} requests per {UNIT_WORD[unit]} exceeded for this API key; "
         f"retry after {retry_after} seconds."
     )
-    resp.raw_body = error_body("rate_limit_error", message)
-    for k, v in (
+    return error_body("rate_limit_error", message), (
         ("retry-after", str(retry_after)),
         ("content-type", "application/json"),
-        ("anthropic-ratelimit-requests-limit", str(c.limit)),
+        ("anthropic-ratelimit-requests-limit", str(limit)),
         ("anthropic-ratelimit-requests-remaining", "0"),
-        ("anthropic-ratelimit-requests-reset", _rfc3339(now + reset)),
-    ):
-        resp.response_headers_to_add.append(base_pb2.HeaderValue(key=k, value=v))
+        ("anthropic-ratelimit-requests-reset", _rfc3339(reset_at)),
+    )
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from ccr.procs import free_port
+from ratelimit.service import RateLimiter, make_redis
 from tests.harness import running_service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,3 +164,107 @@ def test_redis_down_is_unavailable_not_allow(tmp_path: Path) -> None:
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         assert child.alive()
     assert "redis unavailable" in child.log_path.read_text()
+
+
+def _redis_calls(rc: redis.Redis) -> dict[str, int]:
+    """Commands Redis ran since the last CONFIG RESETSTAT (also those inside scripts), but our INFO and CONFIG."""
+    stats = rc.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+            if k not in ("cmdstat_info", "cmdstat_config")}
+
+
+def test_over_limit_answers_come_from_the_local_cache(
+        rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: str) -> None:
+    key = _key()
+    for _ in range(3):
+        assert rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR), timeout=5).overall_code == OK
+    first_over = rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR), timeout=5)
+    assert first_over.overall_code == OVER
+    with redis.Redis.from_url(redis_url) as rc:
+        rc.config_resetstat()
+        for _ in range(10):
+            r = rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR), timeout=5)
+            assert r.overall_code == OVER and r.statuses[0].code == OVER
+            assert r.statuses[0].limit_remaining == 0
+            assert r.statuses[0].current_limit.requests_per_unit == 3
+            assert "Rate limit of 3 requests per hour" in json.loads(r.raw_body)["error"]["message"]
+            assert {h.key for h in r.response_headers_to_add} == {h.key for h in first_over.response_headers_to_add}
+        assert _redis_calls(rc) == {}  # none of the ten reached Redis
+        # A key under its limit still does, once per decision.
+        assert rls.ShouldRateLimit(_req(_key(), rpu=3, unit=HOUR), timeout=5).overall_code == OK
+        # (commandstats also counts the commands the script runs)
+        assert _redis_calls(rc) == {"evalsha": 1, "incrby": 1, "ttl": 1, "expire": 1}
+
+
+def test_script_reloads_after_script_flush(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: str) -> None:
+    key = _key()
+    assert rls.ShouldRateLimit(_req(key, rpu=5, unit=HOUR), timeout=5).statuses[0].limit_remaining == 4
+    with redis.Redis.from_url(redis_url) as rc:
+        rc.script_flush()
+        r = rls.ShouldRateLimit(_req(key, rpu=5, unit=HOUR), timeout=5)
+        # Counted exactly once more: the NOSCRIPT attempt ran nothing.
+        assert r.overall_code == OK and r.statuses[0].limit_remaining == 3
+        window = int(time.time()) // 3600 * 3600
+        counter = f"ccr:rl:ccr:principal={key}:hour:{window}"
+        assert rc.get(counter) == b"2"
+        assert 0 < rc.ttl(counter) <= 3600
+    assert rls.ShouldRateLimit(_req(key, rpu=5, unit=HOUR), timeout=5).statuses[0].limit_remaining == 2
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_over_limit_cache_ends_with_the_window(redis_url: str) -> None:
+    """In process, with an injected clock: cached OVER_LIMIT needs no Redis and ends at the window end."""
+    # A minute window far from today's, so no other test shares its counters.
+    start = (int(time.time()) // 60 + 10_000 + uuid.uuid4().int % 10_000) * 60
+    clock = _Clock(start + 10.5)
+    key = _key()
+
+    async def scenario() -> None:
+        live = make_redis(redis_url)
+        dead = make_redis(f"redis://127.0.0.1:{free_port()}/0")
+        limiter = RateLimiter(live, RPM, clock=clock)
+        try:
+            for i in range(RPM):
+                r = await limiter.should_rate_limit(_req(key))
+                assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1 - i
+            r = await limiter.should_rate_limit(_req(key))
+            assert r.overall_code == OVER
+            assert {h.key: h.value for h in r.response_headers_to_add}["retry-after"] == "50"
+
+            limiter.redis = dead  # from here any Redis call fails
+            clock.now = start + 59.2
+            r = await limiter.should_rate_limit(_req(key, hits=3))
+            assert r.overall_code == OVER and r.statuses[0].duration_until_reset.seconds == 1
+            headers = {h.key: h.value for h in r.response_headers_to_add}
+            assert headers["retry-after"] == "1"
+            assert headers["anthropic-ratelimit-requests-reset"] == _rfc3339(start + 60)
+            with pytest.raises(redis.exceptions.ConnectionError):  # an uncached key does need Redis
+                await limiter.should_rate_limit(_req(_key()))
+            # A higher limit for the same counter is not decided by the cache.
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+
+            limiter.redis = live
+            r = await limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+            assert r.overall_code == OK and r.statuses[0].limit_remaining == 100 - (RPM + 2)
+
+            clock.now = start + 60  # the window ended: a fresh counter, allowed again
+            r = await limiter.should_rate_limit(_req(key))
+            assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1
+            assert r.statuses[0].duration_until_reset.seconds == 60
+        finally:
+            for c in (live, dead):
+                await c.aclose()
+
+    asyncio.run(scenario())
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
