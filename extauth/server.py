@@ -109,9 +109,13 @@ def endpoint_or_deny(method: str, target: str) -> EndpointMatch:
     return found
 
 
-def _set_headers(has_key: bool, has_model: bool) -> frozenset[str]:
-    """The x-ccr-* headers a successful check sets."""
-    return frozenset(h for h in SET_HEADERS if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
+# The x-ccr-* headers a successful check sets, by (credential is an API key, body names a model);
+# built once, not per request.
+_SET_HEADERS_FOR: dict[tuple[bool, bool], frozenset[str]] = {
+    (has_key, has_model): frozenset(h for h in SET_HEADERS
+                                    if (has_key or h != H_KEY_ID) and (has_model or h != H_MODEL))
+    for has_key in (False, True) for has_model in (False, True)
+}
 
 
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
@@ -192,7 +196,7 @@ class Authorizer:
             provider, cluster = facts.provider, facts.cluster
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
-        keep = _set_headers(principal.key_id is not None, model is not None)
+        keep = _SET_HEADERS_FOR[principal.key_id is not None, model is not None]
         spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
         if facts is not None:  # per-object answers are not cached
             return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts)
