@@ -45,6 +45,8 @@ class Runtime(BaseModel):
     # Compiled policy bundle (opa build -t wasm).
     policy_bundle: str | None = None
     upstream_overrides: dict[str, UpstreamOverride] = {}
+    # Provider name -> the SDS file holding its credential (ccr/credentials.py), for Envoy only.
+    provider_credentials: dict[str, str] = {}
     # The run's mTLS identities (paths only). A service whose identity is issued here serves
     # mutual TLS, and Envoy's cluster for it presents the `envoy` identity.
     mtls: RunPki | None = None

@@ -5,8 +5,9 @@ follows the dependencies: storage, the emulator, the decision services, the ADS
 server, then Envoy. Stop order is the reverse.
 
 Before anything starts, every provider must be usable: an emulator the config names,
-or a credential variable that is set. Provider credentials go to the adapter's
-environment only; the adapter serves only Envoy, over mutual TLS with run identities.
+or a credential variable that is set. Provider credentials go to Envoy only, as SDS
+files in the run directory (ccr/credentials.py): Envoy injects them upstream, and no
+Python service ever holds one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 from ccr import db
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
 from ccr.contract import ID_ADAPTER, ID_ENVOY
+from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
 from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
@@ -84,7 +86,7 @@ def _overload_section(overload: OverloadSettings) -> str:
 
 def provider_credentials(config: GatewayConfig, source: str,
                          environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The credential variables the adapter needs, read from `environ`; refuses a missing one.
+    """The providers' credential variables, read from `environ`; refuses a missing one.
 
     Raises ConfigError (exit code 2) naming the provider and the variable, so a typo or a
     forgotten `export` stops `ccr up` instead of quietly serving fake completions.
@@ -210,6 +212,8 @@ class Gateway:
         # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
         runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
         credentials |= self._start_emulators(config, runtime, run_dir, logs)
+        self._write_credentials(config, runtime, run_dir, credentials)
+        del credentials
         self._prepare_signin(config, runtime)
         runtime_file = run_dir / "runtime.json"
         runtime.save(runtime_file)
@@ -218,7 +222,7 @@ class Gateway:
         started = {
             name: self._track(spawn(name, [sys.executable, "-m", module, "--runtime", str(runtime_file),
                                            "--ready-file", str(run_dir / f"{name}.ready")],
-                                    logs, env=self._service_env(name, config, credentials), cwd=REPO))
+                                    logs, env=self._service_env(name, config), cwd=REPO))
             for name, module in services_for(config).items()
         }
         for name, child in started.items():
@@ -253,11 +257,22 @@ class Gateway:
         return (key_dir if key_dir.is_absolute() else self._base_dir() / key_dir).resolve()
 
     @staticmethod
-    def _service_env(name: str, config: GatewayConfig, credentials: dict[str, str]) -> dict[str, str] | None:
-        """Secrets go only to the process that uses them: provider credentials to the adapter,
-        the OIDC client secret (if any) to the sign-in service."""
-        if name == "adapter":
-            return credentials
+    def _write_credentials(config: GatewayConfig, runtime: Runtime, run_dir: Path,
+                           credentials: Mapping[str, str]) -> None:
+        """One SDS file per provider, for Envoy's credential injector (the only reader)."""
+        for p in config.providers:
+            override = runtime.upstream_overrides.get(p.name)
+            var = override.api_key_env if override else p.api_key_env
+            value = credentials.get(var or "")
+            if not value:  # provider_credentials refused this before anything started
+                raise ConfigError(f"provider {p.name}: no credential to hand to Envoy")
+            path = write_secret(run_dir / "credentials" / f"{p.name}.json", p.name, value)
+            runtime.provider_credentials[p.name] = str(path)
+
+    @staticmethod
+    def _service_env(name: str, config: GatewayConfig) -> dict[str, str] | None:
+        """Secrets go only to the process that uses them: the OIDC client secret (if any) to
+        the sign-in service. Provider credentials go to no service (Envoy reads them)."""
         s = config.identity.signin
         if name == "signin" and s is not None and s.client_secret_env and os.environ.get(s.client_secret_env):
             return {s.client_secret_env: os.environ[s.client_secret_env]}
@@ -265,7 +280,7 @@ class Gateway:
 
     def _start_emulators(self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path
                          ) -> dict[str, str]:
-        """The built-in emulator for the providers that name it; returns the adapter's credential for it."""
+        """The built-in emulator for the providers that name it; returns the credential it accepts."""
         needs = [p for p in config.providers if p.emulator and p.kind == ProviderKind.anthropic]
         if not needs:
             return {}
@@ -326,6 +341,9 @@ class Gateway:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        if self.runtime is not None:
+            for path in self.runtime.provider_credentials.values():
+                Path(path).unlink(missing_ok=True)  # provider credentials end with the run
         if self.runtime is not None and self.runtime.mtls is not None:
             # The run's private keys end with the run (the next start issues new ones).
             shutil.rmtree(Path(self.runtime.mtls.ca).parent, ignore_errors=True)

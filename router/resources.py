@@ -30,6 +30,7 @@ from ccr.contract import (
     SIGNIN_PREFIX,
     USAGE_NS,
 )
+from ccr.credentials import secret_name
 from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
@@ -41,7 +42,7 @@ from router.downstream import (
     identity_first_filter,
     local_reply_mappers,
 )
-from router.object_routes import headers_to_remove, per_filter_config
+from router.object_routes import OBJECT_KINDS, headers_to_remove, per_filter_config
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -49,6 +50,7 @@ EXTAUTH, RATELIMIT, ADAPTER, ACCESSLOG = "ccr_extauth", "ccr_ratelimit", "ccr_ad
 # Cluster -> the run identity (ccr/pki.py) of the service behind it.
 SERVICE_IDENTITY = {EXTAUTH: "extauth", RATELIMIT: "ratelimit", ADAPTER: ID_ADAPTER, ACCESSLOG: "accesslog"}
 SIGNIN = "ccr_signin"
+METER_LUA = Path(__file__).with_name("meter.lua")
 
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -167,30 +169,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "@type": HTTP_OPTS,
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
-            # Per-attempt translation, credentials and metering: the adapter runs as an
-            # upstream filter so a retry to another provider is handled for that provider.
-            "http_filters": [
-                {"name": "envoy.filters.http.ext_proc", "typed_config": {
-                    "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": _grpc_service(ADAPTER, 5.0, {ADAPTER_PROVIDER_MD: provider.name}),
-                    "failure_mode_allow": False,
-                    "processing_mode": {
-                        "request_header_mode": "SEND",
-                        "response_header_mode": "SEND",
-                        "request_body_mode": "NONE",
-                        "response_body_mode": "STREAMED",
-                        "request_trailer_mode": "SKIP",
-                        "response_trailer_mode": "SKIP",
-                    },
-                    "allow_mode_override": True,
-                    "message_timeout": "5s",
-                    # 502 marks "adapter unreachable" for the local-reply mapper.
-                    "status_on_error": {"code": 502},
-                    "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
-                }},
-                {"name": "envoy.filters.http.upstream_codec", "typed_config": {
-                    "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
-            ],
+            # Per attempt, so a retry to another provider is handled for that provider.
+            "http_filters": upstream_filters(provider, runtime),
         }},
     }
     if tls:
@@ -207,6 +187,99 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             },
         }}
     return cluster
+
+
+def _object_prefixes() -> list[str]:
+    """Path prefixes of the Batches and Files endpoints (only routed endpoints reach a cluster)."""
+    return sorted({e.template.split("{", 1)[0].rstrip("/") for e in ENDPOINTS if e.kind in OBJECT_KINDS})
+
+
+def _objects_only(filter_: Json, objects: bool) -> Json:
+    """Run `filter_` for Batches and Files requests only (objects=True) or for every other request."""
+    def prefix(p: str) -> Json:
+        return {"single_predicate": {
+            "input": {"name": "path", "typed_config": {"@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                                                       "header_name": ":path"}},
+            "value_match": {"prefix": p}}}
+    prefixes = [prefix(p) for p in _object_prefixes()]
+    is_object = prefixes[0] if len(prefixes) == 1 else {"or_matcher": {"predicate": prefixes}}
+    return {"name": filter_["name"] + (".objects" if objects else ".not_objects"), "typed_config": {
+        "@type": T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "extension_config": filter_,
+        "xds_matcher": {"matcher_list": {"matchers": [{
+            "predicate": {"not_matcher": is_object} if objects else is_object,
+            "on_match": {"action": {"name": "skip", "typed_config": {
+                "@type": T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+        }]}},
+    }}
+
+
+def _meter_lua() -> str:
+    return METER_LUA.read_text()
+
+
+def upstream_filters(provider: Provider, runtime: Runtime) -> list[Json]:
+    """A passthrough provider's upstream filters: nothing on the request path calls Python
+    except for Batches and Files, whose owner records need the adapter.
+
+    1. adapter ext_proc, Batches and Files only: object ownership, path scoping, batch usage;
+    2. Lua usage meter (router/meter.lua), every other request: reads usage from the JSON
+       or SSE reply as it streams past, into USAGE_NS; never holds or changes a byte;
+    3. header hygiene: no client credential, no x-ccr-* fact, and an unencoded reply
+       (which the meter reads; the listener compresses for clients that ask);
+    4. the provider's credential, from its SDS file (ccr/credentials.py), Envoy only.
+    """
+    secret_file = runtime.provider_credentials.get(provider.name)
+    if not secret_file:
+        raise ValueError(f"runtime lacks the credential file of provider {provider.name}")
+    adapter = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": _grpc_service(ADAPTER, 5.0, {ADAPTER_PROVIDER_MD: provider.name}),
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "allow_mode_override": True,
+        "message_timeout": "5s",
+        # 502 marks "adapter unreachable" for the local-reply mapper.
+        "status_on_error": {"code": 502},
+        "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
+    }}
+    meter = {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": _meter_lua()},
+    }}
+    return [
+        _objects_only(adapter, objects=True),
+        _objects_only(meter, objects=False),
+        {"name": "envoy.filters.http.header_mutation", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [
+                {"remove": "authorization"},
+                {"remove": "x-api-key"},
+                {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
+                {"append": {"header": {"key": "accept-encoding", "value": "identity"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            ]},
+        }},
+        {"name": "envoy.filters.http.credential_injector", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            "overwrite": True,
+            "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+                "@type": T + "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                "header": "x-api-key",
+                "credential": {"name": secret_name(provider.name), "sds_config": {
+                    "path_config_source": {"path": secret_file}, "resource_api_version": "V3"}},
+            }},
+        }},
+        {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+    ]
 
 
 def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:

@@ -22,10 +22,15 @@ from envoy.config.route.v3 import route_pb2
 # Typed configs referenced by "@type" inside the resources must be in the pool to parse.
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2 as _matcher  # noqa: F401
 from envoy.extensions.compression.gzip.compressor.v3 import gzip_pb2 as _gzip  # noqa: F401
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2 as _skip  # noqa: F401
 from envoy.extensions.filters.http.compressor.v3 import compressor_pb2 as _compressor  # noqa: F401
+from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2 as _inject  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _authz  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2 as _proc  # noqa: F401
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2 as _mutation  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _rl  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2 as _codec  # noqa: F401
@@ -35,9 +40,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (  # noqa: F401
     header_mutation_pb2 as _early_mutation,
 )
+from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2 as _generic  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _opts  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 from google.protobuf import any_pb2, json_format
 
 from router.resources import Resources

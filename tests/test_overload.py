@@ -32,6 +32,7 @@ from google.rpc import code_pb2
 
 from ccr.config import MIB, ConfigError, OverloadSettings, parse_config
 from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
+from ccr.credentials import write_secret
 from ccr.runtime import Runtime
 from ccr.supervisor import Gateway, envoy_binary, render_bootstrap
 from extauth.bundle import build_bundle
@@ -98,7 +99,8 @@ def test_downstream_settings_reach_the_listener_and_pass_envoy_validate(tmp_path
     cfg = parse_config(base)
     rt = Runtime(config_path=str(REPO / "ccr.example.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://x",
                  redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
-                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080)
+                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080,
+                 provider_credentials={"anthropic": str(write_secret(tmp_path / "k.json", "anthropic", "sk-x"))})
     doc = resources.static_bootstrap(cfg, rt, 18080)
     lis = doc["static_resources"]["listeners"][0]
     hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]

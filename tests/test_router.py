@@ -1,9 +1,11 @@
 """The router's generated Envoy config, checked by the real Envoy binary, and its ADS protocol."""
 
 import asyncio
+import functools
 import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from ccr.config import load_config
+from ccr.credentials import write_secret
 from ccr.runtime import Runtime, UpstreamOverride
 from ccr.supervisor import envoy_binary, render_bootstrap
 from extauth.endpoints import ENDPOINTS, Endpoint
@@ -23,7 +26,14 @@ from router.xds import CDS, LDS, RDS, AdsServer, Snapshot
 REPO = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
+def _credential_file() -> str:
+    """An SDS file for the example config's provider (Envoy's validate mode loads it)."""
+    return str(write_secret(Path(tempfile.mkdtemp()) / "anthropic.json", "anthropic", "sk-ant-test"))
+
+
 def _runtime(**kw: object) -> Runtime:
+    kw.setdefault("provider_credentials", {"anthropic": _credential_file()})
     return Runtime(config_path=str(REPO / "ccr.example.yaml"), run_dir="/tmp", postgres_dsn="postgresql://x",
                    redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
                    adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080, **kw)

@@ -1,10 +1,12 @@
 """Provider adapter: Envoy's upstream ext_proc filter, one stream per upstream attempt.
 
 Envoy runs it in each provider cluster's `http_filters`, so a retry that fails over
-to another provider is handled for that provider. The gRPC initial metadata
-`x-ccr-provider` names the provider of the cluster. Per attempt it:
+to another provider is handled for that provider. For a passthrough provider (the
+Anthropic API) it runs only for Batches and Files, whose owner records it keeps;
+Messages replies are metered natively by router/meter.lua (router/resources.py).
+The gRPC initial metadata `x-ccr-provider` names the provider of the cluster. Per attempt it:
 
-* swaps the client's credential headers for the provider's (request_headers);
+* removes the client's credential headers (Envoy injects the provider's after it);
 * decides from the response headers whether the body can carry usage, and if not
   asks Envoy (mode_override) to stop streaming the body through us;
 * asks the provider for an unencoded reply (`accept-encoding: identity`), so no
@@ -22,7 +24,6 @@ translation can slot in; only the Anthropic API is implemented.
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -148,20 +149,18 @@ class ProviderHandler(ABC):
 
 
 class AnthropicHandler(ProviderHandler):
-    """Anthropic API: inspect-without-modify; only the credential headers change."""
+    """Anthropic API: inspect-without-modify. The credential is not ours: Envoy's credential
+    injector, after this filter, adds the provider's key (router/resources.py)."""
 
-    def __init__(self, name: str, api_key: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._api_key = api_key
 
     def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
-        # The client's gateway key must never reach the provider. Envoy applies
-        # removals before sets, so every client x-api-key value goes and exactly
-        # the provider's is added (also over a value left by an earlier attempt).
+        # The client's gateway key must never reach the provider; the header hygiene filter
+        # after this one removes these too, and this one must not rely on it.
         remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(CCR_HEADER_PREFIX)]
         mutation = pb.HeaderMutation(
             set_headers=[
-                set_header("x-api-key", self._api_key),
                 # The meter reads identity (and gzip/deflate); a client's `br, zstd` must not
                 # make usage unreadable. The listener compresses for the client instead.
                 set_header("accept-encoding", "identity"),
@@ -188,27 +187,12 @@ class UnavailableHandler(ProviderHandler):
         return resp
 
 
-def build_handlers(
-    config: GatewayConfig, runtime: Runtime, environ: Mapping[str, str] | None = None
-) -> dict[str, ProviderHandler]:
-    """One handler per configured provider; credentials are resolved once, here."""
-    env = os.environ if environ is None else environ
+def build_handlers(config: GatewayConfig) -> dict[str, ProviderHandler]:
+    """One handler per configured provider. The adapter holds no provider credential."""
     handlers: dict[str, ProviderHandler] = {}
     for p in config.providers:
-        override = runtime.upstream_overrides.get(p.name)
-        var = override.api_key_env if override else p.api_key_env
-        key = env.get(var) if var else None
-        if not key:
-            where = f"environment variable {var} is empty or unset" if var else "api_key_env is not set"
-            msg = (
-                f"provider {p.name} has no credential configured ({where}); "
-                "the gateway operator must set it and restart the gateway"
-            )
-            log.error("%s; requests routed to it will fail with 500", msg)
-            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_no_provider_credential")
-            continue
         if p.kind == ProviderKind.anthropic:
-            handlers[p.name] = AnthropicHandler(p.name, key)
+            handlers[p.name] = AnthropicHandler(p.name)
         else:  # pragma: no cover - new kinds must add a handler here
             msg = f"provider {p.name} has kind {p.kind}, which this gateway version cannot call"
             handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_unsupported_provider")
@@ -383,5 +367,5 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     """`ccr.service.run` hook: register the ExternalProcessor service."""
     # Batches and Files only: the pool opens on the first such request, never for Messages.
     objects = ObjectStore(runtime.postgres_dsn)
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config, runtime), objects), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config), objects), server)
     return objects.close
