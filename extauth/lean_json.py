@@ -28,7 +28,9 @@ import orjson
 SKELETON_FROM_BYTES = 1024 * 1024
 # String values at least this long (raw bytes between the quotes) are left in the body.
 LONG_STRING_BYTES = 1024
-_UTF8_CHUNK = 1024 * 1024
+# Bytes per step of the UTF-8 check: the str decoded from one step takes up to 4 times as much
+# (one astral character makes a str 4 bytes a character), so at most 1 MiB.
+_UTF8_CHUNK = 256 * 1024
 # The values checks read (model, file references, a batch request's custom_id for messages):
 # never left as placeholders.
 RESTORED_KEYS = frozenset({"model", "file_id", "custom_id"})

@@ -48,12 +48,13 @@ def _encode_varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _find(data: bytes, start: int, end: int, number: int) -> tuple[int, int, int] | None:
-    """(offset of the length varint, content start, content end) of the one length-delimited
-    field `number` in data[start:end]; None if absent; _Unusual if repeated or malformed."""
+def _find(data: bytes, start: int, end: int, number: int) -> tuple[int, int, int, int] | None:
+    """(offsets of the tag and of the length varint, content start, content end) of the one
+    length-delimited field `number` in data[start:end]; None if absent; _Unusual if repeated or malformed."""
     found = None
     pos = start
     while pos < end:
+        tag_at = pos
         tag, pos = _varint(data, pos, end)
         field, wire = tag >> 3, tag & 7
         if wire == 0:
@@ -68,7 +69,7 @@ def _find(data: bytes, start: int, end: int, number: int) -> tuple[int, int, int
             if field == number:
                 if found is not None:
                     raise _Unusual  # protobuf would merge (message) or keep the last (bytes)
-                found = (len_at, pos, pos + n)
+                found = (tag_at, len_at, pos, pos + n)
             pos += n
         else:
             raise _Unusual  # groups: never sent by Envoy
@@ -100,15 +101,12 @@ def _split(data: bytes) -> tuple[pb.CheckRequest, memoryview] | None:
         if found is None:
             return None
         spans.append(found)
-        _, start, end = found
-    body_len_at, body_start, body_end = spans[-1]
-    tag_at = body_len_at - 1  # field 12, wire type 2: a one-byte tag
-    if data[tag_at] != (12 << 3 | _LEN):
-        raise _Unusual
+        _, _, start, end = found
+    tag_at, _, body_start, body_end = spans[-1]
     # Each enclosing message loses the body field and whatever its inner length varints lost.
     shrink = body_end - tag_at
     lengths: list[bytes] = []
-    for len_at, content_start, content_end in reversed(spans[:-1]):
+    for _, len_at, content_start, content_end in reversed(spans[:-1]):
         new_len = _encode_varint(content_end - content_start - shrink)
         shrink += (content_start - len_at) - len(new_len)
         lengths.append(new_len)
@@ -116,7 +114,7 @@ def _split(data: bytes) -> tuple[pb.CheckRequest, memoryview] | None:
     pieces: list[bytes | memoryview] = []
     view = memoryview(data)
     last = 0
-    for (len_at, content_start, _), new_len in zip(spans[:-1], lengths, strict=True):
+    for (_, len_at, content_start, _), new_len in zip(spans[:-1], lengths, strict=True):
         pieces.append(view[last:len_at])
         pieces.append(new_len)
         last = content_start
