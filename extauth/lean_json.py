@@ -46,7 +46,7 @@ _SKIP = re.compile(rb'(?:[^"]++|"[^"\\]{0,255}+")*+')
 # only JSON's escapes, and \u escapes of surrogates only as high-low pairs (UTF-8 is checked
 # apart). A string that does not match makes the body invalid: orjson then says why.
 _STRING = re.compile(
-    rb'"(?:[^"\\\x00-\x1f]++'
+    rb'"(?:[ -!#-\[\]-\xff]++'  # bytes 0x20-0xff but '"' and '\\' (ranges: twice as fast in sre as [^...])
     rb'|\\["\\/bfnrt]'
     rb"|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4}"
     rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
