@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
-from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
@@ -46,11 +44,14 @@ from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
 from extauth.keys import KeyStore
+from extauth.lean_json import Buffer, JSONDecodeError
+from extauth.lean_json import loads as json_loads
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
+from extauth.wire import split_check
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,12 @@ def _headers(http) -> dict[str, str]:
     return out
 
 
-def json_object(body: bytes) -> dict[str, Any]:
-    """A request body that must be a JSON object (it names the model)."""
+def json_object(body: Buffer) -> dict[str, Any]:
+    """A request body that must be a JSON object (it names the model). Long string values other
+    than the model and file ids are left as placeholders (extauth/lean_json.py)."""
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
+        doc = json_loads(body)
+    except JSONDecodeError as e:
         raise Deny(400, "invalid_request_error",
                    f"request body is not valid JSON ({e}); send a JSON object with a 'model' field") from None
     if not isinstance(doc, dict):
@@ -118,6 +120,11 @@ _SET_HEADERS_FOR: dict[tuple[bool, bool], frozenset[str]] = {
 }
 
 
+def _internal_error() -> pb.CheckResponse:
+    return denied(503, "api_error", "the gateway could not authorize this request due to an internal error; "
+                  "retry shortly, and contact your gateway administrator if it persists")
+
+
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
     """The verified client certificate (PEM) Envoy sends URL-encoded with include_peer_certificate."""
     cert = req.attributes.source.certificate
@@ -153,18 +160,26 @@ class Authorizer:
         self._routes[model] = route
         return route
 
-    async def check(self, req: pb.CheckRequest) -> pb.CheckResponse:
+    async def check(self, req: pb.CheckRequest, body: Buffer | None = None) -> pb.CheckResponse:
+        """Decide `req`; `body`, when given, is its raw_body (a view into the received message)."""
         try:
-            return await self._check(req)
+            return await self._check(req, body)
         except Deny as d:
             return denied(d.status, d.err_type, d.message)
         except Exception:
             log.exception("authorization failed internally; denying")
-            return denied(503, "api_error",
-                          "the gateway could not authorize this request due to an internal error; "
-                          "retry shortly, and contact your gateway administrator if it persists")
+            return _internal_error()
 
-    async def _check(self, req: pb.CheckRequest) -> pb.CheckResponse:
+    async def check_serialized(self, data: bytes) -> pb.CheckResponse:
+        """Decide a CheckRequest as gRPC received it, its body never copied out of `data`."""
+        try:
+            req, body = split_check(data)
+        except Exception:
+            log.exception("unreadable CheckRequest from Envoy; denying")
+            return _internal_error()
+        return await self.check(req, body)
+
+    async def _check(self, req: pb.CheckRequest, raw: Buffer | None) -> pb.CheckResponse:
         http = req.attributes.request.http
         method = http.method
         endpoint = endpoint_or_deny(method, http.path)
@@ -176,9 +191,10 @@ class Authorizer:
         path = split_target(http.path)[0]
         model: str | None = None
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
-        body = b""
+        # The body as received: a view when the caller split it off the message (no copy), else
+        # the message's field (one copy, as protobuf hands out bytes).
+        body: Buffer = raw if raw else (http.raw_body or http.body.encode())
         if endpoint.endpoint.model_in_body:
-            body = http.raw_body or http.body.encode()
             doc = json_object(body)
             model = model_in(doc)
             route = self._route(model)
@@ -191,7 +207,8 @@ class Authorizer:
         decision = self.policy.decide(principal, method, path, model, endpoint)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
-        facts = await self._objects(principal, endpoint, doc, body, provider, http)
+        facts = await self._objects(principal, endpoint, doc, body, provider)
+        del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
 
@@ -209,8 +226,8 @@ class Authorizer:
             self._ok_cache[ck] = resp
         return resp
 
-    async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: bytes,
-                       provider: str, http) -> ObjectFacts | None:
+    async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: Buffer,
+                       provider: str) -> ObjectFacts | None:
         """Batches and Files checks (extauth/objects.py); file references in a Messages body
         (`doc`, already parsed by the caller from `body`)."""
         if doc is not None:
@@ -225,7 +242,7 @@ class Authorizer:
             return None
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
-        return await self.objects.check(principal, m, http.raw_body or http.body.encode(), self.policy.decide)
+        return await self.objects.check(principal, m, body, self.policy.decide)
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
@@ -311,14 +328,25 @@ def _is_identity_phase(context: grpc.aio.ServicerContext) -> bool:
     return any(k == AUTHZ_PHASE_MD and v == AUTHZ_PHASE_IDENTITY for k, v in context.invocation_metadata() or ())
 
 
-class AuthorizationServicer(pb_grpc.AuthorizationServicer):
+class AuthorizationServicer:
+    """envoy.service.auth.v3.Authorization/Check on the message as received (bytes): the body of a
+    large request is read in place, never parsed into the protobuf message (extauth/wire.py)."""
+
+    SERVICE = "envoy.service.auth.v3.Authorization"
+
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
-    async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:  # noqa: N802
+    async def Check(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.CheckResponse:  # noqa: N802
         if _is_identity_phase(context):
-            return await check_identity(self.authorizer, request)
-        return await self.authorizer.check(request)
+            return await check_identity(self.authorizer, pb.CheckRequest.FromString(request))
+        return await self.authorizer.check_serialized(request)
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.Check, request_deserializer=None,  # bytes: see split_check
+            response_serializer=pb.CheckResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.SERVICE, {"Check": handler}),))
 
 
 # -- start-up -----------------------------------------------------------------
@@ -384,7 +412,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
         verifiers.append(oidc)
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects)
-    pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
+    AuthorizationServicer(authorizer).add_to(server)
     watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
     log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
              config.policy.entrypoint)

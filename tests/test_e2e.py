@@ -5,6 +5,7 @@ upstream, and the official anthropic SDK as the client.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -145,6 +146,24 @@ def test_twenty_megabyte_request(gw: Gateway, dsn: str) -> None:
     with client(gw, timeout=120).messages.stream(
             model=MODEL, max_tokens=16, messages=[{"role": "user", "content": big}]) as s:
         assert s.get_final_message().usage.input_tokens > 1_000_000
+
+
+def test_twenty_megabyte_image_request_streamed(gw: Gateway, dsn: str) -> None:
+    """A base64 image block: extauth reads the body in place (extauth/wire.py, extauth/lean_json.py);
+    the provider still gets it byte for byte and the request its audit row."""
+    data = base64.b64encode(hashlib.shake_256(b"image").digest(15 * 1024 * 1024)).decode()
+    body = json.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        {"type": "text", "text": "What is in this image?"}]}]}).encode()
+    assert len(body) > 20 * 1024 * 1024
+    r = httpx.post(f"{gw.url}/v1/messages", content=body, timeout=120,
+                   headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01",
+                            "content-type": "application/json"})
+    assert r.status_code == 200, r.text[:500]
+    assert r.text.rstrip().endswith("data: {\"type\":\"message_stop\"}"), r.text[-300:]
+    up = last_upstream(gw)
+    assert up["body_length"] == len(body) and up["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert log_row(dsn, up["headers"]["x-request-id"])["model"] == MODEL
 
 
 @pytest.mark.parametrize("fault,exc", [("529", anthropic.InternalServerError),

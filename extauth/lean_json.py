@@ -1,0 +1,139 @@
+"""A request body read as a JSON object without materialising its big strings.
+
+orjson needs about 13 times a document's size while it parses (its reader sizes its buffer for
+the worst case; for a 20 MB body that is 260 MB) and then holds every string as a Python str: a
+20 MB image or text block would cost extauth far more than the body itself. What a check needs
+from a body is small: is it valid JSON, is it an object, its top-level "model" and every
+"file_id" value. So a large body is read as a *skeleton*: a copy in which every long string
+value is replaced by a short, unique placeholder, parsed by orjson; the long strings are checked
+in place (same rules as orjson) and decoded only when a model or a file id is one of them.
+
+Decisions are orjson's: the skeleton has the body's structure, keys and short strings byte for
+byte, and whenever the skeleton or a long string is not valid, the whole body goes to orjson,
+which then gives its own verdict and error message. Only bodies whose size is in long string
+values gain: a body of millions of tiny tokens makes a skeleton as large as itself.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import secrets
+from typing import Any
+
+import orjson
+
+# Bodies up to this size are parsed whole by orjson (fast; its transient buffer stays small).
+SKELETON_FROM_BYTES = 1024 * 1024
+# String values at least this long (raw bytes between the quotes) are left in the body.
+LONG_STRING_BYTES = 1024
+# Bytes per step of the UTF-8 check: the str decoded from one step takes up to 4 times as much
+# (one astral character makes a str 4 bytes a character), so at most 1 MiB.
+_UTF8_CHUNK = 256 * 1024
+# The values checks read (model, file references, a batch request's custom_id for messages):
+# never left as placeholders.
+RESTORED_KEYS = frozenset({"model", "file_id", "custom_id"})
+
+Buffer = bytes | memoryview
+JSONDecodeError = orjson.JSONDecodeError
+
+# Structure and short escape-free strings, skipped in C: a run of non-quote bytes, or a string
+# of at most 255 bytes without a backslash. Possessive, so it never backtracks and always stops
+# either at the end or at the opening quote of a string it did not take.
+_SKIP = re.compile(rb'(?:[^"]++|"[^"\\]{0,255}+")*+')
+# One string literal from its opening quote, as orjson accepts it: no raw control characters,
+# only JSON's escapes, and \u escapes of surrogates only as high-low pairs (UTF-8 is checked
+# apart). A string that does not match makes the body invalid: orjson then says why.
+_STRING = re.compile(
+    rb'"(?:[ -!#-\[\]-\xff]++'  # bytes 0x20-0xff but '"' and '\\' (ranges: twice as fast in sre as [^...])
+    rb'|\\["\\/bfnrt]'
+    rb"|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4}"
+    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb')*+"'
+)
+_IS_KEY = re.compile(rb"[ \t\n\r]*:")
+
+
+class _NotSimple(Exception):
+    """The body needs orjson's own verdict (invalid somewhere, or not worth a skeleton)."""
+
+
+def _valid_utf8(body: Buffer, start: int, end: int) -> bool:
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    view = memoryview(body)
+    try:
+        for pos in range(start, end, _UTF8_CHUNK):
+            dec.decode(view[pos:min(end, pos + _UTF8_CHUNK)])  # chunk-sized str, dropped at once
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _skeleton(body: Buffer) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The body with each long string value replaced by a placeholder; placeholder -> its literal's span."""
+    view = memoryview(body)
+    tag = "\x00ccr-" + secrets.token_hex(8) + "-"  # unguessable: a client's own string never collides
+    pieces: list[Buffer] = []
+    spans: dict[str, tuple[int, int]] = {}
+    last = pos = 0
+    n = len(view)
+    while True:
+        pos = _SKIP.match(view, pos).end()  # type: ignore[union-attr]  # matches the empty string at least
+        if pos >= n:
+            break
+        m = _STRING.match(view, pos)
+        if m is None:
+            raise _NotSimple  # unterminated, or not a string orjson accepts
+        end = m.end()
+        if end - pos - 2 >= LONG_STRING_BYTES and _IS_KEY.match(view, end) is None:
+            if not _valid_utf8(view, pos + 1, end - 1):
+                raise _NotSimple
+            name = f"{tag}{len(spans)}"
+            pieces.append(view[last:pos])
+            pieces.append(orjson.dumps(name))
+            spans[name] = (pos, end)
+            last = end
+        pos = end
+    if not spans:
+        raise _NotSimple  # nothing to leave out: parse the body itself
+    pieces.append(view[last:])
+    return b"".join(pieces), spans
+
+
+def _decode(body: Buffer, span: tuple[int, int]) -> str:
+    """A long string literal (already checked as orjson would) as its value."""
+    text = str(memoryview(body)[span[0]:span[1]], "utf-8")
+    return json.decoder.scanstring(text, 1, True)[0]
+
+
+def _restore(doc: Any, body: Buffer, spans: dict[str, tuple[int, int]]) -> None:
+    """Put the real strings back wherever a check reads them (RESTORED_KEYS, at any depth)."""
+    stack: list[Any] = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, sub in v.items():
+                if k in RESTORED_KEYS and isinstance(sub, str) and sub in spans:
+                    v[k] = _decode(body, spans[sub])
+                elif isinstance(sub, (dict, list)):
+                    stack.append(sub)
+        elif isinstance(v, list):
+            stack.extend(x for x in v if isinstance(x, (dict, list)))
+
+
+def loads(body: Buffer) -> Any:
+    """The JSON document in `body` as orjson reads it, except that long string values (other than
+    those of RESTORED_KEYS) are opaque placeholders. Raises orjson.JSONDecodeError
+    exactly when orjson would, with its message."""
+    if len(body) < SKELETON_FROM_BYTES:
+        return orjson.loads(body)
+    try:
+        skeleton, spans = _skeleton(body)
+        doc = orjson.loads(skeleton)
+    except (_NotSimple, orjson.JSONDecodeError):
+        return orjson.loads(body)
+    del skeleton
+    _restore(doc, body, spans)
+    return doc
