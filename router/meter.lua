@@ -238,7 +238,7 @@ local function decode_number(s, i)
     local digits = sub(s, neg and st + 1 or st, int_end - 1)
     local limit = neg and I64_MIN_ABS or U64_MAX
     if #digits < #limit or (#digits == #limit and digits <= limit) then
-      if v <= TWO53 and v >= -TWO53 then return v + 0, i end -- + 0: -0 is the int 0
+      if v < TWO53 and v > -TWO53 then return v + 0, i end -- exact; + 0: -0 is the int 0
       return setmetatable({ v = v, lit = lit }, BIGINT), i
     end
   end
