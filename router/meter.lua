@@ -818,9 +818,13 @@ local METER_FAILED = "the usage meter failed on this reply (see the Envoy log)"
 -- Publish `a` into ccr.usage. Envoy merges each set into the namespace; `last` holds
 -- what this attempt published, so only what changed is set, and the first publication
 -- of an attempt sets every field (over an earlier attempt's). nil becomes null_value.
-local function publish(md, last, a)
+-- The metadata object is fetched for every publication: Envoy's Lua wrappers die when
+-- the script yields (between body chunks), so one kept from the headers would fail.
+local function publish(handle, last, a)
   if last.status ~= nil and same_assessment(last, a) then return end
   local first = last.status == nil
+  last.status = nil -- until every set below went through
+  local md = handle:streamInfo():dynamicMetadata()
   local u = a.usage
   for k = 1, NFIELDS do
     local f = FIELDS[k]
@@ -828,11 +832,11 @@ local function publish(md, last, a)
     if first or last[f] ~= v then md:set(M.USAGE_NS, f, v) end
     last[f] = v
   end
-  if first or last.status ~= a.status then md:set(M.USAGE_NS, M.USAGE_STATUS, a.status) end
+  if first or last.kind ~= a.status then md:set(M.USAGE_NS, M.USAGE_STATUS, a.status) end
   -- Envoy copies a string value up to its first NUL; the audit log shows NUL as U+FFFD.
   if first or last.note ~= a.note then md:set(M.USAGE_NS, M.USAGE_NOTE, (a.note:gsub("%z", "\239\191\189"))) end
-  last.status, last.note = a.status, a.note
-  last.usage = u and copy_usage(u) or nil
+  last.kind, last.note, last.usage = a.status, a.note, u and copy_usage(u) or nil
+  last.status = a.status
 end
 M.publish = publish
 
@@ -840,54 +844,49 @@ local function log_warn(handle, msg)
   pcall(handle.logWarn, handle, "ccr usage meter: " .. msg)
 end
 
+-- Metering must never break the reply: on any error, say so in ccr.usage and stop.
+local function failed(handle, last, err)
+  log_warn(handle, tostring(err))
+  last.status = nil
+  pcall(publish, handle, last, unknown(METER_FAILED))
+end
+
 function M.on_response(handle)
-  local md = handle:streamInfo():dynamicMetadata()
   local last = {}
-  local ok, kind, a, meter, streaming, status = pcall(function()
+  local ok, kind, meter, streaming, status = pcall(function()
     local h = handle:headers()
     local st = M.status_code(h:get(":status"))
     local k, a0, m, s = M.plan(st, h:get("content-type"), h:get("content-encoding"))
-    publish(md, last, a0)
-    return k, a0, m, s, st
+    publish(handle, last, a0)
+    return k, m, s, st
   end)
-  if not ok then
-    log_warn(handle, tostring(kind))
-    pcall(publish, md, last, unknown(METER_FAILED))
-    return
-  end
+  if not ok then return failed(handle, last, kind) end
   if kind == "done" then return end
   local chunks = 0
+  -- bodyChunks() hands over each data frame as Envoy passes it on (no buffering); the
+  -- script yields in between.
   for chunk in handle:bodyChunks() do
     chunks = chunks + 1
     if not meter then break end -- a body, but nothing to read in it
-    local fed, changed = pcall(function() return meter:feed(chunk:getBytes(0, chunk:length())) end)
-    if not fed then
-      log_warn(handle, tostring(changed))
-      pcall(publish, md, last, unknown(METER_FAILED))
-      return
-    end
-    if changed then
-      local p, err = pcall(function() publish(md, last, assess(meter.result, streaming, false)) end)
-      if not p then log_warn(handle, tostring(err)); return end
-    end
+    local fed, err = pcall(function()
+      if meter:feed(chunk:getBytes(0, chunk:length())) then
+        -- Publish as soon as usage or the output estimate moves, so an aborted
+        -- attempt is still charged for what was generated.
+        publish(handle, last, assess(meter.result, streaming, false))
+      end
+    end)
+    if not fed then return failed(handle, last, err) end
   end
-  if chunks == 0 then
-    pcall(publish, md, last, M.no_body(status))
-    return
-  end
-  if not meter then return end
   local done, err = pcall(function()
+    if chunks == 0 then return publish(handle, last, M.no_body(status)) end
+    if not meter then return end
     local fin, result = pcall(meter.finish, meter)
     if not fin then log_warn(handle, tostring(result)); result = meter.result end
     -- The end of a reply always says where it ended up.
-    local final = assess(result, streaming, true)
     last.status = nil
-    publish(md, last, final)
+    publish(handle, last, assess(result, streaming, true))
   end)
-  if not done then
-    log_warn(handle, tostring(err))
-    pcall(publish, md, last, unknown(METER_FAILED))
-  end
+  if not done then return failed(handle, last, err) end
 end
 
 -- The error body a refused attempt gets (ccr/errors.py shape).

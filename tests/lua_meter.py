@@ -52,11 +52,31 @@ local function header_map(t, log)
 end
 H.header_map = header_map
 
+-- Envoy's Lua wrappers (headers, stream info, metadata, body chunks) die when the script
+-- yields: using one after a resume raises "object used outside of proper scope".
+local generation = 0
+local function scoped(obj)
+  local born = generation
+  local proxy = {}
+  for k, v in next, obj do
+    if type(v) == "function" then
+      proxy[k] = function(self, ...)
+        if generation ~= born then error("object used outside of proper scope") end
+        return v(obj, ...)
+      end
+    else
+      proxy[k] = v
+    end
+  end
+  return setmetatable(proxy, getmetatable(obj))
+end
+H.scoped = scoped
+
 -- One response: run envoy_on_response as Envoy would, resuming it per data frame.
 -- chunks: a Lua array of strings; eos_on_last: the last chunk carries end_stream
 -- (else the body ends by a separate nil resume, as after trailers); nil chunks: end
 -- of stream at the headers. stop_after: abort (no more resumes) after that many chunks.
--- Returns the namespace snapshots after each step and the list of sets.
+-- Returns the namespace snapshots after each step, the list of sets and the coroutine's status.
 function H.run(status, headers, chunks, eos_on_last, stop_after)
   local ns, sets, snaps = {}, {}, {}
   local md = { set = function(_, namespace, key, value)
@@ -64,14 +84,13 @@ function H.run(status, headers, chunks, eos_on_last, stop_after)
     if value == nil then value = NULL end
     ns[key] = value
   end }
-  local info = { dynamicMetadata = function() return md end }
   local t = { [":status"] = status }
   for k, v in pairs(headers) do t[k] = v end
   local ended = chunks == nil
-  local handle = {
-    headers = function() return header_map(t, {}) end,
-    streamInfo = function() return info end,
-    logWarn = function() end,
+  local handle = { -- the stream handle itself lives as long as the script
+    headers = function() return scoped(header_map(t, {})) end,
+    streamInfo = function() return scoped({ dynamicMetadata = function() return scoped(md) end }) end,
+    logWarn = function(_, msg) H.warnings[#H.warnings + 1] = msg end,
     bodyChunks = function()
       return function()
         if ended then return nil end
@@ -79,31 +98,35 @@ function H.run(status, headers, chunks, eos_on_last, stop_after)
       end
     end,
   }
+  H.warnings = {}
   local function snap()
     local c = {}
     for k, v in pairs(ns) do c[k] = v end
     snaps[#snaps + 1] = c
   end
+  local function resume(co, chunk)
+    generation = generation + 1
+    if chunk then -- a wrapper made for this resume
+      local s = chunk
+      chunk = scoped({ length = function() return #s end,
+        getBytes = function(_, start, len) assert(start == 0 and len == #s); return s end })
+    end
+    local ok, err = coroutine.resume(co, chunk)
+    assert(ok, err)
+    snap()
+  end
   local co = coroutine.create(function() envoy_on_response(handle) end)
-  local ok, err = coroutine.resume(co)
-  assert(ok, err)
-  snap()
+  resume(co)
   local n = chunks and #chunks or 0
   for i = 1, n do
     if coroutine.status(co) == "dead" or (stop_after and i > stop_after) then break end
     local s = chunks[i]
     if eos_on_last and i == n then ended = true end
-    local chunk = { length = function() return #s end,
-      getBytes = function(_, start, len) assert(start == 0 and len == #s); return s end }
-    ok, err = coroutine.resume(co, chunk)
-    assert(ok, err)
-    snap()
+    resume(co, s)
   end
   if not eos_on_last and chunks and coroutine.status(co) ~= "dead" and not stop_after then
     ended = true
-    ok, err = coroutine.resume(co, nil)
-    assert(ok, err)
-    snap()
+    resume(co, nil)
   end
   return snaps, sets, coroutine.status(co)
 end

@@ -410,8 +410,9 @@ def test_generated_json_replies_meter_alike(body: bytes, cuts: list[int], eos: b
 @settings(max_examples=200, deadline=None)
 @given(status=st.sampled_from([200, 201, 204, 299, 302, 400, 404, 429, 500, 529]),
        ctype=st.none() | st.sampled_from(["application/json", "text/event-stream", "Application/JSON ; q=1",
-                                          " text/event-stream;charset=utf-8", "text/plain", "", ";", "application/json\u2003",
-                                          "\x1ctext/event-stream", "application/jsonx", "é/\udcff"]),
+                                          " text/event-stream;charset=utf-8", "text/plain", "", ";",
+                                          "application/json\u2003", "\x1ctext/event-stream", "application/jsonx",
+                                          "é/\udcff"]),
        cenc=st.none() | st.sampled_from(["", "identity", "Identity", "gzip", "deflate", "br", " , identity,",
                                          "gzip,br", "x-'q'", "x-'\"", "é"]),
        body=st.none() | st.sampled_from([STREAM, b'{"type":"message","usage":{"input_tokens":1}}', b"", b"{"]))
@@ -432,7 +433,8 @@ def test_request_hygiene_removes_credentials_and_gateway_headers() -> None:
     got, log, responded = request({
         ":path": "/v1/messages", ":method": "POST", "authorization": "Bearer client", "x-api-key": "ccr_client",
         "x-ccr-principal-id": "p1", "x-ccr-model": "m", "x-ccr-anything": "z", "accept-encoding": "br, zstd",
-        "anthropic-version": "2023-06-01", "x-request-id": "rid", "x-ccrnot": "kept", "content-type": "application/json",
+        "anthropic-version": "2023-06-01", "x-request-id": "rid", "x-ccrnot": "kept",
+        "content-type": "application/json",
     })
     assert responded is None
     assert got == {":path": "/v1/messages", ":method": "POST", "accept-encoding": "identity",
