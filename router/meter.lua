@@ -571,6 +571,17 @@ local USEFUL_EVENTS = { message_start = true, message_delta = true, message_stop
 -- The streamed output of each delta type (signatures and citations bill no output of their own).
 local DELTA_TEXT = { text_delta = "text", thinking_delta = "thinking", input_json_delta = "partial_json" }
 
+-- {"type":"content_block_delta","index":N,"delta":{"type":"T","F":"TEXT"}}: T, F, TEXT (TEXT still
+-- to be checked for quotes, escapes and control characters). N: no leading zero, and short
+-- enough to be an integer to orjson.
+local DELTA_PATTERN = '^{"type":"content_block_delta","index":(%d+),"delta":{"type":"([%w_]+)","([%w_]+)":"(.*)"}}$'
+local match = string.match
+local function delta_match(payload)
+  local index, dtype, field, text = match(payload, DELTA_PATTERN)
+  if not index or #index > 18 or (#index > 1 and byte(index, 1) == 48) then return nil end
+  return dtype, field, text
+end
+
 function M.sse_meter()
   -- buf: unterminated tail; parts: chunks without any line end, appended after buf.
   return setmetatable({ result = new_result(), buf = "", parts = {}, nparts = 0, size = 0, event = "", data = {},
@@ -589,11 +600,24 @@ function SseMeter:dispatch()
       and not find(payload, '"content_block_delta"', 1, true) then
     return false
   end
+  local r = self.result
+  -- The bulk of a stream: a delta in the provider's compact form. When its text needs no
+  -- unescaping it is counted without decoding the event (the same result as decoding it).
+  local dtype, field, text = delta_match(payload)
+  if dtype then
+    if not find(text, '[%z\1-\31"\\]') and utf8_valid(text) and field ~= "type" then
+      if text ~= "" and DELTA_TEXT[dtype] == field then
+        r.est_bytes = r.est_bytes + #text
+        r.est_deltas = r.est_deltas + 1
+        return true
+      end
+      return false
+    end
+  end
   local ok, doc = json_decode(payload)
   if not ok or not is_object(doc) then return false end
   local kind = doc.type
   if not truthy(kind) then kind = event end
-  local r = self.result
   if kind == "content_block_delta" then
     local delta = doc.delta
     if not is_object(delta) then return false end
@@ -672,8 +696,11 @@ end
 function SseMeter:drain(final)
   local buf = self.buf
   local changed, pos, n = false, 1, #buf
+  -- Without any CR (the usual stream) a plain search for LF is enough, and LuaJIT compiles it.
+  local lf_only = not find(buf, "\r", 1, true)
   while true do
-    local s = find(buf, "[\r\n]", pos)
+    local s
+    if lf_only then s = find(buf, "\n", pos, true) else s = find(buf, "[\r\n]", pos) end
     if not s then break end
     local e = s
     if byte(buf, s) == 13 then
@@ -696,7 +723,7 @@ end
 
 function SseMeter:feed(chunk)
   local buf = self.buf
-  if not find(chunk, "[\r\n]") and byte(buf, #buf) ~= 13 then
+  if not find(chunk, "\n", 1, true) and not find(chunk, "\r", 1, true) and byte(buf, #buf) ~= 13 then
     -- No line ends here (a long line in pieces): keep the piece, join once a line ends.
     if self.skip_line then return false end
     local size = self.size + #chunk

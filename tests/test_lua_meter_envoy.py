@@ -48,6 +48,9 @@ FIXED: dict[str, tuple[str, bytes]] = {
                                     b'"cache_creation_input_tokens":null,"cache_read_input_tokens":3}}'),
     "plain": ("text/plain", b"hello"),
 }
+# Replies without a body: end of stream at the response headers (bodyChunks() yields nothing).
+BODILESS: dict[str, tuple[int, str]] = {"nocontent": (204, "application/json"), "empty": (200, "application/json"),
+                                        "emptysse": (200, "text/event-stream")}
 
 # A downstream Lua filter that sets a number and then nil under one key: what Envoy stores.
 NIL_PROBE = """
@@ -131,6 +134,10 @@ def envoy_config(emulator: tuple[str, int], fixed_port: int | None, log_path: Pa
         "inline_string": body.decode()}}, "response_headers_to_add": [{"header": {"key": "content-type", "value": ct},
                                                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
                     for k, (ct, body) in FIXED.items()]
+    fixed_routes += [{"match": {"path": f"/fixed/{k}"}, "direct_response": {"status": status},
+                      "response_headers_to_add": [{"header": {"key": "content-type", "value": ct},
+                                                   "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+                     for k, (status, ct) in BODILESS.items()]
     listeners = [listener("front", hcm("front", routes, log_path, [nil_probe]))]
     if fixed_port is None:  # a first start only learns the fixed listener's port
         listeners.append(listener("fixed", hcm("fixedlst", fixed_routes, None, [])))
@@ -325,6 +332,17 @@ def test_fixed_replies_are_logged_as_the_python_meter_assesses_them(envoy: Envoy
         want = struct_fields(assess(meter.finish(), ctype.startswith("text/event-stream"), ended=True))
         want = {k: int(v) if isinstance(v, float) else v for k, v in want.items()}
     assert envoy.log_entry(tid)["usage"] == want
+
+
+@pytest.mark.parametrize("name", sorted(BODILESS))
+def test_bodiless_replies_are_not_billable(envoy: Envoy, name: str) -> None:
+    status, _ = BODILESS[name]
+    tid = uuid.uuid4().hex
+    r = httpx.get(f"{envoy.url}/fixed/{name}", headers={"x-test-id": tid}, timeout=30)
+    assert r.status_code == status and r.content == b""
+    assert envoy.log_entry(tid)["usage"] == {
+        "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+        "usage_status": "not_billable", "usage_note": f"provider replied {status} with no body"}
 
 
 def test_nil_is_a_null_value_that_replaces_a_number(envoy: Envoy) -> None:
