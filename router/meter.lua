@@ -605,7 +605,7 @@ function SseMeter:dispatch()
   -- unescaping it is counted without decoding the event (the same result as decoding it).
   local dtype, field, text = delta_match(payload)
   if dtype then
-    if not find(text, '[%z\1-\31"\\]') and utf8_valid(text) and field ~= "type" then
+    if not find(text, '[%z\1-\31"\\]') and utf8_valid(text) then
       if text ~= "" and DELTA_TEXT[dtype] == field then
         r.est_bytes = r.est_bytes + #text
         r.est_deltas = r.est_deltas + 1

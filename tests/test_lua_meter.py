@@ -465,3 +465,34 @@ def test_request_hygiene_matches_the_adapter(names: list[str]) -> None:
     got, _, _ = request(headers)
     removed = {h for h in headers if h in ("authorization", "x-api-key") or h.startswith(contract.CCR_HEADER_PREFIX)}
     assert got == {**{h: "v" for h in headers if h not in removed}, "accept-encoding": "identity"}
+
+
+FAST_PATH_EDGES = [
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"plain"}}',
+    b'{"type":"content_block_delta","index":01,"delta":{"type":"text_delta","text":"leading zero"}}',
+    b'{"type":"content_block_delta","index":' + b"9" * 19 + b',"delta":{"type":"text_delta","text":"big index"}}',
+    b'{"type":"content_block_delta","index":' + b"9" * 400 + b',"delta":{"type":"text_delta","text":"inf index"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","type":"abc"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"say \\"hi\\""}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"tab\there"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"bad \xff utf8"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"caf\xc3\xa9"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"other_delta","text":"x"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","thinking":"x"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\\"a\\":"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":""}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}} ',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a\\"}}',
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"},"x":"y"}}',
+]
+
+
+@pytest.mark.parametrize("payload", FAST_PATH_EDGES)
+@pytest.mark.parametrize("event", [b"content_block_delta", b"message_start", b""])
+def test_the_compact_delta_fast_path_counts_what_decoding_counts(payload: bytes, event: bytes) -> None:
+    start = sse(message_start(5, 0, 0, 1))
+    line = (b"event: " + event + b"\n" if event else b"") + b"data: " + payload + b"\n\n"
+    snaps = compare(200, SSE, [start + line])
+    assert snaps[-1]["usage_status"] == "estimated"
