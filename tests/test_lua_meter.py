@@ -496,3 +496,14 @@ def test_the_compact_delta_fast_path_counts_what_decoding_counts(payload: bytes,
     line = (b"event: " + event + b"\n" if event else b"") + b"data: " + payload + b"\n\n"
     snaps = compare(200, SSE, [start + line])
     assert snaps[-1]["usage_status"] == "estimated"
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.binary(max_size=40), pad=st.integers(0, 20))
+def test_printable_ascii_is_every_byte_from_space_to_tilde(raw: bytes, pad: int) -> None:
+    s = b"a" * pad + raw
+    assert bool(M.printable_ascii(s)) == all(32 <= b <= 126 for b in s)
+    for bad in (0, 9, 31, 127, 128, 255):  # one bad byte at every position of an 8-byte block
+        for pos in range(17):
+            t = b"x" * pos + bytes([bad]) + b"y" * 3
+            assert not M.printable_ascii(t)
