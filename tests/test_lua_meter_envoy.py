@@ -73,6 +73,10 @@ LOG_FORMAT = {
 }
 
 
+# The same values as plain text, as a substitution (e.g. a rate limit hits_addend) sees them.
+TEXT_FORMAT = "%REQ(x-test-id)% out=%DYNAMIC_METADATA(ccr.usage:output_tokens)% probe_a=%DYNAMIC_METADATA(probe:a)%\n"
+
+
 def hcm(name: str, routes: list[dict[str, Any]], log_path: Path | None, extra_filters: list[dict[str, Any]],
         ) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -86,7 +90,9 @@ def hcm(name: str, routes: list[dict[str, Any]], log_path: Path | None, extra_fi
     if log_path is not None:
         out["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": str(log_path),
-            "log_format": {"json_format": LOG_FORMAT}}}]
+            "log_format": {"json_format": LOG_FORMAT}}}, {"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": f"{log_path}.txt",
+            "log_format": {"text_format_source": {"inline_string": TEXT_FORMAT}}}}]
     return out
 
 
@@ -169,6 +175,18 @@ class Envoy:
                         return entry  # type: ignore[no-any-return]
             if time.monotonic() > deadline:
                 raise AssertionError(f"no access log line for {test_id}")
+            time.sleep(0.05)
+
+    def text_entry(self, test_id: str, timeout: float = 15.0) -> str:
+        path = Path(f"{self.log_path}.txt")
+        deadline = time.monotonic() + timeout
+        while True:
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line.startswith(test_id + " "):
+                        return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no text access log line for {test_id}")
             time.sleep(0.05)
 
 
@@ -261,6 +279,8 @@ def test_unstreamed_reply_is_logged_with_the_providers_usage(envoy: Envoy) -> No
                               "cache_read_input_tokens": usage["cache_read_input_tokens"],
                               "usage_status": "complete", "usage_note": ""}
     assert entry["output_tokens"] == usage["output_tokens"] > 0
+    # As text (what a substitution formatter gives): an integer, no ".0".
+    assert envoy.text_entry(tid) == f"{tid} out={usage['output_tokens']} probe_a=-"
 
 
 def test_streamed_reply_is_logged_with_the_final_usage(envoy: Envoy) -> None:
@@ -317,6 +337,25 @@ def test_error_replies_are_not_billable(envoy: Envoy) -> None:
         "usage_status": "not_billable", "usage_note": "provider replied 529; error replies bill no tokens"}
 
 
+def test_an_upstream_reset_mid_stream_is_logged_with_the_output_so_far(envoy: Envoy) -> None:
+    tid = uuid.uuid4().hex
+    hold = f"reset-{tid}"
+    body = {"model": MODEL, "max_tokens": 500, "messages": HELLO, "stream": True}
+    h = client_headers(tid, **{"x-emulator-fault": "midstream-reset", "x-emulator-output-tokens": "200",
+                               "x-emulator-hold": hold})
+    deltas = 0
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(  # noqa: PT012
+            "POST", f"{envoy.url}/v1/messages", json=body, headers=h, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "content_block_delta":
+                deltas += 1
+                if deltas == 1:  # output reached the client: now the provider resets the connection
+                    httpx.post(f"{envoy.emulator_url}/_emulator/release/{hold}")
+    u = envoy.log_entry(tid)["usage"]
+    assert u["usage_status"] == "estimated" and u["output_tokens"] >= deltas >= 1, u
+    assert u["input_tokens"] > 0 and "cut off" in u["usage_note"]
+
+
 @pytest.mark.parametrize("name", sorted(FIXED))
 def test_fixed_replies_are_logged_as_the_python_meter_assesses_them(envoy: Envoy, name: str) -> None:
     ctype, body = FIXED[name]
@@ -349,3 +388,5 @@ def test_nil_is_a_null_value_that_replaces_a_number(envoy: Envoy) -> None:
     tid = uuid.uuid4().hex
     assert httpx.get(f"{envoy.url}/probe", headers={"x-test-id": tid}).status_code == 204
     assert envoy.log_entry(tid)["probe"] == {"a": None, "b": 7, "c": "kept"}
+    # A null value prints as "-" in text, like an absent one.
+    assert envoy.text_entry(tid) == f"{tid} out=- probe_a=-"
