@@ -102,7 +102,12 @@ def listener(name: str, typed_config: dict[str, Any]) -> dict[str, Any]:
                                             "typed_config": typed_config}]}]}
 
 
-def metered_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+# The meter with its header hygiene broken: the attempt must be refused, never forwarded.
+BROKEN_LUA = METER_LUA.read_text().replace(
+    "\nreturn M\n", "\nM.clean_request_headers = function() error('broken on purpose') end\nreturn M\n")
+
+
+def metered_cluster(name: str, host: str, port: int, source: str | None = None) -> dict[str, Any]:
     """A provider cluster as the gateway wires it: the meter, then the provider's credential."""
     return {
         "name": name, "type": "STATIC", "connect_timeout": "5s",
@@ -114,7 +119,7 @@ def metered_cluster(name: str, host: str, port: int) -> dict[str, Any]:
             "http_filters": [
                 {"name": "envoy.filters.http.lua", "typed_config": {
                     "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": METER_LUA.read_text()}}},
+                    "default_source_code": {"inline_string": source or METER_LUA.read_text()}}},
                 {"name": "envoy.filters.http.credential_injector", "typed_config": {
                     "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
                     "overwrite": True,
@@ -132,6 +137,7 @@ def envoy_config(emulator: tuple[str, int], fixed_port: int | None, log_path: Pa
     routes: list[dict[str, Any]] = [
         {"match": {"prefix": "/fixed/"}, "route": {"cluster": "fixed", "timeout": "30s"}},
         {"match": {"prefix": "/probe"}, "direct_response": {"status": 204}},
+        {"match": {"prefix": "/broken/"}, "route": {"cluster": "broken", "prefix_rewrite": "/", "timeout": "30s"}},
         {"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}},
     ]
     nil_probe = {"name": "envoy.filters.http.lua", "typed_config": {
@@ -147,7 +153,8 @@ def envoy_config(emulator: tuple[str, int], fixed_port: int | None, log_path: Pa
     listeners = [listener("front", hcm("front", routes, log_path, [nil_probe]))]
     if fixed_port is None:  # a first start only learns the fixed listener's port
         listeners.append(listener("fixed", hcm("fixedlst", fixed_routes, None, [])))
-    clusters = [metered_cluster("provider", host, port), metered_cluster("fixed", "127.0.0.1", fixed_port or 1)]
+    clusters = [metered_cluster("provider", host, port), metered_cluster("fixed", "127.0.0.1", fixed_port or 1),
+                metered_cluster("broken", host, port, BROKEN_LUA)]
     return {
         "node": {"id": "lua-meter-test", "cluster": "lua-meter-test"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -382,6 +389,18 @@ def test_bodiless_replies_are_not_billable(envoy: Envoy, name: str) -> None:
     assert envoy.log_entry(tid)["usage"] == {
         "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
         "usage_status": "not_billable", "usage_note": f"provider replied {status} with no body"}
+
+
+def test_a_failed_header_hygiene_refuses_the_attempt(envoy: Envoy) -> None:
+    assert "broken on purpose" in BROKEN_LUA
+    tid = uuid.uuid4().hex
+    before = len(httpx.get(f"{envoy.emulator_url}/_emulator/requests").json())
+    r = httpx.post(f"{envoy.url}/broken/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": HELLO},
+                   headers=client_headers(tid), timeout=30)
+    assert r.status_code == 500
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+    assert len(httpx.get(f"{envoy.emulator_url}/_emulator/requests").json()) == before  # nothing reached it
+    assert "broken on purpose" in envoy.child.log_path.read_text()
 
 
 def test_nil_is_a_null_value_that_replaces_a_number(envoy: Envoy) -> None:
