@@ -1,10 +1,10 @@
 """Time the usage meter per reply: router/meter.lua (LuaJIT, via lupa) against the Python meter.
 
-    .venv/bin/python bench/lua_meter.py [--duration 2] [--output-tokens 37,2000]
+    .venv/bin/python bench/lua_meter.py [--duration 2] [--output-tokens 0,2000]
 
 Starts the Anthropic emulator, sends it the agent request (tests/fixtures/agent_request_90k.json)
-streamed and with "stream": false (once per --output-tokens value: the emulator's own reply length
-for this request is 37 tokens; a longer one shows the per-delta cost), keeps each reply's body as it
+streamed and with "stream": false (once per --output-tokens value: 0 is the emulator's own reply length
+for this request, a longer one shows the per-delta cost), keeps each reply's body as it
 arrived (the chunks an upstream filter would see), stops the emulator, then meters each reply over
 and over:
 
@@ -76,11 +76,12 @@ def fetch_replies(tmp: Path, output_tokens: list[int]) -> dict[str, tuple[str, l
         out = {}
         for tokens in output_tokens:
             for name, stream in (("streamed", True), ("unstreamed", False)):
-                with httpx.stream("POST", url, json={**body, "stream": stream}, timeout=60, headers={
-                        "x-api-key": KEY, "anthropic-version": "2023-06-01", "accept-encoding": "identity",
-                        "x-emulator-output-tokens": str(tokens)}) as r:
+                headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "accept-encoding": "identity"}
+                if tokens:
+                    headers["x-emulator-output-tokens"] = str(tokens)
+                with httpx.stream("POST", url, json={**body, "stream": stream}, timeout=60, headers=headers) as r:
                     r.raise_for_status()
-                    out[f"{name}/{tokens}"] = (r.headers["content-type"], list(r.iter_raw()))
+                    out[f"{name}/{tokens or 'default'}"] = (r.headers["content-type"], list(r.iter_raw()))
         return out
     finally:
         emu.stop()
@@ -134,17 +135,17 @@ def time_python(ctype: str, chunks: list[bytes], duration: float) -> tuple[float
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds of CPU per meter and reply (about)")
-    ap.add_argument("--output-tokens", default="37,2000",
+    ap.add_argument("--output-tokens", default="0,2000",
                     help="comma-separated reply lengths to ask the emulator for (x-emulator-output-tokens)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ccr-bench-lua-") as tmp:
         replies = fetch_replies(Path(tmp), [int(t) for t in args.output_tokens.split(",")])
-    print(f"{'reply':<16} {'chunks':>6} {'bytes':>8}  {'meter':<7} {'us/reply':>9}  result")
+    print(f"{'reply':<18} {'chunks':>6} {'bytes':>8}  {'meter':<7} {'us/reply':>9}  result")
     for name, (ctype, chunks) in replies.items():
         size = sum(map(len, chunks))
         for meter, timer in (("lua", time_lua), ("python", time_python)):
             us, result = timer(ctype, chunks, args.duration)
-            print(f"{name:<16} {len(chunks):>6} {size:>8}  {meter:<7} {us:>9.1f}  {result}")
+            print(f"{name:<18} {len(chunks):>6} {size:>8}  {meter:<7} {us:>9.1f}  {result}")
 
 
 if __name__ == "__main__":
