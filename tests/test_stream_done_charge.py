@@ -55,13 +55,23 @@ def _bootstrap(listen: int, emulator: int, rls: int) -> dict[str, object]:
     meter = {"name": "envoy.filters.http.lua", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
         "default_source_code": {"inline_string": METER_LUA.read_text()}}}
+    # The meter removes client credentials; the provider's key goes on after it.
+    credential = {"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [{"append": {"header": {"key": "x-api-key", "value": KEY},
+                                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]}}}
     codec = {"name": "envoy.filters.http.upstream_codec", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
-    route = {"match": {"prefix": "/"}, "route": {"cluster": "provider", "rate_limits": [{
-        "actions": [{"generic_key": {"descriptor_value": "output_tokens"}}],
-        "apply_on_stream_done": True,
-        "hits_addend": {"format": f"%DYNAMIC_METADATA({USAGE_NS}:output_tokens)%"},
-    }]}, "request_headers_to_add": [{"header": {"key": "x-api-key", "value": KEY}}]}
+    # Envoy applies hits_addend only to the filter's own rate limits (RateLimitPerRoute), not to
+    # the route's list (router/object_routes.py says the same for batches).
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "provider"}, "typed_per_filter_config": {
+        "envoy.filters.http.ratelimit": {
+            "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute",
+            "rate_limits": [{
+                "actions": [{"generic_key": {"descriptor_value": "output_tokens"}}],
+                "apply_on_stream_done": True,
+                "hits_addend": {"format": f"%DYNAMIC_METADATA({USAGE_NS}:output_tokens)%"},
+            }]}}}
     hcm = {"@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
            "stat_prefix": "t", "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"],
                                                                    "routes": [route]}]},
@@ -79,7 +89,7 @@ def _bootstrap(listen: int, emulator: int, rls: int) -> dict[str, object]:
             "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
                            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                            "typed_config": hcm}]}]}],
-            "clusters": [_cluster("provider", emulator, False, [meter, codec]), _cluster("rls", rls, True)],
+            "clusters": [_cluster("provider", emulator, False, [meter, credential, codec]), _cluster("rls", rls, True)],
         },
     }
 
@@ -143,5 +153,7 @@ def test_output_tokens_are_charged_at_stream_end(rig: tuple[str, RecordingRls], 
         output = r.json()["usage"]["output_tokens"]
     assert output > 1
     charge = _charge(rls)
-    assert charge.hits_addend == output
+    # Envoy puts a rate limit's hits_addend on its descriptor (the request-level field stays 0).
+    assert charge.descriptors[0].HasField("hits_addend")
+    assert charge.descriptors[0].hits_addend.value == output
     assert rls.calls.empty()  # one charge per request, none at its start
