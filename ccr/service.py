@@ -44,7 +44,18 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--runtime", required=True, help="runtime.json written by `ccr up`")
     ap.add_argument("--ready-file", help="where to write {'address': 'host:port', 'pid': n}")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--reuse-port", action="store_true",
+                    help="bind with SO_REUSEPORT: one of several workers sharing the port")
     return ap.parse_args()
+
+
+def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
+    """GRPC_OPTIONS, with SO_REUSEPORT only for workers that share a port.
+
+    Off otherwise: a lone service must fail to bind a port someone else holds, not share it.
+    (The kernel lets only processes of the same user share a port.)
+    """
+    return [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
 
 
 def write_ready(path: str | None, address: str, **extra: object) -> None:
@@ -167,7 +178,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
             raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
         creds = server_credentials(runtime.mtls, name)
         interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     cleanup = await setup(server, config, runtime)
     host = config.services.bind_host
     bind = f"{host}:{args.port}"
