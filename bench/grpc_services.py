@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -97,8 +97,29 @@ def _ratelimit_call() -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
     return bind
 
 
+async def paced(calls: list[Callable[[], Awaitable[object]]], rate: float, duration: float) -> int:
+    """Open loop: one call every 1/rate s (round robin over `calls`) for `duration`; the number sent.
+
+    CPU per call depends on load (a busy server handles several calls per wake-up), so setups are
+    compared at the same rate, one like the gateway's.
+    """
+    tasks: set[asyncio.Task[object]] = set()
+    t0 = time.perf_counter()
+    total = int(rate * duration)
+    for i in range(total):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = asyncio.ensure_future(calls[i % len(calls)]())
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return total
+
+
 async def _load(address: str, bind: Callable[[grpc.aio.Channel], Callable[[int], object]], conc: int,
-                channels: int, duration: float, pids: list[int]) -> tuple[list[float], float, float]:
+                channels: int, duration: float, pids: list[int], rate: float = 0) -> tuple[list[float], float, float]:
     chans = [grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) for _ in range(channels)]
     calls = [bind(ch) for ch in chans]
     try:
@@ -117,10 +138,18 @@ async def _load(address: str, bind: Callable[[grpc.aio.Channel], Callable[[int],
                 lat.append(time.perf_counter() - s)
                 i += conc
 
+        async def timed(call: Callable[[int], Awaitable[object]]) -> None:
+            s = time.perf_counter()
+            await call(0)
+            lat.append(time.perf_counter() - s)
+
         cpu0 = sum(cpu_seconds(p) for p in pids)
         t0 = time.perf_counter()
         stop_at = t0 + duration
-        await asyncio.gather(*(worker(w) for w in range(conc)))
+        if rate:
+            await paced([lambda c=c: timed(c) for c in calls], rate, duration)
+        else:
+            await asyncio.gather(*(worker(w) for w in range(conc)))
         wall = time.perf_counter() - t0
         return lat, wall, sum(cpu_seconds(p) for p in pids) - cpu0
     finally:
@@ -180,7 +209,7 @@ def _profiler(pid: int, out: str | None, duration: float) -> Iterator[None]:
     spy = REPO / ".venv" / "bin" / "py-spy"
     exe = str(spy) if spy.exists() else str(Path(sys.executable).with_name("py-spy"))
     p = subprocess.Popen([exe, "record", "--pid", str(pid), "-r", "250", "-d", str(int(duration) + 1),
-                          "-f", "raw", "-o", out, "--nonblocking"], stdout=subprocess.DEVNULL)
+                          "-f", "raw", "-o", out], stdout=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the timed load starts
     try:
         yield
@@ -194,6 +223,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("-c", type=int, default=32, help="concurrent calls (accesslog: ignored)")
     ap.add_argument("--channels", type=int, default=4, help="client connections")
+    ap.add_argument("--rate", type=float, default=0, help="open loop at this many calls/s (0: closed loop, -c)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--per-msg", type=int, default=1, help="accesslog entries per message")
     ap.add_argument("--profile", help="write py-spy raw stacks of worker 0 here")
@@ -235,10 +265,11 @@ def main() -> None:
                       f"{n} entries  {n / wall:8.0f} entries/s  server CPU {cpu * 1e3 / max(n, 1):.3f} ms/entry")
                 return
             bind = _extauth_call(key) if args.service == "extauth" else _ratelimit_call()
-            lat, wall, cpu = asyncio.run(_load(address, bind, args.c, args.channels, args.duration, pids))
+            lat, wall, cpu = asyncio.run(_load(address, bind, args.c, args.channels, args.duration, pids, args.rate))
         us = sorted(x * 1e6 for x in lat)
         p99 = us[min(len(us) - 1, int(len(us) * 0.99))]
-        print(f"{args.service} workers={args.workers} c={args.c} channels={args.channels}: n={len(us)}  "
+        load = f"rate={args.rate:.0f}/s" if args.rate else f"c={args.c}"
+        print(f"{args.service} workers={args.workers} {load} channels={args.channels}: n={len(us)}  "
               f"p50={statistics.median(us):8.1f} us  p99={p99:8.1f} us  {len(us) / wall:6.0f} req/s  "
               f"server CPU {cpu * 1e3 / len(us):.3f} ms/call")
 

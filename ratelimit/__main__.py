@@ -4,4 +4,4 @@ from ccr.service import run
 from ratelimit.service import setup
 
 if __name__ == "__main__":
-    run("ratelimit", setup)
+    run("ratelimit", setup, fast_loop=True)  # a hot-path service
