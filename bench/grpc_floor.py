@@ -36,7 +36,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from grpc_services import cpu_seconds, paced  # noqa: E402
+from grpc_services import OWN_CONNECTION, cpu_seconds, paced  # noqa: E402
 
 from ccr.service import GRPC_OPTIONS  # noqa: E402
 
@@ -140,7 +140,7 @@ def serve(mode: str, kind: str, ready: str) -> None:
 async def load(port: int, kind: str, conc: int, channels: int, duration: float, pid: int,
                rate: float) -> tuple[int, float, float]:
     service, method, req, _, resp = _payload(kind)
-    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) for _ in range(channels)]
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) for _ in range(channels)]
     calls = [ch.unary_unary(f"/{service}/{method}", request_serializer=type(req).SerializeToString,
                             response_deserializer=type(resp).FromString) for ch in chans]
     for c in calls:

@@ -46,6 +46,8 @@ from ccr.supervisor import start_service  # noqa: E402
 CONFIG = "version: 1\nproviders: [{name: anthropic}]\nmodels: [{match: 'claude-*', provider: anthropic}]\n"
 MODULES = {"extauth": "extauth", "ratelimit": "ratelimit", "accesslog": "audit"}
 _TICK = os.sysconf("SC_CLK_TCK")
+# Channels in one process share connections unless told not to; Envoy opens one per worker thread.
+OWN_CONNECTION = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -120,7 +122,7 @@ async def paced(calls: list[Callable[[], Awaitable[object]]], rate: float, durat
 
 async def _load(address: str, bind: Callable[[grpc.aio.Channel], Callable[[int], object]], conc: int,
                 channels: int, duration: float, pids: list[int], rate: float = 0) -> tuple[list[float], float, float]:
-    chans = [grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) for _ in range(channels)]
+    chans = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
     calls = [bind(ch) for ch in chans]
     try:
         for c in calls:  # connect and warm up
@@ -187,7 +189,7 @@ async def _load_als(address: str, conc: int, channels: int, duration: float, per
                 await asyncio.sleep(0)
         await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(msgs(), timeout=60)
 
-    chans = [grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) for _ in range(channels)]
+    chans = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
     try:
         cpu0 = sum(cpu_seconds(p) for p in pids)
         t0 = time.perf_counter()
