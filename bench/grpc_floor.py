@@ -15,6 +15,7 @@ modes:
   aio-uvloop     aio-generic on uvloop
   aio-latency    aio-generic with grpc.optimization_target=latency
   aio-throughput aio-generic with grpc.optimization_target=throughput
+  aio-window     aio-generic with a 16 MiB HTTP/2 receive window from the start, no BDP probing
   sync           grpc.server with a thread pool (16 threads), generic handler
   sync-1         grpc.server with one worker thread, generic handler
 """
@@ -40,7 +41,8 @@ from grpc_services import OWN_CONNECTION, cpu_seconds, paced  # noqa: E402
 
 from ccr.service import GRPC_OPTIONS  # noqa: E402
 
-MODES = ("aio", "aio-generic", "aio-bytes", "aio-uvloop", "aio-latency", "aio-throughput", "sync", "sync-1")
+MODES = ("aio", "aio-generic", "aio-bytes", "aio-uvloop", "aio-latency", "aio-throughput", "aio-window", "sync",
+         "sync-1")
 
 
 def _payload(kind: str) -> tuple[str, str, object, object, object]:
@@ -109,6 +111,8 @@ def serve(mode: str, kind: str, ready: str) -> None:
     opts = list(GRPC_OPTIONS)
     if mode in ("aio-latency", "aio-throughput"):
         opts.append(("grpc.optimization_target", mode.split("-")[1]))
+    if mode == "aio-window":
+        opts += [("grpc.http2.lookahead_bytes", 16 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
     if mode.startswith("sync"):
         server = grpc.server(futures.ThreadPoolExecutor(1 if mode == "sync-1" else 16), options=opts)
         server.add_generic_rpc_handlers((_handler(mode, kind, aio=False),))

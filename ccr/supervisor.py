@@ -352,7 +352,7 @@ class Gateway:
         envoy = self._track(spawn(
             "envoy",
             [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",
-             str(g.concurrency), "--admin-address-path", str(admin_path), "-l", "warning",
+             str(config.envoy_concurrency()), "--admin-address-path", str(admin_path), "-l", "warning",
              "--drain-time-s", "1", "--parent-shutdown-time-s", "2"],
             logs))
         wait_until(envoy, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30,

@@ -190,6 +190,14 @@ def test_a_revoked_key_is_refused_by_every_extauth_worker(tmp_path: Path, postgr
     assert codes == [0, 0]
 
 
+def test_envoy_concurrency_config() -> None:
+    assert [parse_config(BASE).envoy_concurrency(cpus=n) for n in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    assert parse_config({**BASE, "gateway": {"concurrency": 6}}).envoy_concurrency(cpus=2) == 6
+    for bad in (0, 65):
+        with pytest.raises(ConfigError, match="gateway.concurrency"):
+            parse_config({**BASE, "gateway": {"concurrency": bad}})
+
+
 def test_workers_config() -> None:
     assert parse_config({**BASE, "services": {"workers": 3}}).service_workers() == 3
     for bad in (0, -1, 65, "many"):
@@ -197,7 +205,9 @@ def test_workers_config() -> None:
             parse_config({**BASE, "services": {"workers": bad}})
     # Unset: by cores, one per four, 1..4, and never more than Envoy's connections (its concurrency).
     assert [default_workers(n) for n in (1, 2, 4, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
-    assert parse_config(BASE).service_workers(cpus=16) == 1  # gateway.concurrency defaults to 1
+    assert parse_config(BASE).service_workers(cpus=16) == 4  # Envoy: 4 threads on 16 cores
+    assert parse_config(BASE).service_workers(cpus=2) == 1
+    assert parse_config({**BASE, "gateway": {"concurrency": 1}}).service_workers(cpus=16) == 1
     assert parse_config({**BASE, "gateway": {"concurrency": 2}}).service_workers(cpus=16) == 2
     assert parse_config({**BASE, "gateway": {"concurrency": 8}}).service_workers(cpus=16) == 4
     assert parse_config({**BASE, "gateway": {"concurrency": 8}}).service_workers(cpus=2) == 1
