@@ -46,8 +46,8 @@ def _runtime(run: Path, **fields: object) -> Path:
     return run / "runtime.json"
 
 
-def _established_to(pid: int, port: int) -> int:
-    """Accepted TCP connections on `port` whose socket `pid` holds."""
+def _peers_of(pid: int, port: int) -> set[str]:
+    """The remote ends of the accepted TCP connections on `port` whose socket `pid` holds."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -56,13 +56,13 @@ def _established_to(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    n = 0
+    peers = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
             if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
-                n += 1
-    return n
+                peers.add(f[2])
+    return peers
 
 
 @contextmanager
@@ -73,21 +73,20 @@ def _channels_per_worker(address: str, workers: list[Child], call) -> Iterator[l
     the kernel's hash, so 40 of them miss a given worker of two with probability 2**-40.
     """
     port = int(address.rpartition(":")[2])
-    held = {w.pid: _established_to(w.pid, port) for w in workers}
     found: dict[int, grpc.Channel] = {}
     opened: list[grpc.Channel] = []
     try:
         for i in range(40):
+            before = {w.pid: _peers_of(w.pid, port) for w in workers}
             # A channel of its own (not the process-wide subchannel pool): one new connection.
             ch = grpc.insecure_channel(address, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1),
                                                          ("ccr.test.channel", i)])
             opened.append(ch)
-            call(ch)
-            now = {w.pid: _established_to(w.pid, port) for w in workers}
-            gained = [pid for pid in now if now[pid] > held[pid]]
-            assert len(gained) == 1, f"one new connection, one worker: {held} -> {now}"
-            held = now
-            found.setdefault(gained[0], ch)
+            call(ch)  # answered: some worker accepted the connection
+            new = {pid: _peers_of(pid, port) - seen for pid, seen in before.items()}
+            gained = [pid for pid, peers in new.items() if peers]
+            if len(gained) == 1 and len(new[gained[0]]) == 1:  # else not attributable: try another
+                found.setdefault(gained[0], ch)
             if len(found) == len(workers):
                 break
         assert len(found) == len(workers), f"40 connections all went to {list(found)}"
