@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--per-msg", type=int, default=1, help="accesslog entries per message")
     ap.add_argument("--profile", help="write py-spy raw stacks of worker 0 here")
     args = ap.parse_args()
-    env = {"CCR_LOG_LEVEL": "WARNING", **{k: v for k, v in os.environ.items() if k.startswith("CCR_GRPC")}}
+    env = {"CCR_LOG_LEVEL": "WARNING"}
 
     with tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, ExitStack() as stack:
         run = Path(tmp)
