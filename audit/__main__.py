@@ -4,4 +4,4 @@ from audit.service import setup
 from ccr.service import run
 
 if __name__ == "__main__":
-    run("accesslog", setup)
+    run("accesslog", setup, fast_loop=True)  # a hot-path service

@@ -106,11 +106,18 @@ def _method(value: int) -> str:
         return str(value)
 
 
+# Field name -> (Envoy's position, code).
+_FLAG_AT = {name: (i, code) for i, (name, code) in enumerate(_FLAGS)}
+
+
 def response_flags(flags: accesslog_pb2.ResponseFlags) -> str | None:
-    """Set flags as Envoy prints them ("UH,UF"); None when no flag is set."""
-    set_ = [code for name, code in _FLAGS
-            if (flags.HasField(name) if name == "unauthorized_details" else getattr(flags, name))]
-    return ",".join(set_) or None
+    """Set flags as Envoy prints them ("UH,UF"); None when no flag is set.
+
+    ListFields() yields only what is set (a true bool, a present unauthorized_details): most
+    entries have no flag, and this visits none instead of reading all 28.
+    """
+    set_ = sorted(_FLAG_AT[f.name] for f, _ in flags.ListFields() if f.name in _FLAG_AT)
+    return ",".join(code for _, code in set_) or None
 
 
 _STATUSES = frozenset(s.value for s in UsageStatus)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -97,7 +98,8 @@ class GatewaySettings(Strict):
     max_request_bytes: Annotated[int, Field(ge=64 * 1024, le=512 * MIB)] = 64 * MIB
     # Streams of long generations can run for many minutes.
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    # Envoy worker threads; None: GatewayConfig.envoy_concurrency() picks from the machine's cores.
+    concurrency: Annotated[int, Field(ge=1, le=64)] | None = None
     overload: OverloadSettings = OverloadSettings()
     downstream: DownstreamSettings = DownstreamSettings()
 
@@ -113,6 +115,11 @@ class ServiceSettings(Strict):
     failure_mode_allow: bool = False
     # Fail-open is a bypass of authentication and policy; it must be asked for in words.
     i_understand_unauthenticated_traffic_reaches_providers: bool = False
+    # Processes per hot-path service (extauth, ratelimit, accesslog), sharing one port with
+    # SO_REUSEPORT. Each is single-threaded Python (one core at most), so more workers only help
+    # when the machine has cores to spare beside Envoy; None: default_workers() of this machine.
+    # None: GatewayConfig.service_workers() picks from the machine's cores.
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None
 
     @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:
@@ -125,6 +132,26 @@ class ServiceSettings(Strict):
                 f"also set services.{FAIL_OPEN_ACK}: true"
             )
         return self
+
+
+def default_envoy_concurrency(cpus: int | None = None) -> int:
+    """Envoy worker threads when the config names none: one per core, at most 4.
+
+    On a 2-core machine 2 threads beat 1 in the full gateway (more req/s, less CPU per request;
+    bench/profiles.md); beyond 4 the Python services behind Envoy, not Envoy, set the pace.
+    """
+    n = os.cpu_count() if cpus is None else cpus
+    return max(1, min(4, n or 1))
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """Workers per hot-path service when the config names none: one per four cores, 1 to 4.
+
+    Envoy, the adapter and three services share the machine; on a small one (2 cores) a second
+    worker per service only adds context switches (bench/profiles.md has the figures).
+    """
+    n = os.cpu_count() if cpus is None else cpus
+    return max(1, min(4, (n or 1) // 4))
 
 
 class StorageSettings(Strict):
@@ -329,6 +356,21 @@ class GatewayConfig(Strict):
             raise ValueError("identity.spiffe.enabled needs gateway.tls.client_ca_file: workloads are known "
                              "only by client certificates the listener verifies")
         return self
+
+    def service_workers(self, cpus: int | None = None) -> int:
+        """Processes per hot-path service: `services.workers`, else by cores, at most Envoy's concurrency.
+
+        Envoy opens one HTTP/2 connection per worker thread to each service, and the kernel hands each
+        connection to one process: workers beyond Envoy's connection count would sit idle.
+        """
+        if self.services.workers is not None:
+            return self.services.workers
+        return min(default_workers(cpus), self.envoy_concurrency(cpus))
+
+    def envoy_concurrency(self, cpus: int | None = None) -> int:
+        """Envoy's --concurrency: `gateway.concurrency`, else by cores."""
+        c = self.gateway.concurrency
+        return c if c is not None else default_envoy_concurrency(cpus)
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

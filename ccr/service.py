@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,18 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--runtime", required=True, help="runtime.json written by `ccr up`")
     ap.add_argument("--ready-file", help="where to write {'address': 'host:port', 'pid': n}")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--reuse-port", action="store_true",
+                    help="bind with SO_REUSEPORT: one of several workers sharing the port")
     return ap.parse_args()
+
+
+def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
+    """GRPC_OPTIONS, with SO_REUSEPORT only for workers that share a port.
+
+    Off otherwise: a lone service must fail to bind a port someone else holds, not share it.
+    (The kernel lets only processes of the same user share a port.)
+    """
+    return [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
 
 
 def write_ready(path: str | None, address: str, **extra: object) -> None:
@@ -149,6 +162,20 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
+def _start_logging(name: str) -> None:
+    logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+
+def _bind(server: grpc.Server | grpc.aio.Server, name: str, host: str, port: int,
+          creds: grpc.ServerCredentials | None) -> str:
+    bind = f"{host}:{port}"
+    bound = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
+    if bound == 0:
+        raise SystemExit(f"{name}: cannot bind {bind}")
+    return f"{host}:{bound}"
+
+
 async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
     """Run one gRPC service until SIGTERM/SIGINT.
 
@@ -156,8 +183,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them.
     """
     args = parse_args(name)
-    logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    _start_logging(name)
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
     creds: grpc.ServerCredentials | None = None
@@ -167,15 +193,10 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
             raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
         creds = server_credentials(runtime.mtls, name)
         interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     cleanup = await setup(server, config, runtime)
-    host = config.services.bind_host
-    bind = f"{host}:{args.port}"
-    port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
-    if port == 0:
-        raise SystemExit(f"{name}: cannot bind {host}:{args.port}")
+    address = _bind(server, name, config.services.bind_host, args.port, creds)
     await server.start()
-    address = f"{host}:{port}"
     write_ready(args.ready_file, address)
     logging.info("serving on %s", address)
 
@@ -189,5 +210,42 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
         await cleanup()
 
 
-def run(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
-    asyncio.run(serve_grpc(name, setup, mtls_peers))
+def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False) -> None:
+    """`fast_loop`: run on uvloop, which cut the hot-path services' CPU per call by about a tenth
+    (bench/profiles.md); opt-in per service, the others keep asyncio's loop."""
+    if fast_loop:
+        import uvloop
+
+        uvloop.run(serve_grpc(name, setup, mtls_peers))
+    else:
+        asyncio.run(serve_grpc(name, setup, mtls_peers))
+
+
+SyncSetup = Callable[[grpc.Server, GatewayConfig, Runtime], Callable[[], None] | None]
+
+
+def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
+    """Run one gRPC service on grpcio's sync server (a pool of `threads`) until SIGTERM/SIGINT.
+
+    For handlers that only block on I/O (ratelimit: one Redis call). grpcio's sync server costs
+    less CPU per call than grpc.aio, with asyncio's loop or uvloop (bench/profiles.md). Plaintext
+    only: no service that needs mTLS runs here.
+    """
+    args = parse_args(name)
+    _start_logging(name)
+    runtime = Runtime.load(args.runtime)
+    config = runtime.config()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
+                         options=server_options(args.reuse_port))
+    cleanup = setup(server, config, runtime)
+    address = _bind(server, name, config.services.bind_host, args.port, None)
+    server.start()
+    write_ready(args.ready_file, address)
+    logging.info("serving on %s (%d threads)", address, threads)
+    stop.wait()
+    server.stop(grace=2).wait()
+    if cleanup is not None:
+        cleanup()

@@ -50,7 +50,51 @@ SERVICES = {
     "accesslog": "audit",
 }
 
+# The hot-path services that may run as several workers on one port (services.workers).
+# Each keeps only caches that PostgreSQL NOTIFY invalidates in every process, or counts in Redis.
+MULTI_WORKER = frozenset({"extauth", "ratelimit", "accesslog"})
+
 Status = Callable[[str, str], None]
+
+
+def ready_path(run_dir: Path, name: str, index: int) -> Path:
+    return run_dir / (f"{name}.ready" if index == 0 else f"{name}.{index}.ready")
+
+
+def spawn_worker(name: str, module: str, index: int, runtime_file: Path, run_dir: Path, logs: Path, *,
+                 port: int = 0, reuse_port: bool = False, env: dict[str, str] | None = None) -> Child:
+    """Worker `index` of a service, a tracked child; worker 0 binds a free port, the others its `port`."""
+    argv = [sys.executable, "-m", module, "--runtime", str(runtime_file),
+            "--ready-file", str(ready_path(run_dir, name, index)), "--port", str(port)]
+    if reuse_port:
+        argv.append("--reuse-port")
+    return spawn(name if index == 0 else f"{name}.{index}", argv, logs, env=env, cwd=REPO)
+
+
+def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> None:
+    """Until worker `index` serves; it must serve where worker 0 does."""
+    info = wait_ready_file(child, ready_path(run_dir, name, index), timeout=60)
+    if info["address"] != address:
+        raise StartError(f"{child.name} serves on {info['address']}, not on {address} like its first worker")
+
+
+def start_service(name: str, module: str, workers: int, runtime_file: Path, run_dir: Path, logs: Path, *,
+                  env: dict[str, str] | None = None) -> list[Child]:
+    """`workers` processes of one service on one port, all serving when this returns; stops
+    those it started if one fails. For benches and tests; `ccr up` starts its services together."""
+    children = [spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=workers > 1, env=env)]
+    try:
+        address = str(wait_ready_file(children[0], ready_path(run_dir, name, 0))["address"])
+        port = int(address.rpartition(":")[2])
+        children += [spawn_worker(name, module, i, runtime_file, run_dir, logs, port=port, reuse_port=True, env=env)
+                     for i in range(1, workers)]
+        for i, c in enumerate(children[1:], start=1):
+            wait_worker(c, run_dir, name, i, address)
+    except BaseException:
+        for c in reversed(children):
+            c.stop()
+        raise
+    return children
 
 
 def services_for(config: GatewayConfig) -> dict[str, str]:
@@ -219,16 +263,27 @@ class Gateway:
         runtime.save(runtime_file)
 
         t = time.monotonic()
-        started = {
-            name: self._track(spawn(name, [sys.executable, "-m", module, "--runtime", str(runtime_file),
-                                           "--ready-file", str(run_dir / f"{name}.ready")],
-                                    logs, env=self._service_env(name, config), cwd=REPO))
-            for name, module in services_for(config).items()
+        modules = services_for(config)
+        count = {name: config.service_workers() if name in MULTI_WORKER else 1 for name in modules}
+        # The first worker of every service (all starting at once), then the others on its port.
+        first = {
+            name: self._track(spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=count[name] > 1,
+                                           env=self._service_env(name, config)))
+            for name, module in modules.items()
         }
-        for name, child in started.items():
-            info = wait_ready_file(child, run_dir / f"{name}.ready", timeout=60)
+        more: dict[str, list[Child]] = {}
+        for name, child in first.items():
+            info = wait_ready_file(child, ready_path(run_dir, name, 0), timeout=60)
             setattr(runtime, name, str(info["address"]))
-            self.status(name, f"serving on {info['address']} (pid {child.pid})")
+            port = int(str(info["address"]).rpartition(":")[2])
+            more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs, port=port,
+                                                   reuse_port=True, env=self._service_env(name, config)))
+                          for i in range(1, count[name])]
+        for name, child in first.items():
+            for i, w in enumerate(more.get(name, []), start=1):
+                wait_worker(w, run_dir, name, i, getattr(runtime, name))
+            pids = ", ".join(str(c.pid) for c in [child, *more.get(name, [])])
+            self.status(name, f"serving on {getattr(runtime, name)} (pid {pids})")
 
         runtime.listen_port = config.gateway.listen.port or free_port(config.gateway.listen.host)
         runtime.save(runtime_file)
@@ -312,7 +367,7 @@ class Gateway:
         envoy = self._track(spawn(
             "envoy",
             [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",
-             str(g.concurrency), "--admin-address-path", str(admin_path), "-l", "warning",
+             str(config.envoy_concurrency()), "--admin-address-path", str(admin_path), "-l", "warning",
              "--drain-time-s", "1", "--parent-shutdown-time-s", "2"],
             logs))
         wait_until(envoy, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30,

@@ -4,4 +4,4 @@ from ccr.service import run
 from extauth.server import setup
 
 if __name__ == "__main__":
-    run("extauth", setup)
+    run("extauth", setup, fast_loop=True)  # a hot-path service

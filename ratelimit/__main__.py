@@ -1,7 +1,7 @@
 """`python -m ratelimit --runtime RUN/runtime.json --ready-file F`"""
 
-from ccr.service import run
-from ratelimit.service import setup
+from ccr.service import run_threaded
+from ratelimit.service import THREADS, setup
 
 if __name__ == "__main__":
-    run("ratelimit", setup)
+    run_threaded("ratelimit", setup, THREADS)

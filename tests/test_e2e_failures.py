@@ -41,8 +41,11 @@ def _upstream_count(gw: Gateway) -> int:
 
 
 def _stop(gw: Gateway, name: str) -> None:
-    child = next(c for c in gw.children if c.name == name)
-    child.stop()
+    """Every worker of the service (services.workers may start several: name, name.1, ...)."""
+    workers = [c for c in gw.children if c.name.split(".")[0] == name]
+    assert workers
+    for child in workers:
+        child.stop()
 
 
 @pytest.mark.parametrize("service,status,kind", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -226,44 +225,41 @@ def test_over_limit_cache_ends_with_the_window(redis_url: str) -> None:
     clock = _Clock(start + 10.5)
     key = _key()
 
-    async def scenario() -> None:
-        live = make_redis(redis_url)
-        dead = make_redis(f"redis://127.0.0.1:{free_port()}/0")
-        limiter = RateLimiter(live, RPM, clock=clock)
-        try:
-            for i in range(RPM):
-                r = await limiter.should_rate_limit(_req(key))
-                assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1 - i
-            r = await limiter.should_rate_limit(_req(key))
-            assert r.overall_code == OVER
-            assert {h.key: h.value for h in r.response_headers_to_add}["retry-after"] == "50"
+    live = make_redis(redis_url)
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0")
+    limiter = RateLimiter(live, RPM, clock=clock)
+    try:
+        for i in range(RPM):
+            r = limiter.should_rate_limit(_req(key))
+            assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1 - i
+        r = limiter.should_rate_limit(_req(key))
+        assert r.overall_code == OVER
+        assert {h.key: h.value for h in r.response_headers_to_add}["retry-after"] == "50"
 
-            limiter.redis = dead  # from here any Redis call fails
-            clock.now = start + 59.2
-            r = await limiter.should_rate_limit(_req(key, hits=3))
-            assert r.overall_code == OVER and r.statuses[0].duration_until_reset.seconds == 1
-            headers = {h.key: h.value for h in r.response_headers_to_add}
-            assert headers["retry-after"] == "1"
-            assert headers["anthropic-ratelimit-requests-reset"] == _rfc3339(start + 60)
-            with pytest.raises(redis.exceptions.ConnectionError):  # an uncached key does need Redis
-                await limiter.should_rate_limit(_req(_key()))
-            # A higher limit for the same counter is not decided by the cache.
-            with pytest.raises(redis.exceptions.ConnectionError):
-                await limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+        limiter.redis = dead  # from here any Redis call fails
+        clock.now = start + 59.2
+        r = limiter.should_rate_limit(_req(key, hits=3))
+        assert r.overall_code == OVER and r.statuses[0].duration_until_reset.seconds == 1
+        headers = {h.key: h.value for h in r.response_headers_to_add}
+        assert headers["retry-after"] == "1"
+        assert headers["anthropic-ratelimit-requests-reset"] == _rfc3339(start + 60)
+        with pytest.raises(redis.exceptions.ConnectionError):  # an uncached key does need Redis
+            limiter.should_rate_limit(_req(_key()))
+        # A higher limit for the same counter is not decided by the cache.
+        with pytest.raises(redis.exceptions.ConnectionError):
+            limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
 
-            limiter.redis = live
-            r = await limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
-            assert r.overall_code == OK and r.statuses[0].limit_remaining == 100 - (RPM + 2)
+        limiter.redis = live
+        r = limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+        assert r.overall_code == OK and r.statuses[0].limit_remaining == 100 - (RPM + 2)
 
-            clock.now = start + 60  # the window ended: a fresh counter, allowed again
-            r = await limiter.should_rate_limit(_req(key))
-            assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1
-            assert r.statuses[0].duration_until_reset.seconds == 60
-        finally:
-            for c in (live, dead):
-                await c.aclose()
-
-    asyncio.run(scenario())
+        clock.now = start + 60  # the window ended: a fresh counter, allowed again
+        r = limiter.should_rate_limit(_req(key))
+        assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1
+        assert r.statuses[0].duration_until_reset.seconds == 60
+    finally:
+        for c in (live, dead):
+            c.close()
 
 
 def _rfc3339(epoch: float) -> str:
