@@ -266,13 +266,15 @@ def _bound_port(admin_url: str) -> int | None:
 
 
 @contextmanager
-def bare_envoy(upstream: str, tmp: Path) -> Iterator[tuple[str, Child]]:
-    """Envoy with a static router-only config in front of `upstream`; its listener binds port 0."""
+def bare_envoy(upstream: str, tmp: Path, concurrency: int = 1) -> Iterator[tuple[str, Child]]:
+    """Envoy with a static router-only config in front of `upstream`; its listener binds port 0.
+
+    `concurrency`: the gateway's own Envoy worker count, so the two are compared like for like."""
     config = tmp / "bare-envoy.json"
     config.write_text(json.dumps(bare_envoy_config(upstream)))
     admin_path = tmp / "bare-envoy-admin"
-    child = spawn("bare-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
-                                 "--admin-address-path", str(admin_path), "-l", "warning",
+    child = spawn("bare-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency",
+                                 str(concurrency), "--admin-address-path", str(admin_path), "-l", "warning",
                                  "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], tmp / "logs")
     try:
         wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
@@ -477,7 +479,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
             _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
             print(f"gateway up in {time.monotonic() - t:.1f}s at {gw.url}", file=sys.stderr)
             pids = {c.name: c.pid for c in gw.children}
-            with bare_envoy(gw.emulator_url, tmp) as (bare_url, bare):
+            with bare_envoy(gw.emulator_url, tmp, gw.config.envoy_concurrency()) as (bare_url, bare):
                 targets = [
                     Target("emulator", gw.emulator_url, gw.emulator_key, {UPSTREAM: pids[UPSTREAM]}),
                     Target("bare-envoy", bare_url, gw.emulator_key, {"envoy": bare.pid, UPSTREAM: pids[UPSTREAM]}),
