@@ -1,0 +1,551 @@
+"""Where Envoy's own CPU goes in the gateway: the real generated config, features taken off one by one.
+
+    .venv/bin/python bench/envoy_features.py [--duration 2] [--rate 100] [--runs 2] [--only step,step]
+                                             [--concurrency N  (closed loop instead of paced)]
+
+It starts a full gateway (embedded PostgreSQL/Redis, the emulator as upstream, the real extauth,
+ratelimit, adapter and accesslog services), then builds the same listener, routes and clusters the
+router serves over xDS (router/resources.py `build`, plus the overload manager of ccr/overload.py)
+as a static Envoy bootstrap and runs one Envoy per step, each pointing at the gateway's own
+services. A step is the config with one more feature removed (the ladder goes from the full
+gateway down to bare Envoy, router filter only, as bench/gateway.py runs it); side steps change one
+thing on the full config (the client asking for gzip, a TLS listener, a Lua upstream filter in
+place of the adapter's ext_proc, `--concurrency 2`, ...).
+
+Each step sends the 84 KB streamed agent request (tests/fixtures/agent_request_90k.json) for
+--duration seconds, paced at --rate req/s (every step sees the same load, so per-request costs
+compare: Envoy batches more work per wakeup under heavier load), and reads the CPU time of the
+Envoy process only: the sum over its threads of /proc/PID/task/TID/schedstat (nanoseconds; the
+clock-tick counters of /proc/PID/stat are 10 ms coarse). The client, the Python services and the
+emulator are left out. Every step runs --runs times (interleaved) so the table shows the noise.
+Timings on a shared, busy machine are noisy: compare deltas that exceed the spread of the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import gzip
+import json
+import os
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.gateway import _bound_port, bare_envoy_config, gateway_config  # noqa: E402
+from ccr.config import load_config  # noqa: E402
+from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
+from ccr.overload import overload_manager  # noqa: E402
+from ccr.procs import Child, spawn, wait_until  # noqa: E402
+from ccr.supervisor import Gateway, envoy_binary  # noqa: E402
+from router import resources  # noqa: E402
+from router.downstream import IDENTITY_FIRST  # noqa: E402
+
+Json = dict[str, Any]
+T = "type.googleapis.com/"
+API_VERSION = "2023-06-01"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+RATELIMIT = "envoy.filters.http.ratelimit"
+COMPRESSOR = "envoy.filters.http.compressor"
+EXT_PROC = "envoy.filters.http.ext_proc"
+
+
+# -- Envoy CPU: nanoseconds on CPU summed over the process's threads
+
+
+def envoy_cpu_s(pid: int) -> float:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+# -- the config under test
+
+
+@dataclass
+class Ctx:
+    """What the steps need to know about the running gateway."""
+    emulator_key: str
+    provider_cluster: str
+    emulator_url: str
+    tls: tuple[str, str] | None = None  # (cert, key) for the TLS listener step
+
+
+def hcm(b: Json) -> Json:
+    return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def drop_filter(b: Json, name: str) -> None:
+    h = hcm(b)
+    h["http_filters"] = [f for f in h["http_filters"] if f["name"] != name]
+
+
+def filter_config(b: Json, name: str) -> Json:
+    return next(f for f in hcm(b)["http_filters"] if f["name"] == name)["typed_config"]
+
+
+def api_routes(b: Json) -> list[Json]:
+    routes = hcm(b)["route_config"]["virtual_hosts"][0]["routes"]
+    return [r for r in routes if "route" in r and r["route"].get("cluster") != resources.SIGNIN]
+
+
+def provider_clusters(b: Json) -> list[Json]:
+    return [c for c in b["static_resources"]["clusters"]
+            if c["name"] not in (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG,
+                                 resources.SIGNIN)]
+
+
+def upstream_filters(c: Json) -> list[Json]:
+    return c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]
+
+
+def full_bootstrap(gw: Gateway) -> Json:
+    assert gw.runtime is not None
+    config = load_config(gw.config_path)
+    res = resources.build(config, gw.runtime, 0, inline_routes=True)
+    return {
+        "node": {"id": "ccr-bench-features", "cluster": "ccr-bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": res.listeners, "clusters": res.clusters},
+        "overload_manager": overload_manager(config.gateway.overload),
+    }
+
+
+# Each edit changes the bootstrap in place; the ladder applies them cumulatively.
+
+
+def no_access_log(b: Json, ctx: Ctx) -> None:
+    hcm(b).pop("access_log", None)
+
+
+def no_compressor(b: Json, ctx: Ctx) -> None:
+    drop_filter(b, COMPRESSOR)
+
+
+def no_ratelimit(b: Json, ctx: Ctx) -> None:
+    drop_filter(b, RATELIMIT)
+    for r in api_routes(b):
+        r["route"].pop("rate_limits", None)
+    for r in hcm(b)["route_config"]["virtual_hosts"][0]["routes"]:
+        r.get("typed_per_filter_config", {}).pop(RATELIMIT, None)
+
+
+def no_overload_manager(b: Json, ctx: Ctx) -> None:
+    b.pop("overload_manager", None)
+
+
+def _static_key(b: Json, ctx: Ctx) -> None:
+    """The emulator's key set by the route, as the adapter would (no filter left to do it)."""
+    for r in api_routes(b):
+        r.setdefault("request_headers_to_add", []).append({
+            "header": {"key": "x-api-key", "value": ctx.emulator_key}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
+
+
+def no_ext_proc(b: Json, ctx: Ctx) -> None:
+    for c in provider_clusters(b):
+        opts = c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]
+        opts["http_filters"] = [f for f in opts["http_filters"] if f["name"] != EXT_PROC]
+    _static_key(b, ctx)
+
+
+# A Lua upstream filter doing what a native metering filter would: set the credential, scan each
+# reply chunk for usage numbers and put the last ones in dynamic metadata.
+LUA_METER = r"""
+function envoy_on_request(h)
+  h:headers():replace("x-api-key", "%s")
+end
+function envoy_on_response(h)
+  local input, output = nil, nil
+  for chunk in h:bodyChunks() do
+    local s = chunk:getBytes(0, chunk:length())
+    for v in string.gmatch(s, '"input_tokens":%%s*(%%d+)') do input = v end
+    for v in string.gmatch(s, '"output_tokens":%%s*(%%d+)') do output = v end
+  end
+  if output then
+    h:streamInfo():dynamicMetadata():set("ccr.usage", "output_tokens", tonumber(output))
+  end
+  if input then
+    h:streamInfo():dynamicMetadata():set("ccr.usage", "input_tokens", tonumber(input))
+  end
+end
+"""
+
+
+def lua_for_ext_proc(b: Json, ctx: Ctx) -> None:
+    lua = {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": LUA_METER % ctx.emulator_key}}}
+    for c in provider_clusters(b):
+        fs = upstream_filters(c)
+        c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"] = [
+            lua if f["name"] == EXT_PROC else f for f in fs]
+
+
+def ext_proc_observe_only(b: Json, ctx: Ctx) -> None:
+    """The adapter's ext_proc with the reply body sent as it passes (observability mode: Envoy does not wait)."""
+    for c in provider_clusters(b):
+        for f in upstream_filters(c):
+            if f["name"] == EXT_PROC:
+                f["typed_config"]["observability_mode"] = True
+    _static_key(b, ctx)  # header mutations from an observer are ignored
+
+
+def no_identity_first(b: Json, ctx: Ctx) -> None:
+    drop_filter(b, IDENTITY_FIRST)
+    for r in hcm(b)["route_config"]["virtual_hosts"][0]["routes"]:
+        r.get("typed_per_filter_config", {}).pop(IDENTITY_FIRST, None)
+
+
+def ext_authz_headers_only(b: Json, ctx: Ctx) -> None:
+    """Information only (the body names the model, so extauth needs it): what buffering and packing cost."""
+    filter_config(b, EXT_AUTHZ).pop("with_request_body", None)
+
+
+def ext_authz_as_string(b: Json, ctx: Ctx) -> None:
+    filter_config(b, EXT_AUTHZ)["with_request_body"]["pack_as_bytes"] = False
+
+
+def ext_authz_allowed_headers(b: Json, ctx: Ctx) -> None:
+    """Only the headers extauth reads: the credential ones and x-ccr-* (to name spoofed ones)."""
+    allowed = {"patterns": [{"exact": "x-api-key"}, {"exact": "authorization"}, {"prefix": "x-ccr-"}]}
+    filter_config(b, EXT_AUTHZ)["allowed_headers"] = allowed
+
+
+def no_ext_authz(b: Json, ctx: Ctx) -> None:
+    """No authorization: the route names the provider's cluster itself (extauth would have)."""
+    drop_filter(b, EXT_AUTHZ)
+    drop_filter(b, IDENTITY_FIRST)
+    for r in hcm(b)["route_config"]["virtual_hosts"][0]["routes"]:
+        for name in (EXT_AUTHZ, IDENTITY_FIRST):
+            r.get("typed_per_filter_config", {}).pop(name, None)
+    for r in api_routes(b):
+        r["route"].pop("cluster_header", None)  # one dict shared by every endpoint's route
+        r["route"]["cluster"] = ctx.provider_cluster
+
+
+def no_hcm_extras(b: Json, ctx: Ctx) -> None:
+    """The HCM as bare Envoy has it: no early header mutations, local reply mappers, path
+    normalisation, request-id in the response, XFCC sanitising, connection limits."""
+    h = hcm(b)
+    for k in ("early_header_mutation_extensions", "local_reply_config", "normalize_path", "merge_slashes",
+              "path_with_escaped_slashes_action", "always_set_request_id_in_response",
+              "forward_client_cert_details", "request_headers_timeout", "common_http_protocol_options",
+              "http2_protocol_options", "max_request_headers_kb"):
+        h.pop(k, None)
+    filter_config(b, "envoy.filters.http.router").pop("suppress_envoy_headers", None)
+
+
+def no_request_id(b: Json, ctx: Ctx) -> None:
+    hcm(b)["generate_request_id"] = False
+
+
+def one_route(b: Json, ctx: Ctx) -> None:
+    """One prefix route instead of one per endpoint (method and path matchers, headers removed)."""
+    vh = hcm(b)["route_config"]["virtual_hosts"][0]
+    route = next(r for r in api_routes(b) if r.get("name") == "messages.create")
+    vh["routes"] = [{"match": {"prefix": "/"}, "route": route["route"],
+                     **({"request_headers_to_add": route["request_headers_to_add"]}
+                        if "request_headers_to_add" in route else {})}]
+
+
+def tls_listener(b: Json, ctx: Ctx) -> None:
+    assert ctx.tls is not None
+    cert, key = ctx.tls
+    for chain in b["static_resources"]["listeners"][0]["filter_chains"]:
+        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]}}}
+
+
+def _edits(*fs: Callable[[Json, Ctx], None]) -> Callable[[Json, Ctx], None]:
+    def apply(b: Json, ctx: Ctx) -> None:
+        for f in fs:
+            f(b, ctx)
+    return apply
+
+
+@dataclass
+class Step:
+    name: str
+    edit: Callable[[Json, Ctx], None] | None  # None: bench/gateway.py's bare Envoy
+    base: str | None = None  # the step this one is compared with (default: the previous ladder step)
+    gzip: bool = False  # the client asks for gzip
+    concurrency: int = 1  # Envoy worker threads
+    tls: bool = False
+    cumulative: bool = True  # part of the ladder (its edit includes every edit above it)
+
+
+def steps() -> list[Step]:
+    ladder = [
+        ("full", []),
+        ("-access log (ALS)", [no_access_log]),
+        ("-compressor", [no_compressor]),
+        ("-ratelimit", [no_ratelimit]),
+        ("-overload manager", [no_overload_manager]),
+        ("-upstream ext_proc", [no_ext_proc]),
+        ("-identity-first authz", [no_identity_first]),
+        ("-ext_authz", [no_ext_authz]),
+        ("-HCM extras", [no_hcm_extras]),
+        ("-request id", [no_request_id]),
+        ("-endpoint routes", [one_route]),
+    ]
+    out: list[Step] = []
+    done: list[Callable[[Json, Ctx], None]] = []
+    for name, fs in ladder:
+        done = done + fs
+        out.append(Step(name, _edits(*done)))
+    out.append(Step("bare (bench/gateway.py)", None))
+    side = [
+        Step("full, client asks gzip", _edits(), base="full", gzip=True),
+        Step("full, ext_authz allowed_headers", _edits(ext_authz_allowed_headers), base="full"),
+        Step("full, ext_authz without body (denied)", _edits(ext_authz_headers_only), base="full"),
+        Step("full, ext_authz body as string", _edits(ext_authz_as_string), base="full"),
+        Step("full, Lua instead of ext_proc", _edits(lua_for_ext_proc), base="full"),
+        Step("full, ext_proc observability", _edits(ext_proc_observe_only), base="full"),
+        Step("full, TLS listener", _edits(tls_listener), base="full", tls=True),
+        Step("full, --concurrency 2", _edits(), base="full", concurrency=2),
+    ]
+    for s in side:
+        s.cumulative = False
+    return out + side
+
+
+# -- one Envoy per step
+
+
+@contextmanager
+def envoy(bootstrap: Json, tmp: Path, name: str, concurrency: int) -> Iterator[tuple[int, str, Child]]:
+    d = tmp / name
+    d.mkdir(parents=True, exist_ok=True)
+    config = d / "bootstrap.json"
+    config.write_text(json.dumps(bootstrap))
+    admin_path = d / "admin"
+    child = spawn("envoy-" + name, [envoy_binary(), "-c", str(config), "--disable-hot-restart",
+                                    "--concurrency", str(concurrency), "--admin-address-path", str(admin_path),
+                                    "-l", "warning", "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], d)
+    try:
+        wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
+        admin_url = "http://" + admin_path.read_text().strip()
+        wait_until(child, lambda: _bound_port(admin_url) is not None, 30, "listening")
+        yield int(_bound_port(admin_url) or 0), admin_url, child
+    finally:
+        child.stop()
+
+
+# -- load
+
+
+@dataclass
+class Sample:
+    ok: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    envoy_s: float = 0.0
+    wall: float = 0.0
+    lat: list[float] = field(default_factory=list)
+    cluster_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def us_per_request(self) -> float:
+        # Over every request sent: the "denied" side step's replies are errors by design.
+        n = self.ok + self.errors
+        return self.envoy_s * 1e6 / n if n else float("nan")
+
+
+def complete(status: int, data: bytes, gz: bool) -> bool:
+    if status != 200:
+        return False
+    if gz:
+        data = gzip.decompress(data)
+    return b"event: message_stop" in data[-256:]
+
+
+async def load(url: str, key: str, body: bytes, pid: int, args: argparse.Namespace, gz: bool,
+               ctx: ssl.SSLContext | None) -> Sample:
+    headers = {"x-api-key": key, "anthropic-version": API_VERSION, "content-type": "application/json",
+               "accept-encoding": "gzip" if gz else "identity"}
+    s = Sample()
+    conc = args.concurrency or 64
+    connector = aiohttp.TCPConnector(limit=conc, keepalive_timeout=60, ssl=ctx if ctx is not None else False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60),
+                                     auto_decompress=False) as session:
+        async def one(counted: bool) -> None:
+            t = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    data = await r.read()
+                    status = r.status
+            except (TimeoutError, aiohttp.ClientError) as e:
+                status, data = 0, f"{type(e).__name__}: {e}".encode()
+            if not counted:
+                return
+            if complete(status, data, gz):
+                s.ok += 1
+                s.lat.append(time.perf_counter() - t)
+            else:
+                s.errors += 1
+                s.first_error = s.first_error or f"HTTP {status}: {data[:300]!r}"
+
+        for _ in range(3):  # warm-up: connections, caches
+            await asyncio.gather(*(one(False) for _ in range(8)))
+        cpu0, t0 = envoy_cpu_s(pid), time.perf_counter()
+        if args.concurrency:
+            deadline = t0 + args.duration
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline:
+                    await one(True)
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        else:
+            n = int(args.rate * args.duration)
+            tasks = []
+            for i in range(n):
+                delay = t0 + i / args.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(True)))
+            await asyncio.gather(*tasks)
+        s.wall = time.perf_counter() - t0
+        s.envoy_s = envoy_cpu_s(pid) - cpu0
+    return s
+
+
+def measure(step: Step, full: Json, gw: Gateway, ctx: Ctx, key: str, body: bytes, tmp: Path,
+            args: argparse.Namespace, run: int, client_ssl: ssl.SSLContext) -> Sample:
+    if step.edit is None:
+        b = bare_envoy_config(ctx.emulator_url)
+        key = ctx.emulator_key
+    else:
+        b = copy.deepcopy(full)
+        step.edit(b, ctx)
+    name = f"{run}-{''.join(c if c.isalnum() else '_' for c in step.name)}"
+    with envoy(b, tmp, name, step.concurrency) as (port, admin_url, child):
+        scheme = "https" if step.tls else "http"
+        url = f"{scheme}://127.0.0.1:{port}/v1/messages"
+        before = cluster_bytes(admin_url)
+        x = asyncio.run(load(url, key, body, child.pid, args, step.gzip, client_ssl if step.tls else None))
+        after = cluster_bytes(admin_url)
+        x.cluster_bytes = {k: v - before.get(k, 0) for k, v in after.items()}
+        return x
+
+
+SERVICES = (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG)
+
+
+def cluster_bytes(admin_url: str) -> dict[str, int]:
+    """Bytes Envoy sent to and received from each gRPC service (includes warm-up; read as per-request shares)."""
+    import urllib.request
+
+    with urllib.request.urlopen(admin_url + "/stats?format=json&filter=^cluster\\.ccr_.*upstream_cx_[rt]x_bytes_total$",
+                                timeout=5) as r:
+        doc = json.loads(r.read())
+    return {st["name"]: int(st.get("value", 0)) for st in doc.get("stats", []) if "name" in st}
+
+
+def print_table(chosen: list[Step], results: dict[str, list[Sample]]) -> None:
+    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}")
+    means: dict[str, float] = {}
+    prev: str | None = None
+    for st in chosen:
+        samples = results[st.name]
+        vals = [x.us_per_request for x in samples]
+        best = min(vals)  # the run least disturbed by the machine's other work
+        means[st.name] = best
+        base = st.base if st.base is not None else prev
+        delta = f"{best - means[base]:+7.0f}" if base in means else " " * 7
+        runs = " ".join(f"{v:5.0f}" for v in vals)
+        ok = sum(x.ok for x in samples)
+        err = sum(x.errors for x in samples)
+        rps = statistics.fmean(x.ok / x.wall for x in samples if x.wall)
+        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}")
+        if st.cumulative:
+            prev = st.name
+    print("(min over the runs; delta of mins: ladder steps vs the step above, side steps vs `full`. "
+          "Envoy CPU only, from schedstat.)")
+    full = results.get("full")
+    if full:
+        x = full[-1]
+        n = x.ok + x.errors
+        print("\nfull: bytes per request between Envoy and each service (tx = Envoy sent):")
+        for k, v in sorted(x.cluster_bytes.items()):
+            if v:
+                print(f"  {k.removeprefix('cluster.'):<48}{v / n:10.0f}")
+    for st in chosen:
+        for x in results[st.name]:
+            if x.first_error:
+                print(f"first error, {st.name}: {x.first_error}")
+                break
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=2.0, help="seconds measured per step and run")
+    ap.add_argument("--rate", type=float, default=100.0, help="paced requests per second (the default mode)")
+    ap.add_argument("--concurrency", type=int, default=0, help="closed loop with this many workers instead")
+    ap.add_argument("--runs", type=int, default=3, help="runs per step, interleaved, to show the noise")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the steps they name")
+    ap.add_argument("--list", action="store_true", help="print the steps and exit")
+    args = ap.parse_args()
+    all_steps = steps()
+    if args.list:
+        print("\n".join(s.name for s in all_steps))
+        return
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    chosen = [s for s in all_steps if not wanted or any(w in s.name for w in wanted)]
+    body = fixture_path(AGENT_REQUEST).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="ccr-bench-features-") as d:
+        tmp = Path(d)
+        from tests import pki
+
+        ca = pki.make_ca(tmp / "pki", "bench-ca")
+        server = pki.issue(ca, tmp / "pki", "gateway", dns=("localhost",), ips=("127.0.0.1",), server=True)
+        client_ssl = ssl.create_default_context(cafile=str(ca.cert_file))
+        print("starting the gateway ...", file=sys.stderr)
+        gw = Gateway(gateway_config(tmp))
+        try:
+            gw.start()
+            assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
+            from extauth.keys import create_key
+
+            _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+            config = load_config(gw.config_path)
+            ctx = Ctx(gw.emulator_key, config.provider(config.models[0].provider).cluster, gw.emulator_url,
+                      (str(server.cert_file), str(server.key_file)))
+            full = full_bootstrap(gw)
+            mode = f"closed loop c={args.concurrency}" if args.concurrency else f"paced {args.rate:g} req/s"
+            print(f"{AGENT_REQUEST} ({len(body)} bytes, streamed), {mode}, {args.duration:g}s per step, "
+                  f"{args.runs} runs; Envoy --concurrency 1 unless the step says otherwise")
+            results: dict[str, list[Sample]] = {s.name: [] for s in chosen}
+            for run in range(args.runs):
+                for st in chosen:
+                    x = measure(st, full, gw, ctx, key, body, tmp, args, run, client_ssl)
+                    results[st.name].append(x)
+                    print(f"  run {run + 1} {st.name:<34} {x.us_per_request:7.0f} us/req  ok={x.ok} "
+                          f"err={x.errors}", file=sys.stderr)
+            print_table(chosen, results)
+        finally:
+            gw.stop()
+
+
+if __name__ == "__main__":
+    main()
