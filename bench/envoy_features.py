@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,16 @@ def one_route(b: Json, ctx: Ctx) -> None:
                         if "request_headers_to_add" in route else {})}]
 
 
+def gzip_best_speed(b: Json, ctx: Ctx) -> None:
+    lib = filter_config(b, COMPRESSOR)["compressor_library"]["typed_config"]
+    lib["compression_level"] = "BEST_SPEED"
+
+
+def als_big_buffer(b: Json, ctx: Ctx) -> None:
+    common = hcm(b)["access_log"][0]["typed_config"]["common_config"]
+    common["buffer_size_bytes"] = 64 * 1024
+
+
 def tls_listener(b: Json, ctx: Ctx) -> None:
     assert ctx.tls is not None
     cert, key = ctx.tls
@@ -317,6 +327,9 @@ def steps() -> list[Step]:
     out.append(Step("bare (bench/gateway.py)", None))
     side = [
         Step("full, client asks gzip", _edits(), base="full", gzip=True),
+        Step("full, client asks gzip, BEST_SPEED", _edits(gzip_best_speed), base="full, client asks gzip",
+             gzip=True),
+        Step("full, ALS buffer 64 KB", _edits(als_big_buffer), base="full"),
         Step("full, ext_authz allowed_headers", _edits(ext_authz_allowed_headers), base="full"),
         Step("full, ext_authz without body (denied)", _edits(ext_authz_headers_only), base="full"),
         Step("full, ext_authz body as string", _edits(ext_authz_as_string), base="full"),
@@ -335,8 +348,7 @@ def steps() -> list[Step]:
 
 @contextmanager
 def envoy(bootstrap: Json, tmp: Path, name: str, concurrency: int) -> Iterator[tuple[int, str, Child]]:
-    d = tmp / name
-    d.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=name + "-", dir=tmp))  # a fresh dir: no stale admin address
     config = d / "bootstrap.json"
     config.write_text(json.dumps(bootstrap))
     admin_path = d / "admin"
@@ -380,7 +392,7 @@ def complete(status: int, data: bytes, gz: bool) -> bool:
     return b"event: message_stop" in data[-256:]
 
 
-async def load(url: str, key: str, body: bytes, pid: int, args: argparse.Namespace, gz: bool,
+async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: argparse.Namespace, gz: bool,
                ctx: ssl.SSLContext | None) -> Sample:
     headers = {"x-api-key": key, "anthropic-version": API_VERSION, "content-type": "application/json",
                "accept-encoding": "gzip" if gz else "identity"}
@@ -408,6 +420,7 @@ async def load(url: str, key: str, body: bytes, pid: int, args: argparse.Namespa
 
         for _ in range(3):  # warm-up: connections, caches
             await asyncio.gather(*(one(False) for _ in range(8)))
+        bytes0 = cluster_bytes(admin_url)
         cpu0, t0 = envoy_cpu_s(pid), time.perf_counter()
         if args.concurrency:
             deadline = t0 + args.duration
@@ -427,33 +440,43 @@ async def load(url: str, key: str, body: bytes, pid: int, args: argparse.Namespa
             await asyncio.gather(*tasks)
         s.wall = time.perf_counter() - t0
         s.envoy_s = envoy_cpu_s(pid) - cpu0
+        s.cluster_bytes = {k: v - bytes0.get(k, 0) for k, v in cluster_bytes(admin_url).items()}
     return s
 
 
-def measure(step: Step, full: Json, gw: Gateway, ctx: Ctx, key: str, body: bytes, tmp: Path,
-            args: argparse.Namespace, run: int, client_ssl: ssl.SSLContext) -> Sample:
+def bootstrap_for(step: Step, full: Json, ctx: Ctx) -> Json:
     if step.edit is None:
-        b = bare_envoy_config(ctx.emulator_url)
-        key = ctx.emulator_key
-    else:
-        b = copy.deepcopy(full)
-        step.edit(b, ctx)
-    name = f"{run}-{''.join(c if c.isalnum() else '_' for c in step.name)}"
-    with envoy(b, tmp, name, step.concurrency) as (port, admin_url, child):
-        scheme = "https" if step.tls else "http"
-        url = f"{scheme}://127.0.0.1:{port}/v1/messages"
-        before = cluster_bytes(admin_url)
-        x = asyncio.run(load(url, key, body, child.pid, args, step.gzip, client_ssl if step.tls else None))
-        after = cluster_bytes(admin_url)
-        x.cluster_bytes = {k: v - before.get(k, 0) for k, v in after.items()}
-        return x
+        return bare_envoy_config(ctx.emulator_url)
+    b = copy.deepcopy(full)
+    step.edit(b, ctx)
+    return b
+
+
+def measure(group: list[Step], full: Json, ctx: Ctx, key: str, body: bytes, tmp: Path,
+            args: argparse.Namespace, run: int, client_ssl: ssl.SSLContext) -> list[Sample]:
+    """The steps of `group` side by side: one Envoy each, all loaded at once, so the machine's other
+    work disturbs them alike (the paired mode compares two such)."""
+    with ExitStack() as stack:
+        loads = []
+        for st in group:
+            name = f"{run}-{''.join(c if c.isalnum() else '_' for c in st.name)}-{len(loads)}"
+            port, admin_url, child = stack.enter_context(envoy(bootstrap_for(st, full, ctx), tmp, name,
+                                                               st.concurrency))
+            url = f"{'https' if st.tls else 'http'}://127.0.0.1:{port}/v1/messages"
+            loads.append((url, ctx.emulator_key if st.edit is None else key, child.pid, admin_url, st))
+
+        async def all_at_once() -> list[Sample]:
+            return list(await asyncio.gather(*(
+                load(url, k, body, pid, admin, args, st.gzip, client_ssl if st.tls else None)
+                for url, k, pid, admin, st in loads)))
+        return asyncio.run(all_at_once())
 
 
 SERVICES = (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG)
 
 
 def cluster_bytes(admin_url: str) -> dict[str, int]:
-    """Bytes Envoy sent to and received from each gRPC service (includes warm-up; read as per-request shares)."""
+    """Bytes Envoy sent to and received from each gRPC service so far."""
     import urllib.request
 
     with urllib.request.urlopen(admin_url + "/stats?format=json&filter=^cluster\\.ccr_.*upstream_cx_[rt]x_bytes_total$",
@@ -462,8 +485,10 @@ def cluster_bytes(admin_url: str) -> dict[str, int]:
     return {st["name"]: int(st.get("value", 0)) for st in doc.get("stats", []) if "name" in st}
 
 
-def print_table(chosen: list[Step], results: dict[str, list[Sample]]) -> None:
-    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}")
+def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: dict[str, list[float]]) -> None:
+    any_paired = any(paired.values())
+    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}"
+          + ("   paired delta, each run (median)" if any_paired else ""))
     means: dict[str, float] = {}
     prev: str | None = None
     for st in chosen:
@@ -477,11 +502,16 @@ def print_table(chosen: list[Step], results: dict[str, list[Sample]]) -> None:
         ok = sum(x.ok for x in samples)
         err = sum(x.errors for x in samples)
         rps = statistics.fmean(x.ok / x.wall for x in samples if x.wall)
-        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}")
+        pd = paired.get(st.name) or []
+        pcol = f"   {' '.join(f'{v:+5.0f}' for v in pd)} ({statistics.median(pd):+.0f})" if pd else ""
+        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}{pcol}")
         if st.cumulative:
             prev = st.name
     print("(min over the runs; delta of mins: ladder steps vs the step above, side steps vs `full`. "
           "Envoy CPU only, from schedstat.)")
+    if any_paired:
+        print("(paired delta: the step and the one it is compared with ran side by side, loaded at once, "
+              "in each run: the machine's other work disturbs both alike)")
     full = results.get("full")
     if full:
         x = full[-1]
@@ -503,6 +533,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="paced requests per second (the default mode)")
     ap.add_argument("--concurrency", type=int, default=0, help="closed loop with this many workers instead")
     ap.add_argument("--runs", type=int, default=3, help="runs per step, interleaved, to show the noise")
+    ap.add_argument("--paired", action="store_true",
+                    help="run each step side by side with the step it is compared with (less noise, twice the load)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the steps they name")
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     args = ap.parse_args()
@@ -536,13 +568,23 @@ def main() -> None:
             print(f"{AGENT_REQUEST} ({len(body)} bytes, streamed), {mode}, {args.duration:g}s per step, "
                   f"{args.runs} runs; Envoy --concurrency 1 unless the step says otherwise")
             results: dict[str, list[Sample]] = {s.name: [] for s in chosen}
+            paired: dict[str, list[float]] = {s.name: [] for s in chosen}
+            by_name = {s.name: s for s in all_steps}
             for run in range(args.runs):
+                prev: Step | None = None
                 for st in chosen:
-                    x = measure(st, full, gw, ctx, key, body, tmp, args, run, client_ssl)
+                    base = by_name[st.base] if st.base else prev
+                    if st.cumulative:
+                        prev = st
+                    if args.paired and base is not None:
+                        b, x = measure([base, st], full, ctx, key, body, tmp, args, run, client_ssl)
+                        paired[st.name].append(x.us_per_request - b.us_per_request)
+                    else:
+                        (x,) = measure([st], full, ctx, key, body, tmp, args, run, client_ssl)
                     results[st.name].append(x)
                     print(f"  run {run + 1} {st.name:<34} {x.us_per_request:7.0f} us/req  ok={x.ok} "
                           f"err={x.errors}", file=sys.stderr)
-            print_table(chosen, results)
+            print_table(chosen, results, paired)
         finally:
             gw.stop()
 
