@@ -61,6 +61,7 @@ EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATELIMIT = "envoy.filters.http.ratelimit"
 COMPRESSOR = "envoy.filters.http.compressor"
 EXT_PROC = "envoy.filters.http.ext_proc"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- Envoy CPU: nanoseconds on CPU summed over the process's threads
@@ -77,6 +78,14 @@ def envoy_cpu_s(pid: int) -> float:
     return total / 1e9
 
 
+def envoy_user_sys_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds (clock ticks: coarse, used only for the kernel's share)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 # -- the config under test
 
 
@@ -87,6 +96,7 @@ class Ctx:
     provider_cluster: str
     emulator_url: str
     tls: tuple[str, str] | None = None  # (cert, key) for the TLS listener step
+    uds: dict[str, str] = field(default_factory=dict)  # service cluster -> Unix socket relaying to it
 
 
 def hcm(b: Json) -> Json:
@@ -276,6 +286,14 @@ def als_big_buffer(b: Json, ctx: Ctx) -> None:
     common["buffer_size_bytes"] = 64 * 1024
 
 
+def services_over_uds(b: Json, ctx: Ctx) -> None:
+    """Envoy reaches the four gRPC services over Unix sockets (a relay forwards to their TCP ports)."""
+    for c in b["static_resources"]["clusters"]:
+        if c["name"] in ctx.uds:
+            ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ep["address"] = {"pipe": {"path": ctx.uds[c["name"]]}}
+
+
 def tls_listener(b: Json, ctx: Ctx) -> None:
     assert ctx.tls is not None
     cert, key = ctx.tls
@@ -335,6 +353,7 @@ def steps() -> list[Step]:
         Step("full, ext_authz body as string", _edits(ext_authz_as_string), base="full"),
         Step("full, Lua instead of ext_proc", _edits(lua_for_ext_proc), base="full"),
         Step("full, ext_proc observability", _edits(ext_proc_observe_only), base="full"),
+        Step("full, services over unix sockets", _edits(services_over_uds), base="full"),
         Step("full, TLS listener", _edits(tls_listener), base="full", tls=True),
         Step("full, --concurrency 2", _edits(), base="full", concurrency=2),
     ]
@@ -375,6 +394,8 @@ class Sample:
     envoy_s: float = 0.0
     wall: float = 0.0
     lat: list[float] = field(default_factory=list)
+    user_s: float = 0.0
+    sys_s: float = 0.0
     cluster_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -421,6 +442,7 @@ async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: 
         for _ in range(3):  # warm-up: connections, caches
             await asyncio.gather(*(one(False) for _ in range(8)))
         bytes0 = cluster_bytes(admin_url)
+        us0 = envoy_user_sys_s(pid)
         cpu0, t0 = envoy_cpu_s(pid), time.perf_counter()
         if args.concurrency:
             deadline = t0 + args.duration
@@ -440,6 +462,8 @@ async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: 
             await asyncio.gather(*tasks)
         s.wall = time.perf_counter() - t0
         s.envoy_s = envoy_cpu_s(pid) - cpu0
+        us1 = envoy_user_sys_s(pid)
+        s.user_s, s.sys_s = us1[0] - us0[0], us1[1] - us0[1]
         s.cluster_bytes = {k: v - bytes0.get(k, 0) for k, v in cluster_bytes(admin_url).items()}
     return s
 
@@ -487,7 +511,7 @@ def cluster_bytes(admin_url: str) -> dict[str, int]:
 
 def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: dict[str, list[float]]) -> None:
     any_paired = any(paired.values())
-    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}"
+    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}{'sys':>5}"
           + ("   paired delta, each run (median)" if any_paired else ""))
     means: dict[str, float] = {}
     prev: str | None = None
@@ -504,7 +528,9 @@ def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: di
         rps = statistics.fmean(x.ok / x.wall for x in samples if x.wall)
         pd = paired.get(st.name) or []
         pcol = f"   {' '.join(f'{v:+5.0f}' for v in pd)} ({statistics.median(pd):+.0f})" if pd else ""
-        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}{pcol}")
+        u, k = sum(x.user_s for x in samples), sum(x.sys_s for x in samples)
+        sys_share = f"{k / (u + k):5.0%}" if u + k else "    -"
+        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}{sys_share}{pcol}")
         if st.cumulative:
             prev = st.name
     print("(min over the runs; delta of mins: ladder steps vs the step above, side steps vs `full`. "
@@ -525,6 +551,20 @@ def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: di
             if x.first_error:
                 print(f"first error, {st.name}: {x.first_error}")
                 break
+
+
+def uds_relay(gw: Gateway, tmp: Path, ctx: Ctx) -> Child:
+    """bench/_uds_relay.py in front of the four services; fills ctx.uds."""
+    rt = gw.runtime
+    assert rt is not None
+    addresses = {resources.EXTAUTH: rt.extauth, resources.RATELIMIT: rt.ratelimit, resources.ADAPTER: rt.adapter,
+                 resources.ACCESSLOG: rt.accesslog}
+    d = Path(tempfile.mkdtemp(prefix="uds-", dir=tmp))
+    ctx.uds = {name: str(d / f"{name}.sock") for name in addresses}
+    child = spawn("uds-relay", [sys.executable, str(REPO / "bench" / "_uds_relay.py"),
+                                *(f"{ctx.uds[n]}={a}" for n, a in addresses.items())], d)
+    wait_until(child, lambda: all(Path(p).exists() for p in ctx.uds.values()), 30, "relaying")
+    return child
 
 
 def main() -> None:
@@ -554,6 +594,7 @@ def main() -> None:
         client_ssl = ssl.create_default_context(cafile=str(ca.cert_file))
         print("starting the gateway ...", file=sys.stderr)
         gw = Gateway(gateway_config(tmp))
+        cleanup: list[Callable[[], None]] = []
         try:
             gw.start()
             assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
@@ -563,6 +604,9 @@ def main() -> None:
             config = load_config(gw.config_path)
             ctx = Ctx(gw.emulator_key, config.provider(config.models[0].provider).cluster, gw.emulator_url,
                       (str(server.cert_file), str(server.key_file)))
+            if any(s.edit is not None and "unix" in s.name for s in chosen):
+                relay = uds_relay(gw, tmp, ctx)
+                cleanup.append(relay.stop)
             full = full_bootstrap(gw)
             mode = f"closed loop c={args.concurrency}" if args.concurrency else f"paced {args.rate:g} req/s"
             print(f"{AGENT_REQUEST} ({len(body)} bytes, streamed), {mode}, {args.duration:g}s per step, "
@@ -586,6 +630,8 @@ def main() -> None:
                           f"err={x.errors}", file=sys.stderr)
             print_table(chosen, results, paired)
         finally:
+            for stop in cleanup:
+                stop()
             gw.stop()
 
 
