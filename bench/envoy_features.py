@@ -61,6 +61,7 @@ EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATELIMIT = "envoy.filters.http.ratelimit"
 COMPRESSOR = "envoy.filters.http.compressor"
 EXT_PROC = "envoy.filters.http.ext_proc"
+MESSAGES = "/v1/messages"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -294,6 +295,16 @@ def services_over_uds(b: Json, ctx: Ctx) -> None:
             ep["address"] = {"pipe": {"path": ctx.uds[c["name"]]}}
 
 
+def get_checked_twice(b: Json, ctx: Ctx) -> None:
+    """As before router/downstream.py `authz_per_route`: a GET's body buffered for the full check,
+    and the identity-first check before it (a GET has no Content-Length)."""
+    for r in hcm(b)["route_config"]["virtual_hosts"][0]["routes"]:
+        if r.get("match", {}).get("headers", [{}])[0].get("string_match", {}).get("exact") in ("GET", "DELETE"):
+            tpfc = r.get("typed_per_filter_config", {})
+            tpfc.pop(EXT_AUTHZ, None)
+            tpfc.pop(IDENTITY_FIRST, None)
+
+
 def tls_listener(b: Json, ctx: Ctx) -> None:
     assert ctx.tls is not None
     cert, key = ctx.tls
@@ -321,6 +332,7 @@ class Step:
     concurrency: int = 1  # Envoy worker threads
     tls: bool = False
     cumulative: bool = True  # part of the ladder (its edit includes every edit above it)
+    path: str = "/v1/messages"  # anything else is sent as a GET
 
 
 def steps() -> list[Step]:
@@ -356,6 +368,8 @@ def steps() -> list[Step]:
         Step("full, services over unix sockets", _edits(services_over_uds), base="full"),
         Step("full, TLS listener", _edits(tls_listener), base="full", tls=True),
         Step("full, --concurrency 2", _edits(), base="full", concurrency=2),
+        Step("full, GET /v1/models, two checks", _edits(get_checked_twice), base="full", path="/v1/models"),
+        Step("full, GET /v1/models", _edits(), base="full, GET /v1/models, two checks", path="/v1/models"),
     ]
     for s in side:
         s.cumulative = False
@@ -405,16 +419,16 @@ class Sample:
         return self.envoy_s * 1e6 / n if n else float("nan")
 
 
-def complete(status: int, data: bytes, gz: bool) -> bool:
+def complete(status: int, data: bytes, gz: bool, get: bool = False) -> bool:
     if status != 200:
         return False
     if gz:
         data = gzip.decompress(data)
-    return b"event: message_stop" in data[-256:]
+    return b'"data"' in data if get else b"event: message_stop" in data[-256:]
 
 
 async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: argparse.Namespace, gz: bool,
-               ctx: ssl.SSLContext | None) -> Sample:
+               ctx: ssl.SSLContext | None, get: bool = False) -> Sample:
     headers = {"x-api-key": key, "anthropic-version": API_VERSION, "content-type": "application/json",
                "accept-encoding": "gzip" if gz else "identity"}
     s = Sample()
@@ -425,14 +439,15 @@ async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: 
         async def one(counted: bool) -> None:
             t = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=headers) as r:
+                async with (session.get(url, headers=headers) if get else
+                            session.post(url, data=body, headers=headers)) as r:
                     data = await r.read()
                     status = r.status
             except (TimeoutError, aiohttp.ClientError) as e:
                 status, data = 0, f"{type(e).__name__}: {e}".encode()
             if not counted:
                 return
-            if complete(status, data, gz):
+            if complete(status, data, gz, get):
                 s.ok += 1
                 s.lat.append(time.perf_counter() - t)
             else:
@@ -486,12 +501,12 @@ def measure(group: list[Step], full: Json, ctx: Ctx, key: str, body: bytes, tmp:
             name = f"{run}-{''.join(c if c.isalnum() else '_' for c in st.name)}-{len(loads)}"
             port, admin_url, child = stack.enter_context(envoy(bootstrap_for(st, full, ctx), tmp, name,
                                                                st.concurrency))
-            url = f"{'https' if st.tls else 'http'}://127.0.0.1:{port}/v1/messages"
+            url = f"{'https' if st.tls else 'http'}://127.0.0.1:{port}{st.path}"
             loads.append((url, ctx.emulator_key if st.edit is None else key, child.pid, admin_url, st))
 
         async def all_at_once() -> list[Sample]:
             return list(await asyncio.gather(*(
-                load(url, k, body, pid, admin, args, st.gzip, client_ssl if st.tls else None)
+                load(url, k, body, pid, admin, args, st.gzip, client_ssl if st.tls else None, st.path != MESSAGES)
                 for url, k, pid, admin, st in loads)))
         return asyncio.run(all_at_once())
 
