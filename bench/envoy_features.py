@@ -98,6 +98,7 @@ class Ctx:
     emulator_url: str
     tls: tuple[str, str] | None = None  # (cert, key) for the TLS listener step
     uds: dict[str, str] = field(default_factory=dict)  # service cluster -> Unix socket relaying to it
+    real: tuple[str, int, str] | None = None  # the gateway's own Envoy (config over xDS): url, pid, admin url
 
 
 def hcm(b: Json) -> Json:
@@ -305,6 +306,11 @@ def get_checked_twice(b: Json, ctx: Ctx) -> None:
             tpfc.pop(IDENTITY_FIRST, None)
 
 
+def no_stats(b: Json, ctx: Ctx) -> None:
+    """Information only (operators and tests read Envoy's stats): what keeping them costs."""
+    b["stats_config"] = {"stats_matcher": {"reject_all": True}}
+
+
 def tls_listener(b: Json, ctx: Ctx) -> None:
     assert ctx.tls is not None
     cert, key = ctx.tls
@@ -333,6 +339,7 @@ class Step:
     tls: bool = False
     cumulative: bool = True  # part of the ladder (its edit includes every edit above it)
     path: str = "/v1/messages"  # anything else is sent as a GET
+    real: bool = False  # the gateway's own Envoy, configured over xDS by the router (not a static copy)
 
 
 def steps() -> list[Step]:
@@ -356,6 +363,7 @@ def steps() -> list[Step]:
         out.append(Step(name, _edits(*done)))
     out.append(Step("bare (bench/gateway.py)", None))
     side = [
+        Step("gateway's own Envoy (xDS)", _edits(), base="full", real=True),
         Step("full, client asks gzip", _edits(), base="full", gzip=True),
         Step("full, client asks gzip, BEST_SPEED", _edits(gzip_best_speed), base="full, client asks gzip",
              gzip=True),
@@ -365,6 +373,7 @@ def steps() -> list[Step]:
         Step("full, ext_authz body as string", _edits(ext_authz_as_string), base="full"),
         Step("full, Lua instead of ext_proc", _edits(lua_for_ext_proc), base="full"),
         Step("full, ext_proc observability", _edits(ext_proc_observe_only), base="full"),
+        Step("full, no stats (reject_all)", _edits(no_stats), base="full"),
         Step("full, services over unix sockets", _edits(services_over_uds), base="full"),
         Step("full, TLS listener", _edits(tls_listener), base="full", tls=True),
         Step("full, --concurrency 2", _edits(), base="full", concurrency=2),
@@ -498,6 +507,11 @@ def measure(group: list[Step], full: Json, ctx: Ctx, key: str, body: bytes, tmp:
     with ExitStack() as stack:
         loads = []
         for st in group:
+            if st.real:
+                assert ctx.real is not None
+                url, pid, admin_url = ctx.real
+                loads.append((url + st.path, key, pid, admin_url, st))
+                continue
             name = f"{run}-{''.join(c if c.isalnum() else '_' for c in st.name)}-{len(loads)}"
             port, admin_url, child = stack.enter_context(envoy(bootstrap_for(st, full, ctx), tmp, name,
                                                                st.concurrency))
@@ -590,7 +604,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per step, interleaved, to show the noise")
     ap.add_argument("--paired", action="store_true",
                     help="run each step side by side with the step it is compared with (less noise, twice the load)")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only the steps they name")
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings (or =exact names): run only the steps they name")
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     args = ap.parse_args()
     all_steps = steps()
@@ -598,7 +613,8 @@ def main() -> None:
         print("\n".join(s.name for s in all_steps))
         return
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    chosen = [s for s in all_steps if not wanted or any(w in s.name for w in wanted)]
+    chosen = [s for s in all_steps if not wanted or any(s.name == w[1:] if w.startswith("=") else w in s.name
+                                                        for w in wanted)]
     body = fixture_path(AGENT_REQUEST).read_bytes()
     with tempfile.TemporaryDirectory(prefix="ccr-bench-features-") as d:
         tmp = Path(d)
@@ -619,6 +635,7 @@ def main() -> None:
             config = load_config(gw.config_path)
             ctx = Ctx(gw.emulator_key, config.provider(config.models[0].provider).cluster, gw.emulator_url,
                       (str(server.cert_file), str(server.key_file)))
+            ctx.real = (gw.url, next(c.pid for c in gw.children if c.name == "envoy"), gw.admin_url)
             if any(s.edit is not None and "unix" in s.name for s in chosen):
                 relay = uds_relay(gw, tmp, ctx)
                 cleanup.append(relay.stop)
