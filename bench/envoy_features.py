@@ -62,6 +62,8 @@ RATELIMIT = "envoy.filters.http.ratelimit"
 COMPRESSOR = "envoy.filters.http.compressor"
 EXT_PROC = "envoy.filters.http.ext_proc"
 MESSAGES = "/v1/messages"
+SMALL_BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                         "messages": [{"role": "user", "content": "Say hello."}]}).encode()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -340,6 +342,7 @@ class Step:
     cumulative: bool = True  # part of the ladder (its edit includes every edit above it)
     path: str = "/v1/messages"  # anything else is sent as a GET
     real: bool = False  # the gateway's own Envoy, configured over xDS by the router (not a static copy)
+    small_body: bool = False  # a 1-message request of about 200 bytes instead of the 84 KB one
 
 
 def steps() -> list[Step]:
@@ -362,7 +365,11 @@ def steps() -> list[Step]:
         done = done + fs
         out.append(Step(name, _edits(*done)))
     out.append(Step("bare (bench/gateway.py)", None))
+    above_authz = [no_access_log, no_compressor, no_ratelimit, no_overload_manager, no_ext_proc, no_identity_first]
     side = [
+        Step("-identity-first authz, small body", _edits(*above_authz), small_body=True),
+        Step("-ext_authz, small body", _edits(*above_authz, no_ext_authz), base="-identity-first authz, small body",
+             small_body=True),
         Step("gateway's own Envoy (xDS)", _edits(), base="full", real=True),
         Step("full, client asks gzip", _edits(), base="full", gzip=True),
         Step("full, client asks gzip, BEST_SPEED", _edits(gzip_best_speed), base="full, client asks gzip",
@@ -520,7 +527,8 @@ def measure(group: list[Step], full: Json, ctx: Ctx, key: str, body: bytes, tmp:
 
         async def all_at_once() -> list[Sample]:
             return list(await asyncio.gather(*(
-                load(url, k, body, pid, admin, args, st.gzip, client_ssl if st.tls else None, st.path != MESSAGES)
+                load(url, k, SMALL_BODY if st.small_body else body, pid, admin, args, st.gzip,
+                     client_ssl if st.tls else None, st.path != MESSAGES)
                 for url, k, pid, admin, st in loads)))
         return asyncio.run(all_at_once())
 
