@@ -101,6 +101,7 @@ class Ctx:
     tls: tuple[str, str] | None = None  # (cert, key) for the TLS listener step
     uds: dict[str, str] = field(default_factory=dict)  # service cluster -> Unix socket relaying to it
     real: tuple[str, int, str] | None = None  # the gateway's own Envoy (config over xDS): url, pid, admin url
+    stubs: dict[str, int] = field(default_factory=dict)  # fixed-answer ext_authz servers: answer -> port
 
 
 def hcm(b: Json) -> Json:
@@ -308,6 +309,15 @@ def get_checked_twice(b: Json, ctx: Ctx) -> None:
             tpfc.pop(IDENTITY_FIRST, None)
 
 
+def _authz_stub(answer: str) -> Callable[[Json, Ctx], None]:
+    def edit(b: Json, ctx: Ctx) -> None:
+        for c in b["static_resources"]["clusters"]:
+            if c["name"] == resources.EXTAUTH:
+                ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ep["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": ctx.stubs[answer]}}
+    return edit
+
+
 def no_stats(b: Json, ctx: Ctx) -> None:
     """Information only (operators and tests read Envoy's stats): what keeping them costs."""
     b["stats_config"] = {"stats_matcher": {"reject_all": True}}
@@ -367,6 +377,10 @@ def steps() -> list[Step]:
     out.append(Step("bare (bench/gateway.py)", None))
     above_authz = [no_access_log, no_compressor, no_ratelimit, no_overload_manager, no_ext_proc, no_identity_first]
     side = [
+        Step("ext_authz stub, extauth's answer", _edits(*above_authz, _authz_stub("full")),
+             base="-identity-first authz"),
+        Step("ext_authz stub, cluster header only", _edits(*above_authz, _authz_stub("min")),
+             base="ext_authz stub, extauth's answer"),
         Step("-identity-first authz, small body", _edits(*above_authz), small_body=True),
         Step("-ext_authz, small body", _edits(*above_authz, no_ext_authz), base="-identity-first authz, small body",
              small_body=True),
@@ -604,6 +618,36 @@ def uds_relay(gw: Gateway, tmp: Path, ctx: Ctx) -> Child:
     return child
 
 
+def authz_stubs(gw: Gateway, tmp: Path, ctx: Ctx, key: str, body: bytes) -> list[Child]:
+    """bench/_authz_stub.py twice: answering what extauth answers for the agent request, and only
+    the x-ccr-cluster header of that answer (no other header, no metadata); fills ctx.stubs."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+
+    from bench._common import check_request
+    from ccr.contract import H_CLUSTER
+
+    assert gw.runtime is not None and gw.runtime.extauth
+    with grpc.insecure_channel(gw.runtime.extauth) as ch:
+        full = pb_grpc.AuthorizationStub(ch).Check(check_request(body, {"x-api-key": key}), timeout=10)
+    assert full.status.code == 0, full
+    cluster = next(h for h in full.ok_response.headers if h.header.key == H_CLUSTER)
+    minimal = pb.CheckResponse(status=full.status, ok_response=pb.OkHttpResponse(headers=[base_pb2.HeaderValueOption(
+        header=cluster.header, append_action=cluster.append_action)]))
+    children = []
+    for name, answer in (("full", full), ("min", minimal)):
+        d = Path(tempfile.mkdtemp(prefix=f"stub-{name}-", dir=tmp))
+        (d / "answer.bin").write_bytes(answer.SerializeToString())
+        child = spawn(f"authz-stub-{name}", [sys.executable, str(REPO / "bench" / "_authz_stub.py"),
+                                             str(d / "answer.bin"), str(d / "port")], d)
+        children.append(child)
+        wait_until(child, lambda d=d: (d / "port").exists() and (d / "port").read_text() != "", 30, "serving")
+        ctx.stubs[name] = int((d / "port").read_text())
+    return children
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=2.0, help="seconds measured per step and run")
@@ -644,6 +688,8 @@ def main() -> None:
             ctx = Ctx(gw.emulator_key, config.provider(config.models[0].provider).cluster, gw.emulator_url,
                       (str(server.cert_file), str(server.key_file)))
             ctx.real = (gw.url, next(c.pid for c in gw.children if c.name == "envoy"), gw.admin_url)
+            if any("stub" in s.name for s in chosen):
+                cleanup += [c.stop for c in authz_stubs(gw, tmp, ctx, key, body)]
             if any(s.edit is not None and "unix" in s.name for s in chosen):
                 relay = uds_relay(gw, tmp, ctx)
                 cleanup.append(relay.stop)
