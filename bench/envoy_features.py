@@ -562,8 +562,8 @@ def cluster_bytes(admin_url: str) -> dict[str, int]:
 
 def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: dict[str, list[float]]) -> None:
     any_paired = any(paired.values())
-    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}{'sys':>5}"
-          + ("   paired delta, each run (median)" if any_paired else ""))
+    print(f"\n{'step':<38}{'envoy us/req, each run':>24}{'min':>7}{'delta':>7}{'ok':>7}{'err':>6}{'req/s':>7}"
+          f"{'sys':>5}{'p50 ms':>7}" + ("   paired delta, each run (median)" if any_paired else ""))
     means: dict[str, float] = {}
     prev: str | None = None
     for st in chosen:
@@ -581,7 +581,9 @@ def print_table(chosen: list[Step], results: dict[str, list[Sample]], paired: di
         pcol = f"   {' '.join(f'{v:+5.0f}' for v in pd)} ({statistics.median(pd):+.0f})" if pd else ""
         u, k = sum(x.user_s for x in samples), sum(x.sys_s for x in samples)
         sys_share = f"{k / (u + k):5.0%}" if u + k else "    -"
-        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}{sys_share}{pcol}")
+        lat = sorted(v for x in samples for v in x.lat)
+        p50 = f"{statistics.median(lat) * 1000:7.1f}" if lat else "      -"
+        print(f"{st.name:<38}{runs:>24}{best:7.0f}{delta}{ok:>7}{err:>6}{rps:>7.0f}{sys_share}{p50}{pcol}")
         if st.cumulative:
             prev = st.name
     print("(min over the runs; delta of mins: ladder steps vs the step above, side steps vs `full`. "
