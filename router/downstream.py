@@ -6,7 +6,9 @@ Two parts of the listener, kept out of router/resources.py so they read on their
   windows, the per-connection buffer;
 - identity first: a headers-only ext_authz check that runs before the body-buffering one
   on requests whose body may be large, so a stranger's 60 MB upload is refused after its
-  headers instead of being buffered whole first.
+  headers instead of being buffered whole first;
+- per endpoint: only the endpoints decided on their body have it buffered for ext_authz;
+  every other one gets a single check at its headers.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 from ccr.config import DownstreamSettings, GatewayConfig
 from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
 from ccr.errors import error_body
+from extauth.endpoints import ENDPOINTS, Endpoint
 
 T = "type.googleapis.com/"
 Json = dict[str, Any]
 
 IDENTITY_FIRST = "ccr.identity_first"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 # Stats of the headers-only check: http.<hcm prefix>.ext_authz.identity.{ok,denied,error}.
 IDENTITY_STAT_PREFIX = "identity"
 
@@ -108,6 +112,32 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
         "extension_config": {"name": "envoy.filters.http.ext_authz", "typed_config": authz},
         "xds_matcher": {"matcher_list": {"matchers": [{"predicate": small_body, "on_match": skip}]}},
     }}
+
+
+# The endpoints whose decision reads the request body: a Messages body names the model and may
+# reference files (extauth/server.py), a batch create carries the requests it is charged and
+# checked for (extauth/objects.py). Every other endpoint is decided on method, path and credential.
+BODY_DECIDED: frozenset[str] = frozenset({e.name for e in ENDPOINTS if e.model_in_body} | {"batches.create"})
+# Decided on headers, but still buffered: that buffering is what answers an upload larger than
+# gateway.max_request_bytes with 413 (a streamed body is bounded by nothing else).
+BOUNDED_BY_BUFFERING: frozenset[str] = frozenset({"files.upload"})
+
+
+def authz_per_route(e: Endpoint) -> Json:
+    """typed_per_filter_config for an endpoint decided without its body: one check, at its headers.
+
+    These requests carry no body (GETs, DELETEs, a batch cancel): the full check is sent as
+    soon as the headers are in, so the identity-first check before it would only ask the same
+    question twice (without a Content-Length, each of them paid both). A body sent anyway is
+    never buffered for the check: a stranger's is refused at its headers.
+    """
+    if e.name in BODY_DECIDED | BOUNDED_BY_BUFFERING:
+        return {}
+    return {
+        EXT_AUTHZ_FILTER: {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                           "check_settings": {"disable_request_body_buffering": True}},
+        IDENTITY_FIRST: {"@type": T + "envoy.config.route.v3.FilterConfig", "disabled": True},
+    }
 
 
 def _reply(filter_: Json, status: int, kind: str, message: str) -> Json:

@@ -36,9 +36,10 @@ from ccr.credentials import write_secret
 from ccr.runtime import Runtime
 from ccr.supervisor import Gateway, envoy_binary, render_bootstrap
 from extauth.bundle import build_bundle
+from extauth.endpoints import ENDPOINTS
 from extauth.keys import create_key
 from router import resources
-from router.downstream import below_regex
+from router.downstream import IDENTITY_FIRST, below_regex
 from tests.harness import running_gateway, running_service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +121,28 @@ def test_downstream_settings_reach_the_listener_and_pass_envoy_validate(tmp_path
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_only_the_endpoints_decided_on_their_body_have_it_buffered(tmp_path: Path) -> None:
+    """Body-less endpoints (GET, DELETE, a batch cancel) get one check at their headers: no body
+    buffering, no identity-first check before it. Messages, a batch create (decided on the body)
+    and a file upload (bounded by max_request_bytes through that buffering) keep theirs."""
+    cfg = parse_config(yaml.safe_load((REPO / "ccr.example.yaml").read_text()))
+    rt = Runtime(config_path=str(REPO / "ccr.example.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://x",
+                 redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
+                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080)
+    hcm = resources.static_bootstrap(cfg, rt, 18080)["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    routes = {r.get("name"): r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    buffered = {"messages.create", "messages.count_tokens", "batches.create", "files.upload"}
+    for e in ENDPOINTS:
+        tpfc = routes[e.name].get("typed_per_filter_config", {})
+        if e.name in buffered:
+            assert resources.EXT_AUTHZ_FILTER not in tpfc and IDENTITY_FIRST not in tpfc, e.name
+        else:
+            assert e.method in ("GET", "DELETE") or e.name == "batches.cancel", e.name
+            assert tpfc[resources.EXT_AUTHZ_FILTER]["check_settings"] == {"disable_request_body_buffering": True}
+            assert tpfc[IDENTITY_FIRST]["disabled"] is True
 
 
 def test_identity_first_threshold_cannot_exceed_the_connection_buffer() -> None:
@@ -221,14 +244,14 @@ def _read_response(s: socket.socket) -> Outcome:
     return Outcome(status, body, 0)
 
 
-def stranger_upload(host: str, port: int, i: int) -> Outcome:
+def stranger_upload(host: str, port: int, i: int, target: str = "POST /v1/messages") -> Outcome:
     """A client without a valid key uploading STRANGER_BODY bytes as fast as Envoy reads them.
 
     It sends while the socket is writable and reads as soon as it is readable, the way an
     attacker who does not care about the answer still sees one.
     """
     chunked = i % 4 == 3  # no Content-Length at all: chunked transfer
-    lines = ["POST /v1/messages HTTP/1.1", f"host: {host}", "content-type: application/json",
+    lines = [f"{target} HTTP/1.1", f"host: {host}", "content-type: application/json",
              "anthropic-version: 2023-06-01"]
     lines.append("transfer-encoding: chunked" if chunked else f"content-length: {STRANGER_BODY}")
     if i % 2:
@@ -333,6 +356,33 @@ def test_large_authenticated_body_is_checked_twice_and_served(gw: Gateway) -> No
     after = stats(gw)
     assert after["http.ccr.ext_authz.identity.ok"] - before.get("http.ccr.ext_authz.identity.ok", 0) == 1
     assert after["http.ccr.ext_authz.ok"] - before["http.ccr.ext_authz.ok"] == 1
+
+
+def test_a_get_pays_one_check(gw: Gateway) -> None:
+    """No Content-Length on a GET: it used to pay the identity-first check and then the full one."""
+    before = stats(gw)
+    r = httpx.get(f"{gw.url}/v1/models", headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"},
+                  timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["data"]
+    after = stats(gw)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta["http.ccr.ext_authz.ok"] == 1
+    assert delta.get("http.ccr.ext_authz.identity.ok", 0) == 0
+
+
+def test_a_strangers_body_on_a_get_is_refused_at_its_headers(gw: Gateway) -> None:
+    """A chunked body on a body-less endpoint is never buffered for the check: the one check
+    runs at the headers and refuses the stranger long before the body is in."""
+    host, port = _host_port(gw)
+    before = stats(gw)
+    out = stranger_upload(host, port, 3, target="GET /v1/models")  # 3: chunked, with a wrong key
+    after = stats(gw)
+    assert out.status == 401, out
+    assert json.loads(out.body)["error"]["type"] == "authentication_error"
+    assert out.sent < STRANGER_BODY // 4, out.sent
+    assert after["http.ccr.ext_authz.denied"] - before.get("http.ccr.ext_authz.denied", 0) == 1
+    assert after.get("http.ccr.ext_authz.identity.denied", 0) == before.get("http.ccr.ext_authz.identity.denied", 0)
 
 
 def test_slow_loris_is_cut_off_by_the_request_headers_timeout(gw: Gateway) -> None:
