@@ -121,7 +121,7 @@ def python_reply(handler: AnthropicHandler, headers: dict[str, str], chunks: lis
 
 
 def time_python(ctype: str, chunks: list[bytes], duration: float) -> tuple[float, str]:
-    handler = AnthropicHandler("bench", KEY)
+    handler = AnthropicHandler("bench")
     headers = {":status": "200", "content-type": ctype}
     a = python_reply(handler, headers, chunks)
     n, t0 = 0, time.process_time()

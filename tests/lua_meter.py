@@ -239,7 +239,7 @@ def python_run(status: int, headers: dict[str, str], chunks: Sequence[bytes] | N
     The same steps as LuaMeter.run: the adapter's _on_response_headers / _on_body / _finish
     logic, with the end of stream on the last chunk or on a separate empty one.
     """
-    handler = AnthropicHandler("p", "k")
+    handler = AnthropicHandler("p")
     ns: dict[str, object] = {}
     last: list[Assessment | None] = [None]
     snaps: list[dict[str, object]] = []
