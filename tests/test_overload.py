@@ -130,7 +130,8 @@ def test_only_the_endpoints_decided_on_their_body_have_it_buffered(tmp_path: Pat
     cfg = parse_config(yaml.safe_load((REPO / "ccr.example.yaml").read_text()))
     rt = Runtime(config_path=str(REPO / "ccr.example.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://x",
                  redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
-                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080)
+                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080,
+                 provider_credentials={"anthropic": str(write_secret(tmp_path / "k.json", "anthropic", "sk-x"))})
     hcm = resources.static_bootstrap(cfg, rt, 18080)["static_resources"]["listeners"][0][
         "filter_chains"][0]["filters"][0]["typed_config"]
     routes = {r.get("name"): r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}

@@ -1,5 +1,5 @@
-"""Provider credentials are sealed: only Envoy can reach the adapter that holds them, and no
-other process of the gateway ever has them in its environment.
+"""Provider credentials are sealed: Envoy alone holds them (read from a 0600 SDS file), no
+process of the gateway has them in its environment, and only Envoy can reach the adapter.
 
 The adapter runs for real (`python -m router.adapter`) with a run PKI as `ccr up` issues
 it; callers try every way in short of holding Envoy's run identity.
@@ -79,12 +79,14 @@ def _ca(pki: RunPki) -> bytes:
     return Path(pki.ca).read_bytes()
 
 
-def test_envoy_identity_gets_the_credential(sealed: Sealed) -> None:
-    """The control: Envoy's run identity is served (so the refusals below are about identity)."""
+def test_envoy_identity_is_served_and_gets_no_credential(sealed: Sealed) -> None:
+    """The control: Envoy's run identity is served (so the refusals below are about identity).
+    Even with a provider key in its environment, the adapter hands out none: Envoy injects it."""
     with grpc.secure_channel(sealed.address, client_credentials(sealed.pki, ID_ENVOY)) as ch:
         reply = ask_for_credential(ch)
     keys = {o.header.key: o.header.raw_value for o in reply.request_headers.response.header_mutation.set_headers}
-    assert keys["x-api-key"] == SECRET.encode()
+    assert keys == {"accept-encoding": b"identity"}
+    assert SECRET.encode() not in reply.SerializeToString()
 
 
 def test_plaintext_call_is_refused(sealed: Sealed) -> None:
@@ -209,7 +211,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         g.stop()
 
 
-def test_credentials_reach_only_the_adapter(gw: Gateway) -> None:
+def test_credentials_reach_no_gateway_process_environment(gw: Gateway) -> None:
     by_name = {c.name: c for c in gw.children}
     assert {"postgres", "redis", "emulator", "extauth", "ratelimit", "adapter", "accesslog", "router",
             "envoy"} <= set(by_name)
@@ -228,10 +230,18 @@ def test_credentials_reach_only_the_adapter(gw: Gateway) -> None:
                 if secret.encode() in raw:
                     holders.add(child.name)
     assert checked > len(gw.children)  # postgres workers were checked too
-    assert seen[DIRECT_SECRET] == {"adapter"}
-    assert seen[gw.emulator_key] == {"adapter", "emulator"}
+    assert seen[DIRECT_SECRET] == set()
+    assert seen[gw.emulator_key] == {"emulator"}  # the provider's own
     assert seen[UNUSED_SECRET] == set()
-    assert _environ(by_name["adapter"].pid)[EMULATOR_KEY_ENV] == gw.emulator_key
+    assert EMULATOR_KEY_ENV not in _environ(by_name["adapter"].pid)
+    # Envoy reads each provider's credential from its run file, 0600 (the emulated provider's is
+    # the emulator's key; the overridden variable's value is used nowhere).
+    assert gw.runtime is not None
+    files = {name: Path(p).read_text() for name, p in gw.runtime.provider_credentials.items()}
+    assert set(files) == {"anthropic", "direct"}
+    assert DIRECT_SECRET in files["direct"] and gw.emulator_key in files["anthropic"]
+    assert all(UNUSED_SECRET not in text for text in files.values())
+    assert all(stat.S_IMODE(Path(p).stat().st_mode) == 0o600 for p in gw.runtime.provider_credentials.values())
 
 
 def test_only_the_named_provider_is_emulated_and_the_gateway_serves(gw: Gateway) -> None:
