@@ -9,8 +9,8 @@ router serves over xDS (router/resources.py `build`, plus the overload manager o
 as a static Envoy bootstrap and runs one Envoy per step, each pointing at the gateway's own
 services. A step is the config with one more feature removed (the ladder goes from the full
 gateway down to bare Envoy, router filter only, as bench/gateway.py runs it); side steps change one
-thing on the full config (the client asking for gzip, a TLS listener, a Lua upstream filter in
-place of the adapter's ext_proc, `--concurrency 2`, ...).
+thing on the full config (the client asking for gzip, a TLS listener, the adapter's ext_proc metering
+every reply as before issue 6, `--concurrency 2`, ...).
 
 Each step sends the 84 KB streamed agent request (tests/fixtures/agent_request_90k.json) for
 --duration seconds, paced at --rate req/s (every step sees the same load, so per-request costs
@@ -61,6 +61,9 @@ EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATELIMIT = "envoy.filters.http.ratelimit"
 COMPRESSOR = "envoy.filters.http.compressor"
 EXT_PROC = "envoy.filters.http.ext_proc"
+# A provider cluster's upstream filters (router/resources.py upstream_filters).
+METER = "envoy.filters.http.lua"
+CODEC = "envoy.filters.http.upstream_codec"
 MESSAGES = "/v1/messages"
 SMALL_BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
                          "messages": [{"role": "user", "content": "Say hello."}]}).encode()
@@ -174,53 +177,42 @@ def _static_key(b: Json, ctx: Ctx) -> None:
             "header": {"key": "x-api-key", "value": ctx.emulator_key}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
 
 
-def no_ext_proc(b: Json, ctx: Ctx) -> None:
+def _is(f: Json, name: str) -> bool:
+    return bool(f["name"] == name)
+
+
+def no_meter(b: Json, ctx: Ctx) -> None:
+    """Without the usage meter (router/meter.lua)."""
     for c in provider_clusters(b):
         opts = c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]
-        opts["http_filters"] = [f for f in opts["http_filters"] if f["name"] != EXT_PROC]
+        opts["http_filters"] = [f for f in opts["http_filters"] if not _is(f, METER)]
+
+
+def no_upstream_extras(b: Json, ctx: Ctx) -> None:
+    """Without header hygiene and the credential injector: the route sets the key, as bare Envoy needs."""
+    for c in provider_clusters(b):
+        opts = c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]
+        opts["http_filters"] = [f for f in opts["http_filters"] if f["name"] == CODEC]
     _static_key(b, ctx)
 
 
-# A Lua upstream filter doing what a native metering filter would: set the credential, scan each
-# reply chunk for usage numbers and put the last ones in dynamic metadata.
-LUA_METER = r"""
-function envoy_on_request(h)
-  h:headers():replace("x-api-key", "%s")
-end
-function envoy_on_response(h)
-  local input, output = nil, nil
-  for chunk in h:bodyChunks() do
-    local s = chunk:getBytes(0, chunk:length())
-    for v in string.gmatch(s, '"input_tokens":%%s*(%%d+)') do input = v end
-    for v in string.gmatch(s, '"output_tokens":%%s*(%%d+)') do output = v end
-  end
-  if output then
-    h:streamInfo():dynamicMetadata():set("ccr.usage", "output_tokens", tonumber(output))
-  end
-  if input then
-    h:streamInfo():dynamicMetadata():set("ccr.usage", "input_tokens", tonumber(input))
-  end
-end
-"""
-
-
-def lua_for_ext_proc(b: Json, ctx: Ctx) -> None:
-    lua = {"name": "envoy.filters.http.lua", "typed_config": {
-        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": LUA_METER % ctx.emulator_key}}}
-    for c in provider_clusters(b):
+def adapter_meters(b: Json, ctx: Ctx) -> None:
+    """As before issue 6: the adapter's streaming ext_proc meters every reply instead of the Lua meter."""
+    clusters = provider_clusters(b)
+    proc = next(f for c in clusters for f in upstream_filters(c) if _is(f, EXT_PROC))
+    for c in clusters:
         fs = upstream_filters(c)
         c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"] = [
-            lua if f["name"] == EXT_PROC else f for f in fs]
+            proc if _is(f, METER) else f for f in fs]
 
 
-def ext_proc_observe_only(b: Json, ctx: Ctx) -> None:
-    """The adapter's ext_proc with the reply body sent as it passes (observability mode: Envoy does not wait)."""
+def adapter_observes(b: Json, ctx: Ctx) -> None:
+    """The adapter's ext_proc in observability mode (Envoy sends the reply as it passes, never waits)."""
+    adapter_meters(b, ctx)
     for c in provider_clusters(b):
         for f in upstream_filters(c):
             if f["name"] == EXT_PROC:
                 f["typed_config"]["observability_mode"] = True
-    _static_key(b, ctx)  # header mutations from an observer are ignored
 
 
 def no_identity_first(b: Json, ctx: Ctx) -> None:
@@ -362,7 +354,8 @@ def steps() -> list[Step]:
         ("-compressor", [no_compressor]),
         ("-ratelimit", [no_ratelimit]),
         ("-overload manager", [no_overload_manager]),
-        ("-upstream ext_proc", [no_ext_proc]),
+        ("-usage meter (Lua)", [no_meter]),
+        ("-upstream hygiene, credential", [no_upstream_extras]),
         ("-identity-first authz", [no_identity_first]),
         ("-ext_authz", [no_ext_authz]),
         ("-HCM extras", [no_hcm_extras]),
@@ -375,7 +368,8 @@ def steps() -> list[Step]:
         done = done + fs
         out.append(Step(name, _edits(*done)))
     out.append(Step("bare (bench/gateway.py)", None))
-    above_authz = [no_access_log, no_compressor, no_ratelimit, no_overload_manager, no_ext_proc, no_identity_first]
+    above_authz = [no_access_log, no_compressor, no_ratelimit, no_overload_manager, no_meter, no_upstream_extras,
+                   no_identity_first]
     side = [
         Step("ext_authz stub, extauth's answer", _edits(*above_authz, _authz_stub("full")),
              base="-identity-first authz"),
@@ -392,8 +386,8 @@ def steps() -> list[Step]:
         Step("full, ext_authz allowed_headers", _edits(ext_authz_allowed_headers), base="full"),
         Step("full, ext_authz without body (denied)", _edits(ext_authz_headers_only), base="full"),
         Step("full, ext_authz body as string", _edits(ext_authz_as_string), base="full"),
-        Step("full, Lua instead of ext_proc", _edits(lua_for_ext_proc), base="full"),
-        Step("full, ext_proc observability", _edits(ext_proc_observe_only), base="full"),
+        Step("full, adapter ext_proc meters (before)", _edits(adapter_meters), base="full"),
+        Step("full, adapter ext_proc observability", _edits(adapter_observes), base="full"),
         Step("full, no stats (reject_all)", _edits(no_stats), base="full"),
         Step("full, services over unix sockets", _edits(services_over_uds), base="full"),
         Step("full, TLS listener", _edits(tls_listener), base="full", tls=True),

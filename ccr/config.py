@@ -183,6 +183,12 @@ class Provider(Strict):
     def cluster(self) -> str:
         return f"provider_{self.name}"
 
+    @property
+    def objects_cluster(self) -> str:
+        """The same provider for Batches and Files, whose owner records the adapter keeps; the
+        Messages cluster has no adapter filter at all (a skipped one still costs Envoy per request)."""
+        return f"provider_{self.name}_objects"
+
 
 class Price(Strict):
     """USD per million tokens."""

@@ -211,6 +211,8 @@ class Authorizer:
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
+        if endpoint.endpoint.kind in (Kind.BATCHES, Kind.FILES):
+            cluster = self.config.provider(provider).objects_cluster
 
         # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
         keep = _SET_HEADERS_FOR[principal.key_id is not None, model is not None]

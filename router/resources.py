@@ -42,7 +42,7 @@ from router.downstream import (
     identity_first_filter,
     local_reply_mappers,
 )
-from router.object_routes import OBJECT_KINDS, headers_to_remove, per_filter_config
+from router.object_routes import headers_to_remove, per_filter_config
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -145,20 +145,21 @@ def _upstream_endpoint(provider: Provider, runtime: Runtime) -> str:
     return override.endpoint if override else provider.endpoint
 
 
-def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig) -> Json:
+def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig, objects: bool) -> Json:
     url = urlsplit(_upstream_endpoint(provider, runtime))
     tls = url.scheme == "https"
     host = url.hostname or "localhost"
     port = url.port or (443 if tls else 80)
     is_ip = host.replace(".", "").isdigit() or ":" in host
+    name = provider.objects_cluster if objects else provider.cluster
     cluster: Json = {
-        "name": provider.cluster,
+        "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
         "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
-            "cluster_name": provider.cluster,
+            "cluster_name": name,
             # The route rewrites Host to this name: the provider must see its own host,
             # not the gateway's.
             "endpoints": [{"lb_endpoints": [{"endpoint": {
@@ -170,7 +171,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": upstream_filters(provider, runtime),
+            "http_filters": upstream_filters(provider, runtime, objects),
         }},
     }
     if tls:
@@ -189,42 +190,18 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
     return cluster
 
 
-def _object_prefixes() -> list[str]:
-    """Path prefixes of the Batches and Files endpoints (only routed endpoints reach a cluster)."""
-    return sorted({e.template.split("{", 1)[0].rstrip("/") for e in ENDPOINTS if e.kind in OBJECT_KINDS})
-
-
-def _objects_only(filter_: Json, objects: bool) -> Json:
-    """Run `filter_` for Batches and Files requests only (objects=True) or for every other request."""
-    def prefix(p: str) -> Json:
-        return {"single_predicate": {
-            "input": {"name": "path", "typed_config": {"@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                                                       "header_name": ":path"}},
-            "value_match": {"prefix": p}}}
-    prefixes = [prefix(p) for p in _object_prefixes()]
-    is_object = prefixes[0] if len(prefixes) == 1 else {"or_matcher": {"predicate": prefixes}}
-    return {"name": filter_["name"] + (".objects" if objects else ".not_objects"), "typed_config": {
-        "@type": T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-        "extension_config": filter_,
-        "xds_matcher": {"matcher_list": {"matchers": [{
-            "predicate": {"not_matcher": is_object} if objects else is_object,
-            "on_match": {"action": {"name": "skip", "typed_config": {
-                "@type": T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
-        }]}},
-    }}
-
-
 def _meter_lua() -> str:
     return METER_LUA.read_text()
 
 
-def upstream_filters(provider: Provider, runtime: Runtime) -> list[Json]:
-    """A passthrough provider's upstream filters: nothing on the request path calls Python
-    except for Batches and Files, whose owner records need the adapter.
+def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> list[Json]:
+    """A passthrough provider's upstream filters. Each provider has two clusters (extauth picks
+    one per endpoint): Messages and Models call no Python on the way; Batches and Files go
+    through the adapter, whose owner records they need.
 
-    1. adapter ext_proc, Batches and Files only: object ownership, path scoping, batch usage;
-    2. Lua usage meter (router/meter.lua), every other request: reads usage from the JSON
-       or SSE reply as it streams past, into USAGE_NS; never holds or changes a byte;
+    1. objects cluster: adapter ext_proc (object ownership, path scoping, batch usage);
+       Messages cluster: Lua usage meter (router/meter.lua), reading usage from the JSON or SSE
+       reply as it streams past, into USAGE_NS; it never holds or changes a byte;
     3. header hygiene: no client credential, no x-ccr-* fact, and an unencoded reply
        (which the meter reads; the listener compresses for clients that ask);
     4. the provider's credential, from its SDS file (ccr/credentials.py), Envoy only.
@@ -255,8 +232,7 @@ def upstream_filters(provider: Provider, runtime: Runtime) -> list[Json]:
         "default_source_code": {"inline_string": _meter_lua()},
     }}
     return [
-        _objects_only(adapter, objects=True),
-        _objects_only(meter, objects=False),
+        adapter if objects else meter,
         {"name": "envoy.filters.http.header_mutation", "typed_config": {
             "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [
@@ -291,7 +267,7 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         raise ValueError(f"runtime lacks addresses for {missing}")
     out = [_grpc_cluster(name, str(addr), buf, _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]))
            for name, addr in services.items()]
-    out += [_provider_cluster(p, runtime, config) for p in config.providers]
+    out += [_provider_cluster(p, runtime, config, objects) for p in config.providers for objects in (False, True)]
     out += _signin_clusters(config, runtime)
     return out
 

@@ -103,7 +103,7 @@ def test_object_ids_are_scoped_to_their_owner(postgres_dsn: str, bundle: Path) -
     for r in mine:
         assert r.status.code == code_pb2.OK
         # Routed to the provider that holds the object, not the default one.
-        assert ok_headers(r)["x-ccr-cluster"] == "provider_backup"
+        assert ok_headers(r)["x-ccr-cluster"] == "provider_backup_objects"  # the objects cluster: through the adapter
     for r in theirs:
         status, err = denied_error(r)
         assert status == 404 and err["type"] == "not_found_error" and "own" in err["message"]

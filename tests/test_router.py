@@ -90,6 +90,7 @@ def test_body_limits_are_raised_together() -> None:
     assert body_authz["with_request_body"]["max_request_bytes"] == limit
     by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
     assert by_name.pop("provider_anthropic") == buf
+    assert by_name.pop("provider_anthropic_objects") == buf
     assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
 
 
@@ -145,7 +146,8 @@ async def _ads_exchange() -> None:
                 c = cluster_pb2.Cluster()
                 r.Unpack(c)
                 names.add(c.name)
-            assert {"ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "provider_anthropic"} == names
+            assert {"ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "provider_anthropic",
+                    "provider_anthropic_objects"} == names
             v1 = cds.version_info
             # ACK, then subscribe to LDS and RDS.
             await reqs.put(discovery_pb2.DiscoveryRequest(type_url=CDS, version_info=v1,
@@ -207,3 +209,19 @@ def test_adapter_cluster_speaks_mtls_to_the_adapter_identity_only(tmp_path: Path
     assert "transport_socket" not in clusters[resources.EXTAUTH]
     r = _validate(tmp_path, doc)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_only_the_objects_cluster_calls_the_adapter() -> None:
+    """Messages clusters call no Python on the way (the Lua meter reads usage natively); Batches and
+    Files go to the provider's objects cluster, whose first upstream filter is the adapter."""
+    cfg = load_config(REPO / "ccr.example.yaml")
+    clusters = {c["name"]: c for c in resources.build(cfg, _runtime(), 18080).clusters}
+
+    def filters(name: str) -> list[str]:
+        opts = clusters[name]["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]
+        return [f["name"] for f in opts["http_filters"]]
+
+    tail = ["envoy.filters.http.header_mutation", "envoy.filters.http.credential_injector",
+            "envoy.filters.http.upstream_codec"]
+    assert filters("provider_anthropic") == ["envoy.filters.http.lua", *tail]
+    assert filters("provider_anthropic_objects") == ["envoy.filters.http.ext_proc", *tail]
