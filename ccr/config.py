@@ -217,10 +217,59 @@ class FilesSettings(Strict):
     enabled: bool = False
 
 
+class PolicyBundleSource(Strict):
+    """Where extauth gets its OPA bundle (`opa build -t wasm`) instead of compiling `policy.dir`.
+
+    Exactly one of `path` (a .tar.gz or a bundle directory, relative to the config file) or `url`
+    (a bundle server; conditional GET with ETag/If-None-Match)."""
+
+    path: str | None = None
+    url: str | None = None
+    poll_interval_s: Annotated[float, Field(ge=0.5, le=86400)] = 30.0
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_bytes: Annotated[int, Field(ge=1024, le=1024 * MIB)] = 32 * MIB  # download bound
+    # A bundle from a URL must be signed (policy.verification) unless this says otherwise.
+    allow_unsigned: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PolicyBundleSource:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("policy.bundle needs exactly one of `path` or `url`")
+        if self.url is not None and urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("policy.bundle.url must be an http:// or https:// URL")
+        return self
+
+
+BUNDLE_SIGNING_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                       "ES256", "ES384", "ES512", "HS256", "HS384", "HS512")
+
+
+class PolicyVerification(Strict):
+    """OPA bundle signature verification: a bundle must carry a valid `/.signatures.json`."""
+
+    key_file: str  # PEM public key (RS*/PS*/ES*) or the shared secret (HS*); relative to the config file
+    alg: Literal[BUNDLE_SIGNING_ALGS] = "RS256"  # type: ignore[valid-type]
+    key_id: str = "default"  # the signature's `kid` / `keyid` must be this
+    scope: str | None = None  # when set, the signature's `scope` claim must equal it
+
+
 class PolicySettings(Strict):
     # Directory of Rego sources and data.json, compiled with `opa build -t wasm`.
     dir: str = "policies"
     entrypoint: str = "ccr/authz/decision"
+    bundle: PolicyBundleSource | None = None  # unset: compile `dir` at `ccr up`
+    verification: PolicyVerification | None = None
+
+    @model_validator(mode="after")
+    def _signed_source(self) -> PolicySettings:
+        if self.verification is not None and self.bundle is None:
+            raise ValueError("policy.verification needs policy.bundle: a bundle compiled from policy.dir "
+                             "at start-up is not signed")
+        if (self.bundle is not None and self.bundle.url is not None and self.verification is None
+                and not self.bundle.allow_unsigned):
+            raise ValueError("policy.bundle.url without policy.verification: configure a verification key, "
+                             "or set policy.bundle.allow_unsigned: true to trust the server unsigned")
+        return self
 
 
 # A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').

@@ -249,9 +249,14 @@ class Gateway:
         t = time.monotonic()
         from extauth.bundle import build_bundle
 
-        policy_dir = (self._base_dir() / config.policy.dir).resolve()
-        runtime.policy_bundle = str(build_bundle(policy_dir, run_dir / "policy.tar.gz", config.policy.entrypoint))
-        self.status("policy", f"compiled {policy_dir} to WASM in {time.monotonic() - t:.1f}s")
+        if config.policy.bundle is None:
+            policy_dir = (self._base_dir() / config.policy.dir).resolve()
+            runtime.policy_bundle = str(build_bundle(policy_dir, run_dir / "policy.tar.gz", config.policy.entrypoint))
+            self.status("policy", f"compiled {policy_dir} to WASM in {time.monotonic() - t:.1f}s")
+        else:  # extauth loads (and verifies) the configured bundle itself, and keeps polling it
+            b = config.policy.bundle
+            self.status("policy", f"bundle from {b.url or b.path}"
+                        + (" (signatures verified)" if config.policy.verification else ""))
 
         # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
         runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))

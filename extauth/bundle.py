@@ -183,9 +183,9 @@ def _under_roots(path: Sequence[str], roots: tuple[str, ...]) -> bool:
 
 def _place(data: dict, path: list[str], value, name: str, roots: tuple[str, ...], where: str) -> None:
     """Put one data.json's value at its path; every key it adds must lie under the roots."""
-    if not _under_roots(path, roots):
-        if not isinstance(value, dict) or not all(_under_roots([*path, k], roots) for k in value):
-            raise BundleError(f"{where}: {name} lies outside the manifest roots {list(roots)}")
+    if not _under_roots(path, roots) and (
+            not isinstance(value, dict) or not all(_under_roots([*path, k], roots) for k in value)):
+        raise BundleError(f"{where}: {name} lies outside the manifest roots {list(roots)}")
     if not path:
         if not isinstance(value, dict):
             raise BundleError(f"{where}: the root data.json is not an object")

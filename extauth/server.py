@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,7 +37,8 @@ from ccr.contract import (
 )
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
-from extauth.bundle import BundleError, build_bundle, read_bundle
+from extauth.bundle import BundleError
+from extauth.bundle_source import BundleLoader
 from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
@@ -354,50 +353,10 @@ class AuthorizationServicer:
 # -- start-up -----------------------------------------------------------------
 
 
-def resolve_bundle(config: GatewayConfig, runtime: Runtime) -> Path:
-    """The runtime's bundle, or one built now from `policy.dir` (relative to the
-    config file) into the run directory."""
-    if runtime.policy_bundle:
-        return Path(runtime.policy_bundle)
-    pdir = Path(config.policy.dir)
-    if not pdir.is_absolute():
-        pdir = Path(runtime.config_path).resolve().parent / pdir
-    return build_bundle(pdir, Path(runtime.run_dir) / "policy.tar.gz", config.policy.entrypoint)
-
-
-async def watch_bundle(authorizer: Authorizer, path: Path, interval_s: float = 2.0) -> None:
-    """Swap in a rebuilt bundle without a restart; a bad bundle keeps the old policy."""
-    def stamp() -> tuple[int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
-    last = stamp()
-    while True:
-        await asyncio.sleep(interval_s)
-        now = stamp()
-        if now is None or now == last:
-            continue
-        last = now
-        try:
-            bundle = read_bundle(path)
-            if bundle.digest == authorizer.policy.bundle.digest:
-                continue
-            engine = PolicyEngine(bundle, authorizer.config.policy.entrypoint)
-        except Exception as e:
-            log.error("new policy bundle %s rejected, keeping the current one: %s", path, e)
-            continue
-        old, authorizer.policy = authorizer.policy, engine
-        old.close()
-        log.info("policy bundle reloaded: %s (sha256 %s)", path, bundle.digest[:12])
-
-
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime):
-    bundle_path = resolve_bundle(config, runtime)
     try:
-        policy = PolicyEngine.load(bundle_path, config.policy.entrypoint)
+        loader, poll_interval = BundleLoader.from_config(config, runtime)
+        policy = await loader.load_initial()
     except BundleError as e:
         raise SystemExit(f"extauth: {e}") from None
     if policy.host_builtins:
@@ -415,14 +374,16 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         verifiers.append(oidc)
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects)
     AuthorizationServicer(authorizer).add_to(server)
-    watcher = asyncio.create_task(watch_bundle(authorizer, bundle_path), name="bundle-watch")
-    log.info("policy %s (sha256 %s), entrypoint %s", bundle_path, policy.bundle.digest[:12],
-             config.policy.entrypoint)
+    loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
+    watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
+    log.info("policy from %s (revision %r, sha256 %s), entrypoint %s", loader.source.describe,
+             policy.bundle.revision, policy.bundle.digest[:12], config.policy.entrypoint)
 
     async def cleanup() -> None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await loader.close()
         await keys.close()
         if sessions is not None:
             await sessions.status.close()
