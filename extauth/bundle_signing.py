@@ -4,7 +4,7 @@
 and (optionally) the key id; its payload lists every file of the bundle with its hash:
 `{"files": [{"name": "data.json", "hash": "<hex>", "algorithm": "SHA-256"}, ...], "keyid"?, "scope"?}`.
 OPA hashes a JSON file (`*.json`, `.manifest`) in a canonical form (keys sorted, no spaces,
-numbers as written, strings as Go's encoding/json writes them) and any other file as raw bytes.
+numbers as written, strings as Go writes them without HTML escaping) and any other file as raw bytes.
 
 A bundle is accepted only when: exactly one signature, made with the configured algorithm and key
 (id), its scope (when configured) matches, and the signed file list equals the bundle's files
@@ -25,7 +25,8 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 from extauth.bundle import SIGNATURES, BundleError
 
 _HASHES = {"SHA-256": hashlib.sha256, "SHA-384": hashlib.sha384, "SHA-512": hashlib.sha512}
-_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+# Go escapes these two even with HTML escaping off (OPA writes <, > and & as they are).
+_GO_ESCAPES = {"\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 class _Number(str):

@@ -195,7 +195,7 @@ class BundleLoader:
 
     def _build(self, fetched: Fetched) -> tuple[Bundle, PolicyEngine | None]:
         bundle = fetched.load(self.verifier)
-        current = self.holder.policy if self.holder is not None else None
+        current = getattr(self.holder, "policy", None)  # unset before the first load
         if current is not None and current.bundle.digest == bundle.digest:
             return bundle, None
         return bundle, PolicyEngine(bundle, self.entrypoint)
