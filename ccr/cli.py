@@ -303,6 +303,89 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_paths(config_path: str):
+    """The config, and `policy.dir` resolved against the config file (as `ccr up` does)."""
+    config = load_config(config_path)
+    return config, (Path(config_path).resolve().parent / config.policy.dir).resolve()
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from extauth.bundle import BundleError, build_bundle, find_opa, read_bundle
+
+    try:
+        if args.policy_cmd == "build":
+            config, pdir = _policy_paths(args.config)
+            ver = config.policy.verification
+            alg = args.alg or (ver.alg if ver else "RS256")
+            key_id = args.key_id or (ver.key_id if ver and ver.key_id != "default" else None)
+            if args.signing_key is None and (args.alg or args.key_id or args.scope):
+                print("ccr policy build: --alg/--key-id/--scope need --signing-key", file=sys.stderr)
+                return 2
+            out = build_bundle(pdir, args.out, config.policy.entrypoint, revision=args.revision,
+                               signing_key=args.signing_key, signing_alg=alg, key_id=key_id, scope=args.scope)
+            b = read_bundle(out)
+            print(f"built {out}: revision {b.revision or '(none)'}, sha256 {b.digest[:12]}, "
+                  f"entrypoint {config.policy.entrypoint}, " + (f"signed ({alg})" if b.signed else "unsigned"))
+            return 0
+        if args.policy_cmd == "verify":
+            from extauth.bundle_signing import BundleVerifier
+
+            config = load_config(args.config)
+            ver = config.policy.verification
+            if ver is None:
+                print("ccr policy verify: no policy.verification in the config", file=sys.stderr)
+                return 2
+            key_file = Path(args.config).resolve().parent / ver.key_file
+            b = read_bundle(args.bundle, BundleVerifier.from_file(key_file, ver.alg, ver.key_id, ver.scope))
+            print(f"{args.bundle}: signature OK ({ver.alg}, key id {ver.key_id}), "
+                  f"revision {b.revision or '(none)'}, {len(b.files)} files, sha256 {b.digest[:12]}")
+            return 0
+        if args.policy_cmd == "test":
+            import subprocess
+
+            _, pdir = _policy_paths(args.config)
+            return subprocess.run([find_opa(), "test", *(["-v"] if args.verbose else []), str(pdir)]).returncode
+    except BundleError as e:
+        print(f"ccr policy {args.policy_cmd}: {e}", file=sys.stderr)
+        return 1
+    return _policy_status(args)
+
+
+def _policy_status(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    import orjson
+
+    from ccr.supervisor import Gateway
+    from extauth.bundle_source import STATUS_FILE
+
+    path = Gateway(Path(args.config)).data_dir() / "run" / STATUS_FILE
+    try:
+        st = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        print(f"ccr policy status: no policy status at {path} (is `ccr up` running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
+        return 1 if st.get("last_error") else 0
+
+    def when(t: float | None) -> str:
+        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else "-"
+
+    print(f"revision   : {st.get('revision') or '(none)'}\n"
+          f"sha256     : {st.get('digest') or '-'}\n"
+          f"signed     : {st.get('signed')}\n"
+          f"source     : {st.get('source')}\n"
+          f"entrypoint : {st.get('entrypoint')}\n"
+          f"loaded at  : {when(st.get('loaded_at'))}\n"
+          f"checked at : {when(st.get('last_check_at'))}")
+    if st.get("last_error"):
+        print(f"last error : {st['last_error']} (at {when(st.get('last_error_at'))}); "
+              f"the revision above keeps serving")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ccr", description="Envoy-native gateway for LLM traffic")
     ap.add_argument("-c", "--config", default=os.environ.get("CCR_CONFIG", DEFAULT_CONFIG),
@@ -357,6 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     lo = sub.add_parser("logout", help="end the session `ccr login` started")
     lo.set_defaults(func=cmd_logout)
     lo.add_argument("--session-file", help="default: ~/.config/ccr/session.json")
+
+    pol = sub.add_parser("policy", help="OPA policy bundles: build (and sign), verify, test, status")
+    pol.set_defaults(func=cmd_policy)
+    ps = pol.add_subparsers(dest="policy_cmd", required=True)
+    pb = ps.add_parser("build", help="compile policy.dir with `opa build -t wasm` (the configured entrypoint)")
+    pb.add_argument("--out", default="bundle.tar.gz", help="bundle file to write (default: bundle.tar.gz)")
+    pb.add_argument("--revision", help="the bundle's .manifest revision")
+    pb.add_argument("--signing-key", help="sign the bundle: PEM private key (RS*/PS*/ES*) or HS* secret file")
+    pb.add_argument("--alg", help="signing algorithm (default: policy.verification.alg, else RS256)")
+    pb.add_argument("--key-id", help="key id in the signature (default: policy.verification.key_id)")
+    pb.add_argument("--scope", help="scope claim in the signature")
+    pv = ps.add_parser("verify", help="check a bundle's signature with policy.verification, as extauth will")
+    pv.add_argument("bundle", help="bundle .tar.gz or directory")
+    pt = ps.add_parser("test", help="run `opa test` on policy.dir")
+    pt.add_argument("-v", "--verbose", action="store_true")
+    pst = ps.add_parser("status", help="the bundle revision extauth is serving, and its last refusal")
+    pst.add_argument("--json", action="store_true", help="print RUN/policy-status.json as is")
+    for p in (pb, pv, pt, pst):
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
     cfg = sub.add_parser("config", help="gateway config tools")
     cfg.set_defaults(func=cmd_config)
