@@ -36,18 +36,23 @@ def _pem_pair(private, path: Path) -> tuple[Path, Path]:
     return priv, pub
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def make_keys(root: Path) -> dict[str, tuple[Path, Path]]:
     """alg -> (signing key file, verification key file)."""
     out = {}
     for name, private in (("RS256", rsa.generate_private_key(65537, 2048)),
                           ("ES256", ec.generate_private_key(ec.SECP256R1())),
                           ("other-RS256", rsa.generate_private_key(65537, 2048))):
-        out[name] = _pem_pair(private, tmp_path_factory.mktemp(name))
-    secret = tmp_path_factory.mktemp("hs") / "secret"
+        (root / name).mkdir(parents=True)
+        out[name] = _pem_pair(private, root / name)
+    secret = root / "hs-secret"
     secret.write_bytes(b"a-shared-secret-of-thirty-two-bytes!")
     out["HS256"] = (secret, secret)
     return out
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def policy_src(root: Path, models: list[str], extra: dict | None = None) -> Path:
