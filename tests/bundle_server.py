@@ -24,25 +24,20 @@ class BundleServer:
                     body = server.files.get(self.path)
                     no_length = server.no_length
                 inm = self.headers.get("If-None-Match")
-                if body is None:
-                    status = 404
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                else:
-                    etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                    status = 304 if inm == etag else 200
-                    self.send_response(status)
-                    self.send_header("ETag", etag)
-                    if status == 200:
-                        self.send_header("Content-Type", "application/gzip")
-                        if not no_length:
-                            self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    if status == 200:
-                        self.wfile.write(body)
-                with server._lock:
+                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"' if body is not None else None
+                status = 404 if body is None else 304 if inm == etag else 200
+                with server._lock:  # recorded before answering: a client that got the answer sees it
                     server.requests.append((self.path, inm, status))
+                self.send_response(status)
+                if etag is not None:
+                    self.send_header("ETag", etag)
+                if status == 200:
+                    self.send_header("Content-Type", "application/gzip")
+                if status != 304 and not (status == 200 and no_length):
+                    self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                if status == 200:
+                    self.wfile.write(body)  # type: ignore[arg-type]
 
             def log_message(self, *args: object) -> None:
                 pass
