@@ -61,7 +61,7 @@ def build_bundle(
     src = Path(policy_dir)
     if not src.is_dir():
         raise BundleError(f"policy directory {src} does not exist")
-    out = Path(out_path)
+    out = Path(out_path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     cmd = [find_opa(), "build", "-t", "wasm", "-e", entrypoint, "--ignore", "*_test.rego", "-o", str(tmp)]
@@ -69,13 +69,15 @@ def build_bundle(
         cmd += ["--revision", revision]
     if signing_key is not None:
         # Signing needs bundle mode; `--bundle` also keeps data.json at the bundle's root.
-        cmd += ["--bundle", "--signing-key", str(signing_key), "--signing-alg", signing_alg]
+        cmd += ["--bundle", "--signing-key", str(Path(signing_key).resolve()), "--signing-alg", signing_alg]
         if key_id is not None:
             cmd += ["--claims-file", str(_claims_file(tmp, key_id, scope))]
         elif scope is not None:
             cmd += ["--claims-file", str(_claims_file(tmp, None, scope))]
-    cmd.append(str(src))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=src.parent)
+    # Bundle mode names the Rego files by the path given: build from inside the directory so the
+    # bundle says /authz.rego, not this machine's absolute path.
+    cmd.append("." if signing_key is not None else str(src.resolve()))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=src)
     tmp.with_name(tmp.name + ".claims.json").unlink(missing_ok=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -102,7 +102,7 @@ def verifier(keys, alg: str = "RS256", **kw) -> BundleVerifier:
 def test_signed_bundle_accepted(tmp_path: Path, keys, alg: str) -> None:
     b = read_bundle(signed(tmp_path, keys, alg), verifier(keys, alg))
     assert b.signed and b.revision == "r1" and b.roots == ("",)
-    assert ".signatures.json" in b.files and ".manifest" in b.files
+    assert set(b.files) == {".signatures.json", ".manifest", "data.json", "policy.wasm", "authz.rego"}
     eng = PolicyEngine(b, ENTRYPOINT)
     try:
         assert eng.decide(ALICE, *SONNET).allow
