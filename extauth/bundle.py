@@ -74,9 +74,9 @@ def build_bundle(
             cmd += ["--claims-file", str(_claims_file(tmp, key_id, scope))]
         elif scope is not None:
             cmd += ["--claims-file", str(_claims_file(tmp, None, scope))]
-    # Bundle mode names the Rego files by the path given: build from inside the directory so the
+    # The bundle names the Rego files by the path given: build from inside the directory so the
     # bundle says /authz.rego, not this machine's absolute path.
-    cmd.append("." if signing_key is not None else str(src.resolve()))
+    cmd.append(".")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=src)
     tmp.with_name(tmp.name + ".claims.json").unlink(missing_ok=True)
     if proc.returncode != 0:
