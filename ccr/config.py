@@ -230,6 +230,10 @@ class PolicyBundleSource(Strict):
     max_bytes: Annotated[int, Field(ge=1024, le=1024 * MIB)] = 32 * MIB  # download bound
     # A bundle from a URL must be signed (policy.verification) unless this says otherwise.
     allow_unsigned: bool = False
+    # For `url`: a file holding a bearer token for the bundle server (read by extauth only),
+    # and a PEM CA bundle to verify an https server against (default: the system's CAs).
+    token_file: str | None = None
+    ca_file: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PolicyBundleSource:
@@ -237,6 +241,8 @@ class PolicyBundleSource(Strict):
             raise ValueError("policy.bundle needs exactly one of `path` or `url`")
         if self.url is not None and urlsplit(self.url).scheme not in ("http", "https"):
             raise ValueError("policy.bundle.url must be an http:// or https:// URL")
+        if self.url is None and (self.token_file or self.ca_file):
+            raise ValueError("policy.bundle.token_file and ca_file apply to a `url` only")
         return self
 
 

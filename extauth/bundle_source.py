@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,16 +89,22 @@ class HttpSource:
     """A bundle server: conditional GET (If-None-Match with the last ETag; 304 = unchanged),
     a per-request timeout and a bound on the download size."""
 
-    def __init__(self, url: str, timeout_s: float, max_bytes: int) -> None:
+    def __init__(self, url: str, timeout_s: float, max_bytes: int, *, token: str | None = None,
+                 ca_file: str | Path | None = None) -> None:
         self.url, self.timeout_s, self.max_bytes = url, timeout_s, max_bytes
         self.describe = url
         self.etag: str | None = None
+        self._token = token
+        self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self._session: aiohttp.ClientSession | None = None
 
     async def fetch(self) -> Fetched | None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                                  connector=aiohttp.TCPConnector(ssl=self._ssl or True))
         headers = {"Accept": "application/gzip, application/octet-stream"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         if self.etag:
             headers["If-None-Match"] = self.etag
         try:
@@ -185,7 +192,15 @@ class BundleLoader:
                 base / pol.dir, Path(runtime.run_dir) / "policy.tar.gz", pol.entrypoint)
             source = FileSource(path)
         elif pol.bundle.url is not None:
-            source = HttpSource(pol.bundle.url, pol.bundle.timeout_s, pol.bundle.max_bytes)
+            b = pol.bundle
+            token = None
+            if b.token_file:
+                try:
+                    token = (base / b.token_file).read_text().strip()
+                except OSError as e:
+                    raise BundleError(f"cannot read policy.bundle.token_file {b.token_file}: {e.strerror}") from None
+            source = HttpSource(b.url, b.timeout_s, b.max_bytes, token=token,
+                                ca_file=base / b.ca_file if b.ca_file else None)
             interval = pol.bundle.poll_interval_s
         else:
             source = FileSource(base / str(pol.bundle.path))
@@ -202,10 +217,11 @@ class BundleLoader:
 
     async def load_initial(self) -> PolicyEngine:
         """The first bundle; failing here fails start-up (there is no last good one)."""
-        fetched = await self.source.fetch()
-        if fetched is None:
-            raise BundleError(f"{self.source.describe}: no bundle")
+        self.status.last_check_at = self.clock()
         try:
+            fetched = await self.source.fetch()
+            if fetched is None:
+                raise BundleError(f"{self.source.describe}: no bundle")
             bundle, engine = await asyncio.to_thread(self._build, fetched)
         except BundleError as e:
             self._error(str(e))

@@ -13,6 +13,7 @@ class BundleServer:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None, int]] = []  # (path, If-None-Match, status)
         self.no_length = False
+        self.token: str | None = None  # when set, requests must carry `Authorization: Bearer <token>`
         self._lock = threading.Lock()
         server = self
 
@@ -23,9 +24,12 @@ class BundleServer:
                 with server._lock:
                     body = server.files.get(self.path)
                     no_length = server.no_length
+                    token = server.token
                 inm = self.headers.get("If-None-Match")
                 etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"' if body is not None else None
                 status = 404 if body is None else 304 if inm == etag else 200
+                if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                    status, body, etag = 401, None, None
                 with server._lock:  # recorded before answering: a client that got the answer sees it
                     server.requests.append((self.path, inm, status))
                 self.send_response(status)

@@ -373,3 +373,66 @@ def test_first_bundle_refused_fails_start(tmp_path: Path, keys) -> None:
     asyncio.run(scenario())
     st = read_status(status_path)
     assert st["revision"] is None and "not signed" in st["last_error"]
+
+
+def test_from_config_bearer_token_and_status_in_run_dir(tmp_path: Path, keys) -> None:
+    """policy.bundle/verification as extauth's setup reads them; the bundle server wants a token."""
+    from ccr.config import parse_config
+    from ccr.runtime import Runtime
+    from tests.test_extauth import GATEWAY_YAML
+
+    r1 = signed(tmp_path, keys, revision="r1").read_bytes()
+    (tmp_path / "token").write_text("s3cret-token\n")
+    run = tmp_path / "run"
+    run.mkdir()
+
+    async def scenario(srv: BundleServer, token_file: str) -> str:
+        import yaml
+
+        cfg = yaml.safe_load(GATEWAY_YAML)
+        cfg["policy"] = {"bundle": {"url": srv.url + "/b.tar.gz", "token_file": token_file, "poll_interval_s": 5},
+                         "verification": {"key_file": str(keys["RS256"][1]), "alg": "RS256"}}
+        runtime = Runtime(config_path=str(tmp_path / "ccr.yaml"), run_dir=str(run), postgres_dsn="x", redis_url="x")
+        loader, interval = BundleLoader.from_config(parse_config(cfg), runtime)
+        assert interval == 5
+        try:
+            engine = await loader.load_initial()
+            engine.close()
+            return engine.bundle.revision
+        finally:
+            await loader.close()
+
+    with BundleServer() as srv:
+        srv.put("/b.tar.gz", r1)
+        srv.token = "s3cret-token"
+        assert asyncio.run(scenario(srv, "token")) == "r1"
+        assert read_status(run / "policy-status.json")["revision"] == "r1"
+        (tmp_path / "wrong").write_text("guess")
+        with pytest.raises(BundleError, match="HTTP 401"):
+            asyncio.run(scenario(srv, "wrong"))
+        assert "HTTP 401" in read_status(run / "policy-status.json")["last_error"]
+
+
+def test_old_engine_closed_after_grace(tmp_path: Path, keys) -> None:
+    """The replaced engine is closed once the grace period is over (not leaked, not closed early)."""
+    from extauth.policy import PolicyError
+
+    live = tmp_path / "live.tar.gz"
+    live.write_bytes(signed(tmp_path, keys, revision="r1").read_bytes())
+
+    async def scenario() -> None:
+        holder = Holder()
+        loader = BundleLoader(holder, FileSource(live), ENTRYPOINT, verifier=verifier(keys), grace_s=0)
+        holder.policy = first = await loader.load_initial()
+        live.write_bytes(signed(tmp_path, keys, models=["claude-haiku-*"], revision="r2").read_bytes())
+        assert await loader.poll_once() == "loaded"
+        assert first.decide(ALICE, *SONNET).allow  # the swap itself does not close it
+        closed = asyncio.Event()
+        asyncio.get_running_loop().call_soon(closed.set)  # runs after the grace (0 s) timer's turn
+        await closed.wait()
+        with pytest.raises(PolicyError):
+            first.decide(ALICE, "POST", "/v1/messages", "claude-opus-4-1")  # not cached: evaluates
+        await loader.close()
+        holder.policy.close()
+
+    asyncio.run(scenario())
