@@ -234,6 +234,9 @@ class PolicyBundleSource(Strict):
     # and a PEM CA bundle to verify an https server against (default: the system's CAs).
     token_file: str | None = None
     ca_file: str | None = None
+    # OPA long polling (`Prefer: wait=N`): a server that supports it answers as soon as a new
+    # bundle exists; otherwise extauth falls back to polling every poll_interval_s.
+    long_polling_timeout_s: Annotated[int, Field(ge=1, le=3600)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PolicyBundleSource:
@@ -241,8 +244,8 @@ class PolicyBundleSource(Strict):
             raise ValueError("policy.bundle needs exactly one of `path` or `url`")
         if self.url is not None and urlsplit(self.url).scheme not in ("http", "https"):
             raise ValueError("policy.bundle.url must be an http:// or https:// URL")
-        if self.url is None and (self.token_file or self.ca_file):
-            raise ValueError("policy.bundle.token_file and ca_file apply to a `url` only")
+        if self.url is None and (self.token_file or self.ca_file or self.long_polling_timeout_s):
+            raise ValueError("policy.bundle.token_file, ca_file and long_polling_timeout_s apply to a `url` only")
         return self
 
 

@@ -32,6 +32,7 @@ from extauth.policy import PolicyEngine
 log = logging.getLogger("extauth.bundle")
 
 STATUS_FILE = "policy-status.json"
+LONG_POLL_TYPE = "application/vnd.openpolicyagent.bundles"  # a server that long-polls answers with it
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,11 @@ class HttpSource:
     a per-request timeout and a bound on the download size."""
 
     def __init__(self, url: str, timeout_s: float, max_bytes: int, *, token: str | None = None,
-                 ca_file: str | Path | None = None) -> None:
+                 ca_file: str | Path | None = None, long_poll_s: int | None = None) -> None:
         self.url, self.timeout_s, self.max_bytes = url, timeout_s, max_bytes
+        self.long_poll_s = long_poll_s
+        # Assumed until a long poll's answer lacks OPA's content type (then: interval polling).
+        self.long_polling = bool(long_poll_s)
         self.describe = url
         self.etag: str | None = None
         self._token = token
@@ -107,8 +111,16 @@ class HttpSource:
             headers["Authorization"] = f"Bearer {self._token}"
         if self.etag:
             headers["If-None-Match"] = self.etag
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        long_poll = bool(self.long_poll_s and self.etag)
+        if long_poll:
+            # OPA long polling: the server answers when the bundle changes, or 304 after the wait.
+            headers["Prefer"] = f"wait={self.long_poll_s}"
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s + self.long_poll_s)
         try:
-            async with self._session.get(self.url, headers=headers, allow_redirects=False) as resp:
+            async with self._session.get(self.url, headers=headers, allow_redirects=False, timeout=timeout) as resp:
+                if long_poll:
+                    self.long_polling = resp.content_type == LONG_POLL_TYPE
                 if resp.status == 304:
                     return None
                 if resp.status != 200:
@@ -200,7 +212,8 @@ class BundleLoader:
                 except OSError as e:
                     raise BundleError(f"cannot read policy.bundle.token_file {b.token_file}: {e.strerror}") from None
             source = HttpSource(b.url, b.timeout_s, b.max_bytes, token=token,
-                                ca_file=base / b.ca_file if b.ca_file else None)
+                                ca_file=base / b.ca_file if b.ca_file else None,
+                                long_poll_s=b.long_polling_timeout_s)
             interval = pol.bundle.poll_interval_s
         else:
             source = FileSource(base / str(pol.bundle.path))
@@ -256,11 +269,15 @@ class BundleLoader:
     async def run(self, interval_s: float, wake: asyncio.Event | None = None) -> None:
         """Poll forever every `interval_s` (or at once when `wake` is set)."""
         wake = wake or asyncio.Event()
+        outcome = "unchanged"
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval_s)
-            wake.clear()
-            await self.poll_once()
+            # A long-polling server holds each request until something changes: ask again at once
+            # (unless the last poll failed: then wait, so a broken server is not hammered).
+            if not (getattr(self.source, "long_polling", False) and outcome != "refused"):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval_s)
+                wake.clear()
+            outcome = await self.poll_once()
 
     def _retire(self, old: PolicyEngine) -> None:
         # In-flight requests may still hold `old` (e.g. a batch check across awaits): close it later.

@@ -4,6 +4,7 @@ wrong key), a real HTTP bundle server (ETag/304, size bound), and the hot swap."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import tarfile
@@ -434,5 +435,64 @@ def test_old_engine_closed_after_grace(tmp_path: Path, keys) -> None:
             first.decide(ALICE, "POST", "/v1/messages", "claude-opus-4-1")  # not cached: evaluates
         await loader.close()
         holder.policy.close()
+
+    asyncio.run(scenario())
+
+
+async def until(cond, what: str, timeout: float = 30) -> None:
+    """Wait on a condition another task or thread makes true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_long_polling_swaps_as_soon_as_published(tmp_path: Path, keys) -> None:
+    """With OPA long polling the new revision arrives on a held request, not on the (hour-long) interval."""
+    r1 = signed(tmp_path, keys, revision="r1").read_bytes()
+    r2 = signed(tmp_path, keys, models=["claude-haiku-*"], revision="r2").read_bytes()
+
+    async def scenario() -> None:
+        with BundleServer() as srv:
+            srv.put("/b.tar.gz", r1)
+            source = HttpSource(srv.url + "/b.tar.gz", timeout_s=5, max_bytes=len(r1) * 4, long_poll_s=60)
+            holder = Holder()
+            loader = BundleLoader(holder, source, ENTRYPOINT, verifier=verifier(keys))
+            holder.policy = first = await loader.load_initial()
+            task = asyncio.create_task(loader.run(interval_s=3600))
+            try:
+                await until(lambda: srv.holding() == 1, "a long poll held by the server")
+                srv.put("/b.tar.gz", r2)
+                await until(lambda: holder.policy.bundle.revision == "r2", "r2 swapped in")
+                assert source.long_polling
+                assert srv.statuses() == [200, 200]  # the initial GET, then the held one
+                await until(lambda: srv.holding() == 1, "the next long poll")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await loader.close()
+                holder.policy.close()
+                first.close()
+
+    asyncio.run(scenario())
+
+
+def test_long_polling_falls_back_to_interval(tmp_path: Path, keys) -> None:
+    """A server that does not long-poll (a plain 304 without OPA's content type): interval polling."""
+    r1 = signed(tmp_path, keys, revision="r1").read_bytes()
+
+    async def scenario() -> None:
+        with BundleServer() as srv:
+            srv.put("/b.tar.gz", r1)
+            srv.long_poll = False
+            source = HttpSource(srv.url + "/b.tar.gz", timeout_s=5, max_bytes=len(r1) * 4, long_poll_s=60)
+            loader = BundleLoader(Holder(), source, ENTRYPOINT, verifier=verifier(keys))
+            loader.holder.policy = await loader.load_initial()
+            assert await loader.poll_once() == "unchanged"
+            assert srv.requests[-1][2] == 304 and not source.long_polling
+            await loader.close()
+            loader.holder.policy.close()
 
     asyncio.run(scenario())
