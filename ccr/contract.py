@@ -78,3 +78,9 @@ SESSIONS_CHANNEL = "ccr_signin_sessions"
 # before the body is buffered (router/downstream.py): check identity only, no body, no model.
 AUTHZ_PHASE_MD = "x-ccr-authz-phase"
 AUTHZ_PHASE_IDENTITY = "identity"
+
+
+# File in the run directory where extauth publishes the policy bundle in use (JSON: revision,
+# digest, signed, source, entrypoint, loaded_at, last_check_at, last_error, last_error_at, pid);
+# `ccr policy status` reads it. Written atomically (rename).
+POLICY_STATUS_FILE = "policy-status.json"

@@ -25,13 +25,14 @@ from typing import Protocol
 import aiohttp
 import orjson
 
+from ccr.contract import POLICY_STATUS_FILE
 from extauth.bundle import Bundle, BundleError, directory_digest, load_bundle_bytes, parse_bundle, read_directory
 from extauth.bundle_signing import BundleVerifier
 from extauth.policy import PolicyEngine
 
 log = logging.getLogger("extauth.bundle")
 
-STATUS_FILE = "policy-status.json"
+STATUS_FILE = POLICY_STATUS_FILE
 LONG_POLL_TYPE = "application/vnd.openpolicyagent.bundles"  # a server that long-polls answers with it
 
 
@@ -236,9 +237,11 @@ class BundleLoader:
             if fetched is None:
                 raise BundleError(f"{self.source.describe}: no bundle")
             bundle, engine = await asyncio.to_thread(self._build, fetched)
-        except BundleError as e:
+        except Exception as e:  # a BundleError, or the WASM runtime refusing the module
             self._error(str(e))
-            raise
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{self.source.describe}: {e}") from e
         assert engine is not None
         self._loaded(bundle)
         return engine

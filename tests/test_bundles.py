@@ -193,6 +193,15 @@ def test_unsafe_members_refused(tmp_path: Path) -> None:
         load_bundle_bytes(rewrite(raw, add={"data.json": b"{}"}), "b")
     with pytest.raises(BundleError, match="unpacks to more than"):
         load_bundle_bytes(raw, "b", max_unpacked=1000)
+    link = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as src, tarfile.open(fileobj=link, mode="w:gz") as dst:
+        for m in src:
+            dst.addfile(m, src.extractfile(m))
+        sym = tarfile.TarInfo("/x/data.json")
+        sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        dst.addfile(sym)
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle_bytes(link.getvalue(), "b")
 
 
 def test_bundle_directory_and_roots(tmp_path: Path, keys) -> None:
@@ -354,6 +363,14 @@ def test_file_source_unchanged_and_broken(tmp_path: Path, keys) -> None:
             assert holder.policy is first
             st = read_status(status_path)
             assert st["revision"] == "r1" and "not a valid OPA bundle" in st["last_error"]
+            # Signed and intact, but compiled for another entrypoint: refused, r1 keeps serving.
+            src = tmp_path / "other"
+            src.mkdir()
+            (src / "p.rego").write_text("package other\n\nallow := true\n")
+            build_bundle(src, live, "other/allow", revision="r-other", signing_key=keys["RS256"][0])
+            assert await loader.poll_once() == "refused"
+            assert holder.policy is first and first.decide(ALICE, *SONNET).allow
+            assert "entrypoint 'ccr/authz/decision' not in bundle" in read_status(status_path)["last_error"]
         finally:
             await loader.close()
             first.close()
