@@ -66,15 +66,16 @@ class FileSource:
         self.describe = str(path)
         self._stamp: object = None
 
-    def _read(self) -> tuple[object, Fetched]:
-        if self.path.is_dir():
-            files = read_directory(self.path)
-            return directory_digest(files), Fetched(self.describe, files=files)
+    def _read(self) -> tuple[object, Fetched | None]:
+        """(a stamp that changes with the content, the bundle unless the stamp is unchanged)."""
         try:
+            if self.path.is_dir():  # a directory is re-read and compared by content
+                files = read_directory(self.path)
+                return directory_digest(files), Fetched(self.describe, files=files)
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if stamp == self._stamp:
-                return stamp, None  # type: ignore[return-value]
+                return stamp, None
             return stamp, Fetched(self.describe, raw=self.path.read_bytes())
         except OSError as e:
             raise BundleError(f"cannot read policy bundle {self.path}: {e.strerror}") from None
