@@ -340,6 +340,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print(f"{args.bundle}: signature OK ({ver.alg}, key id {ver.key_id}), "
                   f"revision {b.revision or '(none)'}, {len(b.files)} files, sha256 {b.digest[:12]}")
             return 0
+        if args.policy_cmd == "push":
+            return _policy_push(args)
         if args.policy_cmd == "test":
             import subprocess
 
@@ -349,6 +351,41 @@ def cmd_policy(args: argparse.Namespace) -> int:
         print(f"ccr policy {args.policy_cmd}: {e}", file=sys.stderr)
         return 1
     return _policy_status(args)
+
+
+def _policy_push(args: argparse.Namespace) -> int:
+    """PUT a bundle to the bundle server, after checking it as extauth will (signature, WASM)."""
+    import urllib.error
+    import urllib.request
+
+    from extauth.bundle import read_bundle
+    from extauth.bundle_signing import BundleVerifier
+
+    config = load_config(args.config)
+    base = Path(args.config).resolve().parent
+    url = args.url or (config.policy.bundle.url if config.policy.bundle else None)
+    if not url:
+        print("ccr policy push: no --url and no policy.bundle.url in the config", file=sys.stderr)
+        return 2
+    ver = config.policy.verification
+    verifier = BundleVerifier.from_file(base / ver.key_file, ver.alg, ver.key_id, ver.scope) if ver else None
+    b = read_bundle(args.bundle, verifier)  # BundleError: refused here, not by every extauth later
+    req = urllib.request.Request(url, data=Path(args.bundle).read_bytes(), method="PUT",
+                                 headers={"Content-Type": "application/gzip"})
+    if args.token_file:
+        req.add_header("Authorization", f"Bearer {Path(args.token_file).read_text().strip()}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            code = resp.status
+    except urllib.error.HTTPError as e:
+        print(f"ccr policy push: {url} answered HTTP {e.code}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"ccr policy push: {url}: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.bundle} (revision {b.revision or '(none)'}, sha256 {b.digest[:12]}"
+          f"{', signature OK' if verifier else ''}) to {url}: HTTP {code}")
+    return 0
 
 
 def _policy_status(args: argparse.Namespace) -> int:
@@ -441,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.set_defaults(func=cmd_logout)
     lo.add_argument("--session-file", help="default: ~/.config/ccr/session.json")
 
-    pol = sub.add_parser("policy", help="OPA policy bundles: build (and sign), verify, test, status")
+    pol = sub.add_parser("policy", help="OPA policy bundles: build (and sign), verify, push, test, status")
     pol.set_defaults(func=cmd_policy)
     ps = pol.add_subparsers(dest="policy_cmd", required=True)
     pb = ps.add_parser("build", help="compile policy.dir with `opa build -t wasm` (the configured entrypoint)")
@@ -453,11 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--scope", help="scope claim in the signature")
     pv = ps.add_parser("verify", help="check a bundle's signature with policy.verification, as extauth will")
     pv.add_argument("bundle", help="bundle .tar.gz or directory")
+    pp = ps.add_parser("push", help="verify a bundle as extauth will, then PUT it to the bundle server")
+    pp.add_argument("bundle", help="bundle .tar.gz")
+    pp.add_argument("--url", help="where to PUT it (default: policy.bundle.url)")
+    pp.add_argument("--token-file", help="file with a bearer token for the bundle server")
     pt = ps.add_parser("test", help="run `opa test` on policy.dir")
     pt.add_argument("-v", "--verbose", action="store_true")
     pst = ps.add_parser("status", help="the bundle revision extauth is serving, and its last refusal")
     pst.add_argument("--json", action="store_true", help="print RUN/policy-status.json as is")
-    for p in (pb, pv, pt, pst):
+    for p in (pb, pv, pp, pt, pst):
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
     cfg = sub.add_parser("config", help="gateway config tools")

@@ -64,6 +64,19 @@ class BundleServer:
                 if status == 200:
                     self.wfile.write(body)  # type: ignore[arg-type]
 
+            def do_PUT(self) -> None:  # noqa: N802 - `ccr policy push`
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with server._lock:
+                    ok = server.token is None or self.headers.get("Authorization") == f"Bearer {server.token}"
+                    status = 201 if ok else 401
+                    server.requests.append((self.path, None, status))
+                    if ok:
+                        server.files[self.path] = body
+                        server._lock.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, *args: object) -> None:
                 pass
 

@@ -125,3 +125,26 @@ def test_config_refuses_unsafe_bundle_settings(tmp_path: Path) -> None:
         check({"bundle": {"url": "file:///etc/passwd"}, "verification": {"key_file": "k"}})
     with pytest.raises(ConfigError, match="alg"):
         check({"bundle": {"path": "x"}, "verification": {"key_file": "k", "alg": "none"}})
+
+
+def test_push_verifies_then_puts(setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bundle_server import BundleServer
+
+    config, priv = setup
+    good, unsigned = tmp_path / "good.tar.gz", tmp_path / "unsigned.tar.gz"
+    assert main(["policy", "build", "-c", config, "--out", str(good), "--signing-key", str(priv)]) == 0
+    assert main(["policy", "build", "-c", config, "--out", str(unsigned)]) == 0
+    (tmp_path / "token").write_text("push-token\n")
+    with BundleServer() as srv:
+        srv.token = "push-token"
+        url = srv.url + "/ccr/bundle.tar.gz"
+        # Unsigned: refused before anything is sent.
+        assert main(["policy", "push", "-c", config, str(unsigned), "--url", url,
+                     "--token-file", str(tmp_path / "token")]) == 1
+        assert "not signed" in capsys.readouterr().err and srv.requests == []
+        assert main(["policy", "push", "-c", config, str(good), "--url", url]) == 1  # no token: 401
+        assert "HTTP 401" in capsys.readouterr().err
+        assert main(["policy", "push", "-c", config, str(good), "--url", url,
+                     "--token-file", str(tmp_path / "token")]) == 0
+        assert "signature OK" in capsys.readouterr().out
+        assert srv.files["/ccr/bundle.tar.gz"] == good.read_bytes()
