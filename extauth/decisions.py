@@ -82,6 +82,7 @@ class DecisionLog:
         self._queue: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = asyncio.Lock()  # one flush at a time (the loop, close(), tests)
         # Decision ids: a random per-process prefix and a counter, unique without a uuid per request.
@@ -117,7 +118,7 @@ class DecisionLog:
         self._task = asyncio.create_task(self._loop(), name="decision-log")
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._every)
             self._wake.clear()
@@ -213,11 +214,18 @@ class DecisionLog:
                 await copy.write_row(r)
 
     async def close(self) -> None:
-        """Stop the writer and flush what is still queued."""
+        """Stop the writer and flush what is still queued.
+
+        The writer is asked to stop, not cancelled: cancelling it inside a COPY would leave the
+        connection mid-protocol. A database that does not answer gets 10 s, then is given up on."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except TimeoutError:
+                log.error("decision log writer did not finish within 10 s; %d decision(s) not written",
+                          len(self._queue))
             self._task = None
         with contextlib.suppress(Exception):
             await self.flush()
