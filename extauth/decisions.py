@@ -46,6 +46,8 @@ _COLUMNS = ("decision_id", "ts", "request_id", "phase", "principal_id", "princip
             "allow", "status", "reason", "eval_us")
 _COPY = f"COPY policy_decisions ({', '.join(_COLUMNS)}) FROM STDIN"  # noqa: S608 (constant names)
 
+_MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small whatever they send
+
 # A queued decision, as record() builds it (a plain tuple: the cheapest thing to make):
 # (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
 #  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1)
@@ -147,8 +149,9 @@ class DecisionLog:
         return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
                 principal.id if principal else None, principal.name if principal else None,
                 str(principal.kind) if principal else None, endpoint.name if endpoint else None,
-                method, path, model, digest, getattr(bundle, "revision", None) if bundle else None,
-                bundle.digest if bundle else None, allow, status, reason,
+                method, path[:_MAX_TEXT], model[:_MAX_TEXT] if model else model, digest,
+                getattr(bundle, "revision", None) if bundle else None,
+                bundle.digest if bundle else None, allow, status, reason[:_MAX_TEXT],
                 eval_ns // 1000 if eval_ns >= 0 else None)
 
     def _opa_line(self, p: Pending, row: tuple) -> bytes:

@@ -235,3 +235,38 @@ def test_gateway_decisions_join_request_log(tmp_path: Path, capsys: pytest.Captu
         assert deny_id in out and "401" in out and "deny" in out and "request_log: status 401" in out
         assert gw.api_key not in out
         assert cli.main(["-c", str(gw.config_path), "policy", "why", "no-such-request"]) == 1
+
+
+def test_service_shutdown_flushes_the_queue(postgres_dsn: str, bundle: Path, tmp_path: Path) -> None:
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+
+    from ccr.service import GRPC_OPTIONS
+    from tests.harness import running_service
+
+    _, key = create_key(postgres_dsn, "declog-shutdown")
+    # Neither the timer (a minute) nor the batch size (500) can write it: only the shutdown flush.
+    yaml_text = GATEWAY_YAML + "policy:\n  decision_log: {flush_ms: 60000, file: decisions.jsonl}\n"
+    with running_service("extauth", tmp_path, yaml_text, postgres_dsn=postgres_dsn,
+                         policy_bundle=str(bundle)) as child:
+        with grpc.insecure_channel(str(child.info["address"]), options=GRPC_OPTIONS) as ch:
+            resp = pb_grpc.AuthorizationStub(ch).Check(
+                http_check({"x-api-key": key, "x-request-id": "shutdown-1"}, body=msg_body()))
+        assert resp.status.code == code_pb2.OK
+        assert rows(postgres_dsn, "request_id = %s", ("shutdown-1",)) == []
+    [r] = rows(postgres_dsn, "request_id = %s", ("shutdown-1",))
+    assert r["decision_id"] == resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value
+    [line] = (tmp_path / "decisions.jsonl").read_text().splitlines()  # relative to the config file
+    assert json.loads(line)["decision_id"] == r["decision_id"]
+
+
+def test_decision_log_config_defaults_and_strictness() -> None:
+    from ccr.config import ConfigError
+
+    base = __import__("yaml").safe_load(GATEWAY_YAML)
+    s = parse_config(base).policy.decision_log
+    assert (s.postgres, s.file, s.include_input) == (True, None, False)  # PostgreSQL on, file off
+    with pytest.raises(ConfigError, match="decision_log"):
+        parse_config({**base, "policy": {"decision_log": {"fille": "x.jsonl"}}})
+    with pytest.raises(ConfigError, match="queue_size"):
+        parse_config({**base, "policy": {"decision_log": {"queue_size": 0}}})
