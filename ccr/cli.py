@@ -305,6 +305,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_policy_why(args: argparse.Namespace) -> int:
     """The decision(s) recorded for a request id (Envoy's x-request-id) or a decision id."""
+    from datetime import UTC
+
     from extauth.decisions import why
 
     with _dsn(args.config) as dsn:
@@ -315,7 +317,8 @@ def cmd_policy_why(args: argparse.Namespace) -> int:
         return 1
     for d in decisions:
         principal = f"{d['principal_name']} ({d['principal_kind']} {d['principal_id']})" if d["principal_id"] else "-"
-        print(f"decision {d['decision_id']}  {d['ts']:%Y-%m-%d %H:%M:%S.%f}Z  request {d['request_id'] or '-'}\n"
+        ts = d["ts"].astimezone(UTC)
+        print(f"decision {d['decision_id']}  {ts:%Y-%m-%d %H:%M:%S.%f}Z  request {d['request_id'] or '-'}\n"
               f"  result    : {'allow' if d['allow'] else 'deny'} (HTTP {d['status']}, {d['phase']} check)\n"
               f"  reason    : {d['reason'] or '-'}\n"
               f"  principal : {principal}\n"
