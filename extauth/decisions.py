@@ -50,7 +50,7 @@ _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small 
 
 # A queued decision, as record() builds it (a plain tuple: the cheapest thing to make):
 # (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
-#  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1)
+#  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1, the policy's Decision|None)
 Pending = tuple
 
 
@@ -103,14 +103,14 @@ class DecisionLog:
 
     def record(self, decision_id: str, request_id: str, phase: str, principal: Principal | None, method: str,
                path: str, model: str | None, endpoint: EndpointMatch | None, bundle: Any, allow: bool,
-               status: int, reason: str, eval_ns: int) -> None:
+               status: int, reason: str, eval_ns: int, policy_result: Any = None) -> None:
         """Queue one decision; never blocks, never raises for a full queue (the decision is counted)."""
         q = self._queue
         if len(q) >= self._max:
             self.dropped += 1
             return
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
-                  bundle, allow, status, reason, eval_ns))
+                  bundle, allow, status, reason, eval_ns, policy_result))
         if len(q) >= self._batch:
             self._wake.set()
 
@@ -145,7 +145,8 @@ class DecisionLog:
 
     @staticmethod
     def _row(p: Pending, digest: str | None) -> tuple:
-        (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns) = p
+        (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns,
+         _) = p
         return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
                 principal.id if principal else None, principal.name if principal else None,
                 str(principal.kind) if principal else None, endpoint.name if endpoint else None,
@@ -161,7 +162,9 @@ class DecisionLog:
             "decision_id": row[0],
             "request_id": row[2],
             "path": self.entrypoint,
-            "result": {"allow": p[10], "reason": p[12]},
+            # What the policy answered (a later check, e.g. object ownership, may still refuse).
+            "result": {"allow": p[14].allow, "reason": p[14].reason} if p[14] is not None
+            else {"allow": p[10], "reason": p[12]},
             "timestamp": row[1].isoformat().replace("+00:00", "Z"),
             "metrics": {"timer_rego_query_eval_ns": p[13]},
             "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},

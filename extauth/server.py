@@ -52,7 +52,7 @@ from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads as json_loads
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
-from extauth.policy import PolicyEngine
+from extauth.policy import Decision, PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
@@ -140,7 +140,7 @@ def _with_decision(message: str, decision_id: str | None) -> str:
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "endpoint", "eval_ns", "model", "path", "principal", "reason")
+    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "principal")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -149,7 +149,7 @@ class _Seen:
         self.model: str | None = None
         self.bundle = None
         self.eval_ns = -1  # policy evaluation time; -1 until the policy ran
-        self.reason = ""
+        self.decision: Decision | None = None  # the policy's answer, once it ran
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
 
 
@@ -200,7 +200,7 @@ class Authorizer:
         except Exception:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
-        did = self._record(req, seen, True, 200, seen.reason)
+        did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         if did is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
@@ -220,7 +220,7 @@ class Authorizer:
             http = req.attributes.request.http
             dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
                       seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
-                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns)
+                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision)
         except Exception:  # the log must never change a decision
             log.exception("could not record a decision")
             return None
@@ -267,7 +267,7 @@ class Authorizer:
         t0 = time.perf_counter_ns()
         decision = policy.decide(principal, method, path, model, endpoint)
         seen.eval_ns = time.perf_counter_ns() - t0
-        seen.reason = decision.reason
+        seen.decision = decision
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider)

@@ -167,6 +167,7 @@ def test_identity_phase_logs_only_refusals(postgres_dsn: str, bundle: Path) -> N
 
 def test_opa_shaped_file(postgres_dsn: str, bundle: Path, tmp_path: Path) -> None:
     _, key = create_key(postgres_dsn, "declog-file")
+    _, haiku = create_key(postgres_dsn, "declog-file-haiku", groups=["haiku-only"])
     for include in (False, True):
         out = tmp_path / f"decisions-{include}.jsonl"
         log = DecisionLog(None, file=out, include_input=include)
@@ -174,11 +175,13 @@ def test_opa_shaped_file(postgres_dsn: str, bundle: Path, tmp_path: Path) -> Non
         async def scenario(auth: Authorizer) -> None:
             await auth.check(http_check({"x-api-key": key, "x-request-id": "file-ok"}, body=msg_body()))
             await auth.check(http_check({"x-api-key": "nope", "x-request-id": "file-401"}, body=msg_body()))
+            await auth.check(http_check({"x-api-key": haiku, "x-request-id": "file-403"}, body=msg_body()))
 
         asyncio.run(with_authorizer(postgres_dsn, bundle, log, scenario))
         lines = [json.loads(x) for x in out.read_text().splitlines()]
-        assert len(lines) == 1  # the 401 never reached the policy: PostgreSQL only
-        [d] = lines
+        assert [x["request_id"] for x in lines] == ["file-ok", "file-403"]  # the 401 never reached the policy
+        d, denied = lines
+        assert denied["result"]["allow"] is False and "claude-haiku-*" in denied["result"]["reason"]
         assert d["decision_id"].startswith("dec_") and d["request_id"] == "file-ok"
         assert d["path"] == "ccr/authz/decision" and d["result"]["allow"] is True
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", d["timestamp"])
