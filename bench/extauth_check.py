@@ -33,6 +33,7 @@ from ccr.config import load_config  # noqa: E402
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
 from ccr.runtime import Runtime  # noqa: E402
 from extauth.bundle import build_bundle  # noqa: E402
+from extauth.decisions import DecisionLog  # noqa: E402
 from extauth.keys import KeyStore, create_key  # noqa: E402
 from extauth.policy import PolicyEngine  # noqa: E402
 from extauth.server import Authorizer  # noqa: E402
@@ -43,12 +44,15 @@ GATEWAY_YAML = (
 )
 
 
-async def bench_inproc(run: Path, dsn: str, raw_req: bytes, n: int) -> None:
+async def bench_inproc(run: Path, dsn: str, raw_req: bytes, n: int, decision_log: bool) -> None:
     config = load_config(run / "gateway.yaml")
     keys = KeyStore(dsn)
     await keys.start()
     policy = PolicyEngine.load(run / "policy.tar.gz", config.policy.entrypoint)
-    auth = Authorizer(config, keys, policy)
+    decisions = DecisionLog(dsn) if decision_log else None
+    if decisions is not None:
+        await decisions.start()
+    auth = Authorizer(config, keys, policy, decisions=decisions)
     try:
         for _ in range(20):  # warm caches
             assert (await auth.check(pb.CheckRequest.FromString(raw_req))).status.code == 0
@@ -58,8 +62,11 @@ async def bench_inproc(run: Path, dsn: str, raw_req: bytes, n: int) -> None:
             s = time.perf_counter()
             await auth.check(pb.CheckRequest.FromString(raw_req))
             lat.append(time.perf_counter() - s)
-        print(summary("in-process Authorizer.check", lat, time.perf_counter() - t0, width=28))
+        label = "in-process check" + (" +declog" if decisions is not None else "")
+        print(summary(label, lat, time.perf_counter() - t0, width=28))
     finally:
+        if decisions is not None:
+            await decisions.close()
         await keys.close()
         policy.close()
 
@@ -74,6 +81,7 @@ def main() -> None:
     ap.add_argument("--dsn", help="PostgreSQL DSN with the ccr schema (default: start an embedded one)")
     ap.add_argument("-n", type=int, default=2000, help="iterations per mode (bounded)")
     ap.add_argument("-c", type=int, default=16, help="concurrent gRPC calls")
+    ap.add_argument("--inproc-only", action="store_true", help="skip the gRPC modes")
     args = ap.parse_args()
     n = max(1, min(args.n, 100_000))
 
@@ -93,7 +101,12 @@ def main() -> None:
             raw = req.SerializeToString()
             print(f"request: {len(body)} B body ({model}), CheckRequest {len(raw)} B")
 
-            asyncio.run(bench_inproc(run, dsn, raw, n))
+            # Alternating, so a busy machine's drift affects both alike: with and without the decision log.
+            for _ in range(2):
+                asyncio.run(bench_inproc(run, dsn, raw, n, decision_log=False))
+                asyncio.run(bench_inproc(run, dsn, raw, n, decision_log=True))
+            if args.inproc_only:
+                return
 
             ready = run / "ready.json"
             proc = subprocess.Popen(

@@ -423,6 +423,49 @@ def _policy_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_why(args: argparse.Namespace) -> int:
+    """The decision(s) recorded for a request id (Envoy's x-request-id) or a decision id."""
+    from datetime import UTC
+
+    from extauth.decisions import why
+
+    with _dsn(args.config) as dsn:
+        decisions, audit = why(dsn, args.request_id)
+    if not decisions:
+        print(f"ccr policy why: no decision recorded for {args.request_id!r} (decisions are written within "
+              "a second; a request refused by Envoy itself never reached the policy)", file=sys.stderr)
+        return 1
+    for d in decisions:
+        principal = f"{d['principal_name']} ({d['principal_kind']} {d['principal_id']})" if d["principal_id"] else "-"
+        ts = d["ts"].astimezone(UTC)
+        print(f"decision {d['decision_id']}  {ts:%Y-%m-%d %H:%M:%S.%f}Z  request {d['request_id'] or '-'}\n"
+              f"  result    : {'allow' if d['allow'] else 'deny'} (HTTP {d['status']}, {d['phase']} check)\n"
+              f"  reason    : {d['reason'] or '-'}\n"
+              f"  principal : {principal}\n"
+              f"  request   : {d['method']} {d['path']}  endpoint {d['endpoint'] or '-'}  model {d['model'] or '-'}\n"
+              f"  policy    : bundle {d['bundle_revision'] or (d['bundle_digest'] or '-')[:12]}  input sha256 "
+              f"{d['input_sha256'] or '- (policy not reached)'}  "
+              f"eval {'-' if d['eval_us'] is None else str(d['eval_us']) + ' us'}")
+    if audit is None:
+        print("request_log: no row (yet) for this request")
+    else:
+        print(f"request_log: status {audit['status']}  model {audit['model'] or '-'}  "
+              f"cluster {audit['upstream_cluster'] or '-'}  usage {audit['usage_status'] or '-'}")
+    return 0
+
+
+def add_policy_why(sub: argparse._SubParsersAction) -> None:
+    """`ccr policy why REQUEST_ID` (the `policy` group may already hold other subcommands)."""
+    pol = sub.choices.get("policy")
+    if pol is None:
+        pol = sub.add_parser("policy", help="Rego policy tools")
+        pol.add_subparsers(dest="policy_cmd", required=True)
+    ps = next(a for a in pol._actions if isinstance(a, argparse._SubParsersAction))
+    w = ps.add_parser("why", help="print the decision recorded for a request id (x-request-id) or decision id")
+    w.add_argument("request_id", help="the request's x-request-id (response header), or a dec_... decision id")
+    w.set_defaults(func=cmd_policy_why)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ccr", description="Envoy-native gateway for LLM traffic")
     ap.add_argument("-c", "--config", default=os.environ.get("CCR_CONFIG", DEFAULT_CONFIG),
@@ -507,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cs.add_parser("check", help="validate a config file")
     chk.add_argument("file")
     cs.add_parser("schema", help="print the config's JSON Schema")
+
+    add_policy_why(sub)
     return ap
 
 

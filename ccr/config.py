@@ -262,6 +262,21 @@ class PolicyVerification(Strict):
     scope: str | None = None  # when set, the signature's `scope` claim must equal it
 
 
+class DecisionLogSettings(Strict):
+    """Where extauth records every decision (extauth/decisions.py)."""
+
+    # The policy_decisions table in the gateway's PostgreSQL.
+    postgres: bool = True
+    # Also append OPA-shaped decision-log JSON lines here (relative to the config file); off by default.
+    file: str | None = None
+    # Put the policy input into the file's lines (never credentials; the request text is not in it).
+    include_input: bool = False
+    # Decisions waiting to be written; when full, new ones are dropped and counted (never blocking a request).
+    queue_size: int = Field(10_000, ge=1, le=1_000_000)
+    batch_rows: int = Field(500, ge=1, le=100_000)
+    flush_ms: int = Field(200, ge=1, le=60_000)
+
+
 class PolicySettings(Strict):
     # Directory of Rego sources and data.json, compiled with `opa build -t wasm`.
     dir: str = "policies"
@@ -279,6 +294,8 @@ class PolicySettings(Strict):
             raise ValueError("policy.bundle.url without policy.verification: configure a verification key, "
                              "or set policy.bundle.allow_unsigned: true to trust the server unsigned")
         return self
+
+    decision_log: DecisionLogSettings = DecisionLogSettings()
 
 
 # A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').

@@ -31,6 +31,8 @@ class UsageStatus(StrEnum):
 
 # Key in AUTHZ_NS: how many requests a Message Batch create carries (a number).
 AUTHZ_BATCH_REQUESTS = "batch_requests"
+# Key in AUTHZ_NS: the id of the decision that allowed the request (policy_decisions.decision_id).
+AUTHZ_DECISION_ID = "decision_id"
 
 
 # Rate limit domain of the route's descriptors.

@@ -150,6 +150,36 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX signin_sessions_prev_refresh ON signin_sessions (prev_refresh_hash);
         """,
     ),
+    (
+        6,
+        "policy decision log",
+        """
+        -- One row per decision extauth makes (extauth/decisions.py), written in batches off the
+        -- hot path. request_id is Envoy's x-request-id: it joins request_log.request_id.
+        CREATE TABLE policy_decisions (
+            decision_id     text PRIMARY KEY,        -- dec_...: also in the denial message and AUTHZ_NS
+            ts              timestamptz NOT NULL,
+            request_id      text,                    -- NULL only when Envoy sent none
+            phase           text NOT NULL CHECK (phase IN ('full', 'identity')),
+            principal_id    text,                    -- NULL when refused before authentication
+            principal_name  text,
+            principal_kind  text,
+            endpoint        text,
+            method          text NOT NULL,
+            path            text NOT NULL,           -- without the query string
+            model           text,
+            input_sha256    text,                    -- canonical policy input; NULL when the policy did not run
+            bundle_revision text,
+            bundle_digest   text,
+            allow           boolean NOT NULL,
+            status          integer NOT NULL,        -- the HTTP status extauth answered (200 = allowed)
+            reason          text NOT NULL,
+            eval_us         integer                  -- policy evaluation time; NULL when it did not run
+        );
+        CREATE INDEX policy_decisions_request_id ON policy_decisions (request_id);
+        CREATE INDEX policy_decisions_ts ON policy_decisions (ts);
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"

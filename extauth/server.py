@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from google.rpc import code_pb2, status_pb2
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
+    AUTHZ_DECISION_ID,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     CCR_HEADER_PREFIX,
@@ -33,12 +36,14 @@ from ccr.contract import (
     H_PRINCIPAL,
     H_PRINCIPAL_ID,
     H_PROVIDER,
+    H_REQUEST_ID,
     SET_HEADERS,
 )
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
+from extauth.decisions import PHASE_FULL, PHASE_IDENTITY, DecisionLog
 from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
@@ -47,7 +52,7 @@ from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads as json_loads
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
-from extauth.policy import PolicyEngine
+from extauth.policy import Decision, PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
@@ -119,9 +124,33 @@ _SET_HEADERS_FOR: dict[tuple[bool, bool], frozenset[str]] = {
 }
 
 
-def _internal_error() -> pb.CheckResponse:
-    return denied(503, "api_error", "the gateway could not authorize this request due to an internal error; "
-                  "retry shortly, and contact your gateway administrator if it persists")
+_INTERNAL_ERROR = ("the gateway could not authorize this request due to an internal error; "
+                   "retry shortly, and contact your gateway administrator if it persists")
+
+
+def _internal_error(decision_id: str | None = None) -> pb.CheckResponse:
+    return denied(503, "api_error", _with_decision(_INTERNAL_ERROR, decision_id))
+
+
+def _with_decision(message: str, decision_id: str | None) -> str:
+    """A denial's message naming its decision, so a client can quote it (`ccr policy why`)."""
+    return f"{message} (decision {decision_id})" if decision_id else message
+
+
+class _Seen:
+    """What one Check learned before it decided or was refused: the decision log's facts."""
+
+    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "principal")
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+        self.endpoint: EndpointMatch | None = None
+        self.path: str | None = None
+        self.model: str | None = None
+        self.bundle = None
+        self.eval_ns = -1  # policy evaluation time; -1 until the policy ran
+        self.decision: Decision | None = None  # the policy's answer, once it ran
+        self.cached = False  # the response is the shared cached one: copy before adding the decision id
 
 
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
@@ -132,8 +161,9 @@ def _peer_certificate(req: pb.CheckRequest) -> str | None:
 
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
-                 objects: ObjectStore | None = None) -> None:
+                 objects: ObjectStore | None = None, decisions: DecisionLog | None = None) -> None:
         self.config = config
+        self.decisions = decisions  # None: decisions are not recorded (decision-only Authorizers in tests)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
         # Batches and Files: ownership and per-request checks. None only for decision-only
@@ -161,13 +191,40 @@ class Authorizer:
 
     async def check(self, req: pb.CheckRequest, body: Buffer | None = None) -> pb.CheckResponse:
         """Decide `req`; `body`, when given, is its raw_body (a view into the received message)."""
+        seen = _Seen()
         try:
-            return await self._check(req, body)
+            resp = await self._check(req, body, seen)
         except Deny as d:
-            return denied(d.status, d.err_type, d.message)
+            did = self._record(req, seen, False, d.status, d.message)
+            return denied(d.status, d.err_type, _with_decision(d.message, did))
         except Exception:
             log.exception("authorization failed internally; denying")
-            return _internal_error()
+            return _internal_error(self._record(req, seen, False, 503, "internal error"))
+        did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
+        if did is not None:
+            if seen.cached:  # shared by every request with these facts: the id is this request's own
+                own = pb.CheckResponse()
+                own.CopyFrom(resp)
+                resp = own
+            resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+        return resp
+
+    def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
+                phase: str = PHASE_FULL) -> str | None:
+        """Queue this request's decision (extauth/decisions.py); its id, or None when not recorded."""
+        dl = self.decisions
+        if dl is None:
+            return None
+        try:
+            did = dl.new_id()
+            http = req.attributes.request.http
+            dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
+                      seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
+                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision)
+        except Exception:  # the log must never change a decision
+            log.exception("could not record a decision")
+            return None
+        return did
 
     async def check_serialized(self, data: bytes) -> pb.CheckResponse:
         """Decide a CheckRequest as gRPC received it, its body never copied out of `data`."""
@@ -178,16 +235,18 @@ class Authorizer:
             return _internal_error()
         return await self.check(req, body)
 
-    async def _check(self, req: pb.CheckRequest, raw: Buffer | None) -> pb.CheckResponse:
+    async def _check(self, req: pb.CheckRequest, raw: Buffer | None, seen: _Seen) -> pb.CheckResponse:
         http = req.attributes.request.http
         method = http.method
         endpoint = endpoint_or_deny(method, http.path)
+        seen.endpoint = endpoint
         headers = _headers(http)
         peer = req.attributes.source.principal or None  # URI SAN of a verified client certificate
         principal = await self.identity.authenticate(headers, peer, _peer_certificate(req))
+        seen.principal = principal
         self._check_enabled(endpoint)
 
-        path = split_target(http.path)[0]
+        path = seen.path = split_target(http.path)[0]
         model: str | None = None
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
         # The body as received: a view when the caller split it off the message (no copy), else
@@ -195,7 +254,7 @@ class Authorizer:
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
         if endpoint.endpoint.model_in_body:
             doc = json_object(body)
-            model = model_in(doc)
+            model = seen.model = model_in(doc)
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error", f"model: {model}")
@@ -203,7 +262,12 @@ class Authorizer:
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
 
-        decision = self.policy.decide(principal, method, path, model, endpoint)
+        policy = self.policy
+        seen.bundle = policy.bundle
+        t0 = time.perf_counter_ns()
+        decision = policy.decide(principal, method, path, model, endpoint)
+        seen.eval_ns = time.perf_counter_ns() - t0
+        seen.decision = decision
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider)
@@ -218,8 +282,9 @@ class Authorizer:
         spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
         if facts is not None:  # per-object answers are not cached
             return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts)
-        ck = (principal, model, provider, spoofed, endpoint.name, self.policy.bundle.digest)
+        ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest)
         resp = self._ok_cache.get(ck)
+        seen.cached = True
         if resp is None:
             resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name)
             if len(self._ok_cache) >= 50_000:
@@ -312,17 +377,23 @@ async def check_identity(authorizer: Authorizer, req: pb.CheckRequest) -> pb.Che
     """The headers-only check Envoy makes before buffering a large body: is the caller known?
 
     Sets nothing: the full check that follows, with the body, decides and sets every fact.
+    Recorded in the decision log only when it refuses (phase `identity`): a pass is not the
+    request's decision, the full check's is, so each request still has exactly one row.
     """
+    seen = _Seen()
     try:
         http = req.attributes.request.http
         await authorizer.identity.authenticate(_headers(http), req.attributes.source.principal or None)
         return _IDENTITY_OK
     except Deny as d:
-        return denied(d.status, d.err_type, d.message)
+        did = authorizer._record(req, seen, False, d.status, d.message, PHASE_IDENTITY)
+        return denied(d.status, d.err_type, _with_decision(d.message, did))
     except Exception:
         log.exception("identity check failed internally; denying")
-        return denied(503, "api_error", "the gateway could not authenticate this request due to an internal "
-                      "error; retry shortly, and contact your gateway administrator if it persists")
+        did = authorizer._record(req, seen, False, 503, "internal error", PHASE_IDENTITY)
+        return denied(503, "api_error", _with_decision(
+            "the gateway could not authenticate this request due to an internal error; retry shortly, and "
+            "contact your gateway administrator if it persists", did))
 
 
 def _is_identity_phase(context: grpc.aio.ServicerContext) -> bool:
@@ -353,6 +424,19 @@ class AuthorizationServicer:
 # -- start-up -----------------------------------------------------------------
 
 
+def decision_log(config: GatewayConfig, runtime: Runtime) -> DecisionLog:
+    """The decision log `policy.decision_log` asks for; a relative file is relative to the config file."""
+    s = config.policy.decision_log
+    file = None
+    if s.file:
+        file = Path(s.file)
+        if not file.is_absolute():
+            file = Path(runtime.config_path).resolve().parent / file
+    return DecisionLog(runtime.postgres_dsn if s.postgres else None, file=file, include_input=s.include_input,
+                       entrypoint=config.policy.entrypoint, queue_size=s.queue_size, batch_rows=s.batch_rows,
+                       flush_ms=s.flush_ms)
+
+
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime):
     try:
         loader, poll_interval = BundleLoader.from_config(config, runtime)
@@ -372,7 +456,10 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     if oidc is not None:
         await oidc.start()  # first JWKS fetch; an unreachable IdP is retried on demand, not fatal
         verifiers.append(oidc)
-    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects)
+    decisions = decision_log(config, runtime)
+    await decisions.start()
+    authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects,
+                            decisions)
     AuthorizationServicer(authorizer).add_to(server)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
@@ -390,6 +477,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         if oidc is not None:
             await oidc.close()
         await objects.close()
+        await decisions.close()  # flushes the queued decisions
         authorizer.policy.close()
 
     return cleanup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,9 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     }
     # Overwrite, not append, so a client value can never survive next to ours.
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
-    assert json_format.MessageToDict(resp.dynamic_metadata) == {
+    meta = json_format.MessageToDict(resp.dynamic_metadata)
+    assert re.fullmatch(r"dec_[0-9a-f]+", meta.pop("decision_id"))  # this request's decision (policy_decisions)
+    assert meta == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
         "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
@@ -271,7 +274,8 @@ def test_unknown_model_404(stub, key) -> None:
     _, k = key
     resp = stub.Check(http_check({"x-api-key": k}, body=msg_body("gpt-4o")))
     status, err = denied_error(resp)
-    assert status == 404 and err == {"type": "not_found_error", "message": "model: gpt-4o"}
+    assert status == 404 and err["type"] == "not_found_error"
+    assert re.fullmatch(r"model: gpt-4o \(decision dec_[0-9a-f]+\)", err["message"])
 
 
 def test_policy_denied_model_403(stub, postgres_dsn) -> None:

@@ -1,0 +1,264 @@
+"""The decision log: one row per policy decision extauth makes, written off the hot path.
+
+`DecisionLog.record` runs inside every Check, so it only takes references (the principal,
+the endpoint match, the bundle) into a plain tuple and appends it to a bounded in-memory
+queue: no JSON, no hashing, no I/O (~1 us). A background task drains the queue every
+`flush_ms` or as soon as `batch_rows` are waiting, computes the input digest and writes the
+batch with one COPY into `policy_decisions` (and, when configured, OPA-shaped JSON lines to
+a file). A full queue drops the new decision and counts it; the request never waits for
+the log. `close()` flushes what is queued (graceful shutdown).
+
+Nothing credential-like is queued: the principal carries ids and names, never a key or a
+token, and the request text is not part of the policy input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+from extauth.endpoints import EndpointMatch
+from extauth.principal import Principal
+
+log = logging.getLogger(__name__)
+
+# Which check made the decision: the full one (with the body), or the headers-only identity
+# check Envoy makes before buffering a large body. The latter is logged only when it denies:
+# when it passes, the full check follows and logs the request's one decision.
+PHASE_FULL = "full"
+PHASE_IDENTITY = "identity"
+
+_COLUMNS = ("decision_id", "ts", "request_id", "phase", "principal_id", "principal_name", "principal_kind",
+            "endpoint", "method", "path", "model", "input_sha256", "bundle_revision", "bundle_digest",
+            "allow", "status", "reason", "eval_us")
+_COPY = f"COPY policy_decisions ({', '.join(_COLUMNS)}) FROM STDIN"  # noqa: S608 (constant names)
+
+_MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small whatever they send
+
+# A queued decision, as record() builds it (a plain tuple: the cheapest thing to make):
+# (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
+#  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1, the policy's Decision|None)
+Pending = tuple
+
+
+def policy_input(principal: Principal, method: str, path: str, model: str | None,
+                 endpoint: EndpointMatch | None) -> dict[str, Any]:
+    """The input document PolicyEngine.decide evaluates, rebuilt here (off the hot path) for its digest."""
+    request: dict[str, Any] = {"method": method, "path": path, "model": model,
+                               "endpoint": None, "kind": None, "params": {}}
+    if endpoint is not None:
+        request.update(endpoint.policy_input())
+    return {"principal": principal.policy_input(), "request": request}
+
+
+def canonical(doc: Any) -> bytes:
+    """Canonical JSON: sorted keys, no insignificant whitespace (orjson's compact form)."""
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+
+class DecisionLog:
+    def __init__(self, dsn: str | None, *, file: str | Path | None = None, include_input: bool = False,
+                 entrypoint: str = "ccr/authz/decision", queue_size: int = 10_000, batch_rows: int = 500,
+                 flush_ms: int = 200, clock: Callable[[], float] = time.time) -> None:
+        self.dsn = dsn
+        self.file = Path(file) if file else None
+        self.include_input = include_input
+        self.entrypoint = entrypoint
+        self._max = queue_size
+        self._batch = batch_rows
+        self._every = flush_ms / 1000
+        self._clock = clock
+        self._queue: deque[Pending] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._conn: psycopg.AsyncConnection | None = None
+        self._lock = asyncio.Lock()  # one flush at a time (the loop, close(), tests)
+        # Decision ids: a random per-process prefix and a counter, unique without a uuid per request.
+        self._prefix = "dec_" + os.urandom(6).hex()
+        self._seq = itertools.count(1)
+        self._digests: dict[tuple, str] = {}  # the input digest by the facts it is made of
+        self.dropped = 0  # decisions refused by a full queue, since start
+        self.failed = 0  # decisions lost to a database or file error, since start
+        self.written = 0
+        self._dropped_reported = 0
+
+    # -- hot path ---------------------------------------------------------------
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(self._seq):08x}"
+
+    def record(self, decision_id: str, request_id: str, phase: str, principal: Principal | None, method: str,
+               path: str, model: str | None, endpoint: EndpointMatch | None, bundle: Any, allow: bool,
+               status: int, reason: str, eval_ns: int, policy_result: Any = None) -> None:
+        """Queue one decision; never blocks, never raises for a full queue (the decision is counted)."""
+        q = self._queue
+        if len(q) >= self._max:
+            self.dropped += 1
+            return
+        q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
+                  bundle, allow, status, reason, eval_ns, policy_result))
+        if len(q) >= self._batch:
+            self._wake.set()
+
+    # -- background ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="decision-log")
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._every)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # never let the writer die: the next tick tries again
+                log.exception("decision log flush failed")
+
+    def _digest(self, p: Pending) -> str | None:
+        principal, method, path, model, endpoint, eval_ns = p[4], p[5], p[6], p[7], p[8], p[13]
+        if principal is None or eval_ns < 0:
+            return None  # the policy was not reached: there is no input to digest
+        key = (principal, method, path, model, endpoint.name if endpoint else None,
+               endpoint.params if endpoint else None)
+        d = self._digests.get(key)
+        if d is None:
+            d = hashlib.sha256(canonical(policy_input(principal, method, path, model, endpoint))).hexdigest()
+            if len(self._digests) >= 10_000:
+                self._digests.clear()
+            self._digests[key] = d
+        return d
+
+    @staticmethod
+    def _row(p: Pending, digest: str | None) -> tuple:
+        (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns,
+         _) = p
+        return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
+                principal.id if principal else None, principal.name if principal else None,
+                str(principal.kind) if principal else None, endpoint.name if endpoint else None,
+                method, path[:_MAX_TEXT], model[:_MAX_TEXT] if model else model, digest,
+                getattr(bundle, "revision", None) if bundle else None,
+                bundle.digest if bundle else None, allow, status, reason[:_MAX_TEXT],
+                eval_ns // 1000 if eval_ns >= 0 else None)
+
+    def _opa_line(self, p: Pending, row: tuple) -> bytes:
+        """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row)."""
+        principal, method, path, model, endpoint = p[4], p[5], p[6], p[7], p[8]
+        doc: dict[str, Any] = {
+            "decision_id": row[0],
+            "request_id": row[2],
+            "path": self.entrypoint,
+            # What the policy answered (a later check, e.g. object ownership, may still refuse).
+            "result": {"allow": p[14].allow, "reason": p[14].reason} if p[14] is not None
+            else {"allow": p[10], "reason": p[12]},
+            "timestamp": row[1].isoformat().replace("+00:00", "Z"),
+            "metrics": {"timer_rego_query_eval_ns": p[13]},
+            "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},
+        }
+        if self.include_input:
+            doc["input"] = policy_input(principal, method, path, model, endpoint)
+        return orjson.dumps(doc) + b"\n"
+
+    async def flush(self) -> int:
+        """Write everything queued now; returns the number of decisions written."""
+        async with self._lock:
+            if self.dropped != self._dropped_reported:
+                log.warning("decision log queue full (%d): %d decision(s) dropped, %d since start",
+                            self._max, self.dropped - self._dropped_reported, self.dropped)
+                self._dropped_reported = self.dropped
+            q = self._queue
+            if not q:
+                return 0
+            batch = [q.popleft() for _ in range(len(q))]
+            digests = [self._digest(p) for p in batch]
+            rows = [self._row(p, d) for p, d in zip(batch, digests, strict=True)]
+            if self.file is not None:
+                # OPA logs policy queries: decisions refused before the policy ran are in PostgreSQL only.
+                lines = b"".join(self._opa_line(p, r) for p, r in zip(batch, rows, strict=True) if r[11] is not None)
+                if lines:
+                    try:
+                        await asyncio.to_thread(_append, self.file, lines)
+                    except OSError as e:
+                        log.error("decision log file %s: %s", self.file, e)
+            if self.dsn is None:
+                self.written += len(rows)
+                return len(rows)
+            try:
+                await self._copy(rows)
+            except (psycopg.Error, OSError) as e:
+                self.failed += len(rows)
+                log.error("decision log: %d decision(s) not written to PostgreSQL (%s); %d lost since start",
+                          len(rows), e, self.failed)
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.close()
+                    self._conn = None
+                return 0
+            self.written += len(rows)
+            return len(rows)
+
+    async def _copy(self, rows: list[tuple]) -> None:
+        if self._conn is None or self._conn.closed:
+            assert self.dsn is not None
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=5)
+        async with self._conn.cursor() as cur, cur.copy(_COPY) as copy:
+            for r in rows:
+                await copy.write_row(r)
+
+    async def close(self) -> None:
+        """Stop the writer and flush what is still queued.
+
+        The writer is asked to stop, not cancelled: cancelling it inside a COPY would leave the
+        connection mid-protocol. A database that does not answer gets 10 s, then is given up on."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except TimeoutError:
+                log.error("decision log writer did not finish within 10 s; %d decision(s) not written",
+                          len(self._queue))
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+def _append(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def why(dsn: str, request_id: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The decisions recorded for a request id (or one decision id), and the request's audit row if any."""
+    from psycopg.rows import dict_row
+
+    col = "decision_id" if request_id.startswith("dec_") else "request_id"
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT * FROM policy_decisions WHERE {col} = %s ORDER BY ts, decision_id",  # noqa: S608
+                    (request_id,))
+        decisions = cur.fetchall()
+        rid = decisions[0]["request_id"] if decisions and col == "decision_id" else request_id
+        audit = None
+        if rid:
+            cur.execute("SELECT request_id, status, model, path, upstream_cluster, usage_status, ts"
+                        " FROM request_log WHERE request_id = %s", (rid,))
+            audit = cur.fetchone()
+    return decisions, audit
