@@ -464,6 +464,7 @@ def add_policy_why(sub: argparse._SubParsersAction) -> None:
     w = ps.add_parser("why", help="print the decision recorded for a request id (x-request-id) or decision id")
     w.add_argument("request_id", help="the request's x-request-id (response header), or a dec_... decision id")
     w.set_defaults(func=cmd_policy_why)
+    w.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
