@@ -20,6 +20,7 @@ import codecs
 import json
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -127,13 +128,29 @@ def loads(body: Buffer) -> Any:
     """The JSON document in `body` as orjson reads it, except that long string values (other than
     those of RESTORED_KEYS) are opaque placeholders. Raises orjson.JSONDecodeError
     exactly when orjson would, with its message."""
+    return loads_lazy(body)[0]
+
+
+def _same(s: str) -> str:
+    return s
+
+
+def loads_lazy(body: Buffer) -> tuple[Any, Callable[[str], str]]:
+    """`loads`, and a function giving any string of the document its real value (a placeholder
+    is decoded from the body on demand, one string at a time; other strings are themselves).
+    The PII scan reads text through it (extauth/pii.py)."""
     if len(body) < SKELETON_FROM_BYTES:
-        return orjson.loads(body)
+        return orjson.loads(body), _same
     try:
         skeleton, spans = _skeleton(body)
         doc = orjson.loads(skeleton)
     except (_NotSimple, orjson.JSONDecodeError):
-        return orjson.loads(body)
+        return orjson.loads(body), _same
     del skeleton
     _restore(doc, body, spans)
-    return doc
+
+    def text_of(s: str) -> str:
+        span = spans.get(s)
+        return s if span is None else _decode(body, span)
+
+    return doc, text_of

@@ -49,9 +49,10 @@ from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_kn
 from extauth.identity import Identity
 from extauth.keys import KeyStore
 from extauth.lean_json import Buffer, JSONDecodeError
-from extauth.lean_json import loads as json_loads
+from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
+from extauth.pii import Finding, TextOf, scan
 from extauth.policy import Decision, PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
@@ -73,17 +74,18 @@ def _headers(http) -> dict[str, str]:
     return out
 
 
-def json_object(body: Buffer) -> dict[str, Any]:
+def json_object(body: Buffer) -> tuple[dict[str, Any], TextOf]:
     """A request body that must be a JSON object (it names the model). Long string values other
-    than the model and file ids are left as placeholders (extauth/lean_json.py)."""
+    than the model and file ids are left as placeholders (extauth/lean_json.py); the function
+    returned with the document gives their text on demand."""
     try:
-        doc = json_loads(body)
+        doc, text_of = json_loads_lazy(body)
     except JSONDecodeError as e:
         raise Deny(400, "invalid_request_error",
                    f"request body is not valid JSON ({e}); send a JSON object with a 'model' field") from None
     if not isinstance(doc, dict):
         raise Deny(400, "invalid_request_error", "request body must be a JSON object with a 'model' field")
-    return doc
+    return doc, text_of
 
 
 def model_in(doc: dict[str, Any]) -> str:
@@ -140,7 +142,7 @@ def _with_decision(message: str, decision_id: str | None) -> str:
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "principal")
+    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "pii", "principal")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -151,6 +153,7 @@ class _Seen:
         self.eval_ns = -1  # policy evaluation time; -1 until the policy ran
         self.decision: Decision | None = None  # the policy's answer, once it ran
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
+        self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
 
 
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
@@ -220,7 +223,7 @@ class Authorizer:
             http = req.attributes.request.http
             dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
                       seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
-                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision)
+                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision, seen.pii)
         except Exception:  # the log must never change a decision
             log.exception("could not record a decision")
             return None
@@ -253,7 +256,7 @@ class Authorizer:
         # the message's field (one copy, as protobuf hands out bytes).
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
         if endpoint.endpoint.model_in_body:
-            doc = json_object(body)
+            doc, text_of = json_object(body)
             model = seen.model = model_in(doc)
             route = self._route(model)
             if route is None:
@@ -265,9 +268,16 @@ class Authorizer:
         policy = self.policy
         seen.bundle = policy.bundle
         t0 = time.perf_counter_ns()
-        decision = policy.decide(principal, method, path, model, endpoint)
+        pii = None
+        if policy.pii is not None and doc is not None and endpoint.endpoint.kind is Kind.MESSAGES:
+            # Scanned once, host-side; the policy decides what a finding means (policies/pii.rego).
+            pii = seen.pii = tuple(scan(doc, policy.pii.patterns, policy.pii.kinds, text_of))
+        decision = policy.decide(principal, method, path, model, endpoint, pii)
         seen.eval_ns = time.perf_counter_ns() - t0
         seen.decision = decision
+        if pii:  # kinds and locations only, never the values
+            log.info("pii %s (%s): %s; policy %s", principal.name, seen.path,
+                     ", ".join(f"{f.kind} at {f.location}" for f in pii), "allowed" if decision.allow else "denied")
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider)

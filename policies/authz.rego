@@ -3,7 +3,9 @@
 # Entry point: data.ccr.authz.decision -> {"allow": bool, "reason": string}
 # Input (facts only, never the request body):
 #   {"principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
-#    "request": {"method", "path", "model", "endpoint", "kind", "params"}}
+#    "request": {"method", "path", "model", "endpoint", "kind", "params", "pii"}}
+# `pii` (present only when data.pii.mode is block or log, on Messages requests) lists what extauth's
+# scanner found in the request's text as {"kind", "location"}, never the value (see pii.rego).
 # `endpoint` is the registry name extauth matched (extauth/endpoints.py: "messages.create",
 # "batches.get", ...), `kind` its family (messages|models|batches|files), `params` its path
 # parameters ({"batch_id": ...}). A request without a known endpoint is denied.
@@ -18,9 +20,18 @@
 # so evaluation never calls the host.
 package ccr.authz
 
-default decision := {"allow": false, "reason": "no policy rule allowed this request"}
+# Access first (endpoint and model), then the prompt PII rules (pii.rego) on what access allows.
+decision := {"allow": false, "reason": pii_denial} if {
+	access.allow
+	pii_blocks
+} else := {"allow": true, "reason": concat("", [access.reason, "; ", pii_log_note])} if {
+	access.allow
+	pii_logs
+} else := access
 
-decision := {"allow": false, "reason": endpoint_denial} if {
+default access := {"allow": false, "reason": "no policy rule allowed this request"}
+
+access := {"allow": false, "reason": endpoint_denial} if {
 	not endpoint_allowed
 } else := {"allow": false, "reason": "this endpoint needs a model and the request names none"} if {
 	needs_model

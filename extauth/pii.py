@@ -1,0 +1,303 @@
+"""Find personal data in the text a Messages request carries (the PII policy's facts).
+
+The decision stays in Rego (policies/pii.rego); this module only says *what kind* of data was
+found *where* (`system`, `messages[3].content[1]`, `messages[2].content[0].input.path`, ...),
+never the value, so neither the policy input nor any log ever holds it.
+
+Texts scanned: the system prompt, message text (string content, text and thinking blocks,
+plain-text documents), every string inside a tool_use input, and tool_result content (a string
+or its blocks). Adjacent text blocks of one container (a message's content, a tool_result's
+content, the system blocks) are joined without a separator, so a number split across blocks is
+found; the finding names the block where it starts.
+
+Hostile spellings are normalised first: NFKC (fullwidth digits and letters, odd spaces), any
+Unicode decimal digit to ASCII, dash look-alikes to '-', and zero-width / invisible format
+characters removed. ASCII-only text (the common case) skips all of that.
+
+Every pattern is linear: fixed-width or bounded quantifiers after a literal-class anchor, no
+nested unbounded repetition, so a 2 MB adversarial string costs one pass (bench/pii_scan.py).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("ssn", "card", "iban", "email")
+MAX_FINDINGS = 32  # enough to decide and to explain; a text full of numbers stops here
+MAX_DEPTH = 64  # tool inputs nested deeper are scanned as far as this (and reported)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str
+    location: str
+
+    def policy_input(self) -> dict[str, str]:
+        return {"kind": self.kind, "location": self.location}
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A pattern a team adds as data: `{"name": ..., "regex": ...}` (Python `re` syntax)."""
+
+    name: str
+    regex: re.Pattern[str]
+
+
+def compile_patterns(specs: Any) -> list[Pattern]:
+    """data.pii.patterns as Pattern objects; a bad entry raises ValueError (the bundle is refused)."""
+    out: list[Pattern] = []
+    for i, s in enumerate(specs or ()):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("regex"), str):
+            raise ValueError(f"pii.patterns[{i}]: expected {{\"name\": string, \"regex\": string}}")
+        try:
+            out.append(Pattern(s["name"], re.compile(s["regex"])))
+        except re.error as e:
+            raise ValueError(f"pii.patterns[{i}] ({s['name']}): invalid regex: {e}") from None
+    return out
+
+
+# -- normalisation ------------------------------------------------------------------
+
+_INVISIBLE = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+_DASHES = "\u2010-\u2015\u2212\ufe58\ufe63\uff0d"
+# One alternative per fix: invisible -> "", non-ASCII decimal digit -> ASCII, dash -> "-".
+_FIX = re.compile(f"([{_INVISIBLE}]+)|([^\\D0-9])|([{_DASHES}])")
+
+
+def _fix(m: re.Match[str]) -> str:
+    if m.group(1) is not None:
+        return ""
+    if m.group(2) is not None:
+        return str(unicodedata.digit(m.group(2)))
+    return "-"
+
+
+def normalise(text: str) -> str:
+    if text.isascii():
+        return text
+    return _FIX.sub(_fix, unicodedata.normalize("NFKC", text))
+
+
+# -- detectors --------------------------------------------------------------------------
+
+# SSN: AAA-GG-SSSS with the same separator twice ('-', ' ' or none); not part of a longer number.
+_SSN = re.compile(r"(?<![0-9-])([0-9]{3})([- ]?)([0-9]{2})\2([0-9]{4})(?![0-9]|-[0-9])")
+# Card: 13-19 digits, single spaces or dashes between them.
+_CARD = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+# IBAN: country, 2 check digits, BBAN in groups (single spaces allowed); cut to the country's length below.
+_IBAN = re.compile(r"(?<![A-Za-z0-9])([A-Z]{2})([0-9]{2})((?: ?[A-Za-z0-9]){10,30})")
+# Email: local part and a dotted domain, bounded (RFC 5321: 64 / 253).
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+)
+
+# IBAN lengths by country (the IBAN registry).
+_IBAN_LEN = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27,
+    "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25,
+    "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18,
+    "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33,
+    "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}
+
+
+def ssn_valid(area: str, group: str, serial: str) -> bool:
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+# Issuer prefixes of the major networks: a Luhn-valid 16-digit number is otherwise 1 in 10.
+_CARD_IIN = re.compile(
+    r"4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]|[3-6]|7[01]|720)|3[47]|3(?:0[0-5]|[689])|6(?:011|5|4[4-9]|22)|35|62|81"
+)
+
+
+def card_valid(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and _CARD_IIN.match(digits) is not None and luhn_valid(digits)
+
+
+def iban_valid(compact: str) -> bool:
+    """`compact`: upper-case, no spaces, exactly the country's length."""
+    rearranged = compact[4:] + compact[:4]
+    n = 0
+    for ch in rearranged:  # mod 97 digit by digit: letters are 10..35
+        v = ord(ch) - 48 if ch <= "9" else ord(ch) - 55
+        n = (n * 100 + v) % 97 if v > 9 else (n * 10 + v) % 97
+    return n == 1
+
+
+def _iban_at(m: re.Match[str]) -> bool:
+    want = _IBAN_LEN.get(m.group(1))
+    if want is None:
+        return False
+    bban = m.group(3).replace(" ", "")
+    if len(bban) < want - 4:
+        return False
+    return iban_valid((m.group(1) + m.group(2) + bban[: want - 4]).upper())
+
+
+def _detect(text: str, kinds: frozenset[str], custom: list[Pattern]) -> Iterator[tuple[str, int]]:
+    """(kind, start offset) of each valid hit in a normalised text."""
+    if "ssn" in kinds:
+        for m in _SSN.finditer(text):
+            if ssn_valid(m.group(1), m.group(3), m.group(4)):
+                yield "ssn", m.start()
+    if "card" in kinds:
+        for m in _CARD.finditer(text):
+            digits = m.group().replace(" ", "").replace("-", "")
+            if card_valid(digits):
+                yield "card", m.start()
+    if "iban" in kinds:
+        for m in _IBAN.finditer(text):
+            if _iban_at(m):
+                yield "iban", m.start()
+    if "email" in kinds and "@" in text:
+        for m in _EMAIL.finditer(text):
+            yield "email", m.start()
+    for p in custom:
+        for m in p.regex.finditer(text):
+            yield p.name, m.start()
+
+
+# -- walking the request ------------------------------------------------------------
+
+# (location, text) pieces of one container, in order; None separates runs that must not be joined.
+Piece = tuple[str, str] | None
+TextOf = Callable[[str], str]
+
+
+def _ident(s: str) -> str:
+    return s
+
+
+def _strings(v: Any, loc: str, out: list[Piece], text_of: TextOf, depth: int) -> None:
+    """Every string inside a JSON value (tool_use input), each its own run."""
+    if depth > MAX_DEPTH:
+        return
+    if isinstance(v, str):
+        out.append((loc, text_of(v)))
+        out.append(None)
+    elif isinstance(v, dict):
+        for k, sub in v.items():
+            key = k if isinstance(k, str) and k.isidentifier() else repr(k)
+            _strings(sub, f"{loc}.{key}", out, text_of, depth + 1)
+    elif isinstance(v, list):
+        for i, sub in enumerate(v):
+            _strings(sub, f"{loc}[{i}]", out, text_of, depth + 1)
+
+
+def _blocks(content: Any, loc: str, out: list[Piece], text_of: TextOf, depth: int) -> None:
+    """A content value (string or list of blocks): text blocks in a run are joined."""
+    if isinstance(content, str):
+        out.append((loc, text_of(content)))
+        out.append(None)
+        return
+    if not isinstance(content, list) or depth > MAX_DEPTH:
+        return
+    for i, b in enumerate(content):
+        bl = f"{loc}[{i}]"
+        if not isinstance(b, dict):
+            out.append(None)
+            continue
+        t = b.get("type")
+        if t in ("text", "thinking"):
+            s = b.get(t)
+            if isinstance(s, str):
+                out.append((bl, text_of(s)))
+                continue  # the run goes on into the next block
+        out.append(None)
+        if t == "tool_use" or t == "server_tool_use":
+            _strings(b.get("input"), f"{bl}.input", out, text_of, depth + 1)
+        elif t == "tool_result" or (isinstance(t, str) and t.endswith("_tool_result")):
+            _blocks(b.get("content"), f"{bl}.content", out, text_of, depth + 1)
+        elif t == "document":
+            src = b.get("source")
+            if isinstance(src, dict):
+                if src.get("type") == "text" and isinstance(src.get("data"), str):
+                    out.append((f"{bl}.source.data", text_of(src["data"])))
+                    out.append(None)
+                elif src.get("type") == "content":
+                    _blocks(src.get("content"), f"{bl}.source.content", out, text_of, depth + 1)
+    out.append(None)
+
+
+def pieces(doc: dict[str, Any], text_of: TextOf = _ident) -> list[Piece]:
+    """The texts a Messages body carries, with locations; `text_of` maps a placeholder of a
+    long string left in the body (extauth/lean_json.py) to the string itself."""
+    out: list[Piece] = []
+    _blocks(doc.get("system"), "system", out, text_of, 0)
+    msgs = doc.get("messages")
+    if isinstance(msgs, list):
+        for i, m in enumerate(msgs):
+            if isinstance(m, dict):
+                _blocks(m.get("content"), f"messages[{i}].content", out, text_of, 0)
+    return out
+
+
+def scan(doc: dict[str, Any], custom: list[Pattern] | None = None, kinds: frozenset[str] | None = None,
+         text_of: TextOf = _ident, limit: int = MAX_FINDINGS) -> list[Finding]:
+    """What personal data the request's text holds, and where: kind and location, never the value."""
+    kinds = frozenset(KINDS) if kinds is None else kinds
+    custom = custom or []
+    found: list[Finding] = []
+    seen: set[Finding] = set()
+    run_locs: list[str] = []
+    run_starts: list[int] = []
+    run_texts: list[str] = []
+    size = 0
+
+    def flush() -> bool:
+        nonlocal size
+        if not run_texts:
+            return False
+        text = run_texts[0] if len(run_texts) == 1 else "".join(run_texts)
+        for kind, at in _detect(text, kinds, custom):
+            j = len(run_starts) - 1
+            while run_starts[j] > at:
+                j -= 1
+            f = Finding(kind, run_locs[j])
+            if f not in seen:
+                seen.add(f)
+                found.append(f)
+                if len(found) >= limit:
+                    return True
+        run_locs.clear()
+        run_starts.clear()
+        run_texts.clear()
+        size = 0
+        return False
+
+    for p in pieces(doc, text_of):
+        if p is None:
+            if flush():
+                break
+            continue
+        t = normalise(p[1])
+        run_locs.append(p[0])
+        run_starts.append(size)
+        run_texts.append(t)
+        size += len(t)
+    else:
+        flush()
+    return found
