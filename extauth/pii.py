@@ -7,8 +7,8 @@ never the value, so neither the policy input nor any log ever holds it.
 Texts scanned: the system prompt, message text (string content, text and thinking blocks,
 plain-text documents), every string inside a tool_use input, and tool_result content (a string
 or its blocks). Adjacent text blocks of one container (a message's content, a tool_result's
-content, the system blocks) are joined without a separator, so a number split across blocks is
-found; the finding names the block where it starts.
+content, the system blocks) are also scanned joined without a separator, so a number split across
+blocks is found; the finding names the block where it starts.
 
 Hostile spellings are normalised first: NFKC (fullwidth digits and letters, odd spaces), any
 Unicode decimal digit to ASCII, dash look-alikes to '-', and zero-width / invisible format
@@ -63,7 +63,8 @@ def compile_patterns(specs: Any) -> list[Pattern]:
 
 # -- normalisation ------------------------------------------------------------------
 
-_INVISIBLE = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e"
+              "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff")
 _DASHES = "\u2010-\u2015\u2212\ufe58\ufe63\uff0d"
 # One alternative per fix: invisible -> "", non-ASCII decimal digit -> ASCII, dash -> "-".
 _FIX = re.compile(f"([{_INVISIBLE}]+)|([^\\D0-9])|([{_DASHES}])")
@@ -267,20 +268,32 @@ def scan(doc: dict[str, Any], custom: list[Pattern] | None = None, kinds: frozen
     run_texts: list[str] = []
     size = 0
 
+    def add(f: Finding) -> bool:
+        if f not in seen:
+            seen.add(f)
+            found.append(f)
+        return len(found) >= limit
+
     def flush() -> bool:
         nonlocal size
         if not run_texts:
             return False
-        text = run_texts[0] if len(run_texts) == 1 else "".join(run_texts)
-        for kind, at in _detect(text, kinds, custom):
-            j = len(run_starts) - 1
-            while run_starts[j] > at:
-                j -= 1
-            f = Finding(kind, run_locs[j])
-            if f not in seen:
-                seen.add(f)
-                found.append(f)
-                if len(found) >= limit:
+        if len(run_texts) == 1:
+            for kind, _ in _detect(run_texts[0], kinds, custom):
+                if add(Finding(kind, run_locs[0])):
+                    return True
+        else:
+            # Each block alone (a joined text can hide one: "123-45-6789" + "1..." is a longer number),
+            # then the joined run for what is split across blocks.
+            for loc, t in zip(run_locs, run_texts, strict=True):
+                for kind, _ in _detect(t, kinds, custom):
+                    if add(Finding(kind, loc)):
+                        return True
+            for kind, at in _detect("".join(run_texts), kinds, custom):
+                j = len(run_starts) - 1
+                while run_starts[j] > at:
+                    j -= 1
+                if add(Finding(kind, run_locs[j])):
                     return True
         run_locs.clear()
         run_starts.clear()
