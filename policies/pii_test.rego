@@ -100,8 +100,16 @@ test_without_pii_data_nothing_applies if {
 	d.allow
 }
 
-test_shipped_data_blocks_ssn if {
+# The shipped data.json has the rules off (mode "off": nothing is scanned); switching the mode on
+# is all a team does to enforce them.
+test_shipped_data_blocks_ssn_once_mode_is_block if {
 	d := authz.decision with input as req(["default"], "claude-sonnet-4-5", ssn_in_tool_result)
+		with data.pii.mode as "block"
 	not d.allow
 	contains(d.reason, "a US SSN")
+}
+
+test_shipped_data_is_off if {
+	d := authz.decision with input as req(["default"], "claude-sonnet-4-5", ssn_in_tool_result)
+	d.allow
 }
