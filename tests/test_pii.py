@@ -156,3 +156,42 @@ def test_settings_from_bundle_data() -> None:
 
 def test_a_number_in_a_block_is_found_even_when_the_next_block_starts_with_digits() -> None:
     assert kinds(user(text("ssn 123-45-6789"), text("1 item"))) == [("ssn", "messages[0].content[0]")]
+
+
+def test_compiled_policy_decides_on_the_findings(tmp_path) -> None:
+    """The shipped Rego, compiled to WASM as extauth runs it: findings in the input, in the cache key."""
+    import json
+    import shutil
+
+    from extauth.bundle import build_bundle, read_bundle
+    from extauth.decisions import canonical, policy_input
+    from extauth.endpoints import match
+    from extauth.policy import PolicyEngine
+    from extauth.principal import Principal, PrincipalKind
+    from tests.harness import REPO
+
+    src = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", src)
+    data = json.loads((src / "data.json").read_text())
+    data["pii"].update(mode="block", exempt_groups=["compliance"])
+    (src / "data.json").write_text(json.dumps(data))
+    out = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    eng = PolicyEngine(read_bundle(out), "ccr/authz/decision")
+    try:
+        assert eng.host_builtins == {}  # WASM-native only
+        assert eng.pii is not None and eng.pii.mode == "block"
+        p = Principal(PrincipalKind.KEY, "key_1", "ci-bot", ("default",), key_id="key_1")
+        ep = match("POST", "/v1/messages")
+        found = (Finding("ssn", "messages[0].content"),)
+        d = eng.decide(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep, found)
+        assert not d.allow and d.reason.startswith("prompt contains a US SSN (messages[0].content)")
+        assert eng.decide(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep, ()).allow  # not the cached denial
+        assert eng.decide(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep, None).allow
+        exempt = Principal(PrincipalKind.KEY, "key_2", "auditor", ("default", "compliance"), key_id="key_2")
+        d = eng.decide(exempt, "POST", "/v1/messages", "claude-sonnet-4-5", ep, found)
+        assert d.allow and "personal data logged: a US SSN (messages[0].content)" in d.reason
+        doc = policy_input(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep, found)
+        assert doc["request"]["pii"] == [{"kind": "ssn", "location": "messages[0].content"}]
+        assert canonical(doc) != canonical(policy_input(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep))
+    finally:
+        eng.close()
