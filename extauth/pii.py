@@ -86,17 +86,20 @@ def normalise(text: str) -> str:
 
 # -- detectors --------------------------------------------------------------------------
 
+# Every pattern starts with a character class (sre then skips ahead in C) and has no nested
+# unbounded repetition. Numbers: one pass finds runs of 9+ digits (single spaces or dashes between
+# them); SSN and card patterns run only inside those runs.
+_NUMBER = re.compile(r"[0-9](?:[ -]?[0-9]){8,}")
 # SSN: AAA-GG-SSSS with the same separator twice ('-', ' ' or none); not part of a longer number.
-_SSN = re.compile(r"(?<![0-9-])([0-9]{3})([- ]?)([0-9]{2})\2([0-9]{4})(?![0-9]|-[0-9])")
+_SSN = re.compile(r"[0-9](?<![0-9-][0-9])([0-9]{2})([- ]?)([0-9]{2})\2([0-9]{4})(?![0-9]|-[0-9])")
 # Card: 13-19 digits, single spaces or dashes between them.
-_CARD = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+_CARD = re.compile(r"[0-9](?<![0-9][0-9])(?:[ -]?[0-9]){12,18}(?![0-9])")
 # IBAN: country, 2 check digits, BBAN in groups (single spaces allowed); cut to the country's length below.
-_IBAN = re.compile(r"(?<![A-Za-z0-9])([A-Z]{2})([0-9]{2})((?: ?[A-Za-z0-9]){10,30})")
-# Email: local part and a dotted domain, bounded (RFC 5321: 64 / 253).
-_EMAIL = re.compile(
-    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"
-)
+_IBAN = re.compile(r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z][0-9]{2}((?: ?[A-Za-z0-9]){10,30})")
+# Email, from its '@': a dotted domain after it, a local part (at most 64) right before it.
+_AT = re.compile(r"@")
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])")
+_LOCAL = re.compile(r"[A-Za-z0-9](?<![A-Za-z0-9._%+-][A-Za-z0-9])[A-Za-z0-9._%+-]{0,63}\Z")
 
 # IBAN lengths by country (the IBAN registry).
 _IBAN_LEN = {
@@ -149,33 +152,40 @@ def iban_valid(compact: str) -> bool:
 
 
 def _iban_at(m: re.Match[str]) -> bool:
-    want = _IBAN_LEN.get(m.group(1))
+    country = m.group()[:2]
+    want = _IBAN_LEN.get(country)
     if want is None:
         return False
-    bban = m.group(3).replace(" ", "")
+    bban = m.group(1).replace(" ", "")
     if len(bban) < want - 4:
         return False
-    return iban_valid((m.group(1) + m.group(2) + bban[: want - 4]).upper())
+    return iban_valid((m.group()[:4] + bban[: want - 4]).upper())
 
 
 def _detect(text: str, kinds: frozenset[str], custom: list[Pattern]) -> Iterator[tuple[str, int]]:
     """(kind, start offset) of each valid hit in a normalised text."""
-    if "ssn" in kinds:
-        for m in _SSN.finditer(text):
-            if ssn_valid(m.group(1), m.group(3), m.group(4)):
-                yield "ssn", m.start()
-    if "card" in kinds:
-        for m in _CARD.finditer(text):
-            digits = m.group().replace(" ", "").replace("-", "")
-            if card_valid(digits):
-                yield "card", m.start()
+    if "ssn" in kinds or "card" in kinds:
+        for run in _NUMBER.finditer(text):
+            s, e = run.span()  # maximal: what follows never extends it, so lookaheads see the same
+            if "ssn" in kinds:
+                for m in _SSN.finditer(text, s, e):
+                    if ssn_valid(text[m.start():m.start() + 1] + m.group(1), m.group(3), m.group(4)):
+                        yield "ssn", m.start()
+            if "card" in kinds:
+                for m in _CARD.finditer(text, s, e):
+                    if card_valid(m.group().replace(" ", "").replace("-", "")):
+                        yield "card", m.start()
     if "iban" in kinds:
         for m in _IBAN.finditer(text):
             if _iban_at(m):
                 yield "iban", m.start()
     if "email" in kinds and "@" in text:
-        for m in _EMAIL.finditer(text):
-            yield "email", m.start()
+        for at in _AT.finditer(text):
+            i = at.start()
+            if _DOMAIN.match(text, i + 1) is not None:
+                local = _LOCAL.search(text, max(0, i - 64), i)
+                if local is not None:
+                    yield "email", local.start()
     for p in custom:
         for m in p.regex.finditer(text):
             yield p.name, m.start()
