@@ -28,7 +28,8 @@ from ccr.provider_objects import ObjectKind, ObjectStore, Owned
 from extauth.deny import Deny
 from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.lean_json import Buffer, JSONDecodeError
-from extauth.lean_json import loads as json_loads
+from extauth.lean_json import loads_lazy as json_loads_lazy
+from extauth.pii import Finding
 from extauth.policy import Decision
 from extauth.principal import Principal
 
@@ -36,7 +37,9 @@ from extauth.principal import Principal
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.
 RouteFn = Callable[[str], "tuple[str, str] | None"]
-DecideFn = Callable[[Principal, str, str, "str | None", EndpointMatch], Decision]
+DecideFn = Callable[..., Decision]  # PolicyEngine.decide: (principal, method, path, model, endpoint, pii)
+# The PII scan of one request's params (extauth/pii.py), with the body's text_of; None when off.
+ScanFn = Callable[[Any, Callable[[str], str]], "tuple[Finding, ...]"]
 
 _ID_PARAM = {"batches": ("batch_id", ObjectKind.BATCH), "files": ("file_id", ObjectKind.FILE)}
 
@@ -121,14 +124,15 @@ class ObjectGuard:
     def _cluster(self, provider: str) -> tuple[str, str]:
         return provider, self.config.provider(provider).cluster
 
-    async def check(self, principal: Principal, m: EndpointMatch, body: Buffer, decide: DecideFn) -> ObjectFacts:
+    async def check(self, principal: Principal, m: EndpointMatch, body: Buffer, decide: DecideFn,
+                    pii: ScanFn | None = None) -> ObjectFacts:
         """Decide a Batches or Files request; raises Deny, or says where it goes."""
         kind = m.endpoint.kind
         if kind == Kind.FILES:
             self._files_enabled()
         name = m.name.split(".", 1)[1]
         if name == "create":
-            return await self._batch_create(principal, body, decide)
+            return await self._batch_create(principal, body, decide, pii)
         if name in ("list", "upload"):
             return ObjectFacts(*self._default)
         pname, okind = _ID_PARAM[str(kind)]
@@ -149,9 +153,10 @@ class ObjectGuard:
                            f"{where}file {fid} is stored at provider {owned.provider}, but this request goes "
                            f"to {provider}; upload the file where the model is served")
 
-    async def _batch_create(self, principal: Principal, body: Buffer, decide: DecideFn) -> ObjectFacts:
+    async def _batch_create(self, principal: Principal, body: Buffer, decide: DecideFn,
+                            pii: ScanFn | None = None) -> ObjectFacts:
         try:
-            doc = json_loads(body)  # long strings stay in the body; custom_id, model, file_id are read
+            doc, text_of = json_loads_lazy(body)  # long strings stay in the body; custom_id, model, file_id are read
         except JSONDecodeError as e:
             raise Deny(400, "invalid_request_error", f"request body is not valid JSON ({e})") from None
         reqs = doc.get("requests") if isinstance(doc, dict) else None
@@ -173,8 +178,13 @@ class ObjectGuard:
             if route is None:
                 raise Deny(404, "not_found_error",
                            f"{label}: model: {model} is not served by this gateway; the whole batch was refused")
+            found = pii(params, text_of) if pii is not None else None
             d = decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template, model,
-                       MESSAGES_CREATE)
+                       MESSAGES_CREATE, found)
+            if not d.allow and found:  # the policy saw personal data: its reason says whether that is why
+                raise Deny(403, "permission_error",
+                           f"{label} was refused: {d.reason} (locations in requests.{i}.params); "
+                           "the whole batch was refused")
             if not d.allow:
                 raise Deny(403, "permission_error",
                            f"{label} uses model '{model}', which is not allowed: {d.reason}; "

@@ -1,6 +1,6 @@
 """Find personal data in the text a Messages request carries (the PII policy's facts).
 
-The decision stays in Rego (policies/pii.rego); this module only says *what kind* of data was
+The decision stays in Rego (policies/authz.rego, "prompt PII"); this module only says *what kind* of data was
 found *where* (`system`, `messages[3].content[1]`, `messages[2].content[0].input.path`, ...),
 never the value, so neither the policy input nor any log ever holds it.
 

@@ -156,6 +156,14 @@ class _Seen:
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
 
 
+def _batch_scan(policy: PolicyEngine):
+    """The PII scan for each request of a batch create, as the policy's data asks (None: off)."""
+    settings = policy.pii
+    if settings is None:
+        return None
+    return lambda params, text_of: tuple(scan(params, settings.patterns, settings.kinds, text_of))
+
+
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
     """The verified client certificate (PEM) Envoy sends URL-encoded with include_peer_certificate."""
     cert = req.attributes.source.certificate
@@ -270,7 +278,7 @@ class Authorizer:
         t0 = time.perf_counter_ns()
         pii = None
         if policy.pii is not None and doc is not None and endpoint.endpoint.kind is Kind.MESSAGES:
-            # Scanned once, host-side; the policy decides what a finding means (policies/pii.rego).
+            # Scanned once, host-side; the policy decides what a finding means (policies/authz.rego, "prompt PII").
             pii = seen.pii = tuple(scan(doc, policy.pii.patterns, policy.pii.kinds, text_of))
         decision = policy.decide(principal, method, path, model, endpoint, pii)
         seen.eval_ns = time.perf_counter_ns() - t0
@@ -318,7 +326,8 @@ class Authorizer:
             return None
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
-        return await self.objects.check(principal, m, body, self.policy.decide)
+        policy = self.policy
+        return await self.objects.check(principal, m, body, policy.decide, _batch_scan(policy))
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""

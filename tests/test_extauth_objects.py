@@ -147,3 +147,33 @@ def test_results_meter_sums_succeeded_in_any_chunking() -> None:
             m.feed(body[i:i + size])
         u = m.finish()
         assert (u.input_tokens, u.output_tokens, u.cache_read_input_tokens) == (15, 7, 2) and m.complete
+
+
+def test_batch_create_requests_are_scanned_for_pii(postgres_dsn: str, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    src = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", src)
+    data = json.loads((src / "data.json").read_text())
+    data["pii"]["mode"] = "block"
+    (src / "data.json").write_text(json.dumps(data))
+    blocking = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    _, key = create_key(postgres_dsn, "batcher", groups=["default"])
+    body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
+    card = [{"role": "user", "content": [{"type": "text", "text": "charge 4111 1111 "},
+                                         {"type": "text", "text": "1111 1111"}]}]
+    ok, refused, single = run(postgres_dsn, blocking, [
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"))),
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
+                                                   _req("pay", "claude-haiku-4-5", messages=card))),
+        (key, "POST", "/v1/messages", orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": card})),
+    ])
+    assert ok.status.code == code_pb2.OK
+    status, err = denied_error(refused)
+    assert status == 403 and err["type"] == "permission_error"
+    assert err["message"].startswith("batch request 'pay' was refused: prompt contains a payment card number "
+                                     "(messages[0].content[0])")
+    assert "requests.1.params" in err["message"] and "4111" not in err["message"]
+    status, err = denied_error(single)
+    assert status == 403 and err["message"].startswith("prompt contains a payment card number (messages[0].content[0])")
