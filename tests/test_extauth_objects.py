@@ -163,12 +163,20 @@ def test_batch_create_requests_are_scanned_for_pii(postgres_dsn: str, tmp_path: 
     body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
     card = [{"role": "user", "content": [{"type": "text", "text": "charge 4111 1111 "},
                                          {"type": "text", "text": "1111 1111"}]}]
-    ok, refused, single = run(postgres_dsn, blocking, [
+    # A body over 1 MiB is read as a skeleton (extauth/lean_json.py): its long strings are scanned too.
+    long_text = "lorem ipsum " * 120_000 + " SSN 123-45-6789"
+    large = orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 8,
+                          "messages": [{"role": "user", "content": [{"type": "text", "text": long_text}]}]})
+    assert len(large) > 1024 * 1024
+    ok, refused, single, big = run(postgres_dsn, blocking, [
         (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"))),
         (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
                                                    _req("pay", "claude-haiku-4-5", messages=card))),
         (key, "POST", "/v1/messages", orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": card})),
+        (key, "POST", "/v1/messages", large),
     ])
+    status, err = denied_error(big)
+    assert status == 403 and err["message"].startswith("prompt contains a US SSN (messages[0].content[0])")
     assert ok.status.code == code_pb2.OK
     status, err = denied_error(refused)
     assert status == 403 and err["type"] == "permission_error"
