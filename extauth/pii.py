@@ -198,6 +198,9 @@ Piece = tuple[str, str] | None
 TextOf = Callable[[str], str]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z_]{0,39}[0-9]{0,2}")
+
+
 def _ident(s: str) -> str:
     return s
 
@@ -210,9 +213,16 @@ def _strings(v: Any, loc: str, out: list[Piece], text_of: TextOf, depth: int) ->
         out.append((loc, text_of(v)))
         out.append(None)
     elif isinstance(v, dict):
-        for k, sub in v.items():
-            key = k if isinstance(k, str) and k.isidentifier() else repr(k)
-            _strings(sub, f"{loc}.{key}", out, text_of, depth + 1)
+        for i, (k, sub) in enumerate(v.items()):
+            # A location names a key only when it cannot carry data itself (it is echoed in the
+            # denial); any other key is named by position, and is scanned like a value.
+            if _PLAIN_KEY.fullmatch(k) is not None:
+                key = f"{loc}.{k}"
+            else:
+                key = f"{loc}.<key {i}>"
+                out.append((key, text_of(k)))
+                out.append(None)
+            _strings(sub, key, out, text_of, depth + 1)
     elif isinstance(v, list):
         for i, sub in enumerate(v):
             _strings(sub, f"{loc}[{i}]", out, text_of, depth + 1)

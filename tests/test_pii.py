@@ -195,3 +195,12 @@ def test_compiled_policy_decides_on_the_findings(tmp_path) -> None:
         assert canonical(doc) != canonical(policy_input(p, "POST", "/v1/messages", "claude-sonnet-4-5", ep))
     finally:
         eng.close()
+
+
+def test_tool_input_keys_are_scanned_and_never_echoed() -> None:
+    doc = {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n", "input": {
+        "path": "/x", "customer 123-45-6789": {"note": "jane@example.com"}}}]}]}
+    got = kinds(doc)
+    assert got == [("ssn", "messages[0].content[0].input.<key 1>"),
+                   ("email", "messages[0].content[0].input.<key 1>.note")]
+    assert all("6789" not in loc for _, loc in got)
