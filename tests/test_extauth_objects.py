@@ -185,3 +185,26 @@ def test_batch_create_requests_are_scanned_for_pii(postgres_dsn: str, tmp_path: 
     assert "requests.1.params" in err["message"] and "4111" not in err["message"]
     status, err = denied_error(single)
     assert status == 403 and err["message"].startswith("prompt contains a payment card number (messages[0].content[0])")
+
+
+def test_pii_log_mode_allows_and_logs_kind_and_location_only(postgres_dsn: str, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+    import shutil
+
+    src = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", src)
+    data = json.loads((src / "data.json").read_text())
+    data["pii"]["mode"] = "log"
+    (src / "data.json").write_text(json.dumps(data))
+    logging_bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    _, key = create_key(postgres_dsn, "logger", groups=["default"])
+    msg = orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 8, "system": "IBAN GB82 WEST 1234 5698 7654 32",
+                        "messages": [{"role": "user", "content": "hi"}]})
+    with caplog.at_level(logging.INFO, logger="extauth.server"):
+        (resp,) = run(postgres_dsn, logging_bundle, [(key, "POST", "/v1/messages", msg)])
+    assert resp.status.code == code_pb2.OK
+    lines = [r.getMessage() for r in caplog.records if r.name == "extauth.server" and "pii" in r.getMessage()]
+    assert lines == ["pii logger (/v1/messages): iban at system; policy allowed"]
+    assert "GB82" not in caplog.text
