@@ -86,11 +86,18 @@ def _invisible_table() -> dict[int, str | None]:
 _TABLE.update(_invisible_table())
 
 
+_REPLACE = {chr(cp): to or "" for cp, to in _TABLE.items()}
+
+
+def _replace(m: re.Match[str]) -> str:
+    return _REPLACE[m.group()]
+
+
 def normalise(text: str) -> str:
     if text.isascii():
         return text
-    text = unicodedata.normalize("NFKC", text)
-    return text if _FIX.search(text) is None else text.translate(_TABLE)
+    # sub with a callback only where a character needs fixing: str.translate costs ~45 ns a character.
+    return _FIX.sub(_replace, unicodedata.normalize("NFKC", text))
 
 
 # -- detectors --------------------------------------------------------------------------
