@@ -71,8 +71,11 @@ _DIGITS = {cp: str(unicodedata.digit(chr(cp))) for cp in range(0x80, 0x20000)
            if unicodedata.category(chr(cp)) == "Nd"}
 _TABLE: dict[int, str | None] = {**_DIGITS, **{cp: "-" for cp in (*range(0x2010, 0x2016), 0x2212, 0xFE58,
                                                                    0xFE63, 0xFF0D)}}
-# One character class (sre tests it with a bitmap: one fast pass) for "anything to fix here?".
-_FIX = re.compile("[" + _INVISIBLE + _DASHES + "".join(re.escape(chr(cp)) for cp in _DIGITS) + "]")
+
+# Two passes, each one small class sre scans fast (one class of every Nd range is 4x slower):
+# invisible characters and dash look-alikes, then non-ASCII decimal digits.
+_ODD = re.compile("[" + _INVISIBLE + _DASHES + "]")
+_NON_ASCII_DIGIT = re.compile(r"[^\D0-9]")
 
 
 def _invisible_table() -> dict[int, str | None]:
@@ -97,7 +100,8 @@ def normalise(text: str) -> str:
     if text.isascii():
         return text
     # sub with a callback only where a character needs fixing: str.translate costs ~45 ns a character.
-    return _FIX.sub(_replace, unicodedata.normalize("NFKC", text))
+    text = _ODD.sub(_replace, unicodedata.normalize("NFKC", text))
+    return _NON_ASCII_DIGIT.sub(_replace, text)
 
 
 # -- detectors --------------------------------------------------------------------------
