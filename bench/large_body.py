@@ -28,7 +28,7 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.gateway import API_VERSION, gateway_config, reply_complete  # noqa: E402
+from bench.gateway import API_VERSION, _proc_table, gateway_config, reply_complete  # noqa: E402
 from ccr.supervisor import Gateway  # noqa: E402
 
 MIB = 1024 * 1024
@@ -56,15 +56,8 @@ def big_image_body(size: int, stream: bool) -> bytes:
 def _tree(root: int) -> list[int]:
     """`root` and its descendants (services may run worker processes)."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        children.setdefault(int(stat[stat.rfind(b")") + 2:].split()[1]), []).append(int(entry.name))
+    for pid, (ppid, _) in _proc_table().items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()

@@ -521,6 +521,19 @@ local function same_assessment(a, b)
 end
 M.same_assessment = same_assessment
 
+-- The error type an error body or event names, as Python's str() of it would read
+-- (router/usage.py); `text` is the JSON it came from, decoded again in key order when
+-- the type is an object (key order matters to Python's repr).
+local function error_type(err, text)
+  local t = err.type
+  if not truthy(t) then return "error" end
+  if type(t) == "table" and getmetatable(t) ~= FLOAT and getmetatable(t) ~= BIGINT then
+    local _, again = json_decode(text, true)
+    t = again.error.type
+  end
+  return py_str(t)
+end
+
 ---------------------------------------------------------------------------- JSON meter
 
 local JsonMeter = {}
@@ -563,16 +576,7 @@ function JsonMeter:finish()
     usage_update(r.usage, doc.usage)
     r.billable = is_object(doc.usage)
   elseif kind == "error" and is_object(doc.error) then
-    local t = doc.error.type
-    if truthy(t) then
-      if type(t) == "table" and getmetatable(t) ~= FLOAT and getmetatable(t) ~= BIGINT then
-        local _, again = json_decode(body, true) -- key order matters to Python's repr
-        t = again.error.type
-      end
-      r.error = py_str(t)
-    else
-      r.error = "error"
-    end
+    r.error = error_type(doc.error, body)
   end
   return r
 end
@@ -672,20 +676,7 @@ function SseMeter:dispatch()
     r.complete = true
   elseif kind == "error" then
     local err = doc.error
-    if is_object(err) then
-      local t = err.type
-      if truthy(t) then
-        if type(t) == "table" and getmetatable(t) ~= FLOAT and getmetatable(t) ~= BIGINT then
-          local _, again = json_decode(payload, true) -- key order matters to Python's repr
-          t = again.error.type
-        end
-        r.error = py_str(t)
-      else
-        r.error = "error"
-      end
-    else
-      r.error = "error"
-    end
+    r.error = is_object(err) and error_type(err, payload) or "error"
   end
   return false
 end
