@@ -211,7 +211,10 @@ def _decisions_for(dsn: str, rid: str, timeout: float = 15.0) -> list[dict[str, 
 def test_gateway_decisions_join_request_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with running_gateway(tmp_path) as gw:
         dsn = gw.runtime.postgres_dsn
-        r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"},
+        # A client's own x-request-id never becomes the key a decision is recorded (and joined) under.
+        spoof = "client-chosen-request-id"
+        r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01",
+                                                         "x-request-id": spoof},
                        json={"model": "claude-sonnet-4-6", "max_tokens": 16,
                              "messages": [{"role": "user", "content": "hello"}]}, timeout=30)
         assert r.status_code == 200
@@ -225,6 +228,7 @@ def test_gateway_decisions_join_request_log(tmp_path: Path, capsys: pytest.Captu
         allow_rows = _decisions_for(dsn, ok_rid)
         deny_rows = _decisions_for(dsn, deny_rid)
         assert len(allow_rows) == 1 and allow_rows[0]["allow"] is True
+        assert ok_rid != spoof and rows(dsn, "request_id = %s", (spoof,)) == []  # same flush as ok_rid's row
         assert len(deny_rows) == 1 and deny_rows[0]["decision_id"] == deny_id and deny_rows[0]["status"] == 401
         assert log_row(dsn, ok_rid)["status"] == 200 and log_row(dsn, deny_rid)["status"] == 401
         with psycopg.connect(dsn) as conn:
