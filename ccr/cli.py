@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccr.config import ConfigError, json_schema, load_config
+from ccr.config import SERVE_NAMES, ConfigError, json_schema, load_config
+from ccr.contract import RUN_TRUST_DOMAIN
 from ccr.procs import StartError
 
 if TYPE_CHECKING:
@@ -467,6 +468,29 @@ def add_policy_why(sub: argparse._SubParsersAction) -> None:
     w.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ccr.standalone import serve
+
+    serve(args.service, Path(args.config), listen=args.listen, instance=args.instance)  # execs the service
+    return 1
+
+
+def cmd_pki_issue(args: argparse.Namespace) -> int:
+    from ccr.contract import ID_ADAPTER, ID_ENVOY
+    from ccr.pki import issue_run_pki, save_pki
+
+    directory = Path(args.dir)
+    if directory.exists() and any(directory.iterdir()) and not args.force:
+        print(f"{directory} is not empty; --force replaces what is there (new CA: every part needs the new files)",
+              file=sys.stderr)
+        return 2
+    pki = issue_run_pki(directory, [ID_ENVOY, ID_ADAPTER], trust_domain=args.trust_domain, extra_ips=args.ip)
+    save_pki(pki, directory)
+    print(f"issued {', '.join(i.spiffe_id for i in pki.identities.values())} under {directory} "
+          f"(CA {pki.ca}; its key was not kept)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ccr", description="Envoy-native gateway for LLM traffic")
     ap.add_argument("-c", "--config", default=os.environ.get("CCR_CONFIG", DEFAULT_CONFIG),
@@ -551,6 +575,21 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cs.add_parser("check", help="validate a config file")
     chk.add_argument("file")
     cs.add_parser("schema", help="print the config's JSON Schema")
+
+    srv = sub.add_parser("serve", help="run one part of the gateway on its own, at the address "
+                                       "services.standalone fixes (containers, systemd, a mesh)")
+    srv.add_argument("service", choices=SERVE_NAMES)
+    srv.add_argument("--listen", help="host:port to bind instead of the configured one (another replica)")
+    srv.add_argument("--instance", help="name of this replica on this machine (its own state directory)")
+    srv.set_defaults(func=cmd_serve)
+    pki = sub.add_parser("pki", help="mTLS identities for standalone services")
+    pkis = pki.add_subparsers(dest="pki_cmd", required=True)
+    pi = pkis.add_parser("issue", help="issue a fresh CA and the Envoy and adapter identities into DIR")
+    pi.add_argument("dir")
+    pi.add_argument("--trust-domain", default=RUN_TRUST_DOMAIN)
+    pi.add_argument("--ip", action="append", default=[], help="an IP SAN to add (the adapter's address)")
+    pi.add_argument("--force", action="store_true", help="replace identities already in DIR")
+    pi.set_defaults(func=cmd_pki_issue)
 
     add_policy_why(sub)
     config_on_every_command(ap)

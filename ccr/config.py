@@ -107,6 +107,46 @@ class GatewaySettings(Strict):
 FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"
 
 
+HOST_PORT = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([1-9][0-9]{0,4})$"
+HostPort = Annotated[str, Field(pattern=HOST_PORT)]
+# What `ccr serve NAME` runs (`envoy` is the gateway itself).
+SERVE_NAMES = ("extauth", "ratelimit", "adapter", "accesslog", "router", "signin", "envoy")
+
+
+class StandaloneService(Strict):
+    """One service run on its own (`ccr serve NAME`)."""
+
+    listen: HostPort  # what the process binds, e.g. 0.0.0.0:9001
+    # Where Envoy finds it: one host:port per replica, or a DNS name every replica answers on
+    # (Envoy re-resolves it). Empty: the listen address (a wildcard host as 127.0.0.1).
+    endpoints: list[HostPort] = []
+
+    def reach(self) -> list[str]:
+        if self.endpoints:
+            return list(self.endpoints)
+        host, _, port = self.listen.rpartition(":")
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        return [f"{host}:{port}"]
+
+
+class StandaloneSettings(Strict):
+    """Fixed addresses for services run by `ccr serve` (containers, systemd units, a mesh),
+    in place of the free ports `ccr up` picks."""
+
+    extauth: StandaloneService
+    ratelimit: StandaloneService
+    adapter: StandaloneService
+    accesslog: StandaloneService
+    router: StandaloneService
+    signin: StandaloneService | None = None  # needed when identity.signin is set
+    # Per-process state (the compiled policy bundle, Envoy's provider credential files): under
+    # storage.data_dir unless absolute. Each `ccr serve NAME` uses its own subdirectory.
+    state_dir: str = "standalone"
+    # mTLS identities for Envoy -> adapter, from `ccr pki issue DIR` (until SPIRE provides them).
+    pki_dir: str | None = None
+
+
 class ServiceSettings(Strict):
     # Where the decision services bind; loopback unless configured otherwise.
     # (Embedded PostgreSQL and Redis always bind loopback, whatever this says.)
@@ -126,6 +166,8 @@ class ServiceSettings(Strict):
     # text: one readable line per record; json: JSON lines (ts, level, service, logger, msg,
     # request_id when the record carries one), for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # Set to run the services on their own with `ccr serve` (ccr up ignores it).
+    standalone: StandaloneSettings | None = None
 
     @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:

@@ -166,3 +166,21 @@ def uri_sans(cert_pem: bytes) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+PKI_FILE = "pki.json"
+
+
+def save_pki(pki: RunPki, directory: Path) -> Path:
+    """Record the identities issued into `directory` (paths only) for `load_pki`."""
+    path = directory / PKI_FILE
+    path.write_text(pki.model_dump_json(indent=2))
+    return path
+
+
+def load_pki(directory: Path) -> RunPki:
+    path = directory / PKI_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no mTLS identities here; create them with `ccr pki issue {directory}`")
+    return RunPki.model_validate_json(path.read_text())
+

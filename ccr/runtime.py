@@ -37,6 +37,9 @@ class Runtime(BaseModel):
     adapter: str | None = None
     accesslog: str | None = None
     xds: str | None = None
+    # Replicas per service (host:port each, DNS names allowed) when there is more than one place
+    # to reach it (`ccr serve`); the single address above stays the first of them.
+    service_endpoints: dict[str, list[str]] = {}
     # The sign-in HTTP service (host:port) and its key directory, when identity.signin is set.
     signin: str | None = None
     signin_key_dir: str | None = None

@@ -47,6 +47,7 @@ def parse_args(name: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=f"ccr-{name}")
     ap.add_argument("--runtime", required=True, help="runtime.json written by `ccr up`")
     ap.add_argument("--ready-file", help="where to write {'address': 'host:port', 'pid': n}")
+    ap.add_argument("--host", help="address to bind (default: services.bind_host)")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--reuse-port", action="store_true",
                     help="bind with SO_REUSEPORT: one of several workers sharing the port")
@@ -194,7 +195,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = await setup(server, config, runtime)
-    address = _bind(server, name, config.services.bind_host, args.port, creds)
+    address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
     await server.start()
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).
     for service in ("", name):
@@ -249,7 +250,7 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
-    address = _bind(server, name, config.services.bind_host, args.port, None)
+    address = _bind(server, name, args.host or config.services.bind_host, args.port, None)
     server.start()
     for service in ("", name):
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)

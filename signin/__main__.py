@@ -79,7 +79,7 @@ async def serve() -> None:
                                 KeyFile(key_dir / PUBLIC_KEYS, load_public_keys), sealer, public_url)
         runner = web.AppRunner(service.app(), access_log=None)
         await runner.setup()
-        host = config.services.bind_host
+        host = args.host or config.services.bind_host
         await web.TCPSite(runner, host, args.port).start()
         address = f"{host}:{runner.addresses[0][1]}"
         write_ready(args.ready_file, address)

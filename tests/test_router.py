@@ -225,3 +225,35 @@ def test_only_the_objects_cluster_calls_the_adapter() -> None:
             "envoy.filters.http.upstream_codec"]
     assert filters("provider_anthropic") == ["envoy.filters.http.lua", *tail]
     assert filters("provider_anthropic_objects") == ["envoy.filters.http.ext_proc", *tail]
+
+
+def test_replicated_services_pass_envoy_validate(tmp_path: Path) -> None:
+    """`ccr serve` deployments: replicas by address or DNS name, health-checked, decision calls retried."""
+    cfg = load_config(REPO / "ccr.example.yaml")
+    eps = {"extauth": ["extauth.ccr.svc.cluster.local:9001"], "ratelimit": ["10.0.0.5:9002", "10.0.0.6:9002"],
+           "adapter": ["127.0.0.1:7003"], "accesslog": ["127.0.0.1:7004"]}
+    doc = resources.static_bootstrap(cfg, _runtime(service_endpoints=eps), 18080)
+    r = _validate(tmp_path, doc)
+    assert r.returncode == 0, r.stderr[-4000:]
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    assert clusters[resources.EXTAUTH]["type"] == "STRICT_DNS"
+    assert clusters[resources.RATELIMIT]["type"] == "STATIC"
+    assert len(clusters[resources.RATELIMIT]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    for name in (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG):
+        assert clusters[name]["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
+    text = json.dumps(doc)
+    assert text.count('"retry_policy"') == 3  # both ext_authz filters and the rate limit service
+    # One local replica (`ccr up`): nothing to retry onto, no health checks.
+    single = resources.static_bootstrap(cfg, _runtime(), 18080)
+    assert '"retry_policy"' not in json.dumps(single) and '"health_checks"' not in json.dumps(single)
+
+
+def test_bootstrap_reaches_router_replicas_by_name(tmp_path: Path) -> None:
+    text = render_bootstrap("ccr-test", "127.0.0.1", 0, ["router.ccr.svc:7005", "10.1.2.3:7005"])
+    f = tmp_path / "bootstrap.yaml"
+    f.write_text(text)
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
+    xds = yaml.safe_load(text)["static_resources"]["clusters"][0]
+    assert xds["type"] == "STRICT_DNS" and len(xds["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2

@@ -1,0 +1,169 @@
+"""`ccr serve NAME`: one part of the gateway on its own, at the address the config fixes.
+
+`ccr up` starts everything on free ports and tells each part where the others are through a
+runtime file. A deployment (containers, systemd units, a mesh) instead runs each part as its own
+process, possibly several replicas each, at addresses written in the config
+(`services.standalone`). This module derives the same runtime from the config alone, so every
+process of a deployment agrees on where everything is without talking to the others, then
+replaces itself with the service (exec): the orchestrator's PID is the service's, and its
+signals (SIGTERM: report NOT_SERVING, drain, exit) reach the service directly.
+
+PostgreSQL and Redis are external here (storage.postgres_dsn, storage.redis_url); providers are
+real endpoints with credentials from the environment of `ccr serve envoy` (the only process
+that reads them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from ccr import db
+from ccr.config import HOST_PORT, ConfigError, GatewayConfig, StandaloneSettings, load_config
+from ccr.credentials import write_secret
+from ccr.pki import load_pki
+from ccr.runtime import Runtime
+
+MODULES = {"extauth": "extauth", "ratelimit": "ratelimit", "adapter": "router.adapter", "accesslog": "audit",
+           "router": "router", "signin": "signin"}
+# The services that keep state in PostgreSQL: each applies pending migrations before serving
+# (under an advisory lock, so replicas starting together apply each migration once).
+USES_POSTGRES = frozenset({"extauth", "adapter", "accesslog", "signin"})
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _under(base: Path, value: str) -> Path:
+    p = Path(value)
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def state_dir(config: GatewayConfig, config_path: Path, name: str) -> Path:
+    s = config.services.standalone
+    assert s is not None
+    data = _under(config_path.resolve().parent, config.storage.data_dir)
+    return _under(data, s.state_dir) / name
+
+
+def settings(config: GatewayConfig, source: str) -> StandaloneSettings:
+    """services.standalone, with everything `ccr serve` needs checked at once (ConfigError)."""
+    s = config.services.standalone
+    if s is None:
+        raise ConfigError(f"{source}: services.standalone is not set; `ccr serve` needs a fixed address for "
+                          "every service (docs/standalone.md). `ccr up` runs everything locally without it.")
+    problems = []
+    if not config.storage.postgres_dsn:
+        problems.append("storage.postgres_dsn is not set: standalone services share an external PostgreSQL")
+    if not config.storage.redis_url:
+        problems.append("storage.redis_url is not set: standalone services share an external Redis")
+    if config.gateway.listen.port == 0:
+        problems.append("gateway.listen.port is 0: the router and every Envoy must agree on a fixed port")
+    if not s.pki_dir:
+        problems.append("services.standalone.pki_dir is not set: Envoy and the adapter talk mutual TLS only "
+                        "(create identities with `ccr pki issue DIR`)")
+    if config.identity.signin is not None and s.signin is None:
+        problems.append("identity.signin is set but services.standalone.signin is not")
+    emulated = [p.name for p in config.providers if p.emulator]
+    if emulated:
+        problems.append(f"providers {', '.join(emulated)} use `emulator: true`, which only `ccr up` runs; "
+                        "give them a real endpoint and api_key_env")
+    if problems:
+        raise ConfigError("\n".join([f"{source}: cannot serve standalone:", *(f"  - {p}" for p in problems)]))
+    return s
+
+
+def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tuple[GatewayConfig, Runtime]:
+    """The runtime every standalone process derives identically from the config. `instance` names
+    one of several replicas on one machine (its own state directory)."""
+    config_path = config_path.resolve()
+    config = load_config(config_path)
+    s = settings(config, str(config_path))
+    run_dir = state_dir(config, config_path, name if instance is None else f"{name}-{instance}")
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.chmod(0o700)
+    assert config.storage.postgres_dsn and config.storage.redis_url and s.pki_dir  # settings() checked
+    rt = Runtime(config_path=str(config_path), run_dir=str(run_dir), postgres_dsn=config.storage.postgres_dsn,
+                 redis_url=config.storage.redis_url, listen_port=config.gateway.listen.port)
+    for svc in ("extauth", "ratelimit", "adapter", "accesslog"):
+        reach = getattr(s, svc).reach()
+        setattr(rt, svc, reach[0])
+        rt.service_endpoints[svc] = reach
+    rt.xds = s.router.reach()[0]
+    rt.service_endpoints["router"] = s.router.reach()
+    if s.signin is not None and config.identity.signin is not None:
+        rt.signin = s.signin.reach()[0]
+        rt.service_endpoints["signin"] = s.signin.reach()
+        key_dir = config.identity.signin.key_dir
+        rt.signin_key_dir = str(_under(config_path.parent, key_dir) if key_dir else state_dir(config, config_path,
+                                                                                                "signin") / "keys")
+    rt.mtls = load_pki(_under(config_path.parent, s.pki_dir))
+    # Where `ccr serve envoy` writes each provider's credential; the router points Envoy there.
+    creds = state_dir(config, config_path, "envoy") / "credentials"
+    rt.provider_credentials = {p.name: str(creds / f"{p.name}.json") for p in config.providers}
+    return config, rt
+
+
+def _listen(config: GatewayConfig, name: str, listen: str | None) -> tuple[str, int]:
+    s = config.services.standalone
+    assert s is not None
+    svc = getattr(s, name)
+    if svc is None:
+        raise ConfigError(f"services.standalone.{name} is not set")
+    value = listen or svc.listen
+    if not re.match(HOST_PORT, value):
+        raise ConfigError(f"--listen {value!r} is not host:port")
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def serve(name: str, config_path: Path, *, listen: str | None = None, instance: str | None = None,
+          environ: Mapping[str, str] | None = None) -> None:
+    """Become service `name` (exec); returns only by raising (ConfigError, OSError).
+    `listen` overrides the configured address (a second replica on the same machine)."""
+    if instance is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", instance):
+        raise ConfigError(f"--instance {instance!r}: letters, digits, - and _ only")
+    if name == "envoy":
+        _serve_envoy(config_path, instance, os.environ if environ is None else environ)
+        return
+    if name not in MODULES:
+        raise ConfigError(f"ccr serve: unknown service {name!r} (one of {', '.join([*MODULES, 'envoy'])})")
+    config, rt = runtime_for(config_path, name, instance)
+    host, port = _listen(config, name, listen)
+    if name in USES_POSTGRES:
+        db.migrate(rt.postgres_dsn)
+    if name == "extauth" and config.policy.bundle is None:
+        from extauth.bundle import build_bundle
+
+        policy_dir = _under(Path(rt.config_path).parent, config.policy.dir)
+        rt.policy_bundle = str(build_bundle(policy_dir, Path(rt.run_dir) / "policy.tar.gz", config.policy.entrypoint))
+    runtime_file = Path(rt.run_dir) / "runtime.json"
+    rt.save(runtime_file)
+    argv = [sys.executable, "-m", MODULES[name], "--runtime", str(runtime_file), "--host", host, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    os.execve(sys.executable, argv, env)
+
+
+def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, str]) -> None:
+    from ccr.supervisor import envoy_binary, provider_credentials, render_bootstrap
+
+    config, rt = runtime_for(config_path, "envoy", instance)
+    credentials = provider_credentials(config, str(rt.config_path), environ)
+    for p in config.providers:
+        assert p.api_key_env is not None  # provider_credentials refused it otherwise
+        write_secret(Path(rt.provider_credentials[p.name]), p.name, credentials[p.api_key_env])
+    del credentials
+    g = config.gateway
+    run_dir = Path(rt.run_dir)
+    bootstrap = run_dir / "envoy-bootstrap.yaml"
+    bootstrap.write_text(render_bootstrap(f"ccr-{socket.gethostname()}-{os.getpid()}", g.admin.host, g.admin.port,
+                                          rt.service_endpoints["router"], g.overload))
+    admin_path = run_dir / "envoy-admin-address"
+    admin_path.unlink(missing_ok=True)
+    argv = [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",
+            str(config.envoy_concurrency()), "--admin-address-path", str(admin_path), "-l", "warning",
+            "--drain-time-s", str(int(config.services.drain_timeout_s)), "--drain-strategy", "immediate"]
+    os.execv(argv[0], argv)
+

@@ -1,0 +1,224 @@
+"""`ccr serve`: every part on its own at the addresses the config fixes, replicas included.
+
+Real processes started exactly as a deployment would start them (`ccr -c FILE serve NAME`),
+one external PostgreSQL and Redis, the Anthropic emulator standing in for the real API, two
+Envoys sharing the listener port. A replica of extauth and of ratelimit is killed (SIGKILL)
+mid-run and another drained (SIGTERM); no unstreamed request fails and every request has
+exactly one audit row.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anthropic
+import grpc
+import psycopg
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ccr.config import ConfigError
+from ccr.contract import ID_ENVOY
+from ccr.pki import load_pki
+from ccr.procs import Child, free_port, spawn, wait_ready_file, wait_until
+from ccr.service import client_credentials
+from ccr.standalone import serve
+from extauth.keys import create_key
+from tests.harness import create_database, log_rows
+
+REPO = Path(__file__).resolve().parent.parent
+CCR = [sys.executable, "-m", "ccr.cli"]
+
+
+def _serving(address: str, creds: grpc.ChannelCredentials | None = None) -> bool:
+    with (grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback admin
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_serve_says_what_is_missing(tmp_path: Path) -> None:
+    cfg = {"providers": [{"name": "anthropic", "emulator": True}], "models": [{"match": "claude-*",
+                                                                              "provider": "anthropic"}]}
+    path = tmp_path / "ccr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="services.standalone is not set"):
+        serve("extauth", path)
+    port = "127.0.0.1:1"
+    cfg["services"] = {"standalone": {n: {"listen": port} for n in
+                                      ("extauth", "ratelimit", "adapter", "accesslog", "router")}}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as e:
+        serve("extauth", path)
+    for problem in ("storage.postgres_dsn is not set", "storage.redis_url is not set", "gateway.listen.port is 0",
+                    "pki_dir is not set", "providers anthropic use `emulator: true`"):
+        assert problem in str(e.value)
+    # And through the CLI, as a user types it: exit 2 and the same words.
+    r = subprocess.run([*CCR, "serve", "router", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "gateway.listen.port is 0" in r.stderr, r.stderr
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.children: list[Child] = []
+        self.logs = tmp / "logs"
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = spawn(name, argv, self.logs, env={**os.environ, **(env or {})}, cwd=REPO)
+        self.children.append(child)
+        return child
+
+    def serve(self, config: Path, service: str, *extra: str, env: dict[str, str] | None = None,
+              name: str | None = None) -> Child:
+        return self.spawn(name or service, [*CCR, "-c", str(config), "serve", service, *extra], env)
+
+    def stop(self) -> None:
+        for c in reversed(self.children):
+            c.stop(30)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path: Path, postgres_server: dict,
+                                                         redis_url: str) -> None:
+    dsn = create_database(str(postgres_server["admin_dsn"]))
+    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
+    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
+                                   "--ready-file", str(tmp_path / "emulator.ready")])
+    emu_addr = wait_ready_file(emu, tmp_path / "emulator.ready")["address"]
+
+    r = subprocess.run([*CCR, "pki", "issue", str(tmp_path / "pki")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+    def addr() -> str:
+        return f"127.0.0.1:{free_port()}"
+
+    replicas = {n: [addr(), addr()] for n in ("extauth", "ratelimit", "accesslog")}
+    single = {n: addr() for n in ("adapter", "router")}
+    listen = free_port()
+    cfg = {
+        "gateway": {"listen": {"host": "127.0.0.1", "port": listen}, "admin": {"host": "127.0.0.1", "port": 0}},
+        "services": {"drain_timeout_s": 20, "standalone": {
+            **{n: {"listen": a[0], "endpoints": a} for n, a in replicas.items()},
+            **{n: {"listen": a} for n, a in single.items()},
+            "pki_dir": str(tmp_path / "pki"),
+        }},
+        "storage": {"postgres_dsn": dsn, "redis_url": redis_url, "data_dir": str(tmp_path / "data")},
+        "providers": [{"name": "anthropic", "endpoint": f"http://{emu_addr}", "api_key_env": "UPSTREAM_KEY"}],
+        "models": [{"match": "claude-*", "provider": "anthropic"}],
+        "policy": {"dir": str(REPO / "policies")},
+    }
+    config = tmp_path / "ccr.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    procs: dict[str, list[Child]] = {}
+    for n, addrs in replicas.items():
+        procs[n] = [stack.serve(config, n, name=n),
+                    stack.serve(config, n, "--listen", addrs[1], "--instance", "2", name=f"{n}-2")]
+    for n in single:
+        procs[n] = [stack.serve(config, n)]
+    # The adapter serves mutual TLS to Envoy's identity only: ask as Envoy.
+    as_envoy = client_credentials(load_pki(tmp_path / "pki"), ID_ENVOY)
+    for n, children in procs.items():
+        addrs = replicas.get(n) or [single[n]]
+        creds = as_envoy if n == "adapter" else None
+        for child, a in zip(children, addrs, strict=True):
+            wait_until(child, lambda a=a, c=creds: _serving(a, c), 90, f"{n} serving on {a}")
+
+    envoys = [stack.serve(config, "envoy", env={"UPSTREAM_KEY": key}, name="envoy"),
+              stack.serve(config, "envoy", "--instance", "2", env={"UPSTREAM_KEY": key}, name="envoy-2")]
+    state = tmp_path / "data" / "standalone"
+    for e, d in zip(envoys, ("envoy", "envoy-2"), strict=True):
+        admin_file = state / d / "envoy-admin-address"
+        wait_until(e, lambda f=admin_file: f.exists() and f.read_text().strip() != "", 60, "admin up")
+        admin = "http://" + admin_file.read_text().strip()
+        wait_until(e, lambda u=admin: _http_ok(u + "/ready"), 60, "LIVE with config from the router")
+    # The provider credential went to Envoy's state only; no service's environment has it.
+    assert "UPSTREAM_KEY" not in Path(f"/proc/{procs['extauth'][0].pid}/environ").read_text()
+
+    _, gw_key = create_key(dsn, "standalone-test", ["default"], actor="test")
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{listen}", api_key=gw_key, max_retries=0)
+    tag = uuid.uuid4().hex[:8]
+    total, kill_at = 160, 40
+    done = threading.Semaphore(0)
+    errors: list[str] = []
+    request_ids: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        try:
+            raw = client.messages.with_raw_response.create(
+                model="claude-sonnet-4-5", max_tokens=16,
+                messages=[{"role": "user", "content": f"{tag} request {i}"}])
+            raw.parse()
+            with lock:
+                request_ids.append(raw.headers["x-request-id"])
+        except Exception as e:  # noqa: BLE001 - every failure is the finding
+            with lock:
+                errors.append(f"request {i}: {e!r}")
+        finally:
+            done.release()
+
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(total):
+            pool.submit(one, i)
+        for _ in range(kill_at):
+            done.acquire()
+        # Mid-run: one replica of each decision service dies hard, one accesslog replica drains.
+        procs["extauth"][0].proc.send_signal(signal.SIGKILL)
+        procs["ratelimit"][1].proc.send_signal(signal.SIGKILL)
+        procs["accesslog"][0].proc.send_signal(signal.SIGTERM)
+        for _ in range(total - kill_at):
+            done.acquire()
+    assert errors == [], f"{len(errors)} of {total} requests failed: {errors[:5]}"
+    assert len(request_ids) == total
+    # Every request has exactly one audit row (the drained receiver wrote what it had accepted).
+    for rid in request_ids:
+        assert len(log_rows(dsn, "request_id", rid, 1, timeout=60)) == 1
+    with psycopg.connect(dsn) as conn:
+        n = conn.execute("SELECT count(*) FROM request_log WHERE request_id = ANY(%s)", (request_ids,)).fetchone()
+    assert n == (total,)
+    assert procs["accesslog"][0].proc.wait(timeout=60) == 0, procs["accesslog"][0].log_tail()
+
+
+def test_pki_issue_keeps_existing_identities_unless_forced(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    assert subprocess.run([*CCR, "pki", "issue", str(d)], capture_output=True, timeout=60).returncode == 0
+    pki = load_pki(d)
+    assert set(pki.identities) == {"envoy", "adapter"} and Path(pki.ca).is_file()
+    assert (Path(pki.identities["adapter"].key).stat().st_mode & 0o777) == 0o600
+    first = Path(pki.ca).read_bytes()
+    r = subprocess.run([*CCR, "pki", "issue", str(d)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert Path(pki.ca).read_bytes() == first
+    assert subprocess.run([*CCR, "pki", "issue", str(d), "--force"], capture_output=True, timeout=60).returncode == 0
+    assert Path(load_pki(d).ca).read_bytes() != first
