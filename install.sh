@@ -22,5 +22,12 @@ if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; 
   echo "installing opa ${OPA_VERSION} with go install..."
   GOBIN="$PWD/.venv/bin" go install "github.com/open-policy-agent/opa@${OPA_VERSION}"
 fi
+# Validates docker-compose.yml and deploy/k8s with the Compose and Kubernetes loaders themselves
+# (tests/test_deploy.py); rebuilt when its sources change.
+if [ ! -x .venv/bin/ccr-deploycheck ] || [ -n "$(find tools/deploycheck -newer .venv/bin/ccr-deploycheck -type f)" ]; then
+  command -v go >/dev/null || { echo "install.sh: Go is required to build tools/deploycheck" >&2; exit 1; }
+  echo "building tools/deploycheck..."
+  (cd tools/deploycheck && go build -o ../../.venv/bin/ccr-deploycheck .)
+fi
 echo "ccr installed: $(.venv/bin/opa version | head -1), envoy $(.venv/bin/python -c 'from ccr.supervisor import envoy_binary; import subprocess; print(subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.split("version: ")[1].split("/")[1])')"
 echo "next: .venv/bin/ccr up"

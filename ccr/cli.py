@@ -475,11 +475,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ccr.standalone import probe
+
+    ok = probe(args.service, Path(args.config))
+    print(f"{args.service}: {'SERVING' if ok else 'not serving'}")
+    return 0 if ok else 1
+
+
 def cmd_pki_issue(args: argparse.Namespace) -> int:
     from ccr.contract import ID_ADAPTER, ID_ENVOY
-    from ccr.pki import issue_run_pki, save_pki
+    from ccr.pki import PKI_FILE, issue_run_pki, save_pki
 
     directory = Path(args.dir)
+    if args.keep and (directory / PKI_FILE).is_file():
+        print(f"{directory} already holds identities; kept")
+        return 0
     if directory.exists() and any(directory.iterdir()) and not args.force:
         print(f"{directory} is not empty; --force replaces what is there (new CA: every part needs the new files)",
               file=sys.stderr)
@@ -582,13 +593,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--listen", help="host:port to bind instead of the configured one (another replica)")
     srv.add_argument("--instance", help="name of this replica on this machine (its own state directory)")
     srv.set_defaults(func=cmd_serve)
+    prb = sub.add_parser("probe", help="exit 0 when a standalone service reports SERVING (container health checks)")
+    prb.add_argument("service", choices=("extauth", "ratelimit", "adapter", "accesslog", "router"))
+    prb.set_defaults(func=cmd_probe)
     pki = sub.add_parser("pki", help="mTLS identities for standalone services")
     pkis = pki.add_subparsers(dest="pki_cmd", required=True)
     pi = pkis.add_parser("issue", help="issue a fresh CA and the Envoy and adapter identities into DIR")
     pi.add_argument("dir")
     pi.add_argument("--trust-domain", default=RUN_TRUST_DOMAIN)
     pi.add_argument("--ip", action="append", default=[], help="an IP SAN to add (the adapter's address)")
-    pi.add_argument("--force", action="store_true", help="replace identities already in DIR")
+    keep = pi.add_mutually_exclusive_group()
+    keep.add_argument("--force", action="store_true", help="replace identities already in DIR")
+    keep.add_argument("--keep", action="store_true", help="exit 0 without change if DIR already holds identities "
+                      "(an init step run on every start)")
     pi.set_defaults(func=cmd_pki_issue)
 
     add_policy_why(sub)

@@ -137,9 +137,13 @@ def issue_run_pki(directory: Path, names: Iterable[str], *, trust_domain: str = 
 
     `extra_ips` adds IP SANs (a non-loopback bind address) to every identity.
     """
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(mode=0o700, parents=True)
+    # Emptied, not removed: the directory may be a mount point (a container volume).
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     directory.chmod(0o700)  # mkdir's mode is filtered by the umask
     now = dt.datetime.now(dt.UTC)
     ca_key, ca_cert = _ca(trust_domain, now, validity)
@@ -172,15 +176,26 @@ PKI_FILE = "pki.json"
 
 
 def save_pki(pki: RunPki, directory: Path) -> Path:
-    """Record the identities issued into `directory` (paths only) for `load_pki`."""
+    """Record the identities issued into `directory` for `load_pki`: file names relative to the
+    directory, so it can be copied or mounted elsewhere (a Kubernetes Secret, a volume)."""
+    def rel(p: str) -> str:
+        return str(Path(p).resolve().relative_to(directory.resolve()))
+
+    doc = RunPki(trust_domain=pki.trust_domain, ca=rel(pki.ca), identities={
+        n: Identity(spiffe_id=i.spiffe_id, cert=rel(i.cert), key=rel(i.key)) for n, i in pki.identities.items()})
     path = directory / PKI_FILE
-    path.write_text(pki.model_dump_json(indent=2))
+    path.write_text(doc.model_dump_json(indent=2))
     return path
 
 
 def load_pki(directory: Path) -> RunPki:
+    """The identities in `directory` (written by save_pki), with paths where the directory is now."""
     path = directory / PKI_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no mTLS identities here; create them with `ccr pki issue {directory}`")
-    return RunPki.model_validate_json(path.read_text())
+    doc = RunPki.model_validate_json(path.read_text())
+    base = directory.resolve()
+    return RunPki(trust_domain=doc.trust_domain, ca=str(base / doc.ca), identities={
+        n: Identity(spiffe_id=i.spiffe_id, cert=str(base / i.cert), key=str(base / i.key))
+        for n, i in doc.identities.items()})
 

@@ -167,3 +167,36 @@ def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, 
             "--drain-time-s", str(int(config.services.drain_timeout_s)), "--drain-strategy", "immediate"]
     os.execv(argv[0], argv)
 
+
+def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
+    """Whether service `name` (at its configured listen address, a wildcard as loopback) reports
+    SERVING on grpc.health.v1; asks the adapter over mTLS as Envoy, the only caller it accepts.
+    For container health checks (`ccr probe NAME`)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ccr.contract import ID_ENVOY
+    from ccr.service import client_credentials
+
+    config_path = config_path.resolve()
+    config = load_config(config_path)
+    s = settings(config, str(config_path))
+    if name not in MODULES or name == "signin":
+        raise ConfigError(f"ccr probe: {name!r} has no gRPC health service (one of extauth, ratelimit, adapter, "
+                          "accesslog, router)")
+    host, _, port = getattr(s, name).listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    target = f"{host}:{port}"
+    if name == "adapter":
+        assert s.pki_dir is not None
+        creds = client_credentials(load_pki(_under(config_path.parent, s.pki_dir)), ID_ENVOY)
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+

@@ -154,6 +154,11 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
         for child, a in zip(children, addrs, strict=True):
             wait_until(child, lambda a=a, c=creds: _serving(a, c), 90, f"{n} serving on {a}")
 
+    # What a container health check runs: the adapter is asked over mTLS as Envoy.
+    for n in ("adapter", "router", "extauth"):
+        r = subprocess.run([*CCR, "-c", str(config), "probe", n], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "SERVING" in r.stdout, (n, r.stdout, r.stderr)
+
     envoys = [stack.serve(config, "envoy", env={"UPSTREAM_KEY": key}, name="envoy"),
               stack.serve(config, "envoy", "--instance", "2", env={"UPSTREAM_KEY": key}, name="envoy-2")]
     state = tmp_path / "data" / "standalone"
@@ -200,6 +205,8 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
         for _ in range(total - kill_at):
             done.acquire()
     assert errors == [], f"{len(errors)} of {total} requests failed: {errors[:5]}"
+    r = subprocess.run([*CCR, "-c", str(config), "probe", "extauth"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not serving" in r.stdout  # the killed replica held the configured address
     assert len(request_ids) == total
     # Every request has exactly one audit row (the drained receiver wrote what it had accepted).
     for rid in request_ids:
@@ -213,6 +220,10 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
 def test_pki_issue_keeps_existing_identities_unless_forced(tmp_path: Path) -> None:
     d = tmp_path / "pki"
     assert subprocess.run([*CCR, "pki", "issue", str(d)], capture_output=True, timeout=60).returncode == 0
+    moved = tmp_path / "mounted-elsewhere"
+    d.rename(moved)  # like a Kubernetes Secret mounted at another path: file names are relative
+    assert Path(load_pki(moved).identities["envoy"].cert).is_file()
+    moved.rename(d)
     pki = load_pki(d)
     assert set(pki.identities) == {"envoy", "adapter"} and Path(pki.ca).is_file()
     assert (Path(pki.identities["adapter"].key).stat().st_mode & 0o777) == 0o600
@@ -220,5 +231,7 @@ def test_pki_issue_keeps_existing_identities_unless_forced(tmp_path: Path) -> No
     r = subprocess.run([*CCR, "pki", "issue", str(d)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--force" in r.stderr
     assert Path(pki.ca).read_bytes() == first
+    r = subprocess.run([*CCR, "pki", "issue", str(d), "--keep"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "kept" in r.stdout and Path(pki.ca).read_bytes() == first
     assert subprocess.run([*CCR, "pki", "issue", str(d), "--force"], capture_output=True, timeout=60).returncode == 0
     assert Path(load_pki(d).ca).read_bytes() != first
