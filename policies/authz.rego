@@ -41,7 +41,10 @@ decision := {"allow": false, "status": 403, "reason": access.reason} if {
 	tiers.denial
 } else := {"allow": false, "status": 403, "reason": pii_denial} if {
 	pii_blocks
-} else := {"allow": true, "reason": allow_reason, "metadata": allow_metadata}
+} else := object.union(
+	{"allow": true, "reason": allow_reason, "metadata": allow_metadata},
+	residency.headers,
+)
 
 allow_reason := concat("", [access.reason, "; ", pii_log_note]) if pii_logs
 

@@ -10,7 +10,15 @@
 # The client may ask for a region with the `ccr-region` header (input.request.region_hint); an
 # unbound principal gets the region it asks for, a bound one only its own.
 #   data.residency.regions: every region name the gateway knows; any other is refused (400).
+#   data.residency.header: optional; also send the bound region upstream in this header (for a
+#   provider or proxy that routes by it). Unset: the region stays inside the gateway.
 package ccr.residency
+
+# What the allowing result adds: {"headers": {name: region}}, or nothing.
+headers := {"headers": {data.residency.header: region}} if {
+	is_string(data.residency.header)
+	region
+} else := {}
 
 known(r) if {
 	some k in data.residency.regions

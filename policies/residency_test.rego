@@ -92,3 +92,14 @@ test_residency_denial_comes_after_access if {
 	d := decide(i)
 	contains(d.reason, "may not use model 'gpt-4o'")
 }
+
+test_region_header_when_data_names_one if {
+	d := authz.decision with input as req("acme-eu", [], null)
+		with data.residency as object.union(res, {"header": "x-data-region"})
+	d.headers == {"x-data-region": "eu"}
+	not decide(req("acme-eu", [], null)).headers
+	unbound := authz.decision with input as req(null, [], null)
+		with data.residency as object.union(res, {"header": "x-data-region"})
+	unbound.allow
+	not unbound.headers
+}
