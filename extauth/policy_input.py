@@ -254,6 +254,23 @@ def source_address(attributes: Any) -> str | None:
     return sock.address or None
 
 
+def request_facts(target: str, headers: Mapping[str, str], host: str | None, source: str | None,
+                  peer_spiffe_id: str | None, size: int, doc: Mapping[str, Any] | None,
+                  text_of: TextOf = str, text_chars: int | None = None) -> RequestFacts:
+    """Every fact of one request beyond (principal, method, path, model, endpoint, pii), as the
+    Check handler gathers them. `doc`: the parsed Messages body (None for other requests);
+    `text_chars`: materialise at most this much of its text (None: the policy does not read it).
+    Raises InputError for a fact that is malformed."""
+    body = body_facts(doc) if doc is not None else None
+    text = None
+    truncated = False
+    if doc is not None and text_chars is not None:
+        text, truncated = request_text(doc, text_of, text_chars)
+    return RequestFacts(query=policy_query(target), headers=policy_headers(headers), host=host or None,
+                        source_address=source, source_spiffe_id=peer_spiffe_id, size=size,
+                        region_hint=region_hint(headers), body=body, text=text, text_truncated=truncated)
+
+
 # -- the document -------------------------------------------------------------------
 
 

@@ -60,17 +60,8 @@ from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import DENY_STATUS, Decision, PolicyEngine
-from extauth.policy_input import (
-    BodyFacts,
-    InputError,
-    RequestFacts,
-    body_facts,
-    policy_headers,
-    policy_query,
-    region_hint,
-    request_text,
-    source_address,
-)
+from extauth.policy_input import InputError, RequestFacts, body_facts, source_address
+from extauth.policy_input import request_facts as request_facts_of
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
@@ -303,6 +294,7 @@ class Authorizer:
         path = seen.path = split_target(http.path)[0]
         model: str | None = None
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
+        text_of: TextOf = str  # a long string of `doc` by its placeholder (extauth/lean_json.py)
         # The body as received: a view when the caller split it off the message (no copy), else
         # the message's field (one copy, as protobuf hands out bytes).
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
@@ -324,15 +316,9 @@ class Authorizer:
         if policy.pii is not None and messages:
             # Scanned once, host-side; the policy decides what a finding means (policies/authz.rego, "prompt PII").
             pii = seen.pii = tuple(scan(doc, policy.pii.patterns, policy.pii.kinds, text_of))
-        bf: BodyFacts | None = _input_or_deny(body_facts, doc) if messages else None
-        text = None
-        truncated = False
-        if messages and policy.text_chars is not None:  # only when the bundle's policy reads it
-            text, truncated = request_text(doc, text_of, policy.text_chars)
-        request_facts = seen.facts = RequestFacts(
-            query=policy_query(http.path), headers=policy_headers(headers), host=http.host or None,
-            source_address=source_address(req.attributes), source_spiffe_id=peer, size=len(body),
-            region_hint=_input_or_deny(region_hint, headers), body=bf, text=text, text_truncated=truncated)
+        request_facts = seen.facts = _input_or_deny(
+            request_facts_of, http.path, headers, http.host, source_address(req.attributes), peer, len(body),
+            doc if messages else None, text_of, policy.text_chars)
         decision = policy.decide(principal, method, path, model, endpoint, pii, request_facts)
         seen.eval_ns = time.perf_counter_ns() - t0
         seen.decision = decision
