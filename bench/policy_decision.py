@@ -105,6 +105,18 @@ def main() -> None:
             if not text:
                 timed("shipped: parse + decide 84 KB uncached (reference)",
                       lambda: decide(agent_raw, *loads_lazy(agent_raw), False), a.duration)
+                doc, text_of = loads_lazy(agent_raw)
+                found = tuple(scan(doc, settings.patterns, settings.kinds, text_of))
+                timed("shipped: PII scan alone 84 KB",
+                      lambda d=doc, t=text_of, s=settings: scan(d, s.patterns, s.kinds, t), a.duration)
+
+                def policy_only(eng=eng, doc=doc, text_of=text_of, found=found) -> None:
+                    eng._cache.clear()  # noqa: SLF001
+                    facts = request_facts("/v1/messages?beta=true", HEADERS, "gw.local", "10.0.0.7", None,
+                                          len(agent_raw), doc, text_of, None)
+                    eng.decide(p, "POST", "/v1/messages", doc["model"], ep, found, facts)
+
+                timed("shipped: input + Rego alone 84 KB uncached", policy_only, a.duration)
             eng.close()
 
 
