@@ -30,7 +30,7 @@ from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.pii import Finding
-from extauth.policy import Decision
+from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
 # Each request in a batch is decided as the single Messages call it stands for.
@@ -187,9 +187,8 @@ class ObjectGuard:
                 raise Deny(403, "permission_error",
                            f"{label} was refused: {d.reason} (locations in requests.{i}.params); "
                            "the whole batch was refused")
-            if not d.allow:
-                raise Deny(403, "permission_error",
-                           f"{label} uses model '{model}', which is not allowed: {d.reason}; "
+            if not d.allow:  # the reason names the model, the ceiling or the region that refused it
+                raise Deny(d.status, DENY_STATUS[d.status], f"{label} was refused: {d.reason}; "
                            "the whole batch was refused")
             routes.setdefault(route[0], label)
             if len(routes) > 1:
