@@ -112,6 +112,8 @@ class DecisionLog:
         if len(q) >= self._max:
             self.dropped += 1
             return
+        if facts is not None and facts.text is not None:  # the queue never holds request text
+            facts = dataclasses.replace(facts, text=None, text_truncated=False)
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
                   bundle, allow, status, reason, eval_ns, policy_result, pii, facts))
         if len(q) >= self._batch:
@@ -136,6 +138,9 @@ class DecisionLog:
         principal, method, path, model, endpoint, eval_ns = p[4], p[5], p[6], p[7], p[8], p[13]
         if principal is None or eval_ns < 0:
             return None  # the policy was not reached: there is no input to digest
+        known = getattr(p[14], "input_sha256", None)
+        if known is not None:  # PolicyEngine.decide hashed the input it evaluated
+            return known
         pii, facts = p[15], p[16]
         key = (principal, method, path, model, endpoint.name if endpoint else None,
                endpoint.params if endpoint else None, pii, facts)
@@ -174,11 +179,8 @@ class DecisionLog:
             "metrics": {"timer_rego_query_eval_ns": p[13]},
             "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},
         }
-        if self.include_input:  # never the request's text (policy_input.text): see the module doc
-            facts = p[16]
-            if facts is not None and facts.text is not None:
-                facts = dataclasses.replace(facts, text=None, text_truncated=False)
-            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], facts)
+        if self.include_input:  # never the request's text: record() dropped it
+            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], p[16])
         return orjson.dumps(doc) + b"\n"
 
     async def flush(self) -> int:

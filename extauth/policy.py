@@ -1,21 +1,23 @@
-"""Rego (compiled to WASM) decisions with a cache keyed by the facts they depend on.
+"""Rego (compiled to WASM) decisions with a cache keyed by the input they were made from.
 
 The input is the versioned document of extauth/policy_input.py; the result is validated here
 (`parse_result`: allow, reason, status, headers, metadata) and anything else fails closed.
 
-One evaluation costs ~150-300 us of wasmtime FFI, so decisions are cached by every input fact:
-(bundle digest, principal, method, path, model, endpoint and its params, PII findings, and
-RequestFacts: query, headers, source, size, region hint, body facts, text). All of them are
-immutable and hashable, so the key *is* the input, not a digest that could collide. The whole
-principal is part of the key because a policy may name principals (and the reason quotes the
-name). Facts that vary per request (the byte size, above all) make hits rarer: the cache then
-serves retries and identical calls, and the uncached time is what bounds a decision
-(bench/policy_decision.py).
+One evaluation costs ~150-300 us of wasmtime FFI, so decisions are cached, keyed by the sha256
+of the canonical input (sorted keys): every fact the result can depend on, and nothing a
+policy cannot see. Building and hashing the input costs a few microseconds (more when the
+bundle asks for the request's text), and the key stays 64 characters however large the input
+(a cache of 50,000 entries must not hold 50,000 request texts). The same bytes are what the
+policy evaluates and the same digest is the decision log's `input_sha256`. Facts that vary per
+request (the byte size, above all) make hits rarer: the cache then serves retries and identical
+calls, and the uncached time is what bounds a decision (bench/policy_decision.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -97,6 +99,9 @@ class Decision:
     region: str | None = None  # AUTHZ_REGION / H_REGION: the region routing must keep the request in
     labels: tuple[tuple[str, str], ...] = ()  # AUTHZ_LABELS: for the audit row
     ratelimit: tuple[tuple[str, str], ...] = ()  # AUTHZ_RATELIMIT: rate-limit descriptor values
+    # sha256 of the canonical input it was made from (the decision log's input_sha256); not part of
+    # equality: two inputs with the same answer make the same response.
+    input_sha256: str | None = field(default=None, compare=False)
 
 
 class PolicyError(Exception):
@@ -211,7 +216,7 @@ class PolicyEngine:
             self._policy.close()
             raise
         self._policy.set_data(bundle.data)
-        self._cache: dict[tuple, Decision] = {}
+        self._cache: dict[str, Decision] = {}  # by the input's sha256
         self._cache_size = cache_size
 
     @classmethod
@@ -231,24 +236,23 @@ class PolicyEngine:
         """`endpoint` defaults to the registry's match for (method, path); pass it to decide
         a request as another endpoint (e.g. a request inside a batch as messages.create).
         `pii`: what extauth/pii.py found in the request's text (None: not scanned); it becomes
-        `input.request.pii`. `facts`: the rest of the input (extauth/policy_input.py). All of
-        it is the cache key."""
+        `input.request.pii`. `facts`: the rest of the input (extauth/policy_input.py). The
+        cache key is the digest of all of it."""
         if endpoint is None:
             endpoint = match(method, path)
-        ep_key = (endpoint.name, endpoint.params) if endpoint is not None else None
-        ck = (self.bundle.digest, principal, method, path, model, ep_key, pii, facts)
-        hit = self._cache.get(ck)
+        raw = orjson.dumps(document(principal, method, path, model, endpoint, pii, facts), option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.sha256(raw).hexdigest()
+        hit = self._cache.get(digest)
         if hit is not None:
             return hit
-        doc = document(principal, method, path, model, endpoint, pii, facts)
         try:
-            result = self._policy.evaluate(orjson.dumps(doc), self.entrypoint)
+            result = self._policy.evaluate(raw, self.entrypoint)
         except Exception as e:
             raise PolicyError(f"policy evaluation failed: {e}") from e
-        decision = parse_result(result, self.entrypoint)
+        decision = dataclasses.replace(parse_result(result, self.entrypoint), input_sha256=digest)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
-        self._cache[ck] = decision
+        self._cache[digest] = decision
         return decision
 
     def close(self) -> None:

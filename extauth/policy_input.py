@@ -37,6 +37,7 @@ _NOISE_PREFIXES = ("x-envoy-", "x-b3-", CCR_HEADER_PREFIX)
 # Bounds on the text put into the input when a bundle asks for it (characters and pieces).
 DEFAULT_MAX_TEXT_CHARS = 256 * 1024
 MAX_TEXT_PIECES = 1024
+MAX_TOOLS = 1024  # more tool definitions than this in one request are refused (400), not put in the input
 MAX_DEPTH = 64  # tool inputs / tool results nested deeper are not walked (and `text_truncated` says so)
 # A region name as a client may send it in the hint header: short, lower-case, DNS-label-like.
 _REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -71,8 +72,7 @@ class BodyFacts:
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
-    """Every input fact beyond (principal, method, path, model, endpoint, pii). Hashable: part of
-    the decision cache key, so a cached decision never answers for other facts."""
+    """Every input fact beyond (principal, method, path, model, endpoint, pii); immutable."""
 
     query: tuple[tuple[str, tuple[str, ...]], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
@@ -158,6 +158,8 @@ def body_facts(doc: Mapping[str, Any]) -> BodyFacts:
     if tools_v is not None:
         if not isinstance(tools_v, list):
             raise InputError("tools: Input should be a valid list")
+        if len(tools_v) > MAX_TOOLS:
+            raise InputError(f"tools: at most {MAX_TOOLS} tools in one request; this one has {len(tools_v)}")
         names = []
         for i, tool in enumerate(tools_v):
             name = tool.get("name") if isinstance(tool, dict) else None

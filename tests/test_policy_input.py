@@ -27,6 +27,7 @@ from extauth.policy_input import (
     MAX_TEXT_PIECES,
     InputError,
     RequestFacts,
+    TextPiece,
     body_facts,
     document,
     policy_headers,
@@ -94,6 +95,7 @@ def test_body_facts() -> None:
     ({"tools": {"name": "x"}}, "tools"),
     ({"tools": [{"name": ""}]}, "tools.0.name"),
     ({"tools": [{"description": "no name"}]}, "tools.0.name"),
+    ({"tools": [{"name": "t"}] * 1025}, "at most 1024 tools"),
 ])
 def test_body_facts_refuse_what_a_ceiling_cannot_compare(doc: dict, needle: str) -> None:
     with pytest.raises(InputError, match=needle):
@@ -448,6 +450,11 @@ def test_decision_cache_covers_every_input_fact(shipped: Path) -> None:
         assert not decide(size=100, region_hint="moon").allow
         assert decide(size=100, region_hint="eu").region == "eu"
         assert not decide(size=100, body=body_facts({"tools": [{"name": f"t{i}"} for i in range(17)]})).allow
+        text = (TextPiece("messages[0].content", "message", "x" * 100_000),)
+        assert decide(size=100, text=text).allow
+        # Keyed by the input's sha256: an entry never holds the input itself (text, headers).
+        assert all(isinstance(k, str) and len(k) == 64 for k in eng._cache)  # noqa: SLF001
+        assert small.input_sha256 in eng._cache  # noqa: SLF001
     finally:
         eng.close()
 
