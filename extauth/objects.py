@@ -37,8 +37,8 @@ from extauth.principal import Principal
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.
 RouteFn = Callable[[str], "tuple[str, str] | None"]
-# PolicyEngine.decide for batch requests: (principal, method, path, model, endpoint, pii, params), where
-# params is the request's body (its max_tokens, tools, ... are policy input; extauth/server.py).
+# PolicyEngine.decide for batch requests: (principal, method, path, model, endpoint, pii, params, text_of),
+# where params is the request's body (its max_tokens, tools, text... are policy input; extauth/server.py).
 DecideFn = Callable[..., Decision]
 # The PII scan of one request's params (extauth/pii.py), with the body's text_of; None when off.
 ScanFn = Callable[[Any, Callable[[str], str]], "tuple[Finding, ...]"]
@@ -182,7 +182,7 @@ class ObjectGuard:
                            f"{label}: model: {model} is not served by this gateway; the whole batch was refused")
             found = pii(params, text_of) if pii is not None else None
             d = decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template, model,
-                       MESSAGES_CREATE, found, params)
+                       MESSAGES_CREATE, found, params, text_of)
             if not d.allow and found:  # the policy saw personal data: its reason says whether that is why
                 raise Deny(403, "permission_error",
                            f"{label} was refused: {d.reason} (locations in requests.{i}.params); "

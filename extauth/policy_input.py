@@ -39,6 +39,7 @@ DEFAULT_MAX_TEXT_CHARS = 256 * 1024
 MAX_TEXT_PIECES = 1024
 MAX_TOOLS = 1024  # more tool definitions than this in one request are refused (400), not put in the input
 MAX_DEPTH = 64  # tool inputs / tool results nested deeper are not walked (and `text_truncated` says so)
+THINKING_TYPES = ("enabled", "disabled", "adaptive", "between_tools")
 # A region name as a client may send it in the hint header: short, lower-case, DNS-label-like.
 _REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 MAX_REGION_LEN = 32
@@ -66,8 +67,10 @@ class BodyFacts:
 
     max_tokens: int | None = None
     stream: bool | None = None
-    thinking_budget: int | None = None  # budget_tokens when thinking is enabled, 0 when disabled
+    # budget_tokens; 0 when thinking is disabled; max_tokens for adaptive thinking without a budget
+    thinking_budget: int | None = None
     tools: tuple[str, ...] | None = None  # tool names in order (None: no `tools` field)
+    thinking: str | None = None  # thinking.type: enabled | disabled | adaptive | between_tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,16 +146,20 @@ def body_facts(doc: Mapping[str, Any]) -> BodyFacts:
         raise InputError("stream: Input should be a valid boolean")
     thinking = doc.get("thinking")
     budget: int | None = None
+    mode: str | None = None
     if thinking is not None:
-        if not isinstance(thinking, dict):
-            raise InputError("thinking: Input should be an object")
-        t = thinking.get("type")
-        if t == "disabled":
+        if not isinstance(thinking, dict) or thinking.get("type") not in THINKING_TYPES:
+            raise InputError(f"thinking.type: Input should be one of {', '.join(THINKING_TYPES)}")
+        mode = thinking["type"]
+        if mode == "disabled":
             budget = 0
         else:
             budget = _int_field(thinking, "budget_tokens", "thinking.")
-            if budget is None:  # enabled (or a type we do not know) without a budget: not understood
-                raise InputError("thinking.budget_tokens: Field required when thinking is not disabled")
+            if budget is None:
+                if mode == "enabled":
+                    raise InputError("thinking.budget_tokens: Field required when thinking is enabled")
+                # Adaptive thinking has no budget of its own: it may use up to max_tokens.
+                budget = max_tokens
     tools_v = doc.get("tools")
     tools: tuple[str, ...] | None = None
     if tools_v is not None:
@@ -167,7 +174,7 @@ def body_facts(doc: Mapping[str, Any]) -> BodyFacts:
                 raise InputError(f"tools.{i}.name: Field required (a non-empty string)")
             names.append(name)
         tools = tuple(names)
-    return BodyFacts(max_tokens, stream, budget, tools)
+    return BodyFacts(max_tokens, stream, budget, tools, mode)
 
 
 class _TextBudget:
@@ -290,6 +297,7 @@ def document(principal: Principal, method: str, path: str, model: str | None,
         "model": model,
         "max_tokens": body.max_tokens,
         "stream": body.stream,
+        "thinking": body.thinking,
         "thinking_budget": body.thinking_budget,
         "tools": list(body.tools) if body.tools is not None else [],
         "tool_count": len(body.tools) if body.tools is not None else 0,

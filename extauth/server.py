@@ -60,7 +60,7 @@ from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import DENY_STATUS, Decision, PolicyEngine
-from extauth.policy_input import InputError, RequestFacts, body_facts, source_address
+from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
 from extauth.policy_input import request_facts as request_facts_of
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
@@ -178,14 +178,16 @@ def _batch_decide(policy: PolicyEngine, base: RequestFacts):
     """PolicyEngine.decide for each request of a batch create: the batch's own facts (headers,
     source, region hint) with that request's params as the body (max_tokens, tools, ...; its text
     when the policy reads text). The size is the batch's."""
-    def decide(principal, method, path, model, endpoint, pii, params=None):
+    def decide(principal, method, path, model, endpoint, pii, params=None, text_of: TextOf = str):
         facts = base
         if isinstance(params, dict):
             try:
                 body = body_facts(params)
             except InputError as e:
                 raise Deny(400, "invalid_request_error", f"batch request params: {e}") from None
-            facts = dataclasses.replace(base, body=body)
+            text, truncated = (request_text(params, text_of, policy.text_chars) if policy.text_chars is not None
+                               else (None, False))
+            facts = dataclasses.replace(base, body=body, text=text, text_truncated=truncated)
         return policy.decide(principal, method, path, model, endpoint, pii, facts)
     return decide
 

@@ -172,6 +172,34 @@ def test_batch_create_requests_meet_the_tier_ceilings(postgres_dsn: str, bundle:
     assert status == 400 and "max_tokens" in err["message"]
 
 
+def test_batch_create_request_text_reaches_a_policy_that_reads_text(postgres_dsn: str, tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "policies"
+    src.mkdir()
+    (src / "authz.rego").write_text("""package ccr.authz
+
+decision := {"allow": false, "reason": concat("", ["text at ", t.loc, " is not allowed"])} if {
+	some t in input.request.text
+	contains(t.text, "forbidden")
+} else := {"allow": true, "reason": "ok"}
+""")
+    (src / "data.json").write_text(json.dumps({"policy_input": {"text": True}}))
+    reads_text = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    _, key = create_key(postgres_dsn, "text-batcher", groups=["default"])
+    body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
+    bad = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "forbidden"}]}]
+    ok, refused = run(postgres_dsn, reads_text, [
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"))),
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
+                                                   _req("b", "claude-haiku-4-5", messages=bad))),
+    ])
+    assert ok.status.code == code_pb2.OK
+    status, err = denied_error(refused)
+    assert status == 403 and err["message"].startswith(
+        "batch request 'b' was refused: text at messages[0].content[1] is not allowed")
+
+
 def test_batch_create_requests_are_scanned_for_pii(postgres_dsn: str, tmp_path: Path) -> None:
     import json
     import shutil

@@ -80,6 +80,9 @@ def test_body_facts() -> None:
                     "tools": [{"name": "grep"}, {"type": "web_search_20250305", "name": "web_search"}]})
     assert (f.max_tokens, f.stream, f.thinking_budget, f.tools) == (100, True, 2048, ("grep", "web_search"))
     assert body_facts({"thinking": {"type": "disabled"}}).thinking_budget == 0
+    # Adaptive thinking without a budget may use all of max_tokens: that is its budget for a ceiling.
+    adaptive = body_facts({"max_tokens": 9000, "thinking": {"type": "adaptive"}})
+    assert (adaptive.thinking, adaptive.thinking_budget) == ("adaptive", 9000)
     assert body_facts({}).tools is None
 
 
@@ -90,6 +93,7 @@ def test_body_facts() -> None:
     ({"max_tokens": -1}, "max_tokens"),
     ({"stream": "yes"}, "stream"),
     ({"thinking": {"type": "enabled"}}, "budget_tokens"),
+    ({"thinking": {"type": "turbo"}}, "thinking.type"),
     ({"thinking": {"type": "enabled", "budget_tokens": "9"}}, "budget_tokens"),
     ({"thinking": "on"}, "thinking"),
     ({"tools": {"name": "x"}}, "tools"),
