@@ -80,8 +80,9 @@ denial := deny(413, concat("", [
 	is_number(input.request.max_tokens)
 	input.request.max_tokens > settings.max_tokens
 } else := deny(403, concat("", [
-	"thinking budget_tokens ", format_int(input.request.thinking_budget, 10), " is above the ceiling of ",
+	"thinking budget ", format_int(input.request.thinking_budget, 10), " is above the ceiling of ",
 	format_int(settings.max_thinking_budget, 10), " for tier '", tier, "'; lower thinking.budget_tokens",
+	thinking_note,
 ])) if {
 	is_number(settings.max_thinking_budget)
 	is_number(input.request.thinking_budget)
@@ -98,6 +99,11 @@ denial := deny(413, concat("", [
 ])) if {
 	first_refused_tool
 }
+
+# Thinking without a budget of its own (adaptive) may use all of max_tokens: extauth passes that as its budget.
+thinking_note := " (adaptive thinking without budget_tokens may use all of max_tokens)" if {
+	input.request.thinking in {"adaptive", "between_tools"}
+} else := ""
 
 deny(status, reason) := {"allow": false, "status": status, "reason": concat("", [
 	reason, ". Ask your gateway administrator if you need more.",

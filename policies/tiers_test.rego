@@ -105,7 +105,8 @@ test_request_size_ceiling_is_413 if {
 test_thinking_budget_ceiling if {
 	d := decide(msg(["contractors"], "claude-haiku-4-5", {"thinking_budget": 5000}))
 	not d.allow
-	contains(d.reason, "thinking budget_tokens 5000 is above the ceiling of 4096")
+	contains(d.reason, "thinking budget 5000 is above the ceiling of 4096")
+	not contains(d.reason, "adaptive")
 	decide(msg(["contractors"], "claude-haiku-4-5", {"thinking_budget": 0})).allow
 }
 
@@ -138,4 +139,11 @@ test_shipped_contractor_tier if {
 	d.allow
 	d.metadata.labels.tier == "contractor"
 	not authz.decision.allow with input as json.patch(i, [{"op": "replace", "path": "/request/model", "value": "claude-opus-4-1"}])
+}
+
+test_adaptive_thinking_counts_max_tokens if {
+	d := decide(msg(["contractors"], "claude-haiku-4-5", {"max_tokens": 8000, "thinking": "adaptive", "thinking_budget": 8000}))
+	not d.allow
+	contains(d.reason, "thinking budget 8000 is above the ceiling of 4096")
+	contains(d.reason, "adaptive thinking without budget_tokens may use all of max_tokens")
 }

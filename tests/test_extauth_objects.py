@@ -150,24 +150,25 @@ def test_results_meter_sums_succeeded_in_any_chunking() -> None:
 
 
 def test_batch_create_requests_meet_the_tier_ceilings(postgres_dsn: str, bundle: Path) -> None:
-    """Each request of a batch is decided with its own body facts (max_tokens, thinking, tools):
+    """Each request of a batch is decided with its own body facts (max_tokens, tools, ...):
     a ceiling can't be dodged by putting the request in a batch."""
     _, key = create_key(postgres_dsn, "ceiling-batcher", groups=["default"])
     body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
-    ok, tokens, thinking, malformed = run(postgres_dsn, bundle, [
+    ok, tokens, tools, malformed = run(postgres_dsn, bundle, [
         (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5", max_tokens=128000))),
         (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
                                                    _req("huge", "claude-haiku-4-5", max_tokens=200000))),
-        (key, "POST", "/v1/messages/batches", body(_req("deep", "claude-haiku-4-5", max_tokens=100000,
-                                                        thinking={"type": "enabled", "budget_tokens": 90000}))),
+        (key, "POST", "/v1/messages/batches", body(_req("kit", "claude-haiku-4-5",
+                                                        tools=[{"name": f"t{i}"} for i in range(129)]))),
         (key, "POST", "/v1/messages/batches", body(_req("odd", "claude-haiku-4-5", max_tokens="8"))),
     ])
     assert ok.status.code == code_pb2.OK
     status, err = denied_error(tokens)
     assert status == 403 and err["message"].startswith(
         "batch request 'huge' was refused: max_tokens 200000 is above the ceiling of 128000 for tier 'standard'")
-    status, err = denied_error(thinking)
-    assert status == 403 and "'deep'" in err["message"] and "thinking budget_tokens 90000" in err["message"]
+    status, err = denied_error(tools)
+    assert status == 403 and "'kit'" in err["message"]
+    assert "declares 129 tools, above the ceiling of 128" in err["message"]
     status, err = denied_error(malformed)
     assert status == 400 and "max_tokens" in err["message"]
 

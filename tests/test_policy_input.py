@@ -279,7 +279,7 @@ def test_contractor_tier_limits_models_and_ceilings(postgres_dsn: str, shipped: 
     for resp, status, needle in (
         (sonnet, 403, "tier 'contractor' may use only models claude-haiku-*"),
         (tokens, 403, "max_tokens 8193 is above the ceiling of 8192 for tier 'contractor'"),
-        (thinking, 403, "thinking budget_tokens 5000 is above the ceiling of 4096"),
+        (thinking, 403, "thinking budget 5000 is above the ceiling of 4096"),
         (tools, 403, "request declares 17 tools, above the ceiling of 16"),
         (size, 413, "bytes, above the ceiling of 2097152 bytes for tier 'contractor'"),
     ):
