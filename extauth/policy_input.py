@@ -178,17 +178,20 @@ def body_facts(doc: Mapping[str, Any]) -> BodyFacts:
 
 
 class _TextBudget:
-    __slots__ = ("left", "out", "truncated")
+    __slots__ = ("left", "out", "text_of", "truncated")
 
-    def __init__(self, chars: int) -> None:
+    def __init__(self, chars: int, text_of: TextOf) -> None:
         self.left = chars
         self.out: list[TextPiece] = []
+        self.text_of = text_of
         self.truncated = False
 
-    def add(self, loc: str, kind: str, text: str) -> None:
+    def add(self, loc: str, kind: str, value: str) -> None:
+        """`value` as the body holds it (maybe a placeholder): decoded only while the budget lasts."""
         if self.left <= 0 or len(self.out) >= MAX_TEXT_PIECES:
             self.truncated = True
             return
+        text = self.text_of(value)
         if len(text) > self.left:
             text = text[: self.left]
             self.truncated = True
@@ -196,27 +199,27 @@ class _TextBudget:
         self.out.append(TextPiece(loc, kind, text))
 
 
-def _strings(v: Any, loc: str, kind: str, b: _TextBudget, text_of: TextOf, depth: int) -> None:
+def _strings(v: Any, loc: str, kind: str, b: _TextBudget, depth: int) -> None:
     if depth > MAX_DEPTH:
         b.truncated = True
         return
     if isinstance(v, str):
-        b.add(loc, kind, text_of(v))
+        b.add(loc, kind, v)
     elif isinstance(v, dict):
         for k, sub in v.items():
-            _strings(sub, f"{loc}.{k}", kind, b, text_of, depth + 1)
+            _strings(sub, f"{loc}.{k}", kind, b, depth + 1)
     elif isinstance(v, list):
         for i, sub in enumerate(v):
-            _strings(sub, f"{loc}[{i}]", kind, b, text_of, depth + 1)
+            _strings(sub, f"{loc}[{i}]", kind, b, depth + 1)
 
 
-def _content(content: Any, loc: str, kind: str, b: _TextBudget, text_of: TextOf, depth: int) -> None:
+def _content(content: Any, loc: str, kind: str, b: _TextBudget, depth: int) -> None:
     """A content value (string or blocks); `kind` is what plain text in it counts as."""
     if depth > MAX_DEPTH:
         b.truncated = True
         return
     if isinstance(content, str):
-        b.add(loc, kind, text_of(content))
+        b.add(loc, kind, content)
         return
     if not isinstance(content, list):
         return
@@ -226,19 +229,19 @@ def _content(content: Any, loc: str, kind: str, b: _TextBudget, text_of: TextOf,
         bl = f"{loc}[{i}]"
         t = blk.get("type")
         if t == "text" and isinstance(blk.get("text"), str):
-            b.add(bl, kind, text_of(blk["text"]))
+            b.add(bl, kind, blk["text"])
         elif t == "thinking" and isinstance(blk.get("thinking"), str):
-            b.add(bl, "thinking", text_of(blk["thinking"]))
+            b.add(bl, "thinking", blk["thinking"])
         elif t in ("tool_use", "server_tool_use"):
-            _strings(blk.get("input"), f"{bl}.input", "tool_input", b, text_of, depth + 1)
+            _strings(blk.get("input"), f"{bl}.input", "tool_input", b, depth + 1)
         elif t == "tool_result" or (isinstance(t, str) and t.endswith("_tool_result")):
-            _content(blk.get("content"), f"{bl}.content", "tool_result", b, text_of, depth + 1)
+            _content(blk.get("content"), f"{bl}.content", "tool_result", b, depth + 1)
         elif t == "document":
             src = blk.get("source")
             if isinstance(src, dict) and src.get("type") == "text" and isinstance(src.get("data"), str):
-                b.add(f"{bl}.source.data", "document", text_of(src["data"]))
+                b.add(f"{bl}.source.data", "document", src["data"])
             elif isinstance(src, dict) and src.get("type") == "content":
-                _content(src.get("content"), f"{bl}.source.content", "document", b, text_of, depth + 1)
+                _content(src.get("content"), f"{bl}.source.content", "document", b, depth + 1)
 
 
 def request_text(doc: Mapping[str, Any], text_of: TextOf = str,
@@ -247,13 +250,13 @@ def request_text(doc: Mapping[str, Any], text_of: TextOf = str,
     (system, message, thinking, tool_input, tool_result, document), at most `max_chars`
     characters and MAX_TEXT_PIECES pieces in all; and whether anything was left out.
     `text_of` maps a long string left in the body as a placeholder (extauth/lean_json.py) to its text."""
-    b = _TextBudget(max_chars)
-    _content(doc.get("system"), "system", "system", b, text_of, 0)
+    b = _TextBudget(max_chars, text_of)
+    _content(doc.get("system"), "system", "system", b, 0)
     msgs = doc.get("messages")
     if isinstance(msgs, list):
         for i, m in enumerate(msgs):
             if isinstance(m, dict):
-                _content(m.get("content"), f"messages[{i}].content", "message", b, text_of, 0)
+                _content(m.get("content"), f"messages[{i}].content", "message", b, 0)
     return tuple(b.out), b.truncated
 
 

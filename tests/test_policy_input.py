@@ -139,6 +139,12 @@ def test_request_text_is_bounded_for_huge_texts_many_blocks_and_deep_nesting() -
     pieces, truncated = request_text(huge, max_chars=1000)
     assert truncated and len(pieces) == 1 and len(pieces[0].text) == 1000
 
+    # Once the budget is spent, later strings are not even decoded (a placeholder stays a placeholder).
+    decoded: list[str] = []
+    two = {"messages": [{"role": "user", "content": "a" * 10}, {"role": "user", "content": "PLACEHOLDER"}]}
+    pieces, truncated = request_text(two, lambda s: decoded.append(s) or s, max_chars=10)
+    assert truncated and decoded == ["a" * 10] and len(pieces) == 1
+
     many = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 100_000}]}
     pieces, truncated = request_text(many)
     assert truncated and len(pieces) == MAX_TEXT_PIECES
