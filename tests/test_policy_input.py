@@ -482,3 +482,28 @@ decision := {"allow": true, "reason": "ok", "headers": {"x-src": input.source.ad
         socket_address=address_pb2.SocketAddress(address="192.0.2.7", port_value=51234))))
     resp, = run_checks(postgres_dsn, bundle, [req], "t/decision")
     assert ok_headers(resp)["x-src"] == "192.0.2.7"
+
+
+def test_decision_log_input_has_no_credentials_and_no_text(shipped: Path, tmp_path: Path) -> None:
+    """The logged input (include_input) is input v1 without the request's text; its digest is the
+    one the engine cached the decision under (text included)."""
+    from extauth.decisions import DecisionLog
+
+    eng = PolicyEngine.load(shipped, ENTRYPOINT)
+    try:
+        facts = RequestFacts(headers=policy_headers({"x-api-key": "ccr_secret_value", "user-agent": "sdk"}),
+                             size=10, text=(TextPiece("messages[0].content", "message", "very private words"),))
+        d = eng.decide(ALICE, "POST", "/v1/messages", "claude-haiku-4-5", match("POST", "/v1/messages"), None, facts)
+        out = tmp_path / "decisions.jsonl"
+        dl = DecisionLog(None, file=out, include_input=True)
+        dl.record("dec_1", "rid-1", "full", ALICE, "POST", "/v1/messages", "claude-haiku-4-5",
+                  match("POST", "/v1/messages"), eng.bundle, True, 200, d.reason, 5000, d, None, facts)
+        assert asyncio.run(dl.flush()) == 1
+    finally:
+        eng.close()
+    text = out.read_text()
+    assert "ccr_secret_value" not in text and "very private words" not in text
+    line = json.loads(text)
+    assert line["input"]["version"] == 1 and line["input"]["request"]["headers"] == {"user-agent": "sdk"}
+    assert "text" not in line["input"]["request"]
+    assert d.input_sha256 is not None and len(d.input_sha256) == 64
