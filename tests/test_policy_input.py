@@ -507,3 +507,44 @@ def test_decision_log_input_has_no_credentials_and_no_text(shipped: Path, tmp_pa
     assert line["input"]["version"] == 1 and line["input"]["request"]["headers"] == {"user-agent": "sdk"}
     assert "text" not in line["input"]["request"]
     assert d.input_sha256 is not None and len(d.input_sha256) == 64
+
+
+def test_oidc_claims_the_config_selects_bind_region_and_tier(shipped: Path) -> None:
+    """`identity.oidc[].extra_claims` reach input.principal.claims: a `region` claim binds the user
+    to a region, a `tier` claim names the tier."""
+    from extauth.identity import Identity
+    from extauth.oidc import OidcVerifier
+    from tests.idp import running_idp
+
+    now = [1_800_000_000.0]
+    with running_idp(clock=lambda: now[0]) as idp:
+        config = parse_config({**__import__("yaml").safe_load(GATEWAY_YAML), "identity": {"oidc": [
+            {"issuer": idp.issuer, "audiences": ["ccr"], "extra_claims": ["region", "tier"],
+             "group_map": {"eng": ["default"]}}]}})
+        idp.add_user("eve", email="eve@example.com", groups=("eng",))
+        idp.add_user("cole", email="cole@example.com", groups=("eng",))
+
+        async def scenario() -> list[pb.CheckResponse]:
+            verifier = OidcVerifier(config.identity.oidc, clock=lambda: now[0])
+            keys = KeyStore("postgresql://unused@127.0.0.1:1/unused")  # never consulted for IdP tokens
+            auth = Authorizer(config, Identity(keys, [verifier]), PolicyEngine.load(shipped, ENTRYPOINT))
+
+            def check(token: str, model: str = "claude-sonnet-4-5", **h: str) -> pb.CheckRequest:
+                return http_check({"authorization": f"Bearer {token}", **h}, body=body(model))
+            try:
+                eu = idp.mint("eve", claims={"region": "eu"})
+                contractor = idp.mint("cole", claims={"tier": "contractor"})
+                return [await auth.check(c) for c in (
+                    check(eu), check(eu, **{H_REGION_HINT: "us"}), check(contractor),
+                    check(contractor, "claude-haiku-4-5"))]
+            finally:
+                await verifier.close()
+                auth.policy.close()
+
+        bound, foreign, tier_sonnet, tier_haiku = asyncio.run(scenario())
+    assert bound.status.code == code_pb2.OK and meta(bound)[AUTHZ_REGION] == "eu"
+    status, err = denied_error(foreign)
+    assert status == 403 and "'eve@example.com' is bound to region 'eu' and may not use region 'us'" in err["message"]
+    status, err = denied_error(tier_sonnet)
+    assert status == 403 and "tier 'contractor' may use only models" in err["message"]
+    assert tier_haiku.status.code == code_pb2.OK and meta(tier_haiku)[AUTHZ_LABELS]["tier"] == "contractor"
