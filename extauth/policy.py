@@ -112,8 +112,7 @@ class PolicyError(Exception):
 # Anthropic error type each is answered with.
 DENY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
-               422: "invalid_request_error", 429: "rate_limit_error", 451: "permission_error",
-               503: "api_error"}
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "api_error"}
 MAX_HEADERS = 32
 MAX_LABELS = 32
 MAX_VALUE = 1024

@@ -548,3 +548,12 @@ def test_oidc_claims_the_config_selects_bind_region_and_tier(shipped: Path) -> N
     status, err = denied_error(tier_sonnet)
     assert status == 403 and "tier 'contractor' may use only models" in err["message"]
     assert tier_haiku.status.code == code_pb2.OK and meta(tier_haiku)[AUTHZ_LABELS]["tier"] == "contractor"
+
+
+def test_every_denial_status_is_one_envoy_accepts() -> None:
+    from envoy.type.v3 import http_status_pb2
+
+    from extauth.policy import DENY_STATUS
+
+    defined = {v.number for v in http_status_pb2.StatusCode.DESCRIPTOR.values}
+    assert set(DENY_STATUS) <= defined
