@@ -33,6 +33,15 @@ class UsageStatus(StrEnum):
 AUTHZ_BATCH_REQUESTS = "batch_requests"
 # Key in AUTHZ_NS: the id of the decision that allowed the request (policy_decisions.decision_id).
 AUTHZ_DECISION_ID = "decision_id"
+# Keys in AUTHZ_NS the policy's result sets (policies/README.md, "Result"); absent when it sets none.
+# The region the request is bound to (data residency): routing must keep the request, failover
+# included, on providers of this region (string; also sent as H_REGION).
+AUTHZ_REGION = "region"
+# Labels for the audit row: a struct of string -> string (e.g. {"tier": "contractor"}).
+AUTHZ_LABELS = "policy_labels"
+# Rate-limit descriptor values: a struct of string -> string, for descriptor actions that read
+# dynamic metadata (e.g. {"tier": "contractor"}).
+AUTHZ_RATELIMIT = "policy_ratelimit"
 
 
 # Rate limit domain of the route's descriptors.
@@ -53,6 +62,8 @@ H_CLUSTER = "x-ccr-cluster"
 # Batch creates only: the number of requests in the batch; the batch-create route's rate
 # limit charges that many hits (hits_addend). Removed by the route before upstream.
 H_BATCH_REQUESTS = "x-ccr-batch-requests"
+# The region the policy bound the request to (same value as AUTHZ_REGION); only when it did.
+H_REGION = "x-ccr-region"
 SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLUSTER)
 
 # The client's own x-request-id, moved aside by the listener before Envoy generates the
@@ -60,6 +71,10 @@ SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLU
 # Logged as request_log.client_request_id (non-unique, informational only).
 H_CLIENT_REQUEST_ID = "x-client-request-id"
 H_REQUEST_ID = "x-request-id"
+# The region a client asks its request to be served in (input.request.region_hint). Not x-ccr-*:
+# those are stripped from clients. A hint, never a binding: the policy decides (data residency),
+# and the gateway removes it before the request goes upstream.
+H_REGION_HINT = "ccr-region"
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"

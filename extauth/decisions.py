@@ -9,13 +9,15 @@ a file). A full queue drops the new decision and counts it; the request never wa
 the log. `close()` flushes what is queued (graceful shutdown).
 
 Nothing credential-like is queued: the principal carries ids and names, never a key or a
-token, and the request text is not part of the policy input.
+token, and the input's headers have credentials removed (extauth/policy_input.py). The request
+text, when a bundle asks for it, counts in the input digest but is never written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -31,6 +33,7 @@ import orjson
 import psycopg
 
 from extauth.endpoints import EndpointMatch
+from extauth.policy_input import RequestFacts, document
 from extauth.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -51,20 +54,16 @@ _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small 
 # A queued decision, as record() builds it (a plain tuple: the cheapest thing to make):
 # (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
 #  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1, the policy's Decision|None,
-#  the PII findings (extauth/pii.py) or None when the text was not scanned)
+#  the PII findings (extauth/pii.py) or None when the text was not scanned,
+#  the rest of the input (extauth/policy_input.py RequestFacts) or None)
 Pending = tuple
 
 
 def policy_input(principal: Principal, method: str, path: str, model: str | None,
-                 endpoint: EndpointMatch | None, pii: tuple | None = None) -> dict[str, Any]:
+                 endpoint: EndpointMatch | None, pii: tuple | None = None,
+                 facts: RequestFacts | None = None) -> dict[str, Any]:
     """The input document PolicyEngine.decide evaluates, rebuilt here (off the hot path) for its digest."""
-    request: dict[str, Any] = {"method": method, "path": path, "model": model,
-                               "endpoint": None, "kind": None, "params": {}}
-    if endpoint is not None:
-        request.update(endpoint.policy_input())
-    if pii is not None:  # kinds and locations only: the values never reach the policy or the log
-        request["pii"] = [f.policy_input() for f in pii]
-    return {"principal": principal.policy_input(), "request": request}
+    return document(principal, method, path, model, endpoint, pii, facts)
 
 
 def canonical(doc: Any) -> bytes:
@@ -106,14 +105,17 @@ class DecisionLog:
 
     def record(self, decision_id: str, request_id: str, phase: str, principal: Principal | None, method: str,
                path: str, model: str | None, endpoint: EndpointMatch | None, bundle: Any, allow: bool,
-               status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: tuple | None = None) -> None:
+               status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: tuple | None = None,
+               facts: RequestFacts | None = None) -> None:
         """Queue one decision; never blocks, never raises for a full queue (the decision is counted)."""
         q = self._queue
         if len(q) >= self._max:
             self.dropped += 1
             return
+        if facts is not None and facts.text is not None:  # the queue never holds request text
+            facts = dataclasses.replace(facts, text=None, text_truncated=False)
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
-                  bundle, allow, status, reason, eval_ns, policy_result, pii))
+                  bundle, allow, status, reason, eval_ns, policy_result, pii, facts))
         if len(q) >= self._batch:
             self._wake.set()
 
@@ -136,12 +138,16 @@ class DecisionLog:
         principal, method, path, model, endpoint, eval_ns = p[4], p[5], p[6], p[7], p[8], p[13]
         if principal is None or eval_ns < 0:
             return None  # the policy was not reached: there is no input to digest
-        pii = p[15]
+        known = getattr(p[14], "input_sha256", None)
+        if known is not None:  # PolicyEngine.decide hashed the input it evaluated
+            return known
+        pii, facts = p[15], p[16]
         key = (principal, method, path, model, endpoint.name if endpoint else None,
-               endpoint.params if endpoint else None, pii)
+               endpoint.params if endpoint else None, pii, facts)
         d = self._digests.get(key)
         if d is None:
-            d = hashlib.sha256(canonical(policy_input(principal, method, path, model, endpoint, pii))).hexdigest()
+            doc = policy_input(principal, method, path, model, endpoint, pii, facts)
+            d = hashlib.sha256(canonical(doc)).hexdigest()
             if len(self._digests) >= 10_000:
                 self._digests.clear()
             self._digests[key] = d
@@ -150,7 +156,7 @@ class DecisionLog:
     @staticmethod
     def _row(p: Pending, digest: str | None) -> tuple:
         (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns,
-         _, _) = p
+         _, _, _) = p
         return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
                 principal.id if principal else None, principal.name if principal else None,
                 str(principal.kind) if principal else None, endpoint.name if endpoint else None,
@@ -173,8 +179,8 @@ class DecisionLog:
             "metrics": {"timer_rego_query_eval_ns": p[13]},
             "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},
         }
-        if self.include_input:
-            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15])
+        if self.include_input:  # never the request's text: record() dropped it
+            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], p[16])
         return orjson.dumps(doc) + b"\n"
 
     async def flush(self) -> int:

@@ -30,14 +30,16 @@ from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.pii import Finding
-from extauth.policy import Decision
+from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.
 RouteFn = Callable[[str], "tuple[str, str] | None"]
-DecideFn = Callable[..., Decision]  # PolicyEngine.decide: (principal, method, path, model, endpoint, pii)
+# PolicyEngine.decide for batch requests: (principal, method, path, model, endpoint, pii, params, text_of),
+# where params is the request's body (its max_tokens, tools, text... are policy input; extauth/server.py).
+DecideFn = Callable[..., Decision]
 # The PII scan of one request's params (extauth/pii.py), with the body's text_of; None when off.
 ScanFn = Callable[[Any, Callable[[str], str]], "tuple[Finding, ...]"]
 
@@ -180,14 +182,13 @@ class ObjectGuard:
                            f"{label}: model: {model} is not served by this gateway; the whole batch was refused")
             found = pii(params, text_of) if pii is not None else None
             d = decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template, model,
-                       MESSAGES_CREATE, found)
+                       MESSAGES_CREATE, found, params, text_of)
             if not d.allow and found:  # the policy saw personal data: its reason says whether that is why
                 raise Deny(403, "permission_error",
                            f"{label} was refused: {d.reason} (locations in requests.{i}.params); "
                            "the whole batch was refused")
-            if not d.allow:
-                raise Deny(403, "permission_error",
-                           f"{label} uses model '{model}', which is not allowed: {d.reason}; "
+            if not d.allow:  # the reason names the model, the ceiling or the region that refused it
+                raise Deny(d.status, DENY_STATUS[d.status], f"{label} was refused: {d.reason}; "
                            "the whole batch was refused")
             routes.setdefault(route[0], label)
             if len(routes) > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import urllib.parse
@@ -26,8 +27,11 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     AUTHZ_DECISION_ID,
+    AUTHZ_LABELS,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
+    AUTHZ_RATELIMIT,
+    AUTHZ_REGION,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -36,6 +40,8 @@ from ccr.contract import (
     H_PRINCIPAL,
     H_PRINCIPAL_ID,
     H_PROVIDER,
+    H_REGION,
+    H_REGION_HINT,
     H_REQUEST_ID,
     SET_HEADERS,
 )
@@ -54,7 +60,9 @@ from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.pii import Finding, TextOf, scan
-from extauth.policy import Decision, PolicyEngine
+from extauth.policy import DENY_STATUS, Decision, PolicyEngine
+from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
+from extauth.policy_input import request_facts as request_facts_of
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
@@ -143,7 +151,8 @@ def _with_decision(message: str, decision_id: str | None) -> str:
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "pii", "principal")
+    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
+                 "principal")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -155,6 +164,7 @@ class _Seen:
         self.decision: Decision | None = None  # the policy's answer, once it ran
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
+        self.facts: RequestFacts | None = None  # the rest of the policy input (extauth/policy_input.py)
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -163,6 +173,31 @@ def _batch_scan(policy: PolicyEngine):
     if settings is None:
         return None
     return lambda params, text_of: tuple(scan(params, settings.patterns, settings.kinds, text_of))
+
+
+def _batch_decide(policy: PolicyEngine, base: RequestFacts):
+    """PolicyEngine.decide for each request of a batch create: the batch's own facts (headers,
+    source, region hint) with that request's params as the body (max_tokens, tools, ...; its text
+    when the policy reads text). The size is the batch's."""
+    def decide(principal, method, path, model, endpoint, pii, params=None, text_of: TextOf = str):
+        facts = base
+        if isinstance(params, dict):
+            try:
+                body = body_facts(params)
+            except InputError as e:
+                raise Deny(400, "invalid_request_error", f"batch request params: {e}") from None
+            text, truncated = (request_text(params, text_of, policy.text_chars) if policy.text_chars is not None
+                               else (None, False))
+            facts = dataclasses.replace(base, body=body, text=text, text_truncated=truncated)
+        return policy.decide(principal, method, path, model, endpoint, pii, facts)
+    return decide
+
+
+def _input_or_deny(fn, *args):
+    try:
+        return fn(*args)
+    except InputError as e:
+        raise Deny(400, "invalid_request_error", str(e)) from None
 
 
 def _peer_certificate(req: pb.CheckRequest) -> str | None:
@@ -233,7 +268,8 @@ class Authorizer:
             http = req.attributes.request.http
             dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
                       seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
-                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision, seen.pii)
+                      seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision, seen.pii,
+                      seen.facts)
         except Exception:  # the log must never change a decision
             log.exception("could not record a decision")
             return None
@@ -262,6 +298,7 @@ class Authorizer:
         path = seen.path = split_target(http.path)[0]
         model: str | None = None
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
+        text_of: TextOf = str  # a long string of `doc` by its placeholder (extauth/lean_json.py)
         # The body as received: a view when the caller split it off the message (no copy), else
         # the message's field (one copy, as protobuf hands out bytes).
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
@@ -279,41 +316,48 @@ class Authorizer:
         seen.bundle = policy.bundle
         t0 = time.perf_counter_ns()
         pii = None
-        if policy.pii is not None and doc is not None and endpoint.endpoint.kind is Kind.MESSAGES:
+        messages = doc is not None and endpoint.endpoint.kind is Kind.MESSAGES
+        if policy.pii is not None and messages:
             # Scanned once, host-side; the policy decides what a finding means (policies/authz.rego, "prompt PII").
             pii = seen.pii = tuple(scan(doc, policy.pii.patterns, policy.pii.kinds, text_of))
-        decision = policy.decide(principal, method, path, model, endpoint, pii)
+        request_facts = seen.facts = _input_or_deny(
+            request_facts_of, http.path, headers, http.host, source_address(req.attributes), peer, len(body),
+            doc if messages else None, text_of, policy.text_chars)
+        decision = policy.decide(principal, method, path, model, endpoint, pii, request_facts)
         seen.eval_ns = time.perf_counter_ns() - t0
         seen.decision = decision
         if pii:  # kinds and locations only, never the values
             log.info("pii %s (%s): %s; policy %s", principal.name, seen.path,
                      ", ".join(f"{f.kind} at {f.location}" for f in pii), "allowed" if decision.allow else "denied")
         if not decision.allow:
-            raise Deny(403, "permission_error", decision.reason or "denied by policy")
-        facts = await self._objects(principal, endpoint, doc, body, provider)
+            raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
+        facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
         if endpoint.endpoint.kind in (Kind.BATCHES, Kind.FILES):
             cluster = self.config.provider(provider).objects_cluster
 
-        # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest).
+        # Client-sent x-ccr-* we do not overwrite below must go (setting overwrites the rest), and
+        # the region hint is the gateway's, not the provider's.
         keep = _SET_HEADERS_FOR[principal.key_id is not None, model is not None]
-        spoofed = tuple(h for h in headers if h.startswith(CCR_HEADER_PREFIX) and h not in keep)
+        if decision.region is not None:
+            keep = keep | {H_REGION}
+        spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
         if facts is not None:  # per-object answers are not cached
-            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts)
-        ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest)
+            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts, decision)
+        ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
         resp = self._ok_cache.get(ck)
         seen.cached = True
         if resp is None:
-            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name)
+            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name, None, decision)
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
         return resp
 
     async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: Buffer,
-                       provider: str) -> ObjectFacts | None:
+                       provider: str, request_facts: RequestFacts) -> ObjectFacts | None:
         """Batches and Files checks (extauth/objects.py); file references in a Messages body
         (`doc`, already parsed by the caller from `body`)."""
         if doc is not None:
@@ -329,7 +373,7 @@ class Authorizer:
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
         policy = self.policy
-        return await self.objects.check(principal, m, body, policy.decide, _batch_scan(policy))
+        return await self.objects.check(principal, m, body, _batch_decide(policy, request_facts), _batch_scan(policy))
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
@@ -340,9 +384,12 @@ class Authorizer:
 
     def _ok(
         self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
-        endpoint: str | None = None, obj: ObjectFacts | None = None,
+        endpoint: str | None = None, obj: ObjectFacts | None = None, decision: Decision | None = None,
     ) -> pb.CheckResponse:
-        values = [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
+        # The policy's headers first: the gateway's own below can never be replaced by them
+        # (parse_result refuses x-ccr-* anyway).
+        values = list(decision.headers) if decision is not None else []
+        values += [(H_PRINCIPAL_ID, p.id), (H_PRINCIPAL, p.name)]
         if p.key_id is not None:
             values.append((H_KEY_ID, p.key_id))
         if model is not None:
@@ -350,6 +397,8 @@ class Authorizer:
         values += [(H_PROVIDER, provider), (H_CLUSTER, cluster)]
         if obj is not None and obj.hits != 1:
             values.append((H_BATCH_REQUESTS, str(obj.hits)))
+        if decision is not None and decision.region is not None:
+            values.append((H_REGION, decision.region))
         facts: dict = {"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
                        "groups": list(p.groups)}
         if p.key_id is not None:
@@ -375,6 +424,13 @@ class Authorizer:
         if obj is not None:
             # A batch costs one rate-limit hit per request (the batch-create route's hits_addend).
             facts[AUTHZ_BATCH_REQUESTS] = obj.hits
+        if decision is not None:  # what the policy's result asks later filters to know
+            if decision.region is not None:
+                facts[AUTHZ_REGION] = decision.region
+            if decision.labels:
+                facts[AUTHZ_LABELS] = dict(decision.labels)
+            if decision.ratelimit:
+                facts[AUTHZ_RATELIMIT] = dict(decision.ratelimit)
         meta = struct_pb2.Struct()
         meta.update(facts)
         return pb.CheckResponse(

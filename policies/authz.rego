@@ -1,9 +1,15 @@
-# Endpoint and model access control for ccr principals (API keys, OIDC users, SPIFFE workloads).
+# Endpoint and model access control for ccr principals (API keys, OIDC users, SPIFFE workloads),
+# and the composition of every shipped policy into one decision.
 #
-# Entry point: data.ccr.authz.decision -> {"allow": bool, "reason": string}
-# Input (facts only, never the request body):
-#   {"principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
-#    "request": {"method", "path", "model", "endpoint", "kind", "params", "pii"}}
+# Entry point: data.ccr.authz.decision -> the result (policies/README.md, "Result"):
+#   {"allow": bool, "reason": string, "status": int (denials), "headers": {...},
+#    "metadata": {"region": string, "labels": {...}, "ratelimit": {...}}}
+# Input: version 1 (policies/README.md, "Input v1"; extauth/policy_input.py):
+#   {"version": 1, "principal": {"kind", "id", "name", "groups", "tenant", "key_id", "spiffe_id", "issuer", "claims"},
+#    "source": {"address", "spiffe_id"},
+#    "request": {"method", "path", "host", "query", "headers", "endpoint", "kind", "params", "model",
+#                "max_tokens", "stream", "thinking_budget", "tools", "tool_count", "size", "region_hint",
+#                "pii", "text", "text_truncated"}}
 # `pii` (present only when data.pii.mode is block or log, on Messages requests) lists what extauth's
 # scanner found in the request's text as {"kind", "location"}, never the value (see "prompt PII" below).
 # `endpoint` is the registry name extauth matched (extauth/endpoints.py: "messages.create",
@@ -16,18 +22,41 @@
 #   data.model_access maps a group to model patterns, the same way.
 #   data.workload_access maps a SPIFFE ID, and data.trust_domain_access a trust domain, to
 #   model patterns for workloads.
-# Only builtins OPA compiles natively to WASM are used (startswith/endswith/trim_suffix/concat),
-# so evaluation never calls the host.
+#   Tiers (models per tier and ceilings): tiers.rego. Data residency: residency.rego.
+# Only builtins OPA compiles natively to WASM are used (startswith/endswith/trim_suffix/concat/
+# format_int), so evaluation never calls the host.
 package ccr.authz
 
-# Access first (endpoint and model), then the prompt PII rules (below) on what access allows.
-decision := {"allow": false, "reason": pii_denial} if {
-	access.allow
+import data.ccr.residency
+import data.ccr.tiers
+
+# In order: access (endpoint, model by group/workload, model by tier), residency, the tier's
+# ceilings, then prompt PII; the first that refuses decides. An allow carries the region binding
+# and the tier (audit label, rate-limit descriptor value).
+decision := {"allow": false, "status": 403, "reason": access.reason} if {
+	not access.allow
+} else := residency.denial if {
+	residency.denial
+} else := tiers.denial if {
+	tiers.denial
+} else := {"allow": false, "status": 403, "reason": pii_denial} if {
 	pii_blocks
-} else := {"allow": true, "reason": concat("", [access.reason, "; ", pii_log_note])} if {
-	access.allow
-	pii_logs
-} else := access
+} else := object.union(
+	{"allow": true, "reason": allow_reason, "metadata": allow_metadata},
+	residency.headers,
+)
+
+allow_reason := concat("", [access.reason, "; ", pii_log_note]) if pii_logs
+
+else := access.reason
+
+allow_metadata := {
+	"region": residency.region,
+	"labels": {"tier": tiers.tier, "region": residency.region},
+	"ratelimit": {"tier": tiers.tier},
+} if {
+	residency.region
+} else := {"labels": {"tier": tiers.tier}, "ratelimit": {"tier": tiers.tier}}
 
 default access := {"allow": false, "reason": "no policy rule allowed this request"}
 
@@ -38,6 +67,9 @@ access := {"allow": false, "reason": endpoint_denial} if {
 	not has_model
 } else := {"allow": true, "reason": concat("", ["endpoint ", input.request.endpoint, " allowed"])} if {
 	not has_model
+} else := {"allow": false, "reason": tiers.model_denial} if {
+	model_allowed
+	not tiers.model_permitted
 } else := {"allow": true, "reason": concat("", ["model ", input.request.model, " allowed"])} if {
 	model_allowed
 } else := {"allow": false, "reason": denial_reason}

@@ -23,6 +23,17 @@ from ccr.supervisor import Gateway
 REPO = Path(__file__).resolve().parent.parent
 
 
+def copy_policy_modules(dest: Path) -> list[str]:
+    """The shipped policy's Rego modules (authz.rego and the modules it imports; not the tests)
+    copied into `dest`, for tests that pair them with their own data.json. Their names."""
+    names = []
+    for f in sorted((REPO / "policies").glob("*.rego")):
+        if not f.name.endswith("_test.rego"):
+            (dest / f.name).write_text(f.read_text())
+            names.append(f.name)
+    return names
+
+
 @contextmanager
 def running_service(module: str, run_dir: Path, config_yaml: str, *, env: dict[str, str] | None = None,
                     **runtime: Any) -> Iterator[Child]:

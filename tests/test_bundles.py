@@ -20,6 +20,7 @@ from extauth.bundle_source import BundleLoader, FileSource, HttpSource, read_sta
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal, PrincipalKind
 from tests.bundle_server import BundleServer
+from tests.harness import copy_policy_modules
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "ccr/authz/decision"
@@ -59,7 +60,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path
 def policy_src(root: Path, models: list[str], extra: dict | None = None) -> Path:
     src = root / "policies"
     src.mkdir(parents=True, exist_ok=True)
-    (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
+    copy_policy_modules(src)
     data = {"endpoint_access": {"*": ["messages.*"]}, "model_access": {"default": models}, **(extra or {})}
     (src / "data.json").write_text(json.dumps(data))
     return src
@@ -103,7 +104,8 @@ def verifier(keys, alg: str = "RS256", **kw) -> BundleVerifier:
 def test_signed_bundle_accepted(tmp_path: Path, keys, alg: str) -> None:
     b = read_bundle(signed(tmp_path, keys, alg), verifier(keys, alg))
     assert b.signed and b.revision == "r1" and b.roots == ("",)
-    assert set(b.files) == {".signatures.json", ".manifest", "data.json", "policy.wasm", "authz.rego"}
+    assert set(b.files) == {".signatures.json", ".manifest", "data.json", "policy.wasm",
+                            *(f.name for f in (REPO / "policies").glob("*.rego") if not f.name.endswith("_test.rego"))}
     eng = PolicyEngine(b, ENTRYPOINT)
     try:
         assert eng.decide(ALICE, *SONNET).allow

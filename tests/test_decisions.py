@@ -14,6 +14,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import orjson
 import psycopg
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -28,6 +29,7 @@ from extauth.decisions import DecisionLog, canonical, policy_input
 from extauth.endpoints import match
 from extauth.keys import KeyStore, create_key
 from extauth.policy import PolicyEngine
+from extauth.policy_input import RequestFacts, body_facts
 from extauth.server import Authorizer, check_identity
 from tests.harness import log_row, running_gateway
 from tests.test_extauth import GATEWAY_YAML, REPO, denied_error, http_check, msg_body
@@ -94,8 +96,10 @@ def test_allow_and_deny_each_one_row(postgres_dsn: str, bundle: Path) -> None:
     assert ids[0] != ids[1]
     assert by_rid["rid-allow-1"]["input_sha256"] == by_rid["rid-allow-2"]["input_sha256"]
     principal = asyncio.run(_principal(postgres_dsn, good))
+    # Input v1: the credential and the request id are not in it; the body's facts and size are.
+    facts = RequestFacts(host="gw.local", size=len(msg_body()), body=body_facts(orjson.loads(msg_body())))
     expected = hashlib.sha256(canonical(policy_input(principal, "POST", "/v1/messages", "claude-sonnet-4-5",
-                                                     match("POST", "/v1/messages")))).hexdigest()
+                                                     match("POST", "/v1/messages"), None, facts))).hexdigest()
     assert by_rid["rid-allow-1"]["input_sha256"] == expected
 
     # Denied by policy: 403 with the rule's reason, and the message names the decision.

@@ -26,7 +26,7 @@ from extauth.endpoints import ENDPOINTS, Endpoint, Kind
 from extauth.keys import KeyStore, create_key, hash_key, list_keys, revoke_key
 from extauth.policy import PolicyEngine
 from extauth.server import Authorizer
-from tests.harness import running_service
+from tests.harness import copy_policy_modules, running_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,6 +163,8 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
         "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
+        # The shipped policy's result: the tier as an audit label and a rate-limit descriptor value.
+        "policy_labels": {"tier": "standard"}, "policy_ratelimit": {"tier": "standard"},
     }
 
 
@@ -367,7 +369,7 @@ def test_files_api_is_403_unless_enabled(stub, key, postgres_dsn, tmp_path: Path
 def test_policy_decides_per_endpoint(postgres_dsn: str, tmp_path: Path) -> None:
     src = tmp_path / "policies"
     src.mkdir()
-    (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
+    copy_policy_modules(src)
     (src / "data.json").write_text(json.dumps({
         "endpoint_access": {"*": ["messages.*", "models.list"], "batchers": ["batches.*"]},
         "model_access": {"default": ["claude-*"], "batchers": ["claude-*"]}}))
@@ -467,7 +469,7 @@ def test_bundle_hot_reload(postgres_dsn: str, tmp_path: Path) -> None:
     config = parse_config(__import__("yaml").safe_load(GATEWAY_YAML))
     src = tmp_path / "policies"
     src.mkdir()
-    (src / "authz.rego").write_text((REPO / "policies" / "authz.rego").read_text())
+    copy_policy_modules(src)
     grant = {"*": ["messages.*"]}
     (src / "data.json").write_text(json.dumps({"endpoint_access": grant, "model_access": {"default": ["claude-*"]}}))
     bundle = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")

@@ -149,6 +149,58 @@ def test_results_meter_sums_succeeded_in_any_chunking() -> None:
         assert (u.input_tokens, u.output_tokens, u.cache_read_input_tokens) == (15, 7, 2) and m.complete
 
 
+def test_batch_create_requests_meet_the_tier_ceilings(postgres_dsn: str, bundle: Path) -> None:
+    """Each request of a batch is decided with its own body facts (max_tokens, tools, ...):
+    a ceiling can't be dodged by putting the request in a batch."""
+    _, key = create_key(postgres_dsn, "ceiling-batcher", groups=["default"])
+    body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
+    ok, tokens, tools, malformed = run(postgres_dsn, bundle, [
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5", max_tokens=128000))),
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
+                                                   _req("huge", "claude-haiku-4-5", max_tokens=200000))),
+        (key, "POST", "/v1/messages/batches", body(_req("kit", "claude-haiku-4-5",
+                                                        tools=[{"name": f"t{i}"} for i in range(129)]))),
+        (key, "POST", "/v1/messages/batches", body(_req("odd", "claude-haiku-4-5", max_tokens="8"))),
+    ])
+    assert ok.status.code == code_pb2.OK
+    status, err = denied_error(tokens)
+    assert status == 403 and err["message"].startswith(
+        "batch request 'huge' was refused: max_tokens 200000 is above the ceiling of 128000 for tier 'standard'")
+    status, err = denied_error(tools)
+    assert status == 403 and "'kit'" in err["message"]
+    assert "declares 129 tools, above the ceiling of 128" in err["message"]
+    status, err = denied_error(malformed)
+    assert status == 400 and "max_tokens" in err["message"]
+
+
+def test_batch_create_request_text_reaches_a_policy_that_reads_text(postgres_dsn: str, tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "policies"
+    src.mkdir()
+    (src / "authz.rego").write_text("""package ccr.authz
+
+decision := {"allow": false, "reason": concat("", ["text at ", t.loc, " is not allowed"])} if {
+	some t in input.request.text
+	contains(t.text, "forbidden")
+} else := {"allow": true, "reason": "ok"}
+""")
+    (src / "data.json").write_text(json.dumps({"policy_input": {"text": True}}))
+    reads_text = build_bundle(src, tmp_path / "b.tar.gz", "ccr/authz/decision")
+    _, key = create_key(postgres_dsn, "text-batcher", groups=["default"])
+    body = lambda *r: orjson.dumps({"requests": list(r)})  # noqa: E731
+    bad = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "forbidden"}]}]
+    ok, refused = run(postgres_dsn, reads_text, [
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"))),
+        (key, "POST", "/v1/messages/batches", body(_req("a", "claude-haiku-4-5"),
+                                                   _req("b", "claude-haiku-4-5", messages=bad))),
+    ])
+    assert ok.status.code == code_pb2.OK
+    status, err = denied_error(refused)
+    assert status == 403 and err["message"].startswith(
+        "batch request 'b' was refused: text at messages[0].content[1] is not allowed")
+
+
 def test_batch_create_requests_are_scanned_for_pii(postgres_dsn: str, tmp_path: Path) -> None:
     import json
     import shutil

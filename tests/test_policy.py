@@ -14,6 +14,7 @@ from extauth.bundle import BundleError, build_bundle, find_opa, read_bundle
 from extauth.endpoints import match
 from extauth.policy import PolicyEngine
 from extauth.principal import Principal, PrincipalKind
+from tests.harness import copy_policy_modules
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
@@ -78,7 +79,7 @@ def test_decision_cache_keys_on_the_endpoint(tmp_path: Path) -> None:
     """Same principal, method, path and model, another endpoint or id: another decision."""
     src = tmp_path / "policies"
     src.mkdir()
-    (src / "authz.rego").write_text((POLICIES / "authz.rego").read_text())
+    copy_policy_modules(src)
     (src / "data.json").write_text(json.dumps({"endpoint_access": {"*": ["messages.create", "batches.get"]},
                                                "model_access": {"default": ["claude-*"]}}))
     eng = PolicyEngine.load(build_bundle(src, tmp_path / "b.tar.gz", ENTRYPOINT), ENTRYPOINT)

@@ -1,0 +1,90 @@
+"""The shipped policies (tiers, data residency) through the whole gateway: real Envoy, extauth,
+the compiled Rego, the emulated provider and the anthropic SDK."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import pytest
+
+from ccr.contract import H_REGION, H_REGION_HINT
+from ccr.supervisor import Gateway
+from extauth.keys import create_key
+from tests.harness import REPO, emulator_records, running_gateway
+
+HAIKU = "claude-haiku-4-5"
+SONNET = "claude-sonnet-4-5"
+DECISION = re.compile(r"\(decision (dec_[0-9a-f]+)\)$")
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The shipped policies; the data a team edits: contractors may call Claude (their tier keeps
+    them on Haiku), tenant acme-eu is bound to the EU, and the binding travels upstream as a header."""
+    tmp = tmp_path_factory.mktemp("gw-policy")
+    pol = tmp / "policies"
+    shutil.copytree(REPO / "policies", pol)
+    data = json.loads((pol / "data.json").read_text())
+    data["model_access"]["contractors"] = ["claude-*"]
+    data["residency"]["tenants"] = {"acme-eu": "eu"}
+    data["residency"]["header"] = "x-data-region"
+    (pol / "data.json").write_text(json.dumps(data))
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["policy"]["dir"] = str(pol)
+
+    with running_gateway(tmp, edit) as g:
+        yield g
+
+
+def client(gw: Gateway, key: str, **headers: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, default_headers=headers or None)
+
+
+def test_contractor_tier_denial_has_the_anthropic_shape_and_decision_id(gw: Gateway) -> None:
+    _, key = create_key(gw.runtime.postgres_dsn, "contractor-e2e", ["contractors"])
+    c = client(gw, key)
+    before = len(emulator_records(gw))
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        c.messages.create(model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    err = e.value.body["error"]  # type: ignore[index]
+    assert e.value.status_code == 403 and err["type"] == "permission_error"
+    assert err["message"].startswith("tier 'contractor' may use only models claude-haiku-*")
+    assert DECISION.search(err["message"]) is not None
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        c.messages.create(model=HAIKU, max_tokens=9000, messages=[{"role": "user", "content": "hi"}])
+    assert "max_tokens 9000 is above the ceiling of 8192 for tier 'contractor'" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert len(emulator_records(gw)) == before  # nothing reached the provider
+
+    ok = c.messages.create(model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert ok.content and len(emulator_records(gw)) == before + 1
+
+
+def test_residency_binding_reaches_upstream_and_a_foreign_region_is_refused(gw: Gateway) -> None:
+    _, key = create_key(gw.runtime.postgres_dsn, "eu-e2e", ["default"], tenant="acme-eu")
+    before = len(emulator_records(gw))
+    ok = client(gw, key, **{H_REGION_HINT: "eu"}).messages.create(
+        model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert ok.content
+    rec = emulator_records(gw)[-1]
+    assert len(emulator_records(gw)) == before + 1
+    headers = {k.lower(): v for k, v in rec["headers"].items()}
+    assert headers["x-data-region"] == "eu"  # the policy's header, from the region binding
+    assert H_REGION_HINT not in headers and H_REGION not in headers  # gateway-only headers stay inside
+
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        client(gw, key, **{H_REGION_HINT: "us"}).messages.create(
+            model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    msg = e.value.body["error"]["message"]  # type: ignore[index]
+    assert "'eu-e2e' is bound to region 'eu' and may not use region 'us'" in msg
+    assert DECISION.search(msg) is not None
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client(gw, key, **{H_REGION_HINT: "moon"}).messages.create(
+            model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert len(emulator_records(gw)) == before + 1
