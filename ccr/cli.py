@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -299,6 +300,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.config_cmd == "schema":
         print(json_schema())
         return 0
+    if args.config_cmd == "envoy":
+        from ccr.standalone import static_envoy_config
+
+        print(json.dumps(static_envoy_config(Path(args.config)), indent=2))
+        return 0
     cfg = load_config(args.file)
     print(f"{args.file}: OK ({len(cfg.providers)} provider(s), {len(cfg.models)} model route(s))")
     return 0
@@ -586,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cs.add_parser("check", help="validate a config file")
     chk.add_argument("file")
     cs.add_parser("schema", help="print the config's JSON Schema")
+    cs.add_parser("envoy", help="print a static Envoy config (JSON) that uses the standalone services "
+                                "(services.standalone): for an Envoy you run yourself, e.g. a mesh's")
 
     srv = sub.add_parser("serve", help="run one part of the gateway on its own, at the address "
                                        "services.standalone fixes (containers, systemd, a mesh)")

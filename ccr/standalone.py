@@ -87,10 +87,7 @@ def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tu
     assert config.storage.postgres_dsn and config.storage.redis_url and s.pki_dir  # settings() checked
     rt = Runtime(config_path=str(config_path), run_dir=str(run_dir), postgres_dsn=config.storage.postgres_dsn,
                  redis_url=config.storage.redis_url, listen_port=config.gateway.listen.port)
-    for svc in ("extauth", "ratelimit", "adapter", "accesslog"):
-        reach = getattr(s, svc).reach()
-        setattr(rt, svc, reach[0])
-        rt.service_endpoints[svc] = reach
+    _wire(rt, config, config_path, s)
     rt.xds = s.router.reach()[0]
     rt.service_endpoints["router"] = s.router.reach()
     if s.signin is not None and config.identity.signin is not None:
@@ -99,11 +96,20 @@ def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tu
         key_dir = config.identity.signin.key_dir
         rt.signin_key_dir = str(_under(config_path.parent, key_dir) if key_dir else state_dir(config, config_path,
                                                                                                 "signin") / "keys")
+    return config, rt
+
+
+def _wire(rt: Runtime, config: GatewayConfig, config_path: Path, s: StandaloneSettings) -> None:
+    """Where Envoy finds the decision services, its mTLS identity, and its credential files."""
+    for svc in ("extauth", "ratelimit", "adapter", "accesslog"):
+        reach = getattr(s, svc).reach()
+        setattr(rt, svc, reach[0])
+        rt.service_endpoints[svc] = reach
+    assert s.pki_dir is not None  # settings() checked
     rt.mtls = load_pki(_under(config_path.parent, s.pki_dir))
     # Where `ccr serve envoy` writes each provider's credential; the router points Envoy there.
     creds = state_dir(config, config_path, "envoy") / "credentials"
     rt.provider_credentials = {p.name: str(creds / f"{p.name}.json") for p in config.providers}
-    return config, rt
 
 
 def _listen(config: GatewayConfig, name: str, listen: str | None) -> tuple[str, int]:
@@ -199,4 +205,24 @@ def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
         except grpc.RpcError:
             return False
     return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def static_envoy_config(config_path: Path) -> dict:
+    """The gateway's listener, routes and clusters as one static Envoy config, pointing ext_authz,
+    rate limit, ext_proc and the access log at the standalone services: for an Envoy that is not
+    run by `ccr serve envoy` (a mesh's own, or one managed elsewhere). Provider credentials are
+    read from the SDS files `ccr serve envoy` would write (see docs/mesh.md)."""
+    from router.resources import static_bootstrap
+
+    config_path = config_path.resolve()
+    config = load_config(config_path)
+    s = settings(config, str(config_path))
+    rt = Runtime(config_path=str(config_path), run_dir=str(state_dir(config, config_path, "envoy")),
+                 postgres_dsn="unused", redis_url="unused", listen_port=config.gateway.listen.port)
+    _wire(rt, config, config_path, s)
+    doc = static_bootstrap(config, rt, config.gateway.listen.port)
+    doc["node"] = {"id": "ccr-static", "cluster": "ccr-gateway"}
+    g = config.gateway
+    doc["admin"] = {"address": {"socket_address": {"address": g.admin.host, "port_value": g.admin.port}}}
+    return doc
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ccr.config import SERVE_NAMES, parse_config
 from ccr.standalone import settings
 
 REPO = Path(__file__).resolve().parent.parent
+CCR = [sys.executable, "-m", "ccr.cli"]
 DEPLOYCHECK = REPO / ".venv" / "bin" / "ccr-deploycheck"
 # What every deployment runs: each part once (signin only when identity.signin is configured).
 PARTS = set(SERVE_NAMES) - {"signin"}
@@ -125,3 +127,66 @@ def test_dockerfile_ships_every_package_and_the_pinned_opa() -> None:
     assert {"envoy", "policies"} <= copied  # the bootstrap template and the default policies
     pinned = re.search(r'^OPA_VERSION="(v[\d.]+)"', (REPO / "install.sh").read_text(), re.M)
     assert pinned and f"ARG OPA_VERSION={pinned.group(1)}" in text
+
+
+def test_istio_and_envoy_gateway_configs_decode_strictly() -> None:
+    files = sorted(str(p) for d in ("istio", "envoy-gateway") for p in (REPO / "deploy" / d).glob("*.yaml"))
+    objects = _deploycheck("k8s", *files)
+    kinds = {o["kind"]: o for o in objects}
+    assert {"ConfigMap", "AuthorizationPolicy", "Telemetry", "EnvoyFilter", "SecurityPolicy"} <= set(kinds)
+    assert kinds["ConfigMap"]["extensionProviders"] == 2  # ext_authz and the access log, parsed as MeshConfig
+    # The Envoy config inside the EnvoyFilter is Envoy's own: parse it with Envoy's protos.
+    from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+    from google.protobuf import json_format
+
+    doc = next(d for d in yaml.safe_load_all((REPO / "deploy" / "istio" / "policies.yaml").read_text())
+               if d and d["kind"] == "EnvoyFilter")
+    typed = dict(doc["spec"]["configPatches"][0]["patch"]["value"]["typed_config"])
+    assert typed.pop("@type").endswith("envoy.extensions.filters.http.ratelimit.v3.RateLimit")
+    rl = json_format.ParseDict(typed, rate_limit_pb2.RateLimit())
+    assert rl.domain == "ccr" and rl.failure_mode_deny
+    assert "ratelimit.ccr.svc.cluster.local" in rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name
+
+
+def test_istio_mesh_config_refuses_a_misspelled_field(tmp_path: Path) -> None:
+    text = (REPO / "deploy" / "istio" / "mesh-config.yaml").read_text().replace("includeRequestBodyInCheck",
+                                                                                 "includeRequestBody")
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text(text)
+    r = subprocess.run([str(DEPLOYCHECK), "k8s", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "includeRequestBody" in r.stderr
+
+
+def test_static_envoy_config_for_a_mesh_envoy_passes_validate(tmp_path: Path) -> None:
+    """`ccr config envoy`: the gateway as one static config for an Envoy run elsewhere, pointing its
+    ext_authz, rate limit, ext_proc and access log at the standalone services."""
+    from ccr.supervisor import envoy_binary
+
+    pki = tmp_path / "pki"
+    assert subprocess.run([*CCR, "pki", "issue", str(pki)], capture_output=True, timeout=60).returncode == 0
+    cfg = yaml.safe_load((REPO / "deploy" / "compose" / "ccr.yaml").read_text())
+    cfg["services"]["standalone"]["pki_dir"] = str(pki)
+    cfg["storage"]["data_dir"] = str(tmp_path / "data")
+    cfg["policy"]["dir"] = str(REPO / "policies")
+    config = tmp_path / "ccr.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([*CCR, "config", "envoy", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    text = json.dumps(doc)
+    for filter_type in ("ext_authz.v3.ExtAuthz", "ratelimit.v3.RateLimit", "ext_proc.v3.ExternalProcessor",
+                        "access_loggers.grpc.v3"):
+        assert filter_type in text
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    assert clusters["ccr_extauth"]["type"] == "STRICT_DNS"  # Compose service names
+    out = tmp_path / "envoy.json"
+    out.write_text(r.stdout)
+    # The credential SDS files must exist for validate mode; `ccr serve envoy` writes them.
+    from ccr.credentials import write_secret
+
+    for provider in cfg["providers"]:
+        write_secret(tmp_path / "data" / "standalone" / "envoy" / "credentials" / f"{provider['name']}.json",
+                     provider["name"], "sk-ant-test")
+    v = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stderr[-3000:]

@@ -24,6 +24,12 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes/scheme"
+
+	egv1a1 "github.com/envoyproxy/gateway/api/v1alpha1"
+	"google.golang.org/protobuf/encoding/protojson"
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
+	istioscheme "istio.io/client-go/pkg/clientset/versioned/scheme"
+	sigyaml "sigs.k8s.io/yaml"
 )
 
 func fail(format string, args ...any) {
@@ -87,8 +93,27 @@ func containers(pod corev1.PodSpec) []container {
 	return out
 }
 
+// meshConfig checks an Istio MeshConfig (the `mesh` key of the istio ConfigMap) strictly.
+func meshConfig(file string, text string) int {
+	js, err := sigyaml.YAMLToJSON([]byte(text))
+	if err != nil {
+		fail("%s: mesh: %v", file, err)
+	}
+	var mc meshv1alpha1.MeshConfig
+	if err := protojson.Unmarshal(js, &mc); err != nil {
+		fail("%s: mesh: %v", file, err)
+	}
+	return len(mc.ExtensionProviders)
+}
+
 func k8s(files []string) {
-	codecs := serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict)
+	full := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{scheme.AddToScheme, istioscheme.AddToScheme, egv1a1.AddToScheme} {
+		if err := add(full); err != nil {
+			fail("%v", err)
+		}
+	}
+	codecs := serializer.NewCodecFactory(full, serializer.EnableStrict)
 	decoder := codecs.UniversalDeserializer()
 	var out []map[string]any
 	for _, file := range files {
@@ -105,7 +130,7 @@ func k8s(files []string) {
 			if err != nil {
 				fail("%s: document %d: %v", file, i, err)
 			}
-			if len(bytes.TrimSpace(doc)) == 0 {
+			if onlyComments(doc) {
 				continue
 			}
 			obj, gvk, err := decoder.Decode(doc, nil, nil)
@@ -118,6 +143,11 @@ func k8s(files []string) {
 			}
 			if sec, ok := obj.(*corev1.Secret); ok {
 				item["stringData"] = sec.StringData
+			}
+			if cm, ok := obj.(*corev1.ConfigMap); ok {
+				if mesh, ok := cm.Data["mesh"]; ok {
+					item["extensionProviders"] = meshConfig(file, mesh)
+				}
 			}
 			switch o := obj.(type) {
 			case *appsv1.Deployment:
@@ -149,4 +179,15 @@ func main() {
 	default:
 		fail("unknown mode %q", os.Args[1])
 	}
+}
+
+// onlyComments: a YAML document with nothing but comments and blank lines (a file's header).
+func onlyComments(doc []byte) bool {
+	for _, line := range bytes.Split(doc, []byte("\n")) {
+		t := bytes.TrimSpace(line)
+		if len(t) > 0 && t[0] != '#' && !bytes.Equal(t, []byte("---")) {
+			return false
+		}
+	}
+	return true
 }
