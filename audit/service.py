@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from audit.chain import signing_key
 from audit.entry import MalformedEntry, entry_to_row
-from audit.writer import RequestLogWriter
+from audit.spool import Spool
+from audit.writer import RequestLogWriter, new_chain_id
 from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 
@@ -46,18 +49,34 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
+            # The next message is read only once this one's rows are durable (committed or
+            # spooled): what Envoy has sent is safe, and a stalled writer holds Envoy back.
+            await self.writer.flush()
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
-        # its rows are committed, so a closed stream means a written log.
+        # its rows are durable, so a closed stream means a kept log.
         await self.writer.flush()
         if skipped:
             log.warning("access log stream ended; %d malformed entries skipped", skipped)
         return als_pb2.StreamAccessLogsResponse()
 
 
+def make_writer(config: GatewayConfig, runtime: Runtime) -> RequestLogWriter:
+    """This process's writer: its own chain, its own spool directory, the run's signing key."""
+    a = config.audit
+    audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+    chain_id = new_chain_id()
+    spool = Spool(audit_dir / "spool", chain_id, a.spool_max_bytes)
+    spool.open()
+    log.info("audit chain %s; spool %s; checkpoint key %s", chain_id, spool.dir, audit_dir / "signing.key")
+    return RequestLogWriter(runtime.audit_dsn or runtime.postgres_dsn, spool=spool, signer=signing_key(audit_dir),
+                            chain_id=chain_id, write_timeout=a.write_timeout_s,
+                            checkpoint_every_s=a.checkpoint_interval_s, checkpoint_every_rows=a.checkpoint_every_rows)
+
+
 async def setup(
     server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
 ) -> Callable[[], Awaitable[None]]:
-    writer = RequestLogWriter(runtime.postgres_dsn)
+    writer = make_writer(config, runtime)
     writer.start()
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer), server)
     return writer.stop
