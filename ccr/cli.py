@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_parser("schema", help="print the config's JSON Schema")
 
     add_policy_why(sub)
+    from audit.cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     config_on_every_command(ap)
     return ap
 

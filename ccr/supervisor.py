@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from ccr import db
+from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
 from ccr.contract import ID_ADAPTER, ID_ENVOY
 from ccr.credentials import write_secret
@@ -235,6 +236,9 @@ class Gateway:
             pg = self._track(start_postgres(data / "pgdata", logs))
             dsn, where = str(pg.info["dsn"]), f"embedded, pid {pg.pid}"
         version = db.migrate(dsn)
+        # The access-log receiver writes as an insert-only role when ccr manages PostgreSQL;
+        # with an external DSN it uses that DSN (docs/audit.md: grant the role there yourself).
+        audit_dsn = None if config.storage.postgres_dsn else audit_role_dsn(dsn, data / "pgdata.audit.password")
         self.status("postgres", f"ready ({where}, schema v{version}) in {time.monotonic() - t:.1f}s")
 
         t = time.monotonic()
@@ -246,7 +250,7 @@ class Gateway:
         self.status("redis", f"ready ({where}) in {time.monotonic() - t:.1f}s")
 
         runtime = Runtime(config_path=str(self.config_path), run_dir=str(run_dir),
-                          postgres_dsn=dsn, redis_url=redis_url)
+                          postgres_dsn=dsn, redis_url=redis_url, audit_dsn=audit_dsn, audit_dir=str(data / "audit"))
         self.runtime = runtime
 
         t = time.monotonic()
