@@ -35,7 +35,8 @@ def test_gateway_audit_trail(gw: Gateway, dsn: str, capsys: pytest.CaptureFixtur
         time.sleep(0.05)
 
     with psycopg.connect(dsn) as conn:
-        users = {u for (u,) in conn.execute("SELECT usename FROM pg_stat_activity WHERE application_name = 'ccr-audit'")}
+        users = {u for (u,) in conn.execute(
+            "SELECT usename FROM pg_stat_activity WHERE application_name = 'ccr-audit'")}
     assert users == {AUDIT_ROLE}
     key = gw.data_dir() / "audit" / "signing.key"
     assert key.stat().st_mode & 0o777 == 0o600
