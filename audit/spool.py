@@ -18,6 +18,7 @@ own, so nothing spooled is ever stranded.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -96,16 +97,23 @@ class Spool:
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
-        self.dir.mkdir(mode=0o700)
-        self._lock_fd = self._lock(self.dir)
+        # Made under a hidden name and locked before it gets its real one, so a process starting
+        # at the same moment never takes it for an orphan.
+        tmp = self.root / f".{self.dir.name}.new"
+        tmp.mkdir(mode=0o700)
+        self._lock_fd = self._lock(tmp)
         assert self._lock_fd is not None
+        tmp.rename(self.dir)
         _fsync_dir(self.root)
-        for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.dir):
+        for other in sorted(p for p in self.root.iterdir()
+                            if p.is_dir() and p != self.dir and not p.name.startswith(".")):
             fd = self._lock(other)
             if fd is None:
                 continue  # a live process's spool
             try:
                 self._adopt(other)
+            except FileNotFoundError:
+                pass  # another process adopted it first
             finally:
                 os.close(fd)
         if self._segments:
@@ -121,7 +129,8 @@ class Spool:
                 if p.name != LOCK_FILE:
                     p.unlink()
             (self.dir / LOCK_FILE).unlink(missing_ok=True)
-            self.dir.rmdir()
+            with contextlib.suppress(OSError):  # someone looking for orphans put a lock file in it
+                self.dir.rmdir()
         elif self.rows:
             log.warning("access log spool: %d row(s) (%d bytes) left in %s; the next receiver writes them",
                         self.rows, self.bytes, self.dir)
@@ -131,7 +140,10 @@ class Spool:
 
     @staticmethod
     def _lock(path: Path) -> int | None:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the directory went away (adopted or closed meanwhile)
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -188,10 +200,21 @@ class Spool:
         seg = self._segments[-1] if self._segments else None
         if seg is None or self._write_file is None or self._write_file.tell() >= self.segment_bytes:
             seg = self._new_segment()
-        offset = self._write_file.tell() + _HEADER.size
-        self._write_file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-        self._write_file.flush()
-        os.fsync(self._write_file.fileno())
+        start = self._write_file.tell()
+        try:
+            data = memoryview(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+            while data:
+                data = data[self._write_file.write(data):]
+            os.fsync(self._write_file.fileno())
+        except OSError as e:
+            # A disk full or failing: cut the partial record off so later ones stay readable,
+            # and hold the rows back (the caller waits) instead of losing them.
+            log.error("access log spool write failed (%s); waiting for PostgreSQL or space", e)
+            with contextlib.suppress(OSError):
+                self._write_file.truncate(start)
+                self._write_file.seek(start)
+            raise SpoolFull from e
+        offset = start + _HEADER.size
         seg[1].append((offset, len(payload)))
         was_empty = self.rows == 0
         self.bytes += size
@@ -203,7 +226,7 @@ class Spool:
             self._write_file.close()
         path = self.dir / f"{self._next_number:012d}{SEGMENT_SUFFIX}"
         self._next_number += 1
-        self._write_file = path.open("ab")
+        self._write_file = path.open("ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
         _fsync_dir(self.dir)
         seg: list[Any] = [path, [], 0]
         self._segments.append(seg)

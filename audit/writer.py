@@ -162,14 +162,23 @@ class RequestLogWriter:
                 return
             except _DB_ERRORS as e:
                 await self._failed(e, len(batch))
-        while True:
+        pending, size = batch, len(batch)
+        while pending:
             try:
-                self.spool.append(batch)
-                return
+                self.spool.append(pending[:size])
+                pending = pending[size:]
+                size = len(pending)
             except SpoolFull:
+                if size > 1:  # a smaller piece may fit in the room left
+                    size //= 2
+                    continue
+                if self.spool.empty():  # not even one row fits an empty spool: hold it in memory
+                    await self._write_retrying(pending)
+                    return
                 # Nothing is dropped here: wait for PostgreSQL to take some of the spool.
                 await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
                 await self._drain(max_batches=20)
+                size = len(pending)
 
     async def _drain(self, max_batches: int) -> None:
         assert self.spool is not None

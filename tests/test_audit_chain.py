@@ -362,3 +362,51 @@ def test_admin_rows_are_linked(postgres_dsn: str) -> None:
     (chain, seq, prev, h, after), = rows
     assert chain == "admin" and seq >= 1 and len(h) == 32 and isinstance(after, dict)
     assert bytes(prev) == (bytes(before[0]) if before else bytes(32))
+
+
+def test_two_live_spools_never_adopt_each_other(tmp_path: Path) -> None:
+    a, b = Spool(tmp_path, "0001-a", max_bytes=1 << 20), Spool(tmp_path, "0002-b", max_bytes=1 << 20)
+    a.open()
+    a.append([("2025-01-01", "r1")])
+    b.open()
+    assert (tmp_path / "0001-a").is_dir() and b.empty() and not a.empty()
+    a.close()  # rows left: its directory stays for the next receiver
+    b.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["0001-a"]
+
+
+def test_a_full_spool_holds_the_stream_back_then_writes_everything_in_order(
+        postgres_server: dict[str, object], tmp_path: Path) -> None:
+    """PostgreSQL away and the spool full: flush waits (nothing dropped); once PostgreSQL answers,
+    spooled and waiting rows land in the order they were put."""
+    import asyncio
+
+    from audit.entry import entry_to_row
+    from audit.writer import RequestLogWriter
+
+    dsn = create_database(str(postgres_server["admin_dsn"]), prefix="full")
+    db.migrate(dsn)
+    rows = [entry_to_row(entry(f"full-{i:03d}")) for i in range(40)]
+
+    async def scenario() -> list[tuple[str, int]]:
+        spool = Spool(tmp_path / "spool", "0001-w", max_bytes=4096)
+        spool.open()
+        writer = RequestLogWriter("postgresql://nobody:x@127.0.0.1:1/none", spool=spool,
+                                  backoff_initial=0.01, backoff_max=0.05)
+        writer.start()
+        for r in rows:
+            assert r is not None
+            await writer.put(r)
+        flushed = asyncio.create_task(writer.flush())
+        while not spool._full_logged:  # the condition itself: the spool refused a batch
+            await asyncio.sleep(0.01)
+        assert not flushed.done() and spool.bytes <= 4096
+        writer.dsn = dsn  # PostgreSQL is back
+        await asyncio.wait_for(flushed, 60)
+        await writer.stop()
+        with psycopg.connect(dsn) as conn:
+            return [(r, s) for r, s in conn.execute("SELECT request_id, chain_seq FROM request_log ORDER BY chain_seq")]
+
+    got = asyncio.run(scenario())
+    assert [r for r, _ in got] == [f"full-{i:03d}" for i in range(40)]
+    assert [s for _, s in got] == list(range(1, 41))
