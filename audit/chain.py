@@ -39,12 +39,17 @@ KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
 
 
+def _utc(v: datetime) -> str:
+    u = v.astimezone(UTC)
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
+
+
 def _value(v: Any) -> Any:
     """A column value as canonical JSON holds it."""
     if isinstance(v, datetime):
         if v.tzinfo is None:
             raise ValueError("naive timestamp in an audit row")
-        return v.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return _utc(v)
     if isinstance(v, bytes | bytearray | memoryview):
         return bytes(v).hex()
     if isinstance(v, float) and v != v:  # NaN has no canonical form
@@ -66,7 +71,70 @@ def canonical(obj: Any) -> bytes:
                       allow_nan=False).encode()
 
 
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C, keeps non-ASCII as is
+
+
+def _scalar(v: Any) -> str:
+    """One value exactly as `canonical` writes it (the hot path: no intermediate objects)."""
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return _encode_str(v)  # type: ignore[no-any-return]
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return int.__repr__(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("NaN or infinity in an audit row")
+        return float.__repr__(v)
+    if isinstance(v, datetime) and v.tzinfo is not None:
+        return f'"{_utc(v)}"'
+    return canonical(v).decode()  # jsonb objects and lists, bytes; errors for the rest
+
+
+def _float(v: float) -> str:
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError("NaN or infinity in an audit row")
+    return float.__repr__(v)
+
+
+# The common exact types, dispatched by one lookup (subclasses, datetimes etc. go through _scalar).
+_BY_TYPE: dict[type, Any] = {str: _encode_str, int: int.__repr__, float: _float, type(None): lambda _v: "null"}
+
+
+class _Layout:
+    """For one column list: the columns in sorted order (positions and JSON keys), computed once."""
+
+    def __init__(self, columns: tuple[str, ...]) -> None:
+        order = sorted(range(len(columns)), key=lambda i: columns[i])
+        self.positions = order
+        self.keys = [_encode_str(columns[i]) + ":" for i in order]
+
+
+_LAYOUTS: dict[tuple[str, ...], _Layout] = {}
+
+
+def _link_hash_values(table: str, chain_id: str, seq: int, prev: bytes, columns: tuple[str, ...],
+                      values: tuple[Any, ...]) -> bytes:
+    lay = _LAYOUTS.get(columns)
+    if lay is None:
+        lay = _LAYOUTS[columns] = _Layout(columns)
+    fields = ",".join([k + (_BY_TYPE.get(type(v)) or _scalar)(v)
+                       for k, v in zip(lay.keys, [values[i] for i in lay.positions], strict=True)])
+    body = (f'{{"chain":{_encode_str(chain_id)},"prev":"{prev.hex()}","row":{{{fields}}},'
+            f'"seq":{int(seq)},"table":{_encode_str(table)}}}')
+    return hashlib.sha256(LINK_DOMAIN + body.encode()).digest()
+
+
 def link_hash(table: str, chain_id: str, seq: int, prev: bytes, row: dict[str, Any]) -> bytes:
+    """SHA-256 of LINK_DOMAIN + canonical({"table", "chain", "seq", "prev", "row"}), built directly."""
+    columns = tuple(row)
+    return _link_hash_values(table, chain_id, seq, prev, columns, tuple(row.values()))
+
+
+def link_hash_reference(table: str, chain_id: str, seq: int, prev: bytes, row: dict[str, Any]) -> bytes:
+    """link_hash by the documented definition (tests check the two agree)."""
     body = {"table": table, "chain": chain_id, "seq": seq, "prev": prev.hex(), "row": row}
     return hashlib.sha256(LINK_DOMAIN + canonical(body)).digest()
 
@@ -88,8 +156,10 @@ def link_rows(table: str, chain_id: str, columns: tuple[str, ...], head: Head,
     out = []
     seq, prev = head.seq, head.hash
     for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"row has {len(row)} values for {len(columns)} columns")
         seq += 1
-        h = link_hash(table, chain_id, seq, prev, dict(zip(columns, row, strict=True)))
+        h = _link_hash_values(table, chain_id, seq, prev, columns, row)
         out.append((*row, chain_id, seq, prev, h))
         prev = h
     return out, Head(seq, prev)

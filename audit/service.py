@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.audit")
+# Messages of one stream read ahead of their rows' durability (the writer commits them together).
+IN_FLIGHT = 8
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
@@ -29,6 +33,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         skipped = 0
+        pending: deque[asyncio.Future[None]] = deque()
         async for msg in request_iterator:
             if msg.HasField("identifier"):  # only on a stream's first message
                 log.info("access log stream: node=%r log_name=%r peer=%s",
@@ -49,9 +54,12 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
-            # The next message is read only once this one's rows are durable (committed or
-            # spooled): what Envoy has sent is safe, and a stalled writer holds Envoy back.
-            await self.writer.flush()
+            # At most IN_FLIGHT messages of a stream are read before their rows are durable
+            # (committed or spooled): what Envoy sent is safe within a few messages, and a stalled
+            # writer stops the reading, which holds Envoy back.
+            pending.append(await self.writer.mark())
+            if len(pending) > IN_FLIGHT:
+                await pending.popleft()
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
         # its rows are durable, so a closed stream means a kept log.
         await self.writer.flush()

@@ -93,11 +93,15 @@ class RequestLogWriter:
     async def put(self, row: Row) -> None:
         await self._queue.put(row)
 
-    async def flush(self) -> None:
-        """Return once every row put before this call is durable: committed, spooled, or skipped as bad."""
+    async def mark(self) -> asyncio.Future[None]:
+        """A future done once every row put before this call is durable: committed, spooled, or
+        skipped as bad."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._queue.put(done)
-        await done
+        return done
+
+    async def flush(self) -> None:
+        await (await self.mark())
 
     async def stop(self, timeout: float = 5.0) -> None:
         try:

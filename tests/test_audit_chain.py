@@ -410,3 +410,25 @@ def test_a_full_spool_holds_the_stream_back_then_writes_everything_in_order(
     got = asyncio.run(scenario())
     assert [r for r, _ in got] == [f"full-{i:03d}" for i in range(40)]
     assert [s for _, s in got] == list(range(1, 41))
+
+
+def test_link_hash_is_the_documented_canonical_encoding() -> None:
+    """The hot path builds the JSON itself; it must be byte for byte the documented encoding."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from audit.chain import canonical, link_hash, link_hash_reference
+
+    rows: list[dict[str, Any]] = [
+        {"id": 7, "ts": datetime(2025, 11, 25, 12, 0, 0, 123456, tzinfo=UTC), "path": "/v1/m?q=ü\"\\\n\u2028",
+         "latency_ms": 1234.567, "status": 0, "principal": None, "big": 2**63 - 1, "tiny": 1e-7},
+        {"id": 1, "ts": datetime(2025, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1))), "actor": "ünï",
+         "before": None, "after": {"groups": ["a", "b"], "rpm": 60, "n": 1.5, "z": {"y": None, "x": True}},
+         "flag": False},
+    ]
+    for row in rows:
+        assert link_hash("admin_log", "admin", 3, b"\x01" * 32, row) == \
+            link_hash_reference("admin_log", "admin", 3, b"\x01" * 32, row)
+    assert canonical({"b": 1, "a": datetime(2025, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1)))}) == \
+        b'{"a":"2025-01-01T00:00:00.000000Z","b":1}'
+    with pytest.raises(ValueError):
+        link_hash("request_log", "c", 1, bytes(32), {"latency_ms": float("nan")})
