@@ -432,3 +432,26 @@ def test_link_hash_is_the_documented_canonical_encoding() -> None:
         b'{"a":"2025-01-01T00:00:00.000000Z","b":1}'
     with pytest.raises(ValueError):
         link_hash("request_log", "c", 1, bytes(32), {"latency_ms": float("nan")})
+
+
+def test_verify_since_starts_at_the_last_checkpoint_before(trail: Trail, capsys: pytest.CaptureFixture[str]) -> None:
+    p = f"req-{uuid.uuid4().hex[:8]}-"
+    for i in range(4):
+        trail.stub.StreamAccessLogs(messages([entry(f"{p}{i}")], 1), timeout=60)
+    with psycopg.connect(trail.dsn) as conn:
+        (chain, signed_at) = conn.execute("SELECT chain_id, ts FROM audit_checkpoints WHERE chain_seq = 4"
+                                          " AND log_table = 'request_log'").fetchone() or (None, None)
+    assert chain is not None
+    early = row_at(trail.dsn, 2, chain)
+    tamper(trail.dsn, "request_log", ("UPDATE request_log SET status = 299 WHERE id = %s", (early["id"],)))
+    since = ["--since", signed_at.isoformat()]
+    capsys.readouterr()
+    assert main(["audit", "verify", "-c", str(trail.config), "--public-key", str(trail.audit_dir / "signing.pub"),
+                 *since]) == 0  # seq 2 lies before the checkpoint it starts from
+    assert verify(trail, capsys)[0] == 1  # a full walk sees it
+    last = row_at(trail.dsn, 4, chain)
+    tamper(trail.dsn, "request_log", ("UPDATE request_log SET status = 299 WHERE id = %s", (last["id"],)))
+    capsys.readouterr()
+    assert main(["audit", "verify", "-c", str(trail.config), "--public-key", str(trail.audit_dir / "signing.pub"),
+                 *since]) == 1
+    assert "seq 4: content changed" in capsys.readouterr().out
