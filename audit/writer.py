@@ -123,9 +123,13 @@ class RequestLogWriter:
 
     async def _run(self) -> None:
         while True:
-            timeout = None
+            # Wake up for the next spool drain attempt, and to sign rows written before a quiet spell.
+            wake: list[float] = []
             if self.spool is not None and not self.spool.empty():
-                timeout = max(0.0, self._next_attempt - self.clock())
+                wake.append(self._next_attempt)
+            if self.signer is not None and self._head is not None and self._head.seq != self._checkpointed_seq:
+                wake.append(self._checkpointed_at + self.checkpoint_every_s)
+            timeout = max(0.0, min(wake) - self.clock()) if wake else None
             try:
                 item: Row | asyncio.Future[None] | None = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
@@ -218,8 +222,12 @@ class RequestLogWriter:
 
     async def _failed(self, e: BaseException, rows: int) -> None:
         self._failures += 1
-        log.warning("request_log write failed (attempt %d, %d rows kept, retry in %.1fs): %s: %s",
-                    self._failures, rows, self._delay, type(e).__name__, e)
+        # Every attempt while PostgreSQL is down would be a line every few seconds: the first
+        # few, then at powers of two.
+        n = self._failures
+        level = logging.WARNING if n <= 3 or n & (n - 1) == 0 else logging.DEBUG
+        log.log(level, "request_log write failed (attempt %d, %d rows kept, retry in %.1fs): %s: %s",
+                n, rows, self._delay, type(e).__name__, e)
         self._next_attempt = self.clock() + self._delay
         self._delay = min(self._delay * 2, self.backoff_max)
         await self._reset()

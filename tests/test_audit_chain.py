@@ -455,3 +455,37 @@ def test_verify_since_starts_at_the_last_checkpoint_before(trail: Trail, capsys:
     assert main(["audit", "verify", "-c", str(trail.config), "--public-key", str(trail.audit_dir / "signing.pub"),
                  *since]) == 1
     assert "seq 4: content changed" in capsys.readouterr().out
+
+
+def test_rows_before_a_quiet_spell_are_signed(postgres_dsn: str, tmp_path: Path) -> None:
+    """No more traffic after some rows: the writer still wakes up and signs them."""
+    import asyncio
+
+    from audit.chain import signing_key
+    from audit.entry import entry_to_row
+    from audit.writer import RequestLogWriter
+
+    async def scenario() -> int:
+        writer = RequestLogWriter(postgres_dsn, signer=signing_key(tmp_path / "audit"), checkpoint_every_s=0.2,
+                                  checkpoint_every_rows=1_000_000)
+        writer.start()
+        for i in range(3):
+            r = entry_to_row(entry(f"quiet-{uuid.uuid4().hex[:6]}-{i}"))
+            assert r is not None
+            await writer.put(r)
+        await writer.flush()
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+                    cur = await conn.execute("SELECT max(chain_seq) FROM audit_checkpoints WHERE chain_id = %s",
+                                             (writer.chain_id,))
+                    row = await cur.fetchone()
+                if row and row[0]:
+                    return int(row[0])
+                assert time.monotonic() < deadline, "no checkpoint after the quiet spell"
+                await asyncio.sleep(0.05)
+        finally:
+            await writer.stop()
+
+    assert asyncio.run(scenario()) == 3
