@@ -185,6 +185,10 @@ class AuditSettings(Strict):
     # ... and are dropped (stat access_logs.grpc_access_log.logs_dropped) once this much waits
     # unsent on the stream to the receiver (the cluster's per-connection buffer limit).
     envoy_backlog_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
+    # With an external storage.postgres_dsn: the environment variable holding the DSN the
+    # receiver writes with (a login of role ccr_audit_writer). Unset: the storage DSN.
+    # (With embedded PostgreSQL, ccr up creates that login itself.)
+    writer_dsn_env: str | None = None
 
 
 class ProviderKind(StrEnum):

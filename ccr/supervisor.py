@@ -238,7 +238,7 @@ class Gateway:
         version = db.migrate(dsn)
         # The access-log receiver writes as an insert-only role when ccr manages PostgreSQL;
         # with an external DSN it uses that DSN (docs/audit.md: grant the role there yourself).
-        audit_dsn = None if config.storage.postgres_dsn else audit_role_dsn(dsn, data / "pgdata.audit.password")
+        audit_dsn = self._audit_dsn(config, dsn, data)
         self.status("postgres", f"ready ({where}, schema v{version}) in {time.monotonic() - t:.1f}s")
 
         t = time.monotonic()
@@ -308,6 +308,18 @@ class Gateway:
 
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
+
+    @staticmethod
+    def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:
+        if not config.storage.postgres_dsn:
+            return audit_role_dsn(dsn, data / "pgdata.audit.password")
+        var = config.audit.writer_dsn_env
+        if var is None:
+            return None
+        if not os.environ.get(var):
+            raise ConfigError(f"audit.writer_dsn_env names {var}, which is not set; export the audit writer's DSN "
+                              "there or remove the setting")
+        return os.environ[var]
 
     def _prepare_signin(self, config: GatewayConfig, runtime: Runtime) -> None:
         """Create the sign-in keys before extauth (which needs the public half) starts."""

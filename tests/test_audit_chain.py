@@ -489,3 +489,19 @@ def test_rows_before_a_quiet_spell_are_signed(postgres_dsn: str, tmp_path: Path)
             await writer.stop()
 
     assert asyncio.run(scenario()) == 3
+
+
+def test_external_postgres_audit_dsn_comes_from_the_named_variable(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccr.config import ConfigError, parse_config
+    from ccr.supervisor import Gateway
+
+    config = parse_config({**CONFIG, "storage": {"postgres_dsn": "postgresql://admin@db/ccr"},
+                           "audit": {"writer_dsn_env": "MY_AUDIT_DSN"}})
+    monkeypatch.delenv("MY_AUDIT_DSN", raising=False)
+    with pytest.raises(ConfigError, match="MY_AUDIT_DSN, which is not set"):
+        Gateway._audit_dsn(config, "postgresql://admin@db/ccr", tmp_path)
+    monkeypatch.setenv("MY_AUDIT_DSN", "postgresql://ccr_audit_writer:pw@db/ccr")
+    assert Gateway._audit_dsn(config, "postgresql://admin@db/ccr", tmp_path) == "postgresql://ccr_audit_writer:pw@db/ccr"
+    plain = parse_config({**CONFIG, "storage": {"postgres_dsn": "postgresql://admin@db/ccr"}})
+    assert Gateway._audit_dsn(plain, "postgresql://admin@db/ccr", tmp_path) is None
