@@ -37,6 +37,7 @@ CHAIN_COLUMNS = ("chain_id", "chain_seq", "prev_hash", "row_hash")
 ADMIN_COLUMNS = ("id", "ts", "actor", "action", "target", "before", "after")
 KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
+CHECKPOINT_LOG = "checkpoints.jsonl"  # the receivers' copy of every checkpoint they sign
 
 
 def _utc(v: datetime) -> str:

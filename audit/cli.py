@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import psycopg
 from psycopg import sql
 
-from audit.chain import PUBLIC_KEY_FILE, canonical, load_public_key
+from audit.chain import CHECKPOINT_LOG, PUBLIC_KEY_FILE, canonical, load_public_key
 
 _RELATIVE = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -49,8 +49,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
               "start; pass --public-key FILE)", file=sys.stderr)
         return 2
     keys = [load_public_key(p) for p in key_files]
+    copy = Path(args.checkpoints) if args.checkpoints else _audit_dir(args.config) / CHECKPOINT_LOG
+    if args.checkpoints and not copy.exists():
+        print(f"no checkpoint copy at {copy}", file=sys.stderr)
+        return 2
     with _dsn(args.config) as dsn:
-        report = verify(dsn, keys, args.since)
+        report = verify(dsn, keys, args.since, copy if copy.exists() else None)
     if args.format == "json":
         print(json.dumps({"ok": report.ok, "chains": report.chains, "rows": report.rows,
                           "checkpoints": report.checkpoints, "legacy_rows": report.legacy_rows,
@@ -185,6 +189,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--since", type=parse_time, help="start at the last checkpoint signed before this time")
     v.add_argument("--public-key", action="append", default=[],
                    help="checkpoint public key (PEM; default <data_dir>/audit/signing.pub); repeatable")
+    v.add_argument("--checkpoints", help="the receivers' checkpoint copy (default <data_dir>/audit/"
+                                          "checkpoints.jsonl, when it exists)")
     v.add_argument("--format", choices=("text", "json"), default="text")
     v.set_defaults(func=cmd_verify)
     q = aus.add_parser("query", help="request_log rows by principal, model, key, time range, status")

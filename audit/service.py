@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from audit.chain import signing_key
+from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, entry_to_row
 from audit.spool import Spool
 from audit.writer import RequestLogWriter, new_chain_id
@@ -78,7 +78,8 @@ def make_writer(config: GatewayConfig, runtime: Runtime) -> RequestLogWriter:
     log.info("audit chain %s; spool %s; checkpoint key %s", chain_id, spool.dir, audit_dir / "signing.key")
     return RequestLogWriter(runtime.audit_dsn or runtime.postgres_dsn, spool=spool, signer=signing_key(audit_dir),
                             chain_id=chain_id, write_timeout=a.write_timeout_s,
-                            checkpoint_every_s=a.checkpoint_interval_s, checkpoint_every_rows=a.checkpoint_every_rows)
+                            checkpoint_every_s=a.checkpoint_interval_s, checkpoint_every_rows=a.checkpoint_every_rows,
+                            checkpoint_log=audit_dir / CHECKPOINT_LOG)
 
 
 async def setup(

@@ -14,9 +14,11 @@ there for that chain (everything after it is in doubt).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -102,6 +104,42 @@ def _checkpoints(conn: psycopg.Connection, keys: dict[str, Ed25519PublicKey], re
     return out
 
 
+def _local_checkpoints(path: Path, keys: dict[str, Ed25519PublicKey], db: dict[str, list[_Checkpoint]],
+                       report: Report) -> None:
+    """Checkpoints from the receivers' local copy that the database no longer has, added to `db`.
+
+    Only those whose signature verifies count: the file is a second witness, not an authority.
+    """
+    have = {(c.chain_id, c.seq) for cps in db.values() for c in cps}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            d = json.loads(line)
+            cp = _Checkpoint(datetime.fromisoformat(d["ts"]), d["table"], d["chain"], int(d["seq"]),
+                             bytes.fromhex(d["hash"]), d["key_id"], bytes.fromhex(d["signature"]))
+        except (ValueError, KeyError, TypeError):
+            report.problems.append(Problem("audit_checkpoints", None, None, None, None,
+                                           f"{path}:{n}: unreadable checkpoint copy"))
+            continue
+        if (cp.chain_id, cp.seq) in have:
+            continue
+        key = keys.get(cp.key_id)
+        try:
+            if key is None:
+                raise InvalidSignature
+            key.verify(cp.signature, checkpoint_message(cp.table, cp.chain_id, cp.seq, cp.row_hash, cp.ts))
+        except InvalidSignature:
+            continue  # not ours: says nothing about the database
+        cp.valid = True
+        have.add((cp.chain_id, cp.seq))
+        report.checkpoints += 1
+        report.problems.append(Problem(cp.table, cp.chain_id, cp.seq, None, None,
+                                       f"checkpoint signed at {cp.ts.isoformat()} is in {path.name} but not in the "
+                                       "database (checkpoints removed)"))
+        db.setdefault(cp.chain_id, []).append(cp)
+    for cps in db.values():
+        cps.sort(key=lambda c: c.seq)
+
+
 def _links(conn: psycopg.Connection, table: str, chain_id: str, columns: list[str], start: int
            ) -> Iterator[tuple[dict[str, Any], int, bytes, bytes]]:
     q = sql.SQL("SELECT {cols}, chain_seq, prev_hash, row_hash FROM {t} WHERE chain_id = %s AND chain_seq >= %s"
@@ -173,11 +211,14 @@ def _walk(conn: psycopg.Connection, table: str, chain_id: str, columns: list[str
         report.unsigned_tail[chain_id] = last - covered
 
 
-def verify(dsn: str, keys: list[Ed25519PublicKey], since: datetime | None = None) -> Report:
+def verify(dsn: str, keys: list[Ed25519PublicKey], since: datetime | None = None,
+           checkpoint_copy: Path | None = None) -> Report:
     report = Report()
     by_id = {key_id(k): k for k in keys}
     with psycopg.connect(dsn) as conn:
         checkpoints = _checkpoints(conn, by_id, report)
+        if checkpoint_copy is not None:
+            _local_checkpoints(checkpoint_copy, by_id, checkpoints, report)
         chains = conn.execute("SELECT chain_id, log_table, columns FROM audit_chains ORDER BY started_at, chain_id"
                               ).fetchall()
         known = {c[0] for c in chains}

@@ -28,12 +28,13 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import sql
 
-from audit.chain import ADMIN_CHAIN, CHAIN_COLUMNS, Head, checkpoint_message, key_id, link_rows
+from audit.chain import ADMIN_CHAIN, CHAIN_COLUMNS, Head, canonical, checkpoint_message, key_id, link_rows
 from audit.entry import COLUMNS, Row
 from audit.spool import Spool, SpoolFull
 
@@ -62,6 +63,7 @@ class RequestLogWriter:
         chain_id: str | None = None, batch_max: int = 1000, queue_max: int = 20_000,
         write_timeout: float = 5.0, backoff_initial: float = 0.1, backoff_max: float = 2.0,
         checkpoint_every_s: float = 30.0, checkpoint_every_rows: int = 10_000,
+        checkpoint_log: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dsn = dsn
@@ -74,6 +76,7 @@ class RequestLogWriter:
         self.backoff_max = backoff_max
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_rows = checkpoint_every_rows
+        self.checkpoint_log = checkpoint_log
         self.clock = clock
         self._queue: asyncio.Queue[Row | asyncio.Future[None]] = asyncio.Queue(queue_max)
         self._conn: psycopg.AsyncConnection | None = None
@@ -322,6 +325,7 @@ class RequestLogWriter:
         if admin is not None:
             heads.append(("admin_log", ADMIN_CHAIN, Head(admin[0], bytes(admin[1]))))
         kid = key_id(self.signer.public_key())
+        lines = []
         async with conn.transaction():
             for table, chain, head in heads:
                 if head.seq == 0:
@@ -332,6 +336,18 @@ class RequestLogWriter:
                     "INSERT INTO audit_checkpoints (ts, log_table, chain_id, chain_seq, row_hash, key_id, signature)"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (chain_id, chain_seq) DO NOTHING",
                     (ts, table, chain, head.seq, head.hash, kid, sig))
+                lines.append(canonical({"ts": ts, "table": table, "chain": chain, "seq": head.seq, "hash": head.hash,
+                                        "key_id": kid, "signature": sig}) + b"\n")
+        if self.checkpoint_log is not None and lines:
+            # A copy outside the database: `verify` finds chains or tails removed with their checkpoints.
+            try:
+                fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, b"".join(lines))  # one write per checkpoint round: O_APPEND keeps lines whole
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                log.warning("audit checkpoint copy not written to %s: %s", self.checkpoint_log, e)
         self._checkpointed_seq = self._head.seq
         self._checkpointed_at = self.clock()
         if force:

@@ -505,3 +505,27 @@ def test_external_postgres_audit_dsn_comes_from_the_named_variable(tmp_path: Pat
     assert Gateway._audit_dsn(config, "postgresql://admin@db/ccr", tmp_path) == "postgresql://ccr_audit_writer:pw@db/ccr"
     plain = parse_config({**CONFIG, "storage": {"postgres_dsn": "postgresql://admin@db/ccr"}})
     assert Gateway._audit_dsn(plain, "postgresql://admin@db/ccr", tmp_path) is None
+
+
+def test_the_local_checkpoint_copy_reveals_a_chain_removed_whole(trail: Trail,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    p = f"req-{uuid.uuid4().hex[:8]}-"
+    for i in range(3):
+        trail.stub.StreamAccessLogs(messages([entry(f"{p}{i}")], 1), timeout=60)
+    copy = trail.audit_dir / "checkpoints.jsonl"
+    assert copy.stat().st_mode & 0o777 == 0o600
+    with psycopg.connect(trail.dsn) as conn:
+        (chain,) = conn.execute("SELECT DISTINCT chain_id FROM request_log").fetchone() or (None,)
+    for table, stmt in (("request_log", "DELETE FROM request_log WHERE chain_id = %s"),
+                        ("audit_checkpoints", "DELETE FROM audit_checkpoints WHERE chain_id = %s"),
+                        ("audit_chains", "DELETE FROM audit_chains WHERE chain_id = %s")):
+        tamper(trail.dsn, table, (stmt, (chain,)))
+    # The database alone cannot tell (docs/audit.md) ...
+    assert verify(trail, capsys)[0] == 0
+    # ... the receivers' copy of their checkpoints can.
+    code = main(["audit", "verify", "-c", str(trail.config), "--public-key", str(trail.audit_dir / "signing.pub"),
+                 "--checkpoints", str(copy)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"chain {chain}: chain has signed checkpoints but is not registered (chain removed)" in out
+    assert f"chain {chain} seq 3: checkpoint signed at" in out and "not in the database (checkpoints removed)" in out
