@@ -20,7 +20,7 @@ from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.audit")
 # Messages of one stream read ahead of their rows' durability (the writer commits them together).
-IN_FLIGHT = 8
+IN_FLIGHT = 32
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
