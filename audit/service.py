@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, entry_to_row
-from audit.writer import RequestLogWriter
+from audit.spool import Spool
+from audit.writer import RequestLogWriter, new_chain_id
 from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.audit")
+# Messages of one stream read ahead of their rows' durability (the writer commits them together).
+IN_FLIGHT = 32
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
@@ -26,6 +33,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         skipped = 0
+        pending: deque[asyncio.Future[None]] = deque()
         async for msg in request_iterator:
             if msg.HasField("identifier"):  # only on a stream's first message
                 log.info("access log stream: node=%r log_name=%r peer=%s",
@@ -46,18 +54,38 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
+            # At most IN_FLIGHT messages of a stream are read before their rows are durable
+            # (committed or spooled): what Envoy sent is safe within a few messages, and a stalled
+            # writer stops the reading, which holds Envoy back.
+            pending.append(await self.writer.mark())
+            if len(pending) > IN_FLIGHT:
+                await pending.popleft()
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
-        # its rows are committed, so a closed stream means a written log.
+        # its rows are durable, so a closed stream means a kept log.
         await self.writer.flush()
         if skipped:
             log.warning("access log stream ended; %d malformed entries skipped", skipped)
         return als_pb2.StreamAccessLogsResponse()
 
 
+def make_writer(config: GatewayConfig, runtime: Runtime) -> RequestLogWriter:
+    """This process's writer: its own chain, its own spool directory, the run's signing key."""
+    a = config.audit
+    audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+    chain_id = new_chain_id()
+    spool = Spool(audit_dir / "spool", chain_id, a.spool_max_bytes)
+    spool.open()
+    log.info("audit chain %s; spool %s; checkpoint key %s", chain_id, spool.dir, audit_dir / "signing.key")
+    return RequestLogWriter(runtime.audit_dsn or runtime.postgres_dsn, spool=spool, signer=signing_key(audit_dir),
+                            chain_id=chain_id, write_timeout=a.write_timeout_s,
+                            checkpoint_every_s=a.checkpoint_interval_s, checkpoint_every_rows=a.checkpoint_every_rows,
+                            checkpoint_log=audit_dir / CHECKPOINT_LOG)
+
+
 async def setup(
     server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
 ) -> Callable[[], Awaitable[None]]:
-    writer = RequestLogWriter(runtime.postgres_dsn)
+    writer = make_writer(config, runtime)
     writer.start()
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer), server)
     return writer.stop

@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     pi.set_defaults(func=cmd_pki_issue)
 
     add_policy_why(sub)
+    from audit.cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     config_on_every_command(ap)
     return ap
 

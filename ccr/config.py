@@ -209,6 +209,30 @@ class StorageSettings(Strict):
     data_dir: str = ".ccr"
 
 
+class AuditSettings(Strict):
+    """The audit trail (docs/audit.md): spool, checkpoints, Envoy's access-log buffer."""
+
+    # The local spool that takes rows while PostgreSQL is down or slow. When full, the receiver
+    # stops reading Envoy's streams (nothing is dropped by it); Envoy then buffers and drops.
+    spool_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = 1024 * 1024 * 1024
+    # A write slower than this goes to the spool instead (and PostgreSQL is retried with backoff).
+    write_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Each receiver signs its chain's head at least this often (and every N rows).
+    checkpoint_interval_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    checkpoint_every_rows: Annotated[int, Field(ge=1)] = 10_000
+    # Envoy's gRPC access log: entries are sent when this many bytes are buffered or the interval
+    # passes (buffer_size_bytes / buffer_flush_interval) ...
+    envoy_batch_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 64 * 1024
+    envoy_flush_interval_ms: Annotated[int, Field(ge=10, le=60_000)] = 200
+    # ... and are dropped (stat access_logs.grpc_access_log.logs_dropped) once this much waits
+    # unsent on the stream to the receiver (the cluster's per-connection buffer limit).
+    envoy_backlog_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
+    # With an external storage.postgres_dsn: the environment variable holding the DSN the
+    # receiver writes with (a login of role ccr_audit_writer). Unset: the storage DSN.
+    # (With embedded PostgreSQL, ccr up creates that login itself.)
+    writer_dsn_env: str | None = None
+
+
 class ProviderKind(StrEnum):
     anthropic = "anthropic"
 
@@ -465,6 +489,7 @@ class GatewayConfig(Strict):
     policy: PolicySettings = PolicySettings()
     identity: IdentitySettings = IdentitySettings()
     files: FilesSettings = FilesSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -180,6 +180,97 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX policy_decisions_ts ON policy_decisions (ts);
         """,
     ),
+    (
+        9,
+        "audit: hash chains, signed checkpoints, an insert-only writer role",
+        """
+        -- Every request_log / admin_log row is a link of a hash chain (audit/chain.py,
+        -- docs/audit.md). NULL chain columns: a row written before this migration.
+        CREATE TABLE audit_chains (
+            chain_id    text PRIMARY KEY,
+            log_table   text NOT NULL CHECK (log_table IN ('request_log', 'admin_log')),
+            columns     text[] NOT NULL,        -- the columns each link's hash covers, in order
+            started_at  timestamptz NOT NULL DEFAULT now(),
+            host        text,
+            pid         integer
+        );
+        INSERT INTO audit_chains (chain_id, log_table, columns)
+            VALUES ('admin', 'admin_log', ARRAY['id', 'ts', 'actor', 'action', 'target', 'before', 'after']);
+        ALTER TABLE request_log
+            ADD COLUMN chain_id  text REFERENCES audit_chains (chain_id),
+            ADD COLUMN chain_seq bigint,
+            ADD COLUMN prev_hash bytea,
+            ADD COLUMN row_hash  bytea;
+        CREATE UNIQUE INDEX request_log_chain ON request_log (chain_id, chain_seq);
+        ALTER TABLE admin_log
+            ADD COLUMN chain_id  text REFERENCES audit_chains (chain_id),
+            ADD COLUMN chain_seq bigint,
+            ADD COLUMN prev_hash bytea,
+            ADD COLUMN row_hash  bytea;
+        CREATE UNIQUE INDEX admin_log_chain ON admin_log (chain_id, chain_seq);
+        -- Rows that predate the chains: verify reports them as not covered, not as tampering.
+        CREATE TABLE audit_unchained_before (
+            log_table   text PRIMARY KEY,
+            max_id      bigint NOT NULL
+        );
+        INSERT INTO audit_unchained_before
+            SELECT 'request_log', coalesce(max(id), 0) FROM request_log
+            UNION ALL SELECT 'admin_log', coalesce(max(id), 0) FROM admin_log;
+        -- A writer's signed statement of its chain's head (Ed25519, audit/chain.py).
+        CREATE TABLE audit_checkpoints (
+            id          bigserial PRIMARY KEY,
+            ts          timestamptz NOT NULL,
+            log_table   text NOT NULL,
+            chain_id    text NOT NULL REFERENCES audit_chains (chain_id),
+            chain_seq   bigint NOT NULL,
+            row_hash    bytea NOT NULL,
+            key_id      text NOT NULL,
+            signature   bytea NOT NULL,
+            UNIQUE (chain_id, chain_seq)
+        );
+
+        -- Second line of defence behind the grants: no row of the audit tables changes or
+        -- goes away, whoever asks (an owner must disable the trigger first, which verify catches).
+        CREATE FUNCTION audit_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            RAISE EXCEPTION 'audit table %: % is not allowed (append-only)', TG_TABLE_NAME, TG_OP
+                USING ERRCODE = 'insufficient_privilege';
+        END
+        $fn$;
+        CREATE TRIGGER request_log_append_only BEFORE UPDATE OR DELETE ON request_log
+            FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER request_log_no_truncate BEFORE TRUNCATE ON request_log
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER admin_log_append_only BEFORE UPDATE OR DELETE ON admin_log
+            FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER admin_log_no_truncate BEFORE TRUNCATE ON admin_log
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
+            FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER audit_chains_append_only BEFORE UPDATE OR DELETE ON audit_chains
+            FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER audit_chains_no_truncate BEFORE TRUNCATE ON audit_chains
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
+
+        -- The role the access-log receiver connects as (ccr/audit_role.py gives it a password
+        -- when ccr manages PostgreSQL): read and append, nothing else. Roles are per server,
+        -- so another database's migration may have created it already.
+        DO $do$
+        BEGIN
+            CREATE ROLE ccr_audit_writer NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END
+        $do$;
+        REVOKE ALL ON request_log, admin_log, audit_chains, audit_checkpoints, audit_unchained_before
+            FROM PUBLIC, ccr_audit_writer;
+        GRANT SELECT, INSERT ON request_log, audit_chains, audit_checkpoints TO ccr_audit_writer;
+        GRANT SELECT ON admin_log, audit_unchained_before TO ccr_audit_writer;
+        GRANT USAGE ON SEQUENCE request_log_id_seq, audit_checkpoints_id_seq TO ccr_audit_writer;
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"

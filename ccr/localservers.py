@@ -120,8 +120,10 @@ def _set_pg_password(bin_dir: Path, data_dir: Path, user: str | None, password: 
         raise StartError(f"could not set the PostgreSQL password in {data_dir}:\n{out[-2000:]}")
 
 
-def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
+def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3, port: int | None = None) -> Child:
     """Start (initialising if needed) a PostgreSQL server on loopback with a password.
+
+    `port`: listen there (a restart where clients keep their DSN) instead of a free port.
 
     `child.info['dsn']` is the ccr database's DSN and `child.info['admin_dsn']` the
     maintenance database's; both carry the password.
@@ -167,8 +169,9 @@ def start_postgres(data_dir: Path, log_dir: Path, attempts: int = 3) -> Child:
         _set_pg_password(bin_dir, data_dir, user, password)
         _write_password(pw_path, password)
     last_error = ""
+    fixed_port = port
     for _ in range(attempts):
-        port = free_port(host)
+        port = fixed_port or free_port(host)
         child = spawn(
             "postgres",
             [str(bin_dir / "postgres"), "-D", str(data_dir), "-h", host, "-p", str(port), "-k", "",

@@ -31,6 +31,10 @@ class Runtime(BaseModel):
     run_dir: str
     postgres_dsn: str
     redis_url: str
+    # The access-log receiver's DSN (an insert-only role, ccr/audit_role.py) when ccr manages
+    # PostgreSQL; None: postgres_dsn. Its directory (spool, checkpoint signing key); None: run_dir/audit.
+    audit_dsn: str | None = None
+    audit_dir: str | None = None
     # host:port of each gRPC service, filled in as they report ready.
     extauth: str | None = None
     ratelimit: str | None = None

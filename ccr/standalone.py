@@ -88,6 +88,14 @@ def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tu
     rt = Runtime(config_path=str(config_path), run_dir=str(run_dir), postgres_dsn=config.storage.postgres_dsn,
                  redis_url=config.storage.redis_url, listen_port=config.gateway.listen.port)
     _wire(rt, config, config_path, s)
+    # Checkpoint key and spool shared by the receivers on this machine (each spools under its own
+    # chain id); the receiver's insert-only DSN, when the operator provides one.
+    rt.audit_dir = str(_under(config_path.parent, config.storage.data_dir) / "audit")
+    var = config.audit.writer_dsn_env
+    if var is not None and name == "accesslog":
+        if not os.environ.get(var):
+            raise ConfigError(f"audit.writer_dsn_env names {var}, which is not set in this environment")
+        rt.audit_dsn = os.environ[var]
     rt.xds = s.router.reach()[0]
     rt.service_endpoints["router"] = s.router.reach()
     if s.signin is not None and config.identity.signin is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from ccr import db
+from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
 from ccr.contract import ID_ADAPTER, ID_ENVOY
 from ccr.credentials import write_secret
@@ -251,6 +252,9 @@ class Gateway:
             pg = self._track(start_postgres(data / "pgdata", logs))
             dsn, where = str(pg.info["dsn"]), f"embedded, pid {pg.pid}"
         version = db.migrate(dsn)
+        # The access-log receiver writes as an insert-only role when ccr manages PostgreSQL;
+        # with an external DSN it uses that DSN (docs/audit.md: grant the role there yourself).
+        audit_dsn = self._audit_dsn(config, dsn, data)
         self.status("postgres", f"ready ({where}, schema v{version}) in {time.monotonic() - t:.1f}s")
 
         t = time.monotonic()
@@ -262,7 +266,7 @@ class Gateway:
         self.status("redis", f"ready ({where}) in {time.monotonic() - t:.1f}s")
 
         runtime = Runtime(config_path=str(self.config_path), run_dir=str(run_dir),
-                          postgres_dsn=dsn, redis_url=redis_url)
+                          postgres_dsn=dsn, redis_url=redis_url, audit_dsn=audit_dsn, audit_dir=str(data / "audit"))
         self.runtime = runtime
 
         t = time.monotonic()
@@ -320,6 +324,18 @@ class Gateway:
 
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
+
+    @staticmethod
+    def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:
+        if not config.storage.postgres_dsn:
+            return audit_role_dsn(dsn, data / "pgdata.audit.password")
+        var = config.audit.writer_dsn_env
+        if var is None:
+            return None
+        if not os.environ.get(var):
+            raise ConfigError(f"audit.writer_dsn_env names {var}, which is not set; export the audit writer's DSN "
+                              "there or remove the setting")
+        return os.environ[var]
 
     def _prepare_signin(self, config: GatewayConfig, runtime: Runtime) -> None:
         """Create the sign-in keys before extauth (which needs the public half) starts."""

@@ -26,9 +26,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from audit.admin import append_admin
 from ccr.listen import listen_forever
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,8 @@ def parse_instant(text: str) -> datetime:
 
 def _admin_log(conn: psycopg.Connection, actor: str, action: str, target: str,
                before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
-    conn.execute(
-        "INSERT INTO admin_log (actor, action, target, before, after) VALUES (%s, %s, %s, %s, %s)",
-        (actor, action, target, None if before is None else Jsonb(before), None if after is None else Jsonb(after)),
-    )
+    # A link of the admin hash chain (audit/admin.py), in the change's own transaction.
+    append_admin(conn, actor, action, target, before, after)
 
 
 def _locked(conn: psycopg.Connection, key_id: str) -> KeyRecord | None:

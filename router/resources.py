@@ -305,7 +305,10 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     missing = [name for name, addr in services.items() if not addr]
     if missing:
         raise ValueError(f"runtime lacks addresses for {missing}")
-    out = [_grpc_cluster(name, runtime.service_endpoints.get(SERVICE_IDENTITY[name]) or [str(addr)], buf,
+    # The access-log stream's buffer is how much Envoy holds for a slow receiver before it drops
+    # entries (stat access_logs.grpc_access_log.logs_dropped): sized by audit.envoy_backlog_bytes.
+    out = [_grpc_cluster(name, runtime.service_endpoints.get(SERVICE_IDENTITY[name]) or [str(addr)],
+                         config.audit.envoy_backlog_bytes if name == ACCESSLOG else buf,
                          _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]),
                          replicas=bool(runtime.service_endpoints))
            for name, addr in services.items()]
@@ -584,7 +587,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "log_name": "ccr",
                 "transport_api_version": "V3",
                 "grpc_service": _grpc_service(ACCESSLOG, 5.0),
-                "buffer_flush_interval": "0.2s",
+                # Entries go to the receiver in batches of this size, or after this interval.
+                "buffer_size_bytes": config.audit.envoy_batch_bytes,
+                "buffer_flush_interval": f"{config.audit.envoy_flush_interval_ms / 1000}s",
             },
             # The client's own request id (moved aside by _gateway_request_id).
             "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID],

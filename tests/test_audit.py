@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -282,29 +281,42 @@ def _wait_for_log(child: Child, text: str, timeout: float = 15.0) -> None:
     raise AssertionError(f"{text!r} not logged; log:\n{child.log_tail()}")
 
 
-def test_database_outage_is_retried_and_keeps_the_batch(audit: Audit) -> None:
+def _wait_for_rows(dsn: str, prefix: str, want: set[str], timeout: float = 30.0) -> dict[str, dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while (got := rows(dsn, prefix)).keys() != want:
+        assert time.monotonic() < deadline, f"rows {sorted(got)} != {sorted(want)}"
+        time.sleep(0.05)
+    return got
+
+
+def test_database_outage_spools_then_writes_in_order(audit: Audit) -> None:
     p = _prefix()
     send(audit, [entry(p + "before")])  # the writer holds a live connection now
+    during = {f"{p}during{i}" for i in range(20)}
     with psycopg.connect(audit.dsn, autocommit=True) as admin:
         admin.execute("ALTER TABLE request_log RENAME TO request_log_away")
         try:
-            result: list[BaseException | None] = []
-            t = threading.Thread(target=lambda: result.append(_send_catching(audit, p)))
-            t.start()
-            _wait_for_log(audit.child, "request_log write failed (attempt 2")
-            assert t.is_alive()  # the stream waits for its rows instead of dropping them
+            # The stream is answered once its rows are durable: in the spool, not in the table.
+            assert _send_catching(audit, p) is None
+            _wait_for_log(audit.child, "spooling rows to")
+            (n,) = admin.execute("SELECT count(*) FROM request_log_away WHERE request_id LIKE %s",
+                                 (p + "during%",)).fetchone() or (None,)
+            assert n == 0
         finally:
             admin.execute("ALTER TABLE request_log_away RENAME TO request_log")
-        t.join(30)
-        assert result == [None]
-        assert set(rows(audit.dsn, p)) == {p + "before", *(f"{p}during{i}" for i in range(20))}
+        got = _wait_for_rows(audit.dsn, p, {p + "before", *during})
+        _wait_for_log(audit.child, "access log spool drained")
+        # Written in the order they arrived: one chain, consecutive links.
+        order = sorted(during, key=lambda r: int(r.removeprefix(p + "during")))
+        seqs = [got[r]["chain_seq"] for r in [p + "before", *order]]
+        assert seqs == list(range(seqs[0], seqs[0] + 21))  # type: ignore[arg-type]
 
         # A dropped connection: the writer reconnects and the next stream lands.
         n = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                           " WHERE application_name = 'ccr-audit' AND datname = current_database()").fetchone()
         assert n is not None and n[0] >= 1
     send(audit, [entry(p + "after")])
-    assert p + "after" in rows(audit.dsn, p)
+    assert p + "after" in _wait_for_rows(audit.dsn, p, {p + "before", *during, p + "after"})
 
 
 def _send_catching(a: Audit, p: str) -> BaseException | None:
