@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from ccr.config import GatewayConfig
+from ccr.contract import READY_METRICS
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
 
@@ -197,7 +198,9 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     cleanup = await setup(server, config, runtime)
     address = _bind(server, name, config.services.bind_host, args.port, creds)
     await server.start()
-    write_ready(args.ready_file, address)
+    from ccr import metrics  # a service that serves /metrics says where (Runtime.metrics)
+
+    write_ready(args.ready_file, address, **({READY_METRICS: metrics.address} if metrics.address else {}))
     logging.info("serving on %s", address)
 
     stop = asyncio.Event()

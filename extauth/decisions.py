@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from ccr.contract import POLICY_GLOBAL_SET
 from extauth.endpoints import EndpointMatch
 from extauth.principal import Principal
 
@@ -43,7 +44,7 @@ PHASE_IDENTITY = "identity"
 
 _COLUMNS = ("decision_id", "ts", "request_id", "phase", "principal_id", "principal_name", "principal_kind",
             "endpoint", "method", "path", "model", "input_sha256", "bundle_revision", "bundle_digest",
-            "allow", "status", "reason", "eval_us")
+            "allow", "status", "reason", "eval_us", "policy_set", "shadow")
 _COPY = f"COPY policy_decisions ({', '.join(_COLUMNS)}) FROM STDIN"  # noqa: S608 (constant names)
 
 _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small whatever they send
@@ -51,7 +52,8 @@ _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small 
 # A queued decision, as record() builds it (a plain tuple: the cheapest thing to make):
 # (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
 #  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1, the policy's Decision|None,
-#  the PII findings (extauth/pii.py) or None when the text was not scanned)
+#  the PII findings (extauth/pii.py) or None when the text was not scanned,
+#  the policy set's evaluation (extauth/policy_sets.py SetEval) or None for the global set)
 Pending = tuple
 
 
@@ -106,14 +108,15 @@ class DecisionLog:
 
     def record(self, decision_id: str, request_id: str, phase: str, principal: Principal | None, method: str,
                path: str, model: str | None, endpoint: EndpointMatch | None, bundle: Any, allow: bool,
-               status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: tuple | None = None) -> None:
+               status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: tuple | None = None,
+               set_eval: Any = None) -> None:
         """Queue one decision; never blocks, never raises for a full queue (the decision is counted)."""
         q = self._queue
         if len(q) >= self._max:
             self.dropped += 1
             return
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
-                  bundle, allow, status, reason, eval_ns, policy_result, pii))
+                  bundle, allow, status, reason, eval_ns, policy_result, pii, set_eval))
         if len(q) >= self._batch:
             self._wake.set()
 
@@ -136,6 +139,9 @@ class DecisionLog:
         principal, method, path, model, endpoint, eval_ns = p[4], p[5], p[6], p[7], p[8], p[13]
         if principal is None or eval_ns < 0:
             return None  # the policy was not reached: there is no input to digest
+        se = p[16]
+        if se is not None and se.input is not None:  # an OPA-Envoy set's own input (the CheckRequest)
+            return hashlib.sha256(canonical(se.input)).hexdigest()
         pii = p[15]
         key = (principal, method, path, model, endpoint.name if endpoint else None,
                endpoint.params if endpoint else None, pii)
@@ -150,18 +156,22 @@ class DecisionLog:
     @staticmethod
     def _row(p: Pending, digest: str | None) -> tuple:
         (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns,
-         _, _) = p
+         *_, se) = p
         return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
                 principal.id if principal else None, principal.name if principal else None,
                 str(principal.kind) if principal else None, endpoint.name if endpoint else None,
                 method, path[:_MAX_TEXT], model[:_MAX_TEXT] if model else model, digest,
                 getattr(bundle, "revision", None) if bundle else None,
                 bundle.digest if bundle else None, allow, status, reason[:_MAX_TEXT],
-                eval_ns // 1000 if eval_ns >= 0 else None)
+                eval_ns // 1000 if eval_ns >= 0 else None,
+                se.name if se is not None else POLICY_GLOBAL_SET, se.shadow if se is not None else False)
 
     def _opa_line(self, p: Pending, row: tuple) -> bytes:
         """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row)."""
         principal, method, path, model, endpoint = p[4], p[5], p[6], p[7], p[8]
+        se = p[16]
+        if se is not None:
+            return self._set_line(p, row, se)
         doc: dict[str, Any] = {
             "decision_id": row[0],
             "request_id": row[2],
@@ -176,6 +186,27 @@ class DecisionLog:
         if self.include_input:
             doc["input"] = policy_input(principal, method, path, model, endpoint, p[15])
         return orjson.dumps(doc) + b"\n"
+
+    def _set_line(self, p: Pending, row: tuple, se: Any) -> bytes:
+        """A policy set's decision (extauth/policy_sets.py) in OPA's shape; `shadow` marks one not enforced."""
+        doc: dict[str, Any] = {
+            "decision_id": row[0],
+            "request_id": row[2],
+            "path": se.entrypoint,
+            "result": se.result if se.error is None else {"error": se.error},
+            "timestamp": row[1].isoformat().replace("+00:00", "Z"),
+            "metrics": {"timer_rego_query_eval_ns": p[13]},
+            "bundles": {se.name: {"revision": row[12] or row[13] or ""}},
+            "labels": {"policy_set": se.name, "shadow": se.shadow, "mode": se.mode},
+        }
+        if self.include_input:
+            if se.input is not None:  # OPA-Envoy input: credential headers and the body left out
+                from extauth.opa_envoy import redacted
+
+                doc["input"] = redacted(se.input)
+            else:
+                doc["input"] = policy_input(p[4], p[5], p[6], p[7], p[8], p[15])
+        return orjson.dumps(doc, default=str) + b"\n"
 
     async def flush(self) -> int:
         """Write everything queued now; returns the number of decisions written."""
