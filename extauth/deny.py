@@ -22,6 +22,7 @@ _GRPC_CODE = {
 
 class Deny(Exception):
     headers: list[base_pb2.HeaderValueOption] = []  # more response headers (a policy set's, extauth/policy_sets.py)
+    log_reason: str | None = None  # what the decision log records, when it says more than the client is told
 
     def __init__(self, status: int, err_type: str, message: str) -> None:
         super().__init__(message)

@@ -235,8 +235,10 @@ class PolicySets:
             seen.bundle, seen.eval_ns, seen.set_eval = engine.bundle, eval_ns, se
             seen.decision = Decision(False, reason)
             if se.error is not None:
-                raise Deny(503, "api_error", f"the gateway could not authorize this request: policy set "
-                                             f"{s.name!r} failed; contact your gateway administrator")
+                d = Deny(503, "api_error", f"the gateway could not authorize this request: policy set "
+                                           f"{s.name!r} failed; contact your gateway administrator")
+                d.log_reason = reason  # the detail goes to the log, not to the client
+                raise d
             raise SetDeny(status, err_type(status), reason, response_headers(result) if result is not None else None)
         return additions
 

@@ -230,7 +230,7 @@ class Authorizer:
         try:
             resp = await self._check(req, body, seen)
         except Deny as d:
-            did = self._record(req, seen, False, d.status, d.message)
+            did = self._record(req, seen, False, d.status, d.log_reason or d.message)
             return denied(d.status, d.err_type, _with_decision(d.message, did), d.headers)
         except Exception:
             log.exception("authorization failed internally; denying")

@@ -1,0 +1,311 @@
+"""Several policy sets in one extauth: per-tenant sets that must allow too, shadow sets that are
+logged and never enforced, OPA-Envoy sets with their own input and result, each with its own bundle,
+status entry and metrics. Real bundles (`opa build -t wasm`), real PostgreSQL for the decision log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.rpc import code_pb2
+
+from ccr import metrics
+from ccr.config import ConfigError, parse_config
+from ccr.contract import AUTHZ_DECISION_ID, POLICY_STATUS_FILE
+from ccr.runtime import Runtime
+from extauth.bundle import build_bundle
+from extauth.bundle_source import BundleLoader, FileSource
+from extauth.decisions import DecisionLog
+from extauth.keys import KeyStore, create_key
+from extauth.policy_sets import PolicySets
+from extauth.server import Authorizer
+from tests import opa_envoy_policies as oe
+from tests.test_bundles import ENTRYPOINT, policy_src
+from tests.test_decisions import DECISION_IN_MESSAGE, rows
+from tests.test_extauth import GATEWAY_YAML, REPO, denied_error, http_check, msg_body, ok_headers
+
+HAIKU, SONNET = "claude-haiku-4-5", "claude-sonnet-4-5"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sets")
+    haiku_src = policy_src(root / "haiku", ["claude-haiku-*"])
+    return {
+        "global": build_bundle(REPO / "policies", root / "global.tar.gz", ENTRYPOINT, revision="global-r1"),
+        "acme-haiku": build_bundle(haiku_src, root / "acme-haiku.tar.gz", ENTRYPOINT, revision="acme-r1"),
+        "bool": oe.build(root, "bool", oe.BOOLEAN),
+        "object": oe.build(root, "object", oe.OBJECT, "envoy/authz/result"),
+        "deny-all": oe.build(root, "deny-all", oe.DENY_ALL),
+        "impersonate": oe.build(root, "impersonate", oe.IMPERSONATE, "envoy/authz/result"),
+        "broken": oe.build(root, "broken", oe.BROKEN),
+    }
+
+
+Scenario = Callable[[Authorizer, PolicySets], Awaitable[Any]]
+
+
+def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict], scenario: Scenario) -> Any:
+    doc = yaml.safe_load(GATEWAY_YAML)
+    doc["policy"] = {"sets": sets}
+    config = parse_config(doc)
+    run = tmp / "run"
+    run.mkdir(exist_ok=True)
+    runtime = Runtime(config_path=str(tmp / "gateway.yaml"), run_dir=str(run), postgres_dsn=dsn,
+                      redis_url="redis://127.0.0.1:1/0")
+
+    async def main() -> Any:
+        loader = BundleLoader(None, FileSource(bundles["global"]), ENTRYPOINT)
+        ps = PolicySets.from_config(config, runtime, loader)
+        policy = await loader.load_initial()
+        await ps.load_initial()
+        keys = KeyStore(dsn)
+        await keys.start()
+        log = DecisionLog(dsn)
+        auth = Authorizer(config, keys, policy, decisions=log, sets=ps)
+        loader.holder = auth
+        try:
+            return await scenario(auth, ps)
+        finally:
+            await log.close()  # flushes every queued decision
+            await keys.close()
+            await ps.close()
+            policy.close()
+
+    return asyncio.run(main())
+
+
+def by_set(dsn: str, rid: str) -> dict[str, dict]:
+    got = rows(dsn, "request_id = %s", (rid,))
+    out = {r["policy_set"]: r for r in got}
+    assert len(out) == len(got), f"two rows for one set: {got}"
+    return out
+
+
+def test_tenant_set_applies_only_to_its_tenant(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, acme = create_key(postgres_dsn, "sets-acme", tenant="acme")
+    _, globex = create_key(postgres_dsn, "sets-globex", tenant="globex")
+    _, none = create_key(postgres_dsn, "sets-none")
+    sets = [{"name": "acme-haiku", "tenants": ["acme"], "bundle": {"path": str(bundles["acme-haiku"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> dict[str, pb.CheckResponse]:
+        out = {}
+        for rid, key, model, extra in (
+                ("t-acme-sonnet", acme, SONNET, {}),
+                # A header naming another tenant changes nothing: the tenant is the key's.
+                ("t-acme-spoof", acme, SONNET, {"x-tenant": "globex", "x-ccr-tenant": "globex"}),
+                ("t-acme-haiku", acme, HAIKU, {}),
+                ("t-globex-sonnet", globex, SONNET, {}),
+                ("t-none-sonnet", none, SONNET, {"x-tenant": "acme"})):
+            out[rid] = await auth.check(http_check({"x-api-key": key, "x-request-id": rid, **extra},
+                                                   body=msg_body(model)))
+        return out
+
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    for rid in ("t-acme-sonnet", "t-acme-spoof"):
+        status, err = denied_error(got[rid])
+        assert status == 403 and "claude-haiku-*" in err["message"]
+        # One row, the request's: it names the set that refused and that set's revision.
+        [row] = rows(postgres_dsn, "request_id = %s", (rid,))
+        assert (row["policy_set"], row["bundle_revision"], row["allow"], row["shadow"]) == (
+            "acme-haiku", "acme-r1", False, False)
+        assert DECISION_IN_MESSAGE.search(err["message"]).group(1) == row["decision_id"]
+    assert got["t-acme-haiku"].status.code == code_pb2.OK
+    rs = by_set(postgres_dsn, "t-acme-haiku")
+    assert rs["global"]["allow"] and rs["global"]["bundle_revision"] == "global-r1"
+    assert rs["acme-haiku"]["allow"] and rs["acme-haiku"]["bundle_revision"] == "acme-r1"
+    assert got["t-acme-haiku"].dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value == rs["global"]["decision_id"]
+    for rid in ("t-globex-sonnet", "t-none-sonnet"):
+        assert got[rid].status.code == code_pb2.OK
+        assert set(by_set(postgres_dsn, rid)) == {"global"}  # the acme set never ran for them
+
+
+def test_shadow_set_logs_would_be_denials_and_never_enforces(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-shadow")
+    sets = [{"name": "trial", "mode": "opa-envoy", "shadow": True, "bundle": {"path": str(bundles["deny-all"])}},
+            {"name": "trial-ccr", "shadow": True, "bundle": {"path": str(bundles["acme-haiku"])}},
+            # OPA-Envoy's own word for it.
+            {"name": "broken", "mode": "opa-envoy", "dry_run": True, "bundle": {"path": str(bundles["broken"])}},
+            {"name": "bad-headers", "mode": "opa-envoy", "entrypoint": "envoy/authz/result", "shadow": True,
+             "bundle": {"path": str(bundles["impersonate"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> list[pb.CheckResponse]:
+        return [await auth.check(http_check({"x-api-key": key, "x-request-id": f"sh-{i}",
+                                             "content-type": "application/json"}, body=msg_body(SONNET)))
+                for i in range(2)]
+
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    for i, resp in enumerate(got):
+        assert resp.status.code == code_pb2.OK  # every set denies or fails; none is enforced
+        headers = ok_headers(resp)  # the shadow policy that asked for other identity headers got nothing
+        assert headers["x-ccr-principal-id"] != "key_admin" and headers["x-ccr-cluster"] != "elsewhere"
+        rs = by_set(postgres_dsn, f"sh-{i}")
+        assert rs["global"]["allow"] is True and rs["global"]["shadow"] is False
+        assert resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value == rs["global"]["decision_id"]
+        trial = rs["trial"]
+        assert (trial["shadow"], trial["allow"], trial["status"], trial["bundle_revision"]) == (
+            True, False, 403, "deny-all-r1")
+        assert trial["input_sha256"] and trial["input_sha256"] != rs["global"]["input_sha256"]
+        assert (rs["trial-ccr"]["shadow"], rs["trial-ccr"]["allow"]) == (True, False)
+        assert "claude-haiku-*" in rs["trial-ccr"]["reason"]
+        # A shadow set that errors is logged as a would-be (fail-closed) denial; the request is unaffected.
+        for name, why in (("broken", "boolean or an object"), ("bad-headers", "reserved for the gateway")):
+            assert (rs[name]["shadow"], rs[name]["allow"], rs[name]["status"]) == (True, False, 503)
+            assert why in rs[name]["reason"]
+
+
+def test_opa_envoy_boolean_policy_enforced(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-bool")
+    sets = [{"name": "envoy", "mode": "opa-envoy", "bundle": {"path": str(bundles["bool"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> dict[str, pb.CheckResponse]:
+        h = {"x-api-key": key, "content-type": "application/json"}
+        return {
+            "models": await auth.check(http_check({**h, "x-request-id": "b-models"}, "GET", "/v1/models")),
+            "haiku": await auth.check(http_check({**h, "x-request-id": "b-haiku"}, body=msg_body(HAIKU))),
+            "sonnet": await auth.check(http_check({**h, "x-request-id": "b-sonnet"}, body=msg_body(SONNET))),
+        }
+
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    assert got["models"].status.code == code_pb2.OK and got["haiku"].status.code == code_pb2.OK
+    status, err = denied_error(got["sonnet"])
+    assert status == 403 and err["type"] == "permission_error"
+    assert err["message"].startswith("denied by policy set 'envoy'")
+    [row] = rows(postgres_dsn, "request_id = %s", ("b-sonnet",))
+    assert (row["policy_set"], row["allow"], row["status"], row["bundle_revision"]) == ("envoy", False, 403, "bool-r1")
+    assert by_set(postgres_dsn, "b-haiku")["envoy"]["allow"] is True
+
+
+def test_opa_envoy_object_result(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-object")
+    sets = [{"name": "teams", "mode": "opa-envoy", "entrypoint": "envoy/authz/result",
+             "bundle": {"path": str(bundles["object"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> dict[str, pb.CheckResponse]:
+        h = {"x-api-key": key, "content-type": "application/json"}
+        return {
+            "red": await auth.check(http_check({**h, "x-team": "red", "x-request-id": "o-red"}, body=msg_body())),
+            "red-again": await auth.check(http_check({**h, "x-team": "red"}, body=msg_body())),
+            "blue": await auth.check(http_check({**h, "x-team": "blue", "x-request-id": "o-blue"}, body=msg_body())),
+        }
+
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    red = got["red"]
+    assert red.status.code == code_pb2.OK
+    headers = ok_headers(red)
+    assert headers["x-ext-auth-allow"] == "yes" and headers["x-ccr-principal"] == "sets-object"
+    assert [(h.header.key, h.header.value) for h in red.ok_response.response_headers_to_add] == [
+        ("x-policy-said", "welcome")]
+    assert "x-debug" in red.ok_response.headers_to_remove
+    meta = red.dynamic_metadata.fields
+    assert meta["team"].string_value == "red" and meta["principal"].string_value == "sets-object"
+    assert meta[AUTHZ_DECISION_ID].string_value != got["red-again"].dynamic_metadata.fields[
+        AUTHZ_DECISION_ID].string_value  # each request its own id, though the base response is cached
+    assert got["red-again"].dynamic_metadata.fields["team"].string_value == "red"
+
+    blue = got["blue"]
+    status, err = denied_error(blue)
+    assert status == 429 and err["type"] == "rate_limit_error"
+    assert err["message"].startswith("only the red team may call this gateway (decision dec_")
+    assert {h.header.key: h.header.value for h in blue.denied_response.headers}["x-ext-auth-allow"] == "no"
+
+
+def test_policy_never_sets_identity_headers(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-impersonate")
+    sets = [{"name": "evil", "mode": "opa-envoy", "entrypoint": "envoy/authz/result",
+             "bundle": {"path": str(bundles["impersonate"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> pb.CheckResponse:
+        return await auth.check(http_check({"x-api-key": key, "x-request-id": "evil-1"}, body=msg_body()))
+
+    resp = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    status, err = denied_error(resp)  # refused, not applied: fail closed
+    assert status == 503 and "policy set 'evil' failed" in err["message"]
+    assert not resp.HasField("ok_response")
+    [row] = rows(postgres_dsn, "request_id = %s", ("evil-1",))
+    assert row["policy_set"] == "evil" and row["allow"] is False and "reserved for the gateway" in row["reason"]
+
+
+def test_each_set_swaps_on_its_own_with_status_and_metrics(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-swap")
+    live = tmp_path / "teams.tar.gz"
+    shutil.copy(bundles["bool"], live)
+    sets = [{"name": "teams", "mode": "opa-envoy", "bundle": {"path": str(live)}}]
+    status_file = tmp_path / "run" / POLICY_STATUS_FILE
+    before = metrics.REGISTRY.get_sample_value("ccr_policy_bundle_load_failures_total", {"set": "teams"}) or 0
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> None:
+        [teams] = ps.sets
+        st = json.loads(status_file.read_text())
+        assert st["revision"] == "global-r1" and st["set"] == "global"
+        assert st["sets"]["teams"]["revision"] == "bool-r1" and st["sets"]["teams"]["mode"] == "opa-envoy"
+        assert metrics.REGISTRY.get_sample_value(
+            "ccr_policy_bundle_info", {"set": "teams", "revision": "bool-r1",
+                                       "digest": teams.policy.bundle.digest}) == 1
+        sonnet = http_check({"x-api-key": key, "content-type": "application/json"}, body=msg_body(SONNET))
+        assert (await auth.check(sonnet)).status.code != code_pb2.OK
+
+        # A broken bundle is refused; the last good one keeps serving; the failure is counted.
+        live.write_bytes(b"not a bundle")
+        assert await teams.loader.poll_once() == "refused"
+        st = json.loads(status_file.read_text())
+        assert st["sets"]["teams"]["revision"] == "bool-r1" and st["sets"]["teams"]["last_error"]
+        assert st["last_error"] is None  # the global set is not affected
+        failures = metrics.REGISTRY.get_sample_value("ccr_policy_bundle_load_failures_total", {"set": "teams"})
+        assert failures == before + 1
+        old_digest = teams.policy.bundle.digest
+
+        # A new good revision swaps in (for this set only).
+        shutil.copy(bundles["deny-all"], live)
+        assert await teams.loader.poll_once() == "loaded"
+        st = json.loads(status_file.read_text())
+        assert st["sets"]["teams"]["revision"] == "deny-all-r1" and st["sets"]["teams"]["last_error"] is None
+        assert st["revision"] == "global-r1"
+        assert metrics.REGISTRY.get_sample_value(
+            "ccr_policy_bundle_info", {"set": "teams", "revision": "bool-r1", "digest": old_digest}) is None
+        assert metrics.REGISTRY.get_sample_value(
+            "ccr_policy_bundle_info", {"set": "teams", "revision": "deny-all-r1",
+                                       "digest": teams.policy.bundle.digest}) == 1
+        models = http_check({"x-api-key": key}, "GET", "/v1/models")
+        assert (await auth.check(models)).status.code != code_pb2.OK  # deny-all now enforced
+
+    run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+
+
+def test_an_enforced_set_without_a_bundle_stops_start_up_a_shadow_one_does_not(
+        postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    missing = str(tmp_path / "missing.tar.gz")
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> pb.CheckResponse:
+        _, key = create_key(postgres_dsn, "sets-missing")
+        return await auth.check(http_check({"x-api-key": key}, body=msg_body()))
+
+    resp = run_with_sets(postgres_dsn, tmp_path, bundles,
+                         [{"name": "later", "shadow": True, "bundle": {"path": missing}}], scenario)
+    assert resp.status.code == code_pb2.OK
+    from extauth.bundle import BundleError
+
+    with pytest.raises(BundleError, match="policy set 'now'"):
+        run_with_sets(postgres_dsn, tmp_path, bundles, [{"name": "now", "bundle": {"path": missing}}], scenario)
+
+
+@pytest.mark.parametrize("sets, why", [
+    ([{"name": "global", "bundle": {"path": "x"}}], "is the set policy.dir"),
+    ([{"name": "a", "bundle": {"path": "x"}}, {"name": "a", "bundle": {"path": "y"}}], "unique"),
+    ([{"name": "a", "tenants": [], "bundle": {"path": "x"}}], "tenants is empty"),
+    ([{"name": "a", "bundle": {"url": "https://b.example/x.tar.gz"}}], "without verification"),
+    ([{"name": "a", "mode": "opa", "bundle": {"path": "x"}}], "mode"),
+    ([{"name": "A b", "bundle": {"path": "x"}}], "name"),
+])
+def test_set_config_is_strict(sets: list, why: str) -> None:
+    doc = yaml.safe_load(GATEWAY_YAML)
+    doc["policy"] = {"sets": sets}
+    with pytest.raises(ConfigError, match=why):
+        parse_config(doc)
