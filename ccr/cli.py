@@ -342,6 +342,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             return 0
         if args.policy_cmd == "push":
             return _policy_push(args)
+        if args.policy_cmd == "sign":
+            return _policy_sign(args)
         if args.policy_cmd == "test":
             import subprocess
 
@@ -388,6 +390,27 @@ def _policy_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_sign(args: argparse.Namespace) -> int:
+    """Sign an existing bundle (`opa build` output, or one from elsewhere) as `opa build --signing-key` does."""
+    from extauth.bundle import BundleError, read_bundle
+    from extauth.bundle_signing import sign_bundle_file
+
+    config = load_config(args.config)
+    ver = config.policy.verification
+    alg = args.alg or (ver.alg if ver else "RS256")
+    key_id = args.key_id or (ver.key_id if ver and ver.key_id != "default" else None)
+    out = Path(args.out or args.bundle)
+    try:
+        key = Path(args.signing_key).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read signing key {args.signing_key}: {e.strerror}") from None
+    sign_bundle_file(Path(args.bundle), out, key, alg, key_id=key_id, scope=args.scope)
+    b = read_bundle(out)
+    print(f"signed {out} ({alg}{f', key id {key_id}' if key_id else ''}): revision {b.revision or '(none)'}, "
+          f"{len(b.files)} files, sha256 {b.digest[:12]}")
+    return 0
+
+
 def _policy_status(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -402,25 +425,36 @@ def _policy_status(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError):
         print(f"ccr policy status: no policy status at {path} (is `ccr up` running?)", file=sys.stderr)
         return 1
+    sets = st.get("sets") or {}  # policy.sets (extauth/policy_sets.py), next to the global set
+    failing = bool(st.get("last_error")) or any(s.get("last_error") for s in sets.values())
     if args.json:
         print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
-        return 1 if st.get("last_error") else 0
+        return 1 if failing else 0
 
     def when(t: float | None) -> str:
         return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else "-"
 
-    print(f"revision   : {st.get('revision') or '(none)'}\n"
-          f"sha256     : {st.get('digest') or '-'}\n"
-          f"signed     : {st.get('signed')}\n"
-          f"source     : {st.get('source')}\n"
-          f"entrypoint : {st.get('entrypoint')}\n"
-          f"loaded at  : {when(st.get('loaded_at'))}\n"
-          f"checked at : {when(st.get('last_check_at'))}")
-    if st.get("last_error"):
-        print(f"last error : {st['last_error']} (at {when(st.get('last_error_at'))}); "
-              f"the revision above keeps serving")
-        return 1
-    return 0
+    def show(s: dict) -> None:
+        print(f"revision   : {s.get('revision') or '(none)'}\n"
+              f"sha256     : {s.get('digest') or '-'}\n"
+              f"signed     : {s.get('signed')}\n"
+              f"source     : {s.get('source')}\n"
+              f"entrypoint : {s.get('entrypoint')}\n"
+              f"loaded at  : {when(s.get('loaded_at'))}\n"
+              f"checked at : {when(s.get('last_check_at'))}")
+        if s.get("last_error"):
+            print(f"last error : {s['last_error']} (at {when(s.get('last_error_at'))}); "
+                  + ("the revision above keeps serving" if s.get("digest") else "no bundle serves this set yet"))
+
+    if sets:
+        print("set global")
+    show(st)
+    for name, s in sets.items():
+        tenants = s.get("tenants")
+        print(f"\nset {name} ({s.get('mode')}{', shadow' if s.get('shadow') else ''}, "
+              + (f"tenants {', '.join(tenants)}" if tenants else "every principal") + ")")
+        show(s)
+    return 1 if failing else 0
 
 
 def cmd_policy_why(args: argparse.Namespace) -> int:
@@ -522,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.set_defaults(func=cmd_logout)
     lo.add_argument("--session-file", help="default: ~/.config/ccr/session.json")
 
-    pol = sub.add_parser("policy", help="OPA policy bundles: build (and sign), verify, push, test, status")
+    pol = sub.add_parser("policy", help="OPA policy bundles: build, sign, verify, push, test, status")
     pol.set_defaults(func=cmd_policy)
     ps = pol.add_subparsers(dest="policy_cmd", required=True)
     pb = ps.add_parser("build", help="compile policy.dir with `opa build -t wasm` (the configured entrypoint)")
@@ -538,11 +572,18 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("bundle", help="bundle .tar.gz")
     pp.add_argument("--url", help="where to PUT it (default: policy.bundle.url)")
     pp.add_argument("--token-file", help="file with a bearer token for the bundle server")
+    psg = ps.add_parser("sign", help="sign an existing bundle (.tar.gz) as `opa build --signing-key` does")
+    psg.add_argument("bundle", help="bundle .tar.gz")
+    psg.add_argument("--signing-key", required=True, help="PEM private key (RS*/PS*/ES*) or HS* secret file")
+    psg.add_argument("--out", help="signed bundle to write (default: replace BUNDLE)")
+    psg.add_argument("--alg", help="signing algorithm (default: policy.verification.alg, else RS256)")
+    psg.add_argument("--key-id", help="key id in the signature (default: policy.verification.key_id)")
+    psg.add_argument("--scope", help="scope claim in the signature")
     pt = ps.add_parser("test", help="run `opa test` on policy.dir")
     pt.add_argument("-v", "--verbose", action="store_true")
     pst = ps.add_parser("status", help="the bundle revision extauth is serving, and its last refusal")
     pst.add_argument("--json", action="store_true", help="print RUN/policy-status.json as is")
-    for p in (pb, pv, pp, pt, pst):
+    for p in (pb, pv, pp, psg, pt, pst):
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
     cfg = sub.add_parser("config", help="gateway config tools")
