@@ -7,8 +7,9 @@ A service that calls `serve()` reports the address in its ready file (ccr.contra
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, start_http_server
 
+disable_created_metrics()  # no *_created series: a counter's start time is not what anyone graphs
 REGISTRY = CollectorRegistry()
 
 POLICY_BUNDLE_INFO = Gauge(

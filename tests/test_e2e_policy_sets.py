@@ -14,6 +14,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 
 from ccr import cli
@@ -104,11 +105,16 @@ def test_metrics_and_status_show_every_sets_revision(gw: Gateway, capsys: pytest
         if not name.startswith("extauth"):
             continue
         text = httpx.get(f"http://{address}/metrics", timeout=10).text
-        for s, rev in (("global", None), ("trial", "trial-r1"), ("teams", "teams-r1")):
-            line = next(ln for ln in text.splitlines() if ln.startswith(f'ccr_policy_bundle_info{{set="{s}"'))
-            assert line.endswith(" 1.0") and (rev is None or f'revision="{rev}"' in line)
-            assert f'ccr_policy_bundle_last_load_success_timestamp_seconds{{set="{s}"}}' in text
-            assert f'ccr_policy_bundle_load_failures_total{{set="{s}"}} 0.0' in text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        info = {s.labels["set"]: s for s in samples if s.name == "ccr_policy_bundle_info"}
+        assert set(info) == {"global", "trial", "teams"}
+        assert info["trial"].labels["revision"] == "trial-r1" and info["teams"].labels["revision"] == "teams-r1"
+        assert all(s.value == 1 and len(s.labels["digest"]) == 64 for s in info.values())
+        loaded = {s.labels["set"]: s.value for s in samples
+                  if s.name == "ccr_policy_bundle_last_load_success_timestamp_seconds"}
+        failures = {s.labels["set"]: s.value for s in samples if s.name == "ccr_policy_bundle_load_failures_total"}
+        assert set(loaded) == set(failures) == set(info) and all(t > 1.7e9 for t in loaded.values())
+        assert set(failures.values()) == {0}
 
     assert cli.main(["-c", str(gw.config_path), "policy", "status"]) == 0
     out = capsys.readouterr().out
