@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ccr.contract import POLICY_GLOBAL_SET
+
 MIB = 1024 * 1024
 
 
@@ -278,7 +280,6 @@ class DecisionLogSettings(Strict):
 
 
 POLICY_SET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-GLOBAL_SET = "global"  # the name of the set `policy.dir` / `policy.bundle` configure
 OPA_ENVOY_ENTRYPOINT = "envoy/authz/allow"  # OPA-Envoy's default decision path
 
 
@@ -302,8 +303,8 @@ class PolicySet(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PolicySet:
-        if self.name == GLOBAL_SET:
-            raise ValueError(f"policy set name {GLOBAL_SET!r} is the set policy.dir / policy.bundle configure")
+        if self.name == POLICY_GLOBAL_SET:
+            raise ValueError(f"policy set name {POLICY_GLOBAL_SET!r} is the set policy.dir / policy.bundle configure")
         if self.tenants is not None and not self.tenants:
             raise ValueError(f"policy set {self.name!r}: tenants is empty; leave it out to apply to every principal")
         if self.bundle.url is not None and self.verification is None and not self.bundle.allow_unsigned:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -23,8 +24,10 @@ from ccr.runtime import Runtime
 from extauth.bundle import build_bundle
 from extauth.bundle_source import BundleLoader, FileSource
 from extauth.decisions import DecisionLog
+from extauth.endpoints import match
 from extauth.keys import KeyStore, create_key
 from extauth.policy_sets import PolicySets
+from extauth.principal import Principal, PrincipalKind
 from extauth.server import Authorizer
 from tests import opa_envoy_policies as oe
 from tests.test_bundles import ENTRYPOINT, policy_src
@@ -52,7 +55,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 Scenario = Callable[[Authorizer, PolicySets], Awaitable[Any]]
 
 
-def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict], scenario: Scenario) -> Any:
+def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict], scenario: Scenario,
+                  log: DecisionLog | None = None) -> Any:
     doc = yaml.safe_load(GATEWAY_YAML)
     doc["policy"] = {"sets": sets}
     config = parse_config(doc)
@@ -61,6 +65,8 @@ def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict
     runtime = Runtime(config_path=str(tmp / "gateway.yaml"), run_dir=str(run), postgres_dsn=dsn,
                       redis_url="redis://127.0.0.1:1/0")
 
+    decisions = log or DecisionLog(dsn)
+
     async def main() -> Any:
         loader = BundleLoader(None, FileSource(bundles["global"]), ENTRYPOINT)
         ps = PolicySets.from_config(config, runtime, loader)
@@ -68,13 +74,12 @@ def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict
         await ps.load_initial()
         keys = KeyStore(dsn)
         await keys.start()
-        log = DecisionLog(dsn)
-        auth = Authorizer(config, keys, policy, decisions=log, sets=ps)
+        auth = Authorizer(config, keys, policy, decisions=decisions, sets=ps)
         loader.holder = auth
         try:
             return await scenario(auth, ps)
         finally:
-            await log.close()  # flushes every queued decision
+            await decisions.close()  # flushes every queued decision
             await keys.close()
             await ps.close()
             policy.close()
@@ -309,3 +314,55 @@ def test_set_config_is_strict(sets: list, why: str) -> None:
     doc["policy"] = {"sets": sets}
     with pytest.raises(ConfigError, match=why):
         parse_config(doc)
+
+
+def test_decision_log_file_lines_of_sets_hold_no_credentials(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-file")
+    sets = [{"name": "trial", "mode": "opa-envoy", "shadow": True, "bundle": {"path": str(bundles["deny-all"])}}]
+    file = tmp_path / "decisions.jsonl"
+    prompt = "my card is 4111 1111 1111 1111"
+    body = orjson.dumps({"model": SONNET, "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]})
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> pb.CheckResponse:
+        return await auth.check(http_check({"x-api-key": key, "authorization": "Bearer also-secret",
+                                            "content-type": "application/json", "x-team": "red",
+                                            "x-request-id": "file-1"}, body=body))
+
+    resp = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario,
+                         DecisionLog(postgres_dsn, file=file, include_input=True))
+    assert resp.status.code == code_pb2.OK
+    text = file.read_text()
+    for secret in (key, "also-secret", prompt, "4111"):
+        assert secret not in text
+    lines = {json.loads(ln)["labels"]["policy_set"] if "labels" in json.loads(ln) else "global": json.loads(ln)
+             for ln in text.splitlines()}
+    trial = lines["trial"]
+    assert trial["path"] == "envoy/authz/allow" and trial["result"] is False
+    assert trial["labels"] == {"policy_set": "trial", "shadow": True, "mode": "opa-envoy"}
+    assert trial["bundles"] == {"trial": {"revision": "deny-all-r1"}}
+    headers = trial["input"]["attributes"]["request"]["http"]["headers"]
+    assert headers["x-api-key"] == headers["authorization"] == "[redacted]" and headers["x-team"] == "red"
+    assert trial["input"]["parsed_path"] == ["v1", "messages"] and "parsed_body" not in trial["input"]
+    [row] = [r for r in rows(postgres_dsn, "request_id = %s", ("file-1",)) if r["policy_set"] == "trial"]
+    assert row["decision_id"] == trial["decision_id"]
+
+
+def test_batch_requests_are_decided_by_the_tenants_set_too(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    sets = [{"name": "acme-haiku", "tenants": ["acme"], "bundle": {"path": str(bundles["acme-haiku"])}},
+            {"name": "trial", "shadow": True, "bundle": {"path": str(bundles["acme-haiku"])}}]
+    acme = Principal(PrincipalKind.KEY, "key_acme", "acme-batch", ("default",), tenant="acme", key_id="key_acme")
+    other = Principal(PrincipalKind.KEY, "key_o", "other-batch", ("default",), tenant="globex", key_id="key_o")
+    create = match("POST", "/v1/messages")
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> dict[str, Any]:
+        out = {}
+        for p in (acme, other):
+            decide = ps.batch_decide(p, auth.policy.decide)  # what each request of a batch create is decided by
+            out[p.name] = tuple(decide(p, "POST", "/v1/messages", m, create) for m in (SONNET, HAIKU))
+        return out
+
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    sonnet, haiku = got["acme-batch"]
+    assert not sonnet.allow and "claude-haiku-*" in sonnet.reason and haiku.allow
+    sonnet, haiku = got["other-batch"]
+    assert sonnet.allow and haiku.allow  # neither the acme set nor the shadow one refuses another tenant
