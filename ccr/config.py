@@ -295,6 +295,10 @@ class PolicySet(Strict):
     # (the CheckRequest in protobuf JSON, parsed_path, parsed_query, parsed_body) and result.
     mode: Literal["ccr", "opa-envoy"] = "ccr"
     entrypoint: str | None = None  # default: ccr/authz/decision, or envoy/authz/allow in opa-envoy mode
+    # opa-envoy mode: give the policy the body (`http.body`, `parsed_body`), as Envoy's `with_request_body`
+    # does for OPA-Envoy. The WASM policy parses its input: an 84 KB body costs ~2 ms per request; a policy
+    # that reads only headers, path and method runs in ~0.4 ms without it.
+    with_body: bool = True
     # Only principals of these tenants (Principal.tenant, from the key or the IdP); unset: every principal.
     tenants: list[Annotated[str, Field(min_length=1)]] | None = None
     # Evaluated on live traffic, would-be denials logged (policy_decisions.shadow), never enforced.

@@ -76,15 +76,17 @@ def parsed_body(headers: dict[str, str], body: str) -> tuple[Any, bool]:
         raise OpaEnvoyError(f"request body is not valid JSON: {e}") from None
 
 
-def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None) -> dict[str, Any]:
+def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None, with_body: bool = True) -> dict[str, Any]:
     """The OPA-Envoy input document for one CheckRequest. `body`: the request body when it was split
-    off the message (extauth/wire.py); else the message's own body / raw_body is used."""
+    off the message (extauth/wire.py); else the message's own body / raw_body is used. Without
+    `with_body` the input is what OPA-Envoy sees when Envoy sends no body (no `with_request_body`)."""
     doc = MessageToDict(req)  # protojson names, defaults omitted: what OPA-Envoy's protojson.Marshal gives
     http_msg = req.attributes.request.http
-    raw = bytes(body) if body else (http_msg.raw_body or http_msg.body.encode())
+    raw = (bytes(body) if body else (http_msg.raw_body or http_msg.body.encode())) if with_body else b""
     text = raw.decode("utf-8", "replace")
     http = doc.setdefault("attributes", {}).setdefault("request", {}).setdefault("http", {})
     http.pop("rawBody", None)
+    http.pop("body", None)
     if text:
         http["body"] = text
     headers = dict(http_msg.headers) if http_msg.headers else {

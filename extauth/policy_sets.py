@@ -191,7 +191,7 @@ class PolicySets:
         Returns the allowing OPA-Envoy results whose headers and metadata the response must carry."""
         principal = seen.principal
         additions: list[Result] = []
-        opa_input: dict[str, Any] | None = None  # built once, shared by the OPA-Envoy sets
+        inputs: dict[bool, dict[str, Any]] = {}  # OPA-Envoy inputs (with the body or not), built once per request
         http = req.attributes.request.http
         request_id = http.headers.get(H_REQUEST_ID, "") if http.headers else ""
         for s in self.sets:
@@ -200,10 +200,12 @@ class PolicySets:
                 continue
             t0 = time.perf_counter_ns()
             result: Result | None = None
+            opa_input: dict[str, Any] | None = None
             try:
                 if s.mode == "opa-envoy":
+                    opa_input = inputs.get(s.cfg.with_body)
                     if opa_input is None:
-                        opa_input = check_input(req, body)
+                        opa_input = inputs[s.cfg.with_body] = check_input(req, body, s.cfg.with_body)
                     raw = engine.evaluate(opa_input)
                     se = SetEval(s.name, s.shadow, s.mode, engine.entrypoint, opa_input, raw)
                     result = result_of(raw)

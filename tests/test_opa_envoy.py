@@ -184,3 +184,12 @@ def test_apply_allowed_never_replaces_the_gateways_metadata(key: str) -> None:
     with pytest.raises(OpaEnvoyError, match="gateway's keys"):
         apply_allowed(resp, result_of({"allowed": True, "dynamic_metadata": {key: "other"}}))
     assert resp.dynamic_metadata["principal_id"] == "key_1"
+
+
+def test_input_without_the_body_is_what_opa_envoy_sees_without_with_request_body() -> None:
+    req = check("POST", "/v1/messages", {"content-type": "application/json", "content-length": "14"},
+                b'{"model": "m"}')
+    doc = check_input(req, with_body=False)
+    assert "body" not in doc["attributes"]["request"]["http"] and "rawBody" not in doc["attributes"]["request"]["http"]
+    assert (doc["parsed_body"], doc["truncated_body"]) == (None, False)
+    assert check_input(req)["parsed_body"] == {"model": "m"}
