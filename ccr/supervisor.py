@@ -258,6 +258,10 @@ class Gateway:
             b = config.policy.bundle
             self.status("policy", f"bundle from {b.url or b.path}"
                         + (" (signatures verified)" if config.policy.verification else ""))
+        for ps in config.policy.sets:  # each loaded and polled by extauth on its own
+            self.status("policy", f"set {ps.name} ({ps.mode}{', shadow' if ps.is_shadow else ''}"
+                        + (f", tenants {', '.join(ps.tenants)}" if ps.tenants is not None else "")
+                        + f") from {ps.bundle.url or ps.bundle.path}")
 
         # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
         runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
