@@ -28,7 +28,7 @@ import orjson
 from ccr import metrics as metrics_hooks
 from ccr.config import GatewayConfig
 from ccr.config import PolicySet as PolicySetConfig
-from ccr.contract import H_REQUEST_ID, POLICY_GLOBAL_SET, POLICY_STATUS_FILE
+from ccr.contract import POLICY_GLOBAL_SET, POLICY_STATUS_FILE
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
 from extauth.bundle_signing import BundleVerifier
@@ -183,7 +183,7 @@ class PolicySets:
 
     # -- per request ------------------------------------------------------------
 
-    def check(self, req: Any, body: Any, seen: Any, method: str, doc: dict | None, text_of: Any,
+    def check(self, req: Any, body: Any, seen: Any, method: str, request_id: str, doc: dict | None, text_of: Any,
               global_allow: bool, decisions: DecisionLog | None) -> list[Result]:
         """Evaluate the sets that apply to `seen.principal`: shadow ones always (never raising),
         enforced ones when the global set allowed. Raises SetDeny (or Deny 503 for a set that failed)
@@ -192,8 +192,6 @@ class PolicySets:
         principal = seen.principal
         additions: list[Result] = []
         inputs: dict[bool, dict[str, Any]] = {}  # OPA-Envoy inputs (with the body or not), built once per request
-        http = req.attributes.request.http
-        request_id = http.headers.get(H_REQUEST_ID, "") if http.headers else ""
         for s in self.sets:
             engine = s.policy
             if engine is None or not s.applies(principal) or not (s.shadow or global_allow):

@@ -314,7 +314,8 @@ class Authorizer:
                      ", ".join(f"{f.kind} at {f.location}" for f in pii), "allowed" if decision.allow else "denied")
         additions = None
         if self.sets is not None:  # shadow sets see every request the policy sees; enforced ones must allow too
-            additions = self.sets.check(req, raw, seen, method, doc, text_of, decision.allow, self.decisions)
+            additions = self.sets.check(req, raw, seen, method, headers.get(H_REQUEST_ID, ""), doc, text_of,
+                                        decision.allow, self.decisions)
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider)
