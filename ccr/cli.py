@@ -594,7 +594,21 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_parser("schema", help="print the config's JSON Schema")
 
     add_policy_why(sub)
+    config_on_every_command(ap)
     return ap
+
+
+def config_on_every_command(parser: argparse.ArgumentParser) -> None:
+    """Accept -c/--config after any subcommand too (`ccr up -c my.yaml`, `ccr keys list -c x.yaml`),
+    where users type it. SUPPRESS keeps the top-level value (or its default) when it is not repeated."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            if "--config" not in child._option_string_actions:
+                child.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                                   help="gateway config YAML (as `ccr -c`)")
+            config_on_every_command(child)
 
 
 def main(argv: list[str] | None = None) -> int:

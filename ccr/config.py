@@ -122,6 +122,12 @@ class ServiceSettings(Strict):
     # when the machine has cores to spare beside Envoy; None: default_workers() of this machine.
     # None: GatewayConfig.service_workers() picks from the machine's cores.
     workers: Annotated[int, Field(ge=1, le=64)] | None = None
+    # On SIGTERM a service reports NOT_SERVING (grpc.health.v1), takes no new calls and gives the
+    # calls in flight (long access-log and adapter streams included) this long to finish.
+    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # text: one readable line per record; json: JSON lines (ts, level, service, logger, msg,
+    # request_id when the record carries one), for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
+from ccr.logs import start_logging
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
 
@@ -163,11 +165,6 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
-def _start_logging(name: str) -> None:
-    logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
-
-
 def _bind(server: grpc.Server | grpc.aio.Server, name: str, host: str, port: int,
           creds: grpc.ServerCredentials | None) -> str:
     bind = f"{host}:{port}"
@@ -184,9 +181,9 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them.
     """
     args = parse_args(name)
-    _start_logging(name)
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
+    start_logging(name, config.services.log_format)
     creds: grpc.ServerCredentials | None = None
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if mtls_peers:
@@ -195,9 +192,14 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
         creds = server_credentials(runtime.mtls, name)
         interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = await setup(server, config, runtime)
     address = _bind(server, name, config.services.bind_host, args.port, creds)
     await server.start()
+    # SERVING only now: setup has reached the service's dependencies (stores, bundles).
+    for service in ("", name):
+        await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     from ccr import metrics  # a service that serves /metrics says where (Runtime.metrics)
 
     write_ready(args.ready_file, address, **({READY_METRICS: metrics.address} if metrics.address else {}))
@@ -208,9 +210,13 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace=2)
+    drain = config.services.drain_timeout_s
+    logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
+    await checks.enter_graceful_shutdown()
+    await server.stop(grace=drain)
     if cleanup is not None:
         await cleanup()
+    logging.info("stopped")
 
 
 def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False) -> None:
@@ -235,20 +241,28 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     only: no service that needs mTLS runs here.
     """
     args = parse_args(name)
-    _start_logging(name)
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
+    start_logging(name, config.services.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
                          options=server_options(args.reuse_port))
+    checks = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
     address = _bind(server, name, config.services.bind_host, args.port, None)
     server.start()
+    for service in ("", name):
+        checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     write_ready(args.ready_file, address)
     logging.info("serving on %s (%d threads)", address, threads)
     stop.wait()
-    server.stop(grace=2).wait()
+    drain = config.services.drain_timeout_s
+    logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
+    checks.enter_graceful_shutdown()
+    server.stop(grace=drain).wait()
     if cleanup is not None:
         cleanup()
+    logging.info("stopped")

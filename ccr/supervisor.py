@@ -185,6 +185,8 @@ class Gateway:
     api_key: str = ""
     emulator_url: str | None = None
     emulator_key: str | None = None  # what the emulator accepts (benchmarks call it directly)
+    # How long a child gets after SIGTERM before SIGKILL: the services' drain time, and some.
+    stop_timeout_s: float = 10.0
 
     @property
     def config(self) -> GatewayConfig:
@@ -213,6 +215,7 @@ class Gateway:
     def _start(self) -> None:
         self.config_path = self.config_path.resolve()
         config = load_config(self.config_path)
+        self.stop_timeout_s = config.services.drain_timeout_s + 5
         # Checked before anything starts.
         credentials = provider_credentials(config, str(self.config_path))
         data = self.data_dir()
@@ -407,8 +410,8 @@ class Gateway:
         return self.api_key
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        for child in reversed(self.children):  # Envoy first: its streams to the services end before they drain
+            child.stop(self.stop_timeout_s)
         self.children.clear()
         if self.runtime is not None:
             for path in self.runtime.provider_credentials.values():

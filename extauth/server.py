@@ -40,6 +40,7 @@ from ccr.contract import (
     H_REQUEST_ID,
     SET_HEADERS,
 )
+from ccr.logs import REQUEST_ID
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
@@ -226,6 +227,7 @@ class Authorizer:
 
     async def check(self, req: pb.CheckRequest, body: Buffer | None = None) -> pb.CheckResponse:
         """Decide `req`; `body`, when given, is its raw_body (a view into the received message)."""
+        REQUEST_ID.set(req.attributes.request.http.id or None)  # this call's log lines carry it (own task)
         seen = _Seen()
         try:
             resp = await self._check(req, body, seen)

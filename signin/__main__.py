@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from ccr.config import GatewayConfig
+from ccr.logs import start_logging
 from ccr.runtime import Runtime
 from ccr.service import parse_args, write_ready
 from signin.idp import IdpClient
@@ -46,10 +47,9 @@ def gateway_url(config: GatewayConfig, runtime_path: str) -> str:
 
 async def serve() -> None:
     args = parse_args("signin")
-    logging.basicConfig(level=os.environ.get("CCR_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s signin %(levelname)s %(message)s")
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
+    start_logging("signin", config.services.log_format)
     settings = config.identity.signin
     if settings is None:
         raise SystemExit("signin: identity.signin is not configured")

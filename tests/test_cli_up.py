@@ -111,10 +111,13 @@ def test_ccr_up_serves_and_stops_cleanly(tmp_path: Path, stop_signal: int) -> No
     assert not [p for p in family if _alive(p)], "processes left running after ccr up stopped"
 
 
-def test_ccr_up_fails_clearly_on_a_bad_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["before", "after"], ids=["ccr -c X up", "ccr up -c X"])
+def test_ccr_up_fails_clearly_on_a_bad_config(tmp_path: Path, where: str) -> None:
+    """The config named with -c is the one read, wherever the user types it."""
     bad = tmp_path / "ccr.yaml"
     bad.write_text("providers:\n  - name: anthropic\n    endpoint: 5\nmodels: []\n")
-    r = subprocess.run([*CCR, "-c", str(bad), "up"], capture_output=True, text=True, timeout=60)
+    argv = ["-c", str(bad), "up"] if where == "before" else ["up", "-c", str(bad)]
+    r = subprocess.run([*CCR, *argv], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2
     assert f"{bad}: providers.0.endpoint: Input should be a valid string" in r.stderr
     assert f"{bad}: models: List should have at least 1 item" in r.stderr

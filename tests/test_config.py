@@ -1,8 +1,9 @@
+import argparse
 from pathlib import Path
 
 import pytest
 
-from ccr.cli import main
+from ccr.cli import build_parser, main
 from ccr.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +90,28 @@ def test_example_config_names_its_emulator() -> None:
     cfg = load_config(REPO / "ccr.example.yaml")
     assert [p.emulator for p in cfg.providers] == [True]
     assert cfg.providers[0].api_key_env == "ANTHROPIC_API_KEY"
+
+
+def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [path]
+    return [leaf for name, child in subs[0].choices.items() for leaf in _leaf_commands(child, (*path, name))]
+
+
+def test_every_command_takes_config_after_it() -> None:
+    """`ccr up -c my.yaml`, `ccr keys list -c my.yaml`, ...: -c is accepted where users type it,
+    and a value given there wins over the top-level default."""
+    parser = build_parser()
+    leaves = _leaf_commands(parser)
+    assert ("up",) in leaves and ("keys", "list") in leaves and ("policy", "status") in leaves
+    for leaf in leaves:
+        action = parser
+        for name in leaf:
+            action = next(a for a in action._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        assert "--config" in action._option_string_actions, f"ccr {' '.join(leaf)} lacks -c/--config"
+        assert action._option_string_actions["--config"].default is argparse.SUPPRESS, leaf
+    args = parser.parse_known_args(["up", "-c", "/x/my.yaml"])[0]
+    assert args.config == "/x/my.yaml"
+    args = parser.parse_known_args(["-c", "/x/top.yaml", "keys", "list"])[0]
+    assert args.config == "/x/top.yaml"
