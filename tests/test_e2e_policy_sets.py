@@ -56,7 +56,7 @@ def decisions(dsn: str, rid: str, n: int, timeout: float = 15.0) -> dict[str, di
             time.sleep(0.05)
 
 
-def test_shadow_set_denying_everything_lets_traffic_through(gw: Gateway) -> None:
+def test_shadow_set_denying_everything_lets_traffic_through(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
     c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
     before = len(emulator_records(gw))
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
@@ -68,6 +68,9 @@ def test_shadow_set_denying_everything_lets_traffic_through(gw: Gateway) -> None
     trial = rows["trial"]
     assert (trial["shadow"], trial["allow"], trial["status"], trial["bundle_revision"]) == (
         True, False, 403, "trial-r1")
+    assert cli.main(["-c", str(gw.config_path), "policy", "why", rid]) == 0
+    out = capsys.readouterr().out
+    assert "set trial (shadow: logged, not enforced)  bundle trial-r1" in out and "set global  bundle" in out
 
 
 def test_opa_envoy_policy_decides_a_tenants_requests(gw: Gateway) -> None:

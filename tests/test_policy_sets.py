@@ -366,3 +366,42 @@ def test_batch_requests_are_decided_by_the_tenants_set_too(postgres_dsn: str, tm
     assert not sonnet.allow and "claude-haiku-*" in sonnet.reason and haiku.allow
     sonnet, haiku = got["other-batch"]
     assert sonnet.allow and haiku.allow  # neither the acme set nor the shadow one refuses another tenant
+
+
+def test_set_from_a_bundle_server_signed_and_pushed_with_the_cli(postgres_dsn: str, tmp_path: Path, bundles,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from ccr.cli import main
+    from tests.bundle_server import BundleServer
+    from tests.test_bundles import make_keys, rewrite
+
+    keys = make_keys(tmp_path / "keys")
+    _, key = create_key(postgres_dsn, "sets-http")
+    with BundleServer() as srv:
+        url = srv.url + "/envoy.tar.gz"
+        sets = [{"name": "envoy", "mode": "opa-envoy", "bundle": {"url": url, "poll_interval_s": 0.5},
+                 "verification": {"key_file": str(keys["ES256"][1]), "alg": "ES256", "key_id": "sec-1"}}]
+        config = tmp_path / "cli.yaml"
+        config.write_text(yaml.safe_dump({**yaml.safe_load(GATEWAY_YAML), "policy": {"sets": sets}}))
+        cli = ["-c", str(config)]
+        signed = tmp_path / "envoy.tar.gz"
+        # The set's alg and key id are the defaults: what `sign --set` signs is what the set verifies.
+        assert main(["policy", "sign", *cli, str(bundles["bool"]), "--set", "envoy",
+                     "--signing-key", str(keys["ES256"][0]), "--out", str(signed)]) == 0
+        assert main(["policy", "verify", *cli, str(signed), "--set", "envoy"]) == 0
+        assert main(["policy", "verify", *cli, str(bundles["bool"]), "--set", "envoy"]) == 1  # unsigned
+        assert main(["policy", "push", *cli, str(signed), "--set", "envoy"]) == 0
+        assert main(["policy", "verify", *cli, str(signed), "--set", "nope"]) == 2
+        capsys.readouterr()
+
+        async def scenario(auth: Authorizer, ps: PolicySets) -> None:
+            [envoy] = ps.sets
+            assert envoy.policy.bundle.signed and envoy.policy.bundle.revision == "bool-r1"
+            models = http_check({"x-api-key": key}, "GET", "/v1/models")
+            assert (await auth.check(models)).status.code == code_pb2.OK
+            # Tampered on the server (not through `push`, which verifies first): refused, last good serves.
+            srv.put("/envoy.tar.gz", rewrite(signed.read_bytes(), replace={"data.json": b'{"x": 1}'}))
+            assert await envoy.loader.poll_once() == "refused"
+            assert "tampered" in envoy.loader.status.last_error and envoy.policy.bundle.revision == "bool-r1"
+            assert (await auth.check(models)).status.code == code_pb2.OK
+
+        run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
