@@ -305,6 +305,9 @@ class PolicySet(Strict):
     # does for OPA-Envoy. The WASM policy parses its input: an 84 KB body costs ~2 ms per request; a policy
     # that reads only headers, path and method runs in ~0.4 ms without it.
     with_body: bool = True
+    # A longer body is given cut to this many bytes, with `truncated_body: true` and no `parsed_body`
+    # (Envoy's max_request_bytes with allow_partial_message, as OPA-Envoy setups use it).
+    max_body_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = 1 * MIB
     # Only principals of these tenants (Principal.tenant, from the key or the IdP); unset: every principal.
     tenants: list[Annotated[str, Field(min_length=1)]] | None = None
     # Evaluated on live traffic, would-be denials logged (policy_decisions.shadow), never enforced.

@@ -76,13 +76,17 @@ def parsed_body(headers: dict[str, str], body: str) -> tuple[Any, bool]:
         raise OpaEnvoyError(f"request body is not valid JSON: {e}") from None
 
 
-def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None, with_body: bool = True) -> dict[str, Any]:
+def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None, with_body: bool = True,
+                max_body_bytes: int | None = None) -> dict[str, Any]:
     """The OPA-Envoy input document for one CheckRequest. `body`: the request body when it was split
     off the message (extauth/wire.py); else the message's own body / raw_body is used. Without
-    `with_body` the input is what OPA-Envoy sees when Envoy sends no body (no `with_request_body`)."""
+    `with_body` the input is what OPA-Envoy sees when Envoy sends no body (no `with_request_body`);
+    a body over `max_body_bytes` is cut there and marked truncated (Envoy's allow_partial_message)."""
     doc = MessageToDict(req)  # protojson names, defaults omitted: what OPA-Envoy's protojson.Marshal gives
     http_msg = req.attributes.request.http
-    raw = (bytes(body) if body else (http_msg.raw_body or http_msg.body.encode())) if with_body else b""
+    whole = (body if body else (http_msg.raw_body or http_msg.body.encode())) if with_body else b""
+    cut = max_body_bytes is not None and len(whole) > max_body_bytes
+    raw = bytes(whole[:max_body_bytes] if cut else whole)
     text = raw.decode("utf-8", "replace")
     http = doc.setdefault("attributes", {}).setdefault("request", {}).setdefault("http", {})
     http.pop("rawBody", None)
@@ -95,7 +99,7 @@ def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None, wi
         http["headers"] = headers
     http.pop("headerMap", None)
     path, query = parsed_path_and_query(http_msg.path)
-    pb_body, truncated = parsed_body(headers, text)
+    pb_body, truncated = (None, True) if cut else parsed_body(headers, text)
     doc["parsed_path"] = path
     doc["parsed_query"] = query
     doc["parsed_body"] = pb_body

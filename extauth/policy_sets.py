@@ -191,7 +191,7 @@ class PolicySets:
         Returns the allowing OPA-Envoy results whose headers and metadata the response must carry."""
         principal = seen.principal
         additions: list[Result] = []
-        inputs: dict[bool, dict[str, Any]] = {}  # OPA-Envoy inputs (with the body or not), built once per request
+        inputs: dict[tuple, dict[str, Any]] = {}  # OPA-Envoy inputs by their body settings, built once per request
         for s in self.sets:
             engine = s.policy
             if engine is None or not s.applies(principal) or not (s.shadow or global_allow):
@@ -201,9 +201,10 @@ class PolicySets:
             opa_input: dict[str, Any] | None = None
             try:
                 if s.mode == "opa-envoy":
-                    opa_input = inputs.get(s.cfg.with_body)
+                    shape = (s.cfg.with_body, s.cfg.max_body_bytes)
+                    opa_input = inputs.get(shape)
                     if opa_input is None:
-                        opa_input = inputs[s.cfg.with_body] = check_input(req, body, s.cfg.with_body)
+                        opa_input = inputs[shape] = check_input(req, body, *shape)
                     raw = engine.evaluate(opa_input)
                     se = SetEval(s.name, s.shadow, s.mode, engine.entrypoint, opa_input, raw)
                     result = result_of(raw)

@@ -193,3 +193,13 @@ def test_input_without_the_body_is_what_opa_envoy_sees_without_with_request_body
     assert "body" not in doc["attributes"]["request"]["http"] and "rawBody" not in doc["attributes"]["request"]["http"]
     assert (doc["parsed_body"], doc["truncated_body"]) == (None, False)
     assert check_input(req)["parsed_body"] == {"model": "m"}
+
+
+def test_a_body_over_the_bound_is_cut_and_marked_truncated() -> None:
+    body = b'{"model": "m", "pad": "' + b"x" * 100 + b'"}'
+    req = check("POST", "/v1/messages", {"content-type": "application/json"}, body)  # no content-length
+    doc = check_input(req, max_body_bytes=32)
+    assert doc["attributes"]["request"]["http"]["body"] == body[:32].decode()
+    assert (doc["parsed_body"], doc["truncated_body"]) == (None, True)
+    doc = check_input(req, max_body_bytes=len(body))
+    assert (doc["parsed_body"]["model"], doc["truncated_body"]) == ("m", False)
