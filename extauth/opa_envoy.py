@@ -29,13 +29,14 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
 
-from ccr.contract import AUTHZ_DECISION_ID, CCR_HEADER_PREFIX
+from ccr.contract import AUTHZ_DECISION_ID, CCR_HEADER_PREFIX, H_CLIENT_REQUEST_ID, H_REQUEST_ID
 from extauth.bundle import Bundle, BundleError
 
 VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 # Headers that carry credentials: in the input (as OPA-Envoy passes them), never in a log line.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "x-goog-api-key"})
 REDACTED = "[redacted]"
+_RESERVED = frozenset({H_REQUEST_ID, H_CLIENT_REQUEST_ID, "host"})
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # an HTTP header name (lower-case), RFC 9110 token
 
 
@@ -143,9 +144,11 @@ def _header_name(name: Any, field: str) -> str:
         raise OpaEnvoyError(f"{field}: {name!r} is not a header name")
     low = name.lower()
     # The gateway's identity and routing headers are extauth's alone: a policy adding, replacing or
-    # removing one could become another principal, provider or rate-limit key.
-    if low.startswith(CCR_HEADER_PREFIX):
-        raise OpaEnvoyError(f"{field}: {name} is reserved for the gateway (x-ccr-*); a policy may not set it")
+    # removing one could become another principal, provider or rate-limit key; the request id keys
+    # the audit row and the decision log; Host would re-route (the route is chosen again after ext_authz).
+    if low.startswith(CCR_HEADER_PREFIX) or low in _RESERVED:
+        raise OpaEnvoyError(f"{field}: {name} is reserved for the gateway (x-ccr-*, {', '.join(sorted(_RESERVED))}); "
+                            "a policy may not set or remove it")
     return low
 
 

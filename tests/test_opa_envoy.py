@@ -146,7 +146,8 @@ def test_results_the_gateway_does_not_understand_are_errors(value, why: str) -> 
 
 
 @pytest.mark.parametrize("field", ["headers", "response_headers_to_add", "request_headers_to_remove"])
-@pytest.mark.parametrize("name", ["x-ccr-principal-id", "X-CCR-Cluster", "x-ccr-anything"])
+@pytest.mark.parametrize("name", ["x-ccr-principal-id", "X-CCR-Cluster", "x-ccr-anything", "x-request-id",
+                                  "X-Client-Request-Id", "host"])
 def test_a_policy_may_never_touch_the_gateways_identity_headers(field: str, name: str) -> None:
     value = [name] if field == "request_headers_to_remove" else {name: "admin"}
     with pytest.raises(OpaEnvoyError, match="reserved for the gateway"):
