@@ -155,9 +155,10 @@ def with_additions(resp: pb.CheckResponse, additions: list | None) -> pb.CheckRe
             apply_allowed(own, r)
     except OpaEnvoyError as e:
         log.error("a policy set's result was refused: %s", e)
-        raise Deny(503, "api_error", "the gateway could not authorize this request: a policy's result asks for "
-                                     "something the gateway does not allow; contact your gateway administrator"
-                   ) from None  # the detail is logged, not told to the client
+        d = Deny(503, "api_error", "the gateway could not authorize this request: a policy's result asks for "
+                                   "something the gateway does not allow; contact your gateway administrator")
+        d.log_reason = f"a policy set's result was refused: {e}"  # the detail is logged, not told to the client
+        raise d from None
     return own
 
 
