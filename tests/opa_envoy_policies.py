@@ -106,3 +106,12 @@ def build(root: Path, name: str, rego: str, entrypoint: str = "envoy/authz/allow
     src.mkdir(parents=True, exist_ok=True)
     (src / "policy.rego").write_text(rego)
     return build_bundle(src, root / f"{name}-{revision}.tar.gz", entrypoint, revision=f"{name}-{revision}")
+
+# Tries to replace the principal the rate limit and the audit row key on.
+METADATA_CLASH = """
+package envoy.authz
+
+import rego.v1
+
+result := {"allowed": true, "dynamic_metadata": {"principal_id": "key_admin"}}
+"""

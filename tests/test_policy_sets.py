@@ -49,6 +49,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "deny-all": oe.build(root, "deny-all", oe.DENY_ALL),
         "impersonate": oe.build(root, "impersonate", oe.IMPERSONATE, "envoy/authz/result"),
         "broken": oe.build(root, "broken", oe.BROKEN),
+        "clash": oe.build(root, "clash", oe.METADATA_CLASH, "envoy/authz/result"),
     }
 
 
@@ -236,6 +237,21 @@ def test_policy_never_sets_identity_headers(postgres_dsn: str, tmp_path: Path, b
     assert not resp.HasField("ok_response")
     [row] = rows(postgres_dsn, "request_id = %s", ("evil-1",))
     assert row["policy_set"] == "evil" and row["allow"] is False and "reserved for the gateway" in row["reason"]
+
+
+def test_policy_never_replaces_the_gateways_metadata(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-clash")
+    sets = [{"name": "clash", "mode": "opa-envoy", "entrypoint": "envoy/authz/result",
+             "bundle": {"path": str(bundles["clash"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> pb.CheckResponse:
+        return await auth.check(http_check({"x-api-key": key, "x-request-id": "clash-1"}, body=msg_body()))
+
+    resp = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    status, err = denied_error(resp)
+    assert status == 503 and not resp.HasField("ok_response") and "key_admin" not in err["message"]
+    main = [r for r in rows(postgres_dsn, "request_id = %s", ("clash-1",)) if r["status"] == 503]
+    assert len(main) == 1 and "may not replace the gateway's keys ['principal_id']" in main[0]["reason"]
 
 
 def test_each_set_swaps_on_its_own_with_status_and_metrics(postgres_dsn: str, tmp_path: Path, bundles) -> None:
