@@ -232,7 +232,11 @@ class PolicySets:
                 if not s.shadow and result is not None and _has_additions(result):
                     additions.append(result)
                 continue
-            # The request's own row names the set that refused it, with that set's bundle.
+            # The request's own row names the set that refused it, with that set's bundle; the global
+            # set's allow (it allowed, or this set would not have run) gets a row of its own.
+            d = seen.decision
+            _log(decisions, request_id, seen, method, seen.bundle, None, True, 200, d.reason if d else "",
+                 seen.eval_ns, d, seen.pii)
             seen.bundle, seen.eval_ns, seen.set_eval = engine.bundle, eval_ns, se
             seen.decision = Decision(False, reason)
             if se.error is not None:
@@ -269,13 +273,14 @@ def _has_additions(r: Result) -> bool:
     return bool(r.headers or r.response_headers_to_add or r.request_headers_to_remove or r.dynamic_metadata)
 
 
-def _log(dl: DecisionLog | None, request_id: str, seen: Any, method: str, bundle: Any, se: SetEval, allow: bool,
-         status: int, reason: str, eval_ns: int) -> None:
-    """A row of its own for a set's evaluation that is not the request's decision (a shadow one, or an allow)."""
+def _log(dl: DecisionLog | None, request_id: str, seen: Any, method: str, bundle: Any, se: SetEval | None,
+         allow: bool, status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: Any = None) -> None:
+    """A row of its own for an evaluation that is not the request's decision (a shadow one, an allow;
+    `se` None: the global set's allow when another set refused the request)."""
     if dl is None:
         return
     try:
         dl.record(dl.new_id(), request_id, PHASE_FULL, seen.principal, method, seen.path, seen.model, seen.endpoint,
-                  bundle, allow, status, reason, eval_ns, None, None, set_eval=se)
+                  bundle, allow, status, reason, eval_ns, policy_result, pii, set_eval=se)
     except Exception:  # the log never changes a decision
-        log.exception("could not record policy set %r's decision", se.name)
+        log.exception("could not record policy set %r's decision", se.name if se is not None else POLICY_GLOBAL_SET)

@@ -118,11 +118,14 @@ def test_tenant_set_applies_only_to_its_tenant(postgres_dsn: str, tmp_path: Path
     for rid in ("t-acme-sonnet", "t-acme-spoof"):
         status, err = denied_error(got[rid])
         assert status == 403 and "claude-haiku-*" in err["message"]
-        # One row, the request's: it names the set that refused and that set's revision.
-        [row] = rows(postgres_dsn, "request_id = %s", (rid,))
-        assert (row["policy_set"], row["bundle_revision"], row["allow"], row["shadow"]) == (
-            "acme-haiku", "acme-r1", False, False)
+        # The request's row (the one its message names) is the refusing set's, with its revision;
+        # the global set's allow is recorded beside it.
+        rs = by_set(postgres_dsn, rid)
+        row = rs["acme-haiku"]
+        assert (row["bundle_revision"], row["allow"], row["shadow"], row["status"]) == ("acme-r1", False, False, 403)
         assert DECISION_IN_MESSAGE.search(err["message"]).group(1) == row["decision_id"]
+        assert (rs["global"]["allow"], rs["global"]["bundle_revision"]) == (True, "global-r1")
+        assert rs["global"]["input_sha256"] == row["input_sha256"]  # the same input (ccr mode)
     assert got["t-acme-haiku"].status.code == code_pb2.OK
     rs = by_set(postgres_dsn, "t-acme-haiku")
     assert rs["global"]["allow"] and rs["global"]["bundle_revision"] == "global-r1"
@@ -184,8 +187,9 @@ def test_opa_envoy_boolean_policy_enforced(postgres_dsn: str, tmp_path: Path, bu
     status, err = denied_error(got["sonnet"])
     assert status == 403 and err["type"] == "permission_error"
     assert err["message"].startswith("denied by policy set 'envoy'")
-    [row] = rows(postgres_dsn, "request_id = %s", ("b-sonnet",))
-    assert (row["policy_set"], row["allow"], row["status"], row["bundle_revision"]) == ("envoy", False, 403, "bool-r1")
+    row = by_set(postgres_dsn, "b-sonnet")["envoy"]
+    assert (row["allow"], row["status"], row["bundle_revision"]) == (False, 403, "bool-r1")
+    assert DECISION_IN_MESSAGE.search(err["message"]).group(1) == row["decision_id"]
     assert by_set(postgres_dsn, "b-haiku")["envoy"]["allow"] is True
 
 
@@ -235,8 +239,8 @@ def test_policy_never_sets_identity_headers(postgres_dsn: str, tmp_path: Path, b
     status, err = denied_error(resp)  # refused, not applied: fail closed
     assert status == 503 and "policy set 'evil' failed" in err["message"]
     assert not resp.HasField("ok_response")
-    [row] = rows(postgres_dsn, "request_id = %s", ("evil-1",))
-    assert row["policy_set"] == "evil" and row["allow"] is False and "reserved for the gateway" in row["reason"]
+    row = by_set(postgres_dsn, "evil-1")["evil"]
+    assert row["allow"] is False and row["status"] == 503 and "reserved for the gateway" in row["reason"]
 
 
 def test_policy_never_replaces_the_gateways_metadata(postgres_dsn: str, tmp_path: Path, bundles) -> None:
