@@ -85,7 +85,7 @@ def test_opa_envoy_policy_decides_a_tenants_requests(gw: Gateway) -> None:
     assert e.value.body["error"]["message"].startswith(  # type: ignore[index]
         "only the red team may call this gateway (decision dec_")
     assert e.value.response.headers["x-ext-auth-allow"] == "no"
-    rows = decisions(dsn, e.value.response.headers["x-request-id"], 2)
+    rows = decisions(dsn, e.value.response.headers["x-request-id"], 3)  # global allow, teams deny, trial shadow
     assert (rows["teams"]["allow"], rows["teams"]["status"], rows["teams"]["bundle_revision"]) == (
         False, 429, "teams-r1")
 
