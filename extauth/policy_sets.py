@@ -186,15 +186,17 @@ class PolicySets:
     def check(self, req: Any, body: Any, seen: Any, method: str, request_id: str, doc: dict | None, text_of: Any,
               global_allow: bool, decisions: DecisionLog | None) -> list[Result]:
         """Evaluate the sets that apply to `seen.principal`: shadow ones always (never raising),
-        enforced ones when the global set allowed. Raises SetDeny (or Deny 503 for a set that failed)
-        for the first enforced denial, after putting its facts into `seen` for the request's row.
-        Returns the allowing OPA-Envoy results whose headers and metadata the response must carry."""
+        enforced ones while every set before allowed (the global one first). Raises SetDeny (or Deny
+        503 for a set that failed) for the first enforced denial, once every shadow set has run,
+        after putting its facts into `seen` for the request's row. Returns the allowing OPA-Envoy
+        results whose headers and metadata the response must carry."""
         principal = seen.principal
         additions: list[Result] = []
         inputs: dict[tuple, dict[str, Any]] = {}  # OPA-Envoy inputs by their body settings, built once per request
+        refusal: Deny | None = None  # the first enforced denial, raised after the shadow sets ran
         for s in self.sets:
             engine = s.policy
-            if engine is None or not s.applies(principal) or not (s.shadow or global_allow):
+            if engine is None or not s.applies(principal) or not (s.shadow or (global_allow and refusal is None)):
                 continue
             t0 = time.perf_counter_ns()
             result: Result | None = None
@@ -240,11 +242,14 @@ class PolicySets:
             seen.bundle, seen.eval_ns, seen.set_eval = engine.bundle, eval_ns, se
             seen.decision = Decision(False, reason)
             if se.error is not None:
-                d = Deny(503, "api_error", f"the gateway could not authorize this request: policy set "
-                                           f"{s.name!r} failed; contact your gateway administrator")
-                d.log_reason = reason  # the detail goes to the log, not to the client
-                raise d
-            raise SetDeny(status, err_type(status), reason, response_headers(result) if result is not None else None)
+                refusal = Deny(503, "api_error", f"the gateway could not authorize this request: policy set "
+                                                 f"{s.name!r} failed; contact your gateway administrator")
+                refusal.log_reason = reason  # the detail goes to the log, not to the client
+            else:
+                refusal = SetDeny(status, err_type(status), reason,
+                                  response_headers(result) if result is not None else None)
+        if refusal is not None:
+            raise refusal
         return additions
 
     def batch_decide(self, principal: Principal, base: Any) -> Any:

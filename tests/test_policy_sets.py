@@ -170,6 +170,25 @@ def test_shadow_set_logs_would_be_denials_and_never_enforces(postgres_dsn: str, 
             assert why in rs[name]["reason"]
 
 
+def test_shadow_sets_after_a_refusing_set_still_run(postgres_dsn: str, tmp_path: Path, bundles) -> None:
+    _, key = create_key(postgres_dsn, "sets-order", tenant="acme")
+    sets = [{"name": "acme-haiku", "tenants": ["acme"], "bundle": {"path": str(bundles["acme-haiku"])}},
+            {"name": "envoy", "mode": "opa-envoy", "bundle": {"path": str(bundles["bool"])}},
+            {"name": "trial", "mode": "opa-envoy", "shadow": True, "bundle": {"path": str(bundles["deny-all"])}}]
+
+    async def scenario(auth: Authorizer, ps: PolicySets) -> pb.CheckResponse:
+        return await auth.check(http_check({"x-api-key": key, "x-request-id": "order-1",
+                                            "content-type": "application/json"}, body=msg_body(SONNET)))
+
+    status, err = denied_error(run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario))
+    rs = by_set(postgres_dsn, "order-1")
+    # The first refusal decides; enforced sets after it are not asked; shadow sets see the request anyway.
+    assert status == 403 and "claude-haiku-*" in err["message"]
+    assert set(rs) == {"global", "acme-haiku", "trial"}
+    assert DECISION_IN_MESSAGE.search(err["message"]).group(1) == rs["acme-haiku"]["decision_id"]
+    assert (rs["trial"]["shadow"], rs["trial"]["allow"]) == (True, False)
+
+
 def test_opa_envoy_boolean_policy_enforced(postgres_dsn: str, tmp_path: Path, bundles) -> None:
     _, key = create_key(postgres_dsn, "sets-bool")
     sets = [{"name": "envoy", "mode": "opa-envoy", "bundle": {"path": str(bundles["bool"])}}]
