@@ -101,3 +101,9 @@ AUTHZ_PHASE_IDENTITY = "identity"
 # digest, signed, source, entrypoint, loaded_at, last_check_at, last_error, last_error_at, pid);
 # `ccr policy status` reads it. Written atomically (rename).
 POLICY_STATUS_FILE = "policy-status.json"
+
+# The policy set `policy.dir` / `policy.bundle` configure (policy_decisions.policy_set, metrics' `set` label,
+# the top level of POLICY_STATUS_FILE); the sets of `policy.sets` are listed under its "sets" key by name.
+POLICY_GLOBAL_SET = "global"
+# Key in a service's ready file (and Runtime.metrics): host:port of its Prometheus /metrics endpoint.
+READY_METRICS = "metrics"

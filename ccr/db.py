@@ -181,6 +181,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        8,
+        "policy sets and shadow decisions",
+        """
+        -- Which policy set a row is about ('global': policy.dir / policy.bundle; else a policy.sets name),
+        -- and whether it was a shadow evaluation: logged, never enforced (its allow is the would-be result).
+        ALTER TABLE policy_decisions ADD COLUMN policy_set text NOT NULL DEFAULT 'global';
+        ALTER TABLE policy_decisions ADD COLUMN shadow boolean NOT NULL DEFAULT false;
+        CREATE INDEX policy_decisions_shadow_denials ON policy_decisions (policy_set, ts) WHERE shadow AND NOT allow;
+        """,
+    ),
+    (
         9,
         "audit: hash chains, signed checkpoints, an insert-only writer role",
         """

@@ -57,6 +57,8 @@ class Runtime(BaseModel):
     # The run's mTLS identities (paths only). A service whose identity is issued here serves
     # mutual TLS, and Envoy's cluster for it presents the `envoy` identity.
     mtls: RunPki | None = None
+    # Where each service process serves Prometheus /metrics: "extauth", "extauth.1", ... -> host:port.
+    metrics: dict[str, str] = {}
 
     def config(self) -> GatewayConfig:
         return load_config(self.config_path)

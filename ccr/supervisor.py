@@ -30,7 +30,7 @@ import yaml
 from ccr import db
 from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
-from ccr.contract import ID_ADAPTER, ID_ENVOY
+from ccr.contract import ID_ADAPTER, ID_ENVOY, READY_METRICS
 from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
 from ccr.overload import overload_manager
@@ -72,11 +72,12 @@ def spawn_worker(name: str, module: str, index: int, runtime_file: Path, run_dir
     return spawn(name if index == 0 else f"{name}.{index}", argv, logs, env=env, cwd=REPO)
 
 
-def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> None:
+def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> dict:
     """Until worker `index` serves; it must serve where worker 0 does."""
     info = wait_ready_file(child, ready_path(run_dir, name, index), timeout=60)
     if info["address"] != address:
         raise StartError(f"{child.name} serves on {info['address']}, not on {address} like its first worker")
+    return info
 
 
 def start_service(name: str, module: str, workers: int, runtime_file: Path, run_dir: Path, logs: Path, *,
@@ -280,6 +281,10 @@ class Gateway:
             b = config.policy.bundle
             self.status("policy", f"bundle from {b.url or b.path}"
                         + (" (signatures verified)" if config.policy.verification else ""))
+        for ps in config.policy.sets:  # each loaded and polled by extauth on its own
+            self.status("policy", f"set {ps.name} ({ps.mode}{', shadow' if ps.is_shadow else ''}"
+                        + (f", tenants {', '.join(ps.tenants)}" if ps.tenants is not None else "")
+                        + f") from {ps.bundle.url or ps.bundle.path}")
 
         # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
         runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
@@ -303,13 +308,17 @@ class Gateway:
         for name, child in first.items():
             info = wait_ready_file(child, ready_path(run_dir, name, 0), timeout=60)
             setattr(runtime, name, str(info["address"]))
+            if READY_METRICS in info:
+                runtime.metrics[name] = str(info[READY_METRICS])
             port = int(str(info["address"]).rpartition(":")[2])
             more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs, port=port,
                                                    reuse_port=True, env=self._service_env(name, config)))
                           for i in range(1, count[name])]
         for name, child in first.items():
             for i, w in enumerate(more.get(name, []), start=1):
-                wait_worker(w, run_dir, name, i, getattr(runtime, name))
+                winfo = wait_worker(w, run_dir, name, i, getattr(runtime, name))
+                if READY_METRICS in winfo:
+                    runtime.metrics[f"{name}.{i}"] = str(winfo[READY_METRICS])
             pids = ", ".join(str(c.pid) for c in [child, *more.get(name, [])])
             self.status(name, f"serving on {getattr(runtime, name)} (pid {pids})")
 

@@ -23,6 +23,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from ccr import metrics
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
@@ -59,10 +60,12 @@ from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
+from extauth.opa_envoy import OpaEnvoyError, apply_allowed
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import DENY_STATUS, Decision, PolicyEngine
 from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
 from extauth.policy_input import request_facts as request_facts_of
+from extauth.policy_sets import PolicySets
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
@@ -148,11 +151,30 @@ def _with_decision(message: str, decision_id: str | None) -> str:
     return f"{message} (decision {decision_id})" if decision_id else message
 
 
+def with_additions(resp: pb.CheckResponse, additions: list | None) -> pb.CheckResponse:
+    """A copy of an OK response with what allowing OPA-Envoy policy sets add (headers, metadata);
+    a result the gateway refuses to apply (an x-ccr-* header, its own metadata keys) denies."""
+    if not additions:
+        return resp
+    own = pb.CheckResponse()
+    own.CopyFrom(resp)
+    try:
+        for r in additions:
+            apply_allowed(own, r)
+    except OpaEnvoyError as e:
+        log.error("a policy set's result was refused: %s", e)
+        d = Deny(503, "api_error", "the gateway could not authorize this request: a policy's result asks for "
+                                   "something the gateway does not allow; contact your gateway administrator")
+        d.log_reason = f"a policy set's result was refused: {e}"  # the detail is logged, not told to the client
+        raise d from None
+    return own
+
+
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
     __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
-                 "principal")
+                 "principal", "set_eval")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -165,6 +187,7 @@ class _Seen:
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
         self.facts: RequestFacts | None = None  # the rest of the policy input (extauth/policy_input.py)
+        self.set_eval = None  # the policy set (extauth/policy_sets.py) that refused the request, if not the global one
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -208,8 +231,10 @@ def _peer_certificate(req: pb.CheckRequest) -> str | None:
 
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
-                 objects: ObjectStore | None = None, decisions: DecisionLog | None = None) -> None:
+                 objects: ObjectStore | None = None, decisions: DecisionLog | None = None,
+                 sets: PolicySets | None = None) -> None:
         self.config = config
+        self.sets = sets if sets is not None and sets.sets else None  # policy.sets beyond the global one
         self.decisions = decisions  # None: decisions are not recorded (decision-only Authorizers in tests)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
@@ -243,8 +268,8 @@ class Authorizer:
         try:
             resp = await self._check(req, body, seen)
         except Deny as d:
-            did = self._record(req, seen, False, d.status, d.message)
-            return denied(d.status, d.err_type, _with_decision(d.message, did))
+            did = self._record(req, seen, False, d.status, d.log_reason or d.message)
+            return denied(d.status, d.err_type, _with_decision(d.message, did), d.headers)
         except Exception:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
@@ -269,7 +294,7 @@ class Authorizer:
             dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
                       seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
                       seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision, seen.pii,
-                      seen.facts)
+                      seen.facts, set_eval=seen.set_eval)
         except Exception:  # the log must never change a decision
             log.exception("could not record a decision")
             return None
@@ -329,6 +354,11 @@ class Authorizer:
         if pii:  # kinds and locations only, never the values
             log.info("pii %s (%s): %s; policy %s", principal.name, seen.path,
                      ", ".join(f"{f.kind} at {f.location}" for f in pii), "allowed" if decision.allow else "denied")
+        additions = None
+        if self.sets is not None:  # shadow sets see every request the policy sees; enforced ones must allow too
+            additions = self.sets.check(req, raw, seen, method, headers.get(H_REQUEST_ID, ""), doc, text_of,
+                                        decision.allow, self.decisions)
+            decision = seen.decision  # with what allowing ccr-mode sets add (headers, labels, region)
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
@@ -345,7 +375,8 @@ class Authorizer:
             keep = keep | {H_REGION}
         spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
         if facts is not None:  # per-object answers are not cached
-            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts, decision)
+            return with_additions(self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts,
+                                           decision), additions)
         ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
         resp = self._ok_cache.get(ck)
         seen.cached = True
@@ -354,6 +385,9 @@ class Authorizer:
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
+        if additions:
+            seen.cached = False
+            resp = with_additions(resp, additions)
         return resp
 
     async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: Buffer,
@@ -373,7 +407,10 @@ class Authorizer:
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
         policy = self.policy
-        return await self.objects.check(principal, m, body, _batch_decide(policy, request_facts), _batch_scan(policy))
+        decide = _batch_decide(policy, request_facts)
+        if self.sets is not None:  # each request of the batch as every enforced ccr-mode set that applies sees it
+            decide = self.sets.batch_decide(principal, decide, lambda engine: _batch_decide(engine, request_facts))
+        return await self.objects.check(principal, m, body, decide, _batch_scan(policy))
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
@@ -517,9 +554,13 @@ def decision_log(config: GatewayConfig, runtime: Runtime) -> DecisionLog:
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime):
     try:
         loader, poll_interval = BundleLoader.from_config(config, runtime)
+        # One status file and one set of metrics for the global set and those of policy.sets.
+        sets = PolicySets.from_config(config, runtime, loader)
         policy = await loader.load_initial()
+        await sets.load_initial()
     except BundleError as e:
         raise SystemExit(f"extauth: {e}") from None
+    metrics.serve(config.services.bind_host)  # /metrics: the bundle each set serves (ccr/metrics.py)
     if policy.host_builtins:
         log.warning("policy needs host builtins %s (slower); prefer WASM-native ones",
                     sorted(policy.host_builtins))
@@ -536,10 +577,11 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     decisions = decision_log(config, runtime)
     await decisions.start()
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects,
-                            decisions)
+                            decisions, sets)
     AuthorizationServicer(authorizer).add_to(server)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
+    sets.start()
     log.info("policy from %s (revision %r, sha256 %s), entrypoint %s", loader.source.describe,
              policy.bundle.revision, policy.bundle.digest[:12], config.policy.entrypoint)
 
@@ -548,6 +590,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await loader.close()
+        await sets.close()
         await keys.close()
         if sessions is not None:
             await sessions.status.close()
