@@ -26,8 +26,10 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     AUTHZ_DECISION_ID,
+    AUTHZ_GROUP_LIST,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
+    AUTHZ_USER_ID,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -37,6 +39,7 @@ from ccr.contract import (
     H_PRINCIPAL_ID,
     H_PROVIDER,
     H_REQUEST_ID,
+    RL_GROUP_SEPARATOR,
     SET_HEADERS,
 )
 from ccr.provider_objects import ObjectStore
@@ -54,7 +57,7 @@ from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import Decision, PolicyEngine
-from extauth.principal import Principal
+from extauth.principal import Principal, PrincipalKind
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
 
@@ -352,6 +355,10 @@ class Authorizer:
                        "groups": list(p.groups)}
         if p.key_id is not None:
             facts["key_id"] = p.key_id
+        if p.kind is PrincipalKind.USER:
+            facts[AUTHZ_USER_ID] = p.id
+        if p.groups:
+            facts[AUTHZ_GROUP_LIST] = RL_GROUP_SEPARATOR.join(p.groups)
         if p.tenant is not None:
             facts["tenant"] = p.tenant
         if p.owner is not None:
