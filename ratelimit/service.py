@@ -83,6 +83,8 @@ class Decider:
         self.over_limit: dict[str, tuple[float, int]] = {}
         self._sweep = threading.Lock()
         self._last_down_log = 0.0
+        # Redis's clock at the last answer, against ours: the time of answers made without Redis.
+        self._redis_base: tuple[int, float] = (int(time.time() * 1000), monotonic())
 
     def _remember_over(self, key: str, deadline: float, count: int) -> None:
         cache = self.over_limit
@@ -119,7 +121,8 @@ class Decider:
                     refused = refused or not lim.shadow
                     continue
             run.append(j)
-        now_ms = int(time.time() * 1000)  # replaced by Redis's clock whenever Redis is asked
+        base_ms, base_mono = self._redis_base
+        now_ms = base_ms + int((mono - base_mono) * 1000)  # Redis's clock, as of its last answer
         if run:
             now_ms = self._run(planned, run, outcomes, refused, mono)
         self._respond(req, resp, planned, outcomes, now_ms)
@@ -153,7 +156,9 @@ class Decider:
             if mono - self._last_down_log > 10:
                 self._last_down_log = mono
                 log.warning("redis unavailable (%s); allowing uncounted: every limit involved is fail-open", e)
-            return int(time.time() * 1000)
+            base_ms, base_mono = self._redis_base
+            return base_ms + int((mono - base_mono) * 1000)
+        self._redis_base = (now_ms, mono)
         for j, at in zip(run, where, strict=True):
             o = results[at]
             outcomes[j] = o
@@ -200,7 +205,7 @@ class Decider:
             lim = p.limit
             retry_after = seconds(o.retry_ms)
             body, headers = over_limit_reply(lim.name, lim.about, lim.amount, lim.metric, WORD_OF_UNIT[lim.unit],
-                                             retry_after, math.ceil(now_ms / 1000) + retry_after)
+                                             retry_after, math.ceil((now_ms + o.retry_ms) / 1000))
             resp.overall_code = OVER_LIMIT
             resp.raw_body = body
             for k, v in headers:
