@@ -35,6 +35,7 @@ from ratelimit.counters import Algorithm
 from ratelimit.envoy_config import UNITS, RuleSet, YamlLimit
 
 KEY_PREFIX = "ccr:rl"
+PLAN_CACHE_SIZE = 100_000
 Unit = rls_pb2.RateLimitResponse.RateLimit
 UNIT_OF_WORD: dict[str, int] = {"second": Unit.SECOND, "minute": Unit.MINUTE, "hour": Unit.HOUR, "day": Unit.DAY,
                                 "week": Unit.WEEK, "month": Unit.MONTH, "year": Unit.YEAR}
@@ -105,37 +106,58 @@ class LimitPlanner:
             lim = Limit(algo, r.amount, UNIT_OF_WORD[r.unit], r.metric, about, r.name,
                         (r.burst or r.amount) if algo is Algorithm.BUCKET else 0, r.shadow_mode, open_)
             self.by_scope.setdefault(r.per, []).append((r, lim))
+        # (domain, entries[, override]) -> what plan() makes of such a descriptor; bounded, rebuilt on demand.
+        self._cache: dict[tuple, tuple[tuple[Limit, str, bool], ...]] = {}
 
     def plan(self, req: rls_pb2.RateLimitRequest) -> list[Planned]:
         out: list[Planned] = []
         domain = req.domain
         ccr = domain == RL_DOMAIN
         request_hits = req.hits_addend or 1  # Envoy: 0 means 1
+        cache = self._cache
+        any_replaces = False
         for i, d in enumerate(req.descriptors):
-            entries = [(e.key, e.value) for e in d.entries]
+            entries = tuple((e.key, e.value) for e in d.entries)
             # A per-descriptor hits_addend may be 0 (check without counting).
             hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
             if ccr and entries and entries[0][0] == RL_USAGE_KEY:
                 self._usage(i, entries, hits, out)
                 continue
-            fixed = self._fixed(domain, d, entries)
-            if fixed is not None:
-                out.append(Planned(i, fixed, f"{KEY_PREFIX}:{domain}:{_parts(entries)}:{WORD_OF_UNIT[fixed.unit]}"
-                                   if not fixed.unlimited else "", hits))
-            if ccr and len(entries) == 1 and (scope := SCOPE_OF_KEY.get(entries[0][0])) in self.by_scope:
-                for value in self._values(scope, entries[0][1]):
-                    for rule, lim in self.by_scope[scope]:
-                        if rule.value is None or rule.value == value:
-                            out.append(Planned(i, _named(lim, value), _rule_key(rule, value),
-                                               hits if rule.metric == "requests" else 0))
-        replaced = {n for p in out for n in p.limit.replaces}
-        if replaced:
+            has_limit = d.HasField("limit")
+            ck = (domain, entries, d.limit.requests_per_unit, d.limit.unit) if has_limit else (domain, entries)
+            found = cache.get(ck)
+            if found is None:
+                found = self._templates(domain, d if has_limit else None, entries)
+                if len(cache) >= PLAN_CACHE_SIZE:
+                    cache.clear()
+                cache[ck] = found
+            for lim, key, counts in found:
+                out.append(Planned(i, lim, key, hits if counts else 0))
+                any_replaces = any_replaces or bool(lim.replaces)
+        if any_replaces:
+            replaced = {n for p in out for n in p.limit.replaces}
             out = [p for p in out if not (p.limit.name and p.limit.name in replaced)]
         return out
 
-    def _fixed(self, domain: str, d: ratelimit_pb2.RateLimitDescriptor,
-               entries: list[tuple[str, str]]) -> Limit | None:
-        if d.HasField("limit"):
+    def _templates(self, domain: str, d: ratelimit_pb2.RateLimitDescriptor | None,
+                   entries: tuple[tuple[str, str], ...]) -> tuple[tuple[Limit, str, bool], ...]:
+        """(limit, counter key, counts the request's hits) for one descriptor; memoised by plan()."""
+        out: list[tuple[Limit, str, bool]] = []
+        fixed = self._fixed(domain, d, entries)
+        if fixed is not None:
+            key = "" if fixed.unlimited else f"{KEY_PREFIX}:{domain}:{_parts(entries)}:{WORD_OF_UNIT[fixed.unit]}"
+            out.append((fixed, key, True))
+        if domain == RL_DOMAIN and len(entries) == 1 and (scope := SCOPE_OF_KEY.get(entries[0][0])) in self.by_scope:
+            for value in self._values(scope, entries[0][1]):
+                for rule, lim in self.by_scope[scope]:
+                    if rule.value is None or rule.value == value:
+                        # Token limits are only checked at the request (hits 0); usage charges them.
+                        out.append((_named(lim, value), _rule_key(rule, value), rule.metric == "requests"))
+        return tuple(out)
+
+    def _fixed(self, domain: str, d: ratelimit_pb2.RateLimitDescriptor | None,
+               entries: tuple[tuple[str, str], ...]) -> Limit | None:
+        if d is not None:
             rpu, unit = d.limit.requests_per_unit, d.limit.unit
             if rpu > 0 and unit in WORD_OF_UNIT:
                 about = "this API key" if entries and entries[0][0] == RL_PRINCIPAL_KEY else _descr(domain, entries)
@@ -154,7 +176,7 @@ class LimitPlanner:
             return [g for g in dict.fromkeys(value.split(RL_GROUP_SEPARATOR)) if g]
         return [value] if value else []
 
-    def _usage(self, i: int, entries: list[tuple[str, str]], hits: int, out: list[Planned]) -> None:
+    def _usage(self, i: int, entries: tuple[tuple[str, str], ...], hits: int, out: list[Planned]) -> None:
         """Stream end: charge `hits` tokens of one kind (weighted) to every token rule that applies."""
         charged = round(hits * self.weights.get(entries[0][1], 0.0))
         if charged <= 0:
@@ -183,7 +205,7 @@ def _descr(domain: str, entries: Sequence[tuple[str, str]]) -> str:
     return f"descriptor {domain}:{_parts(entries)}"
 
 
-def _from_yaml(y: YamlLimit, domain: str, entries: list[tuple[str, str]], fail_open: bool) -> Limit:
+def _from_yaml(y: YamlLimit, domain: str, entries: tuple[tuple[str, str], ...], fail_open: bool) -> Limit:
     if y.unlimited:
         return Limit(Algorithm.FIXED, 0, 0, "requests", "", y.name, unlimited=True, replaces=y.replaces)
     return Limit(Algorithm.FIXED, y.requests_per_unit, UNIT_OF_WORD[y.unit], "requests", _descr(domain, entries),
