@@ -100,8 +100,10 @@ class Decider:
     def should_rate_limit(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
         planned = self.planner.plan(req)
         resp = rls_pb2.RateLimitResponse(overall_code=OK)
+        # As envoyproxy/ratelimit answers: a descriptor no limit applies to has remaining 0 and no
+        # current_limit; an `unlimited` one has remaining 2^32-1.
         for _ in req.descriptors:
-            resp.statuses.add(code=OK, limit_remaining=UNLIMITED_REMAINING)
+            resp.statuses.add(code=OK)
         if not planned:
             return resp
         mono = self.monotonic()
@@ -112,6 +114,7 @@ class Decider:
         for j, p in enumerate(planned):
             lim = p.limit
             if lim.unlimited:
+                resp.statuses[p.desc].limit_remaining = UNLIMITED_REMAINING
                 continue
             if lim.algorithm is Algorithm.FIXED:
                 hit = cache.get(p.key)

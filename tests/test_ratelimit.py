@@ -137,7 +137,7 @@ def test_hits_addend_counts(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: s
     assert r.overall_code == OVER
 
 
-def test_unknown_descriptors_are_unlimited(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+def test_unknown_descriptors_are_not_limited(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
     other = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "remote_address", "value": "10.0.0.1"}])
     for _ in range(3):
         r = rls.ShouldRateLimit(
@@ -145,7 +145,7 @@ def test_unknown_descriptors_are_unlimited(rls: rls_pb2_grpc.RateLimitServiceStu
         )
         assert r.overall_code == OK
         assert not r.statuses[0].HasField("current_limit")
-        assert r.statuses[0].limit_remaining == 2**32 - 1
+        assert r.statuses[0].limit_remaining == 0  # what envoyproxy/ratelimit answers for no limit
     # Mixed: statuses keep the request's order; only the key descriptor is counted.
     key = _key()
     r = rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR, extra=[other]), timeout=5)
