@@ -61,7 +61,7 @@ class Limit:
     amount: int
     unit: int  # RateLimitResponse.RateLimit.Unit
     metric: str  # "requests" | "tokens"
-    about: str  # "this API key", "group eng", "descriptor edge:path=/login"
+    about: str  # "principal key_1", "group eng", "descriptor edge:path=/login"
     name: str = ""
     burst: int = 0
     shadow: bool = False
@@ -160,13 +160,14 @@ class LimitPlanner:
         if d is not None:
             rpu, unit = d.limit.requests_per_unit, d.limit.unit
             if rpu > 0 and unit in WORD_OF_UNIT:
-                about = "this API key" if entries and entries[0][0] == RL_PRINCIPAL_KEY else _descr(domain, entries)
+                about = (f"principal {entries[0][1]}" if len(entries) == 1 and entries[0][0] == RL_PRINCIPAL_KEY
+                         else _descr(domain, entries))
                 return Limit(Algorithm.FIXED, rpu, unit, "requests", about, fail_open=self.default_open)
         y = self.rules.match(domain, entries)
         if y is not None:
             return _from_yaml(y, domain, entries, self.default_open)
         if domain == RL_DOMAIN and len(entries) == 1 and entries[0][0] == RL_PRINCIPAL_KEY:
-            return Limit(Algorithm.FIXED, self.default_rpm, Unit.MINUTE, "requests", "this API key",
+            return Limit(Algorithm.FIXED, self.default_rpm, Unit.MINUTE, "requests", f"principal {entries[0][1]}",
                          fail_open=self.default_open)
         return None
 

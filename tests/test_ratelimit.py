@@ -92,7 +92,7 @@ def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.Rate
     assert 1 <= retry_after <= 60
     reset_at = headers["anthropic-ratelimit-requests-reset"]
     assert body["error"]["message"] == (
-        f"Rate limit of {RPM} requests per minute exceeded for this API key; "
+        f"Rate limit of {RPM} requests per minute exceeded for principal {key}; "
         f"resets at {reset_at}, retry after {retry_after} seconds."
     )
     assert headers["content-type"] == "application/json"
