@@ -37,6 +37,7 @@ limits:
     - {name: tenant-tokens, per: tenant, metric: tokens, amount: 1000, unit: day}
     - {name: key-bucket, per: key, algorithm: token_bucket, amount: 3600, unit: hour, burst: 2}
     - {name: model-shadow, per: model, amount: 1, unit: day, shadow_mode: true}
+    - {name: workload-bucket, per: spiffe_id, algorithm: token_bucket, amount: 2, unit: day}
 """
 
 
@@ -222,3 +223,20 @@ def test_redis_down_fails_open_or_closed_per_limit(tmp_path: Path) -> None:
         assert "allowing uncounted" in log and "refusing to decide" in log
     finally:
         own.stop()
+
+
+def test_concurrent_calls_on_two_replicas_allow_exactly_the_limit(
+        service: tuple[Path, Child, rls_pb2_grpc.RateLimitServiceStub], tmp_path: Path, redis_url: str) -> None:
+    """Two ratelimit processes on one Redis, 40 calls at once across both: the sliding window
+    (3 per hour per group) admits exactly 3, and the token bucket (2 a day) exactly 2."""
+    _, _, first = service
+    d = tmp_path / "rls"
+    d.mkdir()
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=redis_url) as second_child, \
+            grpc.insecure_channel(str(second_child.info["address"])) as ch:
+        second = rls_pb2_grpc.RateLimitServiceStub(ch)
+        for descriptor, allowed in ((("groups", _u("g")), 3), (("spiffe_id", _u("spiffe://t/w")), 2)):
+            req = _req(_d(descriptor))
+            futures = [(first if i % 2 else second).ShouldRateLimit.future(req, timeout=10) for i in range(40)]
+            codes = [f.result().overall_code for f in futures]
+            assert codes.count(OK) == allowed and codes.count(OVER) == 40 - allowed, descriptor
