@@ -81,8 +81,19 @@ def _calls(rc: redis.Redis) -> dict[str, int]:
             if k not in ("cmdstat_info", "cmdstat_config")}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_s(rc: redis.Redis) -> float:
+    info = rc.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def _line(label: str, lat: list[float], wall: float, decisions: int, before: dict[str, int],
-          after: dict[str, int]) -> str:
+          after: dict[str, int], cpu_s: float, redis_cpu_s: float) -> str:
     lat = sorted(lat)
     p50 = statistics.median(lat) * 1e3
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
@@ -94,6 +105,7 @@ def _line(label: str, lat: list[float], wall: float, decisions: int, before: dic
           else f"commands/decision={sum(inner.values()):.2f} (pipelined)")
     cmds = " ".join(f"{k}={v:.2f}" for k, v in inner.items())
     return (f"{label:<22} n={len(lat):>6} p50={p50:6.3f} ms p99={p99:6.3f} ms {len(lat) / wall:7.0f} req/s  "
+            f"cpu/decision: service {cpu_s / decisions * 1e6:5.0f} us, redis {redis_cpu_s / decisions * 1e6:4.0f} us  "
             f"{rt}  [{cmds}]")
 
 
@@ -138,7 +150,8 @@ async def _paced(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.Rat
     return lat, time.perf_counter() - t0
 
 
-async def measure(label: str, address: str, domain: str, redis_url: str, duration: float, rate: float) -> None:
+async def measure(label: str, address: str, pid: int, domain: str, redis_url: str, duration: float,
+                  rate: float) -> None:
     reqs = requests(domain, 1000)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
@@ -148,9 +161,10 @@ async def measure(label: str, address: str, domain: str, redis_url: str, duratio
             for name, run in (("c=1", lambda: _closed(stub, reqs, 1, duration)),
                               ("c=16", lambda: _closed(stub, reqs, 16, duration)),
                               (f"paced {rate:.0f}/s", lambda: _paced(stub, reqs, rate, duration))):
-                before = _calls(rc)
+                before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
                 lat, wall = await run()
-                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc)), flush=True)
+                cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
+                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu), flush=True)
 
 
 def start_ours(redis_url: str, tmp: Path) -> Child:
@@ -214,12 +228,13 @@ def main() -> None:
             ours = start_ours(url, tmp)
             children.append(ours)
             print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
-            asyncio.run(measure("ours yaml", str(ours.info["address"]), "bench", url, args.duration, args.rate))
-            asyncio.run(measure("ours ccr", str(ours.info["address"]), "ccr", url, args.duration, args.rate))
+            pid = ours.proc.pid
+            asyncio.run(measure("ours yaml", str(ours.info["address"]), pid, "bench", url, args.duration, args.rate))
+            asyncio.run(measure("ours ccr", str(ours.info["address"]), pid, "ccr", url, args.duration, args.rate))
             if args.peer:
                 peer, address = start_peer(url, tmp)
                 children.append(peer)
-                asyncio.run(measure("go-peer yaml", address, "bench", url, args.duration, args.rate))
+                asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate))
         finally:
             for c in reversed(children):
                 c.stop()
