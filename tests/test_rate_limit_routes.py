@@ -50,7 +50,7 @@ def _keys(rl: dict[str, Any]) -> list[str]:
     out = []
     for a in rl["actions"]:
         kind, body = next(iter(a.items()))
-        out.append(body["descriptor_key"] if "descriptor_key" in body else kind)
+        out.append(body.get("descriptor_key", kind))
     return out
 
 
