@@ -121,7 +121,10 @@ class LimitPlanner:
             # A per-descriptor hits_addend may be 0 (check without counting).
             hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
             if ccr and entries and entries[0][0] == RL_USAGE_KEY:
-                self._usage(i, entries, hits, out)
+                # Only its own count charges: without one (the usage was unknown) nothing is charged,
+                # never the request's default of 1.
+                if d.HasField("hits_addend"):
+                    self._usage(i, entries, d.hits_addend.value, out)
                 continue
             has_limit = d.HasField("limit")
             ck = (domain, entries, d.limit.requests_per_unit, d.limit.unit) if has_limit else (domain, entries)

@@ -131,5 +131,8 @@ def test_planner_maps_each_descriptor_to_its_rules() -> None:
                    (0, "ccr:rl:rule:g:sliding_window:minute:group=b", 40, True),
                    (1, "ccr:rl:rule:g:sliding_window:minute:group=a", 4, True),  # 9 x 0.5, rounded
                    (1, "ccr:rl:rule:g:sliding_window:minute:group=b", 4, True)]
+    # A usage descriptor without its own count (the usage was unknown) charges nothing.
+    assert planner.plan(rls_pb2.RateLimitRequest(domain="ccr", hits_addend=5, descriptors=[
+        _d(("ccr_usage", "output"), ("groups", "a"))])) == []
     # Elsewhere than domain ccr, these keys mean nothing to ccr's rules.
     assert planner.plan(rls_pb2.RateLimitRequest(domain="other", descriptors=[_d(("tenant", "acme"))])) == []

@@ -57,18 +57,21 @@ def _key() -> str:
     return f"k_{uuid.uuid4().hex[:12]}"
 
 
-def _fresh_minute(need: float = 8.0) -> None:
-    """Fixed windows: start a minute-window test only with enough of the minute left."""
-    left = 60 - time.time() % 60
-    if left < need:
-        time.sleep(left + 0.05)
+def _one_window(rls: rls_pb2_grpc.RateLimitServiceStub, n: int) -> tuple[str, list[rls_pb2.RateLimitResponse]]:
+    """n decisions for a fresh key, all in one minute window of Redis's clock: a run that straddles
+    a minute's end (the time to reset jumps up) is done again with another key."""
+    for _ in range(3):
+        key = _key()
+        got = [rls.ShouldRateLimit(_req(key), timeout=5) for _ in range(n)]
+        resets = [r.statuses[0].duration_until_reset.seconds for r in got]
+        if resets == sorted(resets, reverse=True):
+            return key, got
+    raise AssertionError("three runs in a row crossed a minute's end")
 
 
 def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
-    _fresh_minute()
-    key = _key()
-    for i in range(RPM):
-        r = rls.ShouldRateLimit(_req(key), timeout=5)
+    key, (*allowed, over) = _one_window(rls, RPM + 1)
+    for i, r in enumerate(allowed):
         assert r.overall_code == OK
         (st,) = r.statuses
         assert st.code == OK
@@ -82,7 +85,7 @@ def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.Rate
         assert headers["anthropic-ratelimit-requests-remaining"] == str(RPM - 1 - i)
         assert set(headers) == {f"anthropic-ratelimit-requests-{x}" for x in ("limit", "remaining", "reset")}
 
-    r = rls.ShouldRateLimit(_req(key), timeout=5)
+    r = over
     assert r.overall_code == OVER and r.statuses[0].code == OVER
     assert r.statuses[0].limit_remaining == 0
     body = json.loads(r.raw_body)
