@@ -34,7 +34,8 @@ def over_limit_reply(name: str, about: str, amount: int, metric: str, unit: str,
                      reset_at_s: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     """The Anthropic-shaped 429 body naming the limit and its reset, and its own headers."""
     what = f"Rate limit '{name}'" if name else "Rate limit"
-    message = (f"{what} of {amount} {metric} per {unit} exceeded for {about}; "
+    noun = metric.removesuffix("s") if amount == 1 else metric
+    message = (f"{what} of {amount} {noun} per {unit} exceeded for {about}; "
                f"resets at {rfc3339(reset_at_s)}, retry after {retry_after} seconds.")
     return error_body("rate_limit_error", message), (
         (H_RETRY_AFTER, str(retry_after)),

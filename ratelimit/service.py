@@ -10,9 +10,10 @@ A decision, in order (docs/ratelimit.md):
 3. Counters (ratelimit/counters.py) runs all the others in one EVALSHA on Redis's clock.
 4. The response: a status per descriptor (Envoy derives x-ratelimit-* from them), the
    anthropic-ratelimit-* headers, and on OVER_LIMIT the Anthropic 429 body with retry-after.
-5. Admission steps (`AdmissionStep`) run after the limits allowed a request: the seam where
-   spend budgets plug in (reserve at admission, settle from the usage descriptors at stream
-   end), with the same request and the response being built.
+5. Admission steps (ratelimit/admission.py `AdmissionStep`, listed by `admission_steps`) run
+   after the limits allowed a request: the seam where spend budgets plug in (reserve at
+   admission, settle from the usage descriptors at stream end), with the same request and the
+   response being built.
 
 Redis unreachable: counters whose limit is `fail_open` are skipped; if any other counter was
 needed the call fails UNAVAILABLE and Envoy (failure_mode_deny) refuses with 503.
@@ -30,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 import redis
@@ -41,6 +41,7 @@ from redis.retry import Retry
 
 from ccr.config import GatewayConfig, Limits
 from ccr.runtime import Runtime
+from ratelimit.admission import AdmissionStep, admission_steps
 from ratelimit.counters import CHARGE, NO_GATE, Algorithm, CounterOp, Counters, Outcome
 from ratelimit.envoy_config import RuleDir, RuleSet
 from ratelimit.limits import WORD_OF_UNIT, LimitPlanner, Planned
@@ -55,17 +56,6 @@ OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 # The over-limit cache is swept of ended windows when it reaches this size, and
 # dropped whole if it is still that big (it only saves Redis calls; losing it is safe).
 CACHE_SWEEP_AT = 50_000
-
-
-class AdmissionStep(Protocol):
-    """Runs after the rate limits allowed a request (never when they refused it).
-
-    It may refuse by setting `response.overall_code = OVER_LIMIT` with its own `raw_body` and
-    headers, and may add headers to an allowed response. Usage descriptors (ccr_usage) of the
-    stream-end call reach it too (Envoy ignores that call's answer).
-    """
-
-    def admit(self, request: rls_pb2.RateLimitRequest, response: rls_pb2.RateLimitResponse) -> None: ...
 
 
 class RedisDown(Exception):
@@ -293,7 +283,8 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
         def swap(rules: RuleSet) -> None:
             decider.planner = LimitPlanner(config.limits, rules)
         watcher = RuleDir(directory, config.limits.reload_interval_s, swap).start()
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider), server)
+    steps = admission_steps(config, runtime, client)  # spend budgets plug in there
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps), server)
 
     def cleanup() -> None:
         if watcher is not None:

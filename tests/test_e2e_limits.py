@@ -83,7 +83,7 @@ def test_group_limit_applies_to_its_members_only(gw: Gateway) -> None:
     assert _client(gw, intern).messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
     with pytest.raises(anthropic.RateLimitError) as e:
         _client(gw, intern).messages.create(model=MODEL, max_tokens=8, messages=HELLO)
-    assert "'interns' of 1 requests per hour exceeded for group interns" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert "'interns' of 1 request per hour exceeded for group interns" in e.value.body["error"]["message"]  # type: ignore[index]
     for _ in range(2):
         assert _client(gw, staff).messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
 
