@@ -20,11 +20,13 @@ were spent. `hits == 0` is a check without counting: OVER when the budget is alr
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
 import redis
-from redis.exceptions import NoScriptError
+from redis import exceptions as rx
+from redis.connection import Connection
 
 log = logging.getLogger("ccr.ratelimit")
 
@@ -178,13 +180,46 @@ class CounterOp:
 
 
 class Counters:
-    """The Redis side of a decision: one EVALSHA for all of a request's counters."""
+    """The Redis side of a decision: one EVALSHA for all of a request's counters.
+
+    Each deciding thread keeps its own connection from the client's pool settings and talks on it
+    directly (pack, send, read): redis-py's client and blocking pool cost more CPU per call
+    (≈ 70 µs) than the call itself (≈ 30 µs), on a path that runs once per request.
+    """
 
     def __init__(self, client: redis.Redis, now_ms: int = -1) -> None:
         self.redis = client
         self.now_ms = now_ms  # -1: Redis's clock; tests set a fixed one
         self._script = SCRIPT.encode()
         self._sha: str | None = None
+        self._local = threading.local()
+        self._opened: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> Connection:
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] is self.redis:
+            return held[1]  # type: ignore[no-any-return]
+        conn = self.redis.connection_pool.make_connection()
+        with self._lock:
+            self._opened.append(conn)
+        self._local.held = (self.redis, conn)
+        return conn  # type: ignore[no-any-return]
+
+    def _call(self, *args: object) -> object:
+        conn = self._connection()
+        try:
+            conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            return conn.read_response()
+        except (rx.ConnectionError, rx.TimeoutError, OSError):
+            conn.disconnect()  # reconnects on the next call; never re-sent here (it might have run)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.disconnect()
+            self._opened.clear()
 
     def run(self, ops: list[CounterOp], refused: bool = False) -> tuple[int, list[Outcome]]:
         """(Redis's now in ms, one Outcome per op)."""
@@ -202,8 +237,9 @@ class Counters:
         reply means nothing ran, so the retry cannot count twice."""
         if self._sha is not None:
             try:
-                return self.redis.evalsha(self._sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
-            except NoScriptError:
+                return self._call("EVALSHA", self._sha, len(keys), *keys, *args)  # type: ignore[return-value]
+            except rx.NoScriptError:
                 log.info("rate limit script not in Redis; loading it again")
-        self._sha = self.redis.script_load(self._script)
-        return self.redis.evalsha(self._sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+        sha = self._call("SCRIPT", "LOAD", self._script)
+        self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+        return self._call("EVALSHA", self._sha, len(keys), *keys, *args)  # type: ignore[return-value]

@@ -276,7 +276,8 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     except (RedisError, OSError) as e:
         # Keep serving: requests fail UNAVAILABLE until Redis is back, and Envoy denies meanwhile.
         log.warning("redis at start-up not reachable (%s); will answer UNAVAILABLE until it is", e)
-    decider = Decider(Counters(client), LimitPlanner(config.limits))
+    counters = Counters(client)
+    decider = Decider(counters, LimitPlanner(config.limits))
     watcher: RuleDir | None = None
     directory = rule_dir(config.limits, runtime.config_path)
     if directory is not None:
@@ -289,6 +290,7 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     def cleanup() -> None:
         if watcher is not None:
             watcher.stop()
+        counters.close()
         client.close()
         client.connection_pool.disconnect()
 
