@@ -306,7 +306,19 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(static_envoy_config(Path(args.config)), indent=2))
         return 0
     cfg = load_config(args.file)
-    print(f"{args.file}: OK ({len(cfg.providers)} provider(s), {len(cfg.models)} model route(s))")
+    rules = ""
+    if cfg.limits.envoy_config_dir is not None:
+        from ratelimit.envoy_config import RuleConfigError, load_dir
+        from ratelimit.service import rule_dir
+
+        directory = rule_dir(cfg.limits, args.file)
+        assert directory is not None
+        try:
+            loaded = load_dir(directory)
+        except (RuleConfigError, OSError) as e:
+            raise ConfigError(f"{args.file}: limits.envoy_config_dir: {e}") from None
+        rules = f", {len(loaded.files)} rate limit config file(s) in {directory}"
+    print(f"{args.file}: OK ({len(cfg.providers)} provider(s), {len(cfg.models)} model route(s){rules})")
     return 0
 
 

@@ -280,9 +280,72 @@ class Model(Strict):
     price: Price = Price()
 
 
+class LimitScope(StrEnum):
+    """What a limit counts by: one descriptor key of the route (ccr/contract.py RL_*)."""
+
+    PRINCIPAL = "principal"  # any caller, by principal id
+    KEY = "key"  # gateway API keys, by key id
+    USER = "user"  # people (OIDC or gateway sessions), by principal id
+    GROUP = "group"  # each of the caller's groups
+    TENANT = "tenant"
+    SPIFFE_ID = "spiffe_id"  # workloads, by the verified certificate's SPIFFE ID
+    MODEL = "model"  # everyone's calls to a model
+
+
+class LimitRule(Strict):
+    """One of ccr's own limits: `amount` requests or tokens per `unit`, per value of `per`."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    per: LimitScope
+    # Only this value of `per` (e.g. group "interns"); unset: every value has its own counter.
+    value: str | None = None
+    metric: Literal["requests", "tokens"] = "requests"
+    unit: Literal["minute", "hour", "day"] = "minute"
+    amount: Annotated[int, Field(ge=1, le=2**32 - 1)]
+    # sliding_window: no more than `amount` in any `unit`-long interval (no 2x burst at a window
+    # edge); token_bucket: refills at amount/unit, holds at most `burst` (default `amount`).
+    algorithm: Literal["sliding_window", "token_bucket"] = "sliding_window"
+    burst: Annotated[int, Field(ge=1, le=2**32 - 1)] | None = None
+    # While Redis is unreachable: closed refuses (503), open lets requests through uncounted.
+    on_redis_down: Literal["closed", "open"] | None = None  # unset: limits.on_redis_down
+    shadow_mode: bool = False  # counted and reported, never refused
+
+    @model_validator(mode="after")
+    def _burst_for_buckets(self) -> LimitRule:
+        if self.burst is not None and self.algorithm != "token_bucket":
+            raise ValueError("burst applies to algorithm token_bucket only")
+        return self
+
+
+class TokenCounting(Strict):
+    """How metered usage is charged to token limits: each kind of token times its weight."""
+
+    input: Annotated[float, Field(ge=0, le=10)] = 1.0
+    output: Annotated[float, Field(ge=0, le=10)] = 1.0
+    cache_read: Annotated[float, Field(ge=0, le=10)] = 0.0
+    cache_creation: Annotated[float, Field(ge=0, le=10)] = 1.0
+
+
 class Limits(Strict):
     # Default requests per minute for a key that has no limit of its own.
     requests_per_minute: Annotated[int, Field(ge=1)] = 600
+    # ccr's own limits (docs/ratelimit.md); every applicable one must allow a request.
+    rules: list[LimitRule] = []
+    tokens: TokenCounting = TokenCounting()
+    # A directory of envoyproxy/ratelimit YAML config files (relative to this file), hot-reloaded.
+    envoy_config_dir: str | None = None
+    reload_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
+    # While Redis is unreachable: closed (503) or open (allowed, uncounted); for the default
+    # per-principal limit, the envoy_config_dir rules, and rules without their own setting.
+    on_redis_down: Literal["closed", "open"] = "closed"
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> Limits:
+        names = [r.name for r in self.rules]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"limits.rules names must be unique; repeated: {sorted(dupes)}")
+        return self
 
 
 class FilesSettings(Strict):

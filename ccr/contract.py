@@ -44,10 +44,36 @@ AUTHZ_LABELS = "policy_labels"
 AUTHZ_RATELIMIT = "policy_ratelimit"
 
 
+# Keys in AUTHZ_NS that exist for the rate limit descriptors (Envoy's metadata action reads
+# strings only): the principal id when the principal is a person (absent otherwise), and the
+# principal's groups joined by RL_GROUP_SEPARATOR (absent when it has none).
+AUTHZ_USER_ID = "user_id"
+AUTHZ_GROUP_LIST = "group_list"
+RL_GROUP_SEPARATOR = ","
+
 # Rate limit domain of the route's descriptors.
 RL_DOMAIN = "ccr"
 # Descriptor entry every request carries: the principal id (from H_PRINCIPAL_ID).
 RL_PRINCIPAL_KEY = "principal"
+# One-entry descriptors the route sends when extauth knows the fact (docs/ratelimit.md), read
+# from AUTHZ_NS metadata (never from client headers): descriptor key -> AUTHZ_NS key.
+RL_KEY_KEY = "key_id"
+RL_USER_KEY = "user"
+RL_GROUPS_KEY = "groups"  # value: the groups joined by RL_GROUP_SEPARATOR
+RL_TENANT_KEY = "tenant"
+RL_SPIFFE_KEY = "spiffe_id"
+RL_MODEL_KEY = "model"
+RL_FACTS: tuple[tuple[str, str], ...] = (
+    (RL_KEY_KEY, "key_id"), (RL_USER_KEY, AUTHZ_USER_ID), (RL_GROUPS_KEY, AUTHZ_GROUP_LIST),
+    (RL_TENANT_KEY, "tenant"), (RL_SPIFFE_KEY, "spiffe_id"), (RL_MODEL_KEY, "model"),
+)
+# At stream end the route charges metered usage: one descriptor per kind of token, first entry
+# (RL_USAGE_KEY, kind), then the principal and the facts above; hits_addend = that USAGE_NS count.
+RL_USAGE_KEY = "ccr_usage"
+RL_USAGE_KINDS: tuple[tuple[str, str], ...] = (
+    ("input", "input_tokens"), ("output", "output_tokens"),
+    ("cache_read", "cache_read_input_tokens"), ("cache_creation", "cache_creation_input_tokens"),
+)
 
 # Request headers extauth sets for the route and filters after it. Any client-sent
 # header with this prefix is stripped before ext_authz runs, and all of them are

@@ -28,11 +28,13 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     AUTHZ_DECISION_ID,
+    AUTHZ_GROUP_LIST,
     AUTHZ_LABELS,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     AUTHZ_RATELIMIT,
     AUTHZ_REGION,
+    AUTHZ_USER_ID,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -44,6 +46,7 @@ from ccr.contract import (
     H_REGION,
     H_REGION_HINT,
     H_REQUEST_ID,
+    RL_GROUP_SEPARATOR,
     SET_HEADERS,
 )
 from ccr.logs import REQUEST_ID
@@ -66,7 +69,7 @@ from extauth.policy import DENY_STATUS, Decision, PolicyEngine
 from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
 from extauth.policy_input import request_facts as request_facts_of
 from extauth.policy_sets import PolicySets
-from extauth.principal import Principal
+from extauth.principal import Principal, PrincipalKind
 from extauth.sessions import session_verifier
 from extauth.wire import split_check
 
@@ -440,6 +443,10 @@ class Authorizer:
                        "groups": list(p.groups)}
         if p.key_id is not None:
             facts["key_id"] = p.key_id
+        if p.kind is PrincipalKind.USER:
+            facts[AUTHZ_USER_ID] = p.id
+        if p.groups:
+            facts[AUTHZ_GROUP_LIST] = RL_GROUP_SEPARATOR.join(p.groups)
         if p.tenant is not None:
             facts["tenant"] = p.tenant
         if p.owner is not None:

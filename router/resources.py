@@ -18,16 +18,13 @@ import certifi
 from ccr.config import GatewayConfig, ListenerTLS, Provider
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
-    AUTHZ_NS,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
-    H_PRINCIPAL_ID,
     H_REQUEST_ID,
     ID_ADAPTER,
     ID_ENVOY,
     RL_DOMAIN,
-    RL_PRINCIPAL_KEY,
     SIGNIN_PREFIX,
     USAGE_NS,
 )
@@ -362,12 +359,7 @@ def _api_route(config: GatewayConfig) -> Json:
         "auto_host_rewrite": True,
         "timeout": timeout,
         "idle_timeout": timeout,
-        "rate_limits": [{
-            "stage": 0,
-            "actions": [{"request_headers": {"header_name": H_PRINCIPAL_ID, "descriptor_key": RL_PRINCIPAL_KEY}}],
-            # The principal's own requests-per-minute, decided by extauth.
-            "limit": {"dynamic_metadata": {"metadata_key": {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}}},
-        }],
+        # Rate limits: per endpoint, in typed_per_filter_config (router/rate_limits.py).
     }
 
 
@@ -383,7 +375,7 @@ def _endpoint_routes(config: GatewayConfig) -> list[Json]:
         "name": e.name,
         "match": _endpoint_match(e),
         "route": api_route,
-        **({"typed_per_filter_config": tpfc} if (tpfc := per_filter_config(api_route, e)) else {}),
+        "typed_per_filter_config": per_filter_config(config, e),
         # Decided facts stay inside the gateway; the upstream never sees them (the adapter
         # removes the principal id that Batches and Files routes keep for it).
         "request_headers_to_remove": headers_to_remove(e),
@@ -574,6 +566,9 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "failure_mode_deny": not config.services.failure_mode_allow,
                 "rate_limit_service": {"transport_api_version": "V3",
                                        "grpc_service": _grpc_service(RATELIMIT, 2.0, retry=replicas)},
+                # x-ratelimit-limit/-remaining/-reset from the descriptor statuses; the service adds
+                # the anthropic-ratelimit-* family itself (response_headers_to_add).
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
             }},
             _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {

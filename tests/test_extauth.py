@@ -160,7 +160,8 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert re.fullmatch(r"dec_[0-9a-f]+", meta.pop("decision_id"))  # this request's decision (policy_decisions)
     assert meta == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
-        "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
+        "groups": ["default"], "group_list": "default",  # the groups as one string, for rate limit descriptors
+        "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
         # The shipped policy's result: the tier as an audit label and a rate-limit descriptor value.
