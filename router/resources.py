@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
-from ccr.config import GatewayConfig, ListenerTLS, Provider
+from ccr.config import GatewayConfig, ListenerTLS, Provider, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     AUTHZ_NS,
@@ -145,13 +145,14 @@ def _upstream_endpoint(provider: Provider, runtime: Runtime) -> str:
     return override.endpoint if override else provider.endpoint
 
 
-def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig, objects: bool) -> Json:
+def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig, objects: bool,
+                      translate: bool = False) -> Json:
     url = urlsplit(_upstream_endpoint(provider, runtime))
     tls = url.scheme == "https"
     host = url.hostname or "localhost"
     port = url.port or (443 if tls else 80)
     is_ip = host.replace(".", "").isdigit() or ":" in host
-    name = provider.objects_cluster if objects else provider.cluster
+    name = provider.translate_cluster if translate else provider.objects_cluster if objects else provider.cluster
     cluster: Json = {
         "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
@@ -171,7 +172,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": upstream_filters(provider, runtime, objects),
+            "http_filters": translate_filters(provider, runtime) if translate
+            else upstream_filters(provider, runtime, objects),
         }},
     }
     if tls:
@@ -258,6 +260,74 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
     ]
 
 
+def _header_hygiene() -> Json:
+    return {"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [
+            {"remove": "authorization"},
+            {"remove": "x-api-key"},
+            {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
+            {"append": {"header": {"key": "accept-encoding", "value": "identity"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+        ]},
+    }}
+
+
+def _credential_injector(provider: Provider, secret_file: str, header: str) -> Json:
+    return {"name": "envoy.filters.http.credential_injector", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+        "overwrite": True,
+        "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+            "@type": T + "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+            "header": header,
+            "credential": {"name": secret_name(provider.name), "sds_config": {
+                "path_config_source": {"path": secret_file}, "resource_api_version": "V3"}},
+        }},
+    }}
+
+
+def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
+    """The translating cluster's upstream filters (router/adapter/translate.py), per attempt:
+
+    1. header hygiene first: the client's credentials and x-ccr-* go before anything is added;
+    2. the adapter (ext_proc): request body buffered (the provider's request is built from all of
+       it), reply streamed and rewritten into the client's schema, usage metered into USAGE_NS;
+       for Bedrock and Vertex it also signs the attempt (SigV4 over the final body and path,
+       or a service-account OAuth token), holding those credentials itself;
+    3. for the Anthropic API and a keyed OpenAI-compatible server, Envoy's credential injector,
+       as on the passthrough cluster (x-api-key / authorization from the SDS file).
+    """
+    adapter = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": _grpc_service(ADAPTER, 30.0, {ADAPTER_PROVIDER_MD: provider.name}),
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "allow_mode_override": True,
+        # A Vertex token refresh may take a round trip to the token endpoint.
+        "message_timeout": "10s",
+        "status_on_error": {"code": 502},
+        "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
+    }}
+    filters = [_header_hygiene(), adapter]
+    secret_file = runtime.provider_credentials.get(provider.name)
+    if provider.kind == ProviderKind.anthropic:
+        if not secret_file:
+            raise ValueError(f"runtime lacks the credential file of provider {provider.name}")
+        filters.append(_credential_injector(provider, secret_file, "x-api-key"))
+    elif provider.kind == ProviderKind.openai and secret_file:
+        filters.append(_credential_injector(provider, secret_file, "authorization"))
+    filters.append({"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}})
+    return filters
+
+
 def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     buf = config.gateway.max_request_bytes
     services = {EXTAUTH: runtime.extauth, RATELIMIT: runtime.ratelimit,
@@ -267,7 +337,10 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         raise ValueError(f"runtime lacks addresses for {missing}")
     out = [_grpc_cluster(name, str(addr), buf, _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]))
            for name, addr in services.items()]
-    out += [_provider_cluster(p, runtime, config, objects) for p in config.providers for objects in (False, True)]
+    for p in config.providers:
+        if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
+            out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
+        out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
     out += _signin_clusters(config, runtime)
     return out
 

@@ -50,6 +50,15 @@ from ccr.errors import error_body
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from router.adapter.objects import ObjectAttempt
+from router.adapter.translate import (
+    TranslatingProvider,
+    build_translating,
+    on_request_body,
+    on_response_headers,
+    on_stream_body,
+    on_whole_body,
+)
+from router.adapter.translators import Translation
 from router.usage import (
     Assessment,
     Usage,
@@ -210,12 +219,20 @@ class _Attempt:
     last: Assessment | None = None  # the last one published
     # Set for Batches and Files requests only (router/adapter/objects.py).
     objects: ObjectAttempt | None = None
+    # Set for requests translated between schemas (router/adapter/translate.py).
+    translation: Translation | None = None
+    path: str = ""
+    body: bytearray | None = None
+    response_headers: dict[str, str] | None = None
+    whole_reply: bool = False
 
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None) -> None:
+    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None,
+                 translating: dict[str, TranslatingProvider] | None = None) -> None:
         self._handlers = handlers
         self._objects = objects
+        self._translating = translating or {}
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -242,6 +259,12 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         attempt = _Attempt(self._handler(context))
         async for req in request_iterator:
             kind = req.WhichOneof("request")
+            if attempt.translation is not None or (kind == "request_headers" and self._translates(attempt, req)):
+                resp = await self._translate(attempt, kind, req)
+                yield resp
+                if resp.HasField("immediate_response"):
+                    return
+                continue
             if kind == "response_body":
                 if attempt.objects is not None and attempt.objects.wants_body():
                     resp = await attempt.objects.on_body(
@@ -284,6 +307,63 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
                     await attempt.objects.on_trailers(resp, lambda u: self._object_usage(attempt, u))
                 self._finish(attempt, resp)
                 yield resp
+
+    def _translates(self, attempt: _Attempt, req: pb.ProcessingRequest) -> bool:
+        """Start a translating attempt when this provider and path need one."""
+        tp = self._translating.get(attempt.handler.name)
+        if tp is None:
+            return False
+        headers = header_map(req.request_headers.headers)
+        attempt.path = headers.get(":path", "")
+        attempt.translation = tp.attempt(attempt.path)
+        return attempt.translation is not None
+
+    async def _translate(self, attempt: _Attempt, kind: str | None, req: pb.ProcessingRequest
+                         ) -> pb.ProcessingResponse:
+        t = attempt.translation
+        assert t is not None
+        a: Assessment | None = None
+        if kind == "request_headers":
+            resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            attempt.body = bytearray()
+        elif kind == "request_body":
+            assert attempt.body is not None
+            attempt.body += req.request_body.body
+            if not req.request_body.end_of_stream:  # BUFFERED sends one message; be safe with more
+                return pb.ProcessingResponse(request_body=pb.BodyResponse())
+            resp, a = await on_request_body(t, attempt.path, bytes(attempt.body), set_header)
+            attempt.body = None
+        elif kind == "response_headers":
+            headers = header_map(req.response_headers.headers)
+            try:
+                attempt.status = int(headers.get(":status", "0"))
+            except ValueError:
+                attempt.status = 0
+            attempt.response_headers = headers
+            attempt.streaming = t.streaming and attempt.status < 400
+            resp, a = on_response_headers(t, attempt.status, req.response_headers.end_of_stream, set_header)
+            attempt.whole_reply = resp.HasField("mode_override")
+            attempt.body = bytearray()
+        elif kind == "response_body":
+            body = req.response_body
+            if attempt.whole_reply:
+                assert attempt.body is not None
+                attempt.body += body.body
+                if not body.end_of_stream:
+                    return pb.ProcessingResponse(response_body=pb.BodyResponse())
+                resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {}, bytes(attempt.body),
+                                        set_header)
+            else:
+                resp, a = on_stream_body(t, body.body, body.end_of_stream or body.end_of_stream_without_message)
+        elif kind == "request_trailers":
+            resp = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        else:  # response trailers end a stream whose last chunk had no end_of_stream
+            resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+            if attempt.streaming and t.meter is not None:
+                a = assess(t.meter.finish(), True, ended=True)
+        if a is not None:
+            self._publish(attempt, resp, a, always=True)
+        return resp
 
     @staticmethod
     def _object_usage(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:
@@ -367,5 +447,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     """`ccr.service.run` hook: register the ExternalProcessor service."""
     # Batches and Files only: the pool opens on the first such request, never for Messages.
     objects = ObjectStore(runtime.postgres_dsn)
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config), objects), server)
+    endpoints = {name: o.endpoint for name, o in runtime.upstream_overrides.items()}
+    adapter = Adapter(build_handlers(config), objects, build_translating(config, endpoints))
+    pb_grpc.add_ExternalProcessorServicer_to_server(adapter, server)
     return objects.close

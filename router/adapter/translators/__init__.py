@@ -123,15 +123,6 @@ class Translation:
                 parts.append(self._encoder.ping())
         return b"".join(parts)
 
-    def idle_ping(self) -> bytes:
-        """A keep-alive if the client has heard nothing for the interval (called on a timer)."""
-        if self.provider.sends_pings or self._encoder is None or self.passthrough:
-            return b""
-        if self.clock() - self._last_out < self.ping_interval_s:
-            return b""
-        self._last_out = self.clock()
-        return self._encoder.ping()
-
     def whole_reply(self, status: int, headers: dict[str, str], body: bytes) -> Output:
         """A non-streamed reply or any error reply, read whole: in the client's schema; meters it."""
         if status >= 400:

@@ -1,0 +1,161 @@
+"""The adapter's translating attempts: requests in one schema, providers in another.
+
+Runs on each provider's `provider_<name>_translate` cluster (router/resources.py) with the
+request body buffered and the reply streamed. Per attempt: the client's body becomes the
+provider's request (path, headers, body, and for Bedrock and Vertex the signature or token, made
+here because it covers the final body and URL); the reply comes back in the client's schema.
+Streams are translated chunk by chunk as they arrive; whole replies and errors are read whole
+(mode_override to BUFFERED). Usage is metered on the Anthropic form into `ccr.usage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ccr.config import GatewayConfig, Provider, ProviderKind
+from ccr.contract import UsageStatus
+from router.adapter.translators import Translation, client_schema, translation_for
+from router.adapter.translators.anthropic_api import AnthropicApi
+from router.adapter.translators.base import ProviderSide, TranslationError
+from router.adapter.translators.bedrock import AwsKeys, Bedrock
+from router.adapter.translators.openai_provider import OpenAICompatible
+from router.adapter.translators.vertex import TokenSource, Vertex
+from router.usage import Assessment, assess, not_billable
+
+log = logging.getLogger("ccr.adapter")
+
+_Mode = processing_mode_pb2.ProcessingMode
+# Whole replies (non-streamed, errors) are read whole, so their headers can change with the body.
+BUFFER_RESPONSE = _Mode(request_header_mode=_Mode.SEND, response_header_mode=_Mode.SEND,
+                        request_body_mode=_Mode.BUFFERED, response_body_mode=_Mode.BUFFERED,
+                        request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
+
+
+@dataclass
+class TranslatingProvider:
+    """A provider as the translating adapter calls it; `side()` is fresh per attempt."""
+
+    name: str
+    kind: ProviderKind
+    side: Callable[[], ProviderSide]
+    ping_interval_s: float
+
+    def attempt(self, path: str, clock: Callable[[], float] | None = None) -> Translation | None:
+        schema = client_schema(path)
+        if schema is None or (schema == "anthropic" and self.kind == ProviderKind.anthropic):
+            return None
+        kw = {"clock": clock} if clock is not None else {}
+        return translation_for(schema, self.kind, self.side(), ping_interval_s=self.ping_interval_s, **kw)
+
+
+def _env(name: str | None, provider: str) -> str:
+    value = os.environ.get(name or "", "")
+    if not value:
+        raise ValueError(f"provider {provider}: the adapter has no value for {name}")
+    return value
+
+
+def provider_side_factory(p: Provider, endpoint: str) -> Callable[[], ProviderSide]:
+    """How the adapter calls provider `p` at `endpoint` (the emulator's, when overridden).
+    Bedrock and Vertex secrets are read here, from the adapter's own environment (ccr up hands
+    them to this process only)."""
+    if p.kind == ProviderKind.anthropic:
+        return AnthropicApi
+    if p.kind == ProviderKind.openai:
+        return lambda: OpenAICompatible(dict(p.model_ids))
+    if p.kind == ProviderKind.bedrock:
+        keys = AwsKeys(_env(p.aws_access_key_id_env, p.name), _env(p.aws_secret_access_key_env, p.name),
+                       os.environ.get(p.aws_session_token_env or "") or None)
+        side = Bedrock(str(p.region), urlsplit(endpoint).netloc, keys, dict(p.model_ids))
+        return lambda: side
+    if p.kind == ProviderKind.vertex:
+        side_v = Vertex(str(p.project), str(p.region), TokenSource.from_file(_env(p.service_account_file_env, p.name)),
+                        dict(p.model_ids))
+        return lambda: side_v
+    raise ValueError(f"provider {p.name}: no translation for kind {p.kind}")
+
+
+def build_translating(config: GatewayConfig, endpoints: dict[str, str]) -> dict[str, TranslatingProvider]:
+    return {p.name: TranslatingProvider(p.name, p.kind, provider_side_factory(p, endpoints.get(p.name, p.endpoint)),
+                                        p.ping_interval_s) for p in config.providers}
+
+
+def request_body_response(up_path: str, up_body: bytes, set_headers: dict[str, str], remove: list[str],
+                          set_header: Callable[[str, str], object]) -> pb.ProcessingResponse:
+    mutation = pb.HeaderMutation(
+        set_headers=[set_header(":path", up_path), set_header("content-length", str(len(up_body))),
+                     *(set_header(k, v) for k, v in set_headers.items())],
+        remove_headers=remove)
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+        header_mutation=mutation, body_mutation=pb.BodyMutation(body=up_body))))
+
+
+async def on_request_body(t: Translation, path: str, body: bytes, set_header: Callable[[str, str], object]
+                          ) -> tuple[pb.ProcessingResponse, Assessment | None]:
+    """The provider's request, or the client's error (with the usage it is logged with)."""
+    try:
+        up = await t.request(path, body, None)
+    except TranslationError as e:
+        status, headers, err = t.client.error(e.status, e.err_type, str(e))
+        return _immediate(status, headers, err, set_header), Assessment(
+            UsageStatus.NOT_FORWARDED, None, f"request refused by the translator: {e}")
+    return request_body_response(up.path, up.body, up.headers, up.remove, set_header), None
+
+
+def _immediate(status: int, headers: dict[str, str], body: bytes, set_header: Callable[[str, str], object]
+               ) -> pb.ProcessingResponse:
+    from envoy.type.v3 import http_status_pb2
+
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=pb.HeaderMutation(set_headers=[set_header(k, v) for k, v in headers.items()]),
+        body=body, details="ccr_translation_refused"))
+
+
+def on_response_headers(t: Translation, status: int, end_of_stream: bool, set_header: Callable[[str, str], object]
+                        ) -> tuple[pb.ProcessingResponse, Assessment | None]:
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if end_of_stream:
+        return resp, not_billable(f"provider replied {status} with no body")
+    if status < 400 and t.streaming:
+        headers = t.start_stream()
+        resp.response_headers.response.header_mutation.CopyFrom(pb.HeaderMutation(
+            set_headers=[set_header(k, v) for k, v in headers.items()],
+            remove_headers=["content-length", "content-encoding"]))
+        return resp, assess(t.meter.result, True, ended=False)  # type: ignore[union-attr]
+    resp.mode_override.CopyFrom(BUFFER_RESPONSE)
+    return resp, None
+
+
+def on_whole_body(t: Translation, status: int, headers: dict[str, str], body: bytes,
+                  set_header: Callable[[str, str], object]) -> tuple[pb.ProcessingResponse, Assessment]:
+    out = t.whole_reply(status, headers, body)
+    mutation = pb.HeaderMutation(
+        set_headers=[set_header("content-length", str(len(out.body))),
+                     *(set_header(k, v) for k, v in out.headers.items())],
+        remove_headers=["content-encoding"])
+    resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        header_mutation=mutation, body_mutation=pb.BodyMutation(body=out.body))))
+    if status >= 400:
+        return resp, not_billable(f"provider replied {status}; error replies bill no tokens")
+    if t.meter is None:
+        return resp, not_billable("the provider's reply could not be read as a message")
+    return resp, assess(t.meter.finish(), False, ended=True)
+
+
+def on_stream_body(t: Translation, chunk: bytes, end: bool) -> tuple[pb.ProcessingResponse, Assessment | None]:
+    out, changed = t.stream_chunk(chunk, end)
+    mutation = pb.BodyMutation(body=out) if out else pb.BodyMutation(clear_body=True)
+    resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+    if end:
+        return resp, assess(t.meter.finish(), True, ended=True)  # type: ignore[union-attr]
+    if changed:
+        return resp, assess(t.meter.result, True, ended=False)  # type: ignore[union-attr]
+    return resp, None
