@@ -115,7 +115,7 @@ class BedrockEmulator:
                 return error(400, "ValidationException",
                              f"Malformed input request: #: extraneous key [{extra}] is not permitted")
         try:
-            validate_messages(doc)
+            validate_messages({**doc, "model": model})
         except BadRequest as e:
             return error(400, "ValidationException", str(e))
         message, events, reply = self.replies.make(doc, model)

@@ -3,7 +3,7 @@ OAuth token endpoint.
 
 POST /token takes a service-account JWT bearer assertion (RFC 7523, as google-auth sends it),
 checks its RS256 signature against the one service-account public key it was given, its
-audience (this token URI), issuer and lifetime, and issues an opaque access token with a
+audience (Google's token endpoint), issuer and lifetime, and issues an opaque access token with a
 configurable lifetime. The model endpoints accept only unexpired tokens it issued, only the
 configured project, Vertex model naming ("claude-sonnet-4-5@20250929": a dated id with '@'),
 `anthropic_version: vertex-2023-10-16` and no `model` in the body. Errors from its front end
@@ -26,6 +26,7 @@ from emulators._messages import Replies
 from emulators.anthropic import BadRequest, _sse, error_response, validate_messages
 
 VERTEX_VERSION = "vertex-2023-10-16"
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 _DATED_PLAIN = r"-\d{8}$"
 
 
@@ -66,7 +67,8 @@ class VertexEmulator:
             return web.json_response({"error": "invalid_grant", "error_description": f"bad assertion: {e}"}, status=400)
         c = tok.claims
         now = time.time()
-        if c.get("aud") != f"{self.base_url}/token" or not c.get("iss") or not (c.get("iat", 0) - 60 <= now
+        # google-auth signs for Google's token endpoint whatever token_uri says; so does this check.
+        if c.get("aud") != GOOGLE_TOKEN_AUDIENCE or not c.get("iss") or not (c.get("iat", 0) - 60 <= now
                                                                                < c.get("exp", 0)):
             return web.json_response({"error": "invalid_grant", "error_description": "bad aud, iss or lifetime"},
                                      status=400)
@@ -102,7 +104,7 @@ class VertexEmulator:
         if "model" in doc:
             return error_response(400, "invalid_request_error", "model: Extra inputs are not permitted")
         try:
-            validate_messages(doc)
+            validate_messages({**doc, "model": model})
         except BadRequest as e:
             return error_response(400, "invalid_request_error", str(e))
         message, events, _ = self.replies.make(doc, model.replace("@", "-"))

@@ -106,6 +106,12 @@ async def on_request_body(t: Translation, path: str, body: bytes, set_header: Ca
         status, headers, err = t.client.error(e.status, e.err_type, str(e))
         return _immediate(status, headers, err, set_header), Assessment(
             UsageStatus.NOT_FORWARDED, None, f"request refused by the translator: {e}")
+    except Exception as e:  # a credential that cannot be had (token endpoint down, key refused)
+        log.exception("provider request could not be built")
+        status, headers, err = t.client.error(502, "api_error", "the gateway could not obtain the provider's "
+                                              f"credential or build its request ({type(e).__name__}); retry shortly")
+        return _immediate(status, headers, err, set_header), Assessment(
+            UsageStatus.NOT_FORWARDED, None, f"provider request not built: {type(e).__name__}")
     return request_body_response(up.path, up.body, up.headers, up.remove, set_header), None
 
 
