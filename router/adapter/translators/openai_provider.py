@@ -246,8 +246,10 @@ class ChatStreamDecoder(StreamDecoder):
 
     def finish(self) -> list[Event]:
         out = self._handle(self._sse.finish())
-        if not self._done and self._finish is not None:
-            self._end(out)  # a server that omits [DONE] but finished
+        if not self._done:
+            # A server that omits [DONE] but finished ends cleanly; one cut off ends in an error event,
+            # so the client knows and the meter estimates.
+            self._end(out)
         return out
 
 
