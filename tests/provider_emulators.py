@@ -95,3 +95,22 @@ def running_emulators(tmp: Path, tokens_per_second: float = 0.0) -> Iterator[Emu
             run(r.cleanup())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def main() -> None:
+    """`python -m tests.provider_emulators DIR`: serve the three emulators until SIGTERM; prints one
+    JSON line (urls, service-account file) once serving. For benchmarks, which must not share a GIL
+    with the emulators they measure."""
+    import signal
+    import sys
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with running_emulators(Path(sys.argv[1])) as e:
+        print(json.dumps({"bedrock_url": e.bedrock_url, "vertex_url": e.vertex_url, "openai_url": e.openai_url,
+                          "service_account_file": str(e.service_account_file)}), flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()
