@@ -53,10 +53,21 @@ class OpenAICompatEmulator:
         self.output_tokens = output_tokens
         self.tps = tokens_per_second
         self.records: list[dict[str, Any]] = []
+        # x-emulator-hold: NAME stops a stream after its first delta until POST /_emulator/release/NAME:
+        # a server thinking silently (no keep-alives), for as long as a test needs.
+        self._holds: dict[str, asyncio.Event] = {}
+
+    def _hold(self, name: str) -> asyncio.Event:
+        return self._holds.setdefault(name, asyncio.Event())
+
+    async def release(self, request: web.Request) -> web.Response:
+        self._hold(request.match_info["name"]).set()
+        return web.json_response({"released": request.match_info["name"]})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/_emulator/release/{name}", self.release)
         app.router.add_get("/_emulator/requests", lambda r: web.json_response(self.records))
         return app
 
@@ -111,8 +122,11 @@ class OpenAICompatEmulator:
                 if f:
                     await resp.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": f}}]}))
         else:
-            for piece in _chunk(reply.fragments[-1], TOKENS_PER_DELTA):
+            hold = request.headers.get("x-emulator-hold")
+            for n, piece in enumerate(_chunk(reply.fragments[-1], TOKENS_PER_DELTA)):
                 await resp.write(chunk({"content": piece}))
+                if n == 0 and hold:
+                    await asyncio.wait_for(self._hold(hold).wait(), 30)
                 if self.tps > 0:
                     await asyncio.sleep(TOKENS_PER_DELTA / self.tps)
         await resp.write(chunk({}, finish))

@@ -291,7 +291,8 @@ def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
 
     1. header hygiene first: the client's credentials and x-ccr-* go before anything is added;
     2. the adapter (ext_proc): request body buffered (the provider's request is built from all of
-       it), reply streamed and rewritten into the client's schema, usage metered into USAGE_NS;
+       it), reply body full duplex (rewritten into the client's schema at the adapter's pace, with
+       keep-alives while a provider is silent), usage metered into USAGE_NS;
        for Bedrock and Vertex it also signs the attempt (SigV4 over the final body and path,
        or a service-account OAuth token), holding those credentials itself;
     3. for the Anthropic API and a keyed OpenAI-compatible server, Envoy's credential injector,
@@ -305,11 +306,12 @@ def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
             "request_header_mode": "SEND",
             "response_header_mode": "SEND",
             "request_body_mode": "BUFFERED",
-            "response_body_mode": "STREAMED",
+            # The adapter answers the reply at its own pace: translated chunks, and SSE pings while
+            # a provider that sends none is silent. Envoy requires trailers SEND with this mode.
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
             "request_trailer_mode": "SKIP",
-            "response_trailer_mode": "SKIP",
+            "response_trailer_mode": "SEND",
         },
-        "allow_mode_override": True,
         # A Vertex token refresh may take a round trip to the token endpoint.
         "message_timeout": "10s",
         "status_on_error": {"code": 502},

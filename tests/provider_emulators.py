@@ -46,12 +46,16 @@ class Emulators:
              "service_account_file_env": "CCR_T_GCP_SA"},
             {"name": "oss", "kind": "openai", "endpoint": self.openai_url, "api_key_env": "CCR_T_OSS_KEY",
              "model_ids": {"claude-oss-1": "qwen/Qwen3-8B"}},
+            # The same server with a short keep-alive interval, for the ping tests.
+            {"name": "ossping", "kind": "openai", "endpoint": self.openai_url, "api_key_env": "CCR_T_OSS_KEY",
+             "ping_interval_s": 0.05},
         ]
 
     def models(self) -> list[dict[str, Any]]:
         return [{"match": "claude-bedrock-*", "provider": "bedrock"},
                 {"match": "claude-vertex-*", "provider": "vertex"},
-                {"match": "claude-oss-*", "provider": "oss"}]
+                {"match": "claude-oss-*", "provider": "oss"},
+                {"match": "claude-ping-*", "provider": "ossping"}]
 
 
 def service_account(path: Path, token_uri: str) -> bytes:

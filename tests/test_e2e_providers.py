@@ -231,3 +231,34 @@ def test_streams_carry_pings(gw: Gateway, model: str, pings: int) -> None:
     with httpx.stream("POST", f"{gw.url}/v1/messages", json=body, headers=h, timeout=30) as r:
         names = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
     assert names[0] == "message_start" and names.count("ping") == pings, names
+
+
+@pytest.mark.parametrize("client_schema", ["anthropic", "openai"])
+def test_pings_while_the_provider_is_silent(gw: Gateway, emus: Emulators, client_schema: str) -> None:
+    """The OpenAI-compatible server stops after its first delta and sends nothing (held until the
+    test releases it): the gateway keeps the client's stream alive with pings meanwhile (every
+    0.05 s for this provider), then the rest of the reply arrives intact."""
+    hold = f"silence-{client_schema}"
+    h = {"x-api-key": gw.api_key, "anthropic-version": "2023-06-01", "x-emulator-hold": hold}
+    url, body, ping = (f"{gw.url}/v1/messages", {"model": "claude-ping-1", "max_tokens": 64, "messages": HELLO,
+                                                   "stream": True}, "event: ping") \
+        if client_schema == "anthropic" else \
+        (f"{gw.url}/v1/chat/completions", {"model": "claude-ping-1", "max_tokens": 64, "messages": HELLO,
+                                           "stream": True}, ": ping")
+    lines: list[str] = []
+    with httpx.stream("POST", url, json=body, headers=h, timeout=30) as r:
+        assert r.status_code == 200
+        it = r.iter_lines()
+        pings_after_text = 0
+        seen_text = False
+        for line in it:
+            lines.append(line)
+            seen_text = seen_text or "Emulated" in line
+            if seen_text and line == ping:
+                pings_after_text += 1
+                if pings_after_text == 3:  # three keep-alives during the silence: let the server go on
+                    httpx.post(f"{emus.openai_url}/_emulator/release/{hold}", timeout=10)
+                    break
+        lines += list(it)
+    done = "event: message_stop" if client_schema == "anthropic" else "data: [DONE]"
+    assert pings_after_text == 3 and lines[-1] in (done, "") and done in lines

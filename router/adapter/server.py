@@ -23,6 +23,7 @@ translation can slot in; only the Anthropic API is implemented.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -57,6 +58,7 @@ from router.adapter.translate import (
     on_response_headers,
     on_stream_body,
     on_whole_body,
+    ping,
 )
 from router.adapter.translators import Translation
 from router.usage import (
@@ -259,12 +261,10 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         attempt = _Attempt(self._handler(context))
         async for req in request_iterator:
             kind = req.WhichOneof("request")
-            if attempt.translation is not None or (kind == "request_headers" and self._translates(attempt, req)):
-                resp = await self._translate(attempt, kind, req)
-                yield resp
-                if resp.HasField("immediate_response"):
-                    return
-                continue
+            if kind == "request_headers" and self._translates(attempt, req):
+                async for resp in self._translate_attempt(attempt, req, request_iterator):
+                    yield resp
+                return
             if kind == "response_body":
                 if attempt.objects is not None and attempt.objects.wants_body():
                     resp = await attempt.objects.on_body(
@@ -318,21 +318,62 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         attempt.translation = tp.attempt(attempt.path)
         return attempt.translation is not None
 
-    async def _translate(self, attempt: _Attempt, kind: str | None, req: pb.ProcessingRequest
-                         ) -> pb.ProcessingResponse:
+    async def _translate_attempt(self, attempt: _Attempt, first: pb.ProcessingRequest,
+                                 rest: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
+        """A translating attempt, from its request headers to the end of the reply.
+
+        The reply body is FULL_DUPLEX_STREAMED (router/resources.py): Envoy sends chunks without
+        waiting and the adapter answers at its own pace, so a keep-alive can go out while the provider
+        is silent. Requests are read by a task into a queue; the loop waits on it with the ping timer.
+        """
         t = attempt.translation
         assert t is not None
+        queue: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for r in rest:
+                    queue.put_nowait(r)
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            req: pb.ProcessingRequest | None = first
+            while req is not None:
+                for resp in await self._translate(attempt, req):
+                    yield resp
+                    if resp.HasField("immediate_response"):
+                        return
+                while True:
+                    wait = t.next_ping_in() if attempt.streaming else None
+                    try:
+                        req = await (asyncio.wait_for(queue.get(), wait) if wait is not None else queue.get())
+                        break
+                    except TimeoutError:
+                        keepalive = ping(t)
+                        if keepalive is not None:
+                            yield keepalive
+        finally:
+            reader.cancel()
+
+    async def _translate(self, attempt: _Attempt, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        t = attempt.translation
+        assert t is not None
+        kind = req.WhichOneof("request")
         a: Assessment | None = None
+        out: list[pb.ProcessingResponse] = []
         if kind == "request_headers":
-            resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            out.append(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
             attempt.body = bytearray()
         elif kind == "request_body":
             assert attempt.body is not None
             attempt.body += req.request_body.body
             if not req.request_body.end_of_stream:  # BUFFERED sends one message; be safe with more
-                return pb.ProcessingResponse(request_body=pb.BodyResponse())
+                return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
             resp, a = await on_request_body(t, attempt.path, bytes(attempt.body), set_header)
             attempt.body = None
+            out.append(resp)
         elif kind == "response_headers":
             headers = header_map(req.response_headers.headers)
             try:
@@ -340,30 +381,46 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             except ValueError:
                 attempt.status = 0
             attempt.response_headers = headers
-            attempt.streaming = t.streaming and attempt.status < 400
-            resp, a = on_response_headers(t, attempt.status, req.response_headers.end_of_stream, set_header)
-            attempt.whole_reply = resp.HasField("mode_override")
+            head, a = on_response_headers(t, attempt.status, req.response_headers.end_of_stream, set_header)
+            attempt.streaming = head is not None and t.streaming and attempt.status < 400
+            attempt.whole_reply = head is None
             attempt.body = bytearray()
+            if head is not None:
+                out.append(head)
         elif kind == "response_body":
             body = req.response_body
+            end = body.end_of_stream or body.end_of_stream_without_message
             if attempt.whole_reply:
                 assert attempt.body is not None
                 attempt.body += body.body
-                if not body.end_of_stream:
-                    return pb.ProcessingResponse(response_body=pb.BodyResponse())
-                resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {}, bytes(attempt.body),
-                                        set_header)
+                if not end:
+                    return []
+                head, resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {},
+                                              bytes(attempt.body), set_header)
+                out += [head, resp]
             else:
-                resp, a = on_stream_body(t, body.body, body.end_of_stream or body.end_of_stream_without_message)
+                resp, a = on_stream_body(t, body.body, end)
+                out.append(resp)
+            if end:
+                attempt.streaming = False
         elif kind == "request_trailers":
-            resp = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-        else:  # response trailers end a stream whose last chunk had no end_of_stream
-            resp = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-            if attempt.streaming and t.meter is not None:
-                a = assess(t.meter.finish(), True, ended=True)
-        if a is not None:
-            self._publish(attempt, resp, a, always=True)
-        return resp
+            out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        elif kind == "response_trailers":  # trailers end a reply whose last chunk had no end_of_stream
+            if attempt.whole_reply:
+                head, resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {},
+                                              bytes(attempt.body or b""), set_header)
+                resp.response_body.response.body_mutation.streamed_response.end_of_stream = False
+                out += [head, resp]
+            elif attempt.streaming:
+                resp, _ = on_stream_body(t, b"", True)
+                resp.response_body.response.body_mutation.streamed_response.end_of_stream = False
+                out.append(resp)
+                a = assess(t.meter.finish(), True, ended=True) if t.meter is not None else None
+            attempt.streaming = False
+            out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+        if a is not None and out:
+            self._publish(attempt, out[-1], a, always=True)
+        return out
 
     @staticmethod
     def _object_usage(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:

@@ -1,11 +1,12 @@
 """The adapter's translating attempts: requests in one schema, providers in another.
 
 Runs on each provider's `provider_<name>_translate` cluster (router/resources.py) with the
-request body buffered and the reply streamed. Per attempt: the client's body becomes the
-provider's request (path, headers, body, and for Bedrock and Vertex the signature or token, made
-here because it covers the final body and URL); the reply comes back in the client's schema.
-Streams are translated chunk by chunk as they arrive; whole replies and errors are read whole
-(mode_override to BUFFERED). Usage is metered on the Anthropic form into `ccr.usage`.
+request body buffered and the reply body FULL_DUPLEX_STREAMED. Per attempt: the client's body
+becomes the provider's request (path, headers, body, and for Bedrock and Vertex the signature or
+token, made here because it covers the final body and URL); the reply comes back in the client's
+schema. Streams are translated chunk by chunk as they arrive, with keep-alives on a timer; whole
+replies and errors are collected, and their headers answered with them. Usage is metered on the
+Anthropic form into `ccr.usage`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ccr.config import GatewayConfig, Provider, ProviderKind
@@ -31,11 +31,6 @@ from router.usage import Assessment, assess, not_billable
 
 log = logging.getLogger("ccr.adapter")
 
-_Mode = processing_mode_pb2.ProcessingMode
-# Whole replies (non-streamed, errors) are read whole, so their headers can change with the body.
-BUFFER_RESPONSE = _Mode(request_header_mode=_Mode.SEND, response_header_mode=_Mode.SEND,
-                        request_body_mode=_Mode.BUFFERED, response_body_mode=_Mode.BUFFERED,
-                        request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
 
 
 @dataclass
@@ -125,43 +120,58 @@ def _immediate(status: int, headers: dict[str, str], body: bytes, set_header: Ca
         body=body, details="ccr_translation_refused"))
 
 
+def _streamed(body: bytes, end: bool) -> pb.ProcessingResponse:
+    """A body chunk for the client (FULL_DUPLEX_STREAMED: the adapter sends the body at its own pace)."""
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end)))))
+
+
 def on_response_headers(t: Translation, status: int, end_of_stream: bool, set_header: Callable[[str, str], object]
-                        ) -> tuple[pb.ProcessingResponse, Assessment | None]:
-    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                        ) -> tuple[pb.ProcessingResponse | None, Assessment | None]:
+    """The headers reply now (a stream, or a reply with no body), or None: a whole reply's headers
+    wait for its body, which Envoy sends on without waiting (full duplex), so they can change with it."""
     if end_of_stream:
-        return resp, not_billable(f"provider replied {status} with no body")
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse()), \
+            not_billable(f"provider replied {status} with no body")
     if status < 400 and t.streaming:
         headers = t.start_stream()
+        resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         resp.response_headers.response.header_mutation.CopyFrom(pb.HeaderMutation(
             set_headers=[set_header(k, v) for k, v in headers.items()],
             remove_headers=["content-length", "content-encoding"]))
         return resp, assess(t.meter.result, True, ended=False)  # type: ignore[union-attr]
-    resp.mode_override.CopyFrom(BUFFER_RESPONSE)
-    return resp, None
+    return None, None
 
 
 def on_whole_body(t: Translation, status: int, headers: dict[str, str], body: bytes,
-                  set_header: Callable[[str, str], object]) -> tuple[pb.ProcessingResponse, Assessment]:
+                  set_header: Callable[[str, str], object]
+                  ) -> tuple[pb.ProcessingResponse, pb.ProcessingResponse, Assessment]:
+    """(the deferred headers reply, the body, the usage) of a non-streamed reply or an error."""
     out = t.whole_reply(status, headers, body)
-    mutation = pb.HeaderMutation(
+    head = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    head.response_headers.response.header_mutation.CopyFrom(pb.HeaderMutation(
         set_headers=[set_header("content-length", str(len(out.body))),
                      *(set_header(k, v) for k, v in out.headers.items())],
-        remove_headers=["content-encoding"])
-    resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-        header_mutation=mutation, body_mutation=pb.BodyMutation(body=out.body))))
+        remove_headers=["content-encoding", "transfer-encoding"]))
+    resp = _streamed(out.body, True)
     if status >= 400:
-        return resp, not_billable(f"provider replied {status}; error replies bill no tokens")
+        return head, resp, not_billable(f"provider replied {status}; error replies bill no tokens")
     if t.meter is None:
-        return resp, not_billable("the provider's reply could not be read as a message")
-    return resp, assess(t.meter.finish(), False, ended=True)
+        return head, resp, not_billable("the provider's reply could not be read as a message")
+    return head, resp, assess(t.meter.finish(), False, ended=True)
 
 
 def on_stream_body(t: Translation, chunk: bytes, end: bool) -> tuple[pb.ProcessingResponse, Assessment | None]:
     out, changed = t.stream_chunk(chunk, end)
-    mutation = pb.BodyMutation(body=out) if out else pb.BodyMutation(clear_body=True)
-    resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+    resp = _streamed(out, end)
     if end:
         return resp, assess(t.meter.finish(), True, ended=True)  # type: ignore[union-attr]
     if changed:
         return resp, assess(t.meter.result, True, ended=False)  # type: ignore[union-attr]
     return resp, None
+
+
+def ping(t: Translation) -> pb.ProcessingResponse | None:
+    """A keep-alive chunk when the client has heard nothing for the provider's ping interval."""
+    data = t.idle_ping()
+    return _streamed(data, False) if data else None

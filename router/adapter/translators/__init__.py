@@ -123,6 +123,20 @@ class Translation:
                 parts.append(self._encoder.ping())
         return b"".join(parts)
 
+    def next_ping_in(self) -> float | None:
+        """Seconds until a keep-alive is due, or None when this stream gets none from the gateway."""
+        if self.provider.sends_pings or self._encoder is None or self.passthrough:
+            return None
+        return max(0.0, self._last_out + self.ping_interval_s - self.clock())
+
+    def idle_ping(self) -> bytes:
+        """A keep-alive if the client has heard nothing for the interval (the adapter's timer asks)."""
+        due = self.next_ping_in()
+        if due is None or due > 0:
+            return b""
+        self._last_out = self.clock()
+        return self._encoder.ping()  # type: ignore[union-attr]
+
     def whole_reply(self, status: int, headers: dict[str, str], body: bytes) -> Output:
         """A non-streamed reply or any error reply, read whole: in the client's schema; meters it."""
         if status >= 400:
