@@ -158,7 +158,9 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
-        "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
+        # The translate cluster buffers a whole request for the adapter, as extauth's does.
+        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes if translate
+        else config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
             "cluster_name": name,
             # The route rewrites Host to this name: the provider must see its own host,

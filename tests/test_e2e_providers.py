@@ -262,3 +262,22 @@ def test_pings_while_the_provider_is_silent(gw: Gateway, emus: Emulators, client
         lines += list(it)
     done = "event: message_stop" if client_schema == "anthropic" else "data: [DONE]"
     assert pings_after_text == 3 and lines[-1] in (done, "") and done in lines
+
+
+def test_count_tokens_on_a_translated_provider_is_a_clear_404(gw: Gateway, emus: Emulators) -> None:
+    seen = len(emus.bedrock.records)
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client(gw).messages.count_tokens(model="claude-bedrock-sonnet-4-5", messages=HELLO)
+    assert "serves Messages calls only" in e.value.message
+    assert len(emus.bedrock.records) == seen  # nothing reached the provider
+
+
+def test_a_large_request_is_translated_whole(gw: Gateway, dsn: str, emus: Emulators) -> None:
+    """3 MB of prompt (above the 1 MB per-connection buffer) reaches the OpenAI-compatible server whole."""
+    big = "lorem ipsum " * 250_000
+    raw = client(gw).messages.with_raw_response.create(model="claude-oss-1", max_tokens=16,
+                                                       messages=[{"role": "user", "content": big + " end"}])
+    assert raw.parse().content[0].text.startswith("Emulated reply to:")
+    up = json.loads(emus.openai.records[-1]["body"])
+    assert up["messages"][-1]["content"] == big + " end"
+    assert log_row(dsn, raw.headers["x-request-id"])["usage_status"] == "complete"

@@ -91,7 +91,7 @@ def test_body_limits_are_raised_together() -> None:
     by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
     assert by_name.pop("provider_anthropic") == buf
     assert by_name.pop("provider_anthropic_objects") == buf
-    assert by_name.pop("provider_anthropic_translate") == buf
+    assert by_name.pop("provider_anthropic_translate") == limit  # the adapter gets whole request bodies
     assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
 
 

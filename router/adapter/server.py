@@ -186,13 +186,16 @@ class AnthropicHandler(ProviderHandler):
 class UnavailableHandler(ProviderHandler):
     """A provider that must not be called (no credential, unknown): every attempt gets a 500."""
 
-    def __init__(self, name: str, message: str, details: str) -> None:
+    def __init__(self, name: str, message: str, details: str, status: int = 500, err_type: str = "api_error"
+                 ) -> None:
         self.name = name
         self._message = message
         self._details = details
+        self._status = status
+        self._err_type = err_type
 
     def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
-        resp = error_response(500, "api_error", self._message, self._details)
+        resp = error_response(self._status, self._err_type, self._message, self._details)
         resp.dynamic_metadata.CopyFrom(usage_struct(Assessment(
             UsageStatus.NOT_FORWARDED, None, f"provider {self.name or '?'} unavailable: {self._details}")))
         return resp
@@ -204,9 +207,11 @@ def build_handlers(config: GatewayConfig) -> dict[str, ProviderHandler]:
     for p in config.providers:
         if p.kind == ProviderKind.anthropic:
             handlers[p.name] = AnthropicHandler(p.name)
-        else:  # pragma: no cover - new kinds must add a handler here
-            msg = f"provider {p.name} has kind {p.kind}, which this gateway version cannot call"
-            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_unsupported_provider")
+        else:  # translated kinds serve Messages calls only (router/adapter/translate.py)
+            msg = (f"this endpoint is not available for models served by provider {p.name} (kind {p.kind}): "
+                   "it serves Messages calls only (/v1/messages, /v1/chat/completions, Bedrock invoke)")
+            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_endpoint_not_translated",
+                                                  status=404, err_type="not_found_error")
     return handlers
 
 
