@@ -281,3 +281,28 @@ def test_a_large_request_is_translated_whole(gw: Gateway, dsn: str, emus: Emulat
     up = json.loads(emus.openai.records[-1]["body"])
     assert up["messages"][-1]["content"] == big + " end"
     assert log_row(dsn, raw.headers["x-request-id"])["usage_status"] == "complete"
+
+
+@pytest.mark.parametrize("model_id,provider", [
+    ("us.anthropic.claude-sonnet-4-6-v1:0", "anthropic"),
+    ("anthropic.claude-bedrock-sonnet-4-5-v1:0", "bedrock"),
+    ("anthropic.claude-vertex-sonnet-4-5-v1:0", "vertex"),
+    ("anthropic.claude-oss-1-v1:0", "oss"),
+])
+def test_anthropic_bedrock_sdk(gw: Gateway, dsn: str, model_id: str, provider: str) -> None:
+    """The SDK's Bedrock client (what Claude Code's Bedrock mode uses) with the gateway key as a
+    Bedrock API key (AWS_BEARER_TOKEN_BEDROCK): sent as Authorization: Bearer, event-stream decoded
+    by the SDK."""
+    br = anthropic.AnthropicBedrock(api_key=gw.api_key, aws_region="us-east-1", base_url=gw.url, max_retries=0)
+    raw = br.messages.with_raw_response.create(model=model_id, max_tokens=64, messages=HELLO)
+    msg = raw.parse()
+    assert msg.content[0].text.startswith("Emulated reply to: hello there")
+    row = log_row(dsn, raw.headers["x-request-id"])
+    assert row["usage_status"] == "complete" and row["upstream_cluster"] == f"provider_{provider}_translate"
+    assert row["output_tokens"] == msg.usage.output_tokens
+    with br.messages.stream(model=model_id, max_tokens=64, messages=HELLO) as s:
+        final = s.get_final_message()
+        rid = s.response.headers["x-request-id"]
+    assert final.content[0].text.startswith("Emulated reply to: hello there") and final.stop_reason == "end_turn"
+    row = log_row(dsn, rid)
+    assert row["usage_status"] == "complete" and row["output_tokens"] == final.usage.output_tokens
