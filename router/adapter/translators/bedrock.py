@@ -136,7 +136,11 @@ class Bedrock(ProviderSide):
         body = orjson.dumps(to_bedrock_body(req))
         headers = {"content-type": "application/json", "accept": EVENTSTREAM if streaming else "application/json"}
         headers |= sign(self._keys, self.region, self.host, path, body, headers)
-        return Upstream(path, body, headers, remove=["anthropic-version", "anthropic-beta"])
+        # A client's own AWS headers must not ride along with our signature.
+        remove = ["anthropic-version", "anthropic-beta", "x-amz-content-sha256", "x-amz-target"]
+        if "x-amz-security-token" not in headers:
+            remove.append("x-amz-security-token")
+        return Upstream(path, body, headers, remove=remove)
 
     def stream_decoder(self) -> StreamDecoder:
         return BedrockStreamDecoder()
