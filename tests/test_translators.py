@@ -265,7 +265,9 @@ def test_no_added_pings_for_providers_that_send_their_own() -> None:
     clock.now += 100
     out, _ = t.stream_chunk(b"event: message_start\n" + _sse({"type": "message_start", "message": {
         "model": "m", "usage": {"input_tokens": 3, "output_tokens": 1}}}), end=False)
-    assert b": ping" not in out and out.startswith(b"data: ")
+    assert b": ping" not in out and out.startswith(b"data: ")  # nothing added on the gateway's own timer
+    out, _ = t.stream_chunk(b"event: ping\n" + _sse({"type": "ping"}), end=False)
+    assert out == b": ping\n\n"  # the provider's own keep-alive reaches the OpenAI client as a comment
 
 
 # ---------------------------------------------------------------------------- Vertex tokens

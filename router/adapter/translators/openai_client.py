@@ -193,6 +193,8 @@ class ChatChunkEncoder(StreamEncoder):
                 if self._include_usage:
                     out.append(self._chunk({}, usage=chat_usage(self._usage), choices=False))
                 out.append(b"data: [DONE]\n\n")
+            elif t == "ping":  # the provider's keep-alive, as one an OpenAI client skips
+                out.append(self.ping())
             elif t == "error":
                 err = e.get("error") or {}
                 out.append(b"data: " + orjson.dumps({"error": {
