@@ -17,6 +17,7 @@ import certifi
 from ccr.config import GatewayConfig, ListenerTLS, Provider, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
+    ADAPTER_TRANSLATE_MD,
     AUTHZ_NS,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
@@ -302,7 +303,7 @@ def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
     """
     adapter = {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": _grpc_service(ADAPTER, 30.0, {ADAPTER_PROVIDER_MD: provider.name}),
+        "grpc_service": _grpc_service(ADAPTER, 30.0, {ADAPTER_PROVIDER_MD: provider.name, ADAPTER_TRANSLATE_MD: "1"}),
         "failure_mode_allow": False,
         "processing_mode": {
             "request_header_mode": "SEND",

@@ -40,6 +40,7 @@ from google.protobuf import struct_pb2
 from ccr.config import GatewayConfig, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
+    ADAPTER_TRANSLATE_MD,
     CCR_HEADER_PREFIX,
     USAGE_NOTE,
     USAGE_NS,
@@ -234,6 +235,13 @@ class _Attempt:
     whole_reply: bool = False
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return ""
+
+
 class Adapter(pb_grpc.ExternalProcessorServicer):
     def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None,
                  translating: dict[str, TranslatingProvider] | None = None) -> None:
@@ -269,6 +277,15 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             if kind == "request_headers" and self._translates(attempt, req):
                 async for resp in self._translate_attempt(attempt, req, request_iterator):
                     yield resp
+                return
+            if kind == "request_headers" and _metadata(context, ADAPTER_TRANSLATE_MD) == "1":
+                # The translate cluster serves translations only (its reply body is full duplex).
+                path = (attempt.path or "this endpoint").split("?", 1)[0]
+                msg = (f"{path} is not available for models served by provider {attempt.handler.name} "
+                       "through translation: it serves Messages calls only (/v1/messages, /v1/chat/completions, "
+                       "Bedrock invoke)")
+                yield UnavailableHandler(attempt.handler.name, msg, "ccr_adapter_not_translated", status=404,
+                                         err_type="not_found_error").on_request_headers({})
                 return
             if kind == "response_body":
                 if attempt.objects is not None and attempt.objects.wants_body():
