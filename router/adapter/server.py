@@ -17,8 +17,9 @@ The gRPC initial metadata `x-ccr-provider` names the provider of the cluster. Pe
   `usage_note` (router.usage.assess), published as soon as they move so that an
   aborted stream is logged with what it produced.
 
-Provider-specific behaviour sits behind `ProviderHandler` so that Bedrock/Vertex
-translation can slot in; only the Anthropic API is implemented.
+On a provider's translate cluster (`x-ccr-translate` metadata) it translates instead: another
+client schema or provider kind (Bedrock, Vertex, OpenAI-compatible), per attempt, with Bedrock
+and Vertex signed here (router/adapter/translate.py, router/adapter/translators/).
 """
 
 from __future__ import annotations
