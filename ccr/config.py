@@ -236,7 +236,15 @@ class AuditSettings(Strict):
 
 
 class ProviderKind(StrEnum):
-    anthropic = "anthropic"
+    anthropic = "anthropic"  # the Anthropic API: passthrough, key injected by Envoy
+    bedrock = "bedrock"  # AWS Bedrock InvokeModel: SigV4-signed by the adapter
+    vertex = "vertex"  # Google Vertex AI rawPredict: OAuth bearer from a service account, by the adapter
+    openai = "openai"  # OpenAI-compatible Chat Completions (vLLM, TGI, SGLang): translated by the adapter
+
+
+# Kinds whose requests are signed per attempt by the adapter (the signature covers the body and
+# the final URL, which Envoy's credential injector cannot compute): their secrets live there.
+ADAPTER_SIGNED = frozenset({ProviderKind.bedrock, ProviderKind.vertex})
 
 
 class Provider(Strict):
@@ -252,6 +260,49 @@ class Provider(Strict):
     emulator: bool = False
     region: str | None = None
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # bedrock: environment variables of the AWS access key pair (and session token, optional).
+    aws_access_key_id_env: str | None = None
+    aws_secret_access_key_env: str | None = None
+    aws_session_token_env: str | None = None
+    # vertex: GCP project, and the variable naming the service-account JSON key file.
+    project: str | None = None
+    service_account_file_env: str | None = None
+    # Translated providers (bedrock, vertex, openai): SSE `ping` events are added to a stream
+    # this long after the last event the client got, for agents that abort silent streams.
+    ping_interval_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # Canonical (Anthropic API) model id -> this provider's own id, where the derived one
+    # (ccr/provider_models.py) is not what it serves; or the served name of an openai server.
+    model_ids: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Provider:
+        if self.emulator and self.kind != ProviderKind.anthropic:
+            raise ValueError("emulator: true serves the Anthropic API only; point other kinds' endpoint at "
+                             "their emulator (emulators/bedrock.py, vertex.py, openai_compat.py)")
+        if self.kind == ProviderKind.bedrock and not (
+                self.region and self.aws_access_key_id_env and self.aws_secret_access_key_env):
+                raise ValueError("kind bedrock needs region, aws_access_key_id_env and aws_secret_access_key_env")
+        if self.kind == ProviderKind.vertex and not (self.region and self.project and self.service_account_file_env):
+                raise ValueError("kind vertex needs region, project and service_account_file_env")
+        if self.kind in ADAPTER_SIGNED and self.api_key_env:
+            raise ValueError(f"kind {self.kind} is signed by the adapter; api_key_env does not apply")
+        return self
+
+    @property
+    def signed_by_adapter(self) -> bool:
+        return self.kind in ADAPTER_SIGNED
+
+    @property
+    def translate_cluster(self) -> str:
+        """Every request that needs translation (a client schema or provider schema other than the
+        Anthropic API's) goes through the adapter here; for non-Anthropic kinds it is the only cluster."""
+        return f"provider_{self.name}_translate"
+
+    def cluster_for(self, client_schema: str) -> str:
+        """The cluster for a Messages-like request in `client_schema` ("anthropic", "openai", "bedrock")."""
+        if self.kind == ProviderKind.anthropic and client_schema == "anthropic":
+            return self.cluster  # passthrough: byte-faithful, no Python on the way
+        return self.translate_cluster
 
     @property
     def cluster(self) -> str:

@@ -104,6 +104,8 @@ H_REGION_HINT = "ccr-region"
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+# ... and, on the translate cluster's stream only, "1": the attempt must be a translation.
+ADAPTER_TRANSLATE_MD = "x-ccr-translate"
 
 # mTLS between the gateway's own processes (ccr/pki.py): the run's trust domain and the
 # names whose SPIFFE IDs (spiffe://<domain>/<name>) each side checks.

@@ -29,7 +29,7 @@ import yaml
 
 from ccr import db
 from ccr.audit_role import audit_role_dsn
-from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
+from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, ProviderKind, load_config
 from ccr.contract import ID_ADAPTER, ID_ENVOY, READY_METRICS
 from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
@@ -138,6 +138,15 @@ def _overload_section(overload: OverloadSettings) -> str:
     return "\n" + yaml.safe_dump({"overload_manager": overload_manager(overload)}, sort_keys=False)
 
 
+def adapter_secret_vars(p: Provider) -> list[str]:
+    """The environment variables whose secrets only the adapter gets (Bedrock and Vertex)."""
+    if p.kind == ProviderKind.bedrock:
+        return [v for v in (p.aws_access_key_id_env, p.aws_secret_access_key_env, p.aws_session_token_env) if v]
+    if p.kind == ProviderKind.vertex:
+        return [p.service_account_file_env] if p.service_account_file_env else []
+    return []
+
+
 def provider_credentials(config: GatewayConfig, source: str,
                          environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The providers' credential variables, read from `environ`; refuses a missing one.
@@ -152,6 +161,15 @@ def provider_credentials(config: GatewayConfig, source: str,
         if p.emulator:
             continue
         where = f"{source}: providers.{i} ({p.name})"
+        if p.kind != ProviderKind.anthropic:
+            # Signed kinds: the adapter's variables; openai: a key is optional (self-hosted servers).
+            for var in adapter_secret_vars(p) + ([p.api_key_env] if p.api_key_env else []):
+                if not env.get(var):
+                    problems.append(f"{where}: credential variable {var} is "
+                                    f"{'empty' if var in env else 'not set'}; export {var} before `ccr up`")
+                else:
+                    out[var] = env[var]
+            continue
         if not p.api_key_env:
             problems.append(f"{where}: no api_key_env: name the environment variable that holds its credential, "
                             "or set `emulator: true` to serve it from the built-in emulator")
@@ -367,7 +385,11 @@ class Gateway:
         for p in config.providers:
             override = runtime.upstream_overrides.get(p.name)
             var = override.api_key_env if override else p.api_key_env
+            if p.signed_by_adapter or (p.kind == ProviderKind.openai and not var):
+                continue  # signed per attempt by the adapter, or a server without a key
             value = credentials.get(var or "")
+            if value and p.kind == ProviderKind.openai:
+                value = f"Bearer {value}"  # injected as the authorization header
             if not value:  # provider_credentials refused this before anything started
                 raise ConfigError(f"provider {p.name}: no credential to hand to Envoy")
             path = write_secret(run_dir / "credentials" / f"{p.name}.json", p.name, value)
@@ -377,6 +399,10 @@ class Gateway:
     def _service_env(name: str, config: GatewayConfig) -> dict[str, str] | None:
         """Secrets go only to the process that uses them: the OIDC client secret (if any) to
         the sign-in service. Provider credentials go to no service (Envoy reads them)."""
+        if name == "adapter":
+            # Bedrock and Vertex credentials: the adapter signs those attempts, and is their only holder.
+            env = {v: os.environ[v] for p in config.providers for v in adapter_secret_vars(p) if os.environ.get(v)}
+            return env or None
         s = config.identity.signin
         if name == "signin" and s is not None and s.client_secret_env and os.environ.get(s.client_secret_env):
             return {s.client_secret_env: os.environ[s.client_secret_env]}

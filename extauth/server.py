@@ -50,6 +50,7 @@ from ccr.contract import (
     SET_HEADERS,
 )
 from ccr.logs import REQUEST_ID
+from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
@@ -330,13 +331,18 @@ class Authorizer:
         # The body as received: a view when the caller split it off the message (no copy), else
         # the message's field (one copy, as protobuf hands out bytes).
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
-        if endpoint.endpoint.model_in_body:
-            doc, text_of = json_object(body)
-            model = seen.model = model_in(doc)
+        if endpoint.endpoint.model_in_body or endpoint.endpoint.model_in_path:
+            if endpoint.endpoint.model_in_path:  # Bedrock clients: decided on the Anthropic API's id
+                model = seen.model = from_bedrock(endpoint.param("bedrock_model") or "")
+                doc, text_of = json_object(body)  # an Anthropic-shaped body: scanned like one
+            else:
+                doc, text_of = json_object(body)
+                model = seen.model = model_in(doc)
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error", f"model: {model}")
-            provider, cluster = route
+            provider = route[0]
+            cluster = self.config.provider(provider).cluster_for(endpoint.endpoint.schema)
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
 

@@ -91,6 +91,7 @@ def test_body_limits_are_raised_together() -> None:
     by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
     assert by_name.pop("provider_anthropic") == buf
     assert by_name.pop("provider_anthropic_objects") == buf
+    assert by_name.pop("provider_anthropic_translate") == limit  # the adapter gets whole request bodies
     assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
 
 
@@ -147,7 +148,7 @@ async def _ads_exchange() -> None:
                 r.Unpack(c)
                 names.add(c.name)
             assert {"ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "provider_anthropic",
-                    "provider_anthropic_objects"} == names
+                    "provider_anthropic_objects", "provider_anthropic_translate"} == names
             v1 = cds.version_info
             # ACK, then subscribe to LDS and RDS.
             await reqs.put(discovery_pb2.DiscoveryRequest(type_url=CDS, version_info=v1,
