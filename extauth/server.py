@@ -104,6 +104,18 @@ def json_object(body: Buffer) -> tuple[dict[str, Any], TextOf]:
     return doc, text_of
 
 
+def _as_anthropic(doc: dict[str, Any]) -> dict[str, Any]:
+    """A Chat Completions body as the Messages request it becomes; a body that cannot become one
+    is refused here, before policy, with the translator's reason."""
+    from router.adapter.translators.base import TranslationError
+    from router.adapter.translators.openai_client import to_anthropic
+
+    try:
+        return to_anthropic(doc)[0]
+    except TranslationError as e:
+        raise Deny(400, "invalid_request_error", str(e)) from None
+
+
 def model_in(doc: dict[str, Any]) -> str:
     model = doc.get("model")
     if model is None:
@@ -338,6 +350,10 @@ class Authorizer:
             else:
                 doc, text_of = json_object(body)
                 model = seen.model = model_in(doc)
+                if endpoint.endpoint.schema == "openai":
+                    # Policy, PII scanning and ceilings see one shape: the Anthropic request the
+                    # adapter will send (tool calls become tool_use blocks, tool messages tool_result).
+                    doc = _as_anthropic(doc)
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error", f"model: {model}")
