@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from audit.entry import MalformedEntry, entry_to_row
+from audit.ledger import SpendRecorder
 from audit.writer import RequestLogWriter
 from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
@@ -17,8 +19,9 @@ log = logging.getLogger("ccr.audit")
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, writer: RequestLogWriter) -> None:
+    def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None) -> None:
         self.writer = writer
+        self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
 
     async def StreamAccessLogs(  # noqa: N802 - gRPC method name
         self,
@@ -46,9 +49,16 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
+                if self.spend is not None:  # spend seam (issue 8): cost, ledger row, settlement
+                    try:
+                        await self.spend.on_entry(entry)
+                    except Exception:
+                        log.exception("spend accounting failed for request_id=%r", entry.request.request_id)
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
         # its rows are committed, so a closed stream means a written log.
         await self.writer.flush()
+        if self.spend is not None:
+            await self.spend.flush()
         if skipped:
             log.warning("access log stream ended; %d malformed entries skipped", skipped)
         return als_pb2.StreamAccessLogsResponse()
@@ -59,5 +69,16 @@ async def setup(
 ) -> Callable[[], Awaitable[None]]:
     writer = RequestLogWriter(runtime.postgres_dsn)
     writer.start()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer), server)
-    return writer.stop
+    spend = None
+    if config.spend.enabled:
+        spool = Path(runtime.config_path).resolve().parent / config.storage.data_dir / config.spend.spool_dir
+        spend = SpendRecorder(config, runtime.postgres_dsn, runtime.redis_url, spool)
+        spend.start()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer, spend), server)
+
+    async def stop() -> None:
+        await writer.stop()
+        if spend is not None:
+            await spend.stop()
+
+    return stop

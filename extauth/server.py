@@ -28,6 +28,7 @@ from ccr.contract import (
     AUTHZ_DECISION_ID,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
+    AUTHZ_SPEND,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -56,6 +57,7 @@ from extauth.pii import Finding, TextOf, scan
 from extauth.policy import Decision, PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
+from extauth.spend import WorstCase
 from extauth.wire import split_check
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,8 @@ def _with_decision(message: str, decision_id: str | None) -> str:
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "pii", "principal")
+    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "model", "path", "pii", "principal",
+                 "spend")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -154,6 +157,7 @@ class _Seen:
         self.decision: Decision | None = None  # the policy's answer, once it ran
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
+        self.spend: str | None = None  # AUTHZ_SPEND: the worst-case cost to reserve (extauth/spend.py)
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -183,6 +187,8 @@ class Authorizer:
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
+        # Budget reservations (issue 8): None when spend is off.
+        self.worst_case = WorstCase(config) if config.spend.enabled else None
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -212,12 +218,15 @@ class Authorizer:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
-        if did is not None:
+        if did is not None or seen.spend is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
                 resp = own
-            resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if did is not None:
+                resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if seen.spend is not None:  # per request: the worst case depends on the body
+                resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = seen.spend
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
@@ -289,6 +298,8 @@ class Authorizer:
         if not decision.allow:
             raise Deny(403, "permission_error", decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider)
+        if self.worst_case is not None:
+            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster

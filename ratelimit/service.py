@@ -42,6 +42,7 @@ from ccr.contract import RL_DOMAIN as DOMAIN
 from ccr.contract import RL_PRINCIPAL_KEY
 from ccr.errors import error_body
 from ccr.runtime import Runtime
+from ratelimit import spend
 
 log = logging.getLogger("ccr.ratelimit")
 
@@ -243,14 +244,18 @@ def _over_limit_reply(limit: int, unit: int, retry_after: int,
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, spend_gate: spend.SpendGate | None = None) -> None:
         self.limiter = limiter
+        self.spend_gate = spend_gate
 
     def ShouldRateLimit(  # noqa: N802 - gRPC method name
         self, request: rls_pb2.RateLimitRequest, context: grpc.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         if not request.descriptors:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rate limit request has no descriptors")
+        # --- spend seam (issue 8): budget reservations have their own domain; ratelimit/spend.py ---
+        if spend.is_spend_request(request):
+            return spend.serve(self.spend_gate, request, context)
         try:
             return self.limiter.should_rate_limit(request)
         except (RedisError, OSError) as e:
@@ -286,7 +291,8 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
         # Keep serving: requests fail UNAVAILABLE until Redis is back, and Envoy denies meanwhile.
         log.warning("redis at start-up not reachable (%s); will answer UNAVAILABLE until it is", e)
     limiter = RateLimiter(client, config.limits.requests_per_minute)
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
+    gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # spend seam (issue 8)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, gate), server)
 
     def cleanup() -> None:
         client.close()

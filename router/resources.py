@@ -18,6 +18,7 @@ from ccr.config import GatewayConfig, ListenerTLS, Provider
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     AUTHZ_NS,
+    AUTHZ_SPEND,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
@@ -27,7 +28,11 @@ from ccr.contract import (
     ID_ENVOY,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
+    RL_REQUEST_ID_KEY,
+    RL_SPEND_KEY,
     SIGNIN_PREFIX,
+    SPEND_DOMAIN,
+    SPEND_STAGE,
     USAGE_NS,
 )
 from ccr.credentials import secret_name
@@ -322,8 +327,36 @@ def _api_route(config: GatewayConfig) -> Json:
             "actions": [{"request_headers": {"header_name": H_PRINCIPAL_ID, "descriptor_key": RL_PRINCIPAL_KEY}}],
             # The principal's own requests-per-minute, decided by extauth.
             "limit": {"dynamic_metadata": {"metadata_key": {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}}},
-        }],
+        }, *spend_rate_limits(config)],
     }
+
+
+def spend_rate_limits(config: GatewayConfig) -> list[Json]:
+    """The spend descriptor (issue 8; ratelimit/spend.py): extauth's worst case and budget subjects, with
+    the gateway's request id to settle by. Absent AUTHZ_SPEND (count_tokens, GETs): no descriptor, no call."""
+    if not config.spend.enabled:
+        return []
+    return [{"stage": SPEND_STAGE, "actions": [
+        {"metadata": {"descriptor_key": RL_SPEND_KEY, "source": "DYNAMIC",
+                      "metadata_key": {"key": AUTHZ_NS, "path": [{"key": AUTHZ_SPEND}]}}},
+        {"request_headers": {"header_name": H_REQUEST_ID, "descriptor_key": RL_REQUEST_ID_KEY}},
+    ]}]
+
+
+def spend_filter(config: GatewayConfig) -> list[Json]:
+    """A second rate limit filter for budgets: its own stage and domain, and 402 (billing_error) when a
+    hard budget has no room; the request limits' 429 stay as they are."""
+    if not config.spend.enabled:
+        return []
+    return [{"name": "ccr.spend", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        "domain": SPEND_DOMAIN,
+        "stage": SPEND_STAGE,
+        "timeout": "2s",
+        "failure_mode_deny": not config.services.failure_mode_allow,
+        "rate_limited_status": {"code": 402},
+        "rate_limit_service": {"transport_api_version": "V3", "grpc_service": _grpc_service(RATELIMIT, 2.0)},
+    }}]
 
 
 def _endpoint_match(e: Endpoint) -> Json:
@@ -529,6 +562,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "rate_limit_service": {"transport_api_version": "V3",
                                        "grpc_service": _grpc_service(RATELIMIT, 2.0)},
             }},
+            *spend_filter(config),
             _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.router.v3.Router",
