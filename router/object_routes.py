@@ -38,5 +38,5 @@ def per_filter_config(api_route: Json, e: Endpoint) -> Json:
     # The filter's own rate limits have no stage (the filter's stage, 0, applies).
     limits = [{**{k: v for k, v in rl.items() if k != "stage"},
                "hits_addend": {"format": f"%REQ({H_BATCH_REQUESTS})%"}}
-              for rl in api_route.get("rate_limits", ())]
+              for rl in api_route.get("rate_limits", ()) if rl.get("stage", 0) == 0]  # not the spend stage
     return {**authz, RATELIMIT_FILTER: {"@type": RATELIMIT_PER_ROUTE, "rate_limits": limits}}
