@@ -295,6 +295,8 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, gate), server)
 
     def cleanup() -> None:
+        if gate is not None:
+            gate.close()  # spend seam (issue 8)
         client.close()
         client.connection_pool.disconnect()
 

@@ -143,14 +143,22 @@ class BudgetSource:
         self._thread.start()
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.refresh_s):
             try:
                 self.load_once()
+                if failing:
+                    log.info("budgets readable again")
+                failing = False
             except (psycopg.Error, OSError) as e:
-                log.warning("budgets refresh failed, keeping the last good set: %s", e)
+                if not failing:  # once per outage, not once per refresh
+                    log.warning("budgets refresh failed, keeping the last good set: %s", e)
+                failing = True
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 def _rfc3339(epoch: float) -> str:
@@ -165,6 +173,12 @@ def _describe(b: Budget, seat: str) -> str:
 
 
 class SpendGate:
+    def close(self) -> None:
+        self.budgets.stop()
+        with self._pg_lock:
+            if self._pg is not None:
+                self._pg.close()
+
     def __init__(self, client: redis.Redis, dsn: str, settings: SpendSettings, budgets: BudgetSource,
                  clock: Callable[[], float] = time.time) -> None:
         self.redis = client

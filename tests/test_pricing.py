@@ -79,7 +79,8 @@ def _ts(s: str) -> int:
 def test_calendar_periods_utc_and_zoned() -> None:
     now = _ts("2026-11-26T10:00:00+00:00")  # a Thursday
     d = window(Period.DAY, "UTC", now)
-    assert (d.label, d.start, d.end) == ("2026-11-26", _ts("2026-11-26T00:00:00+00:00"), _ts("2026-11-27T00:00:00+00:00"))
+    assert (d.label, d.start, d.end) == ("2026-11-26", _ts("2026-11-26T00:00:00+00:00"),
+                                         _ts("2026-11-27T00:00:00+00:00"))
     w = window(Period.WEEK, "UTC", now)
     assert (w.start, w.end) == (_ts("2026-11-23T00:00:00+00:00"), _ts("2026-11-30T00:00:00+00:00"))  # Monday
     m = window(Period.MONTH, "UTC", _ts("2026-12-31T23:59:59+00:00"))

@@ -180,10 +180,12 @@ def test_ledger_rows_settlement_and_threshold_alerts(tmp_path: Path, dsn: str, r
         ])
         rows = ledger(dsn, key)
         assert rows[f"{key}-cache"]["cost_micro_usd"] == 30 + 150 + 750 + 600 + 300
-        assert (rows[f"{key}-cache"]["cache_write_5m_tokens"], rows[f"{key}-cache"]["cache_write_1h_tokens"]) == (200, 100)
+        cache = rows[f"{key}-cache"]
+        assert (cache["cache_write_5m_tokens"], cache["cache_write_1h_tokens"]) == (200, 100)
         assert rows[f"{key}-unknown"]["cost_micro_usd"] == 777
         assert rows[f"{key}-free"]["cost_micro_usd"] == 0
-        assert rows[f"{key}-refused"]["cost_micro_usd"] == 0 and rows[f"{key}-refused"]["usage_status"] == "not_forwarded"
+        refused = rows[f"{key}-refused"]
+        assert refused["cost_micro_usd"] == 0 and refused["usage_status"] == "not_forwarded"
         assert rows[f"{key}-0"]["groups"] == ["eng", "ops"]
     assert len(hook.posts) == 3
 
