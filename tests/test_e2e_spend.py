@@ -1,0 +1,122 @@
+"""Budgets end to end: real Envoy, extauth, ratelimit, the emulator, the access log, PostgreSQL, Redis,
+driven by the anthropic SDK. Reserve at admission, 402 naming the budget, count_tokens never blocked,
+settlement to the metered cost, the ledger row, the soft-budget warning header."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import psycopg
+import pytest
+import redis
+
+from ccr.budgets import Budget, Period, SubjectKind, counter_key, set_budget, window
+from ccr.contract import H_BUDGET, H_BUDGET_WARNING
+from ccr.supervisor import Gateway
+from extauth.keys import create_key
+from tests.harness import log_row, running_gateway
+
+MODEL = "claude-sonnet-4-6"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["spend"] = {"refresh_s": 0.1}
+
+    with running_gateway(tmp_path_factory.mktemp("gw"), edit) as g:
+        yield g
+
+
+def _key(gw: Gateway, budget_usd_micro: int, mode: str = "hard") -> tuple[str, Budget]:
+    assert gw.runtime is not None
+    dsn = gw.runtime.postgres_dsn
+    rec, secret = create_key(dsn, f"spend-{uuid.uuid4().hex[:6]}", ["default"])
+    b = Budget(f"b-{rec.id}", SubjectKind.KEY, rec.id, Period.DAY, budget_usd_micro, mode=mode)
+    with psycopg.connect(dsn) as conn:
+        set_budget(conn, b, "test")
+    return secret, b
+
+
+def _client(gw: Gateway, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+
+
+def ledger(dsn: str, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        while True:
+            cur.execute("SELECT * FROM spend_ledger WHERE request_id = %s", (request_id,))
+            row = cur.fetchone()
+            if row is not None:
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no spend_ledger row for {request_id}")
+            time.sleep(0.05)
+
+
+def test_a_hard_budget_refuses_with_402_naming_it_and_count_tokens_still_passes(gw: Gateway) -> None:
+    key, b = _key(gw, 1_000)  # $0.001: less than any request's worst case
+    c = _client(gw, key)
+    # Wait until the ratelimit service has the budget: a request then is refused.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.messages.create(model=MODEL, max_tokens=64, messages=HELLO)
+        except anthropic.APIStatusError as e:
+            err = e
+            break
+        assert time.monotonic() < deadline, "the budget never applied"
+        time.sleep(0.05)
+    assert err.status_code == 402
+    body = err.response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "billing_error"
+    assert b.name in body["error"]["message"] and "resets at" in body["error"]["message"]
+    assert err.response.headers[H_BUDGET] == b.name and int(err.response.headers["retry-after"]) >= 1
+    # count_tokens is never blocked by a budget.
+    n = c.messages.count_tokens(model=MODEL, messages=HELLO)
+    assert n.input_tokens > 0
+    assert gw.runtime is not None
+    row = log_row(gw.runtime.postgres_dsn, err.response.headers["x-request-id"])
+    assert row["status"] == 402 and row["usage_status"] == "not_forwarded"
+
+
+def test_admitted_requests_settle_to_their_metered_cost(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    dsn = gw.runtime.postgres_dsn
+    key, b = _key(gw, 5_000_000)  # $5
+    c = _client(gw, key)
+    with c.messages.stream(model=MODEL, max_tokens=256, messages=HELLO) as s:
+        msg = s.get_final_message()
+        rid = s.response.headers["x-request-id"]
+    row = ledger(dsn, rid)
+    u = msg.usage
+    expected = -(-(u.input_tokens * 3_000_000 + u.output_tokens * 15_000_000) // 1_000_000)
+    assert row["cost_micro_usd"] == expected > 0
+    assert row["model"] == MODEL and row["key_id"] == b.subject and row["usage_status"] == "complete"
+    assert row["reserved_micro_usd"] is not None and row["reserved_micro_usd"] >= row["cost_micro_usd"]
+    r = redis.Redis.from_url(gw.runtime.redis_url)
+    ckey = counter_key(b, "", window(Period.DAY, "UTC", float(r.time()[0])))
+    deadline = time.monotonic() + 10
+    while int(r.get(ckey) or 0) != expected:  # settled: reserved worst case -> actual cost
+        assert time.monotonic() < deadline, f"counter {r.get(ckey)!r}, expected {expected}"
+        time.sleep(0.05)
+
+
+def test_a_soft_budget_admits_with_a_warning_header(gw: Gateway) -> None:
+    key, b = _key(gw, 1_000, mode="soft")
+    c = _client(gw, key)
+    deadline = time.monotonic() + 10
+    while True:
+        raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=32, messages=HELLO)
+        if H_BUDGET_WARNING in raw.headers:
+            break
+        assert time.monotonic() < deadline, "no warning header"
+        time.sleep(0.05)
+    assert raw.status_code == 200 and b.name in raw.headers[H_BUDGET_WARNING]
+    assert raw.parse().content[0].text
