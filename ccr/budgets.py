@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ class Period(StrEnum):
     MONTH = "month"
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # as the budgets table's CHECK
 POOLED = (SubjectKind.TENANT, SubjectKind.GROUP)  # kinds that must say shared or per_seat
 
 
@@ -56,6 +58,8 @@ class Budget:
     timezone: str | None = None  # None: spend.timezone
 
     def __post_init__(self) -> None:
+        if not NAME.match(self.name):
+            raise ValueError(f"budget name {self.name!r}: letters, digits and _.:- only (at most 128)")
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"mode must be hard or soft, got {self.mode!r}")
         if self.on_redis_down not in ("open", "closed"):

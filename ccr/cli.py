@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_parser("schema", help="print the config's JSON Schema")
 
     add_policy_why(sub)
+    from ccr import spend_cli
+
+    spend_cli.add_parsers(sub, _dsn, _actor)
     return ap
 
 
