@@ -117,3 +117,8 @@ H_BUDGET_RESET = "ccr-budget-reset"
 # Anthropic usage object's cache_creation.ephemeral_5m_input_tokens / ephemeral_1h_input_tokens.
 USAGE_CACHE_5M = "cache_creation_5m_input_tokens"
 USAGE_CACHE_1H = "cache_creation_1h_input_tokens"
+USAGE_CACHE_SPLIT = (USAGE_CACHE_5M, USAGE_CACHE_1H)
+# Where the provider gives them: usage.cache_creation.<these>, in the order of USAGE_CACHE_SPLIT.
+USAGE_CACHE_SPLIT_SOURCE = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
+# Every count a meter publishes in USAGE_NS (the split is 0 when the provider gave none).
+USAGE_METERED_FIELDS = USAGE_TOKEN_FIELDS + USAGE_CACHE_SPLIT
