@@ -10,15 +10,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import grpc
 import psycopg
 import pytest
 import redis
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from ccr.budgets import Budget, Period, SubjectKind, counter_key, set_budget, window
-from ccr.contract import H_BUDGET, H_BUDGET_WARNING
+from ccr.contract import H_BUDGET, H_BUDGET_WARNING, SPEND_RESERVED
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests.harness import log_row, running_gateway
+from tests.test_spend_admission import spend_req
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -40,7 +43,20 @@ def _key(gw: Gateway, budget_usd_micro: int, mode: str = "hard") -> tuple[str, B
     b = Budget(f"b-{rec.id}", SubjectKind.KEY, rec.id, Period.DAY, budget_usd_micro, mode=mode)
     with psycopg.connect(dsn) as conn:
         set_budget(conn, b, "test")
+    _until_in_force(gw, rec.id)
     return secret, b
+
+
+def _until_in_force(gw: Gateway, key_id: str) -> None:
+    """The ratelimit service re-reads budgets every refresh_s: ask it (a zero reservation, which
+    moves no counter) until a budget applies to the key."""
+    assert gw.runtime is not None and gw.runtime.ratelimit is not None
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(gw.runtime.ratelimit) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        while SPEND_RESERVED not in stub.ShouldRateLimit(spend_req(0, principal=key_id)).dynamic_metadata.fields:
+            assert time.monotonic() < deadline, "the budget never came into force"
+            time.sleep(0.05)
 
 
 def _client(gw: Gateway, key: str) -> anthropic.Anthropic:
@@ -63,16 +79,9 @@ def ledger(dsn: str, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
 def test_a_hard_budget_refuses_with_402_naming_it_and_count_tokens_still_passes(gw: Gateway) -> None:
     key, b = _key(gw, 1_000)  # $0.001: less than any request's worst case
     c = _client(gw, key)
-    # Wait until the ratelimit service has the budget: a request then is refused.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            c.messages.create(model=MODEL, max_tokens=64, messages=HELLO)
-        except anthropic.APIStatusError as e:
-            err = e
-            break
-        assert time.monotonic() < deadline, "the budget never applied"
-        time.sleep(0.05)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.messages.create(model=MODEL, max_tokens=64, messages=HELLO)
+    err = e.value
     assert err.status_code == 402
     body = err.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "billing_error"
@@ -111,12 +120,50 @@ def test_admitted_requests_settle_to_their_metered_cost(gw: Gateway) -> None:
 def test_a_soft_budget_admits_with_a_warning_header(gw: Gateway) -> None:
     key, b = _key(gw, 1_000, mode="soft")
     c = _client(gw, key)
-    deadline = time.monotonic() + 10
-    while True:
-        raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=32, messages=HELLO)
-        if H_BUDGET_WARNING in raw.headers:
-            break
-        assert time.monotonic() < deadline, "no warning header"
-        time.sleep(0.05)
+    raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=32, messages=HELLO)
     assert raw.status_code == 200 and b.name in raw.headers[H_BUDGET_WARNING]
     assert raw.parse().content[0].text
+
+
+def _counter(gw: Gateway, b: Budget) -> tuple[redis.Redis, str]:
+    assert gw.runtime is not None
+    r = redis.Redis.from_url(gw.runtime.redis_url)
+    return r, counter_key(b, "", window(Period.DAY, "UTC", float(r.time()[0])))
+
+
+def _wait_counter(r: redis.Redis, key: str, want: int) -> None:
+    deadline = time.monotonic() + 10
+    while int(r.get(key) or 0) != want:
+        assert time.monotonic() < deadline, f"counter {r.get(key)!r}, expected {want}"
+        time.sleep(0.05)
+
+
+def test_a_failed_request_releases_its_reservation(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    key, b = _key(gw, 5_000_000)
+    c = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, default_headers={"x-emulator-fault": "529"})
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.messages.create(model=MODEL, max_tokens=1000, messages=HELLO)
+    assert e.value.status_code == 529
+    row = ledger(gw.runtime.postgres_dsn, e.value.response.headers["x-request-id"])
+    assert row["cost_micro_usd"] == 0 and row["reserved_micro_usd"] > 15_000  # 1000 output tokens reserved
+    r, ckey = _counter(gw, b)
+    _wait_counter(r, ckey, 0)  # released
+
+
+def test_an_aborted_stream_is_billed_for_what_it_produced(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    key, b = _key(gw, 5_000_000)
+    c = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0,
+                            default_headers={"x-emulator-fault": "midstream-error", "x-emulator-output-tokens": "200"})
+    with pytest.raises(anthropic.APIStatusError), c.messages.stream(  # noqa: PT012
+            model=MODEL, max_tokens=500, messages=HELLO) as stream:
+        rid = stream.response.headers["x-request-id"]
+        for _ in stream:
+            pass
+    row = ledger(gw.runtime.postgres_dsn, rid)
+    assert row["usage_status"] == "estimated" and row["output_tokens"] > 0
+    expected = -(-(row["input_tokens"] * 3_000_000 + row["output_tokens"] * 15_000_000) // 1_000_000)
+    assert 0 < row["cost_micro_usd"] == expected < row["reserved_micro_usd"]
+    r, ckey = _counter(gw, b)
+    _wait_counter(r, ckey, expected)
