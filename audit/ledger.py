@@ -7,8 +7,8 @@ For every final access-log entry of an authorized request (AUTHZ_NS carries prin
 - a `spend_ledger` row (LedgerWriter): batched inserts, idempotent by request id; a batch
   PostgreSQL does not take is written to a spool file (fsync'd, then its directory) and replayed
   until it is in, so a row is never dropped (also across restarts: start() replays what is left);
-- settlement (Settler): one Lua script moves every counter the reservation named by
-  (actual - reserved), deletes the reservation and marks the request settled (a retried
+- settlement (Settler), once the request's ledger row is durable: one Lua script moves every
+  counter the reservation named by (actual - reserved), deletes the reservation and marks the request settled (a retried
   settlement is a no-op); threshold alerts (spend.alert_thresholds) are claimed in the same
   script with SET NX, once per counter (budget, seat, period) and threshold, and POSTed to
   spend.webhook_url.
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,9 +267,12 @@ class LedgerWriter:
         self.spool = spool
         self.batch_max = batch_max
         self.replay_every_s = replay_every_s
-        self._queue: asyncio.Queue[tuple[Any, ...] | asyncio.Future[None]] = asyncio.Queue(queue_max)
+        self._queue: asyncio.Queue[tuple[tuple[Any, ...] | None, Settlement | None] | asyncio.Future[None]] = \
+            asyncio.Queue(queue_max)
         self._conn: psycopg.AsyncConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Called with the settlements of each batch once its rows are durable.
+        self.after_write: Callable[[list[Settlement]], Awaitable[None]] | None = None
         self.written = 0
         self.spooled = 0
         self.replayed = 0
@@ -277,8 +281,8 @@ class LedgerWriter:
         self._tasks = [asyncio.create_task(self._run(), name="ledger_writer"),
                        asyncio.create_task(self._replay_loop(), name="ledger_spool_replay")]
 
-    async def put(self, row: tuple[Any, ...]) -> None:
-        await self._queue.put(row)
+    async def put(self, row: tuple[Any, ...] | None, settlement: Settlement | None = None) -> None:
+        await self._queue.put((row, settlement))
 
     async def flush(self) -> None:
         """Return once every row put before this call is committed or spooled (durable either way)."""
@@ -298,18 +302,27 @@ class LedgerWriter:
     async def _run(self) -> None:
         while True:
             batch: list[tuple[Any, ...]] = []
+            after: list[Settlement] = []
             waiters: list[asyncio.Future[None]] = []
             item = await self._queue.get()
             while True:
                 if isinstance(item, asyncio.Future):
                     waiters.append(item)
                     break
-                batch.append(item)
+                row, settlement = item
+                if row is not None:
+                    batch.append(row)
+                if settlement is not None:
+                    after.append(settlement)
                 if len(batch) >= self.batch_max or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
             if batch:
                 await self._write(batch)
+            # Settled only once their rows are durable (committed or spooled): a counter rebuilt
+            # from the ledger after Redis lost its data then never misses a settled request.
+            if after and self.after_write is not None:
+                await self.after_write(after)
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -454,15 +467,18 @@ class SpendRecorder:
         self.settler = Settler(redis_url, s.alert_thresholds, s.webhook_url)
 
     def start(self) -> None:
+        self.ledger.after_write = self._settle_all
         self.ledger.start()
         self.settler.start()
 
+    async def _settle_all(self, settlements: list[Settlement]) -> None:
+        for s in settlements:
+            await self.settler.settle(s)
+
     async def on_entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> None:
         row, settlement = self.spend.of_entry(e)
-        if row is not None:
-            await self.ledger.put(row)
-        if settlement is not None:
-            await self.settler.settle(settlement)
+        if row is not None or settlement is not None:
+            await self.ledger.put(row, settlement)
 
     async def flush(self) -> None:
         await self.ledger.flush()
