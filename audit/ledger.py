@@ -43,6 +43,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_NS,
     AUTHZ_SPEND,
+    AUTHZ_SPEND_WORST,
     RATELIMIT_NS,
     SPEND_COUNTERS,
     SPEND_RESERVED,
@@ -145,9 +146,9 @@ class Spend:
             return None, None
         rl = _namespace(common.metadata, RATELIMIT_NS)
         reserved = _count(rl, SPEND_RESERVED) if SPEND_RESERVED in rl else None
-        worst = None
+        worst = _count(authz, AUTHZ_SPEND_WORST) if AUTHZ_SPEND_WORST in authz else None
         spend_text = _text(authz, AUTHZ_SPEND)
-        if spend_text:
+        if worst is None and spend_text:
             with contextlib.suppress(ValueError):
                 worst = parse_spend_facts(spend_text)[0]
         usage = _namespace(common.metadata, USAGE_NS)

@@ -98,6 +98,10 @@ SPEND_STAGE = 1
 # worst-case cost and who it is charged to. {"v": 1, "r": micro-USD, "p": principal id,
 # "pk": principal kind, "k": key id, "g": [groups], "t": tenant, "w": SPIFFE ID, "m": model}.
 AUTHZ_SPEND = "spend"
+# Key in AUTHZ_NS (a number, Messages creates only): the worst-case micro-USD, also when no budget
+# applies (then AUTHZ_SPEND is absent and nothing is reserved); the ledger charges it when the
+# usage of a forwarded request cannot be read.
+AUTHZ_SPEND_WORST = "spend_worst"
 # Descriptor entries of the spend descriptor: the AUTHZ_SPEND string and the gateway's request id.
 RL_SPEND_KEY = "spend"
 RL_REQUEST_ID_KEY = "request_id"

@@ -29,6 +29,7 @@ from ccr.contract import (
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     AUTHZ_SPEND,
+    AUTHZ_SPEND_WORST,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -57,7 +58,7 @@ from extauth.pii import Finding, TextOf, scan
 from extauth.policy import Decision, PolicyEngine
 from extauth.principal import Principal
 from extauth.sessions import session_verifier
-from extauth.spend import WorstCase
+from extauth.spend import BudgetSubjects, WorstCase
 from extauth.wire import split_check
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class _Seen:
         self.decision: Decision | None = None  # the policy's answer, once it ran
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
-        self.spend: str | None = None  # AUTHZ_SPEND: the worst-case cost to reserve (extauth/spend.py)
+        # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
+        self.spend: tuple[int, str | None] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -226,7 +228,10 @@ class Authorizer:
             if did is not None:
                 resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
             if seen.spend is not None:  # per request: the worst case depends on the body
-                resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = seen.spend
+                worst, spend = seen.spend
+                resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
+                if spend is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
@@ -490,6 +495,11 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     await decisions.start()
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects,
                             decisions)
+    budget_subjects = None
+    if authorizer.worst_case is not None:  # spend (issue 8): reserve only where a budget may apply
+        budget_subjects = BudgetSubjects(runtime.postgres_dsn, config.spend.refresh_s)
+        await budget_subjects.start()
+        authorizer.worst_case.subjects = budget_subjects
     AuthorizationServicer(authorizer).add_to(server)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
@@ -507,6 +517,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         if oidc is not None:
             await oidc.close()
         await objects.close()
+        if budget_subjects is not None:
+            await budget_subjects.close()
         await decisions.close()  # flushes the queued decisions
         authorizer.policy.close()
 

@@ -10,18 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
-import grpc
+import httpx
 import psycopg
 import pytest
 import redis
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from ccr.budgets import Budget, Period, SubjectKind, counter_key, set_budget, window
-from ccr.contract import H_BUDGET, H_BUDGET_WARNING, SPEND_RESERVED
+from ccr.contract import H_BUDGET, H_BUDGET_WARNING
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests.harness import log_row, running_gateway
-from tests.test_spend_admission import spend_req
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -43,20 +41,24 @@ def _key(gw: Gateway, budget_usd_micro: int, mode: str = "hard") -> tuple[str, B
     b = Budget(f"b-{rec.id}", SubjectKind.KEY, rec.id, Period.DAY, budget_usd_micro, mode=mode)
     with psycopg.connect(dsn) as conn:
         set_budget(conn, b, "test")
-    _until_in_force(gw, rec.id)
+    _until_in_force(gw, secret, mode == "hard")
     return secret, b
 
 
-def _until_in_force(gw: Gateway, key_id: str) -> None:
-    """The ratelimit service re-reads budgets every refresh_s: ask it (a zero reservation, which
-    moves no counter) until a budget applies to the key."""
-    assert gw.runtime is not None and gw.runtime.ratelimit is not None
+def _until_in_force(gw: Gateway, key: str, hard: bool) -> None:
+    """extauth and ratelimit re-read budgets every refresh_s: probe through the gateway until the new
+    budget is in force. The probe is refused by the provider (no messages: 400, bills nothing) unless
+    the budget refuses it first (hard: 402) or warns (soft: the header)."""
+    probe = {"model": MODEL, "max_tokens": 10**8, "messages": []}
     deadline = time.monotonic() + 10
-    with grpc.insecure_channel(gw.runtime.ratelimit) as ch:
-        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
-        while SPEND_RESERVED not in stub.ShouldRateLimit(spend_req(0, principal=key_id)).dynamic_metadata.fields:
-            assert time.monotonic() < deadline, "the budget never came into force"
-            time.sleep(0.05)
+    while True:
+        r = httpx.post(f"{gw.url}/v1/messages", json=probe, timeout=30,
+                       headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+        if (r.status_code == 402) if hard else (H_BUDGET_WARNING in r.headers):
+            return
+        assert r.status_code == 400, r.text
+        assert time.monotonic() < deadline, "the budget never came into force"
+        time.sleep(0.05)
 
 
 def _client(gw: Gateway, key: str) -> anthropic.Anthropic:
