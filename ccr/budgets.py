@@ -105,7 +105,8 @@ class Facts:
 
 
 def parse_spend_facts(text: str) -> tuple[int, Facts, str | None]:
-    """(worst-case micro-USD, facts, model) from extauth's AUTHZ_SPEND string; ValueError if malformed."""
+    """(worst-case micro-USD, facts, model) from extauth's AUTHZ_SPEND string; ValueError if malformed.
+    A `"c": 1` (charge only) is read by charge_only()."""
     d = json.loads(text)
     if not isinstance(d, dict) or d.get("v") != 1:
         raise ValueError(f"{AUTHZ_SPEND}: not a version-1 object")
@@ -124,8 +125,15 @@ def parse_spend_facts(text: str) -> tuple[int, Facts, str | None]:
     return r, Facts(p, opt("pk"), opt("k"), tuple(g), opt("t"), opt("w")), opt("m")
 
 
-def spend_facts_json(reserve_micro: int, f: Facts, model: str | None) -> str:
+def charge_only(text: str) -> bool:
+    """Whether the request is charged to its budgets but never refused (batch results: spent already)."""
+    return '"c":1' in text
+
+
+def spend_facts_json(reserve_micro: int, f: Facts, model: str | None, *, charge_only: bool = False) -> str:
     d: dict[str, Any] = {"v": 1, "r": reserve_micro, "p": f.principal_id, "g": list(f.groups)}
+    if charge_only:
+        d["c"] = 1
     for k, v in (("pk", f.principal_kind), ("k", f.key_id), ("t", f.tenant), ("w", f.spiffe_id), ("m", model)):
         if v is not None:
             d[k] = v

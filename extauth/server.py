@@ -159,7 +159,7 @@ class _Seen:
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
         # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
-        self.spend: tuple[int, str | None] | None = None
+        self.spend: tuple[int | None, str | None] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -229,7 +229,8 @@ class Authorizer:
                 resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
             if seen.spend is not None:  # per request: the worst case depends on the body
                 worst, spend = seen.spend
-                resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
+                if worst is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
                 if spend is not None:
                     resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
         return resp

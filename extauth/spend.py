@@ -5,7 +5,7 @@ AUTHZ_NS as `spend_worst` (a number: the ledger charges it when usage cannot be 
 budget may apply to the principal, with the principal's budget subjects as AUTHZ_SPEND (ccr/budgets.py
 spend_facts_json). Only AUTHZ_SPEND makes the route send the spend descriptor (router/resources.py),
 so a principal without any budget costs no rate limit call at all. Only `messages.create` is
-reserved: count_tokens is never blocked by a budget.
+reserved: count_tokens is never blocked by a budget. Batch results are charged (never refused).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from extauth.principal import Principal
 log = logging.getLogger(__name__)
 
 RESERVED_ENDPOINTS = frozenset({"messages.create"})
+# Batch results carry the (discounted) cost of a whole batch, metered on their first fetch: they are
+# charged to the budgets' counters (a zero reservation settled to the cost) but never refused.
+CHARGED_ENDPOINTS = frozenset({"batches.results"})
 
 
 class BudgetSubjects:
@@ -93,9 +96,14 @@ class WorstCase:
         self.subjects = subjects  # None: every principal may have a budget (always reserve)
 
     def facts(self, p: Principal, endpoint: str, model: str | None, doc: dict[str, Any] | None,
-              body_bytes: int) -> tuple[int, str | None] | None:
+              body_bytes: int) -> tuple[int | None, str | None] | None:
         """(worst-case micro-USD, AUTHZ_SPEND or None when no budget applies), or None when the
-        request reserves nothing (not a Messages create)."""
+        request reserves nothing (not a Messages create). Batch results: (None, a charge-only AUTHZ_SPEND)."""
+        if endpoint in CHARGED_ENDPOINTS:
+            if self.subjects is not None and not self.subjects.may_apply(p):
+                return None
+            f = Facts(p.id, str(p.kind), p.key_id, tuple(p.groups), p.tenant, p.spiffe_id)
+            return None, spend_facts_json(0, f, None, charge_only=True)
         if endpoint not in RESERVED_ENDPOINTS or doc is None:
             return None
         rates = self.prices.rates(model)

@@ -34,7 +34,17 @@ import redis
 from envoy.service.ratelimit.v3 import rls_pb2
 from redis.exceptions import NoScriptError, RedisError
 
-from ccr.budgets import Budget, BudgetIndex, Window, counter_key, ledger_sum, load_budgets, parse_spend_facts, window
+from ccr.budgets import (
+    Budget,
+    BudgetIndex,
+    Window,
+    charge_only,
+    counter_key,
+    ledger_sum,
+    load_budgets,
+    parse_spend_facts,
+    window,
+)
 from ccr.config import SpendSettings
 from ccr.contract import (
     H_BUDGET,
@@ -247,6 +257,7 @@ class SpendGate:
         if not request_id:
             raise ValueError("spend descriptor without a request_id")
         amount, facts, _model = parse_spend_facts(spend_text)
+        never_refuse = charge_only(spend_text)
         index = self.budgets.index
         if index is None:
             raise Unavailable("budgets not loaded yet")
@@ -254,7 +265,7 @@ class SpendGate:
         if not applicable:
             return resp
         try:
-            return self._reserve(resp, request_id, amount, applicable)
+            return self._reserve(resp, request_id, amount, applicable, never_refuse)
         except (RedisError, OSError, psycopg.Error) as e:
             closed = [b.name for b, _ in applicable if b.on_redis_down == "closed"]
             if closed:
@@ -275,14 +286,15 @@ class SpendGate:
         return out
 
     def _reserve(self, resp: rls_pb2.RateLimitResponse, request_id: str, amount: int,
-                 applicable: list[tuple[Budget, str]]) -> rls_pb2.RateLimitResponse:
+                 applicable: list[tuple[Budget, str]], never_refuse: bool = False) -> rls_pb2.RateLimitResponse:
         rkey = RESERVATION_PREFIX + request_id
         for _attempt in range(4):
             now = self.clock() + self.offset
             charges = self._charges(applicable, now)
             args: list[object] = [amount, RESERVATION_TTL_S]
             for c in charges:
-                args += [c.window.start, c.window.end, c.budget.amount_micro_usd if c.budget.hard else -1,
+                cap = c.budget.amount_micro_usd if c.budget.hard and not never_refuse else -1
+                args += [c.window.start, c.window.end, cap,
                          max(int(c.window.end - now), 1) + COUNTER_GRACE_S]
             out = self._eval(RESERVE, [rkey] + [c.key for c in charges], args)
             tag = out[0].decode() if isinstance(out[0], bytes) else out[0]

@@ -66,8 +66,9 @@ def _name() -> str:
 
 
 def spend_req(reserve: int, *, principal: str, groups: tuple[str, ...] = (), tenant: str | None = None,
-              rid: str | None = None) -> rls_pb2.RateLimitRequest:
-    facts = spend_facts_json(reserve, Facts(principal, "key", principal, groups, tenant, None), "claude-x")
+              rid: str | None = None, charge_only: bool = False) -> rls_pb2.RateLimitRequest:
+    facts = spend_facts_json(reserve, Facts(principal, "key", principal, groups, tenant, None), "claude-x",
+                             charge_only=charge_only)
     d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "spend", "value": facts},
                                                    {"key": "request_id", "value": rid or uuid.uuid4().hex}])
     return rls_pb2.RateLimitRequest(domain=SPEND_DOMAIN, descriptors=[d])
@@ -125,6 +126,13 @@ def test_200_concurrent_requests_over_two_replicas_spend_no_more_than_the_cap(
                 for i in range(7)]
         assert [m.overall_code for m in more] == [OK] * 6 + [OVER]
         assert int(r.get(key)) == 10 * W  # type: ignore[arg-type]
+        # Batch results (spent already) are charged to a full budget, never refused.
+        rid = uuid.uuid4().hex
+        charged = stubs[0].ShouldRateLimit(spend_req(0, principal="key_x", groups=(group,), rid=rid,
+                                                     charge_only=True), timeout=10)
+        assert charged.overall_code == OK
+        _settle(redis_url, [_settlement(rid, charged, 3 * W)])
+        assert int(r.get(key)) == 13 * W  # type: ignore[arg-type]
 
 
 def test_tightest_budget_wins_and_per_seat_counts_each_member(tmp_path: Path, dsn: str, redis_url: str) -> None:

@@ -43,3 +43,11 @@ def test_a_spend_descriptor_only_where_a_budget_may_apply() -> None:
         assert w.facts(p, "messages.create", "claude-x", body, 10)[1] is not None, kind  # type: ignore[index]
     subjects.subjects = frozenset({("user", "key_1")})  # a user budget never matches a key's id
     assert w.facts(KEY, "messages.create", "claude-x", body, 10)[1] is None  # type: ignore[index]
+
+
+def test_batch_results_are_charged_never_refused() -> None:
+    from ccr.budgets import charge_only, parse_spend_facts
+
+    worst, spend = WorstCase(CFG).facts(KEY, "batches.results", None, None, 0)  # type: ignore[misc]
+    assert worst is None and spend is not None and charge_only(spend) and parse_spend_facts(spend)[0] == 0
+    assert not charge_only(WorstCase(CFG).facts(KEY, "messages.create", "claude-x", {"max_tokens": 1}, 1)[1])  # type: ignore[index,arg-type]
