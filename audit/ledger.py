@@ -37,7 +37,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 from redis.exceptions import NoScriptError, RedisError
 
-from audit.entry import _FINAL_TYPES, _count, _namespace, _text
+from audit.entry import _FINAL_TYPES, _clean, _count, _namespace, _text
 from ccr.budgets import parse_spend_facts
 from ccr.config import GatewayConfig
 from ccr.contract import (
@@ -105,6 +105,8 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return out
 """
 
+# Errors one row causes by its content: retrying its batch would never succeed.
+_ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 _BILLED = frozenset({UsageStatus.COMPLETE, UsageStatus.PARTIAL, UsageStatus.ESTIMATED, UsageStatus.NOT_BILLABLE})
 _BATCH_ENDPOINTS = frozenset({"batches.results"})
 
@@ -176,12 +178,15 @@ class Spend:
         groups = [g for g in _value(groups_v)] if groups_v is not None else []
         w5 = counts[USAGE_CACHE_5M]
         w1 = counts[USAGE_CACHE_1H]
-        if w5 is None and w1 is None and counts["cache_creation_input_tokens"] is not None:
-            w1 = counts["cache_creation_input_tokens"]  # not split: priced (and listed) as 1-hour writes
+        writes = counts["cache_creation_input_tokens"]
+        if writes is not None and writes > (w5 or 0) + (w1 or 0):
+            # Writes the provider did not split are priced, and listed, as 1-hour writes.
+            w5, w1 = w5 or 0, (w1 or 0) + writes - (w5 or 0) - (w1 or 0)
         row = (
             request_id, common.start_time.ToDatetime(tzinfo=UTC), principal_id, _text(authz, "principal"),
             _text(authz, "principal_kind"), _text(authz, "key_id"), _text(authz, "tenant"),
-            [str(g) for g in groups], _text(authz, "spiffe_id"), model, endpoint, e.response.response_code.value,
+            [_clean(str(g)) for g in groups], _text(authz, "spiffe_id"), model, endpoint,
+            e.response.response_code.value,
             ustatus, counts["input_tokens"], counts["output_tokens"], w5, w1, counts["cache_read_input_tokens"],
             batch, cost, reserved,
         )
@@ -219,8 +224,9 @@ class Spool:
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("ledger-*.jsonl"))
 
-    def write(self, rows: list[tuple[Any, ...]]) -> Path:
-        final = self.dir / f"ledger-{os.getpid()}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{next(self._seq)}.jsonl"
+    def write(self, rows: list[tuple[Any, ...]], kind: str = "ledger") -> Path:
+        """`kind` ledger: replayed until PostgreSQL takes it; rejected: kept for an operator, not replayed."""
+        final = self.dir / f"{kind}-{os.getpid()}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{next(self._seq)}.jsonl"
         tmp = final.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             for r in rows:
@@ -333,9 +339,14 @@ class LedgerWriter:
             if self._conn is None or self._conn.closed:
                 self._conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="ccr-audit-ledger",
                                                                    connect_timeout=5)
-            async with self._conn.transaction(), self._conn.cursor() as cur:
-                await cur.executemany(INSERT, batch)
-            self.written += len(batch)
+            try:
+                async with self._conn.transaction(), self._conn.cursor() as cur:
+                    await cur.executemany(INSERT, batch)
+                self.written += len(batch)
+            except _ROW_ERRORS as e:
+                # A row PostgreSQL refuses by its content would block its whole batch forever.
+                log.warning("spend_ledger batch of %d rejected (%s); writing rows one by one", len(batch), e)
+                await self._write_each(batch)
         except (psycopg.Error, OSError) as e:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -345,6 +356,20 @@ class LedgerWriter:
             self.spooled += len(batch)
             log.warning("spend_ledger write failed (%s: %s); %d row(s) spooled to %s for replay",
                         type(e).__name__, e, len(batch), path)
+
+    async def _write_each(self, batch: list[tuple[Any, ...]]) -> None:
+        assert self._conn is not None
+        refused = []
+        for row in batch:
+            try:
+                async with self._conn.transaction(), self._conn.cursor() as cur:
+                    await cur.execute(INSERT, row)
+                self.written += 1
+            except _ROW_ERRORS as e:
+                log.error("spend_ledger refused request_id=%r (%s); kept in the spool's rejected file", row[0], e)
+                refused.append(row)
+        if refused:
+            await asyncio.to_thread(self.spool.write, refused, "rejected")
 
     async def _replay_loop(self) -> None:
         while True:

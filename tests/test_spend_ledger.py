@@ -210,3 +210,31 @@ def test_a_failed_ledger_write_is_spooled_durably_and_replayed(tmp_path: Path, d
             wait_until(audit, lambda: len(ledger(dsn, key)) == 6, 20, "the spool to be replayed")
             wait_until(audit, lambda: not list(spool.glob("ledger-*.jsonl")), 20, "the spool files to go")
     assert set(ledger(dsn, key)) == {f"{key}-before", *(f"{key}-during{i}" for i in range(5))}
+
+
+def test_a_row_postgresql_refuses_never_blocks_its_batch(tmp_path: Path, dsn: str) -> None:
+    import asyncio
+
+    from audit.ledger import LEDGER_COLUMNS, LedgerWriter, Spool
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+
+    def row(rid: str, cost: int) -> tuple[Any, ...]:
+        vals = {c: None for c in LEDGER_COLUMNS}
+        vals.update(request_id=rid, ts=NOW, principal_id=key, groups=[], status=200, batch=False,
+                    cost_micro_usd=cost)
+        return tuple(vals[c] for c in LEDGER_COLUMNS)
+
+    async def go() -> LedgerWriter:
+        w = LedgerWriter(dsn, Spool(tmp_path / "spool"))
+        w.start()
+        for r in (row(f"{key}-a", 1), row(f"{key}-bad", -1), row(f"{key}-b", 2)):  # -1 breaks a CHECK
+            await w.put(r)
+        await w.stop()
+        return w
+
+    w = asyncio.run(go())
+    assert set(ledger(dsn, key)) == {f"{key}-a", f"{key}-b"} and w.written == 2
+    (rejected,) = (tmp_path / "spool").glob("rejected-*.jsonl")
+    assert json.loads(rejected.read_text())["request_id"] == f"{key}-bad"
+    assert not list((tmp_path / "spool").glob("ledger-*.jsonl"))  # nothing left to replay
