@@ -169,3 +169,32 @@ def test_an_aborted_stream_is_billed_for_what_it_produced(gw: Gateway) -> None:
     assert 0 < row["cost_micro_usd"] == expected < row["reserved_micro_usd"]
     r, ckey = _counter(gw, b)
     _wait_counter(r, ckey, expected)
+
+
+def test_concurrent_requests_through_the_gateway_never_spend_past_the_cap(gw: Gateway) -> None:
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ccr.config import Price
+    from ccr.pricing import Rates, worst_case_micro
+
+    assert gw.runtime is not None
+    body = json.dumps({"model": MODEL, "max_tokens": 2000, "messages": HELLO}).encode()
+    worst = worst_case_micro(Rates.of(Price(input=3, output=15, cache_write=3.75, cache_write_1h=6, cache_read=0.3)),
+                             len(body), 2000)
+    key, b = _key(gw, 5 * worst)  # room for 5 worst cases
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(f"{gw.url}/v1/messages", content=body, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(40) as pool:
+        replies = list(pool.map(call, range(40)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 402} and codes.count(200) >= 5, codes
+    ok = [r.headers["x-request-id"] for r in replies if r.status_code == 200]
+    rows = [ledger(gw.runtime.postgres_dsn, rid) for rid in ok]
+    spent = sum(r["cost_micro_usd"] for r in rows)
+    assert 0 < spent <= b.amount_micro_usd
+    r, ckey = _counter(gw, b)
+    _wait_counter(r, ckey, spent)  # every reservation settled to its actual cost
