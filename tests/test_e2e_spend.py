@@ -4,6 +4,7 @@ settlement to the metered cost, the ledger row, the soft-budget warning header."
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,13 +17,20 @@ import pytest
 import redis
 
 from ccr.budgets import Budget, Period, SubjectKind, counter_key, set_budget, window
+from ccr.config import Price
 from ccr.contract import H_BUDGET, H_BUDGET_WARNING
+from ccr.pricing import Rates, worst_case_micro
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests.harness import log_row, running_gateway
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
+SONNET = Rates.of(Price(input=3, output=15, cache_write=3.75, cache_write_1h=6, cache_read=0.3))
+# A probe whose worst case is over every budget these tests set, inside the shipped policies'
+# standard tier (max_tokens <= 128000, request <= 32 MiB): most of its worst case is its size.
+PROBE = {"model": MODEL, "max_tokens": 128_000, "system": "x" * 1_000_000, "messages": []}
+PROBE_WORST = worst_case_micro(SONNET, len(json.dumps(PROBE)), 128_000)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +45,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def _key(gw: Gateway, budget_usd_micro: int, mode: str = "hard") -> tuple[str, Budget]:
     assert gw.runtime is not None
     dsn = gw.runtime.postgres_dsn
+    assert budget_usd_micro < PROBE_WORST  # else the probe could not see a hard budget come into force
     rec, secret = create_key(dsn, f"spend-{uuid.uuid4().hex[:6]}", ["default"])
     b = Budget(f"b-{rec.id}", SubjectKind.KEY, rec.id, Period.DAY, budget_usd_micro, mode=mode)
     with psycopg.connect(dsn) as conn:
@@ -49,10 +58,9 @@ def _until_in_force(gw: Gateway, key: str, hard: bool) -> None:
     """extauth and ratelimit re-read budgets every refresh_s: probe through the gateway until the new
     budget is in force. The probe is refused by the provider (no messages: 400, bills nothing) unless
     the budget refuses it first (hard: 402) or warns (soft: the header)."""
-    probe = {"model": MODEL, "max_tokens": 10**8, "messages": []}
     deadline = time.monotonic() + 10
     while True:
-        r = httpx.post(f"{gw.url}/v1/messages", json=probe, timeout=30,
+        r = httpx.post(f"{gw.url}/v1/messages", json=PROBE, timeout=30,
                        headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
         if (r.status_code == 402) if hard else (H_BUDGET_WARNING in r.headers):
             return
@@ -172,16 +180,11 @@ def test_an_aborted_stream_is_billed_for_what_it_produced(gw: Gateway) -> None:
 
 
 def test_concurrent_requests_through_the_gateway_never_spend_past_the_cap(gw: Gateway) -> None:
-    import json
     from concurrent.futures import ThreadPoolExecutor
-
-    from ccr.config import Price
-    from ccr.pricing import Rates, worst_case_micro
 
     assert gw.runtime is not None
     body = json.dumps({"model": MODEL, "max_tokens": 2000, "messages": HELLO}).encode()
-    worst = worst_case_micro(Rates.of(Price(input=3, output=15, cache_write=3.75, cache_write_1h=6, cache_read=0.3)),
-                             len(body), 2000)
+    worst = worst_case_micro(SONNET, len(body), 2000)
     key, b = _key(gw, 5 * worst)  # room for 5 worst cases
     headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
 
