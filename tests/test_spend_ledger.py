@@ -238,3 +238,47 @@ def test_a_row_postgresql_refuses_never_blocks_its_batch(tmp_path: Path, dsn: st
     (rejected,) = (tmp_path / "spool").glob("rejected-*.jsonl")
     assert json.loads(rejected.read_text())["request_id"] == f"{key}-bad"
     assert not list((tmp_path / "spool").glob("ledger-*.jsonl"))  # nothing left to replay
+
+
+def test_the_audit_writer_role_appends_ledger_rows_and_changes_nothing(tmp_path: Path, dsn: str) -> None:
+    """Under `ccr up` the receiver writes the ledger as ccr_audit_writer (migration 10): its rows go in,
+    directly and from the spool; it can neither change nor remove them, nor touch the budgets."""
+    import asyncio
+
+    from audit.ledger import LEDGER_COLUMNS, LedgerWriter, Spool
+    from ccr.audit_role import audit_role_dsn
+
+    role = audit_role_dsn(dsn, tmp_path / "audit.password")
+    key = f"key_{uuid.uuid4().hex[:8]}"
+
+    def row(rid: str) -> tuple[Any, ...]:
+        vals = {c: None for c in LEDGER_COLUMNS}
+        vals.update(request_id=rid, ts=NOW, principal_id=key, groups=["eng"], status=200, batch=False,
+                    cost_micro_usd=7)
+        return tuple(vals[c] for c in LEDGER_COLUMNS)
+
+    async def go() -> LedgerWriter:
+        w = LedgerWriter(role, Spool(tmp_path / "spool"))
+        w.start()
+        for r in (row(f"{key}-a"), row(f"{key}-b"), row(f"{key}-a")):  # a repeat is a no-op, not an error
+            await w.put(r)
+        await w.stop()
+        return w
+
+    w = asyncio.run(go())
+    assert w.written == 3 and w.spooled == 0
+    spool = Spool(tmp_path / "spool2")
+    spool.write([row(f"{key}-c")])
+    assert spool.replay(role) == 1
+    assert set(ledger(dsn, key)) == {f"{key}-a", f"{key}-b", f"{key}-c"}
+    with psycopg.connect(role, autocommit=True) as conn:
+        for stmt in ("UPDATE spend_ledger SET cost_micro_usd = 0 WHERE principal_id = %(k)s",
+                     "DELETE FROM spend_ledger WHERE principal_id = %(k)s",
+                     "TRUNCATE spend_ledger",
+                     "SELECT name FROM budgets",
+                     "DELETE FROM budgets",
+                     "INSERT INTO budgets (name, subject_kind, subject, period, amount_micro_usd, mode, scope,"
+                     " on_redis_down) VALUES ('x', 'key', %(k)s, 'day', 0, 'hard', 'single', 'open')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+                conn.execute(stmt, {"k": key})
+    assert set(ledger(dsn, key)) == {f"{key}-a", f"{key}-b", f"{key}-c"}
