@@ -694,8 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_why(sub)
     from audit.cli import add_parser as add_audit_parser
+    from ccr import spend_cli
 
     add_audit_parser(sub)
+    spend_cli.add_parsers(sub, _dsn, _actor)
     config_on_every_command(ap)
     return ap
 

@@ -316,11 +316,13 @@ class Provider(Strict):
 
 
 class Price(Strict):
-    """USD per million tokens."""
+    """USD per million tokens (ccr/pricing.py turns them into exact integer amounts)."""
 
     input: Annotated[float, Field(ge=0)] = 0.0
     output: Annotated[float, Field(ge=0)] = 0.0
-    cache_write: Annotated[float, Field(ge=0)] = 0.0
+    cache_write: Annotated[float, Field(ge=0)] = 0.0  # 5-minute cache writes
+    # 1-hour cache writes; None: twice `input` (Anthropic's ratio), never less than cache_write.
+    cache_write_1h: Annotated[float, Field(ge=0)] | None = None
     cache_read: Annotated[float, Field(ge=0)] = 0.0
 
 
@@ -396,6 +398,41 @@ class Limits(Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"limits.rules names must be unique; repeated: {sorted(dupes)}")
+        return self
+
+
+class SpendSettings(Strict):
+    """USD budgets (ccr/budgets.py, docs/spend.md). The budgets themselves live in PostgreSQL
+    (`ccr budgets set`), so they change at runtime; these are the gateway-wide settings."""
+
+    # Reserve at admission and settle at completion; off: no spend descriptor, no ledger.
+    enabled: bool = True
+    # Calendar periods (day, week from Monday, month) in this IANA zone unless a budget names its own.
+    timezone: str = "UTC"
+    # Threshold alerts (percent of a budget) POSTed once per budget, seat, period and threshold.
+    webhook_url: str | None = None
+    alert_thresholds: list[Annotated[int, Field(ge=1, le=1000)]] = [80, 90, 100]
+    # A soft budget's warning header is set from this percent on.
+    warn_at_percent: Annotated[int, Field(ge=1, le=100)] = 80
+    # How often the rate limit service re-reads the budgets table (changes apply within this).
+    refresh_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    # Where the access-log receiver keeps ledger rows PostgreSQL did not take (fsync'd, replayed);
+    # relative to storage.data_dir.
+    spool_dir: str = "spool"
+    # Worst case per input byte of the request body: a token is at least one byte of text, and an
+    # image's tokens are far fewer than its base64 bytes.
+    input_tokens_per_byte: Annotated[float, Field(gt=0, le=4)] = 1.0
+
+    @model_validator(mode="after")
+    def _zone_and_hook(self) -> SpendSettings:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"spend.timezone: unknown time zone {self.timezone!r}") from None
+        if self.webhook_url is not None and not https_or_loopback(self.webhook_url):
+            raise ValueError("spend.webhook_url must be https:// (http:// only on loopback)")
         return self
 
 
@@ -666,6 +703,7 @@ class GatewayConfig(Strict):
     identity: IdentitySettings = IdentitySettings()
     files: FilesSettings = FilesSettings()
     audit: AuditSettings = AuditSettings()
+    spend: SpendSettings = SpendSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -135,3 +135,42 @@ POLICY_STATUS_FILE = "policy-status.json"
 POLICY_GLOBAL_SET = "global"
 # Key in a service's ready file (and Runtime.metrics): host:port of its Prometheus /metrics endpoint.
 READY_METRICS = "metrics"
+
+# -- Spend: budgets reserved at admission, settled at completion (docs/spend.md) -------------
+
+# Rate limit domain of the spend descriptor; a second ratelimit filter (stage SPEND_STAGE) asks it,
+# so a budget refusal has its own status (402) and the request limits stay untouched.
+SPEND_DOMAIN = "ccr_spend"
+SPEND_STAGE = 1
+# Key in AUTHZ_NS (a JSON string, absent when nothing is billable or spend is off): the request's
+# worst-case cost and who it is charged to. {"v": 1, "r": micro-USD, "p": principal id,
+# "pk": principal kind, "k": key id, "g": [groups], "t": tenant, "w": SPIFFE ID, "m": model}.
+AUTHZ_SPEND = "spend"
+# Key in AUTHZ_NS (a number, Messages creates only): the worst-case micro-USD, also when no budget
+# applies (then AUTHZ_SPEND is absent and nothing is reserved); the ledger charges it when the
+# usage of a forwarded request cannot be read.
+AUTHZ_SPEND_WORST = "spend_worst"
+# Descriptor entries of the spend descriptor: the AUTHZ_SPEND string and the gateway's request id.
+RL_SPEND_KEY = "spend"
+RL_REQUEST_ID_KEY = "request_id"
+# Where Envoy's rate limit filter puts RateLimitResponse.dynamic_metadata (the access log sees it).
+RATELIMIT_NS = "envoy.filters.http.ratelimit"
+# Fields the spend service sets in RATELIMIT_NS: the micro-USD reserved and the Redis counters it
+# was reserved on (a list of strings); the audit receiver settles exactly those.
+SPEND_RESERVED = "spend_reserved"
+SPEND_COUNTERS = "spend_counters"
+# Response header on a request admitted under a soft budget at or past a threshold (or admitted
+# while budgets could not be checked). Not x-ccr-*: those are internal and stripped.
+H_BUDGET_WARNING = "ccr-budget-warning"
+# On a budget refusal (402 billing_error): the budget's name and when it resets (RFC 3339).
+H_BUDGET = "ccr-budget"
+H_BUDGET_RESET = "ccr-budget-reset"
+# Extra usage fields in USAGE_NS (numbers or null): the cache writes split by lifetime, from the
+# Anthropic usage object's cache_creation.ephemeral_5m_input_tokens / ephemeral_1h_input_tokens.
+USAGE_CACHE_5M = "cache_creation_5m_input_tokens"
+USAGE_CACHE_1H = "cache_creation_1h_input_tokens"
+USAGE_CACHE_SPLIT = (USAGE_CACHE_5M, USAGE_CACHE_1H)
+# Where the provider gives them: usage.cache_creation.<these>, in the order of USAGE_CACHE_SPLIT.
+USAGE_CACHE_SPLIT_SOURCE = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
+# Every count a meter publishes in USAGE_NS (the split is 0 when the provider gave none).
+USAGE_METERED_FIELDS = USAGE_TOKEN_FIELDS + USAGE_CACHE_SPLIT

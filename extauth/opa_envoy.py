@@ -29,7 +29,14 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
 
-from ccr.contract import AUTHZ_DECISION_ID, CCR_HEADER_PREFIX, H_CLIENT_REQUEST_ID, H_REQUEST_ID
+from ccr.contract import (
+    AUTHZ_DECISION_ID,
+    AUTHZ_SPEND,
+    AUTHZ_SPEND_WORST,
+    CCR_HEADER_PREFIX,
+    H_CLIENT_REQUEST_ID,
+    H_REQUEST_ID,
+)
 from extauth.bundle import Bundle, BundleError
 
 VERSION = {"ext_authz": "v3", "encoding": "protojson"}
@@ -224,7 +231,9 @@ def apply_allowed(resp: pb.CheckResponse, result: Result) -> None:
             append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD))
     ok.headers_to_remove.extend(result.request_headers_to_remove)
     if result.dynamic_metadata:
-        taken = set(resp.dynamic_metadata.fields) | {AUTHZ_DECISION_ID}
+        # Also the keys set per request after this (decision id; the spend reservation: a policy must
+        # not name what a budget reserves or whom it charges).
+        taken = set(resp.dynamic_metadata.fields) | {AUTHZ_DECISION_ID, AUTHZ_SPEND, AUTHZ_SPEND_WORST}
         if clash := sorted(taken & result.dynamic_metadata.keys()):
             raise OpaEnvoyError(f"dynamic_metadata may not replace the gateway's keys {clash}")
         extra = struct_pb2.Struct()

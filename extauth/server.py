@@ -34,6 +34,8 @@ from ccr.contract import (
     AUTHZ_PHASE_MD,
     AUTHZ_RATELIMIT,
     AUTHZ_REGION,
+    AUTHZ_SPEND,
+    AUTHZ_SPEND_WORST,
     AUTHZ_USER_ID,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
@@ -72,6 +74,7 @@ from extauth.policy_input import request_facts as request_facts_of
 from extauth.policy_sets import PolicySets
 from extauth.principal import Principal, PrincipalKind
 from extauth.sessions import session_verifier
+from extauth.spend import BudgetSubjects, WorstCase
 from extauth.wire import split_check
 
 log = logging.getLogger(__name__)
@@ -190,7 +193,7 @@ class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
     __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
-                 "principal", "set_eval")
+                 "principal", "set_eval", "spend")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -204,6 +207,8 @@ class _Seen:
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
         self.facts: RequestFacts | None = None  # the rest of the policy input (extauth/policy_input.py)
         self.set_eval = None  # the policy set (extauth/policy_sets.py) that refused the request, if not the global one
+        # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
+        self.spend: tuple[int | None, str | None] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -260,6 +265,8 @@ class Authorizer:
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
+        # Budget reservations (issue 8): None when spend is off.
+        self.worst_case = WorstCase(config) if config.spend.enabled else None
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -290,12 +297,19 @@ class Authorizer:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
-        if did is not None:
+        if did is not None or seen.spend is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
                 resp = own
-            resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if did is not None:
+                resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if seen.spend is not None:  # per request: the worst case depends on the body
+                worst, spend = seen.spend
+                if worst is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
+                if spend is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
@@ -387,6 +401,8 @@ class Authorizer:
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
+        if self.worst_case is not None:
+            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
@@ -607,6 +623,11 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     await decisions.start()
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects,
                             decisions, sets)
+    budget_subjects = None
+    if authorizer.worst_case is not None:  # spend (issue 8): reserve only where a budget may apply
+        budget_subjects = BudgetSubjects(runtime.postgres_dsn, config.spend.refresh_s)
+        await budget_subjects.start()
+        authorizer.worst_case.subjects = budget_subjects
     AuthorizationServicer(authorizer).add_to(server)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
@@ -626,6 +647,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         if oidc is not None:
             await oidc.close()
         await objects.close()
+        if budget_subjects is not None:
+            await budget_subjects.close()
         await decisions.close()  # flushes the queued decisions
         authorizer.policy.close()
 

@@ -1,7 +1,7 @@
-"""Steps that run after the rate limits allowed a request: where spend budgets plug in.
+"""Steps that run after the rate limits allowed a request, in the same call (spend budgets have their own).
 
 `admission_steps` is the one place the ratelimit service asks for them (ratelimit/service.py
-`setup`); a budget module adds its step to the list it returns. Each step sees the request's
+`setup`); a module adds its step to the list it returns. Each step sees the request's
 descriptors (the request-time ones, and at stream end the `ccr_usage` ones carrying metered
 token counts, to settle a reservation) and the response the limits built.
 """
@@ -31,5 +31,7 @@ class AdmissionStep(Protocol):
 
 
 def admission_steps(config: GatewayConfig, runtime: Runtime, client: redis.Redis) -> list[AdmissionStep]:
-    """The steps in order; none yet (issue 8's spend budgets add theirs here)."""
+    """The steps in order; none yet. Spend budgets are decided in their own call (domain
+    SPEND_DOMAIN, from their own filter: ratelimit/spend.py), so a budget refusal has its own
+    status (402) and a budget is asked only after the limits allowed the request."""
     return []

@@ -11,9 +11,12 @@ A decision, in order (docs/ratelimit.md):
 4. The response: a status per descriptor (Envoy derives x-ratelimit-* from them), the
    anthropic-ratelimit-* headers, and on OVER_LIMIT the Anthropic 429 body with retry-after.
 5. Admission steps (ratelimit/admission.py `AdmissionStep`, listed by `admission_steps`) run
-   after the limits allowed a request: the seam where spend budgets plug in (reserve at
-   admission, settle from the usage descriptors at stream end), with the same request and the
-   response being built.
+   after the limits allowed a request, with the same request and the response being built.
+
+Spend budgets (issue 8, docs/spend.md) are not a step: Envoy asks for them in a call of their own,
+from a second rate limit filter (domain SPEND_DOMAIN, stage SPEND_STAGE, 402 on refusal), after
+the limits allowed the request. Calls in that domain go to ratelimit/spend.py (reserve the worst
+case in one script); the audit receiver settles to the metered cost (audit/ledger.py).
 
 Redis unreachable: counters whose limit is `fail_open` are skipped; if any other counter was
 needed the call fails UNAVAILABLE and Envoy (failure_mode_deny) refuses with 503.
@@ -41,6 +44,7 @@ from redis.retry import Retry
 
 from ccr.config import GatewayConfig, Limits
 from ccr.runtime import Runtime
+from ratelimit import spend
 from ratelimit.admission import AdmissionStep, admission_steps
 from ratelimit.counters import CHARGE, NO_GATE, Algorithm, CounterOp, Counters, Outcome
 from ratelimit.envoy_config import RuleDir, RuleSet
@@ -218,15 +222,20 @@ def _tighter(p: Planned, o: Outcome, bp: Planned, bo: Outcome) -> bool:
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None) -> None:
+    def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None,
+                 spend_gate: spend.SpendGate | None = None) -> None:
         self.decider = decider
-        self.steps = steps or []  # spend budgets plug in here (AdmissionStep)
+        self.steps = steps or []  # run after the limits allowed a request (AdmissionStep)
+        self.spend_gate = spend_gate  # budgets: their own domain, from their own filter (ratelimit/spend.py)
 
     def ShouldRateLimit(  # noqa: N802 - gRPC method name
         self, request: rls_pb2.RateLimitRequest, context: grpc.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         if not request.descriptors:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rate limit request has no descriptors")
+        # --- spend seam (issue 8): budget reservations have their own domain; ratelimit/spend.py ---
+        if spend.is_spend_request(request):
+            return spend.serve(self.spend_gate, request, context)
         try:
             resp = self.decider.should_rate_limit(request)
             if resp.overall_code == OK:
@@ -284,12 +293,15 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
         def swap(rules: RuleSet) -> None:
             decider.planner = LimitPlanner(config.limits, rules)
         watcher = RuleDir(directory, config.limits.reload_interval_s, swap).start()
-    steps = admission_steps(config, runtime, client)  # spend budgets plug in there
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps), server)
+    steps = admission_steps(config, runtime, client)
+    gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # budgets (issue 8; None: spend off)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps, gate), server)
 
     def cleanup() -> None:
         if watcher is not None:
             watcher.stop()
+        if gate is not None:
+            gate.close()
         counters.close()
         client.close()
         client.connection_pool.disconnect()

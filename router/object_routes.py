@@ -16,7 +16,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import H_BATCH_REQUESTS, H_PRINCIPAL_ID, SET_HEADERS
 from extauth.endpoints import Endpoint, Kind
 from router.downstream import authz_per_route
-from router.rate_limits import rate_limit_per_route
+from router.rate_limits import rate_limit_per_route, spend_per_route
 
 Json = dict[str, Any]
 
@@ -36,4 +36,6 @@ def per_filter_config(config: GatewayConfig, e: Endpoint) -> Json:
     authz = authz_per_route(e)
     hits = f"%REQ({H_BATCH_REQUESTS})%" if e.name == "batches.create" else None
     # Only Messages replies carry billable usage; the others would make a stream-end call for nothing.
-    return {**authz, **rate_limit_per_route(config, hits, usage=e.name == METERED_ENDPOINT)}
+    # The spend filter has its own list, on the endpoints extauth prices (not batch creates).
+    return {**authz, **rate_limit_per_route(config, hits, usage=e.name == METERED_ENDPOINT),
+            **spend_per_route(config, e.name)}

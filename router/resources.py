@@ -27,6 +27,8 @@ from ccr.contract import (
     ID_ENVOY,
     RL_DOMAIN,
     SIGNIN_PREFIX,
+    SPEND_DOMAIN,
+    SPEND_STAGE,
     USAGE_NS,
 )
 from ccr.credentials import secret_name
@@ -43,6 +45,7 @@ from router.downstream import (
     local_reply_mappers,
 )
 from router.object_routes import headers_to_remove, per_filter_config
+from router.rate_limits import SPEND_FILTER
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -441,6 +444,24 @@ def _api_route(config: GatewayConfig) -> Json:
     }
 
 
+def spend_filter(config: GatewayConfig, replicas: bool = False) -> list[Json]:
+    """A second rate limit filter for budgets: its own stage and domain, and 402 (billing_error) when a
+    hard budget has no room; the request limits' 429 stay as they are. Its descriptors are per route
+    (router/rate_limits.py spend_per_route)."""
+    if not config.spend.enabled:
+        return []
+    return [{"name": SPEND_FILTER, "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        "domain": SPEND_DOMAIN,
+        "stage": SPEND_STAGE,
+        "timeout": "2s",
+        "failure_mode_deny": not config.services.failure_mode_allow,
+        "rate_limited_status": {"code": 402},
+        "rate_limit_service": {"transport_api_version": "V3",
+                               "grpc_service": _grpc_service(RATELIMIT, 2.0, retry=replicas)},
+    }}]
+
+
 def _endpoint_match(e: Endpoint) -> Json:
     """Exactly this method and path (Envoy strips the query string before matching)."""
     path: Json = {"path": e.template} if e.is_exact else {"safe_regex": {"regex": e.regex}}
@@ -648,6 +669,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 # the anthropic-ratelimit-* family itself (response_headers_to_add).
                 "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
             }},
+            *spend_filter(config, replicas),
             _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.router.v3.Router",

@@ -158,6 +158,9 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
     meta = json_format.MessageToDict(resp.dynamic_metadata)
     assert re.fullmatch(r"dec_[0-9a-f]+", meta.pop("decision_id"))  # this request's decision (policy_decisions)
+    # The worst-case cost (spend, docs/spend.md: 0 here, the test config has no prices); no budget
+    # applies, so nothing to reserve (no `spend`).
+    assert meta.pop("spend_worst") == 0 and "spend" not in meta
     assert meta == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
         "groups": ["default"], "group_list": "default",  # the groups as one string, for rate limit descriptors

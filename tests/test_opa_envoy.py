@@ -179,7 +179,7 @@ def test_apply_allowed_adds_headers_and_metadata() -> None:
     assert resp.dynamic_metadata["team"] == "red" and resp.dynamic_metadata["principal_id"] == "key_1"
 
 
-@pytest.mark.parametrize("key", ["principal_id", "cluster", "decision_id"])
+@pytest.mark.parametrize("key", ["principal_id", "cluster", "decision_id", "spend", "spend_worst"])
 def test_apply_allowed_never_replaces_the_gateways_metadata(key: str) -> None:
     resp = ok_response()
     with pytest.raises(OpaEnvoyError, match="gateway's keys"):

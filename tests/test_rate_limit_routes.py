@@ -11,11 +11,11 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from ccr.config import GatewayConfig, Limits, parse_config
-from ccr.contract import AUTHZ_NS, USAGE_NS
+from ccr.contract import AUTHZ_NS, AUTHZ_SPEND, USAGE_NS
 from extauth.endpoints import ENDPOINTS
 from ratelimit.limits import LimitPlanner
 from router import resources
-from router.rate_limits import RATELIMIT_FILTER
+from router.rate_limits import RATELIMIT_FILTER, RATELIMIT_PER_ROUTE, SPEND_FILTER
 from tests.test_router import _runtime, _validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +90,33 @@ def test_only_the_facts_in_use_are_sent() -> None:
     assert [_keys(rl) for rl in _limits(routes["messages.create"])] == [["principal"], ["tenant"]]
     routes = _routes(_config(envoy_config_dir="rls"))  # YAML rules may use any of them
     assert len(_limits(routes["messages.create"])) == 7
+
+
+def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
+    """Budgets are asked by their own filter (ccr.spend): its RateLimitPerRoute carries the spend
+    descriptor on Messages creates and batch results only; the limits filter never sees it."""
+    cfg = _config(rules=RULES)
+    assert cfg.spend.enabled
+    routes = _routes(cfg)
+    msgs = routes["messages.create"]["typed_per_filter_config"]
+    (spend,) = msgs[SPEND_FILTER]["rate_limits"]
+    assert msgs[SPEND_FILTER]["@type"] == RATELIMIT_PER_ROUTE
+    assert _keys(spend) == ["spend", "request_id"]
+    md = spend["actions"][0]["metadata"]  # extauth's worst case; absent (no budget applies): no call
+    assert md["source"] == "DYNAMIC" and md["metadata_key"] == {"key": AUTHZ_NS, "path": [{"key": AUTHZ_SPEND}]}
+    assert not md.get("skip_if_absent")
+    assert spend["actions"][1]["request_headers"]["header_name"] == "x-request-id"
+    assert SPEND_FILTER in routes["batches.results"]["typed_per_filter_config"]
+    for name in ("messages.count_tokens", "batches.create", "models.list"):
+        assert SPEND_FILTER not in routes[name]["typed_per_filter_config"], name
+    for e in ENDPOINTS:  # the limits' own list: stage 0 only, never the spend descriptor
+        assert all("spend" not in _keys(rl) and "stage" not in rl for rl in _limits(routes[e.name])), e.name
+    hcm_filters = [f["name"] for f in resources.listener(cfg, 18080)["filter_chains"][0]["filters"][0]
+                   ["typed_config"]["http_filters"]]
+    assert hcm_filters.index(SPEND_FILTER) == hcm_filters.index(RATELIMIT_FILTER) + 1
+    off = _routes(parse_config({**yaml.safe_load((REPO / "ccr.example.yaml").read_text()),
+                                "spend": {"enabled": False}}))
+    assert not any(SPEND_FILTER in r.get("typed_per_filter_config", {}) for r in off.values())
 
 
 def test_generated_config_with_every_descriptor_passes_envoy_validate(tmp_path: Path) -> None:

@@ -243,7 +243,11 @@ def test_replicated_services_pass_envoy_validate(tmp_path: Path) -> None:
     for name in (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG):
         assert clusters[name]["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
     text = json.dumps(doc)
-    assert text.count('"retry_policy"') == 3  # both ext_authz filters and the rate limit service
+    # Both ext_authz filters and both rate limit filters (the limits, and the budgets: ccr.spend).
+    assert text.count('"retry_policy"') == 4
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (spend,) = [f for f in hcm["http_filters"] if f["name"] == "ccr.spend"]
+    assert spend["typed_config"]["rate_limit_service"]["grpc_service"]["retry_policy"]
     # One local replica (`ccr up`): nothing to retry onto, no health checks.
     single = resources.static_bootstrap(cfg, _runtime(), 18080)
     assert '"retry_policy"' not in json.dumps(single) and '"health_checks"' not in json.dumps(single)

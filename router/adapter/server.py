@@ -43,10 +43,10 @@ from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     ADAPTER_TRANSLATE_MD,
     CCR_HEADER_PREFIX,
+    USAGE_METERED_FIELDS,
     USAGE_NOTE,
     USAGE_NS,
     USAGE_STATUS,
-    USAGE_TOKEN_FIELDS,
     UsageStatus,
 )
 from ccr.errors import error_body
@@ -128,7 +128,9 @@ def error_response(status: int, err_type: str, message: str, details: str) -> pb
 def usage_struct(a: Assessment) -> struct_pb2.Struct:
     # Every field every time: Envoy merges each publication into the namespace, so a
     # field left out would keep an earlier value. Unknown counts are null.
-    fields: dict[str, object] = {f: (a.usage[f] if a.usage is not None else None) for f in USAGE_TOKEN_FIELDS}
+    # The cache-write split is 0 when the provider gave none (Usage.as_dict leaves it out then).
+    fields: dict[str, object] = {f: (a.usage.get(f, 0) if a.usage is not None else None)
+                                 for f in USAGE_METERED_FIELDS}
     fields[USAGE_STATUS] = a.status.value
     fields[USAGE_NOTE] = a.note
     s = struct_pb2.Struct()
