@@ -535,8 +535,10 @@ def _local_reply_mappers() -> list[Json]:
             "default_value": code, "runtime_key": f"ccr.local_reply.{code}"}}}}
 
     return [
-        mapper(status(413), None, "request_too_large",
-               "Request exceeds the gateway's maximum request size (gateway.max_request_bytes)."),
+        # Envoy's own 413 (a body past a buffer limit); a policy's 413 (an ext_authz denial, e.g. a
+        # tier's size ceiling) keeps its own reason and decision id.
+        mapper(cel("response.code == 413 && response.code_details != 'ext_authz_denied'"), None,
+               "request_too_large", "Request exceeds the gateway's maximum request size (gateway.max_request_bytes)."),
         mapper({"and_filter": {"filters": [flags("UAEX"), status(503)]}}, 503, "api_error",
                "The gateway's authorization service is unavailable; retry shortly."),
         mapper(flags("RLSE"), 503, "api_error",
