@@ -345,12 +345,17 @@ class Gateway:
         router = self._track(spawn("router", [sys.executable, "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
                                    logs, cwd=REPO))
-        runtime.xds = str(wait_ready_file(router, run_dir / "router.ready")["address"])
+        rinfo = wait_ready_file(router, run_dir / "router.ready")
+        runtime.xds = str(rinfo["address"])
+        if READY_METRICS in rinfo:
+            runtime.metrics["router"] = str(rinfo[READY_METRICS])
         runtime.save(runtime_file)
         self.status("router", f"ADS on {runtime.xds} (pid {router.pid})")
 
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
+        self.status("metrics", f"Envoy {self.admin_url}/stats/prometheus; ccr services "
+                    + (", ".join(f"{n} http://{a}/metrics" for n, a in sorted(runtime.metrics.items())) or "off"))
 
     @staticmethod
     def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:

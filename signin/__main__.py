@@ -10,7 +10,9 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from ccr import metrics
 from ccr.config import GatewayConfig
+from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.runtime import Runtime
 from ccr.service import parse_args, write_ready
@@ -82,7 +84,10 @@ async def serve() -> None:
         host = args.host or config.services.bind_host
         await web.TCPSite(runner, host, args.port).start()
         address = f"{host}:{runner.addresses[0][1]}"
-        write_ready(args.ready_file, address)
+        ready = {}
+        if config.telemetry.metrics:
+            ready[READY_METRICS] = metrics.serve(host)
+        write_ready(args.ready_file, address, **ready)
         log.info("serving on %s (IdP %s, client %s)", address, settings.issuer, settings.client_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
