@@ -60,6 +60,10 @@ def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) 
         for s in mine:
             assert s.parent_span_id in by_id, f"{service} span {s.name} has a parent outside the trace"
             assert by_id[s.parent_span_id].service == "ccr-envoy", (service, by_id[s.parent_span_id])
+    # Envoy's gRPC client spans are what the services continue; the access log continues the request's.
+    assert by_id[_trace_of(trace, "ccr-extauth")[0].parent_span_id].name.endswith("Authorization.Check egress")
+    assert by_id[_trace_of(trace, "ccr-ratelimit")[0].parent_span_id].name.endswith("ShouldRateLimit egress")
+    assert _trace_of(trace, "ccr-accesslog")[0].parent_span_id == roots[0].span_id
     check = next(s for s in _trace_of(trace, "ccr-extauth") if s.attributes.get("gen_ai.request.model"))
     assert check.attributes["gen_ai.request.model"] == MODEL
     assert check.attributes["gen_ai.system"] == "anthropic"
