@@ -55,6 +55,13 @@ RPC_ERRORS = Counter(
     "ccr_rpc_errors", "Unary gRPC calls that ended in an error status (an abort or an exception).",
     ["service", "method"], registry=REGISTRY)
 
+# -- HTTP services (signin) -------------------------------------------------------------------------
+
+HTTP_DURATION = Histogram(
+    "ccr_http_request_duration_seconds", "HTTP requests a ccr HTTP service (signin) answered, by route and "
+    "status class.", ["service", "route", "code"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+    registry=REGISTRY)
+
 # -- requests, as the access log receiver sees them (audit/observe.py) ---------------------------
 
 _REQUEST_LABELS = ["route", "model", "provider", "group"]
@@ -192,6 +199,29 @@ class LabelSets:
         if not mine:
             return OTHER
         return next(g for g in self._groups if g in mine)
+
+
+def http_middleware(service: str) -> Any:
+    """aiohttp middleware timing each request; the route label is the matched route's path template."""
+    from aiohttp import web
+
+    @web.middleware
+    async def timed(request: Any, handler: Any) -> Any:
+        start = time.perf_counter()
+        code = "5xx"
+        try:
+            resp = await handler(request)
+            code = f"{resp.status // 100}xx"
+            return resp
+        except web.HTTPException as e:
+            code = f"{e.status // 100}xx"
+            raise
+        finally:
+            route = request.match_info.route.resource
+            HTTP_DURATION.labels(service, route.canonical if route is not None else NONE, code).observe(
+                time.perf_counter() - start)
+
+    return timed
 
 
 def label_sets(config: Any) -> LabelSets:

@@ -79,7 +79,10 @@ async def serve() -> None:
         await store.start()
         service = SigninService(settings, idp, store, KeyFile(key_dir / SIGNING_KEY, load_signing_key),
                                 KeyFile(key_dir / PUBLIC_KEYS, load_public_keys), sealer, public_url)
-        runner = web.AppRunner(service.app(), access_log=None)
+        app = service.app()
+        if config.telemetry.metrics:
+            app.middlewares.append(metrics.http_middleware("signin"))
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host = args.host or config.services.bind_host
         await web.TCPSite(runner, host, args.port).start()
