@@ -51,6 +51,9 @@ _DECISION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0,
 RPC_DURATION = Histogram(
     "ccr_rpc_duration_seconds", "Time a unary gRPC call (a decision) took in the service, by service and method.",
     ["service", "method"], buckets=_DECISION_BUCKETS, registry=REGISTRY)
+RPC_STREAMS = Counter(
+    "ccr_rpc_streams", "Streaming gRPC calls started (adapter: one per upstream attempt; access log and ADS: "
+    "one per Envoy connection).", ["service", "method"], registry=REGISTRY)
 RPC_ERRORS = Counter(
     "ccr_rpc_errors", "Unary gRPC calls that ended in an error status (an abort or an exception).",
     ["service", "method"], registry=REGISTRY)

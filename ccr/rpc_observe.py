@@ -26,6 +26,13 @@ class _Cache:
     def __init__(self, service: str) -> None:
         self.service = service
         self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (handler, its wrapper)
+        self._streams: dict[str, Any] = {}  # method -> its ccr_rpc_streams_total child
+
+    def stream_started(self, method: str) -> None:
+        counter = self._streams.get(method)
+        if counter is None:
+            counter = self._streams[method] = metrics.RPC_STREAMS.labels(self.service, _short(method))
+        counter.inc()
 
     def get(self, method: str, handler: Any, wrap: Any) -> Any:
         hit = self._wrapped.get(method)
@@ -103,7 +110,10 @@ class AioRpcObserver(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health."):
+        if handler is None or details.method.startswith("/grpc.health."):
+            return handler
+        if handler.unary_unary is None:  # a stream: counted here, once per call, its messages untouched
+            self._cache.stream_started(details.method)
             return handler
         return self._cache.get(details.method, handler, _aio_wrap)
 
@@ -116,6 +126,9 @@ class RpcObserver(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health."):
+        if handler is None or details.method.startswith("/grpc.health."):
+            return handler
+        if handler.unary_unary is None:
+            self._cache.stream_started(details.method)
             return handler
         return self._cache.get(details.method, handler, _sync_wrap)
