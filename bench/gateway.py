@@ -425,6 +425,7 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
     ap.add_argument("--telemetry", choices=("compare",),
                     help="compare: only the gateway, with metrics and tracing off, then on (every request "
                          "traced to a local OTLP sink); prints req/s both ways and the loss")
+    ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
     ap.add_argument("--client-note", type=float, default=0.85,
                     help="flag levels where the client used at least this share of its core")
     args = ap.parse_args(argv)
@@ -520,7 +521,7 @@ def compare_telemetry(args: argparse.Namespace) -> None:
                 telemetry: dict[str, object] = {"metrics": False}
                 if setting == "on":
                     telemetry = {"metrics": True, "otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
-                                 "sample_ratio": 1.0}
+                                 "sample_ratio": args.sample_ratio}
                 gw = Gateway(gateway_config(tmp, telemetry))
                 try:
                     gw.start()

@@ -127,7 +127,7 @@ def test_every_service_serves_metrics(scraped: tuple[Gateway, set[str], dict[str
         assert service in pages, f"no /metrics recorded for {service}: {sorted(gw.runtime.metrics)}"
     assert "ccr_rpc_duration_seconds_count{method=\"Authorization/Check\",service=\"extauth\"}" in pages["extauth"]
     assert 'ccr_xds_version_info{type="Listener"' in pages["router"]
-    assert 'ccr_rpc_streams_total{method="ExternalProcessor/Process",service="adapter"}' in pages["adapter"]
+    assert 'ccr_rpc_streams_total{method="AccessLogService/StreamAccessLogs",service="accesslog"}' in pages["accesslog"]
 
 
 def test_request_metrics_count_the_request_with_bounded_labels(

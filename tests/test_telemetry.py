@@ -4,6 +4,8 @@ resources (checked by the real Envoy), the PromQL name extraction the dashboard 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -121,3 +123,28 @@ def test_metric_names_of_promql() -> None:
                         'or min(up{ccr_service="extauth"}) == 0') == {"a_total", "b_total", "up"}
     assert metric_names("ccr_audit_spool_bytes > 0 and deriv(ccr_audit_spool_bytes[10m]) > 1e6") == {
         "ccr_audit_spool_bytes"}
+
+
+def _promtool() -> str:
+    found = REPO / ".venv" / "bin" / "promtool"
+    if found.exists():
+        return str(found)
+    on_path = shutil.which("promtool")
+    if on_path is None:
+        pytest.fail("promtool is missing: run ./install.sh (it installs promtool into .venv/bin)")
+    return on_path
+
+
+def test_alert_rules_pass_promtool() -> None:
+    r = subprocess.run([_promtool(), "check", "rules", str(REPO / "deploy/prometheus/alerts.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 9 rules found" in r.stdout, r.stdout
+
+
+def test_promtool_refuses_a_broken_rule(tmp_path: Path) -> None:
+    """The check above can fail: a rule with a PromQL syntax error is refused."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: [{name: x, rules: [{alert: A, expr: 'sum(rate(x[5m]'}]}]\n")
+    r = subprocess.run([_promtool(), "check", "rules", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
