@@ -512,16 +512,17 @@ def otlp_sink(tmp: Path) -> Iterator[str]:
 
 
 def compare_telemetry(args: argparse.Namespace) -> None:
-    """Issue 11's performance check: gateway req/s with metrics and tracing off, then on."""
-    by_setting: dict[str, dict[tuple[str, int], float]] = {}
-    for setting in ("off", "on"):
+    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing."""
+    settings = ("off", "metrics", "metrics+traces")
+    by_setting: dict[str, dict[tuple[str, int], tuple[float, float]]] = {}
+    for setting in settings:
         with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
             tmp = Path(d)
             with ExitStack() as stack:
-                telemetry: dict[str, object] = {"metrics": False}
-                if setting == "on":
-                    telemetry = {"metrics": True, "otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
-                                 "sample_ratio": args.sample_ratio}
+                telemetry: dict[str, object] = {"metrics": setting != "off"}
+                if setting == "metrics+traces":
+                    telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
+                                  "sample_ratio": args.sample_ratio}
                 gw = Gateway(gateway_config(tmp, telemetry))
                 try:
                     gw.start()
@@ -534,11 +535,17 @@ def compare_telemetry(args: argparse.Namespace) -> None:
                                               args))
                 finally:
                     gw.stop()
-        by_setting[setting] = {(mode, r.concurrency): r.rps for mode, rs in res.items() for r in rs}
-    print(f"{'mode':<10} {'c':>4} {'off req/s':>10} {'on req/s':>10} {'change':>8}")
-    for (mode, c), off in by_setting["off"].items():
-        on = by_setting["on"].get((mode, c), 0.0)
-        print(f"{mode:<10} {c:>4} {off:>10.1f} {on:>10.1f} {(on - off) / off * 100 if off else 0:>7.1f}%")
+        by_setting[setting] = {(mode, r.concurrency): (r.rps, cpu_per_request(r)) for mode, rs in res.items()
+                               for r in rs}
+    print(f"sample_ratio {args.sample_ratio:g} (metrics+traces)")
+    print("req/s (change) and gateway CPU ms per request (upstream emulator left out), per setting")
+    print(f"{'mode':<10} {'c':>4} " + " ".join(f"{s:>28}" for s in settings))
+    for (mode, c), (off, off_cpu) in by_setting["off"].items():
+        cells = [f"{off:>10.1f}        {off_cpu:6.2f} ms"]
+        for s in settings[1:]:
+            on, cpu = by_setting[s].get((mode, c), (0.0, float("nan")))
+            cells.append(f"{on:>10.1f} ({(on - off) / off * 100 if off else 0:+5.1f}%) {cpu:6.2f} ms")
+        print(f"{mode:<10} {c:>4} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:
