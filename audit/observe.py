@@ -32,8 +32,10 @@ def _str(fields: dict[str, struct_pb2.Value], name: str) -> str | None:
     return v.string_value or None if v is not None and v.WhichOneof("kind") == "string_value" else None
 
 
-def _num(fields: dict[str, struct_pb2.Value], name: str) -> int:
-    v = fields.get(name)
+def _num(fields: Any, name: str) -> int:
+    if name not in fields:
+        return 0
+    v = fields[name]
     if v is None or v.WhichOneof("kind") != "number_value" or not v.number_value >= 0:
         return 0
     return int(v.number_value)
@@ -65,11 +67,27 @@ def error_kind(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | 
     return "client"
 
 
+class _Series:
+    """The labelled children of one (route, model, provider, group): looked up once, then reused
+    (prometheus-client's labels() costs more than the increment)."""
+
+    __slots__ = ("codes", "cost", "errors", "observe", "tokens")
+
+    def __init__(self, labels: tuple[str, str, str, str]) -> None:
+        route, model, provider, group = labels
+        self.codes: dict[str, Any] = {}
+        self.errors: dict[str, Any] = {}
+        self.observe = metrics.REQUEST_DURATION.labels(*labels).observe
+        self.tokens = [(f, metrics.TOKENS.labels(model, provider, group, kind).inc) for f, kind in _TOKEN_TYPES]
+        self.cost = metrics.COST.labels(model, provider, group).inc
+
+
 class RequestObserver:
     def __init__(self, config: GatewayConfig) -> None:
         self.labels = metrics.label_sets(config)
         self.prices = PriceTable(config)
         self.config = config
+        self._series: dict[tuple[str, str, str, str], _Series] = {}  # bounded: every label is
 
     def entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> None:
         try:
@@ -85,32 +103,41 @@ class RequestObserver:
         authz = _namespace(common.metadata, AUTHZ_NS)
         model_id = _str(authz, "model")
         provider_name = _str(authz, "provider")
-        route = _str(authz, "endpoint") or metrics.NONE  # extauth's endpoint names: a fixed set
-        model = self.labels.model(model_id)
-        provider = self.labels.provider(provider_name)
-        group = self.labels.group(_groups(authz))
+        key = (_str(authz, "endpoint") or metrics.NONE,  # extauth's endpoint names: a fixed set
+               self.labels.model(model_id), self.labels.provider(provider_name), self.labels.group(_groups(authz)))
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(key)
         status = e.response.response_code.value
-        flags = response_flags(common.response_flags)
         code = f"{status // 100}xx" if status else metrics.NONE
-        metrics.REQUESTS.labels(route, model, provider, group, code).inc()
-        kind = error_kind(common, status, flags)
-        if kind is not None:
-            metrics.REQUEST_ERRORS.labels(route, model, provider, group, kind).inc()
+        counter = series.codes.get(code)
+        if counter is None:
+            counter = series.codes[code] = metrics.REQUESTS.labels(*key, code)
+        counter.inc()
+        if status == 0 or status >= 400:
+            kind = error_kind(common, status, response_flags(common.response_flags))
+            if kind is not None:
+                err = series.errors.get(kind)
+                if err is None:
+                    err = series.errors[kind] = metrics.REQUEST_ERRORS.labels(*key, kind)
+                err.inc()
         if common.HasField("time_to_last_downstream_tx_byte"):
             d = common.time_to_last_downstream_tx_byte
-            metrics.REQUEST_DURATION.labels(route, model, provider, group).observe(d.seconds + d.nanos / 1e9)
-        usage = _namespace(common.metadata, USAGE_NS)
-        counts = {f: _num(usage, f) for f, _ in _TOKEN_TYPES} if usage else {}
-        for field, kind_name in _TOKEN_TYPES:
-            n = counts.get(field, 0)
-            if n:
-                metrics.TOKENS.labels(model, provider, group, kind_name).inc(n)
+            series.observe(d.seconds + d.nanos / 1e9)
+        counts: dict[str, int] = {}
+        if USAGE_NS in common.metadata.filter_metadata:
+            usage = common.metadata.filter_metadata[USAGE_NS].fields
+            for field, inc in series.tokens:
+                n = _num(usage, field)
+                counts[field] = n
+                if n:
+                    inc(n)
         if any(counts.values()):
             rates = self.prices.rates(model_id)
             if rates is not None:
                 micro = cost_micro(Usage(**counts), rates)
                 if micro:
-                    metrics.COST.labels(model, provider, group).inc(micro / 1e6)
+                    series.cost(micro / 1e6)
         if tracing.TRACER is not None:
             self._span(e, started, model_id, provider_name, counts)
 
