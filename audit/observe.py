@@ -156,7 +156,10 @@ class RequestObserver:
         if counts:
             attrs[tracing.GEN_AI_INPUT_TOKENS] = counts.get("input_tokens", 0)
             attrs[tracing.GEN_AI_OUTPUT_TOKENS] = counts.get("output_tokens", 0)
-        span = tracing.TRACER.start_span("accesslog record", context=tracing.parent(carrier),
+        parent = tracing.parent(carrier)
+        if parent is None:  # Envoy did not sample this request
+            return
+        span = tracing.TRACER.start_span("accesslog record", context=parent,
                                          attributes={k: v for k, v in attrs.items() if v is not None},
                                          start_time=started)
         span.end()

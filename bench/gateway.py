@@ -537,6 +537,11 @@ def compare_telemetry(args: argparse.Namespace) -> None:
                     gw.stop()
         by_setting[setting] = {(mode, r.concurrency): (r.rps, cpu_per_request(r)) for mode, rs in res.items()
                                for r in rs}
+        for mode, rs in res.items():
+            r = rs[-1]
+            if r.ok:
+                print(f"  {setting} {mode} c={r.concurrency} CPU ms/request by process: " + ", ".join(
+                    f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in sorted(r.server_cpu.items())), file=sys.stderr)
     print(f"sample_ratio {args.sample_ratio:g} (metrics+traces)")
     print("req/s (change) and gateway CPU ms per request (upstream emulator left out), per setting")
     print(f"{'mode':<10} {'c':>4} " + " ".join(f"{s:>28}" for s in settings))

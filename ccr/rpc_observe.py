@@ -61,12 +61,16 @@ def _aio_wrap(handler: Any, timer: metrics.Timer, span_name: str) -> Any:
     else:
         async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = perf()
-            with tracing.server_span(span_name, tracing.parent_from_metadata(context.invocation_metadata())):
-                try:
+            parent = tracing.parent_from_metadata(context.invocation_metadata())
+            try:
+                if parent is None:  # not sampled by Envoy: no span
                     resp = await inner(request, context)
-                except BaseException:
-                    timer.done(start, True)
-                    raise
+                else:
+                    with tracing.server_span(span_name, parent):
+                        resp = await inner(request, context)
+            except BaseException:
+                timer.done(start, True)
+                raise
             timer.done(start)
             return resp
 
@@ -91,12 +95,16 @@ def _sync_wrap(handler: Any, timer: metrics.Timer, span_name: str) -> Any:
     else:
         def uu(request: Any, context: grpc.ServicerContext) -> Any:
             start = perf()
-            with tracing.server_span(span_name, tracing.parent_from_metadata(context.invocation_metadata())):
-                try:
+            parent = tracing.parent_from_metadata(context.invocation_metadata())
+            try:
+                if parent is None:  # not sampled by Envoy: no span
                     resp = inner(request, context)
-                except BaseException:
-                    timer.done(start, True)
-                    raise
+                else:
+                    with tracing.server_span(span_name, parent):
+                        resp = inner(request, context)
+            except BaseException:
+                timer.done(start, True)
+                raise
             timer.done(start)
             return resp
 

@@ -62,20 +62,35 @@ def shutdown() -> None:
     TRACER = None
 
 
+def sampled(traceparent: str) -> bool:
+    """Whether a W3C traceparent ("00-<trace id>-<parent id>-<flags>") says sampled. The services
+    record only sampled traces, so an unsampled call skips the SDK altogether."""
+    if len(traceparent) != 55 or traceparent[52] != "-":
+        return False
+    try:
+        return int(traceparent[53:55], 16) & 1 == 1
+    except ValueError:
+        return False
+
+
 def parent(carrier: Mapping[str, str]) -> Any:
-    """The OpenTelemetry context of a W3C traceparent/tracestate in `carrier` (lower-case keys)."""
+    """The OpenTelemetry context of a sampled W3C traceparent/tracestate in `carrier` (lower-case keys),
+    else None."""
+    tp = carrier.get(H_TRACEPARENT)
+    if tp is None or not sampled(tp):
+        return None
     return _propagator.extract(carrier)
 
 
 def parent_from_metadata(metadata: Iterable[Any] | None) -> Any:
-    """The context of the traceparent in gRPC invocation metadata (Envoy's gRPC client puts its
-    span's context there when tracing is on)."""
+    """The context of a sampled traceparent in gRPC invocation metadata (Envoy's gRPC client puts its
+    span's context there when tracing is on), else None."""
     carrier: dict[str, str] = {}
     for item in metadata or ():
         key = item[0]
         if key in (H_TRACEPARENT, H_TRACESTATE):
             carrier[key] = item[1]
-    return _propagator.extract(carrier)
+    return parent(carrier)
 
 
 def server_span(name: str, context: Any, attributes: Mapping[str, Any] | None = None) -> Any:

@@ -148,3 +148,11 @@ def test_promtool_refuses_a_broken_rule(tmp_path: Path) -> None:
     bad.write_text("groups: [{name: x, rules: [{alert: A, expr: 'sum(rate(x[5m]'}]}]\n")
     r = subprocess.run([_promtool(), "check", "rules", str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
+
+
+def test_only_sampled_trace_contexts_are_continued() -> None:
+    assert tracing.sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    assert not tracing.sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+    assert not tracing.sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331")  # truncated
+    assert not tracing.sampled("garbage")
+    assert not tracing.sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-zz")
