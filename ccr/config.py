@@ -702,8 +702,9 @@ class TelemetrySettings(Strict):
     # OTLP/gRPC collector (host:port, plaintext) for traces from Envoy and every service; None: no
     # tracing at all (no tracer in Envoy, none in the services: zero cost).
     otlp_endpoint: Annotated[str, Field(pattern=r"^[^\s/:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$")] | None = None
-    # Share of new traces Envoy samples (a trace a client started sampled is continued as it says).
-    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Share of new traces Envoy samples (a trace a client started sampled is continued as it says). Every
+    # traced request costs about a fifth more CPU (docs/observability.md): sample, do not trace all.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
 class GatewayConfig(Strict):
