@@ -109,7 +109,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Gateway, set[str]
     with running_gateway(tmp, edit) as gw:
         c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
         raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=HELLO)
-        log_row(gw.runtime.postgres_dsn, raw.headers["x-request-id"])
+        row = log_row(gw.runtime.postgres_dsn, raw.headers["x-request-id"])
+        who = {v for v in (row["principal"], row["key_id"]) if v}
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=gw.url, api_key="ccr_wrong", max_retries=0).messages.create(
                 model=MODEL, max_tokens=16, messages=HELLO)
@@ -118,6 +119,9 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Gateway, set[str]
         names: set[str] = set()
         for text in pages.values():
             names |= _families(text)
+        assert who, row
+        for name, text in pages.items():  # no principal or key id ever becomes a label value
+            assert not [w for w in who if w in text], (name, who)
         yield gw, names, pages
 
 
