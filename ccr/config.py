@@ -122,6 +122,9 @@ class StandaloneService(Strict):
     # Where Envoy finds it: one host:port per replica, or a DNS name every replica answers on
     # (Envoy re-resolves it). Empty: the listen address (a wildcard host as 127.0.0.1).
     endpoints: list[HostPort] = []
+    # Where this part serves Prometheus /metrics (telemetry.metrics), e.g. 0.0.0.0:9464 for the
+    # orchestrator's scraper; unset: a free port on the part's host (logged at start).
+    metrics_listen: HostPort | None = None
 
     def reach(self) -> list[str]:
         if self.endpoints:

@@ -12,6 +12,7 @@ Cardinality is bounded by construction: labels take values from the config (prov
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -232,10 +233,11 @@ def label_sets(config: Any) -> LabelSets:
                      config.telemetry.metric_groups)
 
 
-def serve(host: str) -> str:
-    """Serve /metrics on a free port of `host` (a daemon thread), once per process; returns host:port."""
+def serve(host: str, port: int = 0) -> str:
+    """Serve /metrics on `host`:`port` (0: a free one) in a daemon thread, once per process; returns host:port."""
     global address
     if address is None:
-        server, _ = start_http_server(0, addr=host, registry=REGISTRY)
-        address = f"{host}:{server.server_port}"
+        server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+        address = f"[{host}]:{server.server_port}" if ":" in host else f"{host}:{server.server_port}"
+        logging.getLogger("ccr.metrics").info("metrics on http://%s/metrics", address)
     return address

@@ -52,6 +52,7 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--ready-file", help="where to write {'address': 'host:port', 'pid': n}")
     ap.add_argument("--host", help="address to bind (default: services.bind_host)")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--metrics-listen", help="host:port for /metrics (default: a free port on the service's host)")
     ap.add_argument("--reuse-port", action="store_true",
                     help="bind with SO_REUSEPORT: one of several workers sharing the port")
     return ap.parse_args()
@@ -165,14 +166,21 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(ss, **kw)
 
 
-def _observers(name: str, config: GatewayConfig, *, aio: bool) -> list[Any]:
+def _observers(name: str, config: GatewayConfig, args: argparse.Namespace, *, aio: bool) -> list[Any]:
     """Telemetry (docs/observability.md): this process's /metrics port, its tracer, and the interceptor
     that times (and, with tracing on, traces) each unary call."""
     tracing.setup(config, name)
     if not config.telemetry.metrics:
         return []
-    metrics.serve(config.services.bind_host)
+    metrics.serve(*metrics_address(config, args))
     return [AioRpcObserver(name) if aio else RpcObserver(name)]
+
+
+def metrics_address(config: GatewayConfig, args: argparse.Namespace) -> tuple[str, int]:
+    if args.metrics_listen:
+        host, _, port = args.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+    return args.host or config.services.bind_host, 0
 
 
 def _metrics_ready() -> dict[str, object]:
@@ -208,7 +216,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
             raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
         creds = server_credentials(runtime.mtls, name)
         interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
-    interceptors += _observers(name, config, aio=True)
+    interceptors += _observers(name, config, args, aio=True)
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -265,7 +273,8 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
-                         options=server_options(args.reuse_port), interceptors=_observers(name, config, aio=False))
+                         options=server_options(args.reuse_port), interceptors=_observers(name, config, args,
+                                                                                       aio=False))
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)

@@ -15,7 +15,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.runtime import Runtime
-from ccr.service import parse_args, write_ready
+from ccr.service import metrics_address, parse_args, write_ready
 from signin.idp import IdpClient
 from signin.keys import (
     PUBLIC_KEYS,
@@ -89,7 +89,7 @@ async def serve() -> None:
         address = f"{host}:{runner.addresses[0][1]}"
         ready = {}
         if config.telemetry.metrics:
-            ready[READY_METRICS] = metrics.serve(host)
+            ready[READY_METRICS] = metrics.serve(*metrics_address(config, args))
         write_ready(args.ready_file, address, **ready)
         log.info("serving on %s (IdP %s, client %s)", address, settings.issuer, settings.client_id)
         stop = asyncio.Event()
