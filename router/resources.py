@@ -23,8 +23,11 @@ from ccr.contract import (
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
     H_REQUEST_ID,
+    H_TRACEPARENT,
+    H_TRACESTATE,
     ID_ADAPTER,
     ID_ENVOY,
+    OTLP_CLUSTER,
     RL_DOMAIN,
     SIGNIN_PREFIX,
     SPEND_DOMAIN,
@@ -392,7 +395,24 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
             out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
         out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
     out += _signin_clusters(config, runtime)
+    if config.telemetry.otlp_endpoint:  # Envoy's spans go to the OTLP collector (tracing_config)
+        out.append(_grpc_cluster(OTLP_CLUSTER, [config.telemetry.otlp_endpoint], 1024 * 1024))
     return out
+
+
+def tracing_config(config: GatewayConfig) -> Json:
+    """HCM tracing (telemetry.otlp_endpoint): Envoy starts a trace (sampled at telemetry.sample_ratio) or
+    continues the client's W3C traceparent, and its gRPC calls to extauth, ratelimit, the adapter carry
+    their own child span's traceparent in their initial metadata (docs/observability.md)."""
+    return {
+        "random_sampling": {"value": config.telemetry.sample_ratio * 100},
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": T + "envoy.config.trace.v3.OpenTelemetryConfig",
+            # Envoy's exporter batches and never holds a request; 1s bounds one export.
+            "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+            "service_name": "ccr-envoy",
+        }},
+    }
 
 
 def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
@@ -689,9 +709,12 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "buffer_flush_interval": f"{config.audit.envoy_flush_interval_ms / 1000}s",
             },
             # The client's own request id (moved aside by _gateway_request_id).
-            "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID],
+            "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID] + (
+                [H_TRACEPARENT, H_TRACESTATE] if config.telemetry.otlp_endpoint else []),
         }}],
     }
+    if config.telemetry.otlp_endpoint:
+        hcm["tracing"] = tracing_config(config)
     if inline_routes:
         hcm["route_config"] = route_config(config)
     else:

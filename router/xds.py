@@ -18,6 +18,7 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2 as _otel  # noqa: F401
 
 # Typed configs referenced by "@type" inside the resources must be in the pool to parse.
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
@@ -48,6 +49,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 from google.protobuf import any_pb2, json_format
 
+from ccr import metrics
 from router.resources import Resources
 
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -56,6 +58,8 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 log = logging.getLogger("ccr.xds")
+# Type URL -> the `type` label of ccr_xds_version_info / ccr_xds_nacks_total.
+_SHORT = {LDS: "Listener", RDS: "RouteConfiguration", CDS: "Cluster", EDS: "ClusterLoadAssignment"}
 
 
 def _pack(kind: type, resource: dict[str, object]) -> tuple[str, any_pb2.Any]:
@@ -100,6 +104,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._snapshot = snapshot
         self._changed = asyncio.Condition()
         self.acked: dict[str, dict[str, str]] = {}  # node id -> type -> acked version
+        metrics.xds_served(_SHORT.values(), snapshot.version)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -111,6 +116,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         async with self._changed:
             self._snapshot = snapshot
             self._changed.notify_all()
+        metrics.xds_served(_SHORT.values(), snapshot.version)
         log.info("config version %s published", snapshot.version)
 
     async def StreamAggregatedResources(  # noqa: N802 - gRPC method name
@@ -140,6 +146,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     type_url = req.type_url
                     names = list(req.resource_names)
                     if req.HasField("error_detail"):
+                        metrics.xds_nacked(_SHORT.get(type_url, "other"))
                         log.error("node %s rejected %s version %s: %s", node_id, type_url.rsplit(".", 1)[-1],
                                   req.version_info, req.error_detail.message)
                     elif req.response_nonce:
