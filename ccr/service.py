@@ -4,9 +4,11 @@ Each service binds port 0 on the configured host (no assumed free port), then
 writes its real address to `--ready-file`, which is how the supervisor learns
 that it is serving and where.
 
-A service that names `mtls_peers` serves only mutual TLS with the run's identities
-(ccr/pki.py) and answers only callers whose certificate carries one of those SPIFFE IDs;
-without a run PKI it refuses to start rather than serve in plaintext.
+A service that names `mtls_peers` serves mutual TLS and answers only callers whose certificate
+carries one of those SPIFFE IDs. Its identity comes from the SPIRE agent's Workload API when the
+runtime names an agent socket (ccr/svid.py, rotated without a restart), else from the run PKI
+files (ccr/pki.py) when they hold its identity. A service started with `require_mtls` (the
+adapter) refuses to start rather than serve in plaintext.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ccr.config import GatewayConfig
 from ccr.logs import start_logging
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
+from ccr.svid import SvidSource
 
 log = logging.getLogger("ccr.service")
 
@@ -162,6 +165,72 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(ss, **kw)
 
 
+class SyncPeerIdentityCheck(grpc.ServerInterceptor):
+    """PeerIdentityCheck for grpcio's sync server (ratelimit)."""
+
+    def __init__(self, allowed: Collection[str]) -> None:
+        self._allowed = frozenset(allowed)
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        peer = peer_spiffe_id(context)  # type: ignore[arg-type]
+        if peer not in self._allowed:
+            log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
+                        sorted(self._allowed))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer identity {peer} may not call this service")
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        check = self._check
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            def uu(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(uu, **kw)
+        if handler.stream_unary:
+            def su(requests: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return handler.stream_unary(requests, context)
+            return grpc.stream_unary_rpc_method_handler(su, **kw)
+        if handler.unary_stream:
+            def us(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                yield from handler.unary_stream(request, context)
+            return grpc.unary_stream_rpc_method_handler(us, **kw)
+
+        def ss(requests: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            yield from handler.stream_stream(requests, context)
+        return grpc.stream_stream_rpc_method_handler(ss, **kw)
+
+
+def mtls_credentials(name: str, runtime: Runtime, peers: Collection[str], required: bool
+                     ) -> tuple[grpc.ServerCredentials | None, frozenset[str], SvidSource | None]:
+    """(server credentials, allowed peer SPIFFE IDs, the SVID source to close) for a service.
+
+    (None, {}, None): plaintext, only when the run has no identity for `name` and mTLS is not required.
+    """
+    if not peers:
+        return None, frozenset(), None
+    if runtime.spiffe_socket:
+        source = SvidSource(runtime.spiffe_socket)
+        own = source.material().spiffe_id
+        trust_domain = own.removeprefix("spiffe://").split("/", 1)[0]
+        if own != spiffe_id(name, trust_domain):
+            log.warning("the Workload API gave this process %s, not %s", own, spiffe_id(name, trust_domain))
+        return source.server_credentials(), frozenset(spiffe_id(p, trust_domain) for p in peers), source
+    if runtime.mtls is not None and name in runtime.mtls.identities:
+        return (server_credentials(runtime.mtls, name),
+                frozenset(spiffe_id(p, runtime.mtls.trust_domain) for p in peers), None)
+    if required:
+        raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has neither a SPIFFE agent socket "
+                         "nor a run PKI identity for it")
+    return None, frozenset(), None
+
+
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
@@ -174,23 +243,19 @@ def _bind(server: grpc.Server | grpc.aio.Server, name: str, host: str, port: int
     return f"{host}:{bound}"
 
 
-async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
+async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), require_mtls: bool = False) -> None:
     """Run one gRPC service until SIGTERM/SIGINT.
 
     `setup` registers servicers on the server and may return an async cleanup.
-    `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them.
+    `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them, when the
+    run gives this service an identity (always, with `require_mtls`).
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
     start_logging(name, config.services.log_format)
-    creds: grpc.ServerCredentials | None = None
-    interceptors: list[grpc.aio.ServerInterceptor] = []
-    if mtls_peers:
-        if runtime.mtls is None:
-            raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
-        creds = server_credentials(runtime.mtls, name)
-        interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
+    creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, require_mtls)
+    interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed)] if creds else []
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -214,29 +279,31 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     await server.stop(grace=drain)
     if cleanup is not None:
         await cleanup()
+    if svids is not None:
+        svids.close()
     logging.info("stopped")
 
 
-def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False) -> None:
+def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False,
+        require_mtls: bool = False) -> None:
     """`fast_loop`: run on uvloop, which cut the hot-path services' CPU per call by about a tenth
     (bench/profiles.md); opt-in per service, the others keep asyncio's loop."""
     if fast_loop:
         import uvloop
 
-        uvloop.run(serve_grpc(name, setup, mtls_peers))
+        uvloop.run(serve_grpc(name, setup, mtls_peers, require_mtls))
     else:
-        asyncio.run(serve_grpc(name, setup, mtls_peers))
+        asyncio.run(serve_grpc(name, setup, mtls_peers, require_mtls))
 
 
 SyncSetup = Callable[[grpc.Server, GatewayConfig, Runtime], Callable[[], None] | None]
 
 
-def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
+def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collection[str] = ()) -> None:
     """Run one gRPC service on grpcio's sync server (a pool of `threads`) until SIGTERM/SIGINT.
 
     For handlers that only block on I/O (ratelimit: one Redis call). grpcio's sync server costs
-    less CPU per call than grpc.aio, with asyncio's loop or uvloop (bench/profiles.md). Plaintext
-    only: no service that needs mTLS runs here.
+    less CPU per call than grpc.aio, with asyncio's loop or uvloop (bench/profiles.md).
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
@@ -245,12 +312,14 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, False)
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
-                         options=server_options(args.reuse_port))
+                         options=server_options(args.reuse_port),
+                         interceptors=[SyncPeerIdentityCheck(allowed)] if creds else None)
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
-    address = _bind(server, name, args.host or config.services.bind_host, args.port, None)
+    address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
     server.start()
     for service in ("", name):
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -263,4 +332,6 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     server.stop(grace=drain).wait()
     if cleanup is not None:
         cleanup()
+    if svids is not None:
+        svids.close()
     logging.info("stopped")
