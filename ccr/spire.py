@@ -102,6 +102,9 @@ class Spire:
     agent_id: str
     bundle_pem: Path
     children: list[Child] = field(default_factory=list)
+    port: int = 0  # the server's agent API
+    base: Path = Path()  # config and data
+    svid_ttl_s: int = 3600
 
     def server_cmd(self, *args: str) -> str:
         """Run `spire-server <args> -socketPath ...` (the admin API); its stdout."""
@@ -135,6 +138,11 @@ def _server_conf(data: Path, sock: Path, port: int, trust_domain: str, ttl_s: in
   log_level = "WARN"
   default_x509_svid_ttl = "{ttl_s}s"
   ca_ttl = "72h"
+  experimental {{
+    # The entries are created just before the agent attests; its first sync must see them
+    # (the default 5s reload left every part waiting for its SVID at start).
+    cache_reload_interval = "200ms"
+  }}
 }}
 plugins {{
   DataStore "sql" {{
@@ -191,13 +199,13 @@ def _healthy(binary: str, sock: Path) -> bool:
                           timeout=10).returncode == 0
 
 
-def start_spire(run_dir: Path, logs: Path, workloads: dict[str, Path], *, x509_svid_ttl_s: int = 3600,
-                trust_domain: str = RUN_TRUST_DOMAIN) -> Spire:
-    """Server, entries for `workloads` (part -> its executable path), then the agent.
-
-    The caller tracks (and stops) `Spire.children`; on failure the ones started are stopped here.
-    """
-    server_bin, agent_bin = spire_binary("spire-server"), spire_binary("spire-agent")
+def spawn_spire_server(run_dir: Path, logs: Path, *, x509_svid_ttl_s: int = 3600,
+                       trust_domain: str = RUN_TRUST_DOMAIN) -> Spire:
+    """The server, started and not waited for: `ccr up` starts PostgreSQL meanwhile, then calls
+    `finish_spire`. (Both run on the caller's thread: children get the parent-death signal when
+    the thread that spawned them ends, so no helper thread may spawn them.)"""
+    server_bin = spire_binary("spire-server")
+    spire_binary("spire-agent")  # missing? say so before anything starts
     base = run_dir / "spire"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(mode=0o700, parents=True)
@@ -208,32 +216,47 @@ def start_spire(run_dir: Path, logs: Path, workloads: dict[str, Path], *, x509_s
     port = free_port()
     server_conf = base / "server.conf"
     server_conf.write_text(_server_conf(base / "server", server_sock, port, trust_domain, x509_svid_ttl_s))
-    children: list[Child] = []
+    server = spawn("spire-server", [server_bin, "run", "-config", str(server_conf)], logs)
+    return Spire(trust_domain, agent_sock, server_sock, "", base / "bundle.pem", [server], port=port, base=base,
+                 svid_ttl_s=x509_svid_ttl_s)
+
+
+def finish_spire(spire: Spire, logs: Path, workloads: dict[str, Path]) -> Spire:
+    """Once the server is healthy: entries for `workloads` (part -> its executable path), then the
+    agent, healthy and holding the entries when this returns.
+
+    The caller tracks (and stops) `spire.children`, also when this raises."""
+    server_bin, agent_bin = spire_binary("spire-server"), spire_binary("spire-agent")
+    server = spire.children[0]
+    wait_until(server, lambda: _healthy(server_bin, spire.server_socket), 30, "healthy", interval=0.1)
+    spire.bundle_pem.write_text(spire.server_cmd("bundle", "show"))
+    token = str(json.loads(spire.server_cmd("token", "generate", "-ttl", "600", "-output", "json"))["value"])
+    td = spire.trust_domain
+    spire.agent_id = f"spiffe://{td}/spire/agent/join_token/{token}"
+    uid = os.getuid()
+    entries = {"entries": [{
+        "spiffe_id": spiffe_id(part, td), "parent_id": spire.agent_id,
+        "selectors": [{"type": "unix", "value": f"uid:{uid}"}, {"type": "unix", "value": f"path:{path}"}],
+        "x509_svid_ttl": spire.svid_ttl_s,
+    } for part, path in workloads.items()]}
+    entries_file = spire.base / "entries.json"
+    entries_file.write_text(json.dumps(entries))
+    spire.server_cmd("entry", "create", "-data", str(entries_file))
+    agent_conf = spire.base / "agent.conf"
+    agent_conf.write_text(_agent_conf(spire.base / "agent", spire.agent_socket, spire.port, td, spire.bundle_pem))
+    agent = spawn("spire-agent", [agent_bin, "run", "-config", str(agent_conf), "-joinToken", token], logs)
+    spire.children.append(agent)
+    wait_until(agent, lambda: _healthy(agent_bin, spire.agent_socket), 30, "healthy", interval=0.1)
+    return spire
+
+
+def start_spire(run_dir: Path, logs: Path, workloads: dict[str, Path], *, x509_svid_ttl_s: int = 3600,
+                trust_domain: str = RUN_TRUST_DOMAIN) -> Spire:
+    """Server, entries, agent, in one go; on failure the ones started are stopped here."""
+    spire = spawn_spire_server(run_dir, logs, x509_svid_ttl_s=x509_svid_ttl_s, trust_domain=trust_domain)
     try:
-        server = spawn("spire-server", [server_bin, "run", "-config", str(server_conf)], logs)
-        children.append(server)
-        wait_until(server, lambda: _healthy(server_bin, server_sock), 30, "healthy", interval=0.1)
-        spire = Spire(trust_domain, agent_sock, server_sock, "", base / "bundle.pem", children)
-        spire.bundle_pem.write_text(spire.server_cmd("bundle", "show"))
-        token = str(json.loads(spire.server_cmd("token", "generate", "-ttl", "600", "-output", "json"))["value"])
-        spire.agent_id = f"spiffe://{trust_domain}/spire/agent/join_token/{token}"
-        uid = os.getuid()
-        entries = {"entries": [{
-            "spiffe_id": spiffe_id(part, trust_domain), "parent_id": spire.agent_id,
-            "selectors": [{"type": "unix", "value": f"uid:{uid}"}, {"type": "unix", "value": f"path:{path}"}],
-            "x509_svid_ttl": x509_svid_ttl_s,
-        } for part, path in workloads.items()]}
-        entries_file = base / "entries.json"
-        entries_file.write_text(json.dumps(entries))
-        spire.server_cmd("entry", "create", "-data", str(entries_file))
-        agent_conf = base / "agent.conf"
-        agent_conf.write_text(_agent_conf(base / "agent", agent_sock, port, trust_domain,
-                                          spire.bundle_pem))
-        agent = spawn("spire-agent", [agent_bin, "run", "-config", str(agent_conf), "-joinToken", token], logs)
-        children.append(agent)
-        wait_until(agent, lambda: _healthy(agent_bin, agent_sock), 30, "healthy", interval=0.1)
-        return spire
+        return finish_spire(spire, logs, workloads)
     except BaseException:
-        for c in reversed(children):
+        for c in reversed(spire.children):
             c.stop()
         raise

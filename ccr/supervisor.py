@@ -37,7 +37,7 @@ from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
 from ccr.procs import Child, StartError, free_port, spawn, wait_ready_file, wait_until
 from ccr.runtime import Runtime, UpstreamOverride
-from ccr.spire import WORKLOADS_DIR, Spire, binary_workload, python_workload, start_spire
+from ccr.spire import WORKLOADS_DIR, Spire, binary_workload, finish_spire, python_workload, spawn_spire_server
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_TEMPLATE = REPO / "envoy" / "bootstrap.yaml"
@@ -237,17 +237,25 @@ class Gateway:
     # Part -> the executable path it is launched through (its SPIFFE workload path; ccr/spire.py).
     workloads: dict[str, Path] = field(default_factory=dict)
     spire: Spire | None = None
+    _spiffe_t0: float = 0.0
 
     def _python(self, part: str) -> str:
         return str(self.workloads.get(part) or sys.executable)
 
-    def _start_spiffe(self, config: GatewayConfig, runtime: Runtime, run_dir: Path, logs: Path,
-                      modules: Mapping[str, str]) -> None:
-        """Workload paths for every part, then SPIRE (unless an agent is configured): ccr/spire.py."""
-        t = time.monotonic()
+    def _begin_spiffe(self, config: GatewayConfig, run_dir: Path, logs: Path) -> None:
+        """Workload paths for every part, and the SPIRE server (unless an agent is configured;
+        ccr/spire.py): it comes up while PostgreSQL does, and `_finish_spiffe` completes it."""
+        self._spiffe_t0 = time.monotonic()
         root = run_dir / WORKLOADS_DIR
         self.workloads = {part: python_workload(root, part) for part in SPIFFE_PARTS if part != ID_ENVOY}
         self.workloads[ID_ENVOY] = binary_workload(root, ID_ENVOY, envoy_binary())
+        s = config.services.spiffe
+        if not s.agent_socket:
+            self.spire = spawn_spire_server(run_dir, logs, x509_svid_ttl_s=s.x509_svid_ttl_s,
+                                            trust_domain=s.trust_domain)
+            self._track(self.spire.children[0])
+
+    def _finish_spiffe(self, config: GatewayConfig, runtime: Runtime, logs: Path) -> None:
         s = config.services.spiffe
         if s.agent_socket:
             sock = Path(s.agent_socket)
@@ -258,13 +266,16 @@ class Gateway:
             runtime.spiffe_socket, runtime.spiffe_trust_domain = str(sock), s.trust_domain
             self.status("spiffe", f"SVIDs from the SPIRE agent at {sock} (trust domain {s.trust_domain})")
             return
-        self.spire = start_spire(run_dir, logs, self.workloads, x509_svid_ttl_s=s.x509_svid_ttl_s,
-                                 trust_domain=s.trust_domain)
-        for child in self.spire.children:
-            self._track(child)
+        assert self.spire is not None
+        try:
+            finish_spire(self.spire, logs, self.workloads)
+        finally:
+            for child in self.spire.children[1:]:
+                self._track(child)
         runtime.spiffe_socket, runtime.spiffe_trust_domain = str(self.spire.agent_socket), s.trust_domain
-        self.status("spiffe", f"SPIRE server and agent for spiffe://{s.trust_domain} "
-                    f"(pids {', '.join(str(c.pid) for c in self.spire.children)}) in {time.monotonic() - t:.1f}s")
+        self.status("spiffe", f"SPIRE server and agent for spiffe://{s.trust_domain} (pids "
+                    f"{', '.join(str(c.pid) for c in self.spire.children)}) ready "
+                    f"{time.monotonic() - self._spiffe_t0:.1f}s after the server started")
 
     @property
     def config(self) -> GatewayConfig:
@@ -304,6 +315,8 @@ class Gateway:
         for stale in run_dir.glob("*.ready"):
             stale.unlink()
         host = config.services.bind_host
+        if config.services.spiffe.mode == "spire":
+            self._begin_spiffe(config, run_dir, logs)
 
         t = time.monotonic()
         if config.storage.postgres_dsn:
@@ -345,7 +358,7 @@ class Gateway:
 
         modules = services_for(config)
         if config.services.spiffe.mode == "spire":
-            self._start_spiffe(config, runtime, run_dir, logs, modules)
+            self._finish_spiffe(config, runtime, logs)
         else:  # Only the hop that carries secrets, Envoy -> adapter, with a throwaway run CA.
             runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
         credentials |= self._start_emulators(config, runtime, run_dir, logs)

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ccr.pki import issue_run_pki
 from ccr.supervisor import Gateway
-from tests.harness import running_gateway
+from tests.harness import log_row, running_gateway
 
 SVID_TTL_S = 60  # the agent renews at half of it
 MODEL = "claude-haiku-4-5"
@@ -117,11 +117,14 @@ def envoy_svid_serials(gw: Gateway) -> set[str]:
 
 def test_sdk_requests_cross_mtls_on_every_hop(gw: Gateway, client: anthropic.Anthropic) -> None:
     before = envoy_stats(gw)
-    reply = client.messages.create(model=MODEL, max_tokens=16, messages=HELLO)
-    assert reply.content
+    raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=HELLO)
+    assert raw.parse().content
     with client.messages.stream(model=MODEL, max_tokens=16, messages=HELLO) as stream:
         assert stream.get_final_text()
     client.messages.batches.list()  # Batches go through the adapter (ext_proc on the objects cluster)
+    assert gw.runtime is not None
+    # The access-log receiver (mTLS only) wrote the request's row: Envoy's log stream reached it.
+    assert log_row(gw.runtime.postgres_dsn, raw.headers["x-request-id"])["status"] == 200
     stats = envoy_stats(gw)
     for cluster in SERVICE_CLUSTERS:
         # Each hop completed TLS handshakes and never fell back to anything else.
