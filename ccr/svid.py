@@ -9,7 +9,10 @@ without a restart, and connections already open keep the certificate they were m
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
+from collections.abc import Collection
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -77,5 +80,49 @@ class SvidSource:
         return grpc.dynamic_ssl_server_credentials(self._config(m), self._fetch,
                                                    require_client_authentication=True)
 
+    def ssl_server_context(self, alpn: Collection[str] = ("http/1.1",)) -> ssl.SSLContext:
+        """An ssl.SSLContext (for HTTP servers) that requires a client SVID chaining to the bundle;
+        reloaded in place when the agent rotates this process's SVID. The peer's ID is the
+        caller's to check (`peer_uri_sans`)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(list(alpn))
+        lock = threading.Lock()
+        loaded: list[int] = []
+
+        def load() -> None:
+            m = self.material()
+            with lock:
+                if loaded and loaded[-1] == m.serial:
+                    return
+                _load_chain(ctx, m)
+                # Added, not replaced: a CA that leaves the bundle stays trusted until a restart.
+                ctx.load_verify_locations(cadata=m.bundle.decode())
+                loaded.append(m.serial)
+            log.info("serving with X.509-SVID %s serial %x", m.spiffe_id, m.serial)
+
+        load()
+        self._source.subscribe_for_updates(load)
+        return ctx
+
     def close(self) -> None:
         self._source.close()
+
+
+def _load_chain(ctx: ssl.SSLContext, m: SvidMaterial) -> None:
+    # ssl reads certificates and keys only from paths: anonymous memory files, so the private key
+    # never touches a file system.
+    fds = [os.memfd_create("svid-chain", os.MFD_CLOEXEC), os.memfd_create("svid-key", os.MFD_CLOEXEC)]
+    try:
+        os.write(fds[0], m.chain)
+        os.write(fds[1], m.key)
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def peer_uri_sans(peercert: dict | None) -> list[str]:
+    """URI SANs of a verified peer certificate as ssl's getpeercert() returns it."""
+    return [v for k, v in (peercert or {}).get("subjectAltName", ()) if k == "URI"]

@@ -29,6 +29,7 @@ from ccr.contract import (
     ID_ENVOY,
     ID_EXTAUTH,
     ID_RATELIMIT,
+    ID_SIGNIN,
     RL_DOMAIN,
     RL_PRINCIPAL_KEY,
     RUN_TRUST_DOMAIN,
@@ -99,13 +100,13 @@ def spiffe_sds_config() -> Json:
         "grpc_services": [{"envoy_grpc": {"cluster_name": SPIRE_AGENT_CLUSTER}}]}}
 
 
-def spiffe_upstream_tls(trust_domain: str, server: str) -> Json:
+def spiffe_upstream_tls(trust_domain: str, server: str, alpn: tuple[str, ...] = ("h2",)) -> Json:
     """Envoy presents its SVID (SDS, from the SPIRE agent) and accepts only spiffe://<td>/<server>,
     chained to the trust bundle of `trust_domain` (SDS too): both rotate without a config change."""
     return {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
-            "alpn_protocols": ["h2"],
+            "alpn_protocols": list(alpn),
             "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
             "tls_certificate_sds_secret_configs": [{"name": f"spiffe://{trust_domain}/{ID_ENVOY}",
                                                     "sds_config": spiffe_sds_config()}],
@@ -364,14 +365,18 @@ def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     if not runtime.signin:
         raise ValueError("runtime lacks the address of the signin service")
     host, port = _host_port(runtime.signin)
-    return [{
+    cluster: Json = {
         "name": SIGNIN,
         "type": "STATIC",
         "connect_timeout": "2s",
         "per_connection_buffer_limit_bytes": 64 * 1024,
         "load_assignment": {"cluster_name": SIGNIN, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
             "socket_address": {"address": host, "port_value": port}}}}]}]},
-    }]
+    }
+    if runtime.spiffe_socket:  # HTTP/1.1 over SPIFFE mTLS
+        cluster["transport_socket"] = spiffe_upstream_tls(runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN,
+                                                          ID_SIGNIN, alpn=("http/1.1",))
+    return [cluster]
 
 
 def _no_authorization() -> Json:
