@@ -238,3 +238,47 @@ def test_svid_rotation_mid_run_breaks_no_request(gw: Gateway, client: anthropic.
         assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
     stats = envoy_stats(gw)
     assert {c: stats.get(f"cluster.{c}.ssl.connection_error", 0) for c in SERVICE_CLUSTERS} == errors_before
+
+
+def test_envoy_accepts_only_each_services_own_spiffe_id(tmp_path: Path) -> None:
+    """Envoy's side of the trust model, in the config it is given: every service cluster and the ADS
+    cluster present Envoy's SVID and require the exact SPIFFE ID of the service behind them."""
+    import subprocess
+
+    from ccr.config import load_config
+    from ccr.credentials import write_secret
+    from ccr.runtime import Runtime
+    from ccr.supervisor import envoy_binary, render_bootstrap
+    from router import resources
+
+    repo = Path(__file__).resolve().parent.parent
+    cred = write_secret(tmp_path / "anthropic.json", "anthropic", "sk-ant-test")
+    rt = Runtime(config_path=str(repo / "ccr.example.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://x",
+                 redis_url="redis://x", extauth="127.0.0.1:7001", ratelimit="127.0.0.1:7002",
+                 adapter="127.0.0.1:7003", accesslog="127.0.0.1:7004", listen_port=18080,
+                 provider_credentials={"anthropic": str(cred)}, spiffe_socket="/run/agent.sock",
+                 spiffe_trust_domain="ccr.local")
+
+    def expected(tls: dict[str, Any]) -> tuple[str, str, str]:
+        common = tls["typed_config"]["common_tls_context"]
+        ctx = common["combined_validation_context"]
+        return (common["tls_certificate_sds_secret_configs"][0]["name"],
+                ctx["validation_context_sds_secret_config"]["name"],
+                ctx["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"])
+
+    by_name = {c["name"]: c for c in resources.clusters(load_config(repo / "ccr.example.yaml"), rt)}
+    for cluster, part in resources.SERVICE_IDENTITY.items():
+        assert expected(by_name[cluster]["transport_socket"]) == (
+            "spiffe://ccr.local/envoy", "spiffe://ccr.local", f"spiffe://ccr.local/{part}")
+    text = render_bootstrap("ccr-test", "127.0.0.1", 0, "127.0.0.1:7005", spiffe=("/run/agent.sock", "ccr.local"))
+    boot = json.loads(text)
+    xds, agent = boot["static_resources"]["clusters"]
+    assert expected(xds["transport_socket"]) == ("spiffe://ccr.local/envoy", "spiffe://ccr.local",
+                                                 "spiffe://ccr.local/router")
+    assert agent["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "pipe": {"path": "/run/agent.sock"}}
+    f = tmp_path / "bootstrap.json"
+    f.write_text(text)
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
