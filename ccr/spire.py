@@ -110,6 +110,23 @@ class Spire:
         """Run `spire-server <args> -socketPath ...` (the admin API); its stdout."""
         return _run([spire_binary("spire-server"), *args, "-socketPath", str(self.server_socket)])
 
+    def register(self, workloads: dict[str, Path]) -> None:
+        """One entry per part (part -> its executable path) under this run's agent: SPIFFE ID
+        spiffe://<td>/<part> for a process of our uid exec'd from exactly that path."""
+        uid = os.getuid()
+        entries = {"entries": [{
+            "spiffe_id": spiffe_id(part, self.trust_domain), "parent_id": self.agent_id,
+            "selectors": [{"type": "unix", "value": f"uid:{uid}"}, {"type": "unix", "value": f"path:{path}"}],
+            "x509_svid_ttl": self.svid_ttl_s,
+        } for part, path in workloads.items()]}
+        fd, name = tempfile.mkstemp(prefix="entries-", suffix=".json", dir=self.base)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f)
+        try:
+            self.server_cmd("entry", "create", "-data", name)
+        finally:
+            os.unlink(name)
+
     def mint_x509(self, part: str, ttl_s: int = 300) -> tuple[bytes, bytes]:
         """(chain PEM, key PEM) of an X.509-SVID for `part`, straight from the server (tests only)."""
         out = Path(tempfile.mkdtemp(prefix="ccr-mint-"))
@@ -221,9 +238,16 @@ def spawn_spire_server(run_dir: Path, logs: Path, *, x509_svid_ttl_s: int = 3600
                  svid_ttl_s=x509_svid_ttl_s)
 
 
+def remove_spire_state(spire: Spire) -> None:
+    """After the server and agent stopped: their data, config and sockets (a run starts afresh)."""
+    shutil.rmtree(spire.base, ignore_errors=True)
+    if not spire.agent_socket.parent.is_relative_to(spire.base):  # a short temp dir for the sockets
+        shutil.rmtree(spire.agent_socket.parent, ignore_errors=True)
+
+
 def finish_spire(spire: Spire, logs: Path, workloads: dict[str, Path]) -> Spire:
     """Once the server is healthy: entries for `workloads` (part -> its executable path), then the
-    agent, healthy and holding the entries when this returns.
+    agent, healthy when this returns (its first sync, right after it attests, finds the entries).
 
     The caller tracks (and stops) `spire.children`, also when this raises."""
     server_bin, agent_bin = spire_binary("spire-server"), spire_binary("spire-agent")
@@ -233,15 +257,7 @@ def finish_spire(spire: Spire, logs: Path, workloads: dict[str, Path]) -> Spire:
     token = str(json.loads(spire.server_cmd("token", "generate", "-ttl", "600", "-output", "json"))["value"])
     td = spire.trust_domain
     spire.agent_id = f"spiffe://{td}/spire/agent/join_token/{token}"
-    uid = os.getuid()
-    entries = {"entries": [{
-        "spiffe_id": spiffe_id(part, td), "parent_id": spire.agent_id,
-        "selectors": [{"type": "unix", "value": f"uid:{uid}"}, {"type": "unix", "value": f"path:{path}"}],
-        "x509_svid_ttl": spire.svid_ttl_s,
-    } for part, path in workloads.items()]}
-    entries_file = spire.base / "entries.json"
-    entries_file.write_text(json.dumps(entries))
-    spire.server_cmd("entry", "create", "-data", str(entries_file))
+    spire.register(workloads)
     agent_conf = spire.base / "agent.conf"
     agent_conf.write_text(_agent_conf(spire.base / "agent", spire.agent_socket, spire.port, td, spire.bundle_pem))
     agent = spawn("spire-agent", [agent_bin, "run", "-config", str(agent_conf), "-joinToken", token], logs)

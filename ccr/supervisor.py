@@ -37,7 +37,15 @@ from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
 from ccr.procs import Child, StartError, free_port, spawn, wait_ready_file, wait_until
 from ccr.runtime import Runtime, UpstreamOverride
-from ccr.spire import WORKLOADS_DIR, Spire, binary_workload, finish_spire, python_workload, spawn_spire_server
+from ccr.spire import (
+    WORKLOADS_DIR,
+    Spire,
+    binary_workload,
+    finish_spire,
+    python_workload,
+    remove_spire_state,
+    spawn_spire_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_TEMPLATE = REPO / "envoy" / "bootstrap.yaml"
@@ -519,6 +527,9 @@ class Gateway:
         if self.runtime is not None:
             for path in self.runtime.provider_credentials.values():
                 Path(path).unlink(missing_ok=True)  # provider credentials end with the run
+        if self.spire is not None:
+            remove_spire_state(self.spire)
+            self.spire = None
         if self.runtime is not None and self.runtime.mtls is not None:
             # The run's private keys end with the run (the next start issues new ones).
             shutil.rmtree(Path(self.runtime.mtls.ca).parent, ignore_errors=True)

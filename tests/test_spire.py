@@ -282,3 +282,27 @@ def test_envoy_accepts_only_each_services_own_spiffe_id(tmp_path: Path) -> None:
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_a_gateway_on_an_existing_spire_agent(gw: Gateway, tmp_path: Path) -> None:
+    """services.spiffe.agent_socket: no SPIRE of its own; SVIDs from the agent given (here the module
+    gateway's), for the entries its operator created (here: the second gateway's workload paths)."""
+    from ccr.contract import ID_ENVOY, SPIFFE_PARTS
+    from ccr.spire import WORKLOADS_DIR
+    from ccr.supervisor import envoy_binary
+
+    assert gw.spire is not None
+    root = tmp_path / "data" / "run" / WORKLOADS_DIR
+    paths = {p: root / p / "bin" / ("python" if p != ID_ENVOY else Path(envoy_binary()).name) for p in SPIFFE_PARTS}
+    gw.spire.register(paths)
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg.setdefault("services", {})["spiffe"] = {"agent_socket": str(gw.spire.agent_socket)}  # type: ignore[union-attr]
+
+    with running_gateway(tmp_path, edit) as other:
+        assert other.spire is None and not any(c.name.startswith("spire") for c in other.children)
+        assert other.runtime is not None and other.runtime.spiffe_socket == str(gw.spire.agent_socket)
+        client = anthropic.Anthropic(base_url=other.url, api_key=other.api_key, max_retries=0)
+        assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
+        stats = envoy_stats(other)
+        assert all(stats[f"cluster.{c}.ssl.handshake"] >= 1 for c in ("ccr_extauth", "ccr_ratelimit", "ccr_xds"))
