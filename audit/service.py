@@ -13,6 +13,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, entry_to_row
+from audit.ledger import SpendRecorder
 from audit.spool import Spool
 from audit.writer import RequestLogWriter, new_chain_id
 from ccr.config import GatewayConfig
@@ -24,8 +25,9 @@ IN_FLIGHT = 32
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, writer: RequestLogWriter) -> None:
+    def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None) -> None:
         self.writer = writer
+        self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
 
     async def StreamAccessLogs(  # noqa: N802 - gRPC method name
         self,
@@ -54,6 +56,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
+                if self.spend is not None:  # spend (issue 8): cost, ledger row, settlement
+                    try:
+                        await self.spend.on_entry(entry)
+                    except Exception:
+                        log.exception("spend accounting failed for request_id=%r", entry.request.request_id)
             # At most IN_FLIGHT messages of a stream are read before their rows are durable
             # (committed or spooled): what Envoy sent is safe within a few messages, and a stalled
             # writer stops the reading, which holds Envoy back.
@@ -63,6 +70,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
         # its rows are durable, so a closed stream means a kept log.
         await self.writer.flush()
+        if self.spend is not None:
+            await self.spend.flush()
         if skipped:
             log.warning("access log stream ended; %d malformed entries skipped", skipped)
         return als_pb2.StreamAccessLogsResponse()
@@ -87,5 +96,18 @@ async def setup(
 ) -> Callable[[], Awaitable[None]]:
     writer = make_writer(config, runtime)
     writer.start()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer), server)
-    return writer.stop
+    spend = None
+    if config.spend.enabled:
+        spool = Path(runtime.config_path).resolve().parent / config.storage.data_dir / config.spend.spool_dir
+        # As the request_log writer: the insert-only role when ccr manages PostgreSQL (migration 10
+        # grants it the ledger), else the configured DSN.
+        spend = SpendRecorder(config, runtime.audit_dsn or runtime.postgres_dsn, runtime.redis_url, spool)
+        spend.start()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer, spend), server)
+
+    async def stop() -> None:
+        await writer.stop()
+        if spend is not None:
+            await spend.stop()
+
+    return stop

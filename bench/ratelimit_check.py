@@ -1,105 +1,243 @@
-"""Time ShouldRateLimit over loopback gRPC: p50/p99 latency and throughput.
+"""ShouldRateLimit over loopback gRPC with five descriptors per request: p50/p99, throughput, and
+Redis round trips per decision; ours beside envoyproxy/ratelimit (Go) on the same config file.
 
-    .venv/bin/python bench/ratelimit_check.py --address 127.0.0.1:PORT
-    .venv/bin/python bench/ratelimit_check.py --redis-url redis://127.0.0.1:6379/0
+    .venv/bin/python bench/ratelimit_check.py --redis-url redis://:PW@127.0.0.1:6379/0 [--peer]
+    .venv/bin/python bench/ratelimit_check.py --start-redis --peer --duration 2
 
-Without --address it starts `python -m ratelimit` against the given Redis and
-stops it afterwards. By default every request counts against a limit large enough
-never to trip, so the numbers are those of the allow path (one Redis EVALSHA per
-call); `--limit 1` times clients hammering past their limit instead (answered from
-the service's over-limit cache without Redis).
+It starts `python -m ratelimit` (and with --peer the Go service, ~/.cache/ccr-peers/bin/service_cmd,
+built by /work/shared/peers/envoyproxy-ratelimit.sh) against the same Redis and the same
+envoyproxy-style YAML file, then for each: closed loop at c=1 and c=16, and open loop paced at
+--rate req/s (default 500). Workloads:
+
+- yaml: domain `bench`, five one-entry descriptors (principal, key_id, tenant, groups, model), each
+  under a fixed-window YAML limit never reached (the allow path).
+- ccr:  domain `ccr` (ours only), the same five descriptors under ccr's own rules: sliding windows
+  (principal, key_id, tenant, model) and a token bucket (groups).
+
+Redis round trips are counted from INFO commandstats before and after each run: ours makes one
+EVALSHA per decision (the commands inside it are listed apart); the Go service pipelines one
+INCRBY (+ EXPIRE) per descriptor, so its figure is commands per decision.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
+import redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
+from ccr.localservers import start_redis  # noqa: E402
+from ccr.procs import Child, free_port, spawn, wait_ready_file, wait_until  # noqa: E402
 from ccr.runtime import Runtime  # noqa: E402
 
+PEER_BIN = Path.home() / ".cache/ccr-peers/bin/service_cmd"
+KEYS = ("principal", "key_id", "tenant", "groups", "model")
+YAML = "domain: bench\ndescriptors:\n" + "".join(
+    f"  - key: {k}\n    rate_limit: {{unit: hour, requests_per_unit: 1000000000}}\n" for k in KEYS)
+GATEWAY_YAML = """version: 1
+providers: [{name: anthropic}]
+models: [{match: '*', provider: anthropic}]
+limits:
+  envoy_config_dir: rls
+  rules:
+    - {name: p, per: principal, amount: 1000000000, unit: hour}
+    - {name: k, per: key, amount: 1000000000, unit: minute}
+    - {name: t, per: tenant, amount: 1000000000, unit: day}
+    - {name: g, per: group, amount: 1000000000, unit: hour, algorithm: token_bucket}
+    - {name: m, per: model, amount: 1000000000, unit: minute}
+"""
 
-def _request(key: str, limit: int) -> rls_pb2.RateLimitRequest:
-    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "principal", "value": key}])
-    d.limit.requests_per_unit = limit
-    d.limit.unit = rls_pb2.RateLimitResponse.RateLimit.HOUR
-    return rls_pb2.RateLimitRequest(domain="ccr", descriptors=[d])
+
+def requests(domain: str, n: int) -> list[rls_pb2.RateLimitRequest]:
+    """n distinct callers (principal and key), 10 tenants, 5 groups, 3 models."""
+    run = uuid.uuid4().hex[:6]
+    out = []
+    for i in range(n):
+        vals = (f"p{run}{i}", f"k{run}{i}", f"t{i % 10}", f"g{i % 5}", f"m{i % 3}")
+        if domain == "ccr":
+            vals = (vals[0], vals[1], vals[2], f"{run}{i % 5}", vals[4])
+        descriptors = [ratelimit_pb2.RateLimitDescriptor(entries=[{"key": k, "value": v}])
+                       for k, v in zip(KEYS, vals, strict=True)]
+        out.append(rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors))
+    return out
 
 
-async def _run(address: str, total: int, concurrency: int, keys: int, limit: int) -> None:
-    reqs = [_request(f"bench_{uuid.uuid4().hex[:8]}", limit) for _ in range(keys)]
-    expect_ok = limit >= total + keys
+def _calls(rc: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in rc.info("commandstats").items()
+            if k not in ("cmdstat_info", "cmdstat_config")}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_s(rc: redis.Redis) -> float:
+    info = rc.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _line(label: str, lat: list[float], wall: float, decisions: int, before: dict[str, int],
+          after: dict[str, int], cpu_s: float, redis_cpu_s: float) -> str:
+    lat = sorted(lat)
+    p50 = statistics.median(lat) * 1e3
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
+    diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    diff = {k: v for k, v in diff.items() if v > 0}
+    scripts = diff.get("evalsha", 0) + diff.get("eval", 0)
+    inner = {k: v / decisions for k, v in sorted(diff.items()) if k not in ("evalsha", "eval", "script|load")}
+    rt = (f"round trips/decision={scripts / decisions:.2f} (EVALSHA)" if scripts
+          else f"commands/decision={sum(inner.values()):.2f} (pipelined)")
+    cmds = " ".join(f"{k}={v:.2f}" for k, v in inner.items())
+    return (f"{label:<22} n={len(lat):>6} p50={p50:6.3f} ms p99={p99:6.3f} ms {len(lat) / wall:7.0f} req/s  "
+            f"cpu/decision: service {cpu_s / decisions * 1e6:5.0f} us, redis {redis_cpu_s / decisions * 1e6:4.0f} us  "
+            f"{rt}  [{cmds}]")
+
+
+async def _closed(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.RateLimitRequest], conc: int,
+                  duration: float) -> tuple[list[float], float]:
     lat: list[float] = []
+    end = time.perf_counter() + duration
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            r = reqs[next(counter) % len(reqs)]
+            t = time.perf_counter()
+            resp = await stub.ShouldRateLimit(r, timeout=5)
+            lat.append(time.perf_counter() - t)
+            if resp.overall_code != rls_pb2.RateLimitResponse.OK:
+                raise SystemExit(f"unexpected {resp}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return lat, time.perf_counter() - t0
+
+
+async def _paced(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.RateLimitRequest], rate: float,
+                 duration: float) -> tuple[list[float], float]:
+    lat: list[float] = []
+    n = int(rate * duration)
+    tasks = []
+
+    async def one(r: rls_pb2.RateLimitRequest) -> None:
+        t = time.perf_counter()
+        await stub.ShouldRateLimit(r, timeout=5)
+        lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(reqs[i % len(reqs)])))
+    await asyncio.gather(*tasks)
+    return lat, time.perf_counter() - t0
+
+
+async def measure(label: str, address: str, pid: int, domain: str, redis_url: str, duration: float,
+                  rate: float) -> None:
+    reqs = requests(domain, 1000)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
-        for r in reqs:  # connect before timing; with a small --limit, take every key over it
-            for _ in range(1 if expect_ok else limit + 1):
-                await stub.ShouldRateLimit(r, timeout=5)
-        want = rls_pb2.RateLimitResponse.OK if expect_ok else rls_pb2.RateLimitResponse.OVER_LIMIT
-        counter = iter(range(total))
-
-        async def worker() -> None:
-            for i in counter:
-                t = time.perf_counter()
-                r = await stub.ShouldRateLimit(reqs[i % keys], timeout=5)
-                lat.append(time.perf_counter() - t)
-                if r.overall_code != want:
-                    raise SystemExit(f"unexpected {r}")
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    q = statistics.quantiles(lat, n=100)
-    print(f"requests={total} concurrency={concurrency} keys={keys} limit={limit}")
-    print(f"p50={q[49] * 1e3:.3f} ms  p99={q[98] * 1e3:.3f} ms  throughput={total / wall:.0f} req/s")
+        for r in reqs[:50]:  # connect and warm up
+            await stub.ShouldRateLimit(r, timeout=5)
+        with redis.Redis.from_url(redis_url) as rc:
+            for name, run in (("c=1", lambda: _closed(stub, reqs, 1, duration)),
+                              ("c=16", lambda: _closed(stub, reqs, 16, duration)),
+                              (f"paced {rate:.0f}/s", lambda: _paced(stub, reqs, rate, duration))):
+                before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
+                lat, wall = await run()
+                cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
+                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu), flush=True)
 
 
-def _start(redis_url: str, tmp: Path) -> Child:
-    (tmp / "gateway.yaml").write_text(
-        "version: 1\nproviders: [{name: anthropic}]\nmodels: [{match: '*', provider: anthropic}]\n"
-    )
+def start_ours(redis_url: str, tmp: Path) -> Child:
+    (tmp / "rls").mkdir(exist_ok=True)
+    (tmp / "rls" / "bench.yaml").write_text(YAML)
+    (tmp / "gateway.yaml").write_text(GATEWAY_YAML)
     Runtime(config_path=str(tmp / "gateway.yaml"), run_dir=str(tmp),
             postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url=redis_url).save(tmp / "rt.json")
     child = spawn("ratelimit", [sys.executable, "-m", "ratelimit", "--runtime", str(tmp / "rt.json"),
-                                "--ready-file", str(tmp / "ready")], tmp, cwd=REPO,
-                  env={"CCR_LOG_LEVEL": "WARNING"})
+                                "--ready-file", str(tmp / "ready")], tmp, cwd=REPO, env={"CCR_LOG_LEVEL": "WARNING"})
     wait_ready_file(child, tmp / "ready")
     return child
+
+
+def start_peer(redis_url: str, tmp: Path) -> tuple[Child, str]:
+    """envoyproxy/ratelimit on the same Redis and the same YAML file (RUNTIME_ROOT/ratelimit/config)."""
+    if not PEER_BIN.exists():
+        raise SystemExit(f"{PEER_BIN} missing: build it with /work/shared/peers/envoyproxy-ratelimit.sh")
+    cfg = tmp / "peer" / "ratelimit" / "config"
+    cfg.mkdir(parents=True)
+    (cfg / "bench.yaml").write_text(YAML)
+    u = urlsplit(redis_url)
+    port = free_port()
+    env = {"REDIS_SOCKET_TYPE": "tcp", "REDIS_URL": f"{u.hostname}:{u.port}", "REDIS_AUTH": u.password or "",
+           "RUNTIME_ROOT": str(tmp / "peer"), "RUNTIME_SUBDIRECTORY": "ratelimit", "RUNTIME_WATCH_ROOT": "false",
+           "USE_STATSD": "false", "GRPC_HOST": "127.0.0.1", "HOST": "127.0.0.1", "DEBUG_HOST": "127.0.0.1",
+           "GRPC_PORT": str(port), "PORT": str(free_port()), "DEBUG_PORT": str(free_port()), "LOG_LEVEL": "warn"}
+    child = spawn("envoyproxy-ratelimit", [str(PEER_BIN)], tmp, env=env)
+    address = f"127.0.0.1:{port}"
+
+    def serving() -> bool:
+        try:
+            with grpc.insecure_channel(address) as ch:
+                grpc.channel_ready_future(ch).result(timeout=0.5)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    wait_until(child, serving, 30, "serving")
+    return child, address
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--address", help="host:port of a running ratelimit service")
-    src.add_argument("--redis-url", help="start the service against this Redis")
-    ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--keys", type=int, default=100, help="distinct principal values to spread over")
-    ap.add_argument("--limit", type=int, default=1_000_000_000,
-                    help="requests per hour per principal; below --requests, time the over-limit path")
+    src.add_argument("--redis-url")
+    src.add_argument("--start-redis", action="store_true", help="start a private Redis for the run")
+    ap.add_argument("--peer", action="store_true", help="also the Go envoyproxy/ratelimit on the same config")
+    ap.add_argument("--duration", type=float, default=2.0)
+    ap.add_argument("--rate", type=float, default=500.0)
     args = ap.parse_args()
-    if args.address:
-        asyncio.run(_run(args.address, args.requests, args.concurrency, args.keys, args.limit))
-        return
+    children: list[Child] = []
     with tempfile.TemporaryDirectory() as d:
-        child = _start(args.redis_url, Path(d))
+        tmp = Path(d)
         try:
-            asyncio.run(_run(str(child.info["address"]), args.requests, args.concurrency, args.keys, args.limit))
+            url = args.redis_url
+            if args.start_redis:
+                r = start_redis(tmp / "redis", tmp / "logs")
+                children.append(r)
+                url = str(r.info["url"])
+            ours = start_ours(url, tmp)
+            children.append(ours)
+            print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
+            pid = ours.proc.pid
+            asyncio.run(measure("ours yaml", str(ours.info["address"]), pid, "bench", url, args.duration, args.rate))
+            asyncio.run(measure("ours ccr", str(ours.info["address"]), pid, "ccr", url, args.duration, args.rate))
+            if args.peer:
+                peer, address = start_peer(url, tmp)
+                children.append(peer)
+                asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate))
         finally:
-            child.stop()
+            for c in reversed(children):
+                c.stop()
 
 
 if __name__ == "__main__":

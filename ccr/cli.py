@@ -306,7 +306,19 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(static_envoy_config(Path(args.config)), indent=2))
         return 0
     cfg = load_config(args.file)
-    print(f"{args.file}: OK ({len(cfg.providers)} provider(s), {len(cfg.models)} model route(s))")
+    rules = ""
+    if cfg.limits.envoy_config_dir is not None:
+        from ratelimit.envoy_config import RuleConfigError, load_dir
+        from ratelimit.service import rule_dir
+
+        directory = rule_dir(cfg.limits, args.file)
+        assert directory is not None
+        try:
+            loaded = load_dir(directory)
+        except (RuleConfigError, OSError) as e:
+            raise ConfigError(f"{args.file}: limits.envoy_config_dir: {e}") from None
+        rules = f", {len(loaded.files)} rate limit config file(s) in {directory}"
+    print(f"{args.file}: OK ({len(cfg.providers)} provider(s), {len(cfg.models)} model route(s){rules})")
     return 0
 
 
@@ -316,31 +328,48 @@ def _policy_paths(config_path: str):
     return config, (Path(config_path).resolve().parent / config.policy.dir).resolve()
 
 
+def _policy_set(config, name: str | None):
+    """(bundle source, verification, entrypoint) of the global set, or of the `policy.sets` entry `name`."""
+    from ccr.contract import POLICY_GLOBAL_SET
+
+    if name is None or name == POLICY_GLOBAL_SET:
+        return config.policy.bundle, config.policy.verification, config.policy.entrypoint
+    for s in config.policy.sets:
+        if s.name == name:
+            return s.bundle, s.verification, s.decision_path
+    known = ", ".join([POLICY_GLOBAL_SET, *(s.name for s in config.policy.sets)])
+    raise ConfigError(f"no policy set {name!r} in the config (sets: {known})")
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     from extauth.bundle import BundleError, build_bundle, find_opa, read_bundle
 
     try:
         if args.policy_cmd == "build":
             config, pdir = _policy_paths(args.config)
-            ver = config.policy.verification
+            _, ver, entrypoint = _policy_set(config, args.set)
+            entrypoint = args.entrypoint or entrypoint
+            if args.dir:
+                pdir = Path(args.dir).resolve()
             alg = args.alg or (ver.alg if ver else "RS256")
             key_id = args.key_id or (ver.key_id if ver and ver.key_id != "default" else None)
             if args.signing_key is None and (args.alg or args.key_id or args.scope):
                 print("ccr policy build: --alg/--key-id/--scope need --signing-key", file=sys.stderr)
                 return 2
-            out = build_bundle(pdir, args.out, config.policy.entrypoint, revision=args.revision,
+            out = build_bundle(pdir, args.out, entrypoint, revision=args.revision,
                                signing_key=args.signing_key, signing_alg=alg, key_id=key_id, scope=args.scope)
             b = read_bundle(out)
             print(f"built {out}: revision {b.revision or '(none)'}, sha256 {b.digest[:12]}, "
-                  f"entrypoint {config.policy.entrypoint}, " + (f"signed ({alg})" if b.signed else "unsigned"))
+                  f"entrypoint {entrypoint}, " + (f"signed ({alg})" if b.signed else "unsigned"))
             return 0
         if args.policy_cmd == "verify":
             from extauth.bundle_signing import BundleVerifier
 
             config = load_config(args.config)
-            ver = config.policy.verification
+            _, ver, _ = _policy_set(config, args.set)
             if ver is None:
-                print("ccr policy verify: no policy.verification in the config", file=sys.stderr)
+                where = f"policy set {args.set!r}" if args.set else "policy"
+                print(f"ccr policy verify: no verification for {where} in the config", file=sys.stderr)
                 return 2
             key_file = Path(args.config).resolve().parent / ver.key_file
             b = read_bundle(args.bundle, BundleVerifier.from_file(key_file, ver.alg, ver.key_id, ver.scope))
@@ -349,6 +378,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             return 0
         if args.policy_cmd == "push":
             return _policy_push(args)
+        if args.policy_cmd == "sign":
+            return _policy_sign(args)
         if args.policy_cmd == "test":
             import subprocess
 
@@ -370,11 +401,11 @@ def _policy_push(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     base = Path(args.config).resolve().parent
-    url = args.url or (config.policy.bundle.url if config.policy.bundle else None)
+    source, ver, _ = _policy_set(config, args.set)
+    url = args.url or (source.url if source else None)
     if not url:
-        print("ccr policy push: no --url and no policy.bundle.url in the config", file=sys.stderr)
+        print("ccr policy push: no --url and no bundle url for this set in the config", file=sys.stderr)
         return 2
-    ver = config.policy.verification
     verifier = BundleVerifier.from_file(base / ver.key_file, ver.alg, ver.key_id, ver.scope) if ver else None
     b = read_bundle(args.bundle, verifier)  # BundleError: refused here, not by every extauth later
     req = urllib.request.Request(url, data=Path(args.bundle).read_bytes(), method="PUT",
@@ -395,6 +426,27 @@ def _policy_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_sign(args: argparse.Namespace) -> int:
+    """Sign an existing bundle (`opa build` output, or one from elsewhere) as `opa build --signing-key` does."""
+    from extauth.bundle import BundleError, read_bundle
+    from extauth.bundle_signing import sign_bundle_file
+
+    config = load_config(args.config)
+    _, ver, _ = _policy_set(config, args.set)
+    alg = args.alg or (ver.alg if ver else "RS256")
+    key_id = args.key_id or (ver.key_id if ver and ver.key_id != "default" else None)
+    out = Path(args.out or args.bundle)
+    try:
+        key = Path(args.signing_key).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read signing key {args.signing_key}: {e.strerror}") from None
+    sign_bundle_file(Path(args.bundle), out, key, alg, key_id=key_id, scope=args.scope)
+    b = read_bundle(out)
+    print(f"signed {out} ({alg}{f', key id {key_id}' if key_id else ''}): revision {b.revision or '(none)'}, "
+          f"{len(b.files)} files, sha256 {b.digest[:12]}")
+    return 0
+
+
 def _policy_status(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -409,25 +461,36 @@ def _policy_status(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError):
         print(f"ccr policy status: no policy status at {path} (is `ccr up` running?)", file=sys.stderr)
         return 1
+    sets = st.get("sets") or {}  # policy.sets (extauth/policy_sets.py), next to the global set
+    failing = bool(st.get("last_error")) or any(s.get("last_error") for s in sets.values())
     if args.json:
         print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
-        return 1 if st.get("last_error") else 0
+        return 1 if failing else 0
 
     def when(t: float | None) -> str:
         return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else "-"
 
-    print(f"revision   : {st.get('revision') or '(none)'}\n"
-          f"sha256     : {st.get('digest') or '-'}\n"
-          f"signed     : {st.get('signed')}\n"
-          f"source     : {st.get('source')}\n"
-          f"entrypoint : {st.get('entrypoint')}\n"
-          f"loaded at  : {when(st.get('loaded_at'))}\n"
-          f"checked at : {when(st.get('last_check_at'))}")
-    if st.get("last_error"):
-        print(f"last error : {st['last_error']} (at {when(st.get('last_error_at'))}); "
-              f"the revision above keeps serving")
-        return 1
-    return 0
+    def show(s: dict) -> None:
+        print(f"revision   : {s.get('revision') or '(none)'}\n"
+              f"sha256     : {s.get('digest') or '-'}\n"
+              f"signed     : {s.get('signed')}\n"
+              f"source     : {s.get('source')}\n"
+              f"entrypoint : {s.get('entrypoint')}\n"
+              f"loaded at  : {when(s.get('loaded_at'))}\n"
+              f"checked at : {when(s.get('last_check_at'))}")
+        if s.get("last_error"):
+            print(f"last error : {s['last_error']} (at {when(s.get('last_error_at'))}); "
+                  + ("the revision above keeps serving" if s.get("digest") else "no bundle serves this set yet"))
+
+    if sets:
+        print("set global")
+    show(st)
+    for name, s in sets.items():
+        tenants = s.get("tenants")
+        print(f"\nset {name} ({s.get('mode')}{', shadow' if s.get('shadow') else ''}, "
+              + (f"tenants {', '.join(tenants)}" if tenants else "every principal") + ")")
+        show(s)
+    return 1 if failing else 0
 
 
 def cmd_policy_why(args: argparse.Namespace) -> int:
@@ -450,7 +513,9 @@ def cmd_policy_why(args: argparse.Namespace) -> int:
               f"  reason    : {d['reason'] or '-'}\n"
               f"  principal : {principal}\n"
               f"  request   : {d['method']} {d['path']}  endpoint {d['endpoint'] or '-'}  model {d['model'] or '-'}\n"
-              f"  policy    : bundle {d['bundle_revision'] or (d['bundle_digest'] or '-')[:12]}  input sha256 "
+              f"  policy    : set {d.get('policy_set') or 'global'}"
+              f"{' (shadow: logged, not enforced)' if d.get('shadow') else ''}"
+              f"  bundle {d['bundle_revision'] or (d['bundle_digest'] or '-')[:12]}  input sha256 "
               f"{d['input_sha256'] or '- (policy not reached)'}  "
               f"eval {'-' if d['eval_us'] is None else str(d['eval_us']) + ' us'}")
     if audit is None:
@@ -563,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.set_defaults(func=cmd_logout)
     lo.add_argument("--session-file", help="default: ~/.config/ccr/session.json")
 
-    pol = sub.add_parser("policy", help="OPA policy bundles: build (and sign), verify, push, test, status")
+    pol = sub.add_parser("policy", help="OPA policy bundles: build, sign, verify, push, test, status")
     pol.set_defaults(func=cmd_policy)
     ps = pol.add_subparsers(dest="policy_cmd", required=True)
     pb = ps.add_parser("build", help="compile policy.dir with `opa build -t wasm` (the configured entrypoint)")
@@ -573,17 +638,28 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--alg", help="signing algorithm (default: policy.verification.alg, else RS256)")
     pb.add_argument("--key-id", help="key id in the signature (default: policy.verification.key_id)")
     pb.add_argument("--scope", help="scope claim in the signature")
+    pb.add_argument("--dir", help="Rego sources to compile (default: policy.dir)")
+    pb.add_argument("--entrypoint", help="default: the set's entrypoint (policy.entrypoint for the global set)")
     pv = ps.add_parser("verify", help="check a bundle's signature with policy.verification, as extauth will")
     pv.add_argument("bundle", help="bundle .tar.gz or directory")
     pp = ps.add_parser("push", help="verify a bundle as extauth will, then PUT it to the bundle server")
     pp.add_argument("bundle", help="bundle .tar.gz")
     pp.add_argument("--url", help="where to PUT it (default: policy.bundle.url)")
     pp.add_argument("--token-file", help="file with a bearer token for the bundle server")
+    psg = ps.add_parser("sign", help="sign an existing bundle (.tar.gz) as `opa build --signing-key` does")
+    psg.add_argument("bundle", help="bundle .tar.gz")
+    psg.add_argument("--signing-key", required=True, help="PEM private key (RS*/PS*/ES*) or HS* secret file")
+    psg.add_argument("--out", help="signed bundle to write (default: replace BUNDLE)")
+    psg.add_argument("--alg", help="signing algorithm (default: policy.verification.alg, else RS256)")
+    psg.add_argument("--key-id", help="key id in the signature (default: policy.verification.key_id)")
+    psg.add_argument("--scope", help="scope claim in the signature")
     pt = ps.add_parser("test", help="run `opa test` on policy.dir")
     pt.add_argument("-v", "--verbose", action="store_true")
     pst = ps.add_parser("status", help="the bundle revision extauth is serving, and its last refusal")
     pst.add_argument("--json", action="store_true", help="print RUN/policy-status.json as is")
-    for p in (pb, pv, pp, pt, pst):
+    for p in (pb, pv, pp, psg):
+        p.add_argument("--set", help="a policy.sets name: its verification (and url, entrypoint) are the defaults")
+    for p in (pb, pv, pp, psg, pt, pst):
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="gateway config YAML (as `ccr -c`)")
 
     cfg = sub.add_parser("config", help="gateway config tools")
@@ -618,8 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_why(sub)
     from audit.cli import add_parser as add_audit_parser
+    from ccr import spend_cli
 
     add_audit_parser(sub)
+    spend_cli.add_parsers(sub, _dsn, _actor)
     config_on_every_command(ap)
     return ap
 

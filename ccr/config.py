@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ccr.contract import POLICY_GLOBAL_SET
+
 MIB = 1024 * 1024
 
 
@@ -260,7 +262,15 @@ class AuditSettings(Strict):
 
 
 class ProviderKind(StrEnum):
-    anthropic = "anthropic"
+    anthropic = "anthropic"  # the Anthropic API: passthrough, key injected by Envoy
+    bedrock = "bedrock"  # AWS Bedrock InvokeModel: SigV4-signed by the adapter
+    vertex = "vertex"  # Google Vertex AI rawPredict: OAuth bearer from a service account, by the adapter
+    openai = "openai"  # OpenAI-compatible Chat Completions (vLLM, TGI, SGLang): translated by the adapter
+
+
+# Kinds whose requests are signed per attempt by the adapter (the signature covers the body and
+# the final URL, which Envoy's credential injector cannot compute): their secrets live there.
+ADAPTER_SIGNED = frozenset({ProviderKind.bedrock, ProviderKind.vertex})
 
 
 class Provider(Strict):
@@ -276,6 +286,49 @@ class Provider(Strict):
     emulator: bool = False
     region: str | None = None
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # bedrock: environment variables of the AWS access key pair (and session token, optional).
+    aws_access_key_id_env: str | None = None
+    aws_secret_access_key_env: str | None = None
+    aws_session_token_env: str | None = None
+    # vertex: GCP project, and the variable naming the service-account JSON key file.
+    project: str | None = None
+    service_account_file_env: str | None = None
+    # Translated providers (bedrock, vertex, openai): SSE `ping` events are added to a stream
+    # this long after the last event the client got, for agents that abort silent streams.
+    ping_interval_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # Canonical (Anthropic API) model id -> this provider's own id, where the derived one
+    # (ccr/provider_models.py) is not what it serves; or the served name of an openai server.
+    model_ids: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Provider:
+        if self.emulator and self.kind != ProviderKind.anthropic:
+            raise ValueError("emulator: true serves the Anthropic API only; point other kinds' endpoint at "
+                             "their emulator (emulators/bedrock.py, vertex.py, openai_compat.py)")
+        if self.kind == ProviderKind.bedrock and not (
+                self.region and self.aws_access_key_id_env and self.aws_secret_access_key_env):
+                raise ValueError("kind bedrock needs region, aws_access_key_id_env and aws_secret_access_key_env")
+        if self.kind == ProviderKind.vertex and not (self.region and self.project and self.service_account_file_env):
+                raise ValueError("kind vertex needs region, project and service_account_file_env")
+        if self.kind in ADAPTER_SIGNED and self.api_key_env:
+            raise ValueError(f"kind {self.kind} is signed by the adapter; api_key_env does not apply")
+        return self
+
+    @property
+    def signed_by_adapter(self) -> bool:
+        return self.kind in ADAPTER_SIGNED
+
+    @property
+    def translate_cluster(self) -> str:
+        """Every request that needs translation (a client schema or provider schema other than the
+        Anthropic API's) goes through the adapter here; for non-Anthropic kinds it is the only cluster."""
+        return f"provider_{self.name}_translate"
+
+    def cluster_for(self, client_schema: str) -> str:
+        """The cluster for a Messages-like request in `client_schema` ("anthropic", "openai", "bedrock")."""
+        if self.kind == ProviderKind.anthropic and client_schema == "anthropic":
+            return self.cluster  # passthrough: byte-faithful, no Python on the way
+        return self.translate_cluster
 
     @property
     def cluster(self) -> str:
@@ -289,11 +342,13 @@ class Provider(Strict):
 
 
 class Price(Strict):
-    """USD per million tokens."""
+    """USD per million tokens (ccr/pricing.py turns them into exact integer amounts)."""
 
     input: Annotated[float, Field(ge=0)] = 0.0
     output: Annotated[float, Field(ge=0)] = 0.0
-    cache_write: Annotated[float, Field(ge=0)] = 0.0
+    cache_write: Annotated[float, Field(ge=0)] = 0.0  # 5-minute cache writes
+    # 1-hour cache writes; None: twice `input` (Anthropic's ratio), never less than cache_write.
+    cache_write_1h: Annotated[float, Field(ge=0)] | None = None
     cache_read: Annotated[float, Field(ge=0)] = 0.0
 
 
@@ -304,9 +359,107 @@ class Model(Strict):
     price: Price = Price()
 
 
+class LimitScope(StrEnum):
+    """What a limit counts by: one descriptor key of the route (ccr/contract.py RL_*)."""
+
+    PRINCIPAL = "principal"  # any caller, by principal id
+    KEY = "key"  # gateway API keys, by key id
+    USER = "user"  # people (OIDC or gateway sessions), by principal id
+    GROUP = "group"  # each of the caller's groups
+    TENANT = "tenant"
+    SPIFFE_ID = "spiffe_id"  # workloads, by the verified certificate's SPIFFE ID
+    MODEL = "model"  # everyone's calls to a model
+
+
+class LimitRule(Strict):
+    """One of ccr's own limits: `amount` requests or tokens per `unit`, per value of `per`."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    per: LimitScope
+    # Only this value of `per` (e.g. group "interns"); unset: every value has its own counter.
+    value: str | None = None
+    metric: Literal["requests", "tokens"] = "requests"
+    unit: Literal["minute", "hour", "day"] = "minute"
+    amount: Annotated[int, Field(ge=1, le=2**32 - 1)]
+    # sliding_window: no more than `amount` in any `unit`-long interval (no 2x burst at a window
+    # edge); token_bucket: refills at amount/unit, holds at most `burst` (default `amount`).
+    algorithm: Literal["sliding_window", "token_bucket"] = "sliding_window"
+    burst: Annotated[int, Field(ge=1, le=2**32 - 1)] | None = None
+    # While Redis is unreachable: closed refuses (503), open lets requests through uncounted.
+    on_redis_down: Literal["closed", "open"] | None = None  # unset: limits.on_redis_down
+    shadow_mode: bool = False  # counted and reported, never refused
+
+    @model_validator(mode="after")
+    def _burst_for_buckets(self) -> LimitRule:
+        if self.burst is not None and self.algorithm != "token_bucket":
+            raise ValueError("burst applies to algorithm token_bucket only")
+        return self
+
+
+class TokenCounting(Strict):
+    """How metered usage is charged to token limits: each kind of token times its weight."""
+
+    input: Annotated[float, Field(ge=0, le=10)] = 1.0
+    output: Annotated[float, Field(ge=0, le=10)] = 1.0
+    cache_read: Annotated[float, Field(ge=0, le=10)] = 0.0
+    cache_creation: Annotated[float, Field(ge=0, le=10)] = 1.0
+
+
 class Limits(Strict):
     # Default requests per minute for a key that has no limit of its own.
     requests_per_minute: Annotated[int, Field(ge=1)] = 600
+    # ccr's own limits (docs/ratelimit.md); every applicable one must allow a request.
+    rules: list[LimitRule] = []
+    tokens: TokenCounting = TokenCounting()
+    # A directory of envoyproxy/ratelimit YAML config files (relative to this file), hot-reloaded.
+    envoy_config_dir: str | None = None
+    reload_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
+    # While Redis is unreachable: closed (503) or open (allowed, uncounted); for the default
+    # per-principal limit, the envoy_config_dir rules, and rules without their own setting.
+    on_redis_down: Literal["closed", "open"] = "closed"
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> Limits:
+        names = [r.name for r in self.rules]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"limits.rules names must be unique; repeated: {sorted(dupes)}")
+        return self
+
+
+class SpendSettings(Strict):
+    """USD budgets (ccr/budgets.py, docs/spend.md). The budgets themselves live in PostgreSQL
+    (`ccr budgets set`), so they change at runtime; these are the gateway-wide settings."""
+
+    # Reserve at admission and settle at completion; off: no spend descriptor, no ledger.
+    enabled: bool = True
+    # Calendar periods (day, week from Monday, month) in this IANA zone unless a budget names its own.
+    timezone: str = "UTC"
+    # Threshold alerts (percent of a budget) POSTed once per budget, seat, period and threshold.
+    webhook_url: str | None = None
+    alert_thresholds: list[Annotated[int, Field(ge=1, le=1000)]] = [80, 90, 100]
+    # A soft budget's warning header is set from this percent on.
+    warn_at_percent: Annotated[int, Field(ge=1, le=100)] = 80
+    # How often the rate limit service re-reads the budgets table (changes apply within this).
+    refresh_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    # Where the access-log receiver keeps ledger rows PostgreSQL did not take (fsync'd, replayed);
+    # relative to storage.data_dir.
+    spool_dir: str = "spool"
+    # Worst case per input byte of the request body: a token is at least one byte of text, and an
+    # image's tokens are far fewer than its base64 bytes.
+    input_tokens_per_byte: Annotated[float, Field(gt=0, le=4)] = 1.0
+
+    @model_validator(mode="after")
+    def _zone_and_hook(self) -> SpendSettings:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"spend.timezone: unknown time zone {self.timezone!r}") from None
+        if self.webhook_url is not None and not https_or_loopback(self.webhook_url):
+            raise ValueError("spend.webhook_url must be https:// (http:// only on loopback)")
+        return self
 
 
 class FilesSettings(Strict):
@@ -375,6 +528,57 @@ class DecisionLogSettings(Strict):
     flush_ms: int = Field(200, ge=1, le=60_000)
 
 
+POLICY_SET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+OPA_ENVOY_ENTRYPOINT = "envoy/authz/allow"  # OPA-Envoy's default decision path
+
+
+class PolicySet(Strict):
+    """One more policy set next to the global one (extauth/policy_sets.py): its own bundle, hot-swapped
+    on its own. Every enforced set that applies to a request must allow it; a shadow set is evaluated
+    and logged, never enforced."""
+
+    name: Annotated[str, Field(pattern=POLICY_SET_NAME)]
+    bundle: PolicyBundleSource
+    verification: PolicyVerification | None = None
+    # `ccr`: the input and result of the global set ({allow, reason}); `opa-envoy`: OPA-Envoy's input
+    # (the CheckRequest in protobuf JSON, parsed_path, parsed_query, parsed_body) and result.
+    mode: Literal["ccr", "opa-envoy"] = "ccr"
+    entrypoint: str | None = None  # default: ccr/authz/decision, or envoy/authz/allow in opa-envoy mode
+    # opa-envoy mode: give the policy the body (`http.body`, `parsed_body`), as Envoy's `with_request_body`
+    # does for OPA-Envoy. The WASM policy parses its input: an 84 KB body costs ~2 ms per request; a policy
+    # that reads only headers, path and method runs in ~0.4 ms without it.
+    with_body: bool = True
+    # A longer body is given cut to this many bytes, with `truncated_body: true` and no `parsed_body`
+    # (Envoy's max_request_bytes with allow_partial_message, as OPA-Envoy setups use it).
+    max_body_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = 1 * MIB
+    # Only principals of these tenants (Principal.tenant, from the key or the IdP); unset: every principal.
+    tenants: list[Annotated[str, Field(min_length=1)]] | None = None
+    # Evaluated on live traffic, would-be denials logged (policy_decisions.shadow), never enforced.
+    shadow: bool = False
+    dry_run: bool = False  # OPA-Envoy's name for shadow
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicySet:
+        if self.name == POLICY_GLOBAL_SET:
+            raise ValueError(f"policy set name {POLICY_GLOBAL_SET!r} is the set policy.dir / policy.bundle configure")
+        if self.tenants is not None and not self.tenants:
+            raise ValueError(f"policy set {self.name!r}: tenants is empty; leave it out to apply to every principal")
+        if self.bundle.url is not None and self.verification is None and not self.bundle.allow_unsigned:
+            raise ValueError(f"policy set {self.name!r}: bundle.url without verification: configure a key, "
+                             "or set bundle.allow_unsigned: true")
+        return self
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.shadow or self.dry_run
+
+    @property
+    def decision_path(self) -> str:
+        if self.entrypoint is not None:
+            return self.entrypoint
+        return OPA_ENVOY_ENTRYPOINT if self.mode == "opa-envoy" else "ccr/authz/decision"
+
+
 class PolicySettings(Strict):
     # Directory of Rego sources and data.json, compiled with `opa build -t wasm`.
     dir: str = "policies"
@@ -394,6 +598,15 @@ class PolicySettings(Strict):
         return self
 
     decision_log: DecisionLogSettings = DecisionLogSettings()
+    # More sets next to the global one: per tenant, shadow, OPA-Envoy compatible (policies/README.md).
+    sets: list[PolicySet] = []
+
+    @model_validator(mode="after")
+    def _unique_sets(self) -> PolicySettings:
+        names = [s.name for s in self.sets]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"policy.sets: names must be unique; repeated: {dup}")
+        return self
 
 
 # A DNS-style trust domain name as SPIFFE allows it (lower-case letters, digits, '.', '-', '_').
@@ -516,6 +729,7 @@ class GatewayConfig(Strict):
     identity: IdentitySettings = IdentitySettings()
     files: FilesSettings = FilesSettings()
     audit: AuditSettings = AuditSettings()
+    spend: SpendSettings = SpendSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -44,10 +44,36 @@ AUTHZ_LABELS = "policy_labels"
 AUTHZ_RATELIMIT = "policy_ratelimit"
 
 
+# Keys in AUTHZ_NS that exist for the rate limit descriptors (Envoy's metadata action reads
+# strings only): the principal id when the principal is a person (absent otherwise), and the
+# principal's groups joined by RL_GROUP_SEPARATOR (absent when it has none).
+AUTHZ_USER_ID = "user_id"
+AUTHZ_GROUP_LIST = "group_list"
+RL_GROUP_SEPARATOR = ","
+
 # Rate limit domain of the route's descriptors.
 RL_DOMAIN = "ccr"
 # Descriptor entry every request carries: the principal id (from H_PRINCIPAL_ID).
 RL_PRINCIPAL_KEY = "principal"
+# One-entry descriptors the route sends when extauth knows the fact (docs/ratelimit.md), read
+# from AUTHZ_NS metadata (never from client headers): descriptor key -> AUTHZ_NS key.
+RL_KEY_KEY = "key_id"
+RL_USER_KEY = "user"
+RL_GROUPS_KEY = "groups"  # value: the groups joined by RL_GROUP_SEPARATOR
+RL_TENANT_KEY = "tenant"
+RL_SPIFFE_KEY = "spiffe_id"
+RL_MODEL_KEY = "model"
+RL_FACTS: tuple[tuple[str, str], ...] = (
+    (RL_KEY_KEY, "key_id"), (RL_USER_KEY, AUTHZ_USER_ID), (RL_GROUPS_KEY, AUTHZ_GROUP_LIST),
+    (RL_TENANT_KEY, "tenant"), (RL_SPIFFE_KEY, "spiffe_id"), (RL_MODEL_KEY, "model"),
+)
+# At stream end the route charges metered usage: one descriptor per kind of token, first entry
+# (RL_USAGE_KEY, kind), then the principal and the facts above; hits_addend = that USAGE_NS count.
+RL_USAGE_KEY = "ccr_usage"
+RL_USAGE_KINDS: tuple[tuple[str, str], ...] = (
+    ("input", "input_tokens"), ("output", "output_tokens"),
+    ("cache_read", "cache_read_input_tokens"), ("cache_creation", "cache_creation_input_tokens"),
+)
 
 # Request headers extauth sets for the route and filters after it. Any client-sent
 # header with this prefix is stripped before ext_authz runs, and all of them are
@@ -78,6 +104,8 @@ H_REGION_HINT = "ccr-region"
 
 # gRPC initial metadata on the adapter's stream: which provider the attempt goes to.
 ADAPTER_PROVIDER_MD = "x-ccr-provider"
+# ... and, on the translate cluster's stream only, "1": the attempt must be a translation.
+ADAPTER_TRANSLATE_MD = "x-ccr-translate"
 
 # mTLS between the gateway's own processes (ccr/pki.py): the run's trust domain and the
 # names whose SPIFFE IDs (spiffe://<domain>/<name>) each side checks.
@@ -111,3 +139,48 @@ AUTHZ_PHASE_IDENTITY = "identity"
 # digest, signed, source, entrypoint, loaded_at, last_check_at, last_error, last_error_at, pid);
 # `ccr policy status` reads it. Written atomically (rename).
 POLICY_STATUS_FILE = "policy-status.json"
+
+# The policy set `policy.dir` / `policy.bundle` configure (policy_decisions.policy_set, metrics' `set` label,
+# the top level of POLICY_STATUS_FILE); the sets of `policy.sets` are listed under its "sets" key by name.
+POLICY_GLOBAL_SET = "global"
+# Key in a service's ready file (and Runtime.metrics): host:port of its Prometheus /metrics endpoint.
+READY_METRICS = "metrics"
+
+# -- Spend: budgets reserved at admission, settled at completion (docs/spend.md) -------------
+
+# Rate limit domain of the spend descriptor; a second ratelimit filter (stage SPEND_STAGE) asks it,
+# so a budget refusal has its own status (402) and the request limits stay untouched.
+SPEND_DOMAIN = "ccr_spend"
+SPEND_STAGE = 1
+# Key in AUTHZ_NS (a JSON string, absent when nothing is billable or spend is off): the request's
+# worst-case cost and who it is charged to. {"v": 1, "r": micro-USD, "p": principal id,
+# "pk": principal kind, "k": key id, "g": [groups], "t": tenant, "w": SPIFFE ID, "m": model}.
+AUTHZ_SPEND = "spend"
+# Key in AUTHZ_NS (a number, Messages creates only): the worst-case micro-USD, also when no budget
+# applies (then AUTHZ_SPEND is absent and nothing is reserved); the ledger charges it when the
+# usage of a forwarded request cannot be read.
+AUTHZ_SPEND_WORST = "spend_worst"
+# Descriptor entries of the spend descriptor: the AUTHZ_SPEND string and the gateway's request id.
+RL_SPEND_KEY = "spend"
+RL_REQUEST_ID_KEY = "request_id"
+# Where Envoy's rate limit filter puts RateLimitResponse.dynamic_metadata (the access log sees it).
+RATELIMIT_NS = "envoy.filters.http.ratelimit"
+# Fields the spend service sets in RATELIMIT_NS: the micro-USD reserved and the Redis counters it
+# was reserved on (a list of strings); the audit receiver settles exactly those.
+SPEND_RESERVED = "spend_reserved"
+SPEND_COUNTERS = "spend_counters"
+# Response header on a request admitted under a soft budget at or past a threshold (or admitted
+# while budgets could not be checked). Not x-ccr-*: those are internal and stripped.
+H_BUDGET_WARNING = "ccr-budget-warning"
+# On a budget refusal (402 billing_error): the budget's name and when it resets (RFC 3339).
+H_BUDGET = "ccr-budget"
+H_BUDGET_RESET = "ccr-budget-reset"
+# Extra usage fields in USAGE_NS (numbers or null): the cache writes split by lifetime, from the
+# Anthropic usage object's cache_creation.ephemeral_5m_input_tokens / ephemeral_1h_input_tokens.
+USAGE_CACHE_5M = "cache_creation_5m_input_tokens"
+USAGE_CACHE_1H = "cache_creation_1h_input_tokens"
+USAGE_CACHE_SPLIT = (USAGE_CACHE_5M, USAGE_CACHE_1H)
+# Where the provider gives them: usage.cache_creation.<these>, in the order of USAGE_CACHE_SPLIT.
+USAGE_CACHE_SPLIT_SOURCE = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
+# Every count a meter publishes in USAGE_NS (the split is 0 when the provider gave none).
+USAGE_METERED_FIELDS = USAGE_TOKEN_FIELDS + USAGE_CACHE_SPLIT

@@ -30,7 +30,9 @@ def write_secret(path: Path, provider: str, value: str) -> Path:
                           "generic_secret": {"secret": {"inline_string": value}}}]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.chmod(0o700)
-    tmp = path.with_name(path.name + ".tmp")
+    # This process's own temporary name: replicas on one machine (`ccr serve envoy --instance`) may
+    # write the same file at once; each rename is whole, and they write the same credential.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

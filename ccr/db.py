@@ -181,6 +181,69 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        7,
+        "spend: ledger of every request's cost, budgets (changes go to admin_log)",
+        """
+        -- One row per request that reached a decision, written by the access-log receiver
+        -- (audit/ledger.py); the truth behind the Redis budget counters. Money in micro-USD.
+        CREATE TABLE spend_ledger (
+            request_id          text PRIMARY KEY,       -- the gateway's x-request-id (request_log)
+            ts                  timestamptz NOT NULL,   -- request start: the period it is charged to
+            principal_id        text NOT NULL,
+            principal           text,
+            principal_kind      text,
+            key_id              text,
+            tenant              text,
+            groups              text[] NOT NULL DEFAULT '{}',
+            spiffe_id           text,
+            model               text,
+            endpoint            text,
+            status              integer NOT NULL,
+            usage_status        text,
+            input_tokens        bigint,
+            output_tokens       bigint,
+            cache_write_5m_tokens bigint,
+            cache_write_1h_tokens bigint,
+            cache_read_tokens   bigint,
+            batch               boolean NOT NULL DEFAULT false,
+            cost_micro_usd      bigint NOT NULL CHECK (cost_micro_usd >= 0),
+            reserved_micro_usd  bigint                  -- what admission reserved; NULL when nothing
+        );
+        CREATE INDEX spend_ledger_ts ON spend_ledger (ts);
+        CREATE INDEX spend_ledger_principal ON spend_ledger (principal_id, ts);
+        CREATE INDEX spend_ledger_key ON spend_ledger (key_id, ts) WHERE key_id IS NOT NULL;
+        CREATE INDEX spend_ledger_tenant ON spend_ledger (tenant, ts) WHERE tenant IS NOT NULL;
+        CREATE INDEX spend_ledger_groups ON spend_ledger USING gin (groups);
+        -- USD budgets, managed at runtime (`ccr budgets set|remove`); every change is an admin_log row.
+        CREATE TABLE budgets (
+            name            text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'),
+            subject_kind    text NOT NULL CHECK (subject_kind IN ('tenant', 'group', 'user', 'spiffe', 'key')),
+            subject         text NOT NULL,
+            period          text NOT NULL CHECK (period IN ('day', 'week', 'month')),
+            amount_micro_usd bigint NOT NULL CHECK (amount_micro_usd >= 0),
+            mode            text NOT NULL CHECK (mode IN ('hard', 'soft')),
+            -- group and tenant budgets: one pool for all members, or the amount for each member
+            scope           text NOT NULL CHECK (scope IN ('shared', 'per_seat', 'single')),
+            on_redis_down   text NOT NULL CHECK (on_redis_down IN ('open', 'closed')),
+            timezone        text,                   -- NULL: spend.timezone
+            created_at      timestamptz NOT NULL DEFAULT now(),
+            updated_at      timestamptz NOT NULL DEFAULT now(),
+            CHECK ((subject_kind IN ('group', 'tenant')) = (scope <> 'single'))
+        );
+        """,
+    ),
+    (
+        8,
+        "policy sets and shadow decisions",
+        """
+        -- Which policy set a row is about ('global': policy.dir / policy.bundle; else a policy.sets name),
+        -- and whether it was a shadow evaluation: logged, never enforced (its allow is the would-be result).
+        ALTER TABLE policy_decisions ADD COLUMN policy_set text NOT NULL DEFAULT 'global';
+        ALTER TABLE policy_decisions ADD COLUMN shadow boolean NOT NULL DEFAULT false;
+        CREATE INDEX policy_decisions_shadow_denials ON policy_decisions (policy_set, ts) WHERE shadow AND NOT allow;
+        """,
+    ),
+    (
         9,
         "audit: hash chains, signed checkpoints, an insert-only writer role",
         """
@@ -269,6 +332,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         GRANT SELECT, INSERT ON request_log, audit_chains, audit_checkpoints TO ccr_audit_writer;
         GRANT SELECT ON admin_log, audit_unchained_before TO ccr_audit_writer;
         GRANT USAGE ON SEQUENCE request_log_id_seq, audit_checkpoints_id_seq TO ccr_audit_writer;
+        """,
+    ),
+    (
+        10,
+        "spend: the audit writer role appends to the spend ledger",
+        """
+        -- The access-log receiver, connected as ccr_audit_writer (migration 9), writes each request's
+        -- cost (audit/ledger.py: INSERT ... ON CONFLICT (request_id) DO NOTHING, also when replaying
+        -- its spool). spend_ledger has no sequence (keyed by request id); settlement is in Redis.
+        -- Nothing else: budgets are changed by `ccr budgets` (admin DSN), never by the receiver.
+        REVOKE ALL ON spend_ledger, budgets FROM PUBLIC, ccr_audit_writer;
+        GRANT SELECT, INSERT ON spend_ledger TO ccr_audit_writer;
         """,
     ),
 ]

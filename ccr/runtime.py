@@ -62,6 +62,8 @@ class Runtime(BaseModel):
     # the trust bundle from the same socket over SDS. Takes precedence over `mtls`.
     spiffe_socket: str | None = None
     spiffe_trust_domain: str | None = None
+    # Where each service process serves Prometheus /metrics: "extauth", "extauth.1", ... -> host:port.
+    metrics: dict[str, str] = {}
 
     def config(self) -> GatewayConfig:
         return load_config(self.config_path)

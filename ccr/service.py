@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ccr.config import GatewayConfig
+from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
@@ -265,7 +266,9 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).
     for service in ("", name):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    write_ready(args.ready_file, address)
+    from ccr import metrics  # a service that serves /metrics says where (Runtime.metrics)
+
+    write_ready(args.ready_file, address, **({READY_METRICS: metrics.address} if metrics.address else {}))
     logging.info("serving on %s", address)
 
     stop = asyncio.Event()

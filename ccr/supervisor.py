@@ -29,8 +29,8 @@ import yaml
 
 from ccr import db
 from ccr.audit_role import audit_role_dsn
-from ccr.config import ConfigError, GatewayConfig, OverloadSettings, ProviderKind, load_config
-from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, RUN_TRUST_DOMAIN, SPIFFE_PARTS
+from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, ProviderKind, load_config
+from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, READY_METRICS, RUN_TRUST_DOMAIN, SPIFFE_PARTS
 from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
 from ccr.overload import overload_manager
@@ -84,11 +84,12 @@ def spawn_worker(name: str, module: str, index: int, runtime_file: Path, run_dir
     return spawn(name if index == 0 else f"{name}.{index}", argv, logs, env=env, cwd=REPO)
 
 
-def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> None:
+def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> dict:
     """Until worker `index` serves; it must serve where worker 0 does."""
     info = wait_ready_file(child, ready_path(run_dir, name, index), timeout=60)
     if info["address"] != address:
         raise StartError(f"{child.name} serves on {info['address']}, not on {address} like its first worker")
+    return info
 
 
 def start_service(name: str, module: str, workers: int, runtime_file: Path, run_dir: Path, logs: Path, *,
@@ -176,6 +177,15 @@ def _overload_section(overload: OverloadSettings) -> str:
     return "\n" + yaml.safe_dump({"overload_manager": overload_manager(overload)}, sort_keys=False)
 
 
+def adapter_secret_vars(p: Provider) -> list[str]:
+    """The environment variables whose secrets only the adapter gets (Bedrock and Vertex)."""
+    if p.kind == ProviderKind.bedrock:
+        return [v for v in (p.aws_access_key_id_env, p.aws_secret_access_key_env, p.aws_session_token_env) if v]
+    if p.kind == ProviderKind.vertex:
+        return [p.service_account_file_env] if p.service_account_file_env else []
+    return []
+
+
 def provider_credentials(config: GatewayConfig, source: str,
                          environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The providers' credential variables, read from `environ`; refuses a missing one.
@@ -190,6 +200,15 @@ def provider_credentials(config: GatewayConfig, source: str,
         if p.emulator:
             continue
         where = f"{source}: providers.{i} ({p.name})"
+        if p.kind != ProviderKind.anthropic:
+            # Signed kinds: the adapter's variables; openai: a key is optional (self-hosted servers).
+            for var in adapter_secret_vars(p) + ([p.api_key_env] if p.api_key_env else []):
+                if not env.get(var):
+                    problems.append(f"{where}: credential variable {var} is "
+                                    f"{'empty' if var in env else 'not set'}; export {var} before `ccr up`")
+                else:
+                    out[var] = env[var]
+            continue
         if not p.api_key_env:
             problems.append(f"{where}: no api_key_env: name the environment variable that holds its credential, "
                             "or set `emulator: true` to serve it from the built-in emulator")
@@ -363,6 +382,10 @@ class Gateway:
             b = config.policy.bundle
             self.status("policy", f"bundle from {b.url or b.path}"
                         + (" (signatures verified)" if config.policy.verification else ""))
+        for ps in config.policy.sets:  # each loaded and polled by extauth on its own
+            self.status("policy", f"set {ps.name} ({ps.mode}{', shadow' if ps.is_shadow else ''}"
+                        + (f", tenants {', '.join(ps.tenants)}" if ps.tenants is not None else "")
+                        + f") from {ps.bundle.url or ps.bundle.path}")
 
         modules = services_for(config)
         if config.services.spiffe.mode == "spire":
@@ -388,6 +411,8 @@ class Gateway:
         for name, child in first.items():
             info = wait_ready_file(child, ready_path(run_dir, name, 0), timeout=60)
             setattr(runtime, name, str(info["address"]))
+            if READY_METRICS in info:
+                runtime.metrics[name] = str(info[READY_METRICS])
             port = int(str(info["address"]).rpartition(":")[2])
             more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs, port=port,
                                                    reuse_port=True, env=self._service_env(name, config),
@@ -395,7 +420,9 @@ class Gateway:
                           for i in range(1, count[name])]
         for name, child in first.items():
             for i, w in enumerate(more.get(name, []), start=1):
-                wait_worker(w, run_dir, name, i, getattr(runtime, name))
+                winfo = wait_worker(w, run_dir, name, i, getattr(runtime, name))
+                if READY_METRICS in winfo:
+                    runtime.metrics[f"{name}.{i}"] = str(winfo[READY_METRICS])
             pids = ", ".join(str(c.pid) for c in [child, *more.get(name, [])])
             self.status(name, f"serving on {getattr(runtime, name)} (pid {pids})")
 
@@ -444,7 +471,11 @@ class Gateway:
         for p in config.providers:
             override = runtime.upstream_overrides.get(p.name)
             var = override.api_key_env if override else p.api_key_env
+            if p.signed_by_adapter or (p.kind == ProviderKind.openai and not var):
+                continue  # signed per attempt by the adapter, or a server without a key
             value = credentials.get(var or "")
+            if value and p.kind == ProviderKind.openai:
+                value = f"Bearer {value}"  # injected as the authorization header
             if not value:  # provider_credentials refused this before anything started
                 raise ConfigError(f"provider {p.name}: no credential to hand to Envoy")
             path = write_secret(run_dir / "credentials" / f"{p.name}.json", p.name, value)
@@ -454,6 +485,10 @@ class Gateway:
     def _service_env(name: str, config: GatewayConfig) -> dict[str, str] | None:
         """Secrets go only to the process that uses them: the OIDC client secret (if any) to
         the sign-in service. Provider credentials go to no service (Envoy reads them)."""
+        if name == "adapter":
+            # Bedrock and Vertex credentials: the adapter signs those attempts, and is their only holder.
+            env = {v: os.environ[v] for p in config.providers for v in adapter_secret_vars(p) if os.environ.get(v)}
+            return env or None
         s = config.identity.signin
         if name == "signin" and s is not None and s.client_secret_env and os.environ.get(s.client_secret_env):
             return {s.client_secret_env: os.environ[s.client_secret_env]}

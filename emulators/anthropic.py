@@ -86,6 +86,23 @@ _MODEL_BY_ID = {m[0]: m for m in MODELS}
 # Undated aliases ("claude-sonnet-4-5") resolve to the dated model, as on the real API.
 _MODEL_BY_ID.update({m[0].rsplit("-", 1)[0]: m for m in MODELS if m[0][-8:].isdigit()})
 
+# Largest max_tokens each model accepts (its output limit); the API refuses more with a 400 naming
+# the limit. Ids not listed (test models) are not limited here.
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    "claude-opus-5": 128_000, "claude-sonnet-5": 128_000, "claude-opus-4-8": 128_000, "claude-opus-4-7": 128_000,
+    "claude-opus-4-6": 128_000, "claude-sonnet-4-6": 64_000, "claude-opus-4-5-20251101": 64_000,
+    "claude-haiku-4-5-20251001": 64_000, "claude-sonnet-4-5-20250929": 64_000,
+}
+
+
+def output_limit(model: str) -> tuple[str, int] | None:
+    """(the model's full id, its output token limit), or None for a model without one here."""
+    m = _MODEL_BY_ID.get(model)
+    if m is None or m[0] not in MAX_OUTPUT_TOKENS:
+        return None
+    return m[0], MAX_OUTPUT_TOKENS[m[0]]
+
+
 _FILLER_TEXT = ("the emulator streams deterministic text so that gateway tests and benchmarks can "
                 "check token accounting caching and streaming without calling a real model")
 _FILLER = tuple(_FILLER_TEXT.split())
@@ -347,6 +364,10 @@ def validate_messages(body: Any) -> None:
     mt = body["max_tokens"]
     _require(_is_int(mt), "max_tokens: Input should be a valid integer")
     _require(mt >= 1, "max_tokens: Input should be greater than or equal to 1")
+    limit = output_limit(body["model"])
+    if limit is not None:
+        _require(mt <= limit[1], f"max_tokens: {mt} > {limit[1]}, which is the maximum allowed number of output "
+                 f"tokens for {limit[0]}")
     th = body.get("thinking")
     if isinstance(th, dict) and th.get("type") == "enabled":
         _require(mt > th["budget_tokens"], "`max_tokens` must be greater than `thinking.budget_tokens`. "

@@ -179,3 +179,61 @@ class BundleVerifier:
         for name, (digest, algorithm) in expected.items():
             if file_hash(name, files[name], algorithm) != digest:
                 raise BundleError(f"{where}: {name} does not match its signed hash (tampered)")
+
+
+def _signing_key(key: bytes, alg: str):
+    if alg not in ASYMMETRIC | SYMMETRIC:
+        raise BundleError(f"bundle signature algorithm {alg!r} is not supported")
+    try:
+        if alg in SYMMETRIC:
+            return OctKey.import_key(key)
+        k = ECKey.import_key(key) if alg.startswith("ES") else RSAKey.import_key(key)
+    except (JoseError, ValueError, TypeError) as e:
+        raise BundleError(f"bundle signing key for {alg} cannot be loaded: {e}") from None
+    if not k.is_private:
+        raise BundleError(f"the bundle signing key for {alg} is a public key; sign with the private key")
+    return k
+
+
+def sign_files(files: dict[str, bytes], key: bytes, alg: str = "RS256", key_id: str | None = None,
+               scope: str | None = None) -> bytes:
+    """`/.signatures.json` for a bundle's files, as `opa build --signing-key` writes it: one compact JWS
+    whose payload lists every file (but the signatures) with its SHA-256 (JSON files canonicalised)."""
+    k = _signing_key(key, alg)
+    kid = key_id or "default"
+    entries = [{"name": name, "hash": file_hash(name, raw, "SHA-256"), "algorithm": "SHA-256"}
+               for name, raw in sorted(files.items()) if name != SIGNATURES]
+    payload: dict = {"files": entries, "keyid": kid}
+    if scope is not None:
+        payload["scope"] = scope
+    token = jws.serialize_compact({"alg": alg, "kid": kid, "typ": "JWT"}, orjson.dumps(payload), k,
+                                  algorithms=[alg])
+    return orjson.dumps({"signatures": [token]})
+
+
+def sign_bundle_file(src: Path, out: Path, key: bytes, alg: str = "RS256", key_id: str | None = None,
+                     scope: str | None = None) -> Path:
+    """Sign the bundle tarball `src` (an existing signature is replaced) into `out`, atomically."""
+    import io
+    import os
+    import tarfile
+
+    from extauth.bundle import unpack_tarball
+
+    try:
+        raw = src.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {src}: {e.strerror}") from None
+    files = unpack_tarball(raw, str(src))
+    files.pop(SIGNATURES, None)
+    files[SIGNATURES] = sign_files(files, key, alg, key_id, scope)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo("/" + name)  # as opa writes its members
+            info.size, info.mode = len(files[name]), 0o600
+            tar.addfile(info, io.BytesIO(files[name]))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+    return out

@@ -146,6 +146,20 @@ class HttpSource:
             await self._session.close()
 
 
+def source_from(b, base: Path) -> BundleSource:
+    """The source a `policy.bundle` (or a policy set's `bundle`) names; relative paths are against `base`."""
+    if b.url is None:
+        return FileSource(base / str(b.path))
+    token = None
+    if b.token_file:
+        try:
+            token = (base / b.token_file).read_text().strip()
+        except OSError as e:
+            raise BundleError(f"cannot read bundle token_file {b.token_file}: {e.strerror}") from None
+    return HttpSource(b.url, b.timeout_s, b.max_bytes, token=token, ca_file=base / b.ca_file if b.ca_file else None,
+                      long_poll_s=b.long_polling_timeout_s)
+
+
 class PolicyHolder(Protocol):
     policy: PolicyEngine
 
@@ -182,11 +196,16 @@ class BundleLoader:
         self, holder: PolicyHolder | None, source: BundleSource, entrypoint: str, *,
         verifier: BundleVerifier | None = None, status_path: Path | None = None,
         clock: Callable[[], float] = time.time, grace_s: float = 60.0,
+        make_engine: Callable[[Bundle, str], PolicyEngine] = PolicyEngine,
     ) -> None:
         self.holder, self.source, self.entrypoint = holder, source, entrypoint
         self.verifier, self.status_path, self.clock, self.grace_s = verifier, status_path, clock, grace_s
+        self.make_engine = make_engine  # extauth/opa_envoy.py's engine for an OPA-Envoy set
         self.status = PolicyStatus(source=source.describe, entrypoint=entrypoint, pid=os.getpid())
         self._retiring: list[asyncio.TimerHandle] = []
+        # Set by extauth/policy_sets.py: called with (loader, "loaded" | "refused" | "checked") instead of
+        # writing status_path, so every set's status lands in one file and in the metrics.
+        self.on_status: Callable[[BundleLoader, str], None] | None = None
 
     @classmethod
     def from_config(cls, config, runtime, holder: PolicyHolder | None = None, **kw) -> tuple[BundleLoader, float]:
@@ -205,30 +224,18 @@ class BundleLoader:
             path = Path(runtime.policy_bundle) if runtime.policy_bundle else build_bundle(
                 base / pol.dir, Path(runtime.run_dir) / "policy.tar.gz", pol.entrypoint)
             source = FileSource(path)
-        elif pol.bundle.url is not None:
-            b = pol.bundle
-            token = None
-            if b.token_file:
-                try:
-                    token = (base / b.token_file).read_text().strip()
-                except OSError as e:
-                    raise BundleError(f"cannot read policy.bundle.token_file {b.token_file}: {e.strerror}") from None
-            source = HttpSource(b.url, b.timeout_s, b.max_bytes, token=token,
-                                ca_file=base / b.ca_file if b.ca_file else None,
-                                long_poll_s=b.long_polling_timeout_s)
-            interval = pol.bundle.poll_interval_s
         else:
-            source = FileSource(base / str(pol.bundle.path))
+            source = source_from(pol.bundle, base)
             interval = pol.bundle.poll_interval_s
         status_path = Path(runtime.run_dir) / STATUS_FILE
         return cls(holder, source, pol.entrypoint, verifier=verifier, status_path=status_path, **kw), interval
 
-    def _build(self, fetched: Fetched) -> tuple[Bundle, PolicyEngine | None]:
+    def _build(self, fetched: Fetched) -> tuple[Bundle, PolicyEngine | None]:  # (or the set's engine)
         bundle = fetched.load(self.verifier)
         current = getattr(self.holder, "policy", None)  # unset before the first load
         if current is not None and current.bundle.digest == bundle.digest:
             return bundle, None
-        return bundle, PolicyEngine(bundle, self.entrypoint)
+        return bundle, self.make_engine(bundle, self.entrypoint)
 
     async def load_initial(self) -> PolicyEngine:
         """The first bundle; failing here fails start-up (there is no last good one)."""
@@ -266,7 +273,8 @@ class BundleLoader:
             return "unchanged"
         assert self.holder is not None
         old, self.holder.policy = self.holder.policy, engine  # the swap: one attribute rebind
-        self._retire(old)
+        if old is not None:  # None: a shadow set whose first bundle failed (extauth/policy_sets.py)
+            self._retire(old)
         self._loaded(bundle)
         return "loaded"
 
@@ -300,13 +308,16 @@ class BundleLoader:
         s.last_error = s.last_error_at = None
         log.info("policy bundle revision %r (sha256 %s%s) from %s now serving", bundle.revision,
                  bundle.digest[:12], ", signature verified" if self.verifier else "", self.source.describe)
-        self._write()
+        self._write("loaded")
 
     def _error(self, message: str) -> None:
         self.status.last_error, self.status.last_error_at = message, self.clock()
-        self._write()
+        self._write("refused")
 
-    def _write(self) -> None:
+    def _write(self, event: str = "checked") -> None:
+        if self.on_status is not None:
+            self.on_status(self, event)
+            return
         if self.status_path is not None:
             try:
                 write_status(self.status_path, self.status)

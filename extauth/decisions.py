@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from ccr.contract import POLICY_GLOBAL_SET
 from extauth.endpoints import EndpointMatch
 from extauth.policy_input import RequestFacts, document
 from extauth.principal import Principal
@@ -46,7 +47,7 @@ PHASE_IDENTITY = "identity"
 
 _COLUMNS = ("decision_id", "ts", "request_id", "phase", "principal_id", "principal_name", "principal_kind",
             "endpoint", "method", "path", "model", "input_sha256", "bundle_revision", "bundle_digest",
-            "allow", "status", "reason", "eval_us")
+            "allow", "status", "reason", "eval_us", "policy_set", "shadow")
 _COPY = f"COPY policy_decisions ({', '.join(_COLUMNS)}) FROM STDIN"  # noqa: S608 (constant names)
 
 _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small whatever they send
@@ -55,7 +56,8 @@ _MAX_TEXT = 2048  # path and reason come partly from clients: a row stays small 
 # (decision_id, unix time, request_id, phase, principal|None, method, path, model|None,
 #  endpoint|None, bundle|None, allow, status, reason, eval_ns|-1, the policy's Decision|None,
 #  the PII findings (extauth/pii.py) or None when the text was not scanned,
-#  the rest of the input (extauth/policy_input.py RequestFacts) or None)
+#  the rest of the input (extauth/policy_input.py RequestFacts) or None,
+#  the policy set's evaluation (extauth/policy_sets.py SetEval) or None for the global set)
 Pending = tuple
 
 
@@ -106,7 +108,7 @@ class DecisionLog:
     def record(self, decision_id: str, request_id: str, phase: str, principal: Principal | None, method: str,
                path: str, model: str | None, endpoint: EndpointMatch | None, bundle: Any, allow: bool,
                status: int, reason: str, eval_ns: int, policy_result: Any = None, pii: tuple | None = None,
-               facts: RequestFacts | None = None) -> None:
+               facts: RequestFacts | None = None, set_eval: Any = None) -> None:
         """Queue one decision; never blocks, never raises for a full queue (the decision is counted)."""
         q = self._queue
         if len(q) >= self._max:
@@ -115,7 +117,7 @@ class DecisionLog:
         if facts is not None and facts.text is not None:  # the queue never holds request text
             facts = dataclasses.replace(facts, text=None, text_truncated=False)
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
-                  bundle, allow, status, reason, eval_ns, policy_result, pii, facts))
+                  bundle, allow, status, reason, eval_ns, policy_result, pii, facts, set_eval))
         if len(q) >= self._batch:
             self._wake.set()
 
@@ -138,8 +140,11 @@ class DecisionLog:
         principal, method, path, model, endpoint, eval_ns = p[4], p[5], p[6], p[7], p[8], p[13]
         if principal is None or eval_ns < 0:
             return None  # the policy was not reached: there is no input to digest
+        se = p[17]
+        if se is not None and se.input is not None:  # an OPA-Envoy set's own input (the CheckRequest)
+            return hashlib.sha256(canonical(se.input)).hexdigest()
         known = getattr(p[14], "input_sha256", None)
-        if known is not None:  # PolicyEngine.decide hashed the input it evaluated
+        if known is not None:  # PolicyEngine.decide hashed the input it evaluated (any ccr-mode set)
             return known
         pii, facts = p[15], p[16]
         key = (principal, method, path, model, endpoint.name if endpoint else None,
@@ -156,18 +161,22 @@ class DecisionLog:
     @staticmethod
     def _row(p: Pending, digest: str | None) -> tuple:
         (did, ts, rid, phase, principal, method, path, model, endpoint, bundle, allow, status, reason, eval_ns,
-         _, _, _) = p
+         _, _, _, se) = p
         return (did, datetime.fromtimestamp(ts, UTC), rid or None, phase,
                 principal.id if principal else None, principal.name if principal else None,
                 str(principal.kind) if principal else None, endpoint.name if endpoint else None,
                 method, path[:_MAX_TEXT], model[:_MAX_TEXT] if model else model, digest,
                 getattr(bundle, "revision", None) if bundle else None,
                 bundle.digest if bundle else None, allow, status, reason[:_MAX_TEXT],
-                eval_ns // 1000 if eval_ns >= 0 else None)
+                eval_ns // 1000 if eval_ns >= 0 else None,
+                se.name if se is not None else POLICY_GLOBAL_SET, se.shadow if se is not None else False)
 
     def _opa_line(self, p: Pending, row: tuple) -> bytes:
         """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row)."""
         principal, method, path, model, endpoint = p[4], p[5], p[6], p[7], p[8]
+        se = p[17]
+        if se is not None:
+            return self._set_line(p, row, se)
         doc: dict[str, Any] = {
             "decision_id": row[0],
             "request_id": row[2],
@@ -182,6 +191,27 @@ class DecisionLog:
         if self.include_input:  # never the request's text: record() dropped it
             doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], p[16])
         return orjson.dumps(doc) + b"\n"
+
+    def _set_line(self, p: Pending, row: tuple, se: Any) -> bytes:
+        """A policy set's decision (extauth/policy_sets.py) in OPA's shape; `shadow` marks one not enforced."""
+        doc: dict[str, Any] = {
+            "decision_id": row[0],
+            "request_id": row[2],
+            "path": se.entrypoint,
+            "result": se.result if se.error is None else {"error": se.error},
+            "timestamp": row[1].isoformat().replace("+00:00", "Z"),
+            "metrics": {"timer_rego_query_eval_ns": p[13]},
+            "bundles": {se.name: {"revision": row[12] or row[13] or ""}},
+            "labels": {"policy_set": se.name, "shadow": se.shadow, "mode": se.mode},
+        }
+        if self.include_input:
+            if se.input is not None:  # OPA-Envoy input: credential headers and the body left out
+                from extauth.opa_envoy import redacted
+
+                doc["input"] = redacted(se.input)
+            else:
+                doc["input"] = policy_input(p[4], p[5], p[6], p[7], p[8], p[15], p[16])
+        return orjson.dumps(doc, default=str) + b"\n"
 
     async def flush(self) -> int:
         """Write everything queued now; returns the number of decisions written."""

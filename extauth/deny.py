@@ -21,6 +21,9 @@ _GRPC_CODE = {
 
 
 class Deny(Exception):
+    headers: list[base_pb2.HeaderValueOption] = []  # more response headers (a policy set's, extauth/policy_sets.py)
+    log_reason: str | None = None  # what the decision log records, when it says more than the client is told
+
     def __init__(self, status: int, err_type: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -28,8 +31,9 @@ class Deny(Exception):
         self.message = message
 
 
-def denied(status: int, err_type: str, message: str) -> pb.CheckResponse:
-    return pb.CheckResponse(
+def denied(status: int, err_type: str, message: str,
+           headers: list[base_pb2.HeaderValueOption] | None = None) -> pb.CheckResponse:
+    resp = pb.CheckResponse(
         status=status_pb2.Status(code=_GRPC_CODE.get(status, code_pb2.PERMISSION_DENIED), message=message),
         denied_response=pb.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=status),
@@ -42,3 +46,6 @@ def denied(status: int, err_type: str, message: str) -> pb.CheckResponse:
             body=error_body(err_type, message).decode(),
         ),
     )
+    if headers:
+        resp.denied_response.headers.extend(headers)
+    return resp

@@ -26,10 +26,15 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 MAX_ID_LEN = 128
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
-_PARAM_PATTERNS = {"model_id": ID_PATTERN, "batch_id": ID_PATTERN, "file_id": ID_PATTERN}
+# Bedrock model ids ("us.anthropic.claude-sonnet-4-5-20250929-v1:0") carry dots and a colon; the
+# Anthropic SDK's Bedrock client sends the colon unencoded. Only the Bedrock-client paths take them.
+BEDROCK_MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
+_PARAM_PATTERNS = {"model_id": ID_PATTERN, "batch_id": ID_PATTERN, "file_id": ID_PATTERN,
+                   "bedrock_model": BEDROCK_MODEL_PATTERN}
 # A canonical path: one or more "/segment" of unreserved characters (RFC 3986, minus '~'),
 # nothing else. No '%', no '//', no trailing '/', no controls, no spaces, no non-ASCII.
 _CANONICAL = re.compile(r"(?:/[A-Za-z0-9._-]+)+")
+_CANONICAL_BEDROCK = re.compile(r"/model/[A-Za-z0-9._:-]+/[a-z-]+")
 
 
 class Kind(StrEnum):
@@ -48,6 +53,11 @@ class Endpoint:
     template: str  # "/v1/messages/batches/{batch_id}"
     kind: Kind
     model_in_body: bool = False  # the JSON body's top-level "model" is decided and routed on
+    # The wire schema the client speaks: "anthropic", "openai" (Chat Completions) or "bedrock"
+    # (InvokeModel); anything but "anthropic" is translated by the adapter (router/adapter/translators).
+    schema: str = "anthropic"
+    # The model is the path's `bedrock_model` parameter, not a body field.
+    model_in_path: bool = False
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -69,8 +79,9 @@ class Endpoint:
         return not self.params
 
 
-def _e(name: str, method: str, template: str, kind: Kind, model_in_body: bool = False) -> Endpoint:
-    return Endpoint(name, method, template, kind, model_in_body)
+def _e(name: str, method: str, template: str, kind: Kind, model_in_body: bool = False, schema: str = "anthropic",
+       model_in_path: bool = False) -> Endpoint:
+    return Endpoint(name, method, template, kind, model_in_body, schema, model_in_path)
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -89,6 +100,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _e("files.get", "GET", "/v1/files/{file_id}", Kind.FILES),
     _e("files.content", "GET", "/v1/files/{file_id}/content", Kind.FILES),
     _e("files.delete", "DELETE", "/v1/files/{file_id}", Kind.FILES),
+    # Other clients' schemas for a Messages call (kind messages, so `messages.*` grants cover them).
+    _e("messages.openai_chat", "POST", "/v1/chat/completions", Kind.MESSAGES, model_in_body=True, schema="openai"),
+    _e("messages.bedrock_invoke", "POST", "/model/{bedrock_model}/invoke", Kind.MESSAGES, schema="bedrock",
+       model_in_path=True),
+    _e("messages.bedrock_invoke_stream", "POST", "/model/{bedrock_model}/invoke-with-response-stream",
+       Kind.MESSAGES, schema="bedrock", model_in_path=True),
 )
 BY_NAME: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS}
 METHODS: frozenset[str] = frozenset(e.method for e in ENDPOINTS)
@@ -143,7 +160,7 @@ def non_canonical(path: str) -> str | None:
         return "trailing slash"
     if any(seg in (".", "..") for seg in path.split("/")):
         return "dot segment in path"
-    if path != "/" and not _CANONICAL.fullmatch(path):
+    if path != "/" and not _CANONICAL.fullmatch(path) and not _CANONICAL_BEDROCK.fullmatch(path):
         return "character outside [A-Za-z0-9._-] in path"
     return None
 

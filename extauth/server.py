@@ -23,15 +23,20 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from ccr import metrics
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     AUTHZ_DECISION_ID,
+    AUTHZ_GROUP_LIST,
     AUTHZ_LABELS,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     AUTHZ_RATELIMIT,
     AUTHZ_REGION,
+    AUTHZ_SPEND,
+    AUTHZ_SPEND_WORST,
+    AUTHZ_USER_ID,
     CCR_HEADER_PREFIX,
     H_BATCH_REQUESTS,
     H_CLUSTER,
@@ -43,9 +48,11 @@ from ccr.contract import (
     H_REGION,
     H_REGION_HINT,
     H_REQUEST_ID,
+    RL_GROUP_SEPARATOR,
     SET_HEADERS,
 )
 from ccr.logs import REQUEST_ID
+from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
@@ -59,12 +66,15 @@ from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
+from extauth.opa_envoy import OpaEnvoyError, apply_allowed
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import DENY_STATUS, Decision, PolicyEngine
 from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
 from extauth.policy_input import request_facts as request_facts_of
-from extauth.principal import Principal
+from extauth.policy_sets import PolicySets
+from extauth.principal import Principal, PrincipalKind
 from extauth.sessions import session_verifier
+from extauth.spend import BudgetSubjects, WorstCase
 from extauth.wire import split_check
 
 log = logging.getLogger(__name__)
@@ -95,6 +105,18 @@ def json_object(body: Buffer) -> tuple[dict[str, Any], TextOf]:
     if not isinstance(doc, dict):
         raise Deny(400, "invalid_request_error", "request body must be a JSON object with a 'model' field")
     return doc, text_of
+
+
+def _as_anthropic(doc: dict[str, Any]) -> dict[str, Any]:
+    """A Chat Completions body as the Messages request it becomes; a body that cannot become one
+    is refused here, before policy, with the translator's reason."""
+    from router.adapter.translators.base import TranslationError
+    from router.adapter.translators.openai_client import to_anthropic
+
+    try:
+        return to_anthropic(doc)[0]
+    except TranslationError as e:
+        raise Deny(400, "invalid_request_error", str(e)) from None
 
 
 def model_in(doc: dict[str, Any]) -> str:
@@ -148,11 +170,30 @@ def _with_decision(message: str, decision_id: str | None) -> str:
     return f"{message} (decision {decision_id})" if decision_id else message
 
 
+def with_additions(resp: pb.CheckResponse, additions: list | None) -> pb.CheckResponse:
+    """A copy of an OK response with what allowing OPA-Envoy policy sets add (headers, metadata);
+    a result the gateway refuses to apply (an x-ccr-* header, its own metadata keys) denies."""
+    if not additions:
+        return resp
+    own = pb.CheckResponse()
+    own.CopyFrom(resp)
+    try:
+        for r in additions:
+            apply_allowed(own, r)
+    except OpaEnvoyError as e:
+        log.error("a policy set's result was refused: %s", e)
+        d = Deny(503, "api_error", "the gateway could not authorize this request: a policy's result asks for "
+                                   "something the gateway does not allow; contact your gateway administrator")
+        d.log_reason = f"a policy set's result was refused: {e}"  # the detail is logged, not told to the client
+        raise d from None
+    return own
+
+
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
     __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
-                 "principal")
+                 "principal", "set_eval", "spend")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
@@ -165,6 +206,9 @@ class _Seen:
         self.cached = False  # the response is the shared cached one: copy before adding the decision id
         self.pii: tuple[Finding, ...] | None = None  # what the PII scan found (None: not scanned)
         self.facts: RequestFacts | None = None  # the rest of the policy input (extauth/policy_input.py)
+        self.set_eval = None  # the policy set (extauth/policy_sets.py) that refused the request, if not the global one
+        # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
+        self.spend: tuple[int | None, str | None] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -208,8 +252,10 @@ def _peer_certificate(req: pb.CheckRequest) -> str | None:
 
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
-                 objects: ObjectStore | None = None, decisions: DecisionLog | None = None) -> None:
+                 objects: ObjectStore | None = None, decisions: DecisionLog | None = None,
+                 sets: PolicySets | None = None) -> None:
         self.config = config
+        self.sets = sets if sets is not None and sets.sets else None  # policy.sets beyond the global one
         self.decisions = decisions  # None: decisions are not recorded (decision-only Authorizers in tests)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
@@ -219,6 +265,8 @@ class Authorizer:
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
+        # Budget reservations (issue 8): None when spend is off.
+        self.worst_case = WorstCase(config) if config.spend.enabled else None
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -243,18 +291,25 @@ class Authorizer:
         try:
             resp = await self._check(req, body, seen)
         except Deny as d:
-            did = self._record(req, seen, False, d.status, d.message)
-            return denied(d.status, d.err_type, _with_decision(d.message, did))
+            did = self._record(req, seen, False, d.status, d.log_reason or d.message)
+            return denied(d.status, d.err_type, _with_decision(d.message, did), d.headers)
         except Exception:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
-        if did is not None:
+        if did is not None or seen.spend is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
                 resp = own
-            resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if did is not None:
+                resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if seen.spend is not None:  # per request: the worst case depends on the body
+                worst, spend = seen.spend
+                if worst is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
+                if spend is not None:
+                    resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
@@ -269,7 +324,7 @@ class Authorizer:
             dl.record(did, _headers(http).get(H_REQUEST_ID, ""), phase, seen.principal, http.method,
                       seen.path if seen.path is not None else split_target(http.path)[0], seen.model,
                       seen.endpoint, seen.bundle, allow, status, reason, seen.eval_ns, seen.decision, seen.pii,
-                      seen.facts)
+                      seen.facts, set_eval=seen.set_eval)
         except Exception:  # the log must never change a decision
             log.exception("could not record a decision")
             return None
@@ -302,13 +357,22 @@ class Authorizer:
         # The body as received: a view when the caller split it off the message (no copy), else
         # the message's field (one copy, as protobuf hands out bytes).
         body: Buffer = raw if raw else (http.raw_body or http.body.encode())
-        if endpoint.endpoint.model_in_body:
-            doc, text_of = json_object(body)
-            model = seen.model = model_in(doc)
+        if endpoint.endpoint.model_in_body or endpoint.endpoint.model_in_path:
+            if endpoint.endpoint.model_in_path:  # Bedrock clients: decided on the Anthropic API's id
+                model = seen.model = from_bedrock(endpoint.param("bedrock_model") or "")
+                doc, text_of = json_object(body)  # an Anthropic-shaped body: scanned like one
+            else:
+                doc, text_of = json_object(body)
+                model = seen.model = model_in(doc)
+                if endpoint.endpoint.schema == "openai":
+                    # Policy, PII scanning and ceilings see one shape: the Anthropic request the
+                    # adapter will send (tool calls become tool_use blocks, tool messages tool_result).
+                    doc = _as_anthropic(doc)
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error", f"model: {model}")
-            provider, cluster = route
+            provider = route[0]
+            cluster = self.config.provider(provider).cluster_for(endpoint.endpoint.schema)
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
 
@@ -329,9 +393,16 @@ class Authorizer:
         if pii:  # kinds and locations only, never the values
             log.info("pii %s (%s): %s; policy %s", principal.name, seen.path,
                      ", ".join(f"{f.kind} at {f.location}" for f in pii), "allowed" if decision.allow else "denied")
+        additions = None
+        if self.sets is not None:  # shadow sets see every request the policy sees; enforced ones must allow too
+            additions = self.sets.check(req, raw, seen, method, headers.get(H_REQUEST_ID, ""), doc, text_of,
+                                        decision.allow, self.decisions)
+            decision = seen.decision  # with what allowing ccr-mode sets add (headers, labels, region)
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
+        if self.worst_case is not None:
+            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
@@ -345,7 +416,8 @@ class Authorizer:
             keep = keep | {H_REGION}
         spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
         if facts is not None:  # per-object answers are not cached
-            return self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts, decision)
+            return with_additions(self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts,
+                                           decision), additions)
         ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
         resp = self._ok_cache.get(ck)
         seen.cached = True
@@ -354,6 +426,9 @@ class Authorizer:
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
+        if additions:
+            seen.cached = False
+            resp = with_additions(resp, additions)
         return resp
 
     async def _objects(self, principal: Principal, m: EndpointMatch, doc: dict[str, Any] | None, body: Buffer,
@@ -373,7 +448,10 @@ class Authorizer:
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
         policy = self.policy
-        return await self.objects.check(principal, m, body, _batch_decide(policy, request_facts), _batch_scan(policy))
+        decide = _batch_decide(policy, request_facts)
+        if self.sets is not None:  # each request of the batch as every enforced ccr-mode set that applies sees it
+            decide = self.sets.batch_decide(principal, decide, lambda engine: _batch_decide(engine, request_facts))
+        return await self.objects.check(principal, m, body, decide, _batch_scan(policy))
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
@@ -403,6 +481,10 @@ class Authorizer:
                        "groups": list(p.groups)}
         if p.key_id is not None:
             facts["key_id"] = p.key_id
+        if p.kind is PrincipalKind.USER:
+            facts[AUTHZ_USER_ID] = p.id
+        if p.groups:
+            facts[AUTHZ_GROUP_LIST] = RL_GROUP_SEPARATOR.join(p.groups)
         if p.tenant is not None:
             facts["tenant"] = p.tenant
         if p.owner is not None:
@@ -517,9 +599,13 @@ def decision_log(config: GatewayConfig, runtime: Runtime) -> DecisionLog:
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime):
     try:
         loader, poll_interval = BundleLoader.from_config(config, runtime)
+        # One status file and one set of metrics for the global set and those of policy.sets.
+        sets = PolicySets.from_config(config, runtime, loader)
         policy = await loader.load_initial()
+        await sets.load_initial()
     except BundleError as e:
         raise SystemExit(f"extauth: {e}") from None
+    metrics.serve(config.services.bind_host)  # /metrics: the bundle each set serves (ccr/metrics.py)
     if policy.host_builtins:
         log.warning("policy needs host builtins %s (slower); prefer WASM-native ones",
                     sorted(policy.host_builtins))
@@ -536,10 +622,16 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     decisions = decision_log(config, runtime)
     await decisions.start()
     authorizer = Authorizer(config, Identity(keys, verifiers, spiffe=config.identity.spiffe), policy, objects,
-                            decisions)
+                            decisions, sets)
+    budget_subjects = None
+    if authorizer.worst_case is not None:  # spend (issue 8): reserve only where a budget may apply
+        budget_subjects = BudgetSubjects(runtime.postgres_dsn, config.spend.refresh_s)
+        await budget_subjects.start()
+        authorizer.worst_case.subjects = budget_subjects
     AuthorizationServicer(authorizer).add_to(server)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
+    sets.start()
     log.info("policy from %s (revision %r, sha256 %s), entrypoint %s", loader.source.describe,
              policy.bundle.revision, policy.bundle.digest[:12], config.policy.entrypoint)
 
@@ -548,12 +640,15 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await loader.close()
+        await sets.close()
         await keys.close()
         if sessions is not None:
             await sessions.status.close()
         if oidc is not None:
             await oidc.close()
         await objects.close()
+        if budget_subjects is not None:
+            await budget_subjects.close()
         await decisions.close()  # flushes the queued decisions
         authorizer.policy.close()
 

@@ -1,259 +1,250 @@
-"""Envoy rate limit service (RateLimitService/ShouldRateLimit) on Redis fixed windows.
+"""Envoy rate limit service (RateLimitService/ShouldRateLimit) on Redis.
 
-Counting follows envoyproxy/ratelimit: one counter per descriptor and window,
-incremented by the request's hits, OVER_LIMIT when the count after the increment
-exceeds the limit. A descriptor carrying `principal` (ccr.contract.RL_PRINCIPAL_KEY)
-is limited by the override Envoy sends (the principal's own limit from extauth
-metadata) or by the gateway default per minute; any other descriptor is unlimited.
+A decision, in order (docs/ratelimit.md):
 
-Cost per decision: one Redis round trip (EVALSHA of a small Lua script that
-increments every limited counter of the request and sets the expiry of new
-ones), and none at all for a counter this process has already seen over its
-limit in the current window (the over-limit cache: counts only grow within a
-window, so the decision cannot change until the window ends).
+1. LimitPlanner (ratelimit/limits.py) maps the request's descriptors to counters: descriptor
+   overrides and envoyproxy/ratelimit YAML rules (fixed windows, its semantics), the gateway
+   default per principal, and ccr's own rules (sliding windows / token buckets).
+2. Fixed-window counters this process has already seen over their limit in the current window
+   are answered from the over-limit cache (a fixed window's count only grows until it ends).
+3. Counters (ratelimit/counters.py) runs all the others in one EVALSHA on Redis's clock.
+4. The response: a status per descriptor (Envoy derives x-ratelimit-* from them), the
+   anthropic-ratelimit-* headers, and on OVER_LIMIT the Anthropic 429 body with retry-after.
+5. Admission steps (ratelimit/admission.py `AdmissionStep`, listed by `admission_steps`) run
+   after the limits allowed a request, with the same request and the response being built.
 
-It runs on grpcio's sync server with a thread pool: a decision only waits on
-Redis, and that server costs less CPU per call than grpc.aio (bench/profiles.md).
-Several worker processes may share the port (services.workers): the counters are
-in Redis, and each process's over-limit cache only holds what Redis already said.
+Spend budgets (issue 8, docs/spend.md) are not a step: Envoy asks for them in a call of their own,
+from a second rate limit filter (domain SPEND_DOMAIN, stage SPEND_STAGE, 402 on refusal), after
+the limits allowed the request. Calls in that domain go to ratelimit/spend.py (reserve the worst
+case in one script); the audit receiver settles to the metered cost (audit/ledger.py).
+
+Redis unreachable: counters whose limit is `fail_open` are skipped; if any other counter was
+needed the call fails UNAVAILABLE and Envoy (failure_mode_deny) refuses with 503.
+
+grpcio's sync server with a thread pool: a decision only waits on Redis, and that server costs
+less CPU per call than grpc.aio (bench/profiles.md). Several worker processes may share the port
+(services.workers): the counters are in Redis, each process's cache only holds Redis's answers.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import redis
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from ccr.config import GatewayConfig
-from ccr.contract import RL_DOMAIN as DOMAIN
-from ccr.contract import RL_PRINCIPAL_KEY
-from ccr.errors import error_body
+from ccr.config import GatewayConfig, Limits
 from ccr.runtime import Runtime
+from ratelimit import spend
+from ratelimit.admission import AdmissionStep, admission_steps
+from ratelimit.counters import CHARGE, NO_GATE, Algorithm, CounterOp, Counters, Outcome
+from ratelimit.envoy_config import RuleDir, RuleSet
+from ratelimit.limits import WORD_OF_UNIT, LimitPlanner, Planned
+from ratelimit.replies import over_limit_reply, quota_headers, seconds
 
 log = logging.getLogger("ccr.ratelimit")
 
-KEY_PREFIX = "ccr:rl"
-LIMITED_KEY = RL_PRINCIPAL_KEY
 UNLIMITED_REMAINING = 2**32 - 1  # what envoyproxy/ratelimit reports for unlimited descriptors
-
-Unit = rls_pb2.RateLimitResponse.RateLimit
-# RateLimitOverride uses envoy.type.v3.RateLimitUnit, whose numbers match
-# RateLimitResponse.RateLimit.Unit for every unit they share.
-UNIT_SECONDS: dict[int, int] = {
-    Unit.SECOND: 1,
-    Unit.MINUTE: 60,
-    Unit.HOUR: 3600,
-    Unit.DAY: 86400,
-    Unit.WEEK: 7 * 86400,
-    Unit.MONTH: 30 * 86400,
-    Unit.YEAR: 365 * 86400,
-}
-UNIT_WORD: dict[int, str] = {
-    Unit.SECOND: "second", Unit.MINUTE: "minute", Unit.HOUR: "hour", Unit.DAY: "day",
-    Unit.WEEK: "week", Unit.MONTH: "month", Unit.YEAR: "year",
-}
-
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
-_KEY_HEAD = f"{KEY_PREFIX}:{DOMAIN}:"
-
-# KEYS: the counters; ARGV: hits and expiry seconds per counter, interleaved.
-# Returns the counts after the increment. The expiry is set only on a counter
-# without one (EXPIRE NX, which the Redis 6.2 baseline lacks): one unit from its
-# creation, so never before its window ends.
-INCR_SCRIPT = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('INCRBY', key, ARGV[2 * i - 1])
-  if redis.call('TTL', key) == -1 then
-    redis.call('EXPIRE', key, ARGV[2 * i])
-  end
-end
-return out
-"""
 
 # The over-limit cache is swept of ended windows when it reaches this size, and
 # dropped whole if it is still that big (it only saves Redis calls; losing it is safe).
 CACHE_SWEEP_AT = 50_000
 
 
-@dataclass(slots=True)
-class _Counter:
-    status: rls_pb2.RateLimitResponse.DescriptorStatus  # this descriptor's, in the response
-    key: str
-    limit: int
-    unit: int
-    end: int  # epoch second the window ends
-    after: int | None  # the count after this request; None until Redis answers
+class RedisDown(Exception):
+    """Redis was needed for a fail-closed limit and is unreachable."""
 
 
-def _rfc3339(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+class Decider:
+    def __init__(self, counters: Counters, planner: LimitPlanner,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.counters = counters
+        self.planner = planner  # replaced whole when the YAML rules reload
+        self.monotonic = monotonic
+        # fixed-window counter key -> (local monotonic deadline, a count it has reached): while
+        # that count exceeds the limit the answer is OVER_LIMIT, until the window ends.
+        self.over_limit: dict[str, tuple[float, int]] = {}
+        self._sweep = threading.Lock()
+        self._last_down_log = 0.0
+        # Redis's clock at the last answer, against ours: the time of answers made without Redis.
+        self._redis_base: tuple[int, float] = (int(time.time() * 1000), monotonic())
 
-
-class RateLimiter:
-    def __init__(self, redis: redis.Redis, default_rpm: int,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.redis = redis
-        self.default_rpm = default_rpm
-        self.clock = clock
-        self._script = INCR_SCRIPT.encode()
-        self._sha: str | None = None
-        # counter key -> (window end, a count it has reached): counts only grow within
-        # a window, so while that count exceeds the limit the answer is OVER_LIMIT.
-        self.over_limit: dict[str, tuple[int, int]] = {}
-        self._sweep = threading.Lock()  # decisions run on several threads
-
-    def _limit_of(self, d: ratelimit_pb2.RateLimitDescriptor) -> tuple[int, int]:
-        """(requests_per_unit, unit) for a limited descriptor."""
-        if d.HasField("limit"):
-            rpu, unit = d.limit.requests_per_unit, d.limit.unit
-            if rpu > 0 and unit in UNIT_SECONDS:
-                return rpu, unit
-            # An override Envoy could not fill sensibly: fall back rather than block the key.
-            log.warning("ignoring unusable limit override %s/%s", rpu, unit)
-        return self.default_rpm, Unit.MINUTE
-
-    def _increment(self, keys: list[str], args: list[int]) -> list[int]:
-        """One EVALSHA; on NOSCRIPT (Redis restarted or SCRIPT FLUSH) load it and retry.
-
-        The retry cannot count twice: a NOSCRIPT reply means nothing ran.
-        """
-        if self._sha is not None:
-            try:
-                return self.redis.evalsha(self._sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
-            except NoScriptError:
-                log.info("rate limit script not in Redis; loading it again")
-        self._sha = self.redis.script_load(self._script)
-        return self.redis.evalsha(self._sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
-
-    def _remember_over(self, key: str, window_end: int, count: int) -> None:
+    def _remember_over(self, key: str, deadline: float, count: int) -> None:
         cache = self.over_limit
         if len(cache) >= CACHE_SWEEP_AT:
             with self._sweep:
-                now = self.clock()
+                now = self.monotonic()
                 for k in [k for k, (end, _) in list(cache.items()) if end <= now]:
                     cache.pop(k, None)
                 if len(cache) >= CACHE_SWEEP_AT:
                     cache.clear()
-        cache[key] = (window_end, count)
+        cache[key] = (deadline, count)
 
     def should_rate_limit(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
-        now = self.clock()
-        inow = int(now)
-        request_hits = req.hits_addend or 1  # Envoy: 0 means 1
+        planned = self.planner.plan(req)
         resp = rls_pb2.RateLimitResponse(overall_code=OK)
-        statuses = resp.statuses
-        counted: list[_Counter] = []
-        keys: list[str] = []
-        args: list[int] = []
-        limited_domain = req.domain == DOMAIN
-        cache = self.over_limit
-        for d in req.descriptors:
-            st = statuses.add(code=OK, limit_remaining=UNLIMITED_REMAINING)
-            if not limited_domain or not any(e.key == LIMITED_KEY for e in d.entries):
-                continue
-            limit, unit = self._limit_of(d)
-            div = UNIT_SECONDS[unit]
-            window = inow // div * div
-            end = window + div
-            entries = d.entries
-            parts = (f"{entries[0].key}={entries[0].value}" if len(entries) == 1
-                     else ",".join(f"{e.key}={e.value}" for e in entries))
-            key = f"{_KEY_HEAD}{parts}:{UNIT_WORD[unit]}:{window}"
-            cached = cache.get(key)
-            if cached is not None and cached[0] > now and cached[1] > limit:
-                counted.append(_Counter(st, key, limit, unit, end, cached[1]))
-                continue
-            # A per-descriptor hits_addend may be 0 (check without counting).
-            hits = d.hits_addend.value if d.HasField("hits_addend") else request_hits
-            counted.append(_Counter(st, key, limit, unit, end, None))
-            keys.append(key)
-            args.append(hits)
-            args.append(div)
-        if not counted:
+        # As envoyproxy/ratelimit answers: a descriptor no limit applies to has remaining 0 and no
+        # current_limit; an `unlimited` one has remaining 2^32-1.
+        for _ in req.descriptors:
+            resp.statuses.add(code=OK)
+        if not planned:
             return resp
-
-        if keys:
-            results = iter(self._increment(keys, args))
-            for c in counted:
-                if c.after is None:
-                    c.after = int(next(results))
-
-        worst: _Counter | None = None  # the over-limit counter that resets last
-        for c in counted:
-            after = c.after
-            assert after is not None
-            st = c.status
-            st.current_limit.requests_per_unit = c.limit
-            st.current_limit.unit = c.unit
-            st.limit_remaining = max(c.limit - after, 0)
-            st.duration_until_reset.seconds = max(math.ceil(c.end - now), 1)
-            if after > c.limit:
-                st.code = OVER_LIMIT
-                if worst is None or c.end > worst.end:
-                    worst = c
-                seen = cache.get(c.key)
-                if seen is None or seen[1] < after:
-                    self._remember_over(c.key, c.end, after)
-        if worst is not None:
-            resp.overall_code = OVER_LIMIT
-            _fill_over_limit(resp, worst.limit, worst.unit, now, worst.end - now)
+        mono = self.monotonic()
+        outcomes: list[Outcome | None] = [None] * len(planned)
+        run: list[int] = []
+        refused = False
+        cache = self.over_limit
+        for j, p in enumerate(planned):
+            lim = p.limit
+            if lim.unlimited:
+                resp.statuses[p.desc].limit_remaining = UNLIMITED_REMAINING
+                continue
+            if lim.algorithm is Algorithm.FIXED:
+                hit = cache.get(p.key)
+                if hit is not None and hit[0] > mono and hit[1] > lim.amount:
+                    left_ms = int((hit[0] - mono) * 1000)
+                    outcomes[j] = Outcome(True, 0, left_ms, left_ms, lim.amount - hit[1])
+                    refused = refused or not lim.shadow
+                    continue
+            run.append(j)
+        base_ms, base_mono = self._redis_base
+        now_ms = base_ms + int((mono - base_mono) * 1000)  # Redis's clock, as of its last answer
+        if run:
+            now_ms = self._run(planned, run, outcomes, refused, mono)
+        self._respond(req, resp, planned, outcomes, now_ms)
         return resp
 
+    def _run(self, planned: list[Planned], run: list[int], outcomes: list[Outcome | None],
+             refused: bool, mono: float) -> int:
+        # Counters named twice in one request (two descriptors, one key) are one op with the hits summed.
+        index: dict[str, int] = {}
+        ops: list[CounterOp] = []
+        where: list[int] = []
+        for j in run:
+            p = planned[j]
+            lim = p.limit
+            at = index.get(p.key)
+            if at is not None:
+                op = ops[at]
+                ops[at] = CounterOp(op.key, op.algorithm, op.hits + p.hits, op.period_ms, op.limit, op.burst, op.flags)
+                where.append(at)
+                continue
+            flags = (CHARGE if p.charge else 0) | (NO_GATE if lim.shadow else 0)
+            index[p.key] = len(ops)
+            where.append(len(ops))
+            ops.append(CounterOp(p.key, lim.algorithm, p.hits, lim.period_ms, lim.amount, lim.burst, flags))
+        try:
+            now_ms, results = self.counters.run(ops, refused)
+        except (RedisError, OSError) as e:
+            needed = [planned[j].limit for j in run if not planned[j].limit.fail_open]
+            if needed:
+                raise RedisDown(f"{type(e).__name__}: {e}") from e
+            if mono - self._last_down_log > 10:
+                self._last_down_log = mono
+                log.warning("redis unavailable (%s); allowing uncounted: every limit involved is fail-open", e)
+            base_ms, base_mono = self._redis_base
+            return base_ms + int((mono - base_mono) * 1000)
+        self._redis_base = (now_ms, mono)
+        for j, at in zip(run, where, strict=True):
+            o = results[at]
+            outcomes[j] = o
+            p = planned[j]
+            if o.over and p.limit.algorithm is Algorithm.FIXED:
+                # The key is the same for any limit on these entries: keep the count, not "over".
+                self._remember_over(p.key, mono + o.reset_ms / 1000, p.limit.amount - o.left)
+        return now_ms
 
-def _fill_over_limit(resp: rls_pb2.RateLimitResponse, limit: int, unit: int, now: float, reset: float) -> None:
-    """The 429 Envoy sends as a local reply: Anthropic error body plus retry headers."""
-    retry_after = max(math.ceil(reset), 1)
-    body, headers = _over_limit_reply(limit, unit, retry_after, round(now + reset))
-    resp.raw_body = body
-    add = resp.response_headers_to_add.add
-    for k, v in headers:
-        add(key=k, value=v)
+    def _respond(self, req: rls_pb2.RateLimitRequest, resp: rls_pb2.RateLimitResponse, planned: list[Planned],
+                 outcomes: list[Outcome | None], now_ms: int) -> None:
+        statuses = resp.statuses
+        binding: dict[int, tuple[Planned, Outcome]] = {}  # descriptor -> the counter its status shows
+        tightest: dict[str, tuple[Planned, Outcome]] = {}  # metric -> the counter with least remaining
+        worst: tuple[Planned, Outcome] | None = None  # the refusing counter that frees up last
+        for p, o in zip(planned, outcomes, strict=True):
+            if o is None or p.charge:
+                continue
+            lim = p.limit
+            gating = o.over and not lim.shadow
+            if gating and (worst is None or o.retry_ms > worst[1].retry_ms):
+                worst = (p, o)
+            b = binding.get(p.desc)
+            if b is None or _tighter(p, o, *b):
+                binding[p.desc] = (p, o)
+            t = tightest.get(lim.metric)
+            if t is None or _fraction(o, lim.amount) < _fraction(t[1], t[0].limit.amount):
+                tightest[lim.metric] = (p, o)
+        for i, (p, o) in binding.items():
+            st = statuses[i]
+            st.current_limit.requests_per_unit = p.limit.amount
+            st.current_limit.unit = p.limit.unit
+            st.limit_remaining = o.remaining
+            st.duration_until_reset.seconds = seconds(o.retry_ms if o.over else o.reset_ms)
+            if o.over and not p.limit.shadow:
+                st.code = OVER_LIMIT
+        add = resp.response_headers_to_add.add
+        for metric, (p, o) in tightest.items():
+            for k, v in quota_headers(metric, p.limit.amount, o.remaining,
+                                      math.ceil((now_ms + o.reset_ms) / 1000)):
+                add(key=k, value=v)
+        if worst is not None:
+            p, o = worst
+            lim = p.limit
+            retry_after = seconds(o.retry_ms)
+            body, headers = over_limit_reply(lim.name, lim.about, lim.amount, lim.metric, WORD_OF_UNIT[lim.unit],
+                                             retry_after, math.ceil((now_ms + o.retry_ms) / 1000))
+            resp.overall_code = OVER_LIMIT
+            resp.raw_body = body
+            for k, v in headers:
+                add(key=k, value=v)
 
 
-@functools.lru_cache(maxsize=1024)
-def _over_limit_reply(limit: int, unit: int, retry_after: int,
-                      reset_at: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
-    # Memoised: a client hammering past its limit gets the same reply for a whole second.
-    message = (
-        f"Rate limit of {limit} requests per {UNIT_WORD[unit]} exceeded for this API key; "
-        f"retry after {retry_after} seconds."
-    )
-    return error_body("rate_limit_error", message), (
-        ("retry-after", str(retry_after)),
-        ("content-type", "application/json"),
-        ("anthropic-ratelimit-requests-limit", str(limit)),
-        ("anthropic-ratelimit-requests-remaining", "0"),
-        ("anthropic-ratelimit-requests-reset", _rfc3339(reset_at)),
-    )
+def _fraction(o: Outcome, amount: int) -> float:
+    return o.remaining / amount if amount else 0.0
+
+
+def _tighter(p: Planned, o: Outcome, bp: Planned, bo: Outcome) -> bool:
+    """Which counter a descriptor's status shows: a refusal first, then requests over tokens
+    (x-ratelimit-* speak of requests), then the least remaining."""
+    a = (not (o.over and not p.limit.shadow), p.limit.metric != "requests", o.remaining)
+    b = (not (bo.over and not bp.limit.shadow), bp.limit.metric != "requests", bo.remaining)
+    return a < b
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    def __init__(self, limiter: RateLimiter) -> None:
-        self.limiter = limiter
+    def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None,
+                 spend_gate: spend.SpendGate | None = None) -> None:
+        self.decider = decider
+        self.steps = steps or []  # run after the limits allowed a request (AdmissionStep)
+        self.spend_gate = spend_gate  # budgets: their own domain, from their own filter (ratelimit/spend.py)
 
     def ShouldRateLimit(  # noqa: N802 - gRPC method name
         self, request: rls_pb2.RateLimitRequest, context: grpc.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         if not request.descriptors:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rate limit request has no descriptors")
+        # --- spend seam (issue 8): budget reservations have their own domain; ratelimit/spend.py ---
+        if spend.is_spend_request(request):
+            return spend.serve(self.spend_gate, request, context)
         try:
-            return self.limiter.should_rate_limit(request)
-        except (RedisError, OSError) as e:
+            resp = self.decider.should_rate_limit(request)
+            if resp.overall_code == OK:
+                for step in self.steps:
+                    step.admit(request, resp)
+                    if resp.overall_code != OK:
+                        break
+            return resp
+        except (RedisDown, RedisError, OSError) as e:
             # Never a silent allow: Envoy runs with failure_mode_deny and turns this into an error reply.
             log.error("redis unavailable, refusing to decide: %s: %s", type(e).__name__, e)
             context.abort(grpc.StatusCode.UNAVAILABLE, "rate limit store (Redis) unavailable")
@@ -278,6 +269,15 @@ def make_redis(url: str, connections: int = THREADS) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+def rule_dir(limits: Limits, config_path: str | None) -> Path | None:
+    if limits.envoy_config_dir is None:
+        return None
+    d = Path(limits.envoy_config_dir)
+    if not d.is_absolute() and config_path:
+        d = Path(config_path).resolve().parent / d
+    return d
+
+
 def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Callable[[], None]:
     client = make_redis(runtime.redis_url)
     try:
@@ -285,10 +285,24 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     except (RedisError, OSError) as e:
         # Keep serving: requests fail UNAVAILABLE until Redis is back, and Envoy denies meanwhile.
         log.warning("redis at start-up not reachable (%s); will answer UNAVAILABLE until it is", e)
-    limiter = RateLimiter(client, config.limits.requests_per_minute)
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
+    counters = Counters(client)
+    decider = Decider(counters, LimitPlanner(config.limits))
+    watcher: RuleDir | None = None
+    directory = rule_dir(config.limits, runtime.config_path)
+    if directory is not None:
+        def swap(rules: RuleSet) -> None:
+            decider.planner = LimitPlanner(config.limits, rules)
+        watcher = RuleDir(directory, config.limits.reload_interval_s, swap).start()
+    steps = admission_steps(config, runtime, client)
+    gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # budgets (issue 8; None: spend off)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps, gate), server)
 
     def cleanup() -> None:
+        if watcher is not None:
+            watcher.stop()
+        if gate is not None:
+            gate.close()
+        counters.close()
         client.close()
         client.connection_pool.disconnect()
 

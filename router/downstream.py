@@ -135,7 +135,8 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
 # The endpoints whose decision reads the request body: a Messages body names the model and may
 # reference files (extauth/server.py), a batch create carries the requests it is charged and
 # checked for (extauth/objects.py). Every other endpoint is decided on method, path and credential.
-BODY_DECIDED: frozenset[str] = frozenset({e.name for e in ENDPOINTS if e.model_in_body} | {"batches.create"})
+BODY_DECIDED: frozenset[str] = frozenset({e.name for e in ENDPOINTS if e.model_in_body or e.model_in_path}
+                                           | {"batches.create"})
 # Decided on headers, but still buffered: that buffering is what answers an upload larger than
 # gateway.max_request_bytes with 413 (a streamed body is bounded by nothing else).
 BOUNDED_BY_BUFFERING: frozenset[str] = frozenset({"files.upload"})

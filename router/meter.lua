@@ -32,6 +32,9 @@ local type, pcall, error, tonumber, tostring, setmetatable, getmetatable, next =
 -- Names shared with the Python side (ccr/contract.py); tests check they agree.
 M.USAGE_NS = "ccr.usage"
 M.USAGE_TOKEN_FIELDS = { "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens" }
+-- cache_creation_input_tokens split by lifetime, read from usage.cache_creation (USAGE_CACHE_SPLIT).
+M.USAGE_CACHE_SPLIT = { "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens" }
+M.USAGE_CACHE_SPLIT_SOURCE = { "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens" }
 M.USAGE_STATUS = "usage_status"
 M.USAGE_NOTE = "usage_note"
 M.CCR_HEADER_PREFIX = "x-ccr-"
@@ -42,6 +45,10 @@ M.BYTES_PER_TOKEN = 4
 
 local FIELDS = M.USAGE_TOKEN_FIELDS
 local NFIELDS = #FIELDS
+local SPLIT, SPLIT_SOURCE = M.USAGE_CACHE_SPLIT, M.USAGE_CACHE_SPLIT_SOURCE
+-- Every count published (USAGE_METERED_FIELDS): the top-level ones, then the split.
+local PUBLISHED = { FIELDS[1], FIELDS[2], FIELDS[3], FIELDS[4], SPLIT[1], SPLIT[2] }
+local NPUBLISHED = #PUBLISHED
 
 ---------------------------------------------------------------------------- UTF-8
 
@@ -444,7 +451,7 @@ M.py_str = py_str
 ---------------------------------------------------------------------------- meter results
 
 local function new_usage() return { input_tokens = 0, output_tokens = 0, cache_creation_input_tokens = 0,
-  cache_read_input_tokens = 0 } end
+  cache_read_input_tokens = 0, cache_creation_5m_input_tokens = 0, cache_creation_1h_input_tokens = 0 } end
 
 -- Usage.update: take the non-negative integer counters present; true if any changed.
 local function usage_update(usage, u)
@@ -454,6 +461,13 @@ local function usage_update(usage, u)
     local f = FIELDS[k]
     local v = count_of(u[f])
     if v and usage[f] ~= v then usage[f] = v; changed = true end
+  end
+  local split = u.cache_creation
+  if is_object(split) then
+    for k = 1, #SPLIT do
+      local v = count_of(split[SPLIT_SOURCE[k]])
+      if v and usage[SPLIT[k]] ~= v then usage[SPLIT[k]] = v; changed = true end
+    end
   end
   return changed
 end
@@ -472,7 +486,9 @@ end
 -- An assessment: { status = UsageStatus value, usage = counts table or nil (unknown), note = string }.
 local function copy_usage(u)
   return { input_tokens = u.input_tokens, output_tokens = u.output_tokens,
-    cache_creation_input_tokens = u.cache_creation_input_tokens, cache_read_input_tokens = u.cache_read_input_tokens }
+    cache_creation_input_tokens = u.cache_creation_input_tokens, cache_read_input_tokens = u.cache_read_input_tokens,
+    cache_creation_5m_input_tokens = u.cache_creation_5m_input_tokens,
+    cache_creation_1h_input_tokens = u.cache_creation_1h_input_tokens }
 end
 local function not_billable(note) return { status = "not_billable", usage = new_usage(), note = note } end
 local function unknown(note) return { status = "unknown", usage = nil, note = note } end
@@ -516,7 +532,7 @@ local function same_assessment(a, b)
   if a.status ~= b.status or a.note ~= b.note then return false end
   local ua, ub = a.usage, b.usage
   if ua == nil or ub == nil then return ua == ub end
-  for k = 1, NFIELDS do if ua[FIELDS[k]] ~= ub[FIELDS[k]] then return false end end
+  for k = 1, NPUBLISHED do if ua[PUBLISHED[k]] ~= ub[PUBLISHED[k]] then return false end end
   return true
 end
 M.same_assessment = same_assessment
@@ -862,8 +878,8 @@ local function publish(handle, last, a)
   last.status = nil -- until every set below went through
   local md = handle:streamInfo():dynamicMetadata()
   local u = a.usage
-  for k = 1, NFIELDS do
-    local f = FIELDS[k]
+  for k = 1, NPUBLISHED do
+    local f = PUBLISHED[k]
     local v = u and u[f] or nil
     if first or last[f] ~= v then md:set(M.USAGE_NS, f, v) end
     last[f] = v

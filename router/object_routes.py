@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ccr.config import GatewayConfig
 from ccr.contract import H_BATCH_REQUESTS, H_PRINCIPAL_ID, SET_HEADERS
 from extauth.endpoints import Endpoint, Kind
 from router.downstream import authz_per_route
+from router.rate_limits import rate_limit_per_route, spend_per_route
 
 Json = dict[str, Any]
 
 OBJECT_KINDS = (Kind.BATCHES, Kind.FILES)
-RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
-RATELIMIT_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"
+METERED_ENDPOINT = "messages.create"
 
 
 def headers_to_remove(e: Endpoint) -> list[str]:
@@ -29,14 +30,12 @@ def headers_to_remove(e: Endpoint) -> list[str]:
     return list(SET_HEADERS)
 
 
-def per_filter_config(api_route: Json, e: Endpoint) -> Json:
-    """typed_per_filter_config for the endpoint's route. Envoy applies `hits_addend` only to
-    rate limits given to the filter itself (RateLimitPerRoute), not to the route's own list."""
+def per_filter_config(config: GatewayConfig, e: Endpoint) -> Json:
+    """typed_per_filter_config for the endpoint's route: its ext_authz settings and its rate limits
+    (router/rate_limits.py), given to the filter because Envoy applies `hits_addend` only there."""
     authz = authz_per_route(e)
-    if e.name != "batches.create":
-        return authz
-    # The filter's own rate limits have no stage (the filter's stage, 0, applies).
-    limits = [{**{k: v for k, v in rl.items() if k != "stage"},
-               "hits_addend": {"format": f"%REQ({H_BATCH_REQUESTS})%"}}
-              for rl in api_route.get("rate_limits", ())]
-    return {**authz, RATELIMIT_FILTER: {"@type": RATELIMIT_PER_ROUTE, "rate_limits": limits}}
+    hits = f"%REQ({H_BATCH_REQUESTS})%" if e.name == "batches.create" else None
+    # Only Messages replies carry billable usage; the others would make a stream-end call for nothing.
+    # The spend filter has its own list, on the endpoints extauth prices (not batch creates).
+    return {**authz, **rate_limit_per_route(config, hits, usage=e.name == METERED_ENDPOINT),
+            **spend_per_route(config, e.name)}

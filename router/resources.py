@@ -15,14 +15,13 @@ from urllib.parse import urlsplit
 
 import certifi
 
-from ccr.config import GatewayConfig, ListenerTLS, Provider
+from ccr.config import GatewayConfig, ListenerTLS, Provider, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
-    AUTHZ_NS,
+    ADAPTER_TRANSLATE_MD,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
-    H_PRINCIPAL_ID,
     H_REQUEST_ID,
     ID_ACCESSLOG,
     ID_ADAPTER,
@@ -31,9 +30,10 @@ from ccr.contract import (
     ID_RATELIMIT,
     ID_SIGNIN,
     RL_DOMAIN,
-    RL_PRINCIPAL_KEY,
     RUN_TRUST_DOMAIN,
     SIGNIN_PREFIX,
+    SPEND_DOMAIN,
+    SPEND_STAGE,
     USAGE_NS,
 )
 from ccr.credentials import secret_name
@@ -50,6 +50,7 @@ from router.downstream import (
     local_reply_mappers,
 )
 from router.object_routes import headers_to_remove, per_filter_config
+from router.rate_limits import SPEND_FILTER
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -226,19 +227,22 @@ def _upstream_endpoint(provider: Provider, runtime: Runtime) -> str:
     return override.endpoint if override else provider.endpoint
 
 
-def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig, objects: bool) -> Json:
+def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfig, objects: bool,
+                      translate: bool = False) -> Json:
     url = urlsplit(_upstream_endpoint(provider, runtime))
     tls = url.scheme == "https"
     host = url.hostname or "localhost"
     port = url.port or (443 if tls else 80)
     is_ip = host.replace(".", "").isdigit() or ":" in host
-    name = provider.objects_cluster if objects else provider.cluster
+    name = provider.translate_cluster if translate else provider.objects_cluster if objects else provider.cluster
     cluster: Json = {
         "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
-        "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
+        # The translate cluster buffers a whole request for the adapter, as extauth's does.
+        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes if translate
+        else config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
             "cluster_name": name,
             # The route rewrites Host to this name: the provider must see its own host,
@@ -252,7 +256,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": upstream_filters(provider, runtime, objects),
+            "http_filters": translate_filters(provider, runtime) if translate
+            else upstream_filters(provider, runtime, objects),
         }},
     }
     if tls:
@@ -339,6 +344,76 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
     ]
 
 
+def _header_hygiene() -> Json:
+    return {"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [
+            {"remove": "authorization"},
+            {"remove": "x-api-key"},
+            {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
+            {"append": {"header": {"key": "accept-encoding", "value": "identity"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+        ]},
+    }}
+
+
+def _credential_injector(provider: Provider, secret_file: str, header: str) -> Json:
+    return {"name": "envoy.filters.http.credential_injector", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+        "overwrite": True,
+        "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+            "@type": T + "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+            "header": header,
+            "credential": {"name": secret_name(provider.name), "sds_config": {
+                "path_config_source": {"path": secret_file}, "resource_api_version": "V3"}},
+        }},
+    }}
+
+
+def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
+    """The translating cluster's upstream filters (router/adapter/translate.py), per attempt:
+
+    1. header hygiene first: the client's credentials and x-ccr-* go before anything is added;
+    2. the adapter (ext_proc): request body buffered (the provider's request is built from all of
+       it), reply body full duplex (rewritten into the client's schema at the adapter's pace, with
+       keep-alives while a provider is silent), usage metered into USAGE_NS;
+       for Bedrock and Vertex it also signs the attempt (SigV4 over the final body and path,
+       or a service-account OAuth token), holding those credentials itself;
+    3. for the Anthropic API and a keyed OpenAI-compatible server, Envoy's credential injector,
+       as on the passthrough cluster (x-api-key / authorization from the SDS file).
+    """
+    adapter = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": _grpc_service(ADAPTER, 30.0, {ADAPTER_PROVIDER_MD: provider.name, ADAPTER_TRANSLATE_MD: "1"}),
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            # The adapter answers the reply at its own pace: translated chunks, and SSE pings while
+            # a provider that sends none is silent. Envoy requires trailers SEND with this mode.
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SEND",
+        },
+        # A Vertex token refresh may take a round trip to the token endpoint.
+        "message_timeout": "10s",
+        "status_on_error": {"code": 502},
+        "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
+    }}
+    filters = [_header_hygiene(), adapter]
+    secret_file = runtime.provider_credentials.get(provider.name)
+    if provider.kind == ProviderKind.anthropic:
+        if not secret_file:
+            raise ValueError(f"runtime lacks the credential file of provider {provider.name}")
+        filters.append(_credential_injector(provider, secret_file, "x-api-key"))
+    elif provider.kind == ProviderKind.openai and secret_file:
+        filters.append(_credential_injector(provider, secret_file, "authorization"))
+    filters.append({"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}})
+    return filters
+
+
 def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     buf = config.gateway.max_request_bytes
     services = {EXTAUTH: runtime.extauth, RATELIMIT: runtime.ratelimit,
@@ -353,7 +428,10 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
                          _service_tls(runtime, SERVICE_IDENTITY[name]),
                          replicas=bool(runtime.service_endpoints))
            for name, addr in services.items()]
-    out += [_provider_cluster(p, runtime, config, objects) for p in config.providers for objects in (False, True)]
+    for p in config.providers:
+        if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
+            out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
+        out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
     out += _signin_clusters(config, runtime)
     return out
 
@@ -407,13 +485,26 @@ def _api_route(config: GatewayConfig) -> Json:
         "auto_host_rewrite": True,
         "timeout": timeout,
         "idle_timeout": timeout,
-        "rate_limits": [{
-            "stage": 0,
-            "actions": [{"request_headers": {"header_name": H_PRINCIPAL_ID, "descriptor_key": RL_PRINCIPAL_KEY}}],
-            # The principal's own requests-per-minute, decided by extauth.
-            "limit": {"dynamic_metadata": {"metadata_key": {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}}},
-        }],
+        # Rate limits: per endpoint, in typed_per_filter_config (router/rate_limits.py).
     }
+
+
+def spend_filter(config: GatewayConfig, replicas: bool = False) -> list[Json]:
+    """A second rate limit filter for budgets: its own stage and domain, and 402 (billing_error) when a
+    hard budget has no room; the request limits' 429 stay as they are. Its descriptors are per route
+    (router/rate_limits.py spend_per_route)."""
+    if not config.spend.enabled:
+        return []
+    return [{"name": SPEND_FILTER, "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        "domain": SPEND_DOMAIN,
+        "stage": SPEND_STAGE,
+        "timeout": "2s",
+        "failure_mode_deny": not config.services.failure_mode_allow,
+        "rate_limited_status": {"code": 402},
+        "rate_limit_service": {"transport_api_version": "V3",
+                               "grpc_service": _grpc_service(RATELIMIT, 2.0, retry=replicas)},
+    }}]
 
 
 def _endpoint_match(e: Endpoint) -> Json:
@@ -428,7 +519,7 @@ def _endpoint_routes(config: GatewayConfig) -> list[Json]:
         "name": e.name,
         "match": _endpoint_match(e),
         "route": api_route,
-        **({"typed_per_filter_config": tpfc} if (tpfc := per_filter_config(api_route, e)) else {}),
+        "typed_per_filter_config": per_filter_config(config, e),
         # Decided facts stay inside the gateway; the upstream never sees them (the adapter
         # removes the principal id that Batches and Files routes keep for it).
         "request_headers_to_remove": headers_to_remove(e),
@@ -619,7 +710,11 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "failure_mode_deny": not config.services.failure_mode_allow,
                 "rate_limit_service": {"transport_api_version": "V3",
                                        "grpc_service": _grpc_service(RATELIMIT, 2.0, retry=replicas)},
+                # x-ratelimit-limit/-remaining/-reset from the descriptor statuses; the service adds
+                # the anthropic-ratelimit-* family itself (response_headers_to_add).
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
             }},
+            *spend_filter(config, replicas),
             _compressor_filter(),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.router.v3.Router",

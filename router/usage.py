@@ -21,7 +21,12 @@ from typing import Protocol
 
 import orjson
 
-from ccr.contract import USAGE_TOKEN_FIELDS, UsageStatus
+from ccr.contract import (
+    USAGE_CACHE_SPLIT,
+    USAGE_CACHE_SPLIT_SOURCE,
+    USAGE_TOKEN_FIELDS,
+    UsageStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,18 @@ class Usage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    # cache_creation_input_tokens split by cache lifetime (usage.cache_creation), for pricing.
+    cache_creation_5m_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {f: getattr(self, f) for f in USAGE_FIELDS}
+        """The four counts, plus the cache-write split when the provider gave one (publishers
+        default it to 0: router/adapter/server.py usage_struct)."""
+        d = {f: getattr(self, f) for f in USAGE_FIELDS}
+        if self.cache_creation_5m_input_tokens or self.cache_creation_1h_input_tokens:
+            for f in USAGE_CACHE_SPLIT:
+                d[f] = getattr(self, f)
+        return d
 
     def update(self, usage: object, fields: tuple[str, ...] = USAGE_FIELDS) -> bool:
         """Take the integer counters present in an Anthropic `usage` object; True if any changed."""
@@ -61,6 +75,13 @@ class Usage:
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and getattr(self, f) != v:
                 setattr(self, f, v)
                 changed = True
+        split = usage.get("cache_creation")
+        if isinstance(split, dict):
+            for f, src in zip(USAGE_CACHE_SPLIT, USAGE_CACHE_SPLIT_SOURCE, strict=True):
+                v = split.get(src)
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and getattr(self, f) != v:
+                    setattr(self, f, v)
+                    changed = True
         return changed
 
 

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 
-from ccr.contract import ID_ENVOY
+from ccr.contract import ID_ENVOY, USAGE_CACHE_SPLIT
 from ccr.runtime import Runtime, UpstreamOverride
 from ccr.service import client_credentials
 from tests.harness import running_service
@@ -129,7 +129,7 @@ def published(resp: pb.ProcessingResponse) -> dict[str, object] | None:
         return None
     md = json_format.MessageToDict(resp.dynamic_metadata)
     assert set(md) == {"ccr.usage"}
-    assert set(md["ccr.usage"]) == {*TOKENS, "usage_status", "usage_note"}
+    assert set(md["ccr.usage"]) == {*TOKENS, *USAGE_CACHE_SPLIT, "usage_status", "usage_note"}
     return md["ccr.usage"]  # type: ignore[no-any-return]
 
 

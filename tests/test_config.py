@@ -115,3 +115,36 @@ def test_every_command_takes_config_after_it() -> None:
     assert args.config == "/x/my.yaml"
     args = parser.parse_known_args(["-c", "/x/top.yaml", "keys", "list"])[0]
     assert args.config == "/x/top.yaml"
+
+
+def test_limit_rules_are_validated(tmp_path: Path) -> None:
+    base = "providers: [{name: anthropic}]\nmodels: [{match: 'claude-*', provider: anthropic}]\nlimits:\n  rules:\n"
+    cases = {
+        "    - {name: a, per: team, amount: 5}\n": "limits.rules.0.per",
+        "    - {name: a, per: key, amount: 5, burst: 9}\n": "burst applies to algorithm token_bucket only",
+        "    - {name: a, per: key, amount: 5, unit: week}\n": "limits.rules.0.unit",
+        "    - {name: a, per: key, amount: 5}\n    - {name: a, per: user, amount: 5}\n": "repeated: ['a']",
+        "    - {name: a, per: key, amount: 5, on_redis_down: maybe}\n": "limits.rules.0.on_redis_down",
+    }
+    for rules, why in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(base + rules)
+        with pytest.raises(ConfigError) as e:
+            load_config(bad)
+        assert why in str(e.value), (rules, str(e.value))
+
+
+def test_config_check_loads_the_envoy_rate_limit_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "ccr.yaml"
+    cfg.write_text("providers: [{name: anthropic}]\nmodels: [{match: 'claude-*', provider: anthropic}]\n"
+                   "limits: {envoy_config_dir: rls}\n")
+    (tmp_path / "rls").mkdir()
+    (tmp_path / "rls" / "a.yaml").write_text("domain: a\ndescriptors:\n  - key: x\n"
+                                             "    rate_limit: {unit: second, requests_per_unit: 1}\n")
+    assert main(["config", "check", str(cfg)]) == 0
+    assert "1 rate limit config file(s)" in capsys.readouterr().out
+    (tmp_path / "rls" / "a.yaml").write_text("domain: a\ndescriptors:\n  - key: x\n    rate_limits: {}\n")
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"limits.envoy_config_dir: {tmp_path / 'rls' / 'a.yaml'}: descriptors[0]: unknown key(s) ['rate_limits']" \
+        in err

@@ -528,3 +528,15 @@ def test_streams_are_encoded_and_decodable_event_by_event(base_url: str, coding:
         assert out.endswith(b"\n\n"), "a flushed piece must not leave an event half-encoded"
     events = _parse_sse(out)
     assert events[0][0] == "message_start" and events[-1][0] == "message_stop"
+
+
+@pytest.mark.parametrize("model,limit,full", [("claude-sonnet-4-5", 64_000, "claude-sonnet-4-5-20250929"),
+                                              ("claude-opus-4-6", 128_000, "claude-opus-4-6")])
+def test_max_tokens_above_the_models_output_limit(client: anthropic.Anthropic, model: str, limit: int,
+                                                  full: str) -> None:
+    """As the real API: one token over the model's output limit is a 400 naming the limit; at it is fine."""
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model=model, max_tokens=limit + 1, messages=_user("hi"))
+    assert e.value.body["error"]["message"] == (  # type: ignore[index]
+        f"max_tokens: {limit + 1} > {limit}, which is the maximum allowed number of output tokens for {full}")
+    assert client.messages.create(model=model, max_tokens=limit, messages=_user("hi")).type == "message"

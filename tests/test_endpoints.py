@@ -22,7 +22,8 @@ from extauth.endpoints import (
     split_target,
 )
 
-SAMPLE = {"model_id": "claude-sonnet-4-5", "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d",
+SAMPLE = {"model_id": "claude-sonnet-4-5",
+       "bedrock_model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d",
           "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}", fullmatch=True)
@@ -42,9 +43,15 @@ def test_registry_is_what_ccr_understands() -> None:
         ("POST", "/v1/messages/batches/{batch_id}/cancel"), ("DELETE", "/v1/messages/batches/{batch_id}"),
         ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
         ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"),
+        # Other client schemas of a Messages call (translated by the adapter).
+        ("POST", "/v1/chat/completions"), ("POST", "/model/{bedrock_model}/invoke"),
+        ("POST", "/model/{bedrock_model}/invoke-with-response-stream"),
     }
     assert len(BY_NAME) == len(ENDPOINTS)  # names are unique
-    assert [e.name for e in ENDPOINTS if e.model_in_body] == ["messages.create", "messages.count_tokens"]
+    assert [e.name for e in ENDPOINTS if e.model_in_body] == ["messages.create", "messages.count_tokens",
+                                                              "messages.openai_chat"]
+    assert [e.name for e in ENDPOINTS if e.model_in_path] == ["messages.bedrock_invoke",
+                                                              "messages.bedrock_invoke_stream"]
 
 
 @pytest.mark.parametrize("e", ENDPOINTS, ids=lambda e: e.name)

@@ -158,9 +158,13 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
     meta = json_format.MessageToDict(resp.dynamic_metadata)
     assert re.fullmatch(r"dec_[0-9a-f]+", meta.pop("decision_id"))  # this request's decision (policy_decisions)
+    # The worst-case cost (spend, docs/spend.md: 0 here, the test config has no prices); no budget
+    # applies, so nothing to reserve (no `spend`).
+    assert meta.pop("spend_worst") == 0 and "spend" not in meta
     assert meta == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
-        "groups": ["default"], "model": "claude-sonnet-4-5", "endpoint": "messages.create",
+        "groups": ["default"], "group_list": "default",  # the groups as one string, for rate limit descriptors
+        "model": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
         # The shipped policy's result: the tier as an audit label and a rate-limit descriptor value.
@@ -295,9 +299,9 @@ def test_policy_denied_model_403(stub, postgres_dsn) -> None:
 # -- endpoints: every path is governed ------------------------------------------
 
 
-def _concrete(e: Endpoint) -> str:
+def _concrete(e: Endpoint, bedrock_model: str = "us.anthropic.claude-haiku-4-5-20251001-v1:0") -> str:
     return (e.template.replace("{model_id}", "claude-haiku-4-5").replace("{batch_id}", "msgbatch_01abc")
-            .replace("{file_id}", "file_01abc"))
+            .replace("{file_id}", "file_01abc").replace("{bedrock_model}", bedrock_model))
 
 
 # Batches need a batch body and owned ids: tests/test_extauth_objects.py decides those.
@@ -312,6 +316,11 @@ def test_every_endpoint_gets_a_decision(stub, postgres_dsn, e: Endpoint) -> None
     if e.model_in_body:  # the model check still applies
         denied = stub.Check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e),
                                        body=msg_body("claude-sonnet-4-5")))
+        assert denied_error(denied)[0] == 403
+    if e.model_in_path:  # a Bedrock client's model is the path's, decided as the Anthropic API's id
+        assert json_format.MessageToDict(resp.dynamic_metadata)["model"] == "claude-haiku-4-5-20251001"
+        denied = stub.Check(http_check({"x-api-key": k}, method=e.method, body=body,
+                                       path=_concrete(e, "us.anthropic.claude-sonnet-4-5-20250929-v1:0")))
         assert denied_error(denied)[0] == 403
 
 

@@ -84,6 +84,8 @@ JSON = {"content-type": "application/json"}
 def test_names_and_limits_are_the_contracts() -> None:
     assert M.USAGE_NS.decode() == contract.USAGE_NS
     assert tuple(f.decode() for f in M.USAGE_TOKEN_FIELDS.values()) == contract.USAGE_TOKEN_FIELDS
+    assert tuple(f.decode() for f in M.USAGE_CACHE_SPLIT.values()) == contract.USAGE_CACHE_SPLIT
+    assert tuple(f.decode() for f in M.USAGE_CACHE_SPLIT_SOURCE.values()) == contract.USAGE_CACHE_SPLIT_SOURCE
     assert (M.USAGE_STATUS.decode(), M.USAGE_NOTE.decode()) == (contract.USAGE_STATUS, contract.USAGE_NOTE)
     assert M.CCR_HEADER_PREFIX.decode() == contract.CCR_HEADER_PREFIX
     assert (M.MAX_JSON_BYTES, M.MAX_SSE_LINE_BYTES, M.BYTES_PER_TOKEN) == (
@@ -149,7 +151,8 @@ def test_the_usage_test_stream_in_any_split() -> None:
         compare(200, SSE, [STREAM[:i], STREAM[i:]])
     snaps = compare(200, SSE, [STREAM[i:i + 1] for i in range(len(STREAM))])
     assert snaps[-1] == {"input_tokens": 2095.0, "output_tokens": 87.0, "cache_creation_input_tokens": 1536.0,
-                         "cache_read_input_tokens": 20480.0, "usage_status": "complete", "usage_note": ""}
+                         "cache_read_input_tokens": 20480.0, "cache_creation_5m_input_tokens": 0.0,
+                         "cache_creation_1h_input_tokens": 0.0, "usage_status": "complete", "usage_note": ""}
 
 
 @pytest.mark.parametrize("eol", [b"\r\n", b"\r"])
@@ -187,15 +190,16 @@ def test_gzip_is_the_one_difference_and_is_unknown() -> None:
 
 
 def test_every_field_is_set_by_the_first_publication_and_counts_go_null() -> None:
-    """An earlier attempt's numbers never survive: the first publication sets all six fields,
-    and a status without counts sets them to nil (Envoy: null_value)."""
+    """An earlier attempt's numbers never survive: the first publication sets all eight fields
+    (the four counts, the cache-write split, status, note), and a status without counts sets them
+    to nil (Envoy: null_value)."""
     body = sse(message_start(10, 0, 0, 1), *text_deltas("abc"))
     _, sets, _ = LUA.run(200, SSE, [body], eos_on_last=True)
-    first = sets[:6]
-    assert sorted(k for _, k, _ in first) == sorted([*contract.USAGE_TOKEN_FIELDS, "usage_status", "usage_note"])
+    first = sets[:8]
+    assert sorted(k for _, k, _ in first) == sorted([*contract.USAGE_METERED_FIELDS, "usage_status", "usage_note"])
     assert all(ns == contract.USAGE_NS for ns, _, _ in sets)
-    assert {k: v for _, k, v in first if k in contract.USAGE_TOKEN_FIELDS} == dict.fromkeys(
-        contract.USAGE_TOKEN_FIELDS)
+    assert {k: v for _, k, v in first if k in contract.USAGE_METERED_FIELDS} == dict.fromkeys(
+        contract.USAGE_METERED_FIELDS)
 
 
 def test_a_failing_meter_publishes_unknown_and_never_raises() -> None:
@@ -507,3 +511,30 @@ def test_printable_ascii_is_every_byte_from_space_to_tilde(raw: bytes, pad: int)
         for pos in range(17):
             t = b"x" * pos + bytes([bad]) + b"y" * 3
             assert not M.printable_ascii(t)
+
+
+# ---------------------------------------------------------------------------- cache writes by lifetime
+
+SPLITS: list[object] = [
+    {"ephemeral_5m_input_tokens": 120, "ephemeral_1h_input_tokens": 30},
+    {"ephemeral_1h_input_tokens": 7},
+    {"ephemeral_5m_input_tokens": True, "ephemeral_1h_input_tokens": -1},
+    {"ephemeral_5m_input_tokens": 1.0, "ephemeral_1h_input_tokens": None},
+    {"ephemeral_5m_input_tokens": 2**53 + 1},
+    [], "x", None,
+]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_cache_write_split_is_read_alike_in_json_and_streams(split: object) -> None:
+    usage = {"input_tokens": 5, "output_tokens": 9, "cache_creation_input_tokens": 150,
+             "cache_read_input_tokens": 0, "cache_creation": split}
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "usage": usage}
+    snaps = compare(200, JSON, [orjson.dumps(msg)])
+    if split == SPLITS[0]:
+        assert (snaps[-1][contract.USAGE_CACHE_5M], snaps[-1][contract.USAGE_CACHE_1H]) == (120, 30)
+    start = ("message_start", {"type": "message_start", "message": {**msg, "usage": usage}})
+    compare(200, SSE, [sse(start, *text_deltas("ab"))])
+    delta = ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 3, "cache_creation": split}})
+    compare(200, SSE, [sse(message_start(10, 0, 0, 1), delta, ("message_stop", {"type": "message_stop"}))])

@@ -281,9 +281,12 @@ def test_unstreamed_reply_is_logged_with_the_providers_usage(envoy: Envoy) -> No
     assert not [h for h in seen if h.lower().startswith("x-ccr-")]
     assert seen["accept-encoding"] == "identity"
     entry = envoy.log_entry(tid)
+    split = usage.get("cache_creation") or {}
     assert entry["usage"] == {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
                               "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
                               "cache_read_input_tokens": usage["cache_read_input_tokens"],
+                              "cache_creation_5m_input_tokens": split.get("ephemeral_5m_input_tokens", 0),
+                              "cache_creation_1h_input_tokens": split.get("ephemeral_1h_input_tokens", 0),
                               "usage_status": "complete", "usage_note": ""}
     assert entry["output_tokens"] == usage["output_tokens"] > 0
     # As text (what a substitution formatter gives): an integer, no ".0".
@@ -341,6 +344,7 @@ def test_error_replies_are_not_billable(envoy: Envoy) -> None:
     assert r.status_code == 529
     assert envoy.log_entry(tid)["usage"] == {
         "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+        "cache_creation_5m_input_tokens": 0, "cache_creation_1h_input_tokens": 0,
         "usage_status": "not_billable", "usage_note": "provider replied 529; error replies bill no tokens"}
 
 
@@ -372,6 +376,7 @@ def test_fixed_replies_are_logged_as_the_python_meter_assesses_them(envoy: Envoy
     meter = make_meter(ctype)
     if meter is None:
         want = {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                "cache_creation_5m_input_tokens": 0, "cache_creation_1h_input_tokens": 0,
                 "usage_status": "not_billable", "usage_note": "reply of type text/plain carries no usage"}
     else:
         meter.feed(body)
@@ -388,6 +393,7 @@ def test_bodiless_replies_are_not_billable(envoy: Envoy, name: str) -> None:
     assert r.status_code == status and r.content == b""
     assert envoy.log_entry(tid)["usage"] == {
         "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+        "cache_creation_5m_input_tokens": 0, "cache_creation_1h_input_tokens": 0,
         "usage_status": "not_billable", "usage_note": f"provider replied {status} with no body"}
 
 

@@ -137,6 +137,8 @@ def test_valid_token_becomes_a_user_principal(rig_factory, alg: str) -> None:
         meta = dict(resp.dynamic_metadata)
         assert meta["principal_kind"] == "user" and meta["tenant"] == "acme"
         assert list(meta["groups"]) == ["default"]  # "eng" mapped by group_map
+        # What the route's rate limit descriptors read: a person's id as `user`, the groups as one string.
+        assert meta["user_id"] == f"oidc:{r.a.issuer}#alice" and meta["group_list"] == "default"
 
     rig_factory(scenario)
 

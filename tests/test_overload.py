@@ -135,7 +135,9 @@ def test_only_the_endpoints_decided_on_their_body_have_it_buffered(tmp_path: Pat
     hcm = resources.static_bootstrap(cfg, rt, 18080)["static_resources"]["listeners"][0][
         "filter_chains"][0]["filters"][0]["typed_config"]
     routes = {r.get("name"): r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
-    buffered = {"messages.create", "messages.count_tokens", "batches.create", "files.upload"}
+    buffered = {"messages.create", "messages.count_tokens", "batches.create", "files.upload",
+                # The same Messages call in the OpenAI and Bedrock clients' schemas.
+                "messages.openai_chat", "messages.bedrock_invoke", "messages.bedrock_invoke_stream"}
     for e in ENDPOINTS:
         tpfc = routes[e.name].get("typed_per_filter_config", {})
         if e.name in buffered:

@@ -28,7 +28,9 @@ from extauth.keys import create_key
 from tests.harness import running_gateway
 
 SONNET, HAIKU = "claude-sonnet-4-5", "claude-haiku-4-5"
-IDS = {"model_id": SONNET, "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
+IDS = {"model_id": SONNET,
+       "bedrock_model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+       "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
 
 
 def concrete(e: Endpoint) -> str:
@@ -38,18 +40,19 @@ def concrete(e: Endpoint) -> str:
 def variants(path: str) -> list[str]:
     """Other spellings of `path`: slashes, dot segments, percent-encoding, case, junk."""
     head, _, last = path.rpartition("/")
-    first = path.split("/")[2]  # the segment after /v1
-    rest = path[len("/v1/"):]
+    v1 = "/" + path.split("/")[1] + "/"  # "/v1/" (or "/model/" for the Bedrock-client paths)
+    first = path.split("/")[2]  # the segment after it
+    rest = path[len(v1):]
     enc = "%" + format(ord(last[0]), "02X") + last[1:]
     enc_lower = "%" + format(ord(last[0]), "02x") + last[1:]
     return [
-        path + "/", "/" + path, path.replace("/v1/", "/v1//"), path + "//",
-        "/v1/./" + rest, "/v1/x/../" + rest, "/v1/%2e/" + rest, "/v1/%2E%2E/v1/" + rest, "/../" + path[1:],
+        path + "/", "/" + path, path.replace(v1, v1 + "/", 1), path + "//",
+        v1 + "./" + rest, v1 + "x/../" + rest, v1 + "%2e/" + rest, v1 + "%2E%2E" + v1 + rest, "/../" + path[1:],
         path + "/.", path + "/x/..", path + "/..", head + "/" + enc, head + "/" + enc_lower,
         path + "%2F", path + "%2f", head + "%2F" + last, path.replace("/", "%2F"), path + "%5C",
-        path.replace("/", "\\"), "/V1/" + rest, "/v1/" + first.capitalize() + path[len("/v1/" + first):],
+        path.replace("/", "\\"), v1.upper() + rest, v1 + first.capitalize() + path[len(v1 + first):],
         path.upper(), path + ";x", path + "%00", path + "%20", path + "%09", path + "#frag", path + "\t",
-        path[1:], path + "/" + "a" * 2000, path.replace("/v1/", "/v2/"), path + ".json",
+        path[1:], path + "/" + "a" * 2000, path.replace(v1, v1[:-1] + "2/", 1), path + ".json",
         "http://gateway" + path + "/", "http://gateway/" + path + "/", "http://gateway" + path.upper(),
     ]
 
@@ -203,8 +206,9 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
         # for Sonnet on a Haiku-only key, in a batch too, 403 for Files while disabled, 404 for
         # a batch id the key does not own), not the route table's 404.
         decided = 404 if "batch_id" in e.params else 403
-        for target in ("/" + canonical, canonical.replace("/v1/", "/v1//"), "/v1/./" + canonical[4:],
-                       "/v1/x/../" + canonical[4:]):
+        v1 = "/" + canonical.split("/")[1] + "/"
+        for target in ("/" + canonical, canonical.replace(v1, v1 + "/", 1), v1 + "./" + canonical[len(v1):],
+                       v1 + "x/../" + canonical[len(v1):]):
             assert outcomes[target] == decided, (target, outcomes[target])
             assert b"this gateway serves only" not in replies[target], (target, replies[target])
 

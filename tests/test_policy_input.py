@@ -557,3 +557,29 @@ def test_every_denial_status_is_one_envoy_accepts() -> None:
 
     defined = {v.number for v in http_status_pb2.StatusCode.DESCRIPTOR.values}
     assert set(DENY_STATUS) <= defined
+
+
+def test_openai_chat_bodies_are_decided_as_the_messages_request_they_become() -> None:
+    """Ceilings, tool rules and PII blocking see a Chat Completions body in Anthropic form: its
+    function tools, max_completion_tokens, tool-call arguments and tool results included."""
+    from extauth.pii import scan
+    from extauth.server import Deny, _as_anthropic
+
+    doc = {
+        "model": "claude-sonnet-4-5", "max_completion_tokens": 50,
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "messages": [
+            {"role": "user", "content": "find my account"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "lookup", "arguments": '{"ssn": "123-45-6789"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "card on file 4111 1111 1111 1111"},
+        ],
+    }
+    facts = body_facts(_as_anthropic(doc))
+    assert facts.tools == ("lookup",) and facts.max_tokens == 50
+    kinds = {f.kind: f.location for f in scan(_as_anthropic(doc))}
+    assert set(kinds) == {"ssn", "card"}
+    assert "input" in kinds["ssn"] and "content" in kinds["card"]
+    with pytest.raises(Deny) as e:
+        _as_anthropic({**doc, "n": 3})
+    assert e.value.status == 400 and "n:" in e.value.message

@@ -15,8 +15,11 @@ import redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from ccr.config import Limits
 from ccr.procs import free_port
-from ratelimit.service import RateLimiter, make_redis
+from ratelimit.counters import Counters
+from ratelimit.limits import LimitPlanner
+from ratelimit.service import Decider, RedisDown, make_redis
 from tests.harness import running_service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,27 +57,35 @@ def _key() -> str:
     return f"k_{uuid.uuid4().hex[:12]}"
 
 
-def _fresh_minute(need: float = 8.0) -> None:
-    """Fixed windows: start a minute-window test only with enough of the minute left."""
-    left = 60 - time.time() % 60
-    if left < need:
-        time.sleep(left + 0.05)
+def _one_window(rls: rls_pb2_grpc.RateLimitServiceStub, n: int) -> tuple[str, list[rls_pb2.RateLimitResponse]]:
+    """n decisions for a fresh key, all in one minute window of Redis's clock: a run that straddles
+    a minute's end (the time to reset jumps up) is done again with another key."""
+    for _ in range(3):
+        key = _key()
+        got = [rls.ShouldRateLimit(_req(key), timeout=5) for _ in range(n)]
+        resets = [r.statuses[0].duration_until_reset.seconds for r in got]
+        if resets == sorted(resets, reverse=True):
+            return key, got
+    raise AssertionError("three runs in a row crossed a minute's end")
 
 
 def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
-    _fresh_minute()
-    key = _key()
-    for i in range(RPM):
-        r = rls.ShouldRateLimit(_req(key), timeout=5)
+    key, (*allowed, over) = _one_window(rls, RPM + 1)
+    for i, r in enumerate(allowed):
         assert r.overall_code == OK
         (st,) = r.statuses
         assert st.code == OK
         assert st.current_limit.requests_per_unit == RPM and st.current_limit.unit == MINUTE
         assert st.limit_remaining == RPM - 1 - i
         assert 1 <= st.duration_until_reset.seconds <= 60
-        assert not r.raw_body and not r.response_headers_to_add
+        assert not r.raw_body
+        # An allowed request carries the remaining quota too (Envoy adds them to the reply).
+        headers = {h.key: h.value for h in r.response_headers_to_add}
+        assert headers["anthropic-ratelimit-requests-limit"] == str(RPM)
+        assert headers["anthropic-ratelimit-requests-remaining"] == str(RPM - 1 - i)
+        assert set(headers) == {f"anthropic-ratelimit-requests-{x}" for x in ("limit", "remaining", "reset")}
 
-    r = rls.ShouldRateLimit(_req(key), timeout=5)
+    r = over
     assert r.overall_code == OVER and r.statuses[0].code == OVER
     assert r.statuses[0].limit_remaining == 0
     body = json.loads(r.raw_body)
@@ -82,14 +93,15 @@ def test_counts_down_then_over_limit_with_anthropic_error(rls: rls_pb2_grpc.Rate
     headers = {h.key: h.value for h in r.response_headers_to_add}
     retry_after = int(headers["retry-after"])
     assert 1 <= retry_after <= 60
+    reset_at = headers["anthropic-ratelimit-requests-reset"]
     assert body["error"]["message"] == (
-        f"Rate limit of {RPM} requests per minute exceeded for this API key; "
-        f"retry after {retry_after} seconds."
+        f"Rate limit of {RPM} requests per minute exceeded for principal {key}; "
+        f"resets at {reset_at}, retry after {retry_after} seconds."
     )
     assert headers["content-type"] == "application/json"
     assert headers["anthropic-ratelimit-requests-limit"] == str(RPM)
     assert headers["anthropic-ratelimit-requests-remaining"] == "0"
-    reset = datetime.strptime(headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    reset = datetime.strptime(reset_at, "%Y-%m-%dT%H:%M:%SZ")
     reset_in = reset.replace(tzinfo=UTC).timestamp() - time.time()
     assert -1 <= reset_in <= 60 and reset.second == 0  # the end of the current minute window
 
@@ -128,7 +140,7 @@ def test_hits_addend_counts(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: s
     assert r.overall_code == OVER
 
 
-def test_unknown_descriptors_are_unlimited(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+def test_unknown_descriptors_are_not_limited(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
     other = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "remote_address", "value": "10.0.0.1"}])
     for _ in range(3):
         r = rls.ShouldRateLimit(
@@ -136,7 +148,7 @@ def test_unknown_descriptors_are_unlimited(rls: rls_pb2_grpc.RateLimitServiceStu
         )
         assert r.overall_code == OK
         assert not r.statuses[0].HasField("current_limit")
-        assert r.statuses[0].limit_remaining == 2**32 - 1
+        assert r.statuses[0].limit_remaining == 0  # what envoyproxy/ratelimit answers for no limit
     # Mixed: statuses keep the request's order; only the key descriptor is counted.
     key = _key()
     r = rls.ShouldRateLimit(_req(key, rpu=3, unit=HOUR, extra=[other]), timeout=5)
@@ -192,7 +204,7 @@ def test_over_limit_answers_come_from_the_local_cache(
         # A key under its limit still does, once per decision.
         assert rls.ShouldRateLimit(_req(_key(), rpu=3, unit=HOUR), timeout=5).overall_code == OK
         # (commandstats also counts the commands the script runs)
-        assert _redis_calls(rc) == {"evalsha": 1, "incrby": 1, "ttl": 1, "expire": 1}
+        assert _redis_calls(rc) == {"evalsha": 1, "time": 1, "incrby": 1, "pttl": 1, "pexpire": 1}
 
 
 def test_script_reloads_after_script_flush(rls: rls_pb2_grpc.RateLimitServiceStub, redis_url: str) -> None:
@@ -219,42 +231,45 @@ class _Clock:
 
 
 def test_over_limit_cache_ends_with_the_window(redis_url: str) -> None:
-    """In process, with an injected clock: cached OVER_LIMIT needs no Redis and ends at the window end."""
-    # A minute window far from today's, so no other test shares its counters.
-    start = (int(time.time()) // 60 + 10_000 + uuid.uuid4().int % 10_000) * 60
-    clock = _Clock(start + 10.5)
+    """In process, with injected clocks (Redis's for the script, a monotonic one for the cache):
+    cached OVER_LIMIT needs no Redis and ends at the window end."""
+    start = (30_000_000 + uuid.uuid4().int % 1_000_000) * 60_000  # a minute window no other test shares
+    mono = _Clock(1000.0)
     key = _key()
 
     live = make_redis(redis_url)
     dead = make_redis(f"redis://127.0.0.1:{free_port()}/0")
-    limiter = RateLimiter(live, RPM, clock=clock)
+    counters = Counters(live, now_ms=start + 10_500)
+    decider = Decider(counters, LimitPlanner(Limits(requests_per_minute=RPM)), monotonic=mono)
     try:
         for i in range(RPM):
-            r = limiter.should_rate_limit(_req(key))
+            r = decider.should_rate_limit(_req(key))
             assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1 - i
-        r = limiter.should_rate_limit(_req(key))
+        r = decider.should_rate_limit(_req(key))
         assert r.overall_code == OVER
         assert {h.key: h.value for h in r.response_headers_to_add}["retry-after"] == "50"
 
-        limiter.redis = dead  # from here any Redis call fails
-        clock.now = start + 59.2
-        r = limiter.should_rate_limit(_req(key, hits=3))
+        counters.redis = dead  # from here any Redis call fails
+        mono.now += 48.7  # 59.2 s into the window
+        r = decider.should_rate_limit(_req(key, hits=3))
         assert r.overall_code == OVER and r.statuses[0].duration_until_reset.seconds == 1
         headers = {h.key: h.value for h in r.response_headers_to_add}
         assert headers["retry-after"] == "1"
-        assert headers["anthropic-ratelimit-requests-reset"] == _rfc3339(start + 60)
-        with pytest.raises(redis.exceptions.ConnectionError):  # an uncached key does need Redis
-            limiter.should_rate_limit(_req(_key()))
+        assert headers["anthropic-ratelimit-requests-reset"] == _rfc3339(start // 1000 + 60)
+        with pytest.raises(RedisDown):  # an uncached key does need Redis
+            decider.should_rate_limit(_req(_key()))
         # A higher limit for the same counter is not decided by the cache.
-        with pytest.raises(redis.exceptions.ConnectionError):
-            limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+        with pytest.raises(RedisDown):
+            decider.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
 
-        limiter.redis = live
-        r = limiter.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
+        counters.redis = live
+        counters.now_ms = start + 59_200
+        r = decider.should_rate_limit(_req(key, rpu=100, unit=MINUTE))
         assert r.overall_code == OK and r.statuses[0].limit_remaining == 100 - (RPM + 2)
 
-        clock.now = start + 60  # the window ended: a fresh counter, allowed again
-        r = limiter.should_rate_limit(_req(key))
+        counters.now_ms = start + 60_000  # the window ended: a fresh counter, allowed again
+        mono.now += 0.8
+        r = decider.should_rate_limit(_req(key))
         assert r.overall_code == OK and r.statuses[0].limit_remaining == RPM - 1
         assert r.statuses[0].duration_until_reset.seconds == 60
     finally:

@@ -91,6 +91,7 @@ def test_body_limits_are_raised_together() -> None:
     by_name = {c["name"]: c["per_connection_buffer_limit_bytes"] for c in res.clusters}
     assert by_name.pop("provider_anthropic") == buf
     assert by_name.pop("provider_anthropic_objects") == buf
+    assert by_name.pop("provider_anthropic_translate") == limit  # the adapter gets whole request bodies
     assert set(by_name.values()) == {limit}  # the gRPC services get whole bodies in one message
 
 
@@ -147,7 +148,7 @@ async def _ads_exchange() -> None:
                 r.Unpack(c)
                 names.add(c.name)
             assert {"ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "provider_anthropic",
-                    "provider_anthropic_objects"} == names
+                    "provider_anthropic_objects", "provider_anthropic_translate"} == names
             v1 = cds.version_info
             # ACK, then subscribe to LDS and RDS.
             await reqs.put(discovery_pb2.DiscoveryRequest(type_url=CDS, version_info=v1,
@@ -242,7 +243,11 @@ def test_replicated_services_pass_envoy_validate(tmp_path: Path) -> None:
     for name in (resources.EXTAUTH, resources.RATELIMIT, resources.ADAPTER, resources.ACCESSLOG):
         assert clusters[name]["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
     text = json.dumps(doc)
-    assert text.count('"retry_policy"') == 3  # both ext_authz filters and the rate limit service
+    # Both ext_authz filters and both rate limit filters (the limits, and the budgets: ccr.spend).
+    assert text.count('"retry_policy"') == 4
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (spend,) = [f for f in hcm["http_filters"] if f["name"] == "ccr.spend"]
+    assert spend["typed_config"]["rate_limit_service"]["grpc_service"]["retry_policy"]
     # One local replica (`ccr up`): nothing to retry onto, no health checks.
     single = resources.static_bootstrap(cfg, _runtime(), 18080)
     assert '"retry_policy"' not in json.dumps(single) and '"health_checks"' not in json.dumps(single)

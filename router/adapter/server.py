@@ -17,12 +17,14 @@ The gRPC initial metadata `x-ccr-provider` names the provider of the cluster. Pe
   `usage_note` (router.usage.assess), published as soon as they move so that an
   aborted stream is logged with what it produced.
 
-Provider-specific behaviour sits behind `ProviderHandler` so that Bedrock/Vertex
-translation can slot in; only the Anthropic API is implemented.
+On a provider's translate cluster (`x-ccr-translate` metadata) it translates instead: another
+client schema or provider kind (Bedrock, Vertex, OpenAI-compatible), per attempt, with Bedrock
+and Vertex signed here (router/adapter/translate.py, router/adapter/translators/).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -39,17 +41,28 @@ from google.protobuf import struct_pb2
 from ccr.config import GatewayConfig, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
+    ADAPTER_TRANSLATE_MD,
     CCR_HEADER_PREFIX,
+    USAGE_METERED_FIELDS,
     USAGE_NOTE,
     USAGE_NS,
     USAGE_STATUS,
-    USAGE_TOKEN_FIELDS,
     UsageStatus,
 )
 from ccr.errors import error_body
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from router.adapter.objects import ObjectAttempt
+from router.adapter.translate import (
+    TranslatingProvider,
+    build_translating,
+    on_request_body,
+    on_response_headers,
+    on_stream_body,
+    on_whole_body,
+    ping,
+)
+from router.adapter.translators import Translation
 from router.usage import (
     Assessment,
     Usage,
@@ -115,7 +128,9 @@ def error_response(status: int, err_type: str, message: str, details: str) -> pb
 def usage_struct(a: Assessment) -> struct_pb2.Struct:
     # Every field every time: Envoy merges each publication into the namespace, so a
     # field left out would keep an earlier value. Unknown counts are null.
-    fields: dict[str, object] = {f: (a.usage[f] if a.usage is not None else None) for f in USAGE_TOKEN_FIELDS}
+    # The cache-write split is 0 when the provider gave none (Usage.as_dict leaves it out then).
+    fields: dict[str, object] = {f: (a.usage.get(f, 0) if a.usage is not None else None)
+                                 for f in USAGE_METERED_FIELDS}
     fields[USAGE_STATUS] = a.status.value
     fields[USAGE_NOTE] = a.note
     s = struct_pb2.Struct()
@@ -175,13 +190,16 @@ class AnthropicHandler(ProviderHandler):
 class UnavailableHandler(ProviderHandler):
     """A provider that must not be called (no credential, unknown): every attempt gets a 500."""
 
-    def __init__(self, name: str, message: str, details: str) -> None:
+    def __init__(self, name: str, message: str, details: str, status: int = 500, err_type: str = "api_error"
+                 ) -> None:
         self.name = name
         self._message = message
         self._details = details
+        self._status = status
+        self._err_type = err_type
 
     def on_request_headers(self, headers: Mapping[str, str]) -> pb.ProcessingResponse:
-        resp = error_response(500, "api_error", self._message, self._details)
+        resp = error_response(self._status, self._err_type, self._message, self._details)
         resp.dynamic_metadata.CopyFrom(usage_struct(Assessment(
             UsageStatus.NOT_FORWARDED, None, f"provider {self.name or '?'} unavailable: {self._details}")))
         return resp
@@ -193,9 +211,11 @@ def build_handlers(config: GatewayConfig) -> dict[str, ProviderHandler]:
     for p in config.providers:
         if p.kind == ProviderKind.anthropic:
             handlers[p.name] = AnthropicHandler(p.name)
-        else:  # pragma: no cover - new kinds must add a handler here
-            msg = f"provider {p.name} has kind {p.kind}, which this gateway version cannot call"
-            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_unsupported_provider")
+        else:  # translated kinds serve Messages calls only (router/adapter/translate.py)
+            msg = (f"this endpoint is not available for models served by provider {p.name} (kind {p.kind}): "
+                   "it serves Messages calls only (/v1/messages, /v1/chat/completions, Bedrock invoke)")
+            handlers[p.name] = UnavailableHandler(p.name, msg, "ccr_adapter_endpoint_not_translated",
+                                                  status=404, err_type="not_found_error")
     return handlers
 
 
@@ -210,12 +230,27 @@ class _Attempt:
     last: Assessment | None = None  # the last one published
     # Set for Batches and Files requests only (router/adapter/objects.py).
     objects: ObjectAttempt | None = None
+    # Set for requests translated between schemas (router/adapter/translate.py).
+    translation: Translation | None = None
+    path: str = ""
+    body: bytearray | None = None
+    response_headers: dict[str, str] | None = None
+    whole_reply: bool = False
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return ""
 
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None) -> None:
+    def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None,
+                 translating: dict[str, TranslatingProvider] | None = None) -> None:
         self._handlers = handlers
         self._objects = objects
+        self._translating = translating or {}
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -242,6 +277,19 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         attempt = _Attempt(self._handler(context))
         async for req in request_iterator:
             kind = req.WhichOneof("request")
+            if kind == "request_headers" and self._translates(attempt, req):
+                async for resp in self._translate_attempt(attempt, req, request_iterator):
+                    yield resp
+                return
+            if kind == "request_headers" and _metadata(context, ADAPTER_TRANSLATE_MD) == "1":
+                # The translate cluster serves translations only (its reply body is full duplex).
+                path = (attempt.path or "this endpoint").split("?", 1)[0]
+                msg = (f"{path} is not available for models served by provider {attempt.handler.name} "
+                       "through translation: it serves Messages calls only (/v1/messages, /v1/chat/completions, "
+                       "Bedrock invoke)")
+                yield UnavailableHandler(attempt.handler.name, msg, "ccr_adapter_not_translated", status=404,
+                                         err_type="not_found_error").on_request_headers({})
+                return
             if kind == "response_body":
                 if attempt.objects is not None and attempt.objects.wants_body():
                     resp = await attempt.objects.on_body(
@@ -284,6 +332,120 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
                     await attempt.objects.on_trailers(resp, lambda u: self._object_usage(attempt, u))
                 self._finish(attempt, resp)
                 yield resp
+
+    def _translates(self, attempt: _Attempt, req: pb.ProcessingRequest) -> bool:
+        """Start a translating attempt when this provider and path need one."""
+        tp = self._translating.get(attempt.handler.name)
+        if tp is None:
+            return False
+        headers = header_map(req.request_headers.headers)
+        attempt.path = headers.get(":path", "")
+        attempt.translation = tp.attempt(attempt.path)
+        return attempt.translation is not None
+
+    async def _translate_attempt(self, attempt: _Attempt, first: pb.ProcessingRequest,
+                                 rest: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
+        """A translating attempt, from its request headers to the end of the reply.
+
+        The reply body is FULL_DUPLEX_STREAMED (router/resources.py): Envoy sends chunks without
+        waiting and the adapter answers at its own pace, so a keep-alive can go out while the provider
+        is silent. Requests are read by a task into a queue; the loop waits on it with the ping timer.
+        """
+        t = attempt.translation
+        assert t is not None
+        queue: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for r in rest:
+                    queue.put_nowait(r)
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            req: pb.ProcessingRequest | None = first
+            while req is not None:
+                for resp in await self._translate(attempt, req):
+                    yield resp
+                    if resp.HasField("immediate_response"):
+                        return
+                while True:
+                    wait = t.next_ping_in() if attempt.streaming else None
+                    try:
+                        req = await (asyncio.wait_for(queue.get(), wait) if wait is not None else queue.get())
+                        break
+                    except TimeoutError:
+                        keepalive = ping(t)
+                        if keepalive is not None:
+                            yield keepalive
+        finally:
+            reader.cancel()
+
+    async def _translate(self, attempt: _Attempt, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        t = attempt.translation
+        assert t is not None
+        kind = req.WhichOneof("request")
+        a: Assessment | None = None
+        out: list[pb.ProcessingResponse] = []
+        if kind == "request_headers":
+            out.append(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
+            attempt.body = bytearray()
+        elif kind == "request_body":
+            assert attempt.body is not None
+            attempt.body += req.request_body.body
+            if not req.request_body.end_of_stream:  # BUFFERED sends one message; be safe with more
+                return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+            resp, a = await on_request_body(t, attempt.path, bytes(attempt.body), set_header)
+            attempt.body = None
+            out.append(resp)
+        elif kind == "response_headers":
+            headers = header_map(req.response_headers.headers)
+            try:
+                attempt.status = int(headers.get(":status", "0"))
+            except ValueError:
+                attempt.status = 0
+            attempt.response_headers = headers
+            head, a = on_response_headers(t, attempt.status, req.response_headers.end_of_stream, set_header)
+            attempt.streaming = head is not None and t.streaming and attempt.status < 400
+            attempt.whole_reply = head is None
+            attempt.body = bytearray()
+            if head is not None:
+                out.append(head)
+        elif kind == "response_body":
+            body = req.response_body
+            end = body.end_of_stream or body.end_of_stream_without_message
+            if attempt.whole_reply:
+                assert attempt.body is not None
+                attempt.body += body.body
+                if not end:
+                    return []
+                head, resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {},
+                                              bytes(attempt.body), set_header)
+                out += [head, resp]
+            else:
+                resp, a = on_stream_body(t, body.body, end)
+                out.append(resp)
+            if end:
+                attempt.streaming = False
+        elif kind == "request_trailers":
+            out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        elif kind == "response_trailers":  # trailers end a reply whose last chunk had no end_of_stream
+            if attempt.whole_reply:
+                head, resp, a = on_whole_body(t, attempt.status, attempt.response_headers or {},
+                                              bytes(attempt.body or b""), set_header)
+                resp.response_body.response.body_mutation.streamed_response.end_of_stream = False
+                out += [head, resp]
+            elif attempt.streaming:
+                resp, _ = on_stream_body(t, b"", True)
+                resp.response_body.response.body_mutation.streamed_response.end_of_stream = False
+                out.append(resp)
+                a = assess(t.meter.finish(), True, ended=True) if t.meter is not None else None
+            attempt.streaming = False
+            out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+        if a is not None and out:
+            self._publish(attempt, out[-1], a, always=True)
+        return out
 
     @staticmethod
     def _object_usage(attempt: _Attempt, usage: Usage) -> struct_pb2.Struct:
@@ -367,5 +529,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     """`ccr.service.run` hook: register the ExternalProcessor service."""
     # Batches and Files only: the pool opens on the first such request, never for Messages.
     objects = ObjectStore(runtime.postgres_dsn)
-    pb_grpc.add_ExternalProcessorServicer_to_server(Adapter(build_handlers(config), objects), server)
+    endpoints = {name: o.endpoint for name, o in runtime.upstream_overrides.items()}
+    adapter = Adapter(build_handlers(config), objects, build_translating(config, endpoints))
+    pb_grpc.add_ExternalProcessorServicer_to_server(adapter, server)
     return objects.close

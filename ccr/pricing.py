@@ -1,0 +1,141 @@
+"""Cost of a request from metered usage and the config's price table, in integer micro-USD.
+
+Prices are USD per million tokens, which is exactly micro-USD per token; they are turned
+once into integer pico-USD per token (Decimal from the YAML text, no float arithmetic), the
+parts of a request are summed in pico-USD and rounded up to micro-USD once. Money is never a
+float sum.
+
+Usage rules (router/usage.py and router/meter.lua publish the counts):
+- streamed usage is cumulative: the meter keeps the provider's last value, never a sum;
+- an aborted stream is billed for what was produced (the meter's `partial`/`estimated` counts);
+- cache writes are priced by lifetime: 5-minute at `cache_write`, 1-hour at `cache_write_1h`;
+  a write count without the split is priced at the 1-hour price (the dearer: never under-billed);
+- Message Batches results are billed at the batch discount (50%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+from ccr.config import GatewayConfig, Price
+
+PICO_PER_MICRO = 1_000_000
+MICRO_PER_USD = 1_000_000
+BATCH_DISCOUNT_PERCENT = 50  # Anthropic bills Message Batches at half price
+
+
+def _pico(usd_per_mtok: float) -> int:
+    # USD/MTok == micro-USD/token; x 1e6 -> pico-USD/token. str() gives the YAML's own digits.
+    return int((Decimal(str(usd_per_mtok)) * PICO_PER_MICRO).to_integral_value(ROUND_CEILING))
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """One model's prices in pico-USD per token."""
+
+    input: int
+    output: int
+    cache_write_5m: int
+    cache_write_1h: int
+    cache_read: int
+
+    @classmethod
+    def of(cls, p: Price) -> Rates:
+        w1h = p.cache_write_1h if p.cache_write_1h is not None else max(2 * p.input, p.cache_write)
+        return cls(_pico(p.input), _pico(p.output), _pico(p.cache_write), _pico(w1h), _pico(p.cache_read))
+
+    @property
+    def dearest_input(self) -> int:
+        """The most an input token can cost (plain, or written to either cache)."""
+        return max(self.input, self.cache_write_5m, self.cache_write_1h, self.cache_read)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    # The split of cache_creation_input_tokens by lifetime, when the provider gave it.
+    cache_creation_5m_input_tokens: int | None = None
+    cache_creation_1h_input_tokens: int | None = None
+
+
+def micro_from_pico(pico: int) -> int:
+    return -(-pico // PICO_PER_MICRO)  # round up: a fraction of a micro-dollar is still charged
+
+
+def cost_pico(u: Usage, r: Rates, *, batch: bool = False) -> int:
+    writes = u.cache_creation_input_tokens
+    w5, w1 = u.cache_creation_5m_input_tokens, u.cache_creation_1h_input_tokens
+    if w5 is None and w1 is None:
+        write_cost = writes * r.cache_write_1h
+    else:
+        w5, w1 = w5 or 0, w1 or 0
+        rest = max(writes - w5 - w1, 0)  # counted but not split: the dearer price
+        write_cost = w5 * r.cache_write_5m + w1 * r.cache_write_1h + rest * r.cache_write_1h
+    total = (u.input_tokens * r.input + u.output_tokens * r.output + write_cost
+             + u.cache_read_input_tokens * r.cache_read)
+    if batch:
+        total = total * (100 - BATCH_DISCOUNT_PERCENT) // 100
+    return total
+
+
+def cost_micro(u: Usage, r: Rates, *, batch: bool = False) -> int:
+    return micro_from_pico(cost_pico(u, r, batch=batch))
+
+
+def worst_case_micro(r: Rates, body_bytes: int, max_tokens: int, tokens_per_byte: float = 1.0) -> int:
+    """The most a Messages request can cost: every body byte an input token at the dearest input
+    price (a token is at least a byte of text), plus max_tokens of output."""
+    input_bound = int(Decimal(body_bytes) * Decimal(str(tokens_per_byte)) + 1)
+    return micro_from_pico(input_bound * r.dearest_input + max(max_tokens, 0) * r.output)
+
+
+class PriceTable:
+    """Rates by model id, resolved like routing (first matching `models` entry), cached."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._by_entry = [Rates.of(m.price) for m in config.models]
+        self._cache: dict[str, Rates | None] = {}
+
+    def rates(self, model: str | None) -> Rates | None:
+        if model is None:
+            return None
+        try:
+            return self._cache[model]
+        except KeyError:
+            pass
+        found = None
+        for i, m in enumerate(self.config.models):
+            if self.config.route_model(model) is m:
+                found = self._by_entry[i]
+                break
+        if len(self._cache) >= 10_000:
+            self._cache.clear()  # model ids come from clients
+        self._cache[model] = found
+        return found
+
+
+def usd(micro: int) -> str:
+    """Micro-USD as a dollar string with 6 decimals (exact)."""
+    sign = "-" if micro < 0 else ""
+    q, r = divmod(abs(micro), MICRO_PER_USD)
+    return f"{sign}{q}.{r:06d}"
+
+
+def parse_usd(text: str) -> int:
+    """"20", "20.5", "$0.000001" -> micro-USD; refuses more than 6 decimals or a negative amount."""
+    t = text.strip().removeprefix("$")
+    try:
+        d = Decimal(t)
+    except Exception:
+        raise ValueError(f"not an amount in USD: {text!r}") from None
+    if not d.is_finite() or d < 0:
+        raise ValueError(f"amount must be a non-negative number of USD, got {text!r}")
+    micro = d * MICRO_PER_USD
+    if micro != micro.to_integral_value():
+        raise ValueError(f"amount {text!r} has more than 6 decimals (micro-USD is the unit)")
+    return int(micro)

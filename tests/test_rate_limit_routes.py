@@ -1,0 +1,165 @@
+"""What each API route sends to the ratelimit service (router/rate_limits.py), what the planner
+makes of it (ratelimit/limits.py), and that Envoy accepts the generated config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+
+from ccr.config import GatewayConfig, Limits, parse_config
+from ccr.contract import AUTHZ_NS, AUTHZ_SPEND, USAGE_NS
+from extauth.endpoints import ENDPOINTS
+from ratelimit.limits import LimitPlanner
+from router import resources
+from router.rate_limits import RATELIMIT_FILTER, RATELIMIT_PER_ROUTE, SPEND_FILTER
+from tests.test_router import _runtime, _validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+RULES: list[dict[str, Any]] = [
+    {"name": "p", "per": "principal", "amount": 10},
+    {"name": "k", "per": "key", "amount": 10},
+    {"name": "u", "per": "user", "amount": 10},
+    {"name": "g", "per": "group", "amount": 10, "metric": "tokens"},
+    {"name": "t", "per": "tenant", "amount": 10},
+    {"name": "s", "per": "spiffe_id", "amount": 10, "algorithm": "token_bucket", "burst": 3},
+    {"name": "m", "per": "model", "value": "claude-x", "amount": 10, "unit": "day"},
+]
+
+
+def _config(**limits: Any) -> GatewayConfig:
+    doc = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    doc["limits"] = {"requests_per_minute": 60, **limits}
+    return parse_config(doc)
+
+
+def _routes(cfg: GatewayConfig) -> dict[str, dict[str, Any]]:
+    rc = resources.route_config(cfg)
+    return {r.get("name"): r for r in rc["virtual_hosts"][0]["routes"]}
+
+
+def _limits(route: dict[str, Any]) -> list[dict[str, Any]]:
+    return route["typed_per_filter_config"][RATELIMIT_FILTER]["rate_limits"]  # type: ignore[no-any-return]
+
+
+def _keys(rl: dict[str, Any]) -> list[str]:
+    out = []
+    for a in rl["actions"]:
+        kind, body = next(iter(a.items()))
+        out.append(body.get("descriptor_key", kind))
+    return out
+
+
+def test_without_rules_only_the_principal_descriptor() -> None:
+    routes = _routes(_config())
+    for e in ENDPOINTS:
+        (only,) = _limits(routes[e.name])
+        assert _keys(only) == ["principal"]
+        assert only["limit"]["dynamic_metadata"]["metadata_key"] == {"key": AUTHZ_NS, "path": [{"key": "rpm"}]}
+        assert "rate_limits" not in routes[e.name]["route"]  # Envoy would ignore it next to the filter's own
+
+
+def test_facts_from_metadata_and_usage_at_stream_end() -> None:
+    routes = _routes(_config(rules=RULES))
+    msgs = _limits(routes["messages.create"])
+    at_request = [rl for rl in msgs if not rl.get("apply_on_stream_done")]
+    assert [_keys(rl) for rl in at_request] == [["principal"], ["key_id"], ["user"], ["groups"], ["tenant"],
+                                                ["spiffe_id"], ["model"]]
+    for rl in at_request[1:]:  # read from what extauth decided, never from a header
+        md = rl["actions"][0]["metadata"]
+        assert md["source"] == "DYNAMIC" and md["metadata_key"]["key"] == AUTHZ_NS and not md["skip_if_absent"]
+    at_end = [rl for rl in msgs if rl.get("apply_on_stream_done")]
+    assert [rl["hits_addend"]["format"] for rl in at_end] == [
+        f"%DYNAMIC_METADATA({USAGE_NS}:{f})%" for f in
+        ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
+    for rl in at_end:
+        assert _keys(rl) == ["ccr_usage", "principal", "key_id", "user", "groups", "tenant", "spiffe_id", "model"]
+        assert all(a["metadata"]["skip_if_absent"] for a in rl["actions"][2:])
+    # Only Messages create is charged at stream end; a batch create counts its requests as hits.
+    assert not any(rl.get("apply_on_stream_done") for rl in _limits(routes["messages.count_tokens"]))
+    batch = _limits(routes["batches.create"])
+    assert all(rl["hits_addend"]["format"] == "%REQ(x-ccr-batch-requests)%" for rl in batch)
+
+
+def test_only_the_facts_in_use_are_sent() -> None:
+    routes = _routes(_config(rules=[{"name": "t", "per": "tenant", "amount": 5}]))
+    assert [_keys(rl) for rl in _limits(routes["messages.create"])] == [["principal"], ["tenant"]]
+    routes = _routes(_config(envoy_config_dir="rls"))  # YAML rules may use any of them
+    assert len(_limits(routes["messages.create"])) == 7
+
+
+def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
+    """Budgets are asked by their own filter (ccr.spend): its RateLimitPerRoute carries the spend
+    descriptor on Messages creates and batch results only; the limits filter never sees it."""
+    cfg = _config(rules=RULES)
+    assert cfg.spend.enabled
+    routes = _routes(cfg)
+    msgs = routes["messages.create"]["typed_per_filter_config"]
+    (spend,) = msgs[SPEND_FILTER]["rate_limits"]
+    assert msgs[SPEND_FILTER]["@type"] == RATELIMIT_PER_ROUTE
+    assert _keys(spend) == ["spend", "request_id"]
+    md = spend["actions"][0]["metadata"]  # extauth's worst case; absent (no budget applies): no call
+    assert md["source"] == "DYNAMIC" and md["metadata_key"] == {"key": AUTHZ_NS, "path": [{"key": AUTHZ_SPEND}]}
+    assert not md.get("skip_if_absent")
+    assert spend["actions"][1]["request_headers"]["header_name"] == "x-request-id"
+    assert SPEND_FILTER in routes["batches.results"]["typed_per_filter_config"]
+    for name in ("messages.count_tokens", "batches.create", "models.list"):
+        assert SPEND_FILTER not in routes[name]["typed_per_filter_config"], name
+    for e in ENDPOINTS:  # the limits' own list: stage 0 only, never the spend descriptor
+        assert all("spend" not in _keys(rl) and "stage" not in rl for rl in _limits(routes[e.name])), e.name
+    hcm_filters = [f["name"] for f in resources.listener(cfg, 18080)["filter_chains"][0]["filters"][0]
+                   ["typed_config"]["http_filters"]]
+    assert hcm_filters.index(SPEND_FILTER) == hcm_filters.index(RATELIMIT_FILTER) + 1
+    off = _routes(parse_config({**yaml.safe_load((REPO / "ccr.example.yaml").read_text()),
+                                "spend": {"enabled": False}}))
+    assert not any(SPEND_FILTER in r.get("typed_per_filter_config", {}) for r in off.values())
+
+
+def test_generated_config_with_every_descriptor_passes_envoy_validate(tmp_path: Path) -> None:
+    cfg = _config(rules=RULES, envoy_config_dir="rls")
+    r = _validate(tmp_path, resources.static_bootstrap(cfg, _runtime(), 18080))
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _d(*entries: tuple[str, str], hits: int | None = None) -> ratelimit_pb2.RateLimitDescriptor:
+    d = ratelimit_pb2.RateLimitDescriptor(entries=[{"key": k, "value": v} for k, v in entries])
+    if hits is not None:
+        d.hits_addend.value = hits
+    return d
+
+
+def test_planner_maps_each_descriptor_to_its_rules() -> None:
+    planner = LimitPlanner(Limits.model_validate({"requests_per_minute": 60, "rules": RULES,
+                                                  "tokens": {"cache_read": 0.5}}))
+    req = rls_pb2.RateLimitRequest(domain="ccr", descriptors=[
+        _d(("principal", "oidc:i#a")), _d(("key_id", "key_1")), _d(("user", "oidc:i#a")), _d(("groups", "a,b,a")),
+        _d(("tenant", "acme")), _d(("spiffe_id", "spiffe://x/y")), _d(("model", "claude-x")), _d(("model", "other"))])
+    got = [(p.desc, p.key, p.hits, p.limit.about) for p in planner.plan(req)]
+    assert got == [
+        (0, "ccr:rl:ccr:principal=oidc:i#a:minute", 1, "principal oidc:i#a"),  # the default
+        (0, "ccr:rl:rule:p:sliding_window:minute:principal=oidc:i#a", 1, "principal oidc:i#a"),
+        (1, "ccr:rl:rule:k:sliding_window:minute:key=key_1", 1, "API key key_1"),
+        (2, "ccr:rl:rule:u:sliding_window:minute:user=oidc:i#a", 1, "user oidc:i#a"),
+        (3, "ccr:rl:rule:g:sliding_window:minute:group=a", 0, "group a"),  # tokens: checked, not counted
+        (3, "ccr:rl:rule:g:sliding_window:minute:group=b", 0, "group b"),
+        (4, "ccr:rl:rule:t:sliding_window:minute:tenant=acme", 1, "tenant acme"),
+        (5, "ccr:rl:rule:s:token_bucket:minute:spiffe_id=spiffe://x/y", 1, "workload spiffe://x/y"),
+        (6, "ccr:rl:rule:m:sliding_window:day:model=claude-x", 1, "model claude-x"),
+    ]
+    charge = rls_pb2.RateLimitRequest(domain="ccr", descriptors=[
+        _d(("ccr_usage", "output"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=40),
+        _d(("ccr_usage", "cache_read"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=9)])
+    got = [(p.desc, p.key, p.hits, p.charge) for p in planner.plan(charge)]
+    assert got == [(0, "ccr:rl:rule:g:sliding_window:minute:group=a", 40, True),
+                   (0, "ccr:rl:rule:g:sliding_window:minute:group=b", 40, True),
+                   (1, "ccr:rl:rule:g:sliding_window:minute:group=a", 4, True),  # 9 x 0.5, rounded
+                   (1, "ccr:rl:rule:g:sliding_window:minute:group=b", 4, True)]
+    # A usage descriptor without its own count (the usage was unknown) charges nothing.
+    assert planner.plan(rls_pb2.RateLimitRequest(domain="ccr", hits_addend=5, descriptors=[
+        _d(("ccr_usage", "output"), ("groups", "a"))])) == []
+    # Elsewhere than domain ccr, these keys mean nothing to ccr's rules.
+    assert planner.plan(rls_pb2.RateLimitRequest(domain="other", descriptors=[_d(("tenant", "acme"))])) == []
