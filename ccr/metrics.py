@@ -22,6 +22,10 @@ POLICY_BUNDLE_LOAD_FAILURES = Counter(
     "ccr_policy_bundle_load_failures", "Bundles refused (unreachable, unsigned, tampered, broken) per policy set.",
     ["set"], registry=REGISTRY)
 
+MTLS_PEER_REFUSALS = Counter(
+    "ccr_mtls_peer_refusals", "Calls refused because the verified peer's SPIFFE ID may not call this service.",
+    ["peer"], registry=REGISTRY)
+
 _bundle_labels: dict[str, tuple[str, str]] = {}  # set -> its current (revision, digest) labels
 address: str | None = None  # host:port of /metrics once serve() ran
 

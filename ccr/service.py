@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
+from ccr.metrics import MTLS_PEER_REFUSALS
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.runtime import Runtime
 from ccr.svid import SvidSource
@@ -124,6 +125,7 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         if peer not in self._allowed:
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
                         sorted(self._allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"peer identity {peer} may not call this service")
 
@@ -177,6 +179,7 @@ class SyncPeerIdentityCheck(grpc.ServerInterceptor):
         if peer not in self._allowed:
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
                         sorted(self._allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer identity {peer} may not call this service")
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:

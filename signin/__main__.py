@@ -14,6 +14,7 @@ from aiohttp import web
 from ccr.config import GatewayConfig
 from ccr.contract import ID_ENVOY
 from ccr.logs import start_logging
+from ccr.metrics import MTLS_PEER_REFUSALS
 from ccr.runtime import Runtime
 from ccr.service import parse_args, write_ready
 from signin.idp import IdpClient
@@ -121,6 +122,7 @@ def only_peers(allowed: set[str]) -> Callable[..., Awaitable[web.StreamResponse]
         if peer not in allowed:
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", request.remote, peer,
                         sorted(allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
             raise web.HTTPForbidden(text=f"peer identity {peer} may not call this service")
         return await handler(request)
 

@@ -205,6 +205,11 @@ def test_a_part_with_the_wrong_spiffe_id_is_refused(gw: Gateway, tmp_path: Path,
     assert status == grpc.StatusCode.PERMISSION_DENIED.value[0], message
     log = (Path(gw.runtime.run_dir) / "logs" / f"{service}.log").read_text()  # type: ignore[union-attr]
     assert re.search(rf"refused a call from .* \(peer identity spiffe://ccr.local/{caller};", log)
+    assert gw.runtime is not None
+    if service == "extauth":  # the service that serves /metrics (ccr/metrics.py) counts its refusals
+        with urllib.request.urlopen(f"http://{gw.runtime.metrics[service]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f'ccr_mtls_peer_refusals_total{{peer="spiffe://ccr.local/{caller}"}} 1.0' in text, text
 
 
 def test_envoy_identity_is_accepted(gw: Gateway, tmp_path: Path) -> None:
