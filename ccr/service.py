@@ -7,8 +7,8 @@ that it is serving and where.
 A service that names `mtls_peers` serves mutual TLS and answers only callers whose certificate
 carries one of those SPIFFE IDs. Its identity comes from the SPIRE agent's Workload API when the
 runtime names an agent socket (ccr/svid.py, rotated without a restart), else from the run PKI
-files (ccr/pki.py) when they hold its identity. A service started with `require_mtls` (the
-adapter) refuses to start rather than serve in plaintext.
+files (ccr/pki.py) for a service started with `require_mtls` (the adapter), which refuses to
+start rather than serve in plaintext.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def mtls_credentials(name: str, runtime: Runtime, peers: Collection[str], requir
                      ) -> tuple[grpc.ServerCredentials | None, frozenset[str], SvidSource | None]:
     """(server credentials, allowed peer SPIFFE IDs, the SVID source to close) for a service.
 
-    (None, {}, None): plaintext, only when the run has no identity for `name` and mTLS is not required.
+    (None, {}, None): plaintext, only without a SPIFFE agent and when mTLS is not `required`.
     """
     if not peers:
         return None, frozenset(), None
@@ -226,7 +226,8 @@ def mtls_credentials(name: str, runtime: Runtime, peers: Collection[str], requir
         if own != spiffe_id(name, trust_domain):
             log.warning("the Workload API gave this process %s, not %s", own, spiffe_id(name, trust_domain))
         return source.server_credentials(), frozenset(spiffe_id(p, trust_domain) for p in peers), source
-    if runtime.mtls is not None and name in runtime.mtls.identities:
+    # Without SPIFFE, the run PKI (ccr/pki.py) covers only the hop that must be mTLS (the adapter).
+    if required and runtime.mtls is not None and name in runtime.mtls.identities:
         return (server_credentials(runtime.mtls, name),
                 frozenset(spiffe_id(p, runtime.mtls.trust_domain) for p in peers), None)
     if required:
