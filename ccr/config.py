@@ -152,6 +152,30 @@ class StandaloneSettings(Strict):
     pki_dir: str | None = None
 
 
+class SpiffeSettings(Strict):
+    """Where the gateway's processes get their X.509-SVIDs (docs/spiffe.md).
+
+    spire: `ccr up` starts a SPIRE server and agent for the run (trust domain ccr.local) and
+    every hop between Envoy and the services is SPIFFE mTLS. With `agent_socket`, ccr starts no
+    SPIRE of its own and uses that agent's Workload API (registration entries are yours).
+    off: only the adapter hop is mTLS, with a throwaway per-run CA (ccr/pki.py).
+    """
+
+    mode: Literal["spire", "off"] = "spire"
+    # Path of an existing SPIRE agent's Workload API socket (unix domain socket).
+    agent_socket: str | None = None
+    # SPIFFE IDs are spiffe://<trust_domain>/<part> (envoy, extauth, ratelimit, adapter, ...).
+    trust_domain: str = "ccr.local"
+    # TTL of the X.509-SVIDs the run's SPIRE server issues (ccr-managed SPIRE only).
+    x509_svid_ttl_s: Annotated[int, Field(ge=30, le=7 * 24 * 3600)] = 3600
+
+    @model_validator(mode="after")
+    def _socket_only_with_spire(self) -> SpiffeSettings:
+        if self.agent_socket and self.mode != "spire":
+            raise ValueError("agent_socket is used only with mode: spire")
+        return self
+
+
 class ServiceSettings(Strict):
     # Where the decision services bind; loopback unless configured otherwise.
     # (Embedded PostgreSQL and Redis always bind loopback, whatever this says.)
@@ -173,6 +197,8 @@ class ServiceSettings(Strict):
     log_format: Literal["text", "json"] = "text"
     # Set to run the services on their own with `ccr serve` (ccr up ignores it).
     standalone: StandaloneSettings | None = None
+    # SPIFFE mTLS between Envoy and every service (`ccr up`; docs/spiffe.md).
+    spiffe: SpiffeSettings = SpiffeSettings()
 
     @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:

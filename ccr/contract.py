@@ -112,6 +112,16 @@ ADAPTER_TRANSLATE_MD = "x-ccr-translate"
 RUN_TRUST_DOMAIN = "ccr.local"
 ID_ENVOY = "envoy"  # Envoy, as a client of our gRPC services
 ID_ADAPTER = "adapter"  # the provider adapter (holds provider credentials)
+ID_EXTAUTH = "extauth"
+ID_RATELIMIT = "ratelimit"
+ID_ACCESSLOG = "accesslog"
+ID_ROUTER = "router"  # the ADS server Envoy takes its config from
+ID_SIGNIN = "signin"
+# Every part that gets an X.509-SVID from SPIRE under `ccr up` (ccr/spire.py).
+SPIFFE_PARTS = (ID_ENVOY, ID_EXTAUTH, ID_RATELIMIT, ID_ADAPTER, ID_ACCESSLOG, ID_ROUTER, ID_SIGNIN)
+# SDS secret names the SPIRE agent serves to Envoy: its own SVID (by SPIFFE ID) and the trust
+# bundle of the run's trust domain (by trust domain ID).
+SDS_BUNDLE_NAME = f"spiffe://{RUN_TRUST_DOMAIN}"
 
 # Sign-in (the gateway as an OIDC relying party). Envoy routes this prefix to the sign-in
 # service with ext_authz off; nothing under it reaches a provider.

@@ -104,6 +104,9 @@ XDS_VERSION_INFO = Gauge(
     ["type", "version"], registry=REGISTRY)
 XDS_NACKS = Counter("ccr_xds_nacks", "Config versions Envoy rejected (NACKs), per resource type.",
                     ["type"], registry=REGISTRY)
+MTLS_PEER_REFUSALS = Counter(
+    "ccr_mtls_peer_refusals", "Calls refused because the verified peer's SPIFFE ID may not call this service.",
+    ["peer"], registry=REGISTRY)
 
 _bundle_labels: dict[str, tuple[str, str]] = {}  # set -> its current (revision, digest) labels
 _xds_versions: dict[str, str] = {}  # type -> version label in use

@@ -57,6 +57,11 @@ class Runtime(BaseModel):
     # The run's mTLS identities (paths only). A service whose identity is issued here serves
     # mutual TLS, and Envoy's cluster for it presents the `envoy` identity.
     mtls: RunPki | None = None
+    # The SPIRE agent's Workload API socket (ccr/spire.py, or services.spiffe.agent_socket): when
+    # set, every service serves SPIFFE mTLS with its SVID from there, and Envoy gets its SVID and
+    # the trust bundle from the same socket over SDS. Takes precedence over `mtls`.
+    spiffe_socket: str | None = None
+    spiffe_trust_domain: str | None = None
     # Where each service process serves Prometheus /metrics: "extauth", "extauth.1", ... -> host:port.
     metrics: dict[str, str] = {}
 

@@ -4,9 +4,11 @@ Each service binds port 0 on the configured host (no assumed free port), then
 writes its real address to `--ready-file`, which is how the supervisor learns
 that it is serving and where.
 
-A service that names `mtls_peers` serves only mutual TLS with the run's identities
-(ccr/pki.py) and answers only callers whose certificate carries one of those SPIFFE IDs;
-without a run PKI it refuses to start rather than serve in plaintext.
+A service that names `mtls_peers` serves mutual TLS and answers only callers whose certificate
+carries one of those SPIFFE IDs. Its identity comes from the SPIRE agent's Workload API when the
+runtime names an agent socket (ccr/svid.py, rotated without a restart), else from the run PKI
+files (ccr/pki.py) for a service started with `require_mtls` (the adapter), which refuses to
+start rather than serve in plaintext.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
+from ccr.metrics import MTLS_PEER_REFUSALS
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.rpc_observe import AioRpcObserver, RpcObserver
 from ccr.runtime import Runtime
+from ccr.svid import SvidSource
 
 log = logging.getLogger("ccr.service")
 
@@ -124,6 +128,7 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         if peer not in self._allowed:
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
                         sorted(self._allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"peer identity {peer} may not call this service")
 
@@ -187,6 +192,74 @@ def _metrics_ready() -> dict[str, object]:
     return {READY_METRICS: metrics.address} if metrics.address else {}
 
 
+class SyncPeerIdentityCheck(grpc.ServerInterceptor):
+    """PeerIdentityCheck for grpcio's sync server (ratelimit)."""
+
+    def __init__(self, allowed: Collection[str]) -> None:
+        self._allowed = frozenset(allowed)
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        peer = peer_spiffe_id(context)  # type: ignore[arg-type]
+        if peer not in self._allowed:
+            log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
+                        sorted(self._allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer identity {peer} may not call this service")
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        check = self._check
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            def uu(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(uu, **kw)
+        if handler.stream_unary:
+            def su(requests: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return handler.stream_unary(requests, context)
+            return grpc.stream_unary_rpc_method_handler(su, **kw)
+        if handler.unary_stream:
+            def us(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                yield from handler.unary_stream(request, context)
+            return grpc.unary_stream_rpc_method_handler(us, **kw)
+
+        def ss(requests: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            yield from handler.stream_stream(requests, context)
+        return grpc.stream_stream_rpc_method_handler(ss, **kw)
+
+
+def mtls_credentials(name: str, runtime: Runtime, peers: Collection[str], required: bool
+                     ) -> tuple[grpc.ServerCredentials | None, frozenset[str], SvidSource | None]:
+    """(server credentials, allowed peer SPIFFE IDs, the SVID source to close) for a service.
+
+    (None, {}, None): plaintext, only without a SPIFFE agent and when mTLS is not `required`.
+    """
+    if not peers:
+        return None, frozenset(), None
+    if runtime.spiffe_socket:
+        source = SvidSource(runtime.spiffe_socket)
+        own = source.material().spiffe_id
+        trust_domain = own.removeprefix("spiffe://").split("/", 1)[0]
+        if own != spiffe_id(name, trust_domain):
+            log.warning("the Workload API gave this process %s, not %s", own, spiffe_id(name, trust_domain))
+        return source.server_credentials(), frozenset(spiffe_id(p, trust_domain) for p in peers), source
+    # Without SPIFFE, the run PKI (ccr/pki.py) covers only the hop that must be mTLS (the adapter).
+    if required and runtime.mtls is not None and name in runtime.mtls.identities:
+        return (server_credentials(runtime.mtls, name),
+                frozenset(spiffe_id(p, runtime.mtls.trust_domain) for p in peers), None)
+    if required:
+        raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has neither a SPIFFE agent socket "
+                         "nor a run PKI identity for it")
+    return None, frozenset(), None
+
+
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
@@ -199,23 +272,19 @@ def _bind(server: grpc.Server | grpc.aio.Server, name: str, host: str, port: int
     return f"{host}:{bound}"
 
 
-async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) -> None:
+async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), require_mtls: bool = False) -> None:
     """Run one gRPC service until SIGTERM/SIGINT.
 
     `setup` registers servicers on the server and may return an async cleanup.
-    `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them.
+    `mtls_peers` (identity names, e.g. contract.ID_ENVOY): serve mutual TLS only, to them, when the
+    run gives this service an identity (always, with `require_mtls`).
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
     config = runtime.config()
     start_logging(name, config.services.log_format)
-    creds: grpc.ServerCredentials | None = None
-    interceptors: list[grpc.aio.ServerInterceptor] = []
-    if mtls_peers:
-        if runtime.mtls is None:
-            raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
-        creds = server_credentials(runtime.mtls, name)
-        interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
+    creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, require_mtls)
+    interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed)] if creds else []
     interceptors += _observers(name, config, args, aio=True)
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = health.aio.HealthServicer()
@@ -241,29 +310,31 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     if cleanup is not None:
         await cleanup()
     tracing.shutdown()
+    if svids is not None:
+        svids.close()
     logging.info("stopped")
 
 
-def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False) -> None:
+def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop: bool = False,
+        require_mtls: bool = False) -> None:
     """`fast_loop`: run on uvloop, which cut the hot-path services' CPU per call by about a tenth
     (bench/profiles.md); opt-in per service, the others keep asyncio's loop."""
     if fast_loop:
         import uvloop
 
-        uvloop.run(serve_grpc(name, setup, mtls_peers))
+        uvloop.run(serve_grpc(name, setup, mtls_peers, require_mtls))
     else:
-        asyncio.run(serve_grpc(name, setup, mtls_peers))
+        asyncio.run(serve_grpc(name, setup, mtls_peers, require_mtls))
 
 
 SyncSetup = Callable[[grpc.Server, GatewayConfig, Runtime], Callable[[], None] | None]
 
 
-def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
+def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collection[str] = ()) -> None:
     """Run one gRPC service on grpcio's sync server (a pool of `threads`) until SIGTERM/SIGINT.
 
     For handlers that only block on I/O (ratelimit: one Redis call). grpcio's sync server costs
-    less CPU per call than grpc.aio, with asyncio's loop or uvloop (bench/profiles.md). Plaintext
-    only: no service that needs mTLS runs here.
+    less CPU per call than grpc.aio, with asyncio's loop or uvloop (bench/profiles.md).
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
@@ -272,13 +343,15 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, False)
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
-                         options=server_options(args.reuse_port), interceptors=_observers(name, config, args,
-                                                                                       aio=False))
+                         options=server_options(args.reuse_port),
+                         interceptors=([SyncPeerIdentityCheck(allowed)] if creds else [])
+                         + _observers(name, config, args, aio=False))
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
-    address = _bind(server, name, args.host or config.services.bind_host, args.port, None)
+    address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
     server.start()
     for service in ("", name):
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -292,4 +365,6 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     if cleanup is not None:
         cleanup()
     tracing.shutdown()
+    if svids is not None:
+        svids.close()
     logging.info("stopped")

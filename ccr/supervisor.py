@@ -30,13 +30,22 @@ import yaml
 from ccr import db
 from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, ProviderKind, load_config
-from ccr.contract import ID_ADAPTER, ID_ENVOY, READY_METRICS
+from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, READY_METRICS, RUN_TRUST_DOMAIN, SPIFFE_PARTS
 from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
 from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
 from ccr.procs import Child, StartError, free_port, spawn, wait_ready_file, wait_until
 from ccr.runtime import Runtime, UpstreamOverride
+from ccr.spire import (
+    WORKLOADS_DIR,
+    Spire,
+    binary_workload,
+    finish_spire,
+    python_workload,
+    remove_spire_state,
+    spawn_spire_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_TEMPLATE = REPO / "envoy" / "bootstrap.yaml"
@@ -64,9 +73,12 @@ def ready_path(run_dir: Path, name: str, index: int) -> Path:
 
 
 def spawn_worker(name: str, module: str, index: int, runtime_file: Path, run_dir: Path, logs: Path, *,
-                 port: int = 0, reuse_port: bool = False, env: dict[str, str] | None = None) -> Child:
-    """Worker `index` of a service, a tracked child; worker 0 binds a free port, the others its `port`."""
-    argv = [sys.executable, "-m", module, "--runtime", str(runtime_file),
+                 port: int = 0, reuse_port: bool = False, env: dict[str, str] | None = None,
+                 python: str | Path | None = None) -> Child:
+    """Worker `index` of a service, a tracked child; worker 0 binds a free port, the others its `port`.
+
+    `python`: the interpreter path to launch it through (its SPIFFE workload path, ccr/spire.py)."""
+    argv = [str(python or sys.executable), "-m", module, "--runtime", str(runtime_file),
             "--ready-file", str(ready_path(run_dir, name, index)), "--port", str(port)]
     if reuse_port:
         argv.append("--reuse-port")
@@ -119,8 +131,12 @@ def envoy_binary() -> str:
 
 
 def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | Sequence[str],
-                     overload: OverloadSettings | None = None) -> str:
-    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy)."""
+                     overload: OverloadSettings | None = None, spiffe: tuple[str, str] | None = None) -> str:
+    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy).
+
+    `spiffe`: (SPIRE agent socket, trust domain): Envoy takes its SVID and the trust bundle from the
+    agent's SDS API (a static cluster: it must exist before any dynamic one), and the ADS stream
+    to the router is mTLS that accepts only the router's SPIFFE ID."""
     addresses = [xds] if isinstance(xds, str) else list(xds)
     endpoints = []
     for address in addresses:
@@ -132,7 +148,30 @@ def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | 
         XDS_TYPE="STATIC" if all(_is_ip(a.rpartition(":")[0]) for a in addresses) else "STRICT_DNS",
         XDS_LB_ENDPOINTS=json.dumps(endpoints),
     )
-    return text + _overload_section(overload or OverloadSettings())
+    text += _overload_section(overload or OverloadSettings())
+    if spiffe is not None:
+        text = _with_spiffe(text, node_id, *spiffe)
+    return text
+
+
+def _with_spiffe(text: str, node_id: str, agent_socket: str, trust_domain: str) -> str:
+    from router.resources import SPIRE_AGENT_CLUSTER, spiffe_upstream_tls
+
+    doc = yaml.safe_load(text)
+    doc["node"]["id"] = node_id  # as given (YAML would read some ids as booleans or numbers)
+    clusters = doc["static_resources"]["clusters"]
+    for c in clusters:
+        if c["name"] == "ccr_xds":
+            c["transport_socket"] = spiffe_upstream_tls(trust_domain, ID_ROUTER)
+    clusters.append({
+        "name": SPIRE_AGENT_CLUSTER, "type": "STATIC", "connect_timeout": "2s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": SPIRE_AGENT_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": agent_socket}}}}]}]},
+    })
+    return json.dumps(doc, indent=1)  # JSON is YAML to Envoy, and quotes every string
 
 
 def _overload_section(overload: OverloadSettings) -> str:
@@ -223,6 +262,48 @@ class Gateway:
     emulator_key: str | None = None  # what the emulator accepts (benchmarks call it directly)
     # How long a child gets after SIGTERM before SIGKILL: the services' drain time, and some.
     stop_timeout_s: float = 10.0
+    # Part -> the executable path it is launched through (its SPIFFE workload path; ccr/spire.py).
+    workloads: dict[str, Path] = field(default_factory=dict)
+    spire: Spire | None = None
+    _spiffe_t0: float = 0.0
+
+    def _python(self, part: str) -> str:
+        return str(self.workloads.get(part) or sys.executable)
+
+    def _begin_spiffe(self, config: GatewayConfig, run_dir: Path, logs: Path) -> None:
+        """Workload paths for every part, and the SPIRE server (unless an agent is configured;
+        ccr/spire.py): it comes up while PostgreSQL does, and `_finish_spiffe` completes it."""
+        self._spiffe_t0 = time.monotonic()
+        root = run_dir / WORKLOADS_DIR
+        self.workloads = {part: python_workload(root, part) for part in SPIFFE_PARTS if part != ID_ENVOY}
+        self.workloads[ID_ENVOY] = binary_workload(root, ID_ENVOY, envoy_binary())
+        s = config.services.spiffe
+        if not s.agent_socket:
+            self.spire = spawn_spire_server(run_dir, logs, x509_svid_ttl_s=s.x509_svid_ttl_s,
+                                            trust_domain=s.trust_domain)
+            self._track(self.spire.children[0])
+
+    def _finish_spiffe(self, config: GatewayConfig, runtime: Runtime, logs: Path) -> None:
+        s = config.services.spiffe
+        if s.agent_socket:
+            sock = Path(s.agent_socket)
+            if not sock.is_absolute():
+                sock = (self._base_dir() / sock).resolve()
+            if not sock.exists():
+                raise ConfigError(f"services.spiffe.agent_socket: {sock} does not exist (is the SPIRE agent running?)")
+            runtime.spiffe_socket, runtime.spiffe_trust_domain = str(sock), s.trust_domain
+            self.status("spiffe", f"SVIDs from the SPIRE agent at {sock} (trust domain {s.trust_domain})")
+            return
+        assert self.spire is not None
+        try:
+            finish_spire(self.spire, logs, self.workloads)
+        finally:
+            for child in self.spire.children[1:]:
+                self._track(child)
+        runtime.spiffe_socket, runtime.spiffe_trust_domain = str(self.spire.agent_socket), s.trust_domain
+        self.status("spiffe", f"SPIRE server and agent for spiffe://{s.trust_domain} (pids "
+                    f"{', '.join(str(c.pid) for c in self.spire.children)}) ready "
+                    f"{time.monotonic() - self._spiffe_t0:.1f}s after the server started")
 
     @property
     def config(self) -> GatewayConfig:
@@ -262,6 +343,8 @@ class Gateway:
         for stale in run_dir.glob("*.ready"):
             stale.unlink()
         host = config.services.bind_host
+        if config.services.spiffe.mode == "spire":
+            self._begin_spiffe(config, run_dir, logs)
 
         t = time.monotonic()
         if config.storage.postgres_dsn:
@@ -305,8 +388,11 @@ class Gateway:
                         + (f", tenants {', '.join(ps.tenants)}" if ps.tenants is not None else "")
                         + f") from {ps.bundle.url or ps.bundle.path}")
 
-        # Identities for the hops that carry secrets: Envoy -> adapter (issue 10: SPIRE for all hops).
-        runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
+        modules = services_for(config)
+        if config.services.spiffe.mode == "spire":
+            self._finish_spiffe(config, runtime, logs)
+        else:  # Only the hop that carries secrets, Envoy -> adapter, with a throwaway run CA.
+            runtime.mtls = issue_run_pki(run_dir / "pki", [ID_ENVOY, ID_ADAPTER], extra_ips=_san_ips(host))
         credentials |= self._start_emulators(config, runtime, run_dir, logs)
         self._write_credentials(config, runtime, run_dir, credentials)
         del credentials
@@ -315,12 +401,11 @@ class Gateway:
         runtime.save(runtime_file)
 
         t = time.monotonic()
-        modules = services_for(config)
         count = {name: config.service_workers() if name in MULTI_WORKER else 1 for name in modules}
         # The first worker of every service (all starting at once), then the others on its port.
         first = {
             name: self._track(spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=count[name] > 1,
-                                           env=self._service_env(name, config)))
+                                           env=self._service_env(name, config), python=self._python(name)))
             for name, module in modules.items()
         }
         more: dict[str, list[Child]] = {}
@@ -331,7 +416,8 @@ class Gateway:
                 runtime.metrics[name] = str(info[READY_METRICS])
             port = int(str(info["address"]).rpartition(":")[2])
             more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs, port=port,
-                                                   reuse_port=True, env=self._service_env(name, config)))
+                                                   reuse_port=True, env=self._service_env(name, config),
+                                                   python=self._python(name)))
                           for i in range(1, count[name])]
         for name, child in first.items():
             for i, w in enumerate(more.get(name, []), start=1):
@@ -343,7 +429,7 @@ class Gateway:
 
         runtime.listen_port = config.gateway.listen.port or free_port(config.gateway.listen.host)
         runtime.save(runtime_file)
-        router = self._track(spawn("router", [sys.executable, "-m", "router", "--runtime", str(runtime_file),
+        router = self._track(spawn("router", [self._python("router"), "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
                                    logs, cwd=REPO))
         rinfo = wait_ready_file(router, run_dir / "router.ready")
@@ -442,14 +528,16 @@ class Gateway:
         g = config.gateway
         bootstrap = run_dir / "envoy-bootstrap.yaml"
         assert runtime.xds is not None
+        spiffe = ((runtime.spiffe_socket, runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN)
+                  if runtime.spiffe_socket else None)
         bootstrap.write_text(render_bootstrap(f"ccr-{os.getpid()}", g.admin.host, g.admin.port, runtime.xds,
-                                             g.overload))
+                                             g.overload, spiffe=spiffe))
         admin_path = run_dir / "envoy-admin-address"
         admin_path.unlink(missing_ok=True)
         envoy = self._track(spawn(
             "envoy",
-            [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",
-             str(config.envoy_concurrency()), "--admin-address-path", str(admin_path), "-l", "warning",
+            [str(self.workloads.get(ID_ENVOY) or envoy_binary()), "-c", str(bootstrap), "--disable-hot-restart",
+             "--concurrency", str(config.envoy_concurrency()), "--admin-address-path", str(admin_path), "-l", "warning",
              "--drain-time-s", "1", "--parent-shutdown-time-s", "2"],
             logs))
         wait_until(envoy, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30,
@@ -481,6 +569,9 @@ class Gateway:
         if self.runtime is not None:
             for path in self.runtime.provider_credentials.values():
                 Path(path).unlink(missing_ok=True)  # provider credentials end with the run
+        if self.spire is not None:
+            remove_spire_state(self.spire)
+            self.spire = None
         if self.runtime is not None and self.runtime.mtls is not None:
             # The run's private keys end with the run (the next start issues new ones).
             shutil.rmtree(Path(self.runtime.mtls.ca).parent, ignore_errors=True)

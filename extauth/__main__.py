@@ -1,7 +1,8 @@
 """`python -m extauth --runtime RUN/runtime.json --ready-file F`: the ext_authz gRPC service."""
 
+from ccr.contract import ID_ENVOY
 from ccr.service import run
 from extauth.server import setup
 
 if __name__ == "__main__":
-    run("extauth", setup, fast_loop=True)  # a hot-path service
+    run("extauth", setup, mtls_peers=(ID_ENVOY,), fast_loop=True)  # a hot-path service

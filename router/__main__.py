@@ -16,6 +16,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from ccr.config import ConfigError, GatewayConfig, load_config
+from ccr.contract import ID_ENVOY
 from ccr.runtime import Runtime
 from ccr.service import run
 from router import resources
@@ -64,4 +65,4 @@ async def setup(
 
 
 if __name__ == "__main__":
-    run("router", setup)
+    run("router", setup, mtls_peers=(ID_ENVOY,))

@@ -25,10 +25,15 @@ from ccr.contract import (
     H_REQUEST_ID,
     H_TRACEPARENT,
     H_TRACESTATE,
+    ID_ACCESSLOG,
     ID_ADAPTER,
     ID_ENVOY,
+    ID_EXTAUTH,
+    ID_RATELIMIT,
+    ID_SIGNIN,
     OTLP_CLUSTER,
     RL_DOMAIN,
+    RUN_TRUST_DOMAIN,
     SIGNIN_PREFIX,
     SPEND_DOMAIN,
     SPEND_STAGE,
@@ -54,7 +59,7 @@ LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
 EXTAUTH, RATELIMIT, ADAPTER, ACCESSLOG = "ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog"
 # Cluster -> the run identity (ccr/pki.py) of the service behind it.
-SERVICE_IDENTITY = {EXTAUTH: "extauth", RATELIMIT: "ratelimit", ADAPTER: ID_ADAPTER, ACCESSLOG: "accesslog"}
+SERVICE_IDENTITY = {EXTAUTH: ID_EXTAUTH, RATELIMIT: ID_RATELIMIT, ADAPTER: ID_ADAPTER, ACCESSLOG: ID_ACCESSLOG}
 SIGNIN = "ccr_signin"
 METER_LUA = Path(__file__).with_name("meter.lua")
 
@@ -87,6 +92,42 @@ def _host_port(address: str) -> tuple[str, int]:
 def _error_text(kind: str, message: str) -> str:
     # Envoy's local-reply formatter fills %...% operators; keep the text free of them.
     return error_body(kind, message).decode()
+
+
+# Envoy's static cluster to the SPIRE agent's SDS API (the Workload API socket), in the bootstrap.
+SPIRE_AGENT_CLUSTER = "spire_agent"
+
+
+def spiffe_sds_config() -> Json:
+    return {"resource_api_version": "V3", "api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": SPIRE_AGENT_CLUSTER}}]}}
+
+
+def spiffe_upstream_tls(trust_domain: str, server: str, alpn: tuple[str, ...] = ("h2",)) -> Json:
+    """Envoy presents its SVID (SDS, from the SPIRE agent) and accepts only spiffe://<td>/<server>,
+    chained to the trust bundle of `trust_domain` (SDS too): both rotate without a config change."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": list(alpn),
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificate_sds_secret_configs": [{"name": f"spiffe://{trust_domain}/{ID_ENVOY}",
+                                                    "sds_config": spiffe_sds_config()}],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
+                    "exact": f"spiffe://{trust_domain}/{server}"}}]},
+                "validation_context_sds_secret_config": {"name": f"spiffe://{trust_domain}",
+                                                         "sds_config": spiffe_sds_config()},
+            },
+        },
+    }}
+
+
+def _service_tls(runtime: Runtime, server: str) -> Json | None:
+    if runtime.spiffe_socket:
+        return spiffe_upstream_tls(runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN, server)
+    return _mtls_socket(runtime.mtls, server)
 
 
 def _mtls_socket(pki: RunPki | None, server: str) -> Json | None:
@@ -387,7 +428,7 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     # entries (stat access_logs.grpc_access_log.logs_dropped): sized by audit.envoy_backlog_bytes.
     out = [_grpc_cluster(name, runtime.service_endpoints.get(SERVICE_IDENTITY[name]) or [str(addr)],
                          config.audit.envoy_backlog_bytes if name == ACCESSLOG else buf,
-                         _mtls_socket(runtime.mtls, SERVICE_IDENTITY[name]),
+                         _service_tls(runtime, SERVICE_IDENTITY[name]),
                          replicas=bool(runtime.service_endpoints))
            for name, addr in services.items()]
     for p in config.providers:
@@ -422,14 +463,18 @@ def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     if not runtime.signin:
         raise ValueError("runtime lacks the address of the signin service")
     host, port = _host_port(runtime.signin)
-    return [{
+    cluster: Json = {
         "name": SIGNIN,
         "type": "STATIC",
         "connect_timeout": "2s",
         "per_connection_buffer_limit_bytes": 64 * 1024,
         "load_assignment": {"cluster_name": SIGNIN, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
             "socket_address": {"address": host, "port_value": port}}}}]}]},
-    }]
+    }
+    if runtime.spiffe_socket:  # HTTP/1.1 over SPIFFE mTLS
+        cluster["transport_socket"] = spiffe_upstream_tls(runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN,
+                                                          ID_SIGNIN, alpn=("http/1.1",))
+    return [cluster]
 
 
 def _no_authorization() -> Json:

@@ -6,14 +6,16 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
 from ccr import metrics
 from ccr.config import GatewayConfig
-from ccr.contract import READY_METRICS
+from ccr.contract import ID_ENVOY, READY_METRICS
 from ccr.logs import start_logging
+from ccr.metrics import MTLS_PEER_REFUSALS
 from ccr.runtime import Runtime
 from ccr.service import metrics_address, parse_args, write_ready
 from signin.idp import IdpClient
@@ -82,10 +84,19 @@ async def serve() -> None:
         app = service.app()
         if config.telemetry.metrics:
             app.middlewares.append(metrics.http_middleware("signin"))
+        ssl_context = None
+        svids = None
+        if runtime.spiffe_socket:  # SPIFFE mTLS: only Envoy may call (docs/spiffe.md)
+            from ccr.svid import SvidSource
+
+            svids = SvidSource(runtime.spiffe_socket)
+            ssl_context = svids.ssl_server_context()
+            own = svids.material().spiffe_id
+            app.middlewares.insert(0, only_peers({own.rsplit("/", 1)[0] + "/" + ID_ENVOY}))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host = args.host or config.services.bind_host
-        await web.TCPSite(runner, host, args.port).start()
+        await web.TCPSite(runner, host, args.port, ssl_context=ssl_context).start()
         address = f"{host}:{runner.addresses[0][1]}"
         ready = {}
         if config.telemetry.metrics:
@@ -99,6 +110,29 @@ async def serve() -> None:
         await stop.wait()
         await runner.cleanup()
         await store.close()
+        if svids is not None:
+            svids.close()
+
+
+def only_peers(allowed: set[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuses (403) a TLS peer whose certificate's single URI SAN is not in `allowed`."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        from ccr.svid import peer_uri_sans
+
+        transport = request.transport
+        uris = peer_uri_sans(transport.get_extra_info("peercert") if transport is not None else None)
+        peer = uris[0] if len(uris) == 1 else None
+        if peer not in allowed:
+            log.warning("refused a call from %s (peer identity %s; allowed: %s)", request.remote, peer,
+                        sorted(allowed))
+            MTLS_PEER_REFUSALS.labels(peer or "none").inc()
+            raise web.HTTPForbidden(text=f"peer identity {peer} may not call this service")
+        return await handler(request)
+
+    return check
 
 
 if __name__ == "__main__":

@@ -271,10 +271,15 @@ def test_embedded_stores_listen_on_loopback_only(gw: Gateway) -> None:
 
 
 def test_runtime_file_and_run_dir_are_private(gw: Gateway) -> None:
-    assert gw.runtime is not None and gw.runtime.mtls is not None
+    assert gw.runtime is not None and gw.runtime.spiffe_socket is not None and gw.spire is not None
     run = Path(gw.runtime.run_dir)
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
     assert stat.S_IMODE((run / "runtime.json").stat().st_mode) == 0o600
-    assert stat.S_IMODE(Path(gw.runtime.mtls.identity(ID_ENVOY).key).stat().st_mode) == 0o600
+    # SPIFFE (the default): SPIRE's config, data and sockets are the run's alone, and no SVID's
+    # private key is on disk (KeyManager "memory"; each service keeps its own in memory).
+    assert stat.S_IMODE(gw.spire.base.stat().st_mode) == 0o700
+    small = [p for p in run.rglob("*") if p.is_file() and "spiffe-workloads" not in p.parts
+             and p.stat().st_size < 1 << 20]
+    assert small and not [p for p in small if b"PRIVATE KEY" in p.read_bytes()]
     text = (run / "runtime.json").read_text()
     assert DIRECT_SECRET not in text and UNUSED_SECRET not in text

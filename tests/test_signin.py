@@ -500,3 +500,31 @@ def test_signin_serves_metrics(gw: Gateway) -> None:
     assert httpx.get(gw.url + SIGNIN_PREFIX + "jwks").status_code == 200
     text = httpx.get(f"http://{gw.runtime.metrics['signin']}/metrics").text  # type: ignore[union-attr]
     assert 'ccr_http_request_duration_seconds_count{code="2xx",route="/ccr/auth/jwks",service="signin"}' in text
+
+
+def _signin_as(gw: Gateway, tmp: Path, part: str | None) -> httpx.Response:
+    """GET jwks straight from the sign-in service over TLS, presenting `part`'s SVID (None: no certificate)."""
+    import ssl
+
+    assert gw.spire is not None and gw.runtime is not None
+    ctx = ssl.create_default_context(cafile=str(gw.spire.bundle_pem))
+    ctx.check_hostname = False  # an X.509-SVID names a SPIFFE ID, not a host
+    if part is not None:
+        chain, key = gw.spire.mint_x509(part)
+        (tmp / "c.pem").write_bytes(chain)
+        (tmp / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+    return httpx.get(f"https://{gw.runtime.signin}{SIGNIN_PREFIX}jwks", verify=ctx, timeout=10)
+
+
+def test_signin_service_answers_only_envoy_over_spiffe_mtls(gw: Gateway, tmp_path: Path) -> None:
+    assert gw.runtime is not None
+    with pytest.raises(httpx.HTTPError):  # plaintext: the service speaks only TLS
+        httpx.get(f"http://{gw.runtime.signin}{SIGNIN_PREFIX}jwks", timeout=10)
+    with pytest.raises(httpx.HTTPError):  # TLS without a client SVID
+        _signin_as(gw, tmp_path, None)
+    r = _signin_as(gw, tmp_path, "ratelimit")  # a valid SVID of the run, but not Envoy's
+    assert r.status_code == 403
+    log = (Path(gw.runtime.run_dir) / "logs" / "signin.log").read_text()
+    assert "(peer identity spiffe://ccr.local/ratelimit;" in log
+    assert _signin_as(gw, tmp_path, "envoy").json()["keys"]

@@ -6,4 +6,4 @@ from router.adapter.server import setup
 
 if __name__ == "__main__":
     # The adapter injects provider credentials: only Envoy, over mutual TLS, may call it.
-    run("adapter", setup, mtls_peers=(ID_ENVOY,))
+    run("adapter", setup, mtls_peers=(ID_ENVOY,), require_mtls=True)
