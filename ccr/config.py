@@ -11,7 +11,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -326,11 +326,62 @@ class Price(Strict):
     cache_read: Annotated[float, Field(ge=0)] = 0.0
 
 
+class Failover(Strict):
+    """When a model's next target is tried (Envoy's route retry policy, docs/routing.md)."""
+
+    # Upstream replies that move the request to the next target. Only statuses the provider causes:
+    # 429 (its rate limit), 529 (overloaded) and 5xx; a 4xx the request caused is never retried.
+    on_status: list[Annotated[int, Field(ge=429, le=599)]] = [429, 500, 502, 503, 504, 529]
+    # A reset or refused connection (the provider is down) moves on too.
+    on_reset: bool = True
+    # One attempt's limit (unset: none, only the request's total). A stream is never failed over once
+    # its first byte has gone to the client (Envoy retries only before response headers).
+    per_try_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # All attempts together (unset: gateway.request_timeout_s).
+    total_timeout_s: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _provider_caused_only(self) -> Failover:
+        bad = [s for s in self.on_status if 430 <= s < 500]
+        if bad:
+            raise ValueError(f"failover.on_status: {bad} are errors the request caused; only 429 and 5xx fail over")
+        return self
+
+
 class Model(Strict):
     # An exact model id or a glob ("claude-sonnet-4-*"); the first match wins.
     match: str
-    provider: str
+    # The provider serving it; with `targets`, the first of them (may be left out).
+    provider: str = ""
+    # Failover chain: provider names in order (another account, region or provider kind). A request
+    # bound to a region (data residency) is tried only on the targets in that region.
+    targets: list[Annotated[str, Field(min_length=1)]] = []
+    failover: Failover = Failover()
     price: Price = Price()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_is_first_target(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("targets") and not data.get("provider"):
+            data = {**data, "provider": data["targets"][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _primary(self) -> Model:
+        if self.targets:
+            if len(set(self.targets)) != len(self.targets):
+                raise ValueError(f"targets: each provider at most once; got {self.targets}")
+            if self.provider != self.targets[0]:
+                raise ValueError(f"provider {self.provider!r} must be the first of targets {self.targets} "
+                                 "(or be left out)")
+        elif not self.provider:
+            raise ValueError("provider (or targets) is required")
+        return self
+
+    @property
+    def chain(self) -> list[str]:
+        """Provider names in failover order (one when no targets are set)."""
+        return self.targets or [self.provider]
 
 
 class LimitScope(StrEnum):
@@ -712,10 +763,10 @@ class GatewayConfig(Strict):
         if dupes:
             raise ValueError(f"provider names must be unique; repeated: {sorted(dupes)}")
         for i, m in enumerate(self.models):
-            if m.provider not in names:
-                raise ValueError(
-                    f"models.{i}.provider: unknown provider {m.provider!r}; known: {names}"
-                )
+            for name in m.chain:
+                if name not in names:
+                    field = "targets" if m.targets else "provider"
+                    raise ValueError(f"models.{i}.{field}: unknown provider {name!r}; known: {names}")
         return self
 
     @model_validator(mode="after")

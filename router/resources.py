@@ -391,6 +391,9 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
             out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
         out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
+    from router.failover import chain_clusters  # (it builds on this module's filters)
+
+    out += chain_clusters(config, runtime, _meter_lua())
     out += _signin_clusters(config, runtime)
     return out
 
@@ -469,16 +472,24 @@ def _endpoint_match(e: Endpoint) -> Json:
 
 
 def _endpoint_routes(config: GatewayConfig) -> list[Json]:
+    from router.failover import chain_routes
+
     api_route = _api_route(config)
-    return [{
-        "name": e.name,
-        "match": _endpoint_match(e),
-        "route": api_route,
-        "typed_per_filter_config": per_filter_config(config, e),
-        # Decided facts stay inside the gateway; the upstream never sees them (the adapter
-        # removes the principal id that Batches and Files routes keep for it).
-        "request_headers_to_remove": headers_to_remove(e),
-    } for e in ENDPOINTS]
+    out = []
+    for e in ENDPOINTS:
+        route = {
+            "name": e.name,
+            "match": _endpoint_match(e),
+            "route": api_route,
+            "typed_per_filter_config": per_filter_config(config, e),
+            # Decided facts stay inside the gateway; the upstream never sees them (the adapter
+            # removes the principal id that Batches and Files routes keep for it).
+            "request_headers_to_remove": headers_to_remove(e),
+        }
+        if e.schema == "anthropic" and (e.model_in_body or e.model_in_path):
+            out += chain_routes(config, api_route, route)  # failover chains (router/failover.py)
+        out.append(route)
+    return out
 
 
 def _not_found_route() -> Json:

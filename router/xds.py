@@ -42,6 +42,9 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (  # 
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2 as _generic  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous  # noqa: F401
+from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
+    previous_priorities_config_pb2 as _previous_priorities,
+)
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _opts  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2

@@ -1,0 +1,186 @@
+"""Failover chains and data residency through the whole gateway: real Envoy, extauth with the
+shipped residency policy, Anthropic API emulators as the targets, the anthropic SDK as the client.
+
+Targets:
+  primary-us  an emulator this module starts and stops mid-run (us)
+  flaky-us    an emulator that answers every call 529 (us)
+  backup-us   a healthy emulator (us)
+  backup-eu   the gateway's built-in emulator (eu)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from ccr.procs import Child, spawn, wait_ready_file
+from ccr.supervisor import Gateway
+from extauth.keys import create_key
+from tests.harness import REPO, emulator_records, running_gateway
+
+KEY = "sk-ant-failover-test"
+KEY_ENV = "CCR_T_FAILOVER_KEY"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@dataclass
+class Emu:
+    child: Child
+    url: str
+
+    def records(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/_emulator/requests").json()  # type: ignore[no-any-return]
+
+
+def _emulator(d: Path, name: str, *extra: str) -> Emu:
+    child = spawn(name, [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", KEY,
+                         "--ready-file", str(d / f"{name}.ready"), *extra], d, cwd=REPO)
+    address = wait_ready_file(child, d / f"{name}.ready")["address"]
+    return Emu(child, f"http://{address}")
+
+
+@dataclass
+class World:
+    gw: Gateway
+    primary: Emu
+    flaky: Emu
+    backup: Emu
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    d = tmp_path_factory.mktemp("failover")
+    emus = [_emulator(d, "primary"), _emulator(d, "flaky", "--fault-rate", "529=1"), _emulator(d, "backup")]
+    primary, flaky, backup = emus
+    pol = d / "policies"
+    shutil.copytree(REPO / "policies", pol)
+    data = json.loads((pol / "data.json").read_text())
+    data["residency"]["tenants"] = {"acme-us": "us", "acme-eu": "eu"}
+    (pol / "data.json").write_text(json.dumps(data))
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["policy"]["dir"] = str(pol)
+        builtin = cfg["providers"][0]
+        builtin.update(name="backup-eu", region="eu")
+        cfg["providers"] += [
+            {"name": "primary-us", "endpoint": primary.url, "api_key_env": KEY_ENV, "region": "us"},
+            {"name": "flaky-us", "endpoint": flaky.url, "api_key_env": KEY_ENV, "region": "us"},
+            {"name": "backup-us", "endpoint": backup.url, "api_key_env": KEY_ENV, "region": "us"},
+        ]
+        cfg["models"] = [
+            {"match": "claude-sonnet-4-5-20250929", "targets": ["backup-us", "backup-eu"]},
+            {"match": "claude-sonnet-*", "targets": ["primary-us", "backup-eu"]},
+            {"match": "claude-haiku-*", "targets": ["flaky-us", "backup-eu", "backup-us"]},
+            # us only: a request bound to eu has nowhere to go
+            {"match": "claude-opus-*", "targets": ["flaky-us", "backup-us"]},
+            # 529 is not in this model's failover set: the client sees it
+            {"match": "claude-3-*", "targets": ["flaky-us", "backup-us"], "failover": {"on_status": [500]}},
+        ]
+
+    os.environ[KEY_ENV] = KEY
+    try:
+        with running_gateway(d, edit) as gw:
+            yield World(gw, primary, flaky, backup)
+    finally:
+        os.environ.pop(KEY_ENV, None)
+        for e in emus:
+            e.child.stop()
+
+
+def _client(url: str, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
+
+
+def _tenant_key(w: World, tenant: str) -> str:
+    _, key = create_key(w.gw.runtime.postgres_dsn, f"{tenant}-{os.urandom(3).hex()}", ["default"], tenant=tenant)
+    return key
+
+
+def test_primary_stopped_mid_run_no_client_visible_error(world: World) -> None:
+    c = _client(world.gw.url, world.gw.api_key)
+    before_eu, before_primary = len(emulator_records(world.gw)), len(world.primary.records())
+    for _ in range(5):
+        assert c.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=HI).content
+    assert len(world.primary.records()) == before_primary + 5  # the primary takes all while it is up
+    assert len(emulator_records(world.gw)) == before_eu
+    world.primary.child.stop()
+    for _ in range(10):  # every request still succeeds: refused connections fail over to the next target
+        assert c.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=HI).content
+    assert len(emulator_records(world.gw)) == before_eu + 10
+    # Streams fail over too (before their first byte).
+    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=8, messages=HI) as s:
+        assert s.get_final_message().content
+    assert len(emulator_records(world.gw)) == before_eu + 11
+
+
+def test_529_fails_over_and_the_next_target_gets_its_own_credential(world: World) -> None:
+    c = _client(world.gw.url, world.gw.api_key)
+    before_flaky, before_eu = len(world.flaky.records()), len(emulator_records(world.gw))
+    raw = c.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=8, messages=HI)
+    assert raw.parse().content
+    assert len(world.flaky.records()) == before_flaky + 1  # tried first, answered 529
+    recs = emulator_records(world.gw)
+    assert len(recs) == before_eu + 1
+    headers = {k.lower(): v for k, v in recs[-1]["headers"].items()}
+    # The built-in emulator's own key (the flaky target's key would be refused with 401), and no
+    # gateway-internal header on the wire.
+    assert headers["x-api-key"] != KEY
+    assert not [h for h in headers if h.startswith("x-ccr-")]
+
+
+def test_a_request_caused_error_is_not_failed_over(world: World) -> None:
+    c = _client(world.gw.url, world.gw.api_key)
+    before = len(world.backup.records()), len(emulator_records(world.gw))
+    with pytest.raises(anthropic.BadRequestError) as e:  # max_tokens above the model's limit: the request's fault
+        c.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=100_000, messages=HI, stream=True)
+    assert "64000" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert (len(world.backup.records()), len(emulator_records(world.gw))) == (before[0] + 1, before[1])
+
+
+def test_failover_statuses_are_per_model(world: World) -> None:
+    c = _client(world.gw.url, world.gw.api_key)
+    before = len(world.backup.records())
+    with pytest.raises(anthropic.InternalServerError) as e:
+        c.messages.create(model="claude-3-5-haiku", max_tokens=8, messages=HI)
+    assert e.value.status_code == 529
+    assert len(world.backup.records()) == before
+
+
+def test_a_region_bound_request_never_leaves_its_region_on_failover(world: World) -> None:
+    c = _client(world.gw.url, _tenant_key(world, "acme-us"))
+    before_eu, before_backup = len(emulator_records(world.gw)), len(world.backup.records())
+    for _ in range(4):  # flaky-us answers 529; the next target (backup-eu) is outside us: skipped
+        assert c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=HI).content
+    with c.messages.stream(model="claude-haiku-4-5", max_tokens=8, messages=HI) as s:
+        assert s.get_final_message().content
+    assert len(world.backup.records()) == before_backup + 5
+    assert len(emulator_records(world.gw)) == before_eu  # nothing reached the eu backend
+    # The same model unbound goes to backup-eu next, as its chain says: the binding made the difference.
+    assert _client(world.gw.url, world.gw.api_key).messages.create(
+        model="claude-haiku-4-5", max_tokens=8, messages=HI).content
+    assert len(emulator_records(world.gw)) == before_eu + 1
+
+
+def test_a_bound_request_with_no_target_in_its_region_is_refused(world: World) -> None:
+    c = _client(world.gw.url, _tenant_key(world, "acme-eu"))
+    before = len(world.flaky.records()), len(world.backup.records()), len(emulator_records(world.gw))
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        c.messages.create(model="claude-opus-4-1", max_tokens=8, messages=HI)
+    err = e.value.body["error"]  # type: ignore[index]
+    assert err["type"] == "permission_error"
+    assert "bound to region 'eu'" in err["message"] and "no provider in that region" in err["message"]
+    after = len(world.flaky.records()), len(world.backup.records()), len(emulator_records(world.gw))
+    assert after == before
+    # In its region it is served (the eu target of the haiku chain, directly).
+    assert c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=HI).content
+    assert len(emulator_records(world.gw)) == before[2] + 1
