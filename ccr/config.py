@@ -91,6 +91,12 @@ class DownstreamSettings(Strict):
         return self
 
 
+class XdsSettings(Strict):
+    """How Envoy talks to the router (ADS): the state-of-the-world or the incremental (delta) protocol."""
+
+    protocol: Literal["sotw", "delta"] = "sotw"
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
     # None: plain HTTP on the listener (loopback development).
@@ -104,6 +110,7 @@ class GatewaySettings(Strict):
     concurrency: Annotated[int, Field(ge=1, le=64)] | None = None
     overload: OverloadSettings = OverloadSettings()
     downstream: DownstreamSettings = DownstreamSettings()
+    xds: XdsSettings = XdsSettings()
 
 
 FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"

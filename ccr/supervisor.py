@@ -118,8 +118,9 @@ def envoy_binary() -> str:
 
 
 def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | Sequence[str],
-                     overload: OverloadSettings | None = None) -> str:
-    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy)."""
+                     overload: OverloadSettings | None = None, protocol: str = "sotw") -> str:
+    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy);
+    `protocol`: gateway.xds.protocol (sotw or delta ADS)."""
     addresses = [xds] if isinstance(xds, str) else list(xds)
     endpoints = []
     for address in addresses:
@@ -128,6 +129,7 @@ def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | 
                                                                       "port_value": int(port)}}}})
     text = string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
         NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port,
+        XDS_API={"sotw": "GRPC", "delta": "DELTA_GRPC"}[protocol],
         XDS_TYPE="STATIC" if all(_is_ip(a.rpartition(":")[0]) for a in addresses) else "STRICT_DNS",
         XDS_LB_ENDPOINTS=json.dumps(endpoints),
     )
@@ -436,7 +438,7 @@ class Gateway:
         bootstrap = run_dir / "envoy-bootstrap.yaml"
         assert runtime.xds is not None
         bootstrap.write_text(render_bootstrap(f"ccr-{os.getpid()}", g.admin.host, g.admin.port, runtime.xds,
-                                             g.overload))
+                                             g.overload, g.xds.protocol))
         admin_path = run_dir / "envoy-admin-address"
         admin_path.unlink(missing_ok=True)
         envoy = self._track(spawn(

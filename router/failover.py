@@ -144,6 +144,8 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
     cluster: Json = {
         "name": chain.name,
         "type": "STATIC" if all_ip else "STRICT_DNS",
+        # Over ADS its endpoints come by EDS (split_eds): a target's address changes without a CDS update.
+        "metadata": {"filter_metadata": {MD_NS: {"eds": all_ip}}},
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(min(p.connect_timeout_s for p in chain.providers)),
         "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
@@ -205,3 +207,20 @@ def chain_routes(config: GatewayConfig, base: Json, endpoint_route: Json) -> lis
         out.append({**endpoint_route, "name": f"{endpoint_route['name']}.{c.name}", "match": match,
                     "route": route})
     return out
+
+
+def split_eds(clusters: list[Json]) -> tuple[list[Json], list[Json]]:
+    """Clusters marked `ccr.eds` become EDS clusters over ADS; their load assignments are returned
+    separately (ClusterLoadAssignment resources), named as the cluster."""
+    out, assignments = [], []
+    for c in clusters:
+        if not c.get("metadata", {}).get("filter_metadata", {}).get(MD_NS, {}).get("eds"):
+            out.append(c)
+            continue
+        c = dict(c)
+        assignments.append(c.pop("load_assignment"))
+        c.pop("dns_lookup_family", None)
+        c["type"] = "EDS"
+        c["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+        out.append(c)
+    return out, assignments

@@ -8,7 +8,7 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +70,8 @@ class Resources:
     listeners: list[Json]
     routes: list[Json]
     clusters: list[Json]
+    # ClusterLoadAssignments of the EDS clusters (router/failover.py, GPU pools).
+    endpoints: list[Json] = field(default_factory=list)
 
 
 def _secs(s: float) -> str:
@@ -753,11 +755,17 @@ def _with_listener_tls(lst: Json, config: GatewayConfig, runtime: Runtime) -> Js
 
 
 def build(config: GatewayConfig, runtime: Runtime, listen_port: int, inline_routes: bool = False) -> Resources:
+    """`inline_routes`: a static config (validate mode): routes and endpoints inside their parents."""
+    from router.failover import split_eds
+
+    cs = clusters(config, runtime)
+    cs, endpoints = (cs, []) if inline_routes else split_eds(cs)
     return Resources(
         listeners=[_with_listener_tls(listener(config, listen_port, inline_routes, bool(runtime.service_endpoints)),
                                       config, runtime)],
         routes=[] if inline_routes else [route_config(config)],
-        clusters=clusters(config, runtime),
+        clusters=cs,
+        endpoints=endpoints,
     )
 
 

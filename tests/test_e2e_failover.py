@@ -55,10 +55,12 @@ class World:
     primary: Emu
     flaky: Emu
     backup: Emu
+    protocol: str
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The chain clusters' endpoints come by EDS, over either ADS protocol (gateway.xds.protocol)."""
     d = tmp_path_factory.mktemp("failover")
     emus = [_emulator(d, "primary"), _emulator(d, "flaky", "--fault-rate", "529=1"), _emulator(d, "backup")]
     primary, flaky, backup = emus
@@ -70,6 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     def edit(cfg: dict[str, Any]) -> None:
         cfg["policy"]["dir"] = str(pol)
+        cfg["gateway"]["xds"] = {"protocol": request.param}
         builtin = cfg["providers"][0]
         builtin.update(name="backup-eu", region="eu")
         cfg["providers"] += [
@@ -90,7 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     os.environ[KEY_ENV] = KEY
     try:
         with running_gateway(d, edit) as gw:
-            yield World(gw, primary, flaky, backup)
+            yield World(gw, primary, flaky, backup, request.param)
     finally:
         os.environ.pop(KEY_ENV, None)
         for e in emus:
@@ -184,3 +187,17 @@ def test_a_bound_request_with_no_target_in_its_region_is_refused(world: World) -
     # In its region it is served (the eu target of the haiku chain, directly).
     assert c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=HI).content
     assert len(emulator_records(world.gw)) == before[2] + 1
+
+
+def test_chain_endpoints_come_by_eds_over_the_configured_protocol(world: World) -> None:
+    dump = httpx.get(f"{world.gw.admin_url}/config_dump?include_eds").json()["configs"]
+    boot = next(c for c in dump if c["@type"].endswith("BootstrapConfigDump"))["bootstrap"]
+    assert boot["dynamic_resources"]["ads_config"]["api_type"] == {"sotw": "GRPC", "delta": "DELTA_GRPC"}[
+        world.protocol]
+    eds = next(c for c in dump if c["@type"].endswith("EndpointsConfigDump"))
+    by_name = {e["endpoint_config"]["cluster_name"]: e for e in eds.get("dynamic_endpoint_configs", [])}
+    assert {"chain_1_any", "chain_2_any", "chain_2_us"} <= set(by_name)
+    levels = by_name["chain_2_us"]["endpoint_config"]["endpoints"]
+    assert [lv.get("priority", 0) for lv in levels] == [0, 1]
+    ports = [lv["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] for lv in levels]
+    assert ports == [int(world.flaky.url.rsplit(":", 1)[1]), int(world.backup.url.rsplit(":", 1)[1])]
