@@ -254,6 +254,27 @@ class ProviderKind(StrEnum):
 ADAPTER_SIGNED = frozenset({ProviderKind.bedrock, ProviderKind.vertex})
 
 
+class Pool(Strict):
+    """A self-hosted GPU pool: the provider's endpoints are the workers registered with the router
+    (router/pools.py, docs/routing.md "GPU workers"); `endpoint` gives only the scheme and base path."""
+
+    # Envoy's active health check on each worker (vLLM, TGI and SGLang all answer GET /health).
+    health_path: str = "/health"
+    health_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # A worker whose heartbeat is older than its TTL (at most this) is removed.
+    max_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Least-request balancing weighted by room: capacity minus reported queue depth (at least 1).
+    weight_by_queue: bool = True
+
+
+class PoolRegistration(Strict):
+    """The router's worker registration API (HTTP). Closed unless the token variable is set."""
+
+    listen: Address = Address()
+    # Workers send `Authorization: Bearer <token>`; `ccr up` refuses to start a pool without it.
+    token_env: str = "CCR_POOL_TOKEN"
+
+
 class Provider(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,40}$")]
     kind: ProviderKind = ProviderKind.anthropic
@@ -280,9 +301,16 @@ class Provider(Strict):
     # Canonical (Anthropic API) model id -> this provider's own id, where the derived one
     # (ccr/provider_models.py) is not what it serves; or the served name of an openai server.
     model_ids: dict[str, str] = {}
+    # Set: a GPU pool whose workers register themselves (kinds openai and anthropic).
+    pool: Pool | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Provider:
+        if self.pool is not None and (self.kind not in (ProviderKind.openai, ProviderKind.anthropic) or self.emulator):
+            raise ValueError("pool: workers speak the OpenAI or the Anthropic API (kind openai or anthropic), "
+                             "and are not the built-in emulator")
+        if self.pool is not None and not self.region:
+            raise ValueError("pool: a pool is in one region; set region (workers of other regions are refused)")
         if self.emulator and self.kind != ProviderKind.anthropic:
             raise ValueError("emulator: true serves the Anthropic API only; point other kinds' endpoint at "
                              "their emulator (emulators/bedrock.py, vertex.py, openai_compat.py)")
@@ -762,6 +790,12 @@ class GatewayConfig(Strict):
     files: FilesSettings = FilesSettings()
     audit: AuditSettings = AuditSettings()
     spend: SpendSettings = SpendSettings()
+    # The worker registration API, served by the router when any provider is a pool.
+    pools: PoolRegistration = PoolRegistration()
+
+    @property
+    def pool_providers(self) -> list[Provider]:
+        return [p for p in self.providers if p.pool is not None]
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -181,6 +181,13 @@ def provider_credentials(config: GatewayConfig, source: str,
                             "`ccr up`, or set `emulator: true` on this provider to use the built-in emulator")
         else:
             out[p.api_key_env] = env[p.api_key_env]
+    if config.pool_providers:
+        var = config.pools.token_env
+        if not env.get(var):  # the registration API is never open
+            problems.append(f"{source}: pools.token_env: GPU pools need the workers' registration token in {var} "
+                            f"({'empty' if var in env else 'not set'}); export it before `ccr up`")
+        else:
+            out[var] = env[var]
     if problems:
         raise ConfigError("\n".join(["cannot start: a configured provider has no credential", *problems]))
     return out
@@ -222,6 +229,7 @@ class Gateway:
     api_key: str = ""
     emulator_url: str | None = None
     emulator_key: str | None = None  # what the emulator accepts (benchmarks call it directly)
+    pools_url: str | None = None  # the router's worker registration API, when a GPU pool is configured
     # How long a child gets after SIGTERM before SIGKILL: the services' drain time, and some.
     stop_timeout_s: float = 10.0
 
@@ -344,10 +352,13 @@ class Gateway:
 
         runtime.listen_port = config.gateway.listen.port or free_port(config.gateway.listen.host)
         runtime.save(runtime_file)
+        pool_token = {config.pools.token_env: os.environ[config.pools.token_env]} if config.pool_providers else {}
         router = self._track(spawn("router", [sys.executable, "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
-                                   logs, cwd=REPO))
+                                   logs, cwd=REPO, env=pool_token))
         runtime.xds = str(wait_ready_file(router, run_dir / "router.ready")["address"])
+        if config.pool_providers:  # the workers' registration API (router/pools.py)
+            self.pools_url = "http://" + str(wait_ready_file(router, run_dir / "router-pools.json")["address"])
         runtime.save(runtime_file)
         self.status("router", f"ADS on {runtime.xds} (pid {router.pid})")
 

@@ -221,6 +221,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             else upstream_filters(provider, runtime, objects),
         }},
     }
+    if provider.pool is not None:
+        return _pool_cluster(cluster, provider)
     if tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
@@ -234,6 +236,39 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
                 },
             },
         }}
+    return cluster
+
+
+def provider_cluster_names(p: Provider) -> list[str]:
+    """The clusters `clusters()` builds for provider `p`."""
+    return ([p.cluster, p.objects_cluster] if p.kind == ProviderKind.anthropic else []) + [p.translate_cluster]
+
+
+def _pool_cluster(cluster: Json, provider: Provider) -> Json:
+    """A GPU pool's cluster: its endpoints are the registered workers, pushed by EDS (router/pools.py);
+    Envoy health-checks each one, ejects failing ones, and sends each request to the worker with
+    the fewest active requests (weighted by the room each reports)."""
+    pool = provider.pool
+    assert pool is not None
+    cluster.update({
+        "type": "STATIC",  # EDS over ADS (split_eds); empty in a static config
+        "metadata": {"filter_metadata": {"ccr": {"eds": True, "pool": provider.name}}},
+        "load_assignment": {"cluster_name": cluster["name"], "endpoints": []},
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [{
+            "timeout": _secs(max(pool.health_interval_s, 1.0)), "interval": _secs(pool.health_interval_s),
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "http_health_check": {"path": pool.health_path},
+        }],
+        "outlier_detection": {"consecutive_5xx": 3, "consecutive_gateway_failure": 2,
+                              "base_ejection_time": "10s", "max_ejection_percent": 50},
+        # Workers speak plain HTTP/1.1 inside the deployment.
+        "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
+            **cluster["typed_extension_protocol_options"][HTTP_OPTS_KEY],
+            "explicit_http_config": {"http_protocol_options": {}}}},
+    })
+    cluster["typed_extension_protocol_options"][HTTP_OPTS_KEY].pop("auto_config", None)
+    cluster.pop("dns_lookup_family", None)
     return cluster
 
 

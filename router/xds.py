@@ -101,6 +101,19 @@ class Snapshot:
                 digest.update(anyr.value)
         return cls(version=digest.hexdigest()[:16], by_type=by_type)
 
+    def with_endpoints(self, assignments: list[dict[str, object]]) -> Snapshot:
+        """This snapshot with these ClusterLoadAssignments in place of those of the same clusters
+        (GPU pools: only the endpoints are packed again on a worker change)."""
+        packed = dict(_pack(endpoint_pb2.ClusterLoadAssignment, a) for a in assignments)
+        eds = [(n, packed.pop(n, r)) for n, r in self.by_type[EDS]] + list(packed.items())
+        by_type = {**self.by_type, EDS: eds}
+        digest = hashlib.sha256()
+        for type_url in sorted(by_type):
+            for name, anyr in by_type[type_url]:
+                digest.update(name.encode())
+                digest.update(anyr.value)
+        return Snapshot(version=digest.hexdigest()[:16], by_type=by_type)
+
     @functools.cached_property
     def versions(self) -> dict[str, dict[str, tuple[str, any_pb2.Any]]]:
         """type -> name -> (the resource's own version, the resource), for the incremental protocol."""
