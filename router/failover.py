@@ -224,3 +224,4 @@ def split_eds(clusters: list[Json]) -> tuple[list[Json], list[Json]]:
         c["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
         out.append(c)
     return out, assignments
+

@@ -259,9 +259,18 @@ def _pool_cluster(cluster: Json, provider: Provider) -> Json:
             "timeout": _secs(max(pool.health_interval_s, 1.0)), "interval": _secs(pool.health_interval_s),
             "unhealthy_threshold": 2, "healthy_threshold": 1,
             "http_health_check": {"path": pool.health_path},
+            # A pool sees bursts: idle stretches must not slow the checks down to Envoy's 60 s default.
+            "no_traffic_interval": _secs(pool.health_interval_s),
+            "no_traffic_healthy_interval": _secs(pool.health_interval_s),
         }],
-        "outlier_detection": {"consecutive_5xx": 3, "consecutive_gateway_failure": 2,
-                              "base_ejection_time": "10s", "max_ejection_percent": 50},
+        # A worker the registry dropped (deregistered, or its heartbeat stopped) leaves at once, even
+        # while its health check still passes.
+        "ignore_health_on_host_removal": True,
+        # A worker that refuses a connection is ejected at once (the request that met it fails: 503),
+        # one that answers 5xx three times in a row too; the active health check also takes it out.
+        "outlier_detection": {"split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+                              "consecutive_5xx": 3, "consecutive_gateway_failure": 2,
+                              "base_ejection_time": "10s", "max_ejection_percent": 100},
         # Workers speak plain HTTP/1.1 inside the deployment.
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             **cluster["typed_extension_protocol_options"][HTTP_OPTS_KEY],
