@@ -303,6 +303,13 @@ class Provider(Strict):
     model_ids: dict[str, str] = {}
     # Set: a GPU pool whose workers register themselves (kinds openai and anthropic).
     pool: Pool | None = None
+    # Circuit breaker (per Envoy): at most this many requests in flight to this provider (connections, as
+    # HTTP/1.1 carries one request each) and `max_queued_requests` waiting for one (a request opening a
+    # new connection waits while it connects); beyond that a request is refused at once with
+    # 529 overloaded_error instead of queueing. Unset: Envoy's defaults (1024 each). Each Envoy worker thread
+    # may open its first connection past the limit (Envoy never starves a thread's pool).
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_queued_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 16
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Provider:

@@ -221,6 +221,11 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             else upstream_filters(provider, runtime, objects),
         }},
     }
+    if provider.max_concurrent_requests is not None:
+        n = provider.max_concurrent_requests
+        # Saturation is refused at once (529 by the listener's local reply mapper), never queued.
+        cluster["circuit_breakers"] = {"thresholds": [{
+            "max_requests": n, "max_connections": n, "max_pending_requests": provider.max_queued_requests}]}
     if provider.pool is not None:
         return _pool_cluster(cluster, provider)
     if tls:
@@ -604,6 +609,9 @@ def _local_reply_mappers() -> list[Json]:
         # No cluster: nobody decided where this request goes (fail-open with extauth down).
         mapper(flags("NC"), 503, "api_error",
                "The gateway has no authorization decision for this request; retry shortly."),
+        # A circuit breaker is open (a provider's max_concurrent_requests): overloaded, as the API says it.
+        mapper(flags("UO"), 529, "overloaded_error",
+               "The provider is at its concurrent request limit on this gateway; retry shortly."),
         mapper(flags("UH", "UF", "URX", "UO", "UC", "UR", "DC"), None, "api_error",
                "The upstream provider is unreachable or reset the connection; retry shortly."),
         mapper(flags("NR"), 404, "not_found_error", "No route for this path."),

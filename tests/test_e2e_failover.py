@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,14 +58,16 @@ class World:
     flaky: Emu
     backup: Emu
     protocol: str
+    slow: Emu
 
 
 @pytest.fixture(scope="module", params=["sotw", "delta"])
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """The chain clusters' endpoints come by EDS, over either ADS protocol (gateway.xds.protocol)."""
     d = tmp_path_factory.mktemp("failover")
-    emus = [_emulator(d, "primary"), _emulator(d, "flaky", "--fault-rate", "529=1"), _emulator(d, "backup")]
-    primary, flaky, backup = emus
+    emus = [_emulator(d, "primary"), _emulator(d, "flaky", "--fault-rate", "529=1"), _emulator(d, "backup"),
+            _emulator(d, "slow", "--latency-ms", "4000")]
+    primary, flaky, backup, slow = emus
     pol = d / "policies"
     shutil.copytree(REPO / "policies", pol)
     data = json.loads((pol / "data.json").read_text())
@@ -73,12 +77,17 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     def edit(cfg: dict[str, Any]) -> None:
         cfg["policy"]["dir"] = str(pol)
         cfg["gateway"]["xds"] = {"protocol": request.param}
+        # One worker thread: each thread's connection pool may open its first connection past a
+        # circuit breaker's limit (the saturation test counts on one).
+        cfg["gateway"]["concurrency"] = 1
         builtin = cfg["providers"][0]
         builtin.update(name="backup-eu", region="eu")
         cfg["providers"] += [
             {"name": "primary-us", "endpoint": primary.url, "api_key_env": KEY_ENV, "region": "us"},
             {"name": "flaky-us", "endpoint": flaky.url, "api_key_env": KEY_ENV, "region": "us"},
             {"name": "backup-us", "endpoint": backup.url, "api_key_env": KEY_ENV, "region": "us"},
+            {"name": "slow-us", "endpoint": slow.url, "api_key_env": KEY_ENV, "region": "us",
+             "max_concurrent_requests": 1, "max_queued_requests": 1},
         ]
         cfg["models"] = [
             {"match": "claude-sonnet-4-5-20250929", "targets": ["backup-us", "backup-eu"]},
@@ -88,12 +97,13 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             {"match": "claude-opus-*", "targets": ["flaky-us", "backup-us"]},
             # 529 is not in this model's failover set: the client sees it
             {"match": "claude-3-*", "targets": ["flaky-us", "backup-us"], "failover": {"on_status": [500]}},
+            {"match": "claude-slow-*", "provider": "slow-us"},
         ]
 
     os.environ[KEY_ENV] = KEY
     try:
         with running_gateway(d, edit) as gw:
-            yield World(gw, primary, flaky, backup, request.param)
+            yield World(gw, primary, flaky, backup, request.param, slow)
     finally:
         os.environ.pop(KEY_ENV, None)
         for e in emus:
@@ -201,3 +211,33 @@ def test_chain_endpoints_come_by_eds_over_the_configured_protocol(world: World) 
     assert [lv.get("priority", 0) for lv in levels] == [0, 1]
     ports = [lv["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] for lv in levels]
     assert ports == [int(world.flaky.url.rsplit(":", 1)[1]), int(world.backup.url.rsplit(":", 1)[1])]
+
+
+def test_a_saturated_provider_answers_529_at_once(world: World) -> None:
+    """max_concurrent_requests 1, max_queued_requests 1: one call at the provider (it takes 4 s), one
+    waiting; the next is refused at once with 529 overloaded_error in the Anthropic shape."""
+    c = _client(world.gw.url, world.gw.api_key)
+    before = len(world.slow.records())
+
+    def pending() -> int:
+        stats = httpx.get(f"{world.gw.admin_url}/stats?filter=provider_slow-us.upstream_rq_pending_active").text
+        return int(stats.strip().rsplit(" ", 1)[-1] or 0)
+
+    def until(cond: Any) -> None:
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(c.messages.create, model="claude-slow-1", max_tokens=8, messages=HI)
+        until(lambda: len(world.slow.records()) == before + 1)  # at the provider
+        second = pool.submit(c.messages.create, model="claude-slow-1", max_tokens=8, messages=HI)
+        until(lambda: pending() == 1)  # waiting for the one connection
+        with pytest.raises(anthropic.APIStatusError) as e:
+            c.messages.create(model="claude-slow-1", max_tokens=8, messages=HI)
+        assert e.value.status_code == 529
+        assert e.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert not first.done()  # refused while the others were still in flight
+        assert first.result(timeout=20).content and second.result(timeout=20).content
+    assert len(world.slow.records()) == before + 2  # the refused one never reached the provider
