@@ -399,6 +399,9 @@ class Model(Strict):
     # bound to a region (data residency) is tried only on the targets in that region.
     targets: list[Annotated[str, Field(min_length=1)]] = []
     failover: Failover = Failover()
+    # A/B rollout: provider -> weight; each principal always gets the same one (a hash of its id), so a
+    # person's conversation stays on one variant. Instead of `provider`/`targets` (no failover).
+    split: dict[str, Annotated[int, Field(ge=1, le=10_000)]] = {}
     price: Price = Price()
 
     @model_validator(mode="before")
@@ -406,10 +409,15 @@ class Model(Strict):
     def _primary_is_first_target(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("targets") and not data.get("provider"):
             data = {**data, "provider": data["targets"][0]}
+        split = data.get("split") if isinstance(data, dict) else None
+        if isinstance(split, dict) and split and not data.get("provider"):
+            data = {**data, "provider": next(iter(split))}
         return data
 
     @model_validator(mode="after")
     def _primary(self) -> Model:
+        if self.split and (self.targets or self.provider != next(iter(self.split))):
+            raise ValueError("split replaces provider and targets: give only split")
         if self.targets:
             if len(set(self.targets)) != len(self.targets):
                 raise ValueError(f"targets: each provider at most once; got {self.targets}")
@@ -422,8 +430,8 @@ class Model(Strict):
 
     @property
     def chain(self) -> list[str]:
-        """Provider names in failover order (one when no targets are set)."""
-        return self.targets or [self.provider]
+        """Provider names in failover order (one when no targets are set; a split's variants)."""
+        return self.targets or list(self.split) or [self.provider]
 
 
 class LimitScope(StrEnum):

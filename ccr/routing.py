@@ -12,6 +12,7 @@ target outside the region is not in the cluster at all, so no retry can reach it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ccr.config import Failover, GatewayConfig, Model, Provider, ProviderKind
@@ -48,13 +49,28 @@ def chain_name(model_index: int, region: str | None) -> str:
     return f"{CHAIN_PREFIX}{model_index}_{region or 'any'}"
 
 
-def route(config: GatewayConfig, model_index: int, schema: str, region: str | None) -> tuple[str, str] | None:
+def _sticky(ps: list[Provider], weights: dict[str, int], principal_id: str, salt: str) -> Provider:
+    """One of `ps` by weight, the same for a principal every time (a hash of its id, not a random draw)."""
+    total = sum(weights[p.name] for p in ps)
+    point = int.from_bytes(hashlib.sha256(f"{salt}\0{principal_id}".encode()).digest()[:8], "big") % total
+    for p in ps:
+        point -= weights[p.name]
+        if point < 0:
+            return p
+    return ps[-1]
+
+
+def route(config: GatewayConfig, model_index: int, schema: str, region: str | None,
+          principal_id: str = "") -> tuple[str, str] | None:
     """(first provider, cluster) for a Messages-like request in client `schema`, or None when no
     target of the model is in `region` (the request must be refused, never sent elsewhere)."""
     m = config.models[model_index]
     ps = eligible(config, m, region)
     if not ps:
         return None
+    if m.split:  # A/B: a variant per principal, among those in the region
+        p = _sticky(ps, m.split, principal_id, m.match)
+        return p.name, p.cluster_for(schema)
     if len(ps) == 1 or not passthrough(schema, ps):
         # One target, or a chain that needs the adapter (not failed over yet: docs/routing.md).
         return ps[0].name, ps[0].cluster_for(schema)
@@ -69,7 +85,7 @@ def chains(config: GatewayConfig) -> list[Chain]:
     """Every chain cluster `route` can name."""
     out = []
     for i, m in enumerate(config.models):
-        if len(m.chain) < 2:
+        if len(m.chain) < 2 or m.split:
             continue
         for region in [None, *regions(config)]:
             ps = eligible(config, m, region)

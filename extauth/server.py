@@ -264,7 +264,8 @@ class Authorizer:
         self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
-        self._clusters: dict[tuple[str, str, str | None], tuple[str, str] | None] = {}
+        self._clusters: dict[tuple[str, str, str | None, str], tuple[str, str] | None] = {}
+        self._model_idx: dict[str, int | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
         # Budget reservations (issue 8): None when spend is off.
         self.worst_case = WorstCase(config) if config.spend.enabled else None
@@ -285,14 +286,20 @@ class Authorizer:
         self._routes[model] = route
         return route
 
-    def _model_cluster(self, model: str, schema: str, region: str | None) -> tuple[str, str]:
-        """(first provider, cluster) of the model's targets that `region` allows (ccr/routing.py)."""
-        key = (model, schema, region)
+    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str) -> tuple[str, str]:
+        """(first provider, cluster) of the model's targets that `region` allows (ccr/routing.py); for an
+        A/B split, the principal's own variant."""
+        try:
+            idx = self._model_idx[model]
+        except KeyError:
+            if len(self._model_idx) >= 10_000:
+                self._model_idx.clear()  # model ids come from clients: keep the map bounded
+            idx = self._model_idx[model] = routing.model_index(self.config, model)
+        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "")
         try:
             got = self._clusters[key]
         except KeyError:
-            idx = routing.model_index(self.config, model)
-            got = routing.route(self.config, idx, schema, region) if idx is not None else None
+            got = routing.route(self.config, idx, schema, region, principal_id) if idx is not None else None
             if len(self._clusters) >= 10_000:
                 self._clusters.clear()  # model ids come from clients: keep the map bounded
             self._clusters[key] = got
@@ -432,7 +439,7 @@ class Authorizer:
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if model is not None and facts is None:
             # The failover chain (and, for a request bound to a region, only that region's targets).
-            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region)
+            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id)
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
             self._in_region(provider, decision.region)

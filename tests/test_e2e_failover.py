@@ -98,6 +98,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             # 529 is not in this model's failover set: the client sees it
             {"match": "claude-3-*", "targets": ["flaky-us", "backup-us"], "failover": {"on_status": [500]}},
             {"match": "claude-slow-*", "provider": "slow-us"},
+            {"match": "claude-ab-*", "split": {"backup-us": 50, "backup-eu": 50}},
         ]
 
     os.environ[KEY_ENV] = KEY
@@ -241,3 +242,13 @@ def test_a_saturated_provider_answers_529_at_once(world: World) -> None:
         assert not first.done()  # refused while the others were still in flight
         assert first.result(timeout=20).content and second.result(timeout=20).content
     assert len(world.slow.records()) == before + 2  # the refused one never reached the provider
+
+
+def test_a_split_keeps_each_principal_on_one_variant(world: World) -> None:
+    for n in range(6):
+        c = _client(world.gw.url, _tenant_key(world, f"ab-{n}"))
+        us, eu = len(world.backup.records()), len(emulator_records(world.gw))
+        for _ in range(3):
+            assert c.messages.create(model="claude-ab-1", max_tokens=8, messages=HI).content
+        got = (len(world.backup.records()) - us, len(emulator_records(world.gw)) - eu)
+        assert got in ((3, 0), (0, 3)), got  # all three on the same variant

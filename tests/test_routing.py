@@ -115,3 +115,22 @@ def test_chain_config_passes_envoy_validate(tmp_path: Path) -> None:
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_split_is_weighted_sticky_per_principal_and_kept_in_region() -> None:
+    doc_cfg = _config()
+    split = Model(match="ab-*", split={"us1": 90, "eu1": 10})
+    assert split.provider == "us1" and split.chain == ["us1", "eu1"]
+    with pytest.raises(ValueError, match="split replaces provider and targets"):
+        Model(match="ab-*", split={"us1": 1}, targets=["us1", "eu1"])
+    cfg = doc_cfg.model_copy(update={"models": [split, *doc_cfg.models]})
+    picks = [routing.route(cfg, 0, "anthropic", None, f"principal-{i}") for i in range(2000)]
+    share = sum(1 for p in picks if p == ("us1", "provider_us1")) / len(picks)
+    assert 0.86 < share < 0.94  # 90/10 by weight
+    assert {p for p in picks} == {("us1", "provider_us1"), ("eu1", "provider_eu1")}
+    # The same principal always gets the same variant.
+    assert all(routing.route(cfg, 0, "anthropic", None, f"principal-{i}") == picks[i] for i in range(200))
+    # A bound request gets a variant in its region only; none there: refused.
+    assert {routing.route(cfg, 0, "anthropic", "eu", f"principal-{i}") for i in range(50)} == {("eu1", "provider_eu1")}
+    assert routing.route(cfg, 0, "anthropic", "ap", "principal-1") is None
+    assert "chain_0_any" not in {c.name for c in routing.chains(cfg)}  # a split has no failover chain
