@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 OPA_VERSION="v1.22.3"
+PROMTOOL_VERSION="v0.316.0"  # the prometheus Go module version promtool is built from
 PYTHON="${PYTHON:-python3}"
 
 # ccr starts its children through util-linux's setpriv (parent-death signal, user switch).
@@ -28,6 +29,12 @@ if [ ! -x .venv/bin/ccr-deploycheck ] || [ -n "$(find tools/deploycheck -newer .
   command -v go >/dev/null || { echo "install.sh: Go is required to build tools/deploycheck" >&2; exit 1; }
   echo "building tools/deploycheck..."
   (cd tools/deploycheck && go build -o ../../.venv/bin/ccr-deploycheck .)
+fi
+# promtool checks deploy/prometheus/alerts.yaml (tests/test_telemetry.py); the first build takes minutes.
+if [ ! -x .venv/bin/promtool ]; then
+  command -v go >/dev/null || { echo "install.sh: Go is required to install promtool" >&2; exit 1; }
+  echo "installing promtool ${PROMTOOL_VERSION} with go install (a few minutes the first time)..."
+  GOBIN="$PWD/.venv/bin" go install "github.com/prometheus/prometheus/cmd/promtool@${PROMTOOL_VERSION}"
 fi
 echo "ccr installed: $(.venv/bin/opa version | head -1), envoy $(.venv/bin/python -c 'from ccr.supervisor import envoy_binary; import subprocess; print(subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.split("version: ")[1].split("/")[1])')"
 echo "next: .venv/bin/ccr up"

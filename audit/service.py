@@ -14,8 +14,10 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, entry_to_row
 from audit.ledger import SpendRecorder
+from audit.observe import RequestObserver
 from audit.spool import Spool
 from audit.writer import RequestLogWriter, new_chain_id
+from ccr import metrics
 from ccr.config import GatewayConfig
 from ccr.runtime import Runtime
 
@@ -25,8 +27,10 @@ IN_FLIGHT = 32
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None) -> None:
+    def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None,
+                 observer: RequestObserver | None = None) -> None:
         self.writer = writer
+        self.observer = observer  # metrics and spans per request (audit/observe.py); None: metrics off
         self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
 
     async def StreamAccessLogs(  # noqa: N802 - gRPC method name
@@ -56,6 +60,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 if row is not None:
                     await self.writer.put(row)
+                    if self.observer is not None:
+                        self.observer.entry(entry)
                 if self.spend is not None:  # spend (issue 8): cost, ledger row, settlement
                     try:
                         await self.spend.on_entry(entry)
@@ -103,7 +109,10 @@ async def setup(
         # grants it the ledger), else the configured DSN.
         spend = SpendRecorder(config, runtime.audit_dsn or runtime.postgres_dsn, runtime.redis_url, spool)
         spend.start()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer, spend), server)
+    observer = RequestObserver(config) if config.telemetry.metrics or config.telemetry.otlp_endpoint else None
+    if config.telemetry.metrics and writer.spool is not None:
+        metrics.watch_spool(writer.spool)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer, spend, observer), server)
 
     async def stop() -> None:
         await writer.stop()

@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,8 +203,10 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
 # -- the servers
 
 
-def gateway_config(tmp: Path) -> Path:
+def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    if telemetry is not None:
+        cfg["telemetry"] = telemetry
     cfg["storage"] = {"data_dir": str(tmp / "data")}
     cfg["policy"]["dir"] = str(REPO / "policies")
     # The bench's gateway always serves from the emulator, whatever credentials are around.
@@ -420,6 +422,10 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
     ap.add_argument("--url", help="a running gateway: measure only it (layer 3), with --key")
     ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
                     help="ccr API key for --url (default: $ANTHROPIC_API_KEY)")
+    ap.add_argument("--telemetry", choices=("compare",),
+                    help="compare: only the gateway, with metrics and tracing off, then on (every request "
+                         "traced to a local OTLP sink); prints req/s both ways and the loss")
+    ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
     ap.add_argument("--client-note", type=float, default=0.85,
                     help="flag levels where the client used at least this share of its core")
     args = ap.parse_args(argv)
@@ -490,8 +496,68 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
             gw.stop()
 
 
+@contextmanager
+def otlp_sink(tmp: Path) -> Iterator[str]:
+    """A span sink process (bench/_otlp_sink.py); yields its host:port."""
+    from ccr.procs import wait_ready_file
+
+    ready = tmp / "otlp-sink.ready"
+    child = spawn("otlp-sink", [sys.executable, str(REPO / "bench" / "_otlp_sink.py"), str(ready)],
+                  tmp / "logs", cwd=REPO)
+    try:
+        yield str(wait_ready_file(child, ready)["address"])
+    finally:
+        child.stop()
+        print(child.log_tail(), file=sys.stderr)
+
+
+def compare_telemetry(args: argparse.Namespace) -> None:
+    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing."""
+    settings = ("off", "metrics", "metrics+traces")
+    by_setting: dict[str, dict[tuple[str, int], tuple[float, float]]] = {}
+    for setting in settings:
+        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
+            tmp = Path(d)
+            with ExitStack() as stack:
+                telemetry: dict[str, object] = {"metrics": setting != "off"}
+                if setting == "metrics+traces":
+                    telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
+                                  "sample_ratio": args.sample_ratio}
+                gw = Gateway(gateway_config(tmp, telemetry))
+                try:
+                    gw.start()
+                    assert gw.runtime is not None
+                    from extauth.keys import create_key
+
+                    _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+                    print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
+                    res = asyncio.run(measure([Target("gateway", gw.url, key, {c.name: c.pid for c in gw.children})],
+                                              args))
+                finally:
+                    gw.stop()
+        by_setting[setting] = {(mode, r.concurrency): (r.rps, cpu_per_request(r)) for mode, rs in res.items()
+                               for r in rs}
+        for mode, rs in res.items():
+            r = rs[-1]
+            if r.ok:
+                print(f"  {setting} {mode} c={r.concurrency} CPU ms/request by process: " + ", ".join(
+                    f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in sorted(r.server_cpu.items())), file=sys.stderr)
+    print(f"sample_ratio {args.sample_ratio:g} (metrics+traces)")
+    print("req/s (change) and gateway CPU ms per request (upstream emulator left out), per setting")
+    print(f"{'mode':<10} {'c':>4} " + " ".join(f"{s:>28}" for s in settings))
+    for (mode, c), (off, off_cpu) in by_setting["off"].items():
+        cells = [f"{off:>10.1f}        {off_cpu:6.2f} ms"]
+        for s in settings[1:]:
+            on, cpu = by_setting[s].get((mode, c), (0.0, float("nan")))
+            cells.append(f"{on:>10.1f} ({(on - off) / off * 100 if off else 0:+5.1f}%) {cpu:6.2f} ms")
+        print(f"{mode:<10} {c:>4} " + " ".join(cells))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.telemetry == "compare":
+        compare_telemetry(args)
+        return
     report(run(args), args.client_note)
 
 

@@ -129,6 +129,9 @@ class StandaloneService(Strict):
     # Where Envoy finds it: one host:port per replica, or a DNS name every replica answers on
     # (Envoy re-resolves it). Empty: the listen address (a wildcard host as 127.0.0.1).
     endpoints: list[HostPort] = []
+    # Where this part serves Prometheus /metrics (telemetry.metrics), e.g. 0.0.0.0:9464 for the
+    # orchestrator's scraper; unset: a free port on the part's host (logged at start).
+    metrics_listen: HostPort | None = None
 
     def reach(self) -> list[str]:
         if self.endpoints:
@@ -792,6 +795,22 @@ class IdentitySettings(Strict):
         return self
 
 
+class TelemetrySettings(Strict):
+    """Metrics and traces (docs/observability.md)."""
+
+    # Prometheus /metrics on each service process (a port per process, in RUN/runtime.json `metrics`).
+    metrics: bool = True
+    # Principal groups that may appear as the `group` label; any other group is counted as "other"
+    # (a label per group an IdP sends would be unbounded). Principal ids are never labels.
+    metric_groups: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+    # OTLP/gRPC collector (host:port, plaintext) for traces from Envoy and every service; None: no
+    # tracing at all (no tracer in Envoy, none in the services: zero cost).
+    otlp_endpoint: Annotated[str, Field(pattern=r"^[^\s/:]+:[0-9]{1,5}$|^\[[0-9a-fA-F:]+\]:[0-9]{1,5}$")] | None = None
+    # Share of new traces Envoy samples (a trace a client started sampled is continued as it says). Every
+    # traced request costs about a fifth more CPU (docs/observability.md): sample, do not trace all.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+
+
 class GatewayConfig(Strict):
     version: Literal[1] = 1
     gateway: GatewaySettings = GatewaySettings()
@@ -805,6 +824,7 @@ class GatewayConfig(Strict):
     files: FilesSettings = FilesSettings()
     audit: AuditSettings = AuditSettings()
     spend: SpendSettings = SpendSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     # The worker registration API, served by the router when any provider is a pool.
     pools: PoolRegistration = PoolRegistration()
 

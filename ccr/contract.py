@@ -177,3 +177,12 @@ USAGE_CACHE_SPLIT = (USAGE_CACHE_5M, USAGE_CACHE_1H)
 USAGE_CACHE_SPLIT_SOURCE = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
 # Every count a meter publishes in USAGE_NS (the split is 0 when the provider gave none).
 USAGE_METERED_FIELDS = USAGE_TOKEN_FIELDS + USAGE_CACHE_SPLIT
+
+# -- Telemetry (docs/observability.md) ------------------------------------------------------
+
+# W3C trace context: Envoy's gRPC client sends its span's context in these initial metadata keys,
+# and the access log carries the request's header of that name (ALS additional_request_headers_to_log).
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
+# Envoy's cluster for the OTLP/gRPC collector (telemetry.otlp_endpoint), used by its tracer.
+OTLP_CLUSTER = "ccr_otlp"

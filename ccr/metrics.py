@@ -1,16 +1,39 @@
 """Prometheus metrics of a ccr service: one registry per process, served on its own port.
 
-Kept minimal on purpose (issue 11 generalises metrics): the policy bundle each set serves.
-A service that calls `serve()` reports the address in its ready file (ccr.contract.READY_METRICS);
-`ccr up` records it in the run state (Runtime.metrics).
+Every service process (each worker too: workers share their gRPC port, not their metrics port)
+calls `serve()` once; it reports the address in its ready file (ccr.contract.READY_METRICS) and
+`ccr up` records it in the run state (Runtime.metrics). Envoy's own stats are on its admin port
+(/stats/prometheus). docs/observability.md lists every metric.
+
+Cardinality is bounded by construction: labels take values from the config (providers, models,
+`telemetry.metric_groups`) or from fixed sets; a principal id never becomes a label.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, start_http_server
+import fnmatch
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 
 disable_created_metrics()  # no *_created series: a counter's start time is not what anyone graphs
 REGISTRY = CollectorRegistry()
+
+# Label value for what the allow-lists do not name, and for what is not known at all.
+OTHER = "other"
+NONE = "none"
+
+# -- policy bundles (extauth) ------------------------------------------------------------------
 
 POLICY_BUNDLE_INFO = Gauge(
     "ccr_policy_bundle_info", "The policy bundle a policy set serves (always 1).",
@@ -22,7 +45,68 @@ POLICY_BUNDLE_LOAD_FAILURES = Counter(
     "ccr_policy_bundle_load_failures", "Bundles refused (unreachable, unsigned, tampered, broken) per policy set.",
     ["set"], registry=REGISTRY)
 
+# -- every gRPC service: decision latency (ccr.service.RpcMetrics) ------------------------------
+
+# Decisions take 0.1-10 ms; the tail that matters is Envoy's deadline (about a second).
+_DECISION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5)
+RPC_DURATION = Histogram(
+    "ccr_rpc_duration_seconds", "Time a unary gRPC call (a decision) took in the service, by service and method.",
+    ["service", "method"], buckets=_DECISION_BUCKETS, registry=REGISTRY)
+RPC_STREAMS = Counter(
+    "ccr_rpc_streams", "Streaming gRPC calls started (adapter: one per upstream attempt; access log and ADS: "
+    "one per Envoy connection).", ["service", "method"], registry=REGISTRY)
+RPC_ERRORS = Counter(
+    "ccr_rpc_errors", "Unary gRPC calls that ended in an error status (an abort or an exception).",
+    ["service", "method"], registry=REGISTRY)
+
+# -- HTTP services (signin) -------------------------------------------------------------------------
+
+HTTP_DURATION = Histogram(
+    "ccr_http_request_duration_seconds", "HTTP requests a ccr HTTP service (signin) answered, by route and "
+    "status class.", ["service", "route", "code"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+    registry=REGISTRY)
+
+# -- requests, as the access log receiver sees them (audit/observe.py) ---------------------------
+
+_REQUEST_LABELS = ["route", "model", "provider", "group"]
+REQUESTS = Counter(
+    "ccr_requests", "Requests through the gateway, by route (endpoint), model, provider, principal group "
+    "and status class (2xx, 4xx, 5xx, none).", [*_REQUEST_LABELS, "code"], registry=REGISTRY)
+REQUEST_ERRORS = Counter(
+    "ccr_request_errors", "Requests that failed, by kind: denied (policy), rate_limited, client (other 4xx), "
+    "upstream (a provider's 5xx), gateway (5xx not from a provider), incomplete (no response).",
+    [*_REQUEST_LABELS, "kind"], registry=REGISTRY)
+REQUEST_DURATION = Histogram(
+    "ccr_request_duration_seconds", "Downstream request duration to the last byte sent, as Envoy logged it.",
+    _REQUEST_LABELS, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+TOKENS = Counter(
+    "ccr_tokens", "Tokens metered from providers' replies, by type (input, output, cache_write, cache_read).",
+    ["model", "provider", "group", "type"], registry=REGISTRY)
+COST = Counter(
+    "ccr_cost_usd", "Cost of metered requests at the configured prices, in US dollars.",
+    ["model", "provider", "group"], registry=REGISTRY)
+
+# -- rate limits and budgets (ratelimit) ---------------------------------------------------------
+
+RATELIMIT_DECISIONS = Counter(
+    "ccr_ratelimit_decisions", "Rate limit service answers: domain limits (requests and tokens) or budgets "
+    "(spend reservations); result ok, over_limit or error (store down or a malformed call: refused).",
+    ["domain", "result"], registry=REGISTRY)
+
+# -- audit spool (accesslog) -----------------------------------------------------------------------
+
+# Registered by watch_spool() in the access log receivers only (an unlabelled gauge always shows).
+
+# -- xDS (router) ------------------------------------------------------------------------------------
+
+XDS_VERSION_INFO = Gauge(
+    "ccr_xds_version_info", "The config version the router serves, per resource type (always 1).",
+    ["type", "version"], registry=REGISTRY)
+XDS_NACKS = Counter("ccr_xds_nacks", "Config versions Envoy rejected (NACKs), per resource type.",
+                    ["type"], registry=REGISTRY)
+
 _bundle_labels: dict[str, tuple[str, str]] = {}  # set -> its current (revision, digest) labels
+_xds_versions: dict[str, str] = {}  # type -> version label in use
 address: str | None = None  # host:port of /metrics once serve() ran
 
 
@@ -40,9 +124,120 @@ def bundle_refused(set_name: str) -> None:
     POLICY_BUNDLE_LOAD_FAILURES.labels(set_name).inc()
 
 
-def serve(host: str) -> str:
-    """Serve /metrics on a free port of `host` (a daemon thread); returns host:port."""
+def xds_served(types: Iterable[str], version: str) -> None:
+    """The router now serves `version` for each of `types` (short names: Listener, Cluster, ...)."""
+    for t in types:
+        old = _xds_versions.get(t)
+        if old is not None and old != version:
+            XDS_VERSION_INFO.remove(t, old)
+        _xds_versions[t] = version
+        XDS_VERSION_INFO.labels(t, version).set(1)
+        XDS_NACKS.labels(t)  # present (0) from the start, so rate() sees the first NACK
+
+
+def xds_nacked(type_name: str) -> None:
+    XDS_NACKS.labels(type_name).inc()
+
+
+def watch_spool(spool: Any) -> None:
+    """Read the spool's size at scrape time (no cost per row)."""
+    Gauge("ccr_audit_spool_bytes", "Bytes in the access log spool, waiting for PostgreSQL.",
+          registry=REGISTRY).set_function(lambda: spool.bytes)
+    Gauge("ccr_audit_spool_rows", "Rows in the access log spool, waiting for PostgreSQL.",
+          registry=REGISTRY).set_function(lambda: spool.rows)
+    Gauge("ccr_audit_spool_max_bytes", "The spool's bound (audit.spool_max_bytes).",
+          registry=REGISTRY).set(spool.max_bytes)
+
+
+class Timer:
+    """Observes one labelled histogram child and counts errors: pre-bound, so a call costs two
+    perf_counter() reads and one observe()."""
+
+    __slots__ = ("_errors", "_observe")
+
+    def __init__(self, service: str, method: str) -> None:
+        self._observe: Callable[[float], None] = RPC_DURATION.labels(service, method).observe
+        self._errors = RPC_ERRORS.labels(service, method)
+
+    def done(self, start: float, failed: bool = False) -> None:
+        self._observe(time.perf_counter() - start)
+        if failed:
+            self._errors.inc()
+
+
+class LabelSets:
+    """Bounded label values from the config: provider names, model names (a model id that is not
+    literally in the config is labelled with the pattern it matched), allowed principal groups."""
+
+    def __init__(self, providers: Iterable[str], model_patterns: Iterable[str], groups: Iterable[str]) -> None:
+        self.providers = frozenset(providers)
+        self._patterns = list(model_patterns)
+        self._literal = frozenset(p for p in self._patterns if not any(c in p for c in "*?["))
+        self._groups = list(groups)
+        self._group_set = frozenset(self._groups)
+        self._model_cache: dict[str, str] = {}
+
+    def provider(self, name: str | None) -> str:
+        if not name:
+            return NONE
+        return name if name in self.providers else OTHER
+
+    def model(self, model: str | None) -> str:
+        if not model:
+            return NONE
+        hit = self._model_cache.get(model)
+        if hit is None:
+            if model in self._literal:
+                hit = model
+            else:
+                hit = next((p for p in self._patterns if fnmatch.fnmatchcase(model, p)), OTHER)
+            if len(self._model_cache) < 4096:  # a cache, not a way to grow without bound
+                self._model_cache[model] = hit
+        return hit
+
+    def group(self, groups: Iterable[str] | None) -> str:
+        """The first of the principal's groups on the allow-list (in allow-list order), else "other"."""
+        if groups is None:
+            return NONE
+        mine = set(groups) & self._group_set
+        if not mine:
+            return OTHER
+        return next(g for g in self._groups if g in mine)
+
+
+def http_middleware(service: str) -> Any:
+    """aiohttp middleware timing each request; the route label is the matched route's path template."""
+    from aiohttp import web
+
+    @web.middleware
+    async def timed(request: Any, handler: Any) -> Any:
+        start = time.perf_counter()
+        code = "5xx"
+        try:
+            resp = await handler(request)
+            code = f"{resp.status // 100}xx"
+            return resp
+        except web.HTTPException as e:
+            code = f"{e.status // 100}xx"
+            raise
+        finally:
+            route = request.match_info.route.resource
+            HTTP_DURATION.labels(service, route.canonical if route is not None else NONE, code).observe(
+                time.perf_counter() - start)
+
+    return timed
+
+
+def label_sets(config: Any) -> LabelSets:
+    return LabelSets((p.name for p in config.providers), (m.match for m in config.models),
+                     config.telemetry.metric_groups)
+
+
+def serve(host: str, port: int = 0) -> str:
+    """Serve /metrics on `host`:`port` (0: a free one) in a daemon thread, once per process; returns host:port."""
     global address
-    server, _ = start_http_server(0, addr=host, registry=REGISTRY)
-    address = f"{host}:{server.server_port}"
+    if address is None:
+        server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+        address = f"[{host}]:{server.server_port}" if ":" in host else f"{host}:{server.server_port}"
+        logging.getLogger("ccr.metrics").info("metrics on http://%s/metrics", address)
     return address

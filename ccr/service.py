@@ -27,10 +27,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.pki import RunPki, spiffe_id, uri_sans
+from ccr.rpc_observe import AioRpcObserver, RpcObserver
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.service")
@@ -50,6 +52,7 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--ready-file", help="where to write {'address': 'host:port', 'pid': n}")
     ap.add_argument("--host", help="address to bind (default: services.bind_host)")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--metrics-listen", help="host:port for /metrics (default: a free port on the service's host)")
     ap.add_argument("--reuse-port", action="store_true",
                     help="bind with SO_REUSEPORT: one of several workers sharing the port")
     return ap.parse_args()
@@ -163,6 +166,27 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(ss, **kw)
 
 
+def _observers(name: str, config: GatewayConfig, args: argparse.Namespace, *, aio: bool) -> list[Any]:
+    """Telemetry (docs/observability.md): this process's /metrics port, its tracer, and the interceptor
+    that times (and, with tracing on, traces) each unary call."""
+    tracing.setup(config, name)
+    if not config.telemetry.metrics:
+        return []
+    metrics.serve(*metrics_address(config, args))
+    return [AioRpcObserver(name) if aio else RpcObserver(name)]
+
+
+def metrics_address(config: GatewayConfig, args: argparse.Namespace) -> tuple[str, int]:
+    if args.metrics_listen:
+        host, _, port = args.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+    return args.host or config.services.bind_host, 0
+
+
+def _metrics_ready() -> dict[str, object]:
+    return {READY_METRICS: metrics.address} if metrics.address else {}
+
+
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
@@ -192,6 +216,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
             raise SystemExit(f"{name}: serves only mutual TLS, but the runtime has no run PKI (runtime.mtls)")
         creds = server_credentials(runtime.mtls, name)
         interceptors.append(PeerIdentityCheck({spiffe_id(p, runtime.mtls.trust_domain) for p in mtls_peers}))
+    interceptors += _observers(name, config, args, aio=True)
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -201,9 +226,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).
     for service in ("", name):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    from ccr import metrics  # a service that serves /metrics says where (Runtime.metrics)
-
-    write_ready(args.ready_file, address, **({READY_METRICS: metrics.address} if metrics.address else {}))
+    write_ready(args.ready_file, address, **_metrics_ready())
     logging.info("serving on %s", address)
 
     stop = asyncio.Event()
@@ -217,6 +240,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = ()) 
     await server.stop(grace=drain)
     if cleanup is not None:
         await cleanup()
+    tracing.shutdown()
     logging.info("stopped")
 
 
@@ -249,7 +273,8 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
-                         options=server_options(args.reuse_port))
+                         options=server_options(args.reuse_port), interceptors=_observers(name, config, args,
+                                                                                       aio=False))
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
@@ -257,7 +282,7 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     server.start()
     for service in ("", name):
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    write_ready(args.ready_file, address)
+    write_ready(args.ready_file, address, **_metrics_ready())
     logging.info("serving on %s (%d threads)", address, threads)
     stop.wait()
     drain = config.services.drain_timeout_s
@@ -266,4 +291,5 @@ def run_threaded(name: str, setup: SyncSetup, threads: int) -> None:
     server.stop(grace=drain).wait()
     if cleanup is not None:
         cleanup()
+    tracing.shutdown()
     logging.info("stopped")

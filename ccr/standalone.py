@@ -156,6 +156,9 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
     runtime_file = Path(rt.run_dir) / "runtime.json"
     rt.save(runtime_file)
     argv = [sys.executable, "-m", MODULES[name], "--runtime", str(runtime_file), "--host", host, "--port", str(port)]
+    part = getattr(settings(config, str(config_path)), name, None)
+    if part is not None and part.metrics_listen:
+        argv += ["--metrics-listen", part.metrics_listen]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     os.execve(sys.executable, argv, env)
 

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_TEMPLATE = REPO / "envoy" / "bootstrap.yaml"
 EMULATOR_KEY_ENV = "CCR_EMULATOR_API_KEY"
 LOCAL_KEY_NAME = "ccr-up-local"
+SCRAPE_TARGETS = "prometheus-targets.json"  # in the run directory: file_sd_configs for Prometheus
 
 # name -> python module; the services that make decisions for Envoy.
 SERVICES = {
@@ -356,7 +357,10 @@ class Gateway:
         router = self._track(spawn("router", [sys.executable, "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
                                    logs, cwd=REPO, env=pool_token))
-        runtime.xds = str(wait_ready_file(router, run_dir / "router.ready")["address"])
+        rinfo = wait_ready_file(router, run_dir / "router.ready")
+        runtime.xds = str(rinfo["address"])
+        if READY_METRICS in rinfo:
+            runtime.metrics["router"] = str(rinfo[READY_METRICS])
         if config.pool_providers:  # the workers' registration API (router/pools.py)
             self.pools_url = "http://" + str(wait_ready_file(router, run_dir / "router-pools.json")["address"])
         runtime.save(runtime_file)
@@ -364,6 +368,9 @@ class Gateway:
 
         self._start_envoy(config, runtime, run_dir, logs)
         self.status("envoy", f"listening on {self.url} (admin {self.admin_url}) in {time.monotonic() - t:.1f}s")
+        write_scrape_targets(run_dir / SCRAPE_TARGETS, runtime.metrics, self.admin_url)
+        self.status("metrics", f"Envoy {self.admin_url}/stats/prometheus; ccr services "
+                    + (", ".join(f"{n} http://{a}/metrics" for n, a in sorted(runtime.metrics.items())) or "off"))
 
     @staticmethod
     def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:
@@ -493,6 +500,19 @@ class Gateway:
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
+
+
+def write_scrape_targets(path: Path, services: Mapping[str, str], admin_url: str) -> None:
+    """Prometheus file_sd targets for this run: every service process's /metrics (label ccr_service,
+    ccr_worker) and Envoy's admin /stats/prometheus (docs/observability.md)."""
+    groups = [{"targets": [addr], "labels": {"ccr_service": name.partition(".")[0],
+                                             "ccr_worker": name.partition(".")[2] or "0"}}
+              for name, addr in sorted(services.items())]
+    groups.append({"targets": [admin_url.removeprefix("http://")],
+                   "labels": {"ccr_service": "envoy", "__metrics_path__": "/stats/prometheus"}})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=1))
+    tmp.replace(path)
 
 
 def _listener_bound(admin_url: str) -> bool:

@@ -23,7 +23,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from ccr import metrics, routing
+from ccr import routing, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
@@ -501,6 +501,10 @@ class Authorizer:
         self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
         endpoint: str | None = None, obj: ObjectFacts | None = None, decision: Decision | None = None,
     ) -> pb.CheckResponse:
+        if tracing.TRACER is not None:  # GenAI attributes on this Check's span (ccr/rpc_observe.py)
+            tracing.annotate({tracing.GEN_AI_REQUEST_MODEL: model,
+                              tracing.GEN_AI_SYSTEM: tracing.gen_ai_system(self.config, provider),
+                              "ccr.endpoint": endpoint})
         # The policy's headers first: the gateway's own below can never be replaced by them
         # (parse_result refuses x-ccr-* anyway).
         values = list(decision.headers) if decision is not None else []
@@ -642,7 +646,6 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await sets.load_initial()
     except BundleError as e:
         raise SystemExit(f"extauth: {e}") from None
-    metrics.serve(config.services.bind_host)  # /metrics: the bundle each set serves (ccr/metrics.py)
     if policy.host_builtins:
         log.warning("policy needs host builtins %s (slower); prefer WASM-native ones",
                     sorted(policy.host_builtins))

@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from ccr import metrics
 from ccr.config import GatewayConfig, Limits
 from ccr.runtime import Runtime
 from ratelimit import spend
@@ -221,6 +222,13 @@ def _tighter(p: Planned, o: Outcome, bp: Planned, bo: Outcome) -> bool:
     return a < b
 
 
+# ccr_ratelimit_decisions_total children, bound once (docs/observability.md).
+_LIMITS_OK, _LIMITS_OVER, _LIMITS_ERROR = (
+    metrics.RATELIMIT_DECISIONS.labels("limits", r) for r in ("ok", "over_limit", "error"))
+_BUDGET_OK, _BUDGET_OVER, _BUDGET_ERROR = (
+    metrics.RATELIMIT_DECISIONS.labels("budgets", r) for r in ("ok", "over_limit", "error"))
+
+
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None,
                  spend_gate: spend.SpendGate | None = None) -> None:
@@ -235,7 +243,13 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rate limit request has no descriptors")
         # --- spend seam (issue 8): budget reservations have their own domain; ratelimit/spend.py ---
         if spend.is_spend_request(request):
-            return spend.serve(self.spend_gate, request, context)
+            try:
+                resp = spend.serve(self.spend_gate, request, context)
+            except BaseException:
+                _BUDGET_ERROR.inc()
+                raise
+            (_BUDGET_OK if resp.overall_code == OK else _BUDGET_OVER).inc()
+            return resp
         try:
             resp = self.decider.should_rate_limit(request)
             if resp.overall_code == OK:
@@ -243,8 +257,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                     step.admit(request, resp)
                     if resp.overall_code != OK:
                         break
+            (_LIMITS_OK if resp.overall_code == OK else _LIMITS_OVER).inc()
             return resp
         except (RedisDown, RedisError, OSError) as e:
+            _LIMITS_ERROR.inc()
             # Never a silent allow: Envoy runs with failure_mode_deny and turns this into an error reply.
             log.error("redis unavailable, refusing to decide: %s: %s", type(e).__name__, e)
             context.abort(grpc.StatusCode.UNAVAILABLE, "rate limit store (Redis) unavailable")

@@ -23,8 +23,11 @@ from ccr.contract import (
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
     H_REQUEST_ID,
+    H_TRACEPARENT,
+    H_TRACESTATE,
     ID_ADAPTER,
     ID_ENVOY,
+    OTLP_CLUSTER,
     RL_DOMAIN,
     SIGNIN_PREFIX,
     SPEND_DOMAIN,
@@ -446,7 +449,24 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
 
     out += chain_clusters(config, runtime, _meter_lua())
     out += _signin_clusters(config, runtime)
+    if config.telemetry.otlp_endpoint:  # Envoy's spans go to the OTLP collector (tracing_config)
+        out.append(_grpc_cluster(OTLP_CLUSTER, [config.telemetry.otlp_endpoint], 1024 * 1024))
     return out
+
+
+def tracing_config(config: GatewayConfig) -> Json:
+    """HCM tracing (telemetry.otlp_endpoint): Envoy starts a trace (sampled at telemetry.sample_ratio) or
+    continues the client's W3C traceparent, and its gRPC calls to extauth, ratelimit, the adapter carry
+    their own child span's traceparent in their initial metadata (docs/observability.md)."""
+    return {
+        "random_sampling": {"value": config.telemetry.sample_ratio * 100},
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": T + "envoy.config.trace.v3.OpenTelemetryConfig",
+            # Envoy's exporter batches and never holds a request; 1s bounds one export.
+            "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+            "service_name": "ccr-envoy",
+        }},
+    }
 
 
 def _signin_clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
@@ -597,8 +617,10 @@ def _local_reply_mappers() -> list[Json]:
             "default_value": code, "runtime_key": f"ccr.local_reply.{code}"}}}}
 
     return [
-        mapper(status(413), None, "request_too_large",
-               "Request exceeds the gateway's maximum request size (gateway.max_request_bytes)."),
+        # Envoy's own 413 (a body past a buffer limit); a policy's 413 (an ext_authz denial, e.g. a
+        # tier's size ceiling) keeps its own reason and decision id.
+        mapper(cel("response.code == 413 && response.code_details != 'ext_authz_denied'"), None,
+               "request_too_large", "Request exceeds the gateway's maximum request size (gateway.max_request_bytes)."),
         mapper({"and_filter": {"filters": [flags("UAEX"), status(503)]}}, 503, "api_error",
                "The gateway's authorization service is unavailable; retry shortly."),
         mapper(flags("RLSE"), 503, "api_error",
@@ -752,9 +774,12 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 "buffer_flush_interval": f"{config.audit.envoy_flush_interval_ms / 1000}s",
             },
             # The client's own request id (moved aside by _gateway_request_id).
-            "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID],
+            "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID] + (
+                [H_TRACEPARENT, H_TRACESTATE] if config.telemetry.otlp_endpoint else []),
         }}],
     }
+    if config.telemetry.otlp_endpoint:
+        hcm["tracing"] = tracing_config(config)
     if inline_routes:
         hcm["route_config"] = route_config(config)
     else:

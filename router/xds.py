@@ -28,6 +28,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2 as _otel  # noqa: F401
 
 # Typed configs referenced by "@type" inside the resources must be in the pool to parse.
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
@@ -61,6 +62,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 from google.protobuf import any_pb2, json_format
 
+from ccr import metrics
 from router.resources import Resources
 
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -72,6 +74,8 @@ PUSH_ORDER = (CDS, EDS, LDS, RDS)
 WILDCARD_TYPES = (LDS, CDS)  # Envoy asks for all of these; routes and endpoints by name
 
 log = logging.getLogger("ccr.xds")
+# Type URL -> the `type` label of ccr_xds_version_info / ccr_xds_nacks_total.
+_SHORT = {LDS: "Listener", RDS: "RouteConfiguration", CDS: "Cluster", EDS: "ClusterLoadAssignment"}
 
 
 def _pack(kind: type, resource: dict[str, object]) -> tuple[str, any_pb2.Any]:
@@ -141,6 +145,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.acked: dict[str, dict[str, str]] = {}  # node id -> type -> acked version
         self.nacked: dict[str, dict[str, str]] = {}  # node id -> type -> the version it refused
         self._nacks_logged: set[tuple[str, str, str]] = set()
+        metrics.xds_served(_SHORT.values(), snapshot.version)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -152,10 +157,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         async with self._changed:
             self._snapshot = snapshot
             self._changed.notify_all()
+        metrics.xds_served(_SHORT.values(), snapshot.version)
         log.info("config version %s published", snapshot.version)
 
     def _nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
         """Logged once per node, type and version: Envoy repeats a NACK on every later request."""
+        metrics.xds_nacked(_SHORT.get(type_url, "other"))
         self.nacked.setdefault(node_id, {})[type_url] = version
         key = (node_id, type_url, version)
         if key not in self._nacks_logged:

@@ -10,10 +10,12 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from ccr import metrics
 from ccr.config import GatewayConfig
+from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.runtime import Runtime
-from ccr.service import parse_args, write_ready
+from ccr.service import metrics_address, parse_args, write_ready
 from signin.idp import IdpClient
 from signin.keys import (
     PUBLIC_KEYS,
@@ -77,12 +79,18 @@ async def serve() -> None:
         await store.start()
         service = SigninService(settings, idp, store, KeyFile(key_dir / SIGNING_KEY, load_signing_key),
                                 KeyFile(key_dir / PUBLIC_KEYS, load_public_keys), sealer, public_url)
-        runner = web.AppRunner(service.app(), access_log=None)
+        app = service.app()
+        if config.telemetry.metrics:
+            app.middlewares.append(metrics.http_middleware("signin"))
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host = args.host or config.services.bind_host
         await web.TCPSite(runner, host, args.port).start()
         address = f"{host}:{runner.addresses[0][1]}"
-        write_ready(args.ready_file, address)
+        ready = {}
+        if config.telemetry.metrics:
+            ready[READY_METRICS] = metrics.serve(*metrics_address(config, args))
+        write_ready(args.ready_file, address, **ready)
         log.info("serving on %s (IdP %s, client %s)", address, settings.issuer, settings.client_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

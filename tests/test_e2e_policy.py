@@ -63,6 +63,16 @@ def test_contractor_tier_denial_has_the_anthropic_shape_and_decision_id(gw: Gate
     assert "max_tokens 9000 is above the ceiling of 8192 for tier 'contractor'" in e.value.body["error"]["message"]  # type: ignore[index]
     assert len(emulator_records(gw)) == before  # nothing reached the provider
 
+    # A size ceiling is a 413 from the policy: it keeps the policy's reason and the decision id
+    # (Envoy's own 413 reply text is only for bodies past gateway.max_request_bytes).
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.messages.create(model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "z" * (3 * 1024 * 1024)}])
+    assert e.value.status_code == 413
+    msg = e.value.body["error"]["message"]  # type: ignore[index]
+    assert "above the ceiling of 2097152" in msg and "max_request_bytes" not in msg, msg
+    assert DECISION.search(msg) is not None
+    assert len(emulator_records(gw)) == before  # nothing reached the provider
+
     ok = c.messages.create(model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert ok.content and len(emulator_records(gw)) == before + 1
 

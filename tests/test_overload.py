@@ -431,8 +431,10 @@ def test_authenticated_uploads_past_the_heap_ceiling_are_shed_and_the_gateway_re
     """Keys do not buy unlimited memory: uploads that push Envoy past its heap ceiling are cut
     with an Anthropic-shaped error, Envoy stays up, and serves again once memory is back."""
     gw = small_heap_gw
+    # 30 MiB: under the shipped standard tier's 32 MiB request ceiling (policies/data.json), so
+    # what cuts these uploads is the heap, not the policy.
     body = json.dumps({"model": MODEL, "max_tokens": 8,
-                       "messages": [{"role": "user", "content": "z" * (40 * MIB)}]}).encode()
+                       "messages": [{"role": "user", "content": "z" * (30 * MIB)}]}).encode()
     headers = {"x-api-key": gw.api_key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
     done = threading.Event()
     peak = [0]
@@ -459,7 +461,7 @@ def test_authenticated_uploads_past_the_heap_ceiling_are_shed_and_the_gateway_re
         watcher.join()
 
     shed = [r for r in results if r[0] != 200]
-    assert shed, "8 concurrent 40 MiB uploads against a 128 MiB heap were all buffered"
+    assert shed, "8 concurrent 30 MiB uploads against a 128 MiB heap were all buffered"
     assert overload_stats(gw)["overload.envoy.load_shed_points.http1_server_abort_dispatch.shed_load_count"] > 0
     for status, content in shed:
         if status is not None:

@@ -15,6 +15,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
+from ccr import metrics
 from ccr.config import load_config
 from ccr.credentials import write_secret
 from ccr.runtime import Runtime, UpstreamOverride
@@ -161,13 +162,15 @@ async def _ads_exchange() -> None:
             assert rds.type_url == RDS and len(rds.resources) == 1
             await asyncio.sleep(0.05)
             assert ads.acked["n1"][CDS] == v1
-            # A NACK is not answered with the same version again.
+            # A NACK is not answered with the same version again, and is counted.
+            nacks = metrics.REGISTRY.get_sample_value("ccr_xds_nacks_total", {"type": "Listener"}) or 0.0
             await reqs.put(discovery_pb2.DiscoveryRequest(
                 type_url=LDS, version_info="", response_nonce=lds.nonce, **node,
                 error_detail=status_pb2.Status(code=3, message="bad listener")))
             pending = asyncio.ensure_future(call.read())
             await asyncio.sleep(0.3)
             assert not pending.done()
+            assert metrics.REGISTRY.get_sample_value("ccr_xds_nacks_total", {"type": "Listener"}) == nacks + 1
             # A config change is pushed to the stream for every subscribed type.
             cfg2 = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"request_timeout_s": 30.0})})
             await ads.update(Snapshot.of(resources.build(cfg2, _runtime(), 18080)))
@@ -182,6 +185,9 @@ async def _ads_exchange() -> None:
                 assert resp.version_info != v1
                 seen.add(resp.type_url)
             assert seen == {CDS, LDS, RDS}
+            assert metrics.REGISTRY.get_sample_value(
+                "ccr_xds_version_info", {"type": "Cluster", "version": first.version_info}) == 1
+            assert metrics.REGISTRY.get_sample_value("ccr_xds_version_info", {"type": "Cluster", "version": v1}) is None
             call.cancel()
     finally:
         await server.stop(0)

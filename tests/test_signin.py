@@ -494,3 +494,9 @@ def test_signing_key_rotation_on_a_running_gateway(gw: Gateway, idp: TestIdP) ->
     assert sdk(gw, before["access_token"]).messages.create(model=SONNET, max_tokens=8, messages=HELLO).content
     jwks = httpx.get(auth(gw, "jwks")).json()
     assert [k["kid"] for k in jwks["keys"]][0] == new_kid.group(1) and len(jwks["keys"]) == 2
+
+
+def test_signin_serves_metrics(gw: Gateway) -> None:
+    assert httpx.get(gw.url + SIGNIN_PREFIX + "jwks").status_code == 200
+    text = httpx.get(f"http://{gw.runtime.metrics['signin']}/metrics").text  # type: ignore[union-attr]
+    assert 'ccr_http_request_duration_seconds_count{code="2xx",route="/ccr/auth/jwks",service="signin"}' in text

@@ -137,6 +137,8 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
         "models": [{"match": "claude-*", "provider": "anthropic"}],
         "policy": {"dir": str(REPO / "policies")},
     }
+    router_metrics = addr()  # a fixed /metrics address, for the orchestrator's scraper
+    cfg["services"]["standalone"]["router"]["metrics_listen"] = router_metrics
     config = tmp_path / "ccr.yaml"
     config.write_text(yaml.safe_dump(cfg))
 
@@ -153,6 +155,9 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
         creds = as_envoy if n == "adapter" else None
         for child, a in zip(children, addrs, strict=True):
             wait_until(child, lambda a=a, c=creds: _serving(a, c), 90, f"{n} serving on {a}")
+
+    with urllib.request.urlopen(f"http://{router_metrics}/metrics", timeout=5) as r:  # noqa: S310 - loopback
+        assert 'ccr_xds_version_info{type="Listener"' in r.read().decode()
 
     # What a container health check runs: the adapter is asked over mTLS as Envoy.
     for n in ("adapter", "router", "extauth"):
