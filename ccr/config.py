@@ -11,7 +11,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -91,6 +91,12 @@ class DownstreamSettings(Strict):
         return self
 
 
+class XdsSettings(Strict):
+    """How Envoy talks to the router (ADS): the state-of-the-world or the incremental (delta) protocol."""
+
+    protocol: Literal["sotw", "delta"] = "sotw"
+
+
 class GatewaySettings(Strict):
     listen: Address = Address()
     # None: plain HTTP on the listener (loopback development).
@@ -104,6 +110,7 @@ class GatewaySettings(Strict):
     concurrency: Annotated[int, Field(ge=1, le=64)] | None = None
     overload: OverloadSettings = OverloadSettings()
     downstream: DownstreamSettings = DownstreamSettings()
+    xds: XdsSettings = XdsSettings()
 
 
 FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"
@@ -276,6 +283,27 @@ class ProviderKind(StrEnum):
 ADAPTER_SIGNED = frozenset({ProviderKind.bedrock, ProviderKind.vertex})
 
 
+class Pool(Strict):
+    """A self-hosted GPU pool: the provider's endpoints are the workers registered with the router
+    (router/pools.py, docs/routing.md "GPU workers"); `endpoint` gives only the scheme and base path."""
+
+    # Envoy's active health check on each worker (vLLM, TGI and SGLang all answer GET /health).
+    health_path: str = "/health"
+    health_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # A worker whose heartbeat is older than its TTL (at most this) is removed.
+    max_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Least-request balancing weighted by room: capacity minus reported queue depth (at least 1).
+    weight_by_queue: bool = True
+
+
+class PoolRegistration(Strict):
+    """The router's worker registration API (HTTP). Closed unless the token variable is set."""
+
+    listen: Address = Address()
+    # Workers send `Authorization: Bearer <token>`; `ccr up` refuses to start a pool without it.
+    token_env: str = "CCR_POOL_TOKEN"
+
+
 class Provider(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,40}$")]
     kind: ProviderKind = ProviderKind.anthropic
@@ -302,9 +330,23 @@ class Provider(Strict):
     # Canonical (Anthropic API) model id -> this provider's own id, where the derived one
     # (ccr/provider_models.py) is not what it serves; or the served name of an openai server.
     model_ids: dict[str, str] = {}
+    # Set: a GPU pool whose workers register themselves (kinds openai and anthropic).
+    pool: Pool | None = None
+    # Circuit breaker (per Envoy): at most this many requests in flight to this provider (connections, as
+    # HTTP/1.1 carries one request each) and `max_queued_requests` waiting for one (a request opening a
+    # new connection waits while it connects); beyond that a request is refused at once with
+    # 529 overloaded_error instead of queueing. Unset: Envoy's defaults (1024 each). Each Envoy worker thread
+    # may open its first connection past the limit (Envoy never starves a thread's pool).
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_queued_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 16
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Provider:
+        if self.pool is not None and (self.kind not in (ProviderKind.openai, ProviderKind.anthropic) or self.emulator):
+            raise ValueError("pool: workers speak the OpenAI or the Anthropic API (kind openai or anthropic), "
+                             "and are not the built-in emulator")
+        if self.pool is not None and not self.region:
+            raise ValueError("pool: a pool is in one region; set region (workers of other regions are refused)")
         if self.emulator and self.kind != ProviderKind.anthropic:
             raise ValueError("emulator: true serves the Anthropic API only; point other kinds' endpoint at "
                              "their emulator (emulators/bedrock.py, vertex.py, openai_compat.py)")
@@ -355,11 +397,70 @@ class Price(Strict):
     cache_read: Annotated[float, Field(ge=0)] = 0.0
 
 
+class Failover(Strict):
+    """When a model's next target is tried (Envoy's route retry policy, docs/routing.md)."""
+
+    # Upstream replies that move the request to the next target. Only statuses the provider causes:
+    # 429 (its rate limit), 529 (overloaded) and 5xx; a 4xx the request caused is never retried.
+    on_status: list[Annotated[int, Field(ge=429, le=599)]] = [429, 500, 502, 503, 504, 529]
+    # A reset or refused connection (the provider is down) moves on too.
+    on_reset: bool = True
+    # One attempt's limit (unset: none, only the request's total). A stream is never failed over once
+    # its first byte has gone to the client (Envoy retries only before response headers).
+    per_try_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # All attempts together (unset: gateway.request_timeout_s).
+    total_timeout_s: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _provider_caused_only(self) -> Failover:
+        bad = [s for s in self.on_status if 430 <= s < 500]
+        if bad:
+            raise ValueError(f"failover.on_status: {bad} are errors the request caused; only 429 and 5xx fail over")
+        return self
+
+
 class Model(Strict):
     # An exact model id or a glob ("claude-sonnet-4-*"); the first match wins.
     match: str
-    provider: str
+    # The provider serving it; with `targets`, the first of them (may be left out).
+    provider: str = ""
+    # Failover chain: provider names in order (another account, region or provider kind). A request
+    # bound to a region (data residency) is tried only on the targets in that region.
+    targets: list[Annotated[str, Field(min_length=1)]] = []
+    failover: Failover = Failover()
+    # A/B rollout: provider -> weight; each principal always gets the same one (a hash of its id), so a
+    # person's conversation stays on one variant. Instead of `provider`/`targets` (no failover).
+    split: dict[str, Annotated[int, Field(ge=1, le=10_000)]] = {}
     price: Price = Price()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_is_first_target(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("targets") and not data.get("provider"):
+            data = {**data, "provider": data["targets"][0]}
+        split = data.get("split") if isinstance(data, dict) else None
+        if isinstance(split, dict) and split and not data.get("provider"):
+            data = {**data, "provider": next(iter(split))}
+        return data
+
+    @model_validator(mode="after")
+    def _primary(self) -> Model:
+        if self.split and (self.targets or self.provider != next(iter(self.split))):
+            raise ValueError("split replaces provider and targets: give only split")
+        if self.targets:
+            if len(set(self.targets)) != len(self.targets):
+                raise ValueError(f"targets: each provider at most once; got {self.targets}")
+            if self.provider != self.targets[0]:
+                raise ValueError(f"provider {self.provider!r} must be the first of targets {self.targets} "
+                                 "(or be left out)")
+        elif not self.provider:
+            raise ValueError("provider (or targets) is required")
+        return self
+
+    @property
+    def chain(self) -> list[str]:
+        """Provider names in failover order (one when no targets are set; a split's variants)."""
+        return self.targets or list(self.split) or [self.provider]
 
 
 class LimitScope(StrEnum):
@@ -750,6 +851,12 @@ class GatewayConfig(Strict):
     audit: AuditSettings = AuditSettings()
     spend: SpendSettings = SpendSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    # The worker registration API, served by the router when any provider is a pool.
+    pools: PoolRegistration = PoolRegistration()
+
+    @property
+    def pool_providers(self) -> list[Provider]:
+        return [p for p in self.providers if p.pool is not None]
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:
@@ -758,10 +865,10 @@ class GatewayConfig(Strict):
         if dupes:
             raise ValueError(f"provider names must be unique; repeated: {sorted(dupes)}")
         for i, m in enumerate(self.models):
-            if m.provider not in names:
-                raise ValueError(
-                    f"models.{i}.provider: unknown provider {m.provider!r}; known: {names}"
-                )
+            for name in m.chain:
+                if name not in names:
+                    field = "targets" if m.targets else "provider"
+                    raise ValueError(f"models.{i}.{field}: unknown provider {name!r}; known: {names}")
         return self
 
     @model_validator(mode="after")

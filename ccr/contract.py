@@ -90,6 +90,9 @@ H_CLUSTER = "x-ccr-cluster"
 H_BATCH_REQUESTS = "x-ccr-batch-requests"
 # The region the policy bound the request to (same value as AUTHZ_REGION); only when it did.
 H_REGION = "x-ccr-region"
+# Inside a failover chain's upstream filters only: the provider of this attempt's host (from the
+# endpoint's metadata), which picks the credential injected; removed before the request leaves.
+H_ATTEMPT_PROVIDER = "x-ccr-attempt-provider"
 SET_HEADERS = (H_PRINCIPAL_ID, H_KEY_ID, H_PRINCIPAL, H_MODEL, H_PROVIDER, H_CLUSTER)
 
 # The client's own x-request-id, moved aside by the listener before Envoy generates the

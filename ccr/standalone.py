@@ -176,7 +176,7 @@ def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, 
     run_dir = Path(rt.run_dir)
     bootstrap = run_dir / "envoy-bootstrap.yaml"
     bootstrap.write_text(render_bootstrap(f"ccr-{socket.gethostname()}-{os.getpid()}", g.admin.host, g.admin.port,
-                                          rt.service_endpoints["router"], g.overload))
+                                          rt.service_endpoints["router"], g.overload, protocol=g.xds.protocol))
     admin_path = run_dir / "envoy-admin-address"
     admin_path.unlink(missing_ok=True)
     argv = [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",

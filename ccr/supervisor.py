@@ -131,8 +131,10 @@ def envoy_binary() -> str:
 
 
 def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | Sequence[str],
-                     overload: OverloadSettings | None = None, spiffe: tuple[str, str] | None = None) -> str:
-    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy).
+                     overload: OverloadSettings | None = None, spiffe: tuple[str, str] | None = None,
+                     protocol: str = "sotw") -> str:
+    """`xds`: the router's host:port, or several (replicas; DNS names are re-resolved by Envoy);
+    `protocol`: gateway.xds.protocol (sotw or delta ADS).
 
     `spiffe`: (SPIRE agent socket, trust domain): Envoy takes its SVID and the trust bundle from the
     agent's SDS API (a static cluster: it must exist before any dynamic one), and the ADS stream
@@ -145,6 +147,7 @@ def render_bootstrap(node_id: str, admin_host: str, admin_port: int, xds: str | 
                                                                       "port_value": int(port)}}}})
     text = string.Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
         NODE_ID=node_id, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port,
+        XDS_API={"sotw": "GRPC", "delta": "DELTA_GRPC"}[protocol],
         XDS_TYPE="STATIC" if all(_is_ip(a.rpartition(":")[0]) for a in addresses) else "STRICT_DNS",
         XDS_LB_ENDPOINTS=json.dumps(endpoints),
     )
@@ -219,6 +222,13 @@ def provider_credentials(config: GatewayConfig, source: str,
                             "`ccr up`, or set `emulator: true` on this provider to use the built-in emulator")
         else:
             out[p.api_key_env] = env[p.api_key_env]
+    if config.pool_providers:
+        var = config.pools.token_env
+        if not env.get(var):  # the registration API is never open
+            problems.append(f"{source}: pools.token_env: GPU pools need the workers' registration token in {var} "
+                            f"({'empty' if var in env else 'not set'}); export it before `ccr up`")
+        else:
+            out[var] = env[var]
     if problems:
         raise ConfigError("\n".join(["cannot start: a configured provider has no credential", *problems]))
     return out
@@ -260,6 +270,7 @@ class Gateway:
     api_key: str = ""
     emulator_url: str | None = None
     emulator_key: str | None = None  # what the emulator accepts (benchmarks call it directly)
+    pools_url: str | None = None  # the router's worker registration API, when a GPU pool is configured
     # How long a child gets after SIGTERM before SIGKILL: the services' drain time, and some.
     stop_timeout_s: float = 10.0
     # Part -> the executable path it is launched through (its SPIFFE workload path; ccr/spire.py).
@@ -429,13 +440,16 @@ class Gateway:
 
         runtime.listen_port = config.gateway.listen.port or free_port(config.gateway.listen.host)
         runtime.save(runtime_file)
+        pool_token = {config.pools.token_env: os.environ[config.pools.token_env]} if config.pool_providers else {}
         router = self._track(spawn("router", [self._python("router"), "-m", "router", "--runtime", str(runtime_file),
                                               "--ready-file", str(run_dir / "router.ready")],
-                                   logs, cwd=REPO))
+                                   logs, cwd=REPO, env=pool_token))
         rinfo = wait_ready_file(router, run_dir / "router.ready")
         runtime.xds = str(rinfo["address"])
         if READY_METRICS in rinfo:
             runtime.metrics["router"] = str(rinfo[READY_METRICS])
+        if config.pool_providers:  # the workers' registration API (router/pools.py)
+            self.pools_url = "http://" + str(wait_ready_file(router, run_dir / "router-pools.json")["address"])
         runtime.save(runtime_file)
         self.status("router", f"ADS on {runtime.xds} (pid {router.pid})")
 
@@ -531,7 +545,7 @@ class Gateway:
         spiffe = ((runtime.spiffe_socket, runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN)
                   if runtime.spiffe_socket else None)
         bootstrap.write_text(render_bootstrap(f"ccr-{os.getpid()}", g.admin.host, g.admin.port, runtime.xds,
-                                             g.overload, spiffe=spiffe))
+                                             g.overload, spiffe=spiffe, protocol=g.xds.protocol))
         admin_path = run_dir / "envoy-admin-address"
         admin_path.unlink(missing_ok=True)
         envoy = self._track(spawn(

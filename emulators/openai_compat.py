@@ -9,8 +9,13 @@ Generation reuses emulators/anthropic.py's rules.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import hmac
+import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -56,6 +61,8 @@ class OpenAICompatEmulator:
         # x-emulator-hold: NAME stops a stream after its first delta until POST /_emulator/release/NAME:
         # a server thinking silently (no keep-alives), for as long as a test needs.
         self._holds: dict[str, asyncio.Event] = {}
+        self.in_flight = 0  # requests being answered: the queue depth a worker reports when it registers
+        self.healthy = True  # GET /health answers 503 when false (POST /_emulator/health/fail|ok)
 
     def _hold(self, name: str) -> asyncio.Event:
         return self._holds.setdefault(name, asyncio.Event())
@@ -66,10 +73,26 @@ class OpenAICompatEmulator:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/chat/completions", self.counted)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/_emulator/health/{state}", self.set_health)
         app.router.add_post("/_emulator/release/{name}", self.release)
         app.router.add_get("/_emulator/requests", lambda r: web.json_response(self.records))
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": self.healthy}, status=200 if self.healthy else 503)
+
+    async def set_health(self, request: web.Request) -> web.Response:
+        self.healthy = request.match_info["state"] == "ok"
+        return web.json_response({"ok": self.healthy})
+
+    async def counted(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self.chat(request)
+        finally:
+            self.in_flight -= 1
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -147,3 +170,79 @@ async def start(host: str = "127.0.0.1", port: int = 0, **kw: Any
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner, runner.addresses[0][1], emu
+
+
+async def register_loop(emu: OpenAICompatEmulator, router_url: str, token: str, pool: str, worker_id: str,
+                        address: str, region: str, models: list[str], capacity: int, ttl_s: float) -> None:
+    """A GPU worker's side of router/pools.py: register, then heartbeat (with the queue depth) at a
+    third of the TTL; deregister on the way out."""
+    import httpx
+
+    url = f"{router_url}/v1/pools/{pool}/workers/{worker_id}"
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=5) as client:
+        try:
+            while True:
+                body = {"address": address, "region": region, "models": models, "capacity": capacity,
+                        "queue_depth": emu.in_flight, "ttl_s": ttl_s}
+                try:
+                    r = await client.put(url, json=body, headers=headers)
+                    if r.status_code != 200:
+                        print(f"registration refused ({r.status_code}): {r.text}", flush=True)
+                except httpx.HTTPError as e:
+                    print(f"registration failed: {e}", flush=True)
+                await asyncio.sleep(ttl_s / 3)
+        finally:
+            with contextlib.suppress(httpx.HTTPError):
+                await client.delete(url, headers=headers)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    runner, port, emu = await start(args.host, args.port, api_key=args.api_key or None)
+    address = f"{args.host}:{port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = []
+    if args.register:
+        token = os.environ.get(args.token_env, "")
+        if not token:
+            raise SystemExit(f"--register needs the registration token in ${args.token_env}")
+        tasks.append(asyncio.create_task(register_loop(
+            emu, args.register, token, args.pool, args.worker_id or f"emu-{port}", address, args.region,
+            args.models.split(",") if args.models else [], args.capacity, args.ttl)))
+    if args.ready_file:
+        tmp = f"{args.ready_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"address": address, "pid": os.getpid()}, f)
+        os.replace(tmp, args.ready_file)
+    try:
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m emulators.openai_compat", description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_COMPAT_API_KEY"), help="accepted bearer key")
+    ap.add_argument("--ready-file")
+    ap.add_argument("--register", metavar="URL", help="the router's registration API: register as a GPU worker")
+    ap.add_argument("--token-env", default="CCR_POOL_TOKEN", help="variable holding the registration token")
+    ap.add_argument("--pool", default="gpu")
+    ap.add_argument("--worker-id")
+    ap.add_argument("--region", default="")
+    ap.add_argument("--models", default="", help="comma-separated model names served")
+    ap.add_argument("--capacity", type=int, default=16)
+    ap.add_argument("--ttl", type=float, default=3.0, help="heartbeat TTL in seconds (heartbeats at a third)")
+    asyncio.run(_main(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

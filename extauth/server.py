@@ -23,7 +23,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from ccr import tracing
+from ccr import routing, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
@@ -264,6 +264,8 @@ class Authorizer:
         self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
+        self._clusters: dict[tuple[str, str, str | None, str], tuple[str, str] | None] = {}
+        self._model_idx: dict[str, int | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
         # Budget reservations (issue 8): None when spend is off.
         self.worst_case = WorstCase(config) if config.spend.enabled else None
@@ -283,6 +285,37 @@ class Authorizer:
             self._routes.clear()  # model ids come from clients: keep the map bounded
         self._routes[model] = route
         return route
+
+    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str) -> tuple[str, str]:
+        """(first provider, cluster) of the model's targets that `region` allows (ccr/routing.py); for an
+        A/B split, the principal's own variant."""
+        try:
+            idx = self._model_idx[model]
+        except KeyError:
+            if len(self._model_idx) >= 10_000:
+                self._model_idx.clear()  # model ids come from clients: keep the map bounded
+            idx = self._model_idx[model] = routing.model_index(self.config, model)
+        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "")
+        try:
+            got = self._clusters[key]
+        except KeyError:
+            got = routing.route(self.config, idx, schema, region, principal_id) if idx is not None else None
+            if len(self._clusters) >= 10_000:
+                self._clusters.clear()  # model ids come from clients: keep the map bounded
+            self._clusters[key] = got
+        if got is None:
+            # Never a fallback outside the region: the request is refused before it goes anywhere.
+            raise Deny(403, "permission_error",
+                       f"this request is bound to region {region!r} and model {model!r} has no provider in "
+                       "that region on this gateway; ask an administrator to add one")
+        return got
+
+    def _in_region(self, provider: str, region: str | None) -> None:
+        """Batches and Files go to the provider that holds the object: refused when it is outside `region`."""
+        if region is not None and self.config.provider(provider).region != region:
+            raise Deny(403, "permission_error",
+                       f"this request is bound to region {region!r} and its provider {provider!r} is not "
+                       "in that region")
 
     async def check(self, req: pb.CheckRequest, body: Buffer | None = None) -> pb.CheckResponse:
         """Decide `req`; `body`, when given, is its raw_body (a view into the received message)."""
@@ -404,8 +437,12 @@ class Authorizer:
         if self.worst_case is not None:
             seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
         del doc, body  # nothing below reads the body: let a large one go before the response is built
+        if model is not None and facts is None:
+            # The failover chain (and, for a request bound to a region, only that region's targets).
+            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id)
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
+            self._in_region(provider, decision.region)
         if endpoint.endpoint.kind in (Kind.BATCHES, Kind.FILES):
             cluster = self.config.provider(provider).objects_cluster
 

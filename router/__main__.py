@@ -1,18 +1,23 @@
-"""`python -m router`: the ADS server Envoy gets its listener, routes and clusters from.
+"""`python -m router`: the ADS server Envoy gets its listener, routes, clusters and endpoints from,
+and (with a GPU pool configured) the workers' registration API (router/pools.py).
 
 The config file is re-read when it changes; a version that fails validation is
-logged and the last good one stays in place.
+logged and the last good one stays in place. A worker joining or leaving changes
+only the pool clusters' endpoints, pushed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from ccr.config import ConfigError, GatewayConfig, load_config
@@ -20,9 +25,12 @@ from ccr.contract import ID_ENVOY
 from ccr.runtime import Runtime
 from ccr.service import run
 from router import resources
+from router.pools import Registry, api, expire_loop
 from router.xds import AdsServer, Snapshot
 
 log = logging.getLogger("ccr.router")
+# Where the registration API's address is written (in the run directory), for `ccr up` and tests.
+POOLS_ADDRESS_FILE = "router-pools.json"
 
 
 def snapshot_for(config: GatewayConfig, runtime: Runtime) -> Snapshot:
@@ -31,7 +39,25 @@ def snapshot_for(config: GatewayConfig, runtime: Runtime) -> Snapshot:
     return Snapshot.of(resources.build(config, runtime, runtime.listen_port))
 
 
-async def _watch_config(ads: AdsServer, runtime: Runtime, interval: float = 1.0) -> None:
+class Publisher:
+    """The config's snapshot plus the registered workers, published to the ADS server on every change."""
+
+    def __init__(self, ads: AdsServer, base: Snapshot, registry: Registry) -> None:
+        self.ads, self.base, self.registry = ads, base, registry
+        self._pending: asyncio.Task[None] | None = None
+
+    def current(self) -> Snapshot:
+        return self.base.with_endpoints(self.registry.assignments(resources.provider_cluster_names))
+
+    async def publish(self) -> None:
+        await self.ads.update(self.current())
+
+    def changed(self) -> None:
+        """Called by the registry (synchronously, from a request or the expiry loop): push at once."""
+        self._pending = asyncio.get_running_loop().create_task(self.publish())
+
+
+async def _watch_config(pub: Publisher, runtime: Runtime, interval: float = 1.0) -> None:
     path = Path(runtime.config_path)
     seen = path.stat().st_mtime_ns
     while True:
@@ -44,22 +70,56 @@ async def _watch_config(ads: AdsServer, runtime: Runtime, interval: float = 1.0)
             continue
         seen = mtime
         try:
-            await ads.update(snapshot_for(load_config(path), runtime))
+            config = load_config(path)
+            pub.base = snapshot_for(config, runtime)
+            pub.registry.reconfigure(config)
+            await pub.publish()
         except (ConfigError, ValueError) as e:
             log.error("config change not applied, keeping the last good version: %s", e)
+
+
+async def _serve_registration(registry: Registry, config: GatewayConfig, runtime: Runtime) -> web.AppRunner | None:
+    """The registration API, only when a pool is configured and its token is set (never open)."""
+    if not config.pool_providers:
+        return None
+    token = os.environ.get(config.pools.token_env, "")
+    if not token:
+        log.error("GPU pools are configured but %s is empty: the worker registration API stays closed",
+                  config.pools.token_env)
+        return None
+    runner = web.AppRunner(api(registry, token), access_log=None, handle_signals=False)
+    await runner.setup()
+    listen = config.pools.listen
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    host, port = runner.addresses[0][:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    tmp = Path(runtime.run_dir) / f"{POOLS_ADDRESS_FILE}.tmp"
+    tmp.write_text(json.dumps({"address": address}))
+    tmp.replace(Path(runtime.run_dir) / POOLS_ADDRESS_FILE)
+    log.info("worker registration API on http://%s", address)
+    return runner
 
 
 async def setup(
     server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
 ) -> Callable[[], Awaitable[None]]:
-    ads = AdsServer(snapshot_for(config, runtime))
+    base = snapshot_for(config, runtime)
+    ads = AdsServer(base)
+    registry = Registry(config)
+    pub = Publisher(ads, base, registry)
+    registry.on_change = pub.changed
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    watcher = asyncio.create_task(_watch_config(ads, runtime))
+    tasks = [asyncio.create_task(_watch_config(pub, runtime)), asyncio.create_task(expire_loop(registry))]
+    runner = await _serve_registration(registry, config, runtime)
 
     async def cleanup() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if runner is not None:
+            await runner.cleanup()
 
     return cleanup
 

@@ -8,7 +8,7 @@ validate path embeds the same dicts in a static bootstrap for `envoy --mode vali
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,6 +78,8 @@ class Resources:
     listeners: list[Json]
     routes: list[Json]
     clusters: list[Json]
+    # ClusterLoadAssignments of the EDS clusters (router/failover.py, GPU pools).
+    endpoints: list[Json] = field(default_factory=list)
 
 
 def _secs(s: float) -> str:
@@ -263,6 +265,13 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             else upstream_filters(provider, runtime, objects),
         }},
     }
+    if provider.max_concurrent_requests is not None:
+        n = provider.max_concurrent_requests
+        # Saturation is refused at once (529 by the listener's local reply mapper), never queued.
+        cluster["circuit_breakers"] = {"thresholds": [{
+            "max_requests": n, "max_connections": n, "max_pending_requests": provider.max_queued_requests}]}
+    if provider.pool is not None:
+        return _pool_cluster(cluster, provider)
     if tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
@@ -276,6 +285,48 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
                 },
             },
         }}
+    return cluster
+
+
+def provider_cluster_names(p: Provider) -> list[str]:
+    """The clusters `clusters()` builds for provider `p`."""
+    return ([p.cluster, p.objects_cluster] if p.kind == ProviderKind.anthropic else []) + [p.translate_cluster]
+
+
+def _pool_cluster(cluster: Json, provider: Provider) -> Json:
+    """A GPU pool's cluster: its endpoints are the registered workers, pushed by EDS (router/pools.py);
+    Envoy health-checks each one, ejects failing ones, and sends each request to the worker with
+    the fewest active requests (weighted by the room each reports)."""
+    pool = provider.pool
+    assert pool is not None
+    cluster.update({
+        "type": "STATIC",  # EDS over ADS (split_eds); empty in a static config
+        "metadata": {"filter_metadata": {"ccr": {"eds": True, "pool": provider.name}}},
+        "load_assignment": {"cluster_name": cluster["name"], "endpoints": []},
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [{
+            "timeout": _secs(max(pool.health_interval_s, 1.0)), "interval": _secs(pool.health_interval_s),
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "http_health_check": {"path": pool.health_path},
+            # A pool sees bursts: idle stretches must not slow the checks down to Envoy's 60 s default.
+            "no_traffic_interval": _secs(pool.health_interval_s),
+            "no_traffic_healthy_interval": _secs(pool.health_interval_s),
+        }],
+        # A worker the registry dropped (deregistered, or its heartbeat stopped) leaves at once, even
+        # while its health check still passes.
+        "ignore_health_on_host_removal": True,
+        # A worker that refuses a connection is ejected at once (the request that met it fails: 503),
+        # one that answers 5xx three times in a row too; the active health check also takes it out.
+        "outlier_detection": {"split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+                              "consecutive_5xx": 3, "consecutive_gateway_failure": 2,
+                              "base_ejection_time": "10s", "max_ejection_percent": 100},
+        # Workers speak plain HTTP/1.1 inside the deployment.
+        "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
+            **cluster["typed_extension_protocol_options"][HTTP_OPTS_KEY],
+            "explicit_http_config": {"http_protocol_options": {}}}},
+    })
+    cluster["typed_extension_protocol_options"][HTTP_OPTS_KEY].pop("auto_config", None)
+    cluster.pop("dns_lookup_family", None)
     return cluster
 
 
@@ -435,6 +486,9 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
             out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
         out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
+    from router.failover import chain_clusters  # (it builds on this module's filters)
+
+    out += chain_clusters(config, runtime, _meter_lua())
     out += _signin_clusters(config, runtime)
     if config.telemetry.otlp_endpoint:  # Envoy's spans go to the OTLP collector (tracing_config)
         out.append(_grpc_cluster(OTLP_CLUSTER, [config.telemetry.otlp_endpoint], 1024 * 1024))
@@ -534,16 +588,24 @@ def _endpoint_match(e: Endpoint) -> Json:
 
 
 def _endpoint_routes(config: GatewayConfig) -> list[Json]:
+    from router.failover import chain_routes
+
     api_route = _api_route(config)
-    return [{
-        "name": e.name,
-        "match": _endpoint_match(e),
-        "route": api_route,
-        "typed_per_filter_config": per_filter_config(config, e),
-        # Decided facts stay inside the gateway; the upstream never sees them (the adapter
-        # removes the principal id that Batches and Files routes keep for it).
-        "request_headers_to_remove": headers_to_remove(e),
-    } for e in ENDPOINTS]
+    out = []
+    for e in ENDPOINTS:
+        route = {
+            "name": e.name,
+            "match": _endpoint_match(e),
+            "route": api_route,
+            "typed_per_filter_config": per_filter_config(config, e),
+            # Decided facts stay inside the gateway; the upstream never sees them (the adapter
+            # removes the principal id that Batches and Files routes keep for it).
+            "request_headers_to_remove": headers_to_remove(e),
+        }
+        if e.schema == "anthropic" and (e.model_in_body or e.model_in_path):
+            out += chain_routes(config, api_route, route)  # failover chains (router/failover.py)
+        out.append(route)
+    return out
 
 
 def _not_found_route() -> Json:
@@ -614,6 +676,9 @@ def _local_reply_mappers() -> list[Json]:
         # No cluster: nobody decided where this request goes (fail-open with extauth down).
         mapper(flags("NC"), 503, "api_error",
                "The gateway has no authorization decision for this request; retry shortly."),
+        # A circuit breaker is open (a provider's max_concurrent_requests): overloaded, as the API says it.
+        mapper(flags("UO"), 529, "overloaded_error",
+               "The provider is at its concurrent request limit on this gateway; retry shortly."),
         mapper(flags("UH", "UF", "URX", "UO", "UC", "UR", "DC"), None, "api_error",
                "The upstream provider is unreachable or reset the connection; retry shortly."),
         mapper(flags("NR"), 404, "not_found_error", "No route for this path."),
@@ -812,11 +877,17 @@ def _with_listener_tls(lst: Json, config: GatewayConfig, runtime: Runtime) -> Js
 
 
 def build(config: GatewayConfig, runtime: Runtime, listen_port: int, inline_routes: bool = False) -> Resources:
+    """`inline_routes`: a static config (validate mode): routes and endpoints inside their parents."""
+    from router.failover import split_eds
+
+    cs = clusters(config, runtime)
+    cs, endpoints = (cs, []) if inline_routes else split_eds(cs)
     return Resources(
         listeners=[_with_listener_tls(listener(config, listen_port, inline_routes, bool(runtime.service_endpoints)),
                                       config, runtime)],
         routes=[] if inline_routes else [route_config(config)],
-        clusters=clusters(config, runtime),
+        clusters=cs,
+        endpoints=endpoints,
     )
 
 

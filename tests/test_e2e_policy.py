@@ -37,6 +37,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
     def edit(cfg: dict[str, Any]) -> None:
         cfg["policy"]["dir"] = str(pol)
+        # The provider is in the EU: a request bound there may use it (and only providers there).
+        cfg["providers"][0]["region"] = "eu"
 
     with running_gateway(tmp, edit) as g:
         yield g
