@@ -5,6 +5,7 @@ and alert rules query is exposed by a running gateway."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,14 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Gateway, set[str]
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=gw.url, api_key="ccr_wrong", max_retries=0).messages.create(
                 model=MODEL, max_tokens=16, messages=HELLO)
+        # The refused request's access-log entry arrives with Envoy's next flush: wait for it to be
+        # counted (the condition itself, bounded), then scrape every page.
+        receivers = [addr for name, addr in gw.runtime.metrics.items() if name.split(".")[0] == "accesslog"]
+        deadline = time.monotonic() + 30
+        while not any('ccr_request_errors_total{' in line and 'code' not in line and 'kind="' in line
+                       for addr in receivers for line in _scrape(f"http://{addr}/metrics").splitlines()):
+            assert time.monotonic() < deadline, "the refused request was never counted"
+            time.sleep(0.05)
         pages = {name: _scrape(f"http://{addr}/metrics") for name, addr in gw.runtime.metrics.items()}
         pages["envoy"] = _scrape(gw.admin_url + "/stats/prometheus")
         names: set[str] = set()

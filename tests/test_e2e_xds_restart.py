@@ -4,7 +4,6 @@ changes made after the restart."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +37,10 @@ def _route_timeout(gw: Gateway) -> str:
 
 
 def _connected(gw: Gateway) -> bool:
-    stats = httpx.get(f"{gw.admin_url}/stats?filter=control_plane.connected_state").text
-    return "control_plane.connected_state: 1" in stats
+    # The ADS connection itself: control_plane.connected_state also counts Envoy's SDS stream to
+    # the SPIRE agent, which stays up while the router is gone.
+    stats = httpx.get(f"{gw.admin_url}/stats?filter=^cluster.ccr_xds.upstream_cx_active$").text
+    return int(stats.rpartition(":")[2].strip() or 0) > 0
 
 
 def _until(cond: Any, timeout: float = 20.0) -> None:
@@ -64,7 +65,9 @@ def test_router_restart_resyncs(gw: Gateway) -> None:
     run_dir = Path(gw.runtime.run_dir)
     port = gw.runtime.xds.rpartition(":")[2]
     ready = run_dir / "router-2.ready"
-    new = spawn("router-2", [sys.executable, "-m", "router", "--runtime", str(run_dir / "runtime.json"),
+    # Started as the gateway starts it: through the router's own executable path, which is what
+    # SPIRE attests (docs/spiffe.md), so the new router gets the router's SVID.
+    new = spawn("router-2", [gw._python("router"), "-m", "router", "--runtime", str(run_dir / "runtime.json"),
                              "--ready-file", str(ready), "--port", port], run_dir / "logs", cwd=REPO)
     gw.children[gw.children.index(router)] = new  # stopped with the gateway, after Envoy
     wait_ready_file(new, ready)

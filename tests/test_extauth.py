@@ -44,6 +44,25 @@ limits:
   requests_per_minute: 77
 """
 
+# The same gateway with a provider in each residency region (policies/residency.rego binds requests
+# to "eu" or "us"): a bound request is routed only to a target in its region (docs/routing.md).
+REGIONAL_GATEWAY_YAML = """
+version: 1
+providers:
+  - name: backup
+  - name: anthropic
+    region: eu
+  - name: anthropic-us
+    region: us
+models:
+  - match: claude-opus-4-1
+    provider: backup
+  - match: claude-*
+    targets: [anthropic, anthropic-us]
+limits:
+  requests_per_minute: 77
+"""
+
 
 # -- key lifecycle -------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from extauth.policy_input import (
 from extauth.principal import Principal, PrincipalKind
 from extauth.server import Authorizer
 from tests.harness import REPO, copy_policy_modules
-from tests.test_extauth import GATEWAY_YAML, denied_error, http_check, ok_headers
+from tests.test_extauth import GATEWAY_YAML, REGIONAL_GATEWAY_YAML, denied_error, http_check, ok_headers
 
 ENTRYPOINT = "ccr/authz/decision"
 ALICE = Principal(PrincipalKind.KEY, "key_a", "alice", ("default",), key_id="key_a")
@@ -236,8 +236,8 @@ def bundle_of(tmp: Path, data: dict[str, Any], extra_rego: str | None = None) ->
 
 
 def run_checks(dsn: str, bundle: Path, checks: list[pb.CheckRequest], entrypoint: str = ENTRYPOINT,
-               ) -> list[pb.CheckResponse]:
-    config = parse_config(__import__("yaml").safe_load(GATEWAY_YAML))
+               gateway_yaml: str = GATEWAY_YAML) -> list[pb.CheckResponse]:
+    config = parse_config(__import__("yaml").safe_load(gateway_yaml))
 
     async def scenario() -> list[pb.CheckResponse]:
         keys = KeyStore(dsn)
@@ -311,7 +311,7 @@ def test_residency_region_in_metadata_and_header(postgres_dsn: str, shipped: Pat
         http_check({"x-api-key": free, H_REGION_HINT: "US"}, body=body()),
         http_check({"x-api-key": free, H_REGION_HINT: "moon"}, body=body()),
         http_check({"x-api-key": free, H_REGION: "eu"}, body=body()),  # a client's x-ccr-region is not a binding
-    ])
+    ], gateway_yaml=REGIONAL_GATEWAY_YAML)
     for resp, region in ((bound, "eu"), (own, "eu"), (unbound, "us")):
         assert resp.status.code == code_pb2.OK
         assert meta(resp)[AUTHZ_REGION] == region and ok_headers(resp)[H_REGION] == region
@@ -518,7 +518,7 @@ def test_oidc_claims_the_config_selects_bind_region_and_tier(shipped: Path) -> N
 
     now = [1_800_000_000.0]
     with running_idp(clock=lambda: now[0]) as idp:
-        config = parse_config({**__import__("yaml").safe_load(GATEWAY_YAML), "identity": {"oidc": [
+        config = parse_config({**__import__("yaml").safe_load(REGIONAL_GATEWAY_YAML), "identity": {"oidc": [
             {"issuer": idp.issuer, "audiences": ["ccr"], "extra_claims": ["region", "tier"],
              "group_map": {"eng": ["default"]}}]}})
         idp.add_user("eve", email="eve@example.com", groups=("eng",))

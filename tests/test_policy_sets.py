@@ -33,7 +33,7 @@ from extauth.server import Authorizer
 from tests import opa_envoy_policies as oe
 from tests.test_bundles import ENTRYPOINT, policy_src
 from tests.test_decisions import DECISION_IN_MESSAGE, rows
-from tests.test_extauth import GATEWAY_YAML, REPO, denied_error, http_check, msg_body, ok_headers
+from tests.test_extauth import GATEWAY_YAML, REGIONAL_GATEWAY_YAML, REPO, denied_error, http_check, msg_body, ok_headers
 
 HAIKU, SONNET = "claude-haiku-4-5", "claude-sonnet-4-5"
 
@@ -58,8 +58,8 @@ Scenario = Callable[[Authorizer, PolicySets], Awaitable[Any]]
 
 
 def run_with_sets(dsn: str, tmp: Path, bundles: dict[str, Path], sets: list[dict], scenario: Scenario,
-                  log: DecisionLog | None = None) -> Any:
-    doc = yaml.safe_load(GATEWAY_YAML)
+                  log: DecisionLog | None = None, gateway_yaml: str = GATEWAY_YAML) -> Any:
+    doc = yaml.safe_load(gateway_yaml)
     doc["policy"] = {"sets": sets}
     config = parse_config(doc)
     run = tmp / "run"
@@ -511,7 +511,7 @@ def test_ccr_sets_get_input_v1_and_their_result_is_honoured(postgres_dsn: str, t
                                                  body=body))
                 for rid, (extra, body) in requests.items()}
 
-    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
+    got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario, gateway_yaml=REGIONAL_GATEWAY_YAML)
 
     # A refusing ccr-mode set's status, error type and reason are the request's (they were 403 before).
     for rid, code, err_type, why in (("blue", 429, "rate_limit_error", "team blue is over its budget"),
