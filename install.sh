@@ -19,6 +19,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# xds-protos ships its own, older copy of the opentelemetry/proto modules, which shadows
+# opentelemetry-proto's (the OTLP exporter needs the newer ones; Envoy's protos read either).
+# Whichever package pip installed last wins, so put opentelemetry-proto's files back on top.
+if ! .venv/bin/python -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope" 2>/dev/null; then
+  otel_proto="$(.venv/bin/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
+  .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==${otel_proto}"
+fi
 
 if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; then
   command -v go >/dev/null || { echo "install.sh: Go is required to install the opa CLI" >&2; exit 1; }
