@@ -21,7 +21,7 @@ from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2 as
 from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 
 from ccr.config import DownstreamSettings, GatewayConfig
-from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD
+from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD, CCR_HEADER_PREFIX
 from ccr.errors import error_body
 from extauth.endpoints import ENDPOINTS, Endpoint
 
@@ -92,6 +92,19 @@ DECISION_RETRY: Json = {
         "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
     "host_selection_retry_max_attempts": 3,
 }
+
+
+def upstream_hygiene() -> list[Json]:
+    """Request mutations every upstream attempt starts with: no client credential and no x-ccr-*
+    header reaches a provider (the attempt's own credential is injected after this), and replies come
+    uncompressed so the usage meter can read them. A fresh list: callers may append their own."""
+    return [
+        {"remove": "authorization"},
+        {"remove": "x-api-key"},
+        {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
+        {"append": {"header": {"key": "accept-encoding", "value": "identity"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+    ]
 
 
 def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout_s: float,

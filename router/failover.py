@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 import certifi
 
 from ccr.config import GatewayConfig, Provider
-from ccr.contract import CCR_HEADER_PREFIX, H_ATTEMPT_PROVIDER, H_CLUSTER
+from ccr.contract import H_ATTEMPT_PROVIDER, H_CLUSTER
 from ccr.credentials import secret_name
 from ccr.routing import Chain, chains
 from ccr.runtime import Runtime
+from router.downstream import upstream_hygiene
 
 Json = dict[str, Any]
 T = "type.googleapis.com/"
@@ -87,11 +88,7 @@ def _filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
     hygiene = {"name": "envoy.filters.http.header_mutation", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
         "mutations": {"request_mutations": [
-            {"remove": "authorization"},
-            {"remove": "x-api-key"},
-            {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
-            {"append": {"header": {"key": "accept-encoding", "value": "identity"},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            *upstream_hygiene(),
             # The attempt's provider, from the endpoint Envoy picked for this try.
             {"append": {"header": {"key": H_ATTEMPT_PROVIDER, "value": f"%UPSTREAM_METADATA({MD_NS}:provider)%"},
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},

@@ -51,6 +51,7 @@ from router.downstream import (
     fallback_reply_mappers,
     identity_first_filter,
     local_reply_mappers,
+    upstream_hygiene,
 )
 from router.object_routes import headers_to_remove, per_filter_config
 from router.rate_limits import SPEND_FILTER
@@ -375,13 +376,7 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
         adapter if objects else meter,
         {"name": "envoy.filters.http.header_mutation", "typed_config": {
             "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [
-                {"remove": "authorization"},
-                {"remove": "x-api-key"},
-                {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
-                {"append": {"header": {"key": "accept-encoding", "value": "identity"},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
-            ]},
+            "mutations": {"request_mutations": upstream_hygiene()},
         }},
         {"name": "envoy.filters.http.credential_injector", "typed_config": {
             "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
@@ -401,13 +396,7 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
 def _header_hygiene() -> Json:
     return {"name": "envoy.filters.http.header_mutation", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        "mutations": {"request_mutations": [
-            {"remove": "authorization"},
-            {"remove": "x-api-key"},
-            {"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}},
-            {"append": {"header": {"key": "accept-encoding", "value": "identity"},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
-        ]},
+        "mutations": {"request_mutations": upstream_hygiene()},
     }}
 
 
