@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ccr.contract import POLICY_GLOBAL_SET
 
@@ -117,7 +117,13 @@ FAIL_OPEN_ACK = "i_understand_unauthenticated_traffic_reaches_providers"
 
 
 HOST_PORT = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([1-9][0-9]{0,4})$"
-HostPort = Annotated[str, Field(pattern=HOST_PORT)]
+def _port_in_range(value: str) -> str:
+    if not 1 <= int(value.rpartition(":")[2]) <= 65535:
+        raise ValueError(f"{value!r}: the port must be 1 to 65535")
+    return value
+
+
+HostPort = Annotated[str, Field(pattern=HOST_PORT), AfterValidator(_port_in_range)]
 # What `ccr serve NAME` runs (`envoy` is the gateway itself).
 SERVE_NAMES = ("extauth", "ratelimit", "adapter", "accesslog", "router", "signin", "envoy")
 

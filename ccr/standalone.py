@@ -127,7 +127,7 @@ def _listen(config: GatewayConfig, name: str, listen: str | None) -> tuple[str, 
     if svc is None:
         raise ConfigError(f"services.standalone.{name} is not set")
     value = listen or svc.listen
-    if not re.match(HOST_PORT, value):
+    if not re.match(HOST_PORT, value) or not 1 <= int(value.rpartition(":")[2]) <= 65535:
         raise ConfigError(f"--listen {value!r} is not host:port")
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)

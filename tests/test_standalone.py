@@ -10,6 +10,7 @@ exactly one audit row.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -240,3 +241,47 @@ def test_pki_issue_keeps_existing_identities_unless_forced(tmp_path: Path) -> No
     assert r.returncode == 0 and "kept" in r.stdout and Path(pki.ca).read_bytes() == first
     assert subprocess.run([*CCR, "pki", "issue", str(d), "--force"], capture_output=True, timeout=60).returncode == 0
     assert Path(load_pki(d).ca).read_bytes() != first
+
+
+@pytest.mark.parametrize(("argument", "value", "why"), [
+    ("instance", "../envoy", "--instance '../envoy': letters, digits, - and _ only"),
+    ("instance", "a b", "--instance 'a b': letters, digits, - and _ only"),
+    ("listen", "0.0.0.0", "--listen '0.0.0.0' is not host:port"),
+    ("listen", "127.0.0.1:99999999", "is not host:port"),
+    ("listen", "127.0.0.1:99999", "is not host:port"),
+    ("listen", "127.0.0.1:90;rm", "is not host:port"),
+])
+def test_serve_refuses_a_bad_replica_argument(tmp_path: Path, argument: str, value: str, why: str) -> None:
+    """An --instance names a directory and a --listen an address: anything else is refused before
+    a migration runs or a process starts (the DSNs here lead nowhere)."""
+    from ccr.pki import issue_run_pki, save_pki
+
+    pki = tmp_path / "pki"
+    save_pki(issue_run_pki(pki, ["envoy", "adapter"]), pki)
+    a = "127.0.0.1:1"
+    cfg = {"gateway": {"listen": {"port": 8080}},
+           "services": {"standalone": {**{n: {"listen": a} for n in
+                                          ("extauth", "ratelimit", "adapter", "accesslog", "router")},
+                                       "pki_dir": str(pki)}},
+           "storage": {"postgres_dsn": "postgresql://nobody@127.0.0.1:1/none", "redis_url": "redis://127.0.0.1:1/0",
+                       "data_dir": str(tmp_path / "data")},
+           "providers": [{"name": "anthropic", "api_key_env": "K"}],
+           "models": [{"match": "claude-*", "provider": "anthropic"}]}
+    path = tmp_path / "ccr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        serve("extauth", path, **{argument: value})
+    assert not (tmp_path / "data" / "standalone" / "envoy").exists()
+
+
+def test_standalone_addresses_need_a_real_port() -> None:
+    from ccr.config import parse_config
+
+    doc = {"providers": [{"name": "anthropic", "emulator": True}],
+           "models": [{"match": "claude-*", "provider": "anthropic"}],
+           "services": {"standalone": {n: {"listen": "127.0.0.1:9001"} for n in
+                                       ("extauth", "ratelimit", "adapter", "accesslog", "router")}}}
+    parse_config(doc)
+    doc["services"]["standalone"]["extauth"] = {"listen": "0.0.0.0:9001", "endpoints": ["extauth:99999"]}
+    with pytest.raises(ConfigError, match="the port must be 1 to 65535"):
+        parse_config(doc)
