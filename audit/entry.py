@@ -4,28 +4,49 @@ from __future__ import annotations
 
 import math
 from datetime import UTC
+from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
 from ccr.contract import (
+    ALS_TAG_SERVED_PROVIDER,
+    AUTHZ_BUNDLE_REVISION,
+    AUTHZ_DECISION_ID,
+    AUTHZ_ERROR_TYPE,
     AUTHZ_NS,
     H_CLIENT_REQUEST_ID,
+    USAGE_CACHE_1H,
+    USAGE_CACHE_5M,
     USAGE_NOTE,
     USAGE_NS,
     USAGE_STATUS,
     USAGE_TOKEN_FIELDS,
     UsageStatus,
 )
+from ccr.pricing import PriceTable, Usage, cost_micro
+from ccr.provider_models import to_bedrock, to_vertex
+
+if TYPE_CHECKING:
+    from ccr.config import GatewayConfig
 
 TOKEN_FIELDS = USAGE_TOKEN_FIELDS
 
+# Migration 11's columns (docs/audit.md "The row"), appended: a chain registered before it covers
+# the columns above only (audit_chains.columns), so its links still verify.
+DETAIL_COLUMNS: tuple[str, ...] = (
+    "principal_id", "principal_kind", "groups", "tenant", "spiffe_id", "source_address", "endpoint",
+    "model_served", "provider", "region", "attempts", "error_type", "error_kind",
+    "cache_write_5m_tokens", "cache_write_1h_tokens", "cost_micro_usd", "ttft_ms",
+    "decision_id", "bundle_revision", "ratelimit",
+)
 COLUMNS: tuple[str, ...] = (
     "ts", "request_id", "key_id", "principal", "model", "method", "path", "status",
     *TOKEN_FIELDS,
     "latency_ms", "upstream_cluster", "response_flags", "bytes_received", "bytes_sent",
     "usage_status", "usage_note", "client_request_id",
+    *DETAIL_COLUMNS,
 )
 # Client-chosen text is kept for correlation only; bound what one row can hold.
 MAX_CLIENT_REQUEST_ID = 256
@@ -166,7 +187,120 @@ def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,
         f"flags {flags or 'none'})")
 
 
-def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
+# The Anthropic API's error type for a status (what its error body says; the gateway's own
+# refusals name theirs in AUTHZ_NS instead).
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                429: "rate_limit_error", 500: "api_error", 503: "api_error", 504: "timeout_error",
+                529: "overloaded_error"}
+_BILLED = frozenset({UsageStatus.COMPLETE, UsageStatus.PARTIAL, UsageStatus.ESTIMATED, UsageStatus.NOT_BILLABLE})
+
+
+def error_kind(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | None) -> str | None:
+    """Who failed the request, from what Envoy logged; None when it did not fail.
+
+    `denied` (ext_authz refused), `rate_limited` (429 by the gateway), `budget` (402 by the gateway),
+    `client` (other 4xx, a provider's own included), `upstream` (a provider's 5xx), `gateway` (a 5xx the
+    gateway produced), `incomplete` (no response sent).
+    """
+    if status == 0:
+        return "incomplete"
+    if status < 400:
+        return None
+    forwarded = common.HasField("time_to_first_upstream_rx_byte")  # a provider answered this status
+    codes = set((flags or "").split(","))
+    if "UAEX" in codes:
+        return "denied"
+    if "RL" in codes or (status == 429 and not forwarded):
+        return "rate_limited"
+    if status == 402 and not forwarded:
+        return "budget"
+    if status >= 500:
+        return "upstream" if forwarded else "gateway"
+    return "client"
+
+
+def ratelimit_outcome(authorized: bool, status: int, flags: str | None) -> str:
+    """What the gateway's limits said: `ok` (passed), `over_limit` (refused, 429), `budget` (a hard budget
+    refused, 402), `error` (the rate limit service failed), `not_checked` (refused before the limits)."""
+    codes = set((flags or "").split(","))
+    if "RLSE" in codes:
+        return "error"
+    if "RL" in codes:
+        return "budget" if status == 402 else "over_limit"
+    return "ok" if authorized else "not_checked"
+
+
+def _address(a: object) -> str | None:
+    sock = getattr(a, "socket_address", None)
+    if sock is None or not sock.address:
+        pipe = getattr(a, "pipe", None)
+        return _clean(pipe.path) or None if pipe is not None and pipe.path else None
+    return _clean(sock.address)
+
+
+def _string_list(fields: dict[str, struct_pb2.Value], name: str) -> list[str] | None:
+    v = fields.get(name)
+    if v is None or v.WhichOneof("kind") in (None, "null_value"):
+        return None
+    if v.WhichOneof("kind") != "list_value":
+        raise MalformedEntry(f"metadata field {name!r} is not a list")
+    out = []
+    for x in v.list_value.values:
+        if x.WhichOneof("kind") != "string_value":
+            raise MalformedEntry(f"metadata field {name!r} holds a non-string")
+        out.append(_clean(x.string_value))
+    return out
+
+
+class RowFacts:
+    """What the config adds to a row: provider by cluster, its region and model spelling, prices.
+
+    Everything here is the gateway's own (config, Envoy's fields, extauth's metadata): no client header.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.providers = {p.name: p for p in config.providers}
+        self.by_cluster: dict[str, str] = {}
+        for p in config.providers:
+            for c in (p.cluster, p.translate_cluster, p.objects_cluster):
+                self.by_cluster[c] = p.name
+        self.prices = PriceTable(config)
+
+    def provider_of(self, tagged: str | None, cluster: str | None) -> str | None:
+        if tagged and tagged in self.providers:
+            return tagged
+        return self.by_cluster.get(cluster) if cluster else None
+
+    def region(self, provider: str | None) -> str | None:
+        p = self.providers.get(provider) if provider else None
+        return p.region if p is not None else None
+
+    def model_served(self, provider: str | None, model: str | None) -> str | None:
+        """The model id the serving provider was asked for: its own spelling of the requested id."""
+        p = self.providers.get(provider) if provider else None
+        if p is None or model is None:
+            return None
+        kind = str(p.kind)
+        if kind == "bedrock":
+            return to_bedrock(model, p.model_ids)
+        if kind == "vertex":
+            return to_vertex(model, p.model_ids)
+        return p.model_ids.get(model, model)
+
+    def cost(self, model: str | None, usage_status: str, counts: list[int | None], w5: int | None,
+             w1: int | None, batch: bool) -> int | None:
+        """Micro-USD at the configured prices for metered usage; None when usage or the price is unknown."""
+        if usage_status not in _BILLED:
+            return 0 if usage_status == UsageStatus.NOT_FORWARDED else None
+        rates = self.prices.rates(model)
+        if rates is None:
+            return None
+        i, o, cw, cr = (c or 0 for c in counts)
+        return cost_micro(Usage(i, o, cw, cr, w5, w1), rates, batch=batch)
+
+
+def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = None) -> Row | None:
     """The row for a final entry, None for an intermediate one; MalformedEntry if unusable."""
     common = e.common_properties
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
@@ -190,12 +324,13 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
         latency = _ms(common.duration)
     else:
         latency = None
+    model = _text(authz, "model")
     return (
         ts,
         _clean(e.request.request_id),
         _text(authz, "key_id"),
         _text(authz, "principal"),
-        _text(authz, "model"),
+        model,
         _method(e.request.request_method),
         _clean(e.request.path),
         status,
@@ -208,4 +343,56 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
         usage_status,
         usage_note,
         _clean(client_rid[:MAX_CLIENT_REQUEST_ID]) if client_rid else None,
+        *_details(e, common, authz, model, status, flags, counts, usage_status, facts),
+    )
+
+
+def _details(e: accesslog_pb2.HTTPAccessLogEntry, common: accesslog_pb2.AccessLogCommon,
+             authz: dict[str, struct_pb2.Value], model: str | None, status: int, flags: str | None,
+             counts: list[int | None], usage_status: str, facts: RowFacts | None) -> Row:
+    """The values of DETAIL_COLUMNS."""
+    cluster = _clean(common.upstream_cluster) or None
+    tagged = common.custom_tags.get(ALS_TAG_SERVED_PROVIDER) if common.custom_tags else None
+    provider = facts.provider_of(tagged, cluster) if facts is not None else _clean(tagged) if tagged else None
+    usage = _namespace(common.metadata, USAGE_NS)
+    w5 = _count(usage, USAGE_CACHE_5M) if usage and counts[2] is not None else None
+    w1 = _count(usage, USAGE_CACHE_1H) if usage and counts[2] is not None else None
+    writes = counts[2]
+    if writes is not None and writes > (w5 or 0) + (w1 or 0):
+        # Writes the provider did not split are listed (and priced) as 1-hour writes, as in the ledger.
+        w5, w1 = w5 or 0, (w1 or 0) + writes - (w5 or 0) - (w1 or 0)
+    endpoint = _text(authz, "endpoint")
+    kind = error_kind(common, status, flags)
+    err_type = _text(authz, AUTHZ_ERROR_TYPE) if kind == "denied" else None
+    if kind is not None and err_type is None:
+        err_type = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error") \
+            if status else None
+    attempts = common.upstream_request_attempt_count or None
+    if common.HasField("time_to_first_downstream_tx_byte"):
+        ttft: float | None = _ms(common.time_to_first_downstream_tx_byte)
+    else:
+        ttft = None
+    return (
+        _text(authz, "principal_id"),
+        _text(authz, "principal_kind"),
+        _string_list(authz, "groups"),
+        _text(authz, "tenant"),
+        _text(authz, "spiffe_id"),
+        _address(common.downstream_direct_remote_address),
+        endpoint,
+        facts.model_served(provider, model) if facts is not None and common.HasField(
+            "time_to_first_upstream_tx_byte") else None,
+        provider,
+        facts.region(provider) if facts is not None else None,
+        attempts,
+        err_type,
+        kind,
+        w5,
+        w1,
+        facts.cost(model, usage_status, counts, w5, w1, endpoint == "batches.results") if facts is not None
+        else None,
+        ttft,
+        _text(authz, AUTHZ_DECISION_ID),
+        _text(authz, AUTHZ_BUNDLE_REVISION),
+        ratelimit_outcome("principal_id" in authz and kind != "denied", status, flags),
     )

@@ -15,7 +15,7 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from audit.entry import _FINAL_TYPES, _namespace, response_flags
+from audit.entry import _FINAL_TYPES, _namespace, error_kind, response_flags
 from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_NS, H_TRACEPARENT, H_TRACESTATE, USAGE_NS
@@ -46,25 +46,6 @@ def _groups(fields: dict[str, struct_pb2.Value]) -> list[str] | None:
     if v is None or v.WhichOneof("kind") != "list_value":
         return None
     return [x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"]
-
-
-def error_kind(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | None) -> str | None:
-    """Why a request failed, from what Envoy logged; None when it did not."""
-    if status == 0:
-        return "incomplete"
-    if status < 400:
-        return None
-    forwarded = common.HasField("time_to_first_upstream_rx_byte")  # a provider answered this status
-    codes = set((flags or "").split(","))
-    if "UAEX" in codes:
-        return "denied"
-    if "RL" in codes or (status == 429 and not forwarded):
-        return "rate_limited"
-    if status == 402 and not forwarded:
-        return "budget"
-    if status >= 500:
-        return "upstream" if forwarded else "gateway"
-    return "client"
 
 
 class _Series:

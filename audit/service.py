@@ -12,7 +12,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from audit.chain import CHECKPOINT_LOG, signing_key
-from audit.entry import MalformedEntry, entry_to_row
+from audit.entry import MalformedEntry, RowFacts, entry_to_row
 from audit.ledger import SpendRecorder
 from audit.observe import RequestObserver
 from audit.spool import Spool
@@ -28,8 +28,9 @@ IN_FLIGHT = 32
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, facts: RowFacts | None = None) -> None:
         self.writer = writer
+        self.facts = facts  # provider, region, model spelling and prices from the config (audit/entry.py)
         self.observer = observer  # metrics and spans per request (audit/observe.py); None: metrics off
         self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
 
@@ -48,7 +49,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                 continue
             for entry in msg.http_logs.log_entry:
                 try:
-                    row = entry_to_row(entry)
+                    row = entry_to_row(entry, self.facts)
                 except MalformedEntry as e:
                     skipped += 1
                     log.warning("skipping access log entry request_id=%r: %s", entry.request.request_id, e)
@@ -112,7 +113,8 @@ async def setup(
     observer = RequestObserver(config) if config.telemetry.metrics or config.telemetry.otlp_endpoint else None
     if config.telemetry.metrics and writer.spool is not None:
         metrics.watch_spool(writer.spool)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(writer, spend, observer), server)
+    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config))
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
 
     async def stop() -> None:
         await writer.stop()

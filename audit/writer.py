@@ -197,6 +197,9 @@ class RequestLogWriter:
             rows = self.spool.peek()
             if rows is None:
                 return
+            if any(len(r) < len(COLUMNS) for r in rows):
+                # Spooled by a receiver from before migration 11: its rows lack the appended columns.
+                rows = [(*r, *([None] * (len(COLUMNS) - len(r)))) for r in rows]
             try:
                 await asyncio.wait_for(self._write(rows), self.write_timeout)
             except _DB_ERRORS as e:

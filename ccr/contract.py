@@ -33,6 +33,11 @@ class UsageStatus(StrEnum):
 AUTHZ_BATCH_REQUESTS = "batch_requests"
 # Key in AUTHZ_NS: the id of the decision that allowed the request (policy_decisions.decision_id).
 AUTHZ_DECISION_ID = "decision_id"
+# Keys in AUTHZ_NS for the audit row (docs/audit.md): the revision of the policy bundle that decided,
+# and, on a refusal, the Anthropic error type the client was given (extauth also sets the decision id,
+# the principal facts it had established and the bundle revision on refusals).
+AUTHZ_BUNDLE_REVISION = "bundle_revision"
+AUTHZ_ERROR_TYPE = "error_type"
 # Keys in AUTHZ_NS the policy's result sets (policies/README.md, "Result"); absent when it sets none.
 # The region the request is bound to (data residency): routing must keep the request, failover
 # included, on providers of this region (string; also sent as H_REGION).
@@ -196,3 +201,9 @@ H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
 # Envoy's cluster for the OTLP/gRPC collector (telemetry.otlp_endpoint), used by its tracer.
 OTLP_CLUSTER = "ccr_otlp"
+
+# -- Audit rows (docs/audit.md) ---------------------------------------------------------------
+
+# The gRPC access log's custom tag holding the provider of the endpoint that served the request's
+# last attempt (Envoy reads the upstream host's metadata: failover chains name it per endpoint).
+ALS_TAG_SERVED_PROVIDER = "ccr.served_provider"

@@ -346,6 +346,39 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         GRANT SELECT, INSERT ON spend_ledger TO ccr_audit_writer;
         """,
     ),
+    (
+        11,
+        "audit: what a request_log row holds (principal, source, provider, errors, cost, timing, policy)",
+        """
+        -- audit/entry.py DETAIL_COLUMNS, filled from Envoy's own fields and the gateway's dynamic
+        -- metadata, never from client headers. A chain registered before this migration covers the
+        -- older columns only (audit_chains.columns), so its links still verify; new chains cover these.
+        ALTER TABLE request_log
+            ADD COLUMN principal_id          text,
+            ADD COLUMN principal_kind        text,
+            ADD COLUMN groups                text[],
+            ADD COLUMN tenant                text,
+            ADD COLUMN spiffe_id             text,
+            ADD COLUMN source_address        text,     -- the downstream peer's address (the TCP connection)
+            ADD COLUMN endpoint              text,     -- extauth's endpoint name (messages.create, ...)
+            ADD COLUMN model_served          text,     -- the serving provider's id of the model asked
+            ADD COLUMN provider              text,     -- providers[].name that served the last attempt
+            ADD COLUMN region                text,     -- that provider's region
+            ADD COLUMN attempts              integer,  -- upstream attempts (retries and failovers included)
+            ADD COLUMN error_type            text,     -- the Anthropic error type of a failed request
+            ADD COLUMN error_kind            text,     -- who failed it: denied, rate_limited, budget, client, ...
+            ADD COLUMN cache_write_5m_tokens bigint,
+            ADD COLUMN cache_write_1h_tokens bigint,
+            ADD COLUMN cost_micro_usd        bigint CHECK (cost_micro_usd IS NULL OR cost_micro_usd >= 0),
+            ADD COLUMN ttft_ms               double precision,  -- to the first response byte to the client
+            ADD COLUMN decision_id           text,     -- policy_decisions.decision_id
+            ADD COLUMN bundle_revision       text,
+            ADD COLUMN ratelimit             text CHECK (ratelimit IS NULL OR ratelimit IN
+                ('ok', 'over_limit', 'budget', 'error', 'not_checked'));
+        CREATE INDEX request_log_principal_id ON request_log (principal_id, ts) WHERE principal_id IS NOT NULL;
+        CREATE INDEX request_log_tenant ON request_log (tenant, ts) WHERE tenant IS NOT NULL;
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"

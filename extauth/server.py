@@ -27,7 +27,9 @@ from ccr import routing, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
+    AUTHZ_BUNDLE_REVISION,
     AUTHZ_DECISION_ID,
+    AUTHZ_ERROR_TYPE,
     AUTHZ_GROUP_LIST,
     AUTHZ_LABELS,
     AUTHZ_PHASE_IDENTITY,
@@ -250,6 +252,36 @@ def _peer_certificate(req: pb.CheckRequest) -> str | None:
     return urllib.parse.unquote(cert) if cert else None
 
 
+def _revision(seen: _Seen) -> str | None:
+    """The revision of the policy bundle that decided (None before the policy ran or without one)."""
+    rev = getattr(seen.bundle, "revision", None) if seen.bundle is not None else None
+    return str(rev) if rev else None
+
+
+def _refusal_facts(resp: pb.CheckResponse, seen: _Seen, decision_id: str | None,
+                   error_type: str) -> pb.CheckResponse:
+    """A refusal's dynamic metadata (Envoy emits it on denials too): what the audit row records about a
+    request that never reached a provider. The principal facts only once authentication established them."""
+    facts: dict[str, Any] = {AUTHZ_ERROR_TYPE: error_type}
+    if decision_id is not None:
+        facts[AUTHZ_DECISION_ID] = decision_id
+    if (revision := _revision(seen)) is not None:
+        facts[AUTHZ_BUNDLE_REVISION] = revision
+    p = seen.principal
+    if p is not None:
+        facts.update({"principal": p.name, "principal_id": p.id, "principal_kind": str(p.kind),
+                      "groups": list(p.groups)})
+        for name, value in (("key_id", p.key_id), ("tenant", p.tenant), ("spiffe_id", p.spiffe_id)):
+            if value is not None:
+                facts[name] = value
+    if seen.model is not None:
+        facts["model"] = seen.model
+    if seen.endpoint is not None:
+        facts["endpoint"] = seen.endpoint.name
+    resp.dynamic_metadata.update(facts)
+    return resp
+
+
 class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
                  objects: ObjectStore | None = None, decisions: DecisionLog | None = None,
@@ -325,18 +357,23 @@ class Authorizer:
             resp = await self._check(req, body, seen)
         except Deny as d:
             did = self._record(req, seen, False, d.status, d.log_reason or d.message)
-            return denied(d.status, d.err_type, _with_decision(d.message, did), d.headers)
+            return _refusal_facts(denied(d.status, d.err_type, _with_decision(d.message, did), d.headers),
+                                  seen, did, d.err_type)
         except Exception:
             log.exception("authorization failed internally; denying")
-            return _internal_error(self._record(req, seen, False, 503, "internal error"))
+            did = self._record(req, seen, False, 503, "internal error")
+            return _refusal_facts(_internal_error(did), seen, did, "api_error")
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
-        if did is not None or seen.spend is not None:
+        revision = _revision(seen)
+        if did is not None or seen.spend is not None or revision is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
                 resp = own
             if did is not None:
                 resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if revision is not None:
+                resp.dynamic_metadata.fields[AUTHZ_BUNDLE_REVISION].string_value = revision
             if seen.spend is not None:  # per request: the worst case depends on the body
                 worst, spend = seen.spend
                 if worst is not None:
@@ -587,13 +624,13 @@ async def check_identity(authorizer: Authorizer, req: pb.CheckRequest) -> pb.Che
         return _IDENTITY_OK
     except Deny as d:
         did = authorizer._record(req, seen, False, d.status, d.message, PHASE_IDENTITY)
-        return denied(d.status, d.err_type, _with_decision(d.message, did))
+        return _refusal_facts(denied(d.status, d.err_type, _with_decision(d.message, did)), seen, did, d.err_type)
     except Exception:
         log.exception("identity check failed internally; denying")
         did = authorizer._record(req, seen, False, 503, "internal error", PHASE_IDENTITY)
-        return denied(503, "api_error", _with_decision(
+        return _refusal_facts(denied(503, "api_error", _with_decision(
             "the gateway could not authenticate this request due to an internal error; retry shortly, and "
-            "contact your gateway administrator if it persists", did))
+            "contact your gateway administrator if it persists", did)), seen, did, "api_error")
 
 
 def _is_identity_phase(context: grpc.aio.ServicerContext) -> bool:

@@ -19,6 +19,7 @@ from ccr.config import GatewayConfig, ListenerTLS, Provider, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     ADAPTER_TRANSLATE_MD,
+    ALS_TAG_SERVED_PROVIDER,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
@@ -53,6 +54,7 @@ from router.downstream import (
     local_reply_mappers,
     upstream_hygiene,
 )
+from router.failover import MD_NS as ENDPOINT_MD_NS
 from router.object_routes import headers_to_remove, per_filter_config
 from router.rate_limits import SPEND_FILTER
 
@@ -806,6 +808,10 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                 # Entries go to the receiver in batches of this size, or after this interval.
                 "buffer_size_bytes": config.audit.envoy_batch_bytes,
                 "buffer_flush_interval": f"{config.audit.envoy_flush_interval_ms / 1000}s",
+                # The provider of the endpoint that served the last attempt (a failover chain's endpoints
+                # carry it): the audit row's provider, from Envoy's own host selection.
+                "custom_tags": [{"tag": ALS_TAG_SERVED_PROVIDER, "metadata": {
+                    "kind": {"host": {}}, "metadata_key": {"key": ENDPOINT_MD_NS, "path": [{"key": "provider"}]}}}],
             },
             # The client's own request id (moved aside by _gateway_request_id).
             "additional_request_headers_to_log": [H_CLIENT_REQUEST_ID] + (

@@ -18,6 +18,7 @@ import orjson
 import psycopg
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf.json_format import MessageToDict
 from google.rpc import code_pb2
 from psycopg.rows import dict_row
 
@@ -109,7 +110,12 @@ def test_allow_and_deny_each_one_row(postgres_dsn: str, bundle: Path) -> None:
     assert DECISION_IN_MESSAGE.search(err["message"]).group(1) == r["decision_id"]
     assert r["principal_id"] == haiku.id and r["reason"] in err["message"] and "claude-haiku-*" in r["reason"]
     assert r["input_sha256"] not in (None, by_rid["rid-allow-1"]["input_sha256"])
-    assert not got["rid-deny-403"].HasField("dynamic_metadata")
+    # A refusal's metadata is for the audit row only (docs/audit.md): the decision, the error type and
+    # who asked; nothing a later filter would route or limit by.
+    meta = MessageToDict(got["rid-deny-403"].dynamic_metadata)
+    assert meta["decision_id"] == r["decision_id"] and meta["error_type"] == "permission_error"
+    assert meta["principal_id"] == haiku.id and meta["model"] == "claude-sonnet-4-5"
+    assert not {"provider", "cluster", "rpm", "spend", "spend_worst", "user_id", "group_list"} & set(meta), meta
 
     # Refused before the policy: no principal, no input, no evaluation.
     status, err = denied_error(got["rid-deny-401"])
