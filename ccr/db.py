@@ -379,6 +379,77 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX request_log_tenant ON request_log (tenant, ts) WHERE tenant IS NOT NULL;
         """,
     ),
+    (
+        12,
+        "audit: request_log partitioned by time (retention drops exported partitions)",
+        """
+        -- request_log becomes a range-partitioned table on ts (docs/audit.md "Retention"). Its rows are
+        -- copied over; ids, the sequence and every chain link are kept as they are, so nothing re-hashes.
+        -- Keys must include the partition key: request_id and (chain_id, chain_seq) are unique per ts
+        -- (the writer skips a request_id already present; verify walks each chain's seqs in order).
+        ALTER SEQUENCE request_log_id_seq OWNED BY NONE;
+        ALTER TABLE request_log RENAME TO request_log_unpartitioned;
+        CREATE TABLE request_log (LIKE request_log_unpartitioned INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+            PARTITION BY RANGE (ts);
+        ALTER SEQUENCE request_log_id_seq OWNED BY request_log.id;
+        ALTER TABLE request_log ADD PRIMARY KEY (id, ts),
+            ADD FOREIGN KEY (chain_id) REFERENCES audit_chains (chain_id);
+        CREATE UNIQUE INDEX request_log_request_id_ts ON request_log (request_id, ts);
+        CREATE UNIQUE INDEX request_log_chain_ts ON request_log (chain_id, chain_seq, ts);
+        CREATE INDEX request_log_ts_p ON request_log (ts);
+        CREATE INDEX request_log_key_p ON request_log (key_id, ts);
+        CREATE INDEX request_log_client_request_id_p ON request_log (client_request_id)
+            WHERE client_request_id IS NOT NULL;
+        CREATE INDEX request_log_principal_id_p ON request_log (principal_id, ts) WHERE principal_id IS NOT NULL;
+        CREATE INDEX request_log_tenant_p ON request_log (tenant, ts) WHERE tenant IS NOT NULL;
+        -- Row triggers on the parent are cloned onto every partition, present and future; a TRUNCATE of
+        -- one partition fires only that partition's statement triggers: audit_add_partition adds one.
+        CREATE TRIGGER request_log_append_only BEFORE UPDATE OR DELETE ON request_log
+            FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
+        CREATE TRIGGER request_log_no_truncate BEFORE TRUNCATE ON request_log
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
+
+        -- The one way partitions are made (the migration, `ccr audit retain`): the partition refuses
+        -- TRUNCATE like its parent, and nobody but the owner has any privilege on it directly.
+        CREATE FUNCTION audit_add_partition(p_name text, p_from timestamptz, p_to timestamptz)
+        RETURNS void LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF p_from IS NULL THEN
+                EXECUTE format('CREATE TABLE %I PARTITION OF request_log DEFAULT', p_name);
+            ELSE
+                EXECUTE format('CREATE TABLE %I PARTITION OF request_log FOR VALUES FROM (%L) TO (%L)',
+                               p_name, p_from, p_to);
+            END IF;
+            EXECUTE format('CREATE TRIGGER %I BEFORE TRUNCATE ON %I FOR EACH STATEMENT'
+                           ' EXECUTE FUNCTION audit_refuse_change()', p_name || '_no_truncate', p_name);
+            EXECUTE format('REVOKE ALL ON %I FROM PUBLIC, ccr_audit_writer', p_name);
+        END
+        $fn$;
+        REVOKE ALL ON FUNCTION audit_add_partition(text, timestamptz, timestamptz) FROM PUBLIC;
+        -- Rows outside every partition's range (a partition not made in time) land here, never fail.
+        SELECT audit_add_partition('request_log_default', NULL, NULL);
+        -- Monthly partitions (UTC) from the oldest row's month to two months ahead; `ccr audit retain`
+        -- makes later ones at the configured granularity.
+        DO $do$
+        DECLARE
+            m timestamptz := date_trunc('month', coalesce(
+                (SELECT min(ts) FROM request_log_unpartitioned), now()) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+            stop timestamptz := (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '3 months')
+                AT TIME ZONE 'UTC';
+        BEGIN
+            WHILE m < stop LOOP
+                PERFORM audit_add_partition('request_log_' || to_char(m AT TIME ZONE 'UTC', 'YYYYMMDD'), m,
+                                            (m AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC');
+                m := (m AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC';
+            END LOOP;
+        END
+        $do$;
+        INSERT INTO request_log SELECT * FROM request_log_unpartitioned;
+        DROP TABLE request_log_unpartitioned;
+        REVOKE ALL ON request_log FROM PUBLIC, ccr_audit_writer;
+        GRANT SELECT, INSERT ON request_log TO ccr_audit_writer;
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"
