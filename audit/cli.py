@@ -181,6 +181,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retain(args: argparse.Namespace) -> int:
+    from audit.retention import ensure_partitions, retain
+    from ccr.cli import _dsn
+    from ccr.config import load_config
+
+    r = load_config(args.config).audit.retention
+    now = args.now or datetime.now(UTC)
+    export_dir = Path(r.export_dir)
+    if not export_dir.is_absolute():
+        from ccr.supervisor import Gateway
+
+        export_dir = Gateway(Path(args.config)).data_dir() / export_dir
+    pub = _audit_dir(args.config) / PUBLIC_KEY_FILE
+    with _dsn(args.config) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            made = [] if args.dry_run else ensure_partitions(conn, r.partition, r.premake, now)
+        for name in made:
+            print(f"made partition {name}")
+        if r.keep_days is None:
+            print("audit.retention.keep_days is unset: nothing is dropped", file=sys.stderr)
+            return 0
+        done = retain(dsn, keep_days=r.keep_days, export_dir=export_dir, now=now, dry_run=args.dry_run,
+                      public_key_pem=pub.read_text() if pub.exists() else None)
+    for d in done:
+        if args.dry_run:
+            print(f"would export and drop {d.partition} to {d.export}")
+        else:
+            print(f"exported {d.rows} row(s) of {d.partition} to {d.export} (sha256 {d.sha256}); dropped")
+    return 0
+
+
+def cmd_verify_export(args: argparse.Namespace) -> int:
+    from audit.verify import verify_export
+
+    path = Path(args.file)
+    key_files = [Path(p) for p in args.public_key]
+    if not key_files:
+        print("pass --public-key FILE (a key kept apart from the database and the exports)", file=sys.stderr)
+        return 2
+    problems, counts, sha = verify_export(path, [load_public_key(p) for p in key_files])
+    for p in problems:
+        print(f"TAMPERED: {p}")
+    print(f"{'FAILED' if problems else 'OK'}: {counts['rows']} row(s) of {counts['chains']} chain(s), "
+          f"{counts['checkpoints']} checkpoint(s) checked; sha256 {sha} (compare with the audit.retain record: "
+          "ccr audit verify checks that record)")
+    return 1 if problems else 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     au = sub.add_parser("audit", help="the audit trail: verify the hash chains, query, export")
     aus = au.add_subparsers(dest="audit_cmd", required=True)
@@ -209,3 +257,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--output", "-o", help="file (default: stdout)")
     e.add_argument("--public-key", help="included in the export (default <data_dir>/audit/signing.pub)")
     e.set_defaults(func=cmd_export)
+    r = aus.add_parser("retain", help="make request_log partitions ahead; export and drop those older than "
+                                      "audit.retention.keep_days (run it from a daily timer)")
+    r.add_argument("--now", type=parse_time, help=argparse.SUPPRESS)  # tests and back-fills: the clock
+    r.add_argument("--dry-run", action="store_true", help="say what would be exported and dropped")
+    r.set_defaults(func=cmd_retain)
+    x = aus.add_parser("verify-export", help="check a retention export file on its own (hashes, links, "
+                                             "checkpoint signatures)")
+    x.add_argument("file")
+    x.add_argument("--public-key", action="append", default=[], help="checkpoint public key (PEM); repeatable")
+    x.set_defaults(func=cmd_verify_export)

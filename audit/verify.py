@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from psycopg import sql
 
 from audit.chain import GENESIS, checkpoint_message, key_id, link_hash
+from audit.retention import retained_runs
 
 TABLES = ("request_log", "admin_log")
 MOVE_WINDOW = 2000
@@ -63,6 +64,7 @@ class Report:
     checkpoints: int = 0
     unsigned_tail: dict[str, int] = field(default_factory=dict)  # chain -> links after its last checkpoint
     legacy_rows: int = 0
+    retained_rows: int = 0  # links exported and dropped by retention (recorded in the admin chain)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -167,8 +169,10 @@ def _moved_from(table: str, chain_id: str, row: dict[str, Any], seq: int, prev: 
 
 
 def _walk(conn: psycopg.Connection, table: str, chain_id: str, columns: list[str],
-          checkpoints: list[_Checkpoint], since: datetime | None, report: Report) -> None:
+          checkpoints: list[_Checkpoint], since: datetime | None, report: Report,
+          retained: list[tuple[int, int, bytes]] | None = None) -> None:
     signed = [c for c in checkpoints if c.valid]
+    dropped = retained or []
     anchor = None
     if since is not None:
         anchor = next((c for c in reversed(signed) if c.ts <= since), None)
@@ -180,26 +184,54 @@ def _walk(conn: psycopg.Connection, table: str, chain_id: str, columns: list[str
     def problem(row: dict[str, Any], seq: int | None, what: str) -> None:
         report.problems.append(Problem(table, chain_id, seq, row.get("id"), row.get(_LABEL[table]), what))
 
+    def run_from(first: int, at_anchor: bool) -> tuple[int, int, bytes] | None:
+        """The run retention dropped that starts at `first` (or, at the walk's anchor, covers it)."""
+        return next((r for r in dropped if r[0] == first or (at_anchor and r[0] <= first <= r[1])), None)
+
+    retained_to = 0  # the last seq of the retained run just crossed (0: none)
     for row, seq, prev_hash, stored in _links(conn, table, chain_id, columns, start):
         report.rows += 1
         if seq != expected:
-            gap = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
-            problem(row, seq, f"{gap} missing before this row (removed)")
-            return
+            # Exported and dropped by `ccr audit retain` (recorded in the admin chain): not a removal,
+            # and this link must carry the hash of the run's last one.
+            run = run_from(expected, prev is None)
+            if run is None or run[1] != seq - 1:
+                if run is not None and run[1] < seq - 1:
+                    expected = run[1] + 1  # what retention accounts for is not the problem
+                gap = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
+                problem(row, seq, f"{gap} missing before this row (removed)")
+                return
+            expected, prev, retained_to = seq, run[2], run[1]
+            report.retained_rows += run[1] - run[0] + 1
+        else:
+            retained_to = 0
         if link_hash(table, chain_id, seq, prev_hash, row) != stored:
             moved = _moved_from(table, chain_id, row, seq, prev_hash, stored)
             problem(row, seq, f"was written at seq {moved}: rows reordered" if moved
                     else "content changed (hash does not match the row)")
             return
         if prev is not None and prev_hash != prev:
-            problem(row, seq, f"does not link to seq {seq - 1} (a row before it was removed, changed or reordered)")
+            problem(row, seq, f"does not link to the last exported row (seq {retained_to}) its retention recorded"
+                    if retained_to else
+                    f"does not link to seq {seq - 1} (a row before it was removed, changed or reordered)")
             return
         cp = want.get(seq)
         if cp is not None and cp.row_hash != stored:
             problem(row, seq, f"differs from the checkpoint signed at {cp.ts.isoformat()} (chain rewritten)")
             return
         prev, expected, last = stored, seq + 1, seq
-    beyond = [c for c in signed if c.seq > last]
+    tail = run_from(last + 1, prev is None)
+    if tail is not None:  # the chain's newest links left with a partition
+        report.retained_rows += tail[1] - last
+        last = tail[1]
+    for c in signed:
+        r = next((r for r in dropped if r[1] == c.seq), None)
+        if r is not None and c.row_hash != r[2]:
+            report.problems.append(Problem(table, chain_id, c.seq, None, None,
+                                           f"the checkpoint signed at {c.ts.isoformat()} differs from the hash "
+                                           "retention recorded for this exported row (export or record altered)"))
+            return
+    beyond = [c for c in signed if c.seq > last and not any(r[0] <= c.seq <= r[1] for r in dropped)]
     if beyond:
         c = beyond[0]
         report.problems.append(Problem(table, chain_id, last + 1, None, None,
@@ -225,9 +257,11 @@ def verify(dsn: str, keys: list[Ed25519PublicKey], since: datetime | None = None
         for chain_id in sorted(set(checkpoints) - known):
             report.problems.append(Problem(checkpoints[chain_id][0].table, chain_id, None, None, None,
                                            "chain has signed checkpoints but is not registered (chain removed)"))
+        retained = retained_runs(conn)
         for chain_id, table, columns in chains:
             report.chains += 1
-            _walk(conn, table, chain_id, list(columns), checkpoints.get(chain_id, []), since, report)
+            _walk(conn, table, chain_id, list(columns), checkpoints.get(chain_id, []), since, report,
+                  retained.get(chain_id) if table == "request_log" else None)
         for table in TABLES:
             t = sql.Identifier(table)
             legacy = conn.execute(sql.SQL("SELECT coalesce(max(max_id), 0) FROM audit_unchained_before"
@@ -247,3 +281,71 @@ def verify(dsn: str, keys: list[Ed25519PublicKey], since: datetime | None = None
                 report.problems.append(Problem(table, chain_id, None, None, None,
                                                "rows of an unregistered chain (registration removed)"))
     return report
+
+
+def verify_export(path: Path, keys: list[Ed25519PublicKey]) -> tuple[list[str], dict[str, int], str]:
+    """Check a retention export on its own: every row hashes to its link from its content, consecutive
+    links of a chain follow each other, every checkpoint's signature verifies and, where it names a row
+    in the file, matches it. Returns (problems, counts, the file's SHA-256 to compare with the admin
+    chain's `audit.retain` record)."""
+    import hashlib
+
+    problems: list[str] = []
+    counts = {"rows": 0, "chains": 0, "checkpoints": 0}
+    chains: dict[str, list[str]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    cps: list[dict[str, Any]] = []
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            digest.update(raw)
+            try:
+                d = json.loads(raw)
+                kind = d.pop("kind")
+            except (ValueError, KeyError, AttributeError):
+                problems.append(f"{path.name}:{n}: not an export line")
+                continue
+            if kind == "chain":
+                chains[d["chain_id"]] = list(d["columns"])
+            elif kind == "request_log" and d.get("chain_id"):
+                rows.setdefault(d["chain_id"], []).append(d)
+            elif kind == "checkpoint":
+                cps.append(d)
+    by_id = {key_id(k): k for k in keys}
+    hashes: dict[tuple[str, int], bytes] = {}
+    for chain, rs in rows.items():
+        counts["chains"] += 1
+        columns = chains.get(chain)
+        if columns is None:
+            problems.append(f"chain {chain}: rows without the chain's registration")
+            continue
+        prev: tuple[int, bytes] | None = None
+        for r in sorted(rs, key=lambda r: r["chain_seq"]):
+            counts["rows"] += 1
+            seq, stored, prev_hash = r["chain_seq"], bytes.fromhex(r["row_hash"]), bytes.fromhex(r["prev_hash"])
+            if link_hash("request_log", chain, seq, prev_hash, {c: r[c] for c in columns}) != stored:
+                problems.append(f"request_log row id={r['id']} (request_id={r['request_id']!r}) chain {chain} "
+                                f"seq {seq}: content changed (hash does not match the row)")
+            elif prev is not None and prev[0] == seq - 1 and prev[1] != prev_hash:
+                problems.append(f"request_log row id={r['id']} chain {chain} seq {seq}: does not link to seq {seq - 1}")
+            prev = (seq, stored)
+            hashes[(chain, seq)] = stored
+    for c in cps:
+        counts["checkpoints"] += 1
+        ts = datetime.fromisoformat(c["ts"])
+        h = bytes.fromhex(c["row_hash"])
+        key = by_id.get(c["key_id"])
+        try:
+            if key is None:
+                raise InvalidSignature
+            key.verify(bytes.fromhex(c["signature"]), checkpoint_message(c["log_table"], c["chain_id"],
+                                                                         c["chain_seq"], h, ts))
+        except InvalidSignature:
+            problems.append(f"checkpoint chain {c['chain_id']} seq {c['chain_seq']}: signature does not verify"
+                            + (f" (unknown key {c['key_id']!r})" if key is None else ""))
+            continue
+        got = hashes.get((c["chain_id"], c["chain_seq"]))
+        if got is not None and got != h:
+            problems.append(f"request_log chain {c['chain_id']} seq {c['chain_seq']}: differs from the checkpoint "
+                            f"signed at {c['ts']} (chain rewritten)")
+    return problems, counts, digest.hexdigest()

@@ -253,8 +253,24 @@ class StorageSettings(Strict):
     data_dir: str = ".ccr"
 
 
+class AuditRetention(Strict):
+    """Time partitions of request_log and their retention (docs/audit.md "Retention"; `ccr audit retain`)."""
+
+    # Granularity of the partitions `ccr audit retain` makes ahead (UTC calendar months or days).
+    partition: Literal["month", "day"] = "month"
+    # Partitions made ahead of the current one (rows outside every partition go to the default one).
+    premake: Annotated[int, Field(ge=1, le=400)] = 3
+    # A partition wholly older than this many days is exported and dropped. Unset (the default):
+    # nothing is ever dropped.
+    keep_days: Annotated[int, Field(ge=1)] | None = None
+    # Where exports go (JSON Lines, one file per partition); relative: to storage.data_dir.
+    export_dir: str = "audit/exports"
+
+
 class AuditSettings(Strict):
     """The audit trail (docs/audit.md): spool, checkpoints, Envoy's access-log buffer."""
+
+    retention: AuditRetention = AuditRetention()
 
     # The local spool that takes rows while PostgreSQL is down or slow. When full, the receiver
     # stops reading Envoy's streams (nothing is dropped by it); Envoy then buffers and drops.
