@@ -23,7 +23,9 @@ from typing import Any
 
 import anthropic
 import httpx
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from ccr.procs import Child, spawn, wait_ready_file
 from ccr.supervisor import Gateway
@@ -120,6 +122,16 @@ def _tenant_key(w: World, tenant: str) -> str:
     return key
 
 
+def _audit_row(w: World, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    with psycopg.connect(w.gw.runtime.postgres_dsn, row_factory=dict_row) as conn:
+        q = "SELECT * FROM request_log WHERE request_id = %s"
+        while (row := conn.execute(q, (request_id,)).fetchone()) is None:
+            assert time.monotonic() < deadline, f"no audit row for {request_id}"
+            time.sleep(0.05)
+    return row
+
+
 def test_primary_stopped_mid_run_no_client_visible_error(world: World) -> None:
     c = _client(world.gw.url, world.gw.api_key)
     before_eu, before_primary = len(emulator_records(world.gw)), len(world.primary.records())
@@ -150,6 +162,11 @@ def test_529_fails_over_and_the_next_target_gets_its_own_credential(world: World
     # gateway-internal header on the wire.
     assert headers["x-api-key"] != KEY
     assert not [h for h in headers if h.startswith("x-ccr-")]
+    # The audit row names the provider that served (Envoy's host metadata, not the chain's first), its
+    # region, and both attempts.
+    row = _audit_row(world, raw.headers["x-request-id"])
+    assert (row["provider"], row["region"], row["attempts"], row["status"]) == ("backup-eu", "eu", 2, 200), row
+    assert row["upstream_cluster"] and row["upstream_cluster"] not in ("provider_flaky-us", "provider_backup-eu")
 
 
 def test_a_request_caused_error_is_not_failed_over(world: World) -> None:
