@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from audit.chain import CHECKPOINT_LOG, PUBLIC_KEY_FILE, canonical, load_public_key
+from audit.entry import COLUMNS
 
 _RELATIVE = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -72,7 +73,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 _QUERY_COLUMNS = ("ts", "request_id", "principal", "key_id", "model", "method", "path", "status",
-                  "input_tokens", "output_tokens", "latency_ms", "usage_status")
+                  "input_tokens", "output_tokens", "latency_ms", "usage_status", "provider", "cost_micro_usd")
+# --format json: every column of the row (audit/entry.py COLUMNS, after the id).
+_JSON_COLUMNS = ("id", *COLUMNS)
 
 
 def _status_arg(text: str) -> str:
@@ -101,7 +104,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     where: list[sql.Composable] = []
     params: list[Any] = []
-    for col, val in (("principal", args.principal), ("model", args.model), ("key_id", args.key)):
+    for col, val in (("principal", args.principal), ("model", args.model), ("key_id", args.key),
+                     ("tenant", args.tenant), ("provider", args.provider), ("decision_id", args.decision)):
         if val is not None:
             where.append(sql.SQL("{} = %s").format(sql.Identifier(col)))
             params.append(val)
@@ -113,14 +117,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         params.append(args.until)
     if args.status is not None:
         where.append(_status_filter(args.status))
+    columns = _JSON_COLUMNS if args.format == "json" else _QUERY_COLUMNS
     q = sql.SQL("SELECT {cols} FROM request_log {where} ORDER BY ts DESC, id DESC LIMIT %s").format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, _QUERY_COLUMNS)),
+        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
     with _dsn(args.config) as dsn, psycopg.connect(dsn) as conn:
         rows = conn.execute(q, [*params, args.limit]).fetchall()
     if args.format == "json":
         for r in rows:
-            print(json.dumps({c: _json_value(v) for c, v in zip(_QUERY_COLUMNS, r, strict=True)}))
+            print(json.dumps({c: _json_value(v) for c, v in zip(columns, r, strict=True)}))
         return 0
     shown = [["-" if v is None else (f"{v:%Y-%m-%d %H:%M:%S}" if isinstance(v, datetime) else
                                      f"{v:.0f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
@@ -245,6 +250,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--principal")
     q.add_argument("--model")
     q.add_argument("--key", help="key id")
+    q.add_argument("--tenant")
+    q.add_argument("--provider", help="the provider that served (providers[].name)")
+    q.add_argument("--decision", help="policy decision id (dec_...)")
     q.add_argument("--since", type=parse_time, help="ISO-8601 time or a span back from now (30m, 2h, 7d)")
     q.add_argument("--until", type=parse_time)
     q.add_argument("--status", type=_status_arg, help="a status (429) or a class (5xx)")

@@ -230,6 +230,13 @@ def test_query_and_export(trail: Trail, capsys: pytest.CaptureFixture[str]) -> N
                  "--format", "json"]) == 0
     got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["request_id"], r["status"]) for r in got] == [(p + "b", 429)]
+    assert got[0]["error_type"] == "rate_limit_error" and got[0]["provider"] == "anthropic"  # every column
+    assert main(["audit", "query", "-c", str(trail.config), "--provider", "anthropic", "--principal", "dave",
+                 "--format", "json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["request_id"], r["error_kind"], r["ratelimit"]) for r in got] == [(p + "c", None, "not_checked")]
+    assert main(["audit", "query", "-c", str(trail.config), "--provider", "elsewhere", "--format", "json"]) == 0
+    assert capsys.readouterr().out == ""
     assert main(["audit", "query", "-c", str(trail.config), "--model", "claude-haiku-4-5",
                  "--since", "2025-11-25T11:00Z", "--until", "2025-11-25T13:00Z"]) == 0
     table = capsys.readouterr().out.splitlines()
