@@ -211,10 +211,10 @@ def error_kind(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | 
     codes = set((flags or "").split(","))
     if "UAEX" in codes:
         return "denied"
+    if status == 402 and not forwarded:  # the budget filter's refusal (it also sets the RL flag)
+        return "budget"
     if "RL" in codes or (status == 429 and not forwarded):
         return "rate_limited"
-    if status == 402 and not forwarded:
-        return "budget"
     if status >= 500:
         return "upstream" if forwarded else "gateway"
     return "client"

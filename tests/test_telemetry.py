@@ -46,6 +46,7 @@ def test_error_kinds_from_what_envoy_logged() -> None:
     assert error_kind(common, 403, "UAEX") == "denied"
     assert error_kind(common, 429, "RL") == "rate_limited"
     assert error_kind(common, 402, None) == "budget"
+    assert error_kind(common, 402, "RL") == "budget"  # the budget filter is a rate limit filter: it sets RL too
     assert error_kind(common, 503, "UF") == "gateway"
     assert error_kind(common, 400, None) == "client"
     common.time_to_first_upstream_rx_byte.FromMilliseconds(5)  # the provider answered
