@@ -196,3 +196,57 @@ def test_nothing_is_dropped_without_keep_days(trail: tuple[str, Path], tmp_path:
     with psycopg.connect(dsn) as conn:
         assert f"request_log_{MONTH0:%Y%m%d}" in {p.name for p in partitions(conn)}
         assert conn.execute("SELECT count(*) FROM request_log").fetchone() == (1,)
+
+
+def test_upgrade_keeps_every_older_chain_verifiable(postgres_server: dict[str, object], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database with a chain from before migration 11 (fewer columns) and one from before 12 (not
+    partitioned) is upgraded: rows are copied into time partitions and both chains still verify."""
+    from audit.chain import Head, checkpoint_message, key_id, link_rows
+    from audit.entry import COLUMNS, DETAIL_COLUMNS
+
+    dsn = create_database(str(postgres_server["admin_dsn"]), prefix="upgrade")
+    full = list(db.MIGRATIONS)
+    monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m[0] <= 10])
+    db.migrate(dsn)
+    signer = signing_key(tmp_path / "audit")
+    old_cols = ("id", *COLUMNS[:len(COLUMNS) - len(DETAIL_COLUMNS)])
+    old_rows = []
+    for i, ts in enumerate([datetime(2025, 11, 3, tzinfo=UTC), MONTH0 + timedelta(hours=1)]):
+        r = entry_to_row(entry(f"v10-{uuid.uuid4().hex[:6]}-{i}", start=ts))
+        assert r is not None
+        old_rows.append(r[:len(old_cols) - 1])
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO audit_chains (chain_id, log_table, columns) VALUES ('v10', 'request_log', %s)",
+                     (list(old_cols),))
+        ids = [i for (i,) in conn.execute("SELECT nextval('request_log_id_seq') FROM generate_series(1, 2)")]
+        linked, head = link_rows("request_log", "v10", old_cols, Head(), [(i, *r) for i, r in zip(ids, old_rows,
+                                                                                                  strict=True)])
+        cols = ", ".join((*old_cols, "chain_id", "chain_seq", "prev_hash", "row_hash"))
+        conn.cursor().executemany(f"INSERT INTO request_log ({cols}) VALUES ({', '.join(['%s'] * len(linked[0]))})",
+                                  linked)
+        ts = datetime.now(UTC)
+        conn.execute("INSERT INTO audit_checkpoints (ts, log_table, chain_id, chain_seq, row_hash, key_id, signature)"
+                     " VALUES (%s, 'request_log', 'v10', %s, %s, %s, %s)",
+                     (ts, head.seq, head.hash, key_id(signer.public_key()),
+                      signer.sign(checkpoint_message("request_log", "v10", head.seq, head.hash, ts))))
+    monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m[0] <= 11])
+    db.migrate(dsn)
+    chain11, _ = _write(dsn, tmp_path / "audit", [MONTH0 + timedelta(hours=2), MONTH0 + timedelta(hours=3)])
+    keys = [signer.public_key()]
+    assert verify(dsn, keys).ok
+
+    monkeypatch.setattr(db, "MIGRATIONS", full)
+    db.migrate(dsn)
+    report = verify(dsn, keys)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.chains == 3 and report.rows == 4  # two request_log chains, the (empty) admin chain
+    with psycopg.connect(dsn) as conn:
+        names = {p.name for p in partitions(conn)}
+        assert {"request_log_20251101", f"request_log_{MONTH0:%Y%m%d}"} <= names
+        assert conn.execute("SELECT count(*) FROM request_log_20251101").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM request_log_default").fetchone() == (0,)
+        # The sequence goes on from the copied rows.
+        (nxt,) = conn.execute("SELECT nextval('request_log_id_seq')").fetchone() or (0,)
+        assert nxt > max(ids) + 2
+    assert chain11
