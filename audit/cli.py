@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_retain(args: argparse.Namespace) -> int:
-    from audit.retention import ensure_partitions, retain
+    from audit.retention import PartitionError, ensure_partitions, retain
     from ccr.cli import _dsn
     from ccr.config import load_config
 
@@ -200,8 +200,13 @@ def cmd_retain(args: argparse.Namespace) -> int:
         export_dir = Gateway(Path(args.config)).data_dir() / export_dir
     pub = _audit_dir(args.config) / PUBLIC_KEY_FILE
     with _dsn(args.config) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            made = [] if args.dry_run else ensure_partitions(conn, r.partition, r.premake, now)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                made = [] if args.dry_run else ensure_partitions(conn, r.partition, r.premake, now)
+        except PartitionError as e:
+            print(f"error: {e}; move those rows out of request_log_default (as the owner) and run again",
+                  file=sys.stderr)
+            return 1
         for name in made:
             print(f"made partition {name}")
         if r.keep_days is None:

@@ -40,6 +40,10 @@ DEFAULT_PARTITION = "request_log_default"
 _BOUND = re.compile(r"FOR VALUES FROM \('([^']+)'\) TO \('([^']+)'\)")
 
 
+class PartitionError(Exception):
+    """A partition could not be made; the rows keep going to the default partition meanwhile."""
+
+
 @dataclass(frozen=True)
 class Partition:
     name: str
@@ -86,8 +90,13 @@ def ensure_partitions(conn: psycopg.Connection, unit: str, premake: int, now: da
         # After partitions of a coarser unit the first one may be shorter: it ends on the next boundary.
         end = _next(start, unit)
         name = f"request_log_{start:%Y%m%d}"
-        with conn.transaction():
-            conn.execute("SELECT audit_add_partition(%s, %s, %s)", (name, start, end))
+        try:
+            with conn.transaction():
+                conn.execute("SELECT audit_add_partition(%s, %s, %s)", (name, start, end))
+        except psycopg.errors.CheckViolation as e:
+            # Rows of that range already sit in the default partition (no partition was made in time).
+            raise PartitionError(f"cannot make {name} ({start:%Y-%m-%d} to {end:%Y-%m-%d}): request_log_default "
+                                 f"holds rows of that range ({e.diag.message_primary})") from None
         made.append(name)
         start = end
     return made

@@ -468,11 +468,14 @@ class Gateway:
 
         import psycopg
 
-        from audit.retention import ensure_partitions
+        from audit.retention import PartitionError, ensure_partitions
 
         r = config.audit.retention
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            ensure_partitions(conn, r.partition, r.premake, datetime.now(UTC))
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                ensure_partitions(conn, r.partition, r.premake, datetime.now(UTC))
+        except PartitionError as e:  # rows still have a home (the default partition): say so, start anyway
+            print(f"warning: audit partitions: {e}", file=sys.stderr)
 
     @staticmethod
     def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:

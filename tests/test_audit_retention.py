@@ -250,3 +250,21 @@ def test_upgrade_keeps_every_older_chain_verifiable(postgres_server: dict[str, o
         (nxt,) = conn.execute("SELECT nextval('request_log_id_seq')").fetchone() or (0,)
         assert nxt > max(ids) + 2
     assert chain11
+
+
+def test_rows_beyond_every_partition_go_to_the_default_and_block_only_that_range(
+        trail: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from audit.retention import PartitionError
+
+    dsn, audit_dir = trail
+    far = _next(_next(_next(_next(MONTH0, "month"), "month"), "month"), "month") + timedelta(days=2)
+    _, rids = _write(dsn, audit_dir, [far])  # past the partitions migration 12 made: kept, in the default one
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT request_id FROM request_log_default").fetchall() == [(rids[0],)]
+        with pytest.raises(PartitionError, match="request_log_default holds rows"):
+            ensure_partitions(conn, "month", 3, far)
+    config = _config(tmp_path, dsn, keep_days=30)
+    capsys.readouterr()
+    assert main(["audit", "retain", "-c", str(config), "--now", far.isoformat()]) == 1
+    assert "request_log_default" in capsys.readouterr().err
+    assert verify(dsn, [signing_key(audit_dir).public_key()]).ok
