@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -34,6 +34,9 @@ from psycopg.rows import dict_row
 
 from audit.admin import append_admin
 from audit.chain import canonical
+
+if TYPE_CHECKING:
+    from ccr.config import GatewayConfig
 
 RETAIN_ACTION = "audit.retain"
 DEFAULT_PARTITION = "request_log_default"
@@ -79,7 +82,9 @@ def _next(t: datetime, unit: str) -> datetime:
 
 
 def ensure_partitions(conn: psycopg.Connection, unit: str, premake: int, now: datetime) -> list[str]:
-    """Make partitions from the end of the last one (or this period) to `premake` periods after now's."""
+    """Make partitions from the end of the last one (or this period) to `premake` periods after now's.
+
+    Safe to run from several processes at once (a partition another one made is skipped)."""
     ranged = [p for p in partitions(conn) if p.hi is not None]
     target = _floor(now, unit)
     for _ in range(premake + 1):
@@ -93,6 +98,8 @@ def ensure_partitions(conn: psycopg.Connection, unit: str, premake: int, now: da
         try:
             with conn.transaction():
                 conn.execute("SELECT audit_add_partition(%s, %s, %s)", (name, start, end))
+        except psycopg.errors.DuplicateTable:
+            pass  # another process (a replica starting at the same time) made it
         except psycopg.errors.CheckViolation as e:
             # Rows of that range already sit in the default partition (no partition was made in time).
             raise PartitionError(f"cannot make {name} ({start:%Y-%m-%d} to {end:%Y-%m-%d}): request_log_default "
@@ -211,3 +218,16 @@ def retained_runs(conn: psycopg.Connection) -> dict[str, list[tuple[int, int, by
                 merged.append((first, last, h))
         out[chain] = merged
     return out
+
+
+def make_ahead(config: GatewayConfig, dsn: str, now: datetime | None = None) -> str | None:
+    """At a gateway's start (`ccr up`, `ccr serve accesslog`): partitions ahead per audit.retention, so one
+    whose `ccr audit retain` timer is missing still writes into time partitions for a while. A warning
+    to show when a partition could not be made (rows still go to the default partition), else None."""
+    r = config.audit.retention
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ensure_partitions(conn, r.partition, r.premake, now or datetime.now(UTC))
+    except PartitionError as e:
+        return f"audit partitions: {e}"
+    return None

@@ -148,6 +148,11 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
     host, port = _listen(config, name, listen)
     if name in USES_POSTGRES:
         db.migrate(rt.postgres_dsn)
+    if name == "accesslog":  # time partitions ahead (docs/audit.md "Retention")
+        from audit.retention import make_ahead
+
+        if (warning := make_ahead(config, rt.postgres_dsn)) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
     if name == "extauth" and config.policy.bundle is None:
         from extauth.bundle import build_bundle
 

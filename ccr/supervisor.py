@@ -366,7 +366,10 @@ class Gateway:
             pg = self._track(start_postgres(data / "pgdata", logs))
             dsn, where = str(pg.info["dsn"]), f"embedded, pid {pg.pid}"
         version = db.migrate(dsn)
-        self._audit_partitions(config, dsn)
+        from audit.retention import make_ahead
+
+        if (warning := make_ahead(config, dsn)) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         # The access-log receiver writes as an insert-only role when ccr manages PostgreSQL;
         # with an external DSN it uses that DSN (docs/audit.md: grant the role there yourself).
         audit_dsn = self._audit_dsn(config, dsn, data)
@@ -459,23 +462,6 @@ class Gateway:
         write_scrape_targets(run_dir / SCRAPE_TARGETS, runtime.metrics, self.admin_url)
         self.status("metrics", f"Envoy {self.admin_url}/stats/prometheus; ccr services "
                     + (", ".join(f"{n} http://{a}/metrics" for n, a in sorted(runtime.metrics.items())) or "off"))
-
-    @staticmethod
-    def _audit_partitions(config: GatewayConfig, dsn: str) -> None:
-        """request_log partitions ahead of now (docs/audit.md "Retention"): made at every start too, so a
-        gateway whose `ccr audit retain` timer is missing still writes into time partitions for a while."""
-        from datetime import UTC, datetime
-
-        import psycopg
-
-        from audit.retention import PartitionError, ensure_partitions
-
-        r = config.audit.retention
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                ensure_partitions(conn, r.partition, r.premake, datetime.now(UTC))
-        except PartitionError as e:  # rows still have a home (the default partition): say so, start anyway
-            print(f"warning: audit partitions: {e}", file=sys.stderr)
 
     @staticmethod
     def _audit_dsn(config: GatewayConfig, dsn: str, data: Path) -> str | None:

@@ -264,6 +264,12 @@ def test_rows_beyond_every_partition_go_to_the_default_and_block_only_that_range
         with pytest.raises(PartitionError, match="request_log_default holds rows"):
             ensure_partitions(conn, "month", 3, far)
     config = _config(tmp_path, dsn, keep_days=30)
+    from audit.retention import make_ahead
+    from ccr.config import load_config
+
+    warning = make_ahead(load_config(config), dsn, far)  # what `ccr up` / `ccr serve accesslog` print, and go on
+    assert warning is not None and "request_log_default holds rows" in warning
+    assert make_ahead(load_config(config), dsn, MONTH0) is None  # nothing to make: no warning
     capsys.readouterr()
     assert main(["audit", "retain", "-c", str(config), "--now", far.isoformat()]) == 1
     assert "request_log_default" in capsys.readouterr().err
