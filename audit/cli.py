@@ -59,6 +59,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"ok": report.ok, "chains": report.chains, "rows": report.rows,
                           "checkpoints": report.checkpoints, "legacy_rows": report.legacy_rows,
+                          "retained_rows": report.retained_rows,
                           "unsigned_tail": report.unsigned_tail,
                           "problems": [{**vars(p), "message": str(p)} for p in report.problems]}, indent=2))
     else:
@@ -68,7 +69,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{'FAILED' if report.problems else 'OK'}: {report.chains} chain(s), {report.rows} row(s), "
               f"{report.checkpoints} checkpoint(s) checked"
               + (f"; {tail} newest row(s) not yet covered by a checkpoint" if tail else "")
-              + (f"; {report.legacy_rows} row(s) from before the chains (not covered)" if report.legacy_rows else ""))
+              + (f"; {report.legacy_rows} row(s) from before the chains (not covered)" if report.legacy_rows else "")
+              + (f"; {report.retained_rows} row(s) exported and dropped by retention (recorded in the admin chain)"
+                 if report.retained_rows else ""))
     return 1 if report.problems else 0
 
 

@@ -113,6 +113,16 @@ def test_retention_exports_drops_and_verify_still_passes(trail: tuple[str, Path]
     report = verify(dsn, keys)
     assert report.ok, [str(p) for p in report.problems]
     assert report.retained_rows == 3 and report.rows == 3 + 1  # three request links left, one admin link
+    # --since anchored on a checkpoint whose row left with the partition: the walk crosses the run.
+    with psycopg.connect(dsn) as conn:
+        (signed_at,) = conn.execute("SELECT ts FROM audit_checkpoints WHERE chain_id = %s AND chain_seq = 2",
+                                    (chain,)).fetchone() or (None,)
+    since = verify(dsn, keys, since=signed_at)
+    assert since.ok and since.rows == 3 + 1, [str(p) for p in since.problems]
+
+    capsys.readouterr()
+    assert main(["audit", "verify", "-c", str(config), "--public-key", str(audit_dir / "signing.pub")]) == 0
+    assert "3 row(s) exported and dropped by retention" in capsys.readouterr().out
 
     # The export verifies on its own, and is the file the admin chain names.
     export = tmp_path / "exports" / f"{name}.jsonl"
