@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -156,6 +157,7 @@ def publish_initial(run_dir: str | Path, config_path: str | Path, followers: dic
     text = Path(config_path).read_text()
     config = parse_text(text, str(config_path))
     v = Version(1, digest_of(config))
+    shutil.rmtree(config_dir(run_dir), ignore_errors=True)  # a previous run's versions and acknowledgements
     write_snapshot(run_dir, 1, text)
     write_targets(run_dir, dict.fromkeys(followers, v))
     write_json(config_dir(run_dir) / STATUS_FILE, {"seq": 1, "digest": v.digest, "state": "applied",

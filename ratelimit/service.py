@@ -33,8 +33,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis

@@ -38,8 +38,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from ccr.config_sync import on_config
 from ccr.config import GatewayConfig, ProviderKind
+from ccr.config_sync import on_config
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     ADAPTER_TRANSLATE_MD,
