@@ -74,7 +74,7 @@ def apply(config_path: str, file: str, wait_s: float) -> int:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.chmod(target.stat().st_mode & 0o777)
-    started = time.time()
+    refusals = int(status.get("refusals") or 0)
     tmp.replace(target)  # the router sees the old file or the new one, never half of one
     status_path = Path(runtime.run_dir) / CONFIG_DIR / STATUS_FILE
     deadline = time.monotonic() + wait_s
@@ -83,7 +83,7 @@ def apply(config_path: str, file: str, wait_s: float) -> int:
         if st.get("digest") == digest and st.get("state") == "applied":
             print(f"{file}: applied as v{st['seq']} ({digest[:12]}) on Envoy and every service")
             return 0
-        if st.get("refused_digest") == digest and (st.get("last_error_at") or 0) >= started:
+        if st.get("refused_digest") == digest and int(st.get("refusals") or 0) > refusals:
             print(f"{file}: refused by the gateway (it keeps serving v{st.get('seq')}): {st.get('last_error')}",
                   file=sys.stderr)
             return 1

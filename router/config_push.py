@@ -87,7 +87,8 @@ class Distributor:
         self.status: dict = {"seq": current.seq, "digest": current.digest, "state": "applied",
                              "last_allocated": max(int(st.get("last_allocated") or 0), current.seq),
                              "history": st.get("history") or [], "last_error": st.get("last_error"),
-                             "last_error_at": st.get("last_error_at"), "refused_digest": st.get("refused_digest")}
+                             "last_error_at": st.get("last_error_at"), "refused_digest": st.get("refused_digest"),
+                             "refusals": int(st.get("refusals") or 0)}
         metrics.config_version("router", current.seq, current.digest)
         self._save()
 
@@ -99,7 +100,8 @@ class Distributor:
     def _refuse(self, message: str, digest: str | None) -> None:
         metrics.CONFIG_REFUSED.inc()
         log.error("config edit refused; %s keeps serving everywhere: %s", self.current.label(), message)
-        self._save(state="applied", last_error=message, last_error_at=time.time(), refused_digest=digest)
+        self._save(state="applied", last_error=message, last_error_at=time.time(), refused_digest=digest,
+                   refusals=int(self.status["refusals"]) + 1)
 
     # -- one edit -------------------------------------------------------------------------------
 
