@@ -43,7 +43,9 @@ ACKS_DIR = "acks"
 POLL_S = 0.05  # how often a follower looks at targets.json (a stat)
 
 # Sections applied without a restart. Everything else is read once, at start.
-HOT_SECTIONS = ("providers", "models", "limits", "files")
+HOT_SECTIONS = ("gateway", "providers", "models", "limits", "files")
+# gateway fields in Envoy's bootstrap or the processes' start (the others are in its xDS resources).
+_GATEWAY_AT_START = ("listen", "admin", "concurrency", "overload", "xds", "tls")
 # limits fields that are bound at start (the rate-limit rule directory's watcher).
 _LIMITS_AT_START = ("envoy_config_dir", "reload_interval_s")
 # Provider fields that decide which secrets and processes exist: set at start, never hot.
@@ -84,8 +86,9 @@ def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     out = [f"{k}: changed, but this section is read only at start (restart the gateway to apply it)"
            for k in sorted(a) if k not in HOT_SECTIONS and a[k] != b[k]]
-    out += [f"limits.{k}: changed, but it is read only at start" for k in _LIMITS_AT_START
-            if a["limits"][k] != b["limits"][k]]
+    out += [f"{section}.{k}: changed, but it is read only at start (restart the gateway to apply it)"
+            for section, keys in (("gateway", _GATEWAY_AT_START), ("limits", _LIMITS_AT_START))
+            for k in keys if a[section][k] != b[section][k]]
     before = {p.name: p for p in old.providers}
     had_pools = bool(old.pool_providers)
     for p in new.providers:

@@ -90,6 +90,11 @@ class Distributor:
                              "last_error_at": st.get("last_error_at"), "refused_digest": st.get("refused_digest"),
                              "refusals": int(st.get("refusals") or 0)}
         metrics.config_version("router", current.seq, current.digest)
+        targets = read_targets(self.run_dir)
+        if any(targets.get(n) != current for n in runtime.config_followers):
+            # A router that stopped during a change: every service back on the version it applied.
+            log.warning("services were left mid-change; putting every one back on %s", current.label())
+            write_targets(self.run_dir, dict.fromkeys(runtime.config_followers, current))
         self._save()
 
     def _save(self, **fields: object) -> None:

@@ -255,7 +255,8 @@ def test_invalid_and_restart_only_edits_are_refused_everywhere(gw: Gateway) -> N
     good = gw.config_path.read_text()
     bad = [
         (lambda cfg: cfg["models"].append({"match": "claude-x-*", "provider": "nowhere"}), "unknown provider"),
-        (lambda cfg: cfg["gateway"].update(request_timeout_s=5), "gateway: changed"),
+        (lambda cfg: cfg["gateway"].update(concurrency=3), "gateway.concurrency: changed"),
+        (lambda cfg: cfg["storage"].update(data_dir="elsewhere"), "storage: changed"),
         (lambda cfg: cfg["providers"].append({"name": "keyed", "kind": "anthropic", "api_key_env": "X"}),
          "providers.keyed"),
     ]
@@ -290,7 +291,7 @@ def test_ccr_config_apply(gw: Gateway, oss: OpenAIServer, tmp_path: Path) -> Non
     bad.write_text(yaml.safe_dump(cfg))
     before = gw.config_path.read_text()
     out = ccr(gw, "config", "apply", str(bad))
-    assert out.returncode == 2 and "gateway: changed" in out.stderr, out.stdout + out.stderr
+    assert out.returncode == 2 and "gateway.listen: changed" in out.stderr, out.stdout + out.stderr
     assert gw.config_path.read_text() == before  # refused before the file is touched
     cfg = yaml.safe_load(before)
     cfg["models"].insert(0, {"match": "claude-applied-*", "provider": "anthropic"})
