@@ -144,6 +144,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.nacked: dict[str, dict[str, str]] = {}  # node id -> type -> the version it refused
         self._nacks_logged: set[tuple[str, str, str]] = set()
         self._streams: set[_Progress] = set()  # every connected Envoy stream's progress
+        self._generation = 0  # counts published snapshots: a later one covers an earlier one
+        self._generations: dict[str, int] = {snapshot.version: 0}
         metrics.xds_served(_SHORT.values(), snapshot.version)
 
     @property
@@ -155,6 +157,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return
         async with self._changed:
             self._snapshot = snapshot
+            self._generation += 1
+            if len(self._generations) > 1000:
+                self._generations.clear()
+            self._generations[snapshot.version] = self._generation
             self._changed.notify_all()
         metrics.xds_served(_SHORT.values(), snapshot.version)
         log.info("config version %s published", snapshot.version)
@@ -164,14 +170,16 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return [(p.node_id, p.version, not p.pending) for p in self._streams]
 
     async def wait_applied(self, version: str, timeout: float) -> dict[str, str]:
-        """Until every connected Envoy has answered every response of config `version`.
+        """Until every connected Envoy has answered every response of config `version` (or of a later
+        one: a GPU worker may register meanwhile).
 
         Returns node id -> Envoy's reason for each node that refused (NACKed) part of it; raises
         TimeoutError naming the nodes still silent. No Envoy connected: nothing to wait for."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        generation = self._generations.get(version, self._generation + 1)  # unknown: never published
         while True:
-            waiting = [p for p in self._streams if p.version != version or p.pending]
+            waiting = [p for p in self._streams if p.generation < generation or p.pending]
             if not waiting:
                 return {p.node_id: p.nack for p in self._streams if p.nack}
             if loop.time() > deadline:
@@ -219,7 +227,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             snap = self._snapshot
             subscribed[type_url] = (names, snap.version)
             sent_nonces[type_url] = str(nonce)
-            progress.sent(snap.version, type_url, str(nonce))
+            progress.sent(snap.version, self._generation, type_url, str(nonce))
             out.put_nowait(snap.response(type_url, names, str(nonce)))
 
         async def read() -> None:
@@ -285,11 +293,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             st = streams[type_url]
             snap = self._snapshot
             changed, removed = st.diff(snap.versions.get(type_url, {}))
-            progress.version = snap.version  # nothing to send for this type is also up to date
+            progress.version, progress.generation = snap.version, self._generation  # nothing to send: up to date
             if not (changed or removed or force):
                 return
             nonce += 1
-            progress.sent(snap.version, type_url, str(nonce))
+            progress.sent(snap.version, self._generation, type_url, str(nonce))
             st.last_nonce = str(nonce)
             st.pending_version = snap.version
             out.put_nowait(discovery_pb2.DeltaDiscoveryResponse(
@@ -348,13 +356,14 @@ class _Progress:
     def __init__(self) -> None:
         self.node_id = ""
         self.version = ""
+        self.generation = -1  # of the last snapshot sent (AdsServer._generation)
         self.pending: dict[str, str] = {}  # type -> nonce of its last response, until ACKed or NACKed
         self.nack: str | None = None  # Envoy's reason, when it refused part of `version`
 
-    def sent(self, version: str, type_url: str, nonce: str) -> None:
+    def sent(self, version: str, generation: int, type_url: str, nonce: str) -> None:
         if version != self.version:
             self.nack = None
-        self.version = version
+        self.version, self.generation = version, generation
         self.pending[type_url] = nonce
 
     def answered(self, type_url: str, nonce: str, error: str | None) -> None:
