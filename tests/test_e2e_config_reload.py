@@ -340,3 +340,37 @@ def test_order_of_a_removal(gw: Gateway) -> None:
     assert steps[-1] == "envoy: the new version (removes clusters provider_oss2_translate)"
     r = ask(gw, "claude-second-1")
     assert r.status_code == 404, r.text
+
+
+def test_removal_under_traffic_is_never_a_gateway_error(gw: Gateway, oss: OpenAIServer) -> None:
+    """Requests for a model whose provider goes away: served (200) until extauth switches, then refused as
+    an unknown model (404); never a 5xx (Envoy without the cluster would answer 503 NC)."""
+    seq = status(gw)["seq"]
+    edit_config(gw, lambda cfg: add_oss(cfg, oss.url, "oss3", "claude-third-*"))
+    applied(gw, seq + 1)
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{gw.url}/v1/messages", json={"model": "claude-third-1", "max_tokens": 16,
+                                                           "messages": HI},
+                           headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"})
+                codes.append(r.status_code)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        wait_for(lambda: codes.count(200) >= 3, "requests served by oss3")
+        edit_config(gw, lambda cfg: drop_provider(cfg, "oss3"))
+        applied(gw, seq + 2)
+        mark = len(codes)
+        wait_for(lambda: codes.count(404) >= 3, "requests refused after the removal")
+    finally:
+        stop.set()
+        t.join(60)
+    assert set(codes) <= {200, 404}, sorted(set(codes))
+    # Every extauth worker switched before `applied`: after the one request then in flight, none is routed there.
+    assert 200 not in codes[mark + 1:]
+    assert "provider_oss3_translate" not in envoy_clusters(gw)
