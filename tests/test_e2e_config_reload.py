@@ -324,21 +324,24 @@ def test_order_of_an_addition(gw: Gateway, oss: OpenAIServer) -> None:
     assert steps[3].startswith("envoy: the new version")
 
 
-def test_order_of_a_removal(gw: Gateway) -> None:
+def test_order_of_a_removal(gw: Gateway, oss: OpenAIServer) -> None:
     """extauth stops naming the cluster before Envoy loses it."""
     seq = status(gw)["seq"]
-    assert "provider_oss2_translate" in envoy_clusters(gw)
+    edit_config(gw, lambda cfg: add_oss(cfg, oss.url, "oss4", "claude-fourth-*"))
+    applied(gw, seq + 1)
+    seq += 1
+    assert "provider_oss4_translate" in envoy_clusters(gw)
     with frozen(child(gw, "extauth")):
-        edit_config(gw, lambda cfg: drop_provider(cfg, "oss2"))
+        edit_config(gw, lambda cfg: drop_provider(cfg, "oss4"))
         wait_for(lambda: status(gw).get("step") == "services: extauth", "the extauth step")
         assert ack(gw, "adapter.0")["seq"] == seq + 1
         # Held by extauth worker 0: Envoy keeps the cluster it may still be sent to.
-        assert "provider_oss2_translate" in envoy_clusters(gw)
+        assert "provider_oss4_translate" in envoy_clusters(gw)
     applied(gw, seq + 1)
-    wait_for(lambda: "provider_oss2_translate" not in envoy_clusters(gw), "Envoy without the cluster")
+    wait_for(lambda: "provider_oss4_translate" not in envoy_clusters(gw), "Envoy without the cluster")
     steps = [s["step"] for s in status(gw)["history"][-1]["steps"]]
-    assert steps[-1] == "envoy: the new version (removes clusters provider_oss2_translate)"
-    r = ask(gw, "claude-second-1")
+    assert steps[-1] == "envoy: the new version (removes clusters provider_oss4_translate)"
+    r = ask(gw, "claude-fourth-1")
     assert r.status_code == 404, r.text
 
 
