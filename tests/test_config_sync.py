@@ -133,3 +133,64 @@ def test_grown_snapshot_adds_clusters_and_keeps_the_rest() -> None:
     assert dict(g.by_type[CDS])["c1"].value == b"1"  # the old version of what both have
     assert g.by_type[LDS] == old.by_type[LDS] and [n for n, _ in g.by_type[EDS]] == ["added"]
     assert g.version not in (old.version, new.version)
+
+
+def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path) -> None:
+    """The distributor with real followers (in this loop) and an ADS server: the adapter refuses v2, so
+    extauth never gets it, Envoy's snapshot goes back to v1's, and the edit is recorded as refused."""
+    import asyncio
+
+    from router.__main__ import Publisher, snapshot_for
+    from router.config_push import Distributor
+    from router.pools import Registry
+    from router.xds import AdsServer
+    from tests.test_routing import _runtime
+
+    cfg_file = tmp_path / "ccr.yaml"
+    cfg_file.write_text(EXAMPLE)
+    followers = {"adapter": 1, "extauth": 1}
+    from ccr.credentials import write_secret
+
+    runtime = _runtime().model_copy(update={
+        "run_dir": str(tmp_path), "config_path": str(cfg_file), "config_followers": followers,
+        "provider_credentials": {"anthropic": str(write_secret(tmp_path / "a.json", "anthropic", "k"))}})
+    v1 = publish_initial(tmp_path, cfg_file, followers)
+    config = load_version(tmp_path, v1)
+
+    async def body() -> None:
+        base = snapshot_for(config, runtime)
+        ads = AdsServer(base)
+        pub = Publisher(ads, base, Registry(config))
+        dist = Distributor(pub, runtime, config, v1, lambda c: snapshot_for(c, runtime))
+        adapter = Follower("adapter", "adapter.0", tmp_path, v1)
+        extauth = Follower("extauth", "extauth.0", tmp_path, v1)
+        applied: list[str] = []
+
+        def refuse(c: GatewayConfig) -> None:
+            if any(p.name == "oss" for p in c.providers):
+                raise RuntimeError("no translator for oss")
+
+        adapter.applies.append(refuse)
+        extauth.applies.append(lambda c: applied.append("extauth"))
+        for f in (adapter, extauth):
+            f.start_async()
+        doc = _doc()
+        doc["providers"].append({"name": "oss", "kind": "openai", "endpoint": "http://127.0.0.1:9"})
+        doc["models"].insert(0, {"match": "claude-oss-*", "provider": "oss"})
+        await dist.consider(yaml.safe_dump(doc), "edit")
+        st = dist.status
+        assert (st["seq"], st["digest"], st["state"]) == (1, v1.digest, "applied")
+        assert "adapter.0: RuntimeError: no translator for oss" in st["last_error"]
+        assert st["history"][-1]["result"] == "rolled back"
+        assert read_targets(tmp_path) == {"adapter": v1, "extauth": v1}
+        assert applied == []  # extauth never saw v2
+        assert pub.base is base and ads.snapshot.version == base.version  # Envoy: v1's resources again
+        # The next good edit gets a new number (2 was spent on the refused one).
+        doc = _doc()
+        doc["limits"]["requests_per_minute"] = 11
+        await dist.consider(yaml.safe_dump(doc), "edit 2")
+        assert dist.status["seq"] == 3 and dist.current.seq == 3 and applied == ["extauth"]
+        for f in (adapter, extauth):
+            f.stop()
+
+    asyncio.run(body())
