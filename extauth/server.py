@@ -264,9 +264,10 @@ class Authorizer:
         self.use_config(config)
 
     def use_config(self, config: GatewayConfig) -> None:
-        """Serve `config` from the next check on: everything derived from it is rebuilt before one
-        assignment makes it current (a new config version, ccr/config_sync.py; called on the event loop,
-        so no check sees a mix of two versions)."""
+        """Serve `config` from the next check on (a new config version, ccr/config_sync.py): everything
+        derived from it is rebuilt first, then one assignment makes it all current. Called on the event
+        loop, between two steps of the checks; a check waiting on the policy or the database at that moment
+        reads the new version after its wait (docs/config-reload.md)."""
         # Batches and Files: ownership and per-request checks. None only for decision-only
         # Authorizers in tests; the service's setup() always passes the store.
         objects = self._object_store
