@@ -62,12 +62,14 @@ def oss() -> Iterator[OpenAIServer]:
     s.close()
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Over each ADS protocol: Envoy's answers to each step are counted differently (router/xds.py)."""
     def edit(cfg: dict[str, Any]) -> None:
         cfg["services"]["workers"] = 2  # every worker must acknowledge a version
+        cfg["gateway"]["xds"] = {"protocol": request.param}
 
-    with running_gateway(tmp_path_factory.mktemp("reload"), edit) as g:
+    with running_gateway(tmp_path_factory.mktemp(f"reload-{request.param}"), edit) as g:
         yield g
 
 
