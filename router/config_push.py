@@ -171,6 +171,7 @@ class Distributor:
         self.config, self.current = new, target
         metrics.config_version("router", target.seq, target.digest)
         entry["result"] = "applied" if not refused else f"applied; Envoy refused: {refused}"
+        entry["done_at"] = time.time()
         self._save(state="applied", seq=target.seq, digest=target.digest, target=None, step="done")
         log.info("config %s applied everywhere (was %s)", target.label(), old.label())
 
