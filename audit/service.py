@@ -13,12 +13,13 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, RowFacts, entry_to_row
-from audit.ledger import SpendRecorder
+from audit.ledger import Spend, SpendRecorder
 from audit.observe import RequestObserver
 from audit.spool import Spool
 from audit.writer import RequestLogWriter, new_chain_id
 from ccr import metrics
 from ccr.config import GatewayConfig
+from ccr.config_sync import on_config
 from ccr.runtime import Runtime
 
 log = logging.getLogger("ccr.audit")
@@ -115,6 +116,17 @@ async def setup(
         metrics.watch_spool(writer.spool)
     servicer = AccessLogServicer(writer, spend, observer, RowFacts(config))
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
+
+    def use_config(new: GatewayConfig) -> None:
+        """A new config version (ccr/config_sync.py): prices, providers and regions of the audit row, and
+        metric labels of the new models."""
+        servicer.facts = RowFacts(new)
+        if servicer.observer is not None:
+            servicer.observer = RequestObserver(new)
+        if spend is not None:
+            spend.spend = Spend(new)
+
+    on_config(use_config)
 
     async def stop() -> None:
         await writer.stop()

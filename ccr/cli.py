@@ -297,6 +297,12 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_cmd in ("apply", "status"):
+        from ccr import config_cli
+
+        if args.config_cmd == "apply":
+            return config_cli.apply(args.config, args.file, args.wait)
+        return config_cli.status(args.config, args.json)
     if args.config_cmd == "schema":
         print(json_schema())
         return 0
@@ -668,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cs.add_parser("check", help="validate a config file")
     chk.add_argument("file")
     cs.add_parser("schema", help="print the config's JSON Schema")
+    ap_ = cs.add_parser("apply", help="validate FILE and make it the running gateway's config, with no restart "
+                                      "(waits until Envoy and every service serve it)")
+    ap_.add_argument("file")
+    ap_.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every process (default 60)")
+    cst = cs.add_parser("status", help="the config version Envoy, the router and every service process serve")
+    cst.add_argument("--json", action="store_true")
     cs.add_parser("envoy", help="print a static Envoy config (JSON) that uses the standalone services "
                                 "(services.standalone): for an Envoy you run yourself, e.g. a mesh's")
 

@@ -104,12 +104,22 @@ XDS_VERSION_INFO = Gauge(
     ["type", "version"], registry=REGISTRY)
 XDS_NACKS = Counter("ccr_xds_nacks", "Config versions Envoy rejected (NACKs), per resource type.",
                     ["type"], registry=REGISTRY)
+# -- gateway config versions (every follower and the router; ccr/config_sync.py) ---------------------
+
+CONFIG_VERSION_INFO = Gauge(
+    "ccr_config_version_info", "The gateway config version this process serves (always 1): sequence number "
+    "of the run and the digest of the validated config.", ["service", "seq", "digest"], registry=REGISTRY)
+CONFIG_VERSION = Gauge("ccr_config_version", "The sequence number of the gateway config version this process "
+                       "serves.", ["service"], registry=REGISTRY)
+CONFIG_REFUSED = Counter("ccr_config_refused", "Config edits the router refused (invalid, restart-only, or not "
+                         "acknowledged by every process).", registry=REGISTRY)
 MTLS_PEER_REFUSALS = Counter(
     "ccr_mtls_peer_refusals", "Calls refused because the verified peer's SPIFFE ID may not call this service.",
     ["peer"], registry=REGISTRY)
 
 _bundle_labels: dict[str, tuple[str, str]] = {}  # set -> its current (revision, digest) labels
 _xds_versions: dict[str, str] = {}  # type -> version label in use
+_config_labels: dict[str, tuple[str, str]] = {}  # service -> its (seq, digest) labels in use
 address: str | None = None  # host:port of /metrics once serve() ran
 
 
@@ -136,6 +146,16 @@ def xds_served(types: Iterable[str], version: str) -> None:
         _xds_versions[t] = version
         XDS_VERSION_INFO.labels(t, version).set(1)
         XDS_NACKS.labels(t)  # present (0) from the start, so rate() sees the first NACK
+
+
+def config_version(service: str, seq: int, digest: str) -> None:
+    old = _config_labels.get(service)
+    new = (str(seq), digest[:16])
+    if old is not None and old != new:
+        CONFIG_VERSION_INFO.remove(service, *old)
+    _config_labels[service] = new
+    CONFIG_VERSION_INFO.labels(service, *new).set(1)
+    CONFIG_VERSION.labels(service).set(seq)
 
 
 def xds_nacked(type_name: str) -> None:

@@ -64,6 +64,9 @@ class Runtime(BaseModel):
     spiffe_trust_domain: str | None = None
     # Where each service process serves Prometheus /metrics: "extauth", "extauth.1", ... -> host:port.
     metrics: dict[str, str] = {}
+    # Services that follow the run's config versions (ccr/config_sync.py) -> their worker count.
+    # Empty: no distribution (a service started on its own reads config_path once).
+    config_followers: dict[str, int] = {}
 
     def config(self) -> GatewayConfig:
         return load_config(self.config_path)

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ccr import metrics, tracing
 from ccr.config import GatewayConfig
+from ccr.config_sync import Follower, start_config
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.metrics import MTLS_PEER_REFUSALS
@@ -260,6 +261,12 @@ def mtls_credentials(name: str, runtime: Runtime, peers: Collection[str], requir
     return None, frozenset(), None
 
 
+def _start_config(name: str, runtime: Runtime, args: argparse.Namespace) -> tuple[GatewayConfig, Follower | None]:
+    """The run's current config version when this service follows them (ccr/config_sync.py), else the file."""
+    return start_config(name, runtime.run_dir, args.ready_file, runtime.config_path,
+                        name in runtime.config_followers)
+
+
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
@@ -281,7 +288,7 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
-    config = runtime.config()
+    config, follower = _start_config(name, runtime, args)
     start_logging(name, config.services.log_format)
     creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, require_mtls)
     interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed)] if creds else []
@@ -297,6 +304,8 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     write_ready(args.ready_file, address, **_metrics_ready())
     logging.info("serving on %s", address)
+    if follower is not None:
+        follower.start_async()  # on this loop: a new config is swapped in between two requests
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -306,6 +315,8 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     drain = config.services.drain_timeout_s
     logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
     await checks.enter_graceful_shutdown()
+    if follower is not None:
+        follower.stop()
     await server.stop(grace=drain)
     if cleanup is not None:
         await cleanup()
@@ -338,7 +349,7 @@ def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collecti
     """
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
-    config = runtime.config()
+    config, follower = _start_config(name, runtime, args)
     start_logging(name, config.services.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -357,7 +368,11 @@ def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collecti
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     write_ready(args.ready_file, address, **_metrics_ready())
     logging.info("serving on %s (%d threads)", address, threads)
+    if follower is not None:
+        follower.start_thread()
     stop.wait()
+    if follower is not None:
+        follower.stop()
     drain = config.services.drain_timeout_s
     logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
     checks.enter_graceful_shutdown()

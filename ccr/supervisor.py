@@ -30,6 +30,7 @@ import yaml
 from ccr import db
 from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, ProviderKind, load_config
+from ccr.config_sync import publish_initial
 from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, READY_METRICS, RUN_TRUST_DOMAIN, SPIFFE_PARTS
 from ccr.credentials import write_secret
 from ccr.localservers import start_postgres, start_redis
@@ -60,6 +61,9 @@ SERVICES = {
     "adapter": "router.adapter",
     "accesslog": "audit",
 }
+
+# The services whose config follows the run's versions (ccr/config_sync.py); the router distributes them.
+CONFIG_FOLLOWERS = ("adapter", "ratelimit", "accesslog", "extauth")
 
 # The hot-path services that may run as several workers on one port (services.workers).
 # Each keeps only caches that PostgreSQL NOTIFY invalidates in every process, or counts in Redis.
@@ -413,10 +417,15 @@ class Gateway:
         del credentials
         self._prepare_signin(config, runtime)
         runtime_file = run_dir / "runtime.json"
+        count = {name: config.service_workers() if name in MULTI_WORKER else 1 for name in modules}
+        # Every service starts on version 1 of the run's config and follows the router's later ones.
+        runtime.config_followers = {name: count[name] for name in CONFIG_FOLLOWERS if name in modules}
+        v1 = publish_initial(run_dir, self.config_path, runtime.config_followers)
+        self.status("config", f"version {v1.label()}; edits of {self.config_path} go live without a restart "
+                    "(`ccr config status`)")
         runtime.save(runtime_file)
 
         t = time.monotonic()
-        count = {name: config.service_workers() if name in MULTI_WORKER else 1 for name in modules}
         # The first worker of every service (all starting at once), then the others on its port.
         first = {
             name: self._track(spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=count[name] > 1,

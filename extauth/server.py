@@ -25,6 +25,7 @@ from google.rpc import code_pb2, status_pb2
 
 from ccr import routing, tracing
 from ccr.config import GatewayConfig
+from ccr.config_sync import on_config
 from ccr.contract import (
     AUTHZ_BATCH_REQUESTS,
     AUTHZ_BUNDLE_REVISION,
@@ -286,21 +287,29 @@ class Authorizer:
     def __init__(self, config: GatewayConfig, identity: Identity | KeyStore, policy: PolicyEngine,
                  objects: ObjectStore | None = None, decisions: DecisionLog | None = None,
                  sets: PolicySets | None = None) -> None:
-        self.config = config
         self.sets = sets if sets is not None and sets.sets else None  # policy.sets beyond the global one
         self.decisions = decisions  # None: decisions are not recorded (decision-only Authorizers in tests)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.policy = policy
+        self._object_store = objects
+        self.worst_case: WorstCase | None = None
+        self.use_config(config)
+
+    def use_config(self, config: GatewayConfig) -> None:
+        """Serve `config` from the next check on (a new config version, ccr/config_sync.py): everything
+        derived from it is rebuilt first, then one assignment makes it all current. Called on the event
+        loop, between two steps of the checks; a check waiting on the policy or the database at that moment
+        reads the new version after its wait (docs/config-reload.md)."""
         # Batches and Files: ownership and per-request checks. None only for decision-only
         # Authorizers in tests; the service's setup() always passes the store.
-        self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
-        self._default_provider = config.provider(config.models[0].provider)
-        self._routes: dict[str, tuple[str, str] | None] = {}
-        self._clusters: dict[tuple[str, str, str | None, str], tuple[str, str] | None] = {}
-        self._model_idx: dict[str, int | None] = {}
-        self._ok_cache: dict[tuple, pb.CheckResponse] = {}
-        # Budget reservations (issue 8): None when spend is off.
-        self.worst_case = WorstCase(config) if config.spend.enabled else None
+        objects = self._object_store
+        guard = ObjectGuard(config, objects, self._route) if objects is not None else None
+        # Budget reservations (issue 8): None when spend is off (spend is set at start).
+        worst_case = WorstCase(config, self.worst_case.subjects if self.worst_case else None) \
+            if config.spend.enabled else None
+        (self.config, self.objects, self._default_provider, self.worst_case, self._routes, self._clusters,
+         self._model_idx, self._ok_cache) = (
+            config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, {})
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -706,6 +715,7 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await budget_subjects.start()
         authorizer.worst_case.subjects = budget_subjects
     AuthorizationServicer(authorizer).add_to(server)
+    on_config(authorizer.use_config)  # new config versions (ccr/config_sync.py)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
     sets.start()

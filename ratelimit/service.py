@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -44,6 +45,7 @@ from redis.retry import Retry
 
 from ccr import metrics
 from ccr.config import GatewayConfig, Limits
+from ccr.config_sync import on_config
 from ccr.runtime import Runtime
 from ratelimit import spend
 from ratelimit.admission import AdmissionStep, admission_steps
@@ -305,10 +307,22 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     decider = Decider(counters, LimitPlanner(config.limits))
     watcher: RuleDir | None = None
     directory = rule_dir(config.limits, runtime.config_path)
+    # The limits in use and the rule directory's last rules: either changing makes a new planner,
+    # swapped in by one assignment (threads of the server read decider.planner once per call).
+    state: dict[str, Any] = {"limits": config.limits, "rules": None}
+    lock = threading.Lock()
+
+    def replan(limits: Limits | None = None, rules: RuleSet | None = None) -> None:
+        with lock:
+            if limits is not None:
+                state["limits"] = limits
+            if rules is not None:
+                state["rules"] = rules
+            decider.planner = LimitPlanner(state["limits"], state["rules"])
+
     if directory is not None:
-        def swap(rules: RuleSet) -> None:
-            decider.planner = LimitPlanner(config.limits, rules)
-        watcher = RuleDir(directory, config.limits.reload_interval_s, swap).start()
+        watcher = RuleDir(directory, config.limits.reload_interval_s, lambda rules: replan(rules=rules)).start()
+    on_config(lambda new: replan(limits=new.limits))  # new config versions (ccr/config_sync.py)
     steps = admission_steps(config, runtime, client)
     gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # budgets (issue 8; None: spend off)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps, gate), server)

@@ -1,9 +1,10 @@
 """`python -m router`: the ADS server Envoy gets its listener, routes, clusters and endpoints from,
 and (with a GPU pool configured) the workers' registration API (router/pools.py).
 
-The config file is re-read when it changes; a version that fails validation is
-logged and the last good one stays in place. A worker joining or leaving changes
-only the pool clusters' endpoints, pushed at once.
+The config file is re-read when it changes and distributed as one version to Envoy and every
+service (router/config_push.py); an edit that fails validation is logged and the last good
+version stays in place everywhere. A worker joining or leaving changes only the pool clusters'
+endpoints, pushed at once.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import grpc
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from ccr.config import ConfigError, GatewayConfig, load_config
+from ccr.config import GatewayConfig
+from ccr.config_sync import load_version, publish_initial
 from ccr.contract import ID_ENVOY
 from ccr.runtime import Runtime
 from ccr.service import run
 from router import resources
+from router.config_push import Distributor, current_version, watch_file
 from router.pools import Registry, api, expire_loop
 from router.xds import AdsServer, Snapshot
 
@@ -57,27 +60,6 @@ class Publisher:
         self._pending = asyncio.get_running_loop().create_task(self.publish())
 
 
-async def _watch_config(pub: Publisher, runtime: Runtime, interval: float = 1.0) -> None:
-    path = Path(runtime.config_path)
-    seen = path.stat().st_mtime_ns
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            mtime = path.stat().st_mtime_ns
-        except OSError:
-            continue
-        if mtime == seen:
-            continue
-        seen = mtime
-        try:
-            config = load_config(path)
-            pub.base = snapshot_for(config, runtime)
-            pub.registry.reconfigure(config)
-            await pub.publish()
-        except (ConfigError, ValueError) as e:
-            log.error("config change not applied, keeping the last good version: %s", e)
-
-
 async def _serve_registration(registry: Registry, config: GatewayConfig, runtime: Runtime) -> web.AppRunner | None:
     """The registration API, only when a pool is configured and its token is set (never open)."""
     if not config.pool_providers:
@@ -103,13 +85,23 @@ async def _serve_registration(registry: Registry, config: GatewayConfig, runtime
 async def setup(
     server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
 ) -> Callable[[], Awaitable[None]]:
+    # The version the run serves: a restarted router continues from it (the file may have moved on:
+    # the watcher then distributes that edit as usual); a run without one starts at version 1.
+    got = current_version(runtime)
+    if got is None:
+        version = publish_initial(runtime.run_dir, runtime.config_path, runtime.config_followers)
+        config = load_version(runtime.run_dir, version)
+    else:
+        version, config = got
     base = snapshot_for(config, runtime)
     ads = AdsServer(base)
     registry = Registry(config)
     pub = Publisher(ads, base, registry)
     registry.on_change = pub.changed
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    tasks = [asyncio.create_task(_watch_config(pub, runtime)), asyncio.create_task(expire_loop(registry))]
+    dist = Distributor(pub, runtime, config, version, lambda c: snapshot_for(c, runtime))
+    tasks = [asyncio.create_task(watch_file(dist, Path(runtime.config_path))),
+             asyncio.create_task(expire_loop(registry))]
     runner = await _serve_registration(registry, config, runtime)
 
     async def cleanup() -> None:

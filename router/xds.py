@@ -92,12 +92,16 @@ class Snapshot:
 
     @classmethod
     def of(cls, res: Resources) -> Snapshot:
-        by_type = {
+        return cls.from_types({
             LDS: [_pack(listener_pb2.Listener, r) for r in res.listeners],
             RDS: [_pack(route_pb2.RouteConfiguration, r) for r in res.routes],
             CDS: [_pack(cluster_pb2.Cluster, r) for r in res.clusters],
             EDS: [_pack(endpoint_pb2.ClusterLoadAssignment, r) for r in res.endpoints],
-        }
+        })
+
+    @classmethod
+    def from_types(cls, by_type: dict[str, list[tuple[str, any_pb2.Any]]]) -> Snapshot:
+        """A snapshot of these packed resources; its version is a digest of them all."""
         digest = hashlib.sha256()
         for type_url in sorted(by_type):
             for name, anyr in by_type[type_url]:
@@ -110,13 +114,7 @@ class Snapshot:
         (GPU pools: only the endpoints are packed again on a worker change)."""
         packed = dict(_pack(endpoint_pb2.ClusterLoadAssignment, a) for a in assignments)
         eds = [(n, packed.pop(n, r)) for n, r in self.by_type[EDS]] + list(packed.items())
-        by_type = {**self.by_type, EDS: eds}
-        digest = hashlib.sha256()
-        for type_url in sorted(by_type):
-            for name, anyr in by_type[type_url]:
-                digest.update(name.encode())
-                digest.update(anyr.value)
-        return Snapshot(version=digest.hexdigest()[:16], by_type=by_type)
+        return Snapshot.from_types({**self.by_type, EDS: eds})
 
     @functools.cached_property
     def versions(self) -> dict[str, dict[str, tuple[str, any_pb2.Any]]]:
@@ -145,6 +143,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.acked: dict[str, dict[str, str]] = {}  # node id -> type -> acked version
         self.nacked: dict[str, dict[str, str]] = {}  # node id -> type -> the version it refused
         self._nacks_logged: set[tuple[str, str, str]] = set()
+        self._streams: set[_Progress] = set()  # every connected Envoy stream's progress
+        self._generation = 0  # counts published snapshots: a later one covers an earlier one
+        self._generations: dict[str, int] = {snapshot.version: 0}
         metrics.xds_served(_SHORT.values(), snapshot.version)
 
     @property
@@ -156,9 +157,35 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return
         async with self._changed:
             self._snapshot = snapshot
+            self._generation += 1
+            if len(self._generations) > 1000:
+                self._generations.clear()
+            self._generations[snapshot.version] = self._generation
             self._changed.notify_all()
         metrics.xds_served(_SHORT.values(), snapshot.version)
         log.info("config version %s published", snapshot.version)
+
+    def streams(self) -> list[tuple[str, str, bool]]:
+        """(node id, config version last sent, whether every response of it is answered) per stream."""
+        return [(p.node_id, p.version, not p.pending) for p in self._streams]
+
+    async def wait_applied(self, version: str, timeout: float) -> dict[str, str]:
+        """Until every connected Envoy has answered every response of config `version` (or of a later
+        one: a GPU worker may register meanwhile).
+
+        Returns node id -> Envoy's reason for each node that refused (NACKed) part of it; raises
+        TimeoutError naming the nodes still silent. No Envoy connected: nothing to wait for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        generation = self._generations.get(version, self._generation + 1)  # unknown: never published
+        while True:
+            waiting = [p for p in self._streams if p.generation < generation or p.pending]
+            if not waiting:
+                return {p.node_id: p.nack for p in self._streams if p.nack}
+            if loop.time() > deadline:
+                silent = ", ".join(sorted(p.node_id or "?" for p in waiting))
+                raise TimeoutError(f"no answer to config version {version} from {silent}")
+            await asyncio.sleep(0.01)
 
     def _nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
         """Logged once per node, type and version: Envoy repeats a NACK on every later request."""
@@ -191,6 +218,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         sent_nonces: dict[str, str] = {}  # type -> the nonce of the last response (older ones are stale)
         nonce = 0
         node_id = ""
+        progress = _Progress()
+        self._streams.add(progress)
 
         def send(type_url: str, names: list[str]) -> None:
             nonlocal nonce
@@ -198,6 +227,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             snap = self._snapshot
             subscribed[type_url] = (names, snap.version)
             sent_nonces[type_url] = str(nonce)
+            progress.sent(snap.version, self._generation, type_url, str(nonce))
             out.put_nowait(snap.response(type_url, names, str(nonce)))
 
         async def read() -> None:
@@ -205,9 +235,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             try:
                 async for req in request_iterator:
                     if req.node.id:
-                        node_id = req.node.id
+                        node_id = progress.node_id = req.node.id
                     type_url = req.type_url
                     names = list(req.resource_names)
+                    if req.response_nonce:
+                        progress.answered(type_url, req.response_nonce,
+                                          req.error_detail.message if req.HasField("error_detail") else None)
                     if req.response_nonce and req.response_nonce != sent_nonces.get(type_url):
                         # Answers an older response we already superseded: only the names can matter.
                         prev = subscribed.get(type_url)
@@ -239,6 +272,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             while (resp := await out.get()) is not None:
                 yield resp
         finally:
+            self._streams.discard(progress)
             for t in tasks:
                 t.cancel()
 
@@ -251,15 +285,19 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         streams: dict[str, _DeltaType] = {}
         nonce = 0
         node_id = ""
+        progress = _Progress()
+        self._streams.add(progress)
 
         def push(type_url: str, force: bool = False) -> None:
             nonlocal nonce
             st = streams[type_url]
             snap = self._snapshot
             changed, removed = st.diff(snap.versions.get(type_url, {}))
+            progress.version, progress.generation = snap.version, self._generation  # nothing to send: up to date
             if not (changed or removed or force):
                 return
             nonce += 1
+            progress.sent(snap.version, self._generation, type_url, str(nonce))
             st.last_nonce = str(nonce)
             st.pending_version = snap.version
             out.put_nowait(discovery_pb2.DeltaDiscoveryResponse(
@@ -272,8 +310,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             try:
                 async for req in request_iterator:
                     if req.node.id:
-                        node_id = req.node.id
+                        node_id = progress.node_id = req.node.id
                     type_url = req.type_url
+                    if req.response_nonce:
+                        progress.answered(type_url, req.response_nonce,
+                                          req.error_detail.message if req.HasField("error_detail") else None)
                     st = streams.get(type_url)
                     first = st is None
                     if st is None:
@@ -304,8 +345,32 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             while (resp := await out.get()) is not None:
                 yield resp
         finally:
+            self._streams.discard(progress)
             for t in tasks:
                 t.cancel()
+
+
+class _Progress:
+    """How far one Envoy stream is: the config version last sent on it and the responses not yet answered."""
+
+    def __init__(self) -> None:
+        self.node_id = ""
+        self.version = ""
+        self.generation = -1  # of the last snapshot sent (AdsServer._generation)
+        self.pending: dict[str, str] = {}  # type -> nonce of its last response, until ACKed or NACKed
+        self.nack: str | None = None  # Envoy's reason, when it refused part of `version`
+
+    def sent(self, version: str, generation: int, type_url: str, nonce: str) -> None:
+        if version != self.version:
+            self.nack = None
+        self.version, self.generation = version, generation
+        self.pending[type_url] = nonce
+
+    def answered(self, type_url: str, nonce: str, error: str | None) -> None:
+        if self.pending.get(type_url) == nonce:
+            del self.pending[type_url]
+            if error is not None:
+                self.nack = f"{_short(type_url)}: {error}"
 
 
 class _DeltaType:

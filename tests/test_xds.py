@@ -227,3 +227,50 @@ def test_several_nodes_at_once_over_both_protocols() -> None:
         assert len((await c.read()).resources) == len(rb.resources)
 
     run(_with_server(ads, body))
+
+
+def test_wait_applied_counts_every_answer_of_every_stream() -> None:
+    """The config distributor's wait (router/config_push.py): a version is applied when every stream has
+    answered every response of it; a NACK is reported with Envoy's reason."""
+    ads = AdsServer(_snapshot())
+
+    async def body(connect: Callable[..., Awaitable[Peer]]) -> None:
+        p = await connect(delta=False)
+        await p.send(type_url=CDS, node={"id": "n1"})
+        cds = await p.read()
+        await p.send(type_url=LDS)
+        lds = await p.read()
+        assert ads.streams() == [("n1", cds.version_info, False)]
+        for r in (cds, lds):
+            await p.send(type_url=r.type_url, version_info=r.version_info, response_nonce=r.nonce)
+        assert await ads.wait_applied(cds.version_info, 5) == {}
+        new = _snapshot(timeout=30.0)
+        await ads.update(new)
+        cds2, lds2 = await p.read(), await p.read()
+        assert (cds2.type_url, lds2.type_url) == (CDS, LDS)  # clusters first
+        waiter = asyncio.create_task(ads.wait_applied(new.version, 5))
+        await p.send(type_url=CDS, version_info=new.version, response_nonce=cds2.nonce)
+        await p.send(type_url=LDS, version_info=cds.version_info, response_nonce=lds2.nonce,
+                     error_detail=status_pb2.Status(code=3, message="bad listener"))
+        assert await waiter == {"n1": "Listener: bad listener"}
+        with pytest.raises(TimeoutError, match="n1"):
+            await ads.wait_applied("never-sent", 0.1)
+
+        d = await connect(delta=True)
+        await d.send(type_url=CDS, node={"id": "n2"})
+        dcds = await d.read()
+        await d.send(type_url=CDS, response_nonce=dcds.nonce)
+        newer = _snapshot(timeout=30.0, us2_port=9777)
+        await ads.update(newer)
+        cds3, lds3 = await p.read(), await p.read()  # the state-of-the-world stream gets it too
+        assert (cds3.type_url, lds3.type_url) == (CDS, LDS)
+        changed = await d.read()
+        assert changed.type_url == CDS and "provider_us2" in _names(changed)
+        await d.send(type_url=CDS, response_nonce=changed.nonce)
+        with pytest.raises(TimeoutError, match="n1"):  # n2 answered; n1 has not
+            await ads.wait_applied(newer.version, 0.2)
+        await p.send(type_url=CDS, version_info=newer.version, response_nonce=cds3.nonce)
+        await p.send(type_url=LDS, version_info=newer.version, response_nonce=lds3.nonce)
+        assert await ads.wait_applied(newer.version, 5) == {}
+
+    run(_with_server(ads, body))

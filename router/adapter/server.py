@@ -39,6 +39,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig, ProviderKind
+from ccr.config_sync import on_config
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     ADAPTER_TRANSLATE_MD,
@@ -532,4 +533,23 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     endpoints = {name: o.endpoint for name, o in runtime.upstream_overrides.items()}
     adapter = Adapter(build_handlers(config), objects, build_translating(config, endpoints))
     pb_grpc.add_ExternalProcessorServicer_to_server(adapter, server)
+    current = {"config": config}
+
+    def use_config(new: GatewayConfig) -> None:
+        """A new config version (ccr/config_sync.py). Providers it removes stay known until the next
+        version: an attempt Envoy sends under the previous one still finds its provider (the router
+        removes their clusters from Envoy only after every service runs the new version)."""
+        old = current["config"]
+        unchanged = {p.name for p in new.providers if p in old.providers}
+        translating = build_translating(
+            new.model_copy(update={"providers": [p for p in new.providers if p.name not in unchanged]}), endpoints)
+        translating |= {n: t for n, t in adapter._translating.items() if n in unchanged}  # token sources kept
+        handlers = build_handlers(new)
+        gone = {p.name for p in old.providers} - set(handlers)
+        handlers |= {n: adapter._handlers[n] for n in gone if n in adapter._handlers}
+        translating |= {n: adapter._translating[n] for n in gone if n in adapter._translating}
+        adapter._handlers, adapter._translating = handlers, translating  # on the loop: no await between
+        current["config"] = new
+
+    on_config(use_config)
     return objects.close
