@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -66,7 +67,8 @@ def timed(label: str, fn: Callable[[], object], duration: float) -> None:
         return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
     print(f"{label:<52} n={len(lat):>5}  wall p50={statistics.median(lat) * 1e6:8.1f} p99={p99(lat) * 1e6:8.1f} us"
-          f"  cpu p50={statistics.median(cpu) * 1e6:8.1f} p99={p99(cpu) * 1e6:8.1f} us")
+          f"  cpu p50={statistics.median(cpu) * 1e6:8.1f} p99={p99(cpu) * 1e6:8.1f} us"
+          f"  load {os.getloadavg()[0]:.1f}")  # the machine is shared: a figure is read with its load
 
 
 def engine(tmp: Path, text: bool) -> PolicyEngine:

@@ -186,7 +186,11 @@ def _iban_at(m: re.Match[str]) -> bool:
 
 def _detect(text: str, kinds: frozenset[str], custom: list[Pattern]) -> Iterator[tuple[str, int]]:
     """(kind, start offset) of each valid hit in a normalised text."""
-    if "ssn" in kinds or "card" in kinds:
+    # SSNs, cards and IBANs all hold ASCII digits (once normalised): a text without any skips their
+    # passes. Ten `in` tests run at memchr speed (~3 us for 25 KB); each regex pass costs ~3.5 ns a
+    # character (~85 us for 25 KB), since sre tests a character class one character at a time.
+    digits = any(d in text for d in "0123456789")
+    if digits and ("ssn" in kinds or "card" in kinds):
         for run in _NUMBER.finditer(text):
             s, e = run.span()  # maximal: what follows never extends it, so lookaheads see the same
             if "ssn" in kinds:
@@ -197,7 +201,7 @@ def _detect(text: str, kinds: frozenset[str], custom: list[Pattern]) -> Iterator
                 for m in _CARD.finditer(text, s, e):
                     if card_valid(m.group().replace(" ", "").replace("-", "")):
                         yield "card", m.start()
-    if "iban" in kinds:
+    if digits and "iban" in kinds:
         for m in _IBAN.finditer(text):
             if _iban_at(m):
                 yield "iban", m.start()
