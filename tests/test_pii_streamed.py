@@ -134,3 +134,11 @@ def test_split_across_blocks_of_a_long_run_names_the_block_it_starts_in() -> Non
         {"type": "text", "text": pad}, {"type": "text", "text": pad + " card 4111 1111"},
         {"type": "text", "text": " 1111 1111 end " + pad}, {"type": "text", "text": "ssn 123-45-6789"}]}]}
     assert set(scan(doc)) == {Finding("card", "messages[0].content[1]"), Finding("ssn", "messages[0].content[3]")}
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.lists(st.sampled_from(["1", "2", "0", " ", "-", "  ", "--", "a", "Z", "12345678", "123456789",
+                                      "1 2 3 4 5 6 7 8 9", "1-2-3-4", " -", "\n"]), max_size=60).map("".join))
+def test_number_runs_are_the_number_patterns_matches(text: str) -> None:
+    """The skip-ahead reader of digit runs (extauth/pii.py number_runs) finds exactly what the pattern does."""
+    assert list(pii.number_runs(text)) == [m.span() for m in pii._NUMBER.finditer(text)]
