@@ -184,15 +184,22 @@ class DecisionUploader:
             return None
 
     async def close(self, grace_s: float | None = None) -> None:
-        """Stop, then try once more to upload what is buffered (within grace_s, default timeout_s)."""
+        """Stop, then try once more to upload what is buffered, all within grace_s (default: timeout_s,
+        at most 4 s: a service's shutdown must not wait on a log service that does not answer)."""
+        grace = grace_s if grace_s is not None else min(self.timeout_s, 4.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._stop.set()
         self._wake.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            _, pending = await asyncio.wait({self._task}, timeout=grace / 2)
+            for t in pending:  # an upload still in flight: its batch goes back to the buffer
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             self._task = None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drain(), grace_s if grace_s is not None else self.timeout_s)
+            await asyncio.wait_for(self.drain(), max(0.0, deadline - loop.time()))
         if self._buf:
             log.error("decision log upload to %s: %d event(s) not delivered at shutdown", self.url, len(self._buf))
             self._drop(len(self._buf))

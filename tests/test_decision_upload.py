@@ -249,3 +249,23 @@ def test_http_settings_checked() -> None:
                      ({"url": "https://x", "buffer": 1}, "buffer")):
         with pytest.raises(ConfigError, match=msg):
             settings(bad)
+
+
+def test_close_is_bounded_when_the_service_hangs() -> None:
+    """Shutdown gives a log service that never answers at most the grace period, and counts what it
+    could not deliver as dropped (the upload in flight is cancelled, its batch not lost before that)."""
+    with DecisionLogServer() as svc:
+        svc.hold.clear()
+        up = fast_uploader(svc.url + "/logs", timeout_s=60)
+        dropped_before = metric("ccr_policy_decision_log_dropped_total", sink="http")
+
+        async def scenario() -> None:
+            up.start()
+            up.offer([b'{"decision_id":"dec_hang"}'])
+            await until(lambda: up.waiting == 0)  # taken out of the buffer: the POST is in flight, held
+            # Bounded by the grace period (0.5 s), not by the upload's timeout (60 s).
+            await asyncio.wait_for(up.close(grace_s=0.5), 30)
+
+        asyncio.run(scenario())
+        svc.hold.set()
+    assert up.dropped == 1 and metric("ccr_policy_decision_log_dropped_total", sink="http") == dropped_before + 1
