@@ -662,10 +662,22 @@ class DecisionLogSettings(Strict):
     http: DecisionLogHttp | None = None
     # Put the policy input into the file's lines and the HTTP events (never credentials; no request text).
     include_input: bool = False
+    # With include_input: also the request text the policy saw (`input.request.text`, only when the bundle
+    # asks for it, bounded by its max_text_chars). Off by default: prompts are usually not log material.
+    include_text: bool = False
+    # Request text waiting in the queue, in characters; past it a decision's text is left out of its event
+    # (marked `text_dropped`), never the decision.
+    text_queue_chars: int = Field(16 * MIB, ge=1, le=1024 * MIB)
     # Decisions waiting to be written; when full, new ones are dropped and counted (never blocking a request).
     queue_size: int = Field(10_000, ge=1, le=1_000_000)
     batch_rows: int = Field(500, ge=1, le=100_000)
     flush_ms: int = Field(200, ge=1, le=60_000)
+
+    @model_validator(mode="after")
+    def _text_needs_input(self) -> DecisionLogSettings:
+        if self.include_text and not self.include_input:
+            raise ValueError("policy.decision_log.include_text needs include_input: the text is part of the input")
+        return self
 
 
 POLICY_SET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"

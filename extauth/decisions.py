@@ -11,7 +11,8 @@ what is queued (graceful shutdown).
 
 Nothing credential-like is queued: the principal carries ids and names, never a key or a
 token, and the input's headers have credentials removed (extauth/policy_input.py). The request
-text, when a bundle asks for it, counts in the input digest but is never written.
+text, when a bundle asks for it, counts in the input digest; it is written (into the file's and
+the HTTP service's events, never PostgreSQL) only with `include_text`, within a queue budget.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def canonical(doc: Any) -> bytes:
 
 class DecisionLog:
     def __init__(self, dsn: str | None, *, file: str | Path | None = None, include_input: bool = False,
+                 include_text: bool = False, text_queue_chars: int = 16 << 20,
                  entrypoint: str = "ccr/authz/decision", queue_size: int = 10_000, batch_rows: int = 500,
                  flush_ms: int = 200, clock: Callable[[], float] = time.time,
                  http: DecisionUploader | None = None) -> None:
@@ -85,6 +87,9 @@ class DecisionLog:
         self.file = Path(file) if file else None
         self.http = http
         self.include_input = include_input
+        self.include_text = include_input and include_text
+        self._text_max = text_queue_chars
+        self._text_chars = 0  # request text characters held by queued decisions
         self.entrypoint = entrypoint
         self._max = queue_size
         self._batch = batch_rows
@@ -120,8 +125,13 @@ class DecisionLog:
             self.dropped += 1
             DECISION_LOG_DROPPED.labels("queue").inc()
             return
-        if facts is not None and facts.text is not None:  # the queue never holds request text
-            facts = dataclasses.replace(facts, text=None, text_truncated=False)
+        if facts is not None and facts.text is not None:
+            # The queue holds request text only for include_text, and only so much of it.
+            n = sum(len(t.text) for t in facts.text) if self.include_text else 0
+            if self.include_text and self._text_chars + n <= self._text_max:
+                self._text_chars += n
+            else:
+                facts = dataclasses.replace(facts, text=None, text_truncated=self.include_text)
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
                   bundle, allow, status, reason, eval_ns, policy_result, pii, facts, set_eval))
         if len(q) >= self._batch:
@@ -181,7 +191,6 @@ class DecisionLog:
 
     def _opa_event(self, p: Pending, row: tuple) -> bytes:
         """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row), as JSON."""
-        principal, method, path, model, endpoint = p[4], p[5], p[6], p[7], p[8]
         se = p[17]
         if se is not None:
             return self._set_event(p, row, se)
@@ -196,9 +205,16 @@ class DecisionLog:
             "metrics": {"timer_rego_query_eval_ns": p[13]},
             "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},
         }
-        if self.include_input:  # never the request's text: record() dropped it
-            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], p[16])
+        if self.include_input:  # the request's text only with include_text (record() dropped it otherwise)
+            doc["input"] = self._input(p)
         return orjson.dumps(doc)
+
+    def _input(self, p: Pending) -> dict[str, Any]:
+        facts = p[16]
+        doc = policy_input(p[4], p[5], p[6], p[7], p[8], p[15], facts)
+        if self.include_text and facts is not None and facts.text is None and facts.text_truncated:
+            doc["request"]["text_dropped"] = True  # the policy saw text; the queue's text budget was spent
+        return doc
 
     def _set_event(self, p: Pending, row: tuple, se: Any) -> bytes:
         """A policy set's decision (extauth/policy_sets.py) in OPA's shape; `shadow` marks one not enforced."""
@@ -218,7 +234,7 @@ class DecisionLog:
 
                 doc["input"] = redacted(se.input)
             else:
-                doc["input"] = policy_input(p[4], p[5], p[6], p[7], p[8], p[15], p[16])
+                doc["input"] = self._input(p)
         return orjson.dumps(doc, default=str)
 
     async def flush(self) -> int:
@@ -232,6 +248,9 @@ class DecisionLog:
             if not q:
                 return 0
             batch = [q.popleft() for _ in range(len(q))]
+            if self.include_text:
+                self._text_chars -= sum(len(t.text) for p in batch if p[16] is not None and p[16].text
+                                        for t in p[16].text)
             digests = [self._digest(p) for p in batch]
             rows = [self._row(p, d) for p, d in zip(batch, digests, strict=True)]
             if self.file is not None or self.http is not None:

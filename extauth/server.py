@@ -649,6 +649,7 @@ def decision_log(config: GatewayConfig, runtime: Runtime) -> DecisionLog:
                                 interval_s=h.upload_interval_s, batch_bytes=h.batch_bytes,
                                 buffer_bytes=h.buffer_bytes, retry_min_s=h.retry_min_s, retry_max_s=h.retry_max_s)
     return DecisionLog(runtime.postgres_dsn if s.postgres else None, file=file, include_input=s.include_input,
+                       include_text=s.include_text, text_queue_chars=s.text_queue_chars,
                        entrypoint=config.policy.entrypoint, queue_size=s.queue_size, batch_rows=s.batch_rows,
                        flush_ms=s.flush_ms, http=http)
 

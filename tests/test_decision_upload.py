@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -269,3 +270,41 @@ def test_close_is_bounded_when_the_service_hangs() -> None:
         asyncio.run(scenario())
         svc.hold.set()
     assert up.dropped == 1 and metric("ccr_policy_decision_log_dropped_total", sink="http") == dropped_before + 1
+
+
+def test_request_text_only_with_include_text_and_within_its_budget(postgres_dsn: str, tmp_path: Path) -> None:
+    """A bundle that reads the request text: its events carry the text the policy saw only with
+    include_text (never without it, never in PostgreSQL), and past the queue's text budget a decision
+    is still logged, its text left out and marked."""
+    from tests.test_policy_input import bundle_of, shipped_data
+
+    text_bundle = bundle_of(tmp_path, shipped_data(policy_input={"text": True}))
+    _, key = create_key(postgres_dsn, "upload-text")
+    runs = {}
+    for name, include_text, budget in (("off", False, 1 << 20), ("on", True, 1 << 20), ("budget", True, 60)):
+        with DecisionLogServer() as svc:
+            log = DecisionLog(postgres_dsn, include_input=True, include_text=include_text, text_queue_chars=budget,
+                              flush_ms=60_000, http=fast_uploader(svc.url + "/logs"))
+
+            async def scenario(auth: Authorizer, name: str = name) -> None:
+                for i in range(2):
+                    await auth.check(http_check({"x-api-key": key, "x-request-id": f"text-{name}-{i}"},
+                                                body=SECRET_BODY))
+
+            asyncio.run(with_authorizer(postgres_dsn, text_bundle, log, scenario))
+            runs[name] = svc.events()
+    texts = {name: [e["input"]["request"].get("text") for e in events] for name, events in runs.items()}
+    assert texts["off"] == [None, None] and SECRET_TEXT not in json.dumps(runs["off"])
+    for t in texts["on"]:
+        assert [(x["loc"], x["kind"], x["text"]) for x in t] == [
+            ("system", "system", SECRET_TEXT), ("messages[0].content", "message", SECRET_TEXT)]
+    # 54 characters a request: the first fits the 60-character budget, the second is logged without it.
+    assert texts["budget"][0] == texts["on"][0] and texts["budget"][1] is None
+    assert runs["budget"][1]["input"]["request"]["text_dropped"] is True
+    with psycopg.connect(postgres_dsn) as conn:  # PostgreSQL keeps the digest, never the text
+        dump = json.dumps(conn.execute("SELECT * FROM policy_decisions WHERE request_id LIKE 'text-%'").fetchall(),
+                          default=str)
+    assert "text-on-0" in dump and SECRET_TEXT not in dump
+    with pytest.raises(ConfigError, match="include_text needs include_input"):
+        parse_config({**__import__("yaml").safe_load(GATEWAY_YAML),
+                      "policy": {"decision_log": {"include_text": True}}})
