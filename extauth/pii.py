@@ -16,6 +16,11 @@ characters removed. ASCII-only text (the common case) skips all of that.
 
 Every pattern is linear: fixed-width or bounded quantifiers after a literal-class anchor, no
 nested unbounded repetition, so a 2 MB adversarial string costs one pass (bench/pii_scan.py).
+
+A run of text over STREAM_FROM_CHARS is decoded and scanned a chunk at a time in overlapping
+windows (`_Windows`), so its memory is bounded whatever the body's size (docs/large-bodies.md);
+each chunk is normalised on its own (a combining mark right after a chunk boundary is composed
+without its base, which no detector looks at).
 """
 
 from __future__ import annotations
