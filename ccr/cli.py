@@ -398,7 +398,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _policy_push(args: argparse.Namespace) -> int:
-    """PUT a bundle to the bundle server, after checking it as extauth will (signature, WASM)."""
+    """PUT a bundle to the bundle server, or install it at the bundle path extauth watches, after
+    checking it as extauth will (signature, WASM)."""
     import urllib.error
     import urllib.request
 
@@ -408,12 +409,19 @@ def _policy_push(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     base = Path(args.config).resolve().parent
     source, ver, _ = _policy_set(config, args.set)
-    url = args.url or (source.url if source else None)
-    if not url:
-        print("ccr policy push: no --url and no bundle url for this set in the config", file=sys.stderr)
+    if args.url and args.path:
+        print("ccr policy push: give --url or --path, not both", file=sys.stderr)
+        return 2
+    url = args.url or (source.url if source and not args.path else None)
+    dest = None if url else (Path(args.path) if args.path else base / source.path if source and source.path else None)
+    if not url and dest is None:
+        print("ccr policy push: no --url/--path and no bundle url or path for this set in the config",
+              file=sys.stderr)
         return 2
     verifier = BundleVerifier.from_file(base / ver.key_file, ver.alg, ver.key_id, ver.scope) if ver else None
     b = read_bundle(args.bundle, verifier)  # BundleError: refused here, not by every extauth later
+    if dest is not None:
+        return _install_bundle(Path(args.bundle), dest, b, verifier is not None)
     req = urllib.request.Request(url, data=Path(args.bundle).read_bytes(), method="PUT",
                                  headers={"Content-Type": "application/gzip"})
     if args.token_file:
@@ -429,6 +437,36 @@ def _policy_push(args: argparse.Namespace) -> int:
         return 1
     print(f"pushed {args.bundle} (revision {b.revision or '(none)'}, sha256 {b.digest[:12]}"
           f"{', signature OK' if verifier else ''}) to {url}: HTTP {code}")
+    return 0
+
+
+def _install_bundle(bundle: Path, dest: Path, b, signed: bool) -> int:
+    """Put a checked bundle where a `bundle.path` source reads it: written beside it, then renamed over
+    it, so extauth (which re-reads the file when it changes) never sees half a bundle."""
+    import tempfile
+
+    if dest.is_dir():
+        print(f"ccr policy push: {dest} is a bundle directory; push installs a .tar.gz bundle file "
+              "(point bundle.path at a file)", file=sys.stderr)
+        return 2
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(bundle.read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        print(f"ccr policy push: {dest}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"pushed {bundle} (revision {b.revision or '(none)'}, sha256 {b.digest[:12]}"
+          f"{', signature OK' if signed else ''}) to {dest}")
     return 0
 
 
@@ -648,9 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--entrypoint", help="default: the set's entrypoint (policy.entrypoint for the global set)")
     pv = ps.add_parser("verify", help="check a bundle's signature with policy.verification, as extauth will")
     pv.add_argument("bundle", help="bundle .tar.gz or directory")
-    pp = ps.add_parser("push", help="verify a bundle as extauth will, then PUT it to the bundle server")
+    pp = ps.add_parser("push", help="verify a bundle as extauth will, then PUT it to the bundle server "
+                       "(or install it at the bundle path)")
     pp.add_argument("bundle", help="bundle .tar.gz")
     pp.add_argument("--url", help="where to PUT it (default: policy.bundle.url)")
+    pp.add_argument("--path", help="install it at this file instead (default, with no url: policy.bundle.path)")
     pp.add_argument("--token-file", help="file with a bearer token for the bundle server")
     psg = ps.add_parser("sign", help="sign an existing bundle (.tar.gz) as `opa build --signing-key` does")
     psg.add_argument("bundle", help="bundle .tar.gz")

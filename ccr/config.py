@@ -639,6 +639,34 @@ class PolicyVerification(Strict):
     scope: str | None = None  # when set, the signature's `scope` claim must equal it
 
 
+class DecisionLogHttp(Strict):
+    """OPA's decision_logs plugin: decisions POSTed in batches to `url` + `resource` as a gzip-compressed
+    JSON array of OPA decision events (extauth/decision_upload.py). Best effort, at least once: a bounded
+    buffer, retried with backoff, oldest dropped (and counted) when full; a request never waits for it."""
+
+    url: str  # the decision-log service, e.g. https://logs.example.com
+    resource: Annotated[str, Field(pattern=r"^/[!-~]*$")] = "/logs"  # OPA's default path
+    token_file: str | None = None  # Authorization: Bearer <token> (relative to the config file)
+    ca_file: str | None = None  # PEM CA bundle for an https service (default: the system's CAs)
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # A batch is sent every upload_interval_s, or as soon as batch_bytes (uncompressed JSON) are waiting.
+    upload_interval_s: Annotated[float, Field(ge=0.001, le=3600)] = 1.0
+    batch_bytes: Annotated[int, Field(ge=1024, le=64 * MIB)] = 1 * MIB
+    # Events waiting (uncompressed JSON); when full, the oldest are dropped and counted.
+    buffer_bytes: Annotated[int, Field(ge=1024, le=1024 * MIB)] = 64 * MIB
+    # A failed upload is retried after retry_min_s, doubling up to retry_max_s (with jitter).
+    retry_min_s: Annotated[float, Field(ge=0.001, le=3600)] = 0.5
+    retry_max_s: Annotated[float, Field(ge=0.001, le=3600)] = 60.0
+
+    @model_validator(mode="after")
+    def _check(self) -> DecisionLogHttp:
+        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
+            raise ValueError("policy.decision_log.http.url must be an http:// or https:// URL")
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("policy.decision_log.http.retry_max_s must be at least retry_min_s")
+        return self
+
+
 class DecisionLogSettings(Strict):
     """Where extauth records every decision (extauth/decisions.py)."""
 
@@ -646,12 +674,26 @@ class DecisionLogSettings(Strict):
     postgres: bool = True
     # Also append OPA-shaped decision-log JSON lines here (relative to the config file); off by default.
     file: str | None = None
-    # Put the policy input into the file's lines (never credentials; the request text is not in it).
+    # Also POST OPA-shaped decision events to an HTTP service, as OPA's decision_logs plugin does; off by default.
+    http: DecisionLogHttp | None = None
+    # Put the policy input into the file's lines and the HTTP events (never credentials; no request text).
     include_input: bool = False
+    # With include_input: also the request text the policy saw (`input.request.text`, only when the bundle
+    # asks for it, bounded by its max_text_chars). Off by default: prompts are usually not log material.
+    include_text: bool = False
+    # Request text waiting in the queue, in characters; past it a decision's text is left out of its event
+    # (marked `text_dropped`), never the decision.
+    text_queue_chars: int = Field(16 * MIB, ge=1, le=1024 * MIB)
     # Decisions waiting to be written; when full, new ones are dropped and counted (never blocking a request).
     queue_size: int = Field(10_000, ge=1, le=1_000_000)
     batch_rows: int = Field(500, ge=1, le=100_000)
     flush_ms: int = Field(200, ge=1, le=60_000)
+
+    @model_validator(mode="after")
+    def _text_needs_input(self) -> DecisionLogSettings:
+        if self.include_text and not self.include_input:
+            raise ValueError("policy.decision_log.include_text needs include_input: the text is part of the input")
+        return self
 
 
 POLICY_SET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"

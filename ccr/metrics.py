@@ -45,6 +45,15 @@ POLICY_BUNDLE_LOAD_FAILURES = Counter(
     "ccr_policy_bundle_load_failures", "Bundles refused (unreachable, unsigned, tampered, broken) per policy set.",
     ["set"], registry=REGISTRY)
 
+# Decisions the decision log lost, by where: `queue` (extauth's in-memory queue was full), `postgres` or
+# `file` (a write failed), `http` (the upload buffer was full, or the service refused a batch for good).
+DECISION_LOG_DROPPED = Counter(
+    "ccr_policy_decision_log_dropped", "Policy decisions the decision log dropped, by sink.", ["sink"],
+    registry=REGISTRY)
+DECISION_LOG_UPLOADS = Counter(
+    "ccr_policy_decision_log_uploads", "Decision-log batches POSTed to the HTTP service, by result (ok, error).",
+    ["result"], registry=REGISTRY)
+
 # -- every gRPC service: decision latency (ccr.service.RpcMetrics) ------------------------------
 
 # Decisions take 0.1-10 ms; the tail that matters is Envoy's deadline (about a second).

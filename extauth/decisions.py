@@ -5,12 +5,14 @@ the endpoint match, the bundle) into a plain tuple and appends it to a bounded i
 queue: no JSON, no hashing, no I/O (~1 us). A background task drains the queue every
 `flush_ms` or as soon as `batch_rows` are waiting, computes the input digest and writes the
 batch with one COPY into `policy_decisions` (and, when configured, OPA-shaped JSON lines to
-a file). A full queue drops the new decision and counts it; the request never waits for
-the log. `close()` flushes what is queued (graceful shutdown).
+a file, and the same events to an HTTP service: extauth/decision_upload.py). A full queue
+drops the new decision and counts it; the request never waits for the log. `close()` flushes
+what is queued (graceful shutdown).
 
 Nothing credential-like is queued: the principal carries ids and names, never a key or a
 token, and the input's headers have credentials removed (extauth/policy_input.py). The request
-text, when a bundle asks for it, counts in the input digest but is never written.
+text, when a bundle asks for it, counts in the input digest; it is written (into the file's and
+the HTTP service's events, never PostgreSQL) only with `include_text`, within a queue budget.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import orjson
 import psycopg
 
 from ccr.contract import POLICY_GLOBAL_SET
+from ccr.metrics import DECISION_LOG_DROPPED
+from extauth.decision_upload import DecisionUploader
 from extauth.endpoints import EndpointMatch
 from extauth.policy_input import RequestFacts, document
 from extauth.principal import Principal
@@ -75,11 +79,17 @@ def canonical(doc: Any) -> bytes:
 
 class DecisionLog:
     def __init__(self, dsn: str | None, *, file: str | Path | None = None, include_input: bool = False,
+                 include_text: bool = False, text_queue_chars: int = 16 << 20,
                  entrypoint: str = "ccr/authz/decision", queue_size: int = 10_000, batch_rows: int = 500,
-                 flush_ms: int = 200, clock: Callable[[], float] = time.time) -> None:
+                 flush_ms: int = 200, clock: Callable[[], float] = time.time,
+                 http: DecisionUploader | None = None) -> None:
         self.dsn = dsn
         self.file = Path(file) if file else None
+        self.http = http
         self.include_input = include_input
+        self.include_text = include_input and include_text
+        self._text_max = text_queue_chars
+        self._text_chars = 0  # request text characters held by queued decisions
         self.entrypoint = entrypoint
         self._max = queue_size
         self._batch = batch_rows
@@ -113,9 +123,15 @@ class DecisionLog:
         q = self._queue
         if len(q) >= self._max:
             self.dropped += 1
+            DECISION_LOG_DROPPED.labels("queue").inc()
             return
-        if facts is not None and facts.text is not None:  # the queue never holds request text
-            facts = dataclasses.replace(facts, text=None, text_truncated=False)
+        if facts is not None and facts.text is not None:
+            # The queue holds request text only for include_text, and only so much of it.
+            n = sum(len(t.text) for t in facts.text) if self.include_text else 0
+            if self.include_text and self._text_chars + n <= self._text_max:
+                self._text_chars += n
+            else:
+                facts = dataclasses.replace(facts, text=None, text_truncated=self.include_text)
         q.append((decision_id, self._clock(), request_id, phase, principal, method, path, model, endpoint,
                   bundle, allow, status, reason, eval_ns, policy_result, pii, facts, set_eval))
         if len(q) >= self._batch:
@@ -125,6 +141,8 @@ class DecisionLog:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="decision-log")
+        if self.http is not None:
+            self.http.start()
 
     async def _loop(self) -> None:
         while not self._closing:
@@ -171,12 +189,11 @@ class DecisionLog:
                 eval_ns // 1000 if eval_ns >= 0 else None,
                 se.name if se is not None else POLICY_GLOBAL_SET, se.shadow if se is not None else False)
 
-    def _opa_line(self, p: Pending, row: tuple) -> bytes:
-        """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row)."""
-        principal, method, path, model, endpoint = p[4], p[5], p[6], p[7], p[8]
+    def _opa_event(self, p: Pending, row: tuple) -> bytes:
+        """One decision in OPA's decision-log shape (plus `request_id`, to join the audit row), as JSON."""
         se = p[17]
         if se is not None:
-            return self._set_line(p, row, se)
+            return self._set_event(p, row, se)
         doc: dict[str, Any] = {
             "decision_id": row[0],
             "request_id": row[2],
@@ -188,11 +205,18 @@ class DecisionLog:
             "metrics": {"timer_rego_query_eval_ns": p[13]},
             "bundles": {"ccr": {"revision": row[12] or row[13] or ""}},
         }
-        if self.include_input:  # never the request's text: record() dropped it
-            doc["input"] = policy_input(principal, method, path, model, endpoint, p[15], p[16])
-        return orjson.dumps(doc) + b"\n"
+        if self.include_input:  # the request's text only with include_text (record() dropped it otherwise)
+            doc["input"] = self._input(p)
+        return orjson.dumps(doc)
 
-    def _set_line(self, p: Pending, row: tuple, se: Any) -> bytes:
+    def _input(self, p: Pending) -> dict[str, Any]:
+        facts = p[16]
+        doc = policy_input(p[4], p[5], p[6], p[7], p[8], p[15], facts)
+        if self.include_text and facts is not None and facts.text is None and facts.text_truncated:
+            doc["request"]["text_dropped"] = True  # the policy saw text; the queue's text budget was spent
+        return doc
+
+    def _set_event(self, p: Pending, row: tuple, se: Any) -> bytes:
         """A policy set's decision (extauth/policy_sets.py) in OPA's shape; `shadow` marks one not enforced."""
         doc: dict[str, Any] = {
             "decision_id": row[0],
@@ -210,8 +234,8 @@ class DecisionLog:
 
                 doc["input"] = redacted(se.input)
             else:
-                doc["input"] = policy_input(p[4], p[5], p[6], p[7], p[8], p[15], p[16])
-        return orjson.dumps(doc, default=str) + b"\n"
+                doc["input"] = self._input(p)
+        return orjson.dumps(doc, default=str)
 
     async def flush(self) -> int:
         """Write everything queued now; returns the number of decisions written."""
@@ -224,15 +248,21 @@ class DecisionLog:
             if not q:
                 return 0
             batch = [q.popleft() for _ in range(len(q))]
+            if self.include_text:
+                self._text_chars -= sum(len(t.text) for p in batch if p[16] is not None and p[16].text
+                                        for t in p[16].text)
             digests = [self._digest(p) for p in batch]
             rows = [self._row(p, d) for p, d in zip(batch, digests, strict=True)]
-            if self.file is not None:
+            if self.file is not None or self.http is not None:
                 # OPA logs policy queries: decisions refused before the policy ran are in PostgreSQL only.
-                lines = b"".join(self._opa_line(p, r) for p, r in zip(batch, rows, strict=True) if r[11] is not None)
-                if lines:
+                events = [self._opa_event(p, r) for p, r in zip(batch, rows, strict=True) if r[11] is not None]
+                if self.http is not None:
+                    self.http.offer(events)  # buffered; uploaded by its own task
+                if events and self.file is not None:
                     try:
-                        await asyncio.to_thread(_append, self.file, lines)
+                        await asyncio.to_thread(_append, self.file, b"\n".join(events) + b"\n")
                     except OSError as e:
+                        DECISION_LOG_DROPPED.labels("file").inc(len(events))
                         log.error("decision log file %s: %s", self.file, e)
             if self.dsn is None:
                 self.written += len(rows)
@@ -241,6 +271,7 @@ class DecisionLog:
                 await self._copy(rows)
             except (psycopg.Error, OSError) as e:
                 self.failed += len(rows)
+                DECISION_LOG_DROPPED.labels("postgres").inc(len(rows))
                 log.error("decision log: %d decision(s) not written to PostgreSQL (%s); %d lost since start",
                           len(rows), e, self.failed)
                 if self._conn is not None:
@@ -275,6 +306,8 @@ class DecisionLog:
             self._task = None
         with contextlib.suppress(Exception):
             await self.flush()
+        if self.http is not None:
+            await self.http.close()  # one last upload of what is buffered, bounded by its timeout
         if self._conn is not None:
             await self._conn.close()
             self._conn = None

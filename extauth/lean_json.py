@@ -20,7 +20,7 @@ import codecs
 import json
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -135,10 +135,82 @@ def _same(s: str) -> str:
     return s
 
 
+# Raw bytes of a long string decoded per step by LongStrings.chunks: the str of one step is at most
+# 4 times as large (an astral character makes a str 4 bytes a character), so at most 256 KiB.
+CHUNK_BYTES = 64 * 1024
+_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _starts_escape(raw: memoryview, start: int, i: int) -> bool:
+    """Whether the backslash at i begins an escape: an even number of backslashes right before it
+    (`start` is always at an escape boundary)."""
+    before = bytes(raw[start:i])
+    return (len(before) - len(before.rstrip(b"\\"))) % 2 == 0
+
+
+def _chunk_end(raw: memoryview, start: int, end: int, want: int) -> int:
+    """Where a step of a checked string literal's contents [start, end) may stop, at or before
+    start + want (want >= 32): never inside an escape (a high-low surrogate pair counts as one),
+    never inside a UTF-8 sequence. It moves back at most 21 bytes, so a step is never empty."""
+    c = start + want
+    if c >= end:
+        return end
+    lo = max(start, c - 12)  # an escape is at most 6 bytes: one crossing c begins after c - 6
+    k = bytes(raw[lo:c]).rfind(b"\\")
+    if k != -1 and _starts_escape(raw, start, k + lo):
+        c = k + lo  # the last escape before c may cross it: stop before it
+        if c - 6 >= start and _HIGH_SURROGATE_ESCAPE.match(bytes(raw[c - 6:c])) is not None \
+                and _starts_escape(raw, start, c - 6):
+            c -= 6  # it may be the low half of a surrogate pair: keep the pair together
+    while raw[c] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back to its lead byte
+        c -= 1
+    return c
+
+
+class LongStrings:
+    """The strings a skeleton left in the body, by placeholder. Called with any string of the
+    document: its real value (a placeholder is decoded from the body on demand; any other string
+    is itself). `chunks` gives a value in pieces, so a 20 MB text is never one Python str (the PII
+    scan reads text that way: extauth/pii.py); `size` bounds a value's length without decoding it."""
+
+    __slots__ = ("body", "spans")
+
+    def __init__(self, body: Buffer, spans: dict[str, tuple[int, int]]) -> None:
+        self.body, self.spans = body, spans
+
+    def __call__(self, s: str) -> str:
+        span = self.spans.get(s)
+        return s if span is None else _decode(self.body, span)
+
+    def size(self, s: str) -> int:
+        """At least the value's length in characters (its literal's bytes for a placeholder)."""
+        span = self.spans.get(s)
+        return len(s) if span is None else span[1] - span[0] - 2
+
+    def chunks(self, s: str, step: int | None = None) -> Iterator[str]:
+        """The value in consecutive pieces that join to it (a few KB to CHUNK_BYTES of the literal each)."""
+        step = max(step or CHUNK_BYTES, 32)
+        span = self.spans.get(s)
+        if span is None:
+            for i in range(0, len(s), step):
+                yield s[i:i + step]
+            return
+        raw = memoryview(self.body)
+        pos, end = span[0] + 1, span[1] - 1
+        while pos < end:
+            stop = _chunk_end(raw, pos, end, step)
+            text = str(raw[pos:stop], "utf-8")
+            if "\\" in text:
+                text = json.decoder.scanstring('"' + text + '"', 1, True)[0]
+            yield text
+            pos = stop
+
+
 def loads_lazy(body: Buffer) -> tuple[Any, Callable[[str], str]]:
     """`loads`, and a function giving any string of the document its real value (a placeholder
-    is decoded from the body on demand, one string at a time; other strings are themselves).
-    The PII scan reads text through it (extauth/pii.py)."""
+    is decoded from the body on demand, one string at a time; other strings are themselves):
+    a LongStrings when the body was read as a skeleton. The PII scan reads text through it
+    (extauth/pii.py)."""
     if len(body) < SKELETON_FROM_BYTES:
         return orjson.loads(body), _same
     try:
@@ -148,9 +220,4 @@ def loads_lazy(body: Buffer) -> tuple[Any, Callable[[str], str]]:
         return orjson.loads(body), _same
     del skeleton
     _restore(doc, body, spans)
-
-    def text_of(s: str) -> str:
-        span = spans.get(s)
-        return s if span is None else _decode(body, span)
-
-    return doc, text_of
+    return doc, LongStrings(body, spans)

@@ -37,6 +37,7 @@ from ccr.contract import (
     H_CLIENT_REQUEST_ID,
     H_REQUEST_ID,
 )
+from extauth import wasm_calls
 from extauth.bundle import Bundle, BundleError
 
 VERSION = {"ext_authz": "v3", "encoding": "protojson"}
@@ -259,6 +260,7 @@ class OpaEnvoyEngine:
     def __init__(self, bundle: Bundle, entrypoint: str) -> None:
         self.bundle, self.entrypoint = bundle, entrypoint
         self._policy = OpaWasmPolicy.from_wasm_bytes(bundle.wasm, PolicyConfig(pool_size=2))
+        wasm_calls.install(self._policy)
         if entrypoint not in self._policy.entrypoints:
             known = sorted(self._policy.entrypoints)
             self._policy.close()

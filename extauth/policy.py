@@ -24,6 +24,7 @@ import orjson
 from opapywasm import OpaWasmPolicy, PolicyConfig
 
 from ccr.contract import CCR_HEADER_PREFIX, H_REGION_HINT, H_REQUEST_ID
+from extauth import wasm_calls
 from extauth.bundle import Bundle, BundleError, read_bundle
 from extauth.endpoints import EndpointMatch, match
 from extauth.pii import KINDS, Finding, Pattern, compile_patterns
@@ -201,6 +202,8 @@ class PolicyEngine:
         # The input arrives as orjson bytes (see decide): no second serialisation, no re-parse.
         self._policy = OpaWasmPolicy.from_wasm_bytes(bundle.wasm, PolicyConfig(
             pool_size=2, parse_raw_json_input=False, max_input_bytes=MAX_INPUT_BYTES))
+        # 5 calls into WASM per evaluation, each ~10-35 us cheaper (extauth/wasm_calls.py).
+        self.fast_calls = wasm_calls.install(self._policy)
         if entrypoint not in self._policy.entrypoints:
             known = sorted(self._policy.entrypoints)
             self._policy.close()

@@ -177,6 +177,22 @@ def body_facts(doc: Mapping[str, Any]) -> BodyFacts:
     return BodyFacts(max_tokens, stream, budget, tools, mode)
 
 
+def _prefix(value: str, text_of: TextOf, chars: int) -> str:
+    """At least the first `chars` characters of a text (all of it when shorter), decoding a long
+    string left in the body (extauth/lean_json.py LongStrings) only that far."""
+    chunks = getattr(text_of, "chunks", None)
+    if chunks is None:
+        return text_of(value)
+    out: list[str] = []
+    n = 0
+    for c in chunks(value):
+        out.append(c)
+        n += len(c)
+        if n > chars:
+            break
+    return "".join(out)
+
+
 class _TextBudget:
     __slots__ = ("left", "out", "text_of", "truncated")
 
@@ -191,7 +207,10 @@ class _TextBudget:
         if self.left <= 0 or len(self.out) >= MAX_TEXT_PIECES:
             self.truncated = True
             return
-        text = self.text_of(value)
+        if getattr(self.text_of, "size", len)(value) > self.left:  # decode only what the budget takes
+            text = _prefix(value, self.text_of, self.left)
+        else:
+            text = self.text_of(value)
         if len(text) > self.left:
             text = text[: self.left]
             self.truncated = True

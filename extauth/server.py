@@ -60,6 +60,7 @@ from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
+from extauth.decision_upload import DecisionUploader
 from extauth.decisions import PHASE_FULL, PHASE_IDENTITY, DecisionLog
 from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
@@ -678,9 +679,25 @@ def decision_log(config: GatewayConfig, runtime: Runtime) -> DecisionLog:
         file = Path(s.file)
         if not file.is_absolute():
             file = Path(runtime.config_path).resolve().parent / file
+    http = None
+    if s.http is not None:
+        h = s.http
+        base = Path(runtime.config_path).resolve().parent
+        token = None
+        if h.token_file:
+            try:
+                token = (base / h.token_file).read_text().strip()
+            except OSError as e:
+                raise SystemExit(f"extauth: cannot read policy.decision_log.http.token_file {h.token_file}: "
+                                 f"{e.strerror}") from None
+        http = DecisionUploader(h.url.rstrip("/") + h.resource, token=token,
+                                ca_file=base / h.ca_file if h.ca_file else None, timeout_s=h.timeout_s,
+                                interval_s=h.upload_interval_s, batch_bytes=h.batch_bytes,
+                                buffer_bytes=h.buffer_bytes, retry_min_s=h.retry_min_s, retry_max_s=h.retry_max_s)
     return DecisionLog(runtime.postgres_dsn if s.postgres else None, file=file, include_input=s.include_input,
+                       include_text=s.include_text, text_queue_chars=s.text_queue_chars,
                        entrypoint=config.policy.entrypoint, queue_size=s.queue_size, batch_rows=s.batch_rows,
-                       flush_ms=s.flush_ms)
+                       flush_ms=s.flush_ms, http=http)
 
 
 async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime):

@@ -148,3 +148,31 @@ def test_push_verifies_then_puts(setup, tmp_path: Path, capsys: pytest.CaptureFi
                      "--token-file", str(tmp_path / "token")]) == 0
         assert "signature OK" in capsys.readouterr().out
         assert srv.files["/ccr/bundle.tar.gz"] == good.read_bytes()
+
+
+def test_push_installs_at_the_bundle_path_atomically(setup, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """With `bundle.path` (no bundle server), push verifies, then renames the bundle over that file,
+    which extauth's file source re-reads; an unsigned or tampered bundle never gets there."""
+    config, priv = setup
+    good, unsigned = tmp_path / "good.tar.gz", tmp_path / "unsigned.tar.gz"
+    assert main(["policy", "build", "-c", config, "--out", str(good), "--revision", "r7",
+                 "--signing-key", str(priv)]) == 0
+    assert main(["policy", "build", "-c", config, "--out", str(unsigned)]) == 0
+    capsys.readouterr()
+    installed = tmp_path / "bundle.tar.gz"  # policy.bundle.path, relative to the config file
+    installed.write_bytes(b"the last good bundle")
+    assert main(["policy", "push", "-c", config, str(unsigned)]) == 1
+    assert "not signed" in capsys.readouterr().err and installed.read_bytes() == b"the last good bundle"
+    assert main(["policy", "push", "-c", config, str(good)]) == 0
+    assert f"to {installed}" in capsys.readouterr().out
+    assert installed.read_bytes() == good.read_bytes()
+    assert read_bundle(installed).revision == "r7"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == []  # no temp file left
+    other = tmp_path / "elsewhere" / "b.tar.gz"
+    assert main(["policy", "push", "-c", config, str(good), "--path", str(other)]) == 0
+    assert other.read_bytes() == good.read_bytes()
+    (tmp_path / "dir-bundle").mkdir()
+    assert main(["policy", "push", "-c", config, str(good), "--path", str(tmp_path / "dir-bundle")]) == 2
+    assert "bundle directory" in capsys.readouterr().err
+    assert main(["policy", "push", "-c", config, str(good), "--path", str(other), "--url", "http://x"]) == 2

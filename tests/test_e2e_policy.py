@@ -100,3 +100,39 @@ def test_residency_binding_reaches_upstream_and_a_foreign_region_is_refused(gw: 
             model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert len(emulator_records(gw)) == before + 1
+
+
+def test_policy_why_prints_the_rules_reason_and_revision(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ccr policy why REQUEST_ID` (or the decision id a denial names): the decision, the rule's reason,
+    the policy set and the bundle in use, joined to the request's audit row."""
+    import time
+
+    import psycopg
+
+    from ccr import cli
+
+    _, key = create_key(gw.runtime.postgres_dsn, "contractor-why", ["contractors"])
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        client(gw, key).messages.create(model=HAIKU, max_tokens=9000, messages=[{"role": "user", "content": "hi"}])
+    rid = e.value.response.headers["x-request-id"]
+    did = DECISION.search(e.value.body["error"]["message"]).group(1)  # type: ignore[index]
+    deadline = time.monotonic() + 20
+    with psycopg.connect(gw.runtime.postgres_dsn, autocommit=True) as conn:
+        while True:  # the decision log writes within flush_ms; the audit row once Envoy logs the request
+            n = conn.execute("SELECT (SELECT count(*) FROM policy_decisions WHERE request_id = %s)"
+                             " + (SELECT count(*) FROM request_log WHERE request_id = %s)", (rid, rid)).fetchone()[0]
+            if n == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        digest = conn.execute("SELECT bundle_digest FROM policy_decisions WHERE decision_id = %s", (did,)).fetchone()
+    assert digest is not None and n == 2
+    for ref in (rid, did):
+        assert cli.main(["-c", str(gw.config_path), "policy", "why", ref]) == 0
+        out = capsys.readouterr().out
+        assert f"decision {did}" in out and f"request {rid}" in out
+        assert "result    : deny (HTTP 403, full check)" in out
+        assert "reason    : max_tokens 9000 is above the ceiling of 8192 for tier 'contractor'" in out
+        assert "principal : contractor-why (key " in out
+        assert f"policy    : set global  bundle {digest[0][:12]}" in out
+        assert "request_log: status 403" in out
+        assert key not in out

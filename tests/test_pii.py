@@ -204,3 +204,28 @@ def test_tool_input_keys_are_scanned_and_never_echoed() -> None:
     assert got == [("ssn", "messages[0].content[0].input.<key 1>"),
                    ("email", "messages[0].content[0].input.<key 1>.note")]
     assert all("6789" not in loc for _, loc in got)
+
+
+def test_lookalikes_and_invisible_characters_in_cards_ibans_and_emails() -> None:
+    """Every kind, spelled to slip past an ASCII pattern: fullwidth or other-script digits and letters,
+    zero-width and other invisible characters inside the number, dash look-alikes, and all of it split
+    across the blocks of a tool result."""
+    zw = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+    cases = {
+        "card": ["４１１１ １１１１ １１１１ １１１１", "4111\u200b1111\u200c1111\u20601111",
+                 "\u0664\u0661\u0661\u0661-\u0661\u0661\u0661\u0661\u2011" + "1111\u2212" + "1111",  # Arabic-Indic
+                 "5" + zw + "555555555554444"],
+        "iban": ["ＧＢ８２ ＷＥＳＴ １２３４ ５６９８ ７６５４ ３２", "GB82\u200bWEST\u00ad12345698765432",
+                 "DE89 3704 0044 0532 0130 00".replace(" ", " \u2060")],
+        "email": ["ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ", "jo\u200bhn@exa\u200dmple.com"],
+    }
+    for kind, spellings in cases.items():
+        for s in spellings:
+            assert kinds(user(text(f"see {s} now")), kinds=frozenset({kind})) == [(kind, "messages[0].content[0]")], s
+            # The same spelling cut in three, across a tool result's blocks.
+            a, b = len(s) // 3, 2 * len(s) // 3
+            doc = user({"type": "tool_result", "tool_use_id": "t",
+                        "content": [text("x " + s[:a]), text(s[a:b]), text(s[b:] + " y")]})
+            assert kinds(doc, kinds=frozenset({kind})) == [(kind, "messages[0].content[0].content[0]")], s
+    # Look-alikes that are not digits stay what they are: no finding from letters that resemble numbers.
+    assert kinds(user(text("I23-4S-6789 and O12-34-5678"))) == []
