@@ -10,6 +10,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
 from ccr.contract import (
+    AUTHZ_MODEL_REQUESTED,
     AUTHZ_NS,
     H_CLIENT_REQUEST_ID,
     USAGE_NOTE,
@@ -25,7 +26,7 @@ COLUMNS: tuple[str, ...] = (
     "ts", "request_id", "key_id", "principal", "model", "method", "path", "status",
     *TOKEN_FIELDS,
     "latency_ms", "upstream_cluster", "response_flags", "bytes_received", "bytes_sent",
-    "usage_status", "usage_note", "client_request_id",
+    "usage_status", "usage_note", "client_request_id", "model_requested",
 )
 # Client-chosen text is kept for correlation only; bound what one row can hold.
 MAX_CLIENT_REQUEST_ID = 256
@@ -208,4 +209,5 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
         usage_status,
         usage_note,
         _clean(client_rid[:MAX_CLIENT_REQUEST_ID]) if client_rid else None,
+        _text(authz, AUTHZ_MODEL_REQUESTED),
     )

@@ -30,6 +30,7 @@ from ccr.contract import (
     AUTHZ_DECISION_ID,
     AUTHZ_GROUP_LIST,
     AUTHZ_LABELS,
+    AUTHZ_MODEL_REQUESTED,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     AUTHZ_RATELIMIT,
@@ -55,6 +56,8 @@ from ccr.logs import REQUEST_ID
 from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
+from extauth import models_api
+from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
 from extauth.decisions import PHASE_FULL, PHASE_IDENTITY, DecisionLog
@@ -192,7 +195,7 @@ def with_additions(resp: pb.CheckResponse, additions: list | None) -> pb.CheckRe
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
+    __slots__ = ("alias", "bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
                  "principal", "set_eval", "spend")
 
     def __init__(self) -> None:
@@ -209,6 +212,8 @@ class _Seen:
         self.set_eval = None  # the policy set (extauth/policy_sets.py) that refused the request, if not the global one
         # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
         self.spend: tuple[int | None, str | None] | None = None
+        # An alias resolved: the per-request rewrite the upstream applies (extauth/aliases.py), else None.
+        self.alias: dict[str, str] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -266,9 +271,21 @@ class Authorizer:
         self._routes: dict[str, tuple[str, str] | None] = {}
         self._clusters: dict[tuple[str, str, str | None, str], tuple[str, str] | None] = {}
         self._model_idx: dict[str, int | None] = {}
+        self._resolved: dict[str, routing.Resolved | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
         # Budget reservations (issue 8): None when spend is off.
         self.worst_case = WorstCase(config) if config.spend.enabled else None
+
+    def _resolve(self, model: str) -> routing.Resolved | None:
+        """ccr/routing.py `resolve`, cached (fnmatch is not free); bounded: model ids come from clients."""
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
+        if len(self._resolved) >= 10_000:
+            self._resolved.clear()
+        got = self._resolved[model] = routing.resolve(self.config, model)
+        return got
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -326,17 +343,23 @@ class Authorizer:
         except Deny as d:
             did = self._record(req, seen, False, d.status, d.log_reason or d.message)
             return denied(d.status, d.err_type, _with_decision(d.message, did), d.headers)
+        except models_api.Answer as a:
+            self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
+            return a.response()
         except Exception:
             log.exception("authorization failed internally; denying")
             return _internal_error(self._record(req, seen, False, 503, "internal error"))
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
-        if did is not None or seen.spend is not None:
+        if did is not None or seen.spend is not None or seen.alias is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
                 resp = own
             if did is not None:
                 resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
+            if seen.alias is not None:  # per request: where this body names the model (router/alias.lua)
+                for k, v in seen.alias.items():
+                    resp.dynamic_metadata.fields[k].string_value = v
             if seen.spend is not None:  # per request: the worst case depends on the body
                 worst, spend = seen.spend
                 if worst is not None:
@@ -385,6 +408,7 @@ class Authorizer:
 
         path = seen.path = split_target(http.path)[0]
         model: str | None = None
+        requested: str | None = None  # the model as the client named it (an alias, or the model itself)
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
         text_of: TextOf = str  # a long string of `doc` by its placeholder (extauth/lean_json.py)
         # The body as received: a view when the caller split it off the message (no copy), else
@@ -401,10 +425,16 @@ class Authorizer:
                     # Policy, PII scanning and ceilings see one shape: the Anthropic request the
                     # adapter will send (tool calls become tool_use blocks, tool messages tool_result).
                     doc = _as_anthropic(doc)
-            route = self._route(model)
-            if route is None:
-                raise Deny(404, "not_found_error", f"model: {model}")
-            provider = route[0]
+            resolved = self._resolve(model)
+            if resolved is None:
+                raise Deny(404, "not_found_error", f"model: {model} is not a model this gateway serves; "
+                           "GET /v1/models lists the models you may use")
+            requested = model
+            # From here on the model is the concrete one: routed, decided, priced, limited and sent.
+            model = seen.model = resolved.served
+            if resolved.is_alias:
+                seen.alias = alias_rewrite(endpoint, body, path, model)
+            provider = self.config.provider(self.config.models[resolved.model_index].provider).name
             cluster = self.config.provider(provider).cluster_for(endpoint.endpoint.schema)
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
@@ -420,6 +450,8 @@ class Authorizer:
         request_facts = seen.facts = _input_or_deny(
             request_facts_of, http.path, headers, http.host, source_address(req.attributes), peer, len(body),
             doc if messages else None, text_of, policy.text_chars)
+        if requested is not None and requested != model:
+            request_facts = seen.facts = dataclasses.replace(request_facts, model_requested=requested)
         decision = policy.decide(principal, method, path, model, endpoint, pii, request_facts)
         seen.eval_ns = time.perf_counter_ns() - t0
         seen.decision = decision
@@ -433,6 +465,8 @@ class Authorizer:
             decision = seen.decision  # with what allowing ccr-mode sets add (headers, labels, region)
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
+        if endpoint.endpoint.kind is Kind.MODELS:  # the gateway's own catalogue, as this caller's policy allows
+            raise models_api.answer(self.config, policy, principal, endpoint, request_facts)
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
             seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
@@ -454,12 +488,12 @@ class Authorizer:
         spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
         if facts is not None:  # per-object answers are not cached
             return with_additions(self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts,
-                                           decision), additions)
-        ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
+                                           decision, requested), additions)
+        ck = (principal, model, requested, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
         resp = self._ok_cache.get(ck)
         seen.cached = True
         if resp is None:
-            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name, None, decision)
+            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name, None, decision, requested)
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
@@ -500,6 +534,7 @@ class Authorizer:
     def _ok(
         self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
         endpoint: str | None = None, obj: ObjectFacts | None = None, decision: Decision | None = None,
+        requested: str | None = None,
     ) -> pb.CheckResponse:
         if tracing.TRACER is not None:  # GenAI attributes on this Check's span (ccr/rpc_observe.py)
             tracing.annotate({tracing.GEN_AI_REQUEST_MODEL: model,
@@ -533,7 +568,8 @@ class Authorizer:
         if p.spiffe_id is not None:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
-            facts["model"] = model
+            facts["model"] = model  # the concrete model served (an alias resolved)
+            facts[AUTHZ_MODEL_REQUESTED] = requested or model  # as the client named it
         if endpoint is not None:
             facts["endpoint"] = endpoint
         facts.update({
