@@ -903,10 +903,10 @@ class GatewayConfig(Strict):
     @model_validator(mode="after")
     def _aliases_resolve(self) -> GatewayConfig:
         for alias, target in self.aliases.items():
-            if target in self.aliases:
-                raise ValueError(f"aliases.{alias}: target {target!r} is itself an alias; name the concrete model")
             if alias == target:
                 raise ValueError(f"aliases.{alias}: an alias cannot resolve to itself")
+            if target in self.aliases:
+                raise ValueError(f"aliases.{alias}: target {target!r} is itself an alias; name the concrete model")
             if self.route_model(target) is None:
                 raise ValueError(f"aliases.{alias}: target {target!r} matches no models[].match entry")
         return self

@@ -2,7 +2,8 @@
 
 What a caller sees is what its policy lets it use, whichever provider serves it: each model of the
 catalogue (ccr/model_catalog.py) is decided by the same policy engine as a Messages call naming it
-(`messages.create`, with this request's principal, source, headers and region hint and no body facts),
+(`messages.create`, with this request's principal, source, headers and region hint and no body facts;
+the global policy and every enforced policy set that applies, as for a batch's requests),
 and a model the request's region binding leaves without a target is not listed either. The answer is
 the Anthropic Models API's shape and pagination. It goes back as ext_authz's reply (status 200), so
 nothing is forwarded to a provider.
@@ -11,6 +12,7 @@ nothing is forwarded to a provider.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -23,13 +25,14 @@ from ccr.config import GatewayConfig
 from ccr.model_catalog import Listed, catalog, page
 from extauth.deny import Deny
 from extauth.endpoints import BY_NAME, EndpointMatch
-from extauth.policy import PolicyEngine
+from extauth.policy import Decision
 from extauth.policy_input import RequestFacts
 from extauth.principal import Principal
 
 _MESSAGES = EndpointMatch(BY_NAME["messages.create"])
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 DEFAULT_LIMIT, MAX_LIMIT = 20, 1000
+Decide = Callable[..., Decision]
 
 
 class Answer(Exception):
@@ -51,13 +54,14 @@ class Answer(Exception):
                 body=orjson.dumps(self.body).decode()))
 
 
-def allowed(config: GatewayConfig, policy: PolicyEngine, principal: Principal, facts: RequestFacts) -> list[Listed]:
-    """The catalogue as this caller may use it: each entry decided as a Messages call naming it."""
+def allowed(config: GatewayConfig, decide: Decide, principal: Principal, facts: RequestFacts) -> list[Listed]:
+    """The catalogue as this caller may use it: each entry decided as a Messages call naming it
+    (`decide`: PolicyEngine.decide of the global set, with every enforced policy set that applies)."""
     base = dataclasses.replace(facts, query=(), size=0, body=None, text=None, text_truncated=False)
     out = []
     for e in catalog(config):
         f = dataclasses.replace(base, model_requested=e.id if e.id != e.served else None)
-        d = policy.decide(principal, "POST", "/v1/messages", e.served, _MESSAGES, None, f)
+        d = decide(principal, "POST", "/v1/messages", e.served, _MESSAGES, None, f)
         if not d.allow:
             continue
         # Bound to a region with no target of this model there: a call would be refused, so it is not listed.
@@ -78,10 +82,10 @@ def _limit(query: dict[str, tuple[str, ...]]) -> int:
     return n
 
 
-def answer(config: GatewayConfig, policy: PolicyEngine, principal: Principal, endpoint: EndpointMatch,
+def answer(config: GatewayConfig, decide: Decide, principal: Principal, endpoint: EndpointMatch,
            facts: RequestFacts) -> Answer:
     """The reply to models.list / models.get for this caller (Deny: 400 bad query, 404 not listed)."""
-    models = allowed(config, policy, principal, facts)
+    models = allowed(config, decide, principal, facts)
     if endpoint.name == "models.get":
         mid = endpoint.param("model_id") or ""
         for e in models:

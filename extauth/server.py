@@ -466,7 +466,8 @@ class Authorizer:
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
         if endpoint.endpoint.kind is Kind.MODELS:  # the gateway's own catalogue, as this caller's policy allows
-            raise models_api.answer(self.config, policy, principal, endpoint, request_facts)
+            decide = policy.decide if self.sets is None else self.sets.batch_decide(principal, policy.decide)
+            raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
             seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
