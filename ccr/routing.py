@@ -57,11 +57,6 @@ def failover_capable(schema: str, providers: list[Provider] | tuple[Provider, ..
     return not translated or translated == [len(providers) - 1]
 
 
-def passthrough(schema: str, providers: list[Provider] | tuple[Provider, ...]) -> bool:
-    """Anthropic clients to Anthropic API providers only: no translation, no Python on the way."""
-    return schema == "anthropic" and all(p.kind == ProviderKind.anthropic for p in providers)
-
-
 def chain_name(model_index: int, region: str | None) -> str:
     return f"{CHAIN_PREFIX}{model_index}_{region or 'any'}"
 

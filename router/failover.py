@@ -11,6 +11,10 @@ Per attempt the upstream filters (which Envoy runs per try) learn the attempt's 
 host Envoy picked (%UPSTREAM_METADATA%) and inject only that provider's credential. The request's
 headers are shared by the attempts, so hygiene runs first on every attempt: the previous target's
 credential never reaches the next one.
+
+A chain may end in one translated target (Bedrock, Vertex, an OpenAI-compatible server): its attempt
+runs the adapter (ext_proc) guarded the same way, so translation happens per attempt and only on that
+target's; the Anthropic attempts before it stay byte-faithful passthrough (`_mixed_filters`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from ccr.procs import Child, spawn, wait_ready_file
@@ -144,6 +145,22 @@ def test_an_alias_streams_and_fails_over_as_its_model(world: World) -> None:
         c.messages.create(model="claude-sonnet-9", max_tokens=8, messages=HI)
     err = e.value.body["error"]  # type: ignore[index]
     assert err["type"] == "not_found_error" and err["message"].startswith("model: claude-sonnet-9 is not a model")
+
+
+def test_an_alias_from_openai_and_bedrock_clients_is_translated_as_its_model(world: World) -> None:
+    before = len(emulator_records(world.gw))
+    oa = openai.OpenAI(base_url=f"{world.gw.url}/v1", api_key=world.gw.api_key, max_retries=0)
+    done = oa.chat.completions.create(model="fast", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert done.choices[0].message.content and done.model == HAIKU  # the provider was asked for HAIKU
+    # A Bedrock client names the alias in the path.
+    r = httpx.post(f"{world.gw.url}/model/fast/invoke", headers={"x-api-key": world.gw.api_key}, timeout=30,
+                   json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 8, "messages": HI})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == HAIKU
+    recs = emulator_records(world.gw)[before:]
+    assert [(x["path"], x["status"]) for x in recs] == [("/v1/messages", 200)] * 2
+    row = log_row(world.gw.runtime.postgres_dsn, r.headers["x-request-id"])
+    assert (row["model"], row["model_requested"]) == (HAIKU, "fast")
 
 
 def test_policy_decides_on_the_model_an_alias_resolves_to(world: World) -> None:
