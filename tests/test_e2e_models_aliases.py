@@ -133,6 +133,18 @@ def test_an_alias_reaches_the_provider_as_its_model_and_the_row_has_both(world: 
     assert row["upstream_cluster"] == "provider_anthropic"
 
 
+def test_a_large_aliased_body_is_rewritten_whole(world: World) -> None:
+    """Above the listener's per-connection buffer (1 MiB): the alias step buffers up to max_request_bytes."""
+    sent = json.dumps({"model": "fast", "max_tokens": 8,
+                       "messages": [{"role": "user", "content": "x" * (3 * 1024 * 1024)}]}).encode()
+    r = httpx.post(f"{world.gw.url}/v1/messages", content=sent, timeout=60, headers={
+        "x-api-key": world.gw.api_key, "anthropic-version": "2023-06-01", "content-type": "application/json"})
+    assert r.status_code == 200, r.text[:300]
+    expected = sent.replace(b'"fast"', f'"{HAIKU}"'.encode(), 1)
+    rec = emulator_records(world.gw)[-1]
+    assert rec["body_sha256"] == hashlib.sha256(expected).hexdigest()
+
+
 def test_an_alias_streams_and_fails_over_as_its_model(world: World) -> None:
     c = _client(world)
     with c.messages.stream(model="fast", max_tokens=8, messages=HI) as s:
@@ -257,6 +269,24 @@ def test_a_residency_binding_holds_on_a_cross_provider_chain(world: World) -> No
         eu.messages.create(model=OPUS, max_tokens=8, messages=HI)
     assert e.value.status_code == 529
     assert len(world.clouds.vertex.records) == before
+
+
+def test_a_5xx_fails_over_but_a_stream_broken_after_its_first_byte_does_not(world: World) -> None:
+    c = _client(world)
+    before = len(world.clouds.bedrock.records)
+    # The emulator honours x-emulator-fault (sent on by the gateway like any client header): the primary
+    # answers 500, Bedrock answers the retry.
+    msg = c.messages.create(model=SONNET, max_tokens=8, messages=HI, extra_headers={"x-emulator-fault": "500"})
+    assert msg.content and len(world.clouds.bedrock.records) == before + 1
+    # Cut after the first content: the client has its first bytes, so it sees the failure, no failover.
+    events: list[str] = []
+    with (pytest.raises(Exception, match="peer closed connection without sending complete message body"),
+          c.messages.stream(model=SONNET, max_tokens=64, messages=HI,
+                            extra_headers={"x-emulator-fault": "midstream-reset"}) as s):
+        for e in s:
+            events.append(e.type)
+    assert events[:1] == ["message_start"]
+    assert len(world.clouds.bedrock.records) == before + 1
 
 
 def test_primary_stopped_mid_run_fails_over_to_bedrock_without_client_errors(world: World) -> None:
