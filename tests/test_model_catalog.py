@@ -69,3 +69,15 @@ def test_a_body_that_does_not_name_its_model_once_is_refused(body: bytes) -> Non
     with pytest.raises(Deny) as e:
         model_value_span(body)
     assert e.value.status == 400
+
+
+def test_policy_input_names_the_alias_next_to_the_model_it_resolves_to() -> None:
+    from extauth.policy_input import RequestFacts, document
+    from extauth.principal import Principal, PrincipalKind
+
+    p = Principal(id="key_1", name="svc", groups=("default",), kind=PrincipalKind.KEY)
+    aliased = document(p, "POST", "/v1/messages", "claude-sonnet-4-5-20250929", None, None,
+                       RequestFacts(model_requested="claude-sonnet"))["request"]
+    assert (aliased["model"], aliased["model_requested"]) == ("claude-sonnet-4-5-20250929", "claude-sonnet")
+    plain = document(p, "POST", "/v1/messages", "claude-sonnet-4-5-20250929", None, None, RequestFacts())["request"]
+    assert "model_requested" not in plain
