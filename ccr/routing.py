@@ -73,9 +73,11 @@ def _sticky(ps: list[Provider], weights: dict[str, int], principal_id: str, salt
 
 
 def route(config: GatewayConfig, model_index: int, schema: str, region: str | None,
-          principal_id: str = "") -> tuple[str, str] | None:
+          principal_id: str = "", translatable: bool = True) -> tuple[str, str] | None:
     """(first provider, cluster) for a Messages-like request in client `schema`, or None when no
-    target of the model is in `region` (the request must be refused, never sent elsewhere)."""
+    target of the model is in `region` (the request must be refused, never sent elsewhere).
+    `translatable` False (count_tokens: the adapter translates Messages calls only): a chain ending in
+    a translated target is not used; the first target's own cluster is."""
     m = config.models[model_index]
     ps = eligible(config, m, region)
     if not ps:
@@ -83,7 +85,7 @@ def route(config: GatewayConfig, model_index: int, schema: str, region: str | No
     if m.split:  # A/B: a variant per principal, among those in the region
         p = _sticky(ps, m.split, principal_id, m.match)
         return p.name, p.cluster_for(schema)
-    if not failover_capable(schema, ps):
+    if not failover_capable(schema, ps) or (not translatable and ps[-1].kind != ProviderKind.anthropic):
         # One target, or an order the shared attempt headers cannot fail over (docs/routing.md).
         return ps[0].name, ps[0].cluster_for(schema)
     return ps[0].name, chain_name(model_index, region)

@@ -269,7 +269,7 @@ class Authorizer:
         self.objects = ObjectGuard(config, objects, self._route) if objects is not None else None
         self._default_provider = config.provider(config.models[0].provider)
         self._routes: dict[str, tuple[str, str] | None] = {}
-        self._clusters: dict[tuple[str, str, str | None, str], tuple[str, str] | None] = {}
+        self._clusters: dict[tuple[str, str, str | None, str, bool], tuple[str, str] | None] = {}
         self._model_idx: dict[str, int | None] = {}
         self._resolved: dict[str, routing.Resolved | None] = {}
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
@@ -303,7 +303,8 @@ class Authorizer:
         self._routes[model] = route
         return route
 
-    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str) -> tuple[str, str]:
+    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str,
+                       translatable: bool = True) -> tuple[str, str]:
         """(first provider, cluster) of the model's targets that `region` allows (ccr/routing.py); for an
         A/B split, the principal's own variant."""
         try:
@@ -312,11 +313,13 @@ class Authorizer:
             if len(self._model_idx) >= 10_000:
                 self._model_idx.clear()  # model ids come from clients: keep the map bounded
             idx = self._model_idx[model] = routing.model_index(self.config, model)
-        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "")
+        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "",
+               translatable)
         try:
             got = self._clusters[key]
         except KeyError:
-            got = routing.route(self.config, idx, schema, region, principal_id) if idx is not None else None
+            got = routing.route(self.config, idx, schema, region, principal_id, translatable) \
+                if idx is not None else None
             if len(self._clusters) >= 10_000:
                 self._clusters.clear()  # model ids come from clients: keep the map bounded
             self._clusters[key] = got
@@ -474,7 +477,9 @@ class Authorizer:
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if model is not None and facts is None:
             # The failover chain (and, for a request bound to a region, only that region's targets).
-            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id)
+            # count_tokens has no translation: never a chain whose last target needs one (ccr/routing.py route).
+            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id,
+                                                    endpoint.name != "messages.count_tokens")
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
             self._in_region(provider, decision.region)

@@ -271,6 +271,13 @@ def test_a_residency_binding_holds_on_a_cross_provider_chain(world: World) -> No
     assert len(world.clouds.vertex.records) == before
 
 
+def test_count_tokens_of_a_cross_provider_chain_goes_to_its_first_target(world: World) -> None:
+    """The adapter translates Messages calls only: count_tokens never takes the chain to Bedrock."""
+    raw = _client(world).messages.with_raw_response.count_tokens(model="claude-sonnet", messages=HI)
+    assert raw.parse().input_tokens > 0
+    assert log_row(world.gw.runtime.postgres_dsn, raw.headers["x-request-id"])["upstream_cluster"] == "provider_primary"
+
+
 def test_a_5xx_fails_over_but_a_stream_broken_after_its_first_byte_does_not(world: World) -> None:
     c = _client(world)
     before = len(world.clouds.bedrock.records)

@@ -157,6 +157,9 @@ def test_a_chain_may_end_in_one_translated_target() -> None:
     ok = _mixed(["us1", "us2", "bed"])
     assert routing.route(ok, 0, "anthropic", None) == ("us1", "chain_0_any")
     assert routing.route(ok, 0, "anthropic", "us") == ("us1", "chain_0_us")
+    # count_tokens is not translated: never the chain ending in Bedrock, the first target's own cluster.
+    assert routing.route(ok, 0, "anthropic", None, translatable=False) == ("us1", "provider_us1")
+    assert routing.route(_mixed(["us1", "us2"]), 0, "anthropic", None, translatable=False) == ("us1", "chain_0_any")
     # Other client schemas always need the adapter: the first target's own cluster, no failover.
     assert routing.route(ok, 0, "openai", None) == ("us1", "provider_us1_translate")
     # A translated target before another target, or two of them: no chain (the shared attempt headers).
