@@ -15,6 +15,7 @@ from ccr.contract import (
     AUTHZ_BUNDLE_REVISION,
     AUTHZ_DECISION_ID,
     AUTHZ_ERROR_TYPE,
+    AUTHZ_MODEL_REQUESTED,
     AUTHZ_NS,
     H_CLIENT_REQUEST_ID,
     USAGE_CACHE_1H,
@@ -47,6 +48,7 @@ COLUMNS: tuple[str, ...] = (
     "latency_ms", "upstream_cluster", "response_flags", "bytes_received", "bytes_sent",
     "usage_status", "usage_note", "client_request_id",
     *DETAIL_COLUMNS,
+    "model_requested",  # the id the client named (an alias, or the model itself); `model` is the concrete one
 )
 # Client-chosen text is kept for correlation only; bound what one row can hold.
 MAX_CLIENT_REQUEST_ID = 256
@@ -344,6 +346,7 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = N
         usage_note,
         _clean(client_rid[:MAX_CLIENT_REQUEST_ID]) if client_rid else None,
         *_details(e, common, authz, model, status, flags, counts, usage_status, facts),
+        _text(authz, AUTHZ_MODEL_REQUESTED),
     )
 
 

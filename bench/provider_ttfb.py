@@ -58,7 +58,8 @@ def ttfb(c: httpx.Client, url: str, body: bytes, headers: dict[str, str]) -> flo
     return first
 
 
-def paths(gw_url: str, key: str, anthropic_url: str, anthropic_key: str, emus: object) -> dict[str, tuple[Send, Send]]:
+def paths(gw_url: str, key: str, anthropic_url: str, anthropic_key: str, emus: object,
+          routing: bool = False) -> dict[str, tuple[Send, Send]]:
     msg = {"max_tokens": 64, "messages": HELLO, "stream": True}
     ah = {"anthropic-version": "2023-06-01", "content-type": "application/json", "accept-encoding": "identity"}
     gh = {**ah, "x-api-key": key}
@@ -111,8 +112,18 @@ def paths(gw_url: str, key: str, anthropic_url: str, anthropic_key: str, emus: o
         return ttfb(c, f"{gw_url}/model/anthropic.claude-bedrock-sonnet-4-5-v1:0/invoke-with-response-stream",
                     body, {"x-api-key": key, "content-type": "application/json"})
 
+    def gw_failover(c: httpx.Client) -> float:
+        # The built-in emulator answers this attempt 529 (x-emulator-fault); the chain's Bedrock target the retry.
+        body = orjson.dumps({**msg, "model": "claude-failover-1"})
+        return ttfb(c, f"{gw_url}/v1/messages", body, {**gh, "x-emulator-fault": "529"})
+
+    extra = {
+        "alias -> anthropic (alias.lua rewrite)": (gw_messages("bench-alias"), direct_anthropic),
+        "anthropic 529 -> bedrock (failover)": (gw_failover, direct_bedrock),
+    } if routing else {}
     return {
         "anthropic passthrough (Lua meter)": (gw_messages("claude-sonnet-4-6"), direct_anthropic),
+        **extra,
         "anthropic -> bedrock": (gw_messages("claude-bedrock-sonnet-4-5"), direct_bedrock),
         "anthropic -> vertex": (gw_messages("claude-vertex-sonnet-4-5"), direct_vertex),
         "anthropic -> openai-compatible": (gw_messages("claude-oss-1"), direct_oss),
@@ -138,6 +149,9 @@ def emulators_process(tmp: Path) -> Iterator[Emulators]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds of measured requests per path")
+    ap.add_argument("--routing", action="store_true",
+                    help="also an alias (config `aliases`: every Messages cluster then runs router/alias.lua) and a "
+                         "failover from the Anthropic API (529) to Bedrock")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ccr-ttfb-") as tmp, emulators_process(Path(tmp)) as emus:
         import os
@@ -148,10 +162,14 @@ def main() -> None:
             cfg["providers"] += emus.providers()  # type: ignore[operator]
             cfg["models"] = emus.models() + cfg["models"]  # type: ignore[operator]
             cfg["limits"] = {"requests_per_minute": 1_000_000}
+            if args.routing:
+                cfg["aliases"] = {"bench-alias": "claude-sonnet-4-6"}
+                cfg["models"] = [{"match": "claude-failover-*", "targets": ["anthropic", "bedrock"]},  # type: ignore[operator]
+                                 *cfg["models"]]  # type: ignore[misc]
 
         (Path(tmp) / "gw").mkdir()
         with running_gateway(Path(tmp) / "gw", edit) as gw:
-            table = paths(gw.url, gw.api_key, str(gw.emulator_url), str(gw.emulator_key), emus)
+            table = paths(gw.url, gw.api_key, str(gw.emulator_url), str(gw.emulator_key), emus, args.routing)
             got: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in table}
             with httpx.Client(timeout=30) as c:
                 for via_gw, direct in table.values():  # warm up connections and caches
@@ -164,12 +182,12 @@ def main() -> None:
                         got[name][0].append(via_gw(c))
                         got[name][1].append(direct(c))
     base = None
-    print(f"{'path':<36} {'n':>5} {'gateway p50':>12} {'direct p50':>11} {'added':>8} {'vs passthrough':>15}")
+    print(f"{'path':<40} {'n':>5} {'gateway p50':>12} {'direct p50':>11} {'added':>8} {'vs passthrough':>15}")
     for name, (g, d) in got.items():
         gm, dm = statistics.median(g) * 1e3, statistics.median(d) * 1e3
         added = gm - dm
         base = added if base is None else base
-        print(f"{name:<36} {len(g):>5} {gm:>9.2f} ms {dm:>8.2f} ms {added:>5.2f} ms {added - base:>+12.2f} ms")
+        print(f"{name:<40} {len(g):>5} {gm:>9.2f} ms {dm:>8.2f} ms {added:>5.2f} ms {added - base:>+12.2f} ms")
 
 
 if __name__ == "__main__":

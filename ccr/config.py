@@ -441,6 +441,10 @@ class Failover(Strict):
         return self
 
 
+# A model id as clients send it and GET /v1/models/{model_id} takes it (extauth/endpoints.py ID_PATTERN).
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+
+
 class Model(Strict):
     # An exact model id or a glob ("claude-sonnet-4-*"); the first match wins.
     match: str
@@ -454,6 +458,9 @@ class Model(Strict):
     # person's conversation stays on one variant. Instead of `provider`/`targets` (no failover).
     split: dict[str, Annotated[int, Field(ge=1, le=10_000)]] = {}
     price: Price = Price()
+    # Concrete model ids this entry serves that GET /v1/models lists (ccr/model_catalog.py). An exact
+    # `match` is listed by itself; a glob lists nothing unless named here (each must match it).
+    listed: list[Annotated[str, Field(pattern=MODEL_ID_PATTERN)]] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -478,6 +485,17 @@ class Model(Strict):
         elif not self.provider:
             raise ValueError("provider (or targets) is required")
         return self
+
+    @model_validator(mode="after")
+    def _listed_match(self) -> Model:
+        bad = [i for i in self.listed if not (i == self.match or fnmatch.fnmatchcase(i, self.match))]
+        if bad:
+            raise ValueError(f"listed: {bad} do not match {self.match!r}")
+        return self
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.match for c in "*?[")
 
     @property
     def chain(self) -> list[str]:
@@ -917,6 +935,11 @@ class GatewayConfig(Strict):
     telemetry: TelemetrySettings = TelemetrySettings()
     # The worker registration API, served by the router when any provider is a pool.
     pools: PoolRegistration = PoolRegistration()
+    # Model aliases (docs/routing.md): a name clients may ask for -> the concrete model id it resolves
+    # to (ccr/routing.py `resolve`, the one place). The target is routed, priced, limited and decided
+    # on; the provider receives the target's id. Listed by GET /v1/models next to the models.
+    aliases: dict[Annotated[str, Field(pattern=MODEL_ID_PATTERN)],
+                  Annotated[str, Field(pattern=MODEL_ID_PATTERN)]] = {}
 
     @property
     def pool_providers(self) -> list[Provider]:
@@ -933,6 +956,17 @@ class GatewayConfig(Strict):
                 if name not in names:
                     field = "targets" if m.targets else "provider"
                     raise ValueError(f"models.{i}.{field}: unknown provider {name!r}; known: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_resolve(self) -> GatewayConfig:
+        for alias, target in self.aliases.items():
+            if alias == target:
+                raise ValueError(f"aliases.{alias}: an alias cannot resolve to itself")
+            if target in self.aliases:
+                raise ValueError(f"aliases.{alias}: target {target!r} is itself an alias; name the concrete model")
+            if self.route_model(target) is None:
+                raise ValueError(f"aliases.{alias}: target {target!r} matches no models[].match entry")
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,15 @@ class UsageStatus(StrEnum):
     UNKNOWN = "unknown"  # a provider was called but its usage could not be read: counts NULL
     NOT_FORWARDED = "not_forwarded"  # refused or failed before reaching a provider: counts NULL
 
+# Keys in AUTHZ_NS about the model. `model` is the concrete model served (an alias resolved, ccr/routing.py);
+# AUTHZ_MODEL_REQUESTED the id as the client named it (request_log.model_requested). For an alias only,
+# per request: where the upstream rewrites the client's id to `model` (router/alias.lua): AUTHZ_MODEL_SPAN
+# "start,end" byte offsets of the body's top-level "model" JSON value, or AUTHZ_MODEL_PATH the request path
+# with the served id (Bedrock clients name the model in the path).
+AUTHZ_MODEL = "model"
+AUTHZ_MODEL_REQUESTED = "model_requested"
+AUTHZ_MODEL_SPAN = "model_span"
+AUTHZ_MODEL_PATH = "model_path"
 # Key in AUTHZ_NS: how many requests a Message Batch create carries (a number).
 AUTHZ_BATCH_REQUESTS = "batch_requests"
 # Key in AUTHZ_NS: the id of the decision that allowed the request (policy_decisions.decision_id).

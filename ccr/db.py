@@ -450,6 +450,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         GRANT SELECT, INSERT ON request_log TO ccr_audit_writer;
         """,
     ),
+    (
+        15,
+        "request_log: the model as the client named it (model aliases)",
+        """
+        -- `model` is the concrete model served (an alias resolved, ccr/routing.py); this is the id the
+        -- client asked for (the alias, or the same id). Covered by the chains registered from now on.
+        ALTER TABLE request_log ADD COLUMN model_requested text;
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"

@@ -8,6 +8,12 @@ A model with several `targets` gets chain clusters: one Envoy cluster whose prio
 targets in order, so the route's retry policy (previous_priorities) moves each retry to the next
 target. A request the policy binds to a region uses a chain of that region's targets only: a
 target outside the region is not in the cluster at all, so no retry can reach it.
+
+A chain may cross provider kinds (Anthropic API targets, then one Bedrock, Vertex or OpenAI-compatible
+target translated by the adapter on its own attempt): `failover_capable` says which orders Envoy's
+shared per-attempt headers allow (docs/routing.md).
+
+Model aliases are resolved here too (`resolve`): every caller asks this module what a model id means.
 """
 
 from __future__ import annotations
@@ -40,9 +46,15 @@ def eligible(config: GatewayConfig, m: Model, region: str | None) -> list[Provid
     return [p for p in (config.provider(n) for n in m.chain) if _in_region(p, region)]
 
 
-def passthrough(schema: str, providers: list[Provider] | tuple[Provider, ...]) -> bool:
-    """Anthropic clients to Anthropic API providers only: no translation, no Python on the way."""
-    return schema == "anthropic" and all(p.kind == ProviderKind.anthropic for p in providers)
+def failover_capable(schema: str, providers: list[Provider] | tuple[Provider, ...]) -> bool:
+    """Whether a chain of `providers` can fail over for an Anthropic client: Anthropic API targets
+    (passthrough), optionally followed by one translated target as the last resort. Envoy's attempts
+    share one request header map, and a translating attempt rewrites `:path` and removes the
+    `anthropic-*` headers, so nothing may be tried after it."""
+    if schema != "anthropic" or len(providers) < 2:
+        return False
+    translated = [i for i, p in enumerate(providers) if p.kind != ProviderKind.anthropic]
+    return not translated or translated == [len(providers) - 1]
 
 
 def chain_name(model_index: int, region: str | None) -> str:
@@ -61,9 +73,11 @@ def _sticky(ps: list[Provider], weights: dict[str, int], principal_id: str, salt
 
 
 def route(config: GatewayConfig, model_index: int, schema: str, region: str | None,
-          principal_id: str = "") -> tuple[str, str] | None:
+          principal_id: str = "", translatable: bool = True) -> tuple[str, str] | None:
     """(first provider, cluster) for a Messages-like request in client `schema`, or None when no
-    target of the model is in `region` (the request must be refused, never sent elsewhere)."""
+    target of the model is in `region` (the request must be refused, never sent elsewhere).
+    `translatable` False (count_tokens: the adapter translates Messages calls only): a chain ending in
+    a translated target is not used; the first target's own cluster is."""
     m = config.models[model_index]
     ps = eligible(config, m, region)
     if not ps:
@@ -71,8 +85,8 @@ def route(config: GatewayConfig, model_index: int, schema: str, region: str | No
     if m.split:  # A/B: a variant per principal, among those in the region
         p = _sticky(ps, m.split, principal_id, m.match)
         return p.name, p.cluster_for(schema)
-    if len(ps) == 1 or not passthrough(schema, ps):
-        # One target, or a chain that needs the adapter (not failed over yet: docs/routing.md).
+    if not failover_capable(schema, ps) or (not translatable and ps[-1].kind != ProviderKind.anthropic):
+        # One target, or an order the shared attempt headers cannot fail over (docs/routing.md).
         return ps[0].name, ps[0].cluster_for(schema)
     return ps[0].name, chain_name(model_index, region)
 
@@ -89,9 +103,30 @@ def chains(config: GatewayConfig) -> list[Chain]:
             continue
         for region in [None, *regions(config)]:
             ps = eligible(config, m, region)
-            if len(ps) >= 2 and passthrough("anthropic", ps):
+            if failover_capable("anthropic", ps):
                 out.append(Chain(chain_name(i, region), i, tuple(ps), m.failover))
     return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a requested model id means on this gateway."""
+
+    requested: str  # as the client named it
+    served: str  # the concrete id routed, decided, priced and sent to the provider (= requested unless an alias)
+    model_index: int  # its models[] entry
+
+    @property
+    def is_alias(self) -> bool:
+        return self.requested != self.served
+
+
+def resolve(config: GatewayConfig, requested: str) -> Resolved | None:
+    """The one place a requested model id is resolved: an alias (config `aliases`) to its target, then
+    the first models[] entry matching it; None: no model of this gateway (refused with 404)."""
+    served = config.aliases.get(requested, requested)
+    idx = model_index(config, served)
+    return None if idx is None else Resolved(requested, served, idx)
 
 
 def model_index(config: GatewayConfig, model: str) -> int | None:

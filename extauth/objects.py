@@ -176,6 +176,10 @@ class ObjectGuard:
             model = params.get("model")
             if not isinstance(model, str) or not model:
                 raise Deny(400, "invalid_request_error", f"requests.{i}.params.model: {label} names no model")
+            if model in self.config.aliases:  # a batch's bodies go to the provider as they are: no alias step
+                raise Deny(400, "invalid_request_error",
+                           f"{label}: model: {model} is an alias of {self.config.aliases[model]}; a batch must name "
+                           "concrete model ids; the whole batch was refused")
             route = self._route(model)
             if route is None:
                 raise Deny(404, "not_found_error",

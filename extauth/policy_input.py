@@ -87,6 +87,8 @@ class RequestFacts:
     body: BodyFacts | None = None
     text: tuple[TextPiece, ...] | None = None  # None: not materialised (the bundle did not ask)
     text_truncated: bool = False
+    # The model id as the client named it, when it was an alias (`model` is then the id it resolves to).
+    model_requested: str | None = None
 
 
 # -- pure mappings ------------------------------------------------------------------
@@ -330,6 +332,8 @@ def document(principal: Principal, method: str, path: str, model: str | None,
         request.update(endpoint.policy_input())
     if pii is not None:  # kinds and locations only: the values never reach the policy or a log
         request["pii"] = [p.policy_input() for p in pii]
+    if f.model_requested is not None:  # an alias: `model` is what it resolves to (policies/README.md)
+        request["model_requested"] = f.model_requested
     if f.text is not None:
         request["text"] = [t.policy_input() for t in f.text]
         request["text_truncated"] = f.text_truncated

@@ -33,6 +33,7 @@ from ccr.contract import (
     AUTHZ_ERROR_TYPE,
     AUTHZ_GROUP_LIST,
     AUTHZ_LABELS,
+    AUTHZ_MODEL_REQUESTED,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     AUTHZ_RATELIMIT,
@@ -58,6 +59,8 @@ from ccr.logs import REQUEST_ID
 from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
+from extauth import models_api
+from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
 from extauth.decision_upload import DecisionUploader
@@ -196,7 +199,7 @@ def with_additions(resp: pb.CheckResponse, additions: list | None) -> pb.CheckRe
 class _Seen:
     """What one Check learned before it decided or was refused: the decision log's facts."""
 
-    __slots__ = ("bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
+    __slots__ = ("alias", "bundle", "cached", "decision", "endpoint", "eval_ns", "facts", "model", "path", "pii",
                  "principal", "set_eval", "spend")
 
     def __init__(self) -> None:
@@ -213,6 +216,8 @@ class _Seen:
         self.set_eval = None  # the policy set (extauth/policy_sets.py) that refused the request, if not the global one
         # (worst-case micro-USD, AUTHZ_SPEND or None): what to reserve (extauth/spend.py)
         self.spend: tuple[int | None, str | None] | None = None
+        # An alias resolved: the per-request rewrite the upstream applies (extauth/aliases.py), else None.
+        self.alias: dict[str, str] | None = None
 
 
 def _batch_scan(policy: PolicyEngine):
@@ -308,9 +313,21 @@ class Authorizer:
         # Budget reservations (issue 8): None when spend is off (spend is set at start).
         worst_case = WorstCase(config, self.worst_case.subjects if self.worst_case else None) \
             if config.spend.enabled else None
+        resolved: dict[str, routing.Resolved | None] = {}
         (self.config, self.objects, self._default_provider, self.worst_case, self._routes, self._clusters,
-         self._model_idx, self._ok_cache) = (
-            config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, {})
+         self._model_idx, self._resolved, self._ok_cache) = (
+            config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, resolved, {})
+
+    def _resolve(self, model: str) -> routing.Resolved | None:
+        """ccr/routing.py `resolve`, cached (fnmatch is not free); bounded: model ids come from clients."""
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
+        if len(self._resolved) >= 10_000:
+            self._resolved.clear()
+        got = self._resolved[model] = routing.resolve(self.config, model)
+        return got
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -328,7 +345,8 @@ class Authorizer:
         self._routes[model] = route
         return route
 
-    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str) -> tuple[str, str]:
+    def _model_cluster(self, model: str, schema: str, region: str | None, principal_id: str,
+                       translatable: bool = True) -> tuple[str, str]:
         """(first provider, cluster) of the model's targets that `region` allows (ccr/routing.py); for an
         A/B split, the principal's own variant."""
         try:
@@ -337,11 +355,13 @@ class Authorizer:
             if len(self._model_idx) >= 10_000:
                 self._model_idx.clear()  # model ids come from clients: keep the map bounded
             idx = self._model_idx[model] = routing.model_index(self.config, model)
-        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "")
+        key = (model, schema, region, principal_id if idx is not None and self.config.models[idx].split else "",
+               translatable)
         try:
             got = self._clusters[key]
         except KeyError:
-            got = routing.route(self.config, idx, schema, region, principal_id) if idx is not None else None
+            got = routing.route(self.config, idx, schema, region, principal_id, translatable) \
+                if idx is not None else None
             if len(self._clusters) >= 10_000:
                 self._clusters.clear()  # model ids come from clients: keep the map bounded
             self._clusters[key] = got
@@ -369,13 +389,16 @@ class Authorizer:
             did = self._record(req, seen, False, d.status, d.log_reason or d.message)
             return _refusal_facts(denied(d.status, d.err_type, _with_decision(d.message, did), d.headers),
                                   seen, did, d.err_type)
+        except models_api.Answer as a:
+            self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
+            return a.response()
         except Exception:
             log.exception("authorization failed internally; denying")
             did = self._record(req, seen, False, 503, "internal error")
             return _refusal_facts(_internal_error(did), seen, did, "api_error")
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         revision = _revision(seen)
-        if did is not None or seen.spend is not None or revision is not None:
+        if did is not None or seen.spend is not None or revision is not None or seen.alias is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
@@ -384,6 +407,9 @@ class Authorizer:
                 resp.dynamic_metadata.fields[AUTHZ_DECISION_ID].string_value = did
             if revision is not None:
                 resp.dynamic_metadata.fields[AUTHZ_BUNDLE_REVISION].string_value = revision
+            if seen.alias is not None:  # per request: where this body names the model (router/alias.lua)
+                for k, v in seen.alias.items():
+                    resp.dynamic_metadata.fields[k].string_value = v
             if seen.spend is not None:  # per request: the worst case depends on the body
                 worst, spend = seen.spend
                 if worst is not None:
@@ -432,6 +458,7 @@ class Authorizer:
 
         path = seen.path = split_target(http.path)[0]
         model: str | None = None
+        requested: str | None = None  # the model as the client named it (an alias, or the model itself)
         doc: dict[str, Any] | None = None  # the parsed body, when the model is named in it
         text_of: TextOf = str  # a long string of `doc` by its placeholder (extauth/lean_json.py)
         # The body as received: a view when the caller split it off the message (no copy), else
@@ -448,10 +475,16 @@ class Authorizer:
                     # Policy, PII scanning and ceilings see one shape: the Anthropic request the
                     # adapter will send (tool calls become tool_use blocks, tool messages tool_result).
                     doc = _as_anthropic(doc)
-            route = self._route(model)
-            if route is None:
-                raise Deny(404, "not_found_error", f"model: {model}")
-            provider = route[0]
+            resolved = self._resolve(model)
+            if resolved is None:
+                raise Deny(404, "not_found_error", f"model: {model} is not a model this gateway serves; "
+                           "GET /v1/models lists the models you may use")
+            requested = model
+            # From here on the model is the concrete one: routed, decided, priced, limited and sent.
+            model = seen.model = resolved.served
+            if resolved.is_alias:
+                seen.alias = alias_rewrite(endpoint, body, path, model)
+            provider = self.config.provider(self.config.models[resolved.model_index].provider).name
             cluster = self.config.provider(provider).cluster_for(endpoint.endpoint.schema)
         else:
             provider, cluster = self._default_provider.name, self._default_provider.cluster
@@ -467,6 +500,8 @@ class Authorizer:
         request_facts = seen.facts = _input_or_deny(
             request_facts_of, http.path, headers, http.host, source_address(req.attributes), peer, len(body),
             doc if messages else None, text_of, policy.text_chars)
+        if requested is not None and requested != model:
+            request_facts = seen.facts = dataclasses.replace(request_facts, model_requested=requested)
         decision = policy.decide(principal, method, path, model, endpoint, pii, request_facts)
         seen.eval_ns = time.perf_counter_ns() - t0
         seen.decision = decision
@@ -480,13 +515,18 @@ class Authorizer:
             decision = seen.decision  # with what allowing ccr-mode sets add (headers, labels, region)
         if not decision.allow:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
+        if endpoint.endpoint.kind is Kind.MODELS:  # the gateway's own catalogue, as this caller's policy allows
+            decide = policy.decide if self.sets is None else self.sets.batch_decide(principal, policy.decide)
+            raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
             seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if model is not None and facts is None:
             # The failover chain (and, for a request bound to a region, only that region's targets).
-            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id)
+            # count_tokens has no translation: never a chain whose last target needs one (ccr/routing.py route).
+            provider, cluster = self._model_cluster(model, endpoint.endpoint.schema, decision.region, principal.id,
+                                                    endpoint.name != "messages.count_tokens")
         if facts is not None:
             provider, cluster = facts.provider, facts.cluster
             self._in_region(provider, decision.region)
@@ -501,12 +541,12 @@ class Authorizer:
         spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
         if facts is not None:  # per-object answers are not cached
             return with_additions(self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts,
-                                           decision), additions)
-        ck = (principal, model, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
+                                           decision, requested), additions)
+        ck = (principal, model, requested, provider, spoofed, endpoint.name, policy.bundle.digest, decision)
         resp = self._ok_cache.get(ck)
         seen.cached = True
         if resp is None:
-            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name, None, decision)
+            resp = self._ok(principal, model, provider, cluster, spoofed, endpoint.name, None, decision, requested)
             if len(self._ok_cache) >= 50_000:
                 self._ok_cache.clear()
             self._ok_cache[ck] = resp
@@ -547,6 +587,7 @@ class Authorizer:
     def _ok(
         self, p: Principal, model: str | None, provider: str, cluster: str, remove: tuple[str, ...],
         endpoint: str | None = None, obj: ObjectFacts | None = None, decision: Decision | None = None,
+        requested: str | None = None,
     ) -> pb.CheckResponse:
         if tracing.TRACER is not None:  # GenAI attributes on this Check's span (ccr/rpc_observe.py)
             tracing.annotate({tracing.GEN_AI_REQUEST_MODEL: model,
@@ -580,7 +621,8 @@ class Authorizer:
         if p.spiffe_id is not None:
             facts["spiffe_id"] = p.spiffe_id
         if model is not None:  # absent (not "") on model-less paths such as GET /v1/models
-            facts["model"] = model
+            facts["model"] = model  # the concrete model served (an alias resolved)
+            facts[AUTHZ_MODEL_REQUESTED] = requested or model  # as the client named it
         if endpoint is not None:
             facts["endpoint"] = endpoint
         facts.update({

@@ -11,6 +11,10 @@ Per attempt the upstream filters (which Envoy runs per try) learn the attempt's 
 host Envoy picked (%UPSTREAM_METADATA%) and inject only that provider's credential. The request's
 headers are shared by the attempts, so hygiene runs first on every attempt: the previous target's
 credential never reaches the next one.
+
+A chain may end in one translated target (Bedrock, Vertex, an OpenAI-compatible server): its attempt
+runs the adapter (ext_proc) guarded the same way, so translation happens per attempt and only on that
+target's; the Anthropic attempts before it stay byte-faithful passthrough (`_mixed_filters`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
-from ccr.config import GatewayConfig, Provider
+from ccr.config import GatewayConfig, Provider, ProviderKind
 from ccr.contract import H_ATTEMPT_PROVIDER, H_CLUSTER
 from ccr.credentials import secret_name
 from ccr.routing import Chain, chains
@@ -67,16 +71,22 @@ def _tls_socket(host: str) -> Json:
     }}
 
 
-def _guarded(p: Provider, filter_: Json) -> Json:
-    """`filter_` runs only on an attempt whose host is provider `p` (skipped on the others)."""
-    return {"name": f"ccr.chain.{p.name}", "typed_config": {
+def _is(name: str) -> Json:
+    return {"single_predicate": {
+        "input": {"name": "attempt_provider", "typed_config": {
+            "@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": H_ATTEMPT_PROVIDER}},
+        "value_match": {"exact": name}}}
+
+
+def _guarded(p: Provider | list[Provider], filter_: Json, label: str = "") -> Json:
+    """`filter_` runs only on an attempt whose host is provider `p` (or one of them; skipped on the others)."""
+    ps = p if isinstance(p, list) else [p]
+    attempt = _is(ps[0].name) if len(ps) == 1 else {"or_matcher": {"predicate": [_is(x.name) for x in ps]}}
+    return {"name": f"ccr.chain.{label or ps[0].name}", "typed_config": {
         "@type": T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
         "xds_matcher": {"matcher_list": {"matchers": [{
-            "predicate": {"not_matcher": {"single_predicate": {
-                "input": {"name": "attempt_provider", "typed_config": {
-                    "@type": T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                    "header_name": H_ATTEMPT_PROVIDER}},
-                "value_match": {"exact": p.name}}}},
+            "predicate": {"not_matcher": attempt},
             "on_match": {"action": {"name": "skip", "typed_config": {
                 "@type": T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
         }]}},
@@ -84,14 +94,75 @@ def _guarded(p: Provider, filter_: Json) -> Json:
     }}
 
 
+_SET_ATTEMPT = {"append": {"header": {"key": H_ATTEMPT_PROVIDER, "value": f"%UPSTREAM_METADATA({MD_NS}:provider)%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+
+
+def _codec() -> Json:
+    return {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
+
+
+def _strip() -> Json:
+    return {"name": "ccr.chain.strip", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [{"remove": H_ATTEMPT_PROVIDER}]}}}
+
+
+def _mixed_filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
+    """A chain crossing provider kinds (ccr/routing.py failover_capable): Anthropic API targets, then one
+    translated target. Per attempt: hygiene and the attempt's provider first; on an Anthropic attempt the
+    usage meter (it also strips x-ccr-*, so the attempt's provider is set again after it) and its key; on
+    the translated attempt the adapter (translation, signing, metering) and, for a keyed OpenAI-compatible
+    server, its key. Every filter but hygiene runs only for its own target."""
+    from router.resources import translated_credential, translating_adapter
+
+    passthrough = [p for p in chain.providers if p.kind == ProviderKind.anthropic]
+    translated = [p for p in chain.providers if p.kind != ProviderKind.anthropic]
+    out = [
+        {"name": "envoy.filters.http.header_mutation", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [*upstream_hygiene(), _SET_ATTEMPT]}}},
+        _guarded(passthrough, {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": meter_lua}}}, "meter"),
+        {"name": "ccr.chain.attempt", "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [_SET_ATTEMPT]}}},
+    ]
+    for p in passthrough:
+        out += [_guarded(p, f) for f in _injectors(p, runtime)]
+    for p in translated:
+        out.append(_guarded(p, translating_adapter(p), f"{p.name}.adapter"))
+        out += [_guarded(p, f, f"{p.name}.key") for f in translated_credential(p, runtime)]
+    return [*out, _strip(), _codec()]
+
+
+def _injectors(p: Provider, runtime: Runtime) -> list[Json]:
+    secret_file = runtime.provider_credentials.get(p.name)
+    if not secret_file:
+        raise ValueError(f"runtime lacks the credential file of provider {p.name}")
+    return [{"name": "envoy.filters.http.credential_injector", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+        "overwrite": True,
+        "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+            "@type": T + "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+            "header": "x-api-key",
+            "credential": {"name": secret_name(p.name), "sds_config": {
+                "path_config_source": {"path": secret_file}, "resource_api_version": "V3"}},
+        }},
+    }}]
+
+
 def _filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
+    if any(p.kind != ProviderKind.anthropic for p in chain.providers):
+        return _mixed_filters(chain, runtime, meter_lua)
     hygiene = {"name": "envoy.filters.http.header_mutation", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
         "mutations": {"request_mutations": [
             *upstream_hygiene(),
             # The attempt's provider, from the endpoint Envoy picked for this try.
-            {"append": {"header": {"key": H_ATTEMPT_PROVIDER, "value": f"%UPSTREAM_METADATA({MD_NS}:provider)%"},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            _SET_ATTEMPT,
         ]},
     }}
     injectors = []
@@ -124,6 +195,12 @@ def _filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
     ]
 
 
+def _with_alias(config: GatewayConfig, filters: list[Json]) -> list[Json]:
+    from router.resources import alias_filter
+
+    return [alias_filter(), *filters] if config.aliases else filters
+
+
 def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_lua: str) -> Json:
     levels, sockets, all_ip = [], [], True
     for prio, p in enumerate(chain.providers):
@@ -145,7 +222,10 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
         "metadata": {"filter_metadata": {MD_NS: {"eds": all_ip}}},
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(min(p.connect_timeout_s for p in chain.providers)),
-        "per_connection_buffer_limit_bytes": config.gateway.downstream.per_connection_buffer_bytes,
+        # A translated target's adapter (and the alias step) buffers the whole request, as extauth does.
+        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes if config.aliases or any(
+            p.kind != ProviderKind.anthropic for p in chain.providers)
+        else config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {"cluster_name": chain.name, "endpoints": levels},
         # A level takes all the load while its host is healthy; no spill-over by health percentages.
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
@@ -155,7 +235,7 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
             "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": _filters(chain, runtime, meter_lua),
+            "http_filters": _with_alias(config, _filters(chain, runtime, meter_lua)),
         }},
     }
     if sockets:

@@ -248,9 +248,10 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _secs(provider.connect_timeout_s),
-        # The translate cluster buffers a whole request for the adapter, as extauth's does.
-        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes if translate
-        else config.gateway.downstream.per_connection_buffer_bytes,
+        # The translate cluster buffers a whole request for the adapter, as extauth's does (and so does
+        # the alias step, router/alias.lua).
+        "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes if translate or (
+            config.aliases and not objects) else config.gateway.downstream.per_connection_buffer_bytes,
         "load_assignment": {
             "cluster_name": name,
             # The route rewrites Host to this name: the provider must see its own host,
@@ -264,8 +265,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": translate_filters(provider, runtime) if translate
-            else upstream_filters(provider, runtime, objects),
+            "http_filters": _with_alias(config, translate_filters(provider, runtime) if translate
+                                        else upstream_filters(provider, runtime, objects), objects),
         }},
     }
     if provider.max_concurrent_requests is not None:
@@ -335,6 +336,22 @@ def _pool_cluster(cluster: Json, provider: Provider) -> Json:
 
 def _meter_lua() -> str:
     return METER_LUA.read_text()
+
+
+ALIAS_LUA = Path(__file__).with_name("alias.lua")
+
+
+def alias_filter() -> Json:
+    """router/alias.lua: puts an alias's concrete model id into the attempt's request (per attempt)."""
+    return {"name": "ccr.alias", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": ALIAS_LUA.read_text()}}}
+
+
+def _with_alias(config: GatewayConfig, filters: list[Json], objects: bool = False) -> list[Json]:
+    """The alias step first on every Messages cluster, only when the config has aliases (Batches and
+    Files never carry one: a batch names concrete models)."""
+    return [alias_filter(), *filters] if config.aliases and not objects else filters
 
 
 def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> list[Json]:
@@ -427,7 +444,29 @@ def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
     3. for the Anthropic API and a keyed OpenAI-compatible server, Envoy's credential injector,
        as on the passthrough cluster (x-api-key / authorization from the SDS file).
     """
-    adapter = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+    filters = [_header_hygiene(), translating_adapter(provider)]
+    filters += translated_credential(provider, runtime)
+    filters.append({"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}})
+    return filters
+
+
+def translated_credential(provider: Provider, runtime: Runtime) -> list[Json]:
+    """Envoy's credential injector for a translated attempt to the Anthropic API or a keyed
+    OpenAI-compatible server (Bedrock and Vertex are signed by the adapter itself)."""
+    secret_file = runtime.provider_credentials.get(provider.name)
+    if provider.kind == ProviderKind.anthropic:
+        if not secret_file:
+            raise ValueError(f"runtime lacks the credential file of provider {provider.name}")
+        return [_credential_injector(provider, secret_file, "x-api-key")]
+    if provider.kind == ProviderKind.openai and secret_file:
+        return [_credential_injector(provider, secret_file, "authorization")]
+    return []
+
+
+def translating_adapter(provider: Provider) -> Json:
+    """The adapter's ext_proc filter translating an attempt to `provider` (router/adapter/translate.py)."""
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": _grpc_service(ADAPTER, 30.0, {ADAPTER_PROVIDER_MD: provider.name, ADAPTER_TRANSLATE_MD: "1"}),
         "failure_mode_allow": False,
@@ -446,17 +485,6 @@ def translate_filters(provider: Provider, runtime: Runtime) -> list[Json]:
         "status_on_error": {"code": 502},
         "metadata_options": {"receiving_namespaces": {"untyped": [USAGE_NS]}},
     }}
-    filters = [_header_hygiene(), adapter]
-    secret_file = runtime.provider_credentials.get(provider.name)
-    if provider.kind == ProviderKind.anthropic:
-        if not secret_file:
-            raise ValueError(f"runtime lacks the credential file of provider {provider.name}")
-        filters.append(_credential_injector(provider, secret_file, "x-api-key"))
-    elif provider.kind == ProviderKind.openai and secret_file:
-        filters.append(_credential_injector(provider, secret_file, "authorization"))
-    filters.append({"name": "envoy.filters.http.upstream_codec", "typed_config": {
-        "@type": T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}})
-    return filters
 
 
 def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:

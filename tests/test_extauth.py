@@ -183,7 +183,7 @@ def test_valid_key_via_x_api_key(stub, key) -> None:
     assert meta == {
         "key_id": kid, "principal": "svc-default", "principal_id": kid, "principal_kind": "key",
         "groups": ["default"], "group_list": "default",  # the groups as one string, for rate limit descriptors
-        "model": "claude-sonnet-4-5", "endpoint": "messages.create",
+        "model": "claude-sonnet-4-5", "model_requested": "claude-sonnet-4-5", "endpoint": "messages.create",
         "provider": "anthropic", "cluster": "provider_anthropic",
         "rpm": {"requests_per_unit": 42.0, "unit": "MINUTE"},
         # The shipped policy's result: the tier as an audit label and a rate-limit descriptor value.
@@ -220,15 +220,31 @@ def test_beta_query_and_count_tokens(stub, key) -> None:
         assert ok_headers(resp)["x-ccr-model"] == "claude-haiku-4-5"
 
 
-def test_model_less_path_routes_to_first_provider(stub, key) -> None:
-    kid, k = key
-    resp = stub.Check(http_check({"x-api-key": k, "x-ccr-model": "spoof"}, method="GET", path="/v1/models"))
-    assert resp.status.code == code_pb2.OK
-    h = ok_headers(resp)
-    assert "x-ccr-model" not in h
-    assert h["x-ccr-provider"] == "backup" and h["x-ccr-cluster"] == "provider_backup"
-    assert list(resp.ok_response.headers_to_remove) == ["x-ccr-model"]
-    assert "model" not in json_format.MessageToDict(resp.dynamic_metadata)
+def models_answer(resp: pb.CheckResponse) -> dict:
+    """The gateway's own GET /v1/models reply (extauth/models_api.py): a 200 nothing is forwarded for."""
+    assert resp.HasField("denied_response") and not resp.HasField("ok_response")
+    d = resp.denied_response
+    assert d.status.code == 200
+    assert {h.header.key: h.header.value for h in d.headers}["content-type"] == "application/json"
+    return json.loads(d.body)
+
+
+def test_models_list_is_answered_by_the_gateway(stub, key) -> None:
+    _, k = key
+    # A client's x-ccr-* header changes nothing (they are stripped before ext_authz; ignored here too).
+    got = models_answer(stub.Check(http_check({"x-api-key": k, "x-ccr-model": "spoof", "x-ccr-cluster": "x"},
+                                               method="GET", path="/v1/models")))
+    # GATEWAY_YAML: only claude-opus-4-1 is an exact id (claude-* is a glob and lists nothing by itself).
+    assert got == {"data": [{"type": "model", "id": "claude-opus-4-1", "display_name": "claude-opus-4-1",
+                             "created_at": "1970-01-01T00:00:00Z"}],
+                   "has_more": False, "first_id": "claude-opus-4-1", "last_id": "claude-opus-4-1"}
+    one = models_answer(stub.Check(http_check({"x-api-key": k}, method="GET", path="/v1/models/claude-opus-4-1")))
+    assert one["id"] == "claude-opus-4-1" and one["type"] == "model"
+    status, err = denied_error(stub.Check(http_check({"x-api-key": k}, method="GET",
+                                                     path="/v1/models/claude-sonnet-4-5")))
+    assert status == 404 and err["type"] == "not_found_error"
+    status, err = denied_error(stub.Check(http_check({"x-api-key": k}, method="GET", path="/v1/models?limit=0")))
+    assert status == 400 and "limit" in err["message"]
 
 
 def test_missing_key_401(stub) -> None:
@@ -300,7 +316,8 @@ def test_unknown_model_404(stub, key) -> None:
     resp = stub.Check(http_check({"x-api-key": k}, body=msg_body("gpt-4o")))
     status, err = denied_error(resp)
     assert status == 404 and err["type"] == "not_found_error"
-    assert re.fullmatch(r"model: gpt-4o \(decision dec_[0-9a-f]+\)", err["message"])
+    assert re.fullmatch(r"model: gpt-4o is not a model this gateway serves; GET /v1/models lists the models "
+                        r"you may use \(decision dec_[0-9a-f]+\)", err["message"])
 
 
 def test_policy_denied_model_403(stub, postgres_dsn) -> None:
@@ -330,6 +347,12 @@ def test_every_endpoint_gets_a_decision(stub, postgres_dsn, e: Endpoint) -> None
     _, k = create_key(postgres_dsn, f"haiku-{e.name}", groups=["haiku-only"])
     body = msg_body("claude-haiku-4-5") if e.method == "POST" else b""
     resp = stub.Check(http_check({"x-api-key": k}, method=e.method, path=_concrete(e) + "?beta=true", body=body))
+    if e.name == "models.list":  # answered by the gateway, as the policy allows (extauth/models_api.py)
+        assert models_answer(resp)["data"] == []  # haiku-only may not use the one listed model (claude-opus-4-1)
+        return
+    if e.name == "models.get":  # decided (endpoint granted), then not listed for this caller: 404
+        assert denied_error(resp)[0] == 404
+        return
     assert resp.status.code == code_pb2.OK, denied_error(resp)
     assert json_format.MessageToDict(resp.dynamic_metadata)["endpoint"] == e.name
     if e.model_in_body:  # the model check still applies
@@ -425,7 +448,7 @@ def test_policy_decides_per_endpoint(postgres_dsn: str, tmp_path: Path) -> None:
     assert got[("batcher", "/v1/messages/batches")].status.code == code_pb2.OK
     status, err = denied_error(got[("plain", "/v1/messages/batches")])
     assert status == 403 and "batches.list" in err["message"] and "plain" in err["message"]
-    assert got[("plain", "/v1/models")].status.code == got[("batcher", "/v1/models")].status.code == code_pb2.OK
+    assert models_answer(got[("plain", "/v1/models")]) == models_answer(got[("batcher", "/v1/models")])
     assert denied_error(got[("plain", "/v1/models/claude-haiku-4-5")])[0] == 403  # only models.list granted
 
 

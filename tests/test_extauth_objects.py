@@ -37,9 +37,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(postgres_dsn: str, bundle: Path, calls: list[tuple[str, str, str, bytes]],
-        setup: list[tuple[ObjectKind, str, str, str]] = ()) -> list[pb.CheckResponse]:  # type: ignore[assignment]
+        setup: list[tuple[ObjectKind, str, str, str]] = (), **config_extra: object  # type: ignore[assignment]
+        ) -> list[pb.CheckResponse]:
     """Each call is (key, method, path, body); `setup` pre-records (kind, id, provider, owner)."""
-    config = parse_config({**yaml.safe_load(GATEWAY_YAML), "files": {"enabled": True}})
+    config = parse_config({**yaml.safe_load(GATEWAY_YAML), "files": {"enabled": True}, **config_extra})
 
     async def scenario() -> list[pb.CheckResponse]:
         keys, store = KeyStore(postgres_dsn), ObjectStore(postgres_dsn)
@@ -83,6 +84,16 @@ def test_batch_create_decided_per_request(postgres_dsn: str, bundle: Path) -> No
     status, err = denied_error(mixed2)
     assert status == 400 and "mixes providers" in err["message"] and "'x'" in err["message"]
     assert denied_error(bad)[0] == 400
+
+
+def test_a_batch_naming_an_alias_is_refused_with_its_target(postgres_dsn: str, bundle: Path) -> None:
+    """Batch bodies reach the provider as they are (no alias step): an alias in one is refused, named."""
+    _, k = create_key(postgres_dsn, "batch-alias", groups=["default"])
+    body = orjson.dumps({"requests": [_req("a", "claude-haiku-4-5"), _req("b", "fast")]})
+    (resp,) = run(postgres_dsn, bundle, [(k, "POST", "/v1/messages/batches", body)],
+                  aliases={"fast": "claude-haiku-4-5"})
+    status, err = denied_error(resp)
+    assert status == 400 and "'b'" in err["message"] and "alias of claude-haiku-4-5" in err["message"]
 
 
 def test_object_ids_are_scoped_to_their_owner(postgres_dsn: str, bundle: Path) -> None:

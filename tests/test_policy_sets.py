@@ -203,7 +203,8 @@ def test_opa_envoy_boolean_policy_enforced(postgres_dsn: str, tmp_path: Path, bu
         }
 
     got = run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
-    assert got["models"].status.code == code_pb2.OK and got["haiku"].status.code == code_pb2.OK
+    # GET /v1/models is answered by the gateway (a 200 of its own, extauth/models_api.py) when allowed.
+    assert got["models"].denied_response.status.code == 200 and got["haiku"].status.code == code_pb2.OK
     status, err = denied_error(got["sonnet"])
     assert status == 403 and err["type"] == "permission_error"
     assert err["message"].startswith("denied by policy set 'envoy'")
@@ -319,7 +320,7 @@ def test_each_set_swaps_on_its_own_with_status_and_metrics(postgres_dsn: str, tm
             "ccr_policy_bundle_info", {"set": "teams", "revision": "deny-all-r1",
                                        "digest": teams.policy.bundle.digest}) == 1
         models = http_check({"x-api-key": key}, "GET", "/v1/models")
-        assert (await auth.check(models)).status.code != code_pb2.OK  # deny-all now enforced
+        assert (await auth.check(models)).denied_response.status.code == 403  # deny-all now enforced
 
     run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
 
@@ -437,12 +438,12 @@ def test_set_from_a_bundle_server_signed_and_pushed_with_the_cli(postgres_dsn: s
             [envoy] = ps.sets
             assert envoy.policy.bundle.signed and envoy.policy.bundle.revision == "bool-r1"
             models = http_check({"x-api-key": key}, "GET", "/v1/models")
-            assert (await auth.check(models)).status.code == code_pb2.OK
+            assert (await auth.check(models)).denied_response.status.code == 200  # the gateway's own answer
             # Tampered on the server (not through `push`, which verifies first): refused, last good serves.
             srv.put("/envoy.tar.gz", rewrite(signed.read_bytes(), replace={"data.json": b'{"x": 1}'}))
             assert await envoy.loader.poll_once() == "refused"
             assert "tampered" in envoy.loader.status.last_error and envoy.policy.bundle.revision == "bool-r1"
-            assert (await auth.check(models)).status.code == code_pb2.OK
+            assert (await auth.check(models)).denied_response.status.code == 200
 
         run_with_sets(postgres_dsn, tmp_path, bundles, sets, scenario)
 

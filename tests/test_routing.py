@@ -134,3 +134,75 @@ def test_split_is_weighted_sticky_per_principal_and_kept_in_region() -> None:
     assert {routing.route(cfg, 0, "anthropic", "eu", f"principal-{i}") for i in range(50)} == {("eu1", "provider_eu1")}
     assert routing.route(cfg, 0, "anthropic", "ap", "principal-1") is None
     assert "chain_0_any" not in {c.name for c in routing.chains(cfg)}  # a split has no failover chain
+
+
+# -- chains across provider kinds, aliases ---------------------------------------------------------
+
+
+def _mixed(targets: list[str], **extra: Any) -> GatewayConfig:
+    doc = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    doc["providers"] = [
+        {"name": "us1", "endpoint": "https://api.anthropic.com", "api_key_env": "A", "region": "us"},
+        {"name": "us2", "endpoint": "http://127.0.0.1:9001", "api_key_env": "C", "region": "us"},
+        {"name": "oss", "kind": "openai", "endpoint": "http://127.0.0.1:9002", "region": "us"},
+        {"name": "bed", "kind": "bedrock", "endpoint": "http://127.0.0.1:9003", "region": "us",
+         "aws_access_key_id_env": "K", "aws_secret_access_key_env": "S"},
+    ]
+    doc["models"] = [{"match": "claude-*", "targets": targets}]
+    doc.update(extra)
+    return GatewayConfig.model_validate(doc)
+
+
+def test_a_chain_may_end_in_one_translated_target() -> None:
+    ok = _mixed(["us1", "us2", "bed"])
+    assert routing.route(ok, 0, "anthropic", None) == ("us1", "chain_0_any")
+    assert routing.route(ok, 0, "anthropic", "us") == ("us1", "chain_0_us")
+    # count_tokens is not translated: never the chain ending in Bedrock, the first target's own cluster.
+    assert routing.route(ok, 0, "anthropic", None, translatable=False) == ("us1", "provider_us1")
+    assert routing.route(_mixed(["us1", "us2"]), 0, "anthropic", None, translatable=False) == ("us1", "chain_0_any")
+    # Other client schemas always need the adapter: the first target's own cluster, no failover.
+    assert routing.route(ok, 0, "openai", None) == ("us1", "provider_us1_translate")
+    # A translated target before another target, or two of them: no chain (the shared attempt headers).
+    for targets in (["bed", "us1"], ["us1", "oss", "bed"]):
+        cfg = _mixed(targets)
+        assert routing.chains(cfg) == []
+        first = cfg.provider(targets[0])
+        assert routing.route(cfg, 0, "anthropic", None) == (first.name, first.cluster_for("anthropic"))
+
+
+def test_mixed_chain_filters_guard_each_target_and_pass_envoy_validate(tmp_path: Path) -> None:
+    cfg = _mixed(["us1", "us2", "bed"], aliases={"claude-x": "claude-sonnet-4-5-20250929"})
+    rt = _runtime()  # no credential file for bed: Bedrock is signed by the adapter
+    res = resources.build(cfg, rt, 18080)
+    chain = {c["name"]: c for c in res.clusters}["chain_0_any"]
+    filters = chain["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]
+    names = [f["name"] for f in filters]
+    assert names == ["ccr.alias", "envoy.filters.http.header_mutation", "ccr.chain.meter", "ccr.chain.attempt",
+                     "ccr.chain.us1", "ccr.chain.us2", "ccr.chain.bed.adapter", "ccr.chain.strip",
+                     "envoy.filters.http.upstream_codec"]
+    adapter = filters[names.index("ccr.chain.bed.adapter")]["typed_config"]
+    assert adapter["extension_config"]["typed_config"]["grpc_service"]["initial_metadata"] == [
+        {"key": "x-ccr-provider", "value": "bed"}, {"key": "x-ccr-translate", "value": "1"}]
+    # The adapter buffers the request: so may the chain.
+    assert chain["per_connection_buffer_limit_bytes"] == cfg.gateway.max_request_bytes
+    f = tmp_path / "envoy.json"
+    f.write_text(json.dumps(resources.static_bootstrap(cfg, rt, 18080)))
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_aliases_resolve_in_one_place_and_bad_ones_are_refused() -> None:
+    cfg = _mixed(["us1", "us2"], aliases={"claude-x": "claude-sonnet-4-5-20250929"})
+    r = routing.resolve(cfg, "claude-x")
+    assert r is not None and (r.requested, r.served, r.model_index, r.is_alias) == (
+        "claude-x", "claude-sonnet-4-5-20250929", 0, True)
+    same = routing.resolve(cfg, "claude-opus-4-1")
+    assert same is not None and not same.is_alias and same.served == "claude-opus-4-1"
+    assert routing.resolve(cfg, "gpt-4o") is None
+    for aliases, why in (({"a": "b", "b": "claude-1"}, "is itself an alias"), ({"a": "gpt-4o"}, "matches no"),
+                         ({"claude-1": "claude-1"}, "cannot resolve to itself"), ({"a.b": "claude-1"}, "pattern")):
+        with pytest.raises(ValueError, match=why):
+            _mixed(["us1"], aliases=aliases)
+    with pytest.raises(ValueError, match="do not match"):
+        Model(match="claude-haiku-*", provider="us1", listed=["claude-opus-4-1"])
