@@ -136,16 +136,41 @@ def test_istio_and_envoy_gateway_configs_decode_strictly() -> None:
     assert {"ConfigMap", "AuthorizationPolicy", "Telemetry", "EnvoyFilter", "SecurityPolicy"} <= set(kinds)
     assert kinds["ConfigMap"]["extensionProviders"] == 2  # ext_authz and the access log, parsed as MeshConfig
     # The Envoy config inside the EnvoyFilter is Envoy's own: parse it with Envoy's protos.
+    from envoy.config.route.v3 import route_components_pb2
     from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
     from google.protobuf import json_format
 
+    from ccr.contract import RL_DOMAIN, SPEND_DOMAIN, SPEND_STAGE
+    from router.rate_limits import RATELIMIT_FILTER, SPEND_FILTER, spend_rate_limits
+
     doc = next(d for d in yaml.safe_load_all((REPO / "deploy" / "istio" / "policies.yaml").read_text())
                if d and d["kind"] == "EnvoyFilter")
-    typed = dict(doc["spec"]["configPatches"][0]["patch"]["value"]["typed_config"])
-    assert typed.pop("@type").endswith("envoy.extensions.filters.http.ratelimit.v3.RateLimit")
-    rl = json_format.ParseDict(typed, rate_limit_pb2.RateLimit())
-    assert rl.domain == "ccr" and rl.failure_mode_deny
-    assert "ratelimit.ccr.svc.cluster.local" in rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name
+    filters: dict[str, rate_limit_pb2.RateLimit] = {}
+    vhost: dict = {}
+    for patch in doc["spec"]["configPatches"]:
+        value = patch["patch"]["value"]
+        if patch["applyTo"] == "HTTP_FILTER":
+            typed = dict(value["typed_config"])
+            assert typed.pop("@type").endswith("envoy.extensions.filters.http.ratelimit.v3.RateLimit")
+            filters[value["name"]] = json_format.ParseDict(typed, rate_limit_pb2.RateLimit())
+        elif patch["applyTo"] == "VIRTUAL_HOST":
+            vhost = value
+    # The request limits and the spend budgets, each as ccr's own Envoy runs them (router/resources.py).
+    assert set(filters) == {RATELIMIT_FILTER, SPEND_FILTER}
+    limits, spend = filters[RATELIMIT_FILTER], filters[SPEND_FILTER]
+    assert (limits.domain, limits.stage, limits.failure_mode_deny) == (RL_DOMAIN, 0, True)
+    assert (spend.domain, spend.stage, spend.failure_mode_deny) == (SPEND_DOMAIN, SPEND_STAGE, True)
+    assert spend.rate_limited_status.code == 402
+    for rl in filters.values():
+        assert "ratelimit.ccr.svc.cluster.local" in rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name
+    entries = [json_format.ParseDict(e, route_components_pb2.RateLimit()) for e in vhost["rate_limits"]]
+    by_stage = {e.stage.value: e for e in entries}
+    assert set(by_stage) == {0, SPEND_STAGE}
+    assert by_stage[0].actions[0].request_headers.descriptor_key == "principal"
+    # The spend descriptor is the one ccr's router gives its own spend filter, entry for entry.
+    expected = json_format.ParseDict(spend_rate_limits()[0], route_components_pb2.RateLimit())
+    expected.stage.value = SPEND_STAGE
+    assert by_stage[SPEND_STAGE] == expected
 
 
 def test_istio_mesh_config_refuses_a_misspelled_field(tmp_path: Path) -> None:
