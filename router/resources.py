@@ -45,9 +45,9 @@ from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
 from router.downstream import (
-    DECISION_RETRY,
     IDENTITY_FIRST,
     connection_limits,
+    decision_retry,
     fallback_reply_mappers,
     identity_first_filter,
     local_reply_mappers,
@@ -185,9 +185,17 @@ def _replica_checks(cluster: Json) -> None:
     }]
     cluster["outlier_detection"] = {
         "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
-        "consecutive_gateway_failure": 2, "base_ejection_time": "5s", "max_ejection_percent": 100,
+        "consecutive_gateway_failure": 2, "base_ejection_time": "5s",
+        # A slow answer (a timed-out call) is a guess that the replica is gone, not proof: never
+        # eject more than half, so the last replica standing keeps its traffic.
+        "max_ejection_percent": 50,
     }
-    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # Below half healthy, Envoy routes to every replica ("panic") instead of to none: when the
+    # last live replica misses one health check (a 1 s timeout on a loaded host), calls still
+    # reach it (and a dead one refuses fast, retried on another). With a threshold of 0 that
+    # one missed check made every decision call fail with "no healthy upstream" until the next
+    # check passed (tests/test_standalone.py: the stalled last replica).
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 50}}
     # When a replica dies, every call in flight to it is retried at once: Envoy's default of 3
     # concurrent retries per cluster would turn the rest into 503s.
     cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 10_000}]}
@@ -224,7 +232,7 @@ def _grpc_service(cluster: str, timeout_s: float, metadata: dict[str, str] | Non
     if metadata:
         svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata.items()]
     if retry:
-        svc["retry_policy"] = DECISION_RETRY
+        svc["retry_policy"] = decision_retry(timeout_s)
     return svc
 
 
