@@ -104,6 +104,10 @@ XDS_VERSION_INFO = Gauge(
     ["type", "version"], registry=REGISTRY)
 XDS_NACKS = Counter("ccr_xds_nacks", "Config versions Envoy rejected (NACKs), per resource type.",
                     ["type"], registry=REGISTRY)
+MTLS_REFUSALS = Counter(
+    "ccr_mtls_refusals", "Connections or calls an mTLS service refused, by reason: plaintext, no_client_certificate, "
+    "untrusted_certificate (another CA or trust domain), expired_certificate, wrong_spiffe_id, ...",
+    ["service", "reason"], registry=REGISTRY)
 MTLS_PEER_REFUSALS = Counter(
     "ccr_mtls_peer_refusals", "Calls refused because the verified peer's SPIFFE ID may not call this service.",
     ["peer"], registry=REGISTRY)
