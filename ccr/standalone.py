@@ -26,6 +26,7 @@ from ccr import db
 from ccr.config import HOST_PORT, ConfigError, GatewayConfig, StandaloneSettings, load_config
 from ccr.contract import RUN_TRUST_DOMAIN
 from ccr.credentials import write_secret
+from ccr.listener_tls import write_listener_sds
 from ccr.pki import load_pki
 from ccr.runtime import Runtime
 
@@ -130,8 +131,11 @@ def _wire(rt: Runtime, config: GatewayConfig, config_path: Path, s: StandaloneSe
     else:
         assert s.pki_dir is not None  # settings() checked
         rt.mtls = load_pki(_under(config_path.parent, s.pki_dir))
-    # Where `ccr serve envoy` writes each provider's credential; the router points Envoy there.
+    # Where `ccr serve envoy` writes each provider's credential and the listener's certificate SDS
+    # files; the router points Envoy there.
     creds = state_dir(config, config_path, "envoy") / "credentials"
+    if config.gateway.tls is not None:
+        rt.listener_sds_dir = str(state_dir(config, config_path, "envoy") / "listener-tls")
     rt.provider_credentials = {p.name: str(creds / f"{p.name}.json") for p in config.providers}
 
 
@@ -187,6 +191,8 @@ def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, 
         assert p.api_key_env is not None  # provider_credentials refused it otherwise
         write_secret(Path(rt.provider_credentials[p.name]), p.name, credentials[p.api_key_env])
     del credentials
+    if config.gateway.tls is not None and rt.listener_sds_dir is not None:
+        write_listener_sds(config.gateway.tls, config_path.resolve().parent, Path(rt.listener_sds_dir))
     g = config.gateway
     run_dir = Path(rt.run_dir)
     bootstrap = run_dir / "envoy-bootstrap.yaml"
@@ -252,6 +258,7 @@ def static_envoy_config(config_path: Path) -> dict:
     rt = Runtime(config_path=str(config_path), run_dir=str(state_dir(config, config_path, "envoy")),
                  postgres_dsn="unused", redis_url="unused", listen_port=config.gateway.listen.port)
     _wire(rt, config, config_path, s)
+    rt.listener_sds_dir = None  # another Envoy: the listener's certificate files inline (read at load)
     doc = static_bootstrap(config, rt, config.gateway.listen.port)
     doc["node"] = {"id": "ccr-static", "cluster": "ccr-gateway"}
     g = config.gateway
