@@ -163,9 +163,25 @@ def test_certificate_with_two_spiffe_ids_is_refused(gw: Gateway, certs: Certs) -
 @pytest.mark.parametrize("who", ["none", "rogue"])
 def test_handshake_fails_without_a_trusted_client_certificate(gw: Gateway, certs: Certs, who: str) -> None:
     before = len(emulator_records(gw))
+    # Envoy's listener counts each refusal by reason (its /stats, and /stats/prometheus as
+    # envoy_listener_ssl_fail_verify_*), and it keeps serving.
+    stat = "ssl.fail_verify_no_cert" if who == "none" else "ssl.fail_verify_error"
+    refused = listener_stat(gw, stat)
     with tls_client(certs, None if who == "none" else certs.rogue) as c, pytest.raises(httpx.TransportError):
         post(gw, c, "claude-haiku-4-5")
     assert len(emulator_records(gw)) == before
+    assert listener_stat(gw, stat) == refused + 1
+    with tls_client(certs, certs.batch) as c:
+        assert post(gw, c, "claude-haiku-4-5").status_code == 200
+
+
+def listener_stat(gw: Gateway, suffix: str) -> int:
+    port = gw.url.rsplit(":", 1)[1]
+    with httpx.Client(timeout=5) as c:
+        stats = c.get(f"{gw.admin_url}/stats?format=json").json()["stats"]
+    return sum(int(s["value"]) for s in stats
+               if "name" in s and s["name"].startswith("listener.") and f"_{port}." in s["name"]
+               and s["name"].endswith(suffix))
 
 
 def test_forged_xfcc_header_does_not_reach_upstream(gw: Gateway, certs: Certs) -> None:
