@@ -363,7 +363,8 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     missed = await checks.until_watchers_told(flipped, min(5.0, drain / 2))
     if missed:
         logging.warning("draining although %d health checker(s) did not ask again: %s", len(missed), missed)
-    for hook in _drain_hooks:
+    logging.info("out of rotation: refusing new calls; draining")
+    for hook in _drain_hooks:  # no await before them: no handler runs between that line and these
         hook()
     await server.stop(grace=max(0.0, drain - (time.monotonic() - flipped)))
     if cleanup is not None:
