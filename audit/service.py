@@ -21,6 +21,7 @@ from ccr import metrics
 from ccr.config import GatewayConfig
 from ccr.config_sync import on_config
 from ccr.runtime import Runtime
+from ccr.service import on_drain
 
 log = logging.getLogger("ccr.audit")
 # Messages of one stream read ahead of their rows' durability (the writer commits them together).
@@ -34,6 +35,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.facts = facts  # provider, region, model spelling and prices from the config (audit/entry.py)
         self.observer = observer  # metrics and spans per request (audit/observe.py); None: metrics off
         self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
+        # Set when this receiver drains (ccr.service.on_drain): each stream ends after its next message.
+        self.draining = False
 
     async def StreamAccessLogs(  # noqa: N802 - gRPC method name
         self,
@@ -73,6 +76,16 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             # (committed or spooled): what Envoy sent is safe within a few messages, and a stalled
             # writer stops the reading, which holds Envoy back.
             pending.append(await self.writer.mark())
+            if self.draining:
+                # Draining, and Envoy was told NOT_SERVING: end the stream now, right after a message.
+                # Envoy sends the next batch on a new stream to another replica; only a batch it sent
+                # in the moment before our end reaches it is lost (ALS has no acknowledgement). Were
+                # the stream held to the drain deadline instead, grpc would cancel it there with every
+                # message it had buffered unread (many, while PostgreSQL is slow) and a half-handled one.
+                # Answered at once, before its rows are durable: the receiver's cleanup flushes them
+                # (writer.stop) before the process exits.
+                log.info("draining: access log stream from %s ended after its last message", context.peer())
+                return als_pb2.StreamAccessLogsResponse()
             if len(pending) > IN_FLIGHT:
                 await pending.popleft()
         # Envoy holds a stream open for its lifetime; when one ends, answer only after
@@ -127,6 +140,11 @@ async def setup(
             spend.spend = Spend(new)
 
     on_config(use_config)
+
+    def drain() -> None:
+        servicer.draining = True
+
+    on_drain(drain)
 
     async def stop() -> None:
         await writer.stop()

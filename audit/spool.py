@@ -105,20 +105,33 @@ class Spool:
         assert self._lock_fd is not None
         tmp.rename(self.dir)
         _fsync_dir(self.root)
+        self.adopt_orphans()
+
+    def adopt_orphans(self) -> int:
+        """Take over the spool directories no live process holds (their segments go behind ours);
+        the rows adopted. At start, and periodically while running (RequestLogWriter): a receiver
+        that stopped with rows spooled (PostgreSQL slow as it drained) leaves them to a live one,
+        not only to the next receiver to start on this machine."""
+        before = self.rows
         for other in sorted(p for p in self.root.iterdir()
                             if p.is_dir() and p != self.dir and not p.name.startswith(".")):
             fd = self._lock(other)
             if fd is None:
                 continue  # a live process's spool
             try:
+                if self._write_file is not None:  # our next append starts a segment behind the adopted ones
+                    self._write_file.close()
+                    self._write_file = None
                 self._adopt(other)
             except FileNotFoundError:
                 pass  # another process adopted it first
             finally:
                 os.close(fd)
-        if self._segments:
-            log.warning("access log spool: adopted %d row(s) (%d bytes) spooled by a previous process; "
-                        "they are written before new rows", self.rows, self.bytes)
+        adopted = self.rows - before
+        if adopted:
+            log.warning("access log spool: adopted %d row(s) spooled by a process no longer running; "
+                        "they are written to PostgreSQL with this receiver's", adopted)
+        return adopted
 
     def close(self) -> None:
         if self._write_file is not None:

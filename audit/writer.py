@@ -63,7 +63,7 @@ class RequestLogWriter:
         chain_id: str | None = None, batch_max: int = 1000, queue_max: int = 20_000,
         write_timeout: float = 5.0, backoff_initial: float = 0.1, backoff_max: float = 2.0,
         checkpoint_every_s: float = 30.0, checkpoint_every_rows: int = 10_000,
-        checkpoint_log: Path | None = None,
+        checkpoint_log: Path | None = None, adopt_every_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dsn = dsn
@@ -78,6 +78,8 @@ class RequestLogWriter:
         self.checkpoint_every_rows = checkpoint_every_rows
         self.checkpoint_log = checkpoint_log
         self.clock = clock
+        self.adopt_every_s = adopt_every_s
+        self._adopted_at = clock()
         self._queue: asyncio.Queue[Row | asyncio.Future[None]] = asyncio.Queue(queue_max)
         self._conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -106,7 +108,13 @@ class RequestLogWriter:
     async def flush(self) -> None:
         await (await self.mark())
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        # The writer's own bound on a flush: a batch PostgreSQL does not take within write_timeout
+        # is spooled (and every batch after it goes straight to the spool), so twice that plus the
+        # fsyncs covers it. A fixed 5 s dropped the queued rows of a receiver stopping while
+        # PostgreSQL was slow (a 5 s write, then the spool append, past the 5 s).
+        if timeout is None:
+            timeout = 2 * self.write_timeout + 5.0
         try:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
@@ -130,6 +138,8 @@ class RequestLogWriter:
             wake: list[float] = []
             if self.spool is not None and not self.spool.empty():
                 wake.append(self._next_attempt)
+            if self.spool is not None:  # another receiver's spool, left when it stopped
+                wake.append(self._adopted_at + self.adopt_every_s)
             if self.signer is not None and self._head is not None and self._head.seq != self._checkpointed_seq:
                 wake.append(self._checkpointed_at + self.checkpoint_every_s)
             timeout = max(0.0, min(wake) - self.clock()) if wake else None
@@ -153,6 +163,9 @@ class RequestLogWriter:
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
+                if self.spool is not None and self.clock() >= self._adopted_at + self.adopt_every_s:
+                    self._adopted_at = self.clock()
+                    self.spool.adopt_orphans()
                 if self.spool is not None and not self.spool.empty() and self.clock() >= self._next_attempt:
                     await self._drain(max_batches=20)
                 await self._maybe_checkpoint()

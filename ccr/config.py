@@ -161,7 +161,8 @@ class StandaloneSettings(Strict):
     # Per-process state (the compiled policy bundle, Envoy's provider credential files): under
     # storage.data_dir unless absolute. Each `ccr serve NAME` uses its own subdirectory.
     state_dir: str = "standalone"
-    # mTLS identities for Envoy -> adapter, from `ccr pki issue DIR` (until SPIRE provides them).
+    # mTLS identities for Envoy -> adapter, from `ccr pki issue DIR`; not needed with
+    # services.spiffe.agent_socket (every hop SPIFFE mTLS, SVIDs from that SPIRE agent).
     pki_dir: str | None = None
 
 

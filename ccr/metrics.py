@@ -122,6 +122,10 @@ CONFIG_VERSION = Gauge("ccr_config_version", "The sequence number of the gateway
                        "serves.", ["service"], registry=REGISTRY)
 CONFIG_REFUSED = Counter("ccr_config_refused", "Config edits the router refused (invalid, restart-only, or not "
                          "acknowledged by every process).", registry=REGISTRY)
+MTLS_REFUSALS = Counter(
+    "ccr_mtls_refusals", "Connections or calls an mTLS service refused, by reason: plaintext, no_client_certificate, "
+    "untrusted_certificate (another CA or trust domain), expired_certificate, wrong_spiffe_id, ...",
+    ["service", "reason"], registry=REGISTRY)
 MTLS_PEER_REFUSALS = Counter(
     "ccr_mtls_peer_refusals", "Calls refused because the verified peer's SPIFFE ID may not call this service.",
     ["peer"], registry=REGISTRY)

@@ -62,6 +62,9 @@ class Runtime(BaseModel):
     # the trust bundle from the same socket over SDS. Takes precedence over `mtls`.
     spiffe_socket: str | None = None
     spiffe_trust_domain: str | None = None
+    # Where the process starting Envoy wrote the listener's certificate SDS files (ccr/listener_tls.py);
+    # None: the listener's certificate files are inline (read once).
+    listener_sds_dir: str | None = None
     # Where each service process serves Prometheus /metrics: "extauth", "extauth.1", ... -> host:port.
     metrics: dict[str, str] = {}
     # Services that follow the run's config versions (ccr/config_sync.py) -> their worker count.

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent import futures
 from pathlib import Path
@@ -34,11 +35,12 @@ from ccr.config import GatewayConfig
 from ccr.config_sync import Follower, start_config
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
-from ccr.metrics import MTLS_PEER_REFUSALS
+from ccr.metrics import MTLS_PEER_REFUSALS, MTLS_REFUSALS
 from ccr.pki import RunPki, spiffe_id, uri_sans
 from ccr.rpc_observe import AioRpcObserver, RpcObserver
 from ccr.runtime import Runtime
 from ccr.svid import SvidSource
+from ccr.tls_refusals import tap_handshake_refusals
 
 log = logging.getLogger("ccr.service")
 
@@ -121,8 +123,9 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
     is the *right* process of the run (a run CA issues identities to several processes).
     """
 
-    def __init__(self, allowed: Collection[str]) -> None:
+    def __init__(self, allowed: Collection[str], service: str = "") -> None:
         self._allowed = frozenset(allowed)
+        self._service = service
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         peer = peer_spiffe_id(context)
@@ -130,6 +133,7 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
                         sorted(self._allowed))
             MTLS_PEER_REFUSALS.labels(peer or "none").inc()
+            MTLS_REFUSALS.labels(self._service, "wrong_spiffe_id").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"peer identity {peer} may not call this service")
 
@@ -196,8 +200,9 @@ def _metrics_ready() -> dict[str, object]:
 class SyncPeerIdentityCheck(grpc.ServerInterceptor):
     """PeerIdentityCheck for grpcio's sync server (ratelimit)."""
 
-    def __init__(self, allowed: Collection[str]) -> None:
+    def __init__(self, allowed: Collection[str], service: str = "") -> None:
         self._allowed = frozenset(allowed)
+        self._service = service
 
     def _check(self, context: grpc.ServicerContext) -> None:
         peer = peer_spiffe_id(context)  # type: ignore[arg-type]
@@ -205,6 +210,7 @@ class SyncPeerIdentityCheck(grpc.ServerInterceptor):
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", context.peer(), peer,
                         sorted(self._allowed))
             MTLS_PEER_REFUSALS.labels(peer or "none").inc()
+            MTLS_REFUSALS.labels(self._service, "wrong_spiffe_id").inc()
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer identity {peer} may not call this service")
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -269,6 +275,50 @@ def _start_config(name: str, runtime: Runtime, args: argparse.Namespace) -> tupl
 
 Setup = Callable[[grpc.aio.Server, GatewayConfig, Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
+# Called once a draining service's health checkers were told NOT_SERVING, before the server stops
+# taking calls (the access log receiver ends its streams there: audit/service.py).
+_drain_hooks: list[Callable[[], None]] = []
+
+
+def on_drain(hook: Callable[[], None]) -> None:
+    _drain_hooks.append(hook)
+
+
+class ObservedHealth(health.aio.HealthServicer):
+    """grpc.health.v1 that remembers which health checkers asked, and what they were told.
+
+    A draining replica must leave Envoy's rotation before it refuses work: Envoy learns it only
+    from its next health check (every second), and until then may still choose this replica for a
+    new call or a new access log stream, which a stopped server refuses (the access log loses the
+    entries sent on a refused stream: the protocol has no acknowledgement). So on SIGTERM the
+    service answers NOT_SERVING and waits until every checker that was watching it has heard so.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._asked: dict[str, tuple[float, int]] = {}  # peer -> (when, the status it was told)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802 - gRPC method name
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        response = await super().Check(request, context)
+        if response is not None:
+            self._asked[context.peer()] = (self._clock(), response.status)
+        return response
+
+    def watchers_not_told(self, since: float, recent_s: float) -> list[str]:
+        """Checkers that asked within `recent_s` before `since` and were not told NOT_SERVING after it."""
+        told = health_pb2.HealthCheckResponse.NOT_SERVING
+        return [peer for peer, (at, status) in self._asked.items()
+                if since - recent_s <= at and not (at >= since and status == told)]
+
+    async def until_watchers_told(self, since: float, timeout_s: float, recent_s: float = 3.0) -> list[str]:
+        """Wait (at most `timeout_s`) for every recent checker to hear NOT_SERVING; those that did not."""
+        deadline = self._clock() + timeout_s
+        while (left := self.watchers_not_told(since, recent_s)) and self._clock() < deadline:
+            await asyncio.sleep(0.05)
+        return left
+
 
 def _bind(server: grpc.Server | grpc.aio.Server, name: str, host: str, port: int,
           creds: grpc.ServerCredentials | None) -> str:
@@ -289,12 +339,14 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
     config, follower = _start_config(name, runtime, args)
+    if mtls_peers:
+        tap_handshake_refusals(name)
     start_logging(name, config.services.log_format)
     creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, require_mtls)
-    interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed)] if creds else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed, name)] if creds else []
     interceptors += _observers(name, config, args, aio=True)
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
-    checks = health.aio.HealthServicer()
+    checks = ObservedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = await setup(server, config, runtime)
     address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
@@ -314,10 +366,18 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     await stop.wait()
     drain = config.services.drain_timeout_s
     logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
+    flipped = time.monotonic()
     await checks.enter_graceful_shutdown()
     if follower is not None:
         follower.stop()
-    await server.stop(grace=drain)
+    # Out of Envoy's rotation first (a few health-check intervals at most), then stop taking calls.
+    missed = await checks.until_watchers_told(flipped, min(5.0, drain / 2))
+    if missed:
+        logging.warning("draining although %d health checker(s) did not ask again: %s", len(missed), missed)
+    logging.info("out of rotation: refusing new calls; draining")
+    for hook in _drain_hooks:  # no await before them: no handler runs between that line and these
+        hook()
+    await server.stop(grace=max(0.0, drain - (time.monotonic() - flipped)))
     if cleanup is not None:
         await cleanup()
     tracing.shutdown()
@@ -350,6 +410,8 @@ def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collecti
     args = parse_args(name)
     runtime = Runtime.load(args.runtime)
     config, follower = _start_config(name, runtime, args)
+    if mtls_peers:
+        tap_handshake_refusals(name)
     start_logging(name, config.services.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -357,7 +419,7 @@ def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collecti
     creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, False)
     server = grpc.server(futures.ThreadPoolExecutor(threads, thread_name_prefix=name),
                          options=server_options(args.reuse_port),
-                         interceptors=([SyncPeerIdentityCheck(allowed)] if creds else [])
+                         interceptors=([SyncPeerIdentityCheck(allowed, name)] if creds else [])
                          + _observers(name, config, args, aio=False))
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ccr import db
 from ccr.config import HOST_PORT, ConfigError, GatewayConfig, StandaloneSettings, load_config
+from ccr.contract import RUN_TRUST_DOMAIN
 from ccr.credentials import write_secret
+from ccr.listener_tls import write_listener_sds
 from ccr.pki import load_pki
 from ccr.runtime import Runtime
 
@@ -61,9 +63,10 @@ def settings(config: GatewayConfig, source: str) -> StandaloneSettings:
         problems.append("storage.redis_url is not set: standalone services share an external Redis")
     if config.gateway.listen.port == 0:
         problems.append("gateway.listen.port is 0: the router and every Envoy must agree on a fixed port")
-    if not s.pki_dir:
-        problems.append("services.standalone.pki_dir is not set: Envoy and the adapter talk mutual TLS only "
-                        "(create identities with `ccr pki issue DIR`)")
+    if not s.pki_dir and not spiffe_agent(config):
+        problems.append("neither services.spiffe.agent_socket nor services.standalone.pki_dir is set: Envoy and "
+                        "the services talk mutual TLS only (point at your SPIRE agent's Workload API socket, or "
+                        "create identities with `ccr pki issue DIR`)")
     if config.identity.signin is not None and s.signin is None:
         problems.append("identity.signin is set but services.standalone.signin is not")
     emulated = [p.name for p in config.providers if p.emulator]
@@ -75,6 +78,13 @@ def settings(config: GatewayConfig, source: str) -> StandaloneSettings:
     return s
 
 
+def spiffe_agent(config: GatewayConfig) -> str | None:
+    """The SPIRE agent's Workload API socket the standalone parts take their SVIDs from, if any.
+    (`ccr serve` never starts a SPIRE of its own: that is the deployment's, like PostgreSQL.)"""
+    sp = config.services.spiffe
+    return sp.agent_socket if sp.mode == "spire" and sp.agent_socket else None
+
+
 def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tuple[GatewayConfig, Runtime]:
     """The runtime every standalone process derives identically from the config. `instance` names
     one of several replicas on one machine (its own state directory)."""
@@ -84,7 +94,7 @@ def runtime_for(config_path: Path, name: str, instance: str | None = None) -> tu
     run_dir = state_dir(config, config_path, name if instance is None else f"{name}-{instance}")
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     run_dir.chmod(0o700)
-    assert config.storage.postgres_dsn and config.storage.redis_url and s.pki_dir  # settings() checked
+    assert config.storage.postgres_dsn and config.storage.redis_url  # settings() checked
     rt = Runtime(config_path=str(config_path), run_dir=str(run_dir), postgres_dsn=config.storage.postgres_dsn,
                  redis_url=config.storage.redis_url, listen_port=config.gateway.listen.port)
     _wire(rt, config, config_path, s)
@@ -113,10 +123,19 @@ def _wire(rt: Runtime, config: GatewayConfig, config_path: Path, s: StandaloneSe
         reach = getattr(s, svc).reach()
         setattr(rt, svc, reach[0])
         rt.service_endpoints[svc] = reach
-    assert s.pki_dir is not None  # settings() checked
-    rt.mtls = load_pki(_under(config_path.parent, s.pki_dir))
-    # Where `ccr serve envoy` writes each provider's credential; the router points Envoy there.
+    agent = spiffe_agent(config)
+    if agent is not None:
+        # Every hop SPIFFE mTLS: each part's SVID from the agent's Workload API (Envoy: its SDS API),
+        # each service accepting only Envoy's ID, Envoy only each service's (as `ccr up` runs it).
+        rt.spiffe_socket, rt.spiffe_trust_domain = agent, config.services.spiffe.trust_domain
+    else:
+        assert s.pki_dir is not None  # settings() checked
+        rt.mtls = load_pki(_under(config_path.parent, s.pki_dir))
+    # Where `ccr serve envoy` writes each provider's credential and the listener's certificate SDS
+    # files; the router points Envoy there.
     creds = state_dir(config, config_path, "envoy") / "credentials"
+    if config.gateway.tls is not None:
+        rt.listener_sds_dir = str(state_dir(config, config_path, "envoy") / "listener-tls")
     rt.provider_credentials = {p.name: str(creds / f"{p.name}.json") for p in config.providers}
 
 
@@ -177,11 +196,15 @@ def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, 
         assert p.api_key_env is not None  # provider_credentials refused it otherwise
         write_secret(Path(rt.provider_credentials[p.name]), p.name, credentials[p.api_key_env])
     del credentials
+    if config.gateway.tls is not None and rt.listener_sds_dir is not None:
+        write_listener_sds(config.gateway.tls, config_path.resolve().parent, Path(rt.listener_sds_dir))
     g = config.gateway
     run_dir = Path(rt.run_dir)
     bootstrap = run_dir / "envoy-bootstrap.yaml"
+    spiffe = (rt.spiffe_socket, rt.spiffe_trust_domain or RUN_TRUST_DOMAIN) if rt.spiffe_socket else None
     bootstrap.write_text(render_bootstrap(f"ccr-{socket.gethostname()}-{os.getpid()}", g.admin.host, g.admin.port,
-                                          rt.service_endpoints["router"], g.overload, protocol=g.xds.protocol))
+                                          rt.service_endpoints["router"], g.overload, spiffe=spiffe,
+                                          protocol=g.xds.protocol))
     admin_path = run_dir / "envoy-admin-address"
     admin_path.unlink(missing_ok=True)
     argv = [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency",
@@ -206,11 +229,15 @@ def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
     if name not in MODULES or name == "signin":
         raise ConfigError(f"ccr probe: {name!r} has no gRPC health service (one of extauth, ratelimit, adapter, "
                           "accesslog, router)")
+    if spiffe_agent(config) is not None:
+        raise ConfigError("ccr probe: with services.spiffe.agent_socket every service answers only Envoy's SVID; "
+                          "probe them from the orchestrator with a TCP check, or an mTLS health check that "
+                          "presents Envoy's SPIFFE ID")
     host, _, port = getattr(s, name).listen.rpartition(":")
     host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
     target = f"{host}:{port}"
     if name == "adapter":
-        assert s.pki_dir is not None
+        assert s.pki_dir is not None  # settings(): no SPIFFE agent, so a pki_dir
         creds = client_credentials(load_pki(_under(config_path.parent, s.pki_dir)), ID_ENVOY)
         channel = grpc.secure_channel(target, creds)
     else:
@@ -236,6 +263,7 @@ def static_envoy_config(config_path: Path) -> dict:
     rt = Runtime(config_path=str(config_path), run_dir=str(state_dir(config, config_path, "envoy")),
                  postgres_dsn="unused", redis_url="unused", listen_port=config.gateway.listen.port)
     _wire(rt, config, config_path, s)
+    rt.listener_sds_dir = None  # another Envoy: the listener's certificate files inline (read at load)
     doc = static_bootstrap(config, rt, config.gateway.listen.port)
     doc["node"] = {"id": "ccr-static", "cluster": "ccr-gateway"}
     g = config.gateway

@@ -33,6 +33,7 @@ from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, P
 from ccr.config_sync import publish_initial
 from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, READY_METRICS, RUN_TRUST_DOMAIN, SPIFFE_PARTS
 from ccr.credentials import write_secret
+from ccr.listener_tls import write_listener_sds
 from ccr.localservers import start_postgres, start_redis
 from ccr.overload import overload_manager
 from ccr.pki import issue_run_pki
@@ -415,6 +416,10 @@ class Gateway:
         credentials |= self._start_emulators(config, runtime, run_dir, logs)
         self._write_credentials(config, runtime, run_dir, credentials)
         del credentials
+        if config.gateway.tls is not None:  # the listener's certificate, rotated by replacing its files
+            sds_dir = run_dir / "listener-tls"
+            write_listener_sds(config.gateway.tls, Path(runtime.config_path).resolve().parent, sds_dir)
+            runtime.listener_sds_dir = str(sds_dir)
         self._prepare_signin(config, runtime)
         runtime_file = run_dir / "runtime.json"
         count = {name: config.service_workers() if name in MULTI_WORKER else 1 for name in modules}

@@ -84,14 +84,25 @@ def below_regex(n: int) -> str:
 # to retry onto, and Envoy keeps a copy of each CheckRequest (the whole body) for a retry, which
 # under heap pressure turns the overload manager's clean 500 into a 503. Streams (the access log,
 # the adapter) are never retried by Envoy.
-DECISION_RETRY: Json = {
-    "retry_on": "connect-failure,reset,refused-stream,unavailable",
-    "num_retries": 2,
-    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
-    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-        "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
-    "host_selection_retry_max_attempts": 3,
-}
+def decision_retry(timeout_s: float) -> Json:
+    """The GrpcService retry policy of a decision call whose whole timeout is `timeout_s`.
+
+    Envoy turns a GrpcService (core) retry policy into a route retry policy whose per-try timeout
+    is the back-off's max_interval (Http::Utility::convertCoreToRouteRetryPolicy). With 50 ms
+    there, every Check or ShouldRateLimit slower than 50 ms (any, on a loaded host) was cut off,
+    retried, and counted against its replica as a local-origin failure; outlier detection then
+    ejected the live replica, and with the other one dead every decision failed (the flaky
+    standalone test: 73 rate limit 503s). So max_interval is the call's own timeout: an attempt is
+    never cut short, retries are for connection failures and resets only, and the jittered back-off
+    of two retries from a 5 ms base stays under 20 ms whatever the max."""
+    return {
+        "retry_on": "connect-failure,reset,refused-stream,unavailable",
+        "num_retries": 2,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": _secs(timeout_s)},
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 3,
+    }
 
 
 def upstream_hygiene() -> list[Json]:
@@ -124,7 +135,7 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
             "envoy_grpc": {"cluster_name": ext_authz_cluster},
             "timeout": _secs(timeout_s),
             "initial_metadata": [{"key": AUTHZ_PHASE_MD, "value": AUTHZ_PHASE_IDENTITY}],
-            **({"retry_policy": DECISION_RETRY} if retry else {}),
+            **({"retry_policy": decision_retry(timeout_s)} if retry else {}),
         },
         "failure_mode_allow": config.services.failure_mode_allow,
         "status_on_error": {"code": 503},

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
+from ccr import listener_tls
 from ccr.config import GatewayConfig, ListenerTLS, Provider, ProviderKind
 from ccr.contract import (
     ADAPTER_PROVIDER_MD,
@@ -46,9 +47,9 @@ from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
 from router.downstream import (
-    DECISION_RETRY,
     IDENTITY_FIRST,
     connection_limits,
+    decision_retry,
     fallback_reply_mappers,
     identity_first_filter,
     local_reply_mappers,
@@ -187,9 +188,17 @@ def _replica_checks(cluster: Json) -> None:
     }]
     cluster["outlier_detection"] = {
         "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
-        "consecutive_gateway_failure": 2, "base_ejection_time": "5s", "max_ejection_percent": 100,
+        "consecutive_gateway_failure": 2, "base_ejection_time": "5s",
+        # A slow answer (a timed-out call) is a guess that the replica is gone, not proof: never
+        # eject more than half, so the last replica standing keeps its traffic.
+        "max_ejection_percent": 50,
     }
-    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # Below half healthy, Envoy routes to every replica ("panic") instead of to none: when the
+    # last live replica misses one health check (a 1 s timeout on a loaded host), calls still
+    # reach it (and a dead one refuses fast, retried on another). With a threshold of 0 that
+    # one missed check made every decision call fail with "no healthy upstream" until the next
+    # check passed (tests/test_standalone.py: the stalled last replica).
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 50}}
     # When a replica dies, every call in flight to it is retried at once: Envoy's default of 3
     # concurrent retries per cluster would turn the rest into 503s.
     cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 10_000}]}
@@ -226,7 +235,7 @@ def _grpc_service(cluster: str, timeout_s: float, metadata: dict[str, str] | Non
     if metadata:
         svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata.items()]
     if retry:
-        svc["retry_policy"] = DECISION_RETRY
+        svc["retry_policy"] = decision_retry(timeout_s)
     return svc
 
 
@@ -864,26 +873,30 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
     }
 
 
-def _tls_file(base: Path, name: str, what: str) -> str:
-    path = Path(name) if Path(name).is_absolute() else base / name
-    if not path.is_file():
-        raise ValueError(f"gateway.tls.{what}: {path} is not a readable file")
-    return str(path)
-
-
-def downstream_tls(tls: ListenerTLS, base: Path) -> Json:
+def downstream_tls(tls: ListenerTLS, base: Path, sds_dir: str | None = None) -> Json:
     """The listener's TLS transport socket; with a client CA, client certificates are
     verified against it (and required when the config says so). Relative file names
-    are relative to the config file."""
+    are relative to the config file. With `sds_dir` (where the process starting Envoy wrote
+    ccr/listener_tls.py's SDS files) the certificate and CA come from those watched files and
+    rotate without a restart; without it (a static config for another Envoy) they are inline."""
     common: Json = {
         "alpn_protocols": ["h2", "http/1.1"],
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-        "tls_certificates": [{"certificate_chain": {"filename": _tls_file(base, tls.cert_file, "cert_file")},
-                              "private_key": {"filename": _tls_file(base, tls.key_file, "key_file")}}],
     }
-    if tls.client_ca_file:
-        common["validation_context"] = {"trusted_ca": {"filename": _tls_file(base, tls.client_ca_file,
-                                                                             "client_ca_file")}}
+    resources = listener_tls.secrets(tls, base)  # also checks that every file exists
+    if sds_dir is not None:
+        common["tls_certificate_sds_secret_configs"] = [
+            listener_tls.sds_secret_config(sds_dir, listener_tls.CERT_SECRET)]
+        if listener_tls.CLIENT_CA_SECRET in resources:
+            common["validation_context_sds_secret_config"] = listener_tls.sds_secret_config(
+                sds_dir, listener_tls.CLIENT_CA_SECRET)
+    else:
+        cert = resources[listener_tls.CERT_SECRET]["tls_certificate"]
+        common["tls_certificates"] = [{"certificate_chain": cert["certificate_chain"],
+                                       "private_key": cert["private_key"]}]
+        if listener_tls.CLIENT_CA_SECRET in resources:
+            ca = resources[listener_tls.CLIENT_CA_SECRET]["validation_context"]
+            common["validation_context"] = {"trusted_ca": ca["trusted_ca"]}
     return {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         "require_client_certificate": tls.require_client_cert,
@@ -895,7 +908,7 @@ def _with_listener_tls(lst: Json, config: GatewayConfig, runtime: Runtime) -> Js
     if config.gateway.tls is not None:
         base = Path(runtime.config_path).resolve().parent
         for chain in lst["filter_chains"]:
-            chain["transport_socket"] = downstream_tls(config.gateway.tls, base)
+            chain["transport_socket"] = downstream_tls(config.gateway.tls, base, runtime.listener_sds_dir)
     return lst
 
 

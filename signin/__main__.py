@@ -15,7 +15,7 @@ from ccr import metrics
 from ccr.config import GatewayConfig
 from ccr.contract import ID_ENVOY, READY_METRICS
 from ccr.logs import start_logging
-from ccr.metrics import MTLS_PEER_REFUSALS
+from ccr.metrics import MTLS_PEER_REFUSALS, MTLS_REFUSALS
 from ccr.runtime import Runtime
 from ccr.service import metrics_address, parse_args, write_ready
 from signin.idp import IdpClient
@@ -129,6 +129,7 @@ def only_peers(allowed: set[str]) -> Callable[..., Awaitable[web.StreamResponse]
             log.warning("refused a call from %s (peer identity %s; allowed: %s)", request.remote, peer,
                         sorted(allowed))
             MTLS_PEER_REFUSALS.labels(peer or "none").inc()
+            MTLS_REFUSALS.labels("signin", "wrong_spiffe_id").inc()
             raise web.HTTPForbidden(text=f"peer identity {peer} may not call this service")
         return await handler(request)
 

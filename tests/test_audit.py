@@ -351,3 +351,44 @@ def test_migration_2_upgrades_a_version_1_log(postgres_server: dict[str, object]
         with pytest.raises(psycopg.errors.CheckViolation):
             cur.execute("INSERT INTO request_log (ts, request_id, method, path, status, usage_status)"
                         " VALUES (now(), 'bad', 'POST', '/', 200, 'free text')")
+
+
+def test_a_draining_receiver_ends_each_stream_right_after_its_next_message(tmp_path: Path, postgres_dsn: str) -> None:
+    """SIGTERM: the receiver ends a stream Envoy holds open right after that stream's next message
+    (Envoy then sends on a new stream, to another replica), keeping every row it read; it does not
+    hold the stream to the drain deadline, where gRPC would cut it with messages unread."""
+    import queue
+    import signal
+
+    from tests.harness import log_row
+
+    config = CONFIG + "services: {drain_timeout_s: 300}\n"
+    outbox: queue.Queue[als_pb2.StreamAccessLogsMessage | None] = queue.Queue()
+
+    def stream() -> Iterator[als_pb2.StreamAccessLogsMessage]:
+        while (m := outbox.get()) is not None:
+            yield m
+
+    p = _prefix()
+    first, second = messages([entry(p + "1")], 1), messages([entry(p + "2")], 1)
+    with running_service("audit", tmp_path, config, postgres_dsn=postgres_dsn) as child, \
+            grpc.insecure_channel(str(child.info["address"])) as channel:
+        call = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs.future(stream(), timeout=600)
+        try:
+            outbox.put(next(first))
+            assert log_row(postgres_dsn, p + "1")["status"] == 200
+            child.proc.send_signal(signal.SIGTERM)
+            log = tmp_path / "logs" / "audit.log"
+            deadline = time.monotonic() + 30
+            while "out of rotation: refusing new calls" not in log.read_text():
+                assert time.monotonic() < deadline and child.alive(), child.log_tail()
+                time.sleep(0.05)
+            assert not call.done()  # a quiet stream is not cut: nothing of it could be in flight
+            outbox.put(next(second))
+            # Answered right after that message, the client side still open: Envoy would move on.
+            assert isinstance(call.result(timeout=60), als_pb2.StreamAccessLogsResponse)
+        finally:
+            outbox.put(None)
+        assert child.proc.wait(timeout=60) == 0  # long before the 300 s drain deadline
+        assert "ended after its last message" in log.read_text()
+    assert log_row(postgres_dsn, p + "2")["status"] == 200  # its rows were written before the exit

@@ -382,6 +382,30 @@ def test_two_live_spools_never_adopt_each_other(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["0001-a"]
 
 
+def test_a_live_spool_adopts_what_a_stopped_receiver_left(tmp_path: Path) -> None:
+    """A receiver drained while PostgreSQL was slow stops with rows spooled; a live receiver takes
+    them over (RequestLogWriter asks every adopt_every_s), not only the next one to start. Its own
+    rows spooled before, the adopted ones, and its later appends all come back, in that order."""
+    live, stopping = Spool(tmp_path, "0001-live", max_bytes=1 << 20), Spool(tmp_path, "0002-stop", max_bytes=1 << 20)
+    live.open()
+    stopping.open()
+    live.append([("2025-01-01", "own-1")])
+    stopping.append([("2025-01-01", "left-1"), ("2025-01-01", "left-2")])
+    assert live.adopt_orphans() == 0  # held by a running process: never taken
+    stopping.close()  # rows left, lock released
+    assert live.adopt_orphans() == 2
+    assert not (tmp_path / "0002-stop").exists()
+    live.append([("2025-01-01", "own-2")])
+    seen = []
+    while (batch := live.peek()) is not None:
+        seen += [r[1] for r in batch]
+        live.consume(len(batch))
+    assert seen == ["own-1", "left-1", "left-2", "own-2"]
+    assert live.empty()
+    live.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_spool_holds_the_stream_back_then_writes_everything_in_order(
         postgres_server: dict[str, object], tmp_path: Path) -> None:
     """PostgreSQL away and the spool full: flush waits (nothing dropped); once PostgreSQL answers,

@@ -133,19 +133,98 @@ def test_istio_and_envoy_gateway_configs_decode_strictly() -> None:
     files = sorted(str(p) for d in ("istio", "envoy-gateway") for p in (REPO / "deploy" / d).glob("*.yaml"))
     objects = _deploycheck("k8s", *files)
     kinds = {o["kind"]: o for o in objects}
-    assert {"ConfigMap", "AuthorizationPolicy", "Telemetry", "EnvoyFilter", "SecurityPolicy"} <= set(kinds)
+    assert {"ConfigMap", "AuthorizationPolicy", "Telemetry", "EnvoyFilter", "SecurityPolicy",
+            "EnvoyPatchPolicy"} <= set(kinds)
     assert kinds["ConfigMap"]["extensionProviders"] == 2  # ext_authz and the access log, parsed as MeshConfig
     # The Envoy config inside the EnvoyFilter is Envoy's own: parse it with Envoy's protos.
+    from envoy.config.route.v3 import route_components_pb2
     from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
     from google.protobuf import json_format
 
+    from ccr.contract import RL_DOMAIN, SPEND_DOMAIN, SPEND_STAGE
+    from router.rate_limits import RATELIMIT_FILTER, SPEND_FILTER, spend_rate_limits
+
     doc = next(d for d in yaml.safe_load_all((REPO / "deploy" / "istio" / "policies.yaml").read_text())
                if d and d["kind"] == "EnvoyFilter")
-    typed = dict(doc["spec"]["configPatches"][0]["patch"]["value"]["typed_config"])
-    assert typed.pop("@type").endswith("envoy.extensions.filters.http.ratelimit.v3.RateLimit")
-    rl = json_format.ParseDict(typed, rate_limit_pb2.RateLimit())
-    assert rl.domain == "ccr" and rl.failure_mode_deny
-    assert "ratelimit.ccr.svc.cluster.local" in rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name
+    filters: dict[str, rate_limit_pb2.RateLimit] = {}
+    vhost: dict = {}
+    for patch in doc["spec"]["configPatches"]:
+        value = patch["patch"]["value"]
+        if patch["applyTo"] == "HTTP_FILTER":
+            typed = dict(value["typed_config"])
+            assert typed.pop("@type").endswith("envoy.extensions.filters.http.ratelimit.v3.RateLimit")
+            filters[value["name"]] = json_format.ParseDict(typed, rate_limit_pb2.RateLimit())
+        elif patch["applyTo"] == "VIRTUAL_HOST":
+            vhost = value
+    # The request limits and the spend budgets, each as ccr's own Envoy runs them (router/resources.py).
+    assert set(filters) == {RATELIMIT_FILTER, SPEND_FILTER}
+    limits, spend = filters[RATELIMIT_FILTER], filters[SPEND_FILTER]
+    assert (limits.domain, limits.stage, limits.failure_mode_deny) == (RL_DOMAIN, 0, True)
+    assert (spend.domain, spend.stage, spend.failure_mode_deny) == (SPEND_DOMAIN, SPEND_STAGE, True)
+    assert spend.rate_limited_status.code == 402
+    for rl in filters.values():
+        assert "ratelimit.ccr.svc.cluster.local" in rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name
+    entries = [json_format.ParseDict(e, route_components_pb2.RateLimit()) for e in vhost["rate_limits"]]
+    by_stage = {e.stage.value: e for e in entries}
+    assert set(by_stage) == {0, SPEND_STAGE}
+    assert by_stage[0].actions[0].request_headers.descriptor_key == "principal"
+    # The spend descriptor is the one ccr's router gives its own spend filter, entry for entry.
+    expected = json_format.ParseDict(spend_rate_limits()[0], route_components_pb2.RateLimit())
+    expected.stage.value = SPEND_STAGE
+    assert by_stage[SPEND_STAGE] == expected
+
+
+def test_envoy_gateway_patch_adds_ccrs_limits_and_spend() -> None:
+    """deploy/envoy-gateway/ratelimit-patch.yaml (decoded strictly with Envoy Gateway's types in the
+    test above): every value it adds is Envoy config that Envoy's own protos accept, and it adds
+    what ccr's own Envoy runs: both rate limit filters (domains, stages, 402, fail closed) at ccr's
+    rate limit service, and the descriptors the router gives its own filters."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.route.v3 import route_components_pb2
+    from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 - registers the type
+    from google.protobuf import json_format
+
+    from ccr.contract import RL_DOMAIN, SPEND_DOMAIN, SPEND_STAGE
+    from router.rate_limits import spend_rate_limits
+
+    doc = yaml.safe_load((REPO / "deploy" / "envoy-gateway" / "ratelimit-patch.yaml").read_text())
+    assert doc["kind"] == "EnvoyPatchPolicy" and doc["spec"]["type"] == "JSONPatch"
+    patches = doc["spec"]["jsonPatches"]
+    by_type: dict[str, list[dict]] = {}
+    for p in patches:
+        by_type.setdefault(p["type"].rsplit(".", 1)[1], []).append(p)
+    (cluster,) = by_type["Cluster"]
+    c = json_format.ParseDict(cluster["operation"]["value"], cluster_pb2.Cluster())
+    assert c.name == "ccr_ratelimit" and cluster["operation"]["path"] == ""  # a whole new resource
+    ep = c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (ep.address, ep.port_value) == ("ratelimit.ccr.svc.cluster.local", 9002)
+
+    filters = {}
+    for p in by_type["Listener"]:
+        op = p["operation"]
+        # Inserted at the router's own index: in front of it, after Envoy Gateway's ext_authz.
+        assert op["op"] == "add" and op["jsonPath"].endswith("[?(@.name == 'envoy.filters.http.router')]")
+        f = json_format.ParseDict(op["value"], hcm.HttpFilter())
+        rl = rate_limit_pb2.RateLimit()
+        assert f.typed_config.Unpack(rl)
+        assert rl.rate_limit_service.grpc_service.envoy_grpc.cluster_name == c.name and rl.failure_mode_deny
+        filters[f.name] = rl
+    assert [n for n in filters] == ["ccr.ratelimit", "ccr.spend"]  # limits first, then the budgets
+    assert (filters["ccr.ratelimit"].domain, filters["ccr.ratelimit"].stage) == (RL_DOMAIN, 0)
+    assert (filters["ccr.spend"].domain, filters["ccr.spend"].stage) == (SPEND_DOMAIN, SPEND_STAGE)
+    assert filters["ccr.spend"].rate_limited_status.code == 402
+
+    (route,) = by_type["RouteConfiguration"]
+    assert route["operation"]["path"] == "/typed_per_filter_config"
+    per_filter = route["operation"]["value"]
+    assert set(per_filter) == set(filters)
+    parsed = {name: json_format.ParseDict({k: v for k, v in cfg.items() if k != "@type"},
+                                          rate_limit_pb2.RateLimitPerRoute()) for name, cfg in per_filter.items()}
+    assert parsed["ccr.ratelimit"].rate_limits[0].actions[0].request_headers.descriptor_key == "principal"
+    expected = json_format.ParseDict(spend_rate_limits()[0], route_components_pb2.RateLimit())
+    assert parsed["ccr.spend"].rate_limits[0] == expected
 
 
 def test_istio_mesh_config_refuses_a_misspelled_field(tmp_path: Path) -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
@@ -160,9 +163,25 @@ def test_certificate_with_two_spiffe_ids_is_refused(gw: Gateway, certs: Certs) -
 @pytest.mark.parametrize("who", ["none", "rogue"])
 def test_handshake_fails_without_a_trusted_client_certificate(gw: Gateway, certs: Certs, who: str) -> None:
     before = len(emulator_records(gw))
+    # Envoy's listener counts each refusal by reason (its /stats, and /stats/prometheus as
+    # envoy_listener_ssl_fail_verify_*), and it keeps serving.
+    stat = "ssl.fail_verify_no_cert" if who == "none" else "ssl.fail_verify_error"
+    refused = listener_stat(gw, stat)
     with tls_client(certs, None if who == "none" else certs.rogue) as c, pytest.raises(httpx.TransportError):
         post(gw, c, "claude-haiku-4-5")
     assert len(emulator_records(gw)) == before
+    assert listener_stat(gw, stat) == refused + 1
+    with tls_client(certs, certs.batch) as c:
+        assert post(gw, c, "claude-haiku-4-5").status_code == 200
+
+
+def listener_stat(gw: Gateway, suffix: str) -> int:
+    port = gw.url.rsplit(":", 1)[1]
+    with httpx.Client(timeout=5) as c:
+        stats = c.get(f"{gw.admin_url}/stats?format=json").json()["stats"]
+    return sum(int(s["value"]) for s in stats
+               if "name" in s and s["name"].startswith("listener.") and f"_{port}." in s["name"]
+               and s["name"].endswith(suffix))
 
 
 def test_forged_xfcc_header_does_not_reach_upstream(gw: Gateway, certs: Certs) -> None:
@@ -182,3 +201,43 @@ def test_key_and_certificate_make_the_key_principal(gw: Gateway, certs: Certs) -
     assert r.status_code == 200, r.text
     row = log_row(gw.runtime.postgres_dsn, r.headers["x-request-id"])
     assert row["key_id"] == rec.id and row["principal"] == "batch-key"
+
+
+def served_serial(gw: Gateway, certs: Certs) -> int:
+    ctx = ssl.create_default_context(cafile=str(certs.server_ca.cert_file))
+    ctx.load_cert_chain(certs.batch.cert_file, certs.batch.key_file)
+    host, port = gw.url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"").serial_number
+
+
+def test_listener_certificate_rotates_without_a_restart(gw: Gateway, certs: Certs, tmp_path: Path) -> None:
+    """Replacing the listener's certificate and key files (renamed into place) rotates them in the
+    running Envoy: new handshakes get the new certificate, a connection already open keeps
+    working, and no request fails. (Last in the module: the others only check the CA.)"""
+    assert gw.runtime is not None
+    uptime = envoy_uptime(gw)
+    before = served_serial(gw, certs)
+    assert before == certs.server.cert.serial_number
+    new = pki.issue(certs.server_ca, tmp_path, "gateway-next", dns=("localhost",), ips=("127.0.0.1",), server=True)
+    with tls_client(certs, certs.batch) as open_client:
+        assert post(gw, open_client, "claude-haiku-4-5").status_code == 200  # a connection held open
+        # As cert-manager or a Kubernetes secret volume does: each file renamed into place.
+        os.replace(new.key_file, certs.server.key_file)
+        os.replace(new.cert_file, certs.server.cert_file)
+        deadline = time.monotonic() + 30
+        while (served := served_serial(gw, certs)) != new.cert.serial_number:
+            assert served == before, served  # never anything but the old or the new certificate
+            assert time.monotonic() < deadline, "the listener still serves the old certificate"
+            time.sleep(0.05)
+        assert post(gw, open_client, "claude-haiku-4-5").status_code == 200  # the open connection
+    with tls_client(certs, certs.batch) as fresh:
+        assert post(gw, fresh, "claude-haiku-4-5").status_code == 200
+    assert envoy_uptime(gw) >= uptime  # the same Envoy process throughout: no restart
+
+
+def envoy_uptime(gw: Gateway) -> int:
+    with httpx.Client(timeout=5) as c:
+        stats = c.get(f"{gw.admin_url}/stats?format=json&filter=^server.uptime$").json()["stats"]
+    return int(stats[0]["value"])

@@ -143,30 +143,90 @@ def test_each_service_presents_its_own_spiffe_id(gw: Gateway, tmp_path: Path, se
     assert first[3:4] == b"\x04"  # accepted: the server's SETTINGS frame
 
 
+def refusals(gw: Gateway, service: str, reason: str) -> float:
+    """ccr_mtls_refusals_total{service, reason}, summed over the service's worker processes."""
+    assert gw.runtime is not None
+    total = 0.0
+    pattern = re.compile(rf'^ccr_mtls_refusals_total{{reason="{reason}",service="{service}"}} (\S+)$', re.M)
+    for name, address in gw.runtime.metrics.items():
+        if name == service or name.startswith(service + "."):
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+                total += sum(float(v) for v in pattern.findall(r.read().decode()))
+    return total
+
+
+def service_log(gw: Gateway, service: str) -> str:
+    assert gw.runtime is not None
+    return "".join(p.read_text(errors="replace") for p in (Path(gw.runtime.run_dir) / "logs").glob(f"{service}*.log"))
+
+
+def wait_counted(gw: Gateway, service: str, reason: str, before: float) -> None:
+    """The refusal is counted by the service's reader of gRPC core's report, a moment after the
+    client saw it: wait for that count (bounded), not for a time."""
+    deadline = time.monotonic() + 10
+    while refusals(gw, service, reason) <= before:
+        assert time.monotonic() < deadline, f"{service}: no {reason} refusal counted"
+        time.sleep(0.05)
+    assert re.search(rf"refused a TLS connection to {service}: {reason} \(", service_log(gw, service))
+
+
+def gateway_still_serves(client: anthropic.Anthropic) -> None:
+    assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
+
+
 @pytest.mark.parametrize("service", ["extauth", "ratelimit", "adapter", "accesslog", "router"])
-def test_plaintext_connection_is_refused(gw: Gateway, service: str) -> None:
+def test_plaintext_connection_is_refused(gw: Gateway, client: anthropic.Anthropic, service: str) -> None:
+    before = refusals(gw, service, "plaintext")
     with grpc.insecure_channel(addresses(gw)[service]) as ch, pytest.raises(grpc.RpcError) as err:
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_counted(gw, service, "plaintext", before)
+    gateway_still_serves(client)
 
 
 @pytest.mark.parametrize("trust_domain", ["ccr.local", "evil.example"])
-def test_certificate_from_another_ca_is_refused(gw: Gateway, tmp_path: Path, trust_domain: str) -> None:
+def test_certificate_from_another_ca_is_refused(gw: Gateway, client: anthropic.Anthropic, tmp_path: Path,
+                                                trust_domain: str) -> None:
     # Same SPIFFE ID as Envoy (or another trust domain's), but not issued by the run's SPIRE.
     pki = issue_run_pki(tmp_path / "rogue", ["envoy"], trust_domain=trust_domain)
     ident = pki.identity("envoy")
     rogue = Svid(tmp_path, "rogue", Path(ident.cert).read_bytes(), Path(ident.key).read_bytes())
+    before = refusals(gw, "adapter", "untrusted_certificate")
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         _, first = handshake(gw, addresses(gw)["adapter"], rogue)
         if not first:
             raise ConnectionResetError("closed")
+    wait_counted(gw, "adapter", "untrusted_certificate", before)
+    gateway_still_serves(client)
 
 
-def test_no_client_certificate_is_refused(gw: Gateway) -> None:
+def test_no_client_certificate_is_refused(gw: Gateway, client: anthropic.Anthropic) -> None:
+    before = refusals(gw, "adapter", "no_client_certificate")
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         _, first = handshake(gw, addresses(gw)["adapter"], None)
         if not first:
             raise ConnectionResetError("closed")
+    wait_counted(gw, "adapter", "no_client_certificate", before)
+    gateway_still_serves(client)
+
+
+def test_expired_svid_is_refused(gw: Gateway, client: anthropic.Anthropic, tmp_path: Path) -> None:
+    """Envoy's own SPIFFE ID from the run's own SPIRE, but expired. The services verify with the real
+    clock (BoringSSL), so the SVID is minted with a 1 s TTL and the test waits for its notAfter."""
+    assert gw.spire is not None
+    chain, key = gw.spire.mint_x509("envoy", ttl_s=1)
+    expired = Svid(tmp_path, "expired", chain, key)
+    not_after = x509.load_pem_x509_certificate(chain).not_valid_after_utc.timestamp()
+    while time.time() <= not_after + 1:  # the condition itself: the certificate's end of validity
+        time.sleep(0.1)
+    for service in ("adapter", "extauth"):
+        before = refusals(gw, service, "expired_certificate")
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            _, first = handshake(gw, addresses(gw)[service], expired)
+            if not first:
+                raise ConnectionResetError("closed")
+        wait_counted(gw, service, "expired_certificate", before)
+    gateway_still_serves(client)
 
 
 def grpc_health_as(gw: Gateway, svid: Svid, address: str) -> tuple[int, str]:
@@ -197,19 +257,24 @@ def grpc_health_as(gw: Gateway, svid: Svid, address: str) -> tuple[int, str]:
             sock.sendall(conn.data_to_send())
 
 
-@pytest.mark.parametrize(("caller", "service"), [("ratelimit", "adapter"), ("extauth", "router"),
-                                                  ("adapter", "accesslog"), ("accesslog", "extauth")])
-def test_a_part_with_the_wrong_spiffe_id_is_refused(gw: Gateway, tmp_path: Path, caller: str, service: str) -> None:
+@pytest.mark.parametrize(("caller", "service"), [("ratelimit", "adapter"), ("ratelimit", "extauth"),
+                                                  ("extauth", "router"), ("adapter", "accesslog"),
+                                                  ("accesslog", "extauth"), ("router", "ratelimit")])
+def test_a_part_with_the_wrong_spiffe_id_is_refused(gw: Gateway, client: anthropic.Anthropic, tmp_path: Path,
+                                                   caller: str, service: str) -> None:
     svid = minted(gw, tmp_path, caller)
     status, message = grpc_health_as(gw, svid, addresses(gw)[service])
     assert status == grpc.StatusCode.PERMISSION_DENIED.value[0], message
     log = (Path(gw.runtime.run_dir) / "logs" / f"{service}.log").read_text()  # type: ignore[union-attr]
     assert re.search(rf"refused a call from .* \(peer identity spiffe://ccr.local/{caller};", log)
     assert gw.runtime is not None
-    if service == "extauth":  # the service that serves /metrics (ccr/metrics.py) counts its refusals
+    if service == "extauth":
         with urllib.request.urlopen(f"http://{gw.runtime.metrics[service]}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert f'ccr_mtls_peer_refusals_total{{peer="spiffe://ccr.local/{caller}"}} 1.0' in text, text
+    # Every service counts it by reason (the refusing worker process's own /metrics).
+    assert refusals(gw, service, "wrong_spiffe_id") >= 1
+    gateway_still_serves(client)
 
 
 def test_envoy_identity_is_accepted(gw: Gateway, tmp_path: Path) -> None:
