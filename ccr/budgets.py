@@ -131,10 +131,23 @@ def charge_only(text: str) -> bool:
     return '"c":1' in text
 
 
-def spend_facts_json(reserve_micro: int, f: Facts, model: str | None, *, charge_only: bool = False) -> str:
+def batch_hold(text: str) -> str | None:
+    """The batch create request id whose budget hold a batch-results request releases (`"hb"`), if any."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    hb = d.get("hb") if isinstance(d, dict) else None
+    return hb if isinstance(hb, str) and hb else None
+
+
+def spend_facts_json(reserve_micro: int, f: Facts, model: str | None, *, charge_only: bool = False,
+                     releases_hold: str | None = None) -> str:
     d: dict[str, Any] = {"v": 1, "r": reserve_micro, "p": f.principal_id, "g": list(f.groups)}
     if charge_only:
         d["c"] = 1
+    if releases_hold:
+        d["hb"] = releases_hold
     for k, v in (("pk", f.principal_kind), ("k", f.key_id), ("t", f.tenant), ("w", f.spiffe_id), ("m", model)):
         if v is not None:
             d[k] = v

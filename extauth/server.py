@@ -435,7 +435,7 @@ class Authorizer:
             raise Deny(decision.status, DENY_STATUS[decision.status], decision.reason or "denied by policy")
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
-            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
+            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body), facts)
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if model is not None and facts is None:
             # The failover chain (and, for a request bound to a region, only that region's targets).

@@ -94,7 +94,7 @@ def test_only_the_facts_in_use_are_sent() -> None:
 
 def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
     """Budgets are asked by their own filter (ccr.spend): its RateLimitPerRoute carries the spend
-    descriptor on Messages creates and batch results only; the limits filter never sees it."""
+    descriptor on Messages creates, batch creates and batch results only; the limits filter never sees it."""
     cfg = _config(rules=RULES)
     assert cfg.spend.enabled
     routes = _routes(cfg)
@@ -106,8 +106,9 @@ def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
     assert md["source"] == "DYNAMIC" and md["metadata_key"] == {"key": AUTHZ_NS, "path": [{"key": AUTHZ_SPEND}]}
     assert not md.get("skip_if_absent")
     assert spend["actions"][1]["request_headers"]["header_name"] == "x-request-id"
-    assert SPEND_FILTER in routes["batches.results"]["typed_per_filter_config"]
-    for name in ("messages.count_tokens", "batches.create", "models.list"):
+    for name in ("batches.results", "batches.create"):
+        assert routes[name]["typed_per_filter_config"][SPEND_FILTER]["rate_limits"] == [spend], name
+    for name in ("messages.count_tokens", "batches.get", "batches.cancel", "models.list"):
         assert SPEND_FILTER not in routes[name]["typed_per_filter_config"], name
     for e in ENDPOINTS:  # the limits' own list: stage 0 only, never the spend descriptor
         assert all("spend" not in _keys(rl) and "stage" not in rl for rl in _limits(routes[e.name])), e.name
