@@ -290,3 +290,34 @@ def _pings(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+def test_a_rebuilt_counter_keeps_what_open_batches_hold(tmp_path: Path, dsn: str, own_redis: str) -> None:
+    """A batch create the provider took holds its worst case until its results are metered; after Redis
+    loses its data the rebuilt counter holds it too (a metered batch's hold is gone: its results' row counts)."""
+    tenant = _name()
+    b = Budget(_name(), SubjectKind.TENANT, tenant, Period.MONTH, 10 * W, scope="shared")
+    _budget(dsn, b)
+    with psycopg.connect(dsn) as conn:
+        for rid, endpoint, status, cost, reserved, metered in (
+                ("spent", "messages.create", 200, 4 * W, W, None),
+                ("open-batch", "batches.create", 200, 0, 3 * W, False),
+                ("done-batch", "batches.create", 200, 0, 5 * W, True),
+                ("done-results", "batches.results", 200, W, 0, None),
+                ("failed-batch", "batches.create", 529, 0, 7 * W, None)):
+            conn.execute("INSERT INTO spend_ledger (request_id, ts, principal_id, tenant, endpoint, status, "
+                         "cost_micro_usd, reserved_micro_usd) VALUES (%s, now(), 'k1', %s, %s, %s, %s, %s)",
+                         (f"{tenant}-{rid}", tenant, endpoint, status, cost, reserved))
+            if metered is not None:
+                conn.execute("INSERT INTO provider_objects (kind, object_id, provider, owner_principal_id, "
+                             "request_count, create_request_id, metered_at) VALUES ('batch', %s, 'anthropic', 'k1', "
+                             "2, %s, CASE WHEN %s THEN now() END)", (f"msgbatch_{tenant}{rid}", f"{tenant}-{rid}",
+                                                                     metered))
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=own_redis, postgres_dsn=dsn) as svc, \
+            grpc.insecure_channel(str(svc.info["address"])) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        # Spent 4 + 1, held 3: two more fit, the third does not.
+        got = [stub.ShouldRateLimit(spend_req(W, principal="k2", tenant=tenant)).overall_code for _ in range(3)]
+        assert got == [OK, OK, OVER]
+        r = redis.Redis.from_url(own_redis)
+        assert int(r.get(counter_key(b, "", window(Period.MONTH, "UTC", float(r.time()[0]))))) == 10 * W  # type: ignore[arg-type]
