@@ -142,23 +142,23 @@ def test_planner_maps_each_descriptor_to_its_rules() -> None:
     got = [(p.desc, p.key, p.hits, p.limit.about) for p in planner.plan(req)]
     assert got == [
         (0, "ccr:rl:ccr:principal=oidc:i#a:minute", 1, "principal oidc:i#a"),  # the default
-        (0, "ccr:rl:rule:p:sliding_window:minute:principal=oidc:i#a", 1, "principal oidc:i#a"),
-        (1, "ccr:rl:rule:k:sliding_window:minute:key=key_1", 1, "API key key_1"),
-        (2, "ccr:rl:rule:u:sliding_window:minute:user=oidc:i#a", 1, "user oidc:i#a"),
-        (3, "ccr:rl:rule:g:sliding_window:minute:group=a", 0, "group a"),  # tokens: checked, not counted
-        (3, "ccr:rl:rule:g:sliding_window:minute:group=b", 0, "group b"),
-        (4, "ccr:rl:rule:t:sliding_window:minute:tenant=acme", 1, "tenant acme"),
+        (0, "ccr:rl:rule:p:sliding_window.2:minute:principal=oidc:i#a", 1, "principal oidc:i#a"),
+        (1, "ccr:rl:rule:k:sliding_window.2:minute:key=key_1", 1, "API key key_1"),
+        (2, "ccr:rl:rule:u:sliding_window.2:minute:user=oidc:i#a", 1, "user oidc:i#a"),
+        (3, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 0, "group a"),  # tokens: checked, not counted
+        (3, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 0, "group b"),
+        (4, "ccr:rl:rule:t:sliding_window.2:minute:tenant=acme", 1, "tenant acme"),
         (5, "ccr:rl:rule:s:token_bucket:minute:spiffe_id=spiffe://x/y", 1, "workload spiffe://x/y"),
-        (6, "ccr:rl:rule:m:sliding_window:day:model=claude-x", 1, "model claude-x"),
+        (6, "ccr:rl:rule:m:sliding_window.2:day:model=claude-x", 1, "model claude-x"),
     ]
     charge = rls_pb2.RateLimitRequest(domain="ccr", descriptors=[
         _d(("ccr_usage", "output"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=40),
         _d(("ccr_usage", "cache_read"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=9)])
     got = [(p.desc, p.key, p.hits, p.charge) for p in planner.plan(charge)]
-    assert got == [(0, "ccr:rl:rule:g:sliding_window:minute:group=a", 40, True),
-                   (0, "ccr:rl:rule:g:sliding_window:minute:group=b", 40, True),
-                   (1, "ccr:rl:rule:g:sliding_window:minute:group=a", 4, True),  # 9 x 0.5, rounded
-                   (1, "ccr:rl:rule:g:sliding_window:minute:group=b", 4, True)]
+    assert got == [(0, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 40, True),
+                   (0, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 40, True),
+                   (1, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 4, True),  # 9 x 0.5, rounded
+                   (1, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 4, True)]
     # A usage descriptor without its own count (the usage was unknown) charges nothing.
     assert planner.plan(rls_pb2.RateLimitRequest(domain="ccr", hits_addend=5, descriptors=[
         _d(("ccr_usage", "output"), ("groups", "a"))])) == []
