@@ -153,6 +153,12 @@ def _counters(config_path: str, config: GatewayConfig) -> Iterator[redis.Redis |
         return
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     try:
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as e:  # e.g. the gateway stopped: its Redis went with it
+            print(f"counters not readable ({type(e).__name__}); reserved_usd is unknown", file=sys.stderr)
+            yield None
+            return
         yield client
     finally:
         client.close()
