@@ -38,7 +38,7 @@ from google.protobuf import json_format
 from redis.exceptions import NoScriptError, RedisError
 
 from audit.entry import _FINAL_TYPES, _clean, _count, _namespace, _text
-from ccr.budgets import parse_spend_facts
+from ccr.budgets import batch_hold, parse_spend_facts
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_NS,
@@ -105,10 +105,44 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return out
 """
 
+# A successful batch create's reservation becomes a hold (KEYS: reservation, settled marker, hold;
+# ARGV: settled ttl, hold ttl): the counters keep the batch's worst case until its results are
+# charged. Returns {"done"} when already settled, {"held"} otherwise (also when the reservation
+# is gone: Redis lost it, and the counters were rebuilt from the ledger without it).
+HOLD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'done'} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RENAME', KEYS[1], KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return {'held'}
+"""
+
+# Releases a batch's hold (KEYS: hold, then the counters it names): each counter that still exists
+# goes down by what the hold put on it; the hold is deleted, so a second release moves nothing.
+RELEASE = """
+local n = 0
+for i = 2, #KEYS do
+  local amount = redis.call('HGET', KEYS[1], KEYS[i])
+  if amount and redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('DECRBY', KEYS[i], amount)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+HOLD_PREFIX = "ccr:spend:h:"
+# A batch may run 24 hours and its results are kept 29 days: a hold lasts longer than that; one never
+# released (results never fetched) goes with it, or with its counter at the period's end.
+HOLD_TTL_S = 31 * 86400
+
 # Errors one row causes by its content: retrying its batch would never succeed.
 _ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 _BILLED = frozenset({UsageStatus.COMPLETE, UsageStatus.PARTIAL, UsageStatus.ESTIMATED, UsageStatus.NOT_BILLABLE})
 _BATCH_ENDPOINTS = frozenset({"batches.results"})
+_BATCH_CREATE = "batches.create"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +151,8 @@ class Settlement:
     actual: int
     reserved: int
     counters: list[dict[str, Any]]
+    hold: bool = False  # a batch create the provider took: keep the reservation until its results
+    release: str | None = None  # batch results: the create request id whose hold they release
 
 
 def _value(v: Any) -> Any:
@@ -164,7 +200,12 @@ class Spend:
         model = _text(authz, "model")
         endpoint = _text(authz, "endpoint")
         batch = endpoint in _BATCH_ENDPOINTS
-        if ustatus in _BILLED:
+        code = e.response.response_code.value
+        if endpoint == _BATCH_CREATE:
+            # Creating a batch bills nothing: its results are charged when first fetched. What it
+            # reserved is held (below) until then.
+            cost = 0
+        elif ustatus in _BILLED:
             u = Usage(counts["input_tokens"] or 0, counts["output_tokens"] or 0,
                       counts["cache_creation_input_tokens"] or 0, counts["cache_read_input_tokens"] or 0,
                       counts[USAGE_CACHE_5M], counts[USAGE_CACHE_1H])
@@ -186,15 +227,19 @@ class Spend:
             request_id, common.start_time.ToDatetime(tzinfo=UTC), principal_id, _text(authz, "principal"),
             _text(authz, "principal_kind"), _text(authz, "key_id"), _text(authz, "tenant"),
             [_clean(str(g)) for g in groups], _text(authz, "spiffe_id"), model, endpoint,
-            e.response.response_code.value,
+            code,
             ustatus, counts["input_tokens"], counts["output_tokens"], w5, w1, counts["cache_read_input_tokens"],
             batch, cost, reserved,
         )
         settlement = None
-        if reserved is not None and SPEND_COUNTERS in rl:
-            counters = _value(rl[SPEND_COUNTERS])
-            if isinstance(counters, list) and counters:
-                settlement = Settlement(request_id, cost, reserved, counters)
+        counters = _value(rl[SPEND_COUNTERS]) if reserved is not None and SPEND_COUNTERS in rl else None
+        counters = counters if isinstance(counters, list) and counters else []
+        ok = 200 <= code < 300
+        release = batch_hold(spend_text) if batch and spend_text and ok and ustatus in _BILLED else None
+        if counters or release:
+            # A failed batch create releases (settles to 0) like any failed request.
+            settlement = Settlement(request_id, cost, reserved or 0, counters,
+                                    hold=endpoint == _BATCH_CREATE and ok, release=release)
         return row, settlement
 
 
@@ -396,11 +441,12 @@ class Settler:
         self.thresholds = sorted(set(thresholds))
         self.webhook_url = webhook_url
         self.retry_every_s = retry_every_s
-        self._sha: str | None = None
+        self._shas: dict[str, str] = {}
         self._pending: deque[Settlement] = deque(maxlen=100_000)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: httpx.AsyncClient | None = None
         self.settled = 0
+        self.released = 0  # batch holds released by their results
         self.alerts_sent = 0
 
     def start(self) -> None:
@@ -419,18 +465,41 @@ class Settler:
             log.warning("settlement of %s deferred (Redis: %s)", s.request_id, e)
             self._pending.append(s)
 
+    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        sha = self._shas.get(script)
+        if sha is not None:
+            try:
+                return await self.redis.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass  # nothing ran: loading it and running again cannot count twice
+        sha = self._shas[script] = await self.redis.script_load(script)
+        return await self.redis.evalsha(sha, len(keys), *keys, *args)
+
     async def _settle(self, s: Settlement) -> None:
+        if s.counters and s.hold:
+            await self._eval(HOLD, [RESERVATION_PREFIX + s.request_id, SETTLED_PREFIX + s.request_id,
+                                    HOLD_PREFIX + s.request_id], [SETTLED_TTL_S, HOLD_TTL_S])
+            self.settled += 1
+        elif s.counters:
+            await self._settle_counters(s)
+        if s.release:
+            # Charged first, released after: for a moment over, never under.
+            for hold in (HOLD_PREFIX + s.release, RESERVATION_PREFIX + s.release):
+                # The create's own entry may not be settled yet (another receiver worker has it): its
+                # reservation is released instead, and holding it later finds nothing to hold.
+                names = [k.decode() if isinstance(k, bytes) else str(k) for k in await self.redis.hkeys(hold)]
+                if names:
+                    break
+            if names:
+                await self._eval(RELEASE, [hold, *names], [])
+                self.released += 1
+
+    async def _settle_counters(self, s: Settlement) -> None:
         keys = [RESERVATION_PREFIX + s.request_id, SETTLED_PREFIX + s.request_id,
                 *(str(c["key"]) for c in s.counters)]
         args: list[Any] = [s.actual, SETTLED_TTL_S, ALERT_TTL_S, len(self.thresholds), *self.thresholds,
                            *(int(c.get("cap", 0)) for c in s.counters)]
-        if self._sha is None:
-            self._sha = await self.redis.script_load(SETTLE)
-        try:
-            out = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            self._sha = await self.redis.script_load(SETTLE)
-            out = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        out = await self._eval(SETTLE, keys, args)
         self.settled += 1
         for item in out[1:]:
             i, thr, value = (int(x) for x in (item.decode() if isinstance(item, bytes) else item).split(":"))

@@ -151,16 +151,17 @@ async def _paced(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.Rat
 
 
 async def measure(label: str, address: str, pid: int, domain: str, redis_url: str, duration: float,
-                  rate: float) -> None:
+                  rate: float, modes: tuple[str, ...] = ("c1", "c16", "paced")) -> None:
     reqs = requests(domain, 1000)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
         for r in reqs[:50]:  # connect and warm up
             await stub.ShouldRateLimit(r, timeout=5)
         with redis.Redis.from_url(redis_url) as rc:
-            for name, run in (("c=1", lambda: _closed(stub, reqs, 1, duration)),
-                              ("c=16", lambda: _closed(stub, reqs, 16, duration)),
-                              (f"paced {rate:.0f}/s", lambda: _paced(stub, reqs, rate, duration))):
+            runs = {"c1": ("c=1", lambda: _closed(stub, reqs, 1, duration)),
+                    "c16": ("c=16", lambda: _closed(stub, reqs, 16, duration)),
+                    "paced": (f"paced {rate:.0f}/s", lambda: _paced(stub, reqs, rate, duration))}
+            for name, run in (runs[m] for m in modes):
                 before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
                 lat, wall = await run()
                 cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
@@ -215,7 +216,11 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="also the Go envoyproxy/ratelimit on the same config")
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--modes", default="c1,c16,paced", help="which runs, of c1, c16, paced (comma-separated)")
+    ap.add_argument("--workloads", default="yaml,ccr", help="ours: yaml, ccr (comma-separated)")
     args = ap.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    workloads = tuple(w for w in args.workloads.split(",") if w)
     children: list[Child] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -229,12 +234,14 @@ def main() -> None:
             children.append(ours)
             print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
             pid = ours.proc.pid
-            asyncio.run(measure("ours yaml", str(ours.info["address"]), pid, "bench", url, args.duration, args.rate))
-            asyncio.run(measure("ours ccr", str(ours.info["address"]), pid, "ccr", url, args.duration, args.rate))
+            for w in workloads:
+                asyncio.run(measure(f"ours {w}", str(ours.info["address"]), pid, "bench" if w == "yaml" else "ccr",
+                                    url, args.duration, args.rate, modes))
             if args.peer:
                 peer, address = start_peer(url, tmp)
                 children.append(peer)
-                asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate))
+                asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate,
+                                    modes))
         finally:
             for c in reversed(children):
                 c.stop()

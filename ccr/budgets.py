@@ -131,10 +131,23 @@ def charge_only(text: str) -> bool:
     return '"c":1' in text
 
 
-def spend_facts_json(reserve_micro: int, f: Facts, model: str | None, *, charge_only: bool = False) -> str:
+def batch_hold(text: str) -> str | None:
+    """The batch create request id whose budget hold a batch-results request releases (`"hb"`), if any."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    hb = d.get("hb") if isinstance(d, dict) else None
+    return hb if isinstance(hb, str) and hb else None
+
+
+def spend_facts_json(reserve_micro: int, f: Facts, model: str | None, *, charge_only: bool = False,
+                     releases_hold: str | None = None) -> str:
     d: dict[str, Any] = {"v": 1, "r": reserve_micro, "p": f.principal_id, "g": list(f.groups)}
     if charge_only:
         d["c"] = 1
+    if releases_hold:
+        d["hb"] = releases_hold
     for k, v in (("pk", f.principal_kind), ("k", f.key_id), ("t", f.tenant), ("w", f.spiffe_id), ("m", model)):
         if v is not None:
             d[k] = v
@@ -216,8 +229,16 @@ def counter_key(b: Budget, seat: str, w: Window) -> str:
 # -- the ledger side of a counter (rebuild after Redis lost its data) --------------------------
 
 
-def ledger_sum_query(b: Budget, seat: str) -> tuple[str, list[Any]]:
-    """SQL summing the ledger rows a counter covers (ts in [start, end) appended by the caller)."""
+# What a batch create the provider took still holds: its reservation, until its results are metered
+# (provider_objects.metered_at; the results' own row then carries the cost).
+OPEN_BATCH_HOLD = ("endpoint = 'batches.create' AND status BETWEEN 200 AND 299 AND EXISTS (SELECT 1 FROM "
+                   "provider_objects o WHERE o.kind = 'batch' AND o.create_request_id = spend_ledger.request_id "
+                   "AND o.metered_at IS NULL)")
+
+
+def ledger_sum_query(b: Budget, seat: str, holds: bool = False) -> tuple[str, list[Any]]:
+    """SQL summing the ledger rows a counter covers (ts in [start, end) appended by the caller); with
+    `holds`, plus the worst cases batches still hold (a counter rebuilt after Redis lost its data)."""
     k = b.subject_kind
     if k is SubjectKind.TENANT:
         where, args = "tenant = %s", [b.subject]
@@ -232,12 +253,13 @@ def ledger_sum_query(b: Budget, seat: str) -> tuple[str, list[Any]]:
     if seat:
         where += " AND principal_id = %s"
         args.append(seat)
-    return (f"SELECT COALESCE(sum(cost_micro_usd), 0) FROM spend_ledger WHERE {where} "
+    held = (f" + COALESCE(sum(reserved_micro_usd) FILTER (WHERE {OPEN_BATCH_HOLD}), 0)" if holds else "")
+    return (f"SELECT COALESCE(sum(cost_micro_usd), 0){held} FROM spend_ledger WHERE {where} "
             "AND ts >= to_timestamp(%s) AND ts < to_timestamp(%s)"), args
 
 
-def ledger_sum(conn: psycopg.Connection, b: Budget, seat: str, w: Window) -> int:
-    sql, args = ledger_sum_query(b, seat)
+def ledger_sum(conn: psycopg.Connection, b: Budget, seat: str, w: Window, holds: bool = False) -> int:
+    sql, args = ledger_sum_query(b, seat, holds)
     row = conn.execute(sql, [*args, w.start, w.end]).fetchone()
     return int(row[0]) if row else 0
 

@@ -451,6 +451,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        13,
+        "spend: a batch remembers the request that created it (its budget hold)",
+        """
+        -- A batch create reserves the whole batch's worst case on the budgets (docs/spend.md); the
+        -- hold is keyed by the create's gateway request id and released when the batch's results are
+        -- first charged. The adapter records that id with the owner; extauth reads it on results.
+        ALTER TABLE provider_objects ADD COLUMN IF NOT EXISTS create_request_id text;
+        """,
+    ),
+    (
         15,
         "request_log: the model as the client named it (model aliases)",
         """

@@ -102,6 +102,58 @@ RATELIMIT_DECISIONS = Counter(
     "(spend reservations); result ok, over_limit or error (store down or a malformed call: refused).",
     ["domain", "result"], registry=REGISTRY)
 
+# Budgets: where each budget stands in its current period (ratelimit, ratelimit/budget_metrics.py).
+# Labels: the budget's configured name and its period kind (day|week|month): one series per budget,
+# however many members a per-seat budget has (its figures are the seat nearest its cap).
+BUDGET_LABELS = ["budget", "period"]
+_BUDGET_FAMILIES = (
+    ("ccr_budget_limit_usd", "A budget's cap per period, in US dollars."),
+    ("ccr_budget_spend_usd", "Spent in the budget's current period (settled, from the ledger), in US dollars; "
+     "per-seat budgets: the seat nearest its cap."),
+    ("ccr_budget_reserved_usd", "Worst cases of requests in flight held on the budget's counter (Redis), in US "
+     "dollars; per-seat budgets: the seat nearest its cap."),
+    ("ccr_budget_used_ratio", "Share of the cap used (counter, else ledger) in the current period; 1 = at the cap."),
+    ("ccr_budget_period_end_timestamp_seconds", "When the budget's current period ends and it resets (unix time)."),
+    ("ccr_budget_seats", "Per-seat budgets: members with spend in the current period."),
+)
+
+
+class BudgetCollector:
+    """Budget gauges read at scrape time from `source` (set by the ratelimit service; None elsewhere: the
+    families are listed without samples). `source` returns ccr.budget_usage.BudgetUsage values."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[Any]] | None = None
+
+    def describe(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return [GaugeMetricFamily(n, h, labels=BUDGET_LABELS) for n, h in _BUDGET_FAMILIES]
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        fams = {n: GaugeMetricFamily(n, h, labels=BUDGET_LABELS) for n, h in _BUDGET_FAMILIES}
+        source = self.source
+        for u in (source() if source is not None else ()):
+            b = u.budget
+            labels = [b.name, str(b.period)]
+            cap = b.amount_micro_usd
+            fams["ccr_budget_limit_usd"].add_metric(labels, cap / 1e6)
+            fams["ccr_budget_spend_usd"].add_metric(labels, u.spent / 1e6)
+            if u.reserved is not None:
+                fams["ccr_budget_reserved_usd"].add_metric(labels, u.reserved / 1e6)
+            if cap:
+                fams["ccr_budget_used_ratio"].add_metric(labels, u.used / cap)
+            fams["ccr_budget_period_end_timestamp_seconds"].add_metric(labels, u.window.end)
+            if b.scope == "per_seat":
+                fams["ccr_budget_seats"].add_metric(labels, u.seats)
+        return list(fams.values())
+
+
+BUDGETS = BudgetCollector()
+REGISTRY.register(BUDGETS)
+
 # -- audit spool (accesslog) -----------------------------------------------------------------------
 
 # Registered by watch_spool() in the access log receivers only (an unlabelled gauge always shows).

@@ -93,6 +93,17 @@ def worst_case_micro(r: Rates, body_bytes: int, max_tokens: int, tokens_per_byte
     return micro_from_pico(input_bound * r.dearest_input + max(max_tokens, 0) * r.output)
 
 
+def batch_worst_case_micro(requests: list[tuple[Rates, int]], body_bytes: int, tokens_per_byte: float = 1.0) -> int:
+    """The most a Message Batch can cost, at the batch discount: all its requests' input together is at
+    most the batch body's bytes (priced at the dearest input price among its models), plus each
+    request's max_tokens at its model's output price."""
+    if not requests:
+        return 0
+    input_bound = int(Decimal(body_bytes) * Decimal(str(tokens_per_byte)) + 1)
+    pico = input_bound * max(r.dearest_input for r, _ in requests) + sum(max(mt, 0) * r.output for r, mt in requests)
+    return micro_from_pico(-(-pico * (100 - BATCH_DISCOUNT_PERCENT) // 100))  # rounded up, as everything here
+
+
 class PriceTable:
     """Rates by model id, resolved like routing (first matching `models` entry), cached."""
 

@@ -24,6 +24,8 @@ class ObjectKind(StrEnum):
 class Owned:
     provider: str
     owner_principal_id: str
+    # Batches: the gateway request id of the create, whose budget hold its results release (migration 13).
+    create_request_id: str | None = None
 
 
 class ObjectStore:
@@ -48,20 +50,20 @@ class ObjectStore:
     async def owner(self, kind: ObjectKind, object_id: str) -> Owned | None:
         async with await self._conn() as conn:
             cur = await conn.execute(
-                "SELECT provider, owner_principal_id FROM provider_objects WHERE kind = %s AND object_id = %s",
-                (str(kind), object_id))
+                "SELECT provider, owner_principal_id, create_request_id FROM provider_objects"
+                " WHERE kind = %s AND object_id = %s", (str(kind), object_id))
             row = await cur.fetchone()
-        return None if row is None else Owned(row[0], row[1])
+        return None if row is None else Owned(row[0], row[1], row[2])
 
     async def record(self, kind: ObjectKind, object_id: str, provider: str, owner: str,
-                     request_count: int | None = None) -> None:
+                     request_count: int | None = None, create_request_id: str | None = None) -> None:
         """Claim a new object for `owner`. An id already owned by someone else is never re-assigned."""
         async with await self._conn() as conn:
             cur = await conn.execute(
-                "INSERT INTO provider_objects (kind, object_id, provider, owner_principal_id, request_count)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, object_id) DO NOTHING"
+                "INSERT INTO provider_objects (kind, object_id, provider, owner_principal_id, request_count,"
+                " create_request_id) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (kind, object_id) DO NOTHING"
                 " RETURNING owner_principal_id",
-                (str(kind), object_id, provider, owner, request_count))
+                (str(kind), object_id, provider, owner, request_count, create_request_id))
             if await cur.fetchone() is None:
                 raise ValueError(f"{kind} {object_id} is already recorded; ownership is not re-assigned")
 

@@ -12,15 +12,18 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+import redis
 
-from ccr.budgets import Budget, Period, SubjectKind, ledger_sum, load_budgets, remove_budget, set_budget, window
+from ccr.budget_usage import budget_usage
+from ccr.budgets import Budget, Period, SubjectKind, load_budgets, remove_budget, set_budget, window
 from ccr.config import GatewayConfig, load_config
 from ccr.pricing import parse_usd, usd
 
@@ -84,7 +87,7 @@ def _print(rows: list[dict[str, Any]], fmt: str, columns: list[str], meta: dict[
         return
     if meta:
         print("  ".join(f"{k}: {v}" for k, v in meta.items()))
-    table = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    table = [columns] + [["-" if r.get(c) is None else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
         print("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
@@ -111,29 +114,54 @@ def cmd_spend(args: argparse.Namespace, dsn_of: DsnOf) -> int:
     return 0
 
 
-def budget_status(conn: psycopg.Connection, b: Budget, config: GatewayConfig, now: float | None = None
-                  ) -> dict[str, Any]:
-    """A budget with its current period's spend from the ledger (per-seat: the highest seat)."""
-    w = window(b.period, b.timezone or config.spend.timezone, time.time() if now is None else now)
-    if b.scope == "per_seat":
-        member = "tenant = %s" if b.subject_kind is SubjectKind.TENANT else "%s = ANY(groups)"
-        row = conn.execute(
-            f"SELECT principal_id, sum(cost_micro_usd) FROM spend_ledger WHERE {member} AND ts >= to_timestamp(%s) "
-            "AND ts < to_timestamp(%s) GROUP BY 1 ORDER BY 2 DESC LIMIT 1", (b.subject, w.start, w.end)).fetchone()
-        spent = int(row[1]) if row else 0
-        seat = f" (highest seat: {row[0]})" if row else ""
-    else:
-        spent, seat = ledger_sum(conn, b, "", w), ""
-    pct = f"{spent * 100 / b.amount_micro_usd:.1f}%" if b.amount_micro_usd else "-"
+def budget_status(conn: psycopg.Connection, b: Budget, config: GatewayConfig, now: float | None = None,
+                  client: redis.Redis | None = None) -> dict[str, Any]:
+    """A budget with its current period's spend (ledger), reservations in flight and counter (Redis, when
+    reachable), percent used and reset. Per-seat: the seat nearest its cap (ccr/budget_usage.py)."""
+    u = budget_usage(conn, b, config.spend.timezone, time.time() if now is None else now, client)
+    cap = b.amount_micro_usd
+    pct = f"{u.used * 100 / cap:.1f}%" if cap else "-"
+    reserved = u.reserved
     return {"name": b.name, "subject": f"{b.subject_kind}:{b.subject}", "period": str(b.period),
-            "amount_usd": usd(b.amount_micro_usd), "mode": b.mode, "scope": b.scope,
+            "amount_usd": usd(cap), "amount_micro_usd": cap, "mode": b.mode, "scope": b.scope,
             "on_redis_down": b.on_redis_down, "timezone": b.timezone or config.spend.timezone,
-            "current_period": w.label, "spent_usd": usd(spent) + seat, "spent_micro_usd": spent, "used": pct,
-            "resets_at": datetime.fromtimestamp(w.end, ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "current_period": u.window.label, "spent_usd": usd(u.spent), "spent_micro_usd": u.spent,
+            "reserved_usd": "-" if reserved is None else usd(reserved), "reserved_micro_usd": reserved,
+            "counter_micro_usd": u.counter, "used": pct,
+            "left_usd": usd(max(cap - u.used, 0)), "seat": u.seat, "seats": u.seats,
+            "resets_at": datetime.fromtimestamp(u.window.end, ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-BUDGET_COLUMNS = ["name", "subject", "period", "amount_usd", "mode", "scope", "on_redis_down", "current_period",
-                  "spent_usd", "used", "resets_at"]
+BUDGET_COLUMNS = ["name", "subject", "period", "amount_usd", "mode", "scope", "current_period", "spent_usd",
+                  "reserved_usd", "left_usd", "used", "resets_at", "seat"]
+
+
+@contextmanager
+def _counters(config_path: str, config: GatewayConfig) -> Iterator[redis.Redis | None]:
+    """The counters' Redis: storage.redis_url, else the running gateway's (`ccr up`); None without one
+    (the list then shows the ledger only)."""
+    url = config.storage.redis_url
+    if url is None:
+        from ccr.runtime import Runtime
+        from ccr.supervisor import Gateway
+
+        runtime_file = Gateway(Path(config_path)).data_dir() / "run" / "runtime.json"
+        if runtime_file.exists():
+            url = Runtime.load(runtime_file).redis_url or None
+    if url is None:
+        yield None
+        return
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as e:  # e.g. the gateway stopped: its Redis went with it
+            print(f"counters not readable ({type(e).__name__}); reserved_usd is unknown", file=sys.stderr)
+            yield None
+            return
+        yield client
+    finally:
+        client.close()
 
 
 def _subject(args: argparse.Namespace) -> tuple[SubjectKind, str]:
@@ -148,8 +176,10 @@ def _subject(args: argparse.Namespace) -> tuple[SubjectKind, str]:
 def cmd_budgets(args: argparse.Namespace, dsn_of: DsnOf, actor: Callable[[], str]) -> int:
     config = load_config(args.config)
     with dsn_of(args.config) as dsn, psycopg.connect(dsn) as conn:
-        if args.budgets_cmd == "list":
-            rows = [budget_status(conn, b, config) for b in load_budgets(conn)]
+        if args.budgets_cmd in ("list", "status"):
+            with _counters(args.config, config) as client:
+                rows = [budget_status(conn, b, config, client=client) for b in load_budgets(conn)
+                        if not args.names or b.name in args.names]
             _print(rows, args.format, BUDGET_COLUMNS)
             return 0
         who = args.actor or actor()
@@ -191,7 +221,9 @@ def add_parsers(sub: argparse._SubParsersAction, dsn_of: DsnOf, actor: Callable[
 
     bp = sub.add_parser("budgets", help="USD budgets: list (with current spend), set, remove")
     bs = bp.add_subparsers(dest="budgets_cmd", required=True)
-    bl = bs.add_parser("list", help="budgets with their current period's spend")
+    bl = bs.add_parser("list", aliases=["status"], help="budgets with their current period's spend (ledger), "
+                       "reservations in flight (Redis), what is left and when the period resets")
+    bl.add_argument("names", nargs="*", help="only these budgets")
     bl.add_argument("--format", choices=["table", "csv", "json"], default="table")
     st = bs.add_parser("set", help="create or change a budget (in force within spend.refresh_s, no restart)")
     st.add_argument("name")

@@ -53,6 +53,10 @@ class ObjectFacts:
     provider: str
     cluster: str
     hits: int = 1
+    # A batch create: (model, max_tokens) of each request, for its worst-case budget reservation.
+    batch: tuple[tuple[str, int], ...] = ()
+    # A batch id in the path: the request that created it (its budget hold; extauth/spend.py).
+    create_request_id: str | None = None
 
 
 _FILE_ID = re.compile(rb"file_id")
@@ -140,7 +144,7 @@ class ObjectGuard:
         pname, okind = _ID_PARAM[str(kind)]
         oid = m.param(pname) or ""
         owned = await self._own(principal, okind, oid, "message_batch" if okind == ObjectKind.BATCH else "file")
-        return ObjectFacts(*self._cluster(owned.provider))
+        return ObjectFacts(*self._cluster(owned.provider), create_request_id=owned.create_request_id)
 
     async def check_file_refs(self, principal: Principal, provider: str, doc: Any, where: str) -> None:
         """Every file a Messages body (or a batch request's params) references is the caller's,
@@ -167,6 +171,7 @@ class ObjectGuard:
                        "requests: a batch needs a non-empty list of {custom_id, params} objects")
         routes: dict[str, str] = {}  # provider -> the first custom_id sent there
         chosen: tuple[str, str] | None = None
+        priced: list[tuple[str, int]] = []
         for i, r in enumerate(reqs):
             cid = r.get("custom_id") if isinstance(r, dict) else None
             label = f"batch request '{cid}'" if isinstance(cid, str) else f"batch request #{i}"
@@ -202,5 +207,7 @@ class ObjectGuard:
                            "sent to one provider, so split it into one batch per provider")
             chosen = route
             await self.check_file_refs(principal, route[0], params, f"{label}: ")
+            mt = params.get("max_tokens")
+            priced.append((model, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else 0))
         assert chosen is not None
-        return ObjectFacts(chosen[0], chosen[1], hits=len(reqs))
+        return ObjectFacts(chosen[0], chosen[1], hits=len(reqs), batch=tuple(priced))

@@ -520,7 +520,7 @@ class Authorizer:
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
-            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body))
+            seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body), facts)
         del doc, body  # nothing below reads the body: let a large one go before the response is built
         if model is not None and facts is None:
             # The failover chain (and, for a request bound to a region, only that region's targets).

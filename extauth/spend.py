@@ -19,12 +19,16 @@ import psycopg
 
 from ccr.budgets import Facts, SubjectKind, spend_facts_json
 from ccr.config import GatewayConfig
-from ccr.pricing import PriceTable, worst_case_micro
+from ccr.pricing import PriceTable, batch_worst_case_micro, worst_case_micro
+from extauth.objects import ObjectFacts
 from extauth.principal import Principal
 
 log = logging.getLogger(__name__)
 
 RESERVED_ENDPOINTS = frozenset({"messages.create"})
+# A batch create reserves the whole batch's worst case at the batch discount; the access-log receiver
+# holds it (audit/ledger.py) until the batch's results are first fetched and charged, which releases it.
+BATCH_CREATE = "batches.create"
 # Batch results carry the (discounted) cost of a whole batch, metered on their first fetch: they are
 # charged to the budgets' counters (a zero reservation settled to the cost) but never refused.
 CHARGED_ENDPOINTS = frozenset({"batches.results"})
@@ -96,14 +100,28 @@ class WorstCase:
         self.subjects = subjects  # None: every principal may have a budget (always reserve)
 
     def facts(self, p: Principal, endpoint: str, model: str | None, doc: dict[str, Any] | None,
-              body_bytes: int) -> tuple[int | None, str | None] | None:
+              body_bytes: int, obj: ObjectFacts | None = None) -> tuple[int | None, str | None] | None:
         """(worst-case micro-USD, AUTHZ_SPEND or None when no budget applies), or None when the
-        request reserves nothing (not a Messages create). Batch results: (None, a charge-only AUTHZ_SPEND)."""
+        request reserves nothing (not a Messages or batch create). Batch results: (None, a charge-only
+        AUTHZ_SPEND naming the create whose hold they release)."""
         if endpoint in CHARGED_ENDPOINTS:
             if self.subjects is not None and not self.subjects.may_apply(p):
                 return None
             f = Facts(p.id, str(p.kind), p.key_id, tuple(p.groups), p.tenant, p.spiffe_id)
-            return None, spend_facts_json(0, f, None, charge_only=True)
+            hold = obj.create_request_id if obj is not None else None
+            return None, spend_facts_json(0, f, None, charge_only=True, releases_hold=hold)
+        if endpoint == BATCH_CREATE:
+            if obj is None or not obj.batch:
+                return None
+            priced = [(self.prices.rates(m), mt) for m, mt in obj.batch]
+            if any(r is None for r, _ in priced):
+                return None  # unroutable models are refused before this
+            reserve = batch_worst_case_micro([(r, mt) for r, mt in priced if r is not None], body_bytes,
+                                             self.tokens_per_byte)
+            if self.subjects is not None and not self.subjects.may_apply(p):
+                return None
+            f = Facts(p.id, str(p.kind), p.key_id, tuple(p.groups), p.tenant, p.spiffe_id)
+            return reserve, spend_facts_json(reserve, f, None)
         if endpoint not in RESERVED_ENDPOINTS or doc is None:
             return None
         rates = self.prices.rates(model)

@@ -6,9 +6,12 @@ Redis's clock (TIME inside the script), so replicas with skewed clocks share one
 - FIXED: envoyproxy/ratelimit's semantics. One key per window (`<key>:<window start>`),
   INCRBY the hits whatever the outcome, OVER when the count after the increment exceeds the
   limit. What envoyproxy-compatible descriptors use.
-- SLIDING: the window before now, kept as SLOTS slots in a hash; a slot counts until the
-  whole window has passed its end, so any `period`-long interval holds at most the limit (no
-  2x burst at a window edge; the price is answering "over" up to one slot early).
+- SLIDING: the window before now, kept as SLOTS slots in a hash with their running sum (`s`), the
+  oldest slot that may remain (`lo`) and the newest written (`hi`); a slot counts until the whole
+  window has passed its end, so any `period`-long interval holds at most the limit (no 2x burst at
+  a window edge; the price is answering "over" up to one slot early). Allowing reads three
+  fields and drops the slots that left the window one by one; only a refusal reads every slot
+  (for its retry-after).
 - BUCKET: a token bucket of `burst` capacity refilled at limit/period; a request takes hits.
 
 SLIDING and BUCKET are all-or-nothing per request: they are committed only when no counter
@@ -86,14 +89,31 @@ for i = 1, n do
   elseif algo == 2 then
     local slot = math.floor(period / 60)
     local cur = math.floor(now / slot)
-    local vals = redis.call('HGETALL', key)
-    local used, idx, cnt, dead = 0, {}, {}, {}
-    for j = 1, #vals, 2 do
-      local s = tonumber(vals[j])
-      if s < cur - 60 then dead[#dead + 1] = vals[j]
-      else used = used + tonumber(vals[j + 1]); idx[#idx + 1] = s; cnt[s] = tonumber(vals[j + 1]) end
+    -- The hash holds the slots' counts and their running sum `s`, the oldest slot that may still be
+    -- there `lo` and the newest one written `hi`: the allow path reads three fields, not 60 slots.
+    local st = redis.call('HMGET', key, 's', 'lo', 'hi')
+    local used, lo, hi = tonumber(st[1]) or 0, tonumber(st[2]) or cur, tonumber(st[3])
+    if lo < cur - 60 then
+      if cur - lo > 200 then
+        -- Cannot happen while the hash lives (it expires a window after its last write); rebuilt anyway.
+        local vals = redis.call('HGETALL', key)
+        used = 0
+        for j = 1, #vals, 2 do
+          local sl = tonumber(vals[j])
+          if vals[j] ~= 's' and vals[j] ~= 'lo' and vals[j] ~= 'hi' then
+            if sl < cur - 60 then redis.call('HDEL', key, vals[j]) else used = used + tonumber(vals[j + 1]) end
+          end
+        end
+      else
+        -- Slots that left the window: each subtracted and deleted once (usually none or one per call).
+        for j = lo, cur - 61 do
+          local v = redis.call('HGET', key, j)
+          if v then used = used - tonumber(v); redis.call('HDEL', key, j) end
+        end
+      end
+      lo = cur - 60
+      redis.call('HSET', key, 's', used, 'lo', lo)
     end
-    if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
     local need
     if hits > 0 then
       if used + hits > limit then over = 1 end
@@ -102,16 +122,25 @@ for i = 1, n do
       if used >= limit then over = 1 end
       need = used - limit + 1
     end
-    table.sort(idx)
     if need > 0 then
+      -- Refused (or at the limit): when does enough of the window free up? Oldest slots first.
+      local vals = redis.call('HGETALL', key)
+      local idx, cnt = {}, {}
+      for j = 1, #vals, 2 do
+        local sl = tonumber(vals[j])
+        if vals[j] ~= 's' and vals[j] ~= 'lo' and vals[j] ~= 'hi' and sl >= cur - 60 then
+          idx[#idx + 1] = sl; cnt[sl] = tonumber(vals[j + 1])
+        end
+      end
+      table.sort(idx)
       local dropped = 0
       retry = period
-      for _, s in ipairs(idx) do
-        dropped = dropped + cnt[s]
-        if dropped >= need then retry = (s + 61) * slot - now; break end
+      for _, sl in ipairs(idx) do
+        dropped = dropped + cnt[sl]
+        if dropped >= need then retry = (sl + 61) * slot - now; break end
       end
     end
-    if #idx > 0 then reset = (idx[#idx] + 61) * slot - now end
+    if hi and hi >= cur - 60 and used > 0 then reset = (hi + 61) * slot - now end
     remaining = limit - used - hits
     if hits > 0 then pending[#pending + 1] = {i, key, cur, hits, flags, period + slot} end
   else
@@ -143,6 +172,9 @@ for _, p in ipairs(pending) do
   if not refused or flags % 2 == 1 then
     if algo == 2 then
       redis.call('HINCRBY', key, p[3], p[4])
+      redis.call('HINCRBY', key, 's', p[4])
+      redis.call('HSET', key, 'hi', p[3])
+      redis.call('HSETNX', key, 'lo', p[3])
       redis.call('PEXPIRE', key, p[6])
     elseif p[4] > 0 then
       local left = p[3] - p[4]

@@ -179,9 +179,29 @@ def _descriptors(raw: object, where: str, into: _Node, file: str) -> None:
             into.wildcards.append((composite[:-1], composite))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently;
+    the Go service's YAML parser refuses it): a config must not mean something its reader did not see."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
 def parse_file(text: str, file: str, domains: dict[str, _Node]) -> None:
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise RuleConfigError(f"{file}: not valid YAML: {e}") from None
     root = _check_keys(doc, _ROOT_KEYS, f"{file}: (top level)")

@@ -200,9 +200,15 @@ def _named(lim: Limit, value: str) -> Limit:
                  lim.burst, lim.shadow, lim.fail_open)
 
 
+# The state layout is part of the key: a bucket's state and a window's slots never share a hash,
+# and the sliding window's hash with a running sum (ratelimit/counters.py) is `sliding_window.2`
+# (a replica still on the former layout keeps its own hashes, rather than misreading these).
+_LAYOUT = {"sliding_window": "sliding_window.2"}
+
+
 def _rule_key(rule: LimitRule, value: str) -> str:
-    # The algorithm is part of the key: a bucket's state and a window's slots never share a hash.
-    return f"{KEY_PREFIX}:rule:{rule.name}:{rule.algorithm}:{rule.unit}:{rule.per}={value}"
+    algo = _LAYOUT.get(rule.algorithm, rule.algorithm)
+    return f"{KEY_PREFIX}:rule:{rule.name}:{algo}:{rule.unit}:{rule.per}={value}"
 
 
 def _descr(domain: str, entries: Sequence[tuple[str, str]]) -> str:

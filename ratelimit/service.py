@@ -49,6 +49,7 @@ from ccr.config_sync import on_config
 from ccr.runtime import Runtime
 from ratelimit import spend
 from ratelimit.admission import AdmissionStep, admission_steps
+from ratelimit.budget_metrics import BudgetMetrics
 from ratelimit.counters import CHARGE, NO_GATE, Algorithm, CounterOp, Counters, Outcome
 from ratelimit.envoy_config import RuleDir, RuleSet
 from ratelimit.limits import WORD_OF_UNIT, LimitPlanner, Planned
@@ -325,11 +326,16 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     on_config(lambda new: replan(limits=new.limits))  # new config versions (ccr/config_sync.py)
     steps = admission_steps(config, runtime, client)
     gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # budgets (issue 8; None: spend off)
+    gauges = None
+    if gate is not None:  # where each budget stands, at scrape time (ccr_budget_* gauges)
+        gauges = BudgetMetrics(gate.budgets, runtime.postgres_dsn, client, config.spend.timezone).install()
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps, gate), server)
 
     def cleanup() -> None:
         if watcher is not None:
             watcher.stop()
+        if gauges is not None:
+            gauges.uninstall()
         if gate is not None:
             gate.close()
         counters.close()

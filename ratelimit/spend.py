@@ -221,7 +221,7 @@ class SpendGate:
                     if self._pg is None or self._pg.closed:
                         self._pg = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2,
                                                    application_name="ccr-ratelimit-rebuild")
-                    return [ledger_sum(self._pg, c.budget, c.seat, c.window) for c in charges]
+                    return [ledger_sum(self._pg, c.budget, c.seat, c.window, holds=True) for c in charges]
                 except (psycopg.Error, OSError):
                     self._pg = None
                     if attempt == 2:

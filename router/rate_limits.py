@@ -36,7 +36,7 @@ from ccr.contract import (
     RL_USAGE_KINDS,
     USAGE_NS,
 )
-from extauth.spend import CHARGED_ENDPOINTS, RESERVED_ENDPOINTS
+from extauth.spend import BATCH_CREATE, CHARGED_ENDPOINTS, RESERVED_ENDPOINTS
 
 Json = dict[str, Any]
 
@@ -44,7 +44,7 @@ RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
 RATELIMIT_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"
 SPEND_FILTER = "ccr.spend"  # the budgets' rate limit filter (router/resources.py spend_filter)
 # The endpoints extauth sets AUTHZ_SPEND on (extauth/spend.py): only their routes ask the budgets.
-SPEND_ENDPOINTS = RESERVED_ENDPOINTS | CHARGED_ENDPOINTS
+SPEND_ENDPOINTS = RESERVED_ENDPOINTS | CHARGED_ENDPOINTS | {BATCH_CREATE}
 
 # Descriptor key -> the scope of ccr's rules it feeds (docs/ratelimit.md).
 _SCOPE: dict[str, LimitScope] = {"key_id": LimitScope.KEY, "user": LimitScope.USER, "groups": LimitScope.GROUP,
@@ -103,7 +103,7 @@ def spend_rate_limits() -> list[Json]:
 
 def spend_per_route(config: GatewayConfig, endpoint: str) -> Json:
     """The spend filter's RateLimitPerRoute for an endpoint's route; nothing where no budget is asked
-    (spend off, or an endpoint extauth does not price, e.g. a batch create: its results are charged)."""
+    (spend off, or an endpoint extauth does not price)."""
     if not config.spend.enabled or endpoint not in SPEND_ENDPOINTS:
         return {}
     return {SPEND_FILTER: {"@type": RATELIMIT_PER_ROUTE, "rate_limits": spend_rate_limits()}}

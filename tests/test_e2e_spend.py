@@ -16,13 +16,14 @@ import psycopg
 import pytest
 import redis
 
+from audit.ledger import Spend
 from ccr.budgets import Budget, Period, SubjectKind, counter_key, set_budget, window
 from ccr.config import Price
 from ccr.contract import H_BUDGET, H_BUDGET_WARNING
-from ccr.pricing import Rates, worst_case_micro
+from ccr.pricing import Rates, Usage, batch_worst_case_micro, cost_micro, worst_case_micro
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import log_row, running_gateway
+from tests.harness import emulator_records, log_row, running_gateway
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -201,3 +202,84 @@ def test_concurrent_requests_through_the_gateway_never_spend_past_the_cap(gw: Ga
     assert 0 < spent <= b.amount_micro_usd
     r, ckey = _counter(gw, b)
     _wait_counter(r, ckey, spent)  # every reservation settled to its actual cost
+
+
+def _batch(n: int, max_tokens: int, tag: str) -> bytes:
+    return json.dumps({"requests": [
+        {"custom_id": f"{tag}{i}", "params": {"model": MODEL, "max_tokens": max_tokens,
+                                              "messages": [{"role": "user", "content": f"hello {i}"}]}}
+        for i in range(n)]}).encode()
+
+
+def _post_batch(gw: Gateway, key: str, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/messages/batches", content=body, timeout=30,
+                      headers={"x-api-key": key, "anthropic-version": "2023-06-01",
+                               "content-type": "application/json", **headers})
+
+
+def test_a_batch_create_reserves_its_whole_worst_case_at_the_batch_discount(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    body = _batch(3, 1000, "a")
+    worst = batch_worst_case_micro([(SONNET, 1000)] * 3, len(body))
+    # Every request's output at the batch discount: more than one request's worst case, less than 3 full ones.
+    assert worst_case_micro(SONNET, len(body), 1000) < worst < 3 * worst_case_micro(SONNET, len(body), 1000)
+
+    key, b = _key(gw, worst - 1)  # one micro-dollar short of the whole batch
+    seen = len(emulator_records(gw))
+    r = _post_batch(gw, key, body)
+    assert r.status_code == 402, r.text
+    err = r.json()["error"]
+    assert err["type"] == "billing_error" and b.name in err["message"] and "resets at" in err["message"]
+    assert r.headers[H_BUDGET] == b.name and int(r.headers["retry-after"]) >= 1
+    assert len(emulator_records(gw)) == seen, "a batch over its budget reached the provider"
+    rc, ckey = _counter(gw, b)
+    assert int(rc.get(ckey) or 0) == 0  # a refusal reserves nothing
+
+
+def test_a_batch_is_held_at_its_worst_case_until_its_results_settle_it(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    dsn = gw.runtime.postgres_dsn
+    body = _batch(2, 500, "h")
+    worst = batch_worst_case_micro([(SONNET, 500)] * 2, len(body))
+    key, b = _key(gw, 10 * worst)
+    r, ckey = _counter(gw, b)
+
+    # A create the provider refuses releases what it reserved.
+    failed = _post_batch(gw, key, body, **{"x-emulator-fault": "529"})
+    assert failed.status_code == 529
+    row = ledger(dsn, failed.headers["x-request-id"])
+    assert (row["endpoint"], row["cost_micro_usd"], row["reserved_micro_usd"]) == ("batches.create", 0, worst)
+    _wait_counter(r, ckey, 0)
+
+    created = _post_batch(gw, key, body)
+    assert created.status_code == 200, created.text
+    rid, batch_id = created.headers["x-request-id"], created.json()["id"]
+    row = ledger(dsn, rid)  # creating bills nothing; the whole batch's worst case stays reserved
+    assert (row["endpoint"], row["cost_micro_usd"], row["reserved_micro_usd"]) == ("batches.create", 0, worst)
+    hold = f"ccr:spend:h:{rid}"
+    deadline = time.monotonic() + 10
+    while not r.exists(hold):
+        assert time.monotonic() < deadline, "the create's reservation never became a hold"
+        time.sleep(0.05)
+    assert int(r.get(ckey) or 0) == worst
+
+    # The results (first fetch: metered) are charged at the batch discount and release the hold.
+    res = httpx.get(f"{gw.url}/v1/messages/batches/{batch_id}/results", timeout=30,
+                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert res.status_code == 200
+    usages = [json.loads(x)["result"]["message"]["usage"] for x in res.text.splitlines() if x]
+    assert len(usages) == 2
+    # Results name no model in their access-log entry: priced at the dearest configured model (docs/spend.md).
+    dear = Spend(gw.config).rates(None)
+    cost = cost_micro(Usage(sum(u["input_tokens"] for u in usages), sum(u["output_tokens"] for u in usages)), dear,
+                      batch=True)
+    rrow = ledger(dsn, res.headers["x-request-id"])
+    assert rrow["endpoint"] == "batches.results" and rrow["batch"] and rrow["cost_micro_usd"] == cost > 0
+    _wait_counter(r, ckey, cost)
+    assert not r.exists(hold)
+    # A second fetch is not metered again and releases nothing more.
+    again = httpx.get(f"{gw.url}/v1/messages/batches/{batch_id}/results", timeout=30,
+                      headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert again.status_code == 200
+    assert ledger(dsn, again.headers["x-request-id"])["cost_micro_usd"] == 0
+    assert int(r.get(ckey) or 0) == cost

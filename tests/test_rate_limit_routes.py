@@ -94,7 +94,7 @@ def test_only_the_facts_in_use_are_sent() -> None:
 
 def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
     """Budgets are asked by their own filter (ccr.spend): its RateLimitPerRoute carries the spend
-    descriptor on Messages creates and batch results only; the limits filter never sees it."""
+    descriptor on Messages creates, batch creates and batch results only; the limits filter never sees it."""
     cfg = _config(rules=RULES)
     assert cfg.spend.enabled
     routes = _routes(cfg)
@@ -106,8 +106,9 @@ def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
     assert md["source"] == "DYNAMIC" and md["metadata_key"] == {"key": AUTHZ_NS, "path": [{"key": AUTHZ_SPEND}]}
     assert not md.get("skip_if_absent")
     assert spend["actions"][1]["request_headers"]["header_name"] == "x-request-id"
-    assert SPEND_FILTER in routes["batches.results"]["typed_per_filter_config"]
-    for name in ("messages.count_tokens", "batches.create", "models.list"):
+    for name in ("batches.results", "batches.create"):
+        assert routes[name]["typed_per_filter_config"][SPEND_FILTER]["rate_limits"] == [spend], name
+    for name in ("messages.count_tokens", "batches.get", "batches.cancel", "models.list"):
         assert SPEND_FILTER not in routes[name]["typed_per_filter_config"], name
     for e in ENDPOINTS:  # the limits' own list: stage 0 only, never the spend descriptor
         assert all("spend" not in _keys(rl) and "stage" not in rl for rl in _limits(routes[e.name])), e.name
@@ -141,23 +142,23 @@ def test_planner_maps_each_descriptor_to_its_rules() -> None:
     got = [(p.desc, p.key, p.hits, p.limit.about) for p in planner.plan(req)]
     assert got == [
         (0, "ccr:rl:ccr:principal=oidc:i#a:minute", 1, "principal oidc:i#a"),  # the default
-        (0, "ccr:rl:rule:p:sliding_window:minute:principal=oidc:i#a", 1, "principal oidc:i#a"),
-        (1, "ccr:rl:rule:k:sliding_window:minute:key=key_1", 1, "API key key_1"),
-        (2, "ccr:rl:rule:u:sliding_window:minute:user=oidc:i#a", 1, "user oidc:i#a"),
-        (3, "ccr:rl:rule:g:sliding_window:minute:group=a", 0, "group a"),  # tokens: checked, not counted
-        (3, "ccr:rl:rule:g:sliding_window:minute:group=b", 0, "group b"),
-        (4, "ccr:rl:rule:t:sliding_window:minute:tenant=acme", 1, "tenant acme"),
+        (0, "ccr:rl:rule:p:sliding_window.2:minute:principal=oidc:i#a", 1, "principal oidc:i#a"),
+        (1, "ccr:rl:rule:k:sliding_window.2:minute:key=key_1", 1, "API key key_1"),
+        (2, "ccr:rl:rule:u:sliding_window.2:minute:user=oidc:i#a", 1, "user oidc:i#a"),
+        (3, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 0, "group a"),  # tokens: checked, not counted
+        (3, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 0, "group b"),
+        (4, "ccr:rl:rule:t:sliding_window.2:minute:tenant=acme", 1, "tenant acme"),
         (5, "ccr:rl:rule:s:token_bucket:minute:spiffe_id=spiffe://x/y", 1, "workload spiffe://x/y"),
-        (6, "ccr:rl:rule:m:sliding_window:day:model=claude-x", 1, "model claude-x"),
+        (6, "ccr:rl:rule:m:sliding_window.2:day:model=claude-x", 1, "model claude-x"),
     ]
     charge = rls_pb2.RateLimitRequest(domain="ccr", descriptors=[
         _d(("ccr_usage", "output"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=40),
         _d(("ccr_usage", "cache_read"), ("principal", "oidc:i#a"), ("groups", "a,b"), hits=9)])
     got = [(p.desc, p.key, p.hits, p.charge) for p in planner.plan(charge)]
-    assert got == [(0, "ccr:rl:rule:g:sliding_window:minute:group=a", 40, True),
-                   (0, "ccr:rl:rule:g:sliding_window:minute:group=b", 40, True),
-                   (1, "ccr:rl:rule:g:sliding_window:minute:group=a", 4, True),  # 9 x 0.5, rounded
-                   (1, "ccr:rl:rule:g:sliding_window:minute:group=b", 4, True)]
+    assert got == [(0, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 40, True),
+                   (0, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 40, True),
+                   (1, "ccr:rl:rule:g:sliding_window.2:minute:group=a", 4, True),  # 9 x 0.5, rounded
+                   (1, "ccr:rl:rule:g:sliding_window.2:minute:group=b", 4, True)]
     # A usage descriptor without its own count (the usage was unknown) charges nothing.
     assert planner.plan(rls_pb2.RateLimitRequest(domain="ccr", hits_addend=5, descriptors=[
         _d(("ccr_usage", "output"), ("groups", "a"))])) == []

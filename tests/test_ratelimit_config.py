@@ -102,6 +102,10 @@ def test_documented_style_files_load_and_match_in_order(tmp_path: Path) -> None:
      "descriptors[0].descriptors[0]", "unknown key(s) ['ratelimit']"),
     ("domain: d\ndescriptors:\n  - key: a\n    value: x\n  - key: a\n    value: x\n",
      "descriptors[1]", "duplicate descriptor a=x"),
+    # A key twice in one mapping (PyYAML alone would keep the second silently).
+    ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1}\n"
+     "    rate_limit: {unit: hour, requests_per_unit: 100}\n", "not valid YAML", "'rate_limit' appears twice"),
+    ("domain: d\ndomain: e\ndescriptors: []\n", "not valid YAML", "'domain' appears twice"),
     ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
      "descriptors[0].rate_limit.unit", "invalid unit 'fortnight'"),
     ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: second}\n",

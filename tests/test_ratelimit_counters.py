@@ -127,3 +127,45 @@ def test_redis_clock_is_used_when_none_is_injected(redis_url: str) -> None:
         assert o.reset_ms == MIN - now % MIN
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sliding_window_running_sum_matches_counting_every_slot(counters: Counters, seed: int) -> None:
+    """The script keeps a running sum and drops slots as they leave the window; a model that counts
+    every live slot from scratch must give the same answers (over, remaining, retry, reset), through
+    refusals, check-only calls, idle gaps shorter and longer than the window, and a clock jump."""
+    import random
+
+    rng = random.Random(seed)
+    key = _k()
+    limit, slot = 40, MIN // 60
+    slots: dict[int, int] = {}  # the model: slot -> hits
+    now = T0
+    for step in range(600):
+        gap = rng.choice([0, 0, 137, 999, 1000, 4_321, 30_000, 59_000, 61_000, 75_000])
+        if step == 300:
+            gap = 300 * slot  # far more than a window: nothing is left
+        now += gap
+        counters.now_ms = now
+        hits = rng.choice([0, 1, 1, 2, 3, 7])
+        cur = now // slot
+        for s in [s for s in slots if s < cur - 60]:
+            del slots[s]
+        used = sum(slots.values())
+        fits = used + hits <= limit if hits else used < limit
+        (o,) = counters.run([CounterOp(key, Algorithm.SLIDING, hits, MIN, limit)])[1]
+        assert o.over is (not fits), (step, used, hits)
+        assert o.left == limit - used - hits + (hits if not fits else 0), step
+        if used:
+            assert o.reset_ms == (max(slots) + 61) * slot - now, step
+        if not fits:
+            need = used + hits - limit if hits else used - limit + 1
+            dropped, retry = 0, MIN
+            for s in sorted(slots):
+                dropped += slots[s]
+                if dropped >= need:
+                    retry = (s + 61) * slot - now
+                    break
+            assert o.retry_ms == retry, step
+        elif hits:
+            slots[cur] = slots.get(cur, 0) + hits

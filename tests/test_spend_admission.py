@@ -290,3 +290,82 @@ def _pings(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+def test_a_rebuilt_counter_keeps_what_open_batches_hold(tmp_path: Path, dsn: str, own_redis: str) -> None:
+    """A batch create the provider took holds its worst case until its results are metered; after Redis
+    loses its data the rebuilt counter holds it too (a metered batch's hold is gone: its results' row counts)."""
+    tenant = _name()
+    b = Budget(_name(), SubjectKind.TENANT, tenant, Period.MONTH, 10 * W, scope="shared")
+    _budget(dsn, b)
+    with psycopg.connect(dsn) as conn:
+        for rid, endpoint, status, cost, reserved, metered in (
+                ("spent", "messages.create", 200, 4 * W, W, None),
+                ("open-batch", "batches.create", 200, 0, 3 * W, False),
+                ("done-batch", "batches.create", 200, 0, 5 * W, True),
+                ("done-results", "batches.results", 200, W, 0, None),
+                ("failed-batch", "batches.create", 529, 0, 7 * W, None)):
+            conn.execute("INSERT INTO spend_ledger (request_id, ts, principal_id, tenant, endpoint, status, "
+                         "cost_micro_usd, reserved_micro_usd) VALUES (%s, now(), 'k1', %s, %s, %s, %s, %s)",
+                         (f"{tenant}-{rid}", tenant, endpoint, status, cost, reserved))
+            if metered is not None:
+                conn.execute("INSERT INTO provider_objects (kind, object_id, provider, owner_principal_id, "
+                             "request_count, create_request_id, metered_at) VALUES ('batch', %s, 'anthropic', 'k1', "
+                             "2, %s, CASE WHEN %s THEN now() END)", (f"msgbatch_{tenant}{rid}", f"{tenant}-{rid}",
+                                                                     metered))
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=own_redis, postgres_dsn=dsn) as svc, \
+            grpc.insecure_channel(str(svc.info["address"])) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        # Spent 4 + 1, held 3: two more fit, the third does not.
+        got = [stub.ShouldRateLimit(spend_req(W, principal="k2", tenant=tenant)).overall_code for _ in range(3)]
+        assert got == [OK, OK, OVER]
+        r = redis.Redis.from_url(own_redis)
+        assert int(r.get(counter_key(b, "", window(Period.MONTH, "UTC", float(r.time()[0]))))) == 10 * W  # type: ignore[arg-type]
+
+
+def test_batch_holds_are_released_once_by_their_results_in_either_order(tmp_path: Path, dsn: str,
+                                                                          redis_url: str) -> None:
+    """A batch create the provider took keeps its reservation as a hold; its results' settlement charges
+    their cost and releases the hold, once. The results' entry may reach a receiver before the create's
+    (another worker has it): the create's reservation is released then, and there is nothing left to hold."""
+    from dataclasses import replace
+
+    from audit.ledger import HOLD_PREFIX
+
+    group = _name()
+    b = Budget(_name(), SubjectKind.GROUP, group, Period.DAY, 10 * W, scope="shared")
+    _budget(dsn, b)
+    r = redis.Redis.from_url(redis_url)
+    key = counter_key(b, "", window(Period.DAY, "UTC", float(r.time()[0])))
+    with running_service("ratelimit", tmp_path, CONFIG, redis_url=redis_url, postgres_dsn=dsn) as svc, \
+            grpc.insecure_channel(str(svc.info["address"])) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+
+        def admit(amount: int, charge_only: bool = False) -> tuple[str, rls_pb2.RateLimitResponse]:
+            rid = uuid.uuid4().hex
+            resp = stub.ShouldRateLimit(spend_req(amount, principal="k", groups=(group,), rid=rid,
+                                                  charge_only=charge_only), timeout=10)
+            assert resp.overall_code == OK
+            return rid, resp
+
+        # In order: create (3 held), its results (cost 1) release the hold.
+        create, cresp = admit(3 * W)
+        _settle(redis_url, [replace(_settlement(create, cresp, 0), hold=True)])
+        assert int(r.get(key)) == 3 * W and r.exists(HOLD_PREFIX + create)  # type: ignore[arg-type]
+        results, rresp = admit(0, charge_only=True)
+        done = replace(_settlement(results, rresp, W), release=create)
+        _settle(redis_url, [done, done])  # re-sent: charged and released once
+        assert int(r.get(key)) == W and not r.exists(HOLD_PREFIX + create)  # type: ignore[arg-type]
+
+        # Out of order: the results' entry first, then the create's.
+        create2, cresp2 = admit(2 * W)
+        results2, rresp2 = admit(0, charge_only=True)
+        _settle(redis_url, [replace(_settlement(results2, rresp2, W // 2), release=create2)])
+        assert int(r.get(key)) == W + W // 2  # type: ignore[arg-type]
+        _settle(redis_url, [replace(_settlement(create2, cresp2, 0), hold=True)])
+        assert int(r.get(key)) == W + W // 2 and not r.exists(HOLD_PREFIX + create2)  # type: ignore[arg-type]
+
+        # A create the provider refused settles to 0 (released) like any failed request.
+        create3, cresp3 = admit(4 * W)
+        _settle(redis_url, [_settlement(create3, cresp3, 0)])
+        assert int(r.get(key)) == W + W // 2 and not r.exists(HOLD_PREFIX + create3)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ccr.config import parse_config
+from extauth.objects import ObjectFacts
 from extauth.principal import Principal, PrincipalKind
 from extauth.spend import BudgetSubjects, WorstCase
 
@@ -51,3 +52,30 @@ def test_batch_results_are_charged_never_refused() -> None:
     worst, spend = WorstCase(CFG).facts(KEY, "batches.results", None, None, 0)  # type: ignore[misc]
     assert worst is None and spend is not None and charge_only(spend) and parse_spend_facts(spend)[0] == 0
     assert not charge_only(WorstCase(CFG).facts(KEY, "messages.create", "claude-x", {"max_tokens": 1}, 1)[1])  # type: ignore[index,arg-type]
+
+
+def test_a_batch_create_is_priced_at_every_request_worst_case_at_the_batch_discount() -> None:
+    from ccr.pricing import Rates, batch_worst_case_micro
+
+    obj = ObjectFacts("a", "provider_a", hits=3, batch=(("claude-x", 1000), ("claude-y", 200), ("claude-x", 0)))
+    worst, spend = WorstCase(CFG).facts(KEY, "batches.create", None, None, 900, obj)  # type: ignore[misc]
+    # All requests' input together is at most the body (901 tokens at the dearest input, $6/MTok); each
+    # request's max_tokens at $15/MTok; half of it, rounded up.
+    assert worst == -(-(901 * 6 + 1200 * 15) // 2) == batch_worst_case_micro(
+        [(Rates.of(CFG.models[0].price), 1000), (Rates.of(CFG.models[0].price), 200)], 900)
+    assert spend is not None and json.loads(spend) == {"v": 1, "r": worst, "p": "key_1", "pk": "key", "k": "key_1",
+                                                       "g": ["eng"], "t": "acme"}
+    # Refusable, unlike the results: it has not been spent yet.
+    from ccr.budgets import charge_only
+    assert not charge_only(spend)
+    assert WorstCase(CFG).facts(KEY, "batches.create", None, None, 900, None) is None
+
+
+def test_batch_results_name_the_create_whose_hold_they_release() -> None:
+    from ccr.budgets import batch_hold
+
+    obj = ObjectFacts("a", "provider_a", create_request_id="rid-of-create")
+    _, spend = WorstCase(CFG).facts(KEY, "batches.results", None, None, 0, obj)  # type: ignore[misc]
+    assert spend is not None and batch_hold(spend) == "rid-of-create"
+    _, plain = WorstCase(CFG).facts(KEY, "batches.results", None, None, 0)  # type: ignore[misc]
+    assert plain is not None and batch_hold(plain) is None

@@ -33,7 +33,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from ccr.contract import H_PRINCIPAL_ID
+from ccr.contract import H_PRINCIPAL_ID, H_REQUEST_ID
 from ccr.provider_objects import ObjectKind, ObjectStore
 from extauth.endpoints import EndpointMatch, Kind, match
 from router.usage import USAGE_FIELDS, Usage
@@ -126,11 +126,14 @@ class _ResultsMeter:
 class ObjectAttempt:
     """One upstream attempt on a Batches or Files endpoint."""
 
-    def __init__(self, store: ObjectStore, provider: str, m: EndpointMatch, principal_id: str) -> None:
+    def __init__(self, store: ObjectStore, provider: str, m: EndpointMatch, principal_id: str,
+                 request_id: str | None = None) -> None:
         self.store = store
         self.provider = provider
         self.m = m
         self.principal_id = principal_id
+        # The gateway's x-request-id (Envoy's own, never a client's): a batch create's budget hold.
+        self.request_id = request_id
         self.status = 0
         self._meter: _ResultsMeter | None = None
         # Lists: the caller's page size and direction (the provider is asked for its largest page).
@@ -142,7 +145,7 @@ class ObjectAttempt:
         m = object_endpoint(headers)
         if m is None or store is None:
             return None
-        return cls(store, provider, m, headers.get(H_PRINCIPAL_ID, ""))
+        return cls(store, provider, m, headers.get(H_PRINCIPAL_ID, ""), headers.get(H_REQUEST_ID) or None)
 
     def upstream_path(self, path: str) -> str | None:
         """For lists: the same request with the provider's largest page size, or None to leave it."""
@@ -233,7 +236,8 @@ class ObjectAttempt:
         if name == "batches.create":
             counts = doc.get("request_counts") or {}
             n = sum(v for v in counts.values() if isinstance(v, int)) if isinstance(counts, dict) else None
-            await self.store.record(ObjectKind.BATCH, str(doc["id"]), self.provider, self.principal_id, n)
+            await self.store.record(ObjectKind.BATCH, str(doc["id"]), self.provider, self.principal_id, n,
+                                    self.request_id)
         elif name == "files.upload":
             await self.store.record(ObjectKind.FILE, str(doc["id"]), self.provider, self.principal_id)
         elif name in ("batches.list", "files.list"):
