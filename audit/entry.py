@@ -69,6 +69,24 @@ def _namespace(md: base_pb2.Metadata, ns: str) -> dict[str, struct_pb2.Value]:
     return dict(md.filter_metadata[ns].fields) if ns in md.filter_metadata else {}
 
 
+class Namespaces:
+    """One entry's metadata namespaces, each read out of the message once: the row, the metrics
+    (audit/observe.py) and the ledger (audit/ledger.py) all read them, and copying a protobuf
+    map is most of what reading a field costs."""
+
+    __slots__ = ("_md", "_seen")
+
+    def __init__(self, common: accesslog_pb2.AccessLogCommon) -> None:
+        self._md = common.metadata
+        self._seen: dict[str, dict[str, struct_pb2.Value]] = {}
+
+    def __call__(self, ns: str) -> dict[str, struct_pb2.Value]:
+        got = self._seen.get(ns)
+        if got is None:
+            got = self._seen[ns] = _namespace(self._md, ns)
+        return got
+
+
 def _text(fields: dict[str, struct_pb2.Value], name: str) -> str | None:
     v = fields.get(name)
     kind = v.WhichOneof("kind") if v is not None else None
@@ -137,10 +155,13 @@ def _forwarded(common: accesslog_pb2.AccessLogCommon) -> bool:
     return common.HasField("time_to_first_upstream_tx_byte")
 
 
-def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,
-                  flags: str | None) -> tuple[int | None, int | None, int | None, int | None, str, str | None]:
+UsageColumns = tuple[int | None, int | None, int | None, int | None, str, str | None]
+
+
+def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | None,
+                  ns: Namespaces | None = None) -> UsageColumns:
     """Token counts, usage_status and usage_note: from the adapter's metadata, else from what happened."""
-    usage = _namespace(common.metadata, USAGE_NS)
+    usage = (ns or Namespaces(common))(USAGE_NS)
     if usage:
         counts = [_count(usage, f) for f in TOKEN_FIELDS]
         raw = _text(usage, USAGE_STATUS)
@@ -166,8 +187,9 @@ def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,
         f"flags {flags or 'none'})")
 
 
-def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
-    """The row for a final entry, None for an intermediate one; MalformedEntry if unusable."""
+def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, ns: Namespaces | None = None) -> Row | None:
+    """The row for a final entry, None for an intermediate one; MalformedEntry if unusable.
+    `ns`: the entry's namespaces when the caller reads them too."""
     common = e.common_properties
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return None
@@ -179,10 +201,11 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry) -> Row | None:
         ts = common.start_time.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError) as err:
         raise MalformedEntry(f"start_time out of range: {err}") from None
-    authz = _namespace(common.metadata, AUTHZ_NS)
+    ns = ns or Namespaces(common)
+    authz = ns(AUTHZ_NS)
     status = e.response.response_code.value  # 0 when no response was sent (e.g. client reset)
     flags = response_flags(common.response_flags)
-    *counts, usage_status, usage_note = usage_columns(common, status, flags)
+    *counts, usage_status, usage_note = usage_columns(common, status, flags, ns)
     client_rid = e.request.request_headers.get(H_CLIENT_REQUEST_ID)
     if common.HasField("time_to_last_downstream_tx_byte"):
         latency: float | None = _ms(common.time_to_last_downstream_tx_byte)
