@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import itertools
 import json
 import logging
@@ -66,17 +65,12 @@ LEDGER_COLUMNS = (
 )
 INSERT = (f"INSERT INTO spend_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join(['%s'] * len(LEDGER_COLUMNS))})"
           " ON CONFLICT (request_id) DO NOTHING")
-_ROW_MARKS = f"({', '.join(['%s'] * len(LEDGER_COLUMNS))})"
-# Rows per multi-row INSERT: PostgreSQL takes at most 65535 parameters per statement.
-MULTI_ROWS = 500
-
-
-@functools.lru_cache(maxsize=MULTI_ROWS)
-def insert_many(n: int) -> str:
-    """One INSERT of `n` rows (idempotent as INSERT): a batch costs PostgreSQL one statement, where
-    executemany costs it one execution per row (docs/hot-path.md)."""
-    return (f"INSERT INTO spend_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES {', '.join([_ROW_MARKS] * n)}"
-            " ON CONFLICT (request_id) DO NOTHING")
+# A batch's new rows go in with one COPY after one look-up of the ids already there (the ledger is
+# idempotent by request id): executemany was one INSERT execution per row, which cost PostgreSQL and
+# this process more per row than the COPY (bench/audit_writes.py, docs/hot-path.md). A row inserted
+# between the look-up and the COPY (a spool replay) fails the batch with a unique violation, and
+# the batch is then written row by row with INSERT ... ON CONFLICT DO NOTHING.
+COPY = f"COPY spend_ledger ({', '.join(LEDGER_COLUMNS)}) FROM STDIN"
 SETTLED_TTL_S = 3 * 86400
 ALERT_TTL_S = 40 * 86400  # longer than any period; the alert key names its period anyway
 
@@ -370,10 +364,7 @@ class LedgerWriter:
                 self._conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="ccr-audit-ledger",
                                                                    connect_timeout=5)
             try:
-                async with self._conn.transaction(), self._conn.cursor() as cur:
-                    for i in range(0, len(batch), MULTI_ROWS):
-                        part = batch[i:i + MULTI_ROWS]
-                        await cur.execute(insert_many(len(part)), [v for row in part for v in row])
+                await self._insert(self._conn, batch)
                 self.written += len(batch)
             except _ROW_ERRORS as e:
                 # A row PostgreSQL refuses by its content would block its whole batch forever.
@@ -388,6 +379,23 @@ class LedgerWriter:
             self.spooled += len(batch)
             log.warning("spend_ledger write failed (%s: %s); %d row(s) spooled to %s for replay",
                         type(e).__name__, e, len(batch), path)
+
+    @staticmethod
+    async def _insert(conn: psycopg.AsyncConnection, batch: list[tuple[Any, ...]]) -> None:
+        """The rows of `batch` whose request id is not in the ledger yet (the first of a batch wins)."""
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.execute("SELECT request_id FROM spend_ledger WHERE request_id = ANY(%s)",
+                              ([r[0] for r in batch],))
+            have = {r[0] for r in await cur.fetchall()}
+            fresh = []
+            for r in batch:
+                if r[0] not in have:
+                    have.add(r[0])
+                    fresh.append(r)
+            if fresh:
+                async with cur.copy(COPY) as copy:
+                    for r in fresh:
+                        await copy.write_row(r)
 
     async def _write_each(self, batch: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None

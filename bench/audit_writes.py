@@ -1,6 +1,6 @@
 """What the access-log receiver's writes cost PostgreSQL per request: request_log (hash-chained) and
-spend_ledger rows in batches, as executemany (one INSERT execution per row, before) and as one COPY /
-one multi-row INSERT per batch (after), alternated.
+spend_ledger rows in batches, as executemany (one INSERT execution per row, before) and as one COPY per
+batch (after; the ledger also as one multi-row INSERT), alternated.
 
     .venv/bin/python bench/audit_writes.py [--rows 3000] [--batch 25] [--rounds 3] [--dsn postgresql://...]
 
@@ -95,6 +95,18 @@ async def ledger_executemany(w: ledger.LedgerWriter, batch: list[tuple]) -> None
         await cur.executemany(ledger.INSERT, batch)
 
 
+_MARKS = f"({', '.join(['%s'] * len(ledger.LEDGER_COLUMNS))})"
+
+
+async def ledger_multirow(w: ledger.LedgerWriter, batch: list[tuple]) -> None:
+    """One INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING per batch (tried, not kept)."""
+    q = (f"INSERT INTO spend_ledger ({', '.join(ledger.LEDGER_COLUMNS)}) VALUES {', '.join([_MARKS] * len(batch))}"
+         " ON CONFLICT (request_id) DO NOTHING")
+    assert w._conn is not None
+    async with w._conn.transaction(), w._conn.cursor() as cur:
+        await cur.execute(q, [v for r in batch for v in r])
+
+
 async def measure(label: str, pg_pid: int, rows: int, batch: int, write) -> None:  # type: ignore[no-untyped-def]
     pg0, me0, t0 = tree_cpu(pg_pid), time.process_time(), time.perf_counter()
     for _ in range(rows // batch):
@@ -122,12 +134,16 @@ async def run(dsn: str, pg_pid: int, args: argparse.Namespace) -> None:
     async def old_ledger(b: int) -> None:
         await ledger_executemany(lw, [ledger_row() for _ in range(b)])
 
+    async def multirow_ledger(b: int) -> None:
+        await ledger_multirow(lw, [ledger_row() for _ in range(b)])
+
     for r in range(args.rounds):
         print(f"round {r + 1} ({args.batch} rows per transaction):")
         for label, w in (writers.items() if r % 2 == 0 else reversed(writers.items())):
             await measure(label, pg_pid, args.rows, args.batch,
                           lambda b, w=w: w._write([request_row() for _ in range(b)]))
-        pairs = [("spend_ledger executemany (before)", old_ledger), ("spend_ledger multi-row (after)", new_ledger)]
+        pairs = [("spend_ledger executemany (before)", old_ledger), ("spend_ledger multi-row INSERT", multirow_ledger),
+                 ("spend_ledger look-up + COPY (after)", new_ledger)]
         for label, fn in (pairs if r % 2 == 0 else reversed(pairs)):
             await measure(label, pg_pid, args.rows, args.batch, fn)
     for w in writers.values():  # never started: only their connections to close
