@@ -21,9 +21,7 @@ modes:
   uv-observed    aio-uvloop with the telemetry interceptor (ccr/rpc_observe.py: a histogram per call)
   uv-mtls        aio-uvloop serving mutual TLS (a run PKI: ECDSA P-256, TLS 1.3), no interceptor
   uv-mtls-peer   uv-mtls with the SPIFFE peer check (ccr/service.py PeerIdentityCheck)
-  uv-mtls-both   uv-mtls with the peer check and the telemetry interceptor: what extauth ran before
-  uv-mtls-wrap   uv-mtls with the same two applied to the handlers once, at registration
-                 (ccr/service.py wrap_handlers): what extauth runs now
+  uv-mtls-both   uv-mtls with the peer check and the telemetry interceptor: what extauth runs
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from grpc_services import OWN_CONNECTION, cpu_seconds, paced  # noqa: E402
 from ccr.service import GRPC_OPTIONS  # noqa: E402
 
 MODES = ("aio", "aio-generic", "aio-bytes", "aio-uvloop", "aio-latency", "aio-throughput", "aio-window", "sync",
-         "sync-1", "uv-observed", "uv-mtls", "uv-mtls-peer", "uv-mtls-both", "uv-mtls-wrap")
+         "sync-1", "uv-observed", "uv-mtls", "uv-mtls-peer", "uv-mtls-both")
 CLIENT_ID = "envoy"  # the identity the load generator presents in the mTLS modes
 
 
@@ -151,12 +149,6 @@ def serve(mode: str, kind: str, ready: str) -> None:
         if mode.endswith(("-observed", "-both")):
             interceptors.append(AioRpcObserver("bench"))
         server = grpc.aio.server(options=opts, interceptors=interceptors)
-        if mode == "uv-mtls-wrap":
-            from ccr.rpc_observe import aio_wrapper
-            from ccr.service import wrap_handlers
-
-            peer = PeerIdentityCheck([spiffe_id(CLIENT_ID)])
-            wrap_handlers(server, [lambda _m, h: peer.wrap(h), aio_wrapper("bench")])
         if mode == "aio":
             _generated(kind, server)
         else:

@@ -9,7 +9,6 @@ perf_counter() reads and one histogram observe() when tracing is off.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -141,56 +140,3 @@ class RpcObserver(grpc.ServerInterceptor):
             self._cache.stream_started(details.method)
             return handler
         return self._cache.get(details.method, handler, _sync_wrap)
-
-
-def aio_wrapper(service: str) -> Any:
-    """The same observation applied once per method when handlers are registered (ccr/service.py
-    wrap_handlers) instead of by an interceptor on every call: grpc.aio runs an interceptor chain as
-    extra coroutines per call, which cost more server CPU than the histogram (bench/grpc_floor.py)."""
-    cache = _Cache(service)
-
-    def wrap(method: str, handler: Any) -> Any:
-        if method.startswith("/grpc.health."):
-            return handler
-        if handler.unary_unary is not None:
-            return cache.get(method, handler, _aio_wrap)
-        return _counted_stream(handler, lambda: cache.stream_started(method))
-
-    return wrap
-
-
-def _counted_stream(handler: Any, started: Any) -> Any:
-    """A streaming handler that counts each call as it starts; its messages pass untouched."""
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            started()
-            return await inner_su(requests, context)
-        return grpc.stream_unary_rpc_method_handler(su, **kw)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started()
-            async for item in drain(inner_us(request, context)):
-                yield item
-        return grpc.unary_stream_rpc_method_handler(us, **kw)
-    inner_ss = handler.stream_stream
-
-    async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started()
-        async for item in drain(inner_ss(requests, context)):
-            yield item
-    return grpc.stream_stream_rpc_method_handler(ss, **kw)
-
-
-async def drain(result: Any) -> AsyncIterator[Any]:
-    """The responses of a streaming handler: an async generator's items, or none for a handler that
-    writes with context.write() and returns."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    else:
-        await result

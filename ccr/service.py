@@ -29,13 +29,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ccr import metrics, rpc_observe, tracing
+from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import READY_METRICS
 from ccr.logs import start_logging
 from ccr.metrics import MTLS_PEER_REFUSALS
 from ccr.pki import RunPki, spiffe_id, uri_sans
-from ccr.rpc_observe import AioRpcObserver, RpcObserver, drain
+from ccr.rpc_observe import AioRpcObserver, RpcObserver
 from ccr.runtime import Runtime
 from ccr.svid import SvidSource
 
@@ -136,89 +136,39 @@ class PeerIdentityCheck(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return self.wrap(handler)
-
-    def wrap(self, handler: Any) -> Any:
-        """`handler` with the check before it runs (built once per method by wrap_handlers)."""
         check = self._check
+
+        async def drain(result: Any) -> AsyncIterator[Any]:
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write() and returns None
+                await result
+
         kw = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
             async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await check(context)
-                return await inner_uu(request, context)
+                return await handler.unary_unary(request, context)
             return grpc.unary_unary_rpc_method_handler(uu, **kw)
         if handler.stream_unary:
-            inner_su = handler.stream_unary
-
             async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 await check(context)
-                return await inner_su(requests, context)
+                return await handler.stream_unary(requests, context)
             return grpc.stream_unary_rpc_method_handler(su, **kw)
         if handler.unary_stream:
-            inner_us = handler.unary_stream
-
             async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 await check(context)
-                async for item in drain(inner_us(request, context)):
+                async for item in drain(handler.unary_stream(request, context)):
                     yield item
             return grpc.unary_stream_rpc_method_handler(us, **kw)
-        inner_ss = handler.stream_stream
 
         async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await check(context)
-            async for item in drain(inner_ss(requests, context)):
+            async for item in drain(handler.stream_stream(requests, context)):
                 yield item
         return grpc.stream_stream_rpc_method_handler(ss, **kw)
-
-
-Wrap = Callable[[str, Any], Any]  # (fully qualified method, its handler) -> the handler to serve
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose method handlers are wrapped the first time each method is asked for."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap) -> None:
-        self._inner = inner
-        self._wrap = wrap
-        self._cache: dict[str, tuple[Any, Any]] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> Any:
-        handler = self._inner.service(details)
-        if handler is None:
-            return None
-        hit = self._cache.get(details.method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(details.method, handler)
-        self._cache[details.method] = (handler, wrapped)
-        return wrapped
-
-
-def wrap_handlers(server: grpc.aio.Server, wraps: list[Wrap]) -> None:
-    """Apply `wraps` (the first outermost) to every handler registered on `server` from now on, once per
-    method, in place of interceptors: grpc.aio runs an interceptor chain as extra coroutines on every
-    call, which cost extauth more CPU per call than the TLS itself (bench/grpc_floor.py, docs/hot-path.md)."""
-    if not wraps:
-        return
-
-    def wrap(method: str, handler: Any) -> Any:
-        for w in reversed(wraps):
-            handler = w(method, handler)
-        return handler
-
-    add_generic, add_registered = server.add_generic_rpc_handlers, server.add_registered_method_handlers
-
-    def add_generic_rpc_handlers(handlers: Any) -> None:
-        add_generic(tuple(_WrappedGeneric(h, wrap) for h in handlers))
-
-    def add_registered_method_handlers(service: str, handlers: dict[str, Any]) -> None:
-        add_registered(service, {m: wrap(f"/{service}/{m}", h) for m, h in handlers.items()})
-
-    server.add_generic_rpc_handlers = add_generic_rpc_handlers  # type: ignore[method-assign]
-    server.add_registered_method_handlers = add_registered_method_handlers  # type: ignore[method-assign]
 
 
 def _observers(name: str, config: GatewayConfig, args: argparse.Namespace, *, aio: bool) -> list[Any]:
@@ -334,14 +284,9 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     config = runtime.config()
     start_logging(name, config.services.log_format)
     creds, allowed, svids = mtls_credentials(name, runtime, mtls_peers, require_mtls)
-    wraps: list[Wrap] = []
-    if creds:
-        peer_check = PeerIdentityCheck(allowed)
-        wraps.append(lambda _method, handler: peer_check.wrap(handler))
-    if _observers(name, config, args, aio=True):
-        wraps.append(rpc_observe.aio_wrapper(name))
-    server = grpc.aio.server(options=server_options(args.reuse_port))
-    wrap_handlers(server, wraps)
+    interceptors: list[grpc.aio.ServerInterceptor] = [PeerIdentityCheck(allowed)] if creds else []
+    interceptors += _observers(name, config, args, aio=True)
+    server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = await setup(server, config, runtime)
