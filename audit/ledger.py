@@ -65,11 +65,9 @@ LEDGER_COLUMNS = (
 )
 INSERT = (f"INSERT INTO spend_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join(['%s'] * len(LEDGER_COLUMNS))})"
           " ON CONFLICT (request_id) DO NOTHING")
-# A batch's new rows go in with one COPY after one look-up of the ids already there (the ledger is
-# idempotent by request id): executemany was one INSERT execution per row, which cost PostgreSQL and
-# this process more per row than the COPY (bench/audit_writes.py, docs/hot-path.md). A row inserted
-# between the look-up and the COPY (a spool replay) fails the batch with a unique violation, and
-# the batch is then written row by row with INSERT ... ON CONFLICT DO NOTHING.
+# A batch goes in with one COPY (executemany was one INSERT execution per row: bench/audit_writes.py,
+# docs/hot-path.md). The ledger is idempotent by request id: a batch holding an id already there (a
+# spool replay, a repeat) fails with a unique violation and is written again without those ids.
 COPY = f"COPY spend_ledger ({', '.join(LEDGER_COLUMNS)}) FROM STDIN"
 SETTLED_TTL_S = 3 * 86400
 ALERT_TTL_S = 40 * 86400  # longer than any period; the alert key names its period anyway
@@ -364,7 +362,10 @@ class LedgerWriter:
                 self._conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="ccr-audit-ledger",
                                                                    connect_timeout=5)
             try:
-                await self._insert(self._conn, batch)
+                try:
+                    await self._insert(self._conn, batch)
+                except psycopg.errors.UniqueViolation:
+                    await self._insert(self._conn, batch, lookup=True)
                 self.written += len(batch)
             except _ROW_ERRORS as e:
                 # A row PostgreSQL refuses by its content would block its whole batch forever.
@@ -381,12 +382,15 @@ class LedgerWriter:
                         type(e).__name__, e, len(batch), path)
 
     @staticmethod
-    async def _insert(conn: psycopg.AsyncConnection, batch: list[tuple[Any, ...]]) -> None:
-        """The rows of `batch` whose request id is not in the ledger yet (the first of a batch wins)."""
+    async def _insert(conn: psycopg.AsyncConnection, batch: list[tuple[Any, ...]], lookup: bool = False) -> None:
+        """The rows of `batch` whose request id is not in the ledger yet (the first of a batch wins);
+        `lookup`: read which ids are there first (else a row already there fails the batch)."""
         async with conn.transaction(), conn.cursor() as cur:
-            await cur.execute("SELECT request_id FROM spend_ledger WHERE request_id = ANY(%s)",
-                              ([r[0] for r in batch],))
-            have = {r[0] for r in await cur.fetchall()}
+            have: set[Any] = set()
+            if lookup:
+                await cur.execute("SELECT request_id FROM spend_ledger WHERE request_id = ANY(%s)",
+                                  ([r[0] for r in batch],))
+                have = {r[0] for r in await cur.fetchall()}
             fresh = []
             for r in batch:
                 if r[0] not in have:
