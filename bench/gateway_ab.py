@@ -5,7 +5,8 @@ by process, alternating short rounds between them so the machine's other work di
                                          [--a KEY=VALUE ...] [--rounds 3] [--duration 2] [-c 32] [--no-stream]
 
 KEY is a dotted path into ccr.example.yaml as bench/gateway.py uses it (its `gateway_config`), VALUE is
-YAML (`false`, `off`, `{postgres: false}`). Both gateways run at once (embedded PostgreSQL/Redis each, the
+YAML (`false`, `{postgres: false}`; the string off is `"'off'"`, as YAML reads a bare off as false).
+Both gateways run at once (embedded PostgreSQL/Redis each, the
 emulator as upstream); each round measures A then B (then B then A on the next round) at one closed-loop
 concurrency. Prints each round and the medians; compare the two columns with each other, not across runs.
 """
