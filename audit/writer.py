@@ -42,9 +42,9 @@ log = logging.getLogger("ccr.audit")
 
 TABLE = "request_log"
 CHAIN_COVERS: tuple[str, ...] = ("id", *COLUMNS)
-# A batch's rows go in with one COPY: executemany is one INSERT execution per row, which cost
-# PostgreSQL about as much CPU as the rest of the row's work (docs/hot-path.md). COPY FROM needs
-# only the INSERT privilege the writer role has.
+# A batch's rows go in with one COPY: executemany was one INSERT execution per row, and the COPY
+# costs PostgreSQL and this process a half to a third less per row (bench/audit_writes.py,
+# docs/hot-path.md). COPY FROM needs only the INSERT privilege the writer role has.
 COPY = sql.SQL("COPY request_log ({cols}) FROM STDIN").format(
     cols=sql.SQL(", ").join(map(sql.Identifier, (*CHAIN_COVERS, *CHAIN_COLUMNS))))
 
