@@ -92,6 +92,24 @@ def _namespace(md: base_pb2.Metadata, ns: str) -> dict[str, struct_pb2.Value]:
     return dict(md.filter_metadata[ns].fields) if ns in md.filter_metadata else {}
 
 
+class Namespaces:
+    """One entry's metadata namespaces, each read out of the message once: the row, the metrics
+    (audit/observe.py) and the ledger (audit/ledger.py) all read them, and copying a protobuf
+    map is most of what reading a field costs."""
+
+    __slots__ = ("_md", "_seen")
+
+    def __init__(self, common: accesslog_pb2.AccessLogCommon) -> None:
+        self._md = common.metadata
+        self._seen: dict[str, dict[str, struct_pb2.Value]] = {}
+
+    def __call__(self, ns: str) -> dict[str, struct_pb2.Value]:
+        got = self._seen.get(ns)
+        if got is None:
+            got = self._seen[ns] = _namespace(self._md, ns)
+        return got
+
+
 def _text(fields: dict[str, struct_pb2.Value], name: str) -> str | None:
     v = fields.get(name)
     kind = v.WhichOneof("kind") if v is not None else None
@@ -160,10 +178,13 @@ def _forwarded(common: accesslog_pb2.AccessLogCommon) -> bool:
     return common.HasField("time_to_first_upstream_tx_byte")
 
 
-def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int,
-                  flags: str | None) -> tuple[int | None, int | None, int | None, int | None, str, str | None]:
+UsageColumns = tuple[int | None, int | None, int | None, int | None, str, str | None]
+
+
+def usage_columns(common: accesslog_pb2.AccessLogCommon, status: int, flags: str | None,
+                  ns: Namespaces | None = None) -> UsageColumns:
     """Token counts, usage_status and usage_note: from the adapter's metadata, else from what happened."""
-    usage = _namespace(common.metadata, USAGE_NS)
+    usage = (ns or Namespaces(common))(USAGE_NS)
     if usage:
         counts = [_count(usage, f) for f in TOKEN_FIELDS]
         raw = _text(usage, USAGE_STATUS)
@@ -302,8 +323,10 @@ class RowFacts:
         return cost_micro(Usage(i, o, cw, cr, w5, w1), rates, batch=batch)
 
 
-def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = None) -> Row | None:
-    """The row for a final entry, None for an intermediate one; MalformedEntry if unusable."""
+def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = None,
+                 ns: Namespaces | None = None) -> Row | None:
+    """The row for a final entry, None for an intermediate one; MalformedEntry if unusable.
+    `ns`: the entry's namespaces when the caller reads them too."""
     common = e.common_properties
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return None
@@ -315,10 +338,11 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = N
         ts = common.start_time.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError) as err:
         raise MalformedEntry(f"start_time out of range: {err}") from None
-    authz = _namespace(common.metadata, AUTHZ_NS)
+    ns = ns or Namespaces(common)
+    authz = ns(AUTHZ_NS)
     status = e.response.response_code.value  # 0 when no response was sent (e.g. client reset)
     flags = response_flags(common.response_flags)
-    *counts, usage_status, usage_note = usage_columns(common, status, flags)
+    *counts, usage_status, usage_note = usage_columns(common, status, flags, ns)
     client_rid = e.request.request_headers.get(H_CLIENT_REQUEST_ID)
     if common.HasField("time_to_last_downstream_tx_byte"):
         latency: float | None = _ms(common.time_to_last_downstream_tx_byte)
@@ -345,19 +369,19 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = N
         usage_status,
         usage_note,
         _clean(client_rid[:MAX_CLIENT_REQUEST_ID]) if client_rid else None,
-        *_details(e, common, authz, model, status, flags, counts, usage_status, facts),
+        *_details(e, common, authz, model, status, flags, counts, usage_status, facts, ns),
         _text(authz, AUTHZ_MODEL_REQUESTED),
     )
 
 
 def _details(e: accesslog_pb2.HTTPAccessLogEntry, common: accesslog_pb2.AccessLogCommon,
              authz: dict[str, struct_pb2.Value], model: str | None, status: int, flags: str | None,
-             counts: list[int | None], usage_status: str, facts: RowFacts | None) -> Row:
+             counts: list[int | None], usage_status: str, facts: RowFacts | None, ns: Namespaces) -> Row:
     """The values of DETAIL_COLUMNS."""
     cluster = _clean(common.upstream_cluster) or None
     tagged = common.custom_tags.get(ALS_TAG_SERVED_PROVIDER) if common.custom_tags else None
     provider = facts.provider_of(tagged, cluster) if facts is not None else _clean(tagged) if tagged else None
-    usage = _namespace(common.metadata, USAGE_NS)
+    usage = ns(USAGE_NS)
     w5 = _count(usage, USAGE_CACHE_5M) if usage and counts[2] is not None else None
     w1 = _count(usage, USAGE_CACHE_1H) if usage and counts[2] is not None else None
     writes = counts[2]

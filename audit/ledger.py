@@ -37,7 +37,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 from redis.exceptions import NoScriptError, RedisError
 
-from audit.entry import _FINAL_TYPES, _clean, _count, _namespace, _text
+from audit.entry import _FINAL_TYPES, Namespaces, _clean, _count, _text
 from ccr.budgets import batch_hold, parse_spend_facts
 from ccr.config import GatewayConfig
 from ccr.contract import (
@@ -65,6 +65,10 @@ LEDGER_COLUMNS = (
 )
 INSERT = (f"INSERT INTO spend_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join(['%s'] * len(LEDGER_COLUMNS))})"
           " ON CONFLICT (request_id) DO NOTHING")
+# A batch goes in with one COPY (executemany was one INSERT execution per row: bench/audit_writes.py,
+# docs/hot-path.md). The ledger is idempotent by request id: a batch holding an id already there (a
+# spool replay, a repeat) fails with a unique violation and is written again without those ids.
+COPY = f"COPY spend_ledger ({', '.join(LEDGER_COLUMNS)}) FROM STDIN"
 SETTLED_TTL_S = 3 * 86400
 ALERT_TTL_S = 40 * 86400  # longer than any period; the alert key names its period anyway
 
@@ -159,6 +163,22 @@ def _value(v: Any) -> Any:
     return json_format.MessageToDict(v) if hasattr(v, "DESCRIPTOR") else v
 
 
+def _list(v: Any) -> list[Any]:
+    """A metadata list (the principal's groups) as Python values, without json_format (which costs
+    more than the rest of the entry's ledger row); anything but a list of scalars goes through it."""
+    if v is None:
+        return []
+    if v.WhichOneof("kind") == "list_value":
+        items = v.list_value.values
+        if all(x.WhichOneof("kind") == "string_value" for x in items):
+            return [x.string_value for x in items]
+    out = _value(v)
+    return out if isinstance(out, list) else [out]
+
+
+_STATUSES = frozenset(s.value for s in UsageStatus)
+
+
 class Spend:
     """Cost, ledger row and settlement of access-log entries (one per audit process)."""
 
@@ -173,25 +193,28 @@ class Spend:
         r = self.prices.rates(model)
         return r if r is not None else self._dearest
 
-    def of_entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> tuple[tuple[Any, ...] | None, Settlement | None]:
+    def of_entry(self, e: accesslog_pb2.HTTPAccessLogEntry, ns: Namespaces | None = None,
+                 ts: datetime | None = None) -> tuple[tuple[Any, ...] | None, Settlement | None]:
+        """`ns`, `ts`: the entry's namespaces and start time when the caller has read them already."""
         common = e.common_properties
         if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
             return None, None
-        authz = _namespace(common.metadata, AUTHZ_NS)
+        ns = ns or Namespaces(common)
+        authz = ns(AUTHZ_NS)
         principal_id = _text(authz, "principal_id")
         request_id = e.request.request_id
         if principal_id is None or not request_id or not common.HasField("start_time"):
             return None, None
-        rl = _namespace(common.metadata, RATELIMIT_NS)
+        rl = ns(RATELIMIT_NS)
         reserved = _count(rl, SPEND_RESERVED) if SPEND_RESERVED in rl else None
         worst = _count(authz, AUTHZ_SPEND_WORST) if AUTHZ_SPEND_WORST in authz else None
         spend_text = _text(authz, AUTHZ_SPEND)
         if worst is None and spend_text:
             with contextlib.suppress(ValueError):
                 worst = parse_spend_facts(spend_text)[0]
-        usage = _namespace(common.metadata, USAGE_NS)
+        usage = ns(USAGE_NS)
         status_text = _text(usage, USAGE_STATUS) if usage else None
-        ustatus = status_text if status_text in {s.value for s in UsageStatus} else (
+        ustatus = status_text if status_text in _STATUSES else (
             UsageStatus.NOT_FORWARDED.value if not common.HasField("time_to_first_upstream_tx_byte")
             else UsageStatus.UNKNOWN.value)
         counts = {f: (_count(usage, f) if usage else None) for f in (
@@ -215,8 +238,7 @@ class Spend:
             cost = reserved if reserved is not None else (worst or 0)
         else:
             cost = 0
-        groups_v = authz.get("groups")
-        groups = [g for g in _value(groups_v)] if groups_v is not None else []
+        groups = _list(authz.get("groups"))
         w5 = counts[USAGE_CACHE_5M]
         w1 = counts[USAGE_CACHE_1H]
         writes = counts["cache_creation_input_tokens"]
@@ -224,7 +246,7 @@ class Spend:
             # Writes the provider did not split are priced, and listed, as 1-hour writes.
             w5, w1 = w5 or 0, (w1 or 0) + writes - (w5 or 0) - (w1 or 0)
         row = (
-            request_id, common.start_time.ToDatetime(tzinfo=UTC), principal_id, _text(authz, "principal"),
+            request_id, ts or common.start_time.ToDatetime(tzinfo=UTC), principal_id, _text(authz, "principal"),
             _text(authz, "principal_kind"), _text(authz, "key_id"), _text(authz, "tenant"),
             [_clean(str(g)) for g in groups], _text(authz, "spiffe_id"), model, endpoint,
             code,
@@ -385,8 +407,10 @@ class LedgerWriter:
                 self._conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="ccr-audit-ledger",
                                                                    connect_timeout=5)
             try:
-                async with self._conn.transaction(), self._conn.cursor() as cur:
-                    await cur.executemany(INSERT, batch)
+                try:
+                    await self._insert(self._conn, batch)
+                except psycopg.errors.UniqueViolation:
+                    await self._insert(self._conn, batch, lookup=True)
                 self.written += len(batch)
             except _ROW_ERRORS as e:
                 # A row PostgreSQL refuses by its content would block its whole batch forever.
@@ -401,6 +425,26 @@ class LedgerWriter:
             self.spooled += len(batch)
             log.warning("spend_ledger write failed (%s: %s); %d row(s) spooled to %s for replay",
                         type(e).__name__, e, len(batch), path)
+
+    @staticmethod
+    async def _insert(conn: psycopg.AsyncConnection, batch: list[tuple[Any, ...]], lookup: bool = False) -> None:
+        """The rows of `batch` whose request id is not in the ledger yet (the first of a batch wins);
+        `lookup`: read which ids are there first (else a row already there fails the batch)."""
+        async with conn.transaction(), conn.cursor() as cur:
+            have: set[Any] = set()
+            if lookup:
+                await cur.execute("SELECT request_id FROM spend_ledger WHERE request_id = ANY(%s)",
+                                  ([r[0] for r in batch],))
+                have = {r[0] for r in await cur.fetchall()}
+            fresh = []
+            for r in batch:
+                if r[0] not in have:
+                    have.add(r[0])
+                    fresh.append(r)
+            if fresh:
+                async with cur.copy(COPY) as copy:
+                    for r in fresh:
+                        await copy.write_row(r)
 
     async def _write_each(self, batch: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
@@ -570,8 +614,9 @@ class SpendRecorder:
         for s in settlements:
             await self.settler.settle(s)
 
-    async def on_entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> None:
-        row, settlement = self.spend.of_entry(e)
+    async def on_entry(self, e: accesslog_pb2.HTTPAccessLogEntry, ns: Namespaces | None = None,
+                       ts: datetime | None = None) -> None:
+        row, settlement = self.spend.of_entry(e, ns, ts)
         if row is not None or settlement is not None:
             await self.ledger.put(row, settlement)
 

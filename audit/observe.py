@@ -15,7 +15,7 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from audit.entry import _FINAL_TYPES, _namespace, error_kind, response_flags
+from audit.entry import _FINAL_TYPES, Namespaces, error_kind, response_flags
 from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_NS, H_TRACEPARENT, H_TRACESTATE, USAGE_NS
@@ -70,18 +70,19 @@ class RequestObserver:
         self.config = config
         self._series: dict[tuple[str, str, str, str], _Series] = {}  # bounded: every label is
 
-    def entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    def entry(self, e: accesslog_pb2.HTTPAccessLogEntry, ns: Namespaces | None = None) -> None:
         try:
-            self._entry(e)
+            self._entry(e, ns)
         except Exception:  # telemetry never costs a row
             log.exception("metrics for access log entry request_id=%r failed", e.request.request_id)
 
-    def _entry(self, e: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    def _entry(self, e: accesslog_pb2.HTTPAccessLogEntry, ns: Namespaces | None) -> None:
         common = e.common_properties
         if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
             return
         started = time.time_ns()
-        authz = _namespace(common.metadata, AUTHZ_NS)
+        ns = ns or Namespaces(common)
+        authz = ns(AUTHZ_NS)
         model_id = _str(authz, "model")
         provider_name = _str(authz, "provider")
         key = (_str(authz, "endpoint") or metrics.NONE,  # extauth's endpoint names: a fixed set
@@ -106,8 +107,8 @@ class RequestObserver:
             d = common.time_to_last_downstream_tx_byte
             series.observe(d.seconds + d.nanos / 1e9)
         counts: dict[str, int] = {}
-        if USAGE_NS in common.metadata.filter_metadata:
-            usage = common.metadata.filter_metadata[USAGE_NS].fields
+        usage = ns(USAGE_NS)
+        if usage:
             for field, inc in series.tokens:
                 n = _num(usage, field)
                 counts[field] = n

@@ -12,7 +12,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from audit.chain import CHECKPOINT_LOG, signing_key
-from audit.entry import MalformedEntry, RowFacts, entry_to_row
+from audit.entry import MalformedEntry, Namespaces, RowFacts, entry_to_row
 from audit.ledger import Spend, SpendRecorder
 from audit.observe import RequestObserver
 from audit.spool import Spool
@@ -52,8 +52,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             if msg.WhichOneof("log_entries") != "http_logs":
                 continue
             for entry in msg.http_logs.log_entry:
+                ns = Namespaces(entry.common_properties)  # read once for the row, the metrics and the ledger
                 try:
-                    row = entry_to_row(entry, self.facts)
+                    row = entry_to_row(entry, self.facts, ns)
                 except MalformedEntry as e:
                     skipped += 1
                     log.warning("skipping access log entry request_id=%r: %s", entry.request.request_id, e)
@@ -66,10 +67,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                 if row is not None:
                     await self.writer.put(row)
                     if self.observer is not None:
-                        self.observer.entry(entry)
+                        self.observer.entry(entry, ns)
                 if self.spend is not None:  # spend (issue 8): cost, ledger row, settlement
                     try:
-                        await self.spend.on_entry(entry)
+                        await self.spend.on_entry(entry, ns, row[0] if row is not None else None)
                     except Exception:
                         log.exception("spend accounting failed for request_id=%r", entry.request.request_id)
             # At most IN_FLIGHT messages of a stream are read before their rows are durable

@@ -586,6 +586,18 @@ def print_spiffe_compare(out: dict[str, dict[str, list[Result]]]) -> None:
         for a, b in zip(plain, out["spire"][mode], strict=True):
             change = (b.rps / a.rps - 1) * 100 if a.rps else float("nan")
             print(f"| {mode} | {a.concurrency} | {a.rps:.1f} | {b.rps:.1f} | {change:+.1f}% | {a.errors}/{b.errors} |")
+    # Where the difference goes: server CPU per request by process at each mode's highest level.
+    print("\nserver CPU ms per successful request at the highest level (plaintext -> SPIFFE mTLS):")
+    for mode, plain in out["off"].items():
+        a, b = plain[-1], out["spire"][mode][-1]
+        if not a.ok or not b.ok:
+            continue
+        names = sorted(set(a.server_cpu) | set(b.server_cpu), key=lambda n: -b.server_cpu.get(n, 0.0))
+        pa = {n: v * 1000 / len(a.ok) for n, v in a.server_cpu.items()}
+        pb = {n: v * 1000 / len(b.ok) for n, v in b.server_cpu.items()}
+        cells = [f"{n} {pa.get(n, 0.0):.2f}->{pb.get(n, 0.0):.2f}" for n in names if pa.get(n) or pb.get(n)]
+        print(f"  {mode} c={a.concurrency}: without the {UPSTREAM} {cpu_per_request(a):.2f} -> "
+              f"{cpu_per_request(b):.2f}; " + ", ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,10 @@ modes:
   aio-window     aio-generic with a 16 MiB HTTP/2 receive window from the start, no BDP probing
   sync           grpc.server with a thread pool (16 threads), generic handler
   sync-1         grpc.server with one worker thread, generic handler
+  uv-observed    aio-uvloop with the telemetry interceptor (ccr/rpc_observe.py: a histogram per call)
+  uv-mtls        aio-uvloop serving mutual TLS (a run PKI: ECDSA P-256, TLS 1.3), no interceptor
+  uv-mtls-peer   uv-mtls with the SPIFFE peer check (ccr/service.py PeerIdentityCheck)
+  uv-mtls-both   uv-mtls with the peer check and the telemetry interceptor: what extauth runs
 """
 
 from __future__ import annotations
@@ -42,7 +46,19 @@ from grpc_services import OWN_CONNECTION, cpu_seconds, paced  # noqa: E402
 from ccr.service import GRPC_OPTIONS  # noqa: E402
 
 MODES = ("aio", "aio-generic", "aio-bytes", "aio-uvloop", "aio-latency", "aio-throughput", "aio-window", "sync",
-         "sync-1")
+         "sync-1", "uv-observed", "uv-mtls", "uv-mtls-peer", "uv-mtls-both")
+CLIENT_ID = "envoy"  # the identity the load generator presents in the mTLS modes
+
+
+def _pki(directory: Path):  # type: ignore[no-untyped-def]
+    """A run PKI (ccr/pki.py) for the mTLS modes: the server's identity and the client's, one CA."""
+    from ccr.pki import issue_run_pki, load_pki, save_pki
+
+    if (directory / "pki.json").exists():
+        return load_pki(directory)
+    pki = issue_run_pki(directory, ["server", CLIENT_ID])
+    save_pki(pki, directory)
+    return pki
 
 
 def _payload(kind: str) -> tuple[str, str, object, object, object]:
@@ -123,17 +139,29 @@ def serve(mode: str, kind: str, ready: str) -> None:
         return
 
     async def main() -> None:
-        server = grpc.aio.server(options=opts)
+        from ccr.pki import spiffe_id
+        from ccr.rpc_observe import AioRpcObserver
+        from ccr.service import PeerIdentityCheck, server_credentials
+
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if mode.endswith(("-peer", "-both")):
+            interceptors.append(PeerIdentityCheck([spiffe_id(CLIENT_ID)]))
+        if mode.endswith(("-observed", "-both")):
+            interceptors.append(AioRpcObserver("bench"))
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         if mode == "aio":
             _generated(kind, server)
         else:
             server.add_generic_rpc_handlers((_handler(mode, kind, aio=True),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        if "mtls" in mode:
+            port = server.add_secure_port("127.0.0.1:0", server_credentials(_pki(Path(ready).parent / "pki"), "server"))
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         Path(ready).write_text(json.dumps({"port": port}))
         await server.wait_for_termination()
 
-    if mode == "aio-uvloop":
+    if mode == "aio-uvloop" or mode.startswith("uv-"):
         import uvloop
 
         uvloop.run(main())
@@ -142,9 +170,15 @@ def serve(mode: str, kind: str, ready: str) -> None:
 
 
 async def load(port: int, kind: str, conc: int, channels: int, duration: float, pid: int,
-               rate: float) -> tuple[int, float, float]:
+               rate: float, pki_dir: Path | None = None) -> tuple[int, float, float]:
     service, method, req, _, resp = _payload(kind)
-    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) for _ in range(channels)]
+    if pki_dir is not None:  # run certificates carry the loopback IPs: 127.0.0.1 verifies as is
+        from ccr.service import client_credentials
+
+        creds = client_credentials(_pki(pki_dir), CLIENT_ID)
+        chans = [grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=OWN_CONNECTION) for _ in range(channels)]
+    else:
+        chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) for _ in range(channels)]
     calls = [ch.unary_unary(f"/{service}/{method}", request_serializer=type(req).SerializeToString,
                             response_deserializer=type(resp).FromString) for ch in chans]
     for c in calls:
@@ -200,7 +234,7 @@ def main() -> None:
                     time.sleep(0.05)
                 port = json.loads(ready.read_text())["port"]
                 n, wall, cpu = asyncio.run(load(port, args.payload, args.c, args.channels, args.duration, proc.pid,
-                                                   args.rate))
+                                                   args.rate, Path(tmp) / "pki" if "mtls" in mode else None))
                 how = f"rate={args.rate:.0f}" if args.rate else f"c={args.c}"
                 print(f"{mode:<15} {args.payload:<5} {how:<9} {n / wall:7.0f} req/s  "
                       f"server CPU {cpu * 1e3 / n:.3f} ms/call", flush=True)

@@ -219,6 +219,7 @@ class PolicyEngine:
             raise
         self._policy.set_data(bundle.data)
         self._cache: dict[str, Decision] = {}  # by the input's sha256
+        self._by_facts: dict[tuple, Decision] = {}  # by the facts the input is made of (decide)
         self._cache_size = cache_size
 
     @classmethod
@@ -242,10 +243,19 @@ class PolicyEngine:
         cache key is the digest of all of it."""
         if endpoint is None:
             endpoint = match(method, path)
+        # The facts themselves are hashable and make the document exactly: a request like an earlier one
+        # is answered without building, serialising and hashing its input again. Not when the input
+        # carries the request's text (large; the digest then is the key).
+        key = (principal, method, path, model, endpoint, pii, facts) if facts is None or facts.text is None else None
+        if key is not None:
+            hit = self._by_facts.get(key)
+            if hit is not None:
+                return hit
         raw = orjson.dumps(document(principal, method, path, model, endpoint, pii, facts), option=orjson.OPT_SORT_KEYS)
         digest = hashlib.sha256(raw).hexdigest()
         hit = self._cache.get(digest)
         if hit is not None:
+            self._remember(key, hit)
             return hit
         try:
             result = self._policy.evaluate(raw, self.entrypoint)
@@ -255,7 +265,15 @@ class PolicyEngine:
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[digest] = decision
+        self._remember(key, decision)
         return decision
+
+    def _remember(self, key: tuple | None, decision: Decision) -> None:
+        if key is None:
+            return
+        if len(self._by_facts) >= self._cache_size:
+            self._by_facts.clear()  # keys hold client-sent facts: keep the map bounded
+        self._by_facts[key] = decision
 
     def close(self) -> None:
         self._policy.close()

@@ -240,6 +240,35 @@ def test_a_row_postgresql_refuses_never_blocks_its_batch(tmp_path: Path, dsn: st
     assert not list((tmp_path / "spool").glob("ledger-*.jsonl"))  # nothing left to replay
 
 
+def test_a_request_already_in_the_ledger_keeps_its_first_row(tmp_path: Path, dsn: str) -> None:
+    """Batches go in by COPY after a look-up of the ids already there: a request id written by an
+    earlier batch (or a spool replay) is skipped, and a repeat inside one batch keeps the first."""
+    import asyncio
+
+    from audit.ledger import LEDGER_COLUMNS, LedgerWriter, Spool
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+
+    def row(rid: str, cost: int) -> tuple[Any, ...]:
+        vals = {c: None for c in LEDGER_COLUMNS}
+        vals.update(request_id=rid, ts=NOW, principal_id=key, groups=["eng", "ops"], status=200, batch=False,
+                    cost_micro_usd=cost)
+        return tuple(vals[c] for c in LEDGER_COLUMNS)
+
+    async def write(batch: list[tuple[Any, ...]]) -> None:
+        w = LedgerWriter(dsn, Spool(tmp_path / "spool"))
+        await w._write(batch)  # one batch, as the writer task hands it over
+        assert w.spooled == 0
+        if w._conn is not None:
+            await w._conn.close()
+
+    asyncio.run(write([row(f"{key}-a", 1)]))
+    asyncio.run(write([row(f"{key}-a", 9), row(f"{key}-b", 2), row(f"{key}-b", 8)]))
+    got = ledger(dsn, key)
+    assert {r: v["cost_micro_usd"] for r, v in got.items()} == {f"{key}-a": 1, f"{key}-b": 2}
+    assert got[f"{key}-b"]["groups"] == ["eng", "ops"]
+
+
 def test_the_audit_writer_role_appends_ledger_rows_and_changes_nothing(tmp_path: Path, dsn: str) -> None:
     """Under `ccr up` the receiver writes the ledger as ccr_audit_writer (migration 10): its rows go in,
     directly and from the spool; it can neither change nor remove them, nor touch the budgets."""
