@@ -59,6 +59,7 @@ from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
+from extauth.capture import BodyCapture
 from extauth.decisions import PHASE_FULL, PHASE_IDENTITY, DecisionLog
 from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
@@ -301,6 +302,8 @@ class Authorizer:
         self._ok_cache: dict[tuple, pb.CheckResponse] = {}
         # Budget reservations (issue 8): None when spend is off.
         self.worst_case = WorstCase(config) if config.spend.enabled else None
+        # audit.bodies: None (the default) when no principal's bodies are kept.
+        self.capture = BodyCapture.from_config(config)
 
     def _route(self, model: str) -> tuple[str, str] | None:
         """(provider name, cluster) for a model id; cached because fnmatch is not free."""
@@ -365,7 +368,8 @@ class Authorizer:
             return _refusal_facts(_internal_error(did), seen, did, "api_error")
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         revision = _revision(seen)
-        if did is not None or seen.spend is not None or revision is not None:
+        keep_days = self.capture.retention_days(seen.principal) if self.capture is not None else None
+        if did is not None or seen.spend is not None or revision is not None or keep_days is not None:
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
@@ -380,6 +384,9 @@ class Authorizer:
                     resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
                 if spend is not None:
                     resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
+            if keep_days is not None and self.capture is not None:  # audit.bodies names this principal
+                self.capture.apply(resp, body if body is not None else req.attributes.request.http.raw_body,
+                                   keep_days)
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,

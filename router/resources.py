@@ -45,6 +45,7 @@ from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router.body_capture import capture_filters
 from router.downstream import (
     DECISION_RETRY,
     IDENTITY_FIRST,
@@ -264,8 +265,8 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": translate_filters(provider, runtime) if translate
-            else upstream_filters(provider, runtime, objects),
+            "http_filters": capture_filters(config) + (translate_filters(provider, runtime) if translate
+                                                       else upstream_filters(provider, runtime, objects)),
         }},
     }
     if provider.max_concurrent_requests is not None:
@@ -335,6 +336,7 @@ def _pool_cluster(cluster: Json, provider: Provider) -> Json:
 
 def _meter_lua() -> str:
     return METER_LUA.read_text()
+
 
 
 def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> list[Json]:
