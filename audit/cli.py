@@ -212,6 +212,12 @@ def cmd_retain(args: argparse.Namespace) -> int:
             return 1
         for name in made:
             print(f"made partition {name}")
+        if not args.dry_run:  # captured bodies (audit.bodies): each row has its own expiry
+            from audit.bodies import drop_expired
+
+            gone = drop_expired(dsn, now)
+            if gone:
+                print(f"deleted {gone} captured body row(s) past their retention")
         if r.keep_days is None:
             print("audit.retention.keep_days is unset: nothing is dropped", file=sys.stderr)
             return 0
@@ -222,6 +228,44 @@ def cmd_retain(args: argparse.Namespace) -> int:
             print(f"would export and drop {d.partition} to {d.export}")
         else:
             print(f"exported {d.rows} row(s) of {d.partition} to {d.export} (sha256 {d.sha256}); dropped")
+    return 0
+
+
+def cmd_body(args: argparse.Namespace) -> int:
+    from audit.bodies import KEY_FILE, BodyError, load_key, read_body
+    from ccr.cli import _dsn
+
+    key_files = [Path(p) for p in args.key] or [_audit_dir(args.config) / KEY_FILE]
+    missing = [str(p) for p in key_files if not p.exists()]
+    if missing:
+        print(f"no body key at {', '.join(missing)} (the access-log receiver makes bodies.key when audit.bodies "
+              "names someone; pass --key FILE)", file=sys.stderr)
+        return 2
+    try:
+        keys = [load_key(p) for p in key_files]
+        with _dsn(args.config) as dsn:
+            b = read_body(dsn, args.request_id, keys)
+    except BodyError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 1
+    if b is None:
+        print(f"no stored bodies for request {args.request_id} (not captured, or past retention)", file=sys.stderr)
+        return 1
+    if args.part is not None:  # the exact bytes, for piping
+        data = b.request if args.part == "request" else b.response
+        if data is None:
+            print(f"no {args.part} body was captured for {args.request_id}", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return 0
+    print(json.dumps({
+        "request_id": b.request_id, "ts": b.ts.isoformat(), "expires_at": b.expires_at.isoformat(),
+        "key_id": b.key_id, "request_bytes": b.request_bytes, "request_truncated": b.request_truncated,
+        "request": b.request.decode("utf-8", "replace"), "response_bytes": b.response_bytes,
+        "response_truncated": b.response_truncated,
+        "response": b.response.decode("utf-8", "replace") if b.response is not None else None,
+    }, indent=2))
     return 0
 
 
@@ -278,6 +322,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--now", type=parse_time, help=argparse.SUPPRESS)  # tests and back-fills: the clock
     r.add_argument("--dry-run", action="store_true", help="say what would be exported and dropped")
     r.set_defaults(func=cmd_retain)
+    b = aus.add_parser("body", help="decrypt a request's captured bodies (audit.bodies); a changed or moved "
+                                    "ciphertext is refused (exit 1)")
+    b.add_argument("request_id", help="the gateway's request id (request_log.request_id)")
+    b.add_argument("--part", choices=("request", "response"), help="write that body's exact bytes to stdout")
+    b.add_argument("--key", action="append", default=[],
+                   help="body key file (default <data_dir>/audit/bodies.key); repeatable, for rotated keys")
+    b.set_defaults(func=cmd_body)
     x = aus.add_parser("verify-export", help="check a retention export file on its own (hashes, links, "
                                              "checkpoint signatures)")
     x.add_argument("file")
