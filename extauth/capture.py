@@ -11,13 +11,13 @@ Only the access-log receiver holds the key that encrypts them (audit/bodies.py).
 from __future__ import annotations
 
 import base64
-from collections.abc import Buffer
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 
 from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_BODY_CAPTURE, H_CAPTURE
+from extauth.lean_json import Buffer
 from extauth.principal import Principal
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
