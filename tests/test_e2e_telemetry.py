@@ -74,6 +74,11 @@ def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) 
     assert len(envoy) >= 2  # the downstream request and at least one egress gRPC call
 
 
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
 def test_a_translated_request_has_the_adapters_span_under_envoys(tmp_path: Path) -> None:
     """Through the adapter (a Bedrock translation): its span continues the trace from the ext_proc
     stream's traceparent, child of Envoy's span, with the GenAI attributes of the attempt."""
@@ -81,7 +86,7 @@ def test_a_translated_request_has_the_adapters_span_under_envoys(tmp_path: Path)
 
     from tests.provider_emulators import running_emulators
 
-    with otlp_receiver() as (endpoint, receiver), running_emulators(tmp_path / "emus") as emus:
+    with otlp_receiver() as (endpoint, receiver), running_emulators(_mkdir(tmp_path / "emus")) as emus:
         def edit(cfg: dict[str, Any]) -> None:
             cfg["telemetry"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0}
             cfg["providers"] += emus.providers()
@@ -90,7 +95,7 @@ def test_a_translated_request_has_the_adapters_span_under_envoys(tmp_path: Path)
         saved = {k: os.environ.get(k) for k in emus.env()}
         os.environ.update(emus.env())
         try:
-            with running_gateway(tmp_path / "gw", edit) as gw:
+            with running_gateway(_mkdir(tmp_path / "gw"), edit) as gw:
                 c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
                 raw = c.messages.with_raw_response.create(model="claude-bedrock-sonnet-4-5", max_tokens=16,
                                                           messages=HELLO)
@@ -101,8 +106,13 @@ def test_a_translated_request_has_the_adapters_span_under_envoys(tmp_path: Path)
                 def complete(spans: list[Span]) -> bool:
                     rec = [s for s in spans if s.service == "ccr-accesslog"
                            and s.attributes.get("ccr.request_id") == request_id]
-                    return bool(rec) and any(s.service == "ccr-adapter" and s.trace_id == rec[0].trace_id
-                                             for s in spans)
+                    if not rec:
+                        return False
+                    trace = [s for s in spans if s.trace_id == rec[0].trace_id]
+                    ids = {s.span_id for s in trace}
+                    # Envoy exports its spans in batches: wait for the adapter's parent and the root.
+                    return (any(s.service == "ccr-adapter" and s.parent_span_id in ids for s in trace)
+                            and any(not s.parent_span_id for s in trace))
 
                 spans = receiver.wait_for(complete)
         finally:
