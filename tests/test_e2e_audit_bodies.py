@@ -243,3 +243,11 @@ def test_retention_deletes_expired_bodies(gw: Gateway, keys: dict[str, str], cap
     capsys.readouterr()
     assert main(["audit", "body", rid, "-c", cfg]) == 1
     assert "no stored bodies" in capsys.readouterr().err
+
+
+def test_the_receivers_role_can_insert_bodies_but_not_read_them(gw: Gateway) -> None:
+    assert gw.runtime is not None and gw.runtime.audit_dsn
+    with psycopg.connect(gw.runtime.audit_dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT request_ct FROM request_body LIMIT 1")
+    with psycopg.connect(gw.runtime.audit_dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("DELETE FROM request_body")
