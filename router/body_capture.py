@@ -1,4 +1,4 @@
-"""The body capture filter (router/capture.lua) of the provider clusters (docs/audit.md "Bodies")."""
+"""The body capture filter (router/capture.lua) of the adapter's clusters (docs/audit.md "Bodies")."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ _LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
 
 def capture_filters(config: GatewayConfig) -> list[dict[str, Any]]:
-    """First of a provider cluster's upstream filters, so that it sees extauth's x-ccr-capture before
-    hygiene drops it, and the reply as the client gets it (after the adapter's translation). None at
-    all unless audit.bodies names someone: then no request pays for it."""
+    """First of the upstream filters of the adapter's clusters (translate, objects), so that it sees
+    extauth's x-ccr-capture before hygiene drops it, and the reply as the client gets it (after the
+    adapter's translation). None at all unless audit.bodies names someone. The Messages and failover
+    clusters need none: their usage meter (router/meter.lua) captures, at no extra filter."""
     if not config.audit.bodies:
         return []
     return [{"name": "ccr.capture", "typed_config": {

@@ -1,13 +1,15 @@
 -- Body capture for the audit trail (docs/audit.md "Bodies"), run by Envoy's Lua filter as the
--- FIRST upstream HTTP filter of every provider cluster, and only when audit.bodies names someone
--- (router/resources.py adds it then; otherwise this script is not in the chain at all).
+-- FIRST upstream HTTP filter of the adapter's clusters (translate, objects), and only when
+-- audit.bodies names someone (router/resources.py adds it then; otherwise it is not in the chain).
+-- The Messages and failover clusters capture in their usage meter (router/meter.lua) instead.
 --
 -- extauth sets x-ccr-capture (value: the most bytes to keep) on the requests whose principal or
 -- tenant audit.bodies names; a client cannot send it (x-ccr-* is stripped before ext_authz). For
 -- those, the reply body as it leaves for the client (after the adapter's translation, since this
 -- filter is first) is copied, never held or changed (bodyChunks() does not buffer), and published
 -- base64-encoded in dynamic metadata namespace ccr.capture for the access-log receiver, which
--- encrypts it. Every other request costs one header lookup and one metadata lookup.
+-- encrypts it. Every other request costs one header lookup and one metadata lookup (on a
+-- path that already pays the adapter's gRPC round trips).
 
 local CAPTURE_NS = "ccr.capture"
 local H_CAPTURE = "x-ccr-capture"

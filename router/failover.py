@@ -25,7 +25,6 @@ from ccr.contract import H_ATTEMPT_PROVIDER, H_CLUSTER
 from ccr.credentials import secret_name
 from ccr.routing import Chain, chains
 from ccr.runtime import Runtime
-from router.body_capture import capture_filters
 from router.downstream import upstream_hygiene
 
 Json = dict[str, Any]
@@ -156,7 +155,7 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
             "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": capture_filters(config) + _filters(chain, runtime, meter_lua),
+            "http_filters": _filters(chain, runtime, meter_lua),
         }},
     }
     if sockets:

@@ -265,8 +265,9 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": capture_filters(config) + (translate_filters(provider, runtime) if translate
-                                                       else upstream_filters(provider, runtime, objects)),
+            # Body capture: the meter does it on the Messages cluster; a filter of its own on the adapter's.
+            "http_filters": capture_filters(config) + translate_filters(provider, runtime) if translate
+            else (capture_filters(config) if objects else []) + upstream_filters(provider, runtime, objects, config),
         }},
     }
     if provider.max_concurrent_requests is not None:
@@ -334,12 +335,18 @@ def _pool_cluster(cluster: Json, provider: Provider) -> Json:
     return cluster
 
 
-def _meter_lua() -> str:
-    return METER_LUA.read_text()
+def _meter_lua(config: GatewayConfig) -> str:
+    """router/meter.lua, its body capture on when audit.bodies names someone (docs/audit.md "Bodies")."""
+    src = METER_LUA.read_text()
+    if config.audit.bodies:
+        off = "\nM.CAPTURE_ENABLED = false\n"
+        assert off in src, "router/meter.lua lost its CAPTURE_ENABLED switch"
+        src = src.replace(off, "\nM.CAPTURE_ENABLED = true\n", 1)
+    return src
 
 
 
-def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> list[Json]:
+def upstream_filters(provider: Provider, runtime: Runtime, objects: bool, config: GatewayConfig) -> list[Json]:
     """A passthrough provider's upstream filters. Each provider has two clusters (extauth picks
     one per endpoint): Messages and Models call no Python on the way; Batches and Files go
     through the adapter, whose owner records they need.
@@ -374,7 +381,7 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
     }}
     meter = {"name": "envoy.filters.http.lua", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": _meter_lua()},
+        "default_source_code": {"inline_string": _meter_lua(config)},
     }}
     return [
         adapter if objects else meter,
@@ -481,7 +488,7 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
     from router.failover import chain_clusters  # (it builds on this module's filters)
 
-    out += chain_clusters(config, runtime, _meter_lua())
+    out += chain_clusters(config, runtime, _meter_lua(config))
     out += _signin_clusters(config, runtime)
     if config.telemetry.otlp_endpoint:  # Envoy's spans go to the OTLP collector (tracing_config)
         out.append(_grpc_cluster(OTLP_CLUSTER, [config.telemetry.otlp_endpoint], 1024 * 1024))

@@ -153,10 +153,32 @@ def _upstream_filter_names(config: GatewayConfig) -> dict[str, list[str]]:
     return out
 
 
-def test_capture_filter_only_when_configured_and_first() -> None:
-    without = _upstream_filter_names(_config(None))
+def _meter_sources(config: GatewayConfig) -> list[str]:
+    out = []
+    for c in resources.clusters(config, _runtime()):
+        for o in c.get("typed_extension_protocol_options", {}).values():
+            for f in o.get("http_filters", ()):
+                src = f["typed_config"].get("default_source_code", {}).get("inline_string", "")
+                if f["name"] == "envoy.filters.http.lua" and "M.CAPTURE_NS" in src:
+                    out.append(src)
+    return out
+
+
+def test_capture_only_when_configured() -> None:
+    """No rule: no capture filter and the meter's capture switched off. Rules: the adapter's clusters
+    get the capture filter first, the Messages cluster's meter captures itself (no extra filter)."""
+    none = _config(None)
+    without = _upstream_filter_names(none)
     assert without and all("ccr.capture" not in names for names in without.values())
-    with_rule = _upstream_filter_names(_config([{"tenant": "acme", "retention_days": 1}]))
+    assert _meter_sources(none) and all("\nM.CAPTURE_ENABLED = false\n" in s for s in _meter_sources(none))
+    ruled = _config([{"tenant": "acme", "retention_days": 1}])
+    with_rule = _upstream_filter_names(ruled)
     assert with_rule.keys() == without.keys()
+    p = ruled.providers[0]
     for name, names in with_rule.items():
-        assert names[0] == "ccr.capture" and names[1:] == without[name], name
+        if name in (p.objects_cluster, p.translate_cluster):
+            assert names[0] == "ccr.capture" and names[1:] == without[name], name
+        else:
+            assert names == without[name], name
+    assert p.objects_cluster in with_rule
+    assert _meter_sources(ruled) and all("\nM.CAPTURE_ENABLED = true\n" in s for s in _meter_sources(ruled))
