@@ -120,16 +120,31 @@ def cmd_query(args: argparse.Namespace) -> int:
         params.append(args.until)
     if args.status is not None:
         where.append(_status_filter(args.status))
+    if args.show_body:
+        args.format = "json"  # bodies are shown in the JSON lines only
     columns = _JSON_COLUMNS if args.format == "json" else _QUERY_COLUMNS
     q = sql.SQL("SELECT {cols} FROM request_log {where} ORDER BY ts DESC, id DESC LIMIT %s").format(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
-    with _dsn(args.config) as dsn, psycopg.connect(dsn) as conn:
-        rows = conn.execute(q, [*params, args.limit]).fetchall()
+    keys = _body_keys(args.config, args.body_key) if args.show_body else None
+    if args.show_body and keys is None:
+        return 2
+    docs: list[dict[str, Any]] = []
+    refused = False
+    with _dsn(args.config) as dsn:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(q, [*params, args.limit]).fetchall()
+        if args.format == "json":
+            for r in rows:
+                doc = {c: _json_value(v) for c, v in zip(columns, r, strict=True)}
+                if keys is not None:
+                    doc["body"], bad = _body_doc(dsn, doc["request_id"], keys)
+                    refused = refused or bad
+                docs.append(doc)
     if args.format == "json":
-        for r in rows:
-            print(json.dumps({c: _json_value(v) for c, v in zip(columns, r, strict=True)}))
-        return 0
+        for doc in docs:
+            print(json.dumps(doc))
+        return 1 if refused else 0
     shown = [["-" if v is None else (f"{v:%Y-%m-%d %H:%M:%S}" if isinstance(v, datetime) else
                                      f"{v:.0f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
     widths = [max([len(c), *(len(r[i]) for r in shown)]) for i, c in enumerate(_QUERY_COLUMNS)]
@@ -231,18 +246,48 @@ def cmd_retain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_body(args: argparse.Namespace) -> int:
-    from audit.bodies import KEY_FILE, BodyError, load_key, read_body
-    from ccr.cli import _dsn
+def _body_keys(config: str, files: list[str]) -> list[bytes] | None:
+    """The body keys in `files` (default <data_dir>/audit/bodies.key); None (said why) when missing."""
+    from audit.bodies import KEY_FILE, BodyError, load_key
 
-    key_files = [Path(p) for p in args.key] or [_audit_dir(args.config) / KEY_FILE]
+    key_files = [Path(p) for p in files] or [_audit_dir(config) / KEY_FILE]
     missing = [str(p) for p in key_files if not p.exists()]
     if missing:
         print(f"no body key at {', '.join(missing)} (the access-log receiver makes bodies.key when audit.bodies "
               "names someone; pass --key FILE)", file=sys.stderr)
+        return None
+    try:
+        return [load_key(p) for p in key_files]
+    except BodyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _body_doc(dsn: str, request_id: str, keys: list[bytes]) -> tuple[dict[str, Any] | None, bool]:
+    """A row's captured bodies for `query --show-body` (None: none stored), and whether refused."""
+    from audit.bodies import BodyError, read_body
+
+    try:
+        b = read_body(dsn, request_id, keys)
+    except BodyError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return {"error": str(e)}, True
+    if b is None:
+        return None, False
+    return {"key_id": b.key_id, "expires_at": _json_value(b.expires_at), "request_bytes": b.request_bytes,
+            "request_truncated": b.request_truncated, "request": b.request.decode("utf-8", "replace"),
+            "response_bytes": b.response_bytes, "response_truncated": b.response_truncated,
+            "response": b.response.decode("utf-8", "replace") if b.response is not None else None}, False
+
+
+def cmd_body(args: argparse.Namespace) -> int:
+    from audit.bodies import BodyError, read_body
+    from ccr.cli import _dsn
+
+    keys = _body_keys(args.config, args.key)
+    if keys is None:
         return 2
     try:
-        keys = [load_key(p) for p in key_files]
         with _dsn(args.config) as dsn:
             b = read_body(dsn, args.request_id, keys)
     except BodyError as e:
@@ -310,6 +355,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--status", type=_status_arg, help="a status (429) or a class (5xx)")
     q.add_argument("--limit", type=int, default=100)
     q.add_argument("--format", choices=("table", "json"), default="table")
+    q.add_argument("--show-body", action="store_true",
+                   help="JSON lines with each row's captured bodies decrypted (audit.bodies); exit 1 if one is refused")
+    q.add_argument("--body-key", action="append", default=[],
+                   help="with --show-body: body key file (default <data_dir>/audit/bodies.key); repeatable")
     q.set_defaults(func=cmd_query)
     e = aus.add_parser("export", help="rows older than --before, with their chains' checkpoints, as JSON Lines")
     e.add_argument("--before", type=parse_time, required=True)

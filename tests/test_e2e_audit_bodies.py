@@ -135,6 +135,13 @@ def test_enabled_tenant_bodies_stored_encrypted_and_exact(gw: Gateway, keys: dic
     assert _decrypt(gw, rid, "request", capsysbinary) == sent.bodies[-1]
     assert _decrypt(gw, rid, "response", capsysbinary) == reply
     assert log_row(dsn, rid)["tenant"] == "capture-co"
+    # ccr audit query --show-body: the row with its bodies.
+    capsysbinary.readouterr()
+    assert main(["audit", "query", "--tenant", "capture-co", "--show-body", "--limit", "50",
+                 "-c", str(gw.config_path)]) == 0
+    lines = [json.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    mine = next(d for d in lines if d["request_id"] == rid)
+    assert mine["body"]["request"] == sent.bodies[-1].decode() and mine["body"]["response"] == reply.decode()
 
     # A stream: the reply is kept as the SSE bytes the client read.
     with c.messages.with_streaming_response.create(model=SONNET, max_tokens=48, stream=True,
@@ -222,6 +229,11 @@ def test_tampered_or_moved_ciphertext_is_refused(gw: Gateway, keys: dict[str, st
         code = main(["audit", "body", rid, "--part", part, "-c", str(gw.config_path)])
         err = capsys.readouterr().err
         assert code == 1 and "REFUSED" in err and f"{part} body of {rid} does not decrypt" in err, err
+    capsys.readouterr()
+    assert main(["audit", "query", "--tenant", "capture-co", "--show-body", "-c", str(gw.config_path)]) == 1
+    out = capsys.readouterr().out
+    shown = {d["request_id"]: d["body"] for d in map(json.loads, out.splitlines())}
+    assert "does not decrypt" in shown[rids[0]]["error"] and "does not decrypt" in shown[rids[1]]["error"]
 
 
 def test_retention_deletes_expired_bodies(gw: Gateway, keys: dict[str, str], capsys: pytest.CaptureFixture[str]
