@@ -34,6 +34,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import Counter
 
+from ccr import metrics
 from ccr.contract import AUTHZ_BODY_CAPTURE, AUTHZ_NS, CAPTURE_NS
 
 log = logging.getLogger("ccr.audit")
@@ -42,8 +43,10 @@ KEY_FILE = "bodies.key"
 _AAD = b"ccr-audit-body-v1\n"
 REQUEST, RESPONSE = "request", "response"
 
-DROPPED = Counter("ccr_audit_bodies_dropped", "Captured bodies not stored (queue full or refused by PostgreSQL)")
-STORED = Counter("ccr_audit_bodies_stored", "Captured request/response body pairs stored encrypted")
+DROPPED = Counter("ccr_audit_bodies_dropped", "Captured bodies not stored (queue full or refused by PostgreSQL)",
+                  registry=metrics.REGISTRY)
+STORED = Counter("ccr_audit_bodies_stored", "Captured request/response body pairs stored encrypted",
+                 registry=metrics.REGISTRY)
 
 
 class BodyError(Exception):

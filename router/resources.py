@@ -244,6 +244,12 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
     port = url.port or (443 if tls else 80)
     is_ip = host.replace(".", "").isdigit() or ":" in host
     name = provider.translate_cluster if translate else provider.objects_cluster if objects else provider.cluster
+    # Body capture (audit.bodies): a filter of its own on the adapter's clusters; the Messages
+    # cluster's meter captures itself.
+    filters = (capture_filters(config) + translate_filters(provider, runtime) if translate
+               else upstream_filters(provider, runtime, objects, config))
+    if objects and not translate:
+        filters = capture_filters(config) + filters
     cluster: Json = {
         "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
@@ -265,9 +271,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            # Body capture: the meter does it on the Messages cluster; a filter of its own on the adapter's.
-            "http_filters": capture_filters(config) + translate_filters(provider, runtime) if translate
-            else (capture_filters(config) if objects else []) + upstream_filters(provider, runtime, objects, config),
+            "http_filters": filters,
         }},
     }
     if provider.max_concurrent_requests is not None:
@@ -340,10 +344,10 @@ def _meter_lua(config: GatewayConfig) -> str:
     src = METER_LUA.read_text()
     if config.audit.bodies:
         off = "\nM.CAPTURE_ENABLED = false\n"
-        assert off in src, "router/meter.lua lost its CAPTURE_ENABLED switch"
+        if off not in src:
+            raise RuntimeError("router/meter.lua lost its CAPTURE_ENABLED switch")
         src = src.replace(off, "\nM.CAPTURE_ENABLED = true\n", 1)
     return src
-
 
 
 def upstream_filters(provider: Provider, runtime: Runtime, objects: bool, config: GatewayConfig) -> list[Json]:

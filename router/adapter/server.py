@@ -291,7 +291,6 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         log.error("%s (known: %s)", msg, sorted(self._handlers))
         return UnavailableHandler(name, msg, "ccr_adapter_unknown_provider")
 
-
     async def _traced_process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
