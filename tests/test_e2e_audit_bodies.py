@@ -167,6 +167,15 @@ def test_translated_reply_is_kept_as_the_client_got_it(gw: Gateway, keys: dict[s
     got = _decrypt(gw, rid, "response", capsysbinary)
     assert got == raw.http_response.content and json.loads(got)["type"] == "message"
     assert _decrypt(gw, rid, "request", capsysbinary) == sent.bodies[-1]
+    # Streamed: Bedrock's event stream translated into the SSE the client read, byte for byte.
+    with _client(gw, keys["on"], sent).messages.with_streaming_response.create(
+            model="claude-bedrock-sonnet-4-5", max_tokens=16, stream=True,
+            messages=[{"role": "user", "content": "via bedrock, streamed"}]) as st:
+        srid = st.headers["x-request-id"]
+        sse = b"".join(st.iter_bytes())
+    assert b"event: message_stop" in sse
+    _stored(gw.runtime.postgres_dsn, srid)
+    assert _decrypt(gw, srid, "response", capsysbinary) == sse
 
 
 def test_larger_body_is_cut_with_a_flag_and_the_request_still_served(
