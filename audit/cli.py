@@ -120,16 +120,31 @@ def cmd_query(args: argparse.Namespace) -> int:
         params.append(args.until)
     if args.status is not None:
         where.append(_status_filter(args.status))
+    if args.show_body:
+        args.format = "json"  # bodies are shown in the JSON lines only
     columns = _JSON_COLUMNS if args.format == "json" else _QUERY_COLUMNS
     q = sql.SQL("SELECT {cols} FROM request_log {where} ORDER BY ts DESC, id DESC LIMIT %s").format(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
-    with _dsn(args.config) as dsn, psycopg.connect(dsn) as conn:
-        rows = conn.execute(q, [*params, args.limit]).fetchall()
+    keys = _body_keys(args.config, args.body_key) if args.show_body else None
+    if args.show_body and keys is None:
+        return 2
+    docs: list[dict[str, Any]] = []
+    refused = False
+    with _dsn(args.config) as dsn:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(q, [*params, args.limit]).fetchall()
+        if args.format == "json":
+            for r in rows:
+                doc = {c: _json_value(v) for c, v in zip(columns, r, strict=True)}
+                if keys is not None:
+                    doc["body"], bad = _body_doc(dsn, doc["request_id"], keys)
+                    refused = refused or bad
+                docs.append(doc)
     if args.format == "json":
-        for r in rows:
-            print(json.dumps({c: _json_value(v) for c, v in zip(columns, r, strict=True)}))
-        return 0
+        for doc in docs:
+            print(json.dumps(doc))
+        return 1 if refused else 0
     shown = [["-" if v is None else (f"{v:%Y-%m-%d %H:%M:%S}" if isinstance(v, datetime) else
                                      f"{v:.0f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
     widths = [max([len(c), *(len(r[i]) for r in shown)]) for i, c in enumerate(_QUERY_COLUMNS)]
@@ -212,6 +227,12 @@ def cmd_retain(args: argparse.Namespace) -> int:
             return 1
         for name in made:
             print(f"made partition {name}")
+        if not args.dry_run:  # captured bodies (audit.bodies): each row has its own expiry
+            from audit.bodies import drop_expired
+
+            gone = drop_expired(dsn, now)
+            if gone:
+                print(f"deleted {gone} captured body row(s) past their retention")
         if r.keep_days is None:
             print("audit.retention.keep_days is unset: nothing is dropped", file=sys.stderr)
             return 0
@@ -222,6 +243,74 @@ def cmd_retain(args: argparse.Namespace) -> int:
             print(f"would export and drop {d.partition} to {d.export}")
         else:
             print(f"exported {d.rows} row(s) of {d.partition} to {d.export} (sha256 {d.sha256}); dropped")
+    return 0
+
+
+def _body_keys(config: str, files: list[str]) -> list[bytes] | None:
+    """The body keys in `files` (default <data_dir>/audit/bodies.key); None (said why) when missing."""
+    from audit.bodies import KEY_FILE, BodyError, load_key
+
+    key_files = [Path(p) for p in files] or [_audit_dir(config) / KEY_FILE]
+    missing = [str(p) for p in key_files if not p.exists()]
+    if missing:
+        print(f"no body key at {', '.join(missing)} (the access-log receiver makes bodies.key when audit.bodies "
+              "names someone; pass --key FILE)", file=sys.stderr)
+        return None
+    try:
+        return [load_key(p) for p in key_files]
+    except BodyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _body_doc(dsn: str, request_id: str, keys: list[bytes]) -> tuple[dict[str, Any] | None, bool]:
+    """A row's captured bodies for `query --show-body` (None: none stored), and whether refused."""
+    from audit.bodies import BodyError, read_body
+
+    try:
+        b = read_body(dsn, request_id, keys)
+    except BodyError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return {"error": str(e)}, True
+    if b is None:
+        return None, False
+    return {"key_id": b.key_id, "expires_at": _json_value(b.expires_at), "request_bytes": b.request_bytes,
+            "request_truncated": b.request_truncated, "request": b.request.decode("utf-8", "replace"),
+            "response_bytes": b.response_bytes, "response_truncated": b.response_truncated,
+            "response": b.response.decode("utf-8", "replace") if b.response is not None else None}, False
+
+
+def cmd_body(args: argparse.Namespace) -> int:
+    from audit.bodies import BodyError, read_body
+    from ccr.cli import _dsn
+
+    keys = _body_keys(args.config, args.key)
+    if keys is None:
+        return 2
+    try:
+        with _dsn(args.config) as dsn:
+            b = read_body(dsn, args.request_id, keys)
+    except BodyError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 1
+    if b is None:
+        print(f"no stored bodies for request {args.request_id} (not captured, or past retention)", file=sys.stderr)
+        return 1
+    if args.part is not None:  # the exact bytes, for piping
+        data = b.request if args.part == "request" else b.response
+        if data is None:
+            print(f"no {args.part} body was captured for {args.request_id}", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return 0
+    print(json.dumps({
+        "request_id": b.request_id, "ts": b.ts.isoformat(), "expires_at": b.expires_at.isoformat(),
+        "key_id": b.key_id, "request_bytes": b.request_bytes, "request_truncated": b.request_truncated,
+        "request": b.request.decode("utf-8", "replace"), "response_bytes": b.response_bytes,
+        "response_truncated": b.response_truncated,
+        "response": b.response.decode("utf-8", "replace") if b.response is not None else None,
+    }, indent=2))
     return 0
 
 
@@ -266,6 +355,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--status", type=_status_arg, help="a status (429) or a class (5xx)")
     q.add_argument("--limit", type=int, default=100)
     q.add_argument("--format", choices=("table", "json"), default="table")
+    q.add_argument("--show-body", action="store_true",
+                   help="JSON lines with each row's captured bodies decrypted (audit.bodies); exit 1 if one is refused")
+    q.add_argument("--body-key", action="append", default=[],
+                   help="with --show-body: body key file (default <data_dir>/audit/bodies.key); repeatable")
     q.set_defaults(func=cmd_query)
     e = aus.add_parser("export", help="rows older than --before, with their chains' checkpoints, as JSON Lines")
     e.add_argument("--before", type=parse_time, required=True)
@@ -278,6 +371,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--now", type=parse_time, help=argparse.SUPPRESS)  # tests and back-fills: the clock
     r.add_argument("--dry-run", action="store_true", help="say what would be exported and dropped")
     r.set_defaults(func=cmd_retain)
+    b = aus.add_parser("body", help="decrypt a request's captured bodies (audit.bodies); a changed or moved "
+                                    "ciphertext is refused (exit 1)")
+    b.add_argument("request_id", help="the gateway's request id (request_log.request_id)")
+    b.add_argument("--part", choices=("request", "response"), help="write that body's exact bytes to stdout")
+    b.add_argument("--key", action="append", default=[],
+                   help="body key file (default <data_dir>/audit/bodies.key); repeatable, for rotated keys")
+    b.set_defaults(func=cmd_body)
     x = aus.add_parser("verify-export", help="check a retention export file on its own (hashes, links, "
                                              "checkpoint signatures)")
     x.add_argument("file")

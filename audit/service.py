@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from audit.bodies import BodyWriter, captured, load_or_create_key
 from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, Namespaces, RowFacts, entry_to_row
 from audit.ledger import Spend, SpendRecorder
@@ -30,8 +31,10 @@ IN_FLIGHT = 32
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, writer: RequestLogWriter, spend: SpendRecorder | None = None,
-                 observer: RequestObserver | None = None, facts: RowFacts | None = None) -> None:
+                 observer: RequestObserver | None = None, facts: RowFacts | None = None,
+                 bodies: BodyWriter | None = None) -> None:
         self.writer = writer
+        self.bodies = bodies  # captured bodies, encrypted here (audit/bodies.py); None: audit.bodies is empty
         self.facts = facts  # provider, region, model spelling and prices from the config (audit/entry.py)
         self.observer = observer  # metrics and spans per request (audit/observe.py); None: metrics off
         self.spend = spend  # ledger rows and settlements (audit/ledger.py); None: spend is off
@@ -68,6 +71,14 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     await self.writer.put(row)
                     if self.observer is not None:
                         self.observer.entry(entry, ns)
+                if self.bodies is not None:
+                    try:
+                        c = captured(entry)
+                        if c is not None:
+                            self.bodies.put(c)
+                    except Exception:
+                        log.exception("captured bodies of request_id=%r unreadable; not stored",
+                                      entry.request.request_id)
                 if self.spend is not None:  # spend (issue 8): cost, ledger row, settlement
                     try:
                         await self.spend.on_entry(entry, ns, row[0] if row is not None else None)
@@ -94,6 +105,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         await self.writer.flush()
         if self.spend is not None:
             await self.spend.flush()
+        if self.bodies is not None:
+            await self.bodies.flush()
         if skipped:
             log.warning("access log stream ended; %d malformed entries skipped", skipped)
         return als_pb2.StreamAccessLogsResponse()
@@ -128,7 +141,12 @@ async def setup(
     observer = RequestObserver(config) if config.telemetry.metrics or config.telemetry.otlp_endpoint else None
     if config.telemetry.metrics and writer.spool is not None:
         metrics.watch_spool(writer.spool)
-    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config))
+    bodies = None
+    if config.audit.bodies:  # the body key is read by this process only (docs/audit.md "Bodies")
+        audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+        bodies = BodyWriter(runtime.audit_dsn or runtime.postgres_dsn, load_or_create_key(audit_dir))
+        bodies.start()
+    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config), bodies)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
 
     def use_config(new: GatewayConfig) -> None:
@@ -149,6 +167,8 @@ async def setup(
 
     async def stop() -> None:
         await writer.stop()
+        if bodies is not None:
+            await bodies.stop()
         if spend is not None:
             await spend.stop()
 

@@ -5,6 +5,7 @@ through the full gateway, closed loop at a few concurrency levels, streamed and 
                                       [--no-stream | --stream-only]
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
     .venv/bin/python bench/gateway.py --spiffe-compare   # the gateway with SPIFFE mTLS on every hop vs without
+    .venv/bin/python bench/gateway.py --bodies-compare   # audit.bodies: no rule, another tenant's, captured
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
@@ -204,8 +205,11 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
 # -- the servers
 
 
-def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None, spiffe_mode: str | None = None) -> Path:
+def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None, spiffe_mode: str | None = None,
+                   bodies: list[dict[str, object]] | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    if bodies is not None:
+        cfg.setdefault("audit", {})["bodies"] = bodies
     if telemetry is not None:
         cfg["telemetry"] = telemetry
     cfg["storage"] = {"data_dir": str(tmp / "data")}
@@ -429,6 +433,8 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
                     help="compare: only the gateway, with metrics and tracing off, then on (every request "
                          "traced to a local OTLP sink); prints req/s both ways and the loss")
     ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
+    ap.add_argument("--bodies-compare", action="store_true",
+                    help="only the gateway: no audit.bodies rule, a rule for another tenant, the key's tenant captured")
     ap.add_argument("--spiffe-compare", action="store_true",
                     help="only the gateway, once with services.spiffe.mode: off (plaintext hops, but the adapter's) "
                          "and once with SPIFFE mTLS on every hop; prints req/s of both")
@@ -579,6 +585,45 @@ def run_spiffe_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Res
     return out
 
 
+# audit.bodies settings of --bodies-compare; the bench key's tenant is "bench".
+BODIES_SETTINGS: dict[str, list[dict[str, object]] | None] = {
+    "none": None,  # no rule: the capture filter is not configured at all
+    "other": [{"tenant": "elsewhere", "retention_days": 1}],  # rules exist, this key is not captured
+    "captured": [{"tenant": "bench", "retention_days": 1}],  # every request's bodies kept, encrypted
+}
+
+
+def run_bodies_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Result]]]:
+    """The gateway alone with no body capture rule, a rule for another tenant, and its key captured."""
+    out: dict[str, dict[str, list[Result]]] = {}
+    for name, bodies in BODIES_SETTINGS.items():
+        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
+            print(f"starting the gateway with audit.bodies: {name} ...", file=sys.stderr)
+            gw = Gateway(gateway_config(Path(d), bodies=bodies))
+            try:
+                gw.start()
+                assert gw.runtime is not None
+                from extauth.keys import create_key
+
+                _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000, tenant="bench")
+                pids = {c.name: c.pid for c in gw.children}
+                out[name] = asyncio.run(measure([Target(f"gw-bodies-{name}", gw.url, key, pids)], args))
+            finally:
+                gw.stop()
+    return out
+
+
+def print_bodies_compare(out: dict[str, dict[str, list[Result]]]) -> None:
+    print("| mode | concurrency | no rule req/s | other tenant's rule req/s | captured req/s | other vs none | "
+          "captured vs none |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mode, base in out["none"].items():
+        for a, b, c in zip(base, out["other"][mode], out["captured"][mode], strict=True):
+            def pct(x: Result, a: Result = a) -> str:
+                return f"{(x.rps / a.rps - 1) * 100:+.1f}%" if a.rps else "n/a"
+            print(f"| {mode} | {a.concurrency} | {a.rps:.1f} | {b.rps:.1f} | {c.rps:.1f} | {pct(b)} | {pct(c)} |")
+
+
 def print_spiffe_compare(out: dict[str, dict[str, list[Result]]]) -> None:
     print("| mode | concurrency | plaintext req/s | SPIFFE mTLS req/s | change | errors (plain/mTLS) |")
     print("|---|---:|---:|---:|---:|---|")
@@ -607,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.spiffe_compare:
         print_spiffe_compare(run_spiffe_compare(args))
+        return
+    if args.bodies_compare:
+        print_bodies_compare(run_bodies_compare(args))
         return
     report(run(args), args.client_note)
 

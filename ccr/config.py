@@ -268,10 +268,32 @@ class AuditRetention(Strict):
     export_dir: str = "audit/exports"
 
 
+class AuditBodyRule(Strict):
+    """Whose request and response bodies are kept (encrypted) and for how long: exactly one of
+    `principal` (a principal id: key id, "oidc:<issuer>#<sub>" or SPIFFE ID) or `tenant`. Matched on
+    the identity extauth established, never on anything the client sent."""
+
+    principal: str | None = None
+    tenant: str | None = None
+    # Bodies older than this are deleted by `ccr audit retain`.
+    retention_days: Annotated[int, Field(ge=1, le=3650)]
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> AuditBodyRule:
+        if (self.principal is None) == (self.tenant is None):
+            raise ValueError("an audit.bodies rule names exactly one of principal or tenant")
+        return self
+
+
 class AuditSettings(Strict):
     """The audit trail (docs/audit.md): spool, checkpoints, Envoy's access-log buffer."""
 
     retention: AuditRetention = AuditRetention()
+    # Body capture (docs/audit.md "Bodies"). Empty (the default): no body is ever kept. A principal's
+    # own rule wins over its tenant's.
+    bodies: list[AuditBodyRule] = []
+    # The most bytes kept of each body (request, response); a longer one is kept cut, with a flag.
+    body_max_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 256 * 1024
 
     # The local spool that takes rows while PostgreSQL is down or slow. When full, the receiver
     # stops reading Envoy's streams (nothing is dropped by it); Envoy then buffers and drops.

@@ -216,3 +216,18 @@ OTLP_CLUSTER = "ccr_otlp"
 # The gRPC access log's custom tag holding the provider of the endpoint that served the request's
 # last attempt (Envoy reads the upstream host's metadata: failover chains name it per endpoint).
 ALS_TAG_SERVED_PROVIDER = "ccr.served_provider"
+
+# -- Body capture (docs/audit.md "Bodies"): only for principals and tenants audit.bodies names ------
+
+# Key in AUTHZ_NS (a struct, only on a capture-enabled request extauth allowed): {"retention_days": n,
+# "request": base64 of the request body as received (at most audit.body_max_bytes of it),
+# "request_bytes": its full length, "request_truncated": bool}.
+AUTHZ_BODY_CAPTURE = "body_capture"
+# Request header extauth sets on the same requests (value: the most response bytes to keep). The
+# upstream filters' capture (router/meter.lua, router/capture.lua) reads it and removes it with every
+# other x-ccr-*; a client cannot send it (x-ccr-* is stripped before ext_authz).
+H_CAPTURE = "x-ccr-capture"
+# Namespace the capture writes (per upstream attempt; the last attempt's is what the client got):
+# "max" (from H_CAPTURE, set when the request leaves), "response" (base64 of the reply body as sent to
+# the client, at most "max" bytes), "response_bytes" (its full length), "response_truncated" (bool).
+CAPTURE_NS = "ccr.capture"

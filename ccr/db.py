@@ -469,6 +469,33 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE request_log ADD COLUMN model_requested text;
         """,
     ),
+    (
+        19,
+        "request_body: captured bodies, encrypted (audit.bodies)",
+        """
+        -- One row per request whose principal or tenant audit.bodies names (docs/audit.md "Bodies").
+        -- Ciphertexts are AES-256-GCM under the receiver's key (key_id); the associated data binds
+        -- each to request_id and to which body it is. `ccr audit retain` deletes rows past expires_at.
+        CREATE TABLE request_body (
+            request_id text PRIMARY KEY,
+            ts timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            key_id text NOT NULL,
+            request_nonce bytea NOT NULL,
+            request_ct bytea NOT NULL,
+            request_bytes bigint NOT NULL,
+            request_truncated boolean NOT NULL,
+            response_nonce bytea,
+            response_ct bytea,
+            response_bytes bigint,
+            response_truncated boolean
+        );
+        CREATE INDEX request_body_expires_at ON request_body (expires_at);
+        REVOKE ALL ON request_body FROM PUBLIC, ccr_audit_writer;
+        -- The receiver appends; it can neither read nor change a body.
+        GRANT INSERT ON request_body TO ccr_audit_writer;
+        """,
+    ),
 ]
 
 _LOCK_ID = 0x636372  # "ccr"

@@ -100,6 +100,14 @@ def server_span(name: str, context: Any, attributes: Mapping[str, Any] | None = 
     return TRACER.start_as_current_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
 
 
+def start_server_span(name: str, context: Any, attributes: Mapping[str, Any] | None = None) -> Any:
+    """A SERVER span, child of `context`, NOT made current: for a gRPC stream handled by an async
+    generator, whose resumptions must not attach and detach a context; the caller ends it."""
+    from opentelemetry.trace import SpanKind
+
+    return TRACER.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
+
+
 def annotate(attributes: Mapping[str, Any]) -> None:
     """Add attributes to the current span (the handler's); callers test `TRACER is not None` first."""
     from opentelemetry import trace

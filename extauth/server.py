@@ -63,6 +63,7 @@ from extauth import models_api
 from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
+from extauth.capture import BodyCapture
 from extauth.decision_upload import DecisionUploader
 from extauth.decisions import PHASE_FULL, PHASE_IDENTITY, DecisionLog
 from extauth.deny import Deny, denied
@@ -314,9 +315,12 @@ class Authorizer:
         worst_case = WorstCase(config, self.worst_case.subjects if self.worst_case else None) \
             if config.spend.enabled else None
         resolved: dict[str, routing.Resolved | None] = {}
+        # audit.bodies: None (the default) when no principal's bodies are kept.
+        capture = BodyCapture.from_config(config)
         (self.config, self.objects, self._default_provider, self.worst_case, self._routes, self._clusters,
-         self._model_idx, self._resolved, self._ok_cache) = (
-            config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, resolved, {})
+         self._model_idx, self._resolved, self._ok_cache, self.capture) = (
+            config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, resolved, {},
+            capture)
 
     def _resolve(self, model: str) -> routing.Resolved | None:
         """ccr/routing.py `resolve`, cached (fnmatch is not free); bounded: model ids come from clients."""
@@ -398,7 +402,9 @@ class Authorizer:
             return _refusal_facts(_internal_error(did), seen, did, "api_error")
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         revision = _revision(seen)
-        if did is not None or seen.spend is not None or revision is not None or seen.alias is not None:
+        keep_days = self.capture.retention_days(seen.principal) if self.capture is not None else None
+        if (did is not None or seen.spend is not None or revision is not None or seen.alias is not None
+                or keep_days is not None):
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
@@ -416,6 +422,9 @@ class Authorizer:
                     resp.dynamic_metadata.fields[AUTHZ_SPEND_WORST].number_value = worst
                 if spend is not None:
                     resp.dynamic_metadata.fields[AUTHZ_SPEND].string_value = spend
+            if keep_days is not None and self.capture is not None:  # audit.bodies names this principal
+                self.capture.apply(resp, body if body is not None else req.attributes.request.http.raw_body,
+                                   keep_days)
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,

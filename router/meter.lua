@@ -38,6 +38,11 @@ M.USAGE_CACHE_SPLIT_SOURCE = { "ephemeral_5m_input_tokens", "ephemeral_1h_input_
 M.USAGE_STATUS = "usage_status"
 M.USAGE_NOTE = "usage_note"
 M.CCR_HEADER_PREFIX = "x-ccr-"
+-- Body capture for the audit trail (router/capture.lua does the same on the adapter's clusters).
+-- router/resources.py turns this on when audit.bodies names someone; off, nothing below looks for it.
+M.CAPTURE_ENABLED = false
+M.CAPTURE_NS = "ccr.capture"
+M.H_CAPTURE = "x-ccr-capture"
 -- Limits and the estimate rule of router/usage.py (read at run time so tests can lower them).
 M.MAX_JSON_BYTES = 64 * 1024 * 1024
 M.MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
@@ -903,7 +908,50 @@ local function failed(handle, last, err)
   pcall(publish, handle, last, unknown(METER_FAILED))
 end
 
+-- The reply of a capture-enabled attempt (extauth's x-ccr-capture, seen by on_request): its bytes
+-- as they pass, at most `max`, published base64-encoded in ccr.capture at the end.
+local function capture_of(handle)
+  if not M.CAPTURE_ENABLED then return nil end
+  local cap = handle:streamInfo():dynamicMetadata():get(M.CAPTURE_NS)
+  if cap == nil or cap.max == nil then return nil end
+  return { max = cap.max, parts = {}, n = 0, kept = 0, total = 0 }
+end
+
+local function capture_chunk(c, s)
+  local len = #s
+  c.total = c.total + len
+  if c.kept < c.max and len > 0 then
+    if c.kept + len > c.max then s = sub(s, 1, c.max - c.kept) end
+    c.n = c.n + 1
+    c.parts[c.n] = s
+    c.kept = c.kept + #s
+  end
+end
+
+local function capture_publish(handle, c)
+  local md = handle:streamInfo():dynamicMetadata()
+  md:set(M.CAPTURE_NS, "response", handle:base64Escape(concat(c.parts)))
+  md:set(M.CAPTURE_NS, "response_bytes", c.total)
+  md:set(M.CAPTURE_NS, "response_truncated", c.total > c.kept)
+end
+
 function M.on_response(handle)
+  local cap = capture_of(handle)
+  if cap ~= nil then
+    -- Whatever the meter does with the reply, the capture sees all of it and says so at the end.
+    -- metered_response handles its own errors; bodyChunks() can be called once per reply, so the
+    -- capture reads the body here only when the meter returned before reading it.
+    if not M.metered_response(handle, cap) then
+      for chunk in handle:bodyChunks() do capture_chunk(cap, chunk:getBytes(0, chunk:length())) end
+    end
+    return capture_publish(handle, cap)
+  end
+  return M.metered_response(handle)
+end
+
+-- `cap`, when given, gets every chunk of the body: the loop then reads to the end even when the
+-- meter has no (more) use for it. Returns true when it read the body, nil when it returned before.
+function M.metered_response(handle, cap)
   local last = {}
   local ok, kind, meter, streaming, status = pcall(function()
     local h = handle:headers()
@@ -917,18 +965,28 @@ function M.on_response(handle)
   local chunks = 0
   -- bodyChunks() hands over each data frame as Envoy passes it on (no buffering); the
   -- script yields in between.
+  local broken = false
   for chunk in handle:bodyChunks() do
     chunks = chunks + 1
-    if not meter then break end -- a body, but nothing to read in it
-    local fed, err = pcall(function()
-      if meter:feed(chunk:getBytes(0, chunk:length())) then
-        -- Publish as soon as usage or the output estimate moves, so an aborted
-        -- attempt is still charged for what was generated.
-        publish(handle, last, assess(meter.result, streaming, false))
+    if not meter and not cap then break end -- a body, but nothing to read in it
+    local bytes = chunk:getBytes(0, chunk:length())
+    if cap then capture_chunk(cap, bytes) end
+    if meter and not broken then
+      local fed, err = pcall(function()
+        if meter:feed(bytes) then
+          -- Publish as soon as usage or the output estimate moves, so an aborted
+          -- attempt is still charged for what was generated.
+          publish(handle, last, assess(meter.result, streaming, false))
+        end
+      end)
+      if not fed then
+        failed(handle, last, err)
+        if not cap then return true end
+        broken = true -- metering stops; the capture reads on
       end
-    end)
-    if not fed then return failed(handle, last, err) end
+    end
   end
+  if broken then return true end
   local done, err = pcall(function()
     if chunks == 0 then return publish(handle, last, M.no_body(status)) end
     if not meter then return end
@@ -938,7 +996,8 @@ function M.on_response(handle)
     last.status = nil
     publish(handle, last, assess(result, streaming, true))
   end)
-  if not done then return failed(handle, last, err) end
+  if not done then failed(handle, last, err) end
+  return true
 end
 
 -- The error body a refused attempt gets (ccr/errors.py shape).
@@ -947,21 +1006,36 @@ M.HYGIENE_FAILED = '{"type":"error","error":{"type":"api_error","message":' ..
 
 -- Header hygiene for the provider: the client's credentials and the gateway's x-ccr-*
 -- headers never leave; the reply is asked for unencoded so that it can be metered.
+-- Returns the value of x-ccr-capture when there was one (extauth's: clients' are stripped earlier).
 function M.clean_request_headers(h)
   local drop, n = {}, 0
   local prefix, plen = M.CCR_HEADER_PREFIX, #M.CCR_HEADER_PREFIX
-  for name in pairs(h) do -- iterate to the end: Envoy forbids changes while an iterator is open
+  local capture
+  for name, value in pairs(h) do -- iterate to the end: Envoy forbids changes while an iterator is open
     local k = lower(name)
     if k == "authorization" or k == "x-api-key" or sub(k, 1, plen) == prefix then
       n = n + 1; drop[n] = name
+      if k == M.H_CAPTURE then capture = value end
     end
   end
   for i = 1, n do h:remove(drop[i]) end
   h:replace("accept-encoding", "identity")
+  return capture
 end
 
 function M.on_request(handle)
   local ok, err = pcall(M.clean_request_headers, handle:headers())
+  if ok and err ~= nil and M.CAPTURE_ENABLED then
+    local max = tonumber(err)
+    if max ~= nil and max > 0 then
+      -- Per attempt: a retry starts its capture over (the last attempt's reply is what the client got).
+      local md = handle:streamInfo():dynamicMetadata()
+      md:set(M.CAPTURE_NS, "max", max)
+      md:set(M.CAPTURE_NS, "response", "")
+      md:set(M.CAPTURE_NS, "response_bytes", 0)
+      md:set(M.CAPTURE_NS, "response_truncated", false)
+    end
+  end
   if not ok then
     -- Never forward a request whose credentials may still be on it.
     log_warn(handle, "request header hygiene failed: " .. tostring(err))

@@ -46,6 +46,7 @@ from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router.body_capture import capture_filters
 from router.downstream import (
     IDENTITY_FIRST,
     connection_limits,
@@ -252,6 +253,12 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
     port = url.port or (443 if tls else 80)
     is_ip = host.replace(".", "").isdigit() or ":" in host
     name = provider.translate_cluster if translate else provider.objects_cluster if objects else provider.cluster
+    # Body capture (audit.bodies): a filter of its own on the adapter's clusters; the Messages
+    # cluster's meter captures itself.
+    filters = (capture_filters(config) + translate_filters(provider, runtime) if translate
+               else upstream_filters(provider, runtime, objects, config))
+    if objects and not translate:
+        filters = capture_filters(config) + filters
     cluster: Json = {
         "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
@@ -274,8 +281,7 @@ def _provider_cluster(provider: Provider, runtime: Runtime, config: GatewayConfi
             "auto_config" if tls else "explicit_http_config":
                 {"http2_protocol_options": {}} if tls else {"http_protocol_options": {}},
             # Per attempt, so a retry to another provider is handled for that provider.
-            "http_filters": _with_alias(config, translate_filters(provider, runtime) if translate
-                                        else upstream_filters(provider, runtime, objects), objects),
+            "http_filters": _with_alias(config, filters, objects),
         }},
     }
     if provider.max_concurrent_requests is not None:
@@ -343,8 +349,15 @@ def _pool_cluster(cluster: Json, provider: Provider) -> Json:
     return cluster
 
 
-def _meter_lua() -> str:
-    return METER_LUA.read_text()
+def _meter_lua(config: GatewayConfig) -> str:
+    """router/meter.lua, its body capture on when audit.bodies names someone (docs/audit.md "Bodies")."""
+    src = METER_LUA.read_text()
+    if config.audit.bodies:
+        off = "\nM.CAPTURE_ENABLED = false\n"
+        if off not in src:
+            raise RuntimeError("router/meter.lua lost its CAPTURE_ENABLED switch")
+        src = src.replace(off, "\nM.CAPTURE_ENABLED = true\n", 1)
+    return src
 
 
 ALIAS_LUA = Path(__file__).with_name("alias.lua")
@@ -363,7 +376,7 @@ def _with_alias(config: GatewayConfig, filters: list[Json], objects: bool = Fals
     return [alias_filter(), *filters] if config.aliases and not objects else filters
 
 
-def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> list[Json]:
+def upstream_filters(provider: Provider, runtime: Runtime, objects: bool, config: GatewayConfig) -> list[Json]:
     """A passthrough provider's upstream filters. Each provider has two clusters (extauth picks
     one per endpoint): Messages and Models call no Python on the way; Batches and Files go
     through the adapter, whose owner records they need.
@@ -398,7 +411,7 @@ def upstream_filters(provider: Provider, runtime: Runtime, objects: bool) -> lis
     }}
     meter = {"name": "envoy.filters.http.lua", "typed_config": {
         "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": _meter_lua()},
+        "default_source_code": {"inline_string": _meter_lua(config)},
     }}
     return [
         adapter if objects else meter,
@@ -516,7 +529,7 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
         out.append(_provider_cluster(p, runtime, config, objects=False, translate=True))
     from router.failover import chain_clusters  # (it builds on this module's filters)
 
-    out += chain_clusters(config, runtime, _meter_lua())
+    out += chain_clusters(config, runtime, _meter_lua(config))
     out += _signin_clusters(config, runtime)
     if config.telemetry.otlp_endpoint:  # Envoy's spans go to the OTLP collector (tracing_config)
         out.append(_grpc_cluster(OTLP_CLUSTER, [config.telemetry.otlp_endpoint], 1024 * 1024))

@@ -74,6 +74,72 @@ def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) 
     assert len(envoy) >= 2  # the downstream request and at least one egress gRPC call
 
 
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def test_a_translated_request_has_the_adapters_span_under_envoys(tmp_path: Path) -> None:
+    """Through the adapter (a Bedrock translation): its span continues the trace from the ext_proc
+    stream's traceparent, child of Envoy's span, with the GenAI attributes of the attempt."""
+    import os
+
+    from tests.provider_emulators import running_emulators
+
+    with otlp_receiver() as (endpoint, receiver), running_emulators(_mkdir(tmp_path / "emus")) as emus:
+        def edit(cfg: dict[str, Any]) -> None:
+            cfg["telemetry"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0}
+            cfg["providers"] += emus.providers()
+            cfg["models"] = emus.models() + cfg["models"]
+
+        saved = {k: os.environ.get(k) for k in emus.env()}
+        os.environ.update(emus.env())
+        try:
+            with running_gateway(_mkdir(tmp_path / "gw"), edit) as gw:
+                c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
+                raw = c.messages.with_raw_response.create(model="claude-bedrock-sonnet-4-5", max_tokens=16,
+                                                          messages=HELLO)
+                msg = raw.parse()
+                request_id = raw.headers["x-request-id"]
+                log_row(gw.runtime.postgres_dsn, request_id)
+
+                def complete(spans: list[Span]) -> bool:
+                    rec = [s for s in spans if s.service == "ccr-accesslog"
+                           and s.attributes.get("ccr.request_id") == request_id]
+                    if not rec:
+                        return False
+                    trace = [s for s in spans if s.trace_id == rec[0].trace_id]
+                    ids = {s.span_id for s in trace}
+                    # Envoy exports its spans in batches: wait for the adapter's parent and the root.
+                    return (any(s.service == "ccr-adapter" and s.parent_span_id in ids for s in trace)
+                            and any(not s.parent_span_id for s in trace))
+
+                spans = receiver.wait_for(complete)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    record = next(s for s in spans if s.service == "ccr-accesslog" and s.attributes.get("ccr.request_id") == request_id)
+    trace = [s for s in spans if s.trace_id == record.trace_id]
+    by_id = {s.span_id: s for s in trace}
+    roots = [s for s in trace if not s.parent_span_id]
+    assert len(roots) == 1 and roots[0].service == "ccr-envoy", [(s.service, s.name, s.parent_span_id) for s in trace]
+    adapter = _trace_of(trace, "ccr-adapter")
+    assert len(adapter) == 1, [(s.service, s.name) for s in trace]
+    span = adapter[0]
+    parent = by_id.get(span.parent_span_id)
+    assert parent is not None and parent.service == "ccr-envoy", (span, parent)
+    assert "ExternalProcessor" in parent.name, parent.name  # Envoy's ext_proc gRPC call
+    assert span.name == "adapter ExternalProcessor/Process"
+    assert span.attributes["gen_ai.system"] == "aws.bedrock"
+    assert span.attributes["gen_ai.request.model"] == "claude-bedrock-sonnet-4-5"
+    assert span.attributes["ccr.translated"] is True and span.attributes["http.response.status_code"] == 200
+    assert span.attributes["gen_ai.usage.input_tokens"] == msg.usage.input_tokens > 0
+    assert span.attributes["gen_ai.usage.output_tokens"] == msg.usage.output_tokens > 0
+
+
 def _scrape(url: str) -> str:
     r = httpx.get(url, timeout=10)
     r.raise_for_status()

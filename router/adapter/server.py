@@ -25,10 +25,12 @@ and Vertex signed here (router/adapter/translate.py, router/adapter/translators/
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -38,6 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from ccr import tracing
 from ccr.config import GatewayConfig, ProviderKind
 from ccr.config_sync import on_config
 from ccr.contract import (
@@ -237,6 +240,19 @@ class _Attempt:
     body: bytearray | None = None
     response_headers: dict[str, str] | None = None
     whole_reply: bool = False
+    model: str | None = None  # the model the client asked for; read only while tracing
+
+
+def _model_asked(path: str, body: bytes | bytearray) -> str | None:
+    """The model a client asked for (for the span): Bedrock invoke names it in the path, the
+    Anthropic and OpenAI schemas in the body."""
+    if path.startswith("/model/"):
+        return unquote(path.split("/", 3)[2]) or None
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
@@ -248,10 +264,14 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
 
 class Adapter(pb_grpc.ExternalProcessorServicer):
     def __init__(self, handlers: dict[str, ProviderHandler], objects: ObjectStore | None = None,
-                 translating: dict[str, TranslatingProvider] | None = None) -> None:
+                 translating: dict[str, TranslatingProvider] | None = None,
+                 systems: dict[str, str] | None = None) -> None:
         self._handlers = handlers
         self._objects = objects
         self._translating = translating or {}
+        self._systems: dict[str, str] = systems or {}  # provider name -> gen_ai.system
+        if tracing.TRACER is not None:
+            self.Process = self._traced_process  # type: ignore[method-assign]
 
     def _handler(self, context: grpc.aio.ServicerContext) -> ProviderHandler:
         name = ""
@@ -272,10 +292,41 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
         log.error("%s (known: %s)", msg, sorted(self._handlers))
         return UnavailableHandler(name, msg, "ccr_adapter_unknown_provider")
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def _traced_process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Process, in a span continuing Envoy's (the ext_proc stream's traceparent): one per upstream
+        attempt, with the GenAI attributes the attempt showed. Bound in place of Process only when
+        tracing is on (__init__), so with it off a message pays nothing for it."""
         attempt = _Attempt(self._handler(context))
+        parent = tracing.parent_from_metadata(context.invocation_metadata())
+        if parent is None:  # not sampled by Envoy: no span
+            async for resp in Adapter.Process(self, request_iterator, context, attempt):
+                yield resp
+            return
+        name = attempt.handler.name
+        span = tracing.start_server_span("adapter ExternalProcessor/Process", parent, {
+            tracing.GEN_AI_SYSTEM: self._systems.get(name, "unknown"), "ccr.provider": name,
+            "ccr.translated": _metadata(context, ADAPTER_TRANSLATE_MD) == "1"})
+        try:
+            async for resp in Adapter.Process(self, request_iterator, context, attempt):
+                yield resp
+        finally:
+            usage = attempt.last.usage if attempt.last is not None else None
+            attrs = {tracing.GEN_AI_REQUEST_MODEL: attempt.model, "http.response.status_code": attempt.status or None,
+                     "ccr.usage_status": attempt.last.status.value if attempt.last is not None else None}
+            if usage:
+                attrs[tracing.GEN_AI_INPUT_TOKENS] = usage.get("input_tokens")
+                attrs[tracing.GEN_AI_OUTPUT_TOKENS] = usage.get("output_tokens")
+            span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+            span.end()
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext,
+        attempt: _Attempt | None = None,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        if attempt is None:
+            attempt = _Attempt(self._handler(context))
         async for req in request_iterator:
             kind = req.WhichOneof("request")
             if kind == "request_headers" and self._translates(attempt, req):
@@ -397,6 +448,8 @@ class Adapter(pb_grpc.ExternalProcessorServicer):
             attempt.body += req.request_body.body
             if not req.request_body.end_of_stream:  # BUFFERED sends one message; be safe with more
                 return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+            if tracing.TRACER is not None:
+                attempt.model = _model_asked(attempt.path, attempt.body)
             resp, a = await on_request_body(t, attempt.path, bytes(attempt.body), set_header)
             attempt.body = None
             out.append(resp)
@@ -531,7 +584,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
     # Batches and Files only: the pool opens on the first such request, never for Messages.
     objects = ObjectStore(runtime.postgres_dsn)
     endpoints = {name: o.endpoint for name, o in runtime.upstream_overrides.items()}
-    adapter = Adapter(build_handlers(config), objects, build_translating(config, endpoints))
+    systems = {p.name: tracing.gen_ai_system(config, p.name) or str(p.kind) for p in config.providers}
+    adapter = Adapter(build_handlers(config), objects, build_translating(config, endpoints), systems)
     pb_grpc.add_ExternalProcessorServicer_to_server(adapter, server)
     current = {"config": config}
 
