@@ -213,14 +213,15 @@ def test_upgrade_keeps_every_older_chain_verifiable(postgres_server: dict[str, o
     """A database with a chain from before migration 11 (fewer columns) and one from before 12 (not
     partitioned) is upgraded: rows are copied into time partitions and both chains still verify."""
     from audit.chain import Head, checkpoint_message, key_id, link_rows
-    from audit.entry import COLUMNS, DETAIL_COLUMNS
+    from audit.entry import COLUMNS
 
     dsn = create_database(str(postgres_server["admin_dsn"]), prefix="upgrade")
     full = list(db.MIGRATIONS)
     monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m[0] <= 10])
     db.migrate(dsn)
     signer = signing_key(tmp_path / "audit")
-    old_cols = ("id", *COLUMNS[:len(COLUMNS) - len(DETAIL_COLUMNS)])
+    # The columns before migration 11 (later migrations only add columns after them).
+    old_cols = ("id", *COLUMNS[:COLUMNS.index("client_request_id") + 1])
     old_rows = []
     for i, ts in enumerate([datetime(2025, 11, 3, tzinfo=UTC), MONTH0 + timedelta(hours=1)]):
         r = entry_to_row(entry(f"v10-{uuid.uuid4().hex[:6]}-{i}", start=ts))
@@ -240,7 +241,8 @@ def test_upgrade_keeps_every_older_chain_verifiable(postgres_server: dict[str, o
                      " VALUES (%s, 'request_log', 'v10', %s, %s, %s, %s)",
                      (ts, head.seq, head.hash, key_id(signer.public_key()),
                       signer.sign(checkpoint_message("request_log", "v10", head.seq, head.hash, ts))))
-    monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m[0] <= 11])
+    # Every migration but the partitioning: this receiver's columns (11 and later), one table.
+    monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m[0] != 12])
     db.migrate(dsn)
     chain11, _ = _write(dsn, tmp_path / "audit", [MONTH0 + timedelta(hours=2), MONTH0 + timedelta(hours=3)])
     keys = [signer.public_key()]
