@@ -301,7 +301,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         from ccr import config_cli
 
         if args.config_cmd == "apply":
-            return config_cli.apply(args.config, args.file, args.wait)
+            return config_cli.apply(args.config, args.file, args.wait, args.actor or _actor())
         return config_cli.status(args.config, args.json)
     if args.config_cmd == "schema":
         print(json_schema())
@@ -718,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(waits until Envoy and every service serve it)")
     ap_.add_argument("file")
     ap_.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every process (default 60)")
+    ap_.add_argument("--actor", help="who is making the change, for the admin log (default: cli:USER@HOST)")
     cst = cs.add_parser("status", help="the config version Envoy, the router and every service process serve")
     cst.add_argument("--json", action="store_true")
     cs.add_parser("envoy", help="print a static Envoy config (JSON) that uses the standalone services "
