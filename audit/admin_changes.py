@@ -57,8 +57,8 @@ def changed_paths(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[
                 out = []
                 for k in sorted(set(a) | set(b)):
                     out += changed_paths(a.get(k), b.get(k), f"{prefix}.{k}", depth + 1)
-                if not out:  # same items, new order (model routes match in order)
-                    out = [f"{prefix} (order)"]
+                if [k for k in a if k in b] != [k for k in b if k in a]:  # model routes match in order
+                    out.append(f"{prefix} (order)")
                 return out
     return [prefix or "(top level)"]
 
