@@ -59,6 +59,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def edit_limits(text: str, change: Callable[[Any], str]) -> tuple[str, str]:
+    """The config text with `change` applied to its `limits` mapping (everything else as it was:
+    comments, order, quoting), and what `change` says it did."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(text)
+    if doc.get("limits") is None:
+        doc["limits"] = {}
+    what = change(doc["limits"])
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    return out.getvalue(), what
+
+
 def _edit(args: argparse.Namespace, change: Callable[[Any], str]) -> int:
     """Apply `change` (to the file's `limits` mapping; returns what it did) through `ccr config apply`."""
     from ccr.config_cli import _run, apply
@@ -74,18 +88,11 @@ def _edit(args: argparse.Namespace, change: Callable[[Any], str]) -> int:
     if on_file != serving:
         raise ConfigError(f"{path} holds edits the gateway does not serve (it serves v{status['seq']}); apply or "
                           "revert them first (`ccr config status`), then change limits")
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    doc = yaml.load(text)
-    if doc.get("limits") is None:
-        doc["limits"] = {}
-    what = change(doc["limits"])
-    out = io.StringIO()
-    yaml.dump(doc, out)
+    edited, what = edit_limits(text, change)
     tmp = Path(runtime.run_dir) / CONFIG_DIR / f".limits-edit.{os.getpid()}.yaml"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(out.getvalue())
+        f.write(edited)
     try:
         print(what)
         return apply(args.config, str(tmp), args.wait, args.actor)

@@ -60,3 +60,23 @@ def test_record_once_writes_one_row_for_several_workers(postgres_dsn: str, tmp_p
     assert n == (2,)
     report = verify(postgres_dsn, [], None, None)
     assert not [p for p in report.problems if p.table == "admin_log"], report.problems
+
+
+def test_limits_edit_keeps_the_rest_of_the_file() -> None:
+    from ccr.limits_cli import edit_limits
+
+    text = ("# the team's gateway\ngateway:\n  request_timeout_s: 30  # long answers\nlimits:\n"
+            "  requests_per_minute: 600\n  rules:\n    - {name: eng, per: group, value: eng, amount: 300}\n")
+
+    def change(limits) -> str:
+        limits["rules"][0]["amount"] = 5
+        limits["rules"].append({"name": "new", "per": "key", "amount": 3})
+        return "changed"
+
+    out, what = edit_limits(text, change)
+    assert what == "changed"
+    assert out.startswith("# the team's gateway\n") and "request_timeout_s: 30  # long answers" in out
+    import yaml
+
+    assert yaml.safe_load(out)["limits"]["rules"] == [
+        {"name": "eng", "per": "group", "value": "eng", "amount": 5}, {"name": "new", "per": "key", "amount": 3}]
