@@ -301,7 +301,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         from ccr import config_cli
 
         if args.config_cmd == "apply":
-            return config_cli.apply(args.config, args.file, args.wait)
+            return config_cli.apply(args.config, args.file, args.wait, args.actor or _actor())
         return config_cli.status(args.config, args.json)
     if args.config_cmd == "schema":
         print(json_schema())
@@ -400,9 +400,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
 def _policy_push(args: argparse.Namespace) -> int:
     """PUT a bundle to the bundle server, or install it at the bundle path extauth watches, after
     checking it as extauth will (signature, WASM)."""
-    import urllib.error
-    import urllib.request
-
     from extauth.bundle import read_bundle
     from extauth.bundle_signing import BundleVerifier
 
@@ -420,8 +417,56 @@ def _policy_push(args: argparse.Namespace) -> int:
         return 2
     verifier = BundleVerifier.from_file(base / ver.key_file, ver.alg, ver.key_id, ver.scope) if ver else None
     b = read_bundle(args.bundle, verifier)  # BundleError: refused here, not by every extauth later
-    if dest is not None:
-        return _install_bundle(Path(args.bundle), dest, b, verifier is not None)
+    signed = verifier is not None
+
+    def push() -> int:
+        if dest is not None:
+            return _install_bundle(Path(args.bundle), dest, b, signed)
+        assert url is not None
+        return _put_bundle(args, url, b, signed)
+
+    return _recorded_push(args, b, str(dest or url), push)
+
+
+def _recorded_push(args: argparse.Namespace, b, destination: str, push) -> int:
+    """The push and its `policy.push` admin row commit together: the row is written first, in a
+    transaction that commits only after the bundle is installed or uploaded (a failed push leaves no
+    row). extauth records the revision again when it goes live (`policy.activate`)."""
+    import psycopg
+
+    from audit.admin import append_admin
+    from audit.admin_changes import POLICY_PUSH
+    from ccr.contract import POLICY_GLOBAL_SET
+    from extauth.policy_admin import policy_target
+
+    name = args.set or POLICY_GLOBAL_SET
+    with _dsn(args.config) as dsn:
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():
+                append_admin(conn, args.actor or _actor(), POLICY_PUSH, policy_target(name), None, {
+                    "set": name, "revision": b.revision, "digest": b.digest, "signed": b.signed,
+                    "destination": destination})
+                code = push()
+                if code != 0:
+                    raise _PushFailed(code)
+        except _PushFailed as e:
+            return e.code
+        except psycopg.Error as e:
+            print(f"ccr policy push: the admin log write failed ({str(e).strip()}); the bundle may be live without "
+                  "its policy.push row (extauth records its activation)", file=sys.stderr)
+            return 1
+    return 0
+
+
+class _PushFailed(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _put_bundle(args: argparse.Namespace, url: str, b, signed: bool) -> int:
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(url, data=Path(args.bundle).read_bytes(), method="PUT",
                                  headers={"Content-Type": "application/gzip"})
     if args.token_file:
@@ -436,7 +481,7 @@ def _policy_push(args: argparse.Namespace) -> int:
         print(f"ccr policy push: {url}: {e}", file=sys.stderr)
         return 1
     print(f"pushed {args.bundle} (revision {b.revision or '(none)'}, sha256 {b.digest[:12]}"
-          f"{', signature OK' if verifier else ''}) to {url}: HTTP {code}")
+          f"{', signature OK' if signed else ''}) to {url}: HTTP {code}")
     return 0
 
 
@@ -692,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--url", help="where to PUT it (default: policy.bundle.url)")
     pp.add_argument("--path", help="install it at this file instead (default, with no url: policy.bundle.path)")
     pp.add_argument("--token-file", help="file with a bearer token for the bundle server")
+    pp.add_argument("--actor", help="who is pushing, for the admin log (default: cli:USER@HOST)")
     psg = ps.add_parser("sign", help="sign an existing bundle (.tar.gz) as `opa build --signing-key` does")
     psg.add_argument("bundle", help="bundle .tar.gz")
     psg.add_argument("--signing-key", required=True, help="PEM private key (RS*/PS*/ES*) or HS* secret file")
@@ -718,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(waits until Envoy and every service serve it)")
     ap_.add_argument("file")
     ap_.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every process (default 60)")
+    ap_.add_argument("--actor", help="who is making the change, for the admin log (default: cli:USER@HOST)")
     cst = cs.add_parser("status", help="the config version Envoy, the router and every service process serve")
     cst.add_argument("--json", action="store_true")
     cs.add_parser("envoy", help="print a static Envoy config (JSON) that uses the standalone services "
@@ -746,10 +793,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_why(sub)
     from audit.cli import add_parser as add_audit_parser
-    from ccr import spend_cli
+    from ccr import limits_cli, spend_cli
 
     add_audit_parser(sub)
     spend_cli.add_parsers(sub, _dsn, _actor)
+    limits_cli.add_parsers(sub, _actor)
     config_on_every_command(ap)
     return ap
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ccr.config import ConfigError
 from ccr.config_sync import (
+    APPLY_ACTOR_FILE,
     CONFIG_DIR,
     STATUS_FILE,
     Version,
@@ -51,22 +52,41 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else "-"
 
 
-def apply(config_path: str, file: str, wait_s: float) -> int:
-    runtime, status = _run(config_path)
-    text = Path(file).read_text()
-    new = parse_text(text, file)  # ConfigError: exit 2, nothing written
-    current = Version(int(status["seq"]), str(status["digest"]))
-    problems = restart_only_changes(load_version(runtime.run_dir, current), new)
-    if problems:
-        raise ConfigError(f"{file}: not applied (the gateway keeps serving {current.label()}):\n  "
-                          + "\n  ".join(problems))
-    from router.__main__ import snapshot_for
+def _record_refusal(runtime: Runtime, actor: str, file: str, current: Version, digest: str | None,
+                    reason: str) -> None:
+    """An edit this command refuses never reaches the router: record the refusal here (best-effort)."""
+    from audit.admin_changes import CONFIG_REFUSED, AdminRecorder, NotRecorded, reason_text
 
     try:
-        snapshot_for(new, runtime)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"{file}: the Envoy config cannot be built: {e}") from None
-    digest = digest_of(new)
+        AdminRecorder(runtime.postgres_dsn).record(actor, CONFIG_REFUSED, "config", None, {
+            "digest": digest, "source": str(Path(file).resolve()), "reason": reason_text(reason),
+            "serving": current.as_dict()})
+    except NotRecorded as e:
+        print(f"(the refusal is not in the admin log: {e})", file=sys.stderr)
+
+
+def apply(config_path: str, file: str, wait_s: float, actor: str = "cli") -> int:
+    runtime, status = _run(config_path)
+    text = Path(file).read_text()
+    current = Version(int(status["seq"]), str(status["digest"]))
+    digest: str | None = None
+    try:
+        new = parse_text(text, file)  # ConfigError: exit 2, nothing written
+        digest = digest_of(new)
+        problems = restart_only_changes(load_version(runtime.run_dir, current), new)
+        if problems:
+            raise ConfigError(f"{file}: not applied (the gateway keeps serving {current.label()}):\n  "
+                              + "\n  ".join(problems))
+        from router.__main__ import snapshot_for
+
+        try:
+            snapshot_for(new, runtime)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{file}: the Envoy config cannot be built: {e}") from None
+    except ConfigError as e:
+        _record_refusal(runtime, actor, file, current, digest, str(e))
+        raise
+    assert digest is not None
     if digest == current.digest:
         print(f"{file}: the gateway already serves this config ({current.label()})")
         return 0
@@ -75,6 +95,11 @@ def apply(config_path: str, file: str, wait_s: float) -> int:
     tmp.write_text(text)
     tmp.chmod(target.stat().st_mode & 0o777)
     refusals = int(status.get("refusals") or 0)
+    # Who makes this edit, for the router's admin row (the run directory is the owner's only).
+    intent = Path(runtime.run_dir) / CONFIG_DIR / APPLY_ACTOR_FILE
+    itmp = intent.with_name(f".{intent.name}.{os.getpid()}.tmp")
+    itmp.write_text(json.dumps({"digest": digest, "actor": actor}))
+    itmp.replace(intent)
     tmp.replace(target)  # the router sees the old file or the new one, never half of one
     status_path = Path(runtime.run_dir) / CONFIG_DIR / STATUS_FILE
     deadline = time.monotonic() + wait_s

@@ -40,6 +40,9 @@ CONFIG_DIR = "config"  # under the run directory
 TARGETS_FILE = "targets.json"  # service -> {seq, digest}: the version each service must serve now
 STATUS_FILE = "status.json"  # the distributor's own state (router/config_push.py)
 ACKS_DIR = "acks"
+# `ccr config apply --actor`: {"digest", "actor"} of the edit it is about to write, so the router's
+# admin row names who made it (any other edit of the file is recorded as a file edit).
+APPLY_ACTOR_FILE = "apply-actor.json"
 POLL_S = 0.05  # how often a follower looks at targets.json (a stat)
 
 # Sections applied without a restart. Everything else is read once, at start.

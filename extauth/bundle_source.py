@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -206,6 +206,9 @@ class BundleLoader:
         # Set by extauth/policy_sets.py: called with (loader, "loaded" | "refused" | "checked") instead of
         # writing status_path, so every set's status lands in one file and in the metrics.
         self.on_status: Callable[[BundleLoader, str], None] | None = None
+        # Called with (loader, bundle) before a new bundle serves (extauth/policy_admin.py records it in
+        # the admin chain); raising refuses the bundle, and the next poll fetches it again.
+        self.before_live: Callable[[BundleLoader, Bundle], Awaitable[None]] | None = None
 
     @classmethod
     def from_config(cls, config, runtime, holder: PolicyHolder | None = None, **kw) -> tuple[BundleLoader, float]:
@@ -251,6 +254,12 @@ class BundleLoader:
                 raise
             raise BundleError(f"{self.source.describe}: {e}") from e
         assert engine is not None
+        if self.before_live is not None:
+            try:  # at start there is no last good bundle to keep: serve it, and say loudly it is unrecorded
+                await self.before_live(self, bundle)
+            except Exception as e:
+                log.error("policy bundle revision %r (sha256 %s) is not recorded in the admin log: %s",
+                          bundle.revision, bundle.digest[:12], e)
         self._loaded(bundle)
         return engine
 
@@ -271,12 +280,29 @@ class BundleLoader:
         if engine is None:
             self._write()
             return "unchanged"
+        if self.before_live is not None:
+            try:
+                await self.before_live(self, bundle)
+            except Exception as e:  # not recorded: not live (fail closed), fetched again next poll
+                engine.close()
+                self._forget_source()
+                log.error("policy bundle revision %r from %s not made live, keeping revision %r: %s",
+                          bundle.revision, self.source.describe, self.status.revision, e)
+                self._error(f"revision {bundle.revision!r} not made live: {e}")
+                return "refused"
         assert self.holder is not None
         old, self.holder.policy = self.holder.policy, engine  # the swap: one attribute rebind
         if old is not None:  # None: a shadow set whose first bundle failed (extauth/policy_sets.py)
             self._retire(old)
         self._loaded(bundle)
         return "loaded"
+
+    def _forget_source(self) -> None:
+        """Make the next fetch return the bundle again (a file's stamp, a server's ETag)."""
+        if isinstance(self.source, FileSource):
+            self.source._stamp = None
+        elif isinstance(self.source, HttpSource):
+            self.source.etag = None
 
     async def run(self, interval_s: float, wake: asyncio.Event | None = None) -> None:
         """Poll forever every `interval_s` (or at once when `wake` is set)."""

@@ -52,6 +52,7 @@ from ccr.contract import (
     H_REGION,
     H_REGION_HINT,
     H_REQUEST_ID,
+    POLICY_GLOBAL_SET,
     RL_GROUP_SEPARATOR,
     SET_HEADERS,
 )
@@ -77,6 +78,7 @@ from extauth.oidc import OidcVerifier
 from extauth.opa_envoy import OpaEnvoyError, apply_allowed
 from extauth.pii import Finding, TextOf, scan
 from extauth.policy import DENY_STATUS, Decision, PolicyEngine
+from extauth.policy_admin import activation_recorder
 from extauth.policy_input import InputError, RequestFacts, body_facts, request_text, source_address
 from extauth.policy_input import request_facts as request_facts_of
 from extauth.policy_sets import PolicySets
@@ -756,6 +758,9 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         loader, poll_interval = BundleLoader.from_config(config, runtime)
         # One status file and one set of metrics for the global set and those of policy.sets.
         sets = PolicySets.from_config(config, runtime, loader)
+        # Every bundle revision that goes live is recorded in the admin chain first (extauth/policy_admin.py).
+        for name, each in ((POLICY_GLOBAL_SET, loader), *((s.name, s.loader) for s in sets.sets)):
+            each.before_live = activation_recorder(runtime.postgres_dsn, name)
         policy = await loader.load_initial()
         await sets.load_initial()
     except BundleError as e:

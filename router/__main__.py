@@ -21,6 +21,7 @@ import grpc
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from audit.admin_changes import AdminRecorder
 from ccr.config import GatewayConfig
 from ccr.config_sync import load_version, publish_initial
 from ccr.contract import ID_ENVOY
@@ -99,7 +100,9 @@ async def setup(
     pub = Publisher(ads, base, registry)
     registry.on_change = pub.changed
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    dist = Distributor(pub, runtime, config, version, lambda c: snapshot_for(c, runtime))
+    dist = Distributor(pub, runtime, config, version, lambda c: snapshot_for(c, runtime),
+                       AdminRecorder(runtime.postgres_dsn))
+    await dist.record_start()
     tasks = [asyncio.create_task(watch_file(dist, Path(runtime.config_path))),
              asyncio.create_task(expire_loop(registry))]
     runner = await _serve_registration(registry, config, runtime)

@@ -29,9 +29,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from audit.admin_changes import (
+    CONFIG_APPLY,
+    CONFIG_REFUSED,
+    CONFIG_START,
+    AdminRecorder,
+    NotRecorded,
+    config_change,
+    reason_text,
+)
 from ccr import metrics
 from ccr.config import ConfigError, GatewayConfig
 from ccr.config_sync import (
+    APPLY_ACTOR_FILE,
     CONFIG_DIR,
     STATUS_FILE,
     Version,
@@ -79,8 +89,10 @@ class Distributor:
     """Owns the run's config version. `publisher` is router.__main__.Publisher (base snapshot + pool endpoints)."""
 
     def __init__(self, publisher, runtime: Runtime, config: GatewayConfig, current: Version,
-                 build: Callable[[GatewayConfig], Snapshot]) -> None:
+                 build: Callable[[GatewayConfig], Snapshot], recorder: AdminRecorder | None = None) -> None:
         self.pub, self.runtime, self.config, self.current, self.build = publisher, runtime, config, current, build
+        # Every accepted version and every refusal goes to the admin chain (audit/admin_changes.py).
+        self.recorder = recorder
         self.run_dir = Path(runtime.run_dir)
         self.status_path = self.run_dir / CONFIG_DIR / STATUS_FILE
         st = read_json(self.status_path) or {}
@@ -88,7 +100,8 @@ class Distributor:
                              "last_allocated": max(int(st.get("last_allocated") or 0), current.seq),
                              "history": st.get("history") or [], "last_error": st.get("last_error"),
                              "last_error_at": st.get("last_error_at"), "refused_digest": st.get("refused_digest"),
-                             "refusals": int(st.get("refusals") or 0)}
+                             "refusals": int(st.get("refusals") or 0),
+                             "admin_recorded_seq": st.get("admin_recorded_seq")}
         metrics.config_version("router", current.seq, current.digest)
         targets = read_targets(self.run_dir)
         if any(targets.get(n) != current for n in runtime.config_followers):
@@ -108,6 +121,46 @@ class Distributor:
         self._save(state="applied", last_error=message, last_error_at=time.time(), refused_digest=digest,
                    refusals=int(self.status["refusals"]) + 1)
 
+    # -- the admin chain ------------------------------------------------------------------------
+
+    def _actor(self, digest: str | None, source: str) -> str:
+        """`ccr config apply` leaves its actor for the digest it writes; any other edit is the file's."""
+        path = self.run_dir / CONFIG_DIR / APPLY_ACTOR_FILE
+        intent = read_json(path) or {}
+        if digest and intent.get("digest") == digest and isinstance(intent.get("actor"), str):
+            path.unlink(missing_ok=True)
+            return intent["actor"]
+        return f"file-edit:{source}"
+
+    async def _record(self, action: str, target: str, before: dict | None, after: dict | None, actor: str,
+                      *, must: bool) -> None:
+        """must: NotRecorded when the row is not committed (the change then does not go live)."""
+        if self.recorder is None:
+            return
+        if must:
+            await asyncio.to_thread(self.recorder.record, actor, action, target, before, after)
+        else:
+            await asyncio.to_thread(self.recorder.record_or_keep, actor, action, target, before, after)
+
+    async def _refused(self, message: str, digest: str | None, source: str, actor: str | None = None,
+                       seq: int | None = None) -> None:
+        self._refuse(message, digest)
+        after = {"digest": digest, "source": source, "reason": reason_text(message),
+                 "serving": self.current.as_dict()}
+        if seq is not None:
+            after["seq"] = seq  # recorded as config.apply, then rolled back
+        await self._record(CONFIG_REFUSED, f"config:v{seq}" if seq else "config", None, after,
+                           actor or self._actor(digest, source), must=False)
+
+    async def record_start(self) -> None:
+        """The version the run serves, once (a restarted router finds it recorded)."""
+        if self.status.get("admin_recorded_seq") == self.current.seq:
+            return
+        await self._record(CONFIG_START, f"config:v{self.current.seq}", None,
+                           {"seq": self.current.seq, "digest": self.current.digest,
+                            "source": self.runtime.config_path}, "ccr up", must=False)
+        self._save(admin_recorded_seq=self.current.seq)
+
     # -- one edit -------------------------------------------------------------------------------
 
     async def consider(self, text: str, source: str) -> None:
@@ -115,25 +168,38 @@ class Distributor:
         try:
             new = parse_text(text, source)
         except ConfigError as e:
-            return self._refuse(str(e), None)
+            return await self._refused(str(e), None, source)
         digest = digest_of(new)
         if digest == self.current.digest:
             return
         problems = restart_only_changes(self.config, new)
         if problems:
-            return self._refuse(f"{source}: " + "; ".join(problems), digest)
+            return await self._refused(f"{source}: " + "; ".join(problems), digest, source)
         try:
             final = self.build(new)
         except (ValueError, KeyError) as e:  # resources that cannot be built from it
-            return self._refuse(f"{source}: the Envoy config cannot be built: {e}", digest)
+            return await self._refused(f"{source}: the Envoy config cannot be built: {e}", digest, source)
         seq = int(self.status["last_allocated"]) + 1
         self.status["last_allocated"] = seq
         target = Version(seq, digest)
+        actor = self._actor(digest, source)
+        changed, limits_before, limits_after = config_change(self.config.model_dump(mode="json"),
+                                                            new.model_dump(mode="json"))
+        before: dict = {"seq": self.current.seq, "digest": self.current.digest}
+        after: dict = {"seq": seq, "digest": digest, "source": source, "changed": changed}
+        if limits_after is not None:
+            before["limits"], after["limits"] = limits_before, limits_after
+        try:
+            # Recorded before it goes live: a version the admin chain does not hold never serves.
+            await self._record(CONFIG_APPLY, f"config:v{seq}", before, after, actor, must=True)
+        except NotRecorded as e:
+            return await self._refused(f"{source}: not applied: {e}", digest, source, actor)
+        self.status["admin_recorded_seq"] = seq
         write_snapshot(self.run_dir, seq, text)
         try:
             await self._apply(new, target, final)
         except Refused as e:
-            return self._refuse(f"{source}: {e}", digest)
+            return await self._refused(f"{source}: {e}", digest, source, actor, seq)
 
     async def _apply(self, new: GatewayConfig, target: Version, final: Snapshot) -> None:
         old, old_base = self.current, self.pub.base

@@ -135,10 +135,18 @@ def test_grown_snapshot_adds_clusters_and_keeps_the_rest() -> None:
     assert g.version not in (old.version, new.version)
 
 
-def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path) -> None:
+def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path, postgres_dsn: str) -> None:
     """The distributor with real followers (in this loop) and an ADS server: the adapter refuses v2, so
-    extauth never gets it, Envoy's snapshot goes back to v1's, and the edit is recorded as refused."""
+    extauth never gets it, Envoy's snapshot goes back to v1's, and the edit is recorded as refused
+    (status file, and the admin chain: v2 recorded before it went out, then its rollback)."""
     import asyncio
+
+    import psycopg
+
+    from audit.admin_changes import AdminRecorder
+    from ccr import db
+
+    db.migrate(postgres_dsn)
 
     from router.__main__ import Publisher, snapshot_for
     from router.config_push import Distributor
@@ -161,7 +169,8 @@ def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path) -
         base = snapshot_for(config, runtime)
         ads = AdsServer(base)
         pub = Publisher(ads, base, Registry(config))
-        dist = Distributor(pub, runtime, config, v1, lambda c: snapshot_for(c, runtime))
+        dist = Distributor(pub, runtime, config, v1, lambda c: snapshot_for(c, runtime),
+                           AdminRecorder(postgres_dsn))
         adapter = Follower("adapter", "adapter.0", tmp_path, v1)
         extauth = Follower("extauth", "extauth.0", tmp_path, v1)
         applied: list[str] = []
@@ -194,3 +203,12 @@ def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path) -
             f.stop()
 
     asyncio.run(body())
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute("SELECT action, target, actor, before, after FROM admin_log WHERE chain_id = 'admin'"
+                            " AND (actor = 'file-edit:edit' OR actor = 'file-edit:edit 2') ORDER BY chain_seq"
+                            ).fetchall()
+    assert [(a, t) for a, t, *_ in rows] == [("config.apply", "config:v2"), ("config.refused", "config:v2"),
+                                             ("config.apply", "config:v3")]
+    assert "no translator for oss" in rows[1][4]["reason"] and rows[1][4]["seq"] == 2
+    assert rows[0][4]["changed"] == ["models.claude-oss-*", "providers.oss"]
+    assert rows[2][3]["limits"]["requests_per_minute"] == 600 and rows[2][4]["limits"]["requests_per_minute"] == 11
