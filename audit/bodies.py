@@ -183,12 +183,12 @@ class BodyWriter:
     so a record replayed after a commit that was not followed by its removal changes nothing.
     Only a full spool (or a failing disk) drops a body: counted and logged."""
 
-    def __init__(self, dsn: str, key: bytes, *, spool: Spool | None = None, queue_max: int = 1000,
+    def __init__(self, dsn: str, key: bytes | None, *, spool: Spool | None = None, queue_max: int = 1000,
                  batch_max: int = 64, batch_max_bytes: int = 4 * 1024 * 1024, write_timeout: float = 5.0,
                  backoff_initial: float = 0.1, backoff_max: float = 2.0, adopt_every_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.dsn = dsn
-        self.key = key
+        self.key = key  # None: only writes back what a spool holds (audit.bodies emptied since)
         self.spool = spool
         self.batch_max = batch_max
         self.batch_max_bytes = batch_max_bytes
@@ -209,6 +209,8 @@ class BodyWriter:
         self._task = asyncio.create_task(self._run(), name="request_body_writer")
 
     async def put(self, c: Captured) -> None:
+        if self.key is None:
+            raise BodyError("no body key: this writer only writes back spooled bodies")
         row = sealed_row(self.key, c)  # sealed at once: no plaintext waits in memory or reaches the disk
         if self.spool is not None:
             await self._queue.put(row)  # the writer spools what PostgreSQL does not take: never long

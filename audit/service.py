@@ -142,18 +142,24 @@ async def setup(
     if config.telemetry.metrics and writer.spool is not None:
         metrics.watch_spool(writer.spool)
     bodies = None
-    if config.audit.bodies:  # the body key is read by this process only (docs/audit.md "Bodies")
-        audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+    audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+    body_spool_root = audit_dir / BODY_SPOOL_DIR
+    # Bodies spooled before audit.bodies was emptied are still written (sealed: no key needed for that).
+    left = body_spool_root.is_dir() and any(
+        p.is_dir() and not p.name.startswith(".") for p in body_spool_root.iterdir())
+    if config.audit.bodies or left:
         # Their own spool beside the rows' (sealed records only), named after this receiver's chain.
-        body_spool = Spool(audit_dir / BODY_SPOOL_DIR, writer.chain_id, config.audit.body_spool_max_bytes,
+        body_spool = Spool(body_spool_root, writer.chain_id, config.audit.body_spool_max_bytes,
                            label="captured-body spool", when_full=BODY_SPOOL_WHEN_FULL)
         body_spool.open()
-        bodies = BodyWriter(runtime.audit_dsn or runtime.postgres_dsn, load_or_create_key(audit_dir),
-                            spool=body_spool, write_timeout=config.audit.write_timeout_s)
+        # The body key is read by this process only (docs/audit.md "Bodies").
+        key = load_or_create_key(audit_dir) if config.audit.bodies else None
+        bodies = BodyWriter(runtime.audit_dsn or runtime.postgres_dsn, key, spool=body_spool,
+                            write_timeout=config.audit.write_timeout_s)
         bodies.start()
         if config.telemetry.metrics:
             metrics.watch_spool(body_spool, "ccr_audit_body_spool", "the captured-body spool")
-    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config), bodies)
+    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config), bodies if config.audit.bodies else None)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
 
     def use_config(new: GatewayConfig) -> None:

@@ -238,3 +238,29 @@ def test_a_full_body_spool_drops_bodies_counted_and_returns(tmp_path: Path) -> N
 
     asyncio.run(run())
     assert DROPPED._value.get() == dropped + 3
+
+
+def test_bodies_spooled_before_capture_was_switched_off_are_still_written(tmp_path: Path, postgres_dsn: str) -> None:
+    """audit.bodies emptied while a body spool was left behind: the next receiver still writes it back
+    (sealed records need no key), and captures nothing itself."""
+    audit_dir = tmp_path / "audit"
+    key = load_or_create_key(audit_dir)
+    p = f"off-{uuid.uuid4().hex[:8]}-"
+    left = Spool(audit_dir / BODY_SPOOL_DIR, "20260101T000000-stopped", 1024 * 1024, label="captured-body spool")
+    left.open()
+    left.append([sealed_row(key, _capture(f"{p}{i}")) for i in range(3)])
+    left.close()
+    no_bodies = CONFIG.split("audit:")[0]
+    (tmp_path / "rx").mkdir()
+    with running_service("audit", tmp_path / "rx", no_bodies, postgres_dsn=postgres_dsn,
+                         audit_dir=str(audit_dir)) as rx, \
+            grpc.insecure_channel(str(rx.info["address"])) as channel:
+        assert _logged(rx, "captured-body spool: adopted 3 row(s)")()
+        _wait(_logged(rx, "captured-body spool drained"), "the left body spool to drain")
+        # Capture is off now: an entry carrying capture metadata stores no body.
+        send(Audit(als_pb2_grpc.AccessLogServiceStub(channel), rx, postgres_dsn),
+             [_captured_entry(p + "after", b"new prompt", b"new reply")])
+    assert sorted(_body_ids(postgres_dsn, "request_body", p)) == [f"{p}{i}" for i in range(3)]
+    for i in range(3):
+        opened = read_body(postgres_dsn, f"{p}{i}", [key])
+        assert opened is not None and opened.request == f"prompt of {p}{i}".encode()
