@@ -1,15 +1,17 @@
 """A durable, bounded, in-order local spool of access-log rows for when PostgreSQL is away.
 
-Each receiver process owns one directory under the spool root (named after its chain id, so
-names sort by start time) and holds an exclusive flock on it for its lifetime. The directory
-holds numbered segment files of records:
+Used for the access-log rows (audit/writer.py) and, under a root of their own, for the sealed
+captured bodies (audit/bodies.py). Each receiver process owns one directory under the spool
+root (named after its chain id, so names sort by start time) and holds an exclusive flock on
+it for its lifetime. The directory holds numbered segment files of records:
 
     4-byte big-endian payload length | 4-byte big-endian CRC-32 of the payload | payload
 
-where the payload is one batch of rows as JSON (timestamps as {"$t": ISO-8601}, bytes as {"$b": base64}). Every append
-is fsync'd before it counts as durable. A record is removed only after its rows are committed:
-a segment file is deleted once all its records are; a crash between the commit and the delete
-replays the record, which the writer's request_id de-duplication makes harmless.
+where the payload is one batch of rows as JSON (timestamps as {"$t": ISO-8601}, bytes as
+{"$b": base64}). Every append is fsync'd before it counts as durable. A record is removed only
+after its rows are committed: a segment file is deleted once all its records are; a crash
+between the commit and the delete replays the record, which the writer's request_id
+de-duplication makes harmless.
 
 On start a process adopts the directories no live process holds (a crashed or stopped worker,
 or a worker index that no longer exists): their segments are moved, oldest first, ahead of its
@@ -44,7 +46,8 @@ _ROWS_WHEN_FULL = ("the receiver stops reading Envoy's streams until PostgreSQL 
 
 
 class SpoolFull(Exception):
-    """The spool has no room for this batch; the caller must wait (back-pressure), not drop."""
+    """The spool has no room for this batch. The rows' writer waits (back-pressure), never drops; the
+    captured-body writer drops the bodies that do not fit, counted (audit/bodies.py)."""
 
 
 def _encode(rows: list[Row]) -> bytes:
