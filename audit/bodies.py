@@ -9,9 +9,11 @@ bytes at `<data_dir>/audit/bodies.key` (0600, directory 0700), made by the first
 starts; `key_id` (first 16 hex digits of its SHA-256) is stored with each row so that a rotated key
 is still found by `ccr audit body --key OLD_FILE`.
 
-Bodies are written by their own task on their own connection, apart from the hash-chained rows: a
-body is held in a bounded queue while PostgreSQL is away, and dropped with an error log (and the
-`ccr_audit_bodies_dropped_total` counter) when that queue is full; the row is never held back for it.
+Bodies are written by their own task on their own connection, apart from the hash-chained rows. While
+PostgreSQL is away or slow, the sealed (never plaintext) records go to their own durable spool
+(audit/spool.py, `<audit_dir>/body-spool/<chain_id>/`) and are written back when it returns; a body is
+dropped, with an error log and the `ccr_audit_bodies_dropped_total` counter, only when that spool is
+full or PostgreSQL refuses its content.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,16 +38,18 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import Counter
 
+from audit.spool import Spool, SpoolFull
 from ccr import metrics
 from ccr.contract import AUTHZ_BODY_CAPTURE, AUTHZ_NS, CAPTURE_NS
 
 log = logging.getLogger("ccr.audit")
 
 KEY_FILE = "bodies.key"
+BODY_SPOOL_DIR = "body-spool"  # under the audit directory, beside the rows' "spool"
 _AAD = b"ccr-audit-body-v1\n"
 REQUEST, RESPONSE = "request", "response"
 
-DROPPED = Counter("ccr_audit_bodies_dropped", "Captured bodies not stored (queue full or refused by PostgreSQL)",
+DROPPED = Counter("ccr_audit_bodies_dropped", "Captured bodies not stored (body spool full or refused by PostgreSQL)",
                   registry=metrics.REGISTRY)
 STORED = Counter("ccr_audit_bodies_stored", "Captured request/response body pairs stored encrypted",
                  registry=metrics.REGISTRY)
@@ -160,64 +166,218 @@ def sealed_row(key: bytes, c: Captured) -> tuple:
             c.request_truncated, sn, sct, c.response_bytes, c.response_truncated)
 
 
-class BodyWriter:
-    """Encrypts and inserts captured bodies on its own task and connection (never holds a row back)."""
+_DB_ERRORS = (psycopg.Error, OSError, TimeoutError)
+_ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+BODY_SPOOL_WHEN_FULL = ("captured bodies that do not fit are dropped (ccr_audit_bodies_dropped_total) until PostgreSQL "
+                        "takes some; the access log rows are not held back for them")
 
-    def __init__(self, dsn: str, key: bytes, queue_max: int = 1000, backoff_max: float = 5.0) -> None:
+
+class BodyWriter:
+    """Inserts sealed bodies on its own task and connection (never holds a row back).
+
+    Bodies are sealed in `put`, before anything else sees them, so neither the queue nor the spool
+    ever holds plaintext. A batch goes straight into `request_body` while the spool is empty; when
+    PostgreSQL fails or is slower than `write_timeout`, it is appended (fsync'd) to the body spool
+    instead, as is every later batch until the spool has been written back (retries back off).
+    Replays are idempotent: the INSERT skips a request_id already stored (ON CONFLICT DO NOTHING),
+    so a record replayed after a commit that was not followed by its removal changes nothing.
+    Only a full spool (or a failing disk) drops a body: counted and logged."""
+
+    def __init__(self, dsn: str, key: bytes | None, *, spool: Spool | None = None, queue_max: int = 1000,
+                 batch_max: int = 64, batch_max_bytes: int = 4 * 1024 * 1024, write_timeout: float = 5.0,
+                 backoff_initial: float = 0.1, backoff_max: float = 2.0, adopt_every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.dsn = dsn
-        self.key = key
+        self.key = key  # None: only writes back what a spool holds (audit.bodies emptied since)
+        self.spool = spool
+        self.batch_max = batch_max
+        self.batch_max_bytes = batch_max_bytes
+        self.write_timeout = write_timeout
+        self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._queue: asyncio.Queue[tuple] = asyncio.Queue(queue_max)
+        self.adopt_every_s = adopt_every_s
+        self.clock = clock
+        self._queue: asyncio.Queue[tuple | asyncio.Future[None]] = asyncio.Queue(queue_max)
         self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection | None = None
+        self._delay = backoff_initial
+        self._next_attempt = 0.0  # clock() before which PostgreSQL is not tried again
+        self._failures = 0
+        self._adopted_at = clock()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="request_body_writer")
 
-    def put(self, c: Captured) -> None:
+    async def put(self, c: Captured) -> None:
+        if self.key is None:
+            raise BodyError("no body key: this writer only writes back spooled bodies")
+        row = sealed_row(self.key, c)  # sealed at once: no plaintext waits in memory or reaches the disk
+        if self.spool is not None:
+            await self._queue.put(row)  # the writer spools what PostgreSQL does not take: never long
+            return
         try:
-            self._queue.put_nowait(sealed_row(self.key, c))  # sealed at once: no plaintext waits in memory
+            self._queue.put_nowait(row)
         except asyncio.QueueFull:
             DROPPED.inc()
-            log.error("captured bodies of %s dropped: %d wait for PostgreSQL already", c.request_id,
-                      self._queue.qsize())
+            log.error("captured bodies of %s dropped: %d wait for PostgreSQL already (no body spool)",
+                      c.request_id, self._queue.qsize())
 
     async def flush(self) -> None:
-        """Returns once every body put before it is stored or dropped."""
-        await self._queue.join()
+        """Returns once every body put before it is durable: stored, spooled, or dropped (counted)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(done)
+        await done
 
-    async def _run(self) -> None:
-        conn: psycopg.AsyncConnection | None = None
-        delay = 0.1
-        while True:
-            row = await self._queue.get()
-            while True:
-                try:
-                    if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                    await conn.execute(INSERT, row)
-                    STORED.inc()
-                    delay = 0.1
-                    break
-                except (psycopg.errors.DataError, psycopg.errors.IntegrityError):
-                    DROPPED.inc()
-                    log.exception("captured bodies of %s refused by PostgreSQL; dropped", row[0])
-                    break
-                except (psycopg.Error, OSError):
-                    log.warning("request_body insert failed; retrying in %.1fs", delay, exc_info=True)
-                    if conn is not None:
-                        with contextlib.suppress(Exception):
-                            await conn.close()
-                    conn = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.backoff_max)
-            self._queue.task_done()
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def stop(self, timeout: float | None = None) -> None:
+        if timeout is None:  # a batch PostgreSQL does not take in write_timeout is spooled
+            timeout = 2 * self.write_timeout + 5.0
+        try:
             await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            log.error("stopping with %d captured body record(s) neither stored nor spooled", self._queue.qsize())
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._reset()
+        if self.spool is not None:
+            self.spool.close()
+
+    # -- the writer task ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            wake: list[float] = []
+            if self.spool is not None:
+                wake.append(self._adopted_at + self.adopt_every_s)
+                if not self.spool.empty():
+                    wake.append(self._next_attempt)
+            timeout = max(0.0, min(wake) - self.clock()) if wake else None
+            try:
+                item: tuple | asyncio.Future[None] | None = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                item = None
+            batch: list[tuple] = []
+            waiters: list[asyncio.Future[None]] = []
+            size = 0
+            while item is not None:
+                if isinstance(item, asyncio.Future):
+                    waiters.append(item)
+                else:
+                    batch.append(item)
+                    size += len(item[5]) + len(item[9] or b"")
+                if len(batch) >= self.batch_max or size >= self.batch_max_bytes or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            try:
+                if batch:
+                    await self._accept(batch)
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+                if self.spool is not None and self.clock() >= self._adopted_at + self.adopt_every_s:
+                    self._adopted_at = self.clock()
+                    self.spool.adopt_orphans()
+                if self.spool is not None and not self.spool.empty() and self.clock() >= self._next_attempt:
+                    await self._drain(max_batches=20)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the writer outlives any one surprise; what it holds stays spooled
+                log.exception("captured body writer error")
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+
+    async def _accept(self, batch: list[tuple]) -> None:
+        if self.spool is None:
+            await self._write_retrying(batch)
+            return
+        if self.spool.empty() and self.clock() >= self._next_attempt:
+            try:
+                await asyncio.wait_for(self._write(batch), self.write_timeout)
+                self._succeeded()
+                return
+            except _DB_ERRORS as e:
+                await self._failed(e, len(batch))
+        pending, size = batch, len(batch)
+        while pending:
+            try:
+                self.spool.append(pending[:size])
+                pending, size = pending[size:], len(pending) - size
+            except SpoolFull:
+                if size > 1:  # a smaller piece may fit in the room left
+                    size //= 2
+                    continue
+                DROPPED.inc()
+                log.error("captured bodies of %s dropped: the body spool is full (%d of %d bytes) or not writable",
+                          pending[0][0], self.spool.bytes, self.spool.max_bytes)
+                pending, size = pending[1:], len(pending) - 1
+
+    async def _drain(self, max_batches: int) -> None:
+        assert self.spool is not None
+        for _ in range(max_batches):
+            rows = self.spool.peek()
+            if rows is None:
+                return
+            try:
+                await asyncio.wait_for(self._write(rows), self.write_timeout)
+            except _DB_ERRORS as e:
+                await self._failed(e, self.spool.rows)
+                return
+            self._succeeded()
+            self.spool.consume(len(rows))
+
+    async def _write_retrying(self, batch: list[tuple]) -> None:
+        """Without a spool: retry until written (the bounded queue drops what comes meanwhile)."""
+        while True:
+            try:
+                await self._write(batch)
+                self._succeeded()
+                return
+            except _DB_ERRORS as e:
+                await self._failed(e, len(batch))
+                await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
+
+    async def _write(self, batch: list[tuple]) -> None:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.dsn, application_name="ccr-audit-bodies", connect_timeout=5, autocommit=True)
+        conn = self._conn
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(INSERT, batch)
+            STORED.inc(len(batch))
+        except _ROW_ERRORS as e:  # one body's content: the others still go in, one by one
+            log.warning("batch of %d captured bodies rejected (%s); writing them one by one", len(batch), e)
+            for row in batch:
+                try:
+                    await conn.execute(INSERT, row)
+                    STORED.inc()
+                except _ROW_ERRORS:
+                    DROPPED.inc()
+                    log.exception("captured bodies of %s refused by PostgreSQL; dropped", row[0])
+
+    def _succeeded(self) -> None:
+        if self._failures:
+            log.info("request_body writable again after %d failed attempt(s)", self._failures)
+        self._failures = 0
+        self._delay = self.backoff_initial
+        self._next_attempt = 0.0
+
+    async def _failed(self, e: BaseException, waiting: int) -> None:
+        self._failures += 1
+        n = self._failures
+        level = logging.WARNING if n <= 3 or n & (n - 1) == 0 else logging.DEBUG
+        log.log(level, "request_body write failed (attempt %d, %d body record(s) kept, retry in %.1fs): %s: %s",
+                n, waiting, self._delay, type(e).__name__, e)
+        self._next_attempt = self.clock() + self._delay
+        self._delay = min(self._delay * 2, self.backoff_max)
+        await self._reset()
+
+    async def _reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
+                await conn.close()
 
 
 def drop_expired(dsn: str, now: datetime) -> int:

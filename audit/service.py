@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from audit.bodies import BodyWriter, captured, load_or_create_key
+from audit.bodies import BODY_SPOOL_DIR, BODY_SPOOL_WHEN_FULL, BodyWriter, captured, load_or_create_key
 from audit.chain import CHECKPOINT_LOG, signing_key
 from audit.entry import MalformedEntry, Namespaces, RowFacts, entry_to_row
 from audit.ledger import Spend, SpendRecorder
@@ -75,7 +75,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     try:
                         c = captured(entry)
                         if c is not None:
-                            self.bodies.put(c)
+                            await self.bodies.put(c)
                     except Exception:
                         log.exception("captured bodies of request_id=%r unreadable; not stored",
                                       entry.request.request_id)
@@ -142,11 +142,24 @@ async def setup(
     if config.telemetry.metrics and writer.spool is not None:
         metrics.watch_spool(writer.spool)
     bodies = None
-    if config.audit.bodies:  # the body key is read by this process only (docs/audit.md "Bodies")
-        audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
-        bodies = BodyWriter(runtime.audit_dsn or runtime.postgres_dsn, load_or_create_key(audit_dir))
+    audit_dir = Path(runtime.audit_dir) if runtime.audit_dir else Path(runtime.run_dir) / "audit"
+    body_spool_root = audit_dir / BODY_SPOOL_DIR
+    # Bodies spooled before audit.bodies was emptied are still written (sealed: no key needed for that).
+    left = body_spool_root.is_dir() and any(
+        p.is_dir() and not p.name.startswith(".") for p in body_spool_root.iterdir())
+    if config.audit.bodies or left:
+        # Their own spool beside the rows' (sealed records only), named after this receiver's chain.
+        body_spool = Spool(body_spool_root, writer.chain_id, config.audit.body_spool_max_bytes,
+                           label="captured-body spool", when_full=BODY_SPOOL_WHEN_FULL)
+        body_spool.open()
+        # The body key is read by this process only (docs/audit.md "Bodies").
+        key = load_or_create_key(audit_dir) if config.audit.bodies else None
+        bodies = BodyWriter(runtime.audit_dsn or runtime.postgres_dsn, key, spool=body_spool,
+                            write_timeout=config.audit.write_timeout_s)
         bodies.start()
-    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config), bodies)
+        if config.telemetry.metrics:
+            metrics.watch_spool(body_spool, "ccr_audit_body_spool", "the captured-body spool")
+    servicer = AccessLogServicer(writer, spend, observer, RowFacts(config), bodies if config.audit.bodies else None)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
 
     def use_config(new: GatewayConfig) -> None:

@@ -1,15 +1,17 @@
 """A durable, bounded, in-order local spool of access-log rows for when PostgreSQL is away.
 
-Each receiver process owns one directory under the spool root (named after its chain id, so
-names sort by start time) and holds an exclusive flock on it for its lifetime. The directory
-holds numbered segment files of records:
+Used for the access-log rows (audit/writer.py) and, under a root of their own, for the sealed
+captured bodies (audit/bodies.py). Each receiver process owns one directory under the spool
+root (named after its chain id, so names sort by start time) and holds an exclusive flock on
+it for its lifetime. The directory holds numbered segment files of records:
 
     4-byte big-endian payload length | 4-byte big-endian CRC-32 of the payload | payload
 
-where the payload is one batch of rows as JSON (timestamps as {"$t": ISO-8601}). Every append
-is fsync'd before it counts as durable. A record is removed only after its rows are committed:
-a segment file is deleted once all its records are; a crash between the commit and the delete
-replays the record, which the writer's request_id de-duplication makes harmless.
+where the payload is one batch of rows as JSON (timestamps as {"$t": ISO-8601}, bytes as
+{"$b": base64}). Every append is fsync'd before it counts as durable. A record is removed only
+after its rows are committed: a segment file is deleted once all its records are; a crash
+between the commit and the delete replays the record, which the writer's request_id
+de-duplication makes harmless.
 
 On start a process adopts the directories no live process holds (a crashed or stopped worker,
 or a worker index that no longer exists): their segments are moved, oldest first, ahead of its
@@ -18,6 +20,7 @@ own, so nothing spooled is ever stranded.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -38,19 +41,30 @@ SEGMENT_SUFFIX = ".seg"
 Row = tuple[Any, ...]
 
 
+_ROWS_WHEN_FULL = ("the receiver stops reading Envoy's streams until PostgreSQL is back; Envoy buffers, then "
+                   "drops (its stat access_logs.grpc_access_log.logs_dropped counts them)")
+
+
 class SpoolFull(Exception):
-    """The spool has no room for this batch; the caller must wait (back-pressure), not drop."""
+    """The spool has no room for this batch. The rows' writer waits (back-pressure), never drops; the
+    captured-body writer drops the bodies that do not fit, counted (audit/bodies.py)."""
 
 
 def _encode(rows: list[Row]) -> bytes:
     def enc(v: Any) -> Any:
-        return {"$t": v.isoformat()} if isinstance(v, datetime) else v
+        if isinstance(v, datetime):
+            return {"$t": v.isoformat()}
+        if isinstance(v, bytes):  # the body spool's nonces and ciphertexts (audit/bodies.py)
+            return {"$b": base64.b64encode(v).decode()}
+        return v
     return json.dumps([[enc(v) for v in r] for r in rows], separators=(",", ":"), allow_nan=False).encode()
 
 
 def _decode(payload: bytes) -> list[Row]:
     def dec(v: Any) -> Any:
-        return datetime.fromisoformat(v["$t"]) if isinstance(v, dict) else v
+        if isinstance(v, dict):
+            return datetime.fromisoformat(v["$t"]) if "$t" in v else base64.b64decode(v["$b"])
+        return v
     return [tuple(dec(v) for v in r) for r in json.loads(payload)]
 
 
@@ -77,8 +91,11 @@ def _read_records(path: Path) -> tuple[list[tuple[int, int]], int]:
 
 
 class Spool:
-    def __init__(self, root: Path, owner: str, max_bytes: int, segment_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, owner: str, max_bytes: int, segment_bytes: int = 4 * 1024 * 1024, *,
+                 label: str = "access log spool", when_full: str = _ROWS_WHEN_FULL) -> None:
         self.root = root
+        self.label = label  # names this spool in its log lines (the rows' or the captured bodies')
+        self.when_full = when_full  # what the owner does with what does not fit, for the FULL log line
         self.dir = root / owner
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
@@ -129,8 +146,8 @@ class Spool:
                 os.close(fd)
         adopted = self.rows - before
         if adopted:
-            log.warning("access log spool: adopted %d row(s) spooled by a process no longer running; "
-                        "they are written to PostgreSQL with this receiver's", adopted)
+            log.warning("%s: adopted %d row(s) spooled by a process no longer running; "
+                        "they are written to PostgreSQL with this receiver's", self.label, adopted)
         return adopted
 
     def close(self) -> None:
@@ -145,8 +162,8 @@ class Spool:
             with contextlib.suppress(OSError):  # someone looking for orphans put a lock file in it
                 self.dir.rmdir()
         elif self.rows:
-            log.warning("access log spool: %d row(s) (%d bytes) left in %s; the next receiver writes them",
-                        self.rows, self.bytes, self.dir)
+            log.warning("%s: %d row(s) (%d bytes) left in %s; the next receiver writes them",
+                        self.label, self.rows, self.bytes, self.dir)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -168,9 +185,9 @@ class Spool:
         for seg in sorted(other.glob("*" + SEGMENT_SUFFIX)):
             records, end = _read_records(seg)
             if end != seg.stat().st_size:
-                log.error("access log spool: %s ends with %d byte(s) of an incomplete record (never "
+                log.error("%s: %s ends with %d byte(s) of an incomplete record (never "
                           "acknowledged: the process stopped while writing it); ignored",
-                          seg, seg.stat().st_size - end)
+                          self.label, seg, seg.stat().st_size - end)
                 os.truncate(seg, end)
             if not records:
                 seg.unlink()
@@ -204,10 +221,8 @@ class Spool:
         size = _HEADER.size + len(payload)
         if self.bytes + size > self.max_bytes:
             if not self._full_logged:
-                log.error("access log spool FULL (%d of %d bytes, %d rows waiting for PostgreSQL): the receiver "
-                          "stops reading Envoy's streams until PostgreSQL is back; Envoy buffers, then drops "
-                          "(its stat access_logs.grpc_access_log.logs_dropped counts them)",
-                          self.bytes, self.max_bytes, self.rows)
+                log.error("%s FULL (%d of %d bytes, %d rows waiting for PostgreSQL): %s",
+                          self.label, self.bytes, self.max_bytes, self.rows, self.when_full)
                 self._full_logged = True
             raise SpoolFull
         seg = self._segments[-1] if self._segments else None
@@ -222,7 +237,7 @@ class Spool:
         except OSError as e:
             # A disk full or failing: cut the partial record off so later ones stay readable,
             # and hold the rows back (the caller waits) instead of losing them.
-            log.error("access log spool write failed (%s); waiting for PostgreSQL or space", e)
+            log.error("%s write failed (%s); waiting for PostgreSQL or space", self.label, e)
             with contextlib.suppress(OSError):
                 self._write_file.truncate(start)
                 self._write_file.seek(start)
@@ -248,10 +263,10 @@ class Spool:
     def _report_growth(self, was_empty: bool) -> None:
         step = self.bytes * 10 // self.max_bytes  # each tenth of the bound, once
         if was_empty:
-            log.warning("access log spool: PostgreSQL unavailable or slow; spooling rows to %s", self.dir)
+            log.warning("%s: PostgreSQL unavailable or slow; spooling rows to %s", self.label, self.dir)
         if step > self._logged_step:
-            log.warning("access log spool grew to %d bytes (%d%% of %d), %d rows waiting",
-                        self.bytes, step * 10, self.max_bytes, self.rows)
+            log.warning("%s grew to %d bytes (%d%% of %d), %d rows waiting",
+                        self.label, self.bytes, step * 10, self.max_bytes, self.rows)
         self._logged_step = max(self._logged_step, step)
 
     # -- draining ----------------------------------------------------------------------
@@ -279,7 +294,7 @@ class Spool:
         if seg[2] == len(seg[1]):
             self._drop_first()
         if not self._segments:
-            log.warning("access log spool drained: every spooled row is in PostgreSQL")
+            log.warning("%s drained: every spooled row is in PostgreSQL", self.label)
             self._logged_step = 0
             self._full_logged = False
             self.rows = 0

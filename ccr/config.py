@@ -294,6 +294,9 @@ class AuditSettings(Strict):
     bodies: list[AuditBodyRule] = []
     # The most bytes kept of each body (request, response); a longer one is kept cut, with a flag.
     body_max_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 256 * 1024
+    # The captured bodies' own spool (sealed records only) while PostgreSQL is down or slow; when full,
+    # bodies are dropped (counted, logged), never the rows.
+    body_spool_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = 1024 * 1024 * 1024
 
     # The local spool that takes rows while PostgreSQL is down or slow. When full, the receiver
     # stops reading Envoy's streams (nothing is dropped by it); Envoy then buffers and drops.

@@ -227,13 +227,14 @@ def xds_nacked(type_name: str) -> None:
     XDS_NACKS.labels(type_name).inc()
 
 
-def watch_spool(spool: Any) -> None:
-    """Read the spool's size at scrape time (no cost per row)."""
-    Gauge("ccr_audit_spool_bytes", "Bytes in the access log spool, waiting for PostgreSQL.",
+def watch_spool(spool: Any, name: str = "ccr_audit_spool", what: str = "the access log spool") -> None:
+    """Read the spool's size at scrape time (no cost per row). The rows' spool is `ccr_audit_spool_*`,
+    the captured bodies' `ccr_audit_body_spool_*` (audit/bodies.py)."""
+    Gauge(f"{name}_bytes", f"Bytes in {what}, waiting for PostgreSQL.",
           registry=REGISTRY).set_function(lambda: spool.bytes)
-    Gauge("ccr_audit_spool_rows", "Rows in the access log spool, waiting for PostgreSQL.",
+    Gauge(f"{name}_rows", f"Rows in {what}, waiting for PostgreSQL.",
           registry=REGISTRY).set_function(lambda: spool.rows)
-    Gauge("ccr_audit_spool_max_bytes", "The spool's bound (audit.spool_max_bytes).",
+    Gauge(f"{name}_max_bytes", f"The bound of {what} (audit.spool_max_bytes, audit.body_spool_max_bytes).",
           registry=REGISTRY).set(spool.max_bytes)
 
 
