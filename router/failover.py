@@ -19,6 +19,7 @@ target's; the Anthropic attempts before it stay byte-faithful passthrough (`_mix
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -123,13 +124,16 @@ def _mixed_filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]
         {"name": "envoy.filters.http.header_mutation", "typed_config": {
             "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [*upstream_hygiene(), _SET_ATTEMPT]}}},
-        _guarded(passthrough, {"name": "envoy.filters.http.lua", "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": meter_lua}}}, "meter"),
-        {"name": "ccr.chain.attempt", "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [_SET_ATTEMPT]}}},
     ]
+    if passthrough:
+        out += [
+            _guarded(passthrough, {"name": "envoy.filters.http.lua", "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": meter_lua}}}, "meter"),
+            {"name": "ccr.chain.attempt", "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [_SET_ATTEMPT]}}},
+        ]
     for p in passthrough:
         out += [_guarded(p, f) for f in _injectors(p, runtime)]
     for p in translated:
@@ -195,10 +199,28 @@ def _filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
     ]
 
 
+CHAIN_RESTORE_LUA = Path(__file__).with_name("chain_restore.lua")
+
+
+def _restore() -> Json:
+    """router/chain_restore.lua: every attempt starts from the client's request headers (a translating
+    attempt before it rewrote the shared header map)."""
+    return {"name": "ccr.chain.restore", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": CHAIN_RESTORE_LUA.read_text()}}}
+
+
 def _with_alias(config: GatewayConfig, filters: list[Json]) -> list[Json]:
     from router.resources import alias_filter
 
     return [alias_filter(), *filters] if config.aliases else filters
+
+
+def _upstream_filters(chain: Chain, config: GatewayConfig, filters: list[Json]) -> list[Json]:
+    # Only a translating attempt rewrites the request's headers: Anthropic-only chains need no restore.
+    if any(p.kind != ProviderKind.anthropic for p in chain.providers):
+        return [_restore(), *filters]
+    return filters
 
 
 def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_lua: str) -> Json:
@@ -235,7 +257,7 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
             "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": _with_alias(config, _filters(chain, runtime, meter_lua)),
+            "http_filters": _upstream_filters(chain, config, _with_alias(config, _filters(chain, runtime, meter_lua))),
         }},
     }
     if sockets:
