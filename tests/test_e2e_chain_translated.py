@@ -32,7 +32,7 @@ from ccr.procs import Child, spawn, wait_ready_file
 from ccr.supervisor import Gateway
 from emulators import bedrock
 from tests.harness import REPO, log_row, running_gateway
-from tests.provider_emulators import AWS_KEY_ID, AWS_SECRET, Emulators, running_emulators
+from tests.provider_emulators import AWS_KEY_ID, AWS_SECRET, running_emulators
 
 KEY = "sk-ant-chain-test"
 KEY_ENV = "CCR_T_CHAIN_KEY"
@@ -153,9 +153,8 @@ def test_a_400_from_the_first_region_is_not_failed_over(world: World) -> None:
     try:
         with pytest.raises(anthropic.BadRequestError):
             c.messages.create(model=SONNET, max_tokens=16, messages=HI)
-        with pytest.raises(anthropic.BadRequestError):
-            with c.messages.stream(model=SONNET, max_tokens=16, messages=HI) as s:
-                list(s)
+        with pytest.raises(anthropic.BadRequestError), c.messages.stream(model=SONNET, max_tokens=16, messages=HI) as s:
+            list(s)
     finally:
         world.east.fail_status = None
     assert len(world.west.records) == w0
