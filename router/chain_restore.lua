@@ -11,14 +11,20 @@
 -- metadata of the request (upstream filters share the downstream stream info); every later attempt
 -- puts exactly those back: changed ones reset, added ones removed, removed ones restored. Left to Envoy:
 -- the other pseudo-headers (:authority is set per attempt from the endpoint) and x-envoy-* (set by
--- the router per attempt). Credentials and x-ccr-* are then dropped by the chain's hygiene step as on
--- any attempt.
+-- the router per attempt). Credentials and x-ccr-* are neither saved nor put back: the chain's hygiene
+-- step after this drops them on the first attempt, so no later attempt has them either.
 
 local NS = "ccr.chain.request" -- ccr.contract.CHAIN_REQUEST_NS
 
+-- Never saved (the chain's hygiene step drops them from every attempt anyway): the client's credentials and
+-- the gateway's x-ccr-* headers. Dynamic metadata reaches the access log, and a gateway key must not.
+local SECRET = { ["authorization"] = true, ["x-api-key"] = true, ["proxy-authorization"] = true }
+
 local function kept(name)
   if name == ":path" or name == ":method" then return true end
-  return string.sub(name, 1, 1) ~= ":" and string.sub(name, 1, 8) ~= "x-envoy-"
+  local first = string.sub(name, 1, 1)
+  return first ~= ":" and string.sub(name, 1, 8) ~= "x-envoy-" and string.sub(name, 1, 6) ~= "x-ccr-"
+    and not SECRET[name]
 end
 
 function envoy_on_request(handle) -- luacheck: ignore 111

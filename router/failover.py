@@ -12,9 +12,12 @@ host Envoy picked (%UPSTREAM_METADATA%) and inject only that provider's credenti
 headers are shared by the attempts, so hygiene runs first on every attempt: the previous target's
 credential never reaches the next one.
 
-A chain may end in one translated target (Bedrock, Vertex, an OpenAI-compatible server): its attempt
-runs the adapter (ext_proc) guarded the same way, so translation happens per attempt and only on that
-target's; the Anthropic attempts before it stay byte-faithful passthrough (`_mixed_filters`).
+A chain may hold translated targets (Bedrock, Vertex, an OpenAI-compatible server) anywhere, several
+too: each one's attempt runs the adapter (ext_proc) guarded the same way, so translation happens per
+attempt and only on that target's; Anthropic attempts stay byte-faithful passthrough (`_mixed_filters`).
+A translating attempt rewrites the shared header map (:path, content-length, SigV4, no
+anthropic-version), so such a chain starts with router/chain_restore.lua, which puts the client's
+headers back at the start of every attempt.
 """
 
 from __future__ import annotations
@@ -111,10 +114,10 @@ def _strip() -> Json:
 
 
 def _mixed_filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
-    """A chain crossing provider kinds (ccr/routing.py failover_capable): Anthropic API targets, then one
-    translated target. Per attempt: hygiene and the attempt's provider first; on an Anthropic attempt the
+    """A chain crossing provider kinds (ccr/routing.py failover_capable), in any order. Per attempt (after
+    the restore step, `_upstream_filters`): hygiene and the attempt's provider first; on an Anthropic attempt the
     usage meter (it also strips x-ccr-*, so the attempt's provider is set again after it) and its key; on
-    the translated attempt the adapter (translation, signing, metering) and, for a keyed OpenAI-compatible
+    a translated attempt its own adapter (translation, signing, metering) and, for a keyed OpenAI-compatible
     server, its key. Every filter but hygiene runs only for its own target."""
     from router.resources import translated_credential, translating_adapter
 
