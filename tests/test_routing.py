@@ -205,8 +205,8 @@ def test_mixed_chain_filters_guard_each_target_and_pass_envoy_validate(tmp_path:
     chain = {c["name"]: c for c in res.clusters}["chain_0_any"]
     filters = chain["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]
     names = [f["name"] for f in filters]
-    assert names == ["ccr.chain.restore", "ccr.alias", "envoy.filters.http.header_mutation", "ccr.chain.meter", "ccr.chain.attempt",
-                     "ccr.chain.us1", "ccr.chain.us2", "ccr.chain.bed.adapter", "ccr.chain.strip",
+    assert names == ["ccr.chain.restore", "ccr.alias", "envoy.filters.http.header_mutation", "ccr.chain.meter",
+                     "ccr.chain.attempt", "ccr.chain.us1", "ccr.chain.us2", "ccr.chain.bed.adapter", "ccr.chain.strip",
                      "envoy.filters.http.upstream_codec"]
     adapter = filters[names.index("ccr.chain.bed.adapter")]["typed_config"]
     assert adapter["extension_config"]["typed_config"]["grpc_service"]["initial_metadata"] == [
