@@ -56,6 +56,7 @@ class BedrockEmulator:
         self.records: list[dict[str, Any]] = []
         # Tests set this to make every call fail with that status (a regional outage), after the signature check.
         self.fail_status: int | None = None
+        self.reset = False  # tests set this to drop every connection before a reply (a dead endpoint)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -102,6 +103,10 @@ class BedrockEmulator:
             rec["status"] = 403
             kind = "InvalidSignatureException" if "signature" in why.lower() else "UnrecognizedClientException"
             return error(403, kind, why)
+        if self.reset and request.transport is not None:
+            rec["status"] = 0
+            request.transport.close()
+            raise ConnectionResetError("emulated reset")
         if self.fail_status is not None:
             rec["status"] = self.fail_status
             return error(self.fail_status, "InternalServerException" if self.fail_status != 429 else

@@ -189,6 +189,20 @@ def test_anthropic_then_two_bedrock_regions(world: World, east_down: None) -> No
     assert [r["status"] for r in west] == [200, 200] and all(_signed_for(r, "us-west-2") and _clean(r) for r in west)
 
 
+def test_a_region_that_resets_connections_fails_over_streamed_and_not(world: World) -> None:
+    c = _client(world)
+    e0, w0 = len(world.east.records), len(world.west.records)
+    world.east.reset = True
+    try:
+        assert c.messages.create(model=SONNET, max_tokens=8, messages=HI).content
+        with c.messages.stream(model=SONNET, max_tokens=8, messages=HI) as s:
+            assert s.get_final_message().content
+    finally:
+        world.east.reset = False
+    assert [r["status"] for r in world.east.records[e0:]] == [0, 0]
+    assert [r["status"] for r in world.west.records[w0:]] == [200, 200]
+
+
 def test_with_every_target_up_the_first_serves(world: World) -> None:
     c = _client(world)
     e0, w0 = len(world.east.records), len(world.west.records)
