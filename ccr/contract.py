@@ -11,6 +11,9 @@ from enum import StrEnum
 
 # Dynamic metadata namespaces.
 AUTHZ_NS = "envoy.filters.http.ext_authz"  # written by extauth's CheckResponse
+# The client's request headers, saved by a failover chain's first attempt and put back on every later
+# one (router/chain_restore.lua, which spells it out too: tests check they agree).
+CHAIN_REQUEST_NS = "ccr.chain.request"
 USAGE_NS = "ccr.usage"  # written by the adapter at the end of each upstream attempt
 
 # Fields of USAGE_NS. Token counts are numbers, or null when unknown (never a made-up 0).

@@ -9,9 +9,9 @@ targets in order, so the route's retry policy (previous_priorities) moves each r
 target. A request the policy binds to a region uses a chain of that region's targets only: a
 target outside the region is not in the cluster at all, so no retry can reach it.
 
-A chain may cross provider kinds (Anthropic API targets, then one Bedrock, Vertex or OpenAI-compatible
-target translated by the adapter on its own attempt): `failover_capable` says which orders Envoy's
-shared per-attempt headers allow (docs/routing.md).
+A chain may cross provider kinds in any order (Anthropic API targets and Bedrock, Vertex or
+OpenAI-compatible targets translated by the adapter on their own attempts): `failover_capable` says
+which client schemas a chain serves (docs/routing.md).
 
 Model aliases are resolved here too (`resolve`): every caller asks this module what a model id means.
 """
@@ -47,14 +47,12 @@ def eligible(config: GatewayConfig, m: Model, region: str | None) -> list[Provid
 
 
 def failover_capable(schema: str, providers: list[Provider] | tuple[Provider, ...]) -> bool:
-    """Whether a chain of `providers` can fail over for an Anthropic client: Anthropic API targets
-    (passthrough), optionally followed by one translated target as the last resort. Envoy's attempts
-    share one request header map, and a translating attempt rewrites `:path` and removes the
-    `anthropic-*` headers, so nothing may be tried after it."""
-    if schema != "anthropic" or len(providers) < 2:
-        return False
-    translated = [i for i, p in enumerate(providers) if p.kind != ProviderKind.anthropic]
-    return not translated or translated == [len(providers) - 1]
+    """Whether a chain of `providers` can fail over for an Anthropic client: any order of Anthropic API
+    (passthrough) and translated targets. Envoy's attempts share one request header map that a
+    translating attempt rewrites; the chain's first upstream step puts the client's headers back on
+    every attempt (router/chain_restore.lua). OpenAI and Bedrock clients always need the adapter's
+    schema translation, which passthrough targets lack: no chain for them."""
+    return schema == "anthropic" and len(providers) >= 2
 
 
 def chain_name(model_index: int, region: str | None) -> str:
@@ -76,7 +74,7 @@ def route(config: GatewayConfig, model_index: int, schema: str, region: str | No
           principal_id: str = "", translatable: bool = True) -> tuple[str, str] | None:
     """(first provider, cluster) for a Messages-like request in client `schema`, or None when no
     target of the model is in `region` (the request must be refused, never sent elsewhere).
-    `translatable` False (count_tokens: the adapter translates Messages calls only): a chain ending in
+    `translatable` False (count_tokens: the adapter translates Messages calls only): a chain holding
     a translated target is not used; the first target's own cluster is."""
     m = config.models[model_index]
     ps = eligible(config, m, region)
@@ -85,8 +83,8 @@ def route(config: GatewayConfig, model_index: int, schema: str, region: str | No
     if m.split:  # A/B: a variant per principal, among those in the region
         p = _sticky(ps, m.split, principal_id, m.match)
         return p.name, p.cluster_for(schema)
-    if not failover_capable(schema, ps) or (not translatable and ps[-1].kind != ProviderKind.anthropic):
-        # One target, or an order the shared attempt headers cannot fail over (docs/routing.md).
+    if not failover_capable(schema, ps) or (not translatable and any(p.kind != ProviderKind.anthropic for p in ps)):
+        # One target, a non-Anthropic client, or a call the adapter cannot translate (docs/routing.md).
         return ps[0].name, ps[0].cluster_for(schema)
     return ps[0].name, chain_name(model_index, region)
 

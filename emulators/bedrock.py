@@ -54,6 +54,9 @@ class BedrockEmulator:
         self.replies = Replies(output_tokens)
         self.tps = tokens_per_second
         self.records: list[dict[str, Any]] = []
+        # Tests set this to make every call fail with that status (a regional outage), after the signature check.
+        self.fail_status: int | None = None
+        self.reset = False  # tests set this to drop every connection before a reply (a dead endpoint)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -100,6 +103,14 @@ class BedrockEmulator:
             rec["status"] = 403
             kind = "InvalidSignatureException" if "signature" in why.lower() else "UnrecognizedClientException"
             return error(403, kind, why)
+        if self.reset and request.transport is not None:
+            rec["status"] = 0
+            request.transport.close()
+            raise ConnectionResetError("emulated reset")
+        if self.fail_status is not None:
+            rec["status"] = self.fail_status
+            return error(self.fail_status, "InternalServerException" if self.fail_status != 429 else
+                         "ThrottlingException", f"emulated failure {self.fail_status}")
         model = request.match_info["model"]
         if not _MODEL.fullmatch(model):
             return error(400, "ValidationException", f"The provided model identifier is invalid: {model}")

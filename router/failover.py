@@ -12,13 +12,17 @@ host Envoy picked (%UPSTREAM_METADATA%) and inject only that provider's credenti
 headers are shared by the attempts, so hygiene runs first on every attempt: the previous target's
 credential never reaches the next one.
 
-A chain may end in one translated target (Bedrock, Vertex, an OpenAI-compatible server): its attempt
-runs the adapter (ext_proc) guarded the same way, so translation happens per attempt and only on that
-target's; the Anthropic attempts before it stay byte-faithful passthrough (`_mixed_filters`).
+A chain may hold translated targets (Bedrock, Vertex, an OpenAI-compatible server) anywhere, several
+too: each one's attempt runs the adapter (ext_proc) guarded the same way, so translation happens per
+attempt and only on that target's; Anthropic attempts stay byte-faithful passthrough (`_mixed_filters`).
+A translating attempt rewrites the shared header map (:path, content-length, SigV4, no
+anthropic-version), so such a chain starts with router/chain_restore.lua, which puts the client's
+headers back at the start of every attempt.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,10 +114,10 @@ def _strip() -> Json:
 
 
 def _mixed_filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
-    """A chain crossing provider kinds (ccr/routing.py failover_capable): Anthropic API targets, then one
-    translated target. Per attempt: hygiene and the attempt's provider first; on an Anthropic attempt the
+    """A chain crossing provider kinds (ccr/routing.py failover_capable), in any order. Per attempt (after
+    the restore step, `_upstream_filters`): hygiene and the attempt's provider first; on an Anthropic attempt the
     usage meter (it also strips x-ccr-*, so the attempt's provider is set again after it) and its key; on
-    the translated attempt the adapter (translation, signing, metering) and, for a keyed OpenAI-compatible
+    a translated attempt its own adapter (translation, signing, metering) and, for a keyed OpenAI-compatible
     server, its key. Every filter but hygiene runs only for its own target."""
     from router.resources import translated_credential, translating_adapter
 
@@ -123,13 +127,16 @@ def _mixed_filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]
         {"name": "envoy.filters.http.header_mutation", "typed_config": {
             "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [*upstream_hygiene(), _SET_ATTEMPT]}}},
-        _guarded(passthrough, {"name": "envoy.filters.http.lua", "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": meter_lua}}}, "meter"),
-        {"name": "ccr.chain.attempt", "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [_SET_ATTEMPT]}}},
     ]
+    if passthrough:
+        out += [
+            _guarded(passthrough, {"name": "envoy.filters.http.lua", "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": meter_lua}}}, "meter"),
+            {"name": "ccr.chain.attempt", "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [_SET_ATTEMPT]}}},
+        ]
     for p in passthrough:
         out += [_guarded(p, f) for f in _injectors(p, runtime)]
     for p in translated:
@@ -195,10 +202,28 @@ def _filters(chain: Chain, runtime: Runtime, meter_lua: str) -> list[Json]:
     ]
 
 
+CHAIN_RESTORE_LUA = Path(__file__).with_name("chain_restore.lua")
+
+
+def _restore() -> Json:
+    """router/chain_restore.lua: every attempt starts from the client's request headers (a translating
+    attempt before it rewrote the shared header map)."""
+    return {"name": "ccr.chain.restore", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": CHAIN_RESTORE_LUA.read_text()}}}
+
+
 def _with_alias(config: GatewayConfig, filters: list[Json]) -> list[Json]:
     from router.resources import alias_filter
 
     return [alias_filter(), *filters] if config.aliases else filters
+
+
+def _upstream_filters(chain: Chain, config: GatewayConfig, filters: list[Json]) -> list[Json]:
+    # Only a translating attempt rewrites the request's headers: Anthropic-only chains need no restore.
+    if any(p.kind != ProviderKind.anthropic for p in chain.providers):
+        return [_restore(), *filters]
+    return filters
 
 
 def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_lua: str) -> Json:
@@ -235,7 +260,7 @@ def chain_cluster(chain: Chain, runtime: Runtime, config: GatewayConfig, meter_l
         "typed_extension_protocol_options": {HTTP_OPTS_KEY: {
             "@type": HTTP_OPTS,
             "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": _with_alias(config, _filters(chain, runtime, meter_lua)),
+            "http_filters": _upstream_filters(chain, config, _with_alias(config, _filters(chain, runtime, meter_lua))),
         }},
     }
     if sockets:

@@ -14,7 +14,7 @@ import yaml
 
 from ccr import routing
 from ccr.config import GatewayConfig, Model
-from ccr.contract import H_CLUSTER
+from ccr.contract import CHAIN_REQUEST_NS, H_CLUSTER
 from ccr.credentials import write_secret
 from ccr.runtime import Runtime
 from ccr.supervisor import envoy_binary
@@ -153,21 +153,49 @@ def _mixed(targets: list[str], **extra: Any) -> GatewayConfig:
     return GatewayConfig.model_validate(doc)
 
 
-def test_a_chain_may_end_in_one_translated_target() -> None:
+def test_a_chain_may_hold_translated_targets_in_any_order() -> None:
     ok = _mixed(["us1", "us2", "bed"])
     assert routing.route(ok, 0, "anthropic", None) == ("us1", "chain_0_any")
     assert routing.route(ok, 0, "anthropic", "us") == ("us1", "chain_0_us")
-    # count_tokens is not translated: never the chain ending in Bedrock, the first target's own cluster.
+    # count_tokens is not translated: never a chain holding Bedrock, the first target's own cluster.
     assert routing.route(ok, 0, "anthropic", None, translatable=False) == ("us1", "provider_us1")
     assert routing.route(_mixed(["us1", "us2"]), 0, "anthropic", None, translatable=False) == ("us1", "chain_0_any")
     # Other client schemas always need the adapter: the first target's own cluster, no failover.
     assert routing.route(ok, 0, "openai", None) == ("us1", "provider_us1_translate")
-    # A translated target before another target, or two of them: no chain (the shared attempt headers).
-    for targets in (["bed", "us1"], ["us1", "oss", "bed"]):
+    # A translated target first, or several of them: a chain too (router/chain_restore.lua restores the
+    # client's headers per attempt).
+    for targets in (["bed", "us1"], ["us1", "oss", "bed"], ["bed", "oss"]):
         cfg = _mixed(targets)
-        assert routing.chains(cfg) == []
+        assert [c.name for c in routing.chains(cfg)] == ["chain_0_any", "chain_0_us"]
+        assert routing.route(cfg, 0, "anthropic", None) == (targets[0], "chain_0_any")
         first = cfg.provider(targets[0])
-        assert routing.route(cfg, 0, "anthropic", None) == (first.name, first.cluster_for("anthropic"))
+        assert routing.route(cfg, 0, "anthropic", None, translatable=False) == (
+            first.name, first.cluster_for("anthropic"))
+
+
+def test_the_restore_step_comes_first_only_on_chains_that_translate(tmp_path: Path) -> None:
+    lua = (REPO / "router" / "chain_restore.lua").read_text()
+    assert f'local NS = "{CHAIN_REQUEST_NS}"' in lua
+    cfg = _mixed(["bed", "oss", "us1"])
+    rt = _runtime()
+    res = resources.build(cfg, rt, 18080)
+    names = [f["name"] for f in {c["name"]: c for c in res.clusters}["chain_0_any"][
+        "typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]]
+    assert names == ["ccr.chain.restore", "envoy.filters.http.header_mutation", "ccr.chain.meter",
+                     "ccr.chain.attempt", "ccr.chain.us1", "ccr.chain.bed.adapter", "ccr.chain.oss.adapter",
+                     "ccr.chain.oss.key", "ccr.chain.strip", "envoy.filters.http.upstream_codec"]
+    only_translated = resources.build(_mixed(["bed", "oss"]), rt, 18080)
+    names = [f["name"] for f in {c["name"]: c for c in only_translated.clusters}["chain_0_any"][
+        "typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]]
+    assert "ccr.chain.meter" not in names and names[0] == "ccr.chain.restore"
+    anthropic_only = resources.build(_mixed(["us1", "us2"]), rt, 18080)
+    assert "ccr.chain.restore" not in json.dumps(anthropic_only.clusters)
+    for c in (cfg, _mixed(["bed", "oss"])):
+        f = tmp_path / "envoy.json"
+        f.write_text(json.dumps(resources.static_bootstrap(c, rt, 18080)))
+        r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f), "--disable-hot-restart"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_mixed_chain_filters_guard_each_target_and_pass_envoy_validate(tmp_path: Path) -> None:
@@ -177,8 +205,8 @@ def test_mixed_chain_filters_guard_each_target_and_pass_envoy_validate(tmp_path:
     chain = {c["name"]: c for c in res.clusters}["chain_0_any"]
     filters = chain["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]
     names = [f["name"] for f in filters]
-    assert names == ["ccr.alias", "envoy.filters.http.header_mutation", "ccr.chain.meter", "ccr.chain.attempt",
-                     "ccr.chain.us1", "ccr.chain.us2", "ccr.chain.bed.adapter", "ccr.chain.strip",
+    assert names == ["ccr.chain.restore", "ccr.alias", "envoy.filters.http.header_mutation", "ccr.chain.meter",
+                     "ccr.chain.attempt", "ccr.chain.us1", "ccr.chain.us2", "ccr.chain.bed.adapter", "ccr.chain.strip",
                      "envoy.filters.http.upstream_codec"]
     adapter = filters[names.index("ccr.chain.bed.adapter")]["typed_config"]
     assert adapter["extension_config"]["typed_config"]["grpc_service"]["initial_metadata"] == [
