@@ -172,6 +172,13 @@ class Distributor:
         digest = digest_of(new)
         if digest == self.current.digest:
             return
+        if not self.runtime.config_followers:
+            # Standalone parts (`ccr serve`) read their file once, at start: a version pushed to Envoy
+            # alone would route by a config the services do not hold. Refused, never half-applied.
+            return await self._refused(
+                f"{source}: live config edits need the services to follow the router's versions, and "
+                "standalone parts (ccr serve) read their config at start: roll every part onto the new file "
+                "(docs/config-reload.md)", digest, source)
         problems = restart_only_changes(self.config, new)
         if problems:
             return await self._refused(f"{source}: " + "; ".join(problems), digest, source)

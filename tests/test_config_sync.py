@@ -212,3 +212,41 @@ def test_a_version_a_service_refuses_is_rolled_back_everywhere(tmp_path: Path, p
     assert "no translator for oss" in rows[1][4]["reason"] and rows[1][4]["seq"] == 2
     assert rows[0][4]["changed"] == ["models.claude-oss-*", "providers.oss"]
     assert rows[2][3]["limits"]["requests_per_minute"] == 600 and rows[2][4]["limits"]["requests_per_minute"] == 11
+
+
+def test_a_router_without_followers_refuses_live_edits(tmp_path: Path) -> None:
+    """Standalone parts read their config once: a router no service follows never pushes an edit to
+    Envoy alone (Envoy would route by a version extauth, ratelimit and the adapter do not hold)."""
+    import asyncio
+
+    from router.__main__ import Publisher, snapshot_for
+    from router.config_push import Distributor
+    from router.pools import Registry
+    from router.xds import AdsServer
+    from tests.test_routing import _runtime
+
+    cfg_file = tmp_path / "ccr.yaml"
+    cfg_file.write_text(EXAMPLE)
+    from ccr.credentials import write_secret
+
+    runtime = _runtime().model_copy(update={
+        "run_dir": str(tmp_path), "config_path": str(cfg_file), "config_followers": {},
+        "provider_credentials": {"anthropic": str(write_secret(tmp_path / "a.json", "anthropic", "k"))}})
+    v1 = publish_initial(tmp_path, cfg_file, {})
+    config = load_version(tmp_path, v1)
+
+    async def body() -> None:
+        base = snapshot_for(config, runtime)
+        ads = AdsServer(base)
+        pub = Publisher(ads, base, Registry(config))
+        dist = Distributor(pub, runtime, config, v1, lambda c: snapshot_for(c, runtime), None)
+        doc = _doc()
+        doc["limits"]["requests_per_minute"] = 11
+        await dist.consider(yaml.safe_dump(doc), "edit")
+        st = dist.status
+        assert (st["seq"], st["digest"], st["state"]) == (1, v1.digest, "applied")
+        assert "standalone parts (ccr serve) read their config at start" in st["last_error"]
+        assert pub.base is base and ads.snapshot.version == base.version  # Envoy never saw it
+        assert dist.current == v1 and dist.config.limits.requests_per_minute == config.limits.requests_per_minute
+
+    asyncio.run(body())
