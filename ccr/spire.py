@@ -81,6 +81,15 @@ def python_workload(root: Path, part: str) -> Path:
     if lib.is_symlink() or lib.exists():
         lib.unlink()
     lib.symlink_to(Path(sys.prefix) / "lib")
+    # Tools a part looks for beside its interpreter (extauth builds policy bundles with `opa`):
+    # the same ones this environment has, so a part finds them without them being on PATH.
+    for tool in ("opa",):
+        src = Path(sys.executable).parent / tool
+        dst = exe.parent / tool
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        if src.is_file():
+            dst.symlink_to(src.resolve())
     return exe
 
 
