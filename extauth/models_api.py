@@ -73,10 +73,8 @@ def allowed(config: GatewayConfig, decide: Decide, principal: Principal, facts: 
 
 def _limit(query: dict[str, tuple[str, ...]]) -> int:
     raw = query.get("limit", (str(DEFAULT_LIMIT),))[-1]
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
+    # ASCII digits only: int() would also take "+5", " 5", "1_0" and non-ASCII digits ("５").
+    n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 else 0
     if not 1 <= n <= MAX_LIMIT:
         raise Deny(400, "invalid_request_error", f"limit: Input should be an integer between 1 and {MAX_LIMIT}")
     return n

@@ -81,3 +81,31 @@ def test_policy_input_names_the_alias_next_to_the_model_it_resolves_to() -> None
     assert (aliased["model"], aliased["model_requested"]) == ("claude-sonnet-4-5-20250929", "claude-sonnet")
     plain = document(p, "POST", "/v1/messages", "claude-sonnet-4-5-20250929", None, None, RequestFacts())["request"]
     assert "model_requested" not in plain
+
+
+@pytest.mark.parametrize("raw", ["0", "1001", "-1", "+5", " 5", "5 ", "1_0", "\uff15", "5.0", "1e2", "", "abc",
+                                 "00000000000000000000005"])
+def test_a_limit_that_is_not_plain_digits_in_range_is_refused(raw: str) -> None:
+    from extauth.models_api import _limit
+
+    with pytest.raises(Deny) as e:
+        _limit({"limit": (raw,)})
+    assert e.value.status == 400 and "limit" in e.value.message
+
+
+def test_a_plain_limit_is_taken_and_the_last_one_counts() -> None:
+    from extauth.models_api import DEFAULT_LIMIT, _limit
+
+    assert _limit({}) == DEFAULT_LIMIT
+    assert _limit({"limit": ("1",)}) == 1 and _limit({"limit": ("1000",)}) == 1000
+    assert _limit({"limit": ("7", "3")}) == 3
+
+
+def test_a_cursor_naming_a_model_the_caller_may_not_see_is_an_unknown_cursor() -> None:
+    """No existence oracle: a hidden model's id as a cursor pages exactly like an id that does not exist."""
+    items = catalog(_config())
+    visible = [x for x in items if x.id != "claude-opus-4-1-20250805"]
+    for after, before in (("claude-opus-4-1-20250805", None), (None, "claude-opus-4-1-20250805")):
+        hidden = page(visible, 5, after, before).api_object()
+        unknown = page(visible, 5, after and "no-such-model", before and "no-such-model").api_object()
+        assert hidden == unknown and hidden["data"] == []
