@@ -38,7 +38,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import Counter
 
-from audit.spool import Spool, SpoolFull
+from audit.spool import Spool
+from audit.spooled import ROW_ERRORS, SpooledWriter
 from ccr import metrics
 from ccr.contract import AUTHZ_BODY_CAPTURE, AUTHZ_NS, CAPTURE_NS
 
@@ -166,13 +167,11 @@ def sealed_row(key: bytes, c: Captured) -> tuple:
             c.request_truncated, sn, sct, c.response_bytes, c.response_truncated)
 
 
-_DB_ERRORS = (psycopg.Error, OSError, TimeoutError)
-_ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 BODY_SPOOL_WHEN_FULL = ("captured bodies that do not fit are dropped (ccr_audit_bodies_dropped_total) until PostgreSQL "
                         "takes some; the access log rows are not held back for them")
 
 
-class BodyWriter:
+class BodyWriter(SpooledWriter):
     """Inserts sealed bodies on its own task and connection (never holds a row back).
 
     Bodies are sealed in `put`, before anything else sees them, so neither the queue nor the spool
@@ -183,30 +182,19 @@ class BodyWriter:
     so a record replayed after a commit that was not followed by its removal changes nothing.
     Only a full spool (or a failing disk) drops a body: counted and logged."""
 
+    TABLE = "request_body"
+    KEPT = "body record(s)"
+    RESOLVE_ON_ERROR = True
+
     def __init__(self, dsn: str, key: bytes | None, *, spool: Spool | None = None, queue_max: int = 1000,
                  batch_max: int = 64, batch_max_bytes: int = 4 * 1024 * 1024, write_timeout: float = 5.0,
                  backoff_initial: float = 0.1, backoff_max: float = 2.0, adopt_every_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.dsn = dsn
+        super().__init__(dsn, spool=spool, batch_max=batch_max, queue_max=queue_max, write_timeout=write_timeout,
+                         backoff_initial=backoff_initial, backoff_max=backoff_max, adopt_every_s=adopt_every_s,
+                         clock=clock)
         self.key = key  # None: only writes back what a spool holds (audit.bodies emptied since)
-        self.spool = spool
-        self.batch_max = batch_max
         self.batch_max_bytes = batch_max_bytes
-        self.write_timeout = write_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.adopt_every_s = adopt_every_s
-        self.clock = clock
-        self._queue: asyncio.Queue[tuple | asyncio.Future[None]] = asyncio.Queue(queue_max)
-        self._task: asyncio.Task[None] | None = None
-        self._conn: psycopg.AsyncConnection | None = None
-        self._delay = backoff_initial
-        self._next_attempt = 0.0  # clock() before which PostgreSQL is not tried again
-        self._failures = 0
-        self._adopted_at = clock()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="request_body_writer")
 
     async def put(self, c: Captured) -> None:
         if self.key is None:
@@ -222,12 +210,6 @@ class BodyWriter:
             log.error("captured bodies of %s dropped: %d wait for PostgreSQL already (no body spool)",
                       c.request_id, self._queue.qsize())
 
-    async def flush(self) -> None:
-        """Returns once every body put before it is durable: stored, spooled, or dropped (counted)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(done)
-        await done
-
     async def stop(self, timeout: float | None = None) -> None:
         if timeout is None:  # a batch PostgreSQL does not take in write_timeout is spooled
             timeout = 2 * self.write_timeout + 5.0
@@ -242,100 +224,17 @@ class BodyWriter:
         if self.spool is not None:
             self.spool.close()
 
-    # -- the writer task ---------------------------------------------------------------
+    # -- SpooledWriter hooks ---------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            wake: list[float] = []
-            if self.spool is not None:
-                wake.append(self._adopted_at + self.adopt_every_s)
-                if not self.spool.empty():
-                    wake.append(self._next_attempt)
-            timeout = max(0.0, min(wake) - self.clock()) if wake else None
-            try:
-                item: tuple | asyncio.Future[None] | None = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                item = None
-            batch: list[tuple] = []
-            waiters: list[asyncio.Future[None]] = []
-            size = 0
-            while item is not None:
-                if isinstance(item, asyncio.Future):
-                    waiters.append(item)
-                else:
-                    batch.append(item)
-                    size += len(item[5]) + len(item[9] or b"")
-                if len(batch) >= self.batch_max or size >= self.batch_max_bytes or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            try:
-                if batch:
-                    await self._accept(batch)
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
-                if self.spool is not None and self.clock() >= self._adopted_at + self.adopt_every_s:
-                    self._adopted_at = self.clock()
-                    self.spool.adopt_orphans()
-                if self.spool is not None and not self.spool.empty() and self.clock() >= self._next_attempt:
-                    await self._drain(max_batches=20)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the writer outlives any one surprise; what it holds stays spooled
-                log.exception("captured body writer error")
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
+    def _item_bytes(self, item: tuple) -> int:
+        return len(item[5]) + len(item[9] or b"")
 
-    async def _accept(self, batch: list[tuple]) -> None:
-        if self.spool is None:
-            await self._write_retrying(batch)
-            return
-        if self.spool.empty() and self.clock() >= self._next_attempt:
-            try:
-                await asyncio.wait_for(self._write(batch), self.write_timeout)
-                self._succeeded()
-                return
-            except _DB_ERRORS as e:
-                await self._failed(e, len(batch))
-        pending, size = batch, len(batch)
-        while pending:
-            try:
-                self.spool.append(pending[:size])
-                pending, size = pending[size:], len(pending) - size
-            except SpoolFull:
-                if size > 1:  # a smaller piece may fit in the room left
-                    size //= 2
-                    continue
-                DROPPED.inc()
-                log.error("captured bodies of %s dropped: the body spool is full (%d of %d bytes) or not writable",
-                          pending[0][0], self.spool.bytes, self.spool.max_bytes)
-                pending, size = pending[1:], len(pending) - 1
-
-    async def _drain(self, max_batches: int) -> None:
+    async def _spool_full(self, pending: list[tuple]) -> list[tuple]:
         assert self.spool is not None
-        for _ in range(max_batches):
-            rows = self.spool.peek()
-            if rows is None:
-                return
-            try:
-                await asyncio.wait_for(self._write(rows), self.write_timeout)
-            except _DB_ERRORS as e:
-                await self._failed(e, self.spool.rows)
-                return
-            self._succeeded()
-            self.spool.consume(len(rows))
-
-    async def _write_retrying(self, batch: list[tuple]) -> None:
-        """Without a spool: retry until written (the bounded queue drops what comes meanwhile)."""
-        while True:
-            try:
-                await self._write(batch)
-                self._succeeded()
-                return
-            except _DB_ERRORS as e:
-                await self._failed(e, len(batch))
-                await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
+        DROPPED.inc()
+        log.error("captured bodies of %s dropped: the body spool is full (%d of %d bytes) or not writable",
+                  pending[0][0], self.spool.bytes, self.spool.max_bytes)
+        return pending[1:]
 
     async def _write(self, batch: list[tuple]) -> None:
         if self._conn is None or self._conn.closed:
@@ -346,38 +245,15 @@ class BodyWriter:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(INSERT, batch)
             STORED.inc(len(batch))
-        except _ROW_ERRORS as e:  # one body's content: the others still go in, one by one
+        except ROW_ERRORS as e:  # one body's content: the others still go in, one by one
             log.warning("batch of %d captured bodies rejected (%s); writing them one by one", len(batch), e)
             for row in batch:
                 try:
                     await conn.execute(INSERT, row)
                     STORED.inc()
-                except _ROW_ERRORS:
+                except ROW_ERRORS:
                     DROPPED.inc()
                     log.exception("captured bodies of %s refused by PostgreSQL; dropped", row[0])
-
-    def _succeeded(self) -> None:
-        if self._failures:
-            log.info("request_body writable again after %d failed attempt(s)", self._failures)
-        self._failures = 0
-        self._delay = self.backoff_initial
-        self._next_attempt = 0.0
-
-    async def _failed(self, e: BaseException, waiting: int) -> None:
-        self._failures += 1
-        n = self._failures
-        level = logging.WARNING if n <= 3 or n & (n - 1) == 0 else logging.DEBUG
-        log.log(level, "request_body write failed (attempt %d, %d body record(s) kept, retry in %.1fs): %s: %s",
-                n, waiting, self._delay, type(e).__name__, e)
-        self._next_attempt = self.clock() + self._delay
-        self._delay = min(self._delay * 2, self.backoff_max)
-        await self._reset()
-
-    async def _reset(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # a broken connection may fail to close
-                await conn.close()
 
 
 def drop_expired(dsn: str, now: datetime) -> int:

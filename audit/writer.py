@@ -36,7 +36,8 @@ from psycopg import sql
 
 from audit.chain import ADMIN_CHAIN, CHAIN_COLUMNS, Head, canonical, checkpoint_message, key_id, link_rows
 from audit.entry import COLUMNS, Row
-from audit.spool import Spool, SpoolFull
+from audit.spool import Spool
+from audit.spooled import DB_ERRORS, ROW_ERRORS, SpooledWriter
 
 log = logging.getLogger("ccr.audit")
 
@@ -48,9 +49,6 @@ CHAIN_COVERS: tuple[str, ...] = ("id", *COLUMNS)
 COPY = sql.SQL("COPY request_log ({cols}) FROM STDIN").format(
     cols=sql.SQL(", ").join(map(sql.Identifier, (*CHAIN_COVERS, *CHAIN_COLUMNS))))
 
-# Errors that one row causes by its content: retrying the batch would never succeed.
-_ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
-_DB_ERRORS = (psycopg.Error, OSError, TimeoutError)
 
 
 def new_chain_id() -> str:
@@ -58,7 +56,9 @@ def new_chain_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(6)}"
 
 
-class RequestLogWriter:
+class RequestLogWriter(SpooledWriter):
+    TABLE = TABLE
+
     def __init__(
         self, dsn: str, *, spool: Spool | None = None, signer: Ed25519PrivateKey | None = None,
         chain_id: str | None = None, batch_max: int = 1000, queue_max: int = 20_000,
@@ -67,47 +67,22 @@ class RequestLogWriter:
         checkpoint_log: Path | None = None, adopt_every_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.dsn = dsn
-        self.spool = spool
+        super().__init__(dsn, spool=spool, batch_max=batch_max, queue_max=queue_max, write_timeout=write_timeout,
+                         backoff_initial=backoff_initial, backoff_max=backoff_max, adopt_every_s=adopt_every_s,
+                         clock=clock)
         self.signer = signer
         self.chain_id = chain_id or new_chain_id()
-        self.batch_max = batch_max
-        self.write_timeout = write_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_rows = checkpoint_every_rows
         self.checkpoint_log = checkpoint_log
-        self.clock = clock
-        self.adopt_every_s = adopt_every_s
-        self._adopted_at = clock()
-        self._queue: asyncio.Queue[Row | asyncio.Future[None]] = asyncio.Queue(queue_max)
-        self._conn: psycopg.AsyncConnection | None = None
-        self._task: asyncio.Task[None] | None = None
         self._head: Head | None = None  # None: unknown, read it from the table
         self._registered = False
-        self._delay = backoff_initial
-        self._next_attempt = 0.0  # clock() before which PostgreSQL is not tried again
-        self._failures = 0
         self._checkpointed_seq = 0
         self._checkpointed_at = clock()
         self.written = 0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="request_log_writer")
-
     async def put(self, row: Row) -> None:
         await self._queue.put(row)
-
-    async def mark(self) -> asyncio.Future[None]:
-        """A future done once every row put before this call is durable: committed, spooled, or
-        skipped as bad."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(done)
-        return done
-
-    async def flush(self) -> None:
-        await (await self.mark())
 
     async def stop(self, timeout: float | None = None) -> None:
         # The writer's own bound on a flush: a batch PostgreSQL does not take within write_timeout
@@ -123,7 +98,7 @@ class RequestLogWriter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(*_DB_ERRORS):
+        with contextlib.suppress(*DB_ERRORS):
             await asyncio.wait_for(self.checkpoint(force=True), self.write_timeout)
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -131,126 +106,31 @@ class RequestLogWriter:
         if self.spool is not None:
             self.spool.close()
 
-    # -- the writer task ---------------------------------------------------------------
+    # -- SpooledWriter hooks ---------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            # Wake up for the next spool drain attempt, and to sign rows written before a quiet spell.
-            wake: list[float] = []
-            if self.spool is not None and not self.spool.empty():
-                wake.append(self._next_attempt)
-            if self.spool is not None:  # another receiver's spool, left when it stopped
-                wake.append(self._adopted_at + self.adopt_every_s)
-            if self.signer is not None and self._head is not None and self._head.seq != self._checkpointed_seq:
-                wake.append(self._checkpointed_at + self.checkpoint_every_s)
-            timeout = max(0.0, min(wake) - self.clock()) if wake else None
-            try:
-                item: Row | asyncio.Future[None] | None = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                item = None
-            batch: list[Row] = []
-            waiters: list[asyncio.Future[None]] = []
-            while item is not None:
-                if isinstance(item, asyncio.Future):
-                    waiters.append(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= self.batch_max or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            try:
-                if batch:
-                    await self._accept(batch)
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
-                if self.spool is not None and self.clock() >= self._adopted_at + self.adopt_every_s:
-                    self._adopted_at = self.clock()
-                    self.spool.adopt_orphans()
-                if self.spool is not None and not self.spool.empty() and self.clock() >= self._next_attempt:
-                    await self._drain(max_batches=20)
-                await self._maybe_checkpoint()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the writer must outlive any one surprise; the rows stay queued or spooled
-                log.exception("access log writer error")
+    def _more_wake(self, wake: list[float]) -> None:
+        # Sign rows written before a quiet spell.
+        if self.signer is not None and self._head is not None and self._head.seq != self._checkpointed_seq:
+            wake.append(self._checkpointed_at + self.checkpoint_every_s)
 
-    async def _accept(self, batch: list[Row]) -> None:
-        """Make `batch` durable: committed, or (PostgreSQL failing or slow) spooled behind earlier rows."""
-        if self.spool is None:
-            await self._write_retrying(batch)
-            return
-        if self.spool.empty() and self.clock() >= self._next_attempt:
-            try:
-                await asyncio.wait_for(self._write(batch), self.write_timeout)
-                self._succeeded()
-                return
-            except _DB_ERRORS as e:
-                await self._failed(e, len(batch))
-        pending, size = batch, len(batch)
-        while pending:
-            try:
-                self.spool.append(pending[:size])
-                pending = pending[size:]
-                size = len(pending)
-            except SpoolFull:
-                if size > 1:  # a smaller piece may fit in the room left
-                    size //= 2
-                    continue
-                if self.spool.empty():  # not even one row fits an empty spool: hold it in memory
-                    await self._write_retrying(pending)
-                    return
-                # Nothing is dropped here: wait for PostgreSQL to take some of the spool.
-                await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
-                await self._drain(max_batches=20)
-                size = len(pending)
+    async def _after_cycle(self) -> None:
+        await self._maybe_checkpoint()
 
-    async def _drain(self, max_batches: int) -> None:
+    async def _spool_full(self, pending: list[Row]) -> list[Row]:
         assert self.spool is not None
-        for _ in range(max_batches):
-            rows = self.spool.peek()
-            if rows is None:
-                return
-            if any(len(r) < len(COLUMNS) for r in rows):
-                # Spooled by a receiver from before migration 11: its rows lack the appended columns.
-                rows = [(*r, *([None] * (len(COLUMNS) - len(r)))) for r in rows]
-            try:
-                await asyncio.wait_for(self._write(rows), self.write_timeout)
-            except _DB_ERRORS as e:
-                await self._failed(e, self.spool.rows)
-                return
-            self._succeeded()
-            self.spool.consume(len(rows))
+        if self.spool.empty():  # not even one row fits an empty spool: hold it in memory
+            await self._write_retrying(pending)
+            return []
+        # Nothing is dropped here: wait for PostgreSQL to take some of the spool.
+        await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
+        await self._drain(max_batches=20)
+        return pending
 
-    async def _write_retrying(self, batch: list[Row]) -> None:
-        """Without a spool: retry the batch until it is written (the queue holds the rest)."""
-        while True:
-            try:
-                await self._write(batch)
-                self._succeeded()
-                return
-            except _DB_ERRORS as e:
-                await self._failed(e, len(batch))
-                await asyncio.sleep(max(0.0, self._next_attempt - self.clock()))
-
-    def _succeeded(self) -> None:
-        if self._failures:
-            log.info("request_log writable again after %d failed attempt(s)", self._failures)
-        self._failures = 0
-        self._delay = self.backoff_initial
-        self._next_attempt = 0.0
-
-    async def _failed(self, e: BaseException, rows: int) -> None:
-        self._failures += 1
-        # Every attempt while PostgreSQL is down would be a line every few seconds: the first
-        # few, then at powers of two.
-        n = self._failures
-        level = logging.WARNING if n <= 3 or n & (n - 1) == 0 else logging.DEBUG
-        log.log(level, "request_log write failed (attempt %d, %d rows kept, retry in %.1fs): %s: %s",
-                n, rows, self._delay, type(e).__name__, e)
-        self._next_attempt = self.clock() + self._delay
-        self._delay = min(self._delay * 2, self.backoff_max)
-        await self._reset()
+    def _spooled(self, rows: list[Row]) -> list[Row]:
+        if any(len(r) < len(COLUMNS) for r in rows):
+            # Spooled by a receiver from before migration 11: its rows lack the appended columns.
+            rows = [(*r, *([None] * (len(COLUMNS) - len(r)))) for r in rows]
+        return rows
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
@@ -279,12 +159,12 @@ class RequestLogWriter:
                 await self._insert(conn, batch)
             except psycopg.errors.UniqueViolation:  # some request id is there already: skip it
                 await self._insert(conn, batch, lookup=True)
-        except _ROW_ERRORS as e:
+        except ROW_ERRORS as e:
             log.warning("batch of %d rejected (%s); writing rows one by one", len(batch), e)
             for row in batch:
                 try:
                     await self._insert(conn, [row], lookup=True)
-                except _ROW_ERRORS as err:
+                except ROW_ERRORS as err:
                     log.error("skipping request_log row request_id=%r: %s", row[1], err)
 
     async def _insert(self, conn: psycopg.AsyncConnection, rows: list[Row], lookup: bool = False) -> None:
@@ -319,11 +199,8 @@ class RequestLogWriter:
 
     async def _reset(self) -> None:
         # After any failure the connection and the chain head are unknown; start from fresh ones.
-        conn, self._conn, self._head = self._conn, None, None
-        if conn is not None:
-            # A broken connection may fail to close; there is nothing more to do with it.
-            with contextlib.suppress(Exception):
-                await conn.close()
+        self._head = None
+        await super()._reset()
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -335,7 +212,7 @@ class RequestLogWriter:
         if due:
             try:
                 await asyncio.wait_for(self.checkpoint(), self.write_timeout)
-            except _DB_ERRORS as e:
+            except DB_ERRORS as e:
                 log.warning("audit checkpoint not written (next attempt later): %s: %s", type(e).__name__, e)
                 self._checkpointed_at = self.clock()
                 await self._reset()
