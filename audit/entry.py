@@ -17,6 +17,7 @@ from ccr.contract import (
     AUTHZ_ERROR_TYPE,
     AUTHZ_MODEL_REQUESTED,
     AUTHZ_NS,
+    AUTHZ_RATELIMIT_OUTCOME,
     H_CLIENT_REQUEST_ID,
     USAGE_CACHE_1H,
     USAGE_CACHE_5M,
@@ -149,6 +150,7 @@ def _method(value: int) -> str:
 
 # Field name -> (Envoy's position, code).
 _FLAG_AT = {name: (i, code) for i, (name, code) in enumerate(_FLAGS)}
+_FLAG_ORDER = {code: i for i, (_, code) in enumerate(_FLAGS)}
 
 
 def response_flags(flags: accesslog_pb2.ResponseFlags) -> str | None:
@@ -159,6 +161,25 @@ def response_flags(flags: accesslog_pb2.ResponseFlags) -> str | None:
     """
     set_ = sorted(_FLAG_AT[f.name] for f, _ in flags.ListFields() if f.name in _FLAG_AT)
     return ",".join(code for _, code in set_) or None
+
+
+# A refusal extauth made for the limits (limits.admission: extauth) -> the flag Envoy's rate limit filter
+# sets when it refuses itself: the row, the error kind and the ratelimit column read the same either way.
+_LIMIT_FLAGS = {"over_limit": "RL", "budget": "RL", "error": "RLSE"}
+
+
+def entry_flags(common: accesslog_pb2.AccessLogCommon, ns: Namespaces) -> str | None:
+    """The entry's response flags, a limits refusal made inside ext_authz read as the rate limit
+    filter's own (AUTHZ_RATELIMIT_OUTCOME, set only by extauth on such a refusal)."""
+    flags = response_flags(common.response_flags)
+    if flags is not None and "UAEX" in flags:
+        outcome = ns(AUTHZ_NS).get(AUTHZ_RATELIMIT_OUTCOME)
+        if outcome is not None and outcome.WhichOneof("kind") == "string_value":
+            code = _LIMIT_FLAGS.get(outcome.string_value)
+            if code is not None:
+                codes = [code if c == "UAEX" else c for c in flags.split(",")]
+                return ",".join(sorted(set(codes), key=lambda c: _FLAG_ORDER.get(c, 99)))
+    return flags
 
 
 _STATUSES = frozenset(s.value for s in UsageStatus)
@@ -341,7 +362,7 @@ def entry_to_row(e: accesslog_pb2.HTTPAccessLogEntry, facts: RowFacts | None = N
     ns = ns or Namespaces(common)
     authz = ns(AUTHZ_NS)
     status = e.response.response_code.value  # 0 when no response was sent (e.g. client reset)
-    flags = response_flags(common.response_flags)
+    flags = entry_flags(common, ns)
     *counts, usage_status, usage_note = usage_columns(common, status, flags, ns)
     client_rid = e.request.request_headers.get(H_CLIENT_REQUEST_ID)
     if common.HasField("time_to_last_downstream_tx_byte"):

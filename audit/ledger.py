@@ -206,6 +206,8 @@ class Spend:
         if principal_id is None or not request_id or not common.HasField("start_time"):
             return None, None
         rl = ns(RATELIMIT_NS)
+        if SPEND_RESERVED in authz:  # extauth reserved it in its Check (limits.admission: extauth)
+            rl = authz
         reserved = _count(rl, SPEND_RESERVED) if SPEND_RESERVED in rl else None
         worst = _count(authz, AUTHZ_SPEND_WORST) if AUTHZ_SPEND_WORST in authz else None
         spend_text = _text(authz, AUTHZ_SPEND)

@@ -15,7 +15,7 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from audit.entry import _FINAL_TYPES, Namespaces, error_kind, response_flags
+from audit.entry import _FINAL_TYPES, Namespaces, entry_flags, error_kind
 from ccr import metrics, tracing
 from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_NS, H_TRACEPARENT, H_TRACESTATE, USAGE_NS
@@ -97,7 +97,7 @@ class RequestObserver:
             counter = series.codes[code] = metrics.REQUESTS.labels(*key, code)
         counter.inc()
         if status == 0 or status >= 400:
-            kind = error_kind(common, status, response_flags(common.response_flags))
+            kind = error_kind(common, status, entry_flags(common, ns))
             if kind is not None:
                 err = series.errors.get(kind)
                 if err is None:

@@ -587,6 +587,12 @@ class Limits(Strict):
     # While Redis is unreachable: closed (503) or open (allowed, uncounted); for the default
     # per-principal limit, the envoy_config_dir rules, and rules without their own setting.
     on_redis_down: Literal["closed", "open"] = "closed"
+    # Where the request-time decisions (these limits, and the spend reservation) are made: "extauth"
+    # decides them inside the ext_authz Check (one blocking call per request; docs/hot-path.md), and
+    # Envoy's routes carry only the stream-end token charges; "ratelimit" has Envoy ask the rate
+    # limit service itself (ShouldRateLimit at the request, the ccr.spend filter), as a mesh's own
+    # Envoy does (deploy/istio, deploy/envoy-gateway): set it where Envoy's config is not ccr's.
+    admission: Literal["extauth", "ratelimit"] = "extauth"
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Limits:

@@ -49,8 +49,9 @@ POLL_S = 0.05  # how often a follower looks at targets.json (a stat)
 HOT_SECTIONS = ("gateway", "providers", "models", "limits", "files")
 # gateway fields in Envoy's bootstrap or the processes' start (the others are in its xDS resources).
 _GATEWAY_AT_START = ("listen", "admin", "concurrency", "overload", "xds", "tls")
-# limits fields that are bound at start (the rate-limit rule directory's watcher).
-_LIMITS_AT_START = ("envoy_config_dir", "reload_interval_s")
+# limits fields that are bound at start (the rate-limit rule directory's watcher; which process decides
+# the request-time limits: Envoy's routes and extauth must switch together).
+_LIMITS_AT_START = ("envoy_config_dir", "reload_interval_s", "admission")
 # Provider fields that decide which secrets and processes exist: set at start, never hot.
 _PROVIDER_AT_START = ("kind", "api_key_env", "emulator", "aws_access_key_id_env", "aws_secret_access_key_env",
                       "aws_session_token_env", "service_account_file_env")

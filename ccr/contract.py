@@ -180,13 +180,19 @@ AUTHZ_SPEND = "spend"
 # applies (then AUTHZ_SPEND is absent and nothing is reserved); the ledger charges it when the
 # usage of a forwarded request cannot be read.
 AUTHZ_SPEND_WORST = "spend_worst"
+# Key in AUTHZ_NS, only on a refusal extauth made for the request-time limits or budgets (limits.admission:
+# extauth): "over_limit" (429), "budget" (402) or "error" (503, the store down). The audit receiver reads
+# such a refusal as Envoy's rate limit filter's own (response flag RL, or RLSE for "error"), so the row and
+# the metrics say what they say when Envoy asks the rate limit service.
+AUTHZ_RATELIMIT_OUTCOME = "ratelimit_outcome"
 # Descriptor entries of the spend descriptor: the AUTHZ_SPEND string and the gateway's request id.
 RL_SPEND_KEY = "spend"
 RL_REQUEST_ID_KEY = "request_id"
 # Where Envoy's rate limit filter puts RateLimitResponse.dynamic_metadata (the access log sees it).
 RATELIMIT_NS = "envoy.filters.http.ratelimit"
 # Fields the spend service sets in RATELIMIT_NS: the micro-USD reserved and the Redis counters it
-# was reserved on (a list of strings); the audit receiver settles exactly those.
+# was reserved on (a list of strings); the audit receiver settles exactly those. When extauth reserves
+# (limits.admission: extauth) the same fields are in AUTHZ_NS.
 SPEND_RESERVED = "spend_reserved"
 SPEND_COUNTERS = "spend_counters"
 # Response header on a request admitted under a soft budget at or past a threshold (or admitted

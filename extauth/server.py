@@ -61,6 +61,7 @@ from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth import models_api
+from extauth.admission import InCheckAdmission, maybe_admission
 from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
@@ -86,6 +87,7 @@ from extauth.principal import Principal, PrincipalKind
 from extauth.sessions import session_verifier
 from extauth.spend import BudgetSubjects, WorstCase
 from extauth.wire import split_check
+from ratelimit.service import deciders
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +304,8 @@ class Authorizer:
         self.policy = policy
         self._object_store = objects
         self.worst_case: WorstCase | None = None
+        # The request-time limits and budgets when extauth decides them (limits.admission: extauth; set by setup).
+        self.admission: InCheckAdmission | None = None
         self.use_config(config)
 
     def use_config(self, config: GatewayConfig) -> None:
@@ -319,6 +323,8 @@ class Authorizer:
         resolved: dict[str, routing.Resolved | None] = {}
         # audit.bodies: None (the default) when no principal's bodies are kept.
         capture = BodyCapture.from_config(config)
+        if self.admission is not None:
+            self.admission.use_config(config)
         (self.config, self.objects, self._default_provider, self.worst_case, self._routes, self._clusters,
          self._model_idx, self._resolved, self._ok_cache, self.capture) = (
             config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, resolved, {},
@@ -405,8 +411,9 @@ class Authorizer:
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         revision = _revision(seen)
         keep_days = self.capture.retention_days(seen.principal) if self.capture is not None else None
+        admission = self.admission
         if (did is not None or seen.spend is not None or revision is not None or seen.alias is not None
-                or keep_days is not None):
+                or keep_days is not None or admission is not None):
             if seen.cached:  # shared by every request with these facts: the id is this request's own
                 own = pb.CheckResponse()
                 own.CopyFrom(resp)
@@ -427,6 +434,14 @@ class Authorizer:
             if keep_days is not None and self.capture is not None:  # audit.bodies names this principal
                 self.capture.apply(resp, body if body is not None else req.attributes.request.http.raw_body,
                                    keep_days)
+            if admission is not None and seen.endpoint is not None:
+                # The request-time limits and budgets (limits.admission: extauth): what Envoy's rate limit
+                # filters decided after an allow, decided here (extauth/admission.py).
+                try:
+                    resp = admission.admit(resp, seen.endpoint.name, _headers(req.attributes.request.http))
+                except Exception:
+                    log.exception("rate limits could not be decided internally; denying")
+                    return _refusal_facts(_internal_error(did), seen, did, "api_error")
         return resp
 
     def _record(self, req: pb.CheckRequest, seen: _Seen, allow: bool, status: int, reason: str,
@@ -787,6 +802,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         budget_subjects = BudgetSubjects(runtime.postgres_dsn, config.spend.refresh_s)
         await budget_subjects.start()
         authorizer.worst_case.subjects = budget_subjects
+    # limits.admission: extauth: the rate limit service's deciders, in this process (extauth/admission.py).
+    authorizer.admission = maybe_admission(config, lambda: deciders(config, runtime, connections=2, gauges=False))
     AuthorizationServicer(authorizer).add_to(server)
     on_config(authorizer.use_config)  # new config versions (ccr/config_sync.py)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
@@ -810,6 +827,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         if budget_subjects is not None:
             await budget_subjects.close()
         await decisions.close()  # flushes the queued decisions
+        if authorizer.admission is not None:
+            authorizer.admission.parts.close()
         authorizer.policy.close()
 
     return cleanup

@@ -33,6 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,36 @@ _BUDGET_OK, _BUDGET_OVER, _BUDGET_ERROR = (
     metrics.RATELIMIT_DECISIONS.labels("budgets", r) for r in ("ok", "over_limit", "error"))
 
 
+def decide_limits(decider: Decider, steps: list[AdmissionStep], request: rls_pb2.RateLimitRequest
+                  ) -> rls_pb2.RateLimitResponse:
+    """A request's limits, then the admission steps, counted in ccr_ratelimit_decisions_total; the one
+    code path for the service's ShouldRateLimit and extauth's in-process decision (ratelimit/in_check.py).
+    Raises RedisDown / RedisError / OSError when the store is needed and down (counted as errors)."""
+    try:
+        resp = decider.should_rate_limit(request)
+        if resp.overall_code == OK:
+            for step in steps:
+                step.admit(request, resp)
+                if resp.overall_code != OK:
+                    break
+    except BaseException:
+        _LIMITS_ERROR.inc()
+        raise
+    (_LIMITS_OK if resp.overall_code == OK else _LIMITS_OVER).inc()
+    return resp
+
+
+def decide_budgets(gate: spend.SpendGate, request: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
+    """A spend reservation (ratelimit/spend.py), counted; raises spend.Unavailable / ValueError / RedisError."""
+    try:
+        resp = gate.decide(request)
+    except BaseException:
+        _BUDGET_ERROR.inc()
+        raise
+    (_BUDGET_OK if resp.overall_code == OK else _BUDGET_OVER).inc()
+    return resp
+
+
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None,
                  spend_gate: spend.SpendGate | None = None) -> None:
@@ -246,24 +277,12 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rate limit request has no descriptors")
         # --- spend seam (issue 8): budget reservations have their own domain; ratelimit/spend.py ---
         if spend.is_spend_request(request):
-            try:
-                resp = spend.serve(self.spend_gate, request, context)
-            except BaseException:
+            if self.spend_gate is None:
                 _BUDGET_ERROR.inc()
-                raise
-            (_BUDGET_OK if resp.overall_code == OK else _BUDGET_OVER).inc()
-            return resp
+            return spend.serve(self.spend_gate, request, context, decide_budgets)
         try:
-            resp = self.decider.should_rate_limit(request)
-            if resp.overall_code == OK:
-                for step in self.steps:
-                    step.admit(request, resp)
-                    if resp.overall_code != OK:
-                        break
-            (_LIMITS_OK if resp.overall_code == OK else _LIMITS_OVER).inc()
-            return resp
+            return decide_limits(self.decider, self.steps, request)
         except (RedisDown, RedisError, OSError) as e:
-            _LIMITS_ERROR.inc()
             # Never a silent allow: Envoy runs with failure_mode_deny and turns this into an error reply.
             log.error("redis unavailable, refusing to decide: %s: %s", type(e).__name__, e)
             context.abort(grpc.StatusCode.UNAVAILABLE, "rate limit store (Redis) unavailable")
@@ -297,8 +316,21 @@ def rule_dir(limits: Limits, config_path: str | None) -> Path | None:
     return d
 
 
-def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Callable[[], None]:
-    client = make_redis(runtime.redis_url)
+@dataclass
+class Deciders:
+    """What makes a request-time decision: the limits (Decider, kept current with the config and the
+    YAML rule directory), the admission steps, and the budgets' gate (None: spend off). Built the same
+    way by the rate limit service and by extauth (limits.admission: extauth)."""
+
+    decider: Decider
+    steps: list[AdmissionStep]
+    gate: spend.SpendGate | None
+    close: Callable[[], None]
+
+
+def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS, gauges: bool = True) -> Deciders:
+    """`gauges`: this process serves the ccr_budget_* gauges (the rate limit service does)."""
+    client = make_redis(runtime.redis_url, connections)
     try:
         client.ping()
     except (RedisError, OSError) as e:
@@ -326,20 +358,26 @@ def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Calla
     on_config(lambda new: replan(limits=new.limits))  # new config versions (ccr/config_sync.py)
     steps = admission_steps(config, runtime, client)
     gate = spend.make_gate(client, runtime.postgres_dsn, config.spend)  # budgets (issue 8; None: spend off)
-    gauges = None
-    if gate is not None:  # where each budget stands, at scrape time (ccr_budget_* gauges)
-        gauges = BudgetMetrics(gate.budgets, runtime.postgres_dsn, client, config.spend.timezone).install()
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(decider, steps, gate), server)
+    metrics_ = None
+    if gate is not None and gauges:  # where each budget stands, at scrape time (ccr_budget_* gauges)
+        metrics_ = BudgetMetrics(gate.budgets, runtime.postgres_dsn, client, config.spend.timezone).install()
 
-    def cleanup() -> None:
+    def close() -> None:
         if watcher is not None:
             watcher.stop()
-        if gauges is not None:
-            gauges.uninstall()
+        if metrics_ is not None:
+            metrics_.uninstall()
         if gate is not None:
             gate.close()
         counters.close()
         client.close()
         client.connection_pool.disconnect()
 
-    return cleanup
+    return Deciders(decider, steps, gate, close)
+
+
+def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Callable[[], None]:
+    parts = deciders(config, runtime)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(parts.decider, parts.steps, parts.gate),
+                                                        server)
+    return parts.close

@@ -386,13 +386,15 @@ def make_gate(client: redis.Redis, dsn: str, settings: SpendSettings) -> SpendGa
     return SpendGate(client, dsn, settings, source)
 
 
-def serve(gate: SpendGate | None, req: rls_pb2.RateLimitRequest,
-          context: grpc.ServicerContext) -> rls_pb2.RateLimitResponse:
-    """ShouldRateLimit for SPEND_DOMAIN. Anything it cannot decide is refused, never admitted."""
+def serve(gate: SpendGate | None, req: rls_pb2.RateLimitRequest, context: grpc.ServicerContext,
+          decide: Callable[[SpendGate, rls_pb2.RateLimitRequest], rls_pb2.RateLimitResponse] | None = None
+          ) -> rls_pb2.RateLimitResponse:
+    """ShouldRateLimit for SPEND_DOMAIN. Anything it cannot decide is refused, never admitted.
+    `decide`: how to ask the gate (the service's counts its answers: ratelimit/service.py decide_budgets)."""
     if gate is None:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "spend budgets are disabled (spend.enabled)")
     try:
-        return gate.decide(req)
+        return decide(gate, req) if decide is not None else gate.decide(req)
     except Unavailable as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {e}")
     except ValueError as e:

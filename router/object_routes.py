@@ -30,11 +30,16 @@ def headers_to_remove(e: Endpoint) -> list[str]:
     return list(SET_HEADERS)
 
 
+def hits_format(endpoint: str) -> str | None:
+    """A batch create counts one hit per request it carries (the header extauth sets)."""
+    return f"%REQ({H_BATCH_REQUESTS})%" if endpoint == "batches.create" else None
+
+
 def per_filter_config(config: GatewayConfig, e: Endpoint) -> Json:
     """typed_per_filter_config for the endpoint's route: its ext_authz settings and its rate limits
     (router/rate_limits.py), given to the filter because Envoy applies `hits_addend` only there."""
     authz = authz_per_route(e)
-    hits = f"%REQ({H_BATCH_REQUESTS})%" if e.name == "batches.create" else None
+    hits = hits_format(e.name)
     # Only Messages replies carry billable usage; the others would make a stream-end call for nothing.
     # The spend filter has its own list, on the endpoints extauth prices (not batch creates).
     return {**authz, **rate_limit_per_route(config, hits, usage=e.name == METERED_ENDPOINT),

@@ -58,7 +58,7 @@ from router.downstream import (
 )
 from router.failover import MD_NS as ENDPOINT_MD_NS
 from router.object_routes import headers_to_remove, per_filter_config
-from router.rate_limits import SPEND_FILTER
+from router.rate_limits import SPEND_FILTER, in_extauth
 
 LISTENER = "ccr_http"
 ROUTES = "ccr_routes"
@@ -608,7 +608,7 @@ def spend_filter(config: GatewayConfig, replicas: bool = False) -> list[Json]:
     """A second rate limit filter for budgets: its own stage and domain, and 402 (billing_error) when a
     hard budget has no room; the request limits' 429 stay as they are. Its descriptors are per route
     (router/rate_limits.py spend_per_route)."""
-    if not config.spend.enabled:
+    if not config.spend.enabled or in_extauth(config):  # extauth reserves in its Check (limits.admission)
         return []
     return [{"name": SPEND_FILTER, "typed_config": {
         "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
@@ -707,8 +707,11 @@ def _local_reply_mappers() -> list[Json]:
         # tier's size ceiling) keeps its own reason and decision id.
         mapper(cel("response.code == 413 && response.code_details != 'ext_authz_denied'"), None,
                "request_too_large", "Request exceeds the gateway's maximum request size (gateway.max_request_bytes)."),
-        mapper({"and_filter": {"filters": [flags("UAEX"), status(503)]}}, 503, "api_error",
-               "The gateway's authorization service is unavailable; retry shortly."),
+        # extauth unreachable or failing (not its own 503 refusals, which carry their own body: an internal
+        # error naming its decision, or the limits' store down with limits.admission: extauth).
+        mapper({"and_filter": {"filters": [flags("UAEX"), status(503),
+                                           cel("response.code_details != 'ext_authz_denied'")]}}, 503,
+               "api_error", "The gateway's authorization service is unavailable; retry shortly."),
         mapper(flags("RLSE"), 503, "api_error",
                "The gateway's rate limit service is unavailable; retry shortly."),
         mapper(status(502), None, "api_error",
