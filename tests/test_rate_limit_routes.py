@@ -9,13 +9,24 @@ from typing import Any
 import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
+from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig, Limits, parse_config
-from ccr.contract import AUTHZ_NS, AUTHZ_SPEND, USAGE_NS
+from ccr.contract import (
+    AUTHZ_GROUP_LIST,
+    AUTHZ_NS,
+    AUTHZ_SPEND,
+    AUTHZ_USER_ID,
+    H_BATCH_REQUESTS,
+    H_PRINCIPAL_ID,
+    H_REQUEST_ID,
+    RL_USAGE_KINDS,
+    USAGE_NS,
+)
 from extauth.endpoints import ENDPOINTS
 from ratelimit.limits import LimitPlanner
 from router import resources
-from router.rate_limits import RATELIMIT_FILTER, RATELIMIT_PER_ROUTE, SPEND_FILTER
+from router.rate_limits import RATELIMIT_FILTER, RATELIMIT_PER_ROUTE, SPEND_FILTER, request_time_requests
 from tests.test_router import _runtime, _validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,9 +42,11 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def _config(**limits: Any) -> GatewayConfig:
+def _config(admission: str = "ratelimit", **limits: Any) -> GatewayConfig:
+    """These tests read what Envoy sends the rate limit service: the `ratelimit` admission path unless
+    said otherwise (with `extauth`, the default, extauth evaluates the same lists: tests at the end)."""
     doc = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
-    doc["limits"] = {"requests_per_minute": 60, **limits}
+    doc["limits"] = {"requests_per_minute": 60, "admission": admission, **limits}
     return parse_config(doc)
 
 
@@ -116,7 +129,7 @@ def test_spend_descriptor_on_the_spend_filter_of_priced_routes_only() -> None:
                    ["typed_config"]["http_filters"]]
     assert hcm_filters.index(SPEND_FILTER) == hcm_filters.index(RATELIMIT_FILTER) + 1
     off = _routes(parse_config({**yaml.safe_load((REPO / "ccr.example.yaml").read_text()),
-                                "spend": {"enabled": False}}))
+                                "limits": {"admission": "ratelimit"}, "spend": {"enabled": False}}))
     assert not any(SPEND_FILTER in r.get("typed_per_filter_config", {}) for r in off.values())
 
 
@@ -164,3 +177,66 @@ def test_planner_maps_each_descriptor_to_its_rules() -> None:
         _d(("ccr_usage", "output"), ("groups", "a"))])) == []
     # Elsewhere than domain ccr, these keys mean nothing to ccr's rules.
     assert planner.plan(rls_pb2.RateLimitRequest(domain="other", descriptors=[_d(("tenant", "acme"))])) == []
+
+
+# -- limits.admission: extauth (the default) -----------------------------------------------------
+
+FACTS = {"principal_id": "oidc:i#a", "key_id": "key_1", AUTHZ_USER_ID: "oidc:i#a", AUTHZ_GROUP_LIST: "a,b",
+         "tenant": "acme", "spiffe_id": "spiffe://x/y", "model": "claude-x",
+         "rpm": {"requests_per_unit": 42, "unit": "MINUTE"}, AUTHZ_SPEND: '{"v":1}'}
+
+
+def _meta(facts: dict[str, Any]) -> Any:
+    s = struct_pb2.Struct()
+    s.update(facts)
+    return s.fields.get
+
+
+def test_in_extauth_routes_keep_only_the_stream_end_charges_and_no_spend_filter() -> None:
+    cfg = _config("extauth", rules=RULES)
+    assert parse_config(yaml.safe_load((REPO / "ccr.example.yaml").read_text())).limits.admission == "extauth"
+    routes = _routes(cfg)
+    msgs = _limits(routes["messages.create"])
+    assert msgs and all(rl.get("apply_on_stream_done") and _keys(rl)[0] == "ccr_usage" for rl in msgs)
+    for e in ENDPOINTS:
+        tpfc = routes[e.name]["typed_per_filter_config"]
+        assert SPEND_FILTER not in tpfc, e.name
+        if e.name != "messages.create":  # nothing to charge at stream end: no list, no call
+            assert RATELIMIT_FILTER not in tpfc, e.name
+    hcm_filters = [f["name"] for f in resources.listener(cfg, 18080)["filter_chains"][0]["filters"][0]
+                   ["typed_config"]["http_filters"]]
+    assert SPEND_FILTER not in hcm_filters and RATELIMIT_FILTER in hcm_filters
+    # Without token limits nothing is charged at stream end either.
+    assert RATELIMIT_FILTER not in _routes(_config("extauth"))["messages.create"]["typed_per_filter_config"]
+
+
+def test_extauth_builds_exactly_what_envoys_actions_would_send() -> None:
+    """request_time_requests evaluates the old path's own action lists: one descriptor per fact present,
+    the principal with its rpm override, the batch's hits, and the spend descriptor with the request id."""
+    cfg = _config("extauth", rules=RULES)
+    headers = {H_PRINCIPAL_ID: "oidc:i#a", H_REQUEST_ID: "rid-1"}
+    limits, spend = request_time_requests(cfg, "messages.create", headers.get, _meta(FACTS))
+    assert limits is not None and spend is not None
+    assert limits.domain == "ccr" and spend.domain == "ccr_spend"
+    got = [[(e.key, e.value) for e in d.entries] for d in limits.descriptors]
+    assert got == [[("principal", "oidc:i#a")], [("key_id", "key_1")], [("user", "oidc:i#a")], [("groups", "a,b")],
+                   [("tenant", "acme")], [("spiffe_id", "spiffe://x/y")], [("model", "claude-x")]]
+    first = limits.descriptors[0]
+    assert (first.limit.requests_per_unit, first.limit.unit) == (42, rls_pb2.RateLimitResponse.RateLimit.MINUTE)
+    assert not any(d.HasField("hits_addend") for d in limits.descriptors)
+    assert [[(e.key, e.value) for e in d.entries] for d in spend.descriptors] == [[("spend", '{"v":1}'),
+                                                                                  ("request_id", "rid-1")]]
+    # Absent facts are left out, as Envoy leaves out a descriptor whose metadata is absent; no spend fact: no call.
+    few = {k: v for k, v in FACTS.items() if k in ("principal_id", "model", "rpm")}
+    limits, spend = request_time_requests(cfg, "messages.create", headers.get, _meta(few))
+    assert limits is not None and spend is None
+    assert [[(e.key, e.value) for e in d.entries] for d in limits.descriptors] == [[("principal", "oidc:i#a")],
+                                                                                  [("model", "claude-x")]]
+    # A batch create counts its requests; count_tokens is never asked about a budget.
+    batch = {**headers, H_BATCH_REQUESTS: "7"}
+    limits, _ = request_time_requests(cfg, "batches.create", batch.get, _meta(FACTS))
+    assert limits is not None and {d.hits_addend.value for d in limits.descriptors} == {7}
+    assert request_time_requests(cfg, "messages.count_tokens", headers.get, _meta(FACTS))[1] is None
+    # The same lists the old path hands Envoy: built from route_rate_limits, minus the stream-end ones.
+    old = _limits(_routes(_config("ratelimit", rules=RULES))["messages.create"])
+    assert len(old) == len(got) + len(RL_USAGE_KINDS)
