@@ -236,7 +236,9 @@ def test_only_the_objects_cluster_calls_the_adapter() -> None:
 
 def test_replicated_services_pass_envoy_validate(tmp_path: Path) -> None:
     """`ccr serve` deployments: replicas by address or DNS name, health-checked, decision calls retried."""
+    # Envoy asks the rate limit service itself (limits.admission: ratelimit): the budgets' filter is there too.
     cfg = load_config(REPO / "ccr.example.yaml")
+    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"admission": "ratelimit"})})
     eps = {"extauth": ["extauth.ccr.svc.cluster.local:9001"], "ratelimit": ["10.0.0.5:9002", "10.0.0.6:9002"],
            "adapter": ["127.0.0.1:7003"], "accesslog": ["127.0.0.1:7004"]}
     doc = resources.static_bootstrap(cfg, _runtime(service_endpoints=eps), 18080)
@@ -254,6 +256,10 @@ def test_replicated_services_pass_envoy_validate(tmp_path: Path) -> None:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (spend,) = [f for f in hcm["http_filters"] if f["name"] == "ccr.spend"]
     assert spend["typed_config"]["rate_limit_service"]["grpc_service"]["retry_policy"]
+    # The default (limits.admission: extauth): extauth reserves budgets in its Check; no ccr.spend filter.
+    default = json.dumps(resources.static_bootstrap(load_config(REPO / "ccr.example.yaml"),
+                                                    _runtime(service_endpoints=eps), 18080))
+    assert default.count('"retry_policy"') == 3 and '"ccr.spend"' not in default
     # One local replica (`ccr up`): nothing to retry onto, no health checks.
     single = resources.static_bootstrap(cfg, _runtime(), 18080)
     assert '"retry_policy"' not in json.dumps(single) and '"health_checks"' not in json.dumps(single)
