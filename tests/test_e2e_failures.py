@@ -21,8 +21,10 @@ BODY = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "use
 
 
 @pytest.fixture
-def gw(tmp_path: Path) -> Iterator[Gateway]:
-    with running_gateway(tmp_path) as g:
+def gw(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """limits.admission as the test asks (indirect parameter), else the default."""
+    admission = getattr(request, "param", "extauth")
+    with running_gateway(tmp_path, lambda cfg: cfg["limits"].update(admission=admission)) as g:
         yield g
 
 
@@ -48,11 +50,12 @@ def _stop(gw: Gateway, name: str) -> None:
         child.stop()
 
 
-@pytest.mark.parametrize("service,status,kind", [
-    ("extauth", 503, "api_error"),
-    ("ratelimit", 503, "api_error"),
-    ("adapter", 502, "api_error"),
-])
+@pytest.mark.parametrize("gw,service,status,kind", [
+    ("extauth", "extauth", 503, "api_error"),
+    # Envoy asks the rate limit service at the request only when admission is there (limits.admission).
+    ("ratelimit", "ratelimit", 503, "api_error"),
+    ("extauth", "adapter", 502, "api_error"),
+], indirect=["gw"])
 def test_service_down_fails_closed(gw: Gateway, service: str, status: int, kind: str) -> None:
     # The adapter serves only Batches and Files (their owner records); Messages never call it.
     call = _list_batches if service == "adapter" else _post
@@ -83,3 +86,15 @@ def _row(gw: Gateway, request_id: str, timeout: float = 15.0) -> dict[str, objec
             assert time.monotonic() < deadline, f"no request_log row for {request_id}"
             time.sleep(0.05)
     return row
+
+
+def test_with_admission_in_extauth_the_rate_limit_service_is_off_the_request_path(gw: Gateway) -> None:
+    """extauth decides the request-time limits on Redis itself: a stopped rate limit service (which then
+    only takes stream-end token charges) refuses nothing, and the limits are still decided."""
+    assert _post(gw).status_code == 200
+    _stop(gw, "ratelimit")
+    r = _post(gw)
+    assert r.status_code == 200, r.text
+    h = r.headers
+    assert int(h["anthropic-ratelimit-requests-remaining"]) < int(h["anthropic-ratelimit-requests-limit"])
+    assert _row(gw, r.headers["x-request-id"])["ratelimit"] == "ok"

@@ -31,6 +31,9 @@ def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) 
     with otlp_receiver() as (endpoint, receiver):
         def edit(cfg: dict[str, Any]) -> None:
             cfg["telemetry"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0, "metric_groups": ["engineering"]}
+            # Envoy asks the rate limit service at the request (by default extauth decides the limits in its
+            # Check, and the service is not called at the request): its span must join the request's trace.
+            cfg["limits"]["admission"] = "ratelimit"
 
         with running_gateway(tmp_path, edit) as gw:
             c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
