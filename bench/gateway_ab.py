@@ -102,6 +102,10 @@ def main() -> None:
     own = {k: statistics.median(g.cpu_per_request(r) for r in rs) for k, rs in out.items()}
     print(f"  {'':<14}{'A':>8}{'B':>8}{'B-A':>8}")
     print(f"  {'req/s':<14}{rps['A']:8.1f}{rps['B']:8.1f}{rps['B'] - rps['A']:+8.1f}")
+    p50 = {k: statistics.median(r.p50 for r in rs) for k, rs in out.items()}
+    ttfb = {k: statistics.median(r.ttfb_p50 for r in rs) for k, rs in out.items()}
+    print(f"  {'p50 ms':<14}{p50['A']:8.2f}{p50['B']:8.2f}{p50['B'] - p50['A']:+8.2f}")
+    print(f"  {'TTFB p50 ms':<14}{ttfb['A']:8.2f}{ttfb['B']:8.2f}{ttfb['B'] - ttfb['A']:+8.2f}")
     print(f"  {'CPU ms/req':<14}{own['A']:8.3f}{own['B']:8.3f}{own['B'] - own['A']:+8.3f}  (without the {g.UPSTREAM})")
     for n in sorted(names, key=lambda n: -med["A"][n]):
         if med["A"][n] >= 0.005 or med["B"][n] >= 0.005:
