@@ -87,8 +87,8 @@ def main() -> None:
                             (cpu * 1e6, statistics.median(lat) * 1e6, lat[int(len(lat) * 0.99)] * 1e6))
             for (way, conc), rs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 med = [statistics.median(x[k] for x in rs) for k in range(3)]
-                print(f"{way:<8} c={conc:<3} CPU/decision {med[0]:6.1f} us   p50 {med[1]:7.1f} us   p99 {med[2]:7.1f} us"
-                      f"   (medians of {len(rs)} rounds)")
+                print(f"{way:<8} c={conc:<3} CPU/decision {med[0]:6.1f} us   p50 {med[1]:7.1f} us   "
+                      f"p99 {med[2]:7.1f} us   (medians of {len(rs)} rounds)")
             pool.shutdown()
         finally:
             child.stop()

@@ -1,0 +1,102 @@
+"""extauth's in-Check admission (extauth/admission.py) on real Redis: the ext_authz reply it makes of the
+rate limit service's own decision, and the store down failing closed or open per limit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from ccr.config import GatewayConfig, parse_config
+from ccr.contract import AUTHZ_ERROR_TYPE, AUTHZ_RATELIMIT_OUTCOME, H_PRINCIPAL_ID
+from ccr.procs import free_port
+from ccr.runtime import Runtime
+from extauth.admission import UNAVAILABLE, InCheckAdmission
+from ratelimit.service import deciders
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config(**limits: Any) -> GatewayConfig:
+    doc = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    doc["limits"] = limits
+    doc["spend"] = {"enabled": False}
+    return parse_config(doc)
+
+
+@pytest.fixture
+def admission(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[InCheckAdmission]:
+    cfg, url = request.param if hasattr(request, "param") else (_config(), redis_url)
+    if url is None:
+        url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: the store is down
+    rt = Runtime(config_path=str(tmp_path / "ccr.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://unused",
+                 redis_url=url)
+    parts = deciders(cfg, rt, connections=1, gauges=False)
+    try:
+        yield InCheckAdmission(parts, cfg)
+    finally:
+        parts.close()
+
+
+def _allowed(principal: str, rpm: int) -> pb.CheckResponse:
+    meta = struct_pb2.Struct()
+    meta.update({"principal": "p", "principal_id": principal, "key_id": principal, "model": "claude-x",
+                 "rpm": {"requests_per_unit": rpm, "unit": "MINUTE"}})
+    return pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), dynamic_metadata=meta,
+                            ok_response=pb.OkHttpResponse(headers=[base_pb2.HeaderValueOption(
+                                header=base_pb2.HeaderValue(key=H_PRINCIPAL_ID, value=principal))]))
+
+
+def _headers(resp: pb.CheckResponse) -> dict[str, str]:
+    opts = resp.ok_response.response_headers_to_add if resp.HasField("ok_response") else resp.denied_response.headers
+    return {h.header.key: h.header.value for h in opts}
+
+
+def test_allowed_then_refused_as_envoys_rate_limit_filter_would(admission: InCheckAdmission) -> None:
+    who = f"key_{uuid.uuid4().hex[:8]}"
+    for left in (1, 0):
+        resp = admission.admit(_allowed(who, 2), "messages.create", {"x-request-id": "r"})
+        assert resp.HasField("ok_response")
+        h = _headers(resp)
+        assert (h["x-ratelimit-limit"], h["x-ratelimit-remaining"]) == ("2, 2;w=60", str(left))
+        assert h["anthropic-ratelimit-requests-limit"] == "2" and 1 <= int(h["x-ratelimit-reset"]) <= 60
+    refused = admission.admit(_allowed(who, 2), "messages.create", {"x-request-id": "r"})
+    assert refused.denied_response.status.code == 429
+    body = json.loads(refused.denied_response.body)
+    assert body["error"]["type"] == "rate_limit_error" and f"principal {who}" in body["error"]["message"]
+    h = _headers(refused)
+    assert h["x-envoy-ratelimited"] == "true" and h["content-type"] == "application/json"
+    assert h["x-ratelimit-remaining"] == "0" and int(h["retry-after"]) >= 1
+    md = refused.dynamic_metadata.fields
+    assert md[AUTHZ_RATELIMIT_OUTCOME].string_value == "over_limit"
+    assert md[AUTHZ_ERROR_TYPE].string_value == "rate_limit_error" and md["principal_id"].string_value == who
+
+
+@pytest.mark.parametrize("admission", [(_config(), None)], indirect=True)
+def test_store_down_fails_closed_by_default(admission: InCheckAdmission) -> None:
+    resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
+    assert resp.denied_response.status.code == 503
+    assert json.loads(resp.denied_response.body)["error"] == {"type": "api_error", "message": UNAVAILABLE}
+    assert resp.dynamic_metadata.fields[AUTHZ_RATELIMIT_OUTCOME].string_value == "error"
+
+
+@pytest.mark.parametrize("admission", [(_config(on_redis_down="open"), None)], indirect=True)
+def test_store_down_admits_uncounted_when_every_limit_fails_open(admission: InCheckAdmission) -> None:
+    resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
+    assert resp.HasField("ok_response") and not resp.HasField("denied_response")
+    assert AUTHZ_RATELIMIT_OUTCOME not in resp.dynamic_metadata.fields
+
+
+@pytest.mark.parametrize("admission", [(_config(on_redis_down="open", rules=[
+    {"name": "strict", "per": "key", "amount": 5, "on_redis_down": "closed"}]), None)], indirect=True)
+def test_store_down_a_fail_closed_rule_still_refuses(admission: InCheckAdmission) -> None:
+    assert admission.admit(_allowed("key_a", 5), "messages.create", {}).denied_response.status.code == 503
