@@ -164,6 +164,9 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
         "providers": [{"name": "anthropic", "endpoint": f"http://{emu_addr}", "api_key_env": "UPSTREAM_KEY"}],
         "models": [{"match": "claude-*", "provider": "anthropic"}],
         "policy": {"dir": str(REPO / "policies")},
+        # Envoy calls the ratelimit replicas at every request (as a mesh's Envoy does), so their loss and
+        # stall below are on the request path (with the default, extauth decides the limits itself).
+        "limits": {"admission": "ratelimit"},
     }
     router_metrics = addr()  # a fixed /metrics address, for the orchestrator's scraper
     cfg["services"]["standalone"]["router"]["metrics_listen"] = router_metrics
