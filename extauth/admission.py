@@ -12,7 +12,8 @@ costs ≈ 0.3–0.5 ms of server CPU and ≈ 1 ms at c=1 (docs/hot-path.md). Not
 - the answer becomes what Envoy's rate limit filters made of it: on OK, x-ratelimit-* (from the
   descriptor statuses, as Envoy's DRAFT_VERSION_03 headers) and the service's headers on the reply
   (OkHttpResponse.response_headers_to_add); over a limit, the same 429 (402 for a budget) with the
-  same body and headers; the store down, 503 where a limit or budget fails closed. The spend
+  same body and headers; the store down, 503 where a limit or budget fails closed (admitted with
+  services.failure_mode_allow, as Envoy's filters then are). The spend
   reservation's fields go to AUTHZ_NS (the audit receiver settles them from there), and a refusal names
   its outcome (AUTHZ_RATELIMIT_OUTCOME) so the audit row reads as before (flags RL / RLSE).
 
@@ -106,6 +107,9 @@ class InCheckAdmission:
             try:
                 lresp = decide_limits(self.parts.decider, self.parts.steps, lreq)
             except (RedisDown, RedisError, OSError) as e:
+                if self.config.services.failure_mode_allow:  # as Envoy's filter without failure_mode_deny
+                    log.error("redis unavailable; admitting undecided (services.failure_mode_allow): %s", e)
+                    return resp
                 log.error("redis unavailable, refusing to decide: %s: %s", type(e).__name__, e)
                 return _refused(resp, 503, "error", error_body("api_error", UNAVAILABLE), [])
             added = x_ratelimit_headers(lresp.statuses)
@@ -120,6 +124,10 @@ class InCheckAdmission:
                     raise spend.Unavailable("spend budgets are disabled (spend.enabled)")
                 sresp = decide_budgets(gate, sreq)
             except (spend.Unavailable, ValueError) as e:
+                if self.config.services.failure_mode_allow:
+                    log.error("budgets could not be decided; admitting (services.failure_mode_allow): %s", e)
+                    ok.response_headers_to_add.extend(_option(k, v) for k, v in added)
+                    return resp
                 log.error("budgets could not be decided, refusing: %s", e)
                 return _refused(resp, 503, "error", error_body("api_error", UNAVAILABLE), added)
             if sresp.overall_code != OK:

@@ -26,10 +26,13 @@ from ratelimit.service import deciders
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _config(**limits: Any) -> GatewayConfig:
+def _config(allow: bool = False, **limits: Any) -> GatewayConfig:
     doc = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     doc["limits"] = limits
     doc["spend"] = {"enabled": False}
+    if allow:
+        doc.setdefault("services", {}).update(failure_mode_allow=True,
+                                              i_understand_unauthenticated_traffic_reaches_providers=True)
     return parse_config(doc)
 
 
@@ -100,3 +103,9 @@ def test_store_down_admits_uncounted_when_every_limit_fails_open(admission: InCh
     {"name": "strict", "per": "key", "amount": 5, "on_redis_down": "closed"}]), None)], indirect=True)
 def test_store_down_a_fail_closed_rule_still_refuses(admission: InCheckAdmission) -> None:
     assert admission.admit(_allowed("key_a", 5), "messages.create", {}).denied_response.status.code == 503
+
+
+@pytest.mark.parametrize("admission", [(_config(allow=True), None)], indirect=True)
+def test_store_down_with_failure_mode_allow_admits_as_envoys_filter_then_does(admission: InCheckAdmission) -> None:
+    resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
+    assert resp.HasField("ok_response") and not resp.HasField("denied_response")
