@@ -195,7 +195,10 @@ def test_decisions_are_counted_by_the_process_that_makes_them(in_extauth: Gatewa
     assert [r.status_code for r in rs] == [200, 200, 200, 429]
     assert (_metric(in_extauth, "extauth", ok) - before[0], _metric(in_extauth, "extauth", over) - before[1]) == \
         (3, 1)
-    # The rate limit service's own ShouldRateLimit calls are the stream-end charges.
+    # Budgets too (the 402s and warnings of the test above): counted by extauth, never by the service,
+    # whose only calls are the stream-end charges.
+    assert _metric(in_extauth, "extauth", 'ccr_ratelimit_decisions_total{domain="budgets",result="over_limit"}') >= 1
+    assert _metric(in_extauth, "extauth", 'ccr_ratelimit_decisions_total{domain="budgets",result="ok"}') >= 1
     assert _metric(in_extauth, "ratelimit", 'ccr_ratelimit_decisions_total{domain="budgets"') == 0
 
 
