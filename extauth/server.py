@@ -92,6 +92,9 @@ from ratelimit.service import deciders
 log = logging.getLogger(__name__)
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# How long one Redis call of the in-Check admission may hold the event loop (a local Redis answers in
+# well under a millisecond; Envoy's rate limit filter gave the service 2 s).
+ADMISSION_REDIS_TIMEOUT_S = 0.25
 
 
 def _headers(http) -> dict[str, str]:
@@ -803,7 +806,10 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await budget_subjects.start()
         authorizer.worst_case.subjects = budget_subjects
     # limits.admission: extauth: the rate limit service's deciders, in this process (extauth/admission.py).
-    authorizer.admission = maybe_admission(config, lambda: deciders(config, runtime, connections=2, gauges=False))
+    # The decision blocks the event loop for one Redis round trip (extauth/admission.py): a hung Redis may hold
+    # it at most ADMISSION_REDIS_TIMEOUT_S per decision before the limits' on_redis_down applies.
+    authorizer.admission = maybe_admission(config, lambda: deciders(
+        config, runtime, connections=2, gauges=False, redis_timeout_s=ADMISSION_REDIS_TIMEOUT_S))
     AuthorizationServicer(authorizer).add_to(server)
     on_config(authorizer.use_config)  # new config versions (ccr/config_sync.py)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)

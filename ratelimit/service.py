@@ -296,13 +296,13 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 THREADS = 4
 
 
-def make_redis(url: str, connections: int = THREADS) -> redis.Redis:
+def make_redis(url: str, connections: int = THREADS, timeout_s: float = 1.0) -> redis.Redis:
     # Short timeouts and no client retries: Envoy's own deadline is tens of ms, and
     # re-sending a script after a broken connection could count a request twice.
     # A blocking pool queues callers beyond its size instead of failing them.
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=connections, timeout=1.0, socket_timeout=1.0, socket_connect_timeout=1.0,
-        retry=Retry(NoBackoff(), 0),
+        url, max_connections=connections, timeout=timeout_s, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
     )
     return redis.Redis(connection_pool=pool)
 
@@ -328,9 +328,11 @@ class Deciders:
     close: Callable[[], None]
 
 
-def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS, gauges: bool = True) -> Deciders:
-    """`gauges`: this process serves the ccr_budget_* gauges (the rate limit service does)."""
-    client = make_redis(runtime.redis_url, connections)
+def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS, gauges: bool = True,
+             redis_timeout_s: float = 1.0) -> Deciders:
+    """`gauges`: this process serves the ccr_budget_* gauges (the rate limit service does).
+    `redis_timeout_s`: how long one Redis call may block its caller (extauth's event loop: keep it short)."""
+    client = make_redis(runtime.redis_url, connections, redis_timeout_s)
     try:
         client.ping()
     except (RedisError, OSError) as e:
