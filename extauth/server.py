@@ -807,7 +807,8 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         authorizer.worst_case.subjects = budget_subjects
     # limits.admission: extauth: the rate limit service's deciders, in this process (extauth/admission.py).
     # The decision blocks the event loop for one Redis round trip (extauth/admission.py): a hung Redis may hold
-    # it at most ADMISSION_REDIS_TIMEOUT_S per decision before the limits' on_redis_down applies.
+    # it ADMISSION_REDIS_TIMEOUT_S once, then calls fail at once for STALL_HOLD_S (ratelimit/counters.py) and the
+    # limits' on_redis_down applies, as for a store that refuses connections.
     authorizer.admission = maybe_admission(config, lambda: deciders(
         config, runtime, connections=2, gauges=False, redis_timeout_s=ADMISSION_REDIS_TIMEOUT_S))
     AuthorizationServicer(authorizer).add_to(server)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -32,6 +34,12 @@ from redis import exceptions as rx
 from redis.connection import Connection
 
 log = logging.getLogger("ccr.ratelimit")
+
+# After a call times out (Redis accepts but does not answer), calls fail at once for this long
+# instead of each waiting out the timeout: extauth decides on its event loop, so a hung store
+# would otherwise hold every Check for the timeout in turn. The limits' on_redis_down applies as
+# for a store that refuses connections; the first call after the hold asks Redis again.
+STALL_HOLD_S = 1.0
 
 SLOTS = 60  # slots per sliding window: a minute in seconds, an hour in minutes, a day in 24-minute slots
 
@@ -219,9 +227,12 @@ class Counters:
     (≈ 70 µs) than the call itself (≈ 30 µs), on a path that runs once per request.
     """
 
-    def __init__(self, client: redis.Redis, now_ms: int = -1) -> None:
+    def __init__(self, client: redis.Redis, now_ms: int = -1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = client
         self.now_ms = now_ms  # -1: Redis's clock; tests set a fixed one
+        self.clock = clock
+        self._stalled_until = 0.0  # clock() before which calls fail at once (STALL_HOLD_S)
         self._script = SCRIPT.encode()
         self._sha: str | None = None
         self._local = threading.local()
@@ -239,11 +250,17 @@ class Counters:
         return conn  # type: ignore[no-any-return]
 
     def _call(self, *args: object) -> object:
+        if self._stalled_until and self.clock() < self._stalled_until:
+            raise rx.ConnectionError("redis timed out recently; not asked again until the hold ends")
         conn = self._connection()
         try:
             conn.send_packed_command(conn.pack_command(*args), check_health=False)
             return conn.read_response()
-        except (rx.ConnectionError, rx.TimeoutError, OSError):
+        except rx.TimeoutError:
+            conn.disconnect()
+            self._stalled_until = self.clock() + STALL_HOLD_S
+            raise
+        except (rx.ConnectionError, OSError):
             conn.disconnect()  # reconnects on the next call; never re-sent here (it might have run)
             raise
 

@@ -169,3 +169,40 @@ def test_sliding_window_running_sum_matches_counting_every_slot(counters: Counte
             assert o.retry_ms == retry, step
         elif hits:
             slots[cur] = slots.get(cur, 0) + hits
+
+
+def test_a_hung_store_is_not_asked_again_until_the_hold_ends(redis_url: str) -> None:
+    """A Redis that accepts but never answers: the first call waits out its timeout, the calls in the
+    next STALL_HOLD_S fail at once (extauth decides on its event loop: each waiting 0.25 s in turn
+    would stall every Check), and the first call after the hold asks the store again."""
+    import socket
+
+    from redis import exceptions as rx
+
+    from ratelimit.counters import STALL_HOLD_S
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # the kernel completes connections; nothing ever reads or replies
+    now = [100.0]
+    client = make_redis(f"redis://127.0.0.1:{hung.getsockname()[1]}/0", timeout_s=0.05)
+    live = make_redis(redis_url)
+    counters = Counters(client, now_ms=T0, clock=lambda: now[0])
+    op = CounterOp(_k(), Algorithm.FIXED, 1, MIN, 5)
+    try:
+        with pytest.raises(rx.TimeoutError):
+            counters.run([op])
+        now[0] += STALL_HOLD_S - 0.01
+        with pytest.raises(rx.ConnectionError, match="not asked again"):
+            counters.run([op])
+        now[0] += 0.02
+        with pytest.raises(rx.TimeoutError):  # the hold ended: the store was asked (and still hangs)
+            counters.run([op])
+        counters.redis = live  # the store answers again: after the next hold, calls go through
+        now[0] += STALL_HOLD_S
+        assert counters.run([op])[1][0].left == 4
+    finally:
+        counters.close()
+        client.close()
+        live.close()
+        hung.close()
