@@ -44,6 +44,14 @@ def running_service(module: str, run_dir: Path, config_yaml: str, *, env: dict[s
     gives a test their paths. Stops the service with SIGTERM afterwards and checks that it
     shut down cleanly.
     """
+    if module == "extauth" and "redis_url" not in runtime:
+        # No store given: the test is of extauth's identity and policy decisions alone, so the request-time
+        # limits stay with the rate limit service (limits.admission: ratelimit) unless the config says otherwise.
+        doc = yaml.safe_load(config_yaml) or {}
+        limits = doc.get("limits") or {}
+        if "admission" not in limits:
+            doc["limits"] = {**limits, "admission": "ratelimit"}
+            config_yaml = yaml.safe_dump(doc)
     (run_dir / "gateway.yaml").write_text(config_yaml)
     fields: dict[str, Any] = {"postgres_dsn": "postgresql://unused@127.0.0.1:1/unused",
                               "redis_url": "redis://127.0.0.1:1/0", **runtime}
