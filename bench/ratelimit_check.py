@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--modes", default="c1,c16,paced,ghz",
                     help="which runs, of c1, c16, paced, ghz (comma-separated; ghz is skipped when not installed)")
+    ap.add_argument("--profile", help="py-spy raw stacks of ours (all its runs) to this file (bench/pyspy_top.py)")
     ap.add_argument("--ghz", help=f"the ghz binary (default: on PATH or ~/go/bin; {GHZ_INSTALL})")
     ap.add_argument("--workloads", default="yaml,ccr", help="ours: yaml, ccr (comma-separated)")
     args = ap.parse_args()
@@ -310,9 +312,17 @@ def main() -> None:
             children.append(ours)
             print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
             pid = ours.proc.pid
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
+                                        "-r", "250", "-f", "raw", "-o", args.profile], stdout=subprocess.DEVNULL)
+                time.sleep(1)  # attached before the load starts
             for w in workloads:
                 asyncio.run(measure(f"ours {w}", str(ours.info["address"]), pid, "bench" if w == "yaml" else "ccr",
                                     url, args.duration, args.rate, modes, ghz))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(30)
             if args.peer:
                 peer, address = start_peer(url, tmp)
                 children.append(peer)
