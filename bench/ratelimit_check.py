@@ -99,13 +99,27 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _switches(pid: int) -> int:
+    """Context switches of all a process's threads so far (each a thread woken or preempted)."""
+    n = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                    n += int(line.split()[1])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return n
+
+
 def _redis_cpu_s(rc: redis.Redis) -> float:
     info = rc.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _line(label: str, lat: list[float], wall: float, decisions: int, before: dict[str, int],
-          after: dict[str, int], cpu_s: float, redis_cpu_s: float, n_calls: int | None = None) -> str:
+          after: dict[str, int], cpu_s: float, redis_cpu_s: float, switches: int,
+          n_calls: int | None = None) -> str:
     """`lat`: every call's latency, or with n_calls (ghz) [p50, p99] already computed."""
     if n_calls is None:
         lat = sorted(lat)
@@ -123,6 +137,7 @@ def _line(label: str, lat: list[float], wall: float, decisions: int, before: dic
     cmds = " ".join(f"{k}={v:.2f}" for k, v in inner.items())
     return (f"{label:<22} n={n:>6} p50={p50:6.3f} ms p99={p99:6.3f} ms {n / wall:7.0f} req/s  "
             f"cpu/decision: service {cpu_s / decisions * 1e6:5.0f} us, redis {redis_cpu_s / decisions * 1e6:4.0f} us  "
+            f"switches/decision {switches / decisions:4.1f}  "
             f"{rt}  [{cmds}]")
 
 
@@ -227,19 +242,19 @@ async def measure(label: str, address: str, pid: int, domain: str, redis_url: st
                         print(f"{label} {name}: skipped, ghz not found (install: {GHZ_INSTALL}, or pass --ghz PATH)",
                               flush=True)
                         continue
-                    before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
+                    before, cpu, rcpu, sw = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc), _switches(pid)
                     with tempfile.TemporaryDirectory() as d:
                         pcts, rps, n, made = _ghz(ghz, address, reqs, rate, duration, Path(d))
-                    cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
+                    cpu, rcpu, sw = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu, _switches(pid) - sw
                     # Latency over the calls ghz tallied; CPU and Redis figures over every call made.
-                    print(_line(f"{label} {name}", pcts, n / rps, made, before, _calls(rc), cpu, rcpu, n_calls=n),
+                    print(_line(f"{label} {name}", pcts, n / rps, made, before, _calls(rc), cpu, rcpu, sw, n_calls=n),
                           flush=True)
                     continue
                 name, run = runs[m]
-                before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
+                before, cpu, rcpu, sw = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc), _switches(pid)
                 lat, wall = await run()
-                cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
-                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu), flush=True)
+                cpu, rcpu, sw = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu, _switches(pid) - sw
+                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu, sw), flush=True)
 
 
 def start_ours(redis_url: str, tmp: Path) -> Child:
