@@ -184,6 +184,8 @@ async def _paced(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.Rat
 
 def find_ghz(given: str | None) -> str | None:
     if given:
+        if shutil.which(given) is None:
+            raise SystemExit(f"--ghz {given}: not an executable")
         return given
     home = Path.home() / "go" / "bin" / "ghz"
     return shutil.which("ghz") or (str(home) if home.exists() else None)
