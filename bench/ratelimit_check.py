@@ -17,14 +17,23 @@ envoyproxy-style YAML file, then for each: closed loop at c=1 and c=16, and open
 Redis round trips are counted from INFO commandstats before and after each run: ours makes one
 EVALSHA per decision (the commands inside it are listed apart); the Go service pipelines one
 INCRBY (+ EXPIRE) per descriptor, so its figure is commands per decision.
+
+Load generators: c1, c16 and paced are this Python process (grpc.aio); its own scheduling is part of
+their latency. Mode `ghz` drives the same 1000 requests, paced at --rate, with ghz (a Go load
+generator: `go install github.com/bojand/ghz/cmd/ghz@v0.120.0`, found on PATH, in ~/go/bin or by
+--ghz), so the p99 is less the client's. Without ghz that mode prints that it was skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +45,7 @@ import grpc
 import redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import descriptor_pb2, json_format
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -45,6 +55,8 @@ from ccr.procs import Child, free_port, spawn, wait_ready_file, wait_until  # no
 from ccr.runtime import Runtime  # noqa: E402
 
 PEER_BIN = Path.home() / ".cache/ccr-peers/bin/service_cmd"
+GHZ_INSTALL = "go install github.com/bojand/ghz/cmd/ghz@v0.120.0"
+GHZ_METHOD = "envoy.service.ratelimit.v3.RateLimitService.ShouldRateLimit"
 KEYS = ("principal", "key_id", "tenant", "groups", "model")
 YAML = "domain: bench\ndescriptors:\n" + "".join(
     f"  - key: {k}\n    rate_limit: {{unit: hour, requests_per_unit: 1000000000}}\n" for k in KEYS)
@@ -87,16 +99,35 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _switches(pid: int) -> int:
+    """Context switches of all a process's threads so far (each a thread woken or preempted)."""
+    n = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                    n += int(line.split()[1])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return n
+
+
 def _redis_cpu_s(rc: redis.Redis) -> float:
     info = rc.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _line(label: str, lat: list[float], wall: float, decisions: int, before: dict[str, int],
-          after: dict[str, int], cpu_s: float, redis_cpu_s: float) -> str:
-    lat = sorted(lat)
-    p50 = statistics.median(lat) * 1e3
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
+          after: dict[str, int], cpu_s: float, redis_cpu_s: float, switches: int,
+          n_calls: int | None = None) -> str:
+    """`lat`: every call's latency, or with n_calls (ghz) [p50, p99] already computed."""
+    if n_calls is None:
+        lat = sorted(lat)
+        p50 = statistics.median(lat) * 1e3
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
+    else:
+        p50, p99 = lat[0] * 1e3, lat[1] * 1e3
+    n = len(lat) if n_calls is None else n_calls
     diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     diff = {k: v for k, v in diff.items() if v > 0}
     scripts = diff.get("evalsha", 0) + diff.get("eval", 0)
@@ -104,8 +135,9 @@ def _line(label: str, lat: list[float], wall: float, decisions: int, before: dic
     rt = (f"round trips/decision={scripts / decisions:.2f} (EVALSHA)" if scripts
           else f"commands/decision={sum(inner.values()):.2f} (pipelined)")
     cmds = " ".join(f"{k}={v:.2f}" for k, v in inner.items())
-    return (f"{label:<22} n={len(lat):>6} p50={p50:6.3f} ms p99={p99:6.3f} ms {len(lat) / wall:7.0f} req/s  "
+    return (f"{label:<22} n={n:>6} p50={p50:6.3f} ms p99={p99:6.3f} ms {n / wall:7.0f} req/s  "
             f"cpu/decision: service {cpu_s / decisions * 1e6:5.0f} us, redis {redis_cpu_s / decisions * 1e6:4.0f} us  "
+            f"switches/decision {switches / decisions:4.1f}  "
             f"{rt}  [{cmds}]")
 
 
@@ -150,8 +182,52 @@ async def _paced(stub: rls_pb2_grpc.RateLimitServiceStub, reqs: list[rls_pb2.Rat
     return lat, time.perf_counter() - t0
 
 
+def find_ghz(given: str | None) -> str | None:
+    if given:
+        if shutil.which(given) is None:
+            raise SystemExit(f"--ghz {given}: not an executable")
+        return given
+    home = Path.home() / "go" / "bin" / "ghz"
+    return shutil.which("ghz") or (str(home) if home.exists() else None)
+
+
+def _protoset(path: Path) -> None:
+    """rls.proto and everything it imports, as a FileDescriptorSet ghz reads (the servers have no reflection)."""
+    fds = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(fd: object) -> None:
+        if fd.name in seen:  # type: ignore[attr-defined]
+            return
+        seen.add(fd.name)  # type: ignore[attr-defined]
+        for dep in fd.dependencies:  # type: ignore[attr-defined]
+            add(dep)
+        fds.file.add().MergeFromString(fd.serialized_pb)  # type: ignore[attr-defined]
+
+    add(rls_pb2.DESCRIPTOR)
+    path.write_bytes(fds.SerializeToString())
+
+
+def _ghz(ghz: str, address: str, reqs: list[rls_pb2.RateLimitRequest], rate: float, duration: float,
+         tmp: Path) -> tuple[list[float], float, int, int]:
+    """ghz paced at `rate` for `duration` over one connection, cycling through `reqs` (as the Python client does).
+    ([p50, p99] in s as ghz computes them, req/s, calls tallied, calls made); exits on any non-OK call."""
+    _protoset(tmp / "rls.protoset")
+    (tmp / "data.json").write_text(json.dumps([json_format.MessageToDict(r) for r in reqs]))
+    skip = 50  # the new connection's first calls
+    cmd = [ghz, "--insecure", "--protoset", str(tmp / "rls.protoset"), "--call", GHZ_METHOD,
+           "-D", str(tmp / "data.json"), "--rps", f"{rate:.0f}", "-n", str(int(rate * duration) + skip),
+           "--skipFirst", str(skip), "-c", "20", "--connections", "1", "-t", "5s", "--format", "json", address]
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    codes = out.get("statusCodeDistribution") or {}
+    if set(codes) != {"OK"}:
+        raise SystemExit(f"ghz: calls failed: {codes} {out.get('errorDistribution')}")
+    pct = {p["percentage"]: p["latency"] / 1e9 for p in out["latencyDistribution"]}
+    return [pct[50], pct[99]], float(out["rps"]), int(out["count"]), int(rate * duration) + skip
+
+
 async def measure(label: str, address: str, pid: int, domain: str, redis_url: str, duration: float,
-                  rate: float, modes: tuple[str, ...] = ("c1", "c16", "paced")) -> None:
+                  rate: float, modes: tuple[str, ...] = ("c1", "c16", "paced"), ghz: str | None = None) -> None:
     reqs = requests(domain, 1000)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
@@ -161,11 +237,26 @@ async def measure(label: str, address: str, pid: int, domain: str, redis_url: st
             runs = {"c1": ("c=1", lambda: _closed(stub, reqs, 1, duration)),
                     "c16": ("c=16", lambda: _closed(stub, reqs, 16, duration)),
                     "paced": (f"paced {rate:.0f}/s", lambda: _paced(stub, reqs, rate, duration))}
-            for name, run in (runs[m] for m in modes):
-                before, cpu, rcpu = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc)
+            for m in modes:
+                if m == "ghz":
+                    name = f"ghz {rate:.0f}/s"
+                    if ghz is None:
+                        print(f"{label} {name}: skipped, ghz not found (install: {GHZ_INSTALL}, or pass --ghz PATH)",
+                              flush=True)
+                        continue
+                    before, cpu, rcpu, sw = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc), _switches(pid)
+                    with tempfile.TemporaryDirectory() as d:
+                        pcts, rps, n, made = _ghz(ghz, address, reqs, rate, duration, Path(d))
+                    cpu, rcpu, sw = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu, _switches(pid) - sw
+                    # Latency over the calls ghz tallied; CPU and Redis figures over every call made.
+                    print(_line(f"{label} {name}", pcts, n / rps, made, before, _calls(rc), cpu, rcpu, sw, n_calls=n),
+                          flush=True)
+                    continue
+                name, run = runs[m]
+                before, cpu, rcpu, sw = _calls(rc), _cpu_s(pid), _redis_cpu_s(rc), _switches(pid)
                 lat, wall = await run()
-                cpu, rcpu = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu
-                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu), flush=True)
+                cpu, rcpu, sw = _cpu_s(pid) - cpu, _redis_cpu_s(rc) - rcpu, _switches(pid) - sw
+                print(_line(f"{label} {name}", lat, wall, len(lat), before, _calls(rc), cpu, rcpu, sw), flush=True)
 
 
 def start_ours(redis_url: str, tmp: Path) -> Child:
@@ -216,11 +307,15 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="also the Go envoyproxy/ratelimit on the same config")
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--rate", type=float, default=500.0)
-    ap.add_argument("--modes", default="c1,c16,paced", help="which runs, of c1, c16, paced (comma-separated)")
+    ap.add_argument("--modes", default="c1,c16,paced,ghz",
+                    help="which runs, of c1, c16, paced, ghz (comma-separated; ghz is skipped when not installed)")
+    ap.add_argument("--profile", help="py-spy raw stacks of ours (all its runs) to this file (bench/pyspy_top.py)")
+    ap.add_argument("--ghz", help=f"the ghz binary (default: on PATH or ~/go/bin; {GHZ_INSTALL})")
     ap.add_argument("--workloads", default="yaml,ccr", help="ours: yaml, ccr (comma-separated)")
     args = ap.parse_args()
     modes = tuple(m for m in args.modes.split(",") if m)
     workloads = tuple(w for w in args.workloads.split(",") if w)
+    ghz = find_ghz(args.ghz) if "ghz" in modes else None
     children: list[Child] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -234,14 +329,22 @@ def main() -> None:
             children.append(ours)
             print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
             pid = ours.proc.pid
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
+                                        "-r", "250", "-f", "raw", "-o", args.profile], stdout=subprocess.DEVNULL)
+                time.sleep(1)  # attached before the load starts
             for w in workloads:
                 asyncio.run(measure(f"ours {w}", str(ours.info["address"]), pid, "bench" if w == "yaml" else "ccr",
-                                    url, args.duration, args.rate, modes))
+                                    url, args.duration, args.rate, modes, ghz))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(30)
             if args.peer:
                 peer, address = start_peer(url, tmp)
                 children.append(peer)
                 asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate,
-                                    modes))
+                                    modes, ghz))
         finally:
             for c in reversed(children):
                 c.stop()

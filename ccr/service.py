@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -350,12 +351,13 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = await setup(server, config, runtime)
     address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
+    frozen = freeze_startup_heap()  # extauth decides limits in its Check too: the same GC stalls (see there)
     await server.start()
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).
     for service in ("", name):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     write_ready(args.ready_file, address, **_metrics_ready())
-    logging.info("serving on %s", address)
+    logging.info("serving on %s (%d start-up objects frozen out of the cyclic GC)", address, frozen)
     if follower is not None:
         follower.start_async()  # on this loop: a new config is swapped in between two requests
 
@@ -401,6 +403,18 @@ def run(name: str, setup: Setup, mtls_peers: Collection[str] = (), *, fast_loop:
 SyncSetup = Callable[[grpc.Server, GatewayConfig, Runtime], Callable[[], None] | None]
 
 
+def freeze_startup_heap() -> int:
+    """Move what start-up built (modules, grpcio, protobuf, config: ~90k objects) out of the cyclic
+    GC's sight. A full collection walks every tracked object, and over that heap it took 35-130 ms
+    on this machine, a stall every call in flight waits out (a p99 spike at 500 req/s); after the
+    freeze it walks only what calls created since. Start-up's garbage is collected first, so none
+    of it is kept; frozen objects are still freed by reference counting (only a start-up object
+    in a reference cycle dropped later, e.g. on a config reload, is never collected: once, bounded)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collection[str] = ()) -> None:
     """Run one gRPC service on grpcio's sync server (a pool of `threads`) until SIGTERM/SIGINT.
 
@@ -425,11 +439,13 @@ def run_threaded(name: str, setup: SyncSetup, threads: int, mtls_peers: Collecti
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     cleanup = setup(server, config, runtime)
     address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
+    frozen = freeze_startup_heap()
     server.start()
     for service in ("", name):
         checks.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logging.info("serving on %s (%d threads; %d start-up objects frozen out of the cyclic GC)", address, threads,
+                 frozen)
     write_ready(args.ready_file, address, **_metrics_ready())
-    logging.info("serving on %s (%d threads)", address, threads)
     if follower is not None:
         follower.start_thread()
     stop.wait()

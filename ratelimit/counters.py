@@ -31,6 +31,11 @@ from enum import IntEnum
 
 import redis
 from redis import exceptions as rx
+
+try:  # redis[hiredis]: its C packer directly, without redis-py's per-argument normalising (≈ 5 µs a call)
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis is a dependency
+    _pack = None
 from redis.connection import Connection
 
 log = logging.getLogger("ccr.ratelimit")
@@ -254,7 +259,7 @@ class Counters:
             raise rx.ConnectionError("redis timed out recently; not asked again until the hold ends")
         conn = self._connection()
         try:
-            conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            conn.send_packed_command([_pack(args)] if _pack else conn.pack_command(*args), check_health=False)
             return conn.read_response()
         except rx.TimeoutError:
             conn.disconnect()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -35,6 +36,7 @@ from ratelimit.counters import Algorithm
 from ratelimit.envoy_config import UNITS, RuleSet, YamlLimit
 
 KEY_PREFIX = "ccr:rl"
+FIXED = int(Algorithm.FIXED)
 PLAN_CACHE_SIZE = 100_000
 Unit = rls_pb2.RateLimitResponse.RateLimit
 UNIT_OF_WORD: dict[str, int] = {"second": Unit.SECOND, "minute": Unit.MINUTE, "hour": Unit.HOUR, "day": Unit.DAY,
@@ -53,11 +55,15 @@ _SCOPE_WORDS: dict[LimitScope, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
-    """What one counter enforces, and how a refusal names it."""
+class Limit(NamedTuple):
+    """What one counter enforces, and how a refusal names it.
 
-    algorithm: Algorithm
+    Plain values only (the algorithm too is a plain int): the planner's cache keeps each as a plain
+    tuple, which the cyclic GC stops tracking (it does so for exact tuples of atoms only), so a
+    cache of 100k descriptors adds nothing to what a full collection walks. (With dataclasses,
+    40k entries made a full collection take 43 ms, a stall for every call in flight.)"""
+
+    algorithm: int  # an Algorithm
     amount: int
     unit: int  # RateLimitResponse.RateLimit.Unit
     metric: str  # "requests" | "tokens"
@@ -85,6 +91,9 @@ class Planned:
     charge: bool = False  # usage at stream end: always counted, never refuses
 
 
+_as_limit = tuple.__new__  # (Limit, fields): a Limit from the plain tuple the cache keeps
+
+
 def _parts(entries: Sequence[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v}" for k, v in entries)
 
@@ -103,11 +112,12 @@ class LimitPlanner:
             about = f"{_SCOPE_WORDS[r.per]} {{value}}"
             algo = Algorithm.SLIDING if r.algorithm == "sliding_window" else Algorithm.BUCKET
             open_ = (r.on_redis_down or limits.on_redis_down) == "open"
-            lim = Limit(algo, r.amount, UNIT_OF_WORD[r.unit], r.metric, about, r.name,
+            lim = Limit(int(algo), r.amount, UNIT_OF_WORD[r.unit], r.metric, about, r.name,
                         (r.burst or r.amount) if algo is Algorithm.BUCKET else 0, r.shadow_mode, open_)
             self.by_scope.setdefault(r.per, []).append((r, lim))
-        # (domain, entries[, override]) -> what plan() makes of such a descriptor; bounded, rebuilt on demand.
-        self._cache: dict[tuple, tuple[tuple[Limit, str, bool], ...]] = {}
+        # (domain, entries[, override]) -> what plan() makes of such a descriptor (_templates, a Limit
+        # as a plain tuple: see Limit); bounded, rebuilt on demand.
+        self._cache: dict[tuple, tuple[tuple[tuple, str, bool], ...]] = {}
 
     def plan(self, req: rls_pb2.RateLimitRequest) -> list[Planned]:
         out: list[Planned] = []
@@ -134,7 +144,8 @@ class LimitPlanner:
                 if len(cache) >= PLAN_CACHE_SIZE:
                     cache.clear()
                 cache[ck] = found
-            for lim, key, counts in found:
+            for fields, key, counts in found:
+                lim = _as_limit(Limit, fields)
                 out.append(Planned(i, lim, key, hits if counts else 0))
                 any_replaces = any_replaces or bool(lim.replaces)
         if any_replaces:
@@ -143,19 +154,20 @@ class LimitPlanner:
         return out
 
     def _templates(self, domain: str, d: ratelimit_pb2.RateLimitDescriptor | None,
-                   entries: tuple[tuple[str, str], ...]) -> tuple[tuple[Limit, str, bool], ...]:
-        """(limit, counter key, counts the request's hits) for one descriptor; memoised by plan()."""
-        out: list[tuple[Limit, str, bool]] = []
+                   entries: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple, str, bool], ...]:
+        """(limit's fields as a plain tuple, counter key, counts the request's hits) for one descriptor;
+        memoised by plan()."""
+        out: list[tuple[tuple, str, bool]] = []
         fixed = self._fixed(domain, d, entries)
         if fixed is not None:
             key = "" if fixed.unlimited else f"{KEY_PREFIX}:{domain}:{_parts(entries)}:{WORD_OF_UNIT[fixed.unit]}"
-            out.append((fixed, key, True))
+            out.append((tuple(fixed), key, True))
         if domain == RL_DOMAIN and len(entries) == 1 and (scope := SCOPE_OF_KEY.get(entries[0][0])) in self.by_scope:
             for value in self._values(scope, entries[0][1]):
                 for rule, lim in self.by_scope[scope]:
                     if rule.value is None or rule.value == value:
                         # Token limits are only checked at the request (hits 0); usage charges them.
-                        out.append((_named(lim, value), _rule_key(rule, value), rule.metric == "requests"))
+                        out.append((tuple(_named(lim, value)), _rule_key(rule, value), rule.metric == "requests"))
         return tuple(out)
 
     def _fixed(self, domain: str, d: ratelimit_pb2.RateLimitDescriptor | None,
@@ -165,12 +177,12 @@ class LimitPlanner:
             if rpu > 0 and unit in WORD_OF_UNIT:
                 about = (f"principal {entries[0][1]}" if len(entries) == 1 and entries[0][0] == RL_PRINCIPAL_KEY
                          else _descr(domain, entries))
-                return Limit(Algorithm.FIXED, rpu, unit, "requests", about, fail_open=self.default_open)
+                return Limit(FIXED, rpu, unit, "requests", about, fail_open=self.default_open)
         y = self.rules.match(domain, entries)
         if y is not None:
             return _from_yaml(y, domain, entries, self.default_open)
         if domain == RL_DOMAIN and len(entries) == 1 and entries[0][0] == RL_PRINCIPAL_KEY:
-            return Limit(Algorithm.FIXED, self.default_rpm, Unit.MINUTE, "requests", f"principal {entries[0][1]}",
+            return Limit(FIXED, self.default_rpm, Unit.MINUTE, "requests", f"principal {entries[0][1]}",
                          fail_open=self.default_open)
         return None
 
@@ -217,6 +229,6 @@ def _descr(domain: str, entries: Sequence[tuple[str, str]]) -> str:
 
 def _from_yaml(y: YamlLimit, domain: str, entries: tuple[tuple[str, str], ...], fail_open: bool) -> Limit:
     if y.unlimited:
-        return Limit(Algorithm.FIXED, 0, 0, "requests", "", y.name, unlimited=True, replaces=y.replaces)
-    return Limit(Algorithm.FIXED, y.requests_per_unit, UNIT_OF_WORD[y.unit], "requests", _descr(domain, entries),
+        return Limit(FIXED, 0, 0, "requests", "", y.name, unlimited=True, replaces=y.replaces)
+    return Limit(FIXED, y.requests_per_unit, UNIT_OF_WORD[y.unit], "requests", _descr(domain, entries),
                  y.name, shadow=y.shadow_mode, fail_open=fail_open, replaces=y.replaces)

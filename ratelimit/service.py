@@ -51,9 +51,9 @@ from ccr.runtime import Runtime
 from ratelimit import spend
 from ratelimit.admission import AdmissionStep, admission_steps
 from ratelimit.budget_metrics import BudgetMetrics
-from ratelimit.counters import CHARGE, NO_GATE, Algorithm, CounterOp, Counters, Outcome
+from ratelimit.counters import CHARGE, NO_GATE, CounterOp, Counters, Outcome
 from ratelimit.envoy_config import RuleDir, RuleSet
-from ratelimit.limits import WORD_OF_UNIT, LimitPlanner, Planned
+from ratelimit.limits import FIXED, WORD_OF_UNIT, LimitPlanner, Planned
 from ratelimit.replies import over_limit_reply, quota_headers, seconds
 
 log = logging.getLogger("ccr.ratelimit")
@@ -115,7 +115,7 @@ class Decider:
             if lim.unlimited:
                 resp.statuses[p.desc].limit_remaining = UNLIMITED_REMAINING
                 continue
-            if lim.algorithm is Algorithm.FIXED:
+            if lim.algorithm == FIXED:
                 hit = cache.get(p.key)
                 if hit is not None and hit[0] > mono and hit[1] > lim.amount:
                     left_ms = int((hit[0] - mono) * 1000)
@@ -165,7 +165,7 @@ class Decider:
             o = results[at]
             outcomes[j] = o
             p = planned[j]
-            if o.over and p.limit.algorithm is Algorithm.FIXED:
+            if o.over and p.limit.algorithm == FIXED:
                 # The key is the same for any limit on these entries: keep the count, not "over".
                 self._remember_over(p.key, mono + o.reset_ms / 1000, p.limit.amount - o.left)
         return now_ms

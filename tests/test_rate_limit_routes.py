@@ -3,6 +3,7 @@ makes of it (ratelimit/limits.py), and that Envoy accepts the generated config."
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ccr.contract import (
     USAGE_NS,
 )
 from extauth.endpoints import ENDPOINTS
+from ratelimit.envoy_config import load_dir
 from ratelimit.limits import LimitPlanner
 from router import resources
 from router.rate_limits import RATELIMIT_FILTER, RATELIMIT_PER_ROUTE, SPEND_FILTER, request_time_requests
@@ -240,3 +242,36 @@ def test_extauth_builds_exactly_what_envoys_actions_would_send() -> None:
     # The same lists the old path hands Envoy: built from route_rate_limits, minus the stream-end ones.
     old = _limits(_routes(_config("ratelimit", rules=RULES))["messages.create"])
     assert len(old) == len(got) + len(RL_USAGE_KINDS)
+
+
+def test_planner_cache_holds_nothing_the_cyclic_gc_walks(tmp_path: Path) -> None:
+    """The plan cache grows with every principal seen (up to 100k descriptors): what it holds must
+    not be GC-tracked, or each full collection walks all of it while calls wait (43 ms for 40k)."""
+    rules_dir = tmp_path / "rls"
+    rules_dir.mkdir()
+    (rules_dir / "edge.yaml").write_text("domain: edge\ndescriptors:\n  - key: ip\n"
+                                         "    rate_limit: {unit: minute, requests_per_unit: 5}\n")
+    planner = LimitPlanner(Limits.model_validate({"requests_per_minute": 60, "rules": RULES}), load_dir(rules_dir))
+    over = _d(("principal", "p-override"))
+    over.limit.requests_per_unit, over.limit.unit = 7, rls_pb2.RateLimitResponse.RateLimit.HOUR
+    for i in range(50):
+        planner.plan(rls_pb2.RateLimitRequest(domain="ccr", descriptors=[
+            _d(("principal", f"p{i}")), _d(("key_id", f"k{i}")), _d(("groups", f"a{i},b")), _d(("model", "claude-x")),
+            _d(("spiffe_id", f"spiffe://x/{i}")), over]))
+        planner.plan(rls_pb2.RateLimitRequest(domain="edge", descriptors=[_d(("ip", f"10.0.0.{i}"))]))
+    cached = planner._cache
+    assert len(cached) > 200
+    for _ in range(4):  # the GC untracks tuples from the inside out, at worst one nesting level per pass
+        gc.collect()
+
+    def tracked(o: object) -> list[object]:
+        found = [o] if gc.is_tracked(o) else []
+        if isinstance(o, tuple):
+            for x in o:
+                found += tracked(x)
+        return found
+
+    assert [(t, k) for k, v in cached.items() for t in tracked(k) + tracked(v)] == []
+    # What plan() hands out is still a Limit, with the cached fields.
+    (p,) = planner.plan(rls_pb2.RateLimitRequest(domain="edge", descriptors=[_d(("ip", "10.0.0.3"))]))
+    assert p.limit.amount == 5 and p.limit.period_ms == 60_000 and p.limit.about == "descriptor edge:ip=10.0.0.3"

@@ -129,6 +129,23 @@ def test_redis_clock_is_used_when_none_is_injected(redis_url: str) -> None:
         client.close()
 
 
+def test_a_broken_connection_raises_once_never_resends_and_reconnects(counters: Counters, redis_url: str) -> None:
+    """The raw path (own connection per thread, hiredis packing): a connection Redis dropped fails
+    the call with a ConnectionError (the Decider refuses: fail closed), the script is not sent
+    again behind the caller's back (it might have run: no double count), and the next call
+    reconnects."""
+    key = _k()
+    op = CounterOp(key, Algorithm.FIXED, 1, MIN, 5)
+    assert counters.run([op])[1][0].left == 4
+    own_id = counters._call("CLIENT", "ID")
+    with redis.Redis.from_url(redis_url) as rc:
+        assert rc.client_kill_filter(_id=own_id) == 1
+        with pytest.raises(redis.ConnectionError):
+            counters.run([op])
+        assert counters.run([op])[1][0].left == 3  # counted twice in all: the failed call never ran
+        assert counters._call("CLIENT", "ID") != own_id
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sliding_window_running_sum_matches_counting_every_slot(counters: Counters, seed: int) -> None:
     """The script keeps a running sum and drops slots as they leave the window; a model that counts
