@@ -6,6 +6,8 @@ through the full gateway, closed loop at a few concurrency levels, streamed and 
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
     .venv/bin/python bench/gateway.py --spiffe-compare   # the gateway with SPIFFE mTLS on every hop vs without
     .venv/bin/python bench/gateway.py --bodies-compare   # audit.bodies: no rule, another tenant's, captured
+    .venv/bin/python bench/gateway.py --telemetry compare --concurrency 8 --rounds 5 --duration 4
+        # issue 11: telemetry off / metrics / metrics+traces, interleaved rounds, medians and spread
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
@@ -430,9 +432,15 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
     ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
                     help="ccr API key for --url (default: $ANTHROPIC_API_KEY)")
     ap.add_argument("--telemetry", choices=("compare",),
-                    help="compare: only the gateway, with metrics and tracing off, then on (every request "
-                         "traced to a local OTLP sink); prints req/s both ways and the loss")
-    ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
+                    help="compare: only the gateway, three of them side by side: telemetry off, metrics only, "
+                         "metrics and traces (--sample-ratio of requests traced to a local OTLP sink), measured in "
+                         "--rounds interleaved rounds; prints median req/s, the loss and CPU per request by process")
+    ap.add_argument("--sample-ratio", type=float, default=0.05,
+                    help="telemetry.sample_ratio for --telemetry compare (default: the config's default)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="--telemetry compare: interleaved rounds of the three settings (medians are reported)")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="--telemetry compare: seconds of rest before each setting's measurement")
     ap.add_argument("--bodies-compare", action="store_true",
                     help="only the gateway: no audit.bodies rule, a rule for another tenant, the key's tenant captured")
     ap.add_argument("--spiffe-compare", action="store_true",
@@ -447,6 +455,8 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
         ap.error("--concurrency takes integers, e.g. 1,8,32")
     if not args.levels or min(args.levels) < 1:
         ap.error("--concurrency needs at least one level >= 1")
+    if args.rounds < 1:
+        ap.error("--rounds needs at least 1")
     if args.url and not args.key:
         ap.error("--url needs --key (or $ANTHROPIC_API_KEY): a ccr key with a high enough rpm")
     args.modes = ["no-stream"] if args.no_stream else ["stream"] if args.stream_only else list(MODES)
@@ -523,46 +533,94 @@ def otlp_sink(tmp: Path) -> Iterator[str]:
         print(child.log_tail(), file=sys.stderr)
 
 
-def compare_telemetry(args: argparse.Namespace) -> None:
-    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing."""
-    settings = ("off", "metrics", "metrics+traces")
-    by_setting: dict[str, dict[tuple[str, int], tuple[float, float]]] = {}
-    for setting in settings:
-        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
-            tmp = Path(d)
-            with ExitStack() as stack:
-                telemetry: dict[str, object] = {"metrics": setting != "off"}
-                if setting == "metrics+traces":
-                    telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
-                                  "sample_ratio": args.sample_ratio}
-                gw = Gateway(gateway_config(tmp, telemetry))
-                try:
-                    gw.start()
-                    assert gw.runtime is not None
-                    from extauth.keys import create_key
+TELEMETRY_SETTINGS = ("off", "metrics", "metrics+traces")
 
-                    _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
-                    print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
-                    res = asyncio.run(measure([Target("gateway", gw.url, key, {c.name: c.pid for c in gw.children})],
-                                              args))
-                finally:
-                    gw.stop()
-        by_setting[setting] = {(mode, r.concurrency): (r.rps, cpu_per_request(r)) for mode, rs in res.items()
-                               for r in rs}
-        for mode, rs in res.items():
-            r = rs[-1]
-            if r.ok:
-                print(f"  {setting} {mode} c={r.concurrency} CPU ms/request by process: " + ", ".join(
-                    f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in sorted(r.server_cpu.items())), file=sys.stderr)
-    print(f"sample_ratio {args.sample_ratio:g} (metrics+traces)")
-    print("req/s (change) and gateway CPU ms per request (upstream emulator left out), per setting")
-    print(f"{'mode':<10} {'c':>4} " + " ".join(f"{s:>28}" for s in settings))
-    for (mode, c), (off, off_cpu) in by_setting["off"].items():
-        cells = [f"{off:>10.1f}        {off_cpu:6.2f} ms"]
-        for s in settings[1:]:
-            on, cpu = by_setting[s].get((mode, c), (0.0, float("nan")))
-            cells.append(f"{on:>10.1f} ({(on - off) / off * 100 if off else 0:+5.1f}%) {cpu:6.2f} ms")
-        print(f"{mode:<10} {c:>4} " + " ".join(cells))
+
+@contextmanager
+def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float) -> Iterator[Target]:
+    """A gateway with one telemetry setting (and, for traces, its own OTLP sink), up until the block ends."""
+    with ExitStack() as stack:
+        telemetry: dict[str, object] = {"metrics": setting != "off"}
+        if setting == "metrics+traces":
+            telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)), "sample_ratio": sample_ratio}
+        gw = Gateway(gateway_config(tmp, telemetry))
+        stack.callback(gw.stop)
+        gw.start()
+        assert gw.runtime is not None
+        from extauth.keys import create_key
+
+        _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+        print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
+        yield Target(setting, gw.url, key, {c.name: c.pid for c in gw.children})
+
+
+@dataclass
+class Sample:
+    """One level of one setting in one round."""
+    rps: float
+    cpu_ms: float  # gateway CPU ms per request, the upstream left out
+    by_process: dict[str, float]  # CPU ms per request
+
+
+def _spread(xs: list[float], fmt: str = ".1f") -> str:
+    """'median [min..max]' of a round's figures."""
+    return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}..{max(xs):{fmt}}]"
+
+
+def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, list[Sample]]]:
+    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing.
+
+    The three gateways run side by side and are measured in interleaved rounds (the order rotates each
+    round), so a busy neighbour or a drifting machine weighs on all three alike; the change is the median
+    of each round's own ratio to that round's "off"."""
+    samples: dict[tuple[str, int], dict[str, list[Sample]]] = {}
+    with ExitStack() as stack:
+        targets = {}
+        for setting in TELEMETRY_SETTINGS:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccr-bench-")))
+            targets[setting] = stack.enter_context(telemetry_gateway(setting, tmp, args.sample_ratio))
+        for rnd in range(args.rounds):
+            k = rnd % len(TELEMETRY_SETTINGS)
+            order = TELEMETRY_SETTINGS[k:] + TELEMETRY_SETTINGS[:k]
+            print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+            for setting in order:
+                time.sleep(args.settle)  # the last level's access-log flush and audit writes, off the clock
+                res = asyncio.run(measure([targets[setting]], args))
+                for mode, rs in res.items():
+                    for r in rs:
+                        per = {n: v * 1000 / len(r.ok) for n, v in r.server_cpu.items()} if r.ok else {}
+                        samples.setdefault((mode, r.concurrency), {}).setdefault(setting, []).append(
+                            Sample(r.rps, cpu_per_request(r), per))
+    print_telemetry_compare(samples, args)
+    return samples
+
+
+def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample]]], args: argparse.Namespace) -> None:
+    off, *others = TELEMETRY_SETTINGS
+    print(f"\nsample_ratio {args.sample_ratio:g} (metrics+traces); {args.rounds} interleaved rounds of "
+          f"<= {args.duration:g}s per level; figures are medians [min..max] over the rounds")
+    print("req/s per setting; change = median over rounds of (setting / the same round's off - 1)")
+    print(f"{'mode':<10}{'c':>4}  " + "".join(f"{s:>26}" for s in TELEMETRY_SETTINGS)
+          + "".join(f"{'change ' + s:>30}" for s in others))
+    for (mode, c), by in samples.items():
+        cells = [f"{_spread([x.rps for x in by[s]]):>26}" for s in TELEMETRY_SETTINGS]
+        for s in others:
+            change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
+            cells.append(f"{_spread(change, '+.1f') + ' %':>30}" if change else f"{'n/a':>30}")
+        print(f"{mode:<10}{c:>4}  " + "".join(cells))
+    print(f"\ngateway CPU ms per request ({UPSTREAM} left out), then by process (processes under 0.005 ms left out)")
+    for (mode, c), by in samples.items():
+        print(f"{mode} c={c}:")
+        print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in TELEMETRY_SETTINGS))
+        print(f"  {'gateway':<14}" + "".join(f"{_spread([x.cpu_ms for x in by[s]], '.3f'):>26}"
+                                             for s in TELEMETRY_SETTINGS))
+        names = sorted({n for s in TELEMETRY_SETTINGS for x in by[s] for n in x.by_process},
+                       key=lambda n: -statistics.median(x.by_process.get(n, 0.0) for x in by[off]))
+        for n in names:
+            per = {s: [x.by_process.get(n, 0.0) for x in by[s]] for s in TELEMETRY_SETTINGS}
+            if max(statistics.median(v) for v in per.values()) < 0.005:
+                continue
+            print(f"  {n:<14}" + "".join(f"{_spread(per[s], '.3f'):>26}" for s in TELEMETRY_SETTINGS))
 
 
 def run_spiffe_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Result]]]:
