@@ -435,8 +435,9 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
                     help="compare: only the gateway, three of them side by side: telemetry off, metrics only, "
                          "metrics and traces (--sample-ratio of requests traced to a local OTLP sink), measured in "
                          "--rounds interleaved rounds; prints median req/s, the loss and CPU per request by process")
-    ap.add_argument("--sample-ratio", type=float, default=0.05,
-                    help="telemetry.sample_ratio for --telemetry compare (default: the config's default)")
+    ap.add_argument("--sample-ratio", default="0.05",
+                    help="telemetry.sample_ratio for --telemetry compare (default: the config's default); a "
+                         "comma-separated list measures a traced gateway per ratio (0: only unsampled requests)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="--telemetry compare: interleaved rounds of the three settings (medians are reported)")
     ap.add_argument("--settle", type=float, default=1.0,
@@ -457,6 +458,12 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
         ap.error("--concurrency needs at least one level >= 1")
     if args.rounds < 1:
         ap.error("--rounds needs at least 1")
+    try:
+        args.sample_ratios = [float(r) for r in args.sample_ratio.split(",") if r.strip()]
+    except ValueError:
+        ap.error("--sample-ratio takes numbers in [0, 1], e.g. 0.05 or 0,0.05")
+    if not args.sample_ratios or not all(0 <= r <= 1 for r in args.sample_ratios):
+        ap.error("--sample-ratio takes numbers in [0, 1], e.g. 0.05 or 0,0.05")
     if args.url and not args.key:
         ap.error("--url needs --key (or $ANTHROPIC_API_KEY): a ccr key with a high enough rpm")
     args.modes = ["no-stream"] if args.no_stream else ["stream"] if args.stream_only else list(MODES)
@@ -533,15 +540,20 @@ def otlp_sink(tmp: Path) -> Iterator[str]:
         print(child.log_tail(), file=sys.stderr)
 
 
-TELEMETRY_SETTINGS = ("off", "metrics", "metrics+traces")
+def telemetry_settings(sample_ratios: list[float]) -> dict[str, float | None]:
+    """Setting name -> the traced gateway's sample ratio (None: no tracing): off, metrics, then traces."""
+    out: dict[str, float | None] = {"off": None, "metrics": None}
+    if len(sample_ratios) == 1:
+        return out | {"metrics+traces": sample_ratios[0]}
+    return out | {f"m+traces@{r:g}": r for r in sample_ratios}
 
 
 @contextmanager
-def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float) -> Iterator[Target]:
+def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float | None) -> Iterator[Target]:
     """A gateway with one telemetry setting (and, for traces, its own OTLP sink), up until the block ends."""
     with ExitStack() as stack:
         telemetry: dict[str, object] = {"metrics": setting != "off"}
-        if setting == "metrics+traces":
+        if sample_ratio is not None:
             telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)), "sample_ratio": sample_ratio}
         gw = Gateway(gateway_config(tmp, telemetry))
         stack.callback(gw.stop)
@@ -574,14 +586,16 @@ def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[st
     round), so a busy neighbour or a drifting machine weighs on all three alike; the change is the median
     of each round's own ratio to that round's "off"."""
     samples: dict[tuple[str, int], dict[str, list[Sample]]] = {}
+    settings = telemetry_settings(args.sample_ratios)
+    names = tuple(settings)
     with ExitStack() as stack:
         targets = {}
-        for setting in TELEMETRY_SETTINGS:
+        for setting, ratio in settings.items():
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccr-bench-")))
-            targets[setting] = stack.enter_context(telemetry_gateway(setting, tmp, args.sample_ratio))
+            targets[setting] = stack.enter_context(telemetry_gateway(setting, tmp, ratio))
         for rnd in range(args.rounds):
-            k = rnd % len(TELEMETRY_SETTINGS)
-            order = TELEMETRY_SETTINGS[k:] + TELEMETRY_SETTINGS[:k]
+            k = rnd % len(names)
+            order = names[k:] + names[:k]
             print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
             for setting in order:
                 time.sleep(args.settle)  # the last level's access-log flush and audit writes, off the clock
@@ -591,19 +605,20 @@ def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[st
                         per = {n: v * 1000 / len(r.ok) for n, v in r.server_cpu.items()} if r.ok else {}
                         samples.setdefault((mode, r.concurrency), {}).setdefault(setting, []).append(
                             Sample(r.rps, cpu_per_request(r), per))
-    print_telemetry_compare(samples, args)
+    print_telemetry_compare(samples, names, args)
     return samples
 
 
-def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample]]], args: argparse.Namespace) -> None:
-    off, *others = TELEMETRY_SETTINGS
-    print(f"\nsample_ratio {args.sample_ratio:g} (metrics+traces); {args.rounds} interleaved rounds of "
+def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample]]], names: tuple[str, ...],
+                            args: argparse.Namespace) -> None:
+    off, *others = names
+    print(f"\nsample_ratio {args.sample_ratio} (traces); {args.rounds} interleaved rounds of "
           f"<= {args.duration:g}s per level; figures are medians [min..max] over the rounds")
     print("req/s per setting; change = median over rounds of (setting / the same round's off - 1)")
-    print(f"{'mode':<10}{'c':>4}  " + "".join(f"{s:>26}" for s in TELEMETRY_SETTINGS)
+    print(f"{'mode':<10}{'c':>4}  " + "".join(f"{s:>26}" for s in names)
           + "".join(f"{'change ' + s:>30}" for s in others))
     for (mode, c), by in samples.items():
-        cells = [f"{_spread([x.rps for x in by[s]]):>26}" for s in TELEMETRY_SETTINGS]
+        cells = [f"{_spread([x.rps for x in by[s]]):>26}" for s in names]
         for s in others:
             change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
             cells.append(f"{_spread(change, '+.1f') + ' %':>30}" if change else f"{'n/a':>30}")
@@ -611,16 +626,16 @@ def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample
     print(f"\ngateway CPU ms per request ({UPSTREAM} left out), then by process (processes under 0.005 ms left out)")
     for (mode, c), by in samples.items():
         print(f"{mode} c={c}:")
-        print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in TELEMETRY_SETTINGS))
+        print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in names))
         print(f"  {'gateway':<14}" + "".join(f"{_spread([x.cpu_ms for x in by[s]], '.3f'):>26}"
-                                             for s in TELEMETRY_SETTINGS))
-        names = sorted({n for s in TELEMETRY_SETTINGS for x in by[s] for n in x.by_process},
+                                             for s in names))
+        names = sorted({n for s in names for x in by[s] for n in x.by_process},
                        key=lambda n: -statistics.median(x.by_process.get(n, 0.0) for x in by[off]))
         for n in names:
-            per = {s: [x.by_process.get(n, 0.0) for x in by[s]] for s in TELEMETRY_SETTINGS}
+            per = {s: [x.by_process.get(n, 0.0) for x in by[s]] for s in names}
             if max(statistics.median(v) for v in per.values()) < 0.005:
                 continue
-            print(f"  {n:<14}" + "".join(f"{_spread(per[s], '.3f'):>26}" for s in TELEMETRY_SETTINGS))
+            print(f"  {n:<14}" + "".join(f"{_spread(per[s], '.3f'):>26}" for s in names))
 
 
 def run_spiffe_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Result]]]:
