@@ -629,9 +629,9 @@ def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample
         print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in names))
         print(f"  {'gateway':<14}" + "".join(f"{_spread([x.cpu_ms for x in by[s]], '.3f'):>26}"
                                              for s in names))
-        names = sorted({n for s in names for x in by[s] for n in x.by_process},
+        procs = sorted({n for s in names for x in by[s] for n in x.by_process},
                        key=lambda n: -statistics.median(x.by_process.get(n, 0.0) for x in by[off]))
-        for n in names:
+        for n in procs:
             per = {s: [x.by_process.get(n, 0.0) for x in by[s]] for s in names}
             if max(statistics.median(v) for v in per.values()) < 0.005:
                 continue

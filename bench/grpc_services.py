@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import subprocess
@@ -67,14 +68,15 @@ Metadata = Callable[[int], tuple[tuple[str, str], ...] | None]
 
 
 def trace_metadata(sampled: float | None) -> Metadata:
-    """Per call i: no metadata (tracing off), else a fresh traceparent as Envoy's OTel tracer injects it
+    """Per call: no metadata (tracing off), else a fresh traceparent as Envoy's OTel tracer injects it
     (with an empty tracestate), sampled for that share of the calls (spread evenly)."""
     if sampled is None:
         return lambda _i: None
     every = round(1 / sampled) if sampled > 0 else 0
+    n = itertools.count()  # not the call's i: paced calls all pass 0
 
-    def md(i: int) -> tuple[tuple[str, str], ...]:
-        flags = "01" if every and i % every == 0 else "00"
+    def md(_i: int) -> tuple[tuple[str, str], ...]:
+        flags = "01" if every and next(n) % every == 0 else "00"
         return (("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-{flags}"), ("tracestate", ""))
     return md
 
@@ -233,7 +235,7 @@ def _profiler(pid: int, out: str | None, duration: float) -> Iterator[None]:
     spy = REPO / ".venv" / "bin" / "py-spy"
     exe = str(spy) if spy.exists() else str(Path(sys.executable).with_name("py-spy"))
     p = subprocess.Popen([exe, "record", "--pid", str(pid), "-r", "250", "-d", str(int(duration) + 1),
-                          "-f", "raw", "-o", out], stdout=subprocess.DEVNULL)
+                          "-f", "raw", "--threads", "-o", out], stdout=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the timed load starts
     try:
         yield
