@@ -683,7 +683,7 @@ def main() -> None:
         server = pki.issue(ca, tmp / "pki", "gateway", dns=("localhost",), ips=("127.0.0.1",), server=True)
         client_ssl = ssl.create_default_context(cafile=str(ca.cert_file))
         print("starting the gateway ...", file=sys.stderr)
-        gw = Gateway(gateway_config(tmp))
+        gw = Gateway(gateway_config(tmp, spiffe_mode="off"))  # a static bootstrap has no SDS from SPIRE
         cleanup: list[Callable[[], None]] = []
         try:
             gw.start()
