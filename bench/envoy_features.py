@@ -289,6 +289,17 @@ def als_big_buffer(b: Json, ctx: Ctx) -> None:
     common["buffer_size_bytes"] = 64 * 1024
 
 
+def als_no_trace_headers(b: Json, ctx: Ctx) -> None:
+    """Information only: the access log without the traceparent/tracestate the accesslog span needs."""
+    cfg = hcm(b)["access_log"][0]["typed_config"]
+    cfg["additional_request_headers_to_log"] = [h for h in cfg["additional_request_headers_to_log"]
+                                                if h not in ("traceparent", "tracestate")]
+
+
+def short_path_tag(b: Json, ctx: Ctx) -> None:
+    hcm(b)["tracing"]["max_path_tag_length"] = 16
+
+
 def services_over_uds(b: Json, ctx: Ctx) -> None:
     """Envoy reaches the four gRPC services over Unix sockets (a relay forwards to their TCP ports)."""
     for c in b["static_resources"]["clusters"]:
@@ -405,6 +416,9 @@ def steps() -> list[Step]:
         Step("full, tracing 0%", _edits(), base="full", sample_ratio=0.0),
         Step("full, tracing 5%", _edits(), base="full", sample_ratio=0.05),
         Step("full, tracing 100%", _edits(), base="full", sample_ratio=1.0),
+        Step("full, tracing 0%, ALS without trace headers", _edits(als_no_trace_headers), base="full, tracing 0%",
+             sample_ratio=0.0),
+        Step("full, tracing 0%, path tag 16", _edits(short_path_tag), base="full, tracing 0%", sample_ratio=0.0),
     ]
     for s in side:
         s.cumulative = False

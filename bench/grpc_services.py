@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -255,6 +256,7 @@ def main() -> None:
     ap.add_argument("--profile", help="write py-spy raw stacks of worker 0 here")
     ap.add_argument("--trace", action="store_true",
                     help="tracing on (a local OTLP sink) and a traceparent on every call, as Envoy sends")
+    ap.add_argument("--no-metrics", action="store_true", help="telemetry.metrics: false (no /metrics, no interceptor)")
     ap.add_argument("--sampled", type=float, default=0.05, help="with --trace: share of calls that say sampled")
     args = ap.parse_args()
     env = {"CCR_LOG_LEVEL": "WARNING"}
@@ -262,11 +264,12 @@ def main() -> None:
     md = trace_metadata(args.sampled if args.trace else None)
     with tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, ExitStack() as stack:
         run = Path(tmp)
-        config = CONFIG
+        telemetry = {"metrics": not args.no_metrics}
         if args.trace:
             from gateway import otlp_sink
 
-            config += f"telemetry: {{otlp_endpoint: '{stack.enter_context(otlp_sink(run))}'}}\n"
+            telemetry["otlp_endpoint"] = stack.enter_context(otlp_sink(run))
+        config = CONFIG + f"telemetry: {json.dumps(telemetry)}\n"
         (run / "gateway.yaml").write_text(config)
         rt = Runtime(config_path=str(run / "gateway.yaml"), run_dir=str(run),
                      postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url="redis://127.0.0.1:1/0")
@@ -307,6 +310,8 @@ def main() -> None:
         load = f"rate={args.rate:.0f}/s" if args.rate else f"c={args.c}"
         if args.trace:
             load += f" trace(sampled {args.sampled:g})"
+        if args.no_metrics:
+            load += " no-metrics"
         print(f"{args.service} workers={args.workers} {load} channels={args.channels}: n={len(us)}  "
               f"p50={statistics.median(us):8.1f} us  p99={p99:8.1f} us  {len(us) / wall:6.0f} req/s  "
               f"server CPU {cpu * 1e3 / len(us):.3f} ms/call")
