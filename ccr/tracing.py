@@ -22,6 +22,7 @@ log = logging.getLogger("ccr.tracing")
 TRACER: Any = None  # an opentelemetry Tracer once setup() ran with an endpoint
 _provider: Any = None
 _propagator: Any = None
+_current_span: Any = None  # opentelemetry.trace.get_current_span, bound by setup()
 
 # GenAI semantic conventions (OpenTelemetry gen_ai.*): the attributes ccr knows.
 GEN_AI_SYSTEM = "gen_ai.system"
@@ -33,7 +34,7 @@ GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 
 def setup(config: Any, service: str) -> None:
     """Start exporting this process's spans to the configured collector (no-op when none is)."""
-    global TRACER, _provider, _propagator
+    global TRACER, _provider, _propagator, _current_span
     endpoint = config.telemetry.otlp_endpoint
     if endpoint is None or TRACER is not None:
         return
@@ -42,6 +43,7 @@ def setup(config: Any, service: str) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+    from opentelemetry.trace import get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     _provider = TracerProvider(resource=Resource.create({"service.name": f"ccr-{service}"}),
@@ -50,6 +52,7 @@ def setup(config: Any, service: str) -> None:
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=5),
                                                     max_queue_size=4096, schedule_delay_millis=500))
     _propagator = TraceContextTextMapPropagator()
+    _current_span = get_current_span
     TRACER = _provider.get_tracer("ccr")
     log.info("traces to OTLP collector %s", endpoint)
 
@@ -128,10 +131,8 @@ def annotate(attributes: Mapping[str, Any]) -> None:
 
 def recording_span() -> Any:
     """The current span if it records (a sampled call's), else None: test this before building the
-    attributes, so that an unsampled call builds none."""
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    attributes, so that an unsampled call builds none. Callers test `TRACER is not None` first."""
+    span = _current_span()
     return span if span.is_recording() else None
 
 
