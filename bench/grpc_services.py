@@ -183,8 +183,10 @@ async def _load(address: str, bind: Callable[[grpc.aio.Channel], Callable[[int],
 
 
 async def _load_als(address: str, conc: int, channels: int, duration: float, per_msg: int,
-                    pids: list[int], md: Metadata) -> tuple[int, float, float]:
-    """Entries written per second over `channels` streams; CPU per entry."""
+                    pids: list[int], md: Metadata, rate: float = 0) -> tuple[int, float, float]:
+    """Entries written per second over `channels` streams; CPU per entry. `rate`: about this many
+    entries/s in all (a pause after each message; 0: as fast as the service takes them)."""
+    pause = channels * per_msg / rate if rate else 0
     from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
     from tests.test_audit import entry
@@ -211,7 +213,7 @@ async def _load_als(address: str, conc: int, channels: int, duration: float, per
                 yield m
                 sent += per_msg
                 m = als_pb2.StreamAccessLogsMessage()
-                await asyncio.sleep(0)
+                await asyncio.sleep(pause)
         await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(msgs(), timeout=60)
 
     chans = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
@@ -298,7 +300,7 @@ def main() -> None:
         with _profiler(pids[0], args.profile, args.duration):
             if args.service == "accesslog":
                 n, wall, cpu = asyncio.run(_load_als(address, args.c, args.channels, args.duration, args.per_msg,
-                                                     pids, md))
+                                                     pids, md, args.rate))
                 tr = " trace" if args.trace else ""
                 print(f"accesslog workers={args.workers}{tr} channels={args.channels} per_msg={args.per_msg}: "
                       f"{n} entries  {n / wall:8.0f} entries/s  server CPU {cpu * 1e3 / max(n, 1):.3f} ms/entry")
