@@ -122,13 +122,6 @@ def start_server_span(name: str, context: Any, attributes: Mapping[str, Any] | N
     return TRACER.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
 
 
-def annotate(attributes: Mapping[str, Any]) -> None:
-    """Add attributes to the current span (the handler's); callers test `TRACER is not None` first."""
-    span = recording_span()
-    if span is not None:
-        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
-
-
 def recording_span() -> Any:
     """The current span if it records (a sampled call's), else None: test this before building the
     attributes, so that an unsampled call builds none. Callers test `TRACER is not None` first."""
