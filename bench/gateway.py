@@ -117,7 +117,25 @@ def _proc_table() -> dict[int, tuple[int, float]]:
     return out
 
 
-def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+def _task_ns(pid: int) -> float:
+    """CPU seconds of a process's live threads from schedstat (nanoseconds, not 10 ms clock ticks)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+def cpu_snapshot(pids: dict[str, int], precise: bool = False) -> dict[str, float]:
+    """Process name -> CPU seconds of its process tree. `precise`: from schedstat, for short runs at low
+    rates (a thread that ended between two snapshots is missed: the services' threads live on)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -128,7 +146,7 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
         while todo:
             pid = todo.pop()
             if pid in table:
-                total += table[pid][1]
+                total += _task_ns(pid) if precise else table[pid][1]
                 todo.extend(children.get(pid, []))
         snap[name] = total
     return snap
@@ -202,6 +220,38 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
         cpu1 = cpu_snapshot(target.pids)
     server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
     return Result(target.layer, conc, ok, ttfb, errors, wall, client, server, first_error)
+
+
+async def run_paced(target: Target, body: bytes, stream: bool, rate: float, duration: float) -> Result:
+    """Open loop: `rate` requests/s for `duration` s whatever the replies take (its `concurrency` is 0).
+    CPU per request at a fixed offered load does not depend on how much of the machine neighbours
+    take, as closed-loop req/s does."""
+    url = target.url.rstrip("/") + "/v1/messages"
+    headers = {"x-api-key": target.key, "anthropic-version": API_VERSION, "content-type": "application/json",
+               "accept-encoding": "identity"}
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
+                                     auto_decompress=False) as session:
+        await asyncio.gather(*(one(session, url, body, headers) for _ in range(8)))  # warm-up
+        cpu0 = cpu_snapshot(target.pids, precise=True)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * duration)):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(session, url, body, headers)))
+        replies = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        client = (time.process_time() - c0) / wall
+        cpu1 = cpu_snapshot(target.pids, precise=True)
+    ok = [elapsed for status, data, elapsed, _ in replies if reply_complete(status, data, stream)]
+    ttfb = [first for status, data, _, first in replies if reply_complete(status, data, stream)]
+    bad = [(status, data) for status, data, _, _ in replies if not reply_complete(status, data, stream)]
+    first_error = f"HTTP {bad[0][0]}: {bad[0][1][:600].decode(errors='replace')}" if bad else None
+    server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
+    return Result(target.layer, 0, ok, ttfb, len(bad), wall, client, server, first_error)
 
 
 # -- the servers
@@ -442,6 +492,9 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
                     help="--telemetry compare: interleaved rounds of the three settings (medians are reported)")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="--telemetry compare: seconds of rest before each setting's measurement")
+    ap.add_argument("--paced", type=float, default=0.0,
+                    help="--telemetry compare: instead of closed loop, load every gateway AT ONCE at this many "
+                         "req/s each (open loop, --duration s per round) and compare CPU per request")
     ap.add_argument("--bodies-compare", action="store_true",
                     help="only the gateway: no audit.bodies rule, a rule for another tenant, the key's tenant captured")
     ap.add_argument("--spiffe-compare", action="store_true",
@@ -579,13 +632,15 @@ def _spread(xs: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}..{max(xs):{fmt}}]"
 
 
-def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, list[Sample]]]:
+def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, list[Sample]]]:
     """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing.
 
     The three gateways run side by side and are measured in interleaved rounds (the order rotates each
     round), so a busy neighbour or a drifting machine weighs on all three alike; the change is the median
-    of each round's own ratio to that round's "off"."""
-    samples: dict[tuple[str, int], dict[str, list[Sample]]] = {}
+    of each round's own ratio to that round's "off". With --paced, each round loads all of them at
+    once at the same rate: the machine's other work then disturbs them alike within the round, and CPU
+    per request is the figure (a CPU-bound gateway's req/s goes as its inverse)."""
+    samples: dict[tuple[str, str], dict[str, list[Sample]]] = {}
     settings = telemetry_settings(args.sample_ratios)
     names = tuple(settings)
     with ExitStack() as stack:
@@ -594,6 +649,20 @@ def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[st
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccr-bench-")))
             targets[setting] = stack.enter_context(telemetry_gateway(setting, tmp, ratio))
         for rnd in range(args.rounds):
+            if args.paced:
+                print(f"round {rnd + 1}/{args.rounds}: all at once, {args.paced:g} req/s each", file=sys.stderr)
+                for mode in args.modes:
+                    time.sleep(args.settle)
+                    body = request_body(mode == "stream")
+
+                    async def all_at_once(body: bytes = body, stream: bool = mode == "stream") -> list[Result]:
+                        return list(await asyncio.gather(*(run_paced(targets[s], body, stream, args.paced,
+                                                                     args.duration) for s in names)))
+                    for r in asyncio.run(all_at_once()):
+                        _record(samples, (mode, f"{args.paced:g}/s"), r)
+                        print(f"  {mode} {r.layer:<16} {len(r.ok):>5} ok {r.errors:>4} errors  "
+                              f"{cpu_per_request(r):6.3f} ms CPU/request", file=sys.stderr)
+                continue
             k = rnd % len(names)
             order = names[k:] + names[:k]
             print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
@@ -602,30 +671,43 @@ def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, int], dict[st
                 res = asyncio.run(measure([targets[setting]], args))
                 for mode, rs in res.items():
                     for r in rs:
-                        per = {n: v * 1000 / len(r.ok) for n, v in r.server_cpu.items()} if r.ok else {}
-                        samples.setdefault((mode, r.concurrency), {}).setdefault(setting, []).append(
-                            Sample(r.rps, cpu_per_request(r), per))
+                        _record(samples, (mode, f"c={r.concurrency}"), r)
     print_telemetry_compare(samples, names, args)
     return samples
 
 
-def print_telemetry_compare(samples: dict[tuple[str, int], dict[str, list[Sample]]], names: tuple[str, ...],
+def _record(samples: dict[tuple[str, str], dict[str, list[Sample]]], key: tuple[str, str], r: Result) -> None:
+    per = {n: v * 1000 / len(r.ok) for n, v in r.server_cpu.items()} if r.ok else {}
+    samples.setdefault(key, {}).setdefault(r.layer, []).append(Sample(r.rps, cpu_per_request(r), per))
+
+
+def print_telemetry_compare(samples: dict[tuple[str, str], dict[str, list[Sample]]], names: tuple[str, ...],
                             args: argparse.Namespace) -> None:
     off, *others = names
-    print(f"\nsample_ratio {args.sample_ratio} (traces); {args.rounds} interleaved rounds of "
-          f"<= {args.duration:g}s per level; figures are medians [min..max] over the rounds")
-    print("req/s per setting; change = median over rounds of (setting / the same round's off - 1)")
-    print(f"{'mode':<10}{'c':>4}  " + "".join(f"{s:>26}" for s in names)
+    how = (f"rounds with all gateways loaded at once at {args.paced:g} req/s each" if args.paced
+           else "interleaved rounds")
+    print(f"\nsample_ratio {args.sample_ratio} (traces); {args.rounds} {how}, <= {args.duration:g}s per level; "
+          "figures are medians [min..max] over the rounds")
+    if args.paced:
+        print("gateway CPU ms per request; change = median over rounds of (off / setting - 1): the req/s a "
+              "CPU-bound gateway keeps")
+    else:
+        print("req/s per setting; change = median over rounds of (setting / the same round's off - 1)")
+    print(f"{'mode':<10}{'load':>8}  " + "".join(f"{s:>26}" for s in names)
           + "".join(f"{'change ' + s:>30}" for s in others))
-    for (mode, c), by in samples.items():
-        cells = [f"{_spread([x.rps for x in by[s]]):>26}" for s in names]
+    for (mode, load), by in samples.items():
+        fig = "cpu_ms" if args.paced else "rps"
+        cells = [f"{_spread([getattr(x, fig) for x in by[s]], '.3f' if args.paced else '.1f'):>26}" for s in names]
         for s in others:
-            change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
+            if args.paced:
+                change = [(b.cpu_ms / a.cpu_ms - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if a.cpu_ms]
+            else:
+                change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
             cells.append(f"{_spread(change, '+.1f') + ' %':>30}" if change else f"{'n/a':>30}")
-        print(f"{mode:<10}{c:>4}  " + "".join(cells))
+        print(f"{mode:<10}{load:>8}  " + "".join(cells))
     print(f"\ngateway CPU ms per request ({UPSTREAM} left out), then by process (processes under 0.005 ms left out)")
-    for (mode, c), by in samples.items():
-        print(f"{mode} c={c}:")
+    for (mode, load), by in samples.items():
+        print(f"{mode} {load}:")
         print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in names))
         print(f"  {'gateway':<14}" + "".join(f"{_spread([x.cpu_ms for x in by[s]], '.3f'):>26}"
                                              for s in names))
