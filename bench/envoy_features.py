@@ -296,6 +296,13 @@ def als_no_trace_headers(b: Json, ctx: Ctx) -> None:
                                                 if h not in ("traceparent", "tracestate")]
 
 
+def flush_per_100_spans(b: Json, ctx: Ctx) -> None:
+    """Envoy's OpenTelemetry tracer exports every 100 spans (or 5 s) instead of every 5 (its default:
+    about once per sampled request)."""
+    b["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
+        "tracing.opentelemetry.min_flush_spans": 100}}, {"name": "admin", "admin_layer": {}}]}
+
+
 def short_path_tag(b: Json, ctx: Ctx) -> None:
     hcm(b)["tracing"]["max_path_tag_length"] = 16
 
@@ -419,6 +426,8 @@ def steps() -> list[Step]:
         Step("full, tracing 0%, ALS without trace headers", _edits(als_no_trace_headers), base="full, tracing 0%",
              sample_ratio=0.0),
         Step("full, tracing 0%, path tag 16", _edits(short_path_tag), base="full, tracing 0%", sample_ratio=0.0),
+        Step("full, tracing 5%, flush per 100 spans", _edits(flush_per_100_spans), base="full, tracing 5%",
+             sample_ratio=0.05),
     ]
     for s in side:
         s.cumulative = False
