@@ -8,6 +8,8 @@ through the full gateway, closed loop at a few concurrency levels, streamed and 
     .venv/bin/python bench/gateway.py --bodies-compare   # audit.bodies: no rule, another tenant's, captured
     .venv/bin/python bench/gateway.py --telemetry compare --concurrency 8 --rounds 5 --duration 4
         # issue 11: telemetry off / metrics / metrics+traces, interleaved rounds, medians and spread
+    .venv/bin/python bench/gateway.py --telemetry compare --paced 100 --rounds 7 --duration 5
+        # the same three loaded at once at a fixed rate: CPU per request, robust on a busy machine
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
