@@ -53,6 +53,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = "type.googleapis.com/"
 BUSY = 0.8  # share of all cores above which a level is flagged as CPU-bound machine-wide
 UPSTREAM = "emulator"  # the process whose CPU the ratios leave out: the provider, not the gateway's cost
+COLLECTOR = "otlp-sink"  # --telemetry compare's span sink: shown by process, left out of the gateway's CPU
 MODES = ("stream", "no-stream")
 
 
@@ -424,7 +425,7 @@ def cpu_per_request(r: Result) -> float:
     """Server CPU ms per successful request, the upstream left out: what the layer itself costs."""
     if not r.ok or not r.server_cpu:
         return float("nan")
-    return sum(v for name, v in r.server_cpu.items() if name != UPSTREAM) * 1000 / len(r.ok)
+    return sum(v for name, v in r.server_cpu.items() if name not in (UPSTREAM, COLLECTOR)) * 1000 / len(r.ok)
 
 
 def layer_figures(results: list[Result], layer: str) -> LayerFigures:
@@ -581,13 +582,15 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
 
 
 @contextmanager
-def otlp_sink(tmp: Path) -> Iterator[str]:
-    """A span sink process (bench/_otlp_sink.py); yields its host:port."""
+def otlp_sink(tmp: Path, pids: dict[str, int] | None = None) -> Iterator[str]:
+    """A span sink process (bench/_otlp_sink.py); yields its host:port. Its pid goes into `pids`."""
     from ccr.procs import wait_ready_file
 
     ready = tmp / "otlp-sink.ready"
-    child = spawn("otlp-sink", [sys.executable, str(REPO / "bench" / "_otlp_sink.py"), str(ready)],
+    child = spawn(COLLECTOR, [sys.executable, str(REPO / "bench" / "_otlp_sink.py"), str(ready)],
                   tmp / "logs", cwd=REPO)
+    if pids is not None:
+        pids[COLLECTOR] = child.pid
     try:
         yield str(wait_ready_file(child, ready)["address"])
     finally:
@@ -608,8 +611,9 @@ def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float | None) -> It
     """A gateway with one telemetry setting (and, for traces, its own OTLP sink), up until the block ends."""
     with ExitStack() as stack:
         telemetry: dict[str, object] = {"metrics": setting != "off"}
+        sink: dict[str, int] = {}
         if sample_ratio is not None:
-            telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)), "sample_ratio": sample_ratio}
+            telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp, sink)), "sample_ratio": sample_ratio}
         gw = Gateway(gateway_config(tmp, telemetry))
         stack.callback(gw.stop)
         gw.start()
@@ -618,7 +622,7 @@ def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float | None) -> It
 
         _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
         print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
-        yield Target(setting, gw.url, key, {c.name: c.pid for c in gw.children})
+        yield Target(setting, gw.url, key, {c.name: c.pid for c in gw.children} | sink)
 
 
 @dataclass
@@ -707,7 +711,8 @@ def print_telemetry_compare(samples: dict[tuple[str, str], dict[str, list[Sample
                 change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
             cells.append(f"{_spread(change, '+.1f') + ' %':>30}" if change else f"{'n/a':>30}")
         print(f"{mode:<10}{load:>8}  " + "".join(cells))
-    print(f"\ngateway CPU ms per request ({UPSTREAM} left out), then by process (processes under 0.005 ms left out)")
+    print(f"\ngateway CPU ms per request ({UPSTREAM} and {COLLECTOR} left out), then by process "
+          "(processes under 0.005 ms left out)")
     for (mode, load), by in samples.items():
         print(f"{mode} {load}:")
         print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in names))
