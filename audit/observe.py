@@ -126,9 +126,11 @@ class RequestObserver:
     def _span(self, e: accesslog_pb2.HTTPAccessLogEntry, started: int, model: str | None,
               provider: str | None, counts: dict[str, int]) -> None:
         headers = e.request.request_headers
-        if H_TRACEPARENT not in headers:
+        traceparent = headers.get(H_TRACEPARENT)
+        # Most requests are not sampled: they leave here, before any attribute is looked up.
+        if traceparent is None or not tracing.sampled(traceparent):
             return
-        carrier = {H_TRACEPARENT: headers[H_TRACEPARENT]}
+        carrier = {H_TRACEPARENT: traceparent}
         if H_TRACESTATE in headers:
             carrier[H_TRACESTATE] = headers[H_TRACESTATE]
         attrs: dict[str, Any] = {tracing.GEN_AI_REQUEST_MODEL: model,
@@ -139,7 +141,7 @@ class RequestObserver:
             attrs[tracing.GEN_AI_INPUT_TOKENS] = counts.get("input_tokens", 0)
             attrs[tracing.GEN_AI_OUTPUT_TOKENS] = counts.get("output_tokens", 0)
         parent = tracing.parent(carrier)
-        if parent is None:  # Envoy did not sample this request
+        if parent is None:
             return
         span = tracing.TRACER.start_span("accesslog record", context=parent,
                                          attributes={k: v for k, v in attrs.items() if v is not None},

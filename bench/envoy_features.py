@@ -105,6 +105,7 @@ class Ctx:
     uds: dict[str, str] = field(default_factory=dict)  # service cluster -> Unix socket relaying to it
     real: tuple[str, int, str] | None = None  # the gateway's own Envoy (config over xDS): url, pid, admin url
     stubs: dict[str, int] = field(default_factory=dict)  # fixed-answer ext_authz servers: answer -> port
+    traced: dict[float, Json] = field(default_factory=dict)  # sample ratio -> the full config with tracing on
 
 
 def hcm(b: Json) -> Json:
@@ -135,9 +136,14 @@ def upstream_filters(c: Json) -> list[Json]:
     return c["typed_extension_protocol_options"][resources.HTTP_OPTS_KEY]["http_filters"]
 
 
-def full_bootstrap(gw: Gateway) -> Json:
+def full_bootstrap(gw: Gateway, otlp: tuple[str, float] | None = None) -> Json:
+    """The gateway's config as a static bootstrap; with `otlp` (collector, sample ratio), tracing on as
+    telemetry.otlp_endpoint and telemetry.sample_ratio set it (HCM tracing, the OTLP cluster, the ALS headers)."""
     assert gw.runtime is not None
     config = load_config(gw.config_path)
+    if otlp is not None:
+        config = config.model_copy(update={"telemetry": config.telemetry.model_copy(
+            update={"otlp_endpoint": otlp[0], "sample_ratio": otlp[1]})})
     res = resources.build(config, gw.runtime, 0, inline_routes=True)
     return {
         "node": {"id": "ccr-bench-features", "cluster": "ccr-bench"},
@@ -283,6 +289,24 @@ def als_big_buffer(b: Json, ctx: Ctx) -> None:
     common["buffer_size_bytes"] = 64 * 1024
 
 
+def als_no_trace_headers(b: Json, ctx: Ctx) -> None:
+    """Information only: the access log without the traceparent/tracestate the accesslog span needs."""
+    cfg = hcm(b)["access_log"][0]["typed_config"]
+    cfg["additional_request_headers_to_log"] = [h for h in cfg["additional_request_headers_to_log"]
+                                                if h not in ("traceparent", "tracestate")]
+
+
+def flush_per_100_spans(b: Json, ctx: Ctx) -> None:
+    """Envoy's OpenTelemetry tracer exports every 100 spans (or 5 s) instead of every 5 (its default:
+    about once per sampled request)."""
+    b["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
+        "tracing.opentelemetry.min_flush_spans": 100}}, {"name": "admin", "admin_layer": {}}]}
+
+
+def short_path_tag(b: Json, ctx: Ctx) -> None:
+    hcm(b)["tracing"]["max_path_tag_length"] = 16
+
+
 def services_over_uds(b: Json, ctx: Ctx) -> None:
     """Envoy reaches the four gRPC services over Unix sockets (a relay forwards to their TCP ports)."""
     for c in b["static_resources"]["clusters"]:
@@ -345,6 +369,7 @@ class Step:
     path: str = "/v1/messages"  # anything else is sent as a GET
     real: bool = False  # the gateway's own Envoy, configured over xDS by the router (not a static copy)
     small_body: bool = False  # a 1-message request of about 200 bytes instead of the 84 KB one
+    sample_ratio: float | None = None  # tracing on (telemetry.otlp_endpoint, a local span sink) at this ratio
 
 
 def steps() -> list[Step]:
@@ -394,6 +419,15 @@ def steps() -> list[Step]:
         Step("full, --concurrency 2", _edits(), base="full", concurrency=2),
         Step("full, GET /v1/models, two checks", _edits(get_checked_twice), base="full", path="/v1/models"),
         Step("full, GET /v1/models", _edits(), base="full, GET /v1/models, two checks", path="/v1/models"),
+        # Issue 11: what tracing costs Envoy; at 0% every request pays only the unsampled path.
+        Step("full, tracing 0%", _edits(), base="full", sample_ratio=0.0),
+        Step("full, tracing 5%", _edits(), base="full", sample_ratio=0.05),
+        Step("full, tracing 100%", _edits(), base="full", sample_ratio=1.0),
+        Step("full, tracing 0%, ALS without trace headers", _edits(als_no_trace_headers), base="full, tracing 0%",
+             sample_ratio=0.0),
+        Step("full, tracing 0%, path tag 16", _edits(short_path_tag), base="full, tracing 0%", sample_ratio=0.0),
+        Step("full, tracing 5%, flush per 100 spans", _edits(flush_per_100_spans), base="full, tracing 5%",
+             sample_ratio=0.05),
     ]
     for s in side:
         s.cumulative = False
@@ -510,7 +544,7 @@ async def load(url: str, key: str, body: bytes, pid: int, admin_url: str, args: 
 def bootstrap_for(step: Step, full: Json, ctx: Ctx) -> Json:
     if step.edit is None:
         return bare_envoy_config(ctx.emulator_url)
-    b = copy.deepcopy(full)
+    b = copy.deepcopy(full if step.sample_ratio is None else ctx.traced[step.sample_ratio])
     step.edit(b, ctx)
     return b
 
@@ -672,7 +706,7 @@ def main() -> None:
         server = pki.issue(ca, tmp / "pki", "gateway", dns=("localhost",), ips=("127.0.0.1",), server=True)
         client_ssl = ssl.create_default_context(cafile=str(ca.cert_file))
         print("starting the gateway ...", file=sys.stderr)
-        gw = Gateway(gateway_config(tmp))
+        gw = Gateway(gateway_config(tmp, spiffe_mode="off"))  # a static bootstrap has no SDS from SPIRE
         cleanup: list[Callable[[], None]] = []
         try:
             gw.start()
@@ -690,6 +724,14 @@ def main() -> None:
                 relay = uds_relay(gw, tmp, ctx)
                 cleanup.append(relay.stop)
             full = full_bootstrap(gw)
+            ratios = {s.sample_ratio for s in chosen if s.sample_ratio is not None}
+            if ratios:
+                from bench.gateway import otlp_sink
+
+                sink = ExitStack()
+                cleanup.append(sink.close)
+                address = sink.enter_context(otlp_sink(tmp))
+                ctx.traced = {r: full_bootstrap(gw, (address, r)) for r in ratios}
             mode = f"closed loop c={args.concurrency}" if args.concurrency else f"paced {args.rate:g} req/s"
             print(f"{AGENT_REQUEST} ({len(body)} bytes, streamed), {mode}, {args.duration:g}s per step, "
                   f"{args.runs} runs; Envoy --concurrency 1 unless the step says otherwise")

@@ -6,6 +6,10 @@ through the full gateway, closed loop at a few concurrency levels, streamed and 
     .venv/bin/python bench/gateway.py --url http://127.0.0.1:PORT --key ccr_...   # a running gateway only
     .venv/bin/python bench/gateway.py --spiffe-compare   # the gateway with SPIFFE mTLS on every hop vs without
     .venv/bin/python bench/gateway.py --bodies-compare   # audit.bodies: no rule, another tenant's, captured
+    .venv/bin/python bench/gateway.py --telemetry compare --concurrency 8 --rounds 5 --duration 4
+        # issue 11: telemetry off / metrics / metrics+traces, interleaved rounds, medians and spread
+    .venv/bin/python bench/gateway.py --telemetry compare --paced 100 --rounds 7 --duration 5
+        # the same three loaded at once at a fixed rate: CPU per request, robust on a busy machine
 
 By default it starts its own gateway (embedded PostgreSQL/Redis, the emulator as the upstream) in a
 temp dir, plus a bare Envoy (router filter only) in front of the same emulator, and stops both at the
@@ -49,6 +53,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = "type.googleapis.com/"
 BUSY = 0.8  # share of all cores above which a level is flagged as CPU-bound machine-wide
 UPSTREAM = "emulator"  # the process whose CPU the ratios leave out: the provider, not the gateway's cost
+COLLECTOR = "otlp-sink"  # --telemetry compare's span sink: shown by process, left out of the gateway's CPU
 MODES = ("stream", "no-stream")
 
 
@@ -115,7 +120,25 @@ def _proc_table() -> dict[int, tuple[int, float]]:
     return out
 
 
-def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+def _task_ns(pid: int) -> float:
+    """CPU seconds of a process's live threads from schedstat (nanoseconds, not 10 ms clock ticks)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+def cpu_snapshot(pids: dict[str, int], precise: bool = False) -> dict[str, float]:
+    """Process name -> CPU seconds of its process tree. `precise`: from schedstat, for short runs at low
+    rates (a thread that ended between two snapshots is missed: the services' threads live on)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -126,7 +149,7 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
         while todo:
             pid = todo.pop()
             if pid in table:
-                total += table[pid][1]
+                total += _task_ns(pid) if precise else table[pid][1]
                 todo.extend(children.get(pid, []))
         snap[name] = total
     return snap
@@ -200,6 +223,38 @@ async def run_level(target: Target, body: bytes, stream: bool, conc: int, max_re
         cpu1 = cpu_snapshot(target.pids)
     server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
     return Result(target.layer, conc, ok, ttfb, errors, wall, client, server, first_error)
+
+
+async def run_paced(target: Target, body: bytes, stream: bool, rate: float, duration: float) -> Result:
+    """Open loop: `rate` requests/s for `duration` s whatever the replies take (its `concurrency` is 0).
+    CPU per request at a fixed offered load does not depend on how much of the machine neighbours
+    take, as closed-loop req/s does."""
+    url = target.url.rstrip("/") + "/v1/messages"
+    headers = {"x-api-key": target.key, "anthropic-version": API_VERSION, "content-type": "application/json",
+               "accept-encoding": "identity"}
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
+                                     auto_decompress=False) as session:
+        await asyncio.gather(*(one(session, url, body, headers) for _ in range(8)))  # warm-up
+        cpu0 = cpu_snapshot(target.pids, precise=True)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * duration)):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(session, url, body, headers)))
+        replies = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        client = (time.process_time() - c0) / wall
+        cpu1 = cpu_snapshot(target.pids, precise=True)
+    ok = [elapsed for status, data, elapsed, _ in replies if reply_complete(status, data, stream)]
+    ttfb = [first for status, data, _, first in replies if reply_complete(status, data, stream)]
+    bad = [(status, data) for status, data, _, _ in replies if not reply_complete(status, data, stream)]
+    first_error = f"HTTP {bad[0][0]}: {bad[0][1][:600].decode(errors='replace')}" if bad else None
+    server = {name: cpu1[name] - cpu0.get(name, cpu1[name]) for name in cpu1}
+    return Result(target.layer, 0, ok, ttfb, len(bad), wall, client, server, first_error)
 
 
 # -- the servers
@@ -370,7 +425,7 @@ def cpu_per_request(r: Result) -> float:
     """Server CPU ms per successful request, the upstream left out: what the layer itself costs."""
     if not r.ok or not r.server_cpu:
         return float("nan")
-    return sum(v for name, v in r.server_cpu.items() if name != UPSTREAM) * 1000 / len(r.ok)
+    return sum(v for name, v in r.server_cpu.items() if name not in (UPSTREAM, COLLECTOR)) * 1000 / len(r.ok)
 
 
 def layer_figures(results: list[Result], layer: str) -> LayerFigures:
@@ -430,9 +485,19 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
     ap.add_argument("--key", default=os.environ.get("ANTHROPIC_API_KEY"),
                     help="ccr API key for --url (default: $ANTHROPIC_API_KEY)")
     ap.add_argument("--telemetry", choices=("compare",),
-                    help="compare: only the gateway, with metrics and tracing off, then on (every request "
-                         "traced to a local OTLP sink); prints req/s both ways and the loss")
-    ap.add_argument("--sample-ratio", type=float, default=1.0, help="telemetry.sample_ratio for --telemetry compare")
+                    help="compare: only the gateway, three of them side by side: telemetry off, metrics only, "
+                         "metrics and traces (--sample-ratio of requests traced to a local OTLP sink), measured in "
+                         "--rounds interleaved rounds; prints median req/s, the loss and CPU per request by process")
+    ap.add_argument("--sample-ratio", default="0.05",
+                    help="telemetry.sample_ratio for --telemetry compare (default: the config's default); a "
+                         "comma-separated list measures a traced gateway per ratio (0: only unsampled requests)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="--telemetry compare: interleaved rounds of the three settings (medians are reported)")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="--telemetry compare: seconds of rest before each setting's measurement")
+    ap.add_argument("--paced", type=float, default=0.0,
+                    help="--telemetry compare: instead of closed loop, load every gateway AT ONCE at this many "
+                         "req/s each (open loop, --duration s per round) and compare CPU per request")
     ap.add_argument("--bodies-compare", action="store_true",
                     help="only the gateway: no audit.bodies rule, a rule for another tenant, the key's tenant captured")
     ap.add_argument("--spiffe-compare", action="store_true",
@@ -447,6 +512,14 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
         ap.error("--concurrency takes integers, e.g. 1,8,32")
     if not args.levels or min(args.levels) < 1:
         ap.error("--concurrency needs at least one level >= 1")
+    if args.rounds < 1:
+        ap.error("--rounds needs at least 1")
+    try:
+        args.sample_ratios = [float(r) for r in args.sample_ratio.split(",") if r.strip()]
+    except ValueError:
+        ap.error("--sample-ratio takes numbers in [0, 1], e.g. 0.05 or 0,0.05")
+    if not args.sample_ratios or not all(0 <= r <= 1 for r in args.sample_ratios):
+        ap.error("--sample-ratio takes numbers in [0, 1], e.g. 0.05 or 0,0.05")
     if args.url and not args.key:
         ap.error("--url needs --key (or $ANTHROPIC_API_KEY): a ccr key with a high enough rpm")
     args.modes = ["no-stream"] if args.no_stream else ["stream"] if args.stream_only else list(MODES)
@@ -509,13 +582,15 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
 
 
 @contextmanager
-def otlp_sink(tmp: Path) -> Iterator[str]:
-    """A span sink process (bench/_otlp_sink.py); yields its host:port."""
+def otlp_sink(tmp: Path, pids: dict[str, int] | None = None) -> Iterator[str]:
+    """A span sink process (bench/_otlp_sink.py); yields its host:port. Its pid goes into `pids`."""
     from ccr.procs import wait_ready_file
 
     ready = tmp / "otlp-sink.ready"
-    child = spawn("otlp-sink", [sys.executable, str(REPO / "bench" / "_otlp_sink.py"), str(ready)],
+    child = spawn(COLLECTOR, [sys.executable, str(REPO / "bench" / "_otlp_sink.py"), str(ready)],
                   tmp / "logs", cwd=REPO)
+    if pids is not None:
+        pids[COLLECTOR] = child.pid
     try:
         yield str(wait_ready_file(child, ready)["address"])
     finally:
@@ -523,46 +598,133 @@ def otlp_sink(tmp: Path) -> Iterator[str]:
         print(child.log_tail(), file=sys.stderr)
 
 
-def compare_telemetry(args: argparse.Namespace) -> None:
-    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing."""
-    settings = ("off", "metrics", "metrics+traces")
-    by_setting: dict[str, dict[tuple[str, int], tuple[float, float]]] = {}
-    for setting in settings:
-        with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
-            tmp = Path(d)
-            with ExitStack() as stack:
-                telemetry: dict[str, object] = {"metrics": setting != "off"}
-                if setting == "metrics+traces":
-                    telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp)),
-                                  "sample_ratio": args.sample_ratio}
-                gw = Gateway(gateway_config(tmp, telemetry))
-                try:
-                    gw.start()
-                    assert gw.runtime is not None
-                    from extauth.keys import create_key
+def telemetry_settings(sample_ratios: list[float]) -> dict[str, float | None]:
+    """Setting name -> the traced gateway's sample ratio (None: no tracing): off, metrics, then traces."""
+    out: dict[str, float | None] = {"off": None, "metrics": None}
+    if len(sample_ratios) == 1:
+        return out | {"metrics+traces": sample_ratios[0]}
+    return out | {f"m+traces@{r:g}": r for r in sample_ratios}
 
-                    _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
-                    print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
-                    res = asyncio.run(measure([Target("gateway", gw.url, key, {c.name: c.pid for c in gw.children})],
-                                              args))
-                finally:
-                    gw.stop()
-        by_setting[setting] = {(mode, r.concurrency): (r.rps, cpu_per_request(r)) for mode, rs in res.items()
-                               for r in rs}
-        for mode, rs in res.items():
-            r = rs[-1]
-            if r.ok:
-                print(f"  {setting} {mode} c={r.concurrency} CPU ms/request by process: " + ", ".join(
-                    f"{n} {v * 1000 / len(r.ok):.2f}" for n, v in sorted(r.server_cpu.items())), file=sys.stderr)
-    print(f"sample_ratio {args.sample_ratio:g} (metrics+traces)")
-    print("req/s (change) and gateway CPU ms per request (upstream emulator left out), per setting")
-    print(f"{'mode':<10} {'c':>4} " + " ".join(f"{s:>28}" for s in settings))
-    for (mode, c), (off, off_cpu) in by_setting["off"].items():
-        cells = [f"{off:>10.1f}        {off_cpu:6.2f} ms"]
-        for s in settings[1:]:
-            on, cpu = by_setting[s].get((mode, c), (0.0, float("nan")))
-            cells.append(f"{on:>10.1f} ({(on - off) / off * 100 if off else 0:+5.1f}%) {cpu:6.2f} ms")
-        print(f"{mode:<10} {c:>4} " + " ".join(cells))
+
+@contextmanager
+def telemetry_gateway(setting: str, tmp: Path, sample_ratio: float | None) -> Iterator[Target]:
+    """A gateway with one telemetry setting (and, for traces, its own OTLP sink), up until the block ends."""
+    with ExitStack() as stack:
+        telemetry: dict[str, object] = {"metrics": setting != "off"}
+        sink: dict[str, int] = {}
+        if sample_ratio is not None:
+            telemetry |= {"otlp_endpoint": stack.enter_context(otlp_sink(tmp, sink)), "sample_ratio": sample_ratio}
+        gw = Gateway(gateway_config(tmp, telemetry))
+        stack.callback(gw.stop)
+        gw.start()
+        assert gw.runtime is not None
+        from extauth.keys import create_key
+
+        _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
+        print(f"telemetry {setting}: gateway at {gw.url}", file=sys.stderr)
+        yield Target(setting, gw.url, key, {c.name: c.pid for c in gw.children} | sink)
+
+
+@dataclass
+class Sample:
+    """One level of one setting in one round."""
+    rps: float
+    cpu_ms: float  # gateway CPU ms per request, the upstream left out
+    by_process: dict[str, float]  # CPU ms per request
+
+
+def _spread(xs: list[float], fmt: str = ".1f") -> str:
+    """'median [min..max]' of a round's figures."""
+    return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}..{max(xs):{fmt}}]"
+
+
+def compare_telemetry(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, list[Sample]]]:
+    """Issue 11's performance check: gateway req/s with telemetry off, metrics only, metrics and tracing.
+
+    The three gateways run side by side and are measured in interleaved rounds (the order rotates each
+    round), so a busy neighbour or a drifting machine weighs on all three alike; the change is the median
+    of each round's own ratio to that round's "off". With --paced, each round loads all of them at
+    once at the same rate: the machine's other work then disturbs them alike within the round, and CPU
+    per request is the figure (a CPU-bound gateway's req/s goes as its inverse)."""
+    samples: dict[tuple[str, str], dict[str, list[Sample]]] = {}
+    settings = telemetry_settings(args.sample_ratios)
+    names = tuple(settings)
+    with ExitStack() as stack:
+        targets = {}
+        for setting, ratio in settings.items():
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccr-bench-")))
+            targets[setting] = stack.enter_context(telemetry_gateway(setting, tmp, ratio))
+        for rnd in range(args.rounds):
+            if args.paced:
+                print(f"round {rnd + 1}/{args.rounds}: all at once, {args.paced:g} req/s each", file=sys.stderr)
+                for mode in args.modes:
+                    time.sleep(args.settle)
+                    body = request_body(mode == "stream")
+
+                    async def all_at_once(body: bytes = body, stream: bool = mode == "stream") -> list[Result]:
+                        return list(await asyncio.gather(*(run_paced(targets[s], body, stream, args.paced,
+                                                                     args.duration) for s in names)))
+                    for r in asyncio.run(all_at_once()):
+                        _record(samples, (mode, f"{args.paced:g}/s"), r)
+                        print(f"  {mode} {r.layer:<16} {len(r.ok):>5} ok {r.errors:>4} errors  "
+                              f"{cpu_per_request(r):6.3f} ms CPU/request", file=sys.stderr)
+                continue
+            k = rnd % len(names)
+            order = names[k:] + names[:k]
+            print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+            for setting in order:
+                time.sleep(args.settle)  # the last level's access-log flush and audit writes, off the clock
+                res = asyncio.run(measure([targets[setting]], args))
+                for mode, rs in res.items():
+                    for r in rs:
+                        _record(samples, (mode, f"c={r.concurrency}"), r)
+    print_telemetry_compare(samples, names, args)
+    return samples
+
+
+def _record(samples: dict[tuple[str, str], dict[str, list[Sample]]], key: tuple[str, str], r: Result) -> None:
+    per = {n: v * 1000 / len(r.ok) for n, v in r.server_cpu.items()} if r.ok else {}
+    samples.setdefault(key, {}).setdefault(r.layer, []).append(Sample(r.rps, cpu_per_request(r), per))
+
+
+def print_telemetry_compare(samples: dict[tuple[str, str], dict[str, list[Sample]]], names: tuple[str, ...],
+                            args: argparse.Namespace) -> None:
+    off, *others = names
+    how = (f"rounds with all gateways loaded at once at {args.paced:g} req/s each" if args.paced
+           else "interleaved rounds")
+    print(f"\nsample_ratio {args.sample_ratio} (traces); {args.rounds} {how}, <= {args.duration:g}s per level; "
+          "figures are medians [min..max] over the rounds")
+    if args.paced:
+        print("gateway CPU ms per request; change = median over rounds of (off / setting - 1): the req/s a "
+              "CPU-bound gateway keeps")
+    else:
+        print("req/s per setting; change = median over rounds of (setting / the same round's off - 1)")
+    print(f"{'mode':<10}{'load':>8}  " + "".join(f"{s:>26}" for s in names)
+          + "".join(f"{'change ' + s:>30}" for s in others))
+    for (mode, load), by in samples.items():
+        fig = "cpu_ms" if args.paced else "rps"
+        cells = [f"{_spread([getattr(x, fig) for x in by[s]], '.3f' if args.paced else '.1f'):>26}" for s in names]
+        for s in others:
+            if args.paced:
+                change = [(b.cpu_ms / a.cpu_ms - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if a.cpu_ms]
+            else:
+                change = [(a.rps / b.rps - 1) * 100 for a, b in zip(by[s], by[off], strict=True) if b.rps]
+            cells.append(f"{_spread(change, '+.1f') + ' %':>30}" if change else f"{'n/a':>30}")
+        print(f"{mode:<10}{load:>8}  " + "".join(cells))
+    print(f"\ngateway CPU ms per request ({UPSTREAM} and {COLLECTOR} left out), then by process "
+          "(processes under 0.005 ms left out)")
+    for (mode, load), by in samples.items():
+        print(f"{mode} {load}:")
+        print(f"  {'process':<14}" + "".join(f"{s:>26}" for s in names))
+        print(f"  {'gateway':<14}" + "".join(f"{_spread([x.cpu_ms for x in by[s]], '.3f'):>26}"
+                                             for s in names))
+        procs = sorted({n for s in names for x in by[s] for n in x.by_process},
+                       key=lambda n: -statistics.median(x.by_process.get(n, 0.0) for x in by[off]))
+        for n in procs:
+            per = {s: [x.by_process.get(n, 0.0) for x in by[s]] for s in names}
+            if max(statistics.median(v) for v in per.values()) < 0.005:
+                continue
+            print(f"  {n:<14}" + "".join(f"{_spread(per[s], '.3f'):>26}" for s in names))
 
 
 def run_spiffe_compare(args: argparse.Namespace) -> dict[str, dict[str, list[Result]]]:

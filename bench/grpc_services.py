@@ -4,6 +4,7 @@
     .venv/bin/python bench/grpc_services.py ratelimit  ...
     .venv/bin/python bench/grpc_services.py accesslog  ... [--per-msg 1]
     .venv/bin/python bench/grpc_services.py extauth --profile /tmp/extauth.raw   # py-spy on worker 0
+    .venv/bin/python bench/grpc_services.py extauth --trace [--sampled 0.05]   # tracing on, as Envoy calls
 
 Starts embedded PostgreSQL/Redis and the service (ccr.supervisor.start_service, the same flags and
 options as `ccr up`), drives it closed loop from this process over `--channels` connections (Envoy
@@ -14,12 +15,19 @@ extauth: Check with the 84 KB agent request and an API key (the cached allow pat
 ratelimit: ShouldRateLimit on the allow path (one Redis EVALSHA per call), 100 principals.
 accesslog: StreamAccessLogs, `--per-msg` entries per message on long-lived streams (one per channel);
 the figure is per entry, including the PostgreSQL insert.
+
+--trace: the service runs with telemetry.otlp_endpoint (a local span sink, bench/_otlp_sink.py) and every
+call carries a W3C traceparent as Envoy's tracer sends it (a fresh trace and span id, an empty
+tracestate) in its metadata (accesslog: in the entry's logged request headers); `--sampled` of them
+say sampled. Compare with and without it to see what tracing costs a service per call.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -57,9 +65,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 Call = Callable[[grpc.aio.Channel, int], "asyncio.Future[object]"]
+Metadata = Callable[[int], tuple[tuple[str, str], ...] | None]
 
 
-def _extauth_call(key: str) -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
+def trace_metadata(sampled: float | None) -> Metadata:
+    """Per call: no metadata (tracing off), else a fresh traceparent as Envoy's OTel tracer injects it
+    (with an empty tracestate), sampled for that share of the calls (spread evenly)."""
+    if sampled is None:
+        return lambda _i: None
+    every = round(1 / sampled) if sampled > 0 else 0
+    n = itertools.count()  # not the call's i: paced calls all pass 0
+
+    def md(_i: int) -> tuple[tuple[str, str], ...]:
+        flags = "01" if every and next(n) % every == 0 else "00"
+        return (("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-{flags}"), ("tracestate", ""))
+    return md
+
+
+def _extauth_call(key: str, md: Metadata) -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
     from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
     from ccr.fixtures import AGENT_REQUEST, fixture_path
@@ -69,15 +92,15 @@ def _extauth_call(key: str) -> Callable[[grpc.aio.Channel], Callable[[int], obje
     def bind(ch: grpc.aio.Channel) -> Callable[[int], object]:
         check = pb_grpc.AuthorizationStub(ch).Check
 
-        async def call(_i: int) -> None:
-            r = await check(req)
+        async def call(i: int) -> None:
+            r = await check(req, metadata=md(i))
             if r.status.code != 0:
                 raise SystemExit(f"extauth denied: {r}")
         return call
     return bind
 
 
-def _ratelimit_call() -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
+def _ratelimit_call(md: Metadata) -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
     from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
     from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
@@ -92,7 +115,7 @@ def _ratelimit_call() -> Callable[[grpc.aio.Channel], Callable[[int], object]]:
         should = rls_pb2_grpc.RateLimitServiceStub(ch).ShouldRateLimit
 
         async def call(i: int) -> None:
-            r = await should(reqs[i % len(reqs)])
+            r = await should(reqs[i % len(reqs)], metadata=md(i))
             if r.overall_code != rls_pb2.RateLimitResponse.OK:
                 raise SystemExit(f"ratelimit said {r}")
         return call
@@ -160,8 +183,10 @@ async def _load(address: str, bind: Callable[[grpc.aio.Channel], Callable[[int],
 
 
 async def _load_als(address: str, conc: int, channels: int, duration: float, per_msg: int,
-                    pids: list[int]) -> tuple[int, float, float]:
-    """Entries written per second over `channels` streams; CPU per entry."""
+                    pids: list[int], md: Metadata, rate: float = 0) -> tuple[int, float, float]:
+    """Entries written per second over `channels` streams; CPU per entry. `rate`: about this many
+    entries/s in all (a pause after each message; 0: as fast as the service takes them)."""
+    pause = channels * per_msg / rate if rate else 0
     from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
     from tests.test_audit import entry
@@ -179,14 +204,16 @@ async def _load_als(address: str, conc: int, channels: int, duration: float, per
             m.identifier.node.id = "bench"
             m.identifier.log_name = "ccr"
             while time.perf_counter() < stop_at:
-                for _ in range(per_msg):
+                for j in range(per_msg):
                     e = m.http_logs.log_entry.add()
                     e.CopyFrom(template)
                     e.request.request_id = uuid.uuid4().hex
+                    for k, v in md(sent + j) or ():
+                        e.request.request_headers[k] = v
                 yield m
                 sent += per_msg
                 m = als_pb2.StreamAccessLogsMessage()
-                await asyncio.sleep(0)
+                await asyncio.sleep(pause)
         await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(msgs(), timeout=60)
 
     chans = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
@@ -211,7 +238,7 @@ def _profiler(pid: int, out: str | None, duration: float) -> Iterator[None]:
     spy = REPO / ".venv" / "bin" / "py-spy"
     exe = str(spy) if spy.exists() else str(Path(sys.executable).with_name("py-spy"))
     p = subprocess.Popen([exe, "record", "--pid", str(pid), "-r", "250", "-d", str(int(duration) + 1),
-                          "-f", "raw", "-o", out], stdout=subprocess.DEVNULL)
+                          "-f", "raw", "--threads", "-o", out], stdout=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the timed load starts
     try:
         yield
@@ -229,12 +256,23 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--per-msg", type=int, default=1, help="accesslog entries per message")
     ap.add_argument("--profile", help="write py-spy raw stacks of worker 0 here")
+    ap.add_argument("--trace", action="store_true",
+                    help="tracing on (a local OTLP sink) and a traceparent on every call, as Envoy sends")
+    ap.add_argument("--no-metrics", action="store_true", help="telemetry.metrics: false (no /metrics, no interceptor)")
+    ap.add_argument("--sampled", type=float, default=0.05, help="with --trace: share of calls that say sampled")
     args = ap.parse_args()
     env = {"CCR_LOG_LEVEL": "WARNING"}
 
+    md = trace_metadata(args.sampled if args.trace else None)
     with tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, ExitStack() as stack:
         run = Path(tmp)
-        (run / "gateway.yaml").write_text(CONFIG)
+        telemetry = {"metrics": not args.no_metrics}
+        if args.trace:
+            from gateway import otlp_sink
+
+            telemetry["otlp_endpoint"] = stack.enter_context(otlp_sink(run))
+        config = CONFIG + f"telemetry: {json.dumps(telemetry)}\n"
+        (run / "gateway.yaml").write_text(config)
         rt = Runtime(config_path=str(run / "gateway.yaml"), run_dir=str(run),
                      postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url="redis://127.0.0.1:1/0")
         key = ""
@@ -262,15 +300,20 @@ def main() -> None:
         with _profiler(pids[0], args.profile, args.duration):
             if args.service == "accesslog":
                 n, wall, cpu = asyncio.run(_load_als(address, args.c, args.channels, args.duration, args.per_msg,
-                                                     pids))
-                print(f"accesslog workers={args.workers} channels={args.channels} per_msg={args.per_msg}: "
+                                                     pids, md, args.rate))
+                tr = " trace" if args.trace else ""
+                print(f"accesslog workers={args.workers}{tr} channels={args.channels} per_msg={args.per_msg}: "
                       f"{n} entries  {n / wall:8.0f} entries/s  server CPU {cpu * 1e3 / max(n, 1):.3f} ms/entry")
                 return
-            bind = _extauth_call(key) if args.service == "extauth" else _ratelimit_call()
+            bind = _extauth_call(key, md) if args.service == "extauth" else _ratelimit_call(md)
             lat, wall, cpu = asyncio.run(_load(address, bind, args.c, args.channels, args.duration, pids, args.rate))
         us = sorted(x * 1e6 for x in lat)
         p99 = us[min(len(us) - 1, int(len(us) * 0.99))]
         load = f"rate={args.rate:.0f}/s" if args.rate else f"c={args.c}"
+        if args.trace:
+            load += f" trace(sampled {args.sampled:g})"
+        if args.no_metrics:
+            load += " no-metrics"
         print(f"{args.service} workers={args.workers} {load} channels={args.channels}: n={len(us)}  "
               f"p50={statistics.median(us):8.1f} us  p99={p99:8.1f} us  {len(us) / wall:6.0f} req/s  "
               f"server CPU {cpu * 1e3 / len(us):.3f} ms/call")

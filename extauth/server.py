@@ -568,6 +568,12 @@ class Authorizer:
         if decision.region is not None:
             keep = keep | {H_REGION}
         spoofed = tuple(h for h in headers if (h.startswith(CCR_HEADER_PREFIX) and h not in keep) or h == H_REGION_HINT)
+        # GenAI attributes on this Check's span (ccr/rpc_observe.py), for a cached answer too; an
+        # unsampled call (most of them) has no recording span and builds nothing.
+        if tracing.TRACER is not None and (span := tracing.recording_span()) is not None:
+            attrs = {tracing.GEN_AI_REQUEST_MODEL: model, "ccr.endpoint": endpoint.name,
+                     tracing.GEN_AI_SYSTEM: tracing.gen_ai_system(self.config, provider)}
+            span.set_attributes({k: v for k, v in attrs.items() if v is not None})
         if facts is not None:  # per-object answers are not cached
             return with_additions(self._ok(principal, model, provider, cluster, spoofed, endpoint.name, facts,
                                            decision, requested), additions)
@@ -618,10 +624,6 @@ class Authorizer:
         endpoint: str | None = None, obj: ObjectFacts | None = None, decision: Decision | None = None,
         requested: str | None = None,
     ) -> pb.CheckResponse:
-        if tracing.TRACER is not None:  # GenAI attributes on this Check's span (ccr/rpc_observe.py)
-            tracing.annotate({tracing.GEN_AI_REQUEST_MODEL: model,
-                              tracing.GEN_AI_SYSTEM: tracing.gen_ai_system(self.config, provider),
-                              "ccr.endpoint": endpoint})
         # The policy's headers first: the gateway's own below can never be replaced by them
         # (parse_result refuses x-ccr-* anyway).
         values = list(decision.headers) if decision is not None else []
