@@ -164,12 +164,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(REPO / "policies", tmp_path_factory.mktemp("bundle") / "policy.tar.gz", "ccr/authz/decision")
 
 
-def test_a_revoked_key_is_refused_by_every_extauth_worker(tmp_path: Path, postgres_dsn: str, bundle: Path) -> None:
+def test_a_revoked_key_is_refused_by_every_extauth_worker(tmp_path: Path, postgres_dsn: str, redis_url: str,
+                                                          bundle: Path) -> None:
     # Each worker caches keys in its own memory; each LISTENs for key changes on its own
-    # connection, and PostgreSQL delivers a NOTIFY to every listener.
+    # connection, and PostgreSQL delivers a NOTIFY to every listener. (Redis: each worker also
+    # decides the request's rate limits in its Check, limits.admission: extauth.)
     rec, key = create_key(postgres_dsn, "two-workers")
     req = http_check({"x-api-key": key}, body=msg_body())
-    runtime = _runtime(tmp_path, postgres_dsn=postgres_dsn, policy_bundle=str(bundle))
+    runtime = _runtime(tmp_path, postgres_dsn=postgres_dsn, redis_url=redis_url, policy_bundle=str(bundle))
     workers = start_service("extauth", "extauth", 2, runtime, tmp_path, tmp_path / "logs")
     try:
         address = str(workers[0].info["address"])

@@ -32,6 +32,7 @@ from tests.harness import log_row, running_gateway
 SVID_TTL_S = 60  # the agent renews at half of it
 MODEL = "claude-haiku-4-5"
 HELLO = [{"role": "user", "content": "hello"}]
+TOKEN_RULE = {"name": "tenant-tokens", "per": "key", "metric": "tokens", "amount": 100_000_000, "unit": "day"}
 SERVICE_CLUSTERS = ("ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "ccr_xds")
 
 
@@ -40,6 +41,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     def edit(cfg: dict[str, Any]) -> None:
         cfg.setdefault("services", {})["spiffe"] = {"x509_svid_ttl_s": SVID_TTL_S}
         cfg["limits"]["requests_per_minute"] = 100_000  # the rotation test sends as fast as it can
+        # A token limit: Envoy then calls the rate limit service at each Messages stream end, so that hop
+        # (off the request path with limits.admission: extauth) carries traffic whose mTLS is checked.
+        cfg["limits"]["rules"] = [TOKEN_RULE]
 
     with running_gateway(tmp_path_factory.mktemp("gw-spire"), edit) as g:
         yield g
@@ -368,6 +372,7 @@ def test_a_gateway_on_an_existing_spire_agent(gw: Gateway, tmp_path: Path) -> No
 
     def edit(cfg: dict[str, Any]) -> None:
         cfg.setdefault("services", {})["spiffe"] = {"agent_socket": str(gw.spire.agent_socket)}  # type: ignore[union-attr]
+        cfg["limits"]["rules"] = [TOKEN_RULE]  # the rate limit service's hop carries the stream-end charge
 
     with running_gateway(tmp_path, edit) as other:
         assert other.spire is None and not any(c.name.startswith("spire") for c in other.children)
