@@ -1,0 +1,282 @@
+"""What the ext_authz transport costs: Envoy's gRPC call to a grpc.aio server against its HTTP/1.1 call
+to an asyncio server with a C parser (httptools), each answering every check at once with a fixed
+answer of the same content. Neither server does any work of its own, so the difference is what the
+transport costs Envoy and the Python process, the floor under any decision service.
+
+    .venv/bin/python bench/authz_transport.py [--rounds 3] [--duration 3] [--rate 200] [--levels 1,32]
+
+Three Envoys (the same router-only config as bench/gateway.py's bare Envoy, in front of the same
+emulator) run at once: `none` (no ext_authz), `grpc` (ext_authz over gRPC to a grpc.aio server on
+uvloop, the setup extauth runs, answering a prebuilt CheckResponse without parsing the request) and
+`http` (ext_authz's http_service to an asyncio Protocol on uvloop, httptools parsing, answering a
+prebuilt reply). Both send the 84 KB streamed agent request's body with the check, and both answers
+carry the same 12 metadata values (`dynamic_metadata` / `dynamic_metadata_from_headers`) and 4 client
+headers (`response_headers_to_add` / `allowed_client_headers_on_success`). Rounds interleave the
+variants (none, grpc, http, none, ...); each round measures CPU per request paced at --rate req/s
+(Envoy and the authz server, from /proc) and closed-loop latency and req/s at each --levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.gateway import (  # noqa: E402
+    UPSTREAM,
+    Result,
+    Target,
+    _bound_port,
+    bare_envoy_config,
+    request_body,
+    run_level,
+    run_paced,
+)
+from ccr.procs import Child, spawn, wait_ready_file, wait_until  # noqa: E402
+from ccr.supervisor import envoy_binary  # noqa: E402
+
+T = "type.googleapis.com/"
+VARIANTS = ("none", "grpc", "http")
+METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
+CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
+                  "x-ratelimit-reset": "42", "anthropic-ratelimit-requests-limit": "1000"}
+MD_PREFIX = "x-ccr-md-"
+KEY = "sk-ant-bench-" + "k" * 24
+
+
+# -- the two authz servers (run as `--serve grpc|http READY_FILE` in their own processes)
+
+
+def grpc_answer() -> bytes:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from google.rpc import status_pb2
+
+    r = pb.CheckResponse(status=status_pb2.Status(code=0))
+    for k, v in METADATA.items():
+        r.dynamic_metadata.fields[k].string_value = v
+    for k, v in CLIENT_HEADERS.items():
+        r.ok_response.response_headers_to_add.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v)))
+    return r.SerializeToString()
+
+
+def http_answer() -> bytes:
+    lines = ["HTTP/1.1 200 OK", "content-length: 0"]
+    lines += [f"{MD_PREFIX}{k.replace('_', '-')}: {v}" for k, v in METADATA.items()]
+    lines += [f"{k}: {v}" for k, v in CLIENT_HEADERS.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def serve_grpc(ready: Path) -> None:
+    import grpc
+
+    from ccr.service import GRPC_OPTIONS
+
+    answer = grpc_answer()
+
+    async def check(_request: bytes, _context: object) -> bytes:
+        return answer
+
+    handler = grpc.method_handlers_generic_handler("envoy.service.auth.v3.Authorization", {
+        "Check": grpc.unary_unary_rpc_method_handler(check)})  # bytes in, bytes out: no parsing
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
+    await server.wait_for_termination()
+
+
+async def serve_http(ready: Path) -> None:
+    import httptools
+
+    answer = http_answer()
+
+    class Check(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                assert self.transport is not None
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            assert self.transport is not None
+            self.transport.write(answer)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Check, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
+    await server.serve_forever()
+
+
+# -- the Envoys
+
+
+def _cluster(name: str, address: str, http2: bool) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    c: dict[str, Any] = {
+        "name": name, "type": "STATIC", "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}]}}
+    if http2:
+        c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+    return c
+
+
+def envoy_config(variant: str, upstream: str, authz: str | None) -> dict[str, Any]:
+    b = bare_envoy_config(upstream)
+    if variant == "none":
+        return b
+    assert authz is not None
+    ext_authz: dict[str, Any] = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        "with_request_body": {"max_request_bytes": 33554432, "allow_partial_message": False,
+                              **({"pack_as_bytes": True} if variant == "grpc" else {})},
+    }
+    if variant == "grpc":
+        ext_authz["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "5s"}
+    else:
+        ext_authz["http_service"] = {
+            "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "5s"},
+            "path_prefix": "/check",
+            "authorization_request": {"allowed_headers": {"patterns": [{"exact": "x-api-key"},
+                                                                        {"exact": "anthropic-version"}]}},
+            "authorization_response": {
+                "dynamic_metadata_from_headers": {"patterns": [{"prefix": MD_PREFIX}]},
+                "allowed_client_headers_on_success": {"patterns": [{"prefix": "x-ratelimit-"},
+                                                                   {"prefix": "anthropic-ratelimit-"}]}}}
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[index]
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.ext_authz", "typed_config": ext_authz})
+    b["static_resources"]["clusters"].append(_cluster("authz", authz, http2=variant == "grpc"))  # type: ignore[index]
+    return b
+
+
+@contextmanager
+def envoy(variant: str, config: dict[str, Any], tmp: Path) -> Iterator[tuple[str, Child]]:
+    path = tmp / f"envoy-{variant}.json"
+    path.write_text(json.dumps(config))
+    admin_path = tmp / f"envoy-{variant}-admin"
+    child = spawn(f"envoy-{variant}", [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency",
+                                       "1", "--admin-address-path", str(admin_path), "-l", "warning"],
+                  tmp / "logs")
+    try:
+        wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
+        admin_url = "http://" + admin_path.read_text().strip()
+        wait_until(child, lambda: _bound_port(admin_url) is not None, 30, "listening")
+        yield f"http://127.0.0.1:{_bound_port(admin_url)}", child
+    finally:
+        child.stop()
+
+
+@contextmanager
+def server(name: str, argv: list[str], tmp: Path) -> Iterator[tuple[str, Child]]:
+    ready = tmp / f"{name}.ready"
+    child = spawn(name, [*argv, str(ready)], tmp / "logs", cwd=REPO)
+    try:
+        yield str(wait_ready_file(child, ready)["address"]), child
+    finally:
+        child.stop()
+
+
+# -- measurement
+
+
+async def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, list[tuple[Result, list[Result]]]]:
+    body = request_body(True)
+    out: dict[str, list[tuple[Result, list[Result]]]] = {t.layer: [] for t in targets}
+    for r in range(args.rounds):
+        for t in targets if r % 2 == 0 else list(reversed(targets)):
+            paced = await run_paced(t, body, True, args.rate, args.duration)
+            levels = [await run_level(t, body, True, c, 10**9, args.duration) for c in args.levels]
+            out[t.layer].append((paced, levels))
+            print(f"round {r + 1} {t.layer:<5} paced errors {paced.errors}, "
+                  + ", ".join(f"c={x.concurrency} {x.rps:.0f} req/s p50 {x.p50:.2f} ms p99 {x.p99:.2f} ms"
+                              for x in levels), file=sys.stderr)
+    return out
+
+
+def per_request_ms(r: Result, proc: str) -> float:
+    return r.server_cpu.get(proc, 0.0) * 1000 / max(1, len(r.ok))
+
+
+def report(out: dict[str, list[tuple[Result, list[Result]]]], args: argparse.Namespace) -> None:
+    med = statistics.median
+    print(f"\nCPU per request at {args.rate:g} req/s (median of {args.rounds} rounds; ms)")
+    print(f"{'variant':<8} {'envoy':>7} {'authz':>7} {'sum':>7}")
+    for v, rows in out.items():
+        e = med(per_request_ms(p, "envoy") for p, _ in rows)
+        a = med(per_request_ms(p, "authz") for p, _ in rows)
+        print(f"{v:<8} {e:7.3f} {a:7.3f} {e + a:7.3f}")
+    for i, c in enumerate(args.levels):
+        print(f"\nclosed loop c={c} (median of rounds)")
+        print(f"{'variant':<8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ttfb ms':>8}")
+        for v, rows in out.items():
+            ls = [levels[i] for _, levels in rows]
+            print(f"{v:<8} {med(x.rps for x in ls):8.1f} {med(x.p50 for x in ls):8.2f} "
+                  f"{med(x.p99 for x in ls):8.2f} {med(x.ttfb_p50 for x in ls):8.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--serve", choices=("grpc", "http"), help=argparse.SUPPRESS)
+    ap.add_argument("ready", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--levels", default="1,32")
+    args = ap.parse_args()
+    if args.serve:
+        import uvloop
+
+        uvloop.run((serve_grpc if args.serve == "grpc" else serve_http)(Path(args.ready)))
+        return
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        raise SystemExit("this bench needs the bench extra: .venv/bin/pip install -e '.[bench]'") from None
+    args.levels = [int(x) for x in args.levels.split(",")]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    with tempfile.TemporaryDirectory(prefix="ccr-authz-transport-") as d, ExitStack() as stack:
+        tmp = Path(d)
+        emu, emu_child = stack.enter_context(server(UPSTREAM, [sys.executable, "-m", "emulators.anthropic",
+                                                               "--api-key", KEY, "--ready-file"], tmp))
+        targets = []
+        for v in VARIANTS:
+            pids = {UPSTREAM: emu_child.pid}
+            authz = None
+            if v != "none":
+                authz, authz_child = stack.enter_context(server(f"authz-{v}", [*me, "--serve", v], tmp))
+                pids["authz"] = authz_child.pid
+            url, envoy_child = stack.enter_context(envoy(v, envoy_config(v, f"http://{emu}", authz), tmp))
+            pids["envoy"] = envoy_child.pid
+            targets.append(Target(v, url, KEY, pids))
+        report(asyncio.run(measure(targets, args)), args)
+
+
+if __name__ == "__main__":
+    main()
