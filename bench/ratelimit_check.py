@@ -22,12 +22,18 @@ Load generators: c1, c16 and paced are this Python process (grpc.aio); its own s
 their latency. Mode `ghz` drives the same 1000 requests, paced at --rate, with ghz (a Go load
 generator: `go install github.com/bojand/ghz/cmd/ghz@v0.120.0`, found on PATH, in ~/go/bin or by
 --ghz), so the p99 is less the client's. Without ghz that mode prints that it was skipped.
+
+`--pin` keeps the load generators and the servers on different cores: the service under test and
+Redis (every thread) on the last CPU, this process and ghz on the others, as when the gateway calls
+the service from another host. Unpinned, on 2 cores, a call's tail is mostly the scheduler
+interleaving client, service and Redis threads (docs/ratelimit.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -208,6 +214,22 @@ def _protoset(path: Path) -> None:
     path.write_bytes(fds.SerializeToString())
 
 
+# --pin: CPUs for the servers under test (and Redis) and for the load generators; None: unpinned.
+PINNING: dict[str, set[int]] = {}
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (sched_setaffinity moves one thread; threads started later inherit)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def pin_server(pid: int) -> None:
+    if PINNING:
+        pin_process(pid, PINNING["servers"])
+
+
 def _ghz(ghz: str, address: str, reqs: list[rls_pb2.RateLimitRequest], rate: float, duration: float,
          tmp: Path) -> tuple[list[float], float, int, int]:
     """ghz paced at `rate` for `duration` over one connection, cycling through `reqs` (as the Python client does).
@@ -218,6 +240,8 @@ def _ghz(ghz: str, address: str, reqs: list[rls_pb2.RateLimitRequest], rate: flo
     cmd = [ghz, "--insecure", "--protoset", str(tmp / "rls.protoset"), "--call", GHZ_METHOD,
            "-D", str(tmp / "data.json"), "--rps", f"{rate:.0f}", "-n", str(int(rate * duration) + skip),
            "--skipFirst", str(skip), "-c", "20", "--connections", "1", "-t", "5s", "--format", "json", address]
+    if PINNING:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(PINNING["clients"]))), *cmd]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     codes = out.get("statusCodeDistribution") or {}
     if set(codes) != {"OK"}:
@@ -312,7 +336,15 @@ def main() -> None:
     ap.add_argument("--profile", help="py-spy raw stacks of ours (all its runs) to this file (bench/pyspy_top.py)")
     ap.add_argument("--ghz", help=f"the ghz binary (default: on PATH or ~/go/bin; {GHZ_INSTALL})")
     ap.add_argument("--workloads", default="yaml,ccr", help="ours: yaml, ccr (comma-separated)")
+    ap.add_argument("--pin", action="store_true",
+                    help="servers and Redis on the last CPU, this process and ghz on the others")
     args = ap.parse_args()
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        PINNING.update(servers={cpus[-1]}, clients=set(cpus[:-1]))
+        os.sched_setaffinity(0, PINNING["clients"])  # before any thread starts: they inherit it
     modes = tuple(m for m in args.modes.split(",") if m)
     workloads = tuple(w for w in args.workloads.split(",") if w)
     ghz = find_ghz(args.ghz) if "ghz" in modes else None
@@ -324,10 +356,14 @@ def main() -> None:
             if args.start_redis:
                 r = start_redis(tmp / "redis", tmp / "logs")
                 children.append(r)
+                pin_server(r.proc.pid)
                 url = str(r.info["url"])
             ours = start_ours(url, tmp)
             children.append(ours)
-            print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}")
+            pin_server(ours.proc.pid)
+            print(f"ShouldRateLimit, 5 descriptors per request, {args.duration:.0f} s per run, cpus={os.cpu_count()}"
+                  + (f", servers pinned to {sorted(PINNING['servers'])}, clients to {sorted(PINNING['clients'])}"
+                     if PINNING else ""))
             pid = ours.proc.pid
             spy = None
             if args.profile:
@@ -343,6 +379,7 @@ def main() -> None:
             if args.peer:
                 peer, address = start_peer(url, tmp)
                 children.append(peer)
+                pin_server(peer.proc.pid)
                 asyncio.run(measure("go-peer yaml", address, peer.proc.pid, "bench", url, args.duration, args.rate,
                                     modes, ghz))
         finally:

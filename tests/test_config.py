@@ -148,3 +148,17 @@ def test_config_check_loads_the_envoy_rate_limit_files(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert f"limits.envoy_config_dir: {tmp_path / 'rls' / 'a.yaml'}: descriptors[0]: unknown key(s) ['rate_limits']" \
         in err
+
+
+def test_limits_admission_names_one_of_its_two_places(tmp_path: Path) -> None:
+    """A misspelt place for the request-time limits is refused, not taken as either default."""
+    f = tmp_path / "ccr.yaml"
+    base = "providers:\n  - name: anthropic\nmodels:\n  - match: 'claude-*'\n    provider: anthropic\n"
+    f.write_text("limits:\n  admission: envoy\n" + base)
+    msg = str(pytest.raises(ConfigError, load_config, f).value)
+    assert "limits.admission: " in msg
+    assert "'extauth'" in msg and "'ratelimit'" in msg
+    f.write_text("limits:\n  admission: ratelimit\n" + base)
+    assert load_config(f).limits.admission == "ratelimit"
+    f.write_text(base)
+    assert load_config(f).limits.admission == "extauth"
