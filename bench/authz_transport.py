@@ -4,6 +4,7 @@ answer of the same content. Neither server does any work of its own, so the diff
 transport costs Envoy and the Python process, the floor under any decision service.
 
     .venv/bin/python bench/authz_transport.py [--rounds 3] [--duration 3] [--rate 200] [--levels 1,32]
+                                              [--variants none,grpc,http,grpc-mtls,http-mtls]
 
 Three Envoys (the same router-only config as bench/gateway.py's bare Envoy, in front of the same
 emulator) run at once: `none` (no ext_authz), `grpc` (ext_authz over gRPC to a grpc.aio server on
@@ -14,6 +15,11 @@ carry the same 12 metadata values (`dynamic_metadata` / `dynamic_metadata_from_h
 headers (`response_headers_to_add` / `allowed_client_headers_on_success`). Rounds interleave the
 variants (none, grpc, http, none, ...); each round measures CPU per request paced at --rate req/s
 (Envoy and the authz server, from /proc) and closed-loop latency and req/s at each --levels.
+
+`grpc-mtls` and `http-mtls` are the same over mutual TLS 1.3 (a run PKI, ECDSA P-256, as ccr's
+services without SPIRE): grpcio's TLS for the first; for the second the asyncio server's ssl
+(OpenSSL through uvloop) requiring the client certificate and checking its SPIFFE ID once per
+connection, as a gateway would.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from ccr.procs import Child, spawn, wait_ready_file, wait_until  # noqa: E402
 from ccr.supervisor import envoy_binary  # noqa: E402
 
 T = "type.googleapis.com/"
-VARIANTS = ("none", "grpc", "http")
+VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls")
+CLIENT_ID = "envoy"  # the identity Envoy presents in the mTLS variants
 METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
 CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
                   "x-ratelimit-reset": "42", "anthropic-ratelimit-requests-limit": "1000"}
@@ -78,10 +85,20 @@ def http_answer() -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def serve_grpc(ready: Path) -> None:
+def run_pki(directory: Path):  # type: ignore[no-untyped-def]
+    from ccr.pki import issue_run_pki, load_pki, save_pki
+
+    if (directory / "pki.json").exists():
+        return load_pki(directory)
+    pki = issue_run_pki(directory, ["server", CLIENT_ID])
+    save_pki(pki, directory)
+    return pki
+
+
+async def serve_grpc(ready: Path, pki_dir: Path | None) -> None:
     import grpc
 
-    from ccr.service import GRPC_OPTIONS
+    from ccr.service import GRPC_OPTIONS, server_credentials
 
     answer = grpc_answer()
 
@@ -92,16 +109,33 @@ async def serve_grpc(ready: Path) -> None:
         "Check": grpc.unary_unary_rpc_method_handler(check)})  # bytes in, bytes out: no parsing
     server = grpc.aio.server(options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if pki_dir is not None:
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(run_pki(pki_dir), "server"))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
     await server.wait_for_termination()
 
 
-async def serve_http(ready: Path) -> None:
+def http_tls(pki_dir: Path):  # type: ignore[no-untyped-def]
+    import ssl
+
+    pki = run_pki(pki_dir)
+    me = pki.identity("server")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(me.cert, me.key)
+    ctx.load_verify_locations(pki.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx, pki.identity(CLIENT_ID).spiffe_id
+
+
+async def serve_http(ready: Path, pki_dir: Path | None) -> None:
     import httptools
 
     answer = http_answer()
+    tls, peer_id = http_tls(pki_dir) if pki_dir is not None else (None, None)
 
     class Check(asyncio.Protocol):
         def __init__(self) -> None:
@@ -110,6 +144,11 @@ async def serve_http(ready: Path) -> None:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport  # type: ignore[assignment]
+            if peer_id is not None:  # the caller's SPIFFE ID, once per connection (its one URI SAN)
+                cert = transport.get_extra_info("peercert") or {}
+                uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+                if uris != [peer_id]:
+                    transport.close()
 
         def data_received(self, data: bytes) -> None:
             try:
@@ -123,7 +162,7 @@ async def serve_http(ready: Path) -> None:
             self.transport.write(answer)
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Check, "127.0.0.1", 0)
+    server = await loop.create_server(Check, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
     await server.serve_forever()
@@ -132,7 +171,20 @@ async def serve_http(ready: Path) -> None:
 # -- the Envoys
 
 
-def _cluster(name: str, address: str, http2: bool) -> dict[str, Any]:
+def _tls_socket(pki_dir: Path, http2: bool) -> dict[str, Any]:
+    pki = run_pki(pki_dir)
+    me = pki.identity(CLIENT_ID)
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": ["h2" if http2 else "http/1.1"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificates": [{"certificate_chain": {"filename": me.cert}, "private_key": {"filename": me.key}}],
+            "validation_context": {"trusted_ca": {"filename": pki.ca}, "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": pki.identity("server").spiffe_id}}]}}}}
+
+
+def _cluster(name: str, address: str, http2: bool, pki_dir: Path | None = None) -> dict[str, Any]:
     host, _, port = address.rpartition(":")
     c: dict[str, Any] = {
         "name": name, "type": "STATIC", "connect_timeout": "5s",
@@ -142,10 +194,12 @@ def _cluster(name: str, address: str, http2: bool) -> dict[str, Any]:
         c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}}
+    if pki_dir is not None:
+        c["transport_socket"] = _tls_socket(pki_dir, http2)
     return c
 
 
-def envoy_config(variant: str, upstream: str, authz: str | None) -> dict[str, Any]:
+def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path | None = None) -> dict[str, Any]:
     b = bare_envoy_config(upstream)
     if variant == "none":
         return b
@@ -156,9 +210,9 @@ def envoy_config(variant: str, upstream: str, authz: str | None) -> dict[str, An
         "failure_mode_allow": False,
         "status_on_error": {"code": 503},
         "with_request_body": {"max_request_bytes": 33554432, "allow_partial_message": False,
-                              **({"pack_as_bytes": True} if variant == "grpc" else {})},
+                              **({"pack_as_bytes": True} if variant.startswith("grpc") else {})},
     }
-    if variant == "grpc":
+    if variant.startswith("grpc"):
         ext_authz["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "5s"}
     else:
         ext_authz["http_service"] = {
@@ -172,7 +226,8 @@ def envoy_config(variant: str, upstream: str, authz: str | None) -> dict[str, An
                                                                    {"prefix": "anthropic-ratelimit-"}]}}}
     hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[index]
     hcm["http_filters"].insert(0, {"name": "envoy.filters.http.ext_authz", "typed_config": ext_authz})
-    b["static_resources"]["clusters"].append(_cluster("authz", authz, http2=variant == "grpc"))  # type: ignore[index]
+    b["static_resources"]["clusters"].append(  # type: ignore[index]
+        _cluster("authz", authz, http2=variant.startswith("grpc"), pki_dir=pki_dir if "mtls" in variant else None))
     return b
 
 
@@ -243,8 +298,10 @@ def report(out: dict[str, list[tuple[Result, list[Result]]]], args: argparse.Nam
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--serve", choices=("grpc", "http"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=VARIANTS[1:], help=argparse.SUPPRESS)
+    ap.add_argument("--pki", help=argparse.SUPPRESS)
     ap.add_argument("ready", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--rate", type=float, default=200.0)
@@ -253,7 +310,8 @@ def main() -> None:
     if args.serve:
         import uvloop
 
-        uvloop.run((serve_grpc if args.serve == "grpc" else serve_http)(Path(args.ready)))
+        pki_dir = Path(args.pki) if "mtls" in args.serve else None
+        uvloop.run((serve_grpc if args.serve.startswith("grpc") else serve_http)(Path(args.ready), pki_dir))
         return
     try:
         import httptools  # noqa: F401
@@ -266,13 +324,18 @@ def main() -> None:
         emu, emu_child = stack.enter_context(server(UPSTREAM, [sys.executable, "-m", "emulators.anthropic",
                                                                "--api-key", KEY, "--ready-file"], tmp))
         targets = []
-        for v in VARIANTS:
+        pki_dir = tmp / "pki"
+        run_pki(pki_dir)
+        for v in args.variants.split(","):
+            if v not in VARIANTS:
+                raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
             pids = {UPSTREAM: emu_child.pid}
             authz = None
             if v != "none":
-                authz, authz_child = stack.enter_context(server(f"authz-{v}", [*me, "--serve", v], tmp))
+                authz, authz_child = stack.enter_context(server(f"authz-{v}", [*me, "--serve", v, "--pki",
+                                                                                str(pki_dir)], tmp))
                 pids["authz"] = authz_child.pid
-            url, envoy_child = stack.enter_context(envoy(v, envoy_config(v, f"http://{emu}", authz), tmp))
+            url, envoy_child = stack.enter_context(envoy(v, envoy_config(v, f"http://{emu}", authz, pki_dir), tmp))
             pids["envoy"] = envoy_child.pid
             targets.append(Target(v, url, KEY, pids))
         report(asyncio.run(measure(targets, args)), args)
