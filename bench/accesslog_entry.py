@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
-from audit.entry import Namespaces, entry_to_row  # noqa: E402
+from audit.entry import Namespaces, RowFacts, entry_to_row  # noqa: E402
 from audit.ledger import Spend  # noqa: E402
 from audit.observe import RequestObserver  # noqa: E402
 from ccr.config import load_config  # noqa: E402
@@ -73,20 +73,20 @@ def main() -> None:
         (Path(d) / "ccr.yaml").write_text(yaml.safe_dump(cfg))
         config = load_config(Path(d) / "ccr.yaml")
     e = agent_entry()
-    spend, observer = Spend(config), RequestObserver(config)
+    spend, observer, facts = Spend(config), RequestObserver(config), RowFacts(config)
 
     def shared() -> None:
         ns = Namespaces(e.common_properties)
-        row = entry_to_row(e, ns)
+        row = entry_to_row(e, facts, ns)
         observer.entry(e, ns)
         spend.of_entry(e, ns, row[0] if row else None)
 
     def separate() -> None:
-        entry_to_row(e)
+        entry_to_row(e, facts)
         observer.entry(e)
         spend.of_entry(e)
 
-    for name, fn in (("row", lambda: entry_to_row(e)), ("metrics", lambda: observer.entry(e)),
+    for name, fn in (("row", lambda: entry_to_row(e, facts)), ("metrics", lambda: observer.entry(e)),
                      ("ledger", lambda: spend.of_entry(e)), ("separate (each reads)", separate),
                      ("shared (read once)", shared)):
         t = min(timeit.Timer(fn, timer=time.process_time).repeat(number=args.n, repeat=5)) / args.n * 1e6
