@@ -290,7 +290,9 @@ def start_ours(redis_url: str, tmp: Path) -> Child:
     Runtime(config_path=str(tmp / "gateway.yaml"), run_dir=str(tmp),
             postgres_dsn="postgresql://unused@127.0.0.1:1/unused", redis_url=redis_url).save(tmp / "rt.json")
     child = spawn("ratelimit", [sys.executable, "-m", "ratelimit", "--runtime", str(tmp / "rt.json"),
-                                "--ready-file", str(tmp / "ready")], tmp, cwd=REPO, env={"CCR_LOG_LEVEL": "WARNING"})
+                                "--ready-file", str(tmp / "ready")], tmp, cwd=REPO,
+                  # GRPC_* (e.g. GRPC_EXPERIMENTS) reach the service: grpc core's switches, A/B by hand.
+                  env={"CCR_LOG_LEVEL": "WARNING", **{k: v for k, v in os.environ.items() if k.startswith("GRPC_")}})
     wait_ready_file(child, tmp / "ready")
     return child
 
