@@ -200,6 +200,12 @@ def _agent_conf(data: Path, sock: Path, port: int, trust_domain: str, bundle: Pa
   socket_path = "{sock}"
   trust_bundle_path = "{bundle}"
   trust_domain = "{trust_domain}"
+  experimental {{
+    # How often the agent asks the server for entries and SVIDs. Its first sync can miss entries
+    # registered just before (the server's cache reloads every 200ms), and the default 5s then
+    # kept every part waiting up to that long for its SVID at start. 1s: +1-2 ms/s of idle CPU.
+    sync_interval = "1s"
+  }}
   sds {{
     default_svid_name = "default"
     default_bundle_name = "ROOTCA"
