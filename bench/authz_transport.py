@@ -16,6 +16,7 @@ headers (`response_headers_to_add` / `allowed_client_headers_on_success`). Round
 variants (none, grpc, http, none, ...); each round measures CPU per request paced at --rate req/s
 (Envoy and the authz server, from /proc) and closed-loop latency and req/s at each --levels.
 
+`grpc-window` is `grpc` with a 16 MiB HTTP/2 receive window from the start and no BDP probing.
 `grpc-mtls` and `http-mtls` are the same over mutual TLS 1.3 (a run PKI, ECDSA P-256, as ccr's
 services without SPIRE): grpcio's TLS for the first; for the second the asyncio server's ssl
 (OpenSSL through uvloop) requiring the client certificate and checking its SPIFFE ID once per
@@ -52,7 +53,7 @@ from ccr.procs import Child, spawn, wait_ready_file, wait_until  # noqa: E402
 from ccr.supervisor import envoy_binary  # noqa: E402
 
 T = "type.googleapis.com/"
-VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls")
+VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window")
 CLIENT_ID = "envoy"  # the identity Envoy presents in the mTLS variants
 METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
 CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
@@ -95,7 +96,7 @@ def run_pki(directory: Path):  # type: ignore[no-untyped-def]
     return pki
 
 
-async def serve_grpc(ready: Path, pki_dir: Path | None) -> None:
+async def serve_grpc(ready: Path, pki_dir: Path | None, window: bool = False) -> None:
     import grpc
 
     from ccr.service import GRPC_OPTIONS, server_credentials
@@ -107,7 +108,10 @@ async def serve_grpc(ready: Path, pki_dir: Path | None) -> None:
 
     handler = grpc.method_handlers_generic_handler("envoy.service.auth.v3.Authorization", {
         "Check": grpc.unary_unary_rpc_method_handler(check)})  # bytes in, bytes out: no parsing
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    options = list(GRPC_OPTIONS)
+    if window:  # a 16 MiB receive window from the start: the 84 KB check in one flight, no WINDOW_UPDATE wait
+        options += [("grpc.http2.lookahead_bytes", 16 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))
     if pki_dir is not None:
         port = server.add_secure_port("127.0.0.1:0", server_credentials(run_pki(pki_dir), "server"))
@@ -311,7 +315,10 @@ def main() -> None:
         import uvloop
 
         pki_dir = Path(args.pki) if "mtls" in args.serve else None
-        uvloop.run((serve_grpc if args.serve.startswith("grpc") else serve_http)(Path(args.ready), pki_dir))
+        if args.serve.startswith("grpc"):
+            uvloop.run(serve_grpc(Path(args.ready), pki_dir, window=args.serve == "grpc-window"))
+        else:
+            uvloop.run(serve_http(Path(args.ready), pki_dir))
         return
     try:
         import httptools  # noqa: F401
