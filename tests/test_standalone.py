@@ -107,6 +107,10 @@ def test_serve_says_what_is_missing(tmp_path: Path) -> None:
     assert r.returncode == 2 and "gateway.listen.port is 0" in r.stderr, r.stderr
 
 
+# What `ccr serve` runs besides Envoy (children named <part> or <part>-<instance>).
+STANDALONE_PARTS = ("extauth", "ratelimit", "adapter", "accesslog", "router")
+
+
 class Stack:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -123,8 +127,19 @@ class Stack:
         return self.spawn(name or service, [*CCR, "-c", str(config), "serve", service, *extra], env)
 
     def stop(self) -> None:
-        for c in reversed(self.children):
+        """Envoy first (it holds streams to the services), then the decision services together: each may
+        wait out its own bounded drain (for health checkers that never ask again), so one after another
+        those waits added up. The rest (emulator, SPIRE) last, in reverse start order."""
+        order = list(reversed(self.children))
+        envoys = [c for c in order if c.name.split("-")[0] == "envoy"]
+        services = [c for c in order if c.name.split("-")[0] in STANDALONE_PARTS]
+        for c in envoys:
             c.stop(30)
+        with ThreadPoolExecutor(max(1, len(services))) as pool:
+            list(pool.map(lambda c: c.stop(30), services))
+        for c in order:
+            if not any(c is x for x in envoys + services):
+                c.stop(30)
 
 
 @pytest.fixture
