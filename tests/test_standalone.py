@@ -267,7 +267,7 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
     with psycopg.connect(dsn) as conn:
         n = conn.execute("SELECT count(*) FROM request_log WHERE request_id = ANY(%s)", (request_ids,)).fetchone()
     assert n == (total,)
-    assert procs["accesslog"][0].proc.wait(timeout=60) == 0, procs["accesslog"][0].log_tail()
+    # (The drained receiver's clean exit is checked at the end: its drain runs out while the next part does.)
 
     # The last ratelimit replica stalls (SIGSTOP) past its health check's timeout: Envoy marks it
     # unhealthy, and with the other replica dead no replica is healthy. Calls must still go to it
@@ -295,6 +295,8 @@ def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path:
     assert errors == [], f"{len(errors)} of {stalled} requests to a stalled last replica failed: {errors[:5]}" + \
         f"took {time.monotonic() - t0:.2f}s\n" + _debug(admins)
     assert len(request_ids) == total + stalled
+    # The drained access-log receiver ends cleanly (once Envoy's stream to it ends or its drain time is up).
+    assert procs["accesslog"][0].proc.wait(timeout=60) == 0, procs["accesslog"][0].log_tail()
 
 
 def test_pki_issue_keeps_existing_identities_unless_forced(tmp_path: Path) -> None:
