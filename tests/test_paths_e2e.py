@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import re
 import socket
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +33,10 @@ SONNET, HAIKU = "claude-sonnet-4-5", "claude-haiku-4-5"
 IDS = {"model_id": SONNET,
        "bedrock_model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
        "batch_id": "msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
+
+
+# A request header of this test only: which spelling a request the emulator recorded was sent as.
+PROBE = "x-paths-test-probe"
 
 
 def concrete(e: Endpoint) -> str:
@@ -182,11 +188,20 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
     canonical = concrete(e)
     body = body_for(e, SONNET)
     refused = {0, 400, 403, 404} if send is h2_request else {400, 403, 404}
+    targets = variants(canonical)
+    # The spellings go out at once (Envoy holds a connection it drops for a malformed HTTP/2 request
+    # open for its 1s delayed close): each carries its own tag, so what reached the provider is
+    # told apart per spelling, and every record made meanwhile must carry one of them.
+    probe = uuid.uuid4().hex
+    seen = len(records(gw))
+    with ThreadPoolExecutor(8) as pool:
+        sent = list(pool.map(lambda it: send(gw, e.method, it[1], {**_headers(haiku_key), PROBE: f"{probe}-{it[0]}"},
+                                             body), enumerate(targets)))
+    arrived = records(gw)[seen:]
+    assert all(r["headers"].get(PROBE, "").startswith(probe + "-") for r in arrived), arrived
     outcomes, replies = {}, {}
-    for target in variants(canonical):
-        seen = len(records(gw))
-        status, reply = send(gw, e.method, target, _headers(haiku_key), body)
-        new = records(gw)[seen:]
+    for i, (target, (status, reply)) in enumerate(zip(targets, sent, strict=True)):
+        new = [r for r in arrived if r["headers"][PROBE] == f"{probe}-{i}"]
         outcomes[target] = status
         replies[target] = reply
         if not new and e.name == "models.list" and status == 200:

@@ -379,5 +379,13 @@ def test_a_gateway_on_an_existing_spire_agent(gw: Gateway, tmp_path: Path) -> No
         assert other.runtime is not None and other.runtime.spiffe_socket == str(gw.spire.agent_socket)
         client = anthropic.Anthropic(base_url=other.url, api_key=other.api_key, max_retries=0)
         assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
+        hops = ("ccr_extauth", "ccr_ratelimit", "ccr_xds")
+        # The rate limit service is called at the stream's end, which may come after the client has the
+        # reply: wait (bounded) for that hop's first handshake rather than read the counters at once.
+        deadline = time.monotonic() + 15
+        while (not all(envoy_stats(other).get(f"cluster.{c}.ssl.handshake", 0) >= 1 for c in hops)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         stats = envoy_stats(other)
-        assert all(stats[f"cluster.{c}.ssl.handshake"] >= 1 for c in ("ccr_extauth", "ccr_ratelimit", "ccr_xds"))
+        assert all(stats[f"cluster.{c}.ssl.handshake"] >= 1 for c in hops), {c: stats.get(f"cluster.{c}.ssl.handshake")
+                                                                           for c in hops}
