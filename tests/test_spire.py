@@ -119,6 +119,18 @@ def envoy_svid_serials(gw: Gateway) -> set[str]:
             if any(s.get("uri") == "spiffe://ccr.local/envoy" for s in c.get("subject_alt_names", []))}
 
 
+def stats_once_handshaken(gw: Gateway, clusters: tuple[str, ...] | list[str], within_s: float = 15) -> dict:
+    """Envoy's stats once every cluster has completed a TLS handshake, or at `within_s` (the caller asserts).
+    The rate limit service is called at a stream's end, which may come after the client has its reply and
+    after the audit row is written: its hop's first handshake may trail both."""
+    deadline = time.monotonic() + within_s
+    while True:
+        stats = envoy_stats(gw)
+        if all(stats.get(f"cluster.{c}.ssl.handshake", 0) >= 1 for c in clusters) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
 def test_sdk_requests_cross_mtls_on_every_hop(gw: Gateway, client: anthropic.Anthropic) -> None:
     before = envoy_stats(gw)
     raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=HELLO)
@@ -129,7 +141,7 @@ def test_sdk_requests_cross_mtls_on_every_hop(gw: Gateway, client: anthropic.Ant
     assert gw.runtime is not None
     # The access-log receiver (mTLS only) wrote the request's row: Envoy's log stream reached it.
     assert log_row(gw.runtime.postgres_dsn, raw.headers["x-request-id"])["status"] == 200
-    stats = envoy_stats(gw)
+    stats = stats_once_handshaken(gw, SERVICE_CLUSTERS)
     for cluster in SERVICE_CLUSTERS:
         # Each hop completed TLS handshakes and never fell back to anything else.
         assert stats[f"cluster.{cluster}.ssl.handshake"] >= 1, cluster
@@ -380,12 +392,6 @@ def test_a_gateway_on_an_existing_spire_agent(gw: Gateway, tmp_path: Path) -> No
         client = anthropic.Anthropic(base_url=other.url, api_key=other.api_key, max_retries=0)
         assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
         hops = ("ccr_extauth", "ccr_ratelimit", "ccr_xds")
-        # The rate limit service is called at the stream's end, which may come after the client has the
-        # reply: wait (bounded) for that hop's first handshake rather than read the counters at once.
-        deadline = time.monotonic() + 15
-        while (not all(envoy_stats(other).get(f"cluster.{c}.ssl.handshake", 0) >= 1 for c in hops)
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
-        stats = envoy_stats(other)
+        stats = stats_once_handshaken(other, hops)
         assert all(stats[f"cluster.{c}.ssl.handshake"] >= 1 for c in hops), {c: stats.get(f"cluster.{c}.ssl.handshake")
                                                                            for c in hops}
