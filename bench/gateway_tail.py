@@ -16,6 +16,10 @@ prints:
   wait for, on 2 cores where every process shares them;
 - when the slow requests happened (seconds from the start), to show a period (a flush, an export).
 
+`--bare` then also runs bare Envoy (bench/gateway.py's router-only config) in front of the same emulator
+with the same load, and prints its histograms and client figures: the whole request minus the hops is
+what Envoy itself adds (buffering the body for the check, filters), against bare Envoy's own.
+
 `--batch accesslog,postgres --rounds 6` instead alternates rounds (--seconds each) with the named
 processes' threads under the normal policy and under SCHED_BATCH (the kernel's policy for work that
 must keep its share of the CPU but should not preempt what wakes up beside it), in one gateway, and
@@ -47,6 +51,7 @@ from bench.gateway import (  # noqa: E402
     API_VERSION,
     _proc_table,
     _task_ns,
+    bare_envoy,
     gateway_config,
     one,
     reply_complete,
@@ -183,7 +188,9 @@ def main() -> None:
     ap.add_argument("--sample-ms", type=float, default=2.0)
     ap.add_argument("--batch", help="A/B: these processes (comma-separated) under SCHED_BATCH every other round")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--bare", action="store_true", help="also bare Envoy on the same emulator and load")
     args = ap.parse_args()
+    bare_out: tuple[list[tuple[float, float]], dict[str, dict[str, float]]] | None = None
     with tempfile.TemporaryDirectory(prefix="ccr-tail-") as d:
         tmp = Path(d)
         gw = Gateway(gateway_config(tmp))
@@ -201,6 +208,13 @@ def main() -> None:
             done, errors, sampler = asyncio.run(load(gw.url, key, not args.no_stream, args.seconds, pids,
                                                      args.sample_ms / 1000))
             hist = envoy_histograms(gw.admin_url)
+            if args.bare:
+                assert gw.emulator_url and gw.emulator_key
+                with bare_envoy(gw.emulator_url, tmp, gw.config.envoy_concurrency()) as (bare_url, bare):
+                    bdone, _, _ = asyncio.run(load(bare_url, gw.emulator_key, not args.no_stream, args.seconds,
+                                                   {"envoy": bare.pid}, args.sample_ms / 1000))
+                    admin = "http://" + (tmp / "bare-envoy-admin").read_text().strip()
+                    bare_out = (bdone, envoy_histograms(admin))
         finally:
             gw.stop()
     t0 = done[0][0]
@@ -215,6 +229,14 @@ def main() -> None:
     for name, v in sorted(hist.items()):
         print(f"  {name:<60} {v.get('50', float('nan')):>7} {v.get('99', float('nan')):>7} "
               f"{v.get('99.9', float('nan')):>7}")
+    if bare_out is not None:
+        blat = sorted(e for _, e in bare_out[0])
+        b99 = blat[min(len(blat) - 1, int(len(blat) * 0.99))]
+        print(f"\nbare Envoy, same emulator and load: {len(blat)} requests; client p50 "
+              f"{blat[len(blat) // 2] * 1000:.2f} ms, p99 {b99 * 1000:.2f} ms")
+        for name, v in sorted(bare_out[1].items()):
+            print(f"  {name:<60} {v.get('50', float('nan')):>7} {v.get('99', float('nan')):>7} "
+                  f"{v.get('99.9', float('nan')):>7}")
     cut = q(0.99) / 1000
     slow = [(t, e) for t, e in done if e >= cut]
     mid = sorted(done, key=lambda x: x[1])[len(done) * 2 // 5: len(done) * 3 // 5]
