@@ -43,14 +43,13 @@ from bench.gateway import (  # noqa: E402
     UPSTREAM,
     Result,
     Target,
-    _bound_port,
     bare_envoy_config,
     request_body,
     run_level,
     run_paced,
+    static_envoy,
 )
-from ccr.procs import Child, spawn, wait_ready_file, wait_until  # noqa: E402
-from ccr.supervisor import envoy_binary  # noqa: E402
+from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
 
 T = "type.googleapis.com/"
 VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window")
@@ -236,23 +235,6 @@ def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path |
 
 
 @contextmanager
-def envoy(variant: str, config: dict[str, Any], tmp: Path) -> Iterator[tuple[str, Child]]:
-    path = tmp / f"envoy-{variant}.json"
-    path.write_text(json.dumps(config))
-    admin_path = tmp / f"envoy-{variant}-admin"
-    child = spawn(f"envoy-{variant}", [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency",
-                                       "1", "--admin-address-path", str(admin_path), "-l", "warning"],
-                  tmp / "logs")
-    try:
-        wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
-        admin_url = "http://" + admin_path.read_text().strip()
-        wait_until(child, lambda: _bound_port(admin_url) is not None, 30, "listening")
-        yield f"http://127.0.0.1:{_bound_port(admin_url)}", child
-    finally:
-        child.stop()
-
-
-@contextmanager
 def server(name: str, argv: list[str], tmp: Path) -> Iterator[tuple[str, Child]]:
     ready = tmp / f"{name}.ready"
     child = spawn(name, [*argv, str(ready)], tmp / "logs", cwd=REPO)
@@ -342,7 +324,8 @@ def main() -> None:
                 authz, authz_child = stack.enter_context(server(f"authz-{v}", [*me, "--serve", v, "--pki",
                                                                                 str(pki_dir)], tmp))
                 pids["authz"] = authz_child.pid
-            url, envoy_child = stack.enter_context(envoy(v, envoy_config(v, f"http://{emu}", authz, pki_dir), tmp))
+            url, envoy_child = stack.enter_context(static_envoy(f"envoy-{v}", envoy_config(v, f"http://{emu}", authz,
+                                                                                        pki_dir), tmp))
             pids["envoy"] = envoy_child.pid
             targets.append(Target(v, url, KEY, pids))
         report(asyncio.run(measure(targets, args)), args)

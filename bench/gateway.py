@@ -334,12 +334,20 @@ def bare_envoy(upstream: str, tmp: Path, concurrency: int = 1) -> Iterator[tuple
     """Envoy with a static router-only config in front of `upstream`; its listener binds port 0.
 
     `concurrency`: the gateway's own Envoy worker count, so the two are compared like for like."""
-    config = tmp / "bare-envoy.json"
-    config.write_text(json.dumps(bare_envoy_config(upstream)))
-    admin_path = tmp / "bare-envoy-admin"
-    child = spawn("bare-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency",
-                                 str(concurrency), "--admin-address-path", str(admin_path), "-l", "warning",
-                                 "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], tmp / "logs")
+    with static_envoy("bare-envoy", bare_envoy_config(upstream), tmp, concurrency) as out:
+        yield out
+
+
+@contextmanager
+def static_envoy(name: str, config: dict[str, object], tmp: Path, concurrency: int = 1) -> Iterator[tuple[str, Child]]:
+    """Envoy `name` on a static bootstrap whose one listener binds port 0: (its URL, the child), stopped on exit.
+    Its admin address is in tmp/<name>-admin."""
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(config))
+    admin_path = tmp / f"{name}-admin"
+    child = spawn(name, [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency",
+                         str(concurrency), "--admin-address-path", str(admin_path), "-l", "warning",
+                         "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], tmp / "logs")
     try:
         wait_until(child, lambda: admin_path.exists() and admin_path.read_text().strip() != "", 30, "serving admin")
         admin_url = "http://" + admin_path.read_text().strip()

@@ -16,6 +16,8 @@ prints:
   wait for, on 2 cores where every process shares them;
 - when the slow requests happened (seconds from the start), to show a period (a flush, an export).
 
+Envoy computes its histograms' quantiles at each stats flush (every 5 s): give --seconds 10 or more.
+
 `--bare` then also runs bare Envoy (bench/gateway.py's router-only config) in front of the same emulator
 with the same load, and prints its histograms and client figures: the whole request minus the hops is
 what Envoy itself adds (buffering the body for the check, filters), against bare Envoy's own.
