@@ -9,7 +9,7 @@ import re
 import weakref
 from pathlib import Path
 
-from ccr.procs import wait_until
+from ccr.procs import Child, wait_until
 from ccr.service import freeze_startup_heap
 from tests.harness import running_service
 
@@ -39,19 +39,24 @@ def test_freeze_collects_start_up_garbage_first_and_freezes_what_lives() -> None
     assert any(o is kept for o in gc.get_objects())
 
 
+def frozen_at_start(child: Child) -> int:
+    """How many start-up objects the service said it froze, from its serving line (waited for)."""
+    pattern = re.compile(r"serving on \S+ \((?:\d+ threads; )?(\d+) start-up objects frozen")
+    found: list[int] = []
+
+    def logged() -> bool:
+        m = pattern.search(child.log_path.read_text(errors="replace"))
+        if m:
+            found.append(int(m.group(1)))
+        return bool(m)
+
+    wait_until(child, logged, 10, "its serving line")
+    return found[0]
+
+
 def test_ratelimit_freezes_its_start_up_heap(tmp_path: Path, redis_url: str) -> None:
     with running_service("ratelimit", tmp_path, CONFIG, redis_url=redis_url) as child:
-        pattern = re.compile(r"serving on \S+ \(\d+ threads; (\d+) start-up objects frozen")
-        found: list[int] = []
-
-        def logged() -> bool:
-            m = pattern.search(child.log_path.read_text(errors="replace"))
-            if m:
-                found.append(int(m.group(1)))
-            return bool(m)
-
-        wait_until(child, logged, 10, "its serving line")
-        assert found[0] > 10_000  # grpcio, protobuf, the config: the bulk of the process's objects
+        assert frozen_at_start(child) > 10_000  # grpcio, protobuf, the config: the bulk of the process's objects
 
 
 def test_extauth_freezes_its_start_up_heap(tmp_path: Path, postgres_dsn: str, redis_url: str) -> None:
@@ -61,14 +66,4 @@ def test_extauth_freezes_its_start_up_heap(tmp_path: Path, postgres_dsn: str, re
     bundle = build_bundle(REPO / "policies", tmp_path / "policy.tar.gz", "ccr/authz/decision")
     with running_service("extauth", tmp_path, CONFIG, postgres_dsn=postgres_dsn, redis_url=redis_url,
                          policy_bundle=str(bundle)) as child:
-        pattern = re.compile(r"serving on \S+ \((\d+) start-up objects frozen")
-        found: list[int] = []
-
-        def logged() -> bool:
-            m = pattern.search(child.log_path.read_text(errors="replace"))
-            if m:
-                found.append(int(m.group(1)))
-            return bool(m)
-
-        wait_until(child, logged, 10, "its serving line")
-        assert found[0] > 10_000
+        assert frozen_at_start(child) > 10_000
