@@ -139,8 +139,27 @@ def h2_request(gw: Gateway, method: str, target: str, headers: dict[str, str], b
             s.sendall(conn.data_to_send())
 
 
+# The emulator keeps its last RECORD_LIMIT requests (emulators/anthropic.py --record-limit).
+RECORD_LIMIT = 200
+
+
 def records(gw: Gateway) -> list[dict[str, Any]]:
     return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
+
+
+def start_recording(gw: Gateway) -> None:
+    """Empty the emulator's records: what `recorded` returns next is exactly what reached it since.
+    (Counting and slicing would see nothing once its ring is full, and a 'nothing reached the
+    provider' check would then pass on nothing.)"""
+    httpx.delete(f"{gw.emulator_url}/_emulator/requests").raise_for_status()
+    assert records(gw) == []
+
+
+def recorded(gw: Gateway) -> list[dict[str, Any]]:
+    """Every request the emulator received since `start_recording`; none dropped from its ring."""
+    got = records(gw)
+    assert len(got) < RECORD_LIMIT, "the emulator's ring filled: records may have been dropped"
+    return got
 
 
 def body_for(e: Endpoint, model: str) -> bytes:
@@ -165,13 +184,13 @@ def _headers(key: str) -> dict[str, str]:
 
 def test_the_canonical_spellings_work(gw: Gateway, haiku_key: str) -> None:
     """The control: the battery's client and records see what they should."""
-    seen = len(records(gw))
+    start_recording(gw)
     e = ENDPOINTS[0]
     status, body = raw_request(gw, "POST", "/v1/messages?beta=true", _headers(haiku_key), body_for(e, HAIKU))
     assert status == 200, body
     status, body = raw_request(gw, "POST", "/v1/messages", _headers(haiku_key), body_for(e, SONNET))
     assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"
-    new = records(gw)[seen:]
+    new = recorded(gw)
     assert [(r["method"], r["path"], r["query_string"]) for r in new] == [("POST", "/v1/messages", "beta=true")]
 
 
@@ -194,11 +213,11 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
     # open for its 1s delayed close): each carries its own tag, so what reached the provider is
     # told apart per spelling, and every record made meanwhile must carry one of them.
     probe = uuid.uuid4().hex
-    seen = len(records(gw))
+    start_recording(gw)
     with ThreadPoolExecutor(8) as pool:
         sent = list(pool.map(lambda it: send(gw, e.method, it[1], {**_headers(haiku_key), PROBE: f"{probe}-{it[0]}"},
                                              body), enumerate(targets)))
-    arrived = records(gw)[seen:]
+    arrived = recorded(gw)
     assert all(r["headers"].get(PROBE, "").startswith(probe + "-") for r in arrived), arrived
     outcomes, replies = {}, {}
     for i, (target, (status, reply)) in enumerate(zip(targets, sent, strict=True)):
@@ -235,15 +254,15 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
 
 def test_a_normalised_spelling_is_forwarded_canonically(gw: Gateway, haiku_key: str) -> None:
     """`//v1/./messages` with an allowed model: decided as /v1/messages and sent upstream as that."""
-    seen = len(records(gw))
+    start_recording(gw)
     status, reply = raw_request(gw, "POST", "//v1/x/../%6Dessages?beta=true", _headers(haiku_key),
                                 body_for(ENDPOINTS[0], HAIKU))
     assert status == 200, reply
-    assert [(r["path"], r["query_string"]) for r in records(gw)[seen:]] == [("/v1/messages", "beta=true")]
+    assert [(r["path"], r["query_string"]) for r in recorded(gw)] == [("/v1/messages", "beta=true")]
 
 
 def test_a_detour_through_another_endpoint_is_decided_as_the_destination(gw: Gateway, haiku_key: str) -> None:
-    seen = len(records(gw))
+    start_recording(gw)
     for target in ("/v1/messages/batches/%2e%2e/%2e%2e/messages", "/v1/messages/batches/x/../../../messages",
                    "/v1/models/../messages", "/v1/files/%2E%2E/messages"):
         status, reply = raw_request(gw, "POST", target, _headers(haiku_key), body_for(ENDPOINTS[0], SONNET))
@@ -252,11 +271,11 @@ def test_a_detour_through_another_endpoint_is_decided_as_the_destination(gw: Gat
     status, _ = raw_request(gw, "POST", "/v1/messages/batches/%2e%2e", _headers(haiku_key),
                             body_for(ENDPOINTS[0], SONNET))
     assert status == 404
-    assert records(gw)[seen:] == []
+    assert recorded(gw) == []
 
 
 def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
-    seen = len(records(gw))
+    start_recording(gw)
     for method, target in (("GET", "/v1/organizations/me"), ("POST", "/v1/complete"), ("GET", "/v1/messages"),
                            ("PUT", "/v1/messages"), ("GET", "/admin"), ("POST", "/v1/messages/"),
                            ("GET", "/v1/messages/batches/a%2Fb"), ("post", "/v1/messages"), ("Post", "/v1/messages"),
@@ -265,7 +284,7 @@ def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
         assert status in (400, 404), (method, target, status)
         if status == 404 and method != "HEAD":
             assert json.loads(reply)["error"]["type"] == "not_found_error"
-    assert records(gw)[seen:] == []
+    assert recorded(gw) == []
 
 
 # -- fail-open is no bypass --------------------------------------------------------
@@ -292,7 +311,7 @@ def test_fail_open_with_extauth_down_forwards_nothing(fail_open_gw: Gateway) -> 
     assert not [h for h in up if h.lower().startswith("x-ccr-")]
 
     next(c for c in gw.children if c.name == "extauth").stop()
-    seen = len(records(gw))
+    start_recording(gw)
     for method, target, b in (("POST", "/v1/messages", body), ("POST", "/v1/messages/count_tokens", body),
                               ("GET", "/v1/models", b""), ("POST", "/v1/messages/batches", body)):
         for headers in ({**_headers("ccr_nobody"), **SPOOF}, {"content-type": "application/json", **SPOOF}):
@@ -301,4 +320,4 @@ def test_fail_open_with_extauth_down_forwards_nothing(fail_open_gw: Gateway) -> 
                 assert status == 503, (send.__name__, target, status, reply)
                 err = json.loads(reply)["error"]
                 assert err["type"] == "api_error" and "no authorization decision" in err["message"]
-    assert records(gw)[seen:] == [], "a request reached the provider without a decision"
+    assert recorded(gw) == [], "a request reached the provider without a decision"
