@@ -240,3 +240,42 @@ H_CAPTURE = "x-ccr-capture"
 # "max" (from H_CAPTURE, set when the request leaves), "response" (base64 of the reply body as sent to
 # the client, at most "max" bytes), "response_bytes" (its full length), "response_truncated" (bool).
 CAPTURE_NS = "ccr.capture"
+
+# -- ext_authz over HTTP/1.1 (services.authz_transport: http; docs/hot-path.md) -----------------
+
+# Envoy's http_service check requests go to extauth's HTTP front under these path prefixes (Envoy
+# prepends them to the client's path, query kept): the body-buffering check, and the headers-only
+# identity-first check (AUTHZ_PHASE_IDENTITY over gRPC).
+AUTHZ_HTTP_FULL_PREFIX = "/ccr-authz/full"
+AUTHZ_HTTP_IDENTITY_PREFIX = "/ccr-authz/identity"
+# GET: 200 while the front takes checks, 503 while it drains (Envoy's HTTP health check of replicas).
+AUTHZ_HTTP_HEALTH_PATH = "/ccr-authz/health"
+# Request headers Envoy adds to each check (authorization_request.headers_to_add, Envoy's own values,
+# after every client x-ccr-* was stripped): the downstream peer's IP, and a verified client
+# certificate's URI SAN and URL-encoded PEM (CheckRequest's source.address, .principal, .certificate).
+H_AUTHZ_PEER_ADDRESS = "x-ccr-authz-peer-address"
+H_AUTHZ_PEER_URI = "x-ccr-authz-peer-uri"
+H_AUTHZ_PEER_CERT = "x-ccr-authz-peer-cert"
+# One answer header per AUTHZ_NS key: H_AUTHZ_MD_PREFIX + the key with "_" as "-", its value the
+# base64 of a serialized google.protobuf.Value. Envoy's header_to_metadata filters (PROTOBUF_VALUE,
+# BASE64) write it into AUTHZ_NS typed, on an allow (request rules after ext_authz) and on a refusal
+# (response rules before it), and remove the header. Only these keys exist on this transport.
+H_AUTHZ_MD_PREFIX = "x-ccr-md-"
+AUTHZ_HTTP_MD_KEYS = (
+    "principal", "principal_id", "principal_kind", "groups", "key_id", AUTHZ_USER_ID, AUTHZ_GROUP_LIST,
+    "tenant", "owner", "spiffe_id", AUTHZ_MODEL, AUTHZ_MODEL_REQUESTED, AUTHZ_MODEL_SPAN, AUTHZ_MODEL_PATH,
+    "endpoint", "provider", "cluster", "rpm", AUTHZ_BATCH_REQUESTS, AUTHZ_REGION, AUTHZ_LABELS, AUTHZ_RATELIMIT,
+    AUTHZ_DECISION_ID, AUTHZ_BUNDLE_REVISION, AUTHZ_ERROR_TYPE, AUTHZ_SPEND, AUTHZ_SPEND_WORST, SPEND_RESERVED,
+    SPEND_COUNTERS, AUTHZ_RATELIMIT_OUTCOME, AUTHZ_BODY_CAPTURE,
+)
+
+
+def authz_md_header(key: str) -> str:
+    return H_AUTHZ_MD_PREFIX + key.replace("_", "-")
+
+
+# An OK answer's headers_to_remove (Envoy's own header name for it on this transport).
+H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+# extauth's own 200 answers (GET /v1/models): over HTTP a 200 means "allow", so the front answers with
+# this status and the listener's local reply mapper turns it back into 200 for the client.
+AUTHZ_HTTP_ANSWER_STATUS = 299
