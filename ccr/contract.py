@@ -276,6 +276,9 @@ def authz_md_header(key: str) -> str:
 
 # An OK answer's headers_to_remove (Envoy's own header name for it on this transport).
 H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
-# extauth's own 200 answers (GET /v1/models): over HTTP a 200 means "allow", so the front answers with
-# this status and the listener's local reply mapper turns it back into 200 for the client.
-AUTHZ_HTTP_ANSWER_STATUS = 299
+# Statuses an HTTP answer cannot carry as a refusal: Envoy reads 200 as "allow" (extauth's own 200
+# answers, GET /v1/models) and any 5xx as the authorization server failing (an error: no body, no
+# headers, and with failure_mode_allow the request goes through). So the front answers such a refusal
+# with a stand-in status, and the listener's local reply mappers (on ext_authz refusals only, response
+# flag UAEX) turn it back into the real one. A 5xx not listed goes out as 503's stand-in.
+AUTHZ_HTTP_STATUS_STANDINS = {200: 299, 500: 470, 502: 472, 503: 473, 504: 474, 529: 479}
