@@ -256,6 +256,13 @@ AUTHZ_HTTP_HEALTH_PATH = "/ccr-authz/health"
 H_AUTHZ_PEER_ADDRESS = "x-ccr-authz-peer-address"
 H_AUTHZ_PEER_URI = "x-ccr-authz-peer-uri"
 H_AUTHZ_PEER_CERT = "x-ccr-authz-peer-cert"
+# Optional, for full parity with the gRPC CheckRequest (the front works without them): the client's own
+# Content-Length (%REQ(content-length)%: an identity-first check is sent with Content-Length 0, a chunked
+# upload with the buffered length) and the downstream protocol (%PROTOCOL%: CheckRequest http.protocol).
+H_AUTHZ_CONTENT_LENGTH = "x-ccr-authz-content-length"
+H_AUTHZ_PROTOCOL = "x-ccr-authz-protocol"
+# Every request header of a check named x-ccr-authz-* is Envoy's own (client x-ccr-* are stripped first).
+H_AUTHZ_PREFIX = "x-ccr-authz-"
 # One answer header per AUTHZ_NS key: H_AUTHZ_MD_PREFIX + the key with "_" as "-", its value the
 # base64 of a serialized google.protobuf.Value. Envoy's header_to_metadata filters (PROTOBUF_VALUE,
 # BASE64) write it into AUTHZ_NS typed, on an allow (request rules after ext_authz) and on a refusal
@@ -282,3 +289,14 @@ H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 # with a stand-in status, and the listener's local reply mappers (on ext_authz refusals only, response
 # flag UAEX) turn it back into the real one. A 5xx not listed goes out as 503's stand-in.
 AUTHZ_HTTP_STATUS_STANDINS = {200: 299, 500: 470, 502: 472, 503: 473, 504: 474, 529: 479}
+# The ready file key under which extauth reports its HTTP front's "host:port".
+READY_AUTHZ_HTTP = "authz_http"
+# The client headers extauth's answers may carry besides a policy's declared result_names.response_headers
+# (the router's allowed_client_headers and allowed_client_headers_on_success list exactly these, plus
+# those): a refusal's or own answer's body type, and the rate limit and budget headers of in-Check
+# admission (limits.admission: extauth). extauth/http_wire.py refuses an answer with any other.
+AUTHZ_HTTP_CLIENT_HEADERS = ("content-type", "retry-after", "x-envoy-ratelimited", H_BUDGET_WARNING, H_BUDGET,
+                             H_BUDGET_RESET)
+AUTHZ_HTTP_CLIENT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# An allow's upstream (request) headers: x-ccr-* (CCR_HEADER_PREFIX, which the router allow-lists as a
+# prefix; the x-ccr-md-* metadata headers are among them) and the declared result_names.headers.
