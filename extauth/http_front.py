@@ -190,6 +190,7 @@ class AuthzHttpFront:
             else:
                 with tracing.server_span(f"{self.service} {METHOD}", parent):
                     resp = await self._decide(req, r.phase, body)
+            keep_alive = keep_alive and not self.closing  # a drain that began meanwhile closes the connection
             return answer(resp, self.names, keep_alive)
         except Undeclared as e:
             failed = True
