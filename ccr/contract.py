@@ -256,9 +256,11 @@ AUTHZ_HTTP_HEALTH_PATH = "/ccr-authz/health"
 H_AUTHZ_PEER_ADDRESS = "x-ccr-authz-peer-address"
 H_AUTHZ_PEER_URI = "x-ccr-authz-peer-uri"
 H_AUTHZ_PEER_CERT = "x-ccr-authz-peer-cert"
-# Optional, for full parity with the gRPC CheckRequest (the front works without them): the client's own
-# Content-Length (%REQ(content-length)%: an identity-first check is sent with Content-Length 0, a chunked
-# upload with the buffered length) and the downstream protocol (%PROTOCOL%: CheckRequest http.protocol).
+# Optional, for full parity with the gRPC CheckRequest (the front works without them; send both or
+# neither): the client's own Content-Length (%REQ(content-length)%, absent for a chunked upload; the
+# check's own is Envoy's: 0 for an identity-first check, the buffered length for a full one) and the
+# downstream protocol (%PROTOCOL%: CheckRequest http.protocol; never empty, so it tells the front that
+# a missing H_AUTHZ_CONTENT_LENGTH means the client sent none).
 H_AUTHZ_CONTENT_LENGTH = "x-ccr-authz-content-length"
 H_AUTHZ_PROTOCOL = "x-ccr-authz-protocol"
 # Every request header of a check named x-ccr-authz-* is Envoy's own (client x-ccr-* are stripped first).

@@ -98,12 +98,15 @@ def check_request(method: str, path: str, headers: Iterable[tuple[str, str]], bo
             name = ":authority"
         have = merged.get(name)
         merged[name] = value if have is None else f"{have},{value}"  # as Envoy joins a repeated header
-    # The check's Content-Length is Envoy's (the buffered body; 0 for a headers-only check): the client's
-    # own comes as H_AUTHZ_CONTENT_LENGTH when the router sends it.
+    # The check's Content-Length is Envoy's (the buffered body; 0 for a headers-only check). A router that
+    # sends the optional facts (H_AUTHZ_PROTOCOL is never empty) sends the client's own as
+    # H_AUTHZ_CONTENT_LENGTH, absent when the client sent none (chunked); else the buffered length is the
+    # best there is for a full check, and a headers-only check has none.
+    protocol = facts.get(H_AUTHZ_PROTOCOL)
     client_length = facts.get(H_AUTHZ_CONTENT_LENGTH)
     if client_length is not None:
         merged["content-length"] = client_length
-    elif phase != FULL:
+    elif protocol is not None or phase != FULL:
         merged.pop("content-length", None)
     merged[":method"] = method
     merged[":path"] = path
@@ -118,7 +121,6 @@ def check_request(method: str, path: str, headers: Iterable[tuple[str, str]], bo
     http.host = merged.get(":authority", "")
     if phase == FULL:
         http.size = body_len
-    protocol = facts.get(H_AUTHZ_PROTOCOL)
     if protocol:
         http.protocol = protocol
     attrs.request.time.GetCurrentTime()

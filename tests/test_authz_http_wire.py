@@ -139,6 +139,14 @@ def test_the_clients_own_content_length_and_protocol_when_the_router_sends_them(
     assert http.headers["content-length"] == "20971520"
     assert http.protocol == "HTTP/2"
     assert not any(k.startswith("x-ccr-authz-") for k in http.headers)
+    # With the protocol but no client length, the client sent none (chunked): Envoy's is not reported.
+    headers = [("host", "h"), ("content-length", "13"), (H_AUTHZ_PROTOCOL, "HTTP/1.1")]
+    http = check_request("POST", "/v1/messages", headers, 13, FULL).attributes.request.http
+    assert "content-length" not in http.headers
+    # Without either (a router that sends neither), the buffered length stands in for a full check.
+    headers = [("host", "h"), ("content-length", "13")]
+    http = check_request("POST", "/v1/messages", headers, 13, FULL).attributes.request.http
+    assert http.headers["content-length"] == "13"
 
 
 @pytest.mark.parametrize(("peer", "address", "port"), [
