@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -211,14 +212,24 @@ class AuthzHttpFront:
         return await check_identity(self.authorizer, req)
 
 
+def _handshake_refused(made: list[bool], service: str) -> None:
+    if not made[0]:
+        log.warning("refused a TLS connection to the HTTP authorization front: the handshake failed (plaintext, "
+                    "no client certificate, or one the trust bundle does not verify)")
+        MTLS_REFUSALS.labels(service, "handshake_failed").inc()
+
+
 class _Connection(asyncio.Protocol):
     """One connection from Envoy: parses with httptools, answers in order."""
 
     def __init__(self, front: AuthzHttpFront, tls: bool) -> None:
         self.front = front
         self.tls = tls
+        self._made = [False]
+        if tls:  # a refused handshake never reaches connection_made, and the loop reports it nowhere
+            weakref.finalize(self, _handshake_refused, self._made, front.service)
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = None  # made once connected (it refers back to us)
         self.peer = ""
         self.pending: collections.deque[_Request] = collections.deque()
         self.running = False
@@ -237,6 +248,7 @@ class _Connection(asyncio.Protocol):
     # -- connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made[0] = True
         self.transport = transport  # type: ignore[assignment]
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
@@ -250,6 +262,7 @@ class _Connection(asyncio.Protocol):
                 MTLS_REFUSALS.labels(self.front.service, "wrong_spiffe_id").inc()
                 transport.abort()
                 return
+        self.parser = httptools.HttpRequestParser(self)
         self.front.connections.add(self)
         if self.front.closing:
             transport.close()
@@ -257,6 +270,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.broken = True
         self.pending.clear()
+        self.parser = None  # the reference cycle, broken without the cyclic GC
         self.front._gone(self)
 
     def close_if_idle(self) -> None:
@@ -268,10 +282,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self.broken:
+        parser = self.parser
+        if self.broken or parser is None:
             return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             refuse = e.__context__ if isinstance(e.__context__, _Refuse) else None
             if refuse is None:
@@ -320,7 +335,9 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(431, "invalid_request_error", "the authorization request's headers are too large")
 
     def on_headers_complete(self) -> None:
-        if self.parser.should_upgrade():
+        parser = self.parser
+        assert parser is not None
+        if parser.should_upgrade():
             raise _Refuse(400, "invalid_request_error", "an authorization request cannot upgrade")
         target = b"".join(self._url).decode("latin-1")
         split = split_target(target)
@@ -356,6 +373,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         parser = self.parser
+        assert parser is not None
         keep_alive = parser.should_keep_alive()
         target = b"".join(self._url).decode("latin-1")
         if self._phase is not None:

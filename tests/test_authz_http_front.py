@@ -119,6 +119,14 @@ class Reader:
         return await self.reader.read(65536) == b""
 
 
+async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait on the condition itself (bounded: a hung test fails instead of hanging the loop)."""
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout_s)
+
+
 def request(path: str, body: bytes = b"", method: str = "POST", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "host: gw.example", "x-request-id: rid", f"content-length: {len(body)}",
              *(f"{k}: {v}" for k, v in headers)]
@@ -170,8 +178,7 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         w.write(request("/ccr-authz/full/slow") + request("/ccr-authz/full/b")
                 + request(AUTHZ_HTTP_HEALTH_PATH, method="GET") + request("/nowhere") + request("/ccr-authz/full/c"))
         (conn,) = front.connections
-        while len(conn.pending) < 4:  # every later request parsed while the first is decided
-            await asyncio.sleep(0.01)
+        await until(lambda: len(conn.pending) >= 4)  # every later request parsed while the first is decided
         assert len(authz.checks) == 1
         assert len(rd.reader._buffer) == 0 and not rd.done  # nothing answered out of order
         authz.hold.set()
@@ -280,8 +287,7 @@ def test_health_and_drain() -> None:
         busy, bw = await connect(address)
         authz.hold = asyncio.Event()
         bw.write(request("/ccr-authz/full/slow"))
-        while len(authz.checks) < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(authz.checks) >= 2)
 
         front.begin_drain()
         since = front._clock()
@@ -372,12 +378,16 @@ def test_mtls_serves_envoy_and_refuses_another_identity(tmp_path: Path) -> None:
             await rd.answers(1)
         assert metrics.MTLS_REFUSALS.labels("extauth", "wrong_spiffe_id")._value.get() == before + 1
         assert [r.attributes.request.http.path for r, _ in authz.checks] == ["/a"]
-        # Without a client certificate the handshake itself fails.
+        # Without a client certificate the handshake itself fails, and is counted.
+        failed = metrics.MTLS_REFUSALS.labels("extauth", "handshake_failed")
+        before = failed._value.get()
         rd, w = await connect(address, ssl.create_default_context(cafile=pki.ca))
         w.write(request("/ccr-authz/full/c"))
         with pytest.raises((AssertionError, ConnectionError, ssl.SSLError)):
             await rd.answers(1)
         assert len(authz.checks) == 1
+        await until(lambda: failed._value.get() != before)
+        assert failed._value.get() == before + 1
     run(t, tls=server_ctx, peers=(envoy_id,))
 
 
