@@ -16,6 +16,16 @@ headers (`response_headers_to_add` / `allowed_client_headers_on_success`). Round
 variants (none, grpc, http, none, ...); each round measures CPU per request paced at --rate req/s
 (Envoy and the authz server, from /proc) and closed-loop latency and req/s at each --levels.
 
+`front` and `front-mtls` are `http` and `http-mtls` with extauth's real HTTP front (extauth/http_front.py:
+parsing, the CheckRequest rebuilt, the answer translated and its names checked) in place of the prototype
+server, and Envoy's check configured as the router sends it (every header, the peer facts added); a stub
+Authorizer answers the same content (12 metadata values under contract keys, 4 client headers) at once.
+So `front` minus `http` is what the real front adds to the transport's floor.
+
+`servicer` and `servicer-mtls` are `grpc` and `grpc-mtls` with extauth's real gRPC servicer (the CheckRequest
+split and parsed, the answer serialized, the RPC timed) and the same stub Authorizer: `front` against
+`servicer` is the real choice between the two transports.
+
 `grpc-window` is `grpc` with a 16 MiB HTTP/2 receive window from the start and no BDP probing.
 `grpc-mtls` and `http-mtls` are the same over mutual TLS 1.3 (a run PKI, ECDSA P-256, as ccr's
 services without SPIRE): grpcio's TLS for the first; for the second the asyncio server's ssl
@@ -52,7 +62,8 @@ from bench.gateway import (  # noqa: E402
 from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
 
 T = "type.googleapis.com/"
-VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window")
+VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window", "front", "front-mtls", "servicer",
+            "servicer-mtls")
 CLIENT_ID = "envoy"  # the identity Envoy presents in the mTLS variants
 METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
 CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
@@ -171,6 +182,75 @@ async def serve_http(ready: Path, pki_dir: Path | None) -> None:
     await server.serve_forever()
 
 
+class StubAuthorizer:
+    """Answers every check at once with the same content as the prebuilt answers (metadata under contract keys)."""
+
+    def __init__(self) -> None:
+        from envoy.config.core.v3 import base_pb2
+        from envoy.service.auth.v3 import external_auth_pb2 as pb
+        from google.rpc import status_pb2
+
+        from ccr.contract import AUTHZ_HTTP_MD_KEYS
+
+        self.answer = pb.CheckResponse(status=status_pb2.Status(code=0))
+        for k, v in zip(AUTHZ_HTTP_MD_KEYS, METADATA.values(), strict=False):
+            self.answer.dynamic_metadata.fields[k].string_value = v
+        for k, v in CLIENT_HEADERS.items():
+            self.answer.ok_response.response_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, value=v)))
+
+    async def check(self, req: object, body: object = None) -> object:
+        return self.answer
+
+    async def check_serialized(self, data: bytes) -> object:
+        from extauth.wire import split_check
+
+        req, body = split_check(data)
+        return await self.check(req, body)
+
+
+def _freeze() -> None:
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as ccr/service.py does after start-up
+
+
+async def serve_servicer(ready: Path, pki_dir: Path | None) -> None:
+    """extauth's real gRPC servicer (and its RPC timer), deciding with the stub."""
+    import grpc
+
+    from ccr.rpc_observe import AioRpcObserver
+    from ccr.service import GRPC_OPTIONS, server_credentials
+    from extauth.server import AuthorizationServicer
+
+    server = grpc.aio.server(options=list(GRPC_OPTIONS), interceptors=[AioRpcObserver("extauth")])
+    AuthorizationServicer(StubAuthorizer()).add_to(server)  # type: ignore[arg-type]
+    if pki_dir is not None:
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(run_pki(pki_dir), "server"))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _freeze()
+    ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
+    await server.wait_for_termination()
+
+
+async def serve_front(ready: Path, pki_dir: Path | None) -> None:
+    """extauth's real HTTP front, deciding with the stub."""
+    from ccr.config import parse_config
+    from extauth.http_front import AuthzHttpFront
+
+    config = parse_config({"version": 1, "providers": [{"name": "p"}], "models": [{"match": "*", "provider": "p"}],
+                           "telemetry": {"metrics": True}})
+    front = AuthzHttpFront(StubAuthorizer(), config)  # type: ignore[arg-type]
+    tls, peer_id = http_tls(pki_dir) if pki_dir is not None else (None, None)
+    address = await front.start("127.0.0.1", 0, tls=tls, peers=[peer_id] if peer_id else [])
+    _freeze()
+    ready.write_text(json.dumps({"address": address}))
+    await asyncio.Event().wait()
+
+
 # -- the Envoys
 
 
@@ -202,6 +282,10 @@ def _cluster(name: str, address: str, http2: bool, pki_dir: Path | None = None) 
     return c
 
 
+def _is_grpc(variant: str) -> bool:
+    return variant.startswith(("grpc", "servicer"))
+
+
 def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path | None = None) -> dict[str, Any]:
     b = bare_envoy_config(upstream)
     if variant == "none":
@@ -213,10 +297,35 @@ def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path |
         "failure_mode_allow": False,
         "status_on_error": {"code": 503},
         "with_request_body": {"max_request_bytes": 33554432, "allow_partial_message": False,
-                              **({"pack_as_bytes": True} if variant.startswith("grpc") else {})},
+                              **({"pack_as_bytes": True} if _is_grpc(variant) else {})},
     }
-    if variant.startswith("grpc"):
+    if _is_grpc(variant):
         ext_authz["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "5s"}
+    elif variant.startswith("front"):
+        from ccr.contract import (
+            AUTHZ_HTTP_FULL_PREFIX,
+            H_AUTHZ_CONTENT_LENGTH,
+            H_AUTHZ_PEER_ADDRESS,
+            H_AUTHZ_PEER_CERT,
+            H_AUTHZ_PEER_URI,
+            H_AUTHZ_PROTOCOL,
+        )
+
+        ext_authz["http_service"] = {
+            "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "5s"},
+            "path_prefix": AUTHZ_HTTP_FULL_PREFIX,
+            "authorization_request": {
+                "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+                "headers_to_add": [
+                    {"key": H_AUTHZ_PEER_ADDRESS, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                    {"key": H_AUTHZ_PEER_URI, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
+                    {"key": H_AUTHZ_PEER_CERT, "value": "%DOWNSTREAM_PEER_CERT%"},
+                    {"key": H_AUTHZ_CONTENT_LENGTH, "value": "%REQ(content-length)%"},
+                    {"key": H_AUTHZ_PROTOCOL, "value": "%PROTOCOL%"}]},
+            "authorization_response": {
+                "dynamic_metadata_from_headers": {"patterns": [{"prefix": MD_PREFIX}]},
+                "allowed_client_headers_on_success": {"patterns": [{"prefix": "x-ratelimit-"},
+                                                                   {"prefix": "anthropic-ratelimit-"}]}}}
     else:
         ext_authz["http_service"] = {
             "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "5s"},
@@ -230,7 +339,7 @@ def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path |
     hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[index]
     hcm["http_filters"].insert(0, {"name": "envoy.filters.http.ext_authz", "typed_config": ext_authz})
     b["static_resources"]["clusters"].append(  # type: ignore[index]
-        _cluster("authz", authz, http2=variant.startswith("grpc"), pki_dir=pki_dir if "mtls" in variant else None))
+        _cluster("authz", authz, http2=_is_grpc(variant), pki_dir=pki_dir if "mtls" in variant else None))
     return b
 
 
@@ -299,6 +408,10 @@ def main() -> None:
         pki_dir = Path(args.pki) if "mtls" in args.serve else None
         if args.serve.startswith("grpc"):
             uvloop.run(serve_grpc(Path(args.ready), pki_dir, window=args.serve == "grpc-window"))
+        elif args.serve.startswith("servicer"):
+            uvloop.run(serve_servicer(Path(args.ready), pki_dir))
+        elif args.serve.startswith("front"):
+            uvloop.run(serve_front(Path(args.ready), pki_dir))
         else:
             uvloop.run(serve_http(Path(args.ready), pki_dir))
         return

@@ -324,7 +324,9 @@ class _Connection(asyncio.Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Refuse(431, "invalid_request_error", "the authorization request's headers are too large")
         if len(self._headers) >= MAX_HEADERS:
             raise _Refuse(431, "invalid_request_error", "too many headers in the authorization request")
         self._headers.append((name.decode("latin-1").lower(), value.decode("utf-8", "replace")))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ def check_request(method: str, path: str, headers: Iterable[tuple[str, str]], bo
         http.size = body_len
     if protocol:
         http.protocol = protocol
-    attrs.request.time.GetCurrentTime()
+    now = time.time_ns()  # (Timestamp.GetCurrentTime goes through datetime: ~5 µs)
+    attrs.request.time.seconds, attrs.request.time.nanos = divmod(now, 1_000_000_000)
     source = attrs.source
     peer = facts.get(H_AUTHZ_PEER_ADDRESS)
     if peer:
