@@ -404,8 +404,12 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     side_addresses: dict[str, object] = {}
     for side in sides:
         tls = side_tls(name, runtime, svids) if creds else None
-        side_addresses[side.ready_key] = await side.start(host, getattr(args, side.port_arg),
-                                                          reuse_port=args.reuse_port, tls=tls, peers=allowed)
+        port = getattr(args, side.port_arg)
+        try:
+            side_addresses[side.ready_key] = await side.start(host, port, reuse_port=args.reuse_port, tls=tls,
+                                                              peers=allowed)
+        except OSError as e:
+            raise SystemExit(f"{name}: cannot bind {host}:{port} for {side.ready_key}: {e.strerror}") from None
     frozen = freeze_startup_heap()  # extauth decides limits in its Check too: the same GC stalls (see there)
     await server.start()
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).

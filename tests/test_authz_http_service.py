@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from ccr.contract import (
     H_AUTHZ_PEER_ADDRESS,
     READY_AUTHZ_HTTP,
 )
-from ccr.procs import Child
+from ccr.procs import Child, spawn, wait_ready_file
 from ccr.service import GRPC_OPTIONS
 from extauth.bundle import build_bundle
 from extauth.keys import create_key
@@ -180,3 +182,66 @@ def test_sigterm_drains_the_front(postgres_dsn: str, tmp_path: Path, key: tuple[
         with pytest.raises(OSError):
             Conn(address)
     # running_service asserts the exit code was 0.
+
+
+def _spawn_extauth(run: Path, i: int, *extra: str) -> tuple[Child, Path]:
+    ready = run / f"extauth-{i}.ready"
+    child = spawn(f"extauth-{i}", [sys.executable, "-m", "extauth", "--runtime", str(run / "runtime.json"),
+                                   "--ready-file", str(ready), *extra], run / "logs", cwd=REPO)
+    return child, ready
+
+
+def test_workers_share_the_http_port_only_with_reuse_port(postgres_dsn: str, tmp_path: Path) -> None:
+    bundle = build_bundle(REPO / "policies", tmp_path / "policy.tar.gz", "ccr/authz/decision")
+    # running_service writes the runtime and starts the first worker, sharing its ports.
+    with running_service("extauth", tmp_path, GATEWAY_YAML, postgres_dsn=postgres_dsn,
+                         policy_bundle=str(bundle)) as first:
+        http = str(first.info[READY_AUTHZ_HTTP])
+        # A lone service may not take a port another holds.
+        lone, ready = _spawn_extauth(tmp_path, 9, "--authz-http-port", http.rpartition(":")[2])
+        assert lone.proc.wait(60) != 0
+        assert f"cannot bind {http} for {READY_AUTHZ_HTTP}" in lone.log_tail()
+    # Workers: the first binds port 0 with --reuse-port, the second joins it.
+    children = []
+    try:
+        w0, r0 = _spawn_extauth(tmp_path, 0, "--reuse-port")
+        children.append(w0)
+        info0 = wait_ready_file(w0, r0)
+        grpc_port = str(info0["address"]).rpartition(":")[2]
+        http_port = str(info0[READY_AUTHZ_HTTP]).rpartition(":")[2]
+        w1, r1 = _spawn_extauth(tmp_path, 1, "--reuse-port", "--port", grpc_port, "--authz-http-port", http_port)
+        children.append(w1)
+        info1 = wait_ready_file(w1, r1)
+        assert info1[READY_AUTHZ_HTTP] == info0[READY_AUTHZ_HTTP]
+        # Connections land on both (the kernel's hash): each answers health over the shared port.
+        served = {w0.pid: 0, w1.pid: 0}
+        for _ in range(40):
+            c = Conn(str(info0[READY_AUTHZ_HTTP]))
+            assert c.ask("GET", AUTHZ_HTTP_HEALTH_PATH)["status"] == 200
+            for pid in served:
+                served[pid] += _holds_connection(pid, c.sock)
+            c.sock.close()
+            if all(served.values()):
+                break
+        assert all(served.values()), served
+    finally:
+        for c in reversed(children):
+            assert c.stop() == 0, c.log_tail()
+
+
+def _holds_connection(pid: int, sock: socket.socket) -> int:
+    """1 when process `pid` holds the server end of `sock`'s connection."""
+    local_port = sock.getsockname()[1]
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == local_port and f[9] in inodes:
+            return 1
+    return 0
