@@ -26,6 +26,8 @@ from ccr.contract import (
     AUTHZ_HTTP_IDENTITY_PREFIX,
     AUTHZ_HTTP_STATUS_STANDINS,
     H_AUTHZ_PEER_ADDRESS,
+    H_TRACEPARENT,
+    H_TRACESTATE,
     READY_AUTHZ_HTTP,
 )
 from ccr.procs import Child, spawn, wait_ready_file
@@ -33,7 +35,9 @@ from ccr.service import GRPC_OPTIONS
 from extauth.bundle import build_bundle
 from extauth.keys import create_key
 from tests.harness import running_service
+from tests.otlp_receiver import Span, otlp_receiver
 from tests.test_extauth import http_check, msg_body
+from tests.test_tracing_unsampled import _traceparent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -245,3 +249,30 @@ def _holds_connection(pid: int, sock: socket.socket) -> int:
         if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == local_port and f[9] in inodes:
             return 1
     return 0
+
+
+def test_a_sampled_http_check_gets_its_span(postgres_dsn: str, tmp_path: Path, key: tuple[str, str]) -> None:
+    """As the gRPC Check (tests/test_tracing_unsampled.py): a span child of the caller's for a sampled
+    traceparent, with the decision's GenAI attributes; none for an unsampled one."""
+    _, k = key
+    bundle = build_bundle(REPO / "policies", tmp_path / "policy.tar.gz", "ccr/authz/decision")
+    calls = [_traceparent(sampled=True), _traceparent(sampled=False)]
+    with otlp_receiver() as (endpoint, receiver):
+        config = GATEWAY_YAML + f"telemetry: {{otlp_endpoint: '{endpoint}', sample_ratio: 0.05}}\n"
+        with running_service("extauth", tmp_path, config, postgres_dsn=postgres_dsn,
+                             policy_bundle=str(bundle)) as svc:
+            c = Conn(str(svc.info[READY_AUTHZ_HTTP]))
+            for tp, _, _ in reversed(calls):  # the sampled one last: once its span is here, both were exported
+                a = c.ask("POST", AUTHZ_HTTP_FULL_PREFIX + "/v1/messages",
+                          {"x-api-key": k, H_TRACEPARENT: tp, H_TRACESTATE: ""}, msg_body())
+                assert a["status"] == 200
+
+            def of(spans: list[Span], tid: str) -> list[Span]:
+                return [s for s in spans if s.service == "ccr-extauth" and s.trace_id == tid]
+
+            spans = receiver.wait_for(lambda spans: bool(of(spans, calls[0][1])))
+    assert of(spans, calls[1][1]) == []
+    (span,) = of(spans, calls[0][1])
+    assert span.parent_span_id == calls[0][2] and span.name == "extauth Authorization/CheckHTTP"
+    assert span.attributes["gen_ai.request.model"] == "claude-sonnet-4-5"
+    assert span.attributes["ccr.endpoint"] == "messages.create"
