@@ -415,10 +415,6 @@ def main() -> None:
         else:
             uvloop.run(serve_http(Path(args.ready), pki_dir))
         return
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        raise SystemExit("this bench needs the bench extra: .venv/bin/pip install -e '.[bench]'") from None
     args.levels = [int(x) for x in args.levels.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]
     with tempfile.TemporaryDirectory(prefix="ccr-authz-transport-") as d, ExitStack() as stack:
