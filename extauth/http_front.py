@@ -301,7 +301,7 @@ class _Connection(asyncio.Protocol):
         self.broken = True
         self._in_message = False
         self._body = None
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         self.pending.append(_Request(keep_alive=False, ready=error_answer(refuse.status, refuse.kind,
                                                                           refuse.message, keep_alive=False)))
