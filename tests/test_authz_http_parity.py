@@ -172,6 +172,7 @@ def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPk
         "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         "require_client_certificate": False,
         "common_tls_context": {
+            "alpn_protocols": ["h2", "http/1.1"],
             "tls_certificates": [{"certificate_chain": {"filename": gw.cert}, "private_key": {"filename": gw.key}}],
             "validation_context": {"trusted_ca": {"filename": pki.ca}}}}
     authz_tls = None
@@ -277,7 +278,8 @@ CLIENT_CERT_BODY = b'{"model":"claude-x","messages":[]}'
 BIG = b'{"model":"claude-x","pad":"' + b"p" * (SPLIT_FROM_BYTES + 4096) + b'"}'
 
 
-async def _send(client: httpx.AsyncClient, cert_client: httpx.AsyncClient, url: str) -> list[httpx.Response]:
+async def _send(client: httpx.AsyncClient, cert_client: httpx.AsyncClient, h2_client: httpx.AsyncClient,
+                url: str) -> list[httpx.Response]:
     async def chunks() -> Any:
         yield b'{"model":'
         yield b'"claude-x"}'
@@ -292,6 +294,7 @@ async def _send(client: httpx.AsyncClient, cert_client: httpx.AsyncClient, url: 
         await client.post(url + "/v1/messages", content=BIG, headers=common),
         await client.get(url + "/v1/models?limit=2", headers=common),
         await client.post(url + "/v1/deny", content=b"{}", headers=common),
+        await h2_client.post(url + "/v1/messages?h2=1", content=b'{"model":"claude-x"}', headers=common),
     ]
 
 
@@ -339,8 +342,9 @@ def run(pki: RunPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
                 with_cert.check_hostname = False
                 with_cert.load_cert_chain(cert.cert, cert.key)
                 cert_client = httpx.AsyncClient(verify=with_cert, timeout=30)
-                async with client, cert_client:
-                    out[transport] = await _send(client, cert_client, f"https://127.0.0.1:{listen}")
+                h2_client = httpx.AsyncClient(verify=False, timeout=30, http2=True)
+                async with client, cert_client, h2_client:
+                    out[transport] = await _send(client, cert_client, h2_client, f"https://127.0.0.1:{listen}")
             out["grpc_seen"], out["http_seen"] = grpc_rec.seen, http_rec.seen
         finally:
             for child in children:
@@ -364,7 +368,7 @@ def test_the_authorizer_is_told_the_same_facts_over_both_transports(run: dict[st
     g, h = run["grpc_seen"], run["http_seen"]
     assert [p for p, _, _ in g] == [p for p, _, _ in h]
     # Each request: the identity-first check, then the full one.
-    assert [p for p, _, _ in g] == ["identity", "full"] * 6
+    assert [p for p, _, _ in g] == ["identity", "full"] * 7
     for i, ((phase, greq, gbody), (_, hreq, hbody)) in enumerate(zip(g, h, strict=True)):
         gf, hf = facts(greq, gbody), facts(hreq, hbody)
         assert gf == hf, f"check {i} ({phase}): {_diff(gf, hf)}"
@@ -397,6 +401,9 @@ def test_what_the_requests_carried(run: dict[str, Any]) -> None:
     assert bytes(full[3][1]) == BIG
     assert full[4][0].attributes.request.http.method == "GET"
     assert full[4][1] is None
+    h2 = full[6][0].attributes.request.http
+    assert h2.protocol == "HTTP/2" and h2.host == HOST and h2.path == "/v1/messages?h2=1"
+    assert run["http"][6].http_version == "HTTP/2"
 
 
 def test_the_answers_reach_the_client_and_upstream_alike(run: dict[str, Any]) -> None:
