@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,10 @@ from ccr.contract import (
     READY_AUTHZ_HTTP,
 )
 from ccr.procs import Child, spawn, wait_ready_file
+from ccr.runtime import Runtime
 from ccr.service import GRPC_OPTIONS
+from ccr.spire import python_workload, start_spire
+from ccr.svid import peer_uri_sans
 from extauth.bundle import build_bundle
 from extauth.keys import create_key
 from tests.harness import running_service
@@ -276,3 +280,55 @@ def test_a_sampled_http_check_gets_its_span(postgres_dsn: str, tmp_path: Path, k
     assert span.parent_span_id == calls[0][2] and span.name == "extauth Authorization/CheckHTTP"
     assert span.attributes["gen_ai.request.model"] == "claude-sonnet-4-5"
     assert span.attributes["ccr.endpoint"] == "messages.create"
+
+
+def test_spiffe_mtls_serves_only_envoys_svid(postgres_dsn: str, tmp_path: Path) -> None:
+    """With a SPIRE agent, the front serves TLS with extauth's X.509-SVID (ccr/svid.py: the key in
+    memory only) and accepts only Envoy's SPIFFE ID, as the gRPC port does."""
+    bundle = build_bundle(REPO / "policies", tmp_path / "policy.tar.gz", "ccr/authz/decision")
+    python = python_workload(tmp_path / "parts", "extauth")
+    spire = start_spire(tmp_path, tmp_path / "logs", {"extauth": python})
+    try:
+        # No Redis here: the request-time limits stay with the rate limit service (as running_service sets).
+        (tmp_path / "gateway.yaml").write_text(GATEWAY_YAML.replace("limits:\n", "limits:\n  admission: ratelimit\n"))
+        Runtime(config_path=str(tmp_path / "gateway.yaml"), run_dir=str(tmp_path), postgres_dsn=postgres_dsn,
+                redis_url="redis://127.0.0.1:1/0", policy_bundle=str(bundle), spiffe_socket=str(spire.agent_socket),
+                spiffe_trust_domain=spire.trust_domain).save(tmp_path / "runtime.json")
+        ready = tmp_path / "extauth.ready"
+        child = spawn("extauth", [str(python), "-m", "extauth", "--runtime", str(tmp_path / "runtime.json"),
+                                  "--ready-file", str(ready)], tmp_path / "logs", cwd=REPO)
+        try:
+            address = str(wait_ready_file(child, ready, timeout=60)[READY_AUTHZ_HTTP])
+            host, _, port = address.rpartition(":")
+
+            def ask(part: str | None) -> tuple[list[str], bytes]:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False  # an X.509-SVID names a SPIFFE ID, not a host
+                ctx.load_verify_locations(cafile=str(spire.bundle_pem))
+                if part is not None:
+                    chain, key = spire.mint_x509(part)
+                    (tmp_path / f"{part}.pem").write_bytes(chain)
+                    (tmp_path / f"{part}.key").write_bytes(key)
+                    ctx.load_cert_chain(str(tmp_path / f"{part}.pem"), str(tmp_path / f"{part}.key"))
+                with socket.create_connection((host, int(port)), timeout=10) as raw, \
+                        ctx.wrap_socket(raw) as conn:
+                    server_uris = peer_uri_sans(conn.getpeercert())
+                    conn.sendall(f"GET {AUTHZ_HTTP_HEALTH_PATH} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                    try:
+                        return server_uris, conn.recv(64)
+                    except (ssl.SSLError, ConnectionError):
+                        return server_uris, b""
+
+            uris, got = ask("envoy")
+            assert uris == [f"spiffe://{spire.trust_domain}/extauth"]  # the server's own SVID
+            assert got.startswith(b"HTTP/1.1 200 ")
+            assert ask("ratelimit")[1] == b""  # another part of the run: refused by its SPIFFE ID
+            assert ask(None)[1] == b""  # no client certificate: the handshake fails (TLS 1.3: seen on read)
+        finally:
+            assert child.stop() == 0, child.log_tail()
+        logged = child.log_tail(200)
+        assert f"peer identity spiffe://{spire.trust_domain}/ratelimit" in logged
+        assert "the handshake failed" in logged
+    finally:
+        for c in reversed(spire.children):
+            c.stop()
