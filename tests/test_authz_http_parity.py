@@ -37,14 +37,17 @@ from ccr.config import parse_config
 from ccr.contract import (
     AUTHZ_HTTP_FULL_PREFIX,
     AUTHZ_HTTP_IDENTITY_PREFIX,
+    AUTHZ_HTTP_MD_KEYS,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     CCR_HEADER_PREFIX,
     H_AUTHZ_CONTENT_LENGTH,
+    H_AUTHZ_MD_PREFIX,
     H_AUTHZ_PEER_ADDRESS,
     H_AUTHZ_PEER_CERT,
     H_AUTHZ_PEER_URI,
     H_AUTHZ_PROTOCOL,
+    authz_md_header,
 )
 from ccr.pki import RunPki, issue_run_pki
 from ccr.procs import Child, spawn, wait_until
@@ -64,7 +67,16 @@ TRANSPORT_DIFFERENCES = {
     "source.address.port_value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% carries no port",
     "destination": "the listener's address and certificate: not sent over HTTP",
     "request.time": "when each Envoy saw the request",
+    "metadata ext_authz_duration": "Envoy's gRPC client adds an allowed call's duration to the namespace",
 }
+
+
+# Typed metadata of each answer: over HTTP it travels as x-ccr-md-* headers that header_to_metadata
+# filters (PROTOBUF_VALUE, BASE64) write back into the ext_authz namespace, as the router does.
+ALLOW_MD = {"principal": "alice", "groups": ["a", "b"], "rpm": {"requests_per_unit": 60, "unit": "MINUTE"},
+            "spend_worst": 1.5, "model": "claude-x", "key_id": "key_1"}
+DENY_MD = {"error_type": "permission_error", "principal": "alice", "decision_id": "dec_1"}
+AUTHZ_NS = "envoy.filters.http.ext_authz"
 
 
 class Recorder:
@@ -77,14 +89,18 @@ class Recorder:
         raw = bytes(body) if body is not None else None
         self.seen.append(("full", req, raw))
         if "deny" in req.attributes.request.http.path:
-            return denied(403, "permission_error", "denied by the test",
+            resp = denied(403, "permission_error", "denied by the test",
                           [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-ratelimit-remaining",
                                                                                   value="0"))])
-        return pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=pb.OkHttpResponse(
+            resp.dynamic_metadata.update(DENY_MD)
+            return resp
+        resp = pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=pb.OkHttpResponse(
             headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-ccr-model", value="m"))],
             headers_to_remove=["x-api-key"],
             response_headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
                 key="x-ratelimit-limit", value="5"))]))
+        resp.dynamic_metadata.update(ALLOW_MD)
+        return resp
 
     check_serialized = extauth.server.Authorizer.check_serialized
 
@@ -132,7 +148,7 @@ def _authz_filters(transport: str, cluster: str) -> list[dict[str, Any]]:
                     ]},
                 "authorization_response": {
                     "allowed_upstream_headers": {"patterns": [{"prefix": CCR_HEADER_PREFIX}]},
-                    "allowed_client_headers": {"patterns": client},
+                    "allowed_client_headers": {"patterns": [*client, {"prefix": H_AUTHZ_MD_PREFIX}]},
                     "allowed_client_headers_on_success": {"patterns": client},
                 }}
         out.append({"name": f"authz-{phase}", "typed_config": authz})
@@ -152,7 +168,18 @@ def _cluster(name: str, port: int, http2: bool, tls: dict[str, Any] | None = Non
     return c
 
 
-def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPki) -> dict[str, Any]:
+def _md_filter(rules: str) -> dict[str, Any]:
+    """header_to_metadata: each contract key's header into the ext_authz namespace, typed; after the
+    ext_authz filters on the request (an allow), before them on the response (a refusal)."""
+    return {"name": f"md-{rules}", "typed_config": {
+        "@type": T + "envoy.extensions.filters.http.header_to_metadata.v3.Config",
+        rules: [{"header": authz_md_header(k), "remove": True, "on_header_present": {
+            "metadata_namespace": AUTHZ_NS, "key": k, "type": "PROTOBUF_VALUE", "encode": "BASE64"}}
+            for k in AUTHZ_HTTP_MD_KEYS]}}
+
+
+def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPki,
+                 access_log: Path) -> dict[str, Any]:
     gw = pki.identity("gateway")
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -164,9 +191,16 @@ def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPk
             "mutations": [{"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}}]}}],
         "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "30s"}}]}]},
-        "http_filters": [*_authz_filters(transport, "authz"),
+        "http_filters": [*([_md_filter("response_rules")] if transport == "http" else []),
+                         *_authz_filters(transport, "authz"),
+                         *([_md_filter("request_rules")] if transport == "http" else []),
                          {"name": "envoy.filters.http.router",
                           "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"}}],
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(access_log),
+            "log_format": {"json_format": {"path": "%REQ(:PATH)%", "status": "%RESPONSE_CODE%",
+                                           "md": f"%DYNAMIC_METADATA({AUTHZ_NS})%"}}}}],
     }
     downstream_tls = {
         "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -333,8 +367,8 @@ def run(pki: RunPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
         children = []
         try:
             for transport, port in (("grpc", grpc_port), ("http", http_port)):
-                child, listen = await asyncio.to_thread(start_envoy, envoy_config(transport, port, echo_port, pki),
-                                                        tmp, f"envoy-{transport}")
+                config = envoy_config(transport, port, echo_port, pki, tmp / f"access-{transport}.log")
+                child, listen = await asyncio.to_thread(start_envoy, config, tmp, f"envoy-{transport}")
                 children.append(child)
                 client = httpx.AsyncClient(verify=False, timeout=30)
                 cert = pki.identity("client")
@@ -357,6 +391,9 @@ def run(pki: RunPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
         uvloop.run(main())
     finally:
         mp.undo()
+    for transport in ("grpc", "http"):  # written by now: each Envoy flushed its log when it stopped
+        lines = (tmp / f"access-{transport}.log").read_text().splitlines()
+        out[f"{transport}_log"] = [json.loads(line) for line in lines]
     yield out
 
 
@@ -381,7 +418,7 @@ def test_the_authorizer_is_told_the_same_facts_over_both_transports(run: dict[st
         assert greq.attributes.destination.principal and not hreq.attributes.destination.principal
         assert greq.attributes.request.time.seconds > 0 and hreq.attributes.request.time.seconds > 0
     assert set(TRANSPORT_DIFFERENCES) == {"request.http.id", "header x-request-id", "source.address.port_value",
-                                          "destination", "request.time"}
+                                          "destination", "request.time", "metadata ext_authz_duration"}
 
 
 def test_what_the_requests_carried(run: dict[str, Any]) -> None:
@@ -425,6 +462,24 @@ def test_the_answers_reach_the_client_and_upstream_alike(run: dict[str, Any]) ->
         assert g.status_code == h.status_code
         names = {k for k in h.headers if k.startswith(("x-ccr-", "x-envoy-auth"))}
         assert names == set(), names
+
+
+def test_typed_metadata_arrives_the_same(run: dict[str, Any]) -> None:
+    """What the access log (and the rate limit filters) read from the ext_authz namespace: over HTTP,
+    the answer's x-ccr-md-* headers decoded by header_to_metadata, equal to what gRPC carries."""
+    g, h = run["grpc_log"], run["http_log"]
+    assert len(g) == len(h) == 7
+    for gl, hl in zip(g, h, strict=True):
+        assert (gl["path"], gl["status"]) == (hl["path"], hl["status"])
+        # Envoy's gRPC client times an allowed call into the namespace (in ms; nothing of ccr reads it).
+        duration = gl["md"].pop("ext_authz_duration", None)
+        assert isinstance(duration, int) == (gl["status"] == 200) and "ext_authz_duration" not in hl["md"]
+        assert gl["md"] == hl["md"], gl["path"]
+    want_allow = json.loads(json.dumps(ALLOW_MD))
+    assert h[0]["md"] == want_allow and isinstance(h[0]["md"]["spend_worst"], float)
+    assert h[5]["status"] == 403 and h[5]["md"] == DENY_MD
+    # The metadata headers never reach the provider.
+    assert not any(k.startswith(H_AUTHZ_MD_PREFIX) for k in dict(run["http"][0].json()))
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
