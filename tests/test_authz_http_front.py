@@ -400,3 +400,27 @@ def test_tls_without_an_allowed_peer_is_refused_at_start(tmp_path: Path) -> None
             await front.start("127.0.0.1", 0, tls=server_ctx, peers=())
 
     uvloop.run(main())
+
+
+def test_a_new_config_version_changes_what_an_answer_may_name() -> None:
+    def declared(note: bool):  # noqa: ANN202
+        return parse_config({"version": 1, "providers": [{"name": "anthropic"}],
+                             "models": [{"match": "claude-*", "provider": "anthropic"}],
+                             "services": {"authz_transport": "http"},
+                             "policy": {"result_names": {"response_headers": ["x-policy-note"] if note else []}}})
+
+    async def t(front: AuthzHttpFront, authz: Recording, address: str) -> None:
+        def answer(req: pb.CheckRequest) -> pb.CheckResponse:
+            resp = _ok("m")
+            resp.ok_response.response_headers_to_add.add().header.CopyFrom(
+                base_pb2.HeaderValue(key="x-policy-note", value="hi"))
+            return resp
+        authz.answer = answer
+        rd, w = await connect(address)
+        w.write(request("/ccr-authz/full/a"))
+        assert (await rd.answers(1))[0].status == AUTHZ_HTTP_STATUS_STANDINS[503]
+        front.use_config(declared(True))  # as ccr/config_sync.py applies a new version
+        w.write(request("/ccr-authz/full/a"))
+        (a,) = await rd.answers(1)
+        assert a.status == 200 and a.get("x-policy-note") == "hi"
+    run(t, declared(False))
