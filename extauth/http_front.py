@@ -173,7 +173,10 @@ class AuthzHttpFront:
 
     def health(self, peer: str, keep_alive: bool) -> bytes:
         status = 503 if self.draining else 200
-        self._asked[peer] = (self._clock(), status)
+        now = self._clock()
+        if len(self._asked) >= 1024:  # checkers that reconnect come back as new peers: forget the old ones
+            self._asked = {p: v for p, v in self._asked.items() if now - v[0] < 60.0}
+        self._asked[peer] = (now, status)
         return plain_answer(status, keep_alive)
 
     async def decide(self, r: _Request, keep_alive: bool) -> bytes:
