@@ -1,4 +1,5 @@
-"""`python -m extauth --runtime RUN/runtime.json --ready-file F`: the ext_authz gRPC service."""
+"""`python -m extauth --runtime RUN/runtime.json --ready-file F [--authz-http-port N]`: the ext_authz gRPC
+service, and with services.authz_transport: http its HTTP/1.1 front too (extauth/http_front.py)."""
 
 from ccr.contract import ID_ENVOY
 from ccr.service import run
