@@ -282,3 +282,8 @@ H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 # with a stand-in status, and the listener's local reply mappers (on ext_authz refusals only, response
 # flag UAEX) turn it back into the real one. A 5xx not listed goes out as 503's stand-in.
 AUTHZ_HTTP_STATUS_STANDINS = {200: 299, 500: 470, 502: 472, 503: 473, 504: 474, 529: 479}
+# The client-response headers an HTTP answer may carry besides a policy's declared ones
+# (policy.result_names): exact names and name prefixes. Envoy's allow-lists are built from these and
+# the front refuses to send any other, so neither side drops a header silently.
+AUTHZ_HTTP_CLIENT_HEADERS = ("content-type", "retry-after")
+AUTHZ_HTTP_CLIENT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ccr-budget")
