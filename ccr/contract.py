@@ -165,6 +165,8 @@ POLICY_STATUS_FILE = "policy-status.json"
 POLICY_GLOBAL_SET = "global"
 # Key in a service's ready file (and Runtime.metrics): host:port of its Prometheus /metrics endpoint.
 READY_METRICS = "metrics"
+# Key in extauth's ready file: host:port of its HTTP authorization front (services.authz_transport: http).
+READY_AUTHZ_HTTP = "authz_http"
 
 # -- Spend: budgets reserved at admission, settled at completion (docs/spend.md) -------------
 
