@@ -21,6 +21,8 @@ from ccr.runtime import Runtime
 from ccr.supervisor import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
+# pytest --authz-transport: every gateway_config() asks for this ext_authz transport (tests/conftest.py).
+AUTHZ_TRANSPORT: str | None = None
 
 
 def copy_policy_modules(dest: Path) -> list[str]:
@@ -83,6 +85,8 @@ def gateway_config(tmp: Path, edit: Callable[[dict[str, Any]], object] | None = 
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     cfg["storage"]["data_dir"] = str(tmp / "data")
     cfg["policy"]["dir"] = str(REPO / "policies")
+    if AUTHZ_TRANSPORT is not None:
+        cfg["services"]["authz_transport"] = AUTHZ_TRANSPORT
     if edit is not None:
         edit(cfg)
     path = tmp / "ccr.yaml"
