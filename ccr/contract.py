@@ -258,6 +258,15 @@ AUTHZ_HTTP_HEALTH_PATH = "/ccr-authz/health"
 H_AUTHZ_PEER_ADDRESS = "x-ccr-authz-peer-address"
 H_AUTHZ_PEER_URI = "x-ccr-authz-peer-uri"
 H_AUTHZ_PEER_CERT = "x-ccr-authz-peer-cert"
+# Optional, for full parity with the gRPC CheckRequest (the front works without them; send both or
+# neither): the client's own Content-Length (%REQ(content-length)%, absent for a chunked upload; the
+# check's own is Envoy's: 0 for an identity-first check, the buffered length for a full one) and the
+# downstream protocol (%PROTOCOL%: CheckRequest http.protocol; never empty, so it tells the front that
+# a missing H_AUTHZ_CONTENT_LENGTH means the client sent none).
+H_AUTHZ_CONTENT_LENGTH = "x-ccr-authz-content-length"
+H_AUTHZ_PROTOCOL = "x-ccr-authz-protocol"
+# Every request header of a check named x-ccr-authz-* is Envoy's own (client x-ccr-* are stripped first).
+H_AUTHZ_PREFIX = "x-ccr-authz-"
 # One answer header per AUTHZ_NS key: H_AUTHZ_MD_PREFIX + the key with "_" as "-", its value the
 # base64 of a serialized google.protobuf.Value. Envoy's header_to_metadata filters (PROTOBUF_VALUE,
 # BASE64) write it into AUTHZ_NS typed, on an allow (request rules after ext_authz) and on a refusal
@@ -284,8 +293,12 @@ H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 # with a stand-in status, and the listener's local reply mappers (on ext_authz refusals only, response
 # flag UAEX) turn it back into the real one. A 5xx not listed goes out as 503's stand-in.
 AUTHZ_HTTP_STATUS_STANDINS = {200: 299, 500: 470, 502: 472, 503: 473, 504: 474, 529: 479}
-# The client-response headers an HTTP answer may carry besides a policy's declared ones
-# (policy.result_names): exact names and name prefixes. Envoy's allow-lists are built from these and
-# the front refuses to send any other, so neither side drops a header silently.
-AUTHZ_HTTP_CLIENT_HEADERS = ("content-type", "retry-after")
-AUTHZ_HTTP_CLIENT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ccr-budget")
+# The client headers extauth's answers may carry besides a policy's declared result_names.response_headers
+# (the router's allowed_client_headers and allowed_client_headers_on_success list exactly these, plus
+# those): a refusal's or own answer's body type, and the rate limit and budget headers of in-Check
+# admission (limits.admission: extauth). extauth/http_wire.py refuses an answer with any other.
+AUTHZ_HTTP_CLIENT_HEADERS = ("content-type", "retry-after", "x-envoy-ratelimited", H_BUDGET_WARNING, H_BUDGET,
+                             H_BUDGET_RESET)
+AUTHZ_HTTP_CLIENT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# An allow's upstream (request) headers: x-ccr-* (CCR_HEADER_PREFIX, which the router allow-lists as a
+# prefix; the x-ccr-md-* metadata headers are among them) and the declared result_names.headers.

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,6 +64,9 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--metrics-listen", help="host:port for /metrics (default: a free port on the service's host)")
     ap.add_argument("--reuse-port", action="store_true",
                     help="bind with SO_REUSEPORT: one of several workers sharing the port")
+    ap.add_argument("--authz-http-port", type=int, default=0,
+                    help="extauth with services.authz_transport: http: the HTTP front's port (0: any free; "
+                         "with --reuse-port, shared by the workers)")
     return ap.parse_args()
 
 
@@ -285,6 +289,49 @@ def on_drain(hook: Callable[[], None]) -> None:
     _drain_hooks.append(hook)
 
 
+class SideListener(Protocol):
+    """A second server of the same process, next to its gRPC port (extauth's HTTP front), started
+    after setup on the same loop, reported in the ready file under `ready_key`, drained with the gRPC
+    server: told first (health), then stopped with the same grace."""
+
+    ready_key: str
+    port_arg: str  # the parse_args attribute holding its port
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None,
+                    peers: Collection[str] = ()) -> str: ...
+
+    def begin_drain(self) -> None: ...
+
+    async def until_watchers_told(self, since: float, timeout_s: float) -> list[str]: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+_side_listeners: list[SideListener] = []
+
+
+def add_listener(listener: SideListener) -> None:
+    """Called from a service's setup: serve `listener` too (with this service's mTLS peers when it has any)."""
+    _side_listeners.append(listener)
+
+
+def side_tls(name: str, runtime: Runtime, svids: SvidSource | None) -> ssl.SSLContext | None:
+    """The TLS of a side listener when the gRPC port serves mTLS: the SPIFFE agent's SVID (reloaded in
+    place on rotation), else the run PKI identity (a service started with require_mtls)."""
+    if svids is not None:
+        return svids.ssl_server_context()
+    if runtime.mtls is None or name not in runtime.mtls.identities:
+        raise SystemExit(f"{name}: its gRPC port serves mTLS but there is no identity for its HTTP port")
+    ident = runtime.mtls.identity(name)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.load_cert_chain(ident.cert, ident.key)
+    ctx.load_verify_locations(runtime.mtls.ca)
+    return ctx
+
+
 class ObservedHealth(health.aio.HealthServicer):
     """grpc.health.v1 that remembers which health checkers asked, and what they were told.
 
@@ -349,15 +396,24 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     server = grpc.aio.server(options=server_options(args.reuse_port), interceptors=interceptors)
     checks = ObservedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    _side_listeners.clear()
     cleanup = await setup(server, config, runtime)
-    address = _bind(server, name, args.host or config.services.bind_host, args.port, creds)
+    host = args.host or config.services.bind_host
+    address = _bind(server, name, host, args.port, creds)
+    sides = list(_side_listeners)
+    side_addresses: dict[str, object] = {}
+    for side in sides:
+        tls = side_tls(name, runtime, svids) if creds else None
+        side_addresses[side.ready_key] = await side.start(host, getattr(args, side.port_arg),
+                                                          reuse_port=args.reuse_port, tls=tls, peers=allowed)
     frozen = freeze_startup_heap()  # extauth decides limits in its Check too: the same GC stalls (see there)
     await server.start()
     # SERVING only now: setup has reached the service's dependencies (stores, bundles).
     for service in ("", name):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    write_ready(args.ready_file, address, **_metrics_ready())
-    logging.info("serving on %s (%d start-up objects frozen out of the cyclic GC)", address, frozen)
+    write_ready(args.ready_file, address, **_metrics_ready(), **side_addresses)
+    logging.info("serving on %s%s (%d start-up objects frozen out of the cyclic GC)", address,
+                 "".join(f", {k} on {v}" for k, v in side_addresses.items()), frozen)
     if follower is not None:
         follower.start_async()  # on this loop: a new config is swapped in between two requests
 
@@ -370,16 +426,22 @@ async def serve_grpc(name: str, setup: Setup, mtls_peers: Collection[str] = (), 
     logging.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0fs", drain)
     flipped = time.monotonic()
     await checks.enter_graceful_shutdown()
+    for side in sides:
+        side.begin_drain()
     if follower is not None:
         follower.stop()
     # Out of Envoy's rotation first (a few health-check intervals at most), then stop taking calls.
-    missed = await checks.until_watchers_told(flipped, min(5.0, drain / 2))
+    told = min(5.0, drain / 2)
+    missed = [m for ms in await asyncio.gather(checks.until_watchers_told(flipped, told),
+                                               *(side.until_watchers_told(flipped, told) for side in sides))
+              for m in ms]
     if missed:
         logging.warning("draining although %d health checker(s) did not ask again: %s", len(missed), missed)
     logging.info("out of rotation: refusing new calls; draining")
     for hook in _drain_hooks:  # no await before them: no handler runs between that line and these
         hook()
-    await server.stop(grace=max(0.0, drain - (time.monotonic() - flipped)))
+    grace = max(0.0, drain - (time.monotonic() - flipped))
+    await asyncio.gather(server.stop(grace=grace), *(side.stop(grace) for side in sides))
     if cleanup is not None:
         await cleanup()
     tracing.shutdown()

@@ -815,6 +815,13 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         config, runtime, connections=2, gauges=False, redis_timeout_s=ADMISSION_REDIS_TIMEOUT_S))
     AuthorizationServicer(authorizer).add_to(server)
     on_config(authorizer.use_config)  # new config versions (ccr/config_sync.py)
+    if config.services.authz_transport == "http":  # Envoy's checks come over HTTP/1.1 (docs/hot-path.md)
+        from ccr.service import add_listener
+        from extauth.http_front import AuthzHttpFront
+
+        front = AuthzHttpFront(authorizer, config)
+        on_config(front.use_config)
+        add_listener(front)
     loader.holder = authorizer  # new good bundles rebind authorizer.policy (see extauth/bundle_source.py)
     watcher = asyncio.create_task(loader.run(poll_interval), name="bundle-watch")
     sets.start()

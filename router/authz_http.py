@@ -21,17 +21,19 @@ from typing import Any
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
+    AUTHZ_HTTP_CLIENT_HEADER_PREFIXES,
     AUTHZ_HTTP_CLIENT_HEADERS,
-    AUTHZ_HTTP_CLIENT_PREFIXES,
     AUTHZ_HTTP_MD_KEYS,
     AUTHZ_HTTP_STATUS_STANDINS,
     AUTHZ_NS,
     CCR_HEADER_PREFIX,
+    H_AUTHZ_CONTENT_LENGTH,
     H_AUTHZ_HEADERS_TO_REMOVE,
     H_AUTHZ_MD_PREFIX,
     H_AUTHZ_PEER_ADDRESS,
     H_AUTHZ_PEER_CERT,
     H_AUTHZ_PEER_URI,
+    H_AUTHZ_PROTOCOL,
     authz_md_header,
 )
 
@@ -42,10 +44,14 @@ H2M = T + "envoy.extensions.filters.http.header_to_metadata.v3.Config"
 # A server_uri needs a URI; Envoy sends the check to `cluster`, and this names the Host it sends.
 _URI = "http://extauth"
 # Envoy's own facts about the downstream connection, which a gRPC CheckRequest carries in `source`.
+# The client's own Content-Length and protocol complete the CheckRequest's http facts (the check's own
+# Content-Length is Envoy's).
 PEER_HEADERS = (
     (H_AUTHZ_PEER_ADDRESS, "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
     (H_AUTHZ_PEER_URI, "%DOWNSTREAM_PEER_URI_SAN%"),
     (H_AUTHZ_PEER_CERT, "%DOWNSTREAM_PEER_CERT%"),
+    (H_AUTHZ_CONTENT_LENGTH, "%REQ(content-length)%"),
+    (H_AUTHZ_PROTOCOL, "%PROTOCOL%"),
 )
 
 
@@ -64,7 +70,7 @@ def _prefixes(prefixes: tuple[str, ...]) -> list[Json]:
 
 def http_service(config: GatewayConfig, path_prefix: str, timeout_s: str) -> Json:
     names = config.policy.result_names
-    client = _exact(AUTHZ_HTTP_CLIENT_HEADERS) + _prefixes(AUTHZ_HTTP_CLIENT_PREFIXES)
+    client = _exact(AUTHZ_HTTP_CLIENT_HEADERS) + _prefixes(AUTHZ_HTTP_CLIENT_HEADER_PREFIXES)
     return {
         "server_uri": {"uri": _URI, "cluster": CLUSTER, "timeout": timeout_s},
         "path_prefix": path_prefix,
