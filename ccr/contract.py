@@ -277,8 +277,14 @@ AUTHZ_HTTP_MD_KEYS = (
     "tenant", "owner", "spiffe_id", AUTHZ_MODEL, AUTHZ_MODEL_REQUESTED, AUTHZ_MODEL_SPAN, AUTHZ_MODEL_PATH,
     "endpoint", "provider", "cluster", "rpm", AUTHZ_BATCH_REQUESTS, AUTHZ_REGION, AUTHZ_LABELS, AUTHZ_RATELIMIT,
     AUTHZ_DECISION_ID, AUTHZ_BUNDLE_REVISION, AUTHZ_ERROR_TYPE, AUTHZ_SPEND, AUTHZ_SPEND_WORST, SPEND_RESERVED,
-    SPEND_COUNTERS, AUTHZ_RATELIMIT_OUTCOME, AUTHZ_BODY_CAPTURE,
+    SPEND_COUNTERS, AUTHZ_RATELIMIT_OUTCOME,
 )
+# The body capture (AUTHZ_BODY_CAPTURE, up to audit.body_max_bytes of body) does not fit the headers
+# ext_authz may add to a request (the listener's max_request_headers_kb): the answer carries it in this
+# header instead, outside x-ccr-* so it is never copied onto the request. Envoy's
+# dynamic_metadata_from_headers puts it into AUTHZ_NS under this name, as the string (base64 Value)
+# the audit receiver decodes (audit/bodies.py).
+H_AUTHZ_BODY_CAPTURE = "ccr-authz-body-capture"
 
 
 def authz_md_header(key: str) -> str:

@@ -27,6 +27,7 @@ from ccr.contract import (
     AUTHZ_HTTP_STATUS_STANDINS,
     AUTHZ_NS,
     CCR_HEADER_PREFIX,
+    H_AUTHZ_BODY_CAPTURE,
     H_AUTHZ_CONTENT_LENGTH,
     H_AUTHZ_HEADERS_TO_REMOVE,
     H_AUTHZ_MD_PREFIX,
@@ -84,6 +85,8 @@ def http_service(config: GatewayConfig, path_prefix: str, timeout_s: str) -> Jso
             "allowed_client_headers": {"patterns": [*client, {"prefix": H_AUTHZ_MD_PREFIX},
                                                     *_exact(names.headers), *_exact(names.response_headers)]},
             "allowed_client_headers_on_success": {"patterns": [*client, *_exact(names.response_headers)]},
+            # The body capture, as a string under this name (the audit receiver decodes it).
+            "dynamic_metadata_from_headers": {"patterns": [{"exact": H_AUTHZ_BODY_CAPTURE}]},
         },
     }
 

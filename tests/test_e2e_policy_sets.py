@@ -26,13 +26,17 @@ from tests.harness import emulator_mark, running_gateway
 MODEL = "claude-sonnet-4-5"
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+# Both ext_authz transports; over HTTP the names the OPA-Envoy policy adds are declared (policy.result_names).
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gw-sets")
     trial = oe.build(tmp, "trial", oe.DENY_ALL)
     teams = oe.build(tmp, "teams", oe.OBJECT, "envoy/authz/result")
 
     def edit(cfg: dict[str, Any]) -> None:
+        cfg["services"]["authz_transport"] = request.param
+        cfg["policy"]["result_names"] = {"headers": ["x-ext-auth-allow"], "response_headers": ["x-policy-said"],
+                                         "metadata": ["team"]}
         cfg["policy"]["sets"] = [
             {"name": "trial", "mode": "opa-envoy", "shadow": True, "bundle": {"path": str(trial)}},
             {"name": "teams", "mode": "opa-envoy", "entrypoint": "envoy/authz/result", "tenants": ["acme"],
