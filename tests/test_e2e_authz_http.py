@@ -90,6 +90,9 @@ def test_the_sdk_is_served_and_every_check_goes_over_http(gw: Gateway) -> None:
 
     assert _stat(gw, r"cluster\.ccr_extauth_http\.upstream_rq_total") - http_before >= 3
     assert _stat(gw, r"cluster\.ccr_extauth\.upstream_rq_total") == grpc_before  # no gRPC Check at all
+    # SPIFFE mTLS to the front (the example config runs SPIRE), never a failed handshake.
+    assert _stat(gw, r"cluster\.ccr_extauth_http\.ssl\.handshake") >= 1
+    assert _stat(gw, r"cluster\.ccr_extauth_http\.ssl\.connection_error") == 0
 
     # The audit row's facts came back typed through the answer's metadata headers.
     row = _row(gw, raw.headers["x-request-id"])
