@@ -36,12 +36,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from audit.spool import Spool
 from audit.spooled import ROW_ERRORS, SpooledWriter
 from ccr import metrics
-from ccr.contract import AUTHZ_BODY_CAPTURE, AUTHZ_NS, CAPTURE_NS
+from ccr.contract import AUTHZ_BODY_CAPTURE, AUTHZ_NS, CAPTURE_NS, H_AUTHZ_BODY_CAPTURE
 
 log = logging.getLogger("ccr.audit")
 
@@ -131,12 +132,23 @@ def _b64(v: struct_pb2.Value) -> bytes:
         raise ValueError(f"body is not base64: {e}") from None
 
 
+def _sent_value(v: struct_pb2.Value) -> struct_pb2.Value | None:
+    """The Value an HTTP authorization answer sent (base64 of its serialization); None if unreadable."""
+    try:
+        return struct_pb2.Value.FromString(base64.b64decode(v.string_value, validate=True))
+    except (binascii.Error, DecodeError):
+        return None
+
+
 def captured(e: accesslog_pb2.HTTPAccessLogEntry) -> Captured | None:
     """The bodies an entry carries, or None (the common case: nothing was captured)."""
     md = e.common_properties.metadata
     if AUTHZ_NS not in md.filter_metadata:
         return None
-    cap = md.filter_metadata[AUTHZ_NS].fields.get(AUTHZ_BODY_CAPTURE)
+    fields = md.filter_metadata[AUTHZ_NS].fields
+    cap = fields.get(AUTHZ_BODY_CAPTURE)
+    if cap is None and H_AUTHZ_BODY_CAPTURE in fields:  # ext_authz over HTTP: a base64 Value, as a string
+        cap = _sent_value(fields[H_AUTHZ_BODY_CAPTURE])
     if cap is None or cap.WhichOneof("kind") != "struct_value":
         return None
     req = dict(cap.struct_value.fields)

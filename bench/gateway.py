@@ -261,8 +261,10 @@ async def run_paced(target: Target, body: bytes, stream: bool, rate: float, dura
 
 
 def gateway_config(tmp: Path, telemetry: dict[str, object] | None = None, spiffe_mode: str | None = None,
-                   bodies: list[dict[str, object]] | None = None) -> Path:
+                   bodies: list[dict[str, object]] | None = None, authz_transport: str | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
+    if authz_transport is not None:
+        cfg.setdefault("services", {})["authz_transport"] = authz_transport
     if bodies is not None:
         cfg.setdefault("audit", {})["bodies"] = bodies
     if telemetry is not None:
@@ -511,6 +513,8 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
     ap.add_argument("--spiffe-compare", action="store_true",
                     help="only the gateway, once with services.spiffe.mode: off (plaintext hops, but the adapter's) "
                          "and once with SPIFFE mTLS on every hop; prints req/s of both")
+    ap.add_argument("--authz-transport", choices=("grpc", "http"),
+                    help="the gateway's services.authz_transport (default: the example config's)")
     ap.add_argument("--client-note", type=float, default=0.85,
                     help="flag levels where the client used at least this share of its core")
     args = ap.parse_args(argv)
@@ -568,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
         tmp = Path(d)
         t = time.monotonic()
         print("starting the gateway ...", file=sys.stderr)
-        gw = Gateway(gateway_config(tmp))
+        gw = Gateway(gateway_config(tmp, authz_transport=args.authz_transport))
         try:
             gw.start()
             assert gw.runtime is not None and gw.emulator_url and gw.emulator_key

@@ -220,6 +220,15 @@ class ServiceSettings(Strict):
     authz_transport: Literal["grpc", "http"] = "grpc"
 
     @model_validator(mode="after")
+    def _http_front_under_ccr_up(self) -> ServiceSettings:
+        # `ccr serve` replicas are reached at configured addresses with gRPC health checks; their HTTP
+        # fronts would need addresses and checks of their own, not built yet.
+        if self.authz_transport == "http" and self.standalone is not None:
+            raise ValueError("authz_transport: http is supported with `ccr up` only; services.standalone "
+                             "(`ccr serve`) uses grpc")
+        return self
+
+    @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:
         if self.failure_mode_allow and not self.i_understand_unauthenticated_traffic_reaches_providers:
             raise ValueError(

@@ -165,6 +165,8 @@ POLICY_STATUS_FILE = "policy-status.json"
 POLICY_GLOBAL_SET = "global"
 # Key in a service's ready file (and Runtime.metrics): host:port of its Prometheus /metrics endpoint.
 READY_METRICS = "metrics"
+# Key in extauth's ready file: host:port of its HTTP authorization front (services.authz_transport: http).
+READY_AUTHZ_HTTP = "authz_http"
 
 # -- Spend: budgets reserved at admission, settled at completion (docs/spend.md) -------------
 
@@ -275,8 +277,14 @@ AUTHZ_HTTP_MD_KEYS = (
     "tenant", "owner", "spiffe_id", AUTHZ_MODEL, AUTHZ_MODEL_REQUESTED, AUTHZ_MODEL_SPAN, AUTHZ_MODEL_PATH,
     "endpoint", "provider", "cluster", "rpm", AUTHZ_BATCH_REQUESTS, AUTHZ_REGION, AUTHZ_LABELS, AUTHZ_RATELIMIT,
     AUTHZ_DECISION_ID, AUTHZ_BUNDLE_REVISION, AUTHZ_ERROR_TYPE, AUTHZ_SPEND, AUTHZ_SPEND_WORST, SPEND_RESERVED,
-    SPEND_COUNTERS, AUTHZ_RATELIMIT_OUTCOME, AUTHZ_BODY_CAPTURE,
+    SPEND_COUNTERS, AUTHZ_RATELIMIT_OUTCOME,
 )
+# The body capture (AUTHZ_BODY_CAPTURE, up to audit.body_max_bytes of body) does not fit the headers
+# ext_authz may add to a request (the listener's max_request_headers_kb): the answer carries it in this
+# header instead, outside x-ccr-* so it is never copied onto the request. Envoy's
+# dynamic_metadata_from_headers puts it into AUTHZ_NS under this name, as the string (base64 Value)
+# the audit receiver decodes (audit/bodies.py).
+H_AUTHZ_BODY_CAPTURE = "ccr-authz-body-capture"
 
 
 def authz_md_header(key: str) -> str:
@@ -291,8 +299,6 @@ H_AUTHZ_HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 # with a stand-in status, and the listener's local reply mappers (on ext_authz refusals only, response
 # flag UAEX) turn it back into the real one. A 5xx not listed goes out as 503's stand-in.
 AUTHZ_HTTP_STATUS_STANDINS = {200: 299, 500: 470, 502: 472, 503: 473, 504: 474, 529: 479}
-# The ready file key under which extauth reports its HTTP front's "host:port".
-READY_AUTHZ_HTTP = "authz_http"
 # The client headers extauth's answers may carry besides a policy's declared result_names.response_headers
 # (the router's allowed_client_headers and allowed_client_headers_on_success list exactly these, plus
 # those): a refusal's or own answer's body type, and the rate limit and budget headers of in-Check

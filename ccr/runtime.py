@@ -37,6 +37,8 @@ class Runtime(BaseModel):
     audit_dir: str | None = None
     # host:port of each gRPC service, filled in as they report ready.
     extauth: str | None = None
+    # extauth's HTTP authorization front (services.authz_transport: http), host:port.
+    extauth_http: str | None = None
     ratelimit: str | None = None
     adapter: str | None = None
     accesslog: str | None = None

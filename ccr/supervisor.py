@@ -31,7 +31,15 @@ from ccr import db
 from ccr.audit_role import audit_role_dsn
 from ccr.config import ConfigError, GatewayConfig, OverloadSettings, Provider, ProviderKind, load_config
 from ccr.config_sync import publish_initial
-from ccr.contract import ID_ADAPTER, ID_ENVOY, ID_ROUTER, READY_METRICS, RUN_TRUST_DOMAIN, SPIFFE_PARTS
+from ccr.contract import (
+    ID_ADAPTER,
+    ID_ENVOY,
+    ID_ROUTER,
+    READY_AUTHZ_HTTP,
+    READY_METRICS,
+    RUN_TRUST_DOMAIN,
+    SPIFFE_PARTS,
+)
 from ccr.credentials import write_secret
 from ccr.listener_tls import write_listener_sds
 from ccr.localservers import start_postgres, start_redis
@@ -79,37 +87,52 @@ def ready_path(run_dir: Path, name: str, index: int) -> Path:
 
 def spawn_worker(name: str, module: str, index: int, runtime_file: Path, run_dir: Path, logs: Path, *,
                  port: int = 0, reuse_port: bool = False, env: dict[str, str] | None = None,
-                 python: str | Path | None = None) -> Child:
+                 python: str | Path | None = None, authz_http_port: int | None = None) -> Child:
     """Worker `index` of a service, a tracked child; worker 0 binds a free port, the others its `port`.
 
-    `python`: the interpreter path to launch it through (its SPIFFE workload path, ccr/spire.py)."""
+    `python`: the interpreter path to launch it through (its SPIFFE workload path, ccr/spire.py).
+    `authz_http_port`: extauth also serves its HTTP authorization front there (0: a free port)."""
     argv = [str(python or sys.executable), "-m", module, "--runtime", str(runtime_file),
             "--ready-file", str(ready_path(run_dir, name, index)), "--port", str(port)]
     if reuse_port:
         argv.append("--reuse-port")
+    if authz_http_port is not None:
+        argv += ["--authz-http-port", str(authz_http_port)]
     return spawn(name if index == 0 else f"{name}.{index}", argv, logs, env=env, cwd=REPO)
 
 
-def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str) -> dict:
-    """Until worker `index` serves; it must serve where worker 0 does."""
+def wait_worker(child: Child, run_dir: Path, name: str, index: int, address: str, authz_http: str | None = None
+                ) -> dict:
+    """Until worker `index` serves; it must serve where worker 0 does (its HTTP front too)."""
     info = wait_ready_file(child, ready_path(run_dir, name, index), timeout=60)
     if info["address"] != address:
         raise StartError(f"{child.name} serves on {info['address']}, not on {address} like its first worker")
+    if authz_http is not None and info.get(READY_AUTHZ_HTTP) != authz_http:
+        raise StartError(f"{child.name} serves its HTTP front on {info.get(READY_AUTHZ_HTTP)}, not on {authz_http} "
+                         "like its first worker")
     return info
 
 
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
 def start_service(name: str, module: str, workers: int, runtime_file: Path, run_dir: Path, logs: Path, *,
-                  env: dict[str, str] | None = None) -> list[Child]:
+                  env: dict[str, str] | None = None, authz_http: bool = False) -> list[Child]:
     """`workers` processes of one service on one port, all serving when this returns; stops
-    those it started if one fails. For benches and tests; `ccr up` starts its services together."""
-    children = [spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=workers > 1, env=env)]
+    those it started if one fails. For benches and tests; `ccr up` starts its services together.
+    `authz_http`: extauth serves its HTTP front too (services.authz_transport: http)."""
+    children = [spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=workers > 1, env=env,
+                             authz_http_port=0 if authz_http else None)]
     try:
-        address = str(wait_ready_file(children[0], ready_path(run_dir, name, 0))["address"])
-        port = int(address.rpartition(":")[2])
-        children += [spawn_worker(name, module, i, runtime_file, run_dir, logs, port=port, reuse_port=True, env=env)
+        info = wait_ready_file(children[0], ready_path(run_dir, name, 0))
+        address = str(info["address"])
+        front = str(info[READY_AUTHZ_HTTP]) if authz_http else None
+        children += [spawn_worker(name, module, i, runtime_file, run_dir, logs, port=_port(address), reuse_port=True,
+                                  env=env, authz_http_port=_port(front) if front else None)
                      for i in range(1, workers)]
         for i, c in enumerate(children[1:], start=1):
-            wait_worker(c, run_dir, name, i, address)
+            wait_worker(c, run_dir, name, i, address, front)
     except BaseException:
         for c in reversed(children):
             c.stop()
@@ -432,25 +455,32 @@ class Gateway:
 
         t = time.monotonic()
         # The first worker of every service (all starting at once), then the others on its port.
+        # extauth's HTTP authorization front, when Envoy asks it over HTTP (router/authz_http.py).
+        front = {"extauth"} if config.services.authz_transport == "http" else set()
         first = {
             name: self._track(spawn_worker(name, module, 0, runtime_file, run_dir, logs, reuse_port=count[name] > 1,
-                                           env=self._service_env(name, config), python=self._python(name)))
+                                           env=self._service_env(name, config), python=self._python(name),
+                                           authz_http_port=0 if name in front else None))
             for name, module in modules.items()
         }
         more: dict[str, list[Child]] = {}
         for name, child in first.items():
             info = wait_ready_file(child, ready_path(run_dir, name, 0), timeout=60)
             setattr(runtime, name, str(info["address"]))
+            if name in front:
+                runtime.extauth_http = str(info[READY_AUTHZ_HTTP])
             if READY_METRICS in info:
                 runtime.metrics[name] = str(info[READY_METRICS])
-            port = int(str(info["address"]).rpartition(":")[2])
-            more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs, port=port,
-                                                   reuse_port=True, env=self._service_env(name, config),
-                                                   python=self._python(name)))
+            more[name] = [self._track(spawn_worker(name, modules[name], i, runtime_file, run_dir, logs,
+                                                   port=_port(str(info["address"])), reuse_port=True,
+                                                   env=self._service_env(name, config), python=self._python(name),
+                                                   authz_http_port=_port(str(info[READY_AUTHZ_HTTP]))
+                                                   if name in front else None))
                           for i in range(1, count[name])]
         for name, child in first.items():
             for i, w in enumerate(more.get(name, []), start=1):
-                winfo = wait_worker(w, run_dir, name, i, getattr(runtime, name))
+                winfo = wait_worker(w, run_dir, name, i, getattr(runtime, name),
+                                    runtime.extauth_http if name in front else None)
                 if READY_METRICS in winfo:
                     runtime.metrics[f"{name}.{i}"] = str(winfo[READY_METRICS])
             pids = ", ".join(str(c.pid) for c in [child, *more.get(name, [])])

@@ -5,6 +5,8 @@ objects, the SSE event sequence, prompt-cache usage fields), so the gateway, its
 its benchmarks exercise the same paths they would against api.anthropic.com. Faults and
 latency can be switched on per process (CLI) or per request (`x-emulator-*` headers), and
 every request is recorded (headers, body length and sha256) for tests at /_emulator/requests.
+Records carry a sequence number that only grows, so a test can read exactly what arrived after
+a mark even once the ring of kept records has dropped old ones (see `get_records`).
 
 Mid-stream faults strike after half of the first content block; with `x-emulator-hold: NAME`
 they wait there until `POST /_emulator/release/NAME`, so a test can see output before the fault.
@@ -601,6 +603,12 @@ class Emulator:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.records: deque[dict[str, Any]] = deque(maxlen=config.record_limit)
+        # Sequence numbers: the last one given (never reset, not even by DELETE), the highest one no
+        # longer kept (dropped by the ring or cleared), and this process's identity, so a mark taken
+        # from another emulator process (a restart) is refused instead of reading as "nothing new".
+        self.last_seq = 0
+        self.dropped_through = 0
+        self.instance = secrets.token_hex(8)
         self.cache = PromptCache()
         self._rng = random.Random(config.seed)
         # x-emulator-hold: name -> released by POST /_emulator/release/{name} (tests order faults).
@@ -623,6 +631,7 @@ class Emulator:
         self.objects.register(r)
         r.add_get("/_emulator/requests", self.get_records)
         r.add_delete("/_emulator/requests", self.clear_records)
+        r.add_get("/_emulator/requests/mark", self.mark_records)
         r.add_get("/_emulator/health", self.health)
         r.add_post("/_emulator/release/{name}", self.release)
         return app
@@ -643,7 +652,7 @@ class Emulator:
             "query_string": request.query_string, "request_id": request[RID_KEY],
             "headers": _headers_dict(request), "body_length": 0, "body_sha256": None, "status": None,
         }
-        self.records.append(rec)
+        self._keep(rec)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -890,11 +899,48 @@ class Emulator:
 
     # -- inspection (no auth: tests read what the gateway forwarded)
 
+    def _keep(self, rec: dict[str, Any]) -> None:
+        self.last_seq += 1
+        rec["seq"] = self.last_seq
+        limit = self.records.maxlen
+        if limit is not None and len(self.records) >= limit:
+            # The ring drops its oldest record (or, with a limit of 0, this one).
+            self.dropped_through = self.records[0]["seq"] if self.records else rec["seq"]
+        self.records.append(rec)
+
+    def _position(self) -> dict[str, Any]:
+        return {"instance": self.instance, "last_seq": self.last_seq, "dropped_through": self.dropped_through}
+
     async def get_records(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(list(self.records)), content_type="application/json")
+        """Every kept record, oldest first; with `?after=N`, `{instance, last_seq, dropped_through,
+        records}` where records are exactly those with seq > N. A read whose records were already
+        dropped (N < dropped_through) answers 410, and one from the future or from another process
+        (`instance=` given and not this one) answers 409: neither may pass as "nothing arrived"."""
+        after_raw = request.query.get("after")
+        if after_raw is None:
+            return web.Response(body=orjson.dumps(list(self.records)), content_type="application/json")
+        if not re.fullmatch(r"[0-9]{1,18}", after_raw):
+            return error_response(400, "invalid_request_error", f"after: not a sequence number: {after_raw!r}")
+        after = int(after_raw)
+        instance = request.query.get("instance")
+        if (instance is not None and instance != self.instance) or after > self.last_seq:
+            return error_response(409, "invalid_request_error",
+                                  f"mark {instance}:{after} is not of this emulator ({self.instance}:{self.last_seq})")
+        if after < self.dropped_through:
+            return error_response(410, "not_found_error",
+                                  f"records {after + 1}..{self.dropped_through} were dropped (ring of "
+                                  f"{self.records.maxlen}, or cleared); the rest would not be all since the mark")
+        recs = [r for r in self.records if r["seq"] > after]
+        return web.Response(body=orjson.dumps({**self._position(), "records": recs}), content_type="application/json")
+
+    async def mark_records(self, request: web.Request) -> web.Response:
+        """Where the record sequence stands now: a mark for a later `?after=` read."""
+        return web.Response(body=orjson.dumps(self._position()), content_type="application/json")
 
     async def clear_records(self, request: web.Request) -> web.Response:
+        # Sequence numbers go on: a mark taken before a clear cannot read the cleared records (410).
         self.records.clear()
+        self.dropped_through = self.last_seq
         return web.Response(body=b'{"cleared":true}', content_type="application/json")
 
     def _hold(self, name: str) -> asyncio.Event:

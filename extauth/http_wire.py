@@ -27,6 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
+    AUTHZ_BODY_CAPTURE,
     AUTHZ_HTTP_CLIENT_HEADER_PREFIXES,
     AUTHZ_HTTP_CLIENT_HEADERS,
     AUTHZ_HTTP_FULL_PREFIX,
@@ -34,6 +35,7 @@ from ccr.contract import (
     AUTHZ_HTTP_MD_KEYS,
     AUTHZ_HTTP_STATUS_STANDINS,
     CCR_HEADER_PREFIX,
+    H_AUTHZ_BODY_CAPTURE,
     H_AUTHZ_CONTENT_LENGTH,
     H_AUTHZ_HEADERS_TO_REMOVE,
     H_AUTHZ_MD_PREFIX,
@@ -199,10 +201,20 @@ class AnswerNames:
                                                     "policy.result_names.response_headers")
         return self._remember("c", key, name)
 
+    def refusal_header(self, key: str) -> str:
+        """A refusal's header: one the gateway emits, or a declared policy header (OPA-Envoy `headers` go to
+        the client on a denial; the router allow-lists both there)."""
+        name = _name("client header", key)
+        if name in self.upstream:
+            return name
+        return self.client_header(key)
+
     def metadata_key(self, key: str) -> str:
         hit = self._passed.get(("m", key))
         if hit is not None:
             return hit
+        if key == AUTHZ_BODY_CAPTURE:  # too large for a request header: its own answer header
+            return H_AUTHZ_BODY_CAPTURE
         if key not in self.metadata:
             raise Undeclared("metadata key", key, "not in the contract's AUTHZ_HTTP_MD_KEYS and not in "
                                                   "policy.result_names.metadata")
@@ -289,7 +301,7 @@ def answer(resp: pb.CheckResponse, names: AnswerNames, keep_alive: bool = True) 
     denied = resp.denied_response
     code = denied.status.code or 403  # Envoy's own default for a denial without a status
     for opt in denied.headers:
-        name = names.client_header(opt.header.key)
+        name = names.refusal_header(opt.header.key)
         lines.append(f"{name}: {_value(name, opt.header.value)}")
     _metadata_lines(resp, names, lines)
     body = denied.body.encode("utf-8")

@@ -21,9 +21,10 @@ from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2 as
 from envoy.type.matcher.v3 import http_inputs_pb2 as _inputs  # noqa: F401
 
 from ccr.config import DownstreamSettings, GatewayConfig
-from ccr.contract import AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD, CCR_HEADER_PREFIX
+from ccr.contract import AUTHZ_HTTP_IDENTITY_PREFIX, AUTHZ_PHASE_IDENTITY, AUTHZ_PHASE_MD, CCR_HEADER_PREFIX
 from ccr.errors import error_body
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router.authz_http import ext_authz_fields
 
 T = "type.googleapis.com/"
 Json = dict[str, Any]
@@ -128,15 +129,18 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
     metadata this filter sends (only Envoy talks to extauth) and checks identity only; the
     body-buffering check after it still decides everything (policy, model, routing).
     """
-    authz: Json = {
-        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "transport_api_version": "V3",
-        "grpc_service": {
+    if config.services.authz_transport == "http":  # the phase is told by the path prefix
+        transport = ext_authz_fields(config, AUTHZ_HTTP_IDENTITY_PREFIX, _secs(timeout_s))
+    else:
+        transport = {"transport_api_version": "V3", "grpc_service": {
             "envoy_grpc": {"cluster_name": ext_authz_cluster},
             "timeout": _secs(timeout_s),
             "initial_metadata": [{"key": AUTHZ_PHASE_MD, "value": AUTHZ_PHASE_IDENTITY}],
             **({"retry_policy": decision_retry(timeout_s)} if retry else {}),
-        },
+        }}
+    authz: Json = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        **transport,
         "failure_mode_allow": config.services.failure_mode_allow,
         "status_on_error": {"code": 503},
         "stat_prefix": IDENTITY_STAT_PREFIX,

@@ -21,6 +21,7 @@ from ccr.contract import (
     ADAPTER_PROVIDER_MD,
     ADAPTER_TRANSLATE_MD,
     ALS_TAG_SERVED_PROVIDER,
+    AUTHZ_HTTP_FULL_PREFIX,
     CCR_HEADER_PREFIX,
     H_CLIENT_REQUEST_ID,
     H_CLUSTER,
@@ -46,6 +47,7 @@ from ccr.errors import error_body
 from ccr.pki import RunPki
 from ccr.runtime import Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
+from router import authz_http
 from router.body_capture import capture_filters
 from router.downstream import (
     IDENTITY_FIRST,
@@ -131,9 +133,9 @@ def spiffe_upstream_tls(trust_domain: str, server: str, alpn: tuple[str, ...] = 
     }}
 
 
-def _service_tls(runtime: Runtime, server: str) -> Json | None:
+def _service_tls(runtime: Runtime, server: str, alpn: tuple[str, ...] = ("h2",)) -> Json | None:
     if runtime.spiffe_socket:
-        return spiffe_upstream_tls(runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN, server)
+        return spiffe_upstream_tls(runtime.spiffe_trust_domain or RUN_TRUST_DOMAIN, server, alpn)
     return _mtls_socket(runtime.mtls, server)
 
 
@@ -523,6 +525,10 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
                          _service_tls(runtime, SERVICE_IDENTITY[name]),
                          replicas=bool(runtime.service_endpoints))
            for name, addr in services.items()]
+    if config.services.authz_transport == "http":
+        if not runtime.extauth_http:
+            raise ValueError("runtime lacks the address of extauth's HTTP front (services.authz_transport: http)")
+        out.append(authz_http.cluster(config, runtime.extauth_http, _service_tls(runtime, ID_EXTAUTH, ("http/1.1",))))
     for p in config.providers:
         if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
             out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
@@ -664,7 +670,7 @@ def _not_found_route() -> Json:
 
 def route_config(config: GatewayConfig) -> Json:
     """Deny by default: one route per known endpoint, a direct 404 for every other path."""
-    return {
+    out: Json = {
         "name": ROUTES,
         "virtual_hosts": [{
             "name": "anthropic_api",
@@ -672,6 +678,9 @@ def route_config(config: GatewayConfig) -> Json:
             "routes": [*_signin_routes(config), *_endpoint_routes(config), _not_found_route()],
         }],
     }
+    if config.services.authz_transport == "http":  # a provider must not write the audit row's facts
+        out["response_headers_to_remove"] = authz_http.upstream_response_headers_to_remove(config)
+    return out
 
 
 def _local_reply_mappers() -> list[Json]:
@@ -800,6 +809,7 @@ def _strip_client_ccr_headers() -> list[Json]:
 def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = False, replicas: bool = False) -> Json:
     """`replicas`: the decision services run as several replicas (`ccr serve`): retry their calls."""
     g = config.gateway
+    over_http = config.services.authz_transport == "http"
     hcm: Json = {
         "@type": HCM,
         "stat_prefix": "ccr",
@@ -814,15 +824,18 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
         "stream_idle_timeout": _secs(g.request_timeout_s),
         "max_request_headers_kb": 96,
         **connection_limits(g.downstream),
-        "local_reply_config": {"mappers": [*local_reply_mappers(), *_local_reply_mappers(),
+        "local_reply_config": {"mappers": [*(authz_http.status_mappers() if over_http else []),
+                                           *local_reply_mappers(), *_local_reply_mappers(),
                                            *fallback_reply_mappers()]},
         **_path_handling(),
         "http_filters": [
+            *([authz_http.refusal_metadata_filter(config)] if over_http else []),
             identity_first_filter(config, EXTAUTH, 30.0, retry=replicas),
             {"name": EXT_AUTHZ_FILTER, "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": _grpc_service(EXTAUTH, 30.0, retry=replicas),
+                **(authz_http.ext_authz_fields(config, AUTHZ_HTTP_FULL_PREFIX, "30s") if over_http else {
+                    "transport_api_version": "V3",
+                    "grpc_service": _grpc_service(EXTAUTH, 30.0, retry=replicas)}),
                 "failure_mode_allow": config.services.failure_mode_allow,
                 "status_on_error": {"code": 503},
                 # The body is read once, here: extauth needs the model for policy and routing.
@@ -830,9 +843,11 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
                                       "allow_partial_message": False, "pack_as_bytes": True},
                 # extauth sets x-ccr-cluster, which selects the route's cluster.
                 "clear_route_cache": True,
-                # The verified client certificate, so extauth can insist on an X.509-SVID.
-                "include_peer_certificate": True,
+                # The verified client certificate, so extauth can insist on an X.509-SVID (over HTTP:
+                # authz_http.PEER_HEADERS).
+                **({} if over_http else {"include_peer_certificate": True}),
             }},
+            *([authz_http.allow_metadata_filter(config)] if over_http else []),
             {"name": "envoy.filters.http.ratelimit", "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
                 "domain": RL_DOMAIN,

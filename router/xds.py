@@ -41,6 +41,7 @@ from envoy.extensions.filters.http.credential_injector.v3 import credential_inje
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _authz  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2 as _proc  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2 as _mutation  # noqa: F401
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2 as _h2m  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _rl  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noqa: F401

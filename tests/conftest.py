@@ -11,10 +11,21 @@ from ccr import db
 from ccr.fixtures import AGENT_REQUEST, fixture_path
 from ccr.localservers import start_postgres, start_redis
 from ccr.supervisor import Gateway
+from tests import harness
 from tests.harness import create_database, running_gateway
 from tests.idp import TestIdP, running_idp
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--authz-transport", choices=("grpc", "http"), default=None,
+                     help="run every gateway the tests start with this services.authz_transport "
+                          "(default: the config's own), e.g. to run the e2e suite against the HTTP front")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    harness.AUTHZ_TRANSPORT = config.getoption("--authz-transport")
 
 
 @pytest.fixture(scope="session")

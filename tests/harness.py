@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from ccr.runtime import Runtime
 from ccr.supervisor import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
+# pytest --authz-transport: every gateway_config() asks for this ext_authz transport (tests/conftest.py).
+AUTHZ_TRANSPORT: str | None = None
 
 
 def copy_policy_modules(dest: Path) -> list[str]:
@@ -83,6 +86,8 @@ def gateway_config(tmp: Path, edit: Callable[[dict[str, Any]], object] | None = 
     cfg = yaml.safe_load((REPO / "ccr.example.yaml").read_text())
     cfg["storage"]["data_dir"] = str(tmp / "data")
     cfg["policy"]["dir"] = str(REPO / "policies")
+    if AUTHZ_TRANSPORT is not None:
+        cfg["services"]["authz_transport"] = AUTHZ_TRANSPORT
     if edit is not None:
         edit(cfg)
     path = tmp / "ccr.yaml"
@@ -110,8 +115,45 @@ def log_row(dsn: str, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
 
 
 def emulator_records(gw: Gateway) -> list[dict[str, Any]]:
-    """What the emulator (the upstream provider) has received, oldest first."""
+    """What the emulator (the upstream provider) still keeps of what it received, oldest first: only its
+    last --record-limit requests, so to see what an action sent (or that it sent nothing), use `emulator_mark`."""
     return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
+
+
+class RecordsLost(AssertionError):
+    """A mark-based read could not be answered in full (records dropped, or another emulator process)."""
+
+
+@dataclass(frozen=True)
+class RecordMark:
+    """A place in an Anthropic emulator's request records (emulators/anthropic.py, each numbered by a
+    sequence that only grows): `arrived()` is exactly what the emulator received after it.
+
+    The emulator keeps only its last --record-limit records, so counting them before an action and
+    slicing after goes blind once that ring is full (and "nothing reached the provider" then passes on
+    nothing). A mark does not: it reads by sequence number, and a read whose records were already
+    dropped, or cleared, or that reaches a different (restarted) emulator raises `RecordsLost`."""
+
+    url: str
+    instance: str
+    seq: int
+
+    def arrived(self) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/_emulator/requests", params={"after": self.seq, "instance": self.instance})
+        if r.status_code in (409, 410):
+            raise RecordsLost(f"records after mark {self.seq} at {self.url}: {r.status_code} {r.text}")
+        r.raise_for_status()
+        return r.json()["records"]  # type: ignore[no-any-return]
+
+
+def emulator_mark(target: Gateway | str) -> RecordMark:
+    """A mark in the records of the gateway's built-in emulator, or of the Anthropic emulator at a URL."""
+    url = target if isinstance(target, str) else target.emulator_url
+    assert url, "this gateway runs no emulator"
+    r = httpx.get(f"{url}/_emulator/requests/mark")
+    r.raise_for_status()
+    pos = r.json()
+    return RecordMark(url, pos["instance"], pos["last_seq"])
 
 
 @contextmanager

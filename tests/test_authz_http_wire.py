@@ -15,7 +15,9 @@ from google.rpc import code_pb2, status_pb2
 
 from ccr.config import parse_config
 from ccr.contract import (
+    AUTHZ_BODY_CAPTURE,
     AUTHZ_HTTP_STATUS_STANDINS,
+    H_AUTHZ_BODY_CAPTURE,
     H_AUTHZ_CONTENT_LENGTH,
     H_AUTHZ_HEADERS_TO_REMOVE,
     H_AUTHZ_PEER_ADDRESS,
@@ -270,3 +272,27 @@ def test_the_allow_lists_exported_for_the_router() -> None:
                           "ccr-budget-reset", "x-policy-note"}
     assert prefixes == ("x-ratelimit-", "anthropic-ratelimit-")
     assert upstream_header_allow_list(_config(headers=["x-team"])) == (("x-team",), ("x-ccr-",))
+
+
+def test_a_refusal_may_carry_a_declared_policy_header_to_the_client() -> None:
+    """OPA-Envoy `headers` go to the client on a denial: declared under result_names.headers they pass there,
+    and only there (an allow's client headers are result_names.response_headers)."""
+    names = AnswerNames.of(_config(headers=["x-ext-auth-allow"]))
+    p = _Parsed(answer(denied(429, "rate_limit_error", "no", [_opt("x-ext-auth-allow", "no")]), names))
+    assert p.status == 429 and p.get("x-ext-auth-allow") == ["no"]
+    with pytest.raises(Undeclared):
+        answer(denied(429, "rate_limit_error", "no", [_opt("x-ext-auth-allow", "no")]), NAMES)
+    with pytest.raises(Undeclared):
+        answer(_ok(response_headers_to_add=[_opt("x-ext-auth-allow", "yes")]), names)
+
+
+def test_the_body_capture_travels_in_its_own_header() -> None:
+    """Too large for a request header (the headers ext_authz adds count against the listener's limit): outside
+    x-ccr-*, for Envoy's dynamic_metadata_from_headers, never copied onto the request."""
+    resp = _ok()
+    resp.dynamic_metadata.update({AUTHZ_BODY_CAPTURE: {"request": "eA==", "request_bytes": 1, "retention_days": 7}})
+    p = _Parsed(answer(resp, NAMES))
+    [sent] = p.get(H_AUTHZ_BODY_CAPTURE)
+    assert json_format.MessageToDict(struct_pb2.Value.FromString(base64.b64decode(sent))) == {
+        "request": "eA==", "request_bytes": 1, "retention_days": 7}
+    assert not any(k.startswith("x-ccr-") for k, _ in p.headers)

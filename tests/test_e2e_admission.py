@@ -35,23 +35,34 @@ RULES: list[dict[str, Any]] = [
 QUOTA = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
-def _gateway(tmp_path_factory: pytest.TempPathFactory, admission: str) -> Iterator[Gateway]:
+def _gateway(tmp_path_factory: pytest.TempPathFactory, admission: str, transport: str | None = None
+             ) -> Iterator[Gateway]:
     def edit(cfg: dict[str, Any]) -> None:
         cfg["limits"]["rules"] = RULES
         cfg["limits"]["admission"] = admission
         cfg["spend"] = {"refresh_s": 0.1}
+        if transport is not None:
+            cfg["services"]["authz_transport"] = transport
 
-    with running_gateway(tmp_path_factory.mktemp(f"gw_{admission}"), edit) as g:
+    with running_gateway(tmp_path_factory.mktemp(f"gw_{admission}_{transport}"), edit) as g:
         yield g
 
 
-@pytest.fixture(scope="module")
-def in_extauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    yield from _gateway(tmp_path_factory, "extauth")
+# Decided in extauth's Check, asked over either ext_authz transport: the same answers.
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def in_ratelimit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def in_extauth(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Gateway]:
+    yield from _gateway(tmp_path_factory, "extauth", transport)
+
+
+@pytest.fixture(scope="module")
+def in_ratelimit(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Gateway]:
+    """A fresh one beside each in_extauth: the group's token counter is shared by the requests a pair makes."""
+    del transport  # only to be started anew per transport
     yield from _gateway(tmp_path_factory, "ratelimit")
 
 

@@ -39,9 +39,13 @@ def emus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulators]:
         yield e
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, emus: Emulators) -> Iterator[Gateway]:
+# Both ext_authz transports: over HTTP the captured request body travels in its own answer header
+# (H_AUTHZ_BODY_CAPTURE), as it does not fit the request headers ext_authz may add.
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def gw(tmp_path_factory: pytest.TempPathFactory, emus: Emulators, request: pytest.FixtureRequest
+       ) -> Iterator[Gateway]:
     def edit(cfg: dict[str, Any]) -> None:
+        cfg["services"]["authz_transport"] = request.param
         cfg["providers"] += emus.providers()
         cfg["models"] = emus.models() + cfg["models"]
         cfg.setdefault("audit", {})["bodies"] = [{"tenant": "capture-co", "retention_days": DAYS}]

@@ -27,12 +27,15 @@ REVISION = "audit-rev-7"
 PRICE = {"input": 3, "output": 15, "w5": 3.75, "w1": 6, "read": 0.3}
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+# Both ext_authz transports: over HTTP the facts travel as answer headers (router/authz_http.py), and every row
+# field must come out the same.
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("audit-row")
     bundle = build_bundle(REPO / "policies", tmp / "bundle.tar.gz", "ccr/authz/decision", revision=REVISION)
 
     def edit(cfg: dict[str, Any]) -> None:
+        cfg["services"]["authz_transport"] = request.param
         cfg["providers"][0]["region"] = "eu"
         cfg["policy"].pop("dir", None)
         cfg["policy"]["bundle"] = {"path": str(bundle)}

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import pytest
 
 from ccr.procs import Child, spawn, wait_ready_file
 from ccr.supervisor import Gateway
 from emulators import bedrock
-from tests.harness import REPO, log_row, running_gateway
+from tests.harness import REPO, RecordMark, emulator_mark, log_row, running_gateway
 from tests.provider_emulators import AWS_KEY_ID, AWS_SECRET, running_emulators
 
 KEY = "sk-ant-chain-test"
@@ -45,8 +44,8 @@ class Emu:
     child: Child
     url: str
 
-    def records(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_emulator/requests").json()  # type: ignore[no-any-return]
+    def mark(self) -> RecordMark:
+        return emulator_mark(self.url)
 
 
 def _emulator(d: Path, name: str, *extra: str) -> Emu:
@@ -162,12 +161,12 @@ def test_a_400_from_the_first_region_is_not_failed_over(world: World) -> None:
 
 def test_bedrock_fails_over_to_the_anthropic_api(world: World, east_down: None) -> None:
     c = _client(world)
-    e0, p0 = len(world.east.records), len(world.primary.records())
+    e0, primary = len(world.east.records), world.primary.mark()
     assert c.messages.create(model=OPUS, max_tokens=16, messages=HI).content[0].text.startswith("Emulated reply")
     with c.messages.stream(model=OPUS, max_tokens=16, messages=HI) as s:
         assert s.get_final_message().content[0].text.startswith("Emulated reply")
     assert [r["status"] for r in world.east.records[e0:]] == [500, 500]
-    recs = world.primary.records()[p0:]
+    recs = primary.arrived()
     assert len(recs) == 2
     for r in recs:
         headers = {k.lower(): v for k, v in r["headers"].items()}
@@ -179,11 +178,11 @@ def test_bedrock_fails_over_to_the_anthropic_api(world: World, east_down: None) 
 
 def test_anthropic_then_two_bedrock_regions(world: World, east_down: None) -> None:
     c = _client(world)
-    f0, e0, w0 = len(world.flaky.records()), len(world.east.records), len(world.west.records)
+    flaky, e0, w0 = world.flaky.mark(), len(world.east.records), len(world.west.records)
     assert c.messages.create(model=HAIKU, max_tokens=16, messages=HI).content[0].text.startswith("Emulated reply")
     with c.messages.stream(model=HAIKU, max_tokens=16, messages=HI) as s:
         assert s.get_final_message().content
-    assert len(world.flaky.records()) == f0 + 2
+    assert [r["status"] for r in flaky.arrived()] == [529, 529]
     assert [r["status"] for r in world.east.records[e0:]] == [500, 500]
     west = world.west.records[w0:]
     assert [r["status"] for r in west] == [200, 200] and all(_signed_for(r, "us-west-2") and _clean(r) for r in west)

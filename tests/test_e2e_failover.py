@@ -30,7 +30,7 @@ from psycopg.rows import dict_row
 from ccr.procs import Child, spawn, wait_ready_file
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import REPO, emulator_records, running_gateway
+from tests.harness import REPO, RecordMark, emulator_mark, running_gateway
 
 KEY = "sk-ant-failover-test"
 KEY_ENV = "CCR_T_FAILOVER_KEY"
@@ -42,8 +42,8 @@ class Emu:
     child: Child
     url: str
 
-    def records(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_emulator/requests").json()  # type: ignore[no-any-return]
+    def mark(self) -> RecordMark:
+        return emulator_mark(self.url)
 
 
 def _emulator(d: Path, name: str, *extra: str) -> Emu:
@@ -134,30 +134,29 @@ def _audit_row(w: World, request_id: str) -> dict[str, Any]:
 
 def test_primary_stopped_mid_run_no_client_visible_error(world: World) -> None:
     c = _client(world.gw.url, world.gw.api_key)
-    before_eu, before_primary = len(emulator_records(world.gw)), len(world.primary.records())
+    eu, primary = emulator_mark(world.gw), world.primary.mark()
     for _ in range(5):
         assert c.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=HI).content
-    assert len(world.primary.records()) == before_primary + 5  # the primary takes all while it is up
-    assert len(emulator_records(world.gw)) == before_eu
+    assert len(primary.arrived()) == 5  # the primary takes all while it is up
+    assert eu.arrived() == []
     world.primary.child.stop()
     for _ in range(10):  # every request still succeeds: refused connections fail over to the next target
         assert c.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=HI).content
-    assert len(emulator_records(world.gw)) == before_eu + 10
+    assert len(eu.arrived()) == 10
     # Streams fail over too (before their first byte).
     with c.messages.stream(model="claude-sonnet-4-5", max_tokens=8, messages=HI) as s:
         assert s.get_final_message().content
-    assert len(emulator_records(world.gw)) == before_eu + 11
+    assert len(eu.arrived()) == 11
 
 
 def test_529_fails_over_and_the_next_target_gets_its_own_credential(world: World) -> None:
     c = _client(world.gw.url, world.gw.api_key)
-    before_flaky, before_eu = len(world.flaky.records()), len(emulator_records(world.gw))
+    flaky, eu = world.flaky.mark(), emulator_mark(world.gw)
     raw = c.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=8, messages=HI)
     assert raw.parse().content
-    assert len(world.flaky.records()) == before_flaky + 1  # tried first, answered 529
-    recs = emulator_records(world.gw)
-    assert len(recs) == before_eu + 1
-    headers = {k.lower(): v for k, v in recs[-1]["headers"].items()}
+    assert [r["status"] for r in flaky.arrived()] == [529]  # tried first, answered 529
+    [rec] = eu.arrived()
+    headers = {k.lower(): v for k, v in rec["headers"].items()}
     # The built-in emulator's own key (the flaky target's key would be refused with 401), and no
     # gateway-internal header on the wire.
     assert headers["x-api-key"] != KEY
@@ -171,50 +170,49 @@ def test_529_fails_over_and_the_next_target_gets_its_own_credential(world: World
 
 def test_a_request_caused_error_is_not_failed_over(world: World) -> None:
     c = _client(world.gw.url, world.gw.api_key)
-    before = len(world.backup.records()), len(emulator_records(world.gw))
+    backup, eu = world.backup.mark(), emulator_mark(world.gw)
     with pytest.raises(anthropic.BadRequestError) as e:  # max_tokens above the model's limit: the request's fault
         c.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=100_000, messages=HI, stream=True)
     assert "64000" in e.value.body["error"]["message"]  # type: ignore[index]
-    assert (len(world.backup.records()), len(emulator_records(world.gw))) == (before[0] + 1, before[1])
+    assert ([r["status"] for r in backup.arrived()], eu.arrived()) == ([400], [])
 
 
 def test_failover_statuses_are_per_model(world: World) -> None:
     c = _client(world.gw.url, world.gw.api_key)
-    before = len(world.backup.records())
+    backup = world.backup.mark()
     with pytest.raises(anthropic.InternalServerError) as e:
         c.messages.create(model="claude-3-5-haiku", max_tokens=8, messages=HI)
     assert e.value.status_code == 529
-    assert len(world.backup.records()) == before
+    assert backup.arrived() == []
 
 
 def test_a_region_bound_request_never_leaves_its_region_on_failover(world: World) -> None:
     c = _client(world.gw.url, _tenant_key(world, "acme-us"))
-    before_eu, before_backup = len(emulator_records(world.gw)), len(world.backup.records())
+    eu, backup = emulator_mark(world.gw), world.backup.mark()
     for _ in range(4):  # flaky-us answers 529; the next target (backup-eu) is outside us: skipped
         assert c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=HI).content
     with c.messages.stream(model="claude-haiku-4-5", max_tokens=8, messages=HI) as s:
         assert s.get_final_message().content
-    assert len(world.backup.records()) == before_backup + 5
-    assert len(emulator_records(world.gw)) == before_eu  # nothing reached the eu backend
+    assert len(backup.arrived()) == 5
+    assert eu.arrived() == []  # nothing reached the eu backend
     # The same model unbound goes to backup-eu next, as its chain says: the binding made the difference.
     assert _client(world.gw.url, world.gw.api_key).messages.create(
         model="claude-haiku-4-5", max_tokens=8, messages=HI).content
-    assert len(emulator_records(world.gw)) == before_eu + 1
+    assert len(eu.arrived()) == 1
 
 
 def test_a_bound_request_with_no_target_in_its_region_is_refused(world: World) -> None:
     c = _client(world.gw.url, _tenant_key(world, "acme-eu"))
-    before = len(world.flaky.records()), len(world.backup.records()), len(emulator_records(world.gw))
+    marks = world.flaky.mark(), world.backup.mark(), emulator_mark(world.gw)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         c.messages.create(model="claude-opus-4-1", max_tokens=8, messages=HI)
     err = e.value.body["error"]  # type: ignore[index]
     assert err["type"] == "permission_error"
     assert "bound to region 'eu'" in err["message"] and "no provider in that region" in err["message"]
-    after = len(world.flaky.records()), len(world.backup.records()), len(emulator_records(world.gw))
-    assert after == before
+    assert [m.arrived() for m in marks] == [[], [], []]
     # In its region it is served (the eu target of the haiku chain, directly).
     assert c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=HI).content
-    assert len(emulator_records(world.gw)) == before[2] + 1
+    assert len(marks[2].arrived()) == 1
 
 
 def test_chain_endpoints_come_by_eds_over_the_configured_protocol(world: World) -> None:
@@ -235,7 +233,7 @@ def test_a_saturated_provider_answers_529_at_once(world: World) -> None:
     """max_concurrent_requests 1, max_queued_requests 1: one call at the provider (it takes 4 s), one
     waiting; the next is refused at once with 529 overloaded_error in the Anthropic shape."""
     c = _client(world.gw.url, world.gw.api_key)
-    before = len(world.slow.records())
+    slow = world.slow.mark()
 
     def pending() -> int:
         stats = httpx.get(f"{world.gw.admin_url}/stats?filter=provider_slow-us.upstream_rq_pending_active").text
@@ -249,7 +247,7 @@ def test_a_saturated_provider_answers_529_at_once(world: World) -> None:
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(c.messages.create, model="claude-slow-1", max_tokens=8, messages=HI)
-        until(lambda: len(world.slow.records()) == before + 1)  # at the provider
+        until(lambda: len(slow.arrived()) == 1)  # at the provider
         second = pool.submit(c.messages.create, model="claude-slow-1", max_tokens=8, messages=HI)
         until(lambda: pending() == 1)  # waiting for the one connection
         with pytest.raises(anthropic.APIStatusError) as e:
@@ -258,14 +256,14 @@ def test_a_saturated_provider_answers_529_at_once(world: World) -> None:
         assert e.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
         assert not first.done()  # refused while the others were still in flight
         assert first.result(timeout=20).content and second.result(timeout=20).content
-    assert len(world.slow.records()) == before + 2  # the refused one never reached the provider
+    assert len(slow.arrived()) == 2  # the refused one never reached the provider
 
 
 def test_a_split_keeps_each_principal_on_one_variant(world: World) -> None:
     for n in range(6):
         c = _client(world.gw.url, _tenant_key(world, f"ab-{n}"))
-        us, eu = len(world.backup.records()), len(emulator_records(world.gw))
+        us, eu = world.backup.mark(), emulator_mark(world.gw)
         for _ in range(3):
             assert c.messages.create(model="claude-ab-1", max_tokens=8, messages=HI).content
-        got = (len(world.backup.records()) - us, len(emulator_records(world.gw)) - eu)
+        got = (len(us.arrived()), len(eu.arrived()))
         assert got in ((3, 0), (0, 3)), got  # all three on the same variant

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from ccr.supervisor import Gateway
-from tests.harness import running_gateway
+from tests.harness import emulator_mark, running_gateway
 
 BODY = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -38,10 +38,6 @@ def _list_batches(gw: Gateway) -> httpx.Response:
                      headers={"x-api-key": gw.api_key, "anthropic-version": "2023-06-01"})
 
 
-def _upstream_count(gw: Gateway) -> int:
-    return len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json())
-
-
 def _stop(gw: Gateway, name: str) -> None:
     """Every worker of the service (services.workers may start several: name, name.1, ...)."""
     workers = [c for c in gw.children if c.name.split(".")[0] == name]
@@ -60,17 +56,18 @@ def test_service_down_fails_closed(gw: Gateway, service: str, status: int, kind:
     # The adapter serves only Batches and Files (their owner records); Messages never call it.
     call = _list_batches if service == "adapter" else _post
     assert call(gw).status_code == 200
-    seen = _upstream_count(gw)
+    mark = emulator_mark(gw)
     _stop(gw, service)
     if service == "adapter":
         assert _post(gw).status_code == 200
-        seen += 1
+        assert [x["path"] for x in mark.arrived()] == ["/v1/messages"]
+        mark = emulator_mark(gw)
     r = call(gw)
     assert r.status_code == status, r.text
     body = r.json()
     assert body["type"] == "error" and body["error"]["type"] == kind, body
     assert body["error"]["message"]
-    assert _upstream_count(gw) == seen, "a request reached the provider without a decision"
+    assert mark.arrived() == [], "a request reached the provider without a decision"
     # Its audit row says so: not forwarded, no usage (NULL, not 0).
     row = _row(gw, r.headers["x-request-id"])
     assert (row["usage_status"], row["input_tokens"], row["output_tokens"]) == ("not_forwarded", None, None)

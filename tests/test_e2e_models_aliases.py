@@ -28,7 +28,7 @@ import pytest
 from ccr.procs import Child, spawn, wait_ready_file
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import REPO, emulator_records, log_row, running_gateway
+from tests.harness import REPO, RecordMark, emulator_mark, log_row, running_gateway
 from tests.provider_emulators import Emulators, running_emulators
 
 KEY = "sk-ant-models-test"
@@ -42,8 +42,8 @@ class Emu:
     child: Child
     url: str
 
-    def records(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_emulator/requests").json()  # type: ignore[no-any-return]
+    def mark(self) -> RecordMark:
+        return emulator_mark(self.url)
 
 
 def _emulator(d: Path, name: str, *extra: str) -> Emu:
@@ -118,6 +118,7 @@ def test_an_alias_reaches_the_provider_as_its_model_and_the_row_has_both(world: 
     # Odd spacing, a non-ASCII prompt and the model after the messages: only the model's bytes change.
     body = '{"max_tokens": 8,\n "messages":[{"role":"user","content":"h\u00e9 \\"model\\": x"}] , "model" :  "fast" }'
     sent = body.encode()
+    mark = emulator_mark(world.gw)
     r = httpx.post(f"{world.gw.url}/v1/messages", content=sent, headers={
         "x-api-key": world.gw.api_key, "anthropic-version": "2023-06-01", "content-type": "application/json",
         # A client can never route by header: these are stripped before anyone reads them.
@@ -125,7 +126,7 @@ def test_an_alias_reaches_the_provider_as_its_model_and_the_row_has_both(world: 
         "x-ccr-model-span": "0,1"}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == HAIKU  # the provider answered for the concrete model
-    rec = emulator_records(world.gw)[-1]
+    [rec] = mark.arrived()
     expected = sent.replace(b'"fast"', f'"{HAIKU}"'.encode())
     assert rec["body_sha256"] == hashlib.sha256(expected).hexdigest() and rec["body_length"] == len(expected)
     row = log_row(world.gw.runtime.postgres_dsn, r.headers["x-request-id"])
@@ -137,11 +138,12 @@ def test_a_large_aliased_body_is_rewritten_whole(world: World) -> None:
     """Above the listener's per-connection buffer (1 MiB): the alias step buffers up to max_request_bytes."""
     sent = json.dumps({"model": "fast", "max_tokens": 8,
                        "messages": [{"role": "user", "content": "x" * (3 * 1024 * 1024)}]}).encode()
+    mark = emulator_mark(world.gw)
     r = httpx.post(f"{world.gw.url}/v1/messages", content=sent, timeout=60, headers={
         "x-api-key": world.gw.api_key, "anthropic-version": "2023-06-01", "content-type": "application/json"})
     assert r.status_code == 200, r.text[:300]
     expected = sent.replace(b'"fast"', f'"{HAIKU}"'.encode(), 1)
-    rec = emulator_records(world.gw)[-1]
+    [rec] = mark.arrived()
     assert rec["body_sha256"] == hashlib.sha256(expected).hexdigest()
 
 
@@ -149,9 +151,9 @@ def test_an_alias_streams_and_fails_over_as_its_model(world: World) -> None:
     c = _client(world)
     with c.messages.stream(model="fast", max_tokens=8, messages=HI) as s:
         assert s.get_final_message().model == HAIKU
-    before = len(world.primary.records())
+    primary = world.primary.mark()
     msg = c.messages.create(model="claude-sonnet", max_tokens=8, messages=HI)
-    assert msg.model == SONNET and len(world.primary.records()) == before + 1
+    assert msg.model == SONNET and len(primary.arrived()) == 1
     # A model that is no alias and matches no model: refused before anything is forwarded.
     with pytest.raises(anthropic.NotFoundError) as e:
         c.messages.create(model="claude-sonnet-9", max_tokens=8, messages=HI)
@@ -160,7 +162,7 @@ def test_an_alias_streams_and_fails_over_as_its_model(world: World) -> None:
 
 
 def test_an_alias_from_openai_and_bedrock_clients_is_translated_as_its_model(world: World) -> None:
-    before = len(emulator_records(world.gw))
+    mark = emulator_mark(world.gw)
     oa = openai.OpenAI(base_url=f"{world.gw.url}/v1", api_key=world.gw.api_key, max_retries=0)
     done = oa.chat.completions.create(model="fast", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert done.choices[0].message.content and done.model == HAIKU  # the provider was asked for HAIKU
@@ -169,7 +171,7 @@ def test_an_alias_from_openai_and_bedrock_clients_is_translated_as_its_model(wor
                    json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 8, "messages": HI})
     assert r.status_code == 200, r.text
     assert r.json()["model"] == HAIKU
-    recs = emulator_records(world.gw)[before:]
+    recs = mark.arrived()
     assert [(x["path"], x["status"]) for x in recs] == [("/v1/messages", 200)] * 2
     row = log_row(world.gw.runtime.postgres_dsn, r.headers["x-request-id"])
     assert (row["model"], row["model_requested"]) == (HAIKU, "fast")
@@ -191,7 +193,7 @@ ALL = [HAIKU, "fast", "claude-sonnet", SONNET, OPUS]
 
 def test_models_list_shows_what_each_callers_policy_allows(world: World) -> None:
     full, haiku = _client(world), _client(world, _key(world, ["haiku-only"]))
-    before = len(emulator_records(world.gw)), len(world.primary.records())
+    marks = emulator_mark(world.gw), world.primary.mark()
     assert [m.id for m in full.models.list()] == ALL
     assert [m.id for m in haiku.models.list()] == [HAIKU, "fast"]
     # Auto-pagination over pages of two (after_id = the previous page's last_id).
@@ -211,7 +213,7 @@ def test_models_list_shows_what_each_callers_policy_allows(world: World) -> None
     with pytest.raises(anthropic.BadRequestError):
         full.models.list(limit=0)
     # Answered by the gateway: no provider was asked.
-    assert (len(emulator_records(world.gw)), len(world.primary.records())) == before
+    assert [m.arrived() for m in marks] == [[], []]
 
 
 def test_models_list_leaves_out_models_a_region_binding_cannot_reach(world: World) -> None:
@@ -242,14 +244,14 @@ def test_a_request_caused_error_is_not_failed_over_to_another_kind(world: World)
 
 def test_529_fails_over_to_vertex_streamed_and_not(world: World) -> None:
     c = _client(world)
-    before_flaky, before_vertex = len(world.flaky.records()), len(world.clouds.vertex.records)
+    flaky, before_vertex = world.flaky.mark(), len(world.clouds.vertex.records)
     raw = c.messages.with_raw_response.create(model=OPUS, max_tokens=16, messages=HI)
     msg = raw.parse()
     assert msg.content[0].text.startswith("Emulated reply to: hi")
     with c.messages.stream(model=OPUS, max_tokens=16, messages=HI) as s:
         assert [e.type for e in s][0] == "message_start"
         assert s.get_final_message().content[0].text.startswith("Emulated reply to: hi")
-    assert len(world.flaky.records()) == before_flaky + 2  # tried first each time, answered 529
+    assert [r["status"] for r in flaky.arrived()] == [529, 529]  # tried first each time, answered 529
     recs = world.clouds.vertex.records[before_vertex:]
     assert len(recs) == 2
     assert recs[0]["path"].endswith("/claude-opus-4-1@20250805:rawPredict")

@@ -18,7 +18,7 @@ import pytest
 
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import emulator_records, gateway_config, log_row
+from tests.harness import emulator_mark, emulator_records, gateway_config, log_row
 
 BETA = ["files-api-2025-04-14"]
 HAIKU = "claude-haiku-4-5"
@@ -56,10 +56,6 @@ def req(cid: str, model: str = HAIKU, **params: Any) -> dict[str, Any]:
                                          "messages": [{"role": "user", "content": f"hello {cid}"}], **params}}
 
 
-def upstream_paths(gw: Gateway) -> list[str]:
-    return [r["path"] for r in emulator_records(gw)]
-
-
 def test_batch_is_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, str]) -> None:
     a, b = client(gw, keys["alice"]), client(gw, keys["bob"])
     batch = a.messages.batches.create(requests=[req("one"), req("two")])  # type: ignore[list-item]
@@ -70,7 +66,7 @@ def test_batch_is_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, str
     assert [r.custom_id for r in a.messages.batches.results(batch.id)] == ["one", "two"]
     assert batch.id in [x.id for x in a.messages.batches.list()]
 
-    seen = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     for call in (lambda: b.messages.batches.retrieve(batch.id),
                  lambda: list(b.messages.batches.results(batch.id)),
                  lambda: b.messages.batches.cancel(batch.id),
@@ -80,7 +76,7 @@ def test_batch_is_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, str
         # The same answer as for an id that does not exist (plus this refusal's own decision id).
         assert re.fullmatch(rf"message_batch: {batch.id} not found \(decision dec_[0-9a-f]+\)",
                             e.value.body["error"]["message"])  # type: ignore[index]
-    assert len(emulator_records(gw)) == seen, "a refused request reached the provider"
+    assert mark.arrived() == [], "a refused request reached the provider"
     with pytest.raises(anthropic.NotFoundError) as e:
         b.messages.batches.retrieve("msgbatch_01doesnotexist000000000")
     assert "not found" in e.value.body["error"]["message"]  # type: ignore[index]
@@ -95,7 +91,7 @@ def test_batch_is_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, str
 
 def test_batch_with_a_denied_model_is_refused_whole(gw: Gateway, keys: dict[str, str]) -> None:
     hal = client(gw, keys["hal"])
-    before = upstream_paths(gw)
+    mark = emulator_mark(gw)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         hal.messages.batches.create(requests=[req("ok", HAIKU), req("sneaky", SONNET)])  # type: ignore[list-item]
     msg = e.value.body["error"]["message"]  # type: ignore[index]
@@ -105,7 +101,7 @@ def test_batch_with_a_denied_model_is_refused_whole(gw: Gateway, keys: dict[str,
     assert "'odd'" in nf.value.body["error"]["message"]  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError):
         hal.messages.batches.create(requests=[{"custom_id": "x", "params": {"max_tokens": 5}}])  # type: ignore[list-item]
-    assert upstream_paths(gw) == before, "a refused batch reached the provider"
+    assert mark.arrived() == [], "a refused batch reached the provider"
     ok = hal.messages.batches.create(requests=[req("fine", HAIKU)])  # type: ignore[list-item]
     assert ok.request_counts.succeeded == 1
 
@@ -153,7 +149,7 @@ def test_files_are_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, st
     msg = [{"role": "user", "content": [doc, {"type": "text", "text": "summarise"}]}]
     assert a.beta.messages.create(model=HAIKU, max_tokens=16, betas=BETA, messages=msg).usage.input_tokens > 0
 
-    seen = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     for call in (lambda: b.beta.files.retrieve_metadata(f.id, betas=BETA),
                  lambda: b.beta.files.download(f.id, betas=BETA),
                  lambda: b.beta.files.delete(f.id, betas=BETA),
@@ -172,7 +168,7 @@ def test_files_are_owned_and_invisible_to_others(gw: Gateway, keys: dict[str, st
                    headers={"x-api-key": keys["bob"], "anthropic-version": "2023-06-01",
                             "anthropic-beta": BETA[0], "content-type": "application/json"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    assert len(emulator_records(gw)) == seen, "a refused request reached the provider"
+    assert mark.arrived() == [], "a refused request reached the provider"
     assert f.id not in [x.id for x in b.beta.files.list(betas=BETA)]
     assert a.beta.files.delete(f.id, betas=BETA).id == f.id
 

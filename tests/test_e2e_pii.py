@@ -11,7 +11,7 @@ import anthropic
 import pytest
 
 from ccr.supervisor import Gateway
-from tests.harness import REPO, emulator_records, running_gateway
+from tests.harness import REPO, emulator_mark, running_gateway
 
 MODEL = "claude-sonnet-4-5"
 
@@ -44,7 +44,7 @@ def conversation(result: str) -> list[Any]:
 
 def test_ssn_in_a_tool_result_is_refused_before_the_provider(gw: Gateway) -> None:
     c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         # Zero-width characters inside the number do not hide it.
         c.messages.create(model=MODEL, max_tokens=8, messages=conversation("Jane, SSN 123-45-\u200b6789, VIP"))
@@ -54,8 +54,8 @@ def test_ssn_in_a_tool_result_is_refused_before_the_provider(gw: Gateway) -> Non
     assert err["message"].startswith("prompt contains a US SSN (messages[2].content[0].content)")
     assert "(decision dec_" in err["message"]
     assert "6789" not in err["message"]  # the value is never echoed
-    assert len(emulator_records(gw)) == before  # nothing reached the provider
+    assert mark.arrived() == []  # nothing reached the provider
 
     ok = c.messages.create(model=MODEL, max_tokens=8, messages=conversation("Jane, customer since 2019, VIP"))
     assert ok.content
-    assert len(emulator_records(gw)) == before + 1
+    assert len(mark.arrived()) == 1

@@ -15,7 +15,7 @@ import pytest
 from ccr.contract import H_REGION, H_REGION_HINT
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import REPO, emulator_records, running_gateway
+from tests.harness import REPO, emulator_mark, running_gateway
 
 HAIKU = "claude-haiku-4-5"
 SONNET = "claude-sonnet-4-5"
@@ -51,7 +51,7 @@ def client(gw: Gateway, key: str, **headers: str) -> anthropic.Anthropic:
 def test_contractor_tier_denial_has_the_anthropic_shape_and_decision_id(gw: Gateway) -> None:
     _, key = create_key(gw.runtime.postgres_dsn, "contractor-e2e", ["contractors"])
     c = client(gw, key)
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         c.messages.create(model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     err = e.value.body["error"]  # type: ignore[index]
@@ -61,7 +61,7 @@ def test_contractor_tier_denial_has_the_anthropic_shape_and_decision_id(gw: Gate
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         c.messages.create(model=HAIKU, max_tokens=9000, messages=[{"role": "user", "content": "hi"}])
     assert "max_tokens 9000 is above the ceiling of 8192 for tier 'contractor'" in e.value.body["error"]["message"]  # type: ignore[index]
-    assert len(emulator_records(gw)) == before  # nothing reached the provider
+    assert mark.arrived() == []  # nothing reached the provider
 
     # A size ceiling is a 413 from the policy: it keeps the policy's reason and the decision id
     # (Envoy's own 413 reply text is only for bodies past gateway.max_request_bytes).
@@ -71,20 +71,19 @@ def test_contractor_tier_denial_has_the_anthropic_shape_and_decision_id(gw: Gate
     msg = e.value.body["error"]["message"]  # type: ignore[index]
     assert "above the ceiling of 2097152" in msg and "max_request_bytes" not in msg, msg
     assert DECISION.search(msg) is not None
-    assert len(emulator_records(gw)) == before  # nothing reached the provider
+    assert mark.arrived() == []  # nothing reached the provider
 
     ok = c.messages.create(model=HAIKU, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
-    assert ok.content and len(emulator_records(gw)) == before + 1
+    assert ok.content and len(mark.arrived()) == 1
 
 
 def test_residency_binding_reaches_upstream_and_a_foreign_region_is_refused(gw: Gateway) -> None:
     _, key = create_key(gw.runtime.postgres_dsn, "eu-e2e", ["default"], tenant="acme-eu")
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     ok = client(gw, key, **{H_REGION_HINT: "eu"}).messages.create(
         model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert ok.content
-    rec = emulator_records(gw)[-1]
-    assert len(emulator_records(gw)) == before + 1
+    [rec] = mark.arrived()
     headers = {k.lower(): v for k, v in rec["headers"].items()}
     assert headers["x-data-region"] == "eu"  # the policy's header, from the region binding
     assert H_REGION_HINT not in headers and H_REGION not in headers  # gateway-only headers stay inside
@@ -99,7 +98,7 @@ def test_residency_binding_reaches_upstream_and_a_foreign_region_is_refused(gw: 
         client(gw, key, **{H_REGION_HINT: "moon"}).messages.create(
             model=SONNET, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert len(emulator_records(gw)) == before + 1
+    assert mark.arrived() == [rec]  # neither refusal reached the provider
 
 
 def test_policy_why_prints_the_rules_reason_and_revision(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:

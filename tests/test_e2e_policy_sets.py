@@ -21,18 +21,22 @@ from ccr import cli
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests import opa_envoy_policies as oe
-from tests.harness import emulator_records, running_gateway
+from tests.harness import emulator_mark, running_gateway
 
 MODEL = "claude-sonnet-4-5"
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+# Both ext_authz transports; over HTTP the names the OPA-Envoy policy adds are declared (policy.result_names).
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gw-sets")
     trial = oe.build(tmp, "trial", oe.DENY_ALL)
     teams = oe.build(tmp, "teams", oe.OBJECT, "envoy/authz/result")
 
     def edit(cfg: dict[str, Any]) -> None:
+        cfg["services"]["authz_transport"] = request.param
+        cfg["policy"]["result_names"] = {"headers": ["x-ext-auth-allow"], "response_headers": ["x-policy-said"],
+                                         "metadata": ["team"]}
         cfg["policy"]["sets"] = [
             {"name": "trial", "mode": "opa-envoy", "shadow": True, "bundle": {"path": str(trial)}},
             {"name": "teams", "mode": "opa-envoy", "entrypoint": "envoy/authz/result", "tenants": ["acme"],
@@ -58,9 +62,9 @@ def decisions(dsn: str, rid: str, n: int, timeout: float = 15.0) -> dict[str, di
 
 def test_shadow_set_denying_everything_lets_traffic_through(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
     c = anthropic.Anthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
-    assert raw.parse().content and len(emulator_records(gw)) == before + 1
+    assert raw.parse().content and len(mark.arrived()) == 1
     rid = raw.headers["x-request-id"]
     rows = decisions(gw.runtime.postgres_dsn, rid, 2)
     assert set(rows) == {"global", "trial"}  # the tenant set applies to acme only
@@ -89,12 +93,12 @@ def test_opa_envoy_policy_decides_a_tenants_requests(gw: Gateway) -> None:
     assert (rows["teams"]["allow"], rows["teams"]["status"], rows["teams"]["bundle_revision"]) == (
         False, 429, "teams-r1")
 
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=msgs,
                                               extra_headers={"x-team": "red", "x-debug": "1"})
     assert raw.parse().content
     assert raw.headers["x-policy-said"] == "welcome"  # response_headers_to_add
-    [upstream] = emulator_records(gw)[before:]
+    [upstream] = mark.arrived()
     assert upstream["headers"]["x-ext-auth-allow"] == "yes"  # headers, to the upstream request
     assert "x-debug" not in upstream["headers"]  # request_headers_to_remove
     rows = decisions(dsn, raw.headers["x-request-id"], 3)

@@ -23,7 +23,7 @@ from ccr.contract import H_BUDGET, H_BUDGET_WARNING
 from ccr.pricing import Rates, Usage, batch_worst_case_micro, cost_micro, worst_case_micro
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import emulator_records, log_row, running_gateway
+from tests.harness import emulator_mark, log_row, running_gateway
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -225,13 +225,13 @@ def test_a_batch_create_reserves_its_whole_worst_case_at_the_batch_discount(gw: 
     assert worst_case_micro(SONNET, len(body), 1000) < worst < 3 * worst_case_micro(SONNET, len(body), 1000)
 
     key, b = _key(gw, worst - 1)  # one micro-dollar short of the whole batch
-    seen = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     r = _post_batch(gw, key, body)
     assert r.status_code == 402, r.text
     err = r.json()["error"]
     assert err["type"] == "billing_error" and b.name in err["message"] and "resets at" in err["message"]
     assert r.headers[H_BUDGET] == b.name and int(r.headers["retry-after"]) >= 1
-    assert len(emulator_records(gw)) == seen, "a batch over its budget reached the provider"
+    assert mark.arrived() == [], "a batch over its budget reached the provider"
     rc, ckey = _counter(gw, b)
     assert int(rc.get(ckey) or 0) == 0  # a refusal reserves nothing
 

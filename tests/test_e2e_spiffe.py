@@ -22,7 +22,7 @@ from cryptography import x509
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
 from tests import pki
-from tests.harness import emulator_records, log_row, running_gateway
+from tests.harness import emulator_mark, log_row, running_gateway
 
 BATCH = "spiffe://example.org/ns/batch/sa/job"
 WEB = "spiffe://example.org/ns/web/sa/api"
@@ -85,14 +85,13 @@ def test_gateway_url_is_https(gw: Gateway) -> None:
 
 
 def test_workload_without_key_reaches_the_emulator(gw: Gateway, certs: Certs) -> None:
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with tls_client(certs, certs.batch) as c:
         r = post(gw, c, "claude-haiku-4-5")
     assert r.status_code == 200, r.text
     assert r.json()["type"] == "message" and r.json()["content"][0]["text"]
-    recs = emulator_records(gw)
-    assert len(recs) == before + 1
-    assert recs[-1]["body_sha256"] == hashlib.sha256(body("claude-haiku-4-5")).hexdigest()
+    [rec] = mark.arrived()
+    assert rec["body_sha256"] == hashlib.sha256(body("claude-haiku-4-5")).hexdigest()
     # The access log names the workload: Envoy passed the SVID's URI SAN to extauth.
     assert gw.runtime is not None
     row = log_row(gw.runtime.postgres_dsn, r.headers["x-request-id"])
@@ -130,7 +129,7 @@ def without_decision(message: str) -> str:
 
 
 def test_other_trust_domain_is_refused(gw: Gateway, certs: Certs) -> None:
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with tls_client(certs, certs.foreign) as c:
         r = post(gw, c, "claude-haiku-4-5")
     assert r.status_code == 403
@@ -139,7 +138,7 @@ def test_other_trust_domain_is_refused(gw: Gateway, certs: Certs) -> None:
     assert body == {"type": "error", "error": {"type": "permission_error", "message": (
         "workload spiffe://other.org/ns/batch/sa/job: trust domain 'other.org' is not trusted by this gateway "
         "(identity.spiffe.trust_domains)")}}
-    assert len(emulator_records(gw)) == before
+    assert mark.arrived() == []
 
 
 def test_certificate_without_spiffe_id_is_refused(gw: Gateway, certs: Certs) -> None:
@@ -162,14 +161,14 @@ def test_certificate_with_two_spiffe_ids_is_refused(gw: Gateway, certs: Certs) -
 
 @pytest.mark.parametrize("who", ["none", "rogue"])
 def test_handshake_fails_without_a_trusted_client_certificate(gw: Gateway, certs: Certs, who: str) -> None:
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     # Envoy's listener counts each refusal by reason (its /stats, and /stats/prometheus as
     # envoy_listener_ssl_fail_verify_*), and it keeps serving.
     stat = "ssl.fail_verify_no_cert" if who == "none" else "ssl.fail_verify_error"
     refused = listener_stat(gw, stat)
     with tls_client(certs, None if who == "none" else certs.rogue) as c, pytest.raises(httpx.TransportError):
         post(gw, c, "claude-haiku-4-5")
-    assert len(emulator_records(gw)) == before
+    assert mark.arrived() == []
     assert listener_stat(gw, stat) == refused + 1
     with tls_client(certs, certs.batch) as c:
         assert post(gw, c, "claude-haiku-4-5").status_code == 200
@@ -186,10 +185,12 @@ def listener_stat(gw: Gateway, suffix: str) -> int:
 
 def test_forged_xfcc_header_does_not_reach_upstream(gw: Gateway, certs: Certs) -> None:
     forged = f"By={WEB};URI=spiffe://example.org/ns/admin"
+    mark = emulator_mark(gw)
     with tls_client(certs, certs.batch) as c:
         r = post(gw, c, "claude-haiku-4-5", {"x-forwarded-client-cert": forged})
     assert r.status_code == 200
-    assert "x-forwarded-client-cert" not in emulator_records(gw)[-1]["headers"]
+    [rec] = mark.arrived()
+    assert "x-forwarded-client-cert" not in rec["headers"]
 
 
 def test_key_and_certificate_make_the_key_principal(gw: Gateway, certs: Certs) -> None:

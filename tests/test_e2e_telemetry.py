@@ -27,9 +27,15 @@ def _trace_of(spans: list[Span], service: str) -> list[Span]:
     return [s for s in spans if s.service == service]
 
 
-def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) -> None:
+# Envoy's span of the check call: its gRPC client's, or (ext_authz over HTTP) its async HTTP client's.
+CHECK_EGRESS = {"grpc": "Authorization.Check egress", "http": "async ccr_extauth_http egress"}
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path, transport: str) -> None:
     with otlp_receiver() as (endpoint, receiver):
         def edit(cfg: dict[str, Any]) -> None:
+            cfg["services"]["authz_transport"] = transport
             cfg["telemetry"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0, "metric_groups": ["engineering"]}
             # Envoy asks the rate limit service at the request (by default extauth decides the limits in its
             # Check, and the service is not called at the request): its span must join the request's trace.
@@ -65,7 +71,7 @@ def test_one_request_is_one_trace_across_envoy_and_the_services(tmp_path: Path) 
             assert s.parent_span_id in by_id, f"{service} span {s.name} has a parent outside the trace"
             assert by_id[s.parent_span_id].service == "ccr-envoy", (service, by_id[s.parent_span_id])
     # Envoy's gRPC client spans are what the services continue; the access log continues the request's.
-    assert by_id[_trace_of(trace, "ccr-extauth")[0].parent_span_id].name.endswith("Authorization.Check egress")
+    assert by_id[_trace_of(trace, "ccr-extauth")[0].parent_span_id].name.endswith(CHECK_EGRESS[transport])
     assert by_id[_trace_of(trace, "ccr-ratelimit")[0].parent_span_id].name.endswith("ShouldRateLimit egress")
     assert _trace_of(trace, "ccr-accesslog")[0].parent_span_id == roots[0].span_id
     check = next(s for s in _trace_of(trace, "ccr-extauth") if s.attributes.get("gen_ai.request.model"))

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from emulators.anthropic import parse_fault_rates, start
+from tests.harness import RecordMark, RecordsLost, emulator_mark
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-emulator-test-key"
@@ -436,6 +437,58 @@ def test_recorded_request_matches_sent_bytes(base_url: str) -> None:
     assert rec["headers"]["anthropic-beta"] == "prompt-caching-2024-07-31"
     assert rec["headers"]["x-trace"] == "t1" and rec["headers"]["x-api-key"] == KEY
     assert rec["status"] == 200 and rec["request_id"] == r.headers["request-id"]
+
+
+def test_a_mark_reads_exactly_what_came_after_it_past_the_ring(tmp_path: Path) -> None:
+    """The emulator keeps its last 200 records (the default --record-limit). Once that ring is full,
+    counting records before an action and slicing after sees nothing; a mark still sees exactly
+    the new records, and a mark whose records fell out of the ring (or were cleared) fails loudly."""
+    proc, url = _launch(tmp_path, env_key=KEY)
+    try:
+        with httpx.Client(base_url=url, headers=HEADERS) as h:
+            def send(n: int, tag: str) -> None:
+                for i in range(n):
+                    assert h.get("/v1/models", headers={"x-n": f"{tag}{i}"}).status_code == 200
+
+            first = emulator_mark(url)
+            assert first.seq == 0 and first.arrived() == []
+            send(200, "fill")
+            assert len(h.get("/_emulator/requests").json()) == 200  # the ring is full
+            mark = emulator_mark(url)
+            assert mark.seq == 200  # reading the records or a mark is not itself recorded
+            before = len(h.get("/_emulator/requests").json())
+            send(3, "new")
+            assert h.get("/_emulator/requests").json()[before:] == []  # counting and slicing is blind here
+            got = mark.arrived()
+            assert [(r["seq"], r["headers"]["x-n"]) for r in got] == [(201, "new0"), (202, "new1"), (203, "new2")]
+            assert mark.arrived() == got  # a mark can be read again
+            assert emulator_mark(url).arrived() == []  # nothing since a fresh mark
+
+            # Records 1..3 fell out of the ring: a mark before them cannot be answered in full.
+            with pytest.raises(RecordsLost, match="410"):
+                first.arrived()
+            with pytest.raises(RecordsLost, match="410"):
+                RecordMark(url, mark.instance, 2).arrived()
+            assert [r["seq"] for r in RecordMark(url, mark.instance, 3).arrived()] == list(range(4, 204))
+
+            # DELETE empties the ring but never resets the sequence: reads across it fail, later marks work.
+            assert h.delete("/_emulator/requests").status_code == 200
+            with pytest.raises(RecordsLost, match="410"):
+                mark.arrived()
+            after_clear = emulator_mark(url)
+            assert after_clear.seq == 203 and after_clear.arrived() == []
+            send(1, "late")
+            assert [(r["seq"], r["headers"]["x-n"]) for r in after_clear.arrived()] == [(204, "late0")]
+
+            # A mark of another emulator process (a restart) or from the future is refused, not empty.
+            with pytest.raises(RecordsLost, match="409"):
+                RecordMark(url, "0123456789abcdef", 204).arrived()
+            with pytest.raises(RecordsLost, match="409"):
+                RecordMark(url, mark.instance, 205).arrived()
+            r = h.get("/_emulator/requests", params={"after": "-1"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        assert _stop(proc) == 0
 
 
 def test_agent_fixture_streams(base_url: str, agent_request_bytes: bytes) -> None:

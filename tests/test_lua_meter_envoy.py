@@ -28,6 +28,7 @@ import pytest
 from ccr.procs import Child, spawn, wait_ready_file, wait_until
 from ccr.supervisor import envoy_binary
 from router.usage import assess, make_meter
+from tests.harness import emulator_mark
 from tests.lua_meter import METER_LUA, struct_fields
 from tests.test_usage import STREAM, message_start, sse, text_deltas
 
@@ -400,12 +401,12 @@ def test_bodiless_replies_are_not_billable(envoy: Envoy, name: str) -> None:
 def test_a_failed_header_hygiene_refuses_the_attempt(envoy: Envoy) -> None:
     assert "broken on purpose" in BROKEN_LUA
     tid = uuid.uuid4().hex
-    before = len(httpx.get(f"{envoy.emulator_url}/_emulator/requests").json())
+    mark = emulator_mark(envoy.emulator_url)
     r = httpx.post(f"{envoy.url}/broken/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": HELLO},
                    headers=client_headers(tid), timeout=30)
     assert r.status_code == 500
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
-    assert len(httpx.get(f"{envoy.emulator_url}/_emulator/requests").json()) == before  # nothing reached it
+    assert mark.arrived() == []  # nothing reached it
     assert "broken on purpose" in envoy.child.log_path.read_text()
 
 

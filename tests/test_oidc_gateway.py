@@ -18,7 +18,7 @@ import anthropic
 import pytest
 
 from ccr.supervisor import Gateway
-from tests.harness import emulator_records, gateway_config, log_row, running_gateway
+from tests.harness import emulator_mark, gateway_config, log_row, running_gateway
 from tests.idp import TestIdP, running_idp
 from tests.test_e2e import envoy_request_id
 
@@ -59,9 +59,11 @@ def payload(token: str) -> dict:
 def test_idp_token_reaches_the_model_without_leaking(gw: Gateway, idps) -> None:
     a, _ = idps
     token = a.mint("alice")
+    mark = emulator_mark(gw)
     msg = sdk(gw, token).messages.create(model=MODEL, max_tokens=32, messages=HELLO)
     assert msg.type == "message" and msg.content[0].text
-    upstream = emulator_records(gw)[-1]["headers"]
+    [rec] = mark.arrived()
+    upstream = rec["headers"]
     assert token not in json.dumps(upstream), "the user's IdP token must not reach the provider"
     assert not any(h.startswith("x-ccr-") for h in upstream)
     row = log_row(gw.runtime.postgres_dsn, envoy_request_id(gw))
@@ -78,11 +80,11 @@ def test_second_issuer_and_api_keys_side_by_side(gw: Gateway, idps) -> None:
 
 def test_policy_applies_to_users(gw: Gateway, idps) -> None:
     a, _ = idps
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         sdk(gw, a.mint("bob")).messages.create(model=MODEL, max_tokens=8, messages=HELLO)  # haiku-only
     assert "bob@example.com" in str(e.value)
-    assert len(emulator_records(gw)) == before
+    assert mark.arrived() == []
 
 
 def test_key_rotation_at_the_idp(gw: Gateway, idps) -> None:
@@ -118,7 +120,7 @@ def hostile_tokens(a: TestIdP) -> dict[str, str]:
 def test_hostile_tokens_are_refused_and_nothing_is_forwarded(gw: Gateway, idps, case: str) -> None:
     a, _ = idps
     token = hostile_tokens(a)[case]
-    before = len(emulator_records(gw))
+    mark = emulator_mark(gw)
     with pytest.raises(anthropic.AuthenticationError) as e:
         sdk(gw, token).messages.create(model=MODEL, max_tokens=8, messages=HELLO)
     assert e.value.status_code == 401
@@ -126,7 +128,7 @@ def test_hostile_tokens_are_refused_and_nothing_is_forwarded(gw: Gateway, idps, 
     assert isinstance(body, dict) and body["type"] == "error", body
     assert body["error"]["type"] == "authentication_error"
     assert body["error"]["message"].startswith("invalid bearer token")
-    assert len(emulator_records(gw)) == before
+    assert mark.arrived() == []
 
 
 def test_config_dump_has_no_surprises(tmp_path: Path, idps) -> None:

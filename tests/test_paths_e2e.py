@@ -21,13 +21,12 @@ from urllib.parse import urlsplit
 import h2.config
 import h2.connection
 import h2.events
-import httpx
 import pytest
 
 from ccr.supervisor import Gateway
 from extauth.endpoints import ENDPOINTS, Endpoint, Kind
 from extauth.keys import create_key
-from tests.harness import running_gateway
+from tests.harness import emulator_mark, running_gateway
 
 SONNET, HAIKU = "claude-sonnet-4-5", "claude-haiku-4-5"
 IDS = {"model_id": SONNET,
@@ -139,29 +138,6 @@ def h2_request(gw: Gateway, method: str, target: str, headers: dict[str, str], b
             s.sendall(conn.data_to_send())
 
 
-# The emulator keeps its last RECORD_LIMIT requests (emulators/anthropic.py --record-limit).
-RECORD_LIMIT = 200
-
-
-def records(gw: Gateway) -> list[dict[str, Any]]:
-    return httpx.get(f"{gw.emulator_url}/_emulator/requests").json()  # type: ignore[no-any-return]
-
-
-def start_recording(gw: Gateway) -> None:
-    """Empty the emulator's records: what `recorded` returns next is exactly what reached it since.
-    (Counting and slicing would see nothing once its ring is full, and a 'nothing reached the
-    provider' check would then pass on nothing.)"""
-    httpx.delete(f"{gw.emulator_url}/_emulator/requests").raise_for_status()
-    assert records(gw) == []
-
-
-def recorded(gw: Gateway) -> list[dict[str, Any]]:
-    """Every request the emulator received since `start_recording`; none dropped from its ring."""
-    got = records(gw)
-    assert len(got) < RECORD_LIMIT, "the emulator's ring filled: records may have been dropped"
-    return got
-
-
 def body_for(e: Endpoint, model: str) -> bytes:
     if e.method != "POST":
         return b""
@@ -184,13 +160,13 @@ def _headers(key: str) -> dict[str, str]:
 
 def test_the_canonical_spellings_work(gw: Gateway, haiku_key: str) -> None:
     """The control: the battery's client and records see what they should."""
-    start_recording(gw)
+    mark = emulator_mark(gw)
     e = ENDPOINTS[0]
     status, body = raw_request(gw, "POST", "/v1/messages?beta=true", _headers(haiku_key), body_for(e, HAIKU))
     assert status == 200, body
     status, body = raw_request(gw, "POST", "/v1/messages", _headers(haiku_key), body_for(e, SONNET))
     assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"
-    new = recorded(gw)
+    new = mark.arrived()
     assert [(r["method"], r["path"], r["query_string"]) for r in new] == [("POST", "/v1/messages", "beta=true")]
 
 
@@ -213,11 +189,11 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
     # open for its 1s delayed close): each carries its own tag, so what reached the provider is
     # told apart per spelling, and every record made meanwhile must carry one of them.
     probe = uuid.uuid4().hex
-    start_recording(gw)
+    mark = emulator_mark(gw)
     with ThreadPoolExecutor(8) as pool:
         sent = list(pool.map(lambda it: send(gw, e.method, it[1], {**_headers(haiku_key), PROBE: f"{probe}-{it[0]}"},
                                              body), enumerate(targets)))
-    arrived = recorded(gw)
+    arrived = mark.arrived()
     assert all(r["headers"].get(PROBE, "").startswith(probe + "-") for r in arrived), arrived
     outcomes, replies = {}, {}
     for i, (target, (status, reply)) in enumerate(zip(targets, sent, strict=True)):
@@ -254,15 +230,15 @@ def test_every_variant_of_every_endpoint_is_refused_or_decided(gw: Gateway, haik
 
 def test_a_normalised_spelling_is_forwarded_canonically(gw: Gateway, haiku_key: str) -> None:
     """`//v1/./messages` with an allowed model: decided as /v1/messages and sent upstream as that."""
-    start_recording(gw)
+    mark = emulator_mark(gw)
     status, reply = raw_request(gw, "POST", "//v1/x/../%6Dessages?beta=true", _headers(haiku_key),
                                 body_for(ENDPOINTS[0], HAIKU))
     assert status == 200, reply
-    assert [(r["path"], r["query_string"]) for r in recorded(gw)] == [("/v1/messages", "beta=true")]
+    assert [(r["path"], r["query_string"]) for r in mark.arrived()] == [("/v1/messages", "beta=true")]
 
 
 def test_a_detour_through_another_endpoint_is_decided_as_the_destination(gw: Gateway, haiku_key: str) -> None:
-    start_recording(gw)
+    mark = emulator_mark(gw)
     for target in ("/v1/messages/batches/%2e%2e/%2e%2e/messages", "/v1/messages/batches/x/../../../messages",
                    "/v1/models/../messages", "/v1/files/%2E%2E/messages"):
         status, reply = raw_request(gw, "POST", target, _headers(haiku_key), body_for(ENDPOINTS[0], SONNET))
@@ -271,11 +247,11 @@ def test_a_detour_through_another_endpoint_is_decided_as_the_destination(gw: Gat
     status, _ = raw_request(gw, "POST", "/v1/messages/batches/%2e%2e", _headers(haiku_key),
                             body_for(ENDPOINTS[0], SONNET))
     assert status == 404
-    assert recorded(gw) == []
+    assert mark.arrived() == []
 
 
 def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
-    start_recording(gw)
+    mark = emulator_mark(gw)
     for method, target in (("GET", "/v1/organizations/me"), ("POST", "/v1/complete"), ("GET", "/v1/messages"),
                            ("PUT", "/v1/messages"), ("GET", "/admin"), ("POST", "/v1/messages/"),
                            ("GET", "/v1/messages/batches/a%2Fb"), ("post", "/v1/messages"), ("Post", "/v1/messages"),
@@ -284,7 +260,7 @@ def test_unknown_paths_are_404_without_authentication(gw: Gateway) -> None:
         assert status in (400, 404), (method, target, status)
         if status == 404 and method != "HEAD":
             assert json.loads(reply)["error"]["type"] == "not_found_error"
-    assert recorded(gw) == []
+    assert mark.arrived() == []
 
 
 # -- fail-open is no bypass --------------------------------------------------------
@@ -305,13 +281,15 @@ def test_fail_open_with_extauth_down_forwards_nothing(fail_open_gw: Gateway) -> 
     gw = fail_open_gw
     body = body_for(ENDPOINTS[0], HAIKU)
     # Control: with extauth up the same request goes through, spoofed headers and all.
+    mark = emulator_mark(gw)
     status, reply = raw_request(gw, "POST", "/v1/messages", {**_headers(gw.api_key), **SPOOF}, body)
     assert status == 200, reply
-    up = records(gw)[-1]["headers"]
+    [rec] = mark.arrived()
+    up = rec["headers"]
     assert not [h for h in up if h.lower().startswith("x-ccr-")]
 
     next(c for c in gw.children if c.name == "extauth").stop()
-    start_recording(gw)
+    mark = emulator_mark(gw)
     for method, target, b in (("POST", "/v1/messages", body), ("POST", "/v1/messages/count_tokens", body),
                               ("GET", "/v1/models", b""), ("POST", "/v1/messages/batches", body)):
         for headers in ({**_headers("ccr_nobody"), **SPOOF}, {"content-type": "application/json", **SPOOF}):
@@ -320,4 +298,4 @@ def test_fail_open_with_extauth_down_forwards_nothing(fail_open_gw: Gateway) -> 
                 assert status == 503, (send.__name__, target, status, reply)
                 err = json.loads(reply)["error"]
                 assert err["type"] == "api_error" and "no authorization decision" in err["message"]
-    assert recorded(gw) == [], "a request reached the provider without a decision"
+    assert mark.arrived() == [], "a request reached the provider without a decision"

@@ -274,3 +274,26 @@ def test_bootstrap_reaches_router_replicas_by_name(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
     xds = yaml.safe_load(text)["static_resources"]["clusters"][0]
     assert xds["type"] == "STRICT_DNS" and len(xds["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def _http_transport_config(**result_names: list[str]):
+    from ccr.config import GatewayConfig
+
+    data = load_config(REPO / "ccr.example.yaml").model_dump(mode="json")
+    data["services"]["authz_transport"] = "http"
+    data["policy"]["result_names"] = result_names
+    return GatewayConfig.model_validate(data)
+
+
+def test_http_authz_transport_config_passes_envoy_validate(tmp_path: Path) -> None:
+    cfg = _http_transport_config(headers=["x-tier"], response_headers=["x-why"], metadata=["tier_flag"])
+    doc = resources.static_bootstrap(cfg, _runtime(extauth_http="127.0.0.1:7005"), 18080)
+    r = _validate(tmp_path, doc)
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = json.dumps(doc)
+    assert '"http_service"' in text and '"grpc_service": {"envoy_grpc": {"cluster_name": "ccr_extauth"' not in text
+
+
+def test_http_authz_transport_needs_the_front_address() -> None:
+    with pytest.raises(ValueError, match="HTTP front"):
+        resources.clusters(_http_transport_config(), _runtime())

@@ -28,7 +28,7 @@ from ccr.contract import SIGNIN_PREFIX
 from ccr.supervisor import Gateway
 from signin import tokens
 from signin.keys import load_signing_key
-from tests.harness import running_gateway
+from tests.harness import emulator_mark, running_gateway
 from tests.idp import TestIdP, running_idp
 
 CCR = [sys.executable, "-m", "ccr.cli"]
@@ -423,13 +423,13 @@ def test_forged_session_tokens_refused(gw: Gateway, live: dict[str, Any], how: s
 
 
 def test_signin_prefix_never_reaches_a_provider(gw: Gateway) -> None:
-    seen = len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json())
+    mark = emulator_mark(gw)
     for method, path in (("POST", "v1/messages"), ("GET", "../v1/models"), ("POST", "token/../../v1/messages")):
         r = httpx.request(method, gw.url + SIGNIN_PREFIX + path,
                           headers={"x-ccr-cluster": "provider_anthropic", "x-api-key": "ccr_x"},
                           json={"model": SONNET, "max_tokens": 8, "messages": HELLO})
         assert r.status_code in (400, 401, 404, 405), (path, r.status_code, r.text)
-    assert len(httpx.get(f"{gw.emulator_url}/_emulator/requests").json()) == seen
+    assert mark.arrived() == []
     r = httpx.get(auth(gw, "nothing-here"))
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = httpx.get(auth(gw, "token"))

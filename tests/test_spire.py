@@ -36,6 +36,15 @@ TOKEN_RULE = {"name": "tenant-tokens", "per": "key", "metric": "tokens", "amount
 SERVICE_CLUSTERS = ("ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "ccr_xds")
 
 
+def hop_clusters(gw: Gateway, clusters: tuple[str, ...]) -> tuple[str, ...]:
+    """`clusters` as `gw` calls them: with ext_authz over HTTP (pytest --authz-transport http) extauth's checks
+    go to its HTTP front's cluster."""
+    assert gw.runtime is not None
+    if gw.runtime.config().services.authz_transport != "http":
+        return clusters
+    return tuple("ccr_extauth_http" if c == "ccr_extauth" else c for c in clusters)
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     def edit(cfg: dict[str, Any]) -> None:
@@ -141,8 +150,9 @@ def test_sdk_requests_cross_mtls_on_every_hop(gw: Gateway, client: anthropic.Ant
     assert gw.runtime is not None
     # The access-log receiver (mTLS only) wrote the request's row: Envoy's log stream reached it.
     assert log_row(gw.runtime.postgres_dsn, raw.headers["x-request-id"])["status"] == 200
-    stats = stats_once_handshaken(gw, SERVICE_CLUSTERS)
-    for cluster in SERVICE_CLUSTERS:
+    hops = hop_clusters(gw, SERVICE_CLUSTERS)
+    stats = stats_once_handshaken(gw, hops)
+    for cluster in hops:
         # Each hop completed TLS handshakes and never fell back to anything else.
         assert stats[f"cluster.{cluster}.ssl.handshake"] >= 1, cluster
         assert stats.get(f"cluster.{cluster}.ssl.connection_error", 0) == before.get(
@@ -391,7 +401,7 @@ def test_a_gateway_on_an_existing_spire_agent(gw: Gateway, tmp_path: Path) -> No
         assert other.runtime is not None and other.runtime.spiffe_socket == str(gw.spire.agent_socket)
         client = anthropic.Anthropic(base_url=other.url, api_key=other.api_key, max_retries=0)
         assert client.messages.create(model=MODEL, max_tokens=8, messages=HELLO).content
-        hops = ("ccr_extauth", "ccr_ratelimit", "ccr_xds")
+        hops = hop_clusters(other, ("ccr_extauth", "ccr_ratelimit", "ccr_xds"))
         stats = stats_once_handshaken(other, hops)
         assert all(stats[f"cluster.{c}.ssl.handshake"] >= 1 for c in hops), {c: stats.get(f"cluster.{c}.ssl.handshake")
                                                                            for c in hops}

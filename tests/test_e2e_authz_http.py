@@ -1,0 +1,170 @@
+"""ext_authz over HTTP/1.1 (services.authz_transport: http), end to end through real Envoy.
+
+The anthropic SDK through Envoy and extauth's HTTP front: what the gRPC transport gives (answers, refusals with
+their own status and body, quota headers, the audit row's typed facts) arrives the same way, and nothing a
+client or a provider sends can pose as the front's answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import psycopg
+import pytest
+from google.protobuf import struct_pb2
+from psycopg.rows import dict_row
+
+from ccr.contract import H_AUTHZ_PEER_URI, authz_md_header
+from ccr.supervisor import Gateway
+from extauth.keys import create_key
+from tests.harness import running_gateway
+
+MODEL = "claude-sonnet-4-6"
+BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["services"]["authz_transport"] = "http"
+
+    with running_gateway(tmp_path_factory.mktemp("authz-http"), edit) as g:
+        yield g
+
+
+def _dsn(gw: Gateway) -> str:
+    assert gw.runtime is not None
+    return gw.runtime.postgres_dsn
+
+
+def _row(gw: Gateway, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    with psycopg.connect(_dsn(gw), row_factory=dict_row) as conn:
+        while True:
+            row = conn.execute("SELECT * FROM request_log WHERE request_id = %s", (request_id,)).fetchone()
+            if row is not None:
+                return row
+            assert time.monotonic() < deadline, f"no request_log row for {request_id}"
+            time.sleep(0.05)
+
+
+def _stat(gw: Gateway, name: str) -> int:
+    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": f"^{name}$"}, timeout=5).text
+    return sum(int(line.split(":")[1]) for line in text.splitlines() if line.strip())
+
+
+def _b64_value(v: Any) -> str:
+    """What the front would send for `v`: a serialized google.protobuf.Value, base64."""
+    s = struct_pb2.Struct()
+    s.update({"v": v})
+    return base64.b64encode(s.fields["v"].SerializeToString()).decode()
+
+
+def _post(gw: Gateway, key: str, headers: dict[str, str] | None = None, body: dict[str, Any] | None = None
+          ) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/messages", json=body or BODY, timeout=30,
+                      headers={"x-api-key": key, "anthropic-version": "2023-06-01", **(headers or {})})
+
+
+def test_the_sdk_is_served_and_every_check_goes_over_http(gw: Gateway) -> None:
+    grpc_before = _stat(gw, r"cluster\.ccr_extauth\.upstream_rq_total")
+    http_before = _stat(gw, r"cluster\.ccr_extauth_http\.upstream_rq_total")
+    rec, key = create_key(_dsn(gw), f"http-{uuid.uuid4().hex[:6]}", ["default", "eng"])
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+
+    raw = client.messages.with_raw_response.create(**BODY)
+    msg = raw.parse()
+    assert msg.content and msg.usage.output_tokens > 0
+    with client.messages.stream(**BODY) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens > 0
+    # extauth's own answer: a 200 the front sends under its stand-in status, mapped back by the listener.
+    models = client.models.list()
+    assert any(m.id for m in models.data)
+
+    assert _stat(gw, r"cluster\.ccr_extauth_http\.upstream_rq_total") - http_before >= 3
+    assert _stat(gw, r"cluster\.ccr_extauth\.upstream_rq_total") == grpc_before  # no gRPC Check at all
+    # SPIFFE mTLS to the front (the example config runs SPIRE), never a failed handshake.
+    assert _stat(gw, r"cluster\.ccr_extauth_http\.ssl\.handshake") >= 1
+    assert _stat(gw, r"cluster\.ccr_extauth_http\.ssl\.connection_error") == 0
+
+    # The audit row's facts came back typed through the answer's metadata headers.
+    row = _row(gw, raw.headers["x-request-id"])
+    assert (row["status"], row["error_type"], row["ratelimit"]) == (200, None, "ok")
+    assert (row["principal_id"], row["key_id"], row["principal_kind"]) == (rec.id, rec.id, "key")
+    assert row["groups"] == ["default", "eng"]  # a list, typed
+    assert row["source_address"] == "127.0.0.1"  # from the peer header Envoy adds
+    assert (row["endpoint"], row["model"], row["provider"]) == ("messages.create", MODEL, "anthropic")
+    assert (row["input_tokens"], row["output_tokens"]) == (msg.usage.input_tokens, msg.usage.output_tokens)
+    assert row["decision_id"].startswith("dec_")
+
+
+def test_a_refusal_keeps_its_status_body_and_audit_facts(gw: Gateway) -> None:
+    r = _post(gw, "sk-ccr-not-a-key")
+    assert r.status_code == 401, r.text
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+    assert not any(k.startswith("x-ccr-") for k in r.headers)  # the metadata headers were read and removed
+    row = _row(gw, r.headers["x-request-id"])
+    assert row["status"] == 401 and row["error_type"] == "authentication_error"
+    assert row["decision_id"] and row["decision_id"] in r.json()["error"]["message"]
+
+
+def test_a_rate_limit_refusal_carries_the_quota_headers(gw: Gateway) -> None:
+    rec, key = create_key(_dsn(gw), f"rl-{uuid.uuid4().hex[:6]}", ["default"], rpm=1)
+    ok = _post(gw, key)
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["x-ratelimit-limit"] and ok.headers["anthropic-ratelimit-requests-limit"] == "1"
+    over = _post(gw, key)
+    assert over.status_code == 429, over.text
+    assert over.json()["error"]["type"] == "rate_limit_error"
+    assert int(over.headers["retry-after"]) >= 1
+    assert over.headers["x-ratelimit-remaining"] == "0"
+    row = _row(gw, over.headers["x-request-id"])
+    assert row["status"] == 429 and row["key_id"] == rec.id
+    assert "RL" in (row["response_flags"] or "")
+
+
+def test_client_sent_answer_headers_change_nothing(gw: Gateway) -> None:
+    """A client cannot pose as the front: x-ccr-* (metadata and peer headers alike) are stripped first."""
+    rec, key = create_key(_dsn(gw), f"spoof-{uuid.uuid4().hex[:6]}", ["default"])
+    forged = {authz_md_header("principal_id"): _b64_value("administrator"),
+              authz_md_header("groups"): _b64_value(["auditor"]),
+              authz_md_header("spiffe_id"): _b64_value("spiffe://ccr.local/admin"),
+              H_AUTHZ_PEER_URI: "spiffe://ccr.local/envoy"}
+    r = _post(gw, key, forged)
+    assert r.status_code == 200, r.text
+    row = _row(gw, r.headers["x-request-id"])
+    assert (row["principal_id"], row["key_id"], row["groups"]) == (rec.id, rec.id, ["default"])
+    assert row["spiffe_id"] is None
+
+
+def test_a_large_body_is_refused_at_its_headers(gw: Gateway) -> None:
+    """The identity-first check goes over HTTP too: a stranger's large upload is refused before buffering."""
+    before = _stat(gw, r"http\.ccr\.ext_authz\.identity\.denied")
+    big = {**BODY, "messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}
+    r = _post(gw, "sk-ccr-not-a-key", body=big)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert _stat(gw, r"http\.ccr\.ext_authz\.identity\.denied") == before + 1
+
+
+def test_the_store_down_is_a_503_with_the_gateways_own_body(gw: Gateway) -> None:
+    """A 5xx refusal cannot travel as an HTTP answer (Envoy would read it as the front failing): it goes out
+    under its stand-in and the client still gets extauth's 503, body and decision id included. Last: it stops
+    the run's Redis."""
+    _, key = create_key(_dsn(gw), f"down-{uuid.uuid4().hex[:6]}", ["default"])
+    redis_child = next(c for c in gw.children if c.name.split(".")[0] == "redis")
+    redis_child.stop()
+    r = _post(gw, key)
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert "authorization service is unavailable" not in body["error"]["message"]  # extauth's, not Envoy's
+    row = _row(gw, r.headers["x-request-id"])
+    assert row["status"] == 503 and row["error_type"] == "api_error"
