@@ -41,6 +41,7 @@ from extauth.http_wire import (
     error_answer,
     plain_answer,
     split_target,
+    undeclared_refusal,
 )
 from extauth.server import Authorizer, check_identity
 
@@ -184,6 +185,7 @@ class AuthzHttpFront:
         timer = self._timer
         start = time.perf_counter()
         failed = False
+        resp: pb.CheckResponse | None = None
         try:
             body = r.body if r.body is not None else b""
             req = check_request(r.method, r.path, r.headers, len(body), r.phase or FULL)
@@ -200,7 +202,9 @@ class AuthzHttpFront:
             failed = True
             log.error("refused an authorization answer Envoy would have cut short: %s (declare it in "
                       "policy.result_names, or change the policy)", e)
-            return error_answer(503, "api_error", _INTERNAL, keep_alive)
+            if resp is None:
+                return error_answer(503, "api_error", _INTERNAL, keep_alive)
+            return undeclared_refusal(resp, self.names, _INTERNAL, keep_alive)
         except Exception:
             failed = True
             log.exception("the HTTP authorization front failed; refusing")

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import struct_pb2
 
 from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_BODY_CAPTURE,
+    AUTHZ_ERROR_TYPE,
     AUTHZ_HTTP_CLIENT_HEADER_PREFIXES,
     AUTHZ_HTTP_CLIENT_HEADERS,
     AUTHZ_HTTP_FULL_PREFIX,
@@ -312,6 +314,26 @@ def error_answer(status: int, kind: str, message: str, keep_alive: bool = True) 
     """The front's own refusal in the Anthropic error shape (ccr/errors.py)."""
     body = error_body(kind, message)
     return _head(wire_status(status), ["content-type: application/json"], len(body), keep_alive) + body
+
+
+def undeclared_refusal(resp: pb.CheckResponse, names: AnswerNames, message: str, keep_alive: bool = True) -> bytes:
+    """The 503 api_error for an answer `answer()` refused, keeping every fact of `resp` the router can
+    read: the audit row still gets its principal and decision id, and a spend reservation made in the
+    Check (spend_reserved, spend_counters) is still settled by the audit receiver, not leaked."""
+    lines = ["content-type: application/json"]
+    b64 = base64.b64encode
+    for key, value in resp.dynamic_metadata.fields.items():
+        if key == AUTHZ_ERROR_TYPE:
+            continue
+        try:
+            header = names.metadata_key(key)
+        except Undeclared:
+            continue
+        lines.append(f"{header}: {b64(value.SerializeToString()).decode('ascii')}")
+    error_type = struct_pb2.Value(string_value="api_error").SerializeToString()
+    lines.append(f"{names.metadata_key(AUTHZ_ERROR_TYPE)}: {b64(error_type).decode('ascii')}")
+    body = error_body("api_error", message)
+    return _head(wire_status(503), lines, len(body), keep_alive) + body
 
 
 def plain_answer(status: int, keep_alive: bool = True) -> bytes:

@@ -255,6 +255,7 @@ def test_a_failing_or_undeclared_answer_is_a_503_refusal_and_the_connection_surv
         standin = AUTHZ_HTTP_STATUS_STANDINS[503]
         assert (a.status, b.status, c.status) == (standin, standin, 200)
         assert json.loads(b.body)["error"]["type"] == "api_error"
+        assert b.get("x-ccr-md-error-type") is not None and b.get("x-ccr-md-team-tag") is None
         assert a.keep_alive and b.keep_alive
         w.close()
     with caplog.at_level(logging.ERROR, logger="extauth.http"):

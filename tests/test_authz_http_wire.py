@@ -38,6 +38,7 @@ from extauth.http_wire import (
     client_header_allow_list,
     error_answer,
     split_target,
+    undeclared_refusal,
     upstream_header_allow_list,
     wire_status,
 )
@@ -296,3 +297,19 @@ def test_the_body_capture_travels_in_its_own_header() -> None:
     assert json_format.MessageToDict(struct_pb2.Value.FromString(base64.b64decode(sent))) == {
         "request": "eA==", "request_bytes": 1, "retention_days": 7}
     assert not any(k.startswith("x-ccr-") for k, _ in p.headers)
+
+
+def test_a_refused_answer_keeps_its_declared_facts() -> None:
+    """The audit row keeps the principal and decision, and a spend reservation is still settled."""
+    resp = _ok(response_headers_to_add=[_opt("x-policy-note", "hi")])
+    resp.dynamic_metadata.update({"principal": "alice", "decision_id": "dec_1", "spend_reserved": 1200,
+                                  "spend_counters": ["c1"], "team_tag": "undeclared"})
+    with pytest.raises(Undeclared):
+        answer(resp, NAMES)
+    p = _Parsed(undeclared_refusal(resp, NAMES, "internal"))
+    assert p.status == AUTHZ_HTTP_STATUS_STANDINS[503]
+    assert json.loads(p.body) == {"type": "error", "error": {"type": "api_error", "message": "internal"}}
+    assert _md(p) == {"x-ccr-md-principal": "alice", "x-ccr-md-decision-id": "dec_1",
+                      "x-ccr-md-spend-reserved": 1200.0, "x-ccr-md-spend-counters": ["c1"],
+                      "x-ccr-md-error-type": "api_error"}
+    assert p.get("x-policy-note") == []
