@@ -203,6 +203,22 @@ class AnswerNames:
                                                     "policy.result_names.response_headers")
         return self._remember("c", key, name)
 
+    def undeclared_in_allow(self, resp: pb.CheckResponse) -> str | None:
+        """Why an allowing `resp` could not be carried (a name the router would drop), or None. Asked by the
+        Authorizer before it records the decision (Authorizer.answer_check), so the decision log records
+        the refusal the client gets, not an allow."""
+        try:
+            ok = resp.ok_response
+            for opt in ok.headers:
+                self.upstream_header(opt.header.key)
+            for opt in ok.response_headers_to_add:
+                self.client_header(opt.header.key)
+            for key in resp.dynamic_metadata.fields:
+                self.metadata_key(key)
+        except Undeclared as e:
+            return f"the policy result names {e}: declare it in policy.result_names (authz_transport: http)"
+        return None
+
     def refusal_header(self, key: str) -> str:
         """A refusal's header: one the gateway emits, or a declared policy header (OPA-Envoy `headers` go to
         the client on a denial; the router allow-lists both there)."""

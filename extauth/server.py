@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,9 @@ class Authorizer:
         self.worst_case: WorstCase | None = None
         # The request-time limits and budgets when extauth decides them (limits.admission: extauth; set by setup).
         self.admission: InCheckAdmission | None = None
+        # Why an allow could not reach Envoy on this transport (extauth/http_front.py: names the router does not
+        # carry), or None; asked before the decision is recorded, which then records the refusal instead.
+        self.answer_check: Callable[[pb.CheckResponse], str | None] | None = None
         self.use_config(config)
 
     def use_config(self, config: GatewayConfig) -> None:
@@ -410,6 +414,10 @@ class Authorizer:
         except Exception:
             log.exception("authorization failed internally; denying")
             did = self._record(req, seen, False, 503, "internal error")
+            return _refusal_facts(_internal_error(did), seen, did, "api_error")
+        if self.answer_check is not None and (why := self.answer_check(resp)) is not None:
+            log.error("refusing an allow this transport cannot carry: %s", why)
+            did = self._record(req, seen, False, 503, why)
             return _refusal_facts(_internal_error(did), seen, did, "api_error")
         did = self._record(req, seen, True, 200, seen.decision.reason if seen.decision is not None else "")
         revision = _revision(seen)

@@ -151,6 +151,10 @@ def cluster(config: GatewayConfig, address: str, transport_socket: Json | None) 
             "explicit_http_config": {"http_protocol_options": {}},
         }},
     }
+    # HTTP/1.1 carries one check per connection at a time: Envoy's default of 1024 connections would refuse
+    # checks beyond 1024 in flight (the listener's own limits bound them instead).
+    out["circuit_breakers"] = {"thresholds": [{"max_connections": 65536, "max_pending_requests": 65536,
+                                               "max_requests": 65536}]}
     if transport_socket is not None:
         out["transport_socket"] = transport_socket
     return out

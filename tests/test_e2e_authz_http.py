@@ -8,6 +8,8 @@ client or a provider sends can pose as the front's answer.
 from __future__ import annotations
 
 import base64
+import json
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,21 +22,36 @@ import pytest
 from google.protobuf import struct_pb2
 from psycopg.rows import dict_row
 
-from ccr.contract import H_AUTHZ_PEER_URI, authz_md_header
+from ccr.contract import H_AUTHZ_PEER_URI, H_REGION_HINT, authz_md_header
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import running_gateway
+from tests.harness import REPO, emulator_mark, running_gateway
 
 MODEL = "claude-sonnet-4-6"
 BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 
 
+UNDECLARED = "x-residency-undeclared"
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The shipped policies, with tenant acme-eu bound to the EU and the binding sent upstream in a header the
+    config does not declare (policy.result_names): such requests cannot be carried over HTTP."""
+    tmp = tmp_path_factory.mktemp("authz-http")
+    pol = tmp / "policies"
+    shutil.copytree(REPO / "policies", pol)
+    data = json.loads((pol / "data.json").read_text())
+    data["residency"]["tenants"] = {"acme-eu": "eu"}
+    data["residency"]["header"] = UNDECLARED
+    (pol / "data.json").write_text(json.dumps(data))
+
     def edit(cfg: dict[str, Any]) -> None:
         cfg["services"]["authz_transport"] = "http"
+        cfg["policy"]["dir"] = str(pol)
+        cfg["providers"][0]["region"] = "eu"
 
-    with running_gateway(tmp_path_factory.mktemp("authz-http"), edit) as g:
+    with running_gateway(tmp, edit) as g:
         yield g
 
 
@@ -152,6 +169,27 @@ def test_a_large_body_is_refused_at_its_headers(gw: Gateway) -> None:
     assert r.status_code == 401, r.text
     assert r.json()["error"]["type"] == "authentication_error"
     assert _stat(gw, r"http\.ccr\.ext_authz\.identity\.denied") == before + 1
+
+
+def test_an_undeclared_policy_header_is_refused_and_recorded_as_refused(gw: Gateway) -> None:
+    """Envoy copies only listed names from an HTTP answer: rather than let it drop the policy's header
+    silently, extauth refuses (503) and the decision log records that refusal, not an allow."""
+    _, key = create_key(_dsn(gw), f"eu-{uuid.uuid4().hex[:6]}", ["default"], tenant="acme-eu")
+    mark = emulator_mark(gw)
+    r = _post(gw, key, {H_REGION_HINT: "eu"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "api_error"
+    assert mark.arrived() == []  # nothing reached the provider
+    row = _row(gw, r.headers["x-request-id"])
+    assert (row["status"], row["error_type"]) == (503, "api_error")
+    with psycopg.connect(_dsn(gw), row_factory=dict_row) as conn:
+        decision = conn.execute("SELECT allow, status, reason FROM policy_decisions WHERE decision_id = %s",
+                                (row["decision_id"],)).fetchone()
+    assert decision is not None and (decision["allow"], decision["status"]) == (False, 503)
+    assert UNDECLARED in decision["reason"] and "policy.result_names" in decision["reason"]
+    # Another tenant's requests, which the policy adds nothing to, are served as before.
+    _, other = create_key(_dsn(gw), f"us-{uuid.uuid4().hex[:6]}", ["default"])
+    assert _post(gw, other).status_code == 200
 
 
 def test_the_store_down_is_a_503_with_the_gateways_own_body(gw: Gateway) -> None:
