@@ -213,7 +213,10 @@ def test_every_service_serves_metrics(scraped: tuple[Gateway, set[str], dict[str
     gw, _, pages = scraped
     for service in ("extauth", "ratelimit", "adapter", "accesslog", "router"):
         assert service in pages, f"no /metrics recorded for {service}: {sorted(gw.runtime.metrics)}"
-    assert "ccr_rpc_duration_seconds_count{method=\"Authorization/Check\",service=\"extauth\"}" in pages["extauth"]
+    # The check's timer: the gRPC Check's, or (pytest --authz-transport http) the HTTP front's.
+    over_http = gw.runtime.config().services.authz_transport == "http"
+    check = "Authorization/CheckHTTP" if over_http else "Authorization/Check"
+    assert f"ccr_rpc_duration_seconds_count{{method=\"{check}\",service=\"extauth\"}}" in pages["extauth"]
     assert 'ccr_xds_version_info{type="Listener"' in pages["router"]
     assert 'ccr_rpc_streams_total{method="AccessLogService/StreamAccessLogs",service="accesslog"}' in pages["accesslog"]
 
