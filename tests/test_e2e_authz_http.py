@@ -71,6 +71,18 @@ def _row(gw: Gateway, request_id: str) -> dict[str, Any]:
             time.sleep(0.05)
 
 
+def _decision(gw: Gateway, decision_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    with psycopg.connect(_dsn(gw), row_factory=dict_row, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT allow, status, reason FROM policy_decisions WHERE decision_id = %s",
+                               (decision_id,)).fetchone()
+            if row is not None:
+                return row
+            assert time.monotonic() < deadline, f"no policy decision {decision_id}"
+            time.sleep(0.05)
+
+
 def _stat(gw: Gateway, name: str) -> int:
     text = httpx.get(f"{gw.admin_url}/stats", params={"filter": f"^{name}$"}, timeout=5).text
     return sum(int(line.split(":")[1]) for line in text.splitlines() if line.strip())
@@ -182,10 +194,8 @@ def test_an_undeclared_policy_header_is_refused_and_recorded_as_refused(gw: Gate
     assert mark.arrived() == []  # nothing reached the provider
     row = _row(gw, r.headers["x-request-id"])
     assert (row["status"], row["error_type"]) == (503, "api_error")
-    with psycopg.connect(_dsn(gw), row_factory=dict_row) as conn:
-        decision = conn.execute("SELECT allow, status, reason FROM policy_decisions WHERE decision_id = %s",
-                                (row["decision_id"],)).fetchone()
-    assert decision is not None and (decision["allow"], decision["status"]) == (False, 503)
+    decision = _decision(gw, row["decision_id"])  # the decision log writes in batches: wait for the row
+    assert (decision["allow"], decision["status"]) == (False, 503)
     assert UNDECLARED in decision["reason"] and "policy.result_names" in decision["reason"]
     # Another tenant's requests, which the policy adds nothing to, are served as before.
     _, other = create_key(_dsn(gw), f"us-{uuid.uuid4().hex[:6]}", ["default"])
