@@ -37,17 +37,10 @@ from ccr.config import parse_config
 from ccr.contract import (
     AUTHZ_HTTP_FULL_PREFIX,
     AUTHZ_HTTP_IDENTITY_PREFIX,
-    AUTHZ_HTTP_MD_KEYS,
     AUTHZ_PHASE_IDENTITY,
     AUTHZ_PHASE_MD,
     CCR_HEADER_PREFIX,
-    H_AUTHZ_CONTENT_LENGTH,
     H_AUTHZ_MD_PREFIX,
-    H_AUTHZ_PEER_ADDRESS,
-    H_AUTHZ_PEER_CERT,
-    H_AUTHZ_PEER_URI,
-    H_AUTHZ_PROTOCOL,
-    authz_md_header,
 )
 from ccr.pki import RunPki, issue_run_pki
 from ccr.procs import Child, spawn, wait_until
@@ -55,8 +48,8 @@ from ccr.service import side_tls
 from ccr.supervisor import envoy_binary
 from extauth.deny import denied
 from extauth.http_front import AuthzHttpFront
-from extauth.http_wire import client_header_allow_list
 from extauth.wire import SPLIT_FROM_BYTES
+from router import authz_http
 
 T = "type.googleapis.com/"
 HOST = "gw.example"
@@ -131,26 +124,9 @@ def _authz_filters(transport: str, cluster: str) -> list[dict[str, Any]]:
             authz["include_peer_certificate"] = True
             if phase == "identity":
                 authz["grpc_service"]["initial_metadata"] = [{"key": AUTHZ_PHASE_MD, "value": AUTHZ_PHASE_IDENTITY}]
-        else:
-            client_names, client_prefixes = client_header_allow_list(parse_config(_CONFIG))
-            client = [{"exact": n} for n in client_names] + [{"prefix": p} for p in client_prefixes]
-            authz["http_service"] = {
-                "server_uri": {"uri": "https://extauth", "cluster": cluster, "timeout": "10s"},
-                "path_prefix": AUTHZ_HTTP_FULL_PREFIX if phase == "full" else AUTHZ_HTTP_IDENTITY_PREFIX,
-                "authorization_request": {
-                    "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
-                    "headers_to_add": [
-                        {"key": H_AUTHZ_PEER_ADDRESS, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
-                        {"key": H_AUTHZ_PEER_URI, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
-                        {"key": H_AUTHZ_PEER_CERT, "value": "%DOWNSTREAM_PEER_CERT%"},
-                        {"key": H_AUTHZ_CONTENT_LENGTH, "value": "%REQ(content-length)%"},
-                        {"key": H_AUTHZ_PROTOCOL, "value": "%PROTOCOL%"},
-                    ]},
-                "authorization_response": {
-                    "allowed_upstream_headers": {"patterns": [{"prefix": CCR_HEADER_PREFIX}]},
-                    "allowed_client_headers": {"patterns": [*client, {"prefix": H_AUTHZ_MD_PREFIX}]},
-                    "allowed_client_headers_on_success": {"patterns": client},
-                }}
+        else:  # the router's own http_service (router/authz_http.py), to the front's cluster
+            authz.update(authz_http.ext_authz_fields(
+                ROUTER_CONFIG, AUTHZ_HTTP_FULL_PREFIX if phase == "full" else AUTHZ_HTTP_IDENTITY_PREFIX, "10s"))
         out.append({"name": f"authz-{phase}", "typed_config": authz})
     return out
 
@@ -168,14 +144,9 @@ def _cluster(name: str, port: int, http2: bool, tls: dict[str, Any] | None = Non
     return c
 
 
-def _md_filter(rules: str) -> dict[str, Any]:
-    """header_to_metadata: each contract key's header into the ext_authz namespace, typed; after the
-    ext_authz filters on the request (an allow), before them on the response (a refusal)."""
-    return {"name": f"md-{rules}", "typed_config": {
-        "@type": T + "envoy.extensions.filters.http.header_to_metadata.v3.Config",
-        rules: [{"header": authz_md_header(k), "remove": True, "on_header_present": {
-            "metadata_namespace": AUTHZ_NS, "key": k, "type": "PROTOBUF_VALUE", "encode": "BASE64"}}
-            for k in AUTHZ_HTTP_MD_KEYS]}}
+def authz_cluster(transport: str) -> str:
+    """Over HTTP, the cluster the router's http_service names."""
+    return authz_http.CLUSTER if transport == "http" else "authz"
 
 
 def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPki,
@@ -191,9 +162,10 @@ def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPk
             "mutations": [{"remove_on_match": {"key_matcher": {"prefix": CCR_HEADER_PREFIX}}}]}}],
         "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "30s"}}]}]},
-        "http_filters": [*([_md_filter("response_rules")] if transport == "http" else []),
-                         *_authz_filters(transport, "authz"),
-                         *([_md_filter("request_rules")] if transport == "http" else []),
+        # Over HTTP, the router's own metadata filters (router/authz_http.py) around the checks.
+        "http_filters": [*([authz_http.refusal_metadata_filter(ROUTER_CONFIG)] if transport == "http" else []),
+                         *_authz_filters(transport, authz_cluster(transport)),
+                         *([authz_http.allow_metadata_filter(ROUTER_CONFIG)] if transport == "http" else []),
                          {"name": "envoy.filters.http.router",
                           "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"}}],
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
@@ -230,7 +202,7 @@ def envoy_config(transport: str, authz_port: int, upstream_port: int, pki: RunPk
                                                     "typed_config": downstream_tls},
                                "filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}]}],
-            "clusters": [_cluster("authz", authz_port, transport == "grpc", authz_tls),
+            "clusters": [_cluster(authz_cluster(transport), authz_port, transport == "grpc", authz_tls),
                          _cluster("upstream", upstream_port, False)]}}
 
 
@@ -340,6 +312,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> RunPki:
 _CONFIG = {"version": 1, "providers": [{"name": "anthropic"}],
            "models": [{"match": "claude-*", "provider": "anthropic"}],
            "services": {"authz_transport": "http"}, "gateway": {"max_request_bytes": 16 * 1024 * 1024}}
+
+
+ROUTER_CONFIG = parse_config(_CONFIG)
 
 
 @pytest.fixture(scope="module")
