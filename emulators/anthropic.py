@@ -3,7 +3,8 @@
 It speaks the real wire format (auth and version headers, validation errors, Message
 objects, the SSE event sequence, prompt-cache usage fields), so the gateway, its tests and
 its benchmarks exercise the same paths they would against api.anthropic.com. Faults and
-latency can be switched on per process (CLI) or per request (`x-emulator-*` headers), and
+latency can be switched on per process (CLI) or per request (`x-emulator-*` headers; a reply can be made to
+carry any header with `x-emulator-response-header: NAME=VALUE`), and
 every request is recorded (headers, body length and sha256) for tests at /_emulator/requests.
 Records carry a sequence number that only grows, so a test can read exactly what arrived after
 a mark even once the ring of kept records has dropped old ones (see `get_records`).
@@ -641,6 +642,12 @@ class Emulator:
         rid = request.get(RID_KEY)
         if rid:
             response.headers.setdefault("request-id", rid)
+        # x-emulator-response-header: NAME=VALUE (repeatable): the reply carries that header too, as a hostile
+        # or broken provider's might (tests prove the gateway drops what a provider must not set).
+        for spec in request.headers.getall("x-emulator-response-header", ()):
+            name, sep, value = spec.partition("=")
+            if sep and name.strip():
+                response.headers[name.strip()] = value.strip()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -173,6 +173,31 @@ def test_client_sent_answer_headers_change_nothing(gw: Gateway) -> None:
     assert row["spiffe_id"] is None
 
 
+def test_a_provider_cannot_write_the_audit_rows_facts(gw: Gateway) -> None:
+    """The refusal metadata filter reads x-ccr-md-* from replies on their way out: the route configuration
+    removes those names from every upstream reply first, so a provider's own cannot reach the audit row."""
+    rec, key = create_key(_dsn(gw), f"prov-{uuid.uuid4().hex[:6]}", ["default"])
+    forged = [f"{authz_md_header('principal_id')}={_b64_value('mallory')}",
+              f"{authz_md_header('groups')}={_b64_value(['admins'])}",
+              f"{authz_md_header('error_type')}={_b64_value('permission_error')}"]
+    r = httpx.post(f"{gw.url}/v1/messages", json=BODY, timeout=30, headers=[
+        ("x-api-key", key), ("anthropic-version", "2023-06-01"),
+        *(("x-emulator-response-header", f) for f in forged)])
+    assert r.status_code == 200, r.text
+    assert not any(k.startswith("x-ccr-") for k in r.headers)
+    row = _row(gw, r.headers["x-request-id"])
+    assert (row["principal_id"], row["groups"], row["error_type"]) == (rec.id, ["default"], None)
+
+
+def test_the_emulator_does_set_the_headers_it_is_asked_for(gw: Gateway) -> None:
+    """The control above could pass on an emulator that ignores the header: it does not."""
+    assert gw.emulator_url and gw.emulator_key
+    r = httpx.get(f"{gw.emulator_url}/v1/models", headers={
+        "x-api-key": gw.emulator_key, "anthropic-version": "2023-06-01",
+        "x-emulator-response-header": f"{authz_md_header('principal_id')}=forged"}, timeout=10)
+    assert r.status_code == 200 and r.headers[authz_md_header("principal_id")] == "forged"
+
+
 def test_a_large_body_is_refused_at_its_headers(gw: Gateway) -> None:
     """The identity-first check goes over HTTP too: a stranger's large upload is refused before buffering."""
     before = _stat(gw, r"http\.ccr\.ext_authz\.identity\.denied")
