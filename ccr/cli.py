@@ -631,7 +631,8 @@ def add_policy_why(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ccr.standalone import serve
 
-    serve(args.service, Path(args.config), listen=args.listen, instance=args.instance)  # execs the service
+    serve(args.service, Path(args.config), listen=args.listen, instance=args.instance,
+          authz_http_listen=args.authz_http_listen)  # execs the service
     return 1
 
 
@@ -775,6 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("service", choices=SERVE_NAMES)
     srv.add_argument("--listen", help="host:port to bind instead of the configured one (another replica)")
     srv.add_argument("--instance", help="name of this replica on this machine (its own state directory)")
+    srv.add_argument("--authz-http-listen", help="extauth with services.authz_transport: http: host:port of this "
+                     "replica's HTTP front instead of the configured one (with --listen)")
     srv.set_defaults(func=cmd_serve)
     prb = sub.add_parser("probe", help="exit 0 when a standalone service reports SERVING (container health checks)")
     prb.add_argument("service", choices=("extauth", "ratelimit", "adapter", "accesslog", "router"))

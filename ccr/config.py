@@ -138,14 +138,43 @@ class StandaloneService(Strict):
     # Where this part serves Prometheus /metrics (telemetry.metrics), e.g. 0.0.0.0:9464 for the
     # orchestrator's scraper; unset: a free port on the part's host (logged at start).
     metrics_listen: HostPort | None = None
+    # extauth only, with services.authz_transport: http: where its HTTP authorization front binds
+    # (the same host as `listen`: one process binds both) and where Envoy reaches it, one host:port per
+    # replica or a DNS name (the same shapes as listen and endpoints). Empty endpoints: the listen address.
+    authz_http_listen: HostPort | None = None
+    authz_http_endpoints: list[HostPort] = []
+
+    @model_validator(mode="after")
+    def _front_on_the_service_host(self) -> StandaloneService:
+        if self.authz_http_endpoints and self.authz_http_listen is None:
+            raise ValueError("authz_http_endpoints without authz_http_listen: say where the HTTP front binds")
+        if self.authz_http_listen is not None:
+            host, front_host = self.listen.rpartition(":")[0], self.authz_http_listen.rpartition(":")[0]
+            if host != front_host:
+                raise ValueError(f"authz_http_listen {self.authz_http_listen!r} must bind the host of listen "
+                                 f"({host!r}): the service binds its gRPC port and its HTTP front on one host")
+            if self.authz_http_listen == self.listen:
+                raise ValueError(f"authz_http_listen {self.authz_http_listen!r} is the gRPC listen address; "
+                                 "the HTTP front needs a port of its own")
+        return self
 
     def reach(self) -> list[str]:
-        if self.endpoints:
-            return list(self.endpoints)
-        host, _, port = self.listen.rpartition(":")
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-        return [f"{host}:{port}"]
+        return _reach(self.endpoints, self.listen)
+
+    def authz_http_reach(self) -> list[str]:
+        """Where Envoy finds extauth's HTTP front (empty: no front configured)."""
+        if self.authz_http_listen is None:
+            return []
+        return _reach(self.authz_http_endpoints, self.authz_http_listen)
+
+
+def _reach(endpoints: list[str], listen: str) -> list[str]:
+    if endpoints:
+        return list(endpoints)
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    return [f"{host}:{port}"]
 
 
 class StandaloneSettings(Strict):
@@ -164,6 +193,15 @@ class StandaloneSettings(Strict):
     # mTLS identities for Envoy -> adapter, from `ccr pki issue DIR`; not needed with
     # services.spiffe.agent_socket (every hop SPIFFE mTLS, SVIDs from that SPIRE agent).
     pki_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _only_extauth_has_a_front(self) -> StandaloneSettings:
+        others = [n for n in ("ratelimit", "adapter", "accesslog", "router", "signin")
+                  if (svc := getattr(self, n)) is not None and (svc.authz_http_listen or svc.authz_http_endpoints)]
+        if others:
+            raise ValueError(f"authz_http_listen/authz_http_endpoints are extauth's (its HTTP authorization "
+                             f"front); {', '.join(others)} serve(s) none")
+        return self
 
 
 class SpiffeSettings(Strict):
@@ -218,15 +256,6 @@ class ServiceSettings(Strict):
     # policy result adds (headers, response headers, dynamic metadata) must be declared in
     # policy.result_names: Envoy copies only listed names from an HTTP answer.
     authz_transport: Literal["grpc", "http"] = "grpc"
-
-    @model_validator(mode="after")
-    def _http_front_under_ccr_up(self) -> ServiceSettings:
-        # `ccr serve` replicas are reached at configured addresses with gRPC health checks; their HTTP
-        # fronts would need addresses and checks of their own, not built yet.
-        if self.authz_transport == "http" and self.standalone is not None:
-            raise ValueError("authz_transport: http is supported with `ccr up` only; services.standalone "
-                             "(`ccr serve`) uses grpc")
-        return self
 
     @model_validator(mode="after")
     def _fail_open_is_acknowledged(self) -> ServiceSettings:

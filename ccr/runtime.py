@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict
 from ccr.config import GatewayConfig, load_config
 from ccr.pki import RunPki
 
+# service_endpoints' key for the replicas of extauth's HTTP authorization front.
+EXTAUTH_HTTP = "extauth_http"
+
 
 class UpstreamOverride(BaseModel):
     """Replaces a provider's endpoint and credential variable (the built-in emulator)."""
@@ -44,7 +47,8 @@ class Runtime(BaseModel):
     accesslog: str | None = None
     xds: str | None = None
     # Replicas per service (host:port each, DNS names allowed) when there is more than one place
-    # to reach it (`ccr serve`); the single address above stays the first of them.
+    # to reach it (`ccr serve`); the single address above stays the first of them. Keyed by the
+    # field names above: "extauth", ..., and "extauth_http" (EXTAUTH_HTTP) for extauth's HTTP fronts.
     service_endpoints: dict[str, list[str]] = {}
     # The sign-in HTTP service (host:port) and its key directory, when identity.signin is set.
     signin: str | None = None

@@ -28,7 +28,7 @@ from ccr.contract import RUN_TRUST_DOMAIN
 from ccr.credentials import write_secret
 from ccr.listener_tls import write_listener_sds
 from ccr.pki import load_pki
-from ccr.runtime import Runtime
+from ccr.runtime import EXTAUTH_HTTP, Runtime
 
 MODULES = {"extauth": "extauth", "ratelimit": "ratelimit", "adapter": "router.adapter", "accesslog": "audit",
            "router": "router", "signin": "signin"}
@@ -69,6 +69,14 @@ def settings(config: GatewayConfig, source: str) -> StandaloneSettings:
                         "create identities with `ccr pki issue DIR`)")
     if config.identity.signin is not None and s.signin is None:
         problems.append("identity.signin is set but services.standalone.signin is not")
+    front = s.extauth.authz_http_listen is not None
+    if config.services.authz_transport == "http" and not front:
+        problems.append("services.authz_transport is http but services.standalone.extauth.authz_http_listen is "
+                        "not set: say where each extauth serves its HTTP authorization front (and "
+                        "authz_http_endpoints: where Envoy reaches the replicas)")
+    if config.services.authz_transport != "http" and front:
+        problems.append("services.standalone.extauth.authz_http_listen is set but services.authz_transport is "
+                        "grpc: Envoy would never ask that front (set authz_transport: http, or remove it)")
     emulated = [p.name for p in config.providers if p.emulator]
     if emulated:
         problems.append(f"providers {', '.join(emulated)} use `emulator: true`, which only `ccr up` runs; "
@@ -123,6 +131,10 @@ def _wire(rt: Runtime, config: GatewayConfig, config_path: Path, s: StandaloneSe
         reach = getattr(s, svc).reach()
         setattr(rt, svc, reach[0])
         rt.service_endpoints[svc] = reach
+    if config.services.authz_transport == "http":  # extauth's HTTP fronts (settings() checked one is set)
+        fronts = s.extauth.authz_http_reach()
+        rt.extauth_http = fronts[0]
+        rt.service_endpoints[EXTAUTH_HTTP] = fronts
     agent = spiffe_agent(config)
     if agent is not None:
         # Every hop SPIFFE mTLS: each part's SVID from the agent's Workload API (Envoy: its SDS API),
@@ -139,23 +151,47 @@ def _wire(rt: Runtime, config: GatewayConfig, config_path: Path, s: StandaloneSe
     rt.provider_credentials = {p.name: str(creds / f"{p.name}.json") for p in config.providers}
 
 
+def _host_port(value: str, option: str) -> tuple[str, int]:
+    if not re.match(HOST_PORT, value) or not 1 <= int(value.rpartition(":")[2]) <= 65535:
+        raise ConfigError(f"{option} {value!r} is not host:port")
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _listen(config: GatewayConfig, name: str, listen: str | None) -> tuple[str, int]:
     s = config.services.standalone
     assert s is not None
     svc = getattr(s, name)
     if svc is None:
         raise ConfigError(f"services.standalone.{name} is not set")
-    value = listen or svc.listen
-    if not re.match(HOST_PORT, value) or not 1 <= int(value.rpartition(":")[2]) <= 65535:
-        raise ConfigError(f"--listen {value!r} is not host:port")
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+    return _host_port(listen or svc.listen, "--listen")
+
+
+def _front_port(config: GatewayConfig, name: str, host: str, listen: str | None, front: str | None) -> int | None:
+    """The port extauth's HTTP front binds (services.authz_transport: http), on the service's `host`;
+    None: no front (another service, or the gRPC transport)."""
+    if front is not None and (name != "extauth" or config.services.authz_transport != "http"):
+        raise ConfigError("--authz-http-listen is for extauth with services.authz_transport: http only")
+    if name != "extauth" or config.services.authz_transport != "http":
+        return None
+    s = config.services.standalone
+    assert s is not None and s.extauth.authz_http_listen is not None  # settings() checked
+    if listen is not None and front is None:
+        # A second replica on this machine would collide with the first one's front.
+        raise ConfigError("--listen for extauth needs --authz-http-listen too (services.authz_transport: http: "
+                          "each replica serves its HTTP front on a port of its own)")
+    front_host, port = _host_port(front or s.extauth.authz_http_listen, "--authz-http-listen")
+    if front_host != host:
+        raise ConfigError(f"--authz-http-listen host {front_host!r} is not the --listen host {host!r}: the "
+                          "service binds its gRPC port and its HTTP front on one host")
+    return port
 
 
 def serve(name: str, config_path: Path, *, listen: str | None = None, instance: str | None = None,
-          environ: Mapping[str, str] | None = None) -> None:
+          environ: Mapping[str, str] | None = None, authz_http_listen: str | None = None) -> None:
     """Become service `name` (exec); returns only by raising (ConfigError, OSError).
-    `listen` overrides the configured address (a second replica on the same machine)."""
+    `listen` overrides the configured address (a second replica on the same machine), and
+    `authz_http_listen` the address of extauth's HTTP front (services.authz_transport: http)."""
     if instance is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", instance):
         raise ConfigError(f"--instance {instance!r}: letters, digits, - and _ only")
     if name == "envoy":
@@ -165,6 +201,7 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
         raise ConfigError(f"ccr serve: unknown service {name!r} (one of {', '.join([*MODULES, 'envoy'])})")
     config, rt = runtime_for(config_path, name, instance)
     host, port = _listen(config, name, listen)
+    front_port = _front_port(config, name, host, listen, authz_http_listen)
     if name in USES_POSTGRES:
         db.migrate(rt.postgres_dsn)
     if name == "accesslog":  # time partitions ahead (docs/audit.md "Retention")
@@ -183,6 +220,8 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
     part = getattr(settings(config, str(config_path)), name, None)
     if part is not None and part.metrics_listen:
         argv += ["--metrics-listen", part.metrics_listen]
+    if front_port is not None:  # extauth's HTTP front, on the same host (ready-file key authz_http)
+        argv += ["--authz-http-port", str(front_port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     os.execve(sys.executable, argv, env)
 

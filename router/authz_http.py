@@ -23,6 +23,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import (
     AUTHZ_HTTP_CLIENT_HEADER_PREFIXES,
     AUTHZ_HTTP_CLIENT_HEADERS,
+    AUTHZ_HTTP_HEALTH_PATH,
     AUTHZ_HTTP_MD_KEYS,
     AUTHZ_HTTP_STATUS_STANDINS,
     AUTHZ_NS,
@@ -69,11 +70,34 @@ def _prefixes(prefixes: tuple[str, ...]) -> list[Json]:
     return [{"prefix": p} for p in prefixes]
 
 
-def http_service(config: GatewayConfig, path_prefix: str, timeout_s: str) -> Json:
+def check_retry(timeout_s: str) -> Json:
+    """The HttpService retry policy of a check whose whole timeout is `timeout_s`, with replicas (`ccr serve`).
+
+    A replica that stops (SIGTERM) first answers 503 to its health checks, then closes its idle
+    connections and answers each check in flight with `Connection: close`. A check Envoy writes on a
+    pooled connection just as the replica closes it is reset before any answer: retried on another
+    replica (previous_hosts), it costs the client nothing. Only connection failures and resets are
+    retried, never an answer (a 5xx answer is extauth failing, and a check is not idempotent for the
+    limits it charges). As with the gRPC decision calls (router/downstream.py decision_retry), Envoy
+    makes the back-off's max_interval the per-try timeout, so it is the check's own timeout: an attempt
+    is never cut short (and its replica never counted as failing because the host was slow)."""
+    return {
+        "retry_on": "connect-failure,reset",
+        "num_retries": 2,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": timeout_s},
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 3,
+    }
+
+
+def http_service(config: GatewayConfig, path_prefix: str, timeout_s: str, retry: bool = False) -> Json:
+    """`retry`: extauth runs as replicas (`ccr serve`): a check that loses its connection goes to another."""
     names = config.policy.result_names
     client = _exact(AUTHZ_HTTP_CLIENT_HEADERS) + _prefixes(AUTHZ_HTTP_CLIENT_HEADER_PREFIXES)
     return {
         "server_uri": {"uri": _URI, "cluster": CLUSTER, "timeout": timeout_s},
+        **({"retry_policy": check_retry(timeout_s)} if retry else {}),
         "path_prefix": path_prefix,
         "authorization_request": {
             "headers_to_add": [{"key": k, "value": v} for k, v in PEER_HEADERS],
@@ -91,10 +115,10 @@ def http_service(config: GatewayConfig, path_prefix: str, timeout_s: str) -> Jso
     }
 
 
-def ext_authz_fields(config: GatewayConfig, path_prefix: str, timeout_s: str) -> Json:
+def ext_authz_fields(config: GatewayConfig, path_prefix: str, timeout_s: str, retry: bool = False) -> Json:
     """The ExtAuthz fields that pick this transport (instead of grpc_service and transport_api_version)."""
     return {
-        "http_service": http_service(config, path_prefix, timeout_s),
+        "http_service": http_service(config, path_prefix, timeout_s, retry),
         # Every client header, as a gRPC CheckRequest carries them (policies may read any).
         "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
     }
@@ -133,18 +157,28 @@ def status_mappers() -> list[Json]:
     ]}}, "status_code": real} for real, standin in AUTHZ_HTTP_STATUS_STANDINS.items()]
 
 
-def cluster(config: GatewayConfig, address: str, transport_socket: Json | None) -> Json:
-    """HTTP/1.1 to extauth's front. Its answers may carry a request body for the audit (body capture,
-    base64 in a metadata header), so the response header limit follows audit.body_max_bytes."""
-    host, _, port = address.rpartition(":")
+def health_check() -> Json:
+    """The front's own health answer (AUTHZ_HTTP_HEALTH_PATH): 200 while it serves, 503 from the moment its
+    process begins to drain, so Envoy stops sending it checks before it stops taking them."""
+    return {"path": AUTHZ_HTTP_HEALTH_PATH, "host": _URI.removeprefix("http://")}
+
+
+def cluster(config: GatewayConfig, addresses: list[str], transport_socket: Json | None,
+            replicas: bool = False) -> Json:
+    """HTTP/1.1 to extauth's front(s): one host:port per replica, or DNS names (STRICT_DNS). Its answers
+    may carry a request body for the audit (body capture, base64 in a metadata header), so the response
+    header limit follows audit.body_max_bytes. `replicas` (`ccr serve`): health-checked and
+    outlier-ejected as the gRPC services' replicas are (router/resources.py _replica_checks)."""
+    from router.resources import _lb_endpoints, _replica_checks  # (resources builds on this module)
+
+    kind, eps = _lb_endpoints(addresses)
     headers_kb = min(8192, max(96, (config.audit.body_max_bytes * 4 // 3) // 1024 + 64))
     out: Json = {
         "name": CLUSTER,
-        "type": "STATIC",
+        "type": kind,
         "connect_timeout": "2s",
         "per_connection_buffer_limit_bytes": config.gateway.max_request_bytes,
-        "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": host.strip("[]"), "port_value": int(port)}}}}]}]},
+        "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": eps}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "common_http_protocol_options": {"max_response_headers_kb": headers_kb},
@@ -153,10 +187,14 @@ def cluster(config: GatewayConfig, address: str, transport_socket: Json | None) 
     }
     # HTTP/1.1 carries one check per connection at a time: Envoy's default of 1024 connections would refuse
     # checks beyond 1024 in flight (the listener's own limits bound them instead).
-    out["circuit_breakers"] = {"thresholds": [{"max_connections": 65536, "max_pending_requests": 65536,
-                                               "max_requests": 65536}]}
+    limits: Json = {"max_connections": 65536, "max_pending_requests": 65536, "max_requests": 65536}
     if transport_socket is not None:
         out["transport_socket"] = transport_socket
+    if replicas:
+        _replica_checks(out, {"http_health_check": health_check()})
+        # (_replica_checks' reason: every check in flight to a replica that dies is retried at once.)
+        limits["max_retries"] = out["circuit_breakers"]["thresholds"][0]["max_retries"]
+    out["circuit_breakers"] = {"thresholds": [limits]}
     return out
 
 

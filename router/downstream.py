@@ -130,7 +130,7 @@ def identity_first_filter(config: GatewayConfig, ext_authz_cluster: str, timeout
     body-buffering check after it still decides everything (policy, model, routing).
     """
     if config.services.authz_transport == "http":  # the phase is told by the path prefix
-        transport = ext_authz_fields(config, AUTHZ_HTTP_IDENTITY_PREFIX, _secs(timeout_s))
+        transport = ext_authz_fields(config, AUTHZ_HTTP_IDENTITY_PREFIX, _secs(timeout_s), retry)
     else:
         transport = {"transport_api_version": "V3", "grpc_service": {
             "envoy_grpc": {"cluster_name": ext_authz_cluster},

@@ -45,7 +45,7 @@ from ccr.contract import (
 from ccr.credentials import secret_name
 from ccr.errors import error_body
 from ccr.pki import RunPki
-from ccr.runtime import Runtime
+from ccr.runtime import EXTAUTH_HTTP, Runtime
 from extauth.endpoints import ENDPOINTS, Endpoint
 from router import authz_http
 from router.body_capture import capture_filters
@@ -181,13 +181,14 @@ def _lb_endpoints(addresses: list[str]) -> tuple[str, list[Json]]:
     return ("STATIC" if all(_is_ip(_host_port(a)[0]) for a in addresses) else "STRICT_DNS"), eps
 
 
-def _replica_checks(cluster: Json) -> None:
-    """Services with replicas (`ccr serve`): ask each one's grpc.health.v1 and eject one that stops
-    answering or fails calls, so a stopped or draining replica gets no new work."""
+def _replica_checks(cluster: Json, check: Json | None = None) -> None:
+    """Services with replicas (`ccr serve`): ask each one's grpc.health.v1 (or `check`, e.g. extauth's
+    HTTP front's http_health_check) and eject one that stops answering or fails calls, so a stopped or
+    draining replica gets no new work."""
     cluster["health_checks"] = [{
         "timeout": "1s", "interval": "1s", "no_traffic_interval": "2s",
         "unhealthy_threshold": 1, "healthy_threshold": 1,
-        "grpc_health_check": {"service_name": ""},
+        **(check or {"grpc_health_check": {"service_name": ""}}),
     }]
     cluster["outlier_detection"] = {
         "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
@@ -528,7 +529,9 @@ def clusters(config: GatewayConfig, runtime: Runtime) -> list[Json]:
     if config.services.authz_transport == "http":
         if not runtime.extauth_http:
             raise ValueError("runtime lacks the address of extauth's HTTP front (services.authz_transport: http)")
-        out.append(authz_http.cluster(config, runtime.extauth_http, _service_tls(runtime, ID_EXTAUTH, ("http/1.1",))))
+        out.append(authz_http.cluster(config, runtime.service_endpoints.get(EXTAUTH_HTTP) or [runtime.extauth_http],
+                                      _service_tls(runtime, ID_EXTAUTH, ("http/1.1",)),
+                                      replicas=bool(runtime.service_endpoints)))
     for p in config.providers:
         if p.kind == ProviderKind.anthropic:  # passthrough Messages/Models, and Batches/Files
             out += [_provider_cluster(p, runtime, config, objects) for objects in (False, True)]
@@ -833,7 +836,7 @@ def listener(config: GatewayConfig, listen_port: int, inline_routes: bool = Fals
             identity_first_filter(config, EXTAUTH, 30.0, retry=replicas),
             {"name": EXT_AUTHZ_FILTER, "typed_config": {
                 "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                **(authz_http.ext_authz_fields(config, AUTHZ_HTTP_FULL_PREFIX, "30s") if over_http else {
+                **(authz_http.ext_authz_fields(config, AUTHZ_HTTP_FULL_PREFIX, "30s", replicas) if over_http else {
                     "transport_api_version": "V3",
                     "grpc_service": _grpc_service(EXTAUTH, 30.0, retry=replicas)}),
                 "failure_mode_allow": config.services.failure_mode_allow,

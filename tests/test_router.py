@@ -21,7 +21,7 @@ from ccr.credentials import write_secret
 from ccr.runtime import Runtime, UpstreamOverride
 from ccr.supervisor import envoy_binary, render_bootstrap
 from extauth.endpoints import ENDPOINTS, Endpoint
-from router import resources
+from router import authz_http, resources
 from router.xds import CDS, LDS, RDS, AdsServer, Snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,3 +297,52 @@ def test_http_authz_transport_config_passes_envoy_validate(tmp_path: Path) -> No
 def test_http_authz_transport_needs_the_front_address() -> None:
     with pytest.raises(ValueError, match="HTTP front"):
         resources.clusters(_http_transport_config(), _runtime())
+
+
+def test_replicated_http_fronts_pass_envoy_validate(tmp_path: Path) -> None:
+    """`ccr serve` with authz_transport: http: extauth's HTTP fronts as replicas, health-checked on the
+    front's own health path, outlier-ejected, and both ext_authz checks retried on connection loss with
+    their whole timeout per attempt; the real Envoy accepts every field."""
+    from ccr.contract import AUTHZ_HTTP_HEALTH_PATH
+    from ccr.runtime import EXTAUTH_HTTP
+
+    cfg = _http_transport_config(headers=["x-tier"])
+    eps = {"extauth": ["10.0.0.5:9001", "10.0.0.6:9001"], EXTAUTH_HTTP: ["10.0.0.5:9011", "10.0.0.6:9011"],
+           "ratelimit": ["127.0.0.1:7002"], "adapter": ["127.0.0.1:7003"], "accesslog": ["127.0.0.1:7004"]}
+    doc = resources.static_bootstrap(cfg, _runtime(extauth_http="10.0.0.5:9011", service_endpoints=eps), 18080)
+    r = _validate(tmp_path, doc)
+    assert r.returncode == 0, r.stderr[-4000:]
+    front = {c["name"]: c for c in doc["static_resources"]["clusters"]}[authz_http.CLUSTER]
+    assert front["type"] == "STATIC"
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in front["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [9011, 9011]
+    (check,) = front["health_checks"]
+    assert check["http_health_check"]["path"] == AUTHZ_HTTP_HEALTH_PATH and "grpc_health_check" not in check
+    assert front["outlier_detection"]["max_ejection_percent"] == 50
+    assert front["common_lb_config"]["healthy_panic_threshold"] == {"value": 50}
+    (limits,) = front["circuit_breakers"]["thresholds"]
+    assert limits["max_retries"] >= 1000 and limits["max_connections"] == 65536
+    services = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "server_uri" in node:
+                services.append(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc["static_resources"]["listeners"])
+    assert len(services) == 2  # identity-first and the full check
+    for svc in services:
+        retry = svc["retry_policy"]
+        assert retry["retry_on"] == "connect-failure,reset"
+        assert retry["retry_back_off"]["max_interval"] == svc["server_uri"]["timeout"]
+    # By DNS name: STRICT_DNS. One local front (`ccr up`): no checks, no retries.
+    named = resources.clusters(cfg, _runtime(extauth_http="extauth.ccr.svc:9011",
+                                             service_endpoints={**eps, EXTAUTH_HTTP: ["extauth.ccr.svc:9011"]}))
+    assert {c["name"]: c for c in named}[authz_http.CLUSTER]["type"] == "STRICT_DNS"
+    single = resources.static_bootstrap(cfg, _runtime(extauth_http="127.0.0.1:7005"), 18080)
+    assert '"retry_policy"' not in json.dumps(single) and '"health_checks"' not in json.dumps(single)
