@@ -474,3 +474,105 @@ def test_a_decision_call_attempt_is_never_cut_shorter_than_its_timeout() -> None
 
     walk(hcm)
     assert found >= 3  # identity-first ext_authz, ext_authz, the request limits (and spend, when on)
+
+
+def _http_front_config(tmp_path: Path, extauth: dict, transport: str = "http", **others: dict) -> Path:
+    from ccr.pki import issue_run_pki, save_pki
+
+    pki = tmp_path / "pki"
+    if not pki.exists():
+        save_pki(issue_run_pki(pki, ["envoy", "adapter"]), pki)
+    cfg = {"gateway": {"listen": {"port": 8080}},
+           "services": {"authz_transport": transport, "standalone": {
+               "extauth": extauth,
+               **{n: others.get(n, {"listen": f"127.0.0.1:{9002 + i}"})
+                  for i, n in enumerate(("ratelimit", "adapter", "accesslog", "router"))},
+               "pki_dir": str(pki)}},
+           "storage": {"postgres_dsn": "postgresql://nobody@127.0.0.1:1/none", "redis_url": "redis://127.0.0.1:1/0",
+                       "data_dir": str(tmp_path / "data")},
+           "providers": [{"name": "anthropic", "api_key_env": "K"}],
+           "models": [{"match": "claude-*", "provider": "anthropic"}]}
+    path = tmp_path / "ccr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_http_fronts_of_extauth_replicas_reach_the_runtime(tmp_path: Path) -> None:
+    """authz_transport: http under `ccr serve`: where each extauth serves its HTTP front and where Envoy
+    finds the replicas end up in every part's runtime (and in the static Envoy config)."""
+    from ccr.runtime import EXTAUTH_HTTP
+    from ccr.standalone import runtime_for, static_envoy_config
+    from router import authz_http
+
+    fronts = ["extauth-a.internal:9011", "extauth-b.internal:9011"]
+    path = _http_front_config(tmp_path, {"listen": "0.0.0.0:9001", "endpoints": ["extauth.internal:9001"],
+                                         "authz_http_listen": "0.0.0.0:9011", "authz_http_endpoints": fronts})
+    _, rt = runtime_for(path, "envoy")
+    assert rt.extauth_http == fronts[0] and rt.service_endpoints[EXTAUTH_HTTP] == fronts
+    assert rt.service_endpoints["extauth"] == ["extauth.internal:9001"]
+    doc = static_envoy_config(path)
+    front = {c["name"]: c for c in doc["static_resources"]["clusters"]}[authz_http.CLUSTER]
+    assert front["type"] == "STRICT_DNS" and "health_checks" in front
+    assert [e["endpoint"]["address"]["socket_address"]["address"]
+            for e in front["load_assignment"]["endpoints"][0]["lb_endpoints"]] == ["extauth-a.internal",
+                                                                                    "extauth-b.internal"]
+    # Without endpoints: the listen address, a wildcard as loopback (as for every part).
+    path = _http_front_config(tmp_path, {"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:9011"})
+    _, rt = runtime_for(path, "envoy")
+    assert rt.extauth_http == "127.0.0.1:9011" and rt.service_endpoints[EXTAUTH_HTTP] == ["127.0.0.1:9011"]
+    # With gRPC there is no front, and no key for one.
+    path = _http_front_config(tmp_path, {"listen": "0.0.0.0:9001"}, transport="grpc")
+    _, rt = runtime_for(path, "envoy")
+    assert rt.extauth_http is None and EXTAUTH_HTTP not in rt.service_endpoints
+
+
+@pytest.mark.parametrize(("extauth", "transport", "others", "why"), [
+    ({"listen": "0.0.0.0:9001"}, "http", {},
+     "services.authz_transport is http but services.standalone.extauth.authz_http_listen is not set"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:9011"}, "grpc", {},
+     "extauth.authz_http_listen is set but services.authz_transport is grpc"),
+    ({"listen": "0.0.0.0:9001", "authz_http_endpoints": ["extauth:9011"]}, "http", {},
+     "authz_http_endpoints without authz_http_listen"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "127.0.0.1:9011"}, "http", {},
+     "must bind the host of listen ('0.0.0.0')"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:9001"}, "http", {},
+     "needs a port of its own"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:99999"}, "http", {},
+     "the port must be 1 to 65535"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:9011", "authz_http_endpoints": ["x:0"]}, "http", {},
+     "authz_http_endpoints"),
+    ({"listen": "0.0.0.0:9001", "authz_http_listen": "0.0.0.0:9011"}, "http",
+     {"ratelimit": {"listen": "0.0.0.0:9002", "authz_http_listen": "0.0.0.0:9012"}},
+     "authz_http_listen/authz_http_endpoints are extauth's (its HTTP authorization front); ratelimit serve(s) none"),
+])
+def test_http_front_settings_are_refused_when_wrong(tmp_path: Path, extauth: dict, transport: str, others: dict,
+                                                    why: str) -> None:
+    """Each refusal names its field, before a migration runs or a process starts."""
+    path = _http_front_config(tmp_path, extauth, transport, **others)
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        serve("extauth", path)
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    ({"listen": "127.0.0.1:9101"}, "--listen for extauth needs --authz-http-listen too"),
+    ({"listen": "127.0.0.1:9101", "authz_http_listen": "0.0.0.0:9111"},
+     "--authz-http-listen host '0.0.0.0' is not the --listen host '127.0.0.1'"),
+    ({"listen": "127.0.0.1:9101", "authz_http_listen": "127.0.0.1"}, "--authz-http-listen '127.0.0.1' is not host:port"),
+])
+def test_a_second_extauth_replica_needs_its_own_front(tmp_path: Path, kw: dict, why: str) -> None:
+    """A second replica on one machine (--listen) must not try to bind the first one's front."""
+    path = _http_front_config(tmp_path, {"listen": "127.0.0.1:9001", "authz_http_listen": "127.0.0.1:9011"})
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        serve("extauth", path, **kw)
+
+
+def test_authz_http_listen_is_extauths_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ccr.standalone
+
+    def no_exec(*args: object) -> None:
+        raise AssertionError(f"ccr serve went on to exec {args[1]}")
+
+    monkeypatch.setattr(ccr.standalone.os, "execve", no_exec)
+    path = _http_front_config(tmp_path, {"listen": "127.0.0.1:9001", "authz_http_listen": "127.0.0.1:9011"})
+    with pytest.raises(ConfigError, match=re.escape("--authz-http-listen is for extauth")):
+        serve("ratelimit", path, authz_http_listen="127.0.0.1:9111")
