@@ -557,7 +557,8 @@ def test_http_front_settings_are_refused_when_wrong(tmp_path: Path, extauth: dic
     ({"listen": "127.0.0.1:9101"}, "--listen for extauth needs --authz-http-listen too"),
     ({"listen": "127.0.0.1:9101", "authz_http_listen": "0.0.0.0:9111"},
      "--authz-http-listen host '0.0.0.0' is not the --listen host '127.0.0.1'"),
-    ({"listen": "127.0.0.1:9101", "authz_http_listen": "127.0.0.1"}, "--authz-http-listen '127.0.0.1' is not host:port"),
+    ({"listen": "127.0.0.1:9101", "authz_http_listen": "127.0.0.1"},
+     "--authz-http-listen '127.0.0.1' is not host:port"),
 ])
 def test_a_second_extauth_replica_needs_its_own_front(tmp_path: Path, kw: dict, why: str) -> None:
     """A second replica on one machine (--listen) must not try to bind the first one's front."""
@@ -576,3 +577,124 @@ def test_authz_http_listen_is_extauths_only(tmp_path: Path, monkeypatch: pytest.
     path = _http_front_config(tmp_path, {"listen": "127.0.0.1:9001", "authz_http_listen": "127.0.0.1:9011"})
     with pytest.raises(ConfigError, match=re.escape("--authz-http-listen is for extauth")):
         serve("ratelimit", path, authz_http_listen="127.0.0.1:9111")
+
+
+def _host_stat(admin: str, cluster: str, address: str, stat: str) -> int:
+    prefix = f"{cluster}::{address}::{stat}::"
+    return next((int(line.removeprefix(prefix)) for line in _cluster_hosts(admin) if line.startswith(prefix)), 0)
+
+
+def test_http_front_replicas_survive_a_drained_replica(stack: Stack, tmp_path: Path, postgres_server: dict,
+                                                       redis_url: str) -> None:
+    """services.authz_transport: http under `ccr serve`: two extauth replicas, each serving its HTTP front at
+    the configured address, behind one Envoy. One is stopped (SIGTERM) while requests keep flowing, from
+    before the signal until after it has exited: no client sees an error (its front answers 503 to the
+    health check, Envoy stops sending it checks, a check caught by its closing connection is retried on
+    the other replica), and the replica exits cleanly."""
+    from router import authz_http
+
+    dsn = create_database(str(postgres_server["admin_dsn"]))
+    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
+    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
+                                   "--ready-file", str(tmp_path / "emulator.ready")])
+    emu_addr = wait_ready_file(emu, tmp_path / "emulator.ready")["address"]
+    r = subprocess.run([*CCR, "pki", "issue", str(tmp_path / "pki")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+    def addr() -> str:
+        return f"127.0.0.1:{free_port()}"
+
+    grpc_addrs, fronts = [addr(), addr()], [addr(), addr()]
+    single = {n: addr() for n in ("ratelimit", "adapter", "accesslog", "router")}
+    listen = free_port()
+    cfg = {
+        "gateway": {"listen": {"host": "127.0.0.1", "port": listen}, "admin": {"host": "127.0.0.1", "port": 0}},
+        "services": {"drain_timeout_s": 10, "authz_transport": "http", "standalone": {
+            "extauth": {"listen": grpc_addrs[0], "endpoints": grpc_addrs,
+                        "authz_http_listen": fronts[0], "authz_http_endpoints": fronts},
+            **{n: {"listen": a} for n, a in single.items()},
+            "pki_dir": str(tmp_path / "pki"),
+        }},
+        "storage": {"postgres_dsn": dsn, "redis_url": redis_url, "data_dir": str(tmp_path / "data")},
+        "providers": [{"name": "anthropic", "endpoint": f"http://{emu_addr}", "api_key_env": "UPSTREAM_KEY"}],
+        "models": [{"match": "claude-*", "provider": "anthropic"}],
+        "policy": {"dir": str(REPO / "policies")},
+        # Requests flow for the whole drain (seconds): the default 600 a minute would refuse some.
+        "limits": {"requests_per_minute": 1_000_000},
+    }
+    config = tmp_path / "ccr.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    extauth = [stack.serve(config, "extauth", name="extauth"),
+               stack.serve(config, "extauth", "--listen", grpc_addrs[1], "--authz-http-listen", fronts[1],
+                           "--instance", "2", name="extauth-2")]
+    others = {n: stack.serve(config, n) for n in single}
+    as_envoy = client_credentials(load_pki(tmp_path / "pki"), ID_ENVOY)
+    # (extauth is not asked here: a drain waits until every recent health checker has heard it is
+    # going, and the test's own probe would be one. Envoy's health checks below prove the fronts.)
+    for n, child in others.items():
+        wait_until(child, lambda a=single[n], c=(as_envoy if n == "adapter" else None): _serving(a, c), 90,
+                   f"{n} serving")
+
+    envoy = stack.serve(config, "envoy", env={"UPSTREAM_KEY": key}, name="envoy")
+    admin_file = tmp_path / "data" / "standalone" / "envoy" / "envoy-admin-address"
+    wait_until(envoy, lambda: admin_file.exists() and admin_file.read_text().strip() != "", 60, "admin up")
+    admin = "http://" + admin_file.read_text().strip()
+    wait_until(envoy, lambda: _http_ok(admin + "/ready"), 60, "LIVE with config from the router")
+    for child, front in zip(extauth, fronts, strict=True):
+        # Each replica serves its own front at its configured address: Envoy's HTTP health check passes.
+        wait_until(child, lambda f=front: _health_flags(admin, authz_http.CLUSTER, f) == "healthy", 90,
+                   f"{front} health-checked over HTTP")
+
+    _, gw_key = create_key(dsn, "standalone-http", ["default"], actor="test")
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{listen}", api_key=gw_key, max_retries=0)
+    stopping = extauth[0]
+    errors: list[str] = []
+    sent = {"before": 0, "after": 0}
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def worker(w: int) -> None:
+        i = 0
+        while not finished.is_set():
+            phase = "after" if stopping.proc.poll() is not None else "before"
+            try:
+                client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
+                                       messages=[{"role": "user", "content": f"worker {w} request {i}"}])
+            except Exception as e:  # noqa: BLE001 - every failure is the finding
+                with lock:
+                    errors.append(f"worker {w} request {i} ({phase} the exit): {e!r}")
+            with lock:
+                sent[phase] += 1
+                # Enough after the replica's exit that the survivor alone served a while.
+                if sent["after"] >= 16:
+                    finished.set()
+            i += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(worker, w) for w in range(4)]
+        try:
+            # Both replicas answer checks over HTTP before the stop.
+            wait_until(envoy, lambda: all(_host_stat(admin, authz_http.CLUSTER, f, "rq_success") > 0 for f in fronts)
+                       or any(f.done() for f in futures), 60, "checks on both fronts")
+            served_before = _host_stat(admin, authz_http.CLUSTER, fronts[0], "rq_success")
+            stopping.proc.send_signal(signal.SIGTERM)
+            # The replica drains (its health check says 503: out of rotation) and exits, traffic flowing all along.
+            assert stopping.proc.wait(timeout=60) == 0, stopping.log_tail()
+            wait_until(envoy, lambda: finished.is_set() or any(f.done() for f in futures), 60,
+                       "requests after the replica's exit")
+        finally:
+            finished.set()
+            for f in futures:
+                f.result()
+    assert errors == [], f"{len(errors)} of {sent} requests failed: {errors[:5]}"
+    assert served_before > 0 and sent["after"] >= 16
+    # Envoy heard the draining replica's 503 health answers before it stopped taking checks (the front
+    # waits for every recent health checker to be told, and warns about those that were not).
+    log = stopping.log_path.read_text()
+    assert "out of rotation" in log and "did not ask again" not in log, log[-3000:]
+    with urllib.request.urlopen(admin + "/stats?filter=ccr_extauth_http.health_check", timeout=5) as r:  # noqa: S310
+        stats = dict(line.split(": ", 1) for line in r.read().decode().splitlines())
+    assert int(stats["cluster.ccr_extauth_http.health_check.failure"]) >= 1, stats
+    # The survivor took the checks after it.
+    assert _host_stat(admin, authz_http.CLUSTER, fronts[1], "rq_success") > 0
