@@ -648,53 +648,72 @@ def test_http_front_replicas_survive_a_drained_replica(stack: Stack, tmp_path: P
 
     _, gw_key = create_key(dsn, "standalone-http", ["default"], actor="test")
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{listen}", api_key=gw_key, max_retries=0)
-    stopping = extauth[0]
-    errors: list[str] = []
-    sent = {"before": 0, "after": 0}
-    lock = threading.Lock()
-    finished = threading.Event()
 
-    def worker(w: int) -> None:
-        i = 0
-        while not finished.is_set():
-            phase = "after" if stopping.proc.poll() is not None else "before"
-            try:
-                client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
-                                       messages=[{"role": "user", "content": f"worker {w} request {i}"}])
-            except Exception as e:  # noqa: BLE001 - every failure is the finding
+    def served(front: str) -> int:
+        return _host_stat(admin, authz_http.CLUSTER, front, "rq_success")
+
+    def through(victim: Child, sig: signal.Signals, survivor: str) -> dict[str, int]:
+        """Requests from 4 clients, flowing from before `sig` reaches `victim` until 16 after it exited."""
+        errors: list[str] = []
+        sent = {"before": 0, "after": 0}
+        lock = threading.Lock()
+        finished = threading.Event()
+
+        def worker(w: int) -> None:
+            i = 0
+            while not finished.is_set():
+                phase = "after" if victim.proc.poll() is not None else "before"
+                try:
+                    client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
+                                           messages=[{"role": "user", "content": f"{sig.name} {w} {i}"}])
+                except Exception as e:  # noqa: BLE001 - every failure is the finding
+                    with lock:
+                        errors.append(f"worker {w} request {i} ({phase} the exit): {e!r}")
                 with lock:
-                    errors.append(f"worker {w} request {i} ({phase} the exit): {e!r}")
-            with lock:
-                sent[phase] += 1
-                # Enough after the replica's exit that the survivor alone served a while.
-                if sent["after"] >= 16:
-                    finished.set()
-            i += 1
+                    sent[phase] += 1
+                    if sent["after"] >= 16:  # the survivor alone served a while
+                        finished.set()
+                i += 1
 
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(worker, w) for w in range(4)]
-        try:
-            # Both replicas answer checks over HTTP before the stop.
-            wait_until(envoy, lambda: all(_host_stat(admin, authz_http.CLUSTER, f, "rq_success") > 0 for f in fronts)
-                       or any(f.done() for f in futures), 60, "checks on both fronts")
-            served_before = _host_stat(admin, authz_http.CLUSTER, fronts[0], "rq_success")
-            stopping.proc.send_signal(signal.SIGTERM)
-            # The replica drains (its health check says 503: out of rotation) and exits, traffic flowing all along.
-            assert stopping.proc.wait(timeout=60) == 0, stopping.log_tail()
-            wait_until(envoy, lambda: finished.is_set() or any(f.done() for f in futures), 60,
-                       "requests after the replica's exit")
-        finally:
-            finished.set()
-            for f in futures:
-                f.result()
-    assert errors == [], f"{len(errors)} of {sent} requests failed: {errors[:5]}"
-    assert served_before > 0 and sent["after"] >= 16
+        start = {f: served(f) for f in fronts}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(worker, w) for w in range(4)]
+            try:
+                # Both replicas answer checks over HTTP, then the signal.
+                wait_until(envoy, lambda: all(served(f) > start[f] for f in fronts)
+                           or any(f.done() for f in futures), 60, "checks on both fronts")
+                victim.proc.send_signal(sig)
+                assert victim.proc.wait(timeout=60) == (0 if sig == signal.SIGTERM else -sig), victim.log_tail()
+                exited = served(survivor)
+                wait_until(envoy, lambda: finished.is_set() or any(f.done() for f in futures), 60,
+                           "requests after the replica's exit")
+            finally:
+                finished.set()
+                for f in futures:
+                    f.result()
+        assert errors == [], f"{len(errors)} of {sent} requests failed ({sig.name}): {errors[:5]}"
+        assert served(survivor) > exited  # the survivor took the checks after the exit
+        return sent
+
+    # SIGTERM: the replica's front answers 503 to health checks, Envoy stops choosing it, then it drains.
+    through(extauth[0], signal.SIGTERM, fronts[1])
     # Envoy heard the draining replica's 503 health answers before it stopped taking checks (the front
     # waits for every recent health checker to be told, and warns about those that were not).
-    log = stopping.log_path.read_text()
+    log = extauth[0].log_path.read_text()
     assert "out of rotation" in log and "did not ask again" not in log, log[-3000:]
     with urllib.request.urlopen(admin + "/stats?filter=ccr_extauth_http.health_check", timeout=5) as r:  # noqa: S310
         stats = dict(line.split(": ", 1) for line in r.read().decode().splitlines())
     assert int(stats["cluster.ccr_extauth_http.health_check.failure"]) >= 1, stats
-    # The survivor took the checks after it.
-    assert _host_stat(admin, authz_http.CLUSTER, fronts[1], "rq_success") > 0
+
+    # SIGKILL of the other one, once the first is back: the checks in flight to it and those sent before
+    # a health check notices are reset or refused, and retried on the live replica (without the
+    # http_service retry policy, clients saw the 503 of an unreachable authorization service).
+    extauth[0] = stack.serve(config, "extauth", name="extauth-again")
+    wait_until(extauth[0], lambda: _health_flags(admin, authz_http.CLUSTER, fronts[0]) == "healthy", 90,
+               "the first replica back in rotation")
+    through(extauth[1], signal.SIGKILL, fronts[0])
+    with urllib.request.urlopen(admin + "/stats?filter=ccr_extauth_http.upstream_rq_retry", timeout=5) as r:  # noqa: S310
+        retries = dict(line.split(": ", 1) for line in r.read().decode().splitlines())
+    # Checks were retried (each attempt reset or refused by the killed replica), and every retry succeeded.
+    n = int(retries["cluster.ccr_extauth_http.upstream_rq_retry"])
+    assert n >= 1 and retries["cluster.ccr_extauth_http.upstream_rq_retry_success"] == str(n), retries
