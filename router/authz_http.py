@@ -76,9 +76,11 @@ def check_retry(timeout_s: str) -> Json:
     A replica that stops (SIGTERM) first answers 503 to its health checks, then closes its idle
     connections and answers each check in flight with `Connection: close`. A check Envoy writes on a
     pooled connection just as the replica closes it is reset before any answer: retried on another
-    replica (previous_hosts), it costs the client nothing. Only connection failures and resets are
-    retried, never an answer (a 5xx answer is extauth failing, and a check is not idempotent for the
-    limits it charges). As with the gRPC decision calls (router/downstream.py decision_retry), Envoy
+    replica (previous_hosts), it costs the client nothing; so does a check sent to a replica that was
+    killed before a health check noticed (connect-failure). Only connection failures and resets are
+    retried, never an answer: a 5xx answer is extauth failing, and a check charges limits (a check reset
+    after its replica decided, a replica killed mid-check, may be charged twice: the gRPC calls' trade
+    too). As with the gRPC decision calls (router/downstream.py decision_retry), Envoy
     makes the back-off's max_interval the per-try timeout, so it is the check's own timeout: an attempt
     is never cut short (and its replica never counted as failing because the host was slow)."""
     return {
