@@ -167,7 +167,8 @@ def _listen(config: GatewayConfig, name: str, listen: str | None) -> tuple[str, 
     return _host_port(listen or svc.listen, "--listen")
 
 
-def _front_port(config: GatewayConfig, name: str, host: str, listen: str | None, front: str | None) -> int | None:
+def _front_port(config: GatewayConfig, name: str, host: str, port: int, listen: str | None,
+                front: str | None) -> int | None:
     """The port extauth's HTTP front binds (services.authz_transport: http), on the service's `host`;
     None: no front (another service, or the gRPC transport)."""
     if front is not None and (name != "extauth" or config.services.authz_transport != "http"):
@@ -180,11 +181,13 @@ def _front_port(config: GatewayConfig, name: str, host: str, listen: str | None,
         # A second replica on this machine would collide with the first one's front.
         raise ConfigError("--listen for extauth needs --authz-http-listen too (services.authz_transport: http: "
                           "each replica serves its HTTP front on a port of its own)")
-    front_host, port = _host_port(front or s.extauth.authz_http_listen, "--authz-http-listen")
+    front_host, front_port = _host_port(front or s.extauth.authz_http_listen, "--authz-http-listen")
     if front_host != host:
         raise ConfigError(f"--authz-http-listen host {front_host!r} is not the --listen host {host!r}: the "
                           "service binds its gRPC port and its HTTP front on one host")
-    return port
+    if front_port == port:
+        raise ConfigError(f"--authz-http-listen port {front_port} is the gRPC port: the HTTP front needs its own")
+    return front_port
 
 
 def serve(name: str, config_path: Path, *, listen: str | None = None, instance: str | None = None,
@@ -201,7 +204,7 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
         raise ConfigError(f"ccr serve: unknown service {name!r} (one of {', '.join([*MODULES, 'envoy'])})")
     config, rt = runtime_for(config_path, name, instance)
     host, port = _listen(config, name, listen)
-    front_port = _front_port(config, name, host, listen, authz_http_listen)
+    front_port = _front_port(config, name, host, port, listen, authz_http_listen)
     if name in USES_POSTGRES:
         db.migrate(rt.postgres_dsn)
     if name == "accesslog":  # time partitions ahead (docs/audit.md "Retention")

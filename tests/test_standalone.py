@@ -559,6 +559,8 @@ def test_http_front_settings_are_refused_when_wrong(tmp_path: Path, extauth: dic
      "--authz-http-listen host '0.0.0.0' is not the --listen host '127.0.0.1'"),
     ({"listen": "127.0.0.1:9101", "authz_http_listen": "127.0.0.1"},
      "--authz-http-listen '127.0.0.1' is not host:port"),
+    ({"listen": "127.0.0.1:9101", "authz_http_listen": "127.0.0.1:9101"},
+     "--authz-http-listen port 9101 is the gRPC port"),
 ])
 def test_a_second_extauth_replica_needs_its_own_front(tmp_path: Path, kw: dict, why: str) -> None:
     """A second replica on one machine (--listen) must not try to bind the first one's front."""
