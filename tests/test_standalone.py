@@ -363,8 +363,9 @@ def test_standalone_addresses_need_a_real_port() -> None:
         parse_config(doc)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_standalone_parts_take_their_svids_from_a_spire_agent(stack: Stack, tmp_path: Path, postgres_server: dict,
-                                                              redis_url: str) -> None:
+                                                              redis_url: str, transport: str) -> None:
     """services.spiffe.agent_socket: every `ccr serve` part takes its X.509-SVID from the deployment's
     SPIRE agent (no pki_dir), and every hop is SPIFFE mTLS, as under `ccr up`. The agent here is a
     real SPIRE server and agent with one entry per part: each part is started through an executable
@@ -389,11 +390,15 @@ def test_standalone_parts_take_their_svids_from_a_spire_agent(stack: Stack, tmp_
 
     addrs = {n: f"127.0.0.1:{free_port()}" for n in parts}
     listen = free_port()
+    standalone: dict = {n: {"listen": a} for n, a in addrs.items()}
+    front = f"127.0.0.1:{free_port()}"
+    if transport == "http":  # extauth's HTTP front, mTLS with its SVID to Envoy's alone
+        standalone["extauth"]["authz_http_listen"] = front
     cfg = {
         "gateway": {"listen": {"host": "127.0.0.1", "port": listen}, "admin": {"host": "127.0.0.1", "port": 0}},
-        "services": {"drain_timeout_s": 5,
+        "services": {"drain_timeout_s": 5, "authz_transport": transport,
                      "spiffe": {"agent_socket": str(spire.agent_socket), "trust_domain": spire.trust_domain},
-                     "standalone": {n: {"listen": a} for n, a in addrs.items()}},
+                     "standalone": standalone},
         "storage": {"postgres_dsn": dsn, "redis_url": redis_url, "data_dir": str(tmp_path / "data")},
         "providers": [{"name": "anthropic", "endpoint": f"http://{emu_addr}", "api_key_env": "UPSTREAM_KEY"}],
         "models": [{"match": "claude-*", "provider": "anthropic"}],
@@ -430,8 +435,15 @@ def test_standalone_parts_take_their_svids_from_a_spire_agent(stack: Stack, tmp_
     assert len(log_rows(dsn, "request_id", raw.headers["x-request-id"], 1, timeout=60)) == 1
     with urllib.request.urlopen(admin + "/stats?format=json", timeout=5) as r:  # noqa: S310 - loopback admin
         stats = {s["name"]: s.get("value") for s in json.loads(r.read())["stats"] if "name" in s}
-    for cluster in ("ccr_extauth", "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "ccr_xds"):
+    extauth_cluster = "ccr_extauth_http" if transport == "http" else "ccr_extauth"
+    for cluster in (extauth_cluster, "ccr_ratelimit", "ccr_adapter", "ccr_accesslog", "ccr_xds"):
         assert (stats.get(f"cluster.{cluster}.ssl.handshake") or 0) >= 1, cluster
+    if transport == "http":  # the checks went to the front, over mTLS; none to the gRPC Check
+        assert (stats.get("cluster.ccr_extauth_http.upstream_rq_200") or 0) >= 1
+        assert (stats.get("cluster.ccr_extauth.upstream_rq_total") or 0) == 0
+        # The front answers nobody without an SVID (plaintext: the TLS server gets no handshake).
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{front}/ccr-authz/health", timeout=5)  # noqa: S310
     # Envoy's own SVID (and no file identity) came from the agent over SDS.
     with urllib.request.urlopen(admin + "/certs", timeout=5) as r:  # noqa: S310 - loopback admin
         certs = json.loads(r.read())["certificates"]
