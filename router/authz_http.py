@@ -38,6 +38,7 @@ from ccr.contract import (
     H_AUTHZ_PROTOCOL,
     authz_md_header,
 )
+from router.replicas import lb_endpoints, replica_checks
 
 Json = dict[str, Any]
 T = "type.googleapis.com/"
@@ -170,10 +171,8 @@ def cluster(config: GatewayConfig, addresses: list[str], transport_socket: Json 
     """HTTP/1.1 to extauth's front(s): one host:port per replica, or DNS names (STRICT_DNS). Its answers
     may carry a request body for the audit (body capture, base64 in a metadata header), so the response
     header limit follows audit.body_max_bytes. `replicas` (`ccr serve`): health-checked and
-    outlier-ejected as the gRPC services' replicas are (router/resources.py _replica_checks)."""
-    from router.resources import _lb_endpoints, _replica_checks  # (resources builds on this module)
-
-    kind, eps = _lb_endpoints(addresses)
+    outlier-ejected as the gRPC services' replicas are (router/replicas.py replica_checks)."""
+    kind, eps = lb_endpoints(addresses)
     headers_kb = min(8192, max(96, (config.audit.body_max_bytes * 4 // 3) // 1024 + 64))
     out: Json = {
         "name": CLUSTER,
@@ -193,8 +192,8 @@ def cluster(config: GatewayConfig, addresses: list[str], transport_socket: Json 
     if transport_socket is not None:
         out["transport_socket"] = transport_socket
     if replicas:
-        _replica_checks(out, {"http_health_check": health_check()})
-        # (_replica_checks' reason: every check in flight to a replica that dies is retried at once.)
+        replica_checks(out, {"http_health_check": health_check()})
+        # (replica_checks' reason: every check in flight to a replica that dies is retried at once.)
         limits["max_retries"] = out["circuit_breakers"]["thresholds"][0]["max_retries"]
     out["circuit_breakers"] = {"thresholds": [limits]}
     return out
