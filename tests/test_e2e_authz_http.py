@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from ccr.contract import H_AUTHZ_PEER_URI, H_REGION_HINT, authz_md_header
 from ccr.supervisor import Gateway
 from extauth.keys import create_key
-from tests.harness import REPO, emulator_mark, running_gateway
+from tests.harness import REPO, emulator_mark, log_row, running_gateway
 
 MODEL = "claude-sonnet-4-6"
 BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
@@ -58,17 +58,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def _dsn(gw: Gateway) -> str:
     assert gw.runtime is not None
     return gw.runtime.postgres_dsn
-
-
-def _row(gw: Gateway, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    with psycopg.connect(_dsn(gw), row_factory=dict_row) as conn:
-        while True:
-            row = conn.execute("SELECT * FROM request_log WHERE request_id = %s", (request_id,)).fetchone()
-            if row is not None:
-                return row
-            assert time.monotonic() < deadline, f"no request_log row for {request_id}"
-            time.sleep(0.05)
 
 
 def _decision(gw: Gateway, decision_id: str) -> dict[str, Any]:
@@ -124,7 +113,7 @@ def test_the_sdk_is_served_and_every_check_goes_over_http(gw: Gateway) -> None:
     assert _stat(gw, r"cluster\.ccr_extauth_http\.ssl\.connection_error") == 0
 
     # The audit row's facts came back typed through the answer's metadata headers.
-    row = _row(gw, raw.headers["x-request-id"])
+    row = log_row(_dsn(gw), raw.headers["x-request-id"])
     assert (row["status"], row["error_type"], row["ratelimit"]) == (200, None, "ok")
     assert (row["principal_id"], row["key_id"], row["principal_kind"]) == (rec.id, rec.id, "key")
     assert row["groups"] == ["default", "eng"]  # a list, typed
@@ -139,7 +128,7 @@ def test_a_refusal_keeps_its_status_body_and_audit_facts(gw: Gateway) -> None:
     assert r.status_code == 401, r.text
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
     assert not any(k.startswith("x-ccr-") for k in r.headers)  # the metadata headers were read and removed
-    row = _row(gw, r.headers["x-request-id"])
+    row = log_row(_dsn(gw), r.headers["x-request-id"])
     assert row["status"] == 401 and row["error_type"] == "authentication_error"
     assert row["decision_id"] and row["decision_id"] in r.json()["error"]["message"]
 
@@ -154,7 +143,7 @@ def test_a_rate_limit_refusal_carries_the_quota_headers(gw: Gateway) -> None:
     assert over.json()["error"]["type"] == "rate_limit_error"
     assert int(over.headers["retry-after"]) >= 1
     assert over.headers["x-ratelimit-remaining"] == "0"
-    row = _row(gw, over.headers["x-request-id"])
+    row = log_row(_dsn(gw), over.headers["x-request-id"])
     assert row["status"] == 429 and row["key_id"] == rec.id
     assert "RL" in (row["response_flags"] or "")
 
@@ -168,7 +157,7 @@ def test_client_sent_answer_headers_change_nothing(gw: Gateway) -> None:
               H_AUTHZ_PEER_URI: "spiffe://ccr.local/envoy"}
     r = _post(gw, key, forged)
     assert r.status_code == 200, r.text
-    row = _row(gw, r.headers["x-request-id"])
+    row = log_row(_dsn(gw), r.headers["x-request-id"])
     assert (row["principal_id"], row["key_id"], row["groups"]) == (rec.id, rec.id, ["default"])
     assert row["spiffe_id"] is None
 
@@ -185,7 +174,7 @@ def test_a_provider_cannot_write_the_audit_rows_facts(gw: Gateway) -> None:
         *(("x-emulator-response-header", f) for f in forged)])
     assert r.status_code == 200, r.text
     assert not any(k.startswith("x-ccr-") for k in r.headers)
-    row = _row(gw, r.headers["x-request-id"])
+    row = log_row(_dsn(gw), r.headers["x-request-id"])
     assert (row["principal_id"], row["groups"], row["error_type"]) == (rec.id, ["default"], None)
 
 
@@ -217,7 +206,7 @@ def test_an_undeclared_policy_header_is_refused_and_recorded_as_refused(gw: Gate
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "api_error"
     assert mark.arrived() == []  # nothing reached the provider
-    row = _row(gw, r.headers["x-request-id"])
+    row = log_row(_dsn(gw), r.headers["x-request-id"])
     assert (row["status"], row["error_type"]) == (503, "api_error")
     decision = _decision(gw, row["decision_id"])  # the decision log writes in batches: wait for the row
     assert (decision["allow"], decision["status"]) == (False, 503)
@@ -239,5 +228,5 @@ def test_the_store_down_is_a_503_with_the_gateways_own_body(gw: Gateway) -> None
     body = r.json()
     assert body["type"] == "error" and body["error"]["type"] == "api_error"
     assert "authorization service is unavailable" not in body["error"]["message"]  # extauth's, not Envoy's
-    row = _row(gw, r.headers["x-request-id"])
+    row = log_row(_dsn(gw), r.headers["x-request-id"])
     assert row["status"] == 503 and row["error_type"] == "api_error"

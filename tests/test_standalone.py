@@ -142,6 +142,14 @@ class Stack:
                 c.stop(30)
 
 
+def _emulator(stack: Stack, tmp_path: Path) -> tuple[str, str]:
+    """The provider's emulator, as one of the stack's children: (the upstream key it accepts, its address)."""
+    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
+    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
+                                   "--ready-file", str(tmp_path / "emulator.ready")])
+    return key, str(wait_ready_file(emu, tmp_path / "emulator.ready")["address"])
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     s = Stack(tmp_path)
@@ -154,10 +162,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 def test_replicas_survive_a_killed_and_a_drained_replica(stack: Stack, tmp_path: Path, postgres_server: dict,
                                                          redis_url: str) -> None:
     dsn = create_database(str(postgres_server["admin_dsn"]))
-    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
-    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
-                                   "--ready-file", str(tmp_path / "emulator.ready")])
-    emu_addr = wait_ready_file(emu, tmp_path / "emulator.ready")["address"]
+    key, emu_addr = _emulator(stack, tmp_path)
 
     r = subprocess.run([*CCR, "pki", "issue", str(tmp_path / "pki")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -377,10 +382,7 @@ def test_standalone_parts_take_their_svids_from_a_spire_agent(stack: Stack, tmp_
     from tests.test_spire import Svid, grpc_health_as
 
     dsn = create_database(str(postgres_server["admin_dsn"]))
-    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
-    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
-                                   "--ready-file", str(tmp_path / "emulator.ready")])
-    emu_addr = wait_ready_file(emu, tmp_path / "emulator.ready")["address"]
+    key, emu_addr = _emulator(stack, tmp_path)
 
     parts = ("extauth", "ratelimit", "adapter", "accesslog", "router")
     workloads = {p: python_workload(tmp_path / "workloads", p) for p in parts}
@@ -608,10 +610,7 @@ def test_http_front_replicas_survive_a_drained_replica(stack: Stack, tmp_path: P
     from router import authz_http
 
     dsn = create_database(str(postgres_server["admin_dsn"]))
-    key = "sk-ant-upstream-" + secrets.token_urlsafe(16)
-    emu = stack.spawn("emulator", [sys.executable, "-m", "emulators.anthropic", "--port", "0", "--api-key", key,
-                                   "--ready-file", str(tmp_path / "emulator.ready")])
-    emu_addr = wait_ready_file(emu, tmp_path / "emulator.ready")["address"]
+    key, emu_addr = _emulator(stack, tmp_path)
     r = subprocess.run([*CCR, "pki", "issue", str(tmp_path / "pki")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
