@@ -17,7 +17,16 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ccr.contract import POLICY_GLOBAL_SET
+from ccr.contract import (
+    AUTHZ_BODY_CAPTURE,
+    AUTHZ_HTTP_MD_KEYS,
+    CCR_HEADER_PREFIX,
+    H_AUTHZ_BODY_CAPTURE,
+    H_CLIENT_REQUEST_ID,
+    H_REGION_HINT,
+    H_REQUEST_ID,
+    POLICY_GLOBAL_SET,
+)
 
 MIB = 1024 * 1024
 
@@ -841,6 +850,12 @@ class PolicySet(Strict):
 
 
 _HEADER_NAME = r"^[a-z0-9][a-z0-9-]{0,99}$"
+_RESERVED_HEADER_PREFIXES = (CCR_HEADER_PREFIX, "x-envoy-")
+_RESERVED_HEADERS = frozenset({
+    H_REQUEST_ID, H_CLIENT_REQUEST_ID, H_REGION_HINT, "authorization", "proxy-authorization", "x-api-key", "cookie",
+    "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection", "keep-alive",
+    "te", "trailer", "upgrade", "proxy-connection", H_AUTHZ_BODY_CAPTURE,
+})
 _MD_KEY = r"^[a-z][a-z0-9_]{0,63}$"
 
 
@@ -855,6 +870,18 @@ class PolicyResultNames(Strict):
     response_headers: list[Annotated[str, Field(pattern=_HEADER_NAME)]] = []
     # `dynamic_metadata` keys (AUTHZ_NS): each one Envoy decodes typed needs its own rule.
     metadata: list[Annotated[str, Field(pattern=_MD_KEY)]] = []
+
+    @model_validator(mode="after")
+    def _not_the_gateways(self) -> PolicyResultNames:
+        # Names a policy may never set (extauth refuses such a result on either transport): declaring one would
+        # only widen what Envoy copies from an answer. Refused here so the mistake shows at load.
+        bad = [f"headers: {h}" for h in self.headers + self.response_headers
+               if h.startswith(_RESERVED_HEADER_PREFIXES) or h in _RESERVED_HEADERS]
+        bad += [f"metadata: {k}" for k in self.metadata if k in AUTHZ_HTTP_MD_KEYS or k == AUTHZ_BODY_CAPTURE]
+        if bad:
+            raise ValueError("policy.result_names may not declare the gateway's own or framing names: "
+                             + ", ".join(bad))
+        return self
 
 
 class PolicySettings(Strict):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from ccr.cli import build_parser, main
-from ccr.config import ConfigError, load_config
+from ccr.config import ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,3 +162,24 @@ def test_limits_admission_names_one_of_its_two_places(tmp_path: Path) -> None:
     assert load_config(f).limits.admission == "ratelimit"
     f.write_text(base)
     assert load_config(f).limits.admission == "extauth"
+
+
+@pytest.mark.parametrize("names", [
+    {"headers": ["x-ccr-principal-id"]}, {"headers": ["x-envoy-auth-headers-to-remove"]},
+    {"headers": ["x-request-id"]}, {"headers": ["authorization"]}, {"response_headers": ["content-length"]},
+    {"response_headers": ["ccr-authz-body-capture"]}, {"metadata": ["principal_id"]}, {"metadata": ["body_capture"]},
+])
+def test_policy_result_names_refuse_the_gateways_own_and_framing_names(names: dict[str, list[str]]) -> None:
+    """Declaring one would only widen what Envoy copies from an HTTP authorization answer."""
+    with pytest.raises(ConfigError, match="may not declare the gateway's own or framing names"):
+        parse_config({"version": 1, "providers": [{"name": "anthropic"}],
+                      "models": [{"match": "claude-*", "provider": "anthropic"}],
+                      "policy": {"result_names": names}})
+
+
+def test_policy_result_names_accept_a_policys_own() -> None:
+    cfg = parse_config({"version": 1, "providers": [{"name": "anthropic"}],
+                        "models": [{"match": "claude-*", "provider": "anthropic"}],
+                        "policy": {"result_names": {"headers": ["x-data-region"], "response_headers": ["x-why"],
+                                                    "metadata": ["team"]}}})
+    assert cfg.policy.result_names.metadata == ["team"]
