@@ -264,6 +264,9 @@ def _value(name: str, value: str) -> str:
     return value
 
 
+_STANDIN_CODES = frozenset(AUTHZ_HTTP_STATUS_STANDINS.values())
+
+
 def wire_status(code: int) -> int:
     """The status a refusal goes out with: Envoy reads 200 as an allow and a 5xx as a failed call, so
     those travel as stand-ins the listener maps back (AUTHZ_HTTP_STATUS_STANDINS)."""
@@ -318,6 +321,8 @@ def answer(resp: pb.CheckResponse, names: AnswerNames, keep_alive: bool = True) 
         return _head(200, lines, 0, keep_alive)
     denied = resp.denied_response
     code = denied.status.code or 403  # Envoy's own default for a denial without a status
+    if code in _STANDIN_CODES:  # the listener would turn it into another status (an OPA-Envoy http_status)
+        raise Undeclared("refusal status", str(code), "is one of the transport's stand-in statuses")
     for opt in denied.headers:
         name = names.refusal_header(opt.header.key)
         lines.append(f"{name}: {_value(name, opt.header.value)}")

@@ -314,3 +314,12 @@ def test_a_refused_answer_keeps_its_declared_facts() -> None:
                       "x-ccr-md-spend-reserved": 1200.0, "x-ccr-md-spend-counters": ["c1"],
                       "x-ccr-md-error-type": "api_error"}
     assert p.get("x-policy-note") == []
+
+
+@pytest.mark.parametrize("status", sorted(set(AUTHZ_HTTP_STATUS_STANDINS.values())))
+def test_a_refusal_with_a_stand_in_status_of_its_own_is_refused(status: int) -> None:
+    """An OPA-Envoy policy may deny with any 4xx/5xx: one equal to a stand-in would reach the client as
+    another status (the listener maps it), so the answer is refused (503) rather than misread."""
+    with pytest.raises(Undeclared) as e:
+        answer(denied(status, "permission_error", "no"), NAMES)
+    assert (e.value.what, e.value.name) == ("refusal status", str(status))
