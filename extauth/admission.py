@@ -6,7 +6,7 @@ costs ≈ 0.3–0.5 ms of server CPU and ≈ 1 ms at c=1 (docs/hot-path.md). Not
 
 - the RateLimitRequests are the ones Envoy would have sent, built from the same action lists
   (router/rate_limits.py `request_time_requests`) on the facts this Check hands Envoy;
-- they go through the rate limit service's own code on the same Redis: `decide_limits` (Decider and
+- they go through the rate limit service's own code on the same Redis: `decide_limits_async` (Decider and
   admission steps) then, when the limits allow, `decide_budgets` (SpendGate), both counted in
   ccr_ratelimit_decisions_total (ratelimit/service.py);
 - the answer becomes what Envoy's rate limit filters made of it: on OK, x-ratelimit-* (from the
@@ -17,8 +17,10 @@ costs ≈ 0.3–0.5 ms of server CPU and ≈ 1 ms at c=1 (docs/hot-path.md). Not
   reservation's fields go to AUTHZ_NS (the audit receiver settles them from there), and a refusal names
   its outcome (AUTHZ_RATELIMIT_OUTCOME) so the audit row reads as before (flags RL / RLSE).
 
-The decision runs on the event loop's own thread: the Decider's Redis call is one blocking round trip
-on a local socket (≈ 0.05–0.1 ms), cheaper than a hand-off to a thread (measured: docs/hot-path.md).
+The limits' Redis call is awaited on the event loop (Deciders.acounters, a pipelined asyncio connection:
+ratelimit/redis_pipe.py): a blocking call held the whole loop for the round trip, 0.4–0.5 ms per request
+under load, and Checks that overlap now share one connection (docs/hot-path.md). The budget reservation,
+asked only when a budget may apply, is still one blocking call (ratelimit/spend.py's SpendGate).
 Stream-end token charges stay with Envoy's rate limit filter and the rate limit service.
 """
 
@@ -39,7 +41,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_ERROR_TYPE, AUTHZ_RATELIMIT_OUTCOME, SPEND_COUNTERS, SPEND_RESERVED
 from ccr.errors import error_body
 from ratelimit import spend
-from ratelimit.service import Deciders, RedisDown, decide_budgets, decide_limits
+from ratelimit.service import Deciders, RedisDown, decide_budgets, decide_limits_async
 from router.rate_limits import request_time_requests
 
 log = logging.getLogger(__name__)
@@ -95,13 +97,17 @@ class InCheckAdmission:
     """The request-time limits and budgets of an allowed Check (limits.admission: extauth)."""
 
     def __init__(self, parts: Deciders, config: GatewayConfig) -> None:
+        if parts.acounters is None:
+            raise ValueError("the in-Check admission decides on the event loop: build its deciders with on_loop=True")
         self.parts = parts
+        self.counters = parts.acounters
         self.config = config
 
     def use_config(self, config: GatewayConfig) -> None:
         self.config = config  # the Decider follows config versions itself (ratelimit/service.py deciders)
 
-    def admit(self, resp: pb.CheckResponse, endpoint: str, request_headers: Mapping[str, str]) -> pb.CheckResponse:
+    async def admit(self, resp: pb.CheckResponse, endpoint: str, request_headers: Mapping[str, str]
+                    ) -> pb.CheckResponse:
         """`resp`: this request's own OK CheckResponse (changed in place on an allow); the answer to send."""
         ok = resp.ok_response
         set_headers = {h.header.key: h.header.value for h in ok.headers}
@@ -115,7 +121,8 @@ class InCheckAdmission:
         added: list[tuple[str, str]] = []
         if lreq is not None:
             try:
-                lresp = decide_limits(self.parts.decider, self.parts.steps, lreq)
+                parts = self.parts
+                lresp = await decide_limits_async(parts.decider, self.counters, parts.steps, lreq)
             except (RedisDown, RedisError, OSError) as e:
                 if self.config.services.failure_mode_allow:  # as Envoy's filter without failure_mode_deny
                     log.error("redis unavailable; admitting undecided (services.failure_mode_allow): %s", e)

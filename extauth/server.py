@@ -93,8 +93,8 @@ from ratelimit.service import deciders
 log = logging.getLogger(__name__)
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# How long one Redis call of the in-Check admission may hold the event loop (a local Redis answers in
-# well under a millisecond; Envoy's rate limit filter gave the service 2 s).
+# How long one Check may wait on a Redis call of the in-Check admission (a local Redis answers in well under
+# a millisecond; Envoy's rate limit filter gave the service 2 s). The budget reservation's call blocks the loop.
 ADMISSION_REDIS_TIMEOUT_S = 0.25
 
 
@@ -449,7 +449,7 @@ class Authorizer:
                 # The request-time limits and budgets (limits.admission: extauth): what Envoy's rate limit
                 # filters decided after an allow, decided here (extauth/admission.py).
                 try:
-                    resp = admission.admit(resp, seen.endpoint.name, _headers(req.attributes.request.http))
+                    resp = await admission.admit(resp, seen.endpoint.name, _headers(req.attributes.request.http))
                 except Exception:
                     log.exception("rate limits could not be decided internally; denying")
                     return _refusal_facts(_internal_error(did), seen, did, "api_error")
@@ -816,11 +816,11 @@ async def setup(server: grpc.aio.Server, config: GatewayConfig, runtime: Runtime
         await budget_subjects.start()
         authorizer.worst_case.subjects = budget_subjects
     # limits.admission: extauth: the rate limit service's deciders, in this process (extauth/admission.py).
-    # The decision blocks the event loop for one Redis round trip (extauth/admission.py): a hung Redis may hold
-    # it ADMISSION_REDIS_TIMEOUT_S once, then calls fail at once for STALL_HOLD_S (ratelimit/counters.py) and the
+    # The limits' Redis calls are awaited on the loop (on_loop); a hung Redis fails the calls waiting on it after
+    # ADMISSION_REDIS_TIMEOUT_S, then calls fail at once for STALL_HOLD_S (ratelimit/redis_pipe.py) and the
     # limits' on_redis_down applies, as for a store that refuses connections.
     authorizer.admission = maybe_admission(config, lambda: deciders(
-        config, runtime, connections=2, gauges=False, redis_timeout_s=ADMISSION_REDIS_TIMEOUT_S))
+        config, runtime, connections=2, gauges=False, redis_timeout_s=ADMISSION_REDIS_TIMEOUT_S, on_loop=True))
     AuthorizationServicer(authorizer).add_to(server)
     on_config(authorizer.use_config)  # new config versions (ccr/config_sync.py)
     if config.services.authz_transport == "http":  # Envoy's checks come over HTTP/1.1 (docs/hot-path.md)

@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover - hiredis is a dependency
     _pack = None
 from redis.connection import Connection
 
+from ratelimit.redis_pipe import RedisPipe
+
 log = logging.getLogger("ccr.ratelimit")
 
 # After a call times out (Redis accepts but does not answer), calls fail at once for this long
@@ -224,6 +226,20 @@ class CounterOp:
     flags: int = 0
 
 
+def script_args(now_ms: int, ops: list[CounterOp], refused: bool) -> list[int | str]:
+    """SCRIPT's ARGV for `ops` (KEYS are the ops' keys, in order)."""
+    args: list[int | str] = [now_ms, 1 if refused else 0]
+    for op in ops:
+        args += [int(op.algorithm), op.hits, op.period_ms, op.limit, op.burst, op.flags]
+    return args
+
+
+def read_outcomes(raw: list[int], n: int) -> tuple[int, list[Outcome]]:
+    """(Redis's now in ms, one Outcome per op) from SCRIPT's reply for n ops."""
+    return int(raw[0]), [Outcome(bool(raw[1 + 4 * i]), max(int(raw[2 + 4 * i]), 0), max(int(raw[3 + 4 * i]), 0),
+                                 max(int(raw[4 + 4 * i]), 0), int(raw[2 + 4 * i])) for i in range(n)]
+
+
 class Counters:
     """The Redis side of a decision: one EVALSHA for all of a request's counters.
 
@@ -277,14 +293,7 @@ class Counters:
 
     def run(self, ops: list[CounterOp], refused: bool = False) -> tuple[int, list[Outcome]]:
         """(Redis's now in ms, one Outcome per op)."""
-        args: list[int | str] = [self.now_ms, 1 if refused else 0]
-        for op in ops:
-            args += [int(op.algorithm), op.hits, op.period_ms, op.limit, op.burst, op.flags]
-        raw = self._evalsha([op.key for op in ops], args)
-        now = int(raw[0])
-        out = [Outcome(bool(raw[1 + 4 * i]), max(int(raw[2 + 4 * i]), 0), max(int(raw[3 + 4 * i]), 0),
-                       max(int(raw[4 + 4 * i]), 0), int(raw[2 + 4 * i])) for i in range(len(ops))]
-        return now, out
+        return read_outcomes(self._evalsha([op.key for op in ops], script_args(self.now_ms, ops, refused)), len(ops))
 
     def _evalsha(self, keys: list[str], args: list[int | str]) -> list[int]:
         """On NOSCRIPT (Redis restarted or SCRIPT FLUSH) load the script and retry: a NOSCRIPT
@@ -297,3 +306,31 @@ class Counters:
         sha = self._call("SCRIPT", "LOAD", self._script)
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         return self._call("EVALSHA", self._sha, len(keys), *keys, *args)  # type: ignore[return-value]
+
+
+class AsyncCounters:
+    """Counters for a caller on an asyncio loop (extauth's in-Check admission): the same script and
+    replies as Counters, through a RedisPipe (ratelimit/redis_pipe.py), so the loop never waits on Redis."""
+
+    def __init__(self, pipe: RedisPipe, now_ms: int = -1) -> None:
+        self.pipe = pipe
+        self.now_ms = now_ms  # -1: Redis's clock; tests set a fixed one
+        self._script = SCRIPT.encode()
+        self._sha: str | None = None
+
+    async def run(self, ops: list[CounterOp], refused: bool = False) -> tuple[int, list[Outcome]]:
+        """(Redis's now in ms, one Outcome per op)."""
+        keys = [op.key for op in ops]
+        args = script_args(self.now_ms, ops, refused)
+        call = self.pipe.call
+        if self._sha is not None:
+            try:
+                return read_outcomes(await call("EVALSHA", self._sha, len(keys), *keys, *args), len(ops))
+            except rx.NoScriptError:  # nothing ran: loading it and running again cannot count twice
+                log.info("rate limit script not in Redis; loading it again")
+        sha = await call("SCRIPT", "LOAD", self._script)
+        self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+        return read_outcomes(await call("EVALSHA", self._sha, len(keys), *keys, *args), len(ops))
+
+    def close(self) -> None:
+        self.pipe.close()

@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,10 @@ from ccr.runtime import Runtime
 from ratelimit import spend
 from ratelimit.admission import AdmissionStep, admission_steps
 from ratelimit.budget_metrics import BudgetMetrics
-from ratelimit.counters import CHARGE, NO_GATE, CounterOp, Counters, Outcome
+from ratelimit.counters import CHARGE, NO_GATE, STALL_HOLD_S, AsyncCounters, CounterOp, Counters, Outcome
 from ratelimit.envoy_config import RuleDir, RuleSet
 from ratelimit.limits import FIXED, WORD_OF_UNIT, LimitPlanner, Planned
+from ratelimit.redis_pipe import RedisPipe
 from ratelimit.replies import over_limit_reply, quota_headers, seconds
 
 log = logging.getLogger("ccr.ratelimit")
@@ -69,6 +70,21 @@ CACHE_SWEEP_AT = 50_000
 
 class RedisDown(Exception):
     """Redis was needed for a fail-closed limit and is unreachable."""
+
+
+@dataclass(slots=True)
+class _Decision:
+    """One decision between its plan and its answer (Decider._begin, then Redis, then _finish)."""
+
+    resp: rls_pb2.RateLimitResponse
+    planned: list[Planned]
+    outcomes: list[Outcome | None]
+    mono: float
+    now_ms: int = 0
+    refused: bool = False
+    run: list[int] = field(default_factory=list)  # indexes into planned that Redis decides
+    where: list[int] = field(default_factory=list)  # for each of run, its op in ops
+    ops: list[CounterOp] = field(default_factory=list)
 
 
 class Decider:
@@ -97,18 +113,43 @@ class Decider:
         cache[key] = (deadline, count)
 
     def should_rate_limit(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
+        d = self._begin(req)
+        if d.ops:
+            try:
+                now_ms, results = self.counters.run(d.ops, d.refused)
+            except (RedisError, OSError) as e:
+                d.now_ms = self._down(d, e)
+            else:
+                self._counted(d, now_ms, results)
+        return self._finish(req, d)
+
+    async def should_rate_limit_async(self, req: rls_pb2.RateLimitRequest,
+                                      counters: AsyncCounters) -> rls_pb2.RateLimitResponse:
+        """should_rate_limit for a caller on an asyncio loop: the same decision, its Redis call awaited."""
+        d = self._begin(req)
+        if d.ops:
+            try:
+                now_ms, results = await counters.run(d.ops, d.refused)
+            except (RedisError, OSError) as e:
+                d.now_ms = self._down(d, e)
+            else:
+                self._counted(d, now_ms, results)
+        return self._finish(req, d)
+
+    def _begin(self, req: rls_pb2.RateLimitRequest) -> _Decision:
+        """The plan, what the over-limit cache answers, and the ops left for Redis."""
         planned = self.planner.plan(req)
         resp = rls_pb2.RateLimitResponse(overall_code=OK)
         # As envoyproxy/ratelimit answers: a descriptor no limit applies to has remaining 0 and no
         # current_limit; an `unlimited` one has remaining 2^32-1.
         for _ in req.descriptors:
             resp.statuses.add(code=OK)
-        if not planned:
-            return resp
         mono = self.monotonic()
         outcomes: list[Outcome | None] = [None] * len(planned)
-        run: list[int] = []
-        refused = False
+        d = _Decision(resp, planned, outcomes, mono)
+        if not planned:
+            return d
+        run = d.run
         cache = self.over_limit
         for j, p in enumerate(planned):
             lim = p.limit
@@ -120,22 +161,14 @@ class Decider:
                 if hit is not None and hit[0] > mono and hit[1] > lim.amount:
                     left_ms = int((hit[0] - mono) * 1000)
                     outcomes[j] = Outcome(True, 0, left_ms, left_ms, lim.amount - hit[1])
-                    refused = refused or not lim.shadow
+                    d.refused = d.refused or not lim.shadow
                     continue
             run.append(j)
         base_ms, base_mono = self._redis_base
-        now_ms = base_ms + int((mono - base_mono) * 1000)  # Redis's clock, as of its last answer
-        if run:
-            now_ms = self._run(planned, run, outcomes, refused, mono)
-        self._respond(req, resp, planned, outcomes, now_ms)
-        return resp
-
-    def _run(self, planned: list[Planned], run: list[int], outcomes: list[Outcome | None],
-             refused: bool, mono: float) -> int:
+        d.now_ms = base_ms + int((mono - base_mono) * 1000)  # Redis's clock, as of its last answer
         # Counters named twice in one request (two descriptors, one key) are one op with the hits summed.
         index: dict[str, int] = {}
-        ops: list[CounterOp] = []
-        where: list[int] = []
+        ops = d.ops
         for j in run:
             p = planned[j]
             lim = p.limit
@@ -143,32 +176,40 @@ class Decider:
             if at is not None:
                 op = ops[at]
                 ops[at] = CounterOp(op.key, op.algorithm, op.hits + p.hits, op.period_ms, op.limit, op.burst, op.flags)
-                where.append(at)
+                d.where.append(at)
                 continue
             flags = (CHARGE if p.charge else 0) | (NO_GATE if lim.shadow else 0)
             index[p.key] = len(ops)
-            where.append(len(ops))
+            d.where.append(len(ops))
             ops.append(CounterOp(p.key, lim.algorithm, p.hits, lim.period_ms, lim.amount, lim.burst, flags))
-        try:
-            now_ms, results = self.counters.run(ops, refused)
-        except (RedisError, OSError) as e:
-            needed = [planned[j].limit for j in run if not planned[j].limit.fail_open]
-            if needed:
-                raise RedisDown(f"{type(e).__name__}: {e}") from e
-            if mono - self._last_down_log > 10:
-                self._last_down_log = mono
-                log.warning("redis unavailable (%s); allowing uncounted: every limit involved is fail-open", e)
-            base_ms, base_mono = self._redis_base
-            return base_ms + int((mono - base_mono) * 1000)
-        self._redis_base = (now_ms, mono)
-        for j, at in zip(run, where, strict=True):
+        return d
+
+    def _down(self, d: _Decision, e: Exception) -> int:
+        """Redis failed: RedisDown when a fail-closed limit needed it, else the time to answer with (uncounted)."""
+        needed = [d.planned[j].limit for j in d.run if not d.planned[j].limit.fail_open]
+        if needed:
+            raise RedisDown(f"{type(e).__name__}: {e}") from e
+        if d.mono - self._last_down_log > 10:
+            self._last_down_log = d.mono
+            log.warning("redis unavailable (%s); allowing uncounted: every limit involved is fail-open", e)
+        base_ms, base_mono = self._redis_base
+        return base_ms + int((d.mono - base_mono) * 1000)
+
+    def _counted(self, d: _Decision, now_ms: int, results: list[Outcome]) -> None:
+        self._redis_base = (now_ms, d.mono)
+        d.now_ms = now_ms
+        for j, at in zip(d.run, d.where, strict=True):
             o = results[at]
-            outcomes[j] = o
-            p = planned[j]
+            d.outcomes[j] = o
+            p = d.planned[j]
             if o.over and p.limit.algorithm == FIXED:
                 # The key is the same for any limit on these entries: keep the count, not "over".
-                self._remember_over(p.key, mono + o.reset_ms / 1000, p.limit.amount - o.left)
-        return now_ms
+                self._remember_over(p.key, d.mono + o.reset_ms / 1000, p.limit.amount - o.left)
+
+    def _finish(self, req: rls_pb2.RateLimitRequest, d: _Decision) -> rls_pb2.RateLimitResponse:
+        if d.planned:
+            self._respond(req, d.resp, d.planned, d.outcomes, d.now_ms)
+        return d.resp
 
     def _respond(self, req: rls_pb2.RateLimitRequest, resp: rls_pb2.RateLimitResponse, planned: list[Planned],
                  outcomes: list[Outcome | None], now_ms: int) -> None:
@@ -236,18 +277,32 @@ _BUDGET_OK, _BUDGET_OVER, _BUDGET_ERROR = (
 def decide_limits(decider: Decider, steps: list[AdmissionStep], request: rls_pb2.RateLimitRequest
                   ) -> rls_pb2.RateLimitResponse:
     """A request's limits, then the admission steps, counted in ccr_ratelimit_decisions_total; the one
-    code path for the service's ShouldRateLimit and extauth's in-process decision (ratelimit/in_check.py).
+    code path for the service's ShouldRateLimit and extauth's in-process decision (extauth/admission.py).
     Raises RedisDown / RedisError / OSError when the store is needed and down (counted as errors)."""
     try:
-        resp = decider.should_rate_limit(request)
-        if resp.overall_code == OK:
-            for step in steps:
-                step.admit(request, resp)
-                if resp.overall_code != OK:
-                    break
+        return _admitted(decider.should_rate_limit(request), steps, request)
     except BaseException:
         _LIMITS_ERROR.inc()
         raise
+
+
+async def decide_limits_async(decider: Decider, counters: AsyncCounters, steps: list[AdmissionStep],
+                              request: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
+    """decide_limits for a caller on an asyncio loop (extauth): Redis is awaited through `counters`."""
+    try:
+        return _admitted(await decider.should_rate_limit_async(request, counters), steps, request)
+    except BaseException:
+        _LIMITS_ERROR.inc()
+        raise
+
+
+def _admitted(resp: rls_pb2.RateLimitResponse, steps: list[AdmissionStep], request: rls_pb2.RateLimitRequest
+              ) -> rls_pb2.RateLimitResponse:
+    if resp.overall_code == OK:
+        for step in steps:
+            step.admit(request, resp)
+            if resp.overall_code != OK:
+                break
     (_LIMITS_OK if resp.overall_code == OK else _LIMITS_OVER).inc()
     return resp
 
@@ -326,12 +381,15 @@ class Deciders:
     steps: list[AdmissionStep]
     gate: spend.SpendGate | None
     close: Callable[[], None]
+    # For a caller on an asyncio loop (deciders(on_loop=True)): the limits' Redis calls, awaited.
+    acounters: AsyncCounters | None = None
 
 
 def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS, gauges: bool = True,
-             redis_timeout_s: float = 1.0) -> Deciders:
+             redis_timeout_s: float = 1.0, on_loop: bool = False) -> Deciders:
     """`gauges`: this process serves the ccr_budget_* gauges (the rate limit service does).
-    `redis_timeout_s`: how long one Redis call may block its caller (extauth's event loop: keep it short)."""
+    `redis_timeout_s`: how long one Redis call may take. `on_loop`: the caller decides on an asyncio loop
+    (extauth): the limits' calls go through a pipelined asyncio connection (Deciders.acounters)."""
     client = make_redis(runtime.redis_url, connections, redis_timeout_s)
     try:
         client.ping()
@@ -339,6 +397,7 @@ def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS
         # Keep serving: requests fail UNAVAILABLE until Redis is back, and Envoy denies meanwhile.
         log.warning("redis at start-up not reachable (%s); will answer UNAVAILABLE until it is", e)
     counters = Counters(client)
+    acounters = AsyncCounters(RedisPipe(runtime.redis_url, redis_timeout_s, STALL_HOLD_S)) if on_loop else None
     decider = Decider(counters, LimitPlanner(config.limits))
     watcher: RuleDir | None = None
     directory = rule_dir(config.limits, runtime.config_path)
@@ -372,10 +431,12 @@ def deciders(config: GatewayConfig, runtime: Runtime, connections: int = THREADS
         if gate is not None:
             gate.close()
         counters.close()
+        if acounters is not None:
+            acounters.close()
         client.close()
         client.connection_pool.disconnect()
 
-    return Deciders(decider, steps, gate, close)
+    return Deciders(decider, steps, gate, close, acounters)
 
 
 def setup(server: grpc.Server, config: GatewayConfig, runtime: Runtime) -> Callable[[], None]:

@@ -3,6 +3,7 @@ rate limit service's own decision, and the store down failing closed or open per
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from ccr.contract import AUTHZ_ERROR_TYPE, AUTHZ_RATELIMIT_OUTCOME, H_PRINCIPAL_
 from ccr.procs import free_port
 from ccr.runtime import Runtime
 from extauth.admission import UNAVAILABLE, InCheckAdmission
-from ratelimit.service import deciders
+from ratelimit.service import Deciders, deciders
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,18 +37,35 @@ def _config(allow: bool = False, **limits: Any) -> GatewayConfig:
     return parse_config(doc)
 
 
+class LoopAdmission:
+    """The admission and the one event loop its Redis connection lives on; `admit` runs a call to its end."""
+
+    def __init__(self, parts: Deciders, cfg: GatewayConfig) -> None:
+        self.runner = asyncio.Runner()
+        self.inner = InCheckAdmission(parts, cfg)
+
+    def admit(self, resp: pb.CheckResponse, endpoint: str, headers: dict[str, str]) -> pb.CheckResponse:
+        return self.runner.run(self.inner.admit(resp, endpoint, headers))
+
+
 @pytest.fixture
-def admission(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[InCheckAdmission]:
+def admission(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[LoopAdmission]:
     cfg, url = request.param if hasattr(request, "param") else (_config(), redis_url)
     if url is None:
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: the store is down
     rt = Runtime(config_path=str(tmp_path / "ccr.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://unused",
                  redis_url=url)
-    parts = deciders(cfg, rt, connections=1, gauges=False)
+    parts = deciders(cfg, rt, connections=1, gauges=False, on_loop=True)
+    adm = LoopAdmission(parts, cfg)
     try:
-        yield InCheckAdmission(parts, cfg)
+        yield adm
     finally:
-        parts.close()
+        adm.runner.run(_close(parts))
+        adm.runner.close()
+
+
+async def _close(parts: Deciders) -> None:
+    parts.close()
 
 
 def _allowed(principal: str, rpm: int) -> pb.CheckResponse:
@@ -64,7 +82,7 @@ def _headers(resp: pb.CheckResponse) -> dict[str, str]:
     return {h.header.key: h.header.value for h in opts}
 
 
-def test_allowed_then_refused_as_envoys_rate_limit_filter_would(admission: InCheckAdmission) -> None:
+def test_allowed_then_refused_as_envoys_rate_limit_filter_would(admission: LoopAdmission) -> None:
     who = f"key_{uuid.uuid4().hex[:8]}"
     for left in (1, 0):
         resp = admission.admit(_allowed(who, 2), "messages.create", {"x-request-id": "r"})
@@ -85,7 +103,7 @@ def test_allowed_then_refused_as_envoys_rate_limit_filter_would(admission: InChe
 
 
 @pytest.mark.parametrize("admission", [(_config(), None)], indirect=True)
-def test_store_down_fails_closed_by_default(admission: InCheckAdmission) -> None:
+def test_store_down_fails_closed_by_default(admission: LoopAdmission) -> None:
     resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
     assert resp.denied_response.status.code == 503
     assert json.loads(resp.denied_response.body)["error"] == {"type": "api_error", "message": UNAVAILABLE}
@@ -93,7 +111,7 @@ def test_store_down_fails_closed_by_default(admission: InCheckAdmission) -> None
 
 
 @pytest.mark.parametrize("admission", [(_config(on_redis_down="open"), None)], indirect=True)
-def test_store_down_admits_uncounted_when_every_limit_fails_open(admission: InCheckAdmission) -> None:
+def test_store_down_admits_uncounted_when_every_limit_fails_open(admission: LoopAdmission) -> None:
     resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
     assert resp.HasField("ok_response") and not resp.HasField("denied_response")
     assert AUTHZ_RATELIMIT_OUTCOME not in resp.dynamic_metadata.fields
@@ -101,11 +119,11 @@ def test_store_down_admits_uncounted_when_every_limit_fails_open(admission: InCh
 
 @pytest.mark.parametrize("admission", [(_config(on_redis_down="open", rules=[
     {"name": "strict", "per": "key", "amount": 5, "on_redis_down": "closed"}]), None)], indirect=True)
-def test_store_down_a_fail_closed_rule_still_refuses(admission: InCheckAdmission) -> None:
+def test_store_down_a_fail_closed_rule_still_refuses(admission: LoopAdmission) -> None:
     assert admission.admit(_allowed("key_a", 5), "messages.create", {}).denied_response.status.code == 503
 
 
 @pytest.mark.parametrize("admission", [(_config(allow=True), None)], indirect=True)
-def test_store_down_with_failure_mode_allow_admits_as_envoys_filter_then_does(admission: InCheckAdmission) -> None:
+def test_store_down_with_failure_mode_allow_admits_as_envoys_filter_then_does(admission: LoopAdmission) -> None:
     resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
     assert resp.HasField("ok_response") and not resp.HasField("denied_response")
