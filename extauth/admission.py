@@ -7,7 +7,7 @@ costs ≈ 0.3–0.5 ms of server CPU and ≈ 1 ms at c=1 (docs/hot-path.md). Not
 - the RateLimitRequests are the ones Envoy would have sent, built from the same action lists
   (router/rate_limits.py `request_time_requests`) on the facts this Check hands Envoy;
 - they go through the rate limit service's own code on the same Redis: `decide_limits_async` (Decider and
-  admission steps) then, when the limits allow, `decide_budgets` (SpendGate), both counted in
+  admission steps) then, when the limits allow, `decide_budgets_async` (SpendGate), both counted in
   ccr_ratelimit_decisions_total (ratelimit/service.py);
 - the answer becomes what Envoy's rate limit filters made of it: on OK, x-ratelimit-* (from the
   descriptor statuses, as Envoy's DRAFT_VERSION_03 headers) and the service's headers on the reply
@@ -18,9 +18,10 @@ costs ≈ 0.3–0.5 ms of server CPU and ≈ 1 ms at c=1 (docs/hot-path.md). Not
   its outcome (AUTHZ_RATELIMIT_OUTCOME) so the audit row reads as before (flags RL / RLSE).
 
 The limits' Redis call is awaited on the event loop (Deciders.acounters, a pipelined asyncio connection:
-ratelimit/redis_pipe.py): a blocking call held the whole loop for the round trip, 0.4–0.5 ms per request
-under load, and Checks that overlap now share one connection (docs/hot-path.md). The budget reservation,
-asked only when a budget may apply, is still one blocking call (ratelimit/spend.py's SpendGate).
+ratelimit/redis_pipe.py), and so is the budget reservation's (SpendGate.decide_async, on the same
+connection): a blocking call held the whole loop for the round trip, 0.4–0.5 ms per request under load,
+and Checks that overlap now share one connection (docs/hot-path.md). A rebuild of budget counters from the
+ledger (after Redis lost its data) reads PostgreSQL in a thread.
 Stream-end token charges stay with Envoy's rate limit filter and the rate limit service.
 """
 
@@ -41,7 +42,7 @@ from ccr.config import GatewayConfig
 from ccr.contract import AUTHZ_ERROR_TYPE, AUTHZ_RATELIMIT_OUTCOME, SPEND_COUNTERS, SPEND_RESERVED
 from ccr.errors import error_body
 from ratelimit import spend
-from ratelimit.service import Deciders, RedisDown, decide_budgets, decide_limits_async
+from ratelimit.service import Deciders, RedisDown, decide_budgets_async, decide_limits_async
 from router.rate_limits import request_time_requests
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class InCheckAdmission:
             try:
                 if gate is None:
                     raise spend.Unavailable("spend budgets are disabled (spend.enabled)")
-                sresp = decide_budgets(gate, sreq)
+                sresp = await decide_budgets_async(gate, self.counters.pipe, sreq)
             except (spend.Unavailable, ValueError) as e:
                 if self.config.services.failure_mode_allow:
                     log.error("budgets could not be decided; admitting (services.failure_mode_allow): %s", e)

@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # How long one Check may wait on a Redis call of the in-Check admission (a local Redis answers in well under
-# a millisecond; Envoy's rate limit filter gave the service 2 s). The budget reservation's call blocks the loop.
+# a millisecond; Envoy's rate limit filter gave the service 2 s).
 ADMISSION_REDIS_TIMEOUT_S = 0.25
 
 

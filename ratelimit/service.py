@@ -318,6 +318,18 @@ def decide_budgets(gate: spend.SpendGate, request: rls_pb2.RateLimitRequest) -> 
     return resp
 
 
+async def decide_budgets_async(gate: spend.SpendGate, pipe: RedisPipe, request: rls_pb2.RateLimitRequest
+                               ) -> rls_pb2.RateLimitResponse:
+    """decide_budgets for a caller on an asyncio loop (extauth): Redis awaited through `pipe`."""
+    try:
+        resp = await gate.decide_async(request, pipe)
+    except BaseException:
+        _BUDGET_ERROR.inc()
+        raise
+    (_BUDGET_OK if resp.overall_code == OK else _BUDGET_OVER).inc()
+    return resp
+
+
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, decider: Decider, steps: list[AdmissionStep] | None = None,
                  spend_gate: spend.SpendGate | None = None) -> None:

@@ -20,14 +20,16 @@ budget's `on_redis_down` decides: any applicable `closed` one refuses (UNAVAILAB
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import psycopg
@@ -59,6 +61,7 @@ from ccr.contract import (
 )
 from ccr.errors import error_body
 from ccr.pricing import usd
+from ratelimit.redis_pipe import RedisPipe
 
 log = logging.getLogger("ccr.spend")
 
@@ -126,6 +129,36 @@ class _Charge:
     seat: str
     window: Window
     key: str
+
+
+@dataclass(slots=True)
+class _Eval:
+    """A step of a decision: run `script` (EVALSHA, loaded on NOSCRIPT); its reply is sent back."""
+
+    script: str
+    keys: list[str]
+    args: list[object]
+
+
+@dataclass(slots=True)
+class _Sums:
+    """A step of a decision: the ledger's sum for each charge's period; the list is sent back."""
+
+    charges: list[_Charge]
+
+
+_Io = _Eval | _Sums
+
+
+@dataclass(slots=True)
+class _Asked:
+    """What one request asks the budgets for (SpendGate._asked)."""
+
+    resp: rls_pb2.RateLimitResponse
+    request_id: str
+    amount: int
+    applicable: list[tuple[Budget, str]]
+    never_refuse: bool
 
 
 class BudgetSource:
@@ -244,20 +277,77 @@ class SpendGate:
                         raise
         raise AssertionError("unreachable")
 
-    def _rebuild(self, charges: list[_Charge]) -> None:
+    def _rebuilding(self, charges: list[_Charge]) -> Generator[_Io, Any, None]:
         """Counters Redis does not have: the ledger's sum for their period (PostgreSQL is the truth)."""
-        sums = self._ledger_sums(charges)
+        sums = yield _Sums(charges)
         args: list[object] = []
         for c, s in zip(charges, sums, strict=True):
             args += [s, max(int(c.window.end - self.clock() - self.offset), 1) + COUNTER_GRACE_S]
-        self._eval(REBUILD, [c.key for c in charges], args)
+        yield _Eval(REBUILD, [c.key for c in charges], args)
         self.rebuilds += len(charges)
         log.info("rebuilt %d budget counter(s) from the ledger: %s", len(charges),
                  ", ".join(f"{c.key}={s}" for c, s in zip(charges, sums, strict=True)))
 
+    def _run(self, steps: Generator[_Io, Any, rls_pb2.RateLimitResponse]) -> rls_pb2.RateLimitResponse:
+        """Carry out a decision's steps with blocking calls (the rate limit service's threads)."""
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, _Eval):
+                    step = steps.send(self._eval(step.script, step.keys, step.args))
+                else:
+                    step = steps.send(self._ledger_sums(step.charges))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _run_async(self, steps: Generator[_Io, Any, rls_pb2.RateLimitResponse],
+                         pipe: RedisPipe) -> rls_pb2.RateLimitResponse:
+        """Carry out a decision's steps on an asyncio loop (extauth): Redis awaited through `pipe`; the ledger's
+        sums (a rebuild after Redis lost its data: rare) in a thread, as psycopg's calls block."""
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, _Eval):
+                    step = steps.send(await self._eval_async(pipe, step.script, step.keys, step.args))
+                else:
+                    step = steps.send(await asyncio.to_thread(self._ledger_sums, step.charges))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _eval_async(self, pipe: RedisPipe, script: str, keys: list[str], args: list[object]) -> list:
+        sha = self._sha.get(script)
+        if sha is not None:
+            try:
+                return await pipe.call("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            except NoScriptError:
+                pass  # nothing ran: loading it and running again cannot count twice
+        loaded = await pipe.call("SCRIPT", "LOAD", script)
+        sha = self._sha[script] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        return await pipe.call("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+
     # -- a decision -----------------------------------------------------------------------------
 
     def decide(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
+        asked = self._asked(req)
+        if isinstance(asked, rls_pb2.RateLimitResponse):
+            return asked
+        try:
+            return self._run(self._reserving(asked))
+        except (RedisError, OSError, psycopg.Error) as e:
+            return self._store_down(asked, e)
+
+    async def decide_async(self, req: rls_pb2.RateLimitRequest, pipe: RedisPipe) -> rls_pb2.RateLimitResponse:
+        """decide for a caller on an asyncio loop: the same decision, its Redis calls awaited through `pipe`."""
+        asked = self._asked(req)
+        if isinstance(asked, rls_pb2.RateLimitResponse):
+            return asked
+        try:
+            return await self._run_async(self._reserving(asked), pipe)
+        except (RedisError, OSError, psycopg.Error) as e:
+            return self._store_down(asked, e)
+
+    def _asked(self, req: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse | _Asked:
+        """What a request asks to reserve, or the answer when nothing needs reserving."""
         resp = rls_pb2.RateLimitResponse(overall_code=OK)
         for _ in req.descriptors:
             resp.statuses.add(code=OK)
@@ -280,19 +370,20 @@ class SpendGate:
         applicable = index.applicable(facts)
         if not applicable:
             return resp
-        try:
-            return self._reserve(resp, request_id, amount, applicable, never_refuse)
-        except (RedisError, OSError, psycopg.Error) as e:
-            closed = [b.name for b, _ in applicable if b.on_redis_down == "closed"]
-            if closed:
-                log.error("budget store unavailable (%s: %s); refusing: budgets %s fail closed",
-                          type(e).__name__, e, closed)
-                raise Unavailable(str(e)) from e
-            log.warning("budget store unavailable (%s: %s); admitting unchecked (budgets fail open)",
-                        type(e).__name__, e)
-            resp.response_headers_to_add.add(
-                key=H_BUDGET_WARNING, value="budgets could not be checked (store unavailable); admitted unchecked")
-            return resp
+        return _Asked(resp, request_id, amount, applicable, never_refuse)
+
+    def _store_down(self, asked: _Asked, e: Exception) -> rls_pb2.RateLimitResponse:
+        closed = [b.name for b, _ in asked.applicable if b.on_redis_down == "closed"]
+        if closed:
+            log.error("budget store unavailable (%s: %s); refusing: budgets %s fail closed",
+                      type(e).__name__, e, closed)
+            raise Unavailable(str(e)) from e
+        log.warning("budget store unavailable (%s: %s); admitting unchecked (budgets fail open)",
+                    type(e).__name__, e)
+        resp = asked.resp
+        resp.response_headers_to_add.add(
+            key=H_BUDGET_WARNING, value="budgets could not be checked (store unavailable); admitted unchecked")
+        return resp
 
     def _charges(self, applicable: list[tuple[Budget, str]], now: float) -> list[_Charge]:
         out = []
@@ -301,8 +392,11 @@ class SpendGate:
             out.append(_Charge(b, seat, w, counter_key(b, seat, w)))
         return out
 
-    def _reserve(self, resp: rls_pb2.RateLimitResponse, request_id: str, amount: int,
-                 applicable: list[tuple[Budget, str]], never_refuse: bool = False) -> rls_pb2.RateLimitResponse:
+    def _reserving(self, asked: _Asked) -> Generator[_Io, Any, rls_pb2.RateLimitResponse]:
+        """The reservation, as steps for a driver (_run, _run_async): each Redis script or ledger read it
+        needs is yielded, and its result sent back."""
+        resp, request_id, amount = asked.resp, asked.request_id, asked.amount
+        applicable, never_refuse = asked.applicable, asked.never_refuse
         rkey = RESERVATION_PREFIX + request_id
         for _attempt in range(4):
             now = self.clock() + self.offset
@@ -312,7 +406,7 @@ class SpendGate:
                 cap = c.budget.amount_micro_usd if c.budget.hard and not never_refuse else -1
                 args += [c.window.start, c.window.end, cap,
                          max(int(c.window.end - now), 1) + COUNTER_GRACE_S]
-            out = self._eval(RESERVE, [rkey] + [c.key for c in charges], args)
+            out = yield _Eval(RESERVE, [rkey] + [c.key for c in charges], args)
             tag = out[0].decode() if isinstance(out[0], bytes) else out[0]
             if tag == "ok":
                 return self._admitted(resp, amount, charges, [int(v) for v in out[1:]])
@@ -323,7 +417,7 @@ class SpendGate:
                 self.offset = int(out[1]) + 0.5 - self.clock()
                 continue
             if tag == "missing":
-                self._rebuild([charges[int(i) - 1] for i in out[1:]])
+                yield from self._rebuilding([charges[int(i) - 1] for i in out[1:]])
                 continue
             if tag == "over":
                 c = charges[int(out[1]) - 1]

@@ -369,3 +369,49 @@ def test_batch_holds_are_released_once_by_their_results_in_either_order(tmp_path
         create3, cresp3 = admit(4 * W)
         _settle(redis_url, [_settlement(create3, cresp3, 0)])
         assert int(r.get(key)) == W + W // 2 and not r.exists(HOLD_PREFIX + create3)  # type: ignore[arg-type]
+
+
+def test_the_awaited_reservation_holds_the_cap_and_rebuilds_as_the_blocking_one(dsn: str, own_redis: str) -> None:
+    """extauth reserves on its event loop (SpendGate.decide_async through one pipelined connection): 200 at
+    once against room for 10 admit exactly 10; after Redis loses its counters, they are rebuilt from the
+    ledger as the blocking path does."""
+    from ccr.config import SpendSettings
+    from ratelimit.redis_pipe import RedisPipe
+    from ratelimit.spend import make_gate
+
+    tenant = _name()
+    b = Budget(_name(), SubjectKind.TENANT, tenant, Period.MONTH, 10 * W, scope="shared")
+    _budget(dsn, b)
+    r = redis.Redis.from_url(own_redis)
+    gate = make_gate(r, dsn, SpendSettings(refresh_s=60))
+    assert gate is not None and gate.budgets.index is not None  # read once at start
+
+    async def go() -> None:
+        pipe = RedisPipe(own_redis, timeout_s=5)
+        try:
+            rids = [uuid.uuid4().hex for _ in range(200)]
+            out = await asyncio.gather(*(gate.decide_async(spend_req(W, principal=f"k{i}", tenant=tenant, rid=rid),
+                                                           pipe) for i, rid in enumerate(rids)))
+            admitted = [(rid, resp) for rid, resp in zip(rids, out, strict=True) if resp.overall_code == OK]
+            assert len(admitted) == 10 and sum(resp.overall_code == OVER for resp in out) == 190
+            with psycopg.connect(dsn) as conn:  # the ledger (the truth) holds 9 of them, settled at their worst case
+                for rid, _ in admitted[:9]:
+                    conn.execute("INSERT INTO spend_ledger (request_id, ts, principal_id, tenant, status, "
+                                 "cost_micro_usd, reserved_micro_usd) VALUES (%s, now(), 'k', %s, 200, %s, %s)",
+                                 (rid, tenant, W, W))
+            r.flushall()  # Redis loses every counter
+            before = gate.rebuilds
+            ok = await gate.decide_async(spend_req(W, principal="k2", tenant=tenant), pipe)
+            assert ok.overall_code == OK and gate.rebuilds == before + 1
+            over = await gate.decide_async(spend_req(W, principal="k3", tenant=tenant), pipe)
+            assert over.overall_code == OVER
+        finally:
+            pipe.close()
+
+    try:
+        asyncio.run(go())
+        key = counter_key(b, "", window(Period.MONTH, "UTC", float(r.time()[0])))
+        assert int(r.get(key)) == 10 * W  # type: ignore[arg-type]
+    finally:
+        gate.close()
+        r.close()
