@@ -190,6 +190,15 @@ def _front_port(config: GatewayConfig, name: str, host: str, port: int, listen: 
     return front_port
 
 
+def bind_addresses(config: GatewayConfig, name: str, listen: str | None = None,
+                   authz_http_listen: str | None = None) -> tuple[str, int, int | None]:
+    """(host, gRPC port, HTTP front port or None) that `ccr serve NAME` binds under `config`, given its
+    --listen and --authz-http-listen (ConfigError when they do not fit). What a deployment's declared
+    ports must match (tests/test_deploy.py)."""
+    host, port = _listen(config, name, listen)
+    return host, port, _front_port(config, name, host, port, listen, authz_http_listen)
+
+
 def serve(name: str, config_path: Path, *, listen: str | None = None, instance: str | None = None,
           environ: Mapping[str, str] | None = None, authz_http_listen: str | None = None) -> None:
     """Become service `name` (exec); returns only by raising (ConfigError, OSError).
@@ -203,8 +212,7 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
     if name not in MODULES:
         raise ConfigError(f"ccr serve: unknown service {name!r} (one of {', '.join([*MODULES, 'envoy'])})")
     config, rt = runtime_for(config_path, name, instance)
-    host, port = _listen(config, name, listen)
-    front_port = _front_port(config, name, host, port, listen, authz_http_listen)
+    host, port, front_port = bind_addresses(config, name, listen, authz_http_listen)
     if name in USES_POSTGRES:
         db.migrate(rt.postgres_dsn)
     if name == "accesslog":  # time partitions ahead (docs/audit.md "Retention")
