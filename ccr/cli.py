@@ -639,9 +639,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from ccr.standalone import probe
 
-    ok = probe(args.service, Path(args.config))
-    print(f"{args.service}: {'SERVING' if ok else 'not serving'}")
-    return 0 if ok else 1
+    problem = probe(args.service, Path(args.config))
+    print(f"{args.service}: SERVING" if problem is None else f"{args.service}: not serving ({problem})")
+    return 0 if problem is None else 1
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
@@ -779,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--authz-http-listen", help="extauth with services.authz_transport: http: host:port of this "
                      "replica's HTTP front instead of the configured one (with --listen)")
     srv.set_defaults(func=cmd_serve)
-    prb = sub.add_parser("probe", help="exit 0 when a standalone service reports SERVING (container health checks)")
+    prb = sub.add_parser("probe", help="exit 0 when a standalone service reports SERVING (container health checks; "
+                         "with services.authz_transport: http, extauth's HTTP front must also answer 200)")
     prb.add_argument("service", choices=("extauth", "ratelimit", "adapter", "accesslog", "router"))
     prb.set_defaults(func=cmd_probe)
     pki = sub.add_parser("pki", help="mTLS identities for standalone services")

@@ -190,6 +190,15 @@ def _front_port(config: GatewayConfig, name: str, host: str, port: int, listen: 
     return front_port
 
 
+def bind_addresses(config: GatewayConfig, name: str, listen: str | None = None,
+                   authz_http_listen: str | None = None) -> tuple[str, int, int | None]:
+    """(host, gRPC port, HTTP front port or None) that `ccr serve NAME` binds under `config`, given its
+    --listen and --authz-http-listen (ConfigError when they do not fit). What a deployment's declared
+    ports must match (tests/test_deploy.py)."""
+    host, port = _listen(config, name, listen)
+    return host, port, _front_port(config, name, host, port, listen, authz_http_listen)
+
+
 def serve(name: str, config_path: Path, *, listen: str | None = None, instance: str | None = None,
           environ: Mapping[str, str] | None = None, authz_http_listen: str | None = None) -> None:
     """Become service `name` (exec); returns only by raising (ConfigError, OSError).
@@ -203,8 +212,7 @@ def serve(name: str, config_path: Path, *, listen: str | None = None, instance: 
     if name not in MODULES:
         raise ConfigError(f"ccr serve: unknown service {name!r} (one of {', '.join([*MODULES, 'envoy'])})")
     config, rt = runtime_for(config_path, name, instance)
-    host, port = _listen(config, name, listen)
-    front_port = _front_port(config, name, host, port, listen, authz_http_listen)
+    host, port, front_port = bind_addresses(config, name, listen, authz_http_listen)
     if name in USES_POSTGRES:
         db.migrate(rt.postgres_dsn)
     if name == "accesslog":  # time partitions ahead (docs/audit.md "Retention")
@@ -255,10 +263,17 @@ def _serve_envoy(config_path: Path, instance: str | None, environ: Mapping[str, 
     os.execv(argv[0], argv)
 
 
-def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
-    """Whether service `name` (at its configured listen address, a wildcard as loopback) reports
-    SERVING on grpc.health.v1; asks the adapter over mTLS as Envoy, the only caller it accepts.
-    For container health checks (`ccr probe NAME`)."""
+def _loopback(address: str) -> tuple[str, int]:
+    """A listen address as a local prober reaches it: a wildcard host as loopback."""
+    host, _, port = address.rpartition(":")
+    return {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host), int(port)
+
+
+def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> str | None:
+    """None when service `name` (at its configured listen address, a wildcard as loopback) reports
+    SERVING on grpc.health.v1, else what is wrong; asks the adapter over mTLS as Envoy, the only
+    caller it accepts. extauth under services.authz_transport: http must also answer 200 on its HTTP
+    front's health path (Envoy's checks go there). For container health checks (`ccr probe NAME`)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -275,8 +290,7 @@ def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
         raise ConfigError("ccr probe: with services.spiffe.agent_socket every service answers only Envoy's SVID; "
                           "probe them from the orchestrator with a TCP check, or an mTLS health check that "
                           "presents Envoy's SPIFFE ID")
-    host, _, port = getattr(s, name).listen.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    host, port = _loopback(getattr(s, name).listen)
     target = f"{host}:{port}"
     if name == "adapter":
         assert s.pki_dir is not None  # settings(): no SPIFFE agent, so a pki_dir
@@ -287,9 +301,34 @@ def probe(name: str, config_path: Path, timeout_s: float = 2.0) -> bool:
     with channel:
         try:
             r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-    return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as e:
+            return f"gRPC health at {target}: {e.code().name}"  # type: ignore[attr-defined]
+    if r.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"gRPC health at {target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)}"
+    front = s.extauth.authz_http_listen if name == "extauth" else None
+    if front is not None:  # settings(): set exactly when services.authz_transport is http
+        return _front_health(*_loopback(front), timeout_s)
+    return None
+
+
+def _front_health(host: str, port: int, timeout_s: float) -> str | None:
+    """extauth's HTTP front answering 200 on its health path (what Envoy's HTTP health check asks), else
+    what it did. Plaintext: the front speaks TLS exactly when extauth's gRPC port does (ccr/service.py
+    side_tls), which standalone, without a SPIFFE agent (refused above), never makes it do."""
+    import http.client
+
+    from ccr.contract import AUTHZ_HTTP_HEALTH_PATH
+
+    where = f"the HTTP authorization front at {host}:{port}{AUTHZ_HTTP_HEALTH_PATH}"
+    conn = http.client.HTTPConnection(host.strip("[]"), port, timeout=timeout_s)
+    try:
+        conn.request("GET", AUTHZ_HTTP_HEALTH_PATH)
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as e:
+        return f"{where} did not answer: {e}"
+    finally:
+        conn.close()
+    return None if status == 200 else f"{where} answered {status}"
 
 
 def static_envoy_config(config_path: Path) -> dict:

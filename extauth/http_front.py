@@ -105,7 +105,7 @@ class AuthzHttpFront:
     def use_config(self, config: GatewayConfig) -> None:
         """A new config version (ccr/config_sync.py): its declared names and body limit, from the next check."""
         self.names = AnswerNames.of(config)
-        self.authorizer.answer_check = self.names.undeclared_in_allow
+        self.authorizer.answer_check = self.names.undeclared_in_answer
         self.body_limit = config.gateway.max_request_bytes + BODY_SLACK
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None,

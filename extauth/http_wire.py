@@ -219,6 +219,25 @@ class AnswerNames:
             return f"the policy result names {e}: declare it in policy.result_names (authz_transport: http)"
         return None
 
+    def undeclared_in_refusal(self, resp: pb.CheckResponse) -> str | None:
+        """Why a refusing `resp` could not be carried as it is (a header the router would drop, a header value
+        or a status the transport cannot carry), or None: then the client gets a 503 instead, which the
+        decision log must record rather than the refusal's own status. The same checks `answer()` makes."""
+        try:
+            _refusal_lines(resp, self)
+            for key in resp.dynamic_metadata.fields:
+                self.metadata_key(key)
+        except Undeclared as e:
+            return (f"the policy's refusal ({resp.denied_response.status.code or 403}) names {e}: declare it in "
+                    "policy.result_names (authz_transport: http), or change the policy")
+        return None
+
+    def undeclared_in_answer(self, resp: pb.CheckResponse) -> str | None:
+        """Authorizer.answer_check: undeclared_in_allow or undeclared_in_refusal, by what `resp` is."""
+        if resp.status.code == 0:  # google.rpc OK: allow
+            return self.undeclared_in_allow(resp)
+        return self.undeclared_in_refusal(resp)
+
     def refusal_header(self, key: str) -> str:
         """A refusal's header: one the gateway emits, or a declared policy header (OPA-Envoy `headers` go to
         the client on a denial; the router allow-lists both there)."""
@@ -319,16 +338,23 @@ def answer(resp: pb.CheckResponse, names: AnswerNames, keep_alive: bool = True) 
             lines.append(f"{name}: {_value(name, opt.header.value)}")
         _metadata_lines(resp, names, lines)
         return _head(200, lines, 0, keep_alive)
+    code, lines = _refusal_lines(resp, names)
+    _metadata_lines(resp, names, lines)
+    body = resp.denied_response.body.encode("utf-8")
+    return _head(wire_status(code), lines, len(body), keep_alive) + body
+
+
+def _refusal_lines(resp: pb.CheckResponse, names: AnswerNames) -> tuple[int, list[str]]:
+    """A refusal's status and header lines; Undeclared when the transport cannot carry them."""
     denied = resp.denied_response
     code = denied.status.code or 403  # Envoy's own default for a denial without a status
     if code in _STANDIN_CODES:  # the listener would turn it into another status (an OPA-Envoy http_status)
         raise Undeclared("refusal status", str(code), "is one of the transport's stand-in statuses")
+    lines = []
     for opt in denied.headers:
         name = names.refusal_header(opt.header.key)
         lines.append(f"{name}: {_value(name, opt.header.value)}")
-    _metadata_lines(resp, names, lines)
-    body = denied.body.encode("utf-8")
-    return _head(wire_status(code), lines, len(body), keep_alive) + body
+    return code, lines
 
 
 def error_answer(status: int, kind: str, message: str, keep_alive: bool = True) -> bytes:

@@ -310,8 +310,9 @@ class Authorizer:
         self.worst_case: WorstCase | None = None
         # The request-time limits and budgets when extauth decides them (limits.admission: extauth; set by setup).
         self.admission: InCheckAdmission | None = None
-        # Why an allow could not reach Envoy on this transport (extauth/http_front.py: names the router does not
-        # carry), or None; asked before the decision is recorded, which then records the refusal instead.
+        # Why an answer (an allow, or a refusal before its decision id is added) could not reach Envoy as it is
+        # on this transport (extauth/http_front.py: names the router does not carry, a stand-in status), or
+        # None; asked before the decision is recorded, which then records the 503 the client gets instead.
         self.answer_check: Callable[[pb.CheckResponse], str | None] | None = None
         self.use_config(config)
 
@@ -405,7 +406,14 @@ class Authorizer:
         try:
             resp = await self._check(req, body, seen)
         except Deny as d:
-            did = self._record(req, seen, False, d.status, d.log_reason or d.message)
+            reason = d.log_reason or d.message
+            if self.answer_check is not None and (why := self.answer_check(
+                    denied(d.status, d.err_type, d.message, d.headers))) is not None:
+                # The client gets the 503 below, not this refusal: the log records what it gets.
+                log.error("refusing with 503 a refusal this transport cannot carry: %s", why)
+                did = self._record(req, seen, False, 503, f"{why} (the refusal: {reason})")
+                return _refusal_facts(_internal_error(did), seen, did, "api_error")
+            did = self._record(req, seen, False, d.status, reason)
             return _refusal_facts(denied(d.status, d.err_type, _with_decision(d.message, did), d.headers),
                                   seen, did, d.err_type)
         except models_api.Answer as a:

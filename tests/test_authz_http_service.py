@@ -11,12 +11,16 @@ import signal
 import socket
 import ssl
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httptools
+import psycopg
 import pytest
+import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2
@@ -38,6 +42,7 @@ from ccr.spire import python_workload, start_spire
 from ccr.svid import peer_uri_sans
 from extauth.bundle import build_bundle
 from extauth.keys import create_key
+from tests import opa_envoy_policies as oe
 from tests.harness import running_service
 from tests.otlp_receiver import Span, otlp_receiver
 from tests.test_extauth import http_check, msg_body
@@ -332,3 +337,47 @@ def test_spiffe_mtls_serves_only_envoys_svid(postgres_dsn: str, tmp_path: Path) 
     finally:
         for c in reversed(spire.children):
             c.stop()
+
+
+def _decision_row(dsn: str, decision_id: str) -> tuple[bool, int, str, str]:
+    """(allow, status, reason, policy_set) of a decision, once the decision log has written it (in batches)."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT allow, status, reason, policy_set FROM policy_decisions "
+                               "WHERE decision_id = %s", (decision_id,)).fetchone()
+            if row is not None:
+                return row
+            assert time.monotonic() < deadline, f"no policy decision {decision_id}"
+            time.sleep(0.05)
+
+
+def test_a_refusal_with_an_undeclared_header_is_logged_as_the_503_the_client_gets(
+        postgres_dsn: str, tmp_path: Path) -> None:
+    """An OPA-Envoy policy set denies (429) with a header the config does not declare (policy.result_names):
+    the router would drop it, so the front refuses with 503 instead, and the decision log records that 503,
+    not the policy's 429. A refusal the transport carries keeps its own status in the log."""
+    teams = oe.build(tmp_path, "teams", oe.OBJECT, "envoy/authz/result")  # denies with x-ext-auth-allow: no
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    config = yaml.safe_load(GATEWAY_YAML)
+    config["policy"] = {"sets": [{"name": "teams", "mode": "opa-envoy", "entrypoint": "envoy/authz/result",
+                                  "tenants": [tenant], "bundle": {"path": str(teams)}}]}
+    bundle = build_bundle(REPO / "policies", tmp_path / "policy.tar.gz", "ccr/authz/decision")
+    _, k = create_key(postgres_dsn, "undeclared-refusal", tenant=tenant)
+    with running_service("extauth", tmp_path, yaml.safe_dump(config), postgres_dsn=postgres_dsn,
+                         policy_bundle=str(bundle)) as child:
+        c = Conn(str(child.info[READY_AUTHZ_HTTP]))
+        a = c.ask("POST", AUTHZ_HTTP_FULL_PREFIX + "/v1/messages",
+                  {"x-api-key": k, "content-type": "application/json"}, msg_body())
+        assert a["status"] == AUTHZ_HTTP_STATUS_STANDINS[503], a
+        assert json.loads(a["body"])["error"]["type"] == "api_error"
+        assert all(name != "x-ext-auth-allow" for name, _ in a["headers"])
+        md = _md(a)
+        assert md["error_type"] == "api_error"
+        allow, status, reason, policy_set = _decision_row(postgres_dsn, md["decision_id"])
+        assert (allow, status, policy_set) == (False, 503, "teams")
+        assert "x-ext-auth-allow" in reason and "policy.result_names" in reason and "(429)" in reason
+        # A refusal without undeclared names is carried, and logged, with its own status.
+        a = c.ask("POST", AUTHZ_HTTP_FULL_PREFIX + "/v1/messages", {"x-api-key": "ccr_" + "B" * 43}, msg_body())
+        assert a["status"] == 401
+        assert _decision_row(postgres_dsn, _md(a)["decision_id"])[:2] == (False, 401)

@@ -323,3 +323,20 @@ def test_a_refusal_with_a_stand_in_status_of_its_own_is_refused(status: int) -> 
     with pytest.raises(Undeclared) as e:
         answer(denied(status, "permission_error", "no"), NAMES)
     assert (e.value.what, e.value.name) == ("refusal status", str(status))
+
+
+@pytest.mark.parametrize(("resp", "why"), [
+    (denied(429, "rate_limit_error", "slow", [_opt("x-policy-note", "no")]), "client header 'x-policy-note'"),
+    (denied(403, "permission_error", "no", [_opt("retry-after", "1\r\nx-evil: 1")]), "header value of 'retry-after'"),
+    (denied(AUTHZ_HTTP_STATUS_STANDINS[503], "api_error", "no"), "refusal status"),
+])
+def test_the_answer_check_names_what_a_refusal_cannot_carry(resp: pb.CheckResponse, why: str) -> None:
+    """Authorizer.answer_check asks before it records a refusal: every refusal answer() would refuse is named
+    (so the decision log records the 503 the client gets), and one it carries passes."""
+    with pytest.raises(Undeclared):
+        answer(resp, NAMES)
+    said = NAMES.undeclared_in_answer(resp)
+    assert said is not None and why in said and "policy.result_names" in said
+    carried = denied(429, "rate_limit_error", "slow", [_opt("retry-after", "1")])
+    assert NAMES.undeclared_in_answer(carried) is None
+    answer(carried, NAMES)

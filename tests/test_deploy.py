@@ -20,7 +20,7 @@ import yaml
 
 from ccr.cli import build_parser
 from ccr.config import SERVE_NAMES, parse_config
-from ccr.standalone import settings
+from ccr.standalone import bind_addresses, settings
 
 REPO = Path(__file__).resolve().parent.parent
 CCR = [sys.executable, "-m", "ccr.cli"]
@@ -75,6 +75,47 @@ def test_compose_file_loads_and_runs_ccr_serve() -> None:
     _standalone_config(mounted.read_text(), str(mounted))
 
 
+# The lines an operator uncomments to choose services.authz_transport: http (the shipped configs stay on gRPC).
+HTTP_OPT_IN = re.compile(r"^(\s*)# ((?:authz_transport|authz_http_listen|authz_http_endpoints): .*)$", re.M)
+
+
+def _extauth_binds(text: str, source: str, args: object) -> tuple[tuple[int, int | None], tuple[int, int | None],
+                                                                   list[str]]:
+    """The (gRPC, HTTP front) ports `ccr serve extauth` run as `args` binds under the shipped config and under
+    the same config with the documented http opt-in uncommented, and the latter's authz_http_endpoints."""
+    out = []
+    for transport, doc in (("grpc", text), ("http", _http_opt_in(text))):
+        config = parse_config(yaml.safe_load(doc), source)
+        settings(config, source)
+        assert config.services.authz_transport == transport
+        _, port, front = bind_addresses(config, "extauth", args.listen, args.authz_http_listen)  # type: ignore[attr-defined]
+        out.append((port, front))
+    assert config.services.standalone is not None
+    return out[0], out[1], config.services.standalone.extauth.authz_http_endpoints
+
+
+def _http_opt_in(text: str) -> str:
+    opted, n = HTTP_OPT_IN.subn(r"\1\2", text)
+    assert n == 3, "the config documents the http opt-in as three commented lines"
+    return opted
+
+
+def test_compose_exposes_extauths_http_front_where_the_config_binds_it() -> None:
+    """grpc stays the default (no front is bound); an operator who uncomments the http lines of
+    deploy/compose/ccr.yaml gets the front `ccr serve extauth` binds on a port the service exposes, at the
+    address Envoy is told."""
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    extauth = doc["services"]["extauth"]
+    args = _ccr_argv(extauth["command"])
+    assert "./deploy/compose/ccr.yaml:/etc/ccr/ccr.yaml:ro" in extauth["volumes"] and args.config == "/etc/ccr/ccr.yaml"
+    mounted = REPO / "deploy" / "compose" / "ccr.yaml"
+    shipped, opted, endpoints = _extauth_binds(mounted.read_text(), str(mounted), args)
+    exposed = {int(p) for p in extauth["expose"]}
+    assert shipped[1] is None and shipped[0] in exposed
+    assert opted[1] is not None and exposed == {opted[0], opted[1]}
+    assert endpoints == [f"extauth:{opted[1]}"]
+
+
 def test_compose_loader_refuses_a_broken_file(tmp_path: Path) -> None:
     """The check can fail: a misspelled key is an error for the Compose loader."""
     doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -107,6 +148,25 @@ def test_kubernetes_manifests_decode_strictly_and_run_ccr_serve() -> None:
     for part in PARTS - {"envoy"}:
         host = cfg[part]["endpoints"][0].split(":")[0]
         assert host.split(".")[0] in services and host.endswith(".ccr.svc.cluster.local"), host
+
+
+def test_kubernetes_declares_extauths_http_front_where_the_config_binds_it() -> None:
+    """The extauth Service and container declare the HTTP front's port (authz-http) that `ccr serve extauth`
+    binds once the ccr-config's http opt-in is uncommented (shipped: grpc, no front), and Envoy is told to
+    reach it through that Service port."""
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "k8s" / "ccr.yaml").read_text()) if d]
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    (container,) = by[("Deployment", "ccr-extauth")]["spec"]["template"]["spec"]["containers"]
+    args = _ccr_argv(container["command"] + container.get("args", []))
+    assert args.service == "extauth" and args.config == "/etc/ccr/ccr.yaml"
+    text = by[("Secret", "ccr-config")]["stringData"]["ccr.yaml"]
+    shipped, opted, endpoints = _extauth_binds(text, "deploy/k8s/ccr.yaml: ccr-config", args)
+    assert shipped == (opted[0], None)
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert declared == {"grpc": opted[0], "authz-http": opted[1]}
+    service = {p["name"]: p for p in by[("Service", "extauth")]["spec"]["ports"]}
+    assert {n: p["targetPort"] for n, p in service.items()} == declared
+    assert endpoints == [f"extauth.ccr.svc.cluster.local:{service['authz-http']['port']}"]
 
 
 def test_kubernetes_decoder_refuses_an_unknown_field(tmp_path: Path) -> None:

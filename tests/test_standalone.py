@@ -736,3 +736,82 @@ def test_http_front_replicas_survive_a_drained_replica(stack: Stack, tmp_path: P
     # Checks were retried (each attempt reset or refused by the killed replica), and every retry succeeded.
     n = int(retries["cluster.ccr_extauth_http.upstream_rq_retry"])
     assert n >= 1 and retries["cluster.ccr_extauth_http.upstream_rq_retry_success"] == str(n), retries
+
+
+def test_probe_of_extauth_asks_its_http_front_too(stack: Stack, tmp_path: Path, postgres_server: dict,
+                                                  redis_url: str) -> None:
+    """`ccr probe extauth` under services.authz_transport: http: the gRPC health service answering SERVING
+    is not enough, the HTTP front (where Envoy's checks go) must answer 200 on its health path. One real
+    extauth (`ccr serve extauth`); the same config with the front's address pointing at nothing, then at a
+    server answering 503, must fail the probe and say why."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ccr.contract import AUTHZ_HTTP_HEALTH_PATH
+
+    dsn = create_database(str(postgres_server["admin_dsn"]))
+    r = subprocess.run([*CCR, "pki", "issue", str(tmp_path / "pki")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+    def addr() -> str:
+        return f"127.0.0.1:{free_port()}"
+
+    grpc_addr, front = addr(), addr()
+    cfg = {
+        "gateway": {"listen": {"host": "127.0.0.1", "port": free_port()}},
+        "services": {"drain_timeout_s": 2, "authz_transport": "http", "standalone": {
+            "extauth": {"listen": grpc_addr, "authz_http_listen": front},
+            **{n: {"listen": addr()} for n in ("ratelimit", "adapter", "accesslog", "router")},
+            "pki_dir": str(tmp_path / "pki"),
+        }},
+        "storage": {"postgres_dsn": dsn, "redis_url": redis_url, "data_dir": str(tmp_path / "data")},
+        "providers": [{"name": "anthropic", "endpoint": "http://127.0.0.1:9", "api_key_env": "UPSTREAM_KEY"}],
+        "models": [{"match": "claude-*", "provider": "anthropic"}],
+        "policy": {"dir": str(REPO / "policies")},
+    }
+
+    def config_with_front(address: str, name: str) -> Path:
+        cfg["services"]["standalone"]["extauth"]["authz_http_listen"] = address
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def probe(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CCR, "-c", str(config), "probe", "extauth"], capture_output=True, text=True,
+                              timeout=60)
+
+    config = config_with_front(front, "ccr.yaml")
+    extauth = stack.serve(config, "extauth")
+    wait_until(extauth, lambda: _serving(grpc_addr) and _http_ok(f"http://{front}{AUTHZ_HTTP_HEALTH_PATH}"), 90,
+               "extauth serving gRPC and its HTTP front")
+    r = probe(config)
+    assert r.returncode == 0 and "extauth: SERVING" in r.stdout, (r.stdout, r.stderr)
+
+    # Nothing at the front's address (the gRPC port still SERVING): refused, naming the front.
+    nowhere = addr()
+    r = probe(config_with_front(nowhere, "no-front.yaml"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "not serving" in r.stdout and f"HTTP authorization front at {nowhere}" in r.stdout, r.stdout
+    assert "did not answer" in r.stdout
+
+    # Something answers there, but not 200.
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    serving = threading.Thread(target=other.serve_forever, daemon=True)
+    serving.start()
+    try:
+        where = f"127.0.0.1:{other.server_address[1]}"
+        r = probe(config_with_front(where, "503-front.yaml"))
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert f"HTTP authorization front at {where}{AUTHZ_HTTP_HEALTH_PATH} answered 503" in r.stdout, r.stdout
+    finally:
+        other.shutdown()
+        other.server_close()
+        serving.join()
