@@ -127,3 +127,34 @@ def test_store_down_a_fail_closed_rule_still_refuses(admission: LoopAdmission) -
 def test_store_down_with_failure_mode_allow_admits_as_envoys_filter_then_does(admission: LoopAdmission) -> None:
     resp = admission.admit(_allowed("key_a", 5), "messages.create", {})
     assert resp.HasField("ok_response") and not resp.HasField("denied_response")
+
+
+def test_a_hung_store_holds_only_the_checks_waiting_on_it_not_the_loop(tmp_path: Path) -> None:
+    """The admission awaits Redis: while a store that accepts but never answers holds one Check, the event
+    loop keeps serving everything else (identity checks, other Checks' work); then that Check fails closed."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # the kernel completes connections; nothing ever reads or replies
+    cfg = _config()
+    rt = Runtime(config_path=str(tmp_path / "ccr.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://unused",
+                 redis_url=f"redis://127.0.0.1:{hung.getsockname()[1]}/0")
+    parts = deciders(cfg, rt, connections=1, gauges=False, redis_timeout_s=0.2, on_loop=True)
+    adm = InCheckAdmission(parts, cfg)
+
+    async def go() -> None:
+        waiting = asyncio.ensure_future(adm.admit(_allowed("key_a", 5), "messages.create", {}))
+        other_work = 0
+        while not waiting.done():  # the loop turns while the Check waits: other work runs meanwhile
+            other_work += 1
+            await asyncio.sleep(0)
+        assert other_work > 100
+        resp = waiting.result()
+        assert resp.denied_response.status.code == 503  # fail closed, as for a store that refuses connections
+        parts.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        hung.close()
