@@ -7,12 +7,14 @@ import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 from redis import exceptions as rx
 
+from ccr.localservers import start_redis
 from ratelimit.counters import STALL_HOLD_S, Algorithm, AsyncCounters, CounterOp, Counters
 from ratelimit.redis_pipe import RedisPipe
 
@@ -65,8 +67,19 @@ def runner() -> Iterator[asyncio.Runner]:
         yield r
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of this test alone: its client count is this test's."""
+    child = start_redis(tmp_path / "redis", tmp_path / "logs")
+    try:
+        yield str(child.info["url"])
+    finally:
+        child.stop()
+
+
 def test_overlapping_calls_share_one_connection_and_each_gets_its_own_reply(
-        redis_url: str, runner: asyncio.Runner) -> None:
+        own_redis: str, runner: asyncio.Runner) -> None:
+    redis_url = own_redis
     live = redis.Redis.from_url(redis_url)
     before = live.info("clients")["connected_clients"]
 
@@ -140,7 +153,8 @@ def test_errors_map_to_redis_pys_exceptions_and_the_connection_stays_usable(
 
 
 def test_async_counters_decide_as_the_blocking_ones_do_and_reload_a_flushed_script(
-        redis_url: str, runner: asyncio.Runner) -> None:
+        own_redis: str, runner: asyncio.Runner) -> None:
+    redis_url = own_redis  # its scripts are flushed
     client = redis.Redis.from_url(redis_url)
     k1, k2 = f"a:{uuid.uuid4().hex}", f"b:{uuid.uuid4().hex}"
     now = 1_700_000_000_000
@@ -310,7 +324,6 @@ async def _tls_relay(tls: object, upstream: tuple[str, int]) -> asyncio.Server:
 def test_rediss_verifies_the_servers_certificate_against_the_configured_ca(
         redis_url: str, runner: asyncio.Runner, tmp_path: object) -> None:
     import ssl
-    from pathlib import Path
 
     from ccr.pki import issue_run_pki
 
