@@ -1,8 +1,12 @@
-"""Two full gateways side by side, differing only in some config values: req/s and server CPU per request
-by process, alternating short rounds between them so the machine's other work disturbs both alike.
+"""Two full gateways side by side, differing in some config values or in their code: req/s and server CPU per
+request by process, alternating short rounds between them so the machine's other work disturbs both alike.
 
     .venv/bin/python bench/gateway_ab.py --b telemetry.metrics=false [--b spend.enabled=false ...]
                                          [--a KEY=VALUE ...] [--rounds 3] [--duration 2] [-c 32] [--no-stream]
+    git worktree add /tmp/base <rev> && .venv/bin/python bench/gateway_ab.py --a-tree /tmp/base [--rounds 8]
+
+`--a-tree` / `--b-tree DIR` runs that side from another checkout (bench/gateway_hold.py: its own bench config
+and code, in every process); a change is measured against its base, side by side.
 
 KEY is a dotted path into ccr.example.yaml as bench/gateway.py uses it (its `gateway_config`), VALUE is
 YAML (`false`, `{postgres: false}`; the string off is `"'off'"`, as YAML reads a bare off as false).
@@ -15,37 +19,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gateway as g  # noqa: E402  (bench/gateway.py)
+from gateway_hold import override  # noqa: E402
 
+from ccr.procs import spawn, wait_until  # noqa: E402
 from ccr.supervisor import Gateway  # noqa: E402
 
 
-def override(path: Path, items: list[str]) -> None:
-    cfg = yaml.safe_load(path.read_text())
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--a/--b take KEY=VALUE, not {item!r}")
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(cfg))
-
-
-def start(stack: ExitStack, label: str, items: list[str]) -> g.Target:
+def start(stack: ExitStack, label: str, items: list[str], tree: Path | None = None) -> g.Target:
+    if tree is not None:
+        return start_tree(stack, label, items, tree)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"ccr-ab-{label}-")))
     path = g.gateway_config(tmp)
     override(path, items)
@@ -58,6 +52,22 @@ def start(stack: ExitStack, label: str, items: list[str]) -> g.Target:
     _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
     print(f"{label}: {' '.join(items) or '(example config)'} at {gw.url}", file=sys.stderr)
     return g.Target(label, gw.url, key, {c.name: c.pid for c in gw.children})
+
+
+def start_tree(stack: ExitStack, label: str, items: list[str], tree: Path) -> g.Target:
+    """The gateway of another checkout, held up by bench/gateway_hold.py in a child of its own (by PID)."""
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"ccr-ab-{label}-")))
+    ready = tmp / "ready.json"
+    tree = tree.resolve()
+    child = spawn(f"hold-{label}", [sys.executable, str(Path(__file__).resolve().parent / "gateway_hold.py"),
+                                    "--tree", str(tree), "--ready", str(ready), *items], tmp,
+                  env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))},
+                  cwd=tree)
+    stack.callback(child.stop)
+    wait_until(child, ready.exists, 240, f"gateway {label} from {tree}")
+    info = json.loads(ready.read_text())
+    print(f"{label}: {tree} {' '.join(items) or '(its bench config)'} at {info['url']}", file=sys.stderr)
+    return g.Target(label, info["url"], info["key"], info["pids"])
 
 
 def per_request(r: g.Result) -> dict[str, float]:
@@ -84,6 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", action="append", default=[], help="KEY=VALUE for gateway A (default: none)")
     ap.add_argument("--b", action="append", default=[], help="KEY=VALUE for gateway B")
+    ap.add_argument("--a-tree", type=Path, help="run gateway A from this checkout (e.g. a git worktree of the base)")
+    ap.add_argument("--b-tree", type=Path, help="run gateway B from this checkout")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("-c", type=int, default=32, help="closed-loop concurrency")
@@ -91,11 +103,12 @@ def main() -> None:
     ap.add_argument("--no-stream", action="store_true", help="the request with \"stream\": false")
     args = ap.parse_args()
     with ExitStack() as stack:
-        a = start(stack, "A", args.a)
-        b = start(stack, "B", args.b)
+        a = start(stack, "A", args.a, args.a_tree)
+        b = start(stack, "B", args.b, args.b_tree)
         out = asyncio.run(rounds(a, b, args))
     print(f"\nmedians over {args.rounds} rounds, c={args.c}, {'unstreamed' if args.no_stream else 'streamed'}:")
-    print(f"  A = {' '.join(args.a) or '(example config)'}\n  B = {' '.join(args.b) or '(example config)'}")
+    print(f"  A = {args.a_tree or ''} {' '.join(args.a) or '(example config)'}\n"
+          f"  B = {args.b_tree or ''} {' '.join(args.b) or '(example config)'}")
     names = sorted({n for rs in out.values() for r in rs for n in r.server_cpu})
     med = {k: {n: statistics.median(per_request(r).get(n, 0.0) for r in rs) for n in names} for k, rs in out.items()}
     rps = {k: statistics.median(r.rps for r in rs) for k, rs in out.items()}
