@@ -66,13 +66,18 @@ _U_ESCAPE = re.compile(rb"\\u")
 def mentions_file(body: Buffer) -> bool:
     """Cheap pre-check before walking a Messages body for file references. A JSON escape
     (`"file\\u005fid"`) could hide the key from a byte search, so any \\u escape means 'walk'.
-    The single-byte test for a backslash is a memchr (about 1 us for the 84 KB agent request);
-    the multi-byte searches cost 40-70 us each, so the escape search runs only when a backslash
-    is there at all."""
-    if isinstance(body, bytes):
-        return b"file_id" in body or (b"\\" in body and b"\\u" in body)
-    # A view into the received message (a large body): searched in place, at regex speed.
-    return _FILE_ID.search(body) is not None or _U_ESCAPE.search(body) is not None
+
+    For the 84 KB agent request: sre's search for the key, 30 us, is the cheaper scan (bytes' `in`
+    takes 38: the key's letters are common in text, so its skips are short). The escape is searched
+    for only when a backslash is there at all, which a memchr over the whole buffer tells in about
+    1 us (sre's own scan for it: 23 us); for a view, over the object it views (the check request it
+    came in: a superset, so "none there" holds for the body too)."""
+    if _FILE_ID.search(body) is not None:
+        return True
+    whole = body.obj if isinstance(body, memoryview) else body
+    if isinstance(whole, bytes | bytearray) and b"\\" not in whole:
+        return False
+    return _U_ESCAPE.search(body) is not None
 
 
 def file_ids(doc: Any) -> Iterator[Any]:

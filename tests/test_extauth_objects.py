@@ -141,6 +141,21 @@ def test_every_file_reference_needs_the_precheck(doc: object) -> None:
     for raw in (orjson.dumps(doc), orjson.dumps(doc).replace(b"file_id", b"file\\u005fid")):
         if list(file_ids(orjson.loads(raw))):
             assert mentions_file(raw)
+            # As the fronts hand it: a view of the received buffer, or into the larger check request.
+            assert mentions_file(memoryview(bytearray(raw)))
+            for around in (b"headers ", b"headers \\ "):
+                msg = around + raw + b" trailer"
+                assert mentions_file(memoryview(msg)[len(around):len(around) + len(raw)])
+
+
+def test_the_precheck_on_views_finds_escapes_and_skips_clean_bodies() -> None:
+    clean = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    assert not mentions_file(memoryview(bytearray(clean)))
+    # A backslash elsewhere in the viewed message (not in the body) only costs the exact search.
+    msg = b"\\u005f" + clean
+    assert not mentions_file(memoryview(msg)[6:])
+    hidden = b'{"x": {"file\\u005fid": "f"}}'
+    assert mentions_file(memoryview(b"head" + hidden)[4:]) and mentions_file(memoryview(bytearray(hidden)))
 
 
 def test_results_meter_sums_succeeded_in_any_chunking() -> None:
