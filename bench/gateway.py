@@ -566,8 +566,14 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, 
 
 def run(args: argparse.Namespace) -> dict[str, list[Result]]:
     """The measurement: starts the servers (unless --url), measures, stops them. Results per mode."""
+    return run_repeated(args, 1)[0]
+
+
+def run_repeated(args: argparse.Namespace, repeat: int) -> list[dict[str, list[Result]]]:
+    """`repeat` whole measurements, one after the other, on the same servers (started once): results per mode,
+    per measurement."""
     if args.url:
-        return asyncio.run(measure([Target("gateway", args.url, args.key)], args))
+        return [asyncio.run(measure([Target("gateway", args.url, args.key)], args)) for _ in range(repeat)]
     with tempfile.TemporaryDirectory(prefix="ccr-bench-") as d:
         tmp = Path(d)
         t = time.monotonic()
@@ -588,7 +594,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Result]]:
                     Target("bare-envoy", bare_url, gw.emulator_key, {"envoy": bare.pid, UPSTREAM: pids[UPSTREAM]}),
                     Target("gateway", gw.url, key, pids),
                 ]
-                return asyncio.run(measure(targets, args))
+                return [asyncio.run(measure(targets, args)) for _ in range(repeat)]
         finally:
             gw.stop()
 

@@ -87,6 +87,24 @@ def all_pass(checks: list[Check]) -> bool:
     return bool(judged) and all(c.passed for c in judged)
 
 
+def median_checks(runs: list[list[Check]]) -> list[Check]:
+    """Each check's median over repeated runs (the same checks in the same order in each), as one observed run's
+    check: the lower median by value, so its bare and gateway figures are the ones that produced it and its
+    verdict is its own (for a threshold, that run passes exactly when at least half of the runs pass; with an
+    even count, the lower middle one decides). A figure missing in any run makes the check that run's miss."""
+    out = []
+    for same in zip(*runs, strict=True):
+        if len({(c.mode, c.name) for c in same}) != 1:
+            raise ValueError("the runs list different checks")
+        missing = [c for c in same if math.isnan(c.value)]
+        if missing:
+            out.append(missing[0])
+            continue
+        ordered = sorted(same, key=lambda c: c.value)
+        out.append(ordered[(len(ordered) - 1) // 2])
+    return out
+
+
 def format_checks(checks: list[Check]) -> str:
     lines = [f"{'mode':<10}{'figure':<26}{'bare':>9}{'gateway':>9}{'value':>8}  {'target':<11}verdict"]
     for c in checks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.ratios import LayerFigures, all_pass, compare, format_checks
+from bench.ratios import LayerFigures, all_pass, compare, format_checks, median_checks
 
 BARE = LayerFigures(max_rps=800.0, p50_c1_ms=2.0, p99_c1_ms=4.0, ttfb_p50_c1_ms=1.0, cpu_ms_per_request=0.5)
 # Exactly on every target: the targets are inclusive.
@@ -82,3 +82,24 @@ def test_table_shows_each_figure_target_and_verdict():
     assert len(lines) == 11  # header + 5 per mode
     assert "MISS" in lines[1] and ">= 0.50" in lines[1] and "0.23" in lines[1]
     assert lines[-1].startswith("no-stream") and lines[-1].endswith("info")
+
+
+def test_the_median_of_repeated_runs_is_one_runs_check_and_its_verdict():
+    slow = LayerFigures(max_rps=300.0, p50_c1_ms=3.0, p99_c1_ms=8.0, ttfb_p50_c1_ms=2.0, cpu_ms_per_request=2.0)
+    fast = LayerFigures(max_rps=500.0, p50_c1_ms=3.0, p99_c1_ms=8.0, ttfb_p50_c1_ms=2.0, cpu_ms_per_request=2.0)
+    runs = [compare("stream", BARE, slow), compare("stream", BARE, fast), compare("stream", BARE, ON_TARGET)]
+    med = by_name(median_checks(runs))
+    assert med["max req/s, gw/bare"].value == 400.0 / 800.0 and med["max req/s, gw/bare"].gateway == 400.0
+    assert med["max req/s, gw/bare"].verdict == "PASS"  # two of three runs at or above 0.50
+    two_slow = by_name(median_checks([runs[0], runs[0], runs[1]]))
+    assert two_slow["max req/s, gw/bare"].verdict == "MISS"  # one of three: the median misses
+    # An even count takes the lower middle run: ties never round a miss up into a pass.
+    assert by_name(median_checks([runs[0], runs[1]]))["max req/s, gw/bare"].verdict == "MISS"
+
+
+def test_a_figure_missing_from_any_run_is_a_miss_in_the_median():
+    nan = math.nan
+    broken = LayerFigures(max_rps=nan, p50_c1_ms=3.0, p99_c1_ms=8.0, ttfb_p50_c1_ms=2.0, cpu_ms_per_request=2.0)
+    med = by_name(median_checks([compare("stream", BARE, ON_TARGET), compare("stream", BARE, broken),
+                                 compare("stream", BARE, ON_TARGET)]))
+    assert med["max req/s, gw/bare"].verdict == "MISS" and math.isnan(med["max req/s, gw/bare"].value)
