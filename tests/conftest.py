@@ -59,6 +59,17 @@ def redis_url(servers_dir: Path) -> Iterator[str]:
         child.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of the test alone (the session's `redis_url` is shared): one it may flush, stop or count the
+    clients of."""
+    child = start_redis(tmp_path / "redis", tmp_path / "logs")
+    try:
+        yield str(child.info["url"])
+    finally:
+        child.stop()
+
+
 @pytest.fixture(scope="session")
 def agent_request_bytes() -> bytes:
     return fixture_path(AGENT_REQUEST).read_bytes()

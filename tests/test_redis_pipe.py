@@ -14,7 +14,6 @@ import pytest
 import redis
 from redis import exceptions as rx
 
-from ccr.localservers import start_redis
 from ratelimit.counters import STALL_HOLD_S, Algorithm, AsyncCounters, CounterOp, Counters
 from ratelimit.redis_pipe import RedisPipe
 
@@ -65,16 +64,6 @@ class Scripted:
 def runner() -> Iterator[asyncio.Runner]:
     with asyncio.Runner() as r:
         yield r
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of this test alone: its client count is this test's."""
-    child = start_redis(tmp_path / "redis", tmp_path / "logs")
-    try:
-        yield str(child.info["url"])
-    finally:
-        child.stop()
 
 
 def test_overlapping_calls_share_one_connection_and_each_gets_its_own_reply(

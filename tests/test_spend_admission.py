@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -44,16 +43,6 @@ def dsn(postgres_server: dict[str, object]) -> str:
     d = create_database(str(postgres_server["admin_dsn"]), "spend")
     db.migrate(d)
     return d
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of this test alone: it is flushed or stopped."""
-    child = start_redis(tmp_path / "redis", tmp_path / "logs")
-    try:
-        yield str(child.info["url"])
-    finally:
-        child.stop()
 
 
 def _budget(dsn: str, b: Budget) -> None:
