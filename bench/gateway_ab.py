@@ -1,7 +1,7 @@
 """Two full gateways side by side, differing in some config values or in their code: req/s and server CPU per
 request by process, alternating short rounds between them so the machine's other work disturbs both alike.
 
-    .venv/bin/python bench/gateway_ab.py --b telemetry.metrics=false [--b spend.enabled=false ...]
+    .venv/bin/python bench/gateway_ab.py --b telemetry.metrics=false [--b spend.enabled=false ...] [--paced 400]
                                          [--a KEY=VALUE ...] [--rounds 3] [--duration 2] [-c 32] [--no-stream]
     git worktree add /tmp/base <rev> && .venv/bin/python bench/gateway_ab.py --a-tree /tmp/base [--rounds 8]
 
@@ -80,10 +80,14 @@ async def rounds(a: g.Target, b: g.Target, args: argparse.Namespace) -> dict[str
     for i in range(args.rounds):
         order = (a, b) if i % 2 == 0 else (b, a)
         for t in order:
-            r = await g.run_level(t, body, not args.no_stream, args.c, args.requests, args.duration)
+            if args.paced:
+                r = await g.run_paced(t, body, not args.no_stream, args.paced, args.duration)
+            else:
+                r = await g.run_level(t, body, not args.no_stream, args.c, args.requests, args.duration)
             out[t.layer].append(r)
             cpu = per_request(r)
-            print(f"round {i + 1} {t.layer}: {r.rps:7.1f} req/s, {r.errors} errors, p50 {r.p50:6.1f} ms, CPU ms/req "
+            print(f"round {i + 1} {t.layer}: {r.rps:7.1f} req/s, {r.errors} errors, p50 {r.p50:6.1f} ms, "
+                  f"p99 {r.p99:6.1f} ms, CPU ms/req "
                   f"{g.cpu_per_request(r):.2f} without the {g.UPSTREAM}: "
                   + ", ".join(f"{n} {v:.2f}" for n, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.005),
                   flush=True)
@@ -101,12 +105,16 @@ def main() -> None:
     ap.add_argument("-c", type=int, default=32, help="closed-loop concurrency")
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--no-stream", action="store_true", help="the request with \"stream\": false")
+    ap.add_argument("--paced", type=float, default=0.0,
+                    help="open loop at this many req/s (--duration s per round) instead of closed loop at -c: "
+                         "latency under a load both sides can carry")
     args = ap.parse_args()
     with ExitStack() as stack:
         a = start(stack, "A", args.a, args.a_tree)
         b = start(stack, "B", args.b, args.b_tree)
         out = asyncio.run(rounds(a, b, args))
-    print(f"\nmedians over {args.rounds} rounds, c={args.c}, {'unstreamed' if args.no_stream else 'streamed'}:")
+    load = f"paced at {args.paced:g} req/s" if args.paced else f"c={args.c}"
+    print(f"\nmedians over {args.rounds} rounds, {load}, {'unstreamed' if args.no_stream else 'streamed'}:")
     print(f"  A = {args.a_tree or ''} {' '.join(args.a) or '(example config)'}\n"
           f"  B = {args.b_tree or ''} {' '.join(args.b) or '(example config)'}")
     names = sorted({n for rs in out.values() for r in rs for n in r.server_cpu})
@@ -118,6 +126,8 @@ def main() -> None:
     p50 = {k: statistics.median(r.p50 for r in rs) for k, rs in out.items()}
     ttfb = {k: statistics.median(r.ttfb_p50 for r in rs) for k, rs in out.items()}
     print(f"  {'p50 ms':<14}{p50['A']:8.2f}{p50['B']:8.2f}{p50['B'] - p50['A']:+8.2f}")
+    p99 = {k: statistics.median(r.p99 for r in rs) for k, rs in out.items()}
+    print(f"  {'p99 ms':<14}{p99['A']:8.2f}{p99['B']:8.2f}{p99['B'] - p99['A']:+8.2f}")
     print(f"  {'TTFB p50 ms':<14}{ttfb['A']:8.2f}{ttfb['B']:8.2f}{ttfb['B'] - ttfb['A']:+8.2f}")
     print(f"  {'CPU ms/req':<14}{own['A']:8.3f}{own['B']:8.3f}{own['B'] - own['A']:+8.3f}  (without the {g.UPSTREAM})")
     for n in sorted(names, key=lambda n: -med["A"][n]):
