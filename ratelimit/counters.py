@@ -315,22 +315,11 @@ class AsyncCounters:
     def __init__(self, pipe: RedisPipe, now_ms: int = -1) -> None:
         self.pipe = pipe
         self.now_ms = now_ms  # -1: Redis's clock; tests set a fixed one
-        self._script = SCRIPT.encode()
-        self._sha: str | None = None
 
     async def run(self, ops: list[CounterOp], refused: bool = False) -> tuple[int, list[Outcome]]:
         """(Redis's now in ms, one Outcome per op)."""
-        keys = [op.key for op in ops]
-        args = script_args(self.now_ms, ops, refused)
-        call = self.pipe.call
-        if self._sha is not None:
-            try:
-                return read_outcomes(await call("EVALSHA", self._sha, len(keys), *keys, *args), len(ops))
-            except rx.NoScriptError:  # nothing ran: loading it and running again cannot count twice
-                log.info("rate limit script not in Redis; loading it again")
-        sha = await call("SCRIPT", "LOAD", self._script)
-        self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-        return read_outcomes(await call("EVALSHA", self._sha, len(keys), *keys, *args), len(ops))
+        raw = await self.pipe.run_script(SCRIPT, [op.key for op in ops], script_args(self.now_ms, ops, refused))
+        return read_outcomes(raw, len(ops))
 
     def close(self) -> None:
         self.pipe.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ import hiredis
 from redis import exceptions as rx
 from redis._parsers.base import BaseParser
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+log = logging.getLogger("ccr.ratelimit")
 
 
 class _Connection(asyncio.Protocol):
@@ -122,6 +125,20 @@ class RedisPipe:
         self._stalled_until = 0.0
         self._conn: _Connection | None = None
         self._opening: asyncio.Future[_Connection] | None = None
+        self._sha: dict[str | bytes, str] = {}  # script -> its SHA1 once loaded
+
+    async def run_script(self, script: str | bytes, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA of `script`, loading it first when Redis does not have it (a restart, SCRIPT FLUSH): a
+        NOSCRIPT reply means nothing ran, so loading it and running again cannot count twice."""
+        sha = self._sha.get(script)
+        if sha is not None:
+            try:
+                return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            except rx.NoScriptError:
+                log.info("script not in redis; loading it again")
+        loaded = await self.call("SCRIPT", "LOAD", script)
+        sha = self._sha[script] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        return await self.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def call(self, *args: object) -> Any:
         """One command's reply. Raises redis.exceptions (ConnectionError, TimeoutError, ResponseError and its

@@ -308,22 +308,11 @@ class SpendGate:
             step = next(steps)
             while True:
                 if isinstance(step, _Eval):
-                    step = steps.send(await self._eval_async(pipe, step.script, step.keys, step.args))
+                    step = steps.send(await pipe.run_script(step.script, step.keys, step.args))
                 else:
                     step = steps.send(await asyncio.to_thread(self._ledger_sums, step.charges))
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-
-    async def _eval_async(self, pipe: RedisPipe, script: str, keys: list[str], args: list[object]) -> list:
-        sha = self._sha.get(script)
-        if sha is not None:
-            try:
-                return await pipe.call("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
-            except NoScriptError:
-                pass  # nothing ran: loading it and running again cannot count twice
-        loaded = await pipe.call("SCRIPT", "LOAD", script)
-        sha = self._sha[script] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
-        return await pipe.call("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
 
     # -- a decision -----------------------------------------------------------------------------
 
