@@ -158,3 +158,28 @@ def test_a_hung_store_holds_only_the_checks_waiting_on_it_not_the_loop(tmp_path:
         asyncio.run(go())
     finally:
         hung.close()
+
+
+def test_a_store_answering_nonsense_never_admits(tmp_path: Path) -> None:
+    """Something on the Redis port that answers every command with a string: the decision raises (the Check then
+    refuses with 503: Authorizer.check) instead of reading the nonsense as an allow."""
+
+    async def go() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(65536):
+                writer.write(b"$2\r\nhi\r\n" * 8)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        cfg = _config()
+        rt = Runtime(config_path=str(tmp_path / "ccr.yaml"), run_dir=str(tmp_path), postgres_dsn="postgresql://unused",
+                     redis_url=f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+        parts = deciders(cfg, rt, connections=1, gauges=False, redis_timeout_s=2, on_loop=True)
+        try:
+            with pytest.raises(Exception) as e:
+                await InCheckAdmission(parts, cfg).admit(_allowed("key_a", 5), "messages.create", {})
+            assert isinstance(e.value, (IndexError, ValueError, TypeError)), repr(e.value)  # the reply, unreadable
+        finally:
+            parts.close()
+            server.close()
+
+    asyncio.run(go())

@@ -815,3 +815,34 @@ def test_probe_of_extauth_asks_its_http_front_too(stack: Stack, tmp_path: Path, 
         other.shutdown()
         other.server_close()
         serving.join()
+
+
+@pytest.mark.parametrize("reply", [b"SSH-2.0-not-http\r\n", b"", None], ids=["garbage", "closes", "silent"])
+def test_the_fronts_probe_fails_on_anything_but_an_http_200(reply: bytes | None) -> None:
+    """Whatever holds the front's port and lies (not HTTP, hangs up, never answers): the probe says so."""
+    import socket
+
+    from ccr.standalone import _front_health
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)
+            if reply is None:
+                conn.recv(4096)  # until the probe gives up and closes
+                return
+            conn.sendall(reply)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        why = _front_health("127.0.0.1", port, timeout_s=0.3)
+        assert why is not None and "did not answer" in why and f"127.0.0.1:{port}" in why
+    finally:
+        t.join(timeout=5)
+        srv.close()
