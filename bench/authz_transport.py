@@ -63,7 +63,7 @@ from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
 
 T = "type.googleapis.com/"
 VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window", "front", "front-mtls", "servicer",
-            "servicer-mtls")
+            "servicer-mtls", "grpc-mtls-uds", "http-mtls-uds")
 CLIENT_ID = "envoy"  # the identity Envoy presents in the mTLS variants
 METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
 CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
@@ -106,7 +106,7 @@ def run_pki(directory: Path):  # type: ignore[no-untyped-def]
     return pki
 
 
-async def serve_grpc(ready: Path, pki_dir: Path | None, window: bool = False) -> None:
+async def serve_grpc(ready: Path, pki_dir: Path | None, window: bool = False, uds: bool = False) -> None:
     import grpc
 
     from ccr.service import GRPC_OPTIONS, server_credentials
@@ -123,6 +123,13 @@ async def serve_grpc(ready: Path, pki_dir: Path | None, window: bool = False) ->
         options += [("grpc.http2.lookahead_bytes", 16 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))
+    if uds:
+        path = f"{ready}.sock"
+        server.add_secure_port(f"unix:{path}", server_credentials(run_pki(pki_dir), "server"))  # type: ignore[arg-type]
+        await server.start()
+        ready.write_text(json.dumps({"address": f"unix:{path}"}))
+        await server.wait_for_termination()
+        return
     if pki_dir is not None:
         port = server.add_secure_port("127.0.0.1:0", server_credentials(run_pki(pki_dir), "server"))
     else:
@@ -145,7 +152,7 @@ def http_tls(pki_dir: Path):  # type: ignore[no-untyped-def]
     return ctx, pki.identity(CLIENT_ID).spiffe_id
 
 
-async def serve_http(ready: Path, pki_dir: Path | None) -> None:
+async def serve_http(ready: Path, pki_dir: Path | None, uds: bool = False) -> None:
     import httptools
 
     answer = http_answer()
@@ -176,6 +183,12 @@ async def serve_http(ready: Path, pki_dir: Path | None) -> None:
             self.transport.write(answer)
 
     loop = asyncio.get_running_loop()
+    if uds:
+        path = f"{ready}.sock"
+        server = await loop.create_unix_server(Check, path, ssl=tls)
+        ready.write_text(json.dumps({"address": f"unix:{path}"}))
+        await server.serve_forever()
+        return
     server = await loop.create_server(Check, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
@@ -268,11 +281,15 @@ def _tls_socket(pki_dir: Path, http2: bool) -> dict[str, Any]:
 
 
 def _cluster(name: str, address: str, http2: bool, pki_dir: Path | None = None) -> dict[str, Any]:
-    host, _, port = address.rpartition(":")
+    if address.startswith("unix:"):
+        addr: dict[str, Any] = {"pipe": {"path": address.removeprefix("unix:")}}
+    else:
+        host, _, port = address.rpartition(":")
+        addr = {"socket_address": {"address": host, "port_value": int(port)}}
     c: dict[str, Any] = {
         "name": name, "type": "STATIC", "connect_timeout": "5s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}]}}
+            "address": addr}}]}]}}
     if http2:
         c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -407,13 +424,14 @@ def main() -> None:
 
         pki_dir = Path(args.pki) if "mtls" in args.serve else None
         if args.serve.startswith("grpc"):
-            uvloop.run(serve_grpc(Path(args.ready), pki_dir, window=args.serve == "grpc-window"))
+            uvloop.run(serve_grpc(Path(args.ready), pki_dir, window=args.serve == "grpc-window",
+                                  uds=args.serve.endswith("-uds")))
         elif args.serve.startswith("servicer"):
             uvloop.run(serve_servicer(Path(args.ready), pki_dir))
         elif args.serve.startswith("front"):
             uvloop.run(serve_front(Path(args.ready), pki_dir))
         else:
-            uvloop.run(serve_http(Path(args.ready), pki_dir))
+            uvloop.run(serve_http(Path(args.ready), pki_dir, uds=args.serve.endswith("-uds")))
         return
     args.levels = [int(x) for x in args.levels.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]
