@@ -62,7 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  postgres    : {redact_url(gw.runtime.postgres_dsn)}   (password in runtime.json)\n\n"
         f"Try it:\n"
         f"  ANTHROPIC_BASE_URL={gw.url} ANTHROPIC_API_KEY={key} python -c \"import anthropic; "
-        f"print(anthropic.Anthropic().messages.create(model='claude-sonnet-4-5', max_tokens=64, "
+        f"print(anthropic.Anthropic().messages.create(model='claude-sonnet-5-5', max_tokens=64, "
         f"messages=[{{'role':'user','content':'hello'}}]).content[0].text)\"\n\n"
         f"{_signin_hint(gw)}"
         f"Ctrl-C stops everything.",

@@ -486,6 +486,19 @@ class Provider(Strict):
         return f"provider_{self.name}_objects"
 
 
+class LongContextPrice(Strict):
+    """The rates of a request whose prompt is long: more than `over_prompt_tokens` input tokens, cache
+    writes and cache reads together. The provider then prices the whole request at them, output
+    included (Anthropic's long-context pricing; Claude Haiku 5.5's prompts over 100,000 tokens)."""
+
+    over_prompt_tokens: Annotated[int, Field(ge=1)]
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+    cache_write: Annotated[float, Field(ge=0)] = 0.0
+    cache_write_1h: Annotated[float, Field(ge=0)] | None = None  # as in Price
+    cache_read: Annotated[float, Field(ge=0)] = 0.0
+
+
 class Price(Strict):
     """USD per million tokens (ccr/pricing.py turns them into exact integer amounts)."""
 
@@ -495,6 +508,8 @@ class Price(Strict):
     # 1-hour cache writes; None: twice `input` (Anthropic's ratio), never less than cache_write.
     cache_write_1h: Annotated[float, Field(ge=0)] | None = None
     cache_read: Annotated[float, Field(ge=0)] = 0.0
+    # Dearer rates for long prompts, when the provider has them (None: one set of rates for every size).
+    long_context: LongContextPrice | None = None
 
 
 class Failover(Strict):

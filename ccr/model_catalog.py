@@ -16,6 +16,7 @@ from ccr.config import GatewayConfig
 # Display names and release dates of Anthropic's published models (the Models API's own fields); an id
 # not here is shown with its id as the name and the epoch as its date.
 KNOWN: dict[str, tuple[str, str]] = {
+    "claude-fable-5": ("Claude Fable 5", "2026-06-09T00:00:00Z"),
     "claude-opus-4-5-20251101": ("Claude Opus 4.5", "2025-11-24T00:00:00Z"),
     "claude-haiku-4-5-20251001": ("Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
     "claude-sonnet-4-5-20250929": ("Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),

@@ -10,15 +10,17 @@ Usage rules (router/usage.py and router/meter.lua publish the counts):
 - an aborted stream is billed for what was produced (the meter's `partial`/`estimated` counts);
 - cache writes are priced by lifetime: 5-minute at `cache_write`, 1-hour at `cache_write_1h`;
   a write count without the split is priced at the 1-hour price (the dearer: never under-billed);
-- Message Batches results are billed at the batch discount (50%).
+- Message Batches results are billed at the batch discount (50%);
+- a price with `long_context` prices a request whose prompt (input tokens, cache writes and cache
+  reads together) is over its threshold wholly at the long-context rates, output included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 
-from ccr.config import GatewayConfig, Price
+from ccr.config import GatewayConfig, LongContextPrice, Price
 
 PICO_PER_MICRO = 1_000_000
 MICRO_PER_USD = 1_000_000
@@ -32,22 +34,45 @@ def _pico(usd_per_mtok: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """One model's prices in pico-USD per token."""
+    """One model's prices in pico-USD per token; with `long`, the rates of prompts over `long_over` tokens."""
 
     input: int
     output: int
     cache_write_5m: int
     cache_write_1h: int
     cache_read: int
+    long: Rates | None = None
+    long_over: int = 0
 
     @classmethod
     def of(cls, p: Price) -> Rates:
+        flat = cls._flat(p)
+        if p.long_context is None:
+            return flat
+        return replace(flat, long=cls._flat(p.long_context), long_over=p.long_context.over_prompt_tokens)
+
+    @classmethod
+    def _flat(cls, p: Price | LongContextPrice) -> Rates:
         w1h = p.cache_write_1h if p.cache_write_1h is not None else max(2 * p.input, p.cache_write)
         return cls(_pico(p.input), _pico(p.output), _pico(p.cache_write), _pico(w1h), _pico(p.cache_read))
 
+    def for_prompt(self, prompt_tokens: int) -> Rates:
+        """The rates a request whose prompt has this many tokens is priced at."""
+        return self.long if self.long is not None and prompt_tokens > self.long_over else self
+
+    def at_most(self, prompt_tokens: int) -> Rates:
+        """Rates no lower than those of any prompt of at most this many tokens (for worst cases): past the
+        long-context threshold either set may apply, so each price is the dearer of the two."""
+        long = self.long
+        if long is None or prompt_tokens <= self.long_over:
+            return self
+        return Rates(max(self.input, long.input), max(self.output, long.output),
+                     max(self.cache_write_5m, long.cache_write_5m), max(self.cache_write_1h, long.cache_write_1h),
+                     max(self.cache_read, long.cache_read))
+
     @property
     def dearest_input(self) -> int:
-        """The most an input token can cost (plain, or written to either cache)."""
+        """The most an input token can cost (plain, or written to either cache) at these rates."""
         return max(self.input, self.cache_write_5m, self.cache_write_1h, self.cache_read)
 
 
@@ -68,6 +93,7 @@ def micro_from_pico(pico: int) -> int:
 
 def cost_pico(u: Usage, r: Rates, *, batch: bool = False) -> int:
     writes = u.cache_creation_input_tokens
+    r = r.for_prompt(u.input_tokens + writes + u.cache_read_input_tokens)
     w5, w1 = u.cache_creation_5m_input_tokens, u.cache_creation_1h_input_tokens
     if w5 is None and w1 is None:
         write_cost = writes * r.cache_write_1h
@@ -90,6 +116,7 @@ def worst_case_micro(r: Rates, body_bytes: int, max_tokens: int, tokens_per_byte
     """The most a Messages request can cost: every body byte an input token at the dearest input
     price (a token is at least a byte of text), plus max_tokens of output."""
     input_bound = int(Decimal(body_bytes) * Decimal(str(tokens_per_byte)) + 1)
+    r = r.at_most(input_bound)  # a prompt that may be long: the dearer of both rates
     return micro_from_pico(input_bound * r.dearest_input + max(max_tokens, 0) * r.output)
 
 
@@ -100,6 +127,8 @@ def batch_worst_case_micro(requests: list[tuple[Rates, int]], body_bytes: int, t
     if not requests:
         return 0
     input_bound = int(Decimal(body_bytes) * Decimal(str(tokens_per_byte)) + 1)
+    # No request's prompt is longer than the whole batch body: its rates for a prompt of that bound.
+    requests = [(r.at_most(input_bound), mt) for r, mt in requests]
     pico = input_bound * max(r.dearest_input for r, _ in requests) + sum(max(mt, 0) * r.output for r, mt in requests)
     return micro_from_pico(-(-pico * (100 - BATCH_DISCOUNT_PERCENT) // 100))  # rounded up, as everything here
 

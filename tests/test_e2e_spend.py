@@ -34,10 +34,20 @@ PROBE = {"model": MODEL, "max_tokens": 128_000, "system": "x" * 1_000_000, "mess
 PROBE_WORST = worst_case_micro(SONNET, len(json.dumps(PROBE)), 128_000)
 
 
+# Claude Haiku 5.5's rates (USD per million tokens), with the long-context threshold brought down from 100,000
+# prompt tokens to 200, so that a small request crosses it.
+LONG_MODEL = "claude-haiku-5-5"
+LONG_OVER = 200
+LONG_PRICE = {"input": 0.10, "output": 0.50, "cache_write": 0.125, "cache_write_1h": 0.20, "cache_read": 0.01,
+              "long_context": {"over_prompt_tokens": LONG_OVER, "input": 0.50, "output": 2.50, "cache_write": 0.625,
+                               "cache_write_1h": 1.0, "cache_read": 0.05}}
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     def edit(cfg: dict[str, Any]) -> None:
         cfg["spend"] = {"refresh_s": 0.1}
+        cfg["models"].insert(0, {"match": LONG_MODEL, "provider": "anthropic", "price": LONG_PRICE})
 
     with running_gateway(tmp_path_factory.mktemp("gw"), edit) as g:
         yield g
@@ -126,6 +136,27 @@ def test_admitted_requests_settle_to_their_metered_cost(gw: Gateway) -> None:
     while int(r.get(ckey) or 0) != expected:  # settled: reserved worst case -> actual cost
         assert time.monotonic() < deadline, f"counter {r.get(ckey)!r}, expected {expected}"
         time.sleep(0.05)
+
+
+def test_a_long_prompt_settles_at_the_long_context_rates_and_a_short_one_at_the_base_rates(gw: Gateway) -> None:
+    assert gw.runtime is not None
+    dsn = gw.runtime.postgres_dsn
+    key, _ = _key(gw, 5_000_000)
+    c = _client(gw, key)
+    prompts = []
+    for words in (5, 2000):
+        raw = c.messages.with_raw_response.create(model=LONG_MODEL, max_tokens=64,
+                                                  messages=[{"role": "user", "content": "hello " * words}])
+        u = raw.parse().usage
+        prompt = u.input_tokens + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
+        prompts.append(prompt)
+        # pico-USD per token: 0.10 / 0.50 USD per MTok, or past the threshold 0.50 / 2.50.
+        per_in, per_out = (500_000, 2_500_000) if prompt > LONG_OVER else (100_000, 500_000)
+        expected = -(-(u.input_tokens * per_in + u.output_tokens * per_out) // 1_000_000)
+        row = ledger(dsn, raw.headers["x-request-id"])
+        assert row["model"] == LONG_MODEL and row["cost_micro_usd"] == expected > 0, (prompt, row)
+        assert row["reserved_micro_usd"] >= row["cost_micro_usd"]  # the worst case covered it
+    assert prompts[0] <= LONG_OVER < prompts[1]
 
 
 def test_a_soft_budget_admits_with_a_warning_header(gw: Gateway) -> None:

@@ -25,6 +25,7 @@ def _config() -> GatewayConfig:
 def test_catalogue_lists_exact_ids_listed_ids_and_aliases_newest_first() -> None:
     got = [(x.id, x.served, x.display_name, x.created_at) for x in catalog(_config())]
     assert got == [
+        ("claude-fable-5", "claude-fable-5", "Claude Fable 5", "2026-06-09T00:00:00Z"),
         ("claude-opus-4-5-20251101", "claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z"),
         ("claude-haiku-4-5-20251001", "claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
         ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),

@@ -8,7 +8,16 @@ import pytest
 
 from ccr.budgets import Budget, BudgetIndex, Facts, Period, SubjectKind, window
 from ccr.config import Price, parse_config
-from ccr.pricing import PriceTable, Rates, Usage, cost_micro, parse_usd, usd, worst_case_micro
+from ccr.pricing import (
+    PriceTable,
+    Rates,
+    Usage,
+    batch_worst_case_micro,
+    cost_micro,
+    parse_usd,
+    usd,
+    worst_case_micro,
+)
 
 SONNET = Price(input=3.0, output=15.0, cache_write=3.75, cache_write_1h=6.0, cache_read=0.30)
 
@@ -51,6 +60,64 @@ def test_worst_case_covers_every_body_byte_at_the_dearest_input_price_plus_max_t
     assert worst_case_micro(r, 1000, 100) == (1001 * 6 + 100 * 15)
     u = Usage(0, 100, 1000, 0, cache_creation_1h_input_tokens=1000)  # the dearest a 1000-byte body can be
     assert cost_micro(u, r) <= worst_case_micro(r, 1000, 100)
+
+
+# Claude Haiku 5.5's published rates: prompts up to 100,000 tokens, and dearer ones over that.
+HAIKU_55 = Price(input=0.10, output=0.50, cache_write=0.125, cache_write_1h=0.20, cache_read=0.01,
+                 long_context={"over_prompt_tokens": 100_000, "input": 0.50, "output": 2.50, "cache_write": 0.625,
+                               "cache_write_1h": 1.0, "cache_read": 0.05})  # type: ignore[arg-type]
+
+
+def test_a_long_prompt_prices_the_whole_request_at_the_long_context_rates() -> None:
+    r = Rates.of(HAIKU_55)
+    # At the threshold: the base rates (0.10 in, 0.50 out).
+    assert cost_micro(Usage(100_000, 1000), r) == 10_000 + 500
+    # One token over: every part at the long rates, the output too (0.50 in, 2.50 out).
+    assert cost_micro(Usage(100_001, 1000), r) == 50_001 + 2500
+    # The threshold counts cache writes and reads with the input: 1 + 60,000 + 40,000 is over it.
+    u = Usage(1, 0, 60_000, 40_000, cache_creation_5m_input_tokens=60_000, cache_creation_1h_input_tokens=0)
+    assert cost_micro(u, r) == 1 + 60_000 * 0.625 + 40_000 * 0.05
+    # ... and the same without the read is under it.
+    u = Usage(1, 0, 60_000, 0, cache_creation_5m_input_tokens=60_000, cache_creation_1h_input_tokens=0)
+    assert cost_micro(u, r) == 1 + 60_000 * 0.125
+    # The batch discount applies to whichever rates the prompt got.
+    assert cost_micro(Usage(200_000, 0), r, batch=True) == 200_000 * 0.50 / 2
+
+
+def test_long_context_rates_take_the_1h_default_from_their_own_input() -> None:
+    r = Rates.of(Price(input=1, output=5, long_context={"over_prompt_tokens": 10, "input": 2,  # type: ignore[arg-type]
+                                                        "output": 10, "cache_write": 2.5}))
+    assert r.long is not None and r.long.cache_write_1h == 4_000_000 and r.cache_write_1h == 2_000_000
+
+
+def test_long_context_needs_a_threshold_and_its_own_input_and_output() -> None:
+    for bad in ({"input": 1, "output": 2}, {"over_prompt_tokens": 0, "input": 1, "output": 2},
+                {"over_prompt_tokens": 10, "output": 2}, {"over_prompt_tokens": 10, "input": 1},
+                {"over_prompt_tokens": 10, "input": 1, "output": 2, "cache_hit": 0.1}):
+        with pytest.raises(ValueError):
+            Price(input=1, output=2, long_context=bad)  # type: ignore[arg-type]
+
+
+def test_the_worst_case_of_a_body_that_may_be_long_takes_the_dearer_rates() -> None:
+    r = Rates.of(HAIKU_55)
+    # 99,999 bytes: at most 100,000 tokens, never long; the dearest input is the 1h write (0.20).
+    assert worst_case_micro(r, 99_999, 1000) == 100_000 * 0.20 + 1000 * 0.50
+    # 100,000 bytes may be 100,001 tokens: the long rates (1h write 1.0, output 2.50) bound it.
+    assert worst_case_micro(r, 100_000, 1000) == 100_001 * 1.0 + 1000 * 2.50
+    # Whatever the prompt turns out to be, the worst case covers its cost.
+    for n in (99_999, 100_000, 100_001, 250_000):
+        worst = worst_case_micro(r, n, 1000)
+        for u in (Usage(n + 1, 1000), Usage(0, 1000, n + 1, 0, cache_creation_1h_input_tokens=n + 1),
+                  Usage(n // 2, 1000, 0, n - n // 2)):
+            assert cost_micro(u, r) <= worst, (n, u)
+
+
+def test_a_batch_worst_case_prices_each_request_as_possibly_long() -> None:
+    r = Rates.of(HAIKU_55)
+    # Two requests in a 150,000-byte batch: either prompt may be long; at half price, rounded up.
+    assert batch_worst_case_micro([(r, 1000), (r, 2000)], 150_000) == -(-(150_001 * 1 + 3000 * 2.5) // 2) == 78_751
+    # 50,000 bytes: neither can be long, the base rates (1h write 0.20, output 0.50).
+    assert batch_worst_case_micro([(r, 1000)], 50_000) == -(-(50_001 * 0.20 + 1000 * 0.50) // 2)
 
 
 def test_price_table_follows_routing_order() -> None:

@@ -23,6 +23,17 @@ def test_messages_create_is_priced_at_its_worst_case() -> None:
                                                        "g": ["eng"], "t": "acme", "m": "claude-x"}
 
 
+def test_a_body_that_may_be_a_long_prompt_reserves_at_the_long_context_rates() -> None:
+    cfg = parse_config({"providers": [{"name": "a"}], "models": [
+        {"match": "claude-*", "provider": "a", "price": {"input": 1, "output": 5, "long_context": {
+            "over_prompt_tokens": 1000, "input": 2, "output": 10}}}]})
+    w = WorstCase(cfg)
+    short, _ = w.facts(KEY, "messages.create", "claude-x", {"max_tokens": 100}, 998)  # type: ignore[misc]
+    assert short == 999 * 2 + 100 * 5  # at most 999 tokens: the base rates (1h write: 2 x input)
+    long, _ = w.facts(KEY, "messages.create", "claude-x", {"max_tokens": 100}, 1000)  # type: ignore[misc]
+    assert long == 1001 * 4 + 100 * 10  # may be 1001 tokens: the long rates
+
+
 def test_count_tokens_and_other_endpoints_reserve_nothing() -> None:
     w = WorstCase(CFG)
     assert w.facts(KEY, "messages.count_tokens", "claude-x", {"max_tokens": 10}, 100) is None
