@@ -515,6 +515,8 @@ def parse_args(argv: list[str] | None = None, ap: argparse.ArgumentParser | None
                          "and once with SPIFFE mTLS on every hop; prints req/s of both")
     ap.add_argument("--authz-transport", choices=("grpc", "http"),
                     help="the gateway's services.authz_transport (default: the example config's)")
+    ap.add_argument("--warm-up", type=float, default=5.0,
+                    help="seconds of uncounted load per mode on bare Envoy and the gateway before measuring (0: none)")
     ap.add_argument("--client-note", type=float, default=0.85,
                     help="flag levels where the client used at least this share of its core")
     args = ap.parse_args(argv)
@@ -564,6 +566,17 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, 
     return by_mode
 
 
+async def warm_up(targets: list[Target], args: argparse.Namespace) -> None:
+    """Load each target, uncounted, for --warm-up seconds per mode at c=8: a gateway's first half-minute
+    (SVIDs issued, the router's first pushes, the first audit and decision-log batches, caches filling)
+    must not land in whichever level happens to be measured first."""
+    for mode in args.modes:
+        stream = mode == "stream"
+        for target in targets:
+            r = await run_level(target, request_body(stream), stream, 8, args.requests, args.warm_up)
+            print(f"  warm-up {r.layer:<11} {mode:<9} {len(r.ok):>5} ok {r.errors:>4} errors", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> dict[str, list[Result]]:
     """The measurement: starts the servers (unless --url), measures, stops them. Results per mode."""
     return run_repeated(args, 1)[0]
@@ -594,6 +607,8 @@ def run_repeated(args: argparse.Namespace, repeat: int) -> list[dict[str, list[R
                     Target("bare-envoy", bare_url, gw.emulator_key, {"envoy": bare.pid, UPSTREAM: pids[UPSTREAM]}),
                     Target("gateway", gw.url, key, pids),
                 ]
+                if args.warm_up > 0:
+                    asyncio.run(warm_up(targets[1:], args))
                 return [asyncio.run(measure(targets, args)) for _ in range(repeat)]
         finally:
             gw.stop()
