@@ -53,7 +53,7 @@ from ccr.contract import (
     USAGE_STATUS,
     UsageStatus,
 )
-from ccr.pricing import PriceTable, Rates, Usage, cost_micro, usd
+from ccr.pricing import ANY_PROMPT, PriceTable, Rates, Usage, cost_micro, usd
 from ratelimit.spend import RESERVATION_PREFIX, SETTLED_PREFIX
 
 log = logging.getLogger("ccr.spend")
@@ -141,7 +141,6 @@ HOLD_PREFIX = "ccr:spend:h:"
 # A batch may run 24 hours and its results are kept 29 days: a hold lasts longer than that; one never
 # released (results never fetched) goes with it, or with its counter at the period's end.
 HOLD_TTL_S = 31 * 86400
-_ANY_PROMPT = 1 << 62  # a prompt longer than any threshold: Rates.at_most gives a model's dearest rates
 
 # Errors one row causes by its content: retrying its batch would never succeed.
 _ROW_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
@@ -189,7 +188,7 @@ class Spend:
         rates = [Rates.of(m.price) for m in config.models]
         # A batch's results name no model here: priced at the dearest model (never under-billed).
         # (Compared at their dearest, long-context rates included; the cost then applies the prompt's own rates.)
-        self._dearest = max(rates, key=lambda r: (r.at_most(_ANY_PROMPT).output, r.at_most(_ANY_PROMPT).dearest_input))
+        self._dearest = max(rates, key=lambda r: (r.at_most(ANY_PROMPT).output, r.at_most(ANY_PROMPT).dearest_input))
 
     def rates(self, model: str | None) -> Rates:
         r = self.prices.rates(model)

@@ -25,6 +25,7 @@ from ccr.config import GatewayConfig, LongContextPrice, Price
 PICO_PER_MICRO = 1_000_000
 MICRO_PER_USD = 1_000_000
 BATCH_DISCOUNT_PERCENT = 50  # Anthropic bills Message Batches at half price
+ANY_PROMPT = 1 << 62  # a prompt longer than any long-context threshold: at_most(ANY_PROMPT) is the dearest
 
 
 def _pico(usd_per_mtok: float) -> int:
@@ -69,6 +70,14 @@ class Rates:
         return Rates(max(self.input, long.input), max(self.output, long.output),
                      max(self.cache_write_5m, long.cache_write_5m), max(self.cache_write_1h, long.cache_write_1h),
                      max(self.cache_read, long.cache_read))
+
+    def no_dearer_than(self, other: Rates) -> bool:
+        """Every price here, for a short prompt and for a long one, is at most `other`'s."""
+        def parts(r: Rates) -> tuple[int, ...]:
+            return r.input, r.output, r.cache_write_5m, r.cache_write_1h, r.cache_read
+
+        return all(a <= b for a, b in zip(parts(self), parts(other), strict=True)) and all(
+            a <= b for a, b in zip(parts(self.at_most(ANY_PROMPT)), parts(other.at_most(ANY_PROMPT)), strict=True))
 
     @property
     def dearest_input(self) -> int:

@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ccr import routing
 from ccr.config import GatewayConfig
 from ccr.provider_objects import ObjectKind, ObjectStore, Owned
 from extauth.deny import Deny
 from extauth.endpoints import BY_NAME, EndpointMatch, Kind
+from extauth.fallbacks import FIELD, FallbackCheck
 from extauth.lean_json import Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.pii import Finding
@@ -97,10 +99,13 @@ def file_ids(doc: Any) -> Iterator[Any]:
 
 
 class ObjectGuard:
-    def __init__(self, config: GatewayConfig, store: ObjectStore, route: RouteFn, cache_size: int = 10_000) -> None:
+    def __init__(self, config: GatewayConfig, store: ObjectStore, route: RouteFn, cache_size: int = 10_000,
+                 fallbacks: FallbackCheck | None = None) -> None:
         self.config = config
         self.store = store
         self._route = route
+        # A batch request's `fallbacks` models, checked as a single call's are (extauth/fallbacks.py).
+        self.fallbacks = fallbacks or FallbackCheck(config, lambda m: routing.resolve(config, m))
         self._owners: OrderedDict[tuple[ObjectKind, str], Owned] = OrderedDict()
         self._cache_size = cache_size
         default = config.provider(config.models[0].provider)
@@ -204,6 +209,9 @@ class ObjectGuard:
             if not d.allow:  # the reason names the model, the ceiling or the region that refused it
                 raise Deny(d.status, DENY_STATUS[d.status], f"{label} was refused: {d.reason}; "
                            "the whole batch was refused")
+            self.fallbacks.check(params, f"requests.{i}.params.{FIELD}", model, lambda m, found=found, params=params:
+                                 decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template,
+                                        m, MESSAGES_CREATE, found, params, text_of))
             routes.setdefault(route[0], label)
             if len(routes) > 1:
                 (p1, l1), (p2, l2) = list(routes.items())[:2]

@@ -61,7 +61,7 @@ from ccr.logs import REQUEST_ID
 from ccr.provider_models import from_bedrock
 from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
-from extauth import models_api
+from extauth import fallbacks, models_api
 from extauth.admission import InCheckAdmission, maybe_admission
 from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
@@ -324,7 +324,8 @@ class Authorizer:
         # Batches and Files: ownership and per-request checks. None only for decision-only
         # Authorizers in tests; the service's setup() always passes the store.
         objects = self._object_store
-        guard = ObjectGuard(config, objects, self._route) if objects is not None else None
+        fallback_check = fallbacks.FallbackCheck(config, lambda m: routing.resolve(config, m))
+        guard = ObjectGuard(config, objects, self._route, fallbacks=fallback_check) if objects is not None else None
         # Budget reservations (issue 8): None when spend is off (spend is set at start).
         worst_case = WorstCase(config, self.worst_case.subjects if self.worst_case else None) \
             if config.spend.enabled else None
@@ -334,9 +335,9 @@ class Authorizer:
         if self.admission is not None:
             self.admission.use_config(config)
         (self.config, self.objects, self._default_provider, self.worst_case, self._routes, self._clusters,
-         self._model_idx, self._resolved, self._ok_cache, self.capture) = (
+         self._model_idx, self._resolved, self._ok_cache, self.capture, self.fallbacks) = (
             config, guard, config.provider(config.models[0].provider), worst_case, {}, {}, {}, resolved, {},
-            capture)
+            capture, fallback_check)
 
     def _resolve(self, model: str) -> routing.Resolved | None:
         """ccr/routing.py `resolve`, cached (fnmatch is not free); bounded: model ids come from clients."""
@@ -563,6 +564,13 @@ class Authorizer:
         if endpoint.endpoint.kind is Kind.MODELS:  # the gateway's own catalogue, as this caller's policy allows
             decide = policy.decide if self.sets is None else self.sets.batch_decide(principal, policy.decide)
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
+        if doc is not None and messages and fallbacks.FIELD in doc:
+            # Models the provider may answer with instead (extauth/fallbacks.py): each decided as if named here.
+            decide = _batch_decide(policy, request_facts)
+            if self.sets is not None:
+                decide = self.sets.batch_decide(principal, decide, lambda engine: _batch_decide(engine, request_facts))
+            self.fallbacks.check(doc, fallbacks.FIELD, model,  # type: ignore[arg-type]  # (named in the body)
+                                 lambda m: decide(principal, method, path, m, endpoint, pii))
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
         if self.worst_case is not None:
             seen.spend = self.worst_case.facts(principal, endpoint.name, model, doc, len(body), facts)
