@@ -21,6 +21,7 @@ import ctypes
 import functools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -78,9 +79,38 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago, for servers that cannot bind port 0 and report it."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+# Ports free_port picks from: above the well-known and registered-service crowd, below the ephemeral range.
+PORT_FLOOR = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and bind(0) (Linux default 32768)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A port that was free a moment ago, for servers that cannot bind port 0 and report it.
+
+    Chosen at random below the kernel's ephemeral range, never in it: between this choice and the server's
+    bind (seconds, for Envoy's listener pushed by the router), any outgoing connection on the machine may
+    be given a port from that range as its own, and the server then fails to bind (it did: "Address already
+    in use" for the gateway's listener). Below the range only explicit binds compete. Falls back to the
+    kernel's choice when no port there is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = ephemeral_low()
+    for _ in range(attempts if low - PORT_FLOOR >= 1000 else 0):
+        port = random.randrange(PORT_FLOOR, low)
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

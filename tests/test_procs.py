@@ -5,11 +5,14 @@ gRPC threads they restart a poller thread that races exec and can abort the chil
 SIGABRT. `spawn` puts no Python code between fork and exec (setpriv does the parent-death
 signal and the user switch), so CPython vforks and those handlers never run in the child.
 Before that change this test lost about one child in six.
+
+Also: the free ports servers are started on are chosen outside the kernel's ephemeral range.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
+from ccr import procs
 from ccr.procs import launcher, spawn
 
 
@@ -75,3 +79,23 @@ def test_children_survive_a_parent_with_grpc_threads(grpc_traffic: int, tmp_path
         child = spawn(f"c{i}", ["/bin/true"], tmp_path)
         codes.append(child.proc.wait(10))
     assert codes == [0] * 200, f"{sum(c != 0 for c in codes)} of 200 children died: {sorted(set(codes))}"
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
+    # Outgoing connections take their local ports from the ephemeral range: a port chosen there could be taken
+    # between the choice and the server's bind.
+    low = procs.ephemeral_low()
+    for _ in range(50):
+        port = procs.free_port()
+        assert procs.PORT_FLOOR <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_port_is_never_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", procs.free_port()))
+        taken, other = held.getsockname()[1], procs.free_port()
+        picks = iter([taken, taken, other])
+        monkeypatch.setattr(procs.random, "randrange", lambda a, b: next(picks))
+        assert procs.free_port() == other != taken
