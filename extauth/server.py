@@ -566,9 +566,7 @@ class Authorizer:
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         if doc is not None and messages and fallbacks.FIELD in doc:
             # Models the provider may answer with instead (extauth/fallbacks.py): each decided as if named here.
-            decide = _batch_decide(policy, request_facts)
-            if self.sets is not None:
-                decide = self.sets.batch_decide(principal, decide, lambda engine: _batch_decide(engine, request_facts))
+            decide = self._decide_each(policy, principal, request_facts)
             self.fallbacks.check(doc, fallbacks.FIELD, model,  # type: ignore[arg-type]  # (named in the body)
                                  lambda m: decide(principal, method, path, m, endpoint, pii))
         facts = await self._objects(principal, endpoint, doc, body, provider, request_facts)
@@ -631,10 +629,17 @@ class Authorizer:
         if self.objects is None:
             return None  # decision-only Authorizer (tests): setup() always passes the store
         policy = self.policy
+        return await self.objects.check(principal, m, body, self._decide_each(policy, principal, request_facts),
+                                        _batch_scan(policy))
+
+    def _decide_each(self, policy: PolicyEngine, principal: Principal, request_facts: RequestFacts
+                     ) -> Callable[..., Decision]:
+        """A decide function for a request this check stands for (a batch's requests, a fallback model): the
+        global policy, then every enforced ccr-mode set that applies to the principal, with this check's facts."""
         decide = _batch_decide(policy, request_facts)
-        if self.sets is not None:  # each request of the batch as every enforced ccr-mode set that applies sees it
+        if self.sets is not None:
             decide = self.sets.batch_decide(principal, decide, lambda engine: _batch_decide(engine, request_facts))
-        return await self.objects.check(principal, m, body, decide, _batch_scan(policy))
+        return decide
 
     def _check_enabled(self, endpoint: EndpointMatch) -> None:
         """Endpoint families the config keeps off are refused for everyone."""
