@@ -135,6 +135,12 @@ def test_a_batch_request_is_checked_as_a_single_call(stub, keys) -> None:
     assert batch([{"model": "claude-haiku-4-5-20251001"}])[0] == 200
     status, err = batch([{"model": "claude-opus-4-8"}])
     assert status == 403 and "requests.0.params.fallbacks.0.model" in err["message"]
+    # What a single call may not carry, a batch request may not either.
+    for bad, where in (("default", "requests.0.params.fallbacks:"), ([{"model": "fast"}], "fallbacks.0.model"),
+                       ([{"model": "claude-haiku-4-5", "system": "x"}], "requests.0.params.fallbacks.0:"),
+                       ([], "requests.0.params.fallbacks:")):
+        status, err = batch(bad)
+        assert status == 400 and where in err["message"], (bad, err)
 
 
 def test_named_reads_only_model_entries() -> None:

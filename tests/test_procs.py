@@ -99,3 +99,15 @@ def test_a_taken_port_is_never_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
         picks = iter([taken, taken, other])
         monkeypatch.setattr(procs.random, "randrange", lambda a, b: next(picks))
         assert procs.free_port() == other != taken
+
+
+def test_without_room_below_the_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An ephemeral range reaching down near PORT_FLOOR (or an unreadable one) leaves the choice to bind(0).
+    monkeypatch.setattr(procs, "ephemeral_low", lambda: procs.PORT_FLOOR + 10)
+    monkeypatch.setattr(procs.random, "randrange", lambda a, b: pytest.fail("picked below a range with no room"))
+    port = procs.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    monkeypatch.undo()
+    monkeypatch.setattr(procs, "_EPHEMERAL_RANGE", Path("/nonexistent/ip_local_port_range"))
+    assert procs.ephemeral_low() == 32768  # unreadable: Linux's default low end
