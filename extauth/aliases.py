@@ -25,11 +25,11 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-def model_value_span(body: Buffer) -> tuple[int, int]:
-    """(start, end) byte offsets of the top-level "model" value of a JSON object body.
+def top_level_spans(body: Buffer, key: str) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of every top-level value of `key` in a JSON object body, in order.
 
-    Each top-level value is skipped by the C scanner; a body that names the model twice is refused:
-    the policy and the provider must never read two different models from one request."""
+    Each top-level value is skipped by the C scanner, so a key inside a nested object does not count and a
+    key given twice shows twice (orjson, like most parsers, keeps only the last: a provider need not)."""
     raw = bytes(body)
     try:
         text = raw.decode("utf-8")
@@ -45,23 +45,29 @@ def model_value_span(body: Buffer) -> tuple[int, int]:
     if text[i:i + 1] == "}":
         i = len(text)
     while i < len(text):
-        key, i = _DECODER.raw_decode(text, i)
+        name, i = _DECODER.raw_decode(text, i)
         i = _skip(text, i)
         i = _skip(text, i + 1)  # the ':'
         start = i
         _, i = _DECODER.raw_decode(text, i)
-        if key == "model":
+        if name == key:
             found.append((start, i))
         i = _skip(text, i)
         if text[i:i + 1] == "}":
             break
         i = _skip(text, i + 1)  # the ','
+    if not ascii_only:
+        found = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in found]
+    return found
+
+
+def model_value_span(body: Buffer) -> tuple[int, int]:
+    """(start, end) byte offsets of the top-level "model" value of a JSON object body. A body that names the
+    model twice is refused: the policy and the provider must never read two different models from one request."""
+    found = top_level_spans(body, "model")
     if len(found) != 1:
         raise Deny(400, "invalid_request_error", "model: give the model exactly once in the request body")
-    s, e = found[0]
-    if not ascii_only:
-        s, e = len(text[:s].encode()), len(text[:e].encode())
-    return s, e
+    return found[0]
 
 
 def alias_rewrite(endpoint: EndpointMatch, body: Buffer, path: str, served: str) -> dict[str, str]:

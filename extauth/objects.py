@@ -35,6 +35,9 @@ from extauth.pii import Finding
 from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
+# A "fallbacks" key anywhere in a JSON text (an escaped quote inside a string cannot match).
+_FALLBACKS_KEY = re.compile(rb'"fallbacks"\s*:')
+
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.
@@ -180,6 +183,7 @@ class ObjectGuard:
             raise Deny(400, "invalid_request_error",
                        "requests: a batch needs a non-empty list of {custom_id, params} objects")
         routes: dict[str, str] = {}  # provider -> the first custom_id sent there
+        with_fallbacks = 0  # requests whose params carry `fallbacks`
         chosen: tuple[str, str] | None = None
         priced: list[tuple[str, int]] = []
         for i, r in enumerate(reqs):
@@ -209,6 +213,7 @@ class ObjectGuard:
             if not d.allow:  # the reason names the model, the ceiling or the region that refused it
                 raise Deny(d.status, DENY_STATUS[d.status], f"{label} was refused: {d.reason}; "
                            "the whole batch was refused")
+            with_fallbacks += FIELD in params
             self.fallbacks.check(params, f"requests.{i}.params.{FIELD}", model, lambda m, found=found, params=params:
                                  decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template,
                                         m, MESSAGES_CREATE, found, params, text_of))
@@ -223,4 +228,9 @@ class ObjectGuard:
             mt = params.get("max_tokens")
             priced.append((model, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else 0))
         assert chosen is not None
+        if with_fallbacks and len(_FALLBACKS_KEY.findall(bytes(body))) > with_fallbacks:
+            # A request naming fallbacks twice: the parse kept the last, the provider may read another.
+            raise Deny(400, "invalid_request_error",
+                       f"a batch request gives {FIELD} more than once (or a nested object has a key named {FIELD}); "
+                       f"give {FIELD} at most once per request; the whole batch was refused")
         return ObjectFacts(chosen[0], chosen[1], hits=len(reqs), batch=tuple(priced))

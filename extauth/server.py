@@ -63,7 +63,7 @@ from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth import fallbacks, models_api
 from extauth.admission import InCheckAdmission, maybe_admission
-from extauth.aliases import alias_rewrite
+from extauth.aliases import alias_rewrite, top_level_spans
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
 from extauth.capture import BodyCapture
@@ -566,6 +566,8 @@ class Authorizer:
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         if doc is not None and messages and fallbacks.FIELD in doc:
             # Models the provider may answer with instead (extauth/fallbacks.py): each decided as if named here.
+            if len(top_level_spans(body, fallbacks.FIELD)) > 1:  # orjson kept the last; a provider may not
+                raise Deny(400, "invalid_request_error", "fallbacks: give fallbacks at most once in the request body")
             decide = self._decide_each(policy, principal, request_facts)
             self.fallbacks.check(doc, fallbacks.FIELD, model,  # type: ignore[arg-type]  # (named in the body)
                                  lambda m: decide(principal, method, path, m, endpoint, pii))

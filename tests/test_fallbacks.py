@@ -149,3 +149,24 @@ def test_named_reads_only_model_entries() -> None:
     with pytest.raises(Deny) as e:
         named("default", "f")
     assert e.value.status == 400
+
+
+def test_fallbacks_given_twice_are_refused_a_provider_may_read_the_other_one(stub, keys) -> None:
+    def raw(body: bytes, path: str = "/v1/messages") -> tuple[int, dict[str, Any]]:
+        resp = stub.Check(http_check({"x-api-key": keys["haiku"], "content-type": "application/json"}, path=path,
+                                     body=body))
+        return (200, {}) if resp.status.code == code_pb2.OK else denied_error(resp)
+
+    head = b'{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]'
+    # The parse keeps the last (null): the first, which names a refused model, must not slip through.
+    status, err = raw(head + b',"fallbacks":[{"model":"claude-opus-4-8"}],"fallbacks":null}')
+    assert status == 400 and "at most once" in err["message"]
+    # A nested key of that name is not a second one; an escaped one in text is not a key at all.
+    assert raw(head + b',"metadata":{"fallbacks":1},"fallbacks":null}')[0] == 200
+    status, err = raw(b'{"requests":[{"custom_id":"a","params":' + head
+                      + b',"fallbacks":[{"model":"claude-opus-4-8"}],"fallbacks":[{"model":"claude-haiku-4-5"}]}}]}',
+                      "/v1/messages/batches")
+    assert status == 400 and "more than once" in err["message"]
+    ok = (b'{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":'
+          b'"user","content":"say \\"fallbacks\\": now"}],"fallbacks":[{"model":"claude-haiku-4-5"}]}}]}')
+    assert raw(ok, "/v1/messages/batches")[0] == 200
