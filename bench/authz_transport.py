@@ -26,6 +26,10 @@ So `front` minus `http` is what the real front adds to the transport's floor.
 split and parsed, the answer serialized, the RPC timed) and the same stub Authorizer: `front` against
 `servicer` is the real choice between the two transports.
 
+`native-grpc`, `native-http` and their `-mtls` forms are the same zero-work answers from a Go server
+(bench/native_authz: grpc-go with a raw codec, net/http), built with `go build` at the start: the floor a
+compiled decision service would stand on, against the Python one's.
+
 `grpc-window` is `grpc` with a 16 MiB HTTP/2 receive window from the start and no BDP probing.
 `grpc-mtls` and `http-mtls` are the same over mutual TLS 1.3 (a run PKI, ECDSA P-256, as ccr's
 services without SPIRE): grpcio's TLS for the first; for the second the asyncio server's ssl
@@ -63,7 +67,9 @@ from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
 
 T = "type.googleapis.com/"
 VARIANTS = ("none", "grpc", "http", "grpc-mtls", "http-mtls", "grpc-window", "front", "front-mtls", "servicer",
-            "servicer-mtls", "grpc-mtls-uds", "http-mtls-uds")
+            "servicer-mtls", "grpc-mtls-uds", "http-mtls-uds", "native-grpc", "native-http", "native-grpc-mtls",
+            "native-http-mtls")
+NATIVE = REPO / "bench" / "native_authz"
 CLIENT_ID = "envoy"  # the identity Envoy presents in the mTLS variants
 METADATA = {f"field_{i}": f"value-{i:02d}-abcdefghij" for i in range(12)}
 CLIENT_HEADERS = {"x-ratelimit-limit": "1000, 1000;w=60", "x-ratelimit-remaining": "999",
@@ -89,11 +95,32 @@ def grpc_answer() -> bytes:
     return r.SerializeToString()
 
 
+def answer_headers() -> list[str]:
+    return ([f"{MD_PREFIX}{k.replace('_', '-')}: {v}" for k, v in METADATA.items()]
+            + [f"{k}: {v}" for k, v in CLIENT_HEADERS.items()])
+
+
 def http_answer() -> bytes:
-    lines = ["HTTP/1.1 200 OK", "content-length: 0"]
-    lines += [f"{MD_PREFIX}{k.replace('_', '-')}: {v}" for k, v in METADATA.items()]
-    lines += [f"{k}: {v}" for k, v in CLIENT_HEADERS.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join(["HTTP/1.1 200 OK", "content-length: 0", *answer_headers()]) + "\r\n\r\n").encode()
+
+
+def native_argv(variant: str, tmp: Path, pki_dir: Path) -> list[str]:
+    """Build bench/native_authz (Go, google.golang.org/grpc from the module proxy) once; its command line."""
+    binary = tmp / "native_authz"
+    if not binary.exists():
+        import subprocess
+
+        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=NATIVE, check=True)
+    answer = tmp / f"{variant}.answer"
+    grpc = variant.startswith("native-grpc")
+    answer.write_bytes(grpc_answer() if grpc else "\n".join(answer_headers()).encode())
+    argv = [str(binary), "-mode", "grpc" if grpc else "http", "-answer", str(answer)]
+    if "mtls" in variant:
+        pki = run_pki(pki_dir)
+        me = pki.identity("server")
+        argv += ["-cert", str(me.cert), "-key", str(me.key), "-ca", str(pki.ca),
+                 "-peer", pki.identity(CLIENT_ID).spiffe_id]
+    return [*argv, "-ready"]
 
 
 def run_pki(directory: Path):  # type: ignore[no-untyped-def]
@@ -300,7 +327,7 @@ def _cluster(name: str, address: str, http2: bool, pki_dir: Path | None = None) 
 
 
 def _is_grpc(variant: str) -> bool:
-    return variant.startswith(("grpc", "servicer"))
+    return variant.startswith(("grpc", "servicer", "native-grpc"))
 
 
 def envoy_config(variant: str, upstream: str, authz: str | None, pki_dir: Path | None = None) -> dict[str, Any]:
@@ -448,8 +475,9 @@ def main() -> None:
             pids = {UPSTREAM: emu_child.pid}
             authz = None
             if v != "none":
-                authz, authz_child = stack.enter_context(server(f"authz-{v}", [*me, "--serve", v, "--pki",
-                                                                                str(pki_dir)], tmp))
+                argv = native_argv(v, tmp, pki_dir) if v.startswith("native") else [*me, "--serve", v, "--pki",
+                                                                                     str(pki_dir)]
+                authz, authz_child = stack.enter_context(server(f"authz-{v}", argv, tmp))
                 pids["authz"] = authz_child.pid
             url, envoy_child = stack.enter_context(static_envoy(f"envoy-{v}", envoy_config(v, f"http://{emu}", authz,
                                                                                         pki_dir), tmp))
