@@ -60,11 +60,18 @@ class DecisionUploader:
         self.sent = 0  # events the service accepted (2xx)
         self.dropped = 0  # events dropped: buffer full, or refused for good by the service
         self.failures = 0  # uploads that failed (and were retried)
+        self._in_flight = 0  # events of the batch being posted (out of the buffer until it is answered)
         self._dropped_reported = 0
 
     @property
     def waiting(self) -> int:
+        """Events buffered, not counting a batch being posted."""
         return len(self._buf)
+
+    @property
+    def undelivered(self) -> int:
+        """Events not yet accepted by the service: buffered or being posted."""
+        return len(self._buf) + self._in_flight
 
     # -- from the decision log's flush (never blocks) ---------------------------------------
 
@@ -143,11 +150,14 @@ class DecisionUploader:
         try:
             while self._buf:
                 batch = self._take()
+                self._in_flight = len(batch)
                 try:
                     status = await self._post(batch)
                 except BaseException:  # cancelled mid-upload (shutdown): the batch is not lost
                     self._put_back(batch)
                     raise
+                finally:
+                    self._in_flight = 0
                 if status is not None and 200 <= status < 300:
                     self.sent += len(batch)
                     DECISION_LOG_UPLOADS.labels("ok").inc()
