@@ -27,6 +27,11 @@ if ! .venv/bin/python -c "from opentelemetry.proto.common.v1.common_pb2 import I
   .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==${otel_proto}"
 fi
 
+# Byte-compile ccr's own modules once: every service process imports them at start, and where
+# PYTHONDONTWRITEBYTECODE is set each process would otherwise compile them again (about 0.4 s of
+# CPU per service start). Only what changed is compiled again.
+.venv/bin/python -m compileall -q -j 0 ccr extauth ratelimit router audit emulators signin >/dev/null
+
 if ! .venv/bin/opa version 2>/dev/null | grep -q "^Version: ${OPA_VERSION#v}$"; then
   command -v go >/dev/null || { echo "install.sh: Go is required to install the opa CLI" >&2; exit 1; }
   echo "installing opa ${OPA_VERSION} with go install..."
