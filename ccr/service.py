@@ -67,7 +67,19 @@ def parse_args(name: str) -> argparse.Namespace:
     ap.add_argument("--authz-http-port", type=int, default=0,
                     help="extauth with services.authz_transport: http: the HTTP front's port (0: any free; "
                          "with --reuse-port, shared by the workers)")
-    return ap.parse_args()
+    ap.add_argument("--start-after", help="wait until this file exists before reading --runtime (the supervisor "
+                                          "starts the process early, so its imports overlap the others' start-up)")
+    args = ap.parse_args()
+    if args.start_after:
+        wait_for_file(Path(args.start_after))
+    return args
+
+
+def wait_for_file(path: Path, poll_s: float = 0.01) -> None:
+    """Block until `path` exists. Nothing to time out: the supervisor that will create it stops this process
+    (and its parent-death signal does) if it never does."""
+    while not path.exists():
+        time.sleep(poll_s)
 
 
 def server_options(reuse_port: bool) -> list[tuple[str, Any]]:

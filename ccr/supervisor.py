@@ -62,6 +62,7 @@ BOOTSTRAP_TEMPLATE = REPO / "envoy" / "bootstrap.yaml"
 EMULATOR_KEY_ENV = "CCR_EMULATOR_API_KEY"
 LOCAL_KEY_NAME = "ccr-up-local"
 SCRAPE_TARGETS = "prometheus-targets.json"  # in the run directory: file_sd_configs for Prometheus
+ROUTER_GO = "router.go"  # in the run directory: created once the runtime names every service (the router waits)
 
 # name -> python module; the services that make decisions for Envoy.
 SERVICES = {
@@ -379,8 +380,8 @@ class Gateway:
         logs = run_dir / "logs"
         run_dir.mkdir(parents=True, exist_ok=True)
         run_dir.chmod(0o700)  # runtime.json (DSNs with passwords), the run's private keys, logs
-        for stale in run_dir.glob("*.ready"):
-            stale.unlink()
+        for stale in [*run_dir.glob("*.ready"), run_dir / ROUTER_GO]:
+            stale.unlink(missing_ok=True)
         host = config.services.bind_host
         if config.services.spiffe.mode == "spire":
             self._begin_spiffe(config, run_dir, logs)
@@ -463,6 +464,13 @@ class Gateway:
                                            authz_http_port=0 if name in front else None))
             for name, module in modules.items()
         }
+        # The router starts now and imports while the services start; it reads the runtime (their addresses,
+        # the listener's port) once ROUTER_GO exists.
+        pool_token = {config.pools.token_env: os.environ[config.pools.token_env]} if config.pool_providers else {}
+        router = self._track(spawn("router", [self._python("router"), "-m", "router", "--runtime", str(runtime_file),
+                                              "--ready-file", str(run_dir / "router.ready"),
+                                              "--start-after", str(run_dir / ROUTER_GO)],
+                                   logs, cwd=REPO, env=pool_token))
         more: dict[str, list[Child]] = {}
         for name, child in first.items():
             info = wait_ready_file(child, ready_path(run_dir, name, 0), timeout=60)
@@ -488,10 +496,7 @@ class Gateway:
 
         runtime.listen_port = config.gateway.listen.port or free_port(config.gateway.listen.host)
         runtime.save(runtime_file)
-        pool_token = {config.pools.token_env: os.environ[config.pools.token_env]} if config.pool_providers else {}
-        router = self._track(spawn("router", [self._python("router"), "-m", "router", "--runtime", str(runtime_file),
-                                              "--ready-file", str(run_dir / "router.ready")],
-                                   logs, cwd=REPO, env=pool_token))
+        (run_dir / ROUTER_GO).touch()
         rinfo = wait_ready_file(router, run_dir / "router.ready")
         runtime.xds = str(rinfo["address"])
         if READY_METRICS in rinfo:

@@ -136,3 +136,32 @@ def test_json_lines_carry_the_request_id() -> None:
     assert "request_id" not in out
     rec.request_id = "rid-extra"
     assert orjson.loads(fmt.format(rec))["request_id"] == "rid-extra"
+
+
+def test_start_after_reads_the_runtime_only_once_the_file_exists(tmp_path: Path) -> None:
+    """The supervisor starts the router before the services are up (its imports overlap theirs) and lets it read
+    the runtime only then: `--start-after` holds parse_args until the file exists."""
+    import subprocess
+    import sys
+
+    runtime, go = tmp_path / "runtime.json", tmp_path / "router.go"
+    runtime.write_text("early")
+    probe = ("import sys; from pathlib import Path; from ccr.service import parse_args; print('started', flush=True); "
+             "args = parse_args('probe'); print(Path(args.runtime).read_text(), flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", probe, "--runtime", str(runtime), "--start-after", str(go)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        # Held: parse_args polls for the file (the child sleeps in the kernel) and has not read the runtime.
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        while "nanosleep" not in wchan.read_text():
+            assert proc.poll() is None, "the child went on without the file"
+        runtime.write_text("late")  # what the supervisor writes once the services are up
+        go.touch()
+        assert proc.stdout.readline().strip() == "late"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
