@@ -35,8 +35,20 @@ from extauth.pii import Finding
 from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
-# A "fallbacks" key anywhere in a JSON text (an escaped quote inside a string cannot match).
-_FALLBACKS_KEY = re.compile(rb'"fallbacks"\s*:')
+
+def _key_pattern(key: str) -> re.Pattern[bytes]:
+    """A JSON key `key` anywhere in a text, each character written as itself or as a \\u escape (the parser
+    reads both as the same key). It may also count a longer key ending in an escaped quote and `key`: an
+    over-count refuses, it never misses one."""
+    chars = []
+    for ch in key:
+        hex_ = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(ch):04x}")
+        chars.append(f"(?:{re.escape(ch)}|\\\\u{hex_})")
+    return re.compile(('"' + "".join(chars) + r'"\s*:').encode())
+
+
+# A "fallbacks" key anywhere in a JSON text.
+_FALLBACKS_KEY = _key_pattern(FIELD)
 
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])

@@ -167,6 +167,14 @@ def test_fallbacks_given_twice_are_refused_a_provider_may_read_the_other_one(stu
                       + b',"fallbacks":[{"model":"claude-opus-4-8"}],"fallbacks":[{"model":"claude-haiku-4-5"}]}}]}',
                       "/v1/messages/batches")
     assert status == 400 and "more than once" in err["message"]
+    # The same key spelled with \u escapes is the same key to the parser, and counted as one.
+    for spelled in (b"fallback\\u0073", b"\\u0066allbacks", b"f\\u0061ll\\u0062\\u0061\\u0063\\u006Bs"):
+        status, err = raw(b'{"requests":[{"custom_id":"a","params":' + head
+                          + b',"fallbacks":[{"model":"claude-opus-4-8"}],"' + spelled + b'":null}}]}',
+                          "/v1/messages/batches")
+        assert status == 400 and "more than once" in err["message"], spelled
+        status, err = raw(head + b',"fallbacks":[{"model":"claude-opus-4-8"}],"' + spelled + b'":null}')
+        assert status == 400 and "at most once" in err["message"], spelled
     ok = (b'{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":'
           b'"user","content":"say \\"fallbacks\\": now"}],"fallbacks":[{"model":"claude-haiku-4-5"}]}}]}')
     assert raw(ok, "/v1/messages/batches")[0] == 200
