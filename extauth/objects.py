@@ -240,7 +240,7 @@ class ObjectGuard:
             mt = params.get("max_tokens")
             priced.append((model, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else 0))
         assert chosen is not None
-        if with_fallbacks and len(_FALLBACKS_KEY.findall(bytes(body))) > with_fallbacks:
+        if with_fallbacks and sum(1 for _ in _FALLBACKS_KEY.finditer(body)) > with_fallbacks:
             # A request naming fallbacks twice: the parse kept the last, the provider may read another.
             raise Deny(400, "invalid_request_error",
                        f"a batch request gives {FIELD} more than once (or a nested object has a key named {FIELD}); "
