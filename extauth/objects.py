@@ -26,6 +26,7 @@ from typing import Any
 from ccr import routing
 from ccr.config import GatewayConfig
 from ccr.provider_objects import ObjectKind, ObjectStore, Owned
+from extauth.aliases import key_pattern
 from extauth.deny import Deny
 from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.fallbacks import FIELD, FallbackCheck
@@ -35,20 +36,8 @@ from extauth.pii import Finding
 from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
-
-def _key_pattern(key: str) -> re.Pattern[bytes]:
-    """A JSON key `key` anywhere in a text, each character written as itself or as a \\u escape (the parser
-    reads both as the same key). It may also count a longer key ending in an escaped quote and `key`: an
-    over-count refuses, it never misses one."""
-    chars = []
-    for ch in key:
-        hex_ = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(ch):04x}")
-        chars.append(f"(?:{re.escape(ch)}|\\\\u{hex_})")
-    return re.compile(('"' + "".join(chars) + r'"\s*:').encode())
-
-
 # A "fallbacks" key anywhere in a JSON text.
-_FALLBACKS_KEY = _key_pattern(FIELD)
+_FALLBACKS_KEY = key_pattern(FIELD)
 
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])

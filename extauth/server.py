@@ -566,8 +566,11 @@ class Authorizer:
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         if doc is not None and messages and fallbacks.FIELD in doc:
             # Models the provider may answer with instead (extauth/fallbacks.py): each decided as if named here.
-            if len(top_level_spans(body, fallbacks.FIELD)) > 1:  # orjson kept the last; a provider may not
+            spans = top_level_spans(body, fallbacks.FIELD)
+            if len(spans) > 1:  # orjson kept the last; a provider may not
                 raise Deny(400, "invalid_request_error", "fallbacks: give fallbacks at most once in the request body")
+            fallbacks.model_given_once(memoryview(body)[spans[0][0]:spans[0][1]], doc[fallbacks.FIELD],
+                                       fallbacks.FIELD)
             decide = self._decide_each(policy, principal, request_facts)
             self.fallbacks.check(doc, fallbacks.FIELD, model,  # type: ignore[arg-type]  # (named in the body)
                                  lambda m: decide(principal, method, path, m, endpoint, pii))

@@ -175,6 +175,11 @@ def test_fallbacks_given_twice_are_refused_a_provider_may_read_the_other_one(stu
         assert status == 400 and "more than once" in err["message"], spelled
         status, err = raw(head + b',"fallbacks":[{"model":"claude-opus-4-8"}],"' + spelled + b'":null}')
         assert status == 400 and "at most once" in err["message"], spelled
+    # One entry naming two models: the parse keeps the allowed last one, a provider may read the refused first.
+    for entry in (b'{"model":"claude-opus-4-8","model":"claude-haiku-4-5"}',
+                  b'{"model":"claude-opus-4-8","\\u006dodel":"claude-haiku-4-5"}'):
+        status, err = raw(head + b',"fallbacks":[' + entry + b']}')
+        assert status == 400 and 'give "model" once' in err["message"], entry
     ok = (b'{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":'
           b'"user","content":"say \\"fallbacks\\": now"}],"fallbacks":[{"model":"claude-haiku-4-5"}]}}]}')
     assert raw(ok, "/v1/messages/batches")[0] == 200
