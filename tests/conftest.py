@@ -50,6 +50,15 @@ def postgres_dsn(postgres_server: dict[str, object]) -> str:
     return dsn
 
 
+@pytest.fixture
+def own_dsn(postgres_server: dict[str, object]) -> str:
+    """A database of the test alone with the ccr schema (the session's `postgres_dsn` is shared, so what
+    other tests wrote there depends on their order, which differs when tests run in parallel)."""
+    dsn = create_database(str(postgres_server["admin_dsn"]), prefix="own")
+    db.migrate(dsn)
+    return dsn
+
+
 @pytest.fixture(scope="session")
 def redis_url(servers_dir: Path) -> Iterator[str]:
     child = start_redis(servers_dir / "redis", servers_dir / "logs")
