@@ -9,7 +9,6 @@ of the body stays as the client sent it.
 from __future__ import annotations
 
 import json
-import re
 
 from ccr.contract import AUTHZ_MODEL_PATH, AUTHZ_MODEL_SPAN
 from extauth.deny import Deny
@@ -60,19 +59,6 @@ def top_level_spans(body: Buffer, key: str) -> list[tuple[int, int]]:
     if not ascii_only:
         found = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in found]
     return found
-
-
-def key_pattern(key: str) -> re.Pattern[bytes]:
-    """A JSON key `key` anywhere in a text, each character written as itself or as a \\u escape (the parser
-    reads both as the same key). It may also count a longer key ending in an escaped quote and `key`: an
-    over-count refuses, it never misses one."""
-    chars = []
-    for ch in key:
-        hex_ = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(ch):04x}")
-        chars.append(f"(?:{re.escape(ch)}|\\\\u{hex_})")
-    return re.compile(('"' + "".join(chars) + r'"\s*:').encode())
-
-
 
 
 def model_value_span(body: Buffer) -> tuple[int, int]:

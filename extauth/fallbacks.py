@@ -21,14 +21,11 @@ from typing import Any
 from ccr import routing
 from ccr.config import GatewayConfig
 from ccr.pricing import PriceTable
-from extauth.aliases import key_pattern
 from extauth.deny import Deny
-from extauth.lean_json import Buffer
 from extauth.policy import DENY_STATUS, Decision
 
 FIELD = "fallbacks"
 MAX_FALLBACKS = 3  # the provider's own limit
-_MODEL_KEY = key_pattern("model")
 
 
 def named(value: object, where: str) -> list[str]:
@@ -51,13 +48,6 @@ def named(value: object, where: str) -> list[str]:
                        f'{where}.{i}: an object with one field, a non-empty "model" string')
         out.append(model)
     return out
-
-
-def model_given_once(raw: Buffer, value: object, where: str) -> None:
-    """`raw`: the text of a `fallbacks` value that parsed to `value`. Each entry names its model once: the parse
-    keeps an entry's last "model", a provider may read its first (a refused model behind an allowed one)."""
-    if isinstance(value, list) and sum(1 for _ in _MODEL_KEY.finditer(raw)) != len(value):
-        raise Deny(400, "invalid_request_error", f'{where}: give "model" once in each entry')
 
 
 class FallbackCheck:

@@ -12,6 +12,13 @@ Decisions are orjson's: the skeleton has the body's structure, keys and short st
 byte, and whenever the skeleton or a long string is not valid, the whole body goes to orjson,
 which then gives its own verdict and error message. Only bodies whose size is in long string
 values gain: a body of millions of tiny tokens makes a skeleton as large as itself.
+
+One refusal is the gateway's own (`Ambiguous`): a key given twice in one object. orjson keeps the
+last value, and so do most parsers, but not all, and JSON does not say which counts: a policy
+that read `"text": "hi"` could allow the `"text"` before it, holding what the policy refuses, to
+a provider that reads the first. So no body reaches a check, or a provider, with two readings.
+jiter (pydantic's parser, a Rust extension) finds them, comparing keys as decoded (`"model"` and
+`"mod\u0065l"` are one key), in about the time orjson takes to parse.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jiter
 import orjson
+
+from extauth.pii import PLAIN_KEY
 
 # Bodies up to this size are parsed whole by orjson (fast; its transient buffer stays small).
 SKELETON_FROM_BYTES = 1024 * 1024
@@ -54,6 +64,44 @@ _STRING = re.compile(
     rb')*+"'
 )
 _IS_KEY = re.compile(rb"[ \t\n\r]*:")
+
+
+# jiter's messages for the two refusals it makes where orjson does not (tests/test_extauth_large_body.py
+# pins them against the installed jiter).
+_DUPLICATE = re.compile(r'Detected duplicate key "(.*)" at line (\d+) column (\d+)\Z', re.S)
+_TOO_DEEP = re.compile(r"recursion limit exceeded at line (\d+) column (\d+)\Z")
+
+
+class Ambiguous(ValueError):
+    """A document orjson reads but a check must not: a key given twice in one object, or (where
+    that cannot be checked) nesting deeper than jiter's limit of 200 levels."""
+
+
+def _second_reading(data: Buffer | str) -> str | None:
+    """Why `data` may not have one reading (jiter's words), or None: jiter reads it with no key repeated."""
+    try:
+        jiter.from_json(data.encode() if isinstance(data, str) else bytes(data), cache_mode="keys",
+                        catch_duplicate_keys=True)
+    except ValueError as e:
+        return str(e)
+    return None  # its document is dropped here, before orjson builds the one kept
+
+
+def loads_one_reading(data: Buffer | str) -> Any:
+    """orjson's reading of `data` (its verdict and error message first), refused (Ambiguous) when it is not the
+    only one."""
+    why = _second_reading(data)
+    doc = orjson.loads(data)
+    if why is None:
+        return doc
+    if (m := _DUPLICATE.match(why)) is not None:
+        # A key may carry data (a denial is shown and logged): named only when it cannot.
+        key = f'"{m[1]}"' if PLAIN_KEY.fullmatch(m[1]) else "a key"
+        raise Ambiguous(f"{key} is given twice in one object (line {m[2]} column {m[3]}); parsers differ "
+                        "on which one counts, so give each key once")
+    if (m := _TOO_DEEP.match(why)) is not None:
+        raise Ambiguous(f"objects and arrays nest more than 200 levels deep (line {m[1]} column {m[2]})")
+    raise Ambiguous("the body could not be checked for repeated keys")
 
 
 class _NotSimple(Exception):
@@ -127,7 +175,7 @@ def _restore(doc: Any, body: Buffer, spans: dict[str, tuple[int, int]]) -> None:
 def loads(body: Buffer) -> Any:
     """The JSON document in `body` as orjson reads it, except that long string values (other than
     those of RESTORED_KEYS) are opaque placeholders. Raises orjson.JSONDecodeError
-    exactly when orjson would, with its message."""
+    exactly when orjson would, with its message, and Ambiguous for a key given twice in one object."""
     return loads_lazy(body)[0]
 
 
@@ -212,12 +260,12 @@ def loads_lazy(body: Buffer) -> tuple[Any, Callable[[str], str]]:
     a LongStrings when the body was read as a skeleton. The PII scan reads text through it
     (extauth/pii.py)."""
     if len(body) < SKELETON_FROM_BYTES:
-        return orjson.loads(body), _same
+        return loads_one_reading(body), _same
     try:
         skeleton, spans = _skeleton(body)
-        doc = orjson.loads(skeleton)
+        doc = loads_one_reading(skeleton)  # its keys are the body's, byte for byte: a repeated one is the body's
     except (_NotSimple, orjson.JSONDecodeError):
-        return orjson.loads(body), _same
+        return loads_one_reading(body), _same
     del skeleton
     _restore(doc, body, spans)
     return doc, LongStrings(body, spans)

@@ -26,18 +26,16 @@ from typing import Any
 from ccr import routing
 from ccr.config import GatewayConfig
 from ccr.provider_objects import ObjectKind, ObjectStore, Owned
-from extauth.aliases import key_pattern
 from extauth.deny import Deny
 from extauth.endpoints import BY_NAME, EndpointMatch, Kind
 from extauth.fallbacks import FIELD, FallbackCheck
-from extauth.lean_json import Buffer, JSONDecodeError
+from extauth.lean_json import Ambiguous, Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.pii import Finding
 from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
 # A "fallbacks" key anywhere in a JSON text.
-_FALLBACKS_KEY = key_pattern(FIELD)
 
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
@@ -179,12 +177,14 @@ class ObjectGuard:
             doc, text_of = json_loads_lazy(body)  # long strings stay in the body; custom_id, model, file_id are read
         except JSONDecodeError as e:
             raise Deny(400, "invalid_request_error", f"request body is not valid JSON ({e})") from None
+        except Ambiguous as e:
+            raise Deny(400, "invalid_request_error",
+                       f"request body refused: {e}; the whole batch was refused") from None
         reqs = doc.get("requests") if isinstance(doc, dict) else None
         if not isinstance(reqs, list) or not reqs:
             raise Deny(400, "invalid_request_error",
                        "requests: a batch needs a non-empty list of {custom_id, params} objects")
         routes: dict[str, str] = {}  # provider -> the first custom_id sent there
-        with_fallbacks = 0  # requests whose params carry `fallbacks`
         chosen: tuple[str, str] | None = None
         priced: list[tuple[str, int]] = []
         for i, r in enumerate(reqs):
@@ -214,7 +214,6 @@ class ObjectGuard:
             if not d.allow:  # the reason names the model, the ceiling or the region that refused it
                 raise Deny(d.status, DENY_STATUS[d.status], f"{label} was refused: {d.reason}; "
                            "the whole batch was refused")
-            with_fallbacks += FIELD in params
             self.fallbacks.check(params, f"requests.{i}.params.{FIELD}", model, lambda m, found=found, params=params:
                                  decide(principal, MESSAGES_CREATE.endpoint.method, MESSAGES_CREATE.endpoint.template,
                                         m, MESSAGES_CREATE, found, params, text_of))
@@ -229,9 +228,4 @@ class ObjectGuard:
             mt = params.get("max_tokens")
             priced.append((model, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else 0))
         assert chosen is not None
-        if with_fallbacks and sum(1 for _ in _FALLBACKS_KEY.finditer(body)) > with_fallbacks:
-            # A request naming fallbacks twice: the parse kept the last, the provider may read another.
-            raise Deny(400, "invalid_request_error",
-                       f"a batch request gives {FIELD} more than once (or a nested object has a key named {FIELD}); "
-                       f"give {FIELD} at most once per request; the whole batch was refused")
         return ObjectFacts(chosen[0], chosen[1], hits=len(reqs), batch=tuple(priced))

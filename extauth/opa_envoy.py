@@ -39,6 +39,7 @@ from ccr.contract import (
 )
 from extauth import wasm_calls
 from extauth.bundle import Bundle, BundleError
+from extauth.lean_json import Ambiguous, loads_one_reading
 
 VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 # Headers that carry credentials: in the input (as OPA-Envoy passes them), never in a log line.
@@ -80,9 +81,11 @@ def parsed_body(headers: dict[str, str], body: str) -> tuple[Any, bool]:
         if n > len(body.encode()):
             return None, True
     try:
-        return orjson.loads(body), False
+        return loads_one_reading(body), False
     except orjson.JSONDecodeError as e:
         raise OpaEnvoyError(f"request body is not valid JSON: {e}") from None
+    except Ambiguous as e:  # the policy must read what the provider reads (extauth/lean_json.py)
+        raise OpaEnvoyError(f"request body refused: {e}") from None
 
 
 def check_input(req: pb.CheckRequest, body: bytes | memoryview | None = None, with_body: bool = True,

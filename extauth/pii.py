@@ -250,7 +250,8 @@ Piece = tuple[str, str] | None
 TextOf = Callable[[str], str]
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z_]{0,39}[0-9]{0,2}")
+# A key that cannot carry data (no more than 2 digits, 42 characters): the only kind a denial names.
+PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z_]{0,39}[0-9]{0,2}")
 
 
 def _ident(s: str) -> str:
@@ -268,7 +269,7 @@ def _strings(v: Any, loc: str, out: list[Piece], text_of: TextOf, depth: int) ->
         for i, (k, sub) in enumerate(v.items()):
             # A location names a key only when it cannot carry data itself (it is echoed in the
             # denial); any other key is named by position, and is scanned like a value.
-            if _PLAIN_KEY.fullmatch(k) is not None:
+            if PLAIN_KEY.fullmatch(k) is not None:
                 key = f"{loc}.{k}"
             else:
                 key = f"{loc}.<key {i}>"

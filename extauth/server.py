@@ -63,7 +63,7 @@ from ccr.provider_objects import ObjectStore
 from ccr.runtime import Runtime
 from extauth import fallbacks, models_api
 from extauth.admission import InCheckAdmission, maybe_admission
-from extauth.aliases import alias_rewrite, top_level_spans
+from extauth.aliases import alias_rewrite
 from extauth.bundle import BundleError
 from extauth.bundle_source import BundleLoader
 from extauth.capture import BodyCapture
@@ -73,7 +73,7 @@ from extauth.deny import Deny, denied
 from extauth.endpoints import EndpointMatch, Kind, match, non_canonical, path_known, split_target
 from extauth.identity import Identity
 from extauth.keys import KeyStore
-from extauth.lean_json import Buffer, JSONDecodeError
+from extauth.lean_json import Ambiguous, Buffer, JSONDecodeError
 from extauth.lean_json import loads_lazy as json_loads_lazy
 from extauth.objects import ObjectFacts, ObjectGuard, file_ids, mentions_file
 from extauth.oidc import OidcVerifier
@@ -118,6 +118,8 @@ def json_object(body: Buffer) -> tuple[dict[str, Any], TextOf]:
     except JSONDecodeError as e:
         raise Deny(400, "invalid_request_error",
                    f"request body is not valid JSON ({e}); send a JSON object with a 'model' field") from None
+    except Ambiguous as e:
+        raise Deny(400, "invalid_request_error", f"request body refused: {e}") from None
     if not isinstance(doc, dict):
         raise Deny(400, "invalid_request_error", "request body must be a JSON object with a 'model' field")
     return doc, text_of
@@ -566,11 +568,7 @@ class Authorizer:
             raise models_api.answer(self.config, decide, principal, endpoint, request_facts)
         if doc is not None and messages and fallbacks.FIELD in doc:
             # Models the provider may answer with instead (extauth/fallbacks.py): each decided as if named here.
-            spans = top_level_spans(body, fallbacks.FIELD)
-            if len(spans) > 1:  # orjson kept the last; a provider may not
-                raise Deny(400, "invalid_request_error", "fallbacks: give fallbacks at most once in the request body")
-            fallbacks.model_given_once(memoryview(body)[spans[0][0]:spans[0][1]], doc[fallbacks.FIELD],
-                                       fallbacks.FIELD)
+            # (A body giving `fallbacks`, or an entry's `model`, twice never parsed: extauth/lean_json.py.)
             decide = self._decide_each(policy, principal, request_facts)
             self.fallbacks.check(doc, fallbacks.FIELD, model,  # type: ignore[arg-type]  # (named in the body)
                                  lambda m: decide(principal, method, path, m, endpoint, pii))
