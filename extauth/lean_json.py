@@ -74,7 +74,7 @@ _TOO_DEEP = re.compile(r"recursion limit exceeded at line (\d+) column (\d+)\Z")
 
 class Ambiguous(ValueError):
     """A document orjson reads but a check must not: a key given twice in one object, or (where
-    that cannot be checked) nesting deeper than jiter's limit of 200 levels."""
+    that cannot be checked) nesting deeper than Python's parser reaches."""
 
 
 def _second_reading(data: Buffer | str) -> str | None:
@@ -95,13 +95,46 @@ def loads_one_reading(data: Buffer | str) -> Any:
     if why is None:
         return doc
     if (m := _DUPLICATE.match(why)) is not None:
-        # A key may carry data (a denial is shown and logged): named only when it cannot.
-        key = f'"{m[1]}"' if PLAIN_KEY.fullmatch(m[1]) else "a key"
-        raise Ambiguous(f"{key} is given twice in one object (line {m[2]} column {m[3]}); parsers differ "
+        raise Ambiguous(f"{_name(m[1])} is given twice in one object (line {m[2]} column {m[3]}); parsers differ "
                         "on which one counts, so give each key once")
-    if (m := _TOO_DEEP.match(why)) is not None:
-        raise Ambiguous(f"objects and arrays nest more than 200 levels deep (line {m[1]} column {m[2]})")
+    if _TOO_DEEP.match(why) is not None:  # deeper than jiter goes: the standard library's parser reads on
+        key = _repeated_deep(data)
+        if key is None:
+            return doc
+        raise Ambiguous(f"{_name(key)} is given twice in one object; parsers differ on which one counts, so give "
+                        "each key once")
     raise Ambiguous("the body could not be checked for repeated keys")
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _repeated_deep(data: Buffer | str) -> str | None:
+    """A key given twice in one object of `data` (nested deeper than jiter reads, within orjson's 1024 levels),
+    or None. Slower than jiter, and only for such bodies."""
+    def pairs(kv: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(kv)
+        if len(d) != len(kv):
+            seen: set[str] = set()
+            for k, _ in kv:
+                if k in seen:
+                    raise _Repeated(k)
+                seen.add(k)
+        return d
+
+    try:
+        json.loads(data if isinstance(data, (bytes, str)) else bytes(data), object_pairs_hook=pairs)
+    except _Repeated as e:
+        return str(e.args[0])
+    except RecursionError:
+        raise Ambiguous("objects and arrays nest too deep to check for repeated keys") from None
+    return None
+
+
+def _name(key: str) -> str:
+    """A key for a refusal's message: named only when it cannot carry data (a denial is shown and logged)."""
+    return f'"{key}"' if PLAIN_KEY.fullmatch(key) else "a key"
 
 
 class _NotSimple(Exception):

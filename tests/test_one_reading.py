@@ -49,13 +49,24 @@ def test_the_refusal_names_a_key_only_when_it_cannot_carry_data() -> None:
     assert SSN not in str(e.value) and str(e.value).startswith("a key is given twice")
 
 
-def test_nesting_deeper_than_the_check_reaches_is_refused() -> None:
-    fine = b"[" * 150 + b"]" * 150
-    assert lean_json.loads(fine) is not None
-    too_deep = b'{"a":' + b"[" * 300 + b"]" * 300 + b"}"
-    assert orjson.loads(too_deep)  # orjson would read it (its limit is 1024) ...
-    with pytest.raises(Ambiguous, match="nest more than 200 levels deep"):
-        lean_json.loads(too_deep)  # ... but a repeated key in it could not be found
+def _nested(levels: int, repeat_at: int | None = None) -> bytes:
+    inner = '"x"'
+    for i in range(levels):
+        inner = '{"k":' + inner + (',"k":1' if i == repeat_at else "") + "}"
+    return inner.encode()
+
+
+def test_deep_nesting_is_checked_too() -> None:
+    # jiter reads 200 levels; deeper (to orjson's 1024) the standard library's parser looks for the repeat.
+    assert lean_json.loads(_nested(500)) is not None
+    with pytest.raises(Ambiguous, match='"k" is given twice in one object'):
+        lean_json.loads(_nested(500, repeat_at=250))
+    with pytest.raises(Ambiguous, match='"k" is given twice in one object'):
+        lean_json.loads(_nested(500, repeat_at=450))  # jiter sees this one (within its 200 levels of the top)
+    # Where neither reaches, orjson would still read it: refused, since a repeat in it could not be found.
+    assert orjson.loads(_nested(1010))
+    with pytest.raises(Ambiguous, match="nest too deep to check"):
+        lean_json.loads(_nested(1010))
 
 
 def test_invalid_json_keeps_orjson_s_verdict_and_message() -> None:
