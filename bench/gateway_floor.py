@@ -1,14 +1,16 @@
 """The floor under issue 6's ratios: the gateway's own Envoy config with a decision service that does nothing.
 
-    .venv/bin/python bench/gateway_floor.py [--rounds 4] [--duration 3]
+    .venv/bin/python bench/gateway_floor.py [--rounds 4] [--duration 3] [--authz-transport grpc|http]
 
 Three Envoys in turn, against the same emulator and the same running gateway's services (bench/envoy_features.py
 builds the static copy of what the router serves; SPIFFE off, so no mTLS to the services: an optimistic floor):
 
 - **bare**: router filter only (bench/gateway.py's bare Envoy);
-- **floor**: the full config, its ext_authz cluster pointed at bench/_authz_stub.py, which answers every Check
-  with the bytes extauth answered for this request (same headers, same metadata) and does no work: no identity,
-  no policy, no limits, no decision log. The usage meter, the access log (and its PostgreSQL rows) stay;
+- **floor**: the full config, its ext_authz cluster pointed at a stub that answers every check with what extauth
+  answered for this request (same headers, same metadata) and does no work: no identity, no policy, no limits,
+  no decision log (bench/_authz_stub.py, grpc.aio; with `--authz-transport http`, bench/_authz_http_stub.py,
+  uvloop + httptools, against extauth's HTTP front). The usage meter, the access log (and its PostgreSQL rows)
+  stay;
 - **full**: the full config with the real extauth.
 
 For each, the 84 KB streamed agent request at c=1 (p50, p99, time to first byte) and closed loop at c=32
@@ -48,8 +50,16 @@ from bench.envoy_features import (  # noqa: E402
     gateway_config,
 )
 from ccr.config import load_config  # noqa: E402
+from ccr.contract import (  # noqa: E402
+    AUTHZ_HTTP_FULL_PREFIX,
+    H_AUTHZ_CONTENT_LENGTH,
+    H_AUTHZ_PEER_ADDRESS,
+    H_AUTHZ_PROTOCOL,
+)
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
+from ccr.procs import Child, spawn, wait_until  # noqa: E402
 from ccr.supervisor import Gateway  # noqa: E402
+from router import authz_http  # noqa: E402
 
 STEPS = ("bare", "floor", "full")
 # Issue 6's targets: (name, limit, whether a figure must stay at or under it).
@@ -160,18 +170,55 @@ def ms(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
 
 
+# Headers of extauth's HTTP answer that are the connection's, not the check's.
+_HOP = frozenset({"date", "server", "content-length", "connection", "keep-alive", "transfer-encoding"})
+
+
+def http_stub(gw: Gateway, tmp: Path, key: str, body: bytes) -> tuple[Child, int]:
+    """bench/_authz_http_stub.py answering what extauth's HTTP front answers for the agent request; its port."""
+    import http.client
+
+    assert gw.runtime is not None and gw.runtime.extauth_http
+    host, _, port = gw.runtime.extauth_http.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", AUTHZ_HTTP_FULL_PREFIX + "/v1/messages", body=body, headers={
+        "x-api-key": key, "anthropic-version": API_VERSION, "content-type": "application/json",
+        H_AUTHZ_CONTENT_LENGTH: str(len(body)), H_AUTHZ_PROTOCOL: "HTTP/1.1", H_AUTHZ_PEER_ADDRESS: "127.0.0.1"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200, (r.status, r.getheaders())
+    head = [f"HTTP/1.1 {r.status} OK"] + [f"{k}: {v}" for k, v in r.getheaders() if k.lower() not in _HOP]
+    conn.close()
+    d = Path(tempfile.mkdtemp(prefix="stub-http-", dir=tmp))
+    (d / "answer.bin").write_bytes(("\r\n".join([*head, "content-length: 0", "", ""])).encode())
+    child = spawn("authz-http-stub", [sys.executable, str(REPO / "bench" / "_authz_http_stub.py"),
+                                      str(d / "answer.bin"), str(d / "port")], d)
+    wait_until(child, lambda: (d / "port").exists() and (d / "port").read_text() != "", 30, "serving")
+    return child, int((d / "port").read_text())
+
+
+def point_http_authz(b: dict, port: int) -> None:
+    for c in b["static_resources"]["clusters"]:
+        if c["name"] == authz_http.CLUSTER:
+            for e in c["load_assignment"]["endpoints"][0]["lb_endpoints"]:
+                e["endpoint"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (medians are printed)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per step, level and round")
     ap.add_argument("--concurrency", type=int, default=32, help="the throughput level")
+    ap.add_argument("--authz-transport", choices=("grpc", "http"), default="grpc",
+                    help="services.authz_transport of the gateway (and of the stub)")
     args = ap.parse_args()
     body = fixture_path(AGENT_REQUEST).read_bytes()
     with tempfile.TemporaryDirectory(prefix="ccr-bench-floor-") as d:
         tmp = Path(d)
         print("starting the gateway ...", file=sys.stderr)
-        gw = Gateway(gateway_config(tmp, spiffe_mode="off"))  # a static bootstrap has no SDS from SPIRE
-        stubs = []
+        # SPIFFE off: a static bootstrap has no SDS from SPIRE.
+        gw = Gateway(gateway_config(tmp, spiffe_mode="off", authz_transport=args.authz_transport))
+        stubs: list[Child] = []
         try:
             gw.start()
             assert gw.runtime is not None and gw.emulator_url and gw.emulator_key
@@ -180,10 +227,16 @@ def main() -> None:
             _, key = create_key(gw.runtime.postgres_dsn, "bench", ["default"], rpm=10_000_000)
             config = load_config(gw.config_path)
             ctx = Ctx(gw.emulator_key, config.provider(config.models[0].provider).cluster, gw.emulator_url)
-            stubs = authz_stubs(gw, tmp, ctx, key, body)
             full = full_bootstrap(gw)
             floor = full_bootstrap(gw)
-            _authz_stub("full")(floor, ctx)
+            if args.authz_transport == "http":
+                child, port = http_stub(gw, tmp, key, body)
+                stubs, stub_pid = [child], child.pid
+                point_http_authz(floor, port)
+            else:
+                stubs = authz_stubs(gw, tmp, ctx, key, body)
+                _authz_stub("full")(floor, ctx)
+                stub_pid = next(c.pid for c in stubs if c.name == "authz-stub-full")
             pids = {c.name: c.pid for c in gw.children}
             services = {
                 "extauth": [p for n, p in pids.items() if n == "extauth" or n.startswith("extauth.")],
@@ -191,11 +244,11 @@ def main() -> None:
                 "postgres": [pids["postgres"]],
                 "redis": [pids["redis"]],
             }
-            stub_pid = next(c.pid for c in stubs if c.name == "authz-stub-full")
             configs = {"bare": bare_envoy_config(gw.emulator_url), "floor": floor, "full": full}
             results: dict[tuple[str, int], list[Run]] = {(s, c): [] for s in STEPS for c in (1, args.concurrency)}
             print(f"{AGENT_REQUEST} ({len(body)} bytes, streamed); {args.rounds} rounds of {args.duration:g} s per "
-                  f"step and level; Envoy --concurrency 1; SPIFFE off", file=sys.stderr)
+                  f"step and level; Envoy --concurrency 1; SPIFFE off; ext_authz over {args.authz_transport}",
+                  file=sys.stderr)
             for r in range(args.rounds):
                 for step in STEPS:
                     with envoy(configs[step], tmp, f"{r}-{step}", 1) as (port, _admin, child):
