@@ -5,20 +5,24 @@ the worst case; for a 20 MB body that is 260 MB) and then holds every string as 
 20 MB image or text block would cost extauth far more than the body itself. What a check needs
 from a body is small: is it valid JSON, is it an object, its top-level "model" and every
 "file_id" value. So a large body is read as a *skeleton*: a copy in which every long string
-value is replaced by a short, unique placeholder, parsed by orjson; the long strings are checked
-in place (same rules as orjson) and decoded only when a model or a file id is one of them.
+value is replaced by a short, unique placeholder, and parsed; the long strings are checked in
+place (same rules as orjson) and decoded only when a model or a file id is one of them.
 
-Decisions are orjson's: the skeleton has the body's structure, keys and short strings byte for
-byte, and whenever the skeleton or a long string is not valid, the whole body goes to orjson,
-which then gives its own verdict and error message. Only bodies whose size is in long string
+Verdicts are orjson's: the skeleton has the body's structure, keys and short strings byte for
+byte, and whenever the skeleton or a long string is not valid, the whole body is parsed, and an
+invalid one gets orjson's own verdict and error message. Only bodies whose size is in long string
 values gain: a body of millions of tiny tokens makes a skeleton as large as itself.
 
-One refusal is the gateway's own (`Ambiguous`): a key given twice in one object. orjson keeps the
-last value, and so do most parsers, but not all, and JSON does not say which counts: a policy
-that read `"text": "hi"` could allow the `"text"` before it, holding what the policy refuses, to
-a provider that reads the first. So no body reaches a check, or a provider, with two readings.
-jiter (pydantic's parser, a Rust extension) finds them, comparing keys as decoded (`"model"` and
-`"mod\u0065l"` are one key), in about the time orjson takes to parse.
+The parser is jiter (pydantic's, a Rust extension), which also refuses what no single reading
+covers (`Ambiguous`): a key given twice in one object. orjson keeps the last value, and so do most
+parsers, but not all, and JSON does not say which counts: a policy that read `"text": "hi"` could
+allow the `"text"` before it, holding what the policy refuses, to a provider that reads the first.
+jiter compares keys as decoded (`"model"` and `"mod\\u0065l"` are one key). Where jiter refuses a
+body, orjson reads it again for its verdict and message (clients and tests know those), so an invalid
+body is refused exactly as orjson refuses it. Two readings differ from orjson's: an integer beyond
+64 bits stays an integer (orjson reads it as a double), and a number beyond a double's range reads as
+infinity (orjson refuses it); every check that reads a number from a body takes integers only and
+bounds them (extauth/policy_input.py).
 """
 
 from __future__ import annotations
@@ -77,23 +81,15 @@ class Ambiguous(ValueError):
     that cannot be checked) nesting deeper than Python's parser reaches."""
 
 
-def _second_reading(data: Buffer | str) -> str | None:
-    """Why `data` may not have one reading (jiter's words), or None: jiter reads it with no key repeated."""
-    try:
-        jiter.from_json(data.encode() if isinstance(data, str) else bytes(data), cache_mode="keys",
-                        catch_duplicate_keys=True)
-    except ValueError as e:
-        return str(e)
-    return None  # its document is dropped here, before orjson builds the one kept
-
-
 def loads_one_reading(data: Buffer | str) -> Any:
-    """orjson's reading of `data` (its verdict and error message first), refused (Ambiguous) when it is not the
-    only one."""
-    why = _second_reading(data)
-    doc = orjson.loads(data)
-    if why is None:
-        return doc
+    """The document in `data`, read once (jiter), refused (Ambiguous) when a key repeats in one object. An invalid
+    document raises orjson's JSONDecodeError: its verdict and message, which clients and tests know."""
+    try:
+        return jiter.from_json(data.encode() if isinstance(data, str) else bytes(data), cache_mode="keys",
+                               catch_duplicate_keys=True, allow_inf_nan=False)
+    except ValueError as e:
+        why = str(e)
+    doc = orjson.loads(data)  # raises for a document orjson finds invalid too
     if (m := _DUPLICATE.match(why)) is not None:
         raise Ambiguous(f"{_name(m[1])} is given twice in one object (line {m[2]} column {m[3]}); parsers differ "
                         "on which one counts, so give each key once")

@@ -130,11 +130,16 @@ def region_hint(headers: Mapping[str, str]) -> str | None:
     return value
 
 
+# The largest integer a body's number may be here: orjson (which the policy's input is written with) reads
+# larger ones as doubles, and the body's parser (extauth/lean_json.py) keeps them as integers.
+MAX_INT = 2**64 - 1
+
+
 def _int_field(doc: Mapping[str, Any], name: str, where: str = "") -> int | None:
     v = doc.get(name)
     if v is None:
         return None
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT:
         raise InputError(f"{where}{name}: Input should be a non-negative integer")
     return v
 

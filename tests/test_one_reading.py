@@ -15,6 +15,7 @@ import pytest
 from extauth import lean_json
 from extauth.lean_json import Ambiguous
 from extauth.opa_envoy import OpaEnvoyError, parsed_body
+from extauth.policy_input import InputError, body_facts
 from tests.test_extauth import denied_error, http_check
 from tests.test_fallbacks import keys, stub  # noqa: F401  # the real extauth over gRPC, and its keys
 
@@ -95,6 +96,17 @@ def test_a_large_body_read_as_a_skeleton_is_refused_too(small: bool, monkeypatch
         lean_json.loads_lazy(memoryview(b'{"model":"m","model":"n","t":"' + b"y" * 10 + b'"}'))
 
 
+def test_numbers_orjson_reads_otherwise_are_bounded_where_checks_read_them() -> None:
+    # The body's parser keeps an integer beyond 64 bits (orjson: a double) and reads a number beyond a double's
+    # range as infinity (orjson: invalid). Checks take only bounded integers from a body.
+    assert lean_json.loads(b'{"n":123456789012345678901234567890}') == {"n": 123456789012345678901234567890}
+    assert lean_json.loads(b'{"n":1e999}') == {"n": float("inf")}
+    for v in (2**64, 10**30, 1e999, -1, 1.5):
+        with pytest.raises(InputError, match="max_tokens: Input should be a non-negative integer"):
+            body_facts({"max_tokens": v})
+    assert body_facts({"max_tokens": 2**64 - 1}).max_tokens == 2**64 - 1
+
+
 def test_opa_envoy_parsed_body_is_the_same_one_reading() -> None:
     headers = {"content-type": "application/json"}
     assert parsed_body(headers, '{"a":{"b":1},"c":{"b":2}}') == ({"a": {"b": 1}, "c": {"b": 2}}, False)
@@ -129,6 +141,15 @@ def test_extauth_refuses_each_walk_around_with_a_clear_400(stub, keys) -> None: 
         status, err = _check(stub, haiku, body.encode())
         assert status == 400 and err["type"] == "invalid_request_error", (key, err)
         assert f'"{key}" is given twice in one object' in err["message"] and SSN not in err["message"], key
+    # Numbers the checks cannot take: a clear 400, never a crash.
+    for mt in ("123456789012345678901234567890", "1e999"):
+        status, err = _check(stub, haiku, (HEAD.replace("16", mt) + '"messages":[{"role":"user","content":"hi"}]}'
+                                           ).encode())
+        assert status == 400 and "max_tokens: Input should be a non-negative integer" in err["message"], err
+    batch = ('{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":1e999,'
+             '"messages":[{"role":"user","content":"hi"}]}}]}')
+    status, err = _check(stub, haiku, batch.encode(), "/v1/messages/batches")
+    assert status == 400 and "max_tokens" in err["message"], err
     # A batch: one request's params name the model twice (the parse keeps the allowed Haiku).
     batch = ('{"requests":[{"custom_id":"a","params":{"model":"claude-opus-4-8","model":"claude-haiku-4-5",'
              '"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}}]}')
