@@ -31,6 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb  # noqa: E402
 
 from ccr.config import load_config  # noqa: E402
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
+from ccr.localservers import start_redis  # noqa: E402
 from ccr.runtime import Runtime  # noqa: E402
 from extauth.bundle import build_bundle  # noqa: E402
 from extauth.decisions import DecisionLog  # noqa: E402
@@ -88,12 +89,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ccr-bench-") as tmp, database(Path(tmp), args.dsn) as dsn:
         run = Path(tmp)
         proc = None
+        # extauth decides the request's rate limits in its Check (limits.admission: extauth) on Redis.
+        redis = start_redis(run / "redis", run / "logs")
         try:
             _, key = create_key(dsn, "bench")
             (run / "gateway.yaml").write_text(GATEWAY_YAML)
             build_bundle(REPO / "policies", run / "policy.tar.gz", "ccr/authz/decision")
             Runtime(config_path=str(run / "gateway.yaml"), run_dir=str(run), postgres_dsn=dsn,
-                    redis_url="redis://127.0.0.1:1", policy_bundle=str(run / "policy.tar.gz")
+                    redis_url=str(redis.info["url"]), policy_bundle=str(run / "policy.tar.gz")
                     ).save(run / "runtime.json")
             body = FIXTURE.read_bytes()
             model = orjson.loads(body)["model"]
@@ -126,6 +129,7 @@ def main() -> None:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
+            redis.stop()
 
 
 if __name__ == "__main__":
