@@ -39,7 +39,7 @@ import orjson
 
 from extauth.pii import PLAIN_KEY
 
-# Bodies up to this size are parsed whole by orjson (fast; its transient buffer stays small).
+# Bodies up to this size are parsed whole (fast; the parser's transient buffer stays small).
 SKELETON_FROM_BYTES = 1024 * 1024
 # String values at least this long (raw bytes between the quotes) are left in the body.
 LONG_STRING_BYTES = 1024
@@ -70,8 +70,8 @@ _STRING = re.compile(
 _IS_KEY = re.compile(rb"[ \t\n\r]*:")
 
 
-# jiter's messages for the two refusals it makes where orjson does not (tests/test_extauth_large_body.py
-# pins them against the installed jiter).
+# jiter's messages for the two refusals it makes where orjson does not (tests/test_one_reading.py pins
+# them against the installed jiter).
 _DUPLICATE = re.compile(r'Detected duplicate key "(.*)" at line (\d+) column (\d+)\Z', re.S)
 _TOO_DEEP = re.compile(r"recursion limit exceeded at line (\d+) column (\d+)\Z")
 

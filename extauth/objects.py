@@ -35,8 +35,6 @@ from extauth.pii import Finding
 from extauth.policy import DENY_STATUS, Decision
 from extauth.principal import Principal
 
-# A "fallbacks" key anywhere in a JSON text.
-
 # Each request in a batch is decided as the single Messages call it stands for.
 MESSAGES_CREATE = EndpointMatch(BY_NAME["messages.create"])
 # (provider name, cluster) for a model id, or None when no model entry matches.

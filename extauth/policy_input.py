@@ -130,8 +130,8 @@ def region_hint(headers: Mapping[str, str]) -> str | None:
     return value
 
 
-# The largest integer a body's number may be here: orjson (which the policy's input is written with) reads
-# larger ones as doubles, and the body's parser (extauth/lean_json.py) keeps them as integers.
+# The largest integer taken from a body: orjson, which writes the policy's input, writes none larger, and the
+# body's parser (extauth/lean_json.py) keeps larger ones as integers where orjson read doubles.
 MAX_INT = 2**64 - 1
 
 
