@@ -179,10 +179,11 @@ def http_tls(pki_dir: Path):  # type: ignore[no-untyped-def]
     return ctx, pki.identity(CLIENT_ID).spiffe_id
 
 
-async def serve_http(ready: Path, pki_dir: Path | None, uds: bool = False) -> None:
+async def serve_http(ready: Path, pki_dir: Path | None, uds: bool = False, answer_file: str | None = None) -> None:
+    """`answer_file`: the whole response to give every check (bench/gateway_floor.py replays extauth's)."""
     import httptools
 
-    answer = http_answer()
+    answer = Path(answer_file).read_bytes() if answer_file else http_answer()
     tls, peer_id = http_tls(pki_dir) if pki_dir is not None else (None, None)
 
     class Check(asyncio.Protocol):
@@ -439,6 +440,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", choices=VARIANTS[1:], help=argparse.SUPPRESS)
     ap.add_argument("--pki", help=argparse.SUPPRESS)
+    ap.add_argument("--answer", help=argparse.SUPPRESS)
     ap.add_argument("ready", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=3)
@@ -458,7 +460,7 @@ def main() -> None:
         elif args.serve.startswith("front"):
             uvloop.run(serve_front(Path(args.ready), pki_dir))
         else:
-            uvloop.run(serve_http(Path(args.ready), pki_dir, uds=args.serve.endswith("-uds")))
+            uvloop.run(serve_http(Path(args.ready), pki_dir, uds=args.serve.endswith("-uds"), answer_file=args.answer))
         return
     args.levels = [int(x) for x in args.levels.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]

@@ -8,8 +8,8 @@ builds the static copy of what the router serves; SPIFFE off, so no mTLS to the 
 - **bare**: router filter only (bench/gateway.py's bare Envoy);
 - **floor**: the full config, its ext_authz cluster pointed at a stub that answers every check with what extauth
   answered for this request (same headers, same metadata) and does no work: no identity, no policy, no limits,
-  no decision log (bench/_authz_stub.py, grpc.aio; with `--authz-transport http`, bench/_authz_http_stub.py,
-  uvloop + httptools, against extauth's HTTP front). The usage meter, the access log (and its PostgreSQL rows)
+  no decision log (bench/_authz_stub.py, grpc.aio; with `--authz-transport http`, bench/authz_transport.py's
+  uvloop + httptools server, against extauth's HTTP front). The usage meter, the access log (and its PostgreSQL rows)
   stay;
 - **full**: the full config with the real extauth.
 
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from bench.envoy_features import (  # noqa: E402
     full_bootstrap,
     gateway_config,
 )
+from bench.gateway import cpu_snapshot  # noqa: E402
 from ccr.config import load_config  # noqa: E402
 from ccr.contract import (  # noqa: E402
     AUTHZ_HTTP_FULL_PREFIX,
@@ -57,7 +56,7 @@ from ccr.contract import (  # noqa: E402
     H_AUTHZ_PROTOCOL,
 )
 from ccr.fixtures import AGENT_REQUEST, fixture_path  # noqa: E402
-from ccr.procs import Child, spawn, wait_until  # noqa: E402
+from ccr.procs import Child, spawn, wait_ready_file  # noqa: E402
 from ccr.supervisor import Gateway  # noqa: E402
 from router import authz_http  # noqa: E402
 
@@ -67,40 +66,9 @@ TARGETS = (("c=32 req/s vs bare", 0.5, False), ("c=1 p50 vs bare", 1.5, True), (
            ("CPU/req vs bare", 4.0, True))
 
 
-def _threads_ns(pid: int) -> int:
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that just ended
-    return total
-
-
-def _tree(pid: int) -> Iterator[int]:
-    """`pid` and its descendants (PostgreSQL's backends are the postmaster's children)."""
-    yield pid
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            continue
-        for k in kids:
-            yield from _tree(k)
-
-
 def cpu_s(pids: list[int]) -> float:
-    return sum(_threads_ns(p) for root in pids for p in _tree(root)) / 1e9
+    """CPU seconds of the process trees rooted at `pids` (PostgreSQL's backends are the postmaster's children)."""
+    return sum(cpu_snapshot({str(p): p for p in pids}, precise=True).values())
 
 
 @dataclass
@@ -175,7 +143,8 @@ _HOP = frozenset({"date", "server", "content-length", "connection", "keep-alive"
 
 
 def http_stub(gw: Gateway, tmp: Path, key: str, body: bytes) -> tuple[Child, int]:
-    """bench/_authz_http_stub.py answering what extauth's HTTP front answers for the agent request; its port."""
+    """bench/authz_transport.py's HTTP server answering what extauth's HTTP front answers for the agent request;
+    its port."""
     import http.client
 
     assert gw.runtime is not None and gw.runtime.extauth_http
@@ -191,10 +160,9 @@ def http_stub(gw: Gateway, tmp: Path, key: str, body: bytes) -> tuple[Child, int
     conn.close()
     d = Path(tempfile.mkdtemp(prefix="stub-http-", dir=tmp))
     (d / "answer.bin").write_bytes(("\r\n".join([*head, "content-length: 0", "", ""])).encode())
-    child = spawn("authz-http-stub", [sys.executable, str(REPO / "bench" / "_authz_http_stub.py"),
-                                      str(d / "answer.bin"), str(d / "port")], d)
-    wait_until(child, lambda: (d / "port").exists() and (d / "port").read_text() != "", 30, "serving")
-    return child, int((d / "port").read_text())
+    child = spawn("authz-http-stub", [sys.executable, str(REPO / "bench" / "authz_transport.py"), "--serve", "http",
+                                      "--answer", str(d / "answer.bin"), str(d / "ready")], d)
+    return child, int(str(wait_ready_file(child, d / "ready")["address"]).rpartition(":")[2])
 
 
 def point_http_authz(b: dict, port: int) -> None:
