@@ -104,7 +104,22 @@ def test_numbers_orjson_reads_otherwise_are_bounded_where_checks_read_them() -> 
     for v in (2**64, 10**30, 1e999, -1, 1.5):
         with pytest.raises(InputError, match="max_tokens: Input should be a non-negative integer"):
             body_facts({"max_tokens": v})
+        with pytest.raises(InputError, match="thinking.budget_tokens: Input should be a non-negative integer"):
+            body_facts({"max_tokens": 16, "thinking": {"type": "enabled", "budget_tokens": v}})
     assert body_facts({"max_tokens": 2**64 - 1}).max_tokens == 2**64 - 1
+
+
+def test_a_refusal_of_the_parser_it_does_not_explain_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fail closed: a body jiter will not read for a reason other than a repeat or depth, which orjson reads, is
+    # refused rather than read by orjson alone (its repeats would go unchecked).
+    def unexplained(*_a: Any, **_k: Any) -> Any:
+        raise ValueError("something jiter has never said")
+
+    monkeypatch.setattr(lean_json.jiter, "from_json", unexplained)
+    with pytest.raises(Ambiguous, match="could not be checked for repeated keys"):
+        lean_json.loads(b'{"a":1}')
+    with pytest.raises(orjson.JSONDecodeError):  # an invalid body still gets orjson's verdict
+        lean_json.loads(b'{"a":')
 
 
 def test_opa_envoy_parsed_body_is_the_same_one_reading() -> None:
@@ -146,10 +161,11 @@ def test_extauth_refuses_each_walk_around_with_a_clear_400(stub, keys) -> None: 
         status, err = _check(stub, haiku, (HEAD.replace("16", mt) + '"messages":[{"role":"user","content":"hi"}]}'
                                            ).encode())
         assert status == 400 and "max_tokens: Input should be a non-negative integer" in err["message"], err
-    batch = ('{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":1e999,'
-             '"messages":[{"role":"user","content":"hi"}]}}]}')
-    status, err = _check(stub, haiku, batch.encode(), "/v1/messages/batches")
-    assert status == 400 and "max_tokens" in err["message"], err
+    for mt in ("1e999", "123456789012345678901234567890"):
+        batch = ('{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","max_tokens":' + mt + ','
+                 '"messages":[{"role":"user","content":"hi"}]}}]}')
+        status, err = _check(stub, haiku, batch.encode(), "/v1/messages/batches")
+        assert status == 400 and "max_tokens: Input should be a non-negative integer" in err["message"], err
     # A batch: one request's params name the model twice (the parse keeps the allowed Haiku).
     batch = ('{"requests":[{"custom_id":"a","params":{"model":"claude-opus-4-8","model":"claude-haiku-4-5",'
              '"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}}]}')
